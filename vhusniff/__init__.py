@@ -1,0 +1,6 @@
+"""vhusniff: see, record, replay and change what a vhost-user front-end and back-end say to each other."""
+from .model import Channel, Direction, FdInfo, Record, RecordKind
+from .protocol import DecodeContext, Message, Problem, build_message, decode, encode
+
+__all__ = ["Channel", "Direction", "FdInfo", "Record", "RecordKind", "DecodeContext", "Message", "Problem",
+           "build_message", "decode", "encode"]

@@ -1,0 +1,376 @@
+"""The vhost-user catalogue as data: request numbers and names, feature bits, reply and fd rules, spec profiles.
+
+Names follow the current QEMU spec (front-end/back-end); the old master/slave names are kept as aliases for
+filters. Number-to-name tables are data so that a profile can override them (rust-vmm vhost 0.16 put SHMEM at
+protocol bit 21, where the spec has GPA_ADDRESSES).
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+
+class FrontendRequest(enum.IntEnum):
+    """Requests on the main socket, front-end to back-end (spec numbering)."""
+    NONE = 0
+    GET_FEATURES = 1
+    SET_FEATURES = 2
+    SET_OWNER = 3
+    RESET_OWNER = 4
+    SET_MEM_TABLE = 5
+    SET_LOG_BASE = 6
+    SET_LOG_FD = 7
+    SET_VRING_NUM = 8
+    SET_VRING_ADDR = 9
+    SET_VRING_BASE = 10
+    GET_VRING_BASE = 11
+    SET_VRING_KICK = 12
+    SET_VRING_CALL = 13
+    SET_VRING_ERR = 14
+    GET_PROTOCOL_FEATURES = 15
+    SET_PROTOCOL_FEATURES = 16
+    GET_QUEUE_NUM = 17
+    SET_VRING_ENABLE = 18
+    SEND_RARP = 19
+    NET_SET_MTU = 20
+    SET_BACKEND_REQ_FD = 21
+    IOTLB_MSG = 22
+    SET_VRING_ENDIAN = 23
+    GET_CONFIG = 24
+    SET_CONFIG = 25
+    CREATE_CRYPTO_SESSION = 26
+    CLOSE_CRYPTO_SESSION = 27
+    POSTCOPY_ADVISE = 28
+    POSTCOPY_LISTEN = 29
+    POSTCOPY_END = 30
+    GET_INFLIGHT_FD = 31
+    SET_INFLIGHT_FD = 32
+    GPU_SET_SOCKET = 33
+    RESET_DEVICE = 34
+    VRING_KICK = 35
+    GET_MAX_MEM_SLOTS = 36
+    ADD_MEM_REG = 37
+    REM_MEM_REG = 38
+    SET_STATUS = 39
+    GET_STATUS = 40
+    GET_SHARED_OBJECT = 41
+    SET_DEVICE_STATE_FD = 42
+    CHECK_DEVICE_STATE = 43
+    GET_SHMEM_CONFIG = 44
+    GET_VRING_BASE_SKIP_DRAIN = 45    # proposed on the mailing list only
+
+
+class BackendRequest(enum.IntEnum):
+    """Requests on the back-end channel (the SET_BACKEND_REQ_FD socket), back-end to front-end."""
+    NONE = 0
+    IOTLB_MSG = 1
+    CONFIG_CHANGE_MSG = 2
+    VRING_HOST_NOTIFIER_MSG = 3
+    VRING_CALL = 4
+    VRING_ERR = 5
+    SHARED_OBJECT_ADD = 6
+    SHARED_OBJECT_REMOVE = 7
+    SHARED_OBJECT_LOOKUP = 8
+    SHMEM_MAP = 9
+    SHMEM_UNMAP = 10
+    MEM_READ = 11                     # proposed only
+    MEM_WRITE = 12                    # proposed only
+
+
+class GpuRequest(enum.IntEnum):
+    """Requests on the vhost-user-gpu socket (GPU_SET_SOCKET), back-end to front-end; same 12-byte header."""
+    NONE = 0
+    GET_PROTOCOL_FEATURES = 1
+    SET_PROTOCOL_FEATURES = 2
+    GET_DISPLAY_INFO = 3
+    CURSOR_POS = 4
+    CURSOR_POS_HIDE = 5
+    CURSOR_UPDATE = 6
+    SCANOUT = 7
+    UPDATE = 8
+    DMABUF_SCANOUT = 9
+    DMABUF_UPDATE = 10
+    GET_EDID = 11
+    DMABUF_SCANOUT2 = 12
+
+
+# Old names still in use by peers, logs and people; filters accept them.
+REQUEST_ALIASES = MappingProxyType({
+    "SET_SLAVE_REQ_FD": FrontendRequest.SET_BACKEND_REQ_FD,
+    "SLAVE_IOTLB_MSG": BackendRequest.IOTLB_MSG,
+    "SLAVE_CONFIG_CHANGE_MSG": BackendRequest.CONFIG_CHANGE_MSG,
+    "SLAVE_VRING_HOST_NOTIFIER_MSG": BackendRequest.VRING_HOST_NOTIFIER_MSG,
+    "BACKEND_IOTLB_MSG": BackendRequest.IOTLB_MSG,
+    "BACKEND_CONFIG_CHANGE_MSG": BackendRequest.CONFIG_CHANGE_MSG,
+    "BACKEND_VRING_HOST_NOTIFIER_MSG": BackendRequest.VRING_HOST_NOTIFIER_MSG,
+    "BACKEND_VRING_CALL": BackendRequest.VRING_CALL,
+    "BACKEND_VRING_ERR": BackendRequest.VRING_ERR,
+    "BACKEND_SHARED_OBJECT_ADD": BackendRequest.SHARED_OBJECT_ADD,
+    "BACKEND_SHARED_OBJECT_REMOVE": BackendRequest.SHARED_OBJECT_REMOVE,
+    "BACKEND_SHARED_OBJECT_LOOKUP": BackendRequest.SHARED_OBJECT_LOOKUP,
+    "BACKEND_SHMEM_MAP": BackendRequest.SHMEM_MAP,
+    "BACKEND_SHMEM_UNMAP": BackendRequest.SHMEM_UNMAP,
+})
+
+PROTOCOL_FEATURES = MappingProxyType({
+    0: "MQ",
+    1: "LOG_SHMFD",
+    2: "RARP",
+    3: "REPLY_ACK",
+    4: "MTU",
+    5: "BACKEND_REQ",
+    6: "CROSS_ENDIAN",
+    7: "CRYPTO_SESSION",
+    8: "PAGEFAULT",
+    9: "CONFIG",
+    10: "BACKEND_SEND_FD",
+    11: "HOST_NOTIFIER",
+    12: "INFLIGHT_SHMFD",
+    13: "RESET_DEVICE",
+    14: "INBAND_NOTIFICATIONS",
+    15: "CONFIGURE_MEM_SLOTS",
+    16: "STATUS",
+    17: "XEN_MMAP",
+    18: "SHARED_OBJECT",
+    19: "DEVICE_STATE",
+    20: "GET_VRING_BASE_INFLIGHT",
+    21: "GPA_ADDRESSES",
+    22: "SHMEM",
+    23: "GET_VRING_BASE_SKIP_DRAIN",  # proposed only
+})
+PROTOCOL_FEATURE_ALIASES = MappingProxyType({"SLAVE_REQ": 5, "SLAVE_SEND_FD": 10, "NET_MTU": 4})
+
+# Virtio transport bits (VIRTIO 1.2 §6) and the vhost bits that ride in the same word.
+TRANSPORT_FEATURES = MappingProxyType({
+    24: "NOTIFY_ON_EMPTY",
+    26: "LOG_ALL",              # VHOST_F_LOG_ALL
+    27: "ANY_LAYOUT",
+    28: "RING_INDIRECT_DESC",
+    29: "RING_EVENT_IDX",
+    30: "PROTOCOL_FEATURES",    # VHOST_USER_F_PROTOCOL_FEATURES
+    32: "VERSION_1",
+    33: "ACCESS_PLATFORM",
+    34: "RING_PACKED",
+    35: "IN_ORDER",
+    36: "ORDER_PLATFORM",
+    37: "SR_IOV",
+    38: "NOTIFICATION_DATA",
+    39: "NOTIF_CONFIG_DATA",
+    40: "RING_RESET",
+    41: "ADMIN_VQ",
+})
+
+# Device-specific bits (0-23, and a few high ones for net), per virtio device type.
+DEVICE_FEATURES = MappingProxyType({
+    "net": MappingProxyType({
+        0: "CSUM", 1: "GUEST_CSUM", 2: "CTRL_GUEST_OFFLOADS", 3: "MTU", 5: "MAC", 6: "GSO",
+        7: "GUEST_TSO4", 8: "GUEST_TSO6", 9: "GUEST_ECN", 10: "GUEST_UFO", 11: "HOST_TSO4", 12: "HOST_TSO6",
+        13: "HOST_ECN", 14: "HOST_UFO", 15: "MRG_RXBUF", 16: "STATUS", 17: "CTRL_VQ", 18: "CTRL_RX",
+        19: "CTRL_VLAN", 20: "CTRL_RX_EXTRA", 21: "GUEST_ANNOUNCE", 22: "MQ", 23: "CTRL_MAC_ADDR",
+        52: "VQ_NOTF_COAL", 53: "NOTF_COAL", 54: "GUEST_USO4", 55: "GUEST_USO6", 56: "HOST_USO",
+        57: "HASH_REPORT", 59: "GUEST_HDRLEN", 60: "RSS", 61: "RSC_EXT", 62: "STANDBY", 63: "SPEED_DUPLEX",
+    }),
+    "blk": MappingProxyType({
+        0: "BARRIER", 1: "SIZE_MAX", 2: "SEG_MAX", 4: "GEOMETRY", 5: "RO", 6: "BLK_SIZE", 7: "SCSI",
+        9: "FLUSH", 10: "TOPOLOGY", 11: "CONFIG_WCE", 12: "MQ", 13: "DISCARD", 14: "WRITE_ZEROES",
+        15: "LIFETIME", 16: "SECURE_ERASE", 17: "ZONED",
+    }),
+    "scsi": MappingProxyType({0: "INOUT", 1: "HOTPLUG", 2: "CHANGE", 3: "T10_PI"}),
+    "fs": MappingProxyType({0: "NOTIFICATION"}),
+    "gpu": MappingProxyType({0: "VIRGL", 1: "EDID", 2: "RESOURCE_UUID", 3: "RESOURCE_BLOB", 4: "CONTEXT_INIT"}),
+    "vsock": MappingProxyType({0: "STREAM", 1: "SEQPACKET"}),
+    "input": MappingProxyType({}),
+    "crypto": MappingProxyType({
+        0: "REVISION_1", 1: "CIPHER_STATELESS_MODE", 2: "HASH_STATELESS_MODE", 3: "MAC_STATELESS_MODE",
+        4: "AEAD_STATELESS_MODE",
+    }),
+})
+DEVICE_TYPES = tuple(DEVICE_FEATURES)
+
+DEVICE_STATUS = MappingProxyType({
+    0: "ACKNOWLEDGE", 1: "DRIVER", 2: "DRIVER_OK", 3: "FEATURES_OK", 6: "DEVICE_NEEDS_RESET", 7: "FAILED",
+})
+
+# Bit fields inside integer fields: (field key) -> {sub-field name: mask}. Declared once; the decoder's field
+# tree, the filters, the scapy view and the Lua dissector all expand them from here.
+BITFIELDS = MappingProxyType({
+    "flags": MappingProxyType({"version": 0x3, "reply": 0x4, "need_reply": 0x8, "reserved": 0xFFFFFFF0}),
+    "vring_fd.flags": MappingProxyType({"nofd": 0x1}),
+    "vring_addr.flags": MappingProxyType({"log": 0x1}),
+    "vring_area.flags": MappingProxyType({"nofd": 0x1}),
+    "device_state_result.flags": MappingProxyType({"nofd": 0x1}),
+    "mmap.flags": MappingProxyType({"rw": 0x1}),
+    "region_xen.xen_mmap_flags": MappingProxyType({"foreign": 0x1, "grant": 0x2, "map_on_demand": 0x100}),
+})
+
+VERSION = 0x1
+FLAG_REPLY = 0x4
+FLAG_NEED_REPLY = 0x8
+FLAGS_RESERVED = 0xFFFFFFF0
+VERSION_MASK = 0x3
+
+
+class ReplyRule(enum.Enum):
+    """When a request gets a reply (spec per-message entries; the spec's 'Communication' list is incomplete)."""
+    ACK_IF_ASKED = "ack?"        # a u64 ack only when NEED_REPLY is set and REPLY_ACK was negotiated
+    ALWAYS = "always"            # an explicit reply whatever the flags
+    IF_LOG_SHMFD = "log_shmfd"   # SET_LOG_BASE: a reply when LOG_SHMFD was negotiated
+
+
+class FdRule(enum.Enum):
+    """How many fds a message carries."""
+    NONE = "none"
+    ONE = "one"
+    OPTIONAL = "optional"        # zero or one
+    PER_REGION = "per_region"    # one per memory region in the table
+    UNLESS_NOFD = "unless_nofd"  # one, unless the payload's NOFD bit says none
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    """One request: its payload kinds, its reply, its fds, the feature that gates it."""
+    number: int
+    request_kinds: tuple[str, ...]   # payload kinds tried in order; the first that fits exactly wins
+    reply_kinds: tuple[str, ...]
+    reply_rule: ReplyRule = ReplyRule.ACK_IF_ASKED
+    request_fds: FdRule = FdRule.NONE
+    reply_fds: FdRule = FdRule.NONE
+    gate: str = ""                   # protocol feature name (or "PROTOCOL_FEATURES", "IOMMU") that must be negotiated
+
+
+_ACK = ("ack",)
+_F = FrontendRequest
+_B = BackendRequest
+A, ALWAYS, LOG = ReplyRule.ACK_IF_ASKED, ReplyRule.ALWAYS, ReplyRule.IF_LOG_SHMFD
+NO, ONE, OPT, PER, NOFD = FdRule.NONE, FdRule.ONE, FdRule.OPTIONAL, FdRule.PER_REGION, FdRule.UNLESS_NOFD
+
+FRONTEND_REQUESTS = MappingProxyType({spec.number: spec for spec in (
+    # number, request payload(s), reply payload(s), reply rule, request fds, reply fds, gate
+    RequestSpec(_F.GET_FEATURES, ("empty",), ("features",), ALWAYS),
+    RequestSpec(_F.SET_FEATURES, ("features",), _ACK),
+    RequestSpec(_F.SET_OWNER, ("empty",), _ACK),
+    RequestSpec(_F.RESET_OWNER, ("empty",), _ACK),
+    # In postcopy the back-end answers with its own table (no NEED_REPLY); otherwise an ack.
+    RequestSpec(_F.SET_MEM_TABLE, ("mem_table",), ("ack", "mem_table"), A, PER),
+    # The spec says u64; QEMU sends the 16-byte log struct and libvhost-user insists on 16.
+    RequestSpec(_F.SET_LOG_BASE, ("log", "u64"), ("ack", "empty"), LOG, OPT),
+    RequestSpec(_F.SET_LOG_FD, ("empty",), _ACK, A, ONE),
+    RequestSpec(_F.SET_VRING_NUM, ("vring_state",), _ACK),
+    RequestSpec(_F.SET_VRING_ADDR, ("vring_addr",), _ACK),
+    RequestSpec(_F.SET_VRING_BASE, ("vring_base",), _ACK),
+    RequestSpec(_F.GET_VRING_BASE, ("vring_state",), ("vring_base",), ALWAYS),
+    RequestSpec(_F.SET_VRING_KICK, ("vring_fd",), _ACK, A, NOFD),
+    RequestSpec(_F.SET_VRING_CALL, ("vring_fd",), _ACK, A, NOFD),
+    RequestSpec(_F.SET_VRING_ERR, ("vring_fd",), _ACK, A, NOFD),
+    RequestSpec(_F.GET_PROTOCOL_FEATURES, ("empty",), ("protocol_features",), ALWAYS, gate="PROTOCOL_FEATURES"),
+    RequestSpec(_F.SET_PROTOCOL_FEATURES, ("protocol_features",), _ACK, gate="PROTOCOL_FEATURES"),
+    RequestSpec(_F.GET_QUEUE_NUM, ("empty",), ("queue_num",), ALWAYS, gate="MQ"),
+    RequestSpec(_F.SET_VRING_ENABLE, ("vring_state",), _ACK, gate="PROTOCOL_FEATURES"),
+    RequestSpec(_F.SEND_RARP, ("rarp",), _ACK, gate="RARP"),
+    RequestSpec(_F.NET_SET_MTU, ("mtu",), _ACK, gate="MTU"),
+    RequestSpec(_F.SET_BACKEND_REQ_FD, ("empty",), _ACK, A, ONE, gate="BACKEND_REQ"),
+    RequestSpec(_F.IOTLB_MSG, ("iotlb",), _ACK, ALWAYS, gate="IOMMU"),
+    RequestSpec(_F.SET_VRING_ENDIAN, ("vring_state",), _ACK, gate="CROSS_ENDIAN"),
+    RequestSpec(_F.GET_CONFIG, ("config",), ("config",), ALWAYS, gate="CONFIG"),
+    RequestSpec(_F.SET_CONFIG, ("config",), _ACK, gate="CONFIG"),
+    RequestSpec(_F.CREATE_CRYPTO_SESSION, ("crypto_session",), ("crypto_session",), ALWAYS, gate="CRYPTO_SESSION"),
+    RequestSpec(_F.CLOSE_CRYPTO_SESSION, ("session_id",), _ACK, gate="CRYPTO_SESSION"),
+    # libvhost-user answers with an empty payload and the userfaultfd.
+    RequestSpec(_F.POSTCOPY_ADVISE, ("empty",), ("empty", "ack"), ALWAYS, NO, ONE, gate="PAGEFAULT"),
+    RequestSpec(_F.POSTCOPY_LISTEN, ("empty",), _ACK, gate="PAGEFAULT"),
+    RequestSpec(_F.POSTCOPY_END, ("empty",), _ACK, ALWAYS, gate="PAGEFAULT"),
+    RequestSpec(_F.GET_INFLIGHT_FD, ("inflight",), ("inflight",), ALWAYS, NO, ONE, gate="INFLIGHT_SHMFD"),
+    RequestSpec(_F.SET_INFLIGHT_FD, ("inflight",), _ACK, A, ONE, gate="INFLIGHT_SHMFD"),
+    RequestSpec(_F.GPU_SET_SOCKET, ("empty",), _ACK, A, ONE),
+    RequestSpec(_F.RESET_DEVICE, ("empty",), _ACK, gate="RESET_DEVICE"),
+    RequestSpec(_F.VRING_KICK, ("vring_state",), _ACK, gate="INBAND_NOTIFICATIONS"),
+    RequestSpec(_F.GET_MAX_MEM_SLOTS, ("empty",), ("mem_slots",), ALWAYS, gate="CONFIGURE_MEM_SLOTS"),
+    # In postcopy the back-end answers ADD_MEM_REG with the region as it mapped it.
+    RequestSpec(_F.ADD_MEM_REG, ("mem_region",), ("ack", "mem_region"), A, ONE, gate="CONFIGURE_MEM_SLOTS"),
+    RequestSpec(_F.REM_MEM_REG, ("mem_region",), _ACK, A, OPT, gate="CONFIGURE_MEM_SLOTS"),
+    RequestSpec(_F.SET_STATUS, ("status",), _ACK, gate="STATUS"),
+    RequestSpec(_F.GET_STATUS, ("empty",), ("status",), ALWAYS, gate="STATUS"),
+    RequestSpec(_F.GET_SHARED_OBJECT, ("object",), _ACK, ALWAYS, NO, OPT, gate="SHARED_OBJECT"),
+    RequestSpec(_F.SET_DEVICE_STATE_FD, ("device_state",), ("device_state_result",), ALWAYS, ONE, OPT,
+                gate="DEVICE_STATE"),
+    RequestSpec(_F.CHECK_DEVICE_STATE, ("empty",), _ACK, ALWAYS, gate="DEVICE_STATE"),
+    RequestSpec(_F.GET_SHMEM_CONFIG, ("empty",), ("shmem_config",), ALWAYS, gate="SHMEM"),
+    RequestSpec(_F.GET_VRING_BASE_SKIP_DRAIN, ("vring_state",), ("vring_base",), ALWAYS,
+                gate="GET_VRING_BASE_SKIP_DRAIN"),
+)})
+
+BACKEND_REQUESTS = MappingProxyType({spec.number: spec for spec in (
+    RequestSpec(_B.IOTLB_MSG, ("iotlb",), _ACK, gate="IOMMU"),
+    RequestSpec(_B.CONFIG_CHANGE_MSG, ("empty",), _ACK, gate="CONFIG"),
+    RequestSpec(_B.VRING_HOST_NOTIFIER_MSG, ("vring_area",), _ACK, A, OPT, gate="HOST_NOTIFIER"),
+    RequestSpec(_B.VRING_CALL, ("vring_state",), _ACK, gate="INBAND_NOTIFICATIONS"),
+    RequestSpec(_B.VRING_ERR, ("vring_state",), _ACK, gate="INBAND_NOTIFICATIONS"),
+    RequestSpec(_B.SHARED_OBJECT_ADD, ("object",), _ACK, gate="SHARED_OBJECT"),
+    RequestSpec(_B.SHARED_OBJECT_REMOVE, ("object",), _ACK, gate="SHARED_OBJECT"),
+    RequestSpec(_B.SHARED_OBJECT_LOOKUP, ("object",), _ACK, ALWAYS, NO, OPT, gate="SHARED_OBJECT"),
+    RequestSpec(_B.SHMEM_MAP, ("mmap",), _ACK, A, ONE, gate="SHMEM"),
+    RequestSpec(_B.SHMEM_UNMAP, ("mmap",), _ACK, gate="SHMEM"),
+    RequestSpec(_B.MEM_READ, ("opaque",), ("opaque",), gate="SHMEM"),
+    RequestSpec(_B.MEM_WRITE, ("opaque",), ("opaque",), gate="SHMEM"),
+)})
+
+# The GPU protocol's payloads are not decoded field by field yet: they are shown as sized opaque bytes.
+GPU_REQUESTS = MappingProxyType({
+    number: RequestSpec(number, ("gpu",), ("gpu",), ALWAYS if number in (1, 3, 11) else A)
+    for number in range(1, 13)
+})
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A spec profile: the number-to-name tables a peer is taken to mean. Overridable data."""
+    name: str
+    frontend_names: MappingProxyType = field(
+        default_factory=lambda: MappingProxyType({r.value: r.name for r in FrontendRequest}))
+    backend_names: MappingProxyType = field(
+        default_factory=lambda: MappingProxyType({r.value: r.name for r in BackendRequest}))
+    gpu_names: MappingProxyType = field(default_factory=lambda: MappingProxyType({r.value: r.name for r in GpuRequest}))
+    protocol_features: MappingProxyType = field(default_factory=lambda: PROTOCOL_FEATURES)
+
+    def with_overrides(self, name: str, protocol_features: dict[int, str] | None = None,
+                       frontend_names: dict[int, str] | None = None,
+                       backend_names: dict[int, str] | None = None) -> "Profile":
+        """A new profile: this one with some numbers renamed (or added)."""
+        def merged(base, extra):
+            return MappingProxyType({**base, **(extra or {})})
+        return Profile(name, merged(self.frontend_names, frontend_names), merged(self.backend_names, backend_names),
+                       self.gpu_names, merged(self.protocol_features, protocol_features))
+
+    def protocol_feature_bit(self, name: str) -> int | None:
+        for bit, bit_name in self.protocol_features.items():
+            if bit_name == name:
+                return bit
+        return PROTOCOL_FEATURE_ALIASES.get(name)
+
+
+SPEC_PROFILE = Profile("qemu-spec")
+PROFILES = MappingProxyType({
+    "qemu-spec": SPEC_PROFILE,
+    # rust-vmm vhost 0.16.0 put SHMEM at bit 21 (fixed in 0.17.0, rust-vmm/vhost#367).
+    "rust-vmm-0.16": SPEC_PROFILE.with_overrides("rust-vmm-0.16", protocol_features={21: "SHMEM", 22: "BIT_22"}),
+})
+
+
+def feature_names(device_type: str | None) -> dict[int, str]:
+    """Virtio feature bit names for a device type (transport bits only when the type is unknown)."""
+    names = dict(TRANSPORT_FEATURES)
+    if device_type:
+        names.update(DEVICE_FEATURES.get(device_type, {}))
+    return names
+
+
+def bit_names(value: int, names: dict[int, str] | MappingProxyType) -> str:
+    """`A|B|bit45` for the set bits of value; unnamed bits shown by number, never dropped."""
+    parts = []
+    bit = 0
+    while value >> bit:
+        if value >> bit & 1:
+            parts.append(names.get(bit) or f"bit{bit}")
+        bit += 1
+    return "|".join(parts) if parts else "0"

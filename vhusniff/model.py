@@ -1,0 +1,64 @@
+"""The plain records that flow through vhusniff: socket -> framer -> Record -> state/hooks -> forward -> capture -> views.
+
+Nothing here knows about sockets or about the payload grammar; a Record holds exact bytes and fd descriptions.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class Channel(enum.IntEnum):
+    """Which socket of a connection a message travelled on."""
+    MAIN = 0            # the vhost-user socket itself: front-end requests, back-end replies
+    BACKEND = 1         # the socket passed in SET_BACKEND_REQ_FD: back-end requests, front-end replies
+    GPU = 2             # the socket passed in GPU_SET_SOCKET (vhost-user-gpu protocol)
+    DEVICE_STATE = 3    # the pipe passed in SET_DEVICE_STATE_FD (opaque migration stream)
+
+
+class Direction(enum.IntEnum):
+    """Who sent the bytes, whatever the channel."""
+    FRONTEND_TO_BACKEND = 0
+    BACKEND_TO_FRONTEND = 1
+
+    @property
+    def arrow(self) -> str:
+        return "F>B" if self is Direction.FRONTEND_TO_BACKEND else "B>F"
+
+
+class RecordKind(enum.IntEnum):
+    MESSAGE = 0         # one whole vhost-user message (or the unframeable rest of a stream, see note)
+    EVENT = 1           # connection lifecycle or proxy finding: text in `note`, no message bytes
+
+
+@dataclass(frozen=True)
+class FdInfo:
+    """What an fd was, described when it passed, so a reader knows without holding it."""
+    kind: str                    # memfd | eventfd | socket | pipe | userfaultfd | file | anon | unknown
+    inode: int = 0
+    size: int = -1               # memfd/file size in bytes, -1 when not known
+    name: str = ""               # memfd name, file path, socket type, or anon-inode name
+    seals: int = 0               # F_GET_SEALS bits for a memfd
+
+    def summary(self) -> str:
+        text = self.kind
+        if self.name:
+            text += f":{self.name}"
+        if self.size >= 0:
+            text += f" size={self.size}"
+        if self.seals:
+            text += f" seals={self.seals:#x}"
+        return f"{text} ino={self.inode}"
+
+
+@dataclass
+class Record:
+    """One captured thing: a message with its exact bytes and fds, or a lifecycle event."""
+    timestamp_ns: int
+    connection: int
+    channel: Channel = Channel.MAIN
+    direction: Direction = Direction.FRONTEND_TO_BACKEND
+    data: bytes = b""
+    fds: list[FdInfo] = field(default_factory=list)
+    kind: RecordKind = RecordKind.MESSAGE
+    note: str = ""               # event text, or why a message record is not a well-framed message

@@ -1,0 +1,461 @@
+"""The vhost-user wire grammar (construct) and the decoder/encoder built on it.
+
+Every payload layout is declared once, below, as a construct Struct; the scapy layers, the field names, the
+filters and the Lua dissector are derived from these declarations. All fields are in the peers' native byte
+order, which is little-endian on every host QEMU runs vhost-user on in practice (x86, arm64, riscv64).
+
+Decoding never raises on bad input: a malformed or unknown message becomes a Message whose payload is kept as
+raw bytes, with Problems saying what is wrong. `encode(decode(b)) == b` for every input.
+"""
+from __future__ import annotations
+
+import io
+import struct
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from construct import (
+    Array, Bytes, BytesInteger, Container, GreedyBytes, Int8ul, Int16ul, Int32ul, Int64ul, ListContainer,
+    Struct, this,
+)
+
+from . import catalogue as cat
+from .model import Channel
+
+HEADER_SIZE = 12
+# Framing limit: rust-vmm's MAX_MSG_SIZE. The largest spec payload is the SHMEM config (2056 bytes).
+MAX_PAYLOAD_SIZE = 0x1000
+LARGEST_SPEC_PAYLOAD = 8 + 256 * 8
+
+# The header, as construct (the declaration) and as struct (the fast path; a test asserts they agree).
+HEADER = Struct(
+    "request" / Int32ul,         # request number, per channel
+    "flags" / Int32ul,           # bits 0-1 version (1), bit 2 REPLY, bit 3 NEED_REPLY, bits 4-31 reserved
+    "size" / Int32ul,            # payload length in bytes
+)
+HEADER_STRUCT = struct.Struct("<III")
+
+
+def _u64(name: str, doc: str) -> Struct:
+    return Struct(name / Int64ul * doc)
+
+
+REGION = Struct(
+    "guest_phys_addr" / Int64ul * "guest physical address of the region",
+    "memory_size" / Int64ul * "size in bytes",
+    "userspace_addr" / Int64ul * "front-end virtual address (equals the GPA with GPA_ADDRESSES)",
+    "mmap_offset" / Int64ul * "offset of the region in the fd's mapping",
+)
+REGION_XEN = Struct(
+    *REGION.subcons,
+    "xen_mmap_flags" / Int32ul * "bit 0 foreign, bit 1 grant, bit 8 map on demand",
+    "domid" / Int32ul * "Xen domain id",
+)
+
+# Payload kinds: name -> (construct Struct, dotted-name prefix, one-line description).
+# A kind's fields are named `<prefix>.<field>` in the field tree, the filters and the Lua dissector.
+PAYLOADS: dict[str, tuple[Struct, str, str]] = {
+    "empty": (Struct(), "", "no payload"),
+    "u64": (_u64("value", "a u64 whose meaning the spec leaves open"), "u64", "u64"),
+    "ack": (_u64("ack", "REPLY_ACK status: 0 success, anything else failure"), "", "REPLY_ACK u64"),
+    "features": (_u64("features", "virtio feature bits"), "", "virtio features"),
+    "protocol_features": (_u64("protocol_features", "VHOST_USER_PROTOCOL_F_* bits"), "", "protocol features"),
+    "queue_num": (_u64("queue_num", "number of queues the back-end supports"), "", "queue count"),
+    "mem_slots": (_u64("mem_slots", "memory slots the back-end supports"), "", "memory slot count"),
+    "status": (_u64("status", "virtio device status bits"), "", "device status"),
+    "mtu": (_u64("mtu", "MTU in bytes"), "", "MTU"),
+    "session_id": (_u64("session_id", "crypto session id"), "crypto", "crypto session id"),
+    "vring_state": (Struct(
+        "index" / Int32ul * "vring index",
+        "num" / Int32ul * "ring size, enable flag, endianness or GET_VRING_BASE mode, per request",
+    ), "vring", "vring state"),
+    "vring_base": (Struct(
+        "index" / Int32ul * "vring index",
+        "num" / Int32ul * "split ring: next avail index in bits 0-15",
+    ), "vring", "vring base (split ring)"),
+    "vring_base_packed": (Struct(
+        "index" / Int32ul * "vring index",
+        "num" / Int32ul * "bits 0-14 avail idx, 15 avail wrap, 16-30 used idx, 31 used wrap",
+    ), "vring", "vring base (packed ring)"),
+    "vring_addr": (Struct(
+        "index" / Int32ul * "vring index",
+        "flags" / Int32ul * "bit 0 VHOST_VRING_F_LOG",
+        "desc" / Int64ul * "descriptor table address",
+        "used" / Int64ul * "used ring address",
+        "avail" / Int64ul * "available ring address",
+        "log" / Int64ul * "used ring log address (guest physical)",
+    ), "vring", "vring address"),
+    "vring_fd": (Struct(
+        "index" / Int8ul * "vring index (bits 0-7 of the u64)",
+        "flags" / Int8ul * "bit 0 NOFD (bit 8 of the u64): no fd, poll instead",
+        "reserved" / BytesInteger(6, swapped=True) * "bits 16-63, zero",
+    ), "vring", "vring index and NOFD"),
+    "mem_table": (Struct(
+        "nregions" / Int32ul * "number of regions that follow",
+        "padding" / Int32ul * "zero",
+        "region" / Array(this.nregions, REGION) * "one per fd, in fd order",
+    ), "mem", "memory table"),
+    "mem_table_xen": (Struct(
+        "nregions" / Int32ul * "number of regions that follow",
+        "padding" / Int32ul * "zero",
+        "region" / Array(this.nregions, REGION_XEN) * "one per fd, in fd order",
+    ), "mem", "memory table (XEN_MMAP regions)"),
+    "mem_region": (Struct(
+        "padding" / Int64ul * "zero",
+        "region" / REGION,
+    ), "mem", "single memory region"),
+    "mem_region_xen": (Struct(
+        "padding" / Int64ul * "zero",
+        "region" / REGION_XEN,
+    ), "mem", "single memory region (XEN_MMAP)"),
+    "log": (Struct(
+        "mmap_size" / Int64ul * "size of the log area",
+        "mmap_offset" / Int64ul * "offset of the log in the fd",
+    ), "log", "dirty log area"),
+    "iotlb": (Struct(
+        "iova" / Int64ul * "I/O virtual address",
+        "size" / Int64ul * "length in bytes",
+        "uaddr" / Int64ul * "user address (a GPA with GPA_ADDRESSES, except in back-end messages)",
+        "perm" / Int8ul * "0 none, 1 RO, 2 WO, 3 RW",
+        "type" / Int8ul * "1 miss, 2 update, 3 invalidate, 4 access fail",
+        "padding" / Bytes(6) * "natural padding of struct vhost_iotlb_msg",
+    ), "iotlb", "IOTLB message"),
+    "config": (Struct(
+        "offset" / Int32ul * "offset in the device config space",
+        "size" / Int32ul * "length of data",
+        "flags" / Int32ul * "0 front-end write, 1 live migration",
+        "data" / Bytes(this.size) * "config space bytes",
+    ), "config", "device config space"),
+    "vring_area": (Struct(
+        "index" / Int8ul * "vring index (bits 0-7 of the u64)",
+        "flags" / Int8ul * "bit 0 NOFD: no fd, de-register",
+        "reserved" / BytesInteger(6, swapped=True) * "bits 16-63, zero",
+        "size" / Int64ul * "size of the area",
+        "offset" / Int64ul * "offset in the fd",
+    ), "vring_area", "vring host-notifier area"),
+    "inflight": (Struct(
+        "mmap_size" / Int64ul * "size of the inflight area",
+        "mmap_offset" / Int64ul * "offset in the fd",
+        "num_queues" / Int16ul * "queues covered",
+        "queue_size" / Int16ul * "descriptors per queue",
+        "padding" / Bytes(4) * "natural padding",
+    ), "inflight", "inflight area"),
+    "object": (Struct(
+        "uuid" / Bytes(16) * "shared object UUID (first three fields big-endian)",
+    ), "object", "shared object"),
+    "device_state": (Struct(
+        "direction" / Int32ul * "0 save (back-end to front-end), 1 load",
+        "phase" / Int32ul * "0 stopped",
+    ), "device_state", "device-state transfer"),
+    "device_state_result": (Struct(
+        "error" / Int8ul * "0 ok",
+        "flags" / Int8ul * "bit 0: no fd returned",
+        "reserved" / BytesInteger(6, swapped=True) * "zero",
+    ), "device_state", "device-state transfer result"),
+    "mmap": (Struct(
+        "shmid" / Int8ul * "shared memory region id",
+        "padding" / Bytes(7) * "zero",
+        "fd_offset" / Int64ul * "offset in the fd",
+        "shm_offset" / Int64ul * "offset in the shared memory region",
+        "len" / Int64ul * "length",
+        "flags" / Int64ul * "bit 0: 1 read-write, 0 read-only",
+    ), "shmem", "shared memory map request"),
+    "shmem_config": (Struct(
+        "nregions" / Int32ul * "regions in use",
+        "padding" / Int32ul * "zero",
+        "memory_sizes" / Array(256, Int64ul) * "size per shmid, 0 unused",
+    ), "shmem", "shared memory configuration"),
+    "rarp": (Struct(
+        "mac" / Bytes(6) * "guest MAC address",
+        "padding" / Bytes(2) * "rest of the u64",
+    ), "rarp", "RARP MAC"),
+    # Not defined in the spec: QEMU's internal struct, whose layout changed between versions.
+    "crypto_session": (Struct("session" / GreedyBytes * "QEMU-internal crypto session struct"), "crypto",
+                       "crypto session (opaque, QEMU-version dependent)"),
+    "gpu": (Struct("payload" / GreedyBytes * "vhost-user-gpu payload"), "gpu", "vhost-user-gpu payload"),
+    "opaque": (Struct("payload" / GreedyBytes * "payload of a proposed request"), "", "opaque payload"),
+}
+
+# Fixed wire size per kind (None when it varies): a size mismatch is known before parsing.
+FIXED_SIZE = MappingProxyType({
+    kind: (structure.sizeof() if not _variable else None)
+    for kind, (structure, _prefix, _doc) in PAYLOADS.items()
+    for _variable in [kind in ("mem_table", "mem_table_xen", "config", "crypto_session", "gpu", "opaque")]
+})
+
+
+def _compile_all() -> dict:
+    """A parse function per kind: construct's compiled code (several times faster), called without the
+    per-call stream and context set-up of Compiled.parse. A test checks parity with the interpreted grammar."""
+    parsers = {}
+    for kind, (structure, _prefix, _doc) in PAYLOADS.items():
+        try:
+            parse_function = structure.compile().parsefunc
+            parsers[kind] = lambda data, _f=parse_function: _f(io.BytesIO(data), {"_params": {}})
+        except Exception:  # construct cannot compile every construct; the interpreted one is equivalent
+            parsers[kind] = structure.parse
+    return parsers
+
+
+_PARSERS = _compile_all()
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """What is wrong with a message: a stable code (for filters and tests) and a sentence for people."""
+    code: str
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.text}"
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeContext:
+    """What the session has negotiated so far; it changes how some payloads read."""
+    device_type: str | None = None         # net, blk, scsi, fs, gpu, vsock, input, crypto
+    features: int = 0                      # acked virtio features
+    protocol_features: int = 0             # acked protocol features
+    profile: cat.Profile = cat.SPEC_PROFILE
+
+    @property
+    def xen_mmap(self) -> bool:
+        return bool(self.protocol_features >> 17 & 1)
+
+    @property
+    def packed_ring(self) -> bool:
+        return bool(self.features >> 34 & 1)
+
+
+DEFAULT_CONTEXT = DecodeContext()
+
+_REQUEST_TABLES = MappingProxyType({
+    Channel.MAIN: cat.FRONTEND_REQUESTS,
+    Channel.BACKEND: cat.BACKEND_REQUESTS,
+    Channel.GPU: cat.GPU_REQUESTS,
+})
+
+
+def request_table(channel: Channel):
+    return _REQUEST_TABLES.get(channel, {})
+
+
+def request_name(channel: Channel, request: int, profile: cat.Profile = cat.SPEC_PROFILE) -> str:
+    names = {Channel.MAIN: profile.frontend_names, Channel.BACKEND: profile.backend_names,
+             Channel.GPU: profile.gpu_names}.get(channel, {})
+    return names.get(request) or f"UNKNOWN_{request}"
+
+
+def payload_candidates(channel: Channel, request: int, is_reply: bool, ctx: DecodeContext) -> tuple[str, ...]:
+    """The payload kinds a message may carry, most likely first."""
+    key = (channel, request, is_reply, ctx.xen_mmap, ctx.packed_ring)
+    kinds = _CANDIDATES.get(key)
+    if kinds is None:
+        kinds = _CANDIDATES[key] = _candidates(*key)
+    return kinds
+
+
+_CANDIDATES: dict[tuple, tuple[str, ...]] = {}
+
+
+def _candidates(channel: Channel, request: int, is_reply: bool, xen_mmap: bool, packed_ring: bool):
+    spec = request_table(channel).get(request)
+    if spec is None:
+        return ()
+    kinds = spec.reply_kinds if is_reply else spec.request_kinds
+    if xen_mmap:
+        kinds = tuple(k + "_xen" if k in ("mem_table", "mem_region") else k for k in kinds)
+    else:
+        # Without the negotiated context, a Xen table is still recognised by its size.
+        kinds = kinds + tuple(k + "_xen" for k in kinds if k in ("mem_table", "mem_region"))
+    if packed_ring:
+        kinds = tuple("vring_base_packed" if k == "vring_base" else k for k in kinds)
+    if is_reply and "ack" not in kinds:
+        # REPLY_ACK: any request may be answered with a u64 when NEED_REPLY was set.
+        kinds = kinds + ("ack",)
+    return kinds
+
+
+class Message:
+    """One decoded vhost-user message: the exact bytes, the header, the payload (or raw bytes) and problems."""
+
+    __slots__ = ("raw", "channel", "request", "flags", "size", "kind", "payload", "problems", "context")
+
+    def __init__(self, raw: bytes, channel: Channel, request: int, flags: int, size: int, kind: str | None,
+                 payload: Container | None, problems: tuple[Problem, ...], context: DecodeContext):
+        self.raw = raw
+        self.channel = channel
+        self.request = request
+        self.flags = flags
+        self.size = size
+        self.kind = kind             # payload kind name, or None when the payload is kept raw
+        self.payload = payload       # construct Container of the kind, or None
+        self.problems = problems
+        self.context = context
+
+    @property
+    def is_reply(self) -> bool:
+        return bool(self.flags & cat.FLAG_REPLY)
+
+    @property
+    def need_reply(self) -> bool:
+        return bool(self.flags & cat.FLAG_NEED_REPLY)
+
+    @property
+    def name(self) -> str:
+        return request_name(self.channel, self.request, self.context.profile)
+
+    @property
+    def payload_bytes(self) -> bytes:
+        return self.raw[HEADER_SIZE:]
+
+    @property
+    def spec(self) -> cat.RequestSpec | None:
+        return request_table(self.channel).get(self.request)
+
+    def summary(self) -> str:
+        from .present import summarize
+        return summarize(self)
+
+    def __repr__(self) -> str:
+        return f"<Message {self.summary()}>"
+
+
+_unpack_header = HEADER_STRUCT.unpack_from
+
+
+def decode(raw: bytes, channel: Channel = Channel.MAIN, ctx: DecodeContext = DEFAULT_CONTEXT) -> Message:
+    """Decode one framed message. Never raises: what is wrong becomes a Problem and the bytes are kept."""
+    if len(raw) < HEADER_SIZE:
+        return Message(raw, channel, -1, 0, 0, None, None,
+                       (Problem("truncated-header", f"{len(raw)} bytes, a header needs {HEADER_SIZE}"),), ctx)
+    request, flags, size = _unpack_header(raw)
+    problems: list[Problem] = []
+    if flags & cat.FLAGS_RESERVED:
+        problems.append(Problem("reserved-flags", f"reserved flag bits set: {flags & cat.FLAGS_RESERVED:#x}"))
+    if flags & cat.VERSION_MASK != cat.VERSION:
+        problems.append(Problem("bad-version", f"version {flags & cat.VERSION_MASK}, expected {cat.VERSION}"))
+    payload_length = len(raw) - HEADER_SIZE
+    if size > MAX_PAYLOAD_SIZE:
+        problems.append(Problem("oversize", f"size {size} exceeds the maximum {MAX_PAYLOAD_SIZE}"))
+    if payload_length != size:
+        problems.append(Problem("size-mismatch", f"header says {size} payload bytes, {payload_length} present"))
+        return Message(raw, channel, request, flags, size, None, None, tuple(problems), ctx)
+    is_reply = bool(flags & cat.FLAG_REPLY)
+    kinds = payload_candidates(channel, request, is_reply, ctx)
+    if not kinds:
+        problems.append(Problem("unknown-request", f"request {request} is not known on the {channel.name.lower()}"
+                                                   f" channel"))
+        return Message(raw, channel, request, flags, size, None, None, tuple(problems), ctx)
+    body = raw[HEADER_SIZE:]
+    for kind in kinds:
+        fixed = FIXED_SIZE[kind]
+        if fixed is not None and fixed != size:
+            continue
+        if size == 0 and fixed == 0:
+            return Message(raw, channel, request, flags, size, kind, Container(), tuple(problems), ctx)
+        try:
+            payload = _PARSERS[kind](body)
+        except Exception:  # construct's errors all mean "does not fit"; the next kind may
+            continue
+        if fixed is None and PAYLOADS[kind][0].build(payload) != body:
+            continue  # trailing or missing bytes: the layout does not account for the whole payload
+        return Message(raw, channel, request, flags, size, kind, payload, tuple(problems), ctx)
+    expected = " or ".join(_describe_size(kind) for kind in kinds)
+    problems.append(Problem("payload-layout",
+                            f"{size}-byte payload fits no layout of this message (expected {expected})"))
+    return Message(raw, channel, request, flags, size, None, None, tuple(problems), ctx)
+
+
+def _describe_size(kind: str) -> str:
+    fixed = FIXED_SIZE[kind]
+    return f"{kind} ({fixed} bytes)" if fixed is not None else f"{kind} (variable)"
+
+
+def encode_payload(kind: str, payload) -> bytes:
+    """Build one payload kind from a construct Container (or dict)."""
+    return PAYLOADS[kind][0].build(payload)
+
+
+def encode(message: Message, fix_size: bool = False) -> bytes:
+    """Bytes of a message. Untouched messages give back their exact input; edited payloads are rebuilt.
+
+    With fix_size the header's size is set to the built payload's length (what a hook edit wants); otherwise the
+    header is written as it is, so a malformed size survives a round trip.
+    """
+    if message.kind is None:
+        body = message.raw[HEADER_SIZE:]
+    else:
+        body = encode_payload(message.kind, message.payload)
+    if message.request < 0:
+        return message.raw
+    size = len(body) if fix_size else message.size
+    return HEADER_STRUCT.pack(message.request, message.flags, size) + body
+
+
+def build_message(channel: Channel, request: int, payload=None, *, reply: bool = False, need_reply: bool = False,
+                  kind: str | None = None, flags: int | None = None,
+                  ctx: DecodeContext = DEFAULT_CONTEXT) -> bytes:
+    """Bytes of a new message; the payload kind is the request's first (or given) kind, the size is computed."""
+    if kind is None:
+        kinds = payload_candidates(channel, request, reply, ctx)
+        kind = kinds[0] if kinds else "opaque"
+    if isinstance(payload, (bytes, bytearray)):
+        body = bytes(payload)
+    else:
+        body = encode_payload(kind, payload or {})
+    if flags is None:
+        flags = cat.VERSION | (cat.FLAG_REPLY if reply else 0) | (cat.FLAG_NEED_REPLY if need_reply else 0)
+    return HEADER_STRUCT.pack(request, flags, len(body)) + body
+
+
+def iter_fields(message: Message):
+    """(dotted name, value) for every field, header first; bit fields expanded; arrays repeat their names.
+
+    These names are the ones the filters, `-T fields` and the Lua dissector use (prefix `vhost_user.` in Lua).
+    """
+    yield "request", message.request
+    yield "flags", message.flags
+    for sub, mask in cat.BITFIELDS["flags"].items():
+        yield "flags." + sub, _masked(message.flags, mask)
+    yield "size", message.size
+    if message.kind is None:
+        if message.request >= 0:
+            yield "payload", message.raw[HEADER_SIZE:]
+        return
+    structure, prefix, _doc = PAYLOADS[message.kind]
+    yield from _walk(structure, message.payload, prefix, message.kind)
+
+
+def _masked(value: int, mask: int) -> int:
+    shift = (mask & -mask).bit_length() - 1
+    return (value & mask) >> shift
+
+
+def _walk(structure: Struct, value, prefix: str, kind_key: str):
+    for sub in structure.subcons:
+        name = sub.name
+        if name is None:
+            continue
+        dotted = f"{prefix}.{name}" if prefix else name
+        item = value[name]
+        inner = _struct_of(sub)
+        if inner is not None:
+            element_key = "region_xen" if inner is REGION_XEN else "region"
+            items = item if isinstance(item, ListContainer) else [item]
+            for element in items:
+                yield from _walk(inner, element, dotted, element_key)
+            continue
+        yield dotted, item
+        bits = cat.BITFIELDS.get(f"{kind_key}.{name}")
+        if bits:
+            for sub_name, mask in bits.items():
+                yield f"{dotted}.{sub_name}", _masked(item, mask)
+
+
+def _struct_of(subcon):
+    """The element Struct of a nested struct or array field, or None for a leaf."""
+    inner = getattr(subcon, "subcon", None)
+    while inner is not None and not isinstance(inner, Struct):
+        inner = getattr(inner, "subcon", None)
+    return inner
