@@ -241,6 +241,8 @@ def request_table(channel: Channel):
 
 
 def request_name(channel: Channel, request: int, profile: cat.Profile = cat.SPEC_PROFILE) -> str:
+    if request < 0:
+        return "(truncated header)"
     names = {Channel.MAIN: profile.frontend_names, Channel.BACKEND: profile.backend_names,
              Channel.GPU: profile.gpu_names}.get(channel, {})
     return names.get(request) or f"UNKNOWN_{request}"
@@ -356,10 +358,12 @@ def decode(raw: bytes, channel: Channel = Channel.MAIN, ctx: DecodeContext = DEF
             return Message(raw, channel, request, flags, size, kind, Container(), tuple(problems), ctx)
         try:
             payload = _PARSERS[kind](body)
+            # A variable layout must account for every byte, no more, no less (compiled construct reads short
+            # fields without complaint, and ignores trailing bytes).
+            if fixed is None and PAYLOADS[kind][0].build(payload) != body:
+                continue
         except Exception:  # construct's errors all mean "does not fit"; the next kind may
             continue
-        if fixed is None and PAYLOADS[kind][0].build(payload) != body:
-            continue  # trailing or missing bytes: the layout does not account for the whole payload
         return Message(raw, channel, request, flags, size, kind, payload, tuple(problems), ctx)
     expected = " or ".join(_describe_size(kind) for kind in kinds)
     problems.append(Problem("payload-layout",

@@ -1,0 +1,224 @@
+"""Scapy layers derived from the construct grammar: one header layer per channel, one payload layer per kind.
+
+Nothing here declares a wire field: every payload layer's fields_desc is generated from `protocol.PAYLOADS`,
+so a field added to the grammar appears in the layer with no second edit. The payload class of a message is
+chosen by the same decoder the rest of vhusniff uses, so the scapy view and the grammar always agree; a payload
+that fits no layout stays Raw (exact bytes), and `problems()` says what is wrong.
+"""
+from __future__ import annotations
+
+import re
+import struct
+
+from construct import Array, Bytes, BytesInteger, FormatField, GreedyBytes, Renamed, Struct
+from scapy.fields import (
+    Field, FieldListField, LEIntField, LELongField, LEShortField, ByteField, PacketField, PacketListField,
+    StrField, StrFixedLenField, StrLenField,
+)
+from scapy.packet import Packet, Raw
+
+from . import catalogue as cat
+from .model import Channel
+from .protocol import DEFAULT_CONTEXT, HEADER_SIZE, PAYLOADS, DecodeContext, decode
+
+__all__ = ["VhostUser", "VhostUserBackend", "VhostUserGpu", "PAYLOAD_LAYERS", "header_class_for"]
+
+
+class LEUnsignedField(Field):
+    """An unsigned little-endian integer of any byte width (construct's BytesInteger(n, swapped=True))."""
+    __slots__ = ["width"]
+
+    def __init__(self, name, default, width):
+        self.width = width
+        Field.__init__(self, name, default, f"{width}s")
+
+    def addfield(self, pkt, s, val):
+        return s + int(self.i2m(pkt, val) or 0).to_bytes(self.width, "little")
+
+    def getfield(self, pkt, s):
+        return s[self.width:], int.from_bytes(s[:self.width], "little")
+
+    def randval(self):
+        from scapy.volatile import RandNum
+        return RandNum(0, (1 << (8 * self.width)) - 1)
+
+
+class BitNamesField(LELongField):
+    """A u64 of feature or status bits, shown by bit name (unknown bits by number)."""
+    __slots__ = ["names_for"]
+
+    def __init__(self, name, default, names_for):
+        self.names_for = names_for
+        LELongField.__init__(self, name, default)
+
+    def i2repr(self, pkt, x):
+        if x is None:
+            return "None"
+        return f"{x:#x} ({cat.bit_names(x, self.names_for(pkt))})"
+
+
+def _context_of(pkt) -> DecodeContext:
+    while pkt is not None:
+        ctx = getattr(pkt, "vhost_context", None)
+        if ctx is not None:
+            return ctx
+        pkt = pkt.underlayer
+    return DEFAULT_CONTEXT
+
+
+_NAMED_BITS = {
+    "features": lambda pkt: cat.feature_names(_context_of(pkt).device_type),
+    "protocol_features": lambda pkt: _context_of(pkt).profile.protocol_features,
+    "status": lambda pkt: cat.DEVICE_STATUS,
+}
+
+
+def _camel(name: str) -> str:
+    return "".join(part.capitalize() for part in name.split("_"))
+
+
+_element_classes: dict[int, type] = {}
+
+
+def _element_class(structure: Struct, name: str) -> type:
+    """A scapy class for a nested struct (a memory region), made once per construct Struct."""
+    cls = _element_classes.get(id(structure))
+    if cls is None:
+        cls = type(f"VhostUser{_camel(name)}", (Packet,), {
+            "name": f"vhost-user {name.replace('_', ' ')}",
+            "fields_desc": _fields_of(structure),
+            # Without this the first element of a list swallows the rest of the bytes.
+            "extract_padding": lambda self, s: (b"", s),
+        })
+        _element_classes[id(structure)] = cls
+    return cls
+
+
+def _sibling_name(expression) -> str:
+    """`this.nregions` (construct renders it `this['nregions']`) -> `nregions`."""
+    return re.findall(r"[A-Za-z_]\w*", str(expression))[-1]
+
+
+def _field_for(subcon) -> Field:
+    """Translate one construct field into the scapy field with the same wire format."""
+    name = subcon.name
+    inner = subcon.subcon if isinstance(subcon, Renamed) else subcon
+    while isinstance(inner, Renamed):
+        inner = inner.subcon
+    if isinstance(inner, FormatField):
+        fmt = inner.fmtstr
+        if fmt == "<Q" and name in _NAMED_BITS:
+            return BitNamesField(name, 0, _NAMED_BITS[name])
+        return {"<B": ByteField, "B": ByteField, "<H": LEShortField, "<L": LEIntField, "<Q": LELongField}[fmt](name, 0)
+    if isinstance(inner, BytesInteger):
+        return LEUnsignedField(name, 0, inner.length)
+    if isinstance(inner, Bytes):
+        if isinstance(inner.length, int):
+            return StrFixedLenField(name, b"\0" * inner.length, length=inner.length)
+        # Bytes(this.size): the length is a sibling field of the same name (config.size).
+        length_field = _sibling_name(inner.length)
+        return StrLenField(name, b"", length_from=lambda pkt, _f=length_field: getattr(pkt, _f))
+    if inner is GreedyBytes:
+        return StrField(name, b"")
+    if isinstance(inner, Struct):
+        element = _element_class(inner, name)
+        return PacketField(name, element(), element)
+    if isinstance(inner, Array):
+        count = inner.count
+        if isinstance(inner.subcon, Struct):
+            element = _element_class(inner.subcon, name)
+            count_field = _sibling_name(count)
+            return PacketListField(name, [], element, count_from=lambda pkt, _f=count_field: getattr(pkt, _f))
+        return FieldListField(name, [0] * count, _field_for(Renamed(inner.subcon, newname="size")),
+                              count_from=lambda pkt, _n=count: _n, max_count=count)
+    raise TypeError(f"no scapy field for construct {inner!r} ({name})")
+
+
+def _fields_of(structure: Struct) -> list[Field]:
+    return [_field_for(sub) for sub in structure.subcons if sub.name is not None]
+
+
+def _payload_class(kind: str) -> type:
+    structure, prefix, doc = PAYLOADS[kind]
+    return type(f"VhostUser{_camel(kind)}", (Packet,), {
+        "name": f"vhost-user {doc}",
+        "fields_desc": _fields_of(structure),
+        "vhost_kind": kind,
+        "extract_padding": lambda self, s: (b"", s),
+    })
+
+
+PAYLOAD_LAYERS: dict[str, type] = {kind: _payload_class(kind) for kind in PAYLOADS}
+
+
+class _FlagsField(LEIntField):
+    def i2repr(self, pkt, x):
+        from .present import flag_text
+        return "None" if x is None else flag_text(x)
+
+
+class _VhostUserHeader(Packet):
+    """The 12-byte header; subclasses fix the channel (which request numbering applies)."""
+    channel = Channel.MAIN
+    vhost_context: DecodeContext | None = None
+    fields_desc = []  # set per subclass, with that channel's request names
+
+    def post_build(self, pkt, pay):
+        if self.size is None:
+            pkt = pkt[:8] + struct.pack("<I", len(pay)) + pkt[12:]
+        return pkt + pay
+
+    def guess_payload_class(self, payload):
+        message = decode(bytes(self.original[:HEADER_SIZE]) + payload if self.original else
+                         struct.pack("<III", self.request, self.flags, len(payload)) + payload,
+                         self.channel, self.vhost_context or DEFAULT_CONTEXT)
+        if message.kind is None:
+            return Raw
+        return PAYLOAD_LAYERS[message.kind]
+
+    def extract_padding(self, s):
+        # The payload is exactly `size` bytes; anything after belongs to the next message.
+        return s[:self.size], s[self.size:]
+
+    def problems(self):
+        """What the grammar finds wrong with this message (empty for a well-formed one)."""
+        return decode(bytes(self), self.channel, self.vhost_context or DEFAULT_CONTEXT).problems
+
+    def message(self):
+        return decode(bytes(self), self.channel, self.vhost_context or DEFAULT_CONTEXT)
+
+    def mysummary(self):
+        return "vhost-user " + self.message().summary()
+
+
+def _header_fields(names):
+    from scapy.fields import LEIntEnumField
+    return [LEIntEnumField("request", 1, dict(names)), _FlagsField("flags", cat.VERSION), LEIntField("size", None)]
+
+
+class VhostUser(_VhostUserHeader):
+    """A message on the main vhost-user socket (front-end requests, back-end replies)."""
+    name = "vhost-user"
+    channel = Channel.MAIN
+    fields_desc = _header_fields(cat.SPEC_PROFILE.frontend_names)
+
+
+class VhostUserBackend(_VhostUserHeader):
+    """A message on the back-end request channel (back-end requests, front-end replies)."""
+    name = "vhost-user back-end channel"
+    channel = Channel.BACKEND
+    fields_desc = _header_fields(cat.SPEC_PROFILE.backend_names)
+
+
+class VhostUserGpu(_VhostUserHeader):
+    """A message on the vhost-user-gpu socket."""
+    name = "vhost-user-gpu"
+    channel = Channel.GPU
+    fields_desc = _header_fields(cat.SPEC_PROFILE.gpu_names)
+
+
+_HEADER_CLASSES = {Channel.MAIN: VhostUser, Channel.BACKEND: VhostUserBackend, Channel.GPU: VhostUserGpu}
+
+
+def header_class_for(channel: Channel) -> type:
+    return _HEADER_CLASSES.get(channel, VhostUser)
