@@ -123,3 +123,33 @@ def hexdump(data: bytes, indent: str = "  ") -> list[str]:
 
 
 __all__ = ["summarize", "field_tree", "hexdump", "flag_text", "value_text", "HEADER_SIZE"]
+
+
+_COLOURS = {"F>B": "\033[36m", "B>F": "\033[33m", "problem": "\033[31;1m", "event": "\033[35m", "reset": "\033[0m"}
+
+
+def record_line(number: int, relative_seconds: float, record, message: Message | None, colour: bool = False) -> str:
+    """The one-line view shared by `vhusniff read` and the live proxy, in the manner of tshark:
+
+    `  12   0.004512 c1      F>B SET_VRING_ADDR  0x1  idx=0 desc=0x… used=… avail=…`
+    """
+    from .model import Channel, RecordKind
+    where = f"c{record.connection}" + ("" if record.channel == Channel.MAIN else f"/{record.channel.name.lower()}")
+    if record.kind == RecordKind.EVENT or message is None:
+        line = f"{number:>5} {relative_seconds:10.6f} {where:<10} --- {record.note}"
+        return f"{_COLOURS['event']}{line}{_COLOURS['reset']}" if colour else line
+    arrow = record.direction.arrow
+    name = message.name + (" reply" if message.is_reply else "")
+    fds = ""
+    if record.fds:
+        fds = "  fds=" + ",".join(fd.kind for fd in record.fds)
+    line = f"{number:>5} {relative_seconds:10.6f} {where:<10} {arrow} {name:<28} {flag_text(message.flags):<16} " \
+           f"{payload_summary(message)}{fds}"
+    if record.note:
+        line += f"  ({record.note})"
+    for problem in message.problems:
+        line += f"  [{problem.code}: {problem.text}]"
+    if colour:
+        tint = _COLOURS["problem"] if message.problems else _COLOURS[arrow]
+        line = f"{tint}{line}{_COLOURS['reset']}"
+    return line.rstrip()

@@ -1,0 +1,154 @@
+"""The `vhusniff` command: read, proxy, lab."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from . import catalogue as cat
+
+EXIT_BAD_INPUT = 2
+
+
+def _add_decode_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=cat.DEVICE_TYPES,
+                        help="virtio device type, for feature bit names (default: from the capture)")
+    parser.add_argument("--profile", choices=sorted(cat.PROFILES), default="qemu-spec",
+                        help="spec profile: which names the numbers mean (default: %(default)s)")
+
+
+def _json_value(value):
+    if isinstance(value, (bytes, bytearray)):
+        return value.hex()
+    if isinstance(value, list):
+        return [_json_value(v) for v in value]
+    return value
+
+
+def message_fields(number: int, relative: float, record, message) -> dict[str, list]:
+    """Every field of a message by dotted name (multi-valued where an array repeats it), plus frame fields."""
+    from .protocol import iter_fields
+    fields: dict[str, list] = {
+        "frame.number": [number], "frame.time_relative": [round(relative, 9)],
+        "connection": [record.connection], "channel": [record.channel.name.lower()],
+        "direction": [record.direction.arrow], "name": [message.name],
+        "fds": [len(record.fds)], "fd.kind": [fd.kind for fd in record.fds],
+        "problem": [p.code for p in message.problems], "kind": [message.kind or ""],
+    }
+    for name, value in iter_fields(message):
+        fields.setdefault(name, []).append(_json_value(value))
+    return fields
+
+
+def command_read(args) -> int:
+    from .capture import CaptureError, read_capture
+    from .present import field_tree, hexdump, record_line
+    from .session import ContextTracker
+    display_filter = None
+    if args.filter:
+        from .filters import FilterError, compile_filter
+        try:
+            display_filter = compile_filter(args.filter)
+        except FilterError as error:
+            print(f"vhusniff: invalid display filter:\n{error}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+    colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty() and args.T == "text")
+    tracker = ContextTracker(args.device, cat.PROFILES[args.profile])
+    out = sys.stdout
+    shown = 0
+    first_time = None
+    json_started = False
+    number = 0
+    status = 0
+    try:
+        for record in read_capture(args.file):
+            number += 1
+            if first_time is None:
+                first_time = record.timestamp_ns
+            relative = (record.timestamp_ns - first_time) / 1e9
+            message = tracker.decode(record)
+            if args.follow is not None and record.connection != args.follow:
+                continue
+            if display_filter is not None and (message is None or
+                                               not display_filter.matches(message, record, number)):
+                continue
+            if args.T == "text":
+                out.write(record_line(number, relative, record, message, colour) + "\n")
+                if message is not None and args.verbose:
+                    out.write("\n".join(field_tree(message)) + "\n")
+                    for index, fd in enumerate(record.fds):
+                        out.write(f"  fd[{index}]: {fd.summary()}\n")
+                if args.hex:
+                    out.write("\n".join(hexdump(record.data)) + "\n\n")
+            elif message is not None:
+                fields = message_fields(number, relative, record, message)
+                if args.T == "json":
+                    out.write(("[\n" if not json_started else ",\n") + json.dumps(
+                        {"number": number, "time": relative, "connection": record.connection,
+                         "channel": record.channel.name.lower(), "direction": record.direction.arrow,
+                         "request": message.name, "summary": message.summary(),
+                         "fds": [vars(fd) for fd in record.fds], "problems": [str(p) for p in message.problems],
+                         "fields": fields}))
+                    json_started = True
+                else:
+                    out.write("\t".join(",".join(str(v) for v in fields.get(name, ())) for name in args.e) + "\n")
+            shown += 1
+            if args.count and shown >= args.count:
+                break
+    except CaptureError as error:
+        out.flush()
+        print(f"vhusniff: {error}", file=sys.stderr)
+        status = EXIT_BAD_INPUT
+    except OSError as error:
+        print(f"vhusniff: {args.file}: {error.strerror}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except BrokenPipeError:
+        return 0
+    if args.T == "json":
+        out.write("\n]\n" if json_started else "[]\n")
+    return status
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vhusniff", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    read = commands.add_parser("read", help="show a capture, one line per message, like tshark")
+    read.add_argument("file")
+    read.add_argument("-V", dest="verbose", action="store_true", help="full field tree")
+    read.add_argument("-x", dest="hex", action="store_true", help="hex dump of each message")
+    read.add_argument("-c", dest="count", type=int, default=0, help="stop after N shown messages")
+    read.add_argument("-Y", dest="filter", help="display filter, e.g. 'request == SET_MEM_TABLE && flags.need_reply'")
+    read.add_argument("-T", choices=("text", "json", "fields"), default="text", help="output format")
+    read.add_argument("-e", action="append", default=[], help="field for -T fields (repeatable)")
+    read.add_argument("--follow", type=int, metavar="CONNECTION", help="only this connection")
+    read.add_argument("--color", choices=("auto", "always", "never"), default="auto")
+    _add_decode_options(read)
+    read.set_defaults(run=command_read)
+
+    proxy = commands.add_parser("proxy", help="intercept a live front-end/back-end pair", add_help=False)
+    proxy.set_defaults(run=None, module="proxy")
+    lab = commands.add_parser("lab", help="boot a throwaway real QEMU + back-end through the proxy", add_help=False)
+    lab.set_defaults(run=None, module="labcmd")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # proxy and lab own their argument parsing.
+    if argv and argv[0] in ("proxy", "lab"):
+        module = __import__(f"vhusniff.{'proxy' if argv[0] == 'proxy' else 'labcmd'}", fromlist=["main"])
+        return module.main(argv[1:])
+    args = build_parser().parse_args(argv)
+    if args.T == "fields" and not args.e:
+        print("vhusniff: -T fields needs at least one -e NAME", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

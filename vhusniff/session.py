@@ -1,0 +1,51 @@
+"""Per-connection negotiated context, followed message by message, so that each message decodes as its session
+meant it (Xen regions, packed-ring bases, feature names for the device type)."""
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+
+from . import catalogue as cat
+from .model import Channel, Record, RecordKind
+from .protocol import DEFAULT_CONTEXT, DecodeContext, Message, decode
+
+_DEVICE_NOTE = re.compile(r"\bdevice[=: ]+(\w+)")
+
+
+class ContextTracker:
+    """Decodes records in order, keeping each connection's DecodeContext up to date."""
+
+    def __init__(self, device_type: str | None = None, profile: cat.Profile = cat.SPEC_PROFILE):
+        self.base = replace(DEFAULT_CONTEXT, device_type=device_type, profile=profile)
+        self.forced_device = device_type
+        self.contexts: dict[int, DecodeContext] = {}
+
+    def context_for(self, connection: int) -> DecodeContext:
+        return self.contexts.get(connection, self.base)
+
+    def decode(self, record: Record) -> Message | None:
+        """The record's message, decoded in its connection's context; None for events."""
+        if record.kind != RecordKind.MESSAGE:
+            self._observe_event(record)
+            return None
+        ctx = self.context_for(record.connection)
+        message = decode(record.data, record.channel, ctx)
+        self._observe(record.connection, message, ctx)
+        return message
+
+    def _observe_event(self, record: Record) -> None:
+        # The proxy and lab note the device type when they know it ("device=blk").
+        match = _DEVICE_NOTE.search(record.note)
+        if match and not self.forced_device and match.group(1) in cat.DEVICE_TYPES:
+            ctx = self.context_for(record.connection)
+            self.contexts[record.connection] = replace(ctx, device_type=match.group(1))
+
+    def _observe(self, connection: int, message: Message, ctx: DecodeContext) -> None:
+        if message.channel != Channel.MAIN or message.is_reply or message.kind is None:
+            return
+        if message.request == cat.FrontendRequest.SET_FEATURES:
+            self.contexts[connection] = replace(ctx, features=message.payload.features)
+        elif message.request == cat.FrontendRequest.SET_PROTOCOL_FEATURES:
+            self.contexts[connection] = replace(ctx, protocol_features=message.payload.protocol_features)
+        elif message.request == cat.FrontendRequest.NET_SET_MTU and ctx.device_type is None:
+            self.contexts[connection] = replace(ctx, device_type="net")
