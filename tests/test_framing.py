@@ -33,10 +33,20 @@ def test_header_and_payload_in_separate_writes_like_libvhost_user():
 def test_many_messages_in_one_read():
     framer = Framer("front-end")
     stream = b"".join(MESSAGES)
-    frames = frames_of(framer.feed(stream, [5]))
+    frames = frames_of(framer.feed(stream))
     assert [f.data for f in frames] == MESSAGES
-    assert frames[0].fds == [5] and all(f.fds == [] for f in frames[1:])
     assert [f.offset for f in frames] == [0, 12, 32, 52]
+
+
+def test_fds_belong_to_the_last_message_that_begins_in_the_chunk():
+    # QEMU's SET_FEATURES (no fd) then ADD_MEM_REG (memfd) arrive glued in one recvmsg with the memfd.
+    framer = Framer("front-end")
+    frames = frames_of(framer.feed(MESSAGES[1] + MESSAGES[2], [5]))
+    assert frames[0].fds == [] and frames[1].fds == [5]
+    # A chunk that ends inside the fd-carrying message: the fds wait for it.
+    framer = Framer("front-end")
+    assert frames_of(framer.feed(MESSAGES[1] + MESSAGES[2][:14], [6]))[0].fds == []
+    assert frames_of(framer.feed(MESSAGES[2][14:]))[0].fds == [6]
 
 
 @settings(max_examples=300, deadline=None)
@@ -58,14 +68,15 @@ def test_oversize_names_peer_offset_and_message_number():
     framer = Framer("connection 3 front-end")
     framer.feed(MESSAGES[0])
     with pytest.raises(FramingError) as error:
-        framer.feed(struct.pack("<III", 5, 1, 1 << 20))
+        framer.feed(MESSAGES[1] + struct.pack("<III", 5, 1, 1 << 20))
+    assert [f.data for f in error.value.frames] == [MESSAGES[1]]  # nothing before the fault is lost
     assert "connection 3 front-end" in str(error.value)
-    assert "stream offset 12" in str(error.value) and "#2" in str(error.value)
+    assert "stream offset 32" in str(error.value) and "#3" in str(error.value)
     rest, fds = framer.take_rest()
     assert rest == struct.pack("<III", 5, 1, 1 << 20)
 
 
-def test_fds_that_arrive_mid_message_are_kept_as_stray():
+def test_fds_that_arrive_where_no_message_begins_are_kept_as_stray():
     framer = Framer("peer")
     message = MESSAGES[3]
     framer.feed(message[:20])

@@ -20,6 +20,7 @@ class FramingError(Exception):
 
     def __init__(self, peer: str, offset: int, reason: str, message_number: int):
         self.peer, self.offset, self.reason, self.message_number = peer, offset, reason, message_number
+        self.frames: list = []       # whole messages completed by the same chunk, before the bad header
         super().__init__(f"{peer}: message #{message_number} at stream offset {offset}: {reason}")
 
 
@@ -45,14 +46,16 @@ class Framer:
     caller can still forward and record them exactly.
     """
 
-    __slots__ = ("peer", "max_payload", "_buffer", "_buffer_offset", "_pending_fds", "_messages", "_broken")
+    __slots__ = ("peer", "max_payload", "_buffer", "_buffer_offset", "_pending_fds", "_pending_offset", "_messages",
+                 "_broken")
 
     def __init__(self, peer: str, max_payload: int = MAX_PAYLOAD_SIZE):
         self.peer = peer
         self.max_payload = max_payload
         self._buffer = bytearray()
         self._buffer_offset = 0        # stream offset of _buffer[0]
-        self._pending_fds: list[int] = []
+        self._pending_fds: list[int] = []     # fds received for the message that starts at _pending_offset
+        self._pending_offset = -1
         self._messages = 0
         self._broken: FramingError | None = None
 
@@ -68,55 +71,75 @@ class Framer:
         """Add one received chunk; return the messages it completes. Raises FramingError on an impossible size."""
         if self._broken is not None:
             raise self._broken
+        chunk_start = self._buffer_offset + len(self._buffer)
         out: list[Frame | StrayFds] = []
         buffer = self._buffer
-        if fds:
-            if buffer:
-                # No message begins in this chunk's first byte: a message is already under way.
-                out.append(StrayFds(list(fds), self._buffer_offset + len(buffer)))
-            else:
-                self._pending_fds = list(fds)
         if not buffer and len(data) >= HEADER_SIZE:
             # Fast path: the chunk starts on a message boundary; slice whole messages without copying to buffer.
             position = 0
             end = len(data)
+            base = self._buffer_offset
+            data = bytes(data)
             while end - position >= HEADER_SIZE:
                 size = _read_size(data, position + 8)[0]
                 if size > self.max_payload:
+                    self._buffer_offset = base + position
+                    self._messages += len(out)
                     self._buffer += data[position:]
-                    self._fail(size)
+                    self._fail(size, out)
                 total = HEADER_SIZE + size
                 if end - position < total:
                     break
-                out.append(Frame(bytes(data[position:position + total]), self._take_fds(), self._buffer_offset))
-                self._buffer_offset += total
+                out.append(Frame(data[position:position + total], [], base + position))
                 position += total
+            self._messages += len(out)
+            self._buffer_offset = base + position
+            if self._pending_fds and out and out[0].offset == self._pending_offset:
+                out[0].fds, self._pending_fds = self._pending_fds, []
             if position < end:
                 buffer += data[position:]
-            return out
-        buffer += data
-        while len(buffer) >= HEADER_SIZE:
-            size = _read_size(buffer, 8)[0]
-            if size > self.max_payload:
-                self._fail(size)
-            total = HEADER_SIZE + size
-            if len(buffer) < total:
-                break
-            out.append(Frame(bytes(buffer[:total]), self._take_fds(), self._buffer_offset))
-            del buffer[:total]
-            self._buffer_offset += total
+        else:
+            buffer += data
+            while len(buffer) >= HEADER_SIZE:
+                size = _read_size(buffer, 8)[0]
+                if size > self.max_payload:
+                    self._fail(size, out)
+                total = HEADER_SIZE + size
+                if len(buffer) < total:
+                    break
+                out.append(self._frame(bytes(buffer[:total])))
+                del buffer[:total]
+        if fds:
+            self._attach(list(fds), chunk_start, out)
         return out
 
-    def _take_fds(self) -> list[int]:
+    def _frame(self, data: bytes) -> Frame:
+        frame = Frame(data, [], self._buffer_offset)
+        if self._pending_fds and self._pending_offset == self._buffer_offset:
+            frame.fds, self._pending_fds = self._pending_fds, []
         self._messages += 1
-        fds, self._pending_fds = self._pending_fds, []
-        return fds
+        self._buffer_offset += len(data)
+        return frame
 
-    def _fail(self, size: int) -> None:
+    def _fail(self, size: int, completed: list) -> None:
         self._broken = FramingError(
             self.peer, self._buffer_offset,
             f"payload size {size} exceeds the maximum {self.max_payload}", self._messages + 1)
+        # The messages this chunk completed before the bad header are not lost: they ride on the error.
+        self._broken.frames = completed
         raise self._broken
+
+    def _attach(self, fds: list[int], chunk_start: int, frames: list) -> None:
+        """The kernel ends a recvmsg right after the segment that carried fds, and glues earlier fd-less
+        segments in front of it: so fds belong to the last message that begins in the chunk."""
+        if self._buffer and self._buffer_offset >= chunk_start:
+            self._pending_fds, self._pending_offset = self._pending_fds + fds, self._buffer_offset
+            return
+        for frame in reversed(frames):
+            if isinstance(frame, Frame) and frame.offset >= chunk_start:
+                frame.fds.extend(fds)
+                return
+        frames.append(StrayFds(fds, chunk_start))
 
     def take_rest(self) -> tuple[bytes, list[int]]:
         """The bytes not yet framed (a partial or unframeable message) and any fds still waiting for them."""
