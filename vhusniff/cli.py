@@ -127,19 +127,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_decode_options(read)
     read.set_defaults(run=command_read)
 
-    proxy = commands.add_parser("proxy", help="intercept a live front-end/back-end pair", add_help=False)
-    proxy.set_defaults(run=None, module="proxy")
-    lab = commands.add_parser("lab", help="boot a throwaway real QEMU + back-end through the proxy", add_help=False)
-    lab.set_defaults(run=None, module="labcmd")
+    for name, (_module, _function, text) in DELEGATED.items():
+        commands.add_parser(name, help=text, add_help=False)
     return parser
+
+
+# Subcommands that own their argument parsing: name -> (module, function, help).
+DELEGATED = {
+    "proxy": ("proxy", "main", "intercept a live front-end/back-end pair"),
+    "lab": ("labcmd", "main", "boot a throwaway real QEMU and back-end through the proxy"),
+    "replay": ("replay", "main", "replay a capture against a real back-end or a real front-end"),
+    "diff": ("diff", "main", "compare two captures message by message"),
+    "state": ("analysis_cli", "main_state", "negotiated session state as of any message"),
+    "stats": ("analysis_cli", "main_stats", "per-request counts and response times, connections"),
+    "report": ("analysis_cli", "main_report", "what a person reads first when a VM did not start"),
+    "timeline": ("analysis_cli", "main_timeline", "a picture of the session over time"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    # proxy and lab own their argument parsing.
-    if argv and argv[0] in ("proxy", "lab"):
-        module = __import__(f"vhusniff.{'proxy' if argv[0] == 'proxy' else 'labcmd'}", fromlist=["main"])
-        return module.main(argv[1:])
+    if argv and argv[0] in DELEGATED:
+        import importlib
+        module_name, function, _text = DELEGATED[argv[0]]
+        return getattr(importlib.import_module(f"vhusniff.{module_name}"), function)(argv[1:])
     args = build_parser().parse_args(argv)
     if args.T == "fields" and not args.e:
         print("vhusniff: -T fields needs at least one -e NAME", file=sys.stderr)
