@@ -1,0 +1,828 @@
+"""The lab: real vhost-user peers and a tiny guest, started as plain child processes.
+
+Used by `vhusniff lab` (which puts the proxy between QEMU and the back-end) and as the
+integration-test fixture. Three parts:
+
+* the guest kit: a Debian cloud kernel fetched with `apt-get download` and unpacked with
+  `dpkg -x`, and a busybox initramfs whose /init loads the virtio modules, writes a known
+  pattern to /dev/vda, drops the page cache and reads it back, sends packets on eth0 if there
+  is one, and powers off, printing `VHUSNIFF-GUEST: ...` lines on the serial console
+  (`prepare()`, cached in ``$VHUSNIFF_CACHE`` or ``~/.cache/vhusniff/guest``);
+* back-ends: `start_storage_daemon()` (qemu-storage-daemon, vhost-user-blk) and
+  `start_testpmd()` (dpdk-testpmd's net_vhost, vhost-user-net);
+* the front-end: `start_qemu()`, which boots the kit under TCG and streams its console.
+
+Every process object stops and reaps its process in `stop()` and works as a context manager;
+each logs to a file in the work directory given to its start function.
+
+Command line: ``python3 -m vhusniff.lab prepare`` fetches and builds the kit;
+``python3 -m vhusniff.lab direct`` boots a blk guest straight against qemu-storage-daemon
+(no proxy) and prints the result and how long the boot took.
+
+Standard library only.
+"""
+from __future__ import annotations
+
+import argparse
+import atexit
+import contextlib
+import dataclasses
+import fcntl
+import gzip
+import hashlib
+import io
+import itertools
+import logging
+import lzma
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+
+log = logging.getLogger("vhusniff.lab")
+
+#: Printed by the guest's /init; everything a caller needs to judge a run starts with it.
+GUEST_MARK = "VHUSNIFF-GUEST:"
+BLK_IO_OK = f"{GUEST_MARK} blk-io ok"
+NET_IO_OK_PREFIX = f"{GUEST_MARK} net-io ok"
+GUEST_DONE = f"{GUEST_MARK} done"
+
+#: Kernel metapackage whose dependency names the current cloud kernel (the ABI version moves).
+KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
+#: Loaded by /init in this order: each needs the ones before it.
+GUEST_MODULES = ("virtio_ring", "virtio", "virtio_pci_legacy_dev", "virtio_pci_modern_dev", "virtio_pci",
+                 "virtio_blk", "failover", "net_failover", "virtio_net")
+#: Where in /dev/vda the guest writes its test pattern; non-zero so that requests carry a real offset.
+PATTERN_OFFSET_MIB = 4
+GUEST_MEMORY_MB = 256
+#: SeaBIOS resets and clears the serial terminal; those sequences would glue onto the guest's first line.
+_TERMINAL_ESCAPE = re.compile(r"\x1b(?:\[[0-9;?]*[ -/]*[@-~]|[@-Z\\-_]|[a-z])")
+
+Cpus = str | int | Sequence[int] | None
+ConsoleCallback = Callable[[str], None]
+
+
+class LabError(RuntimeError):
+    """A lab step failed; the message says which and, for a process, ends with its log tail."""
+
+
+class LabTimeout(LabError, TimeoutError):
+    """A lab process did not reach the expected state in time."""
+
+
+# --------------------------------------------------------------------------------------------
+# The guest kit
+# --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class GuestKit:
+    """A bootable guest: a kernel image and the initramfs built for it."""
+    kernel: Path
+    initrd: Path
+    kernel_package: str
+
+
+def cache_dir() -> Path:
+    """Where the guest kit lives: ``$VHUSNIFF_CACHE`` if set, else ``~/.cache/vhusniff/guest``."""
+    configured = os.environ.get("VHUSNIFF_CACHE")
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "vhusniff" / "guest"
+
+
+def guest_init_script() -> str:
+    """The initramfs's /init: load virtio, check I/O on /dev/vda and eth0, say how it went, power off."""
+    modules = " ".join(GUEST_MODULES)
+    return f"""#!/bin/sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+# The firmware leaves its last console line open; start the guest's report on a line of its own.
+echo
+for module in {modules}; do
+    insmod /lib/modules/$module.ko || echo "{GUEST_MARK} insmod $module failed"
+done
+
+blk_io_check() {{
+    # Random data, so that a device returning zeros or stale blocks cannot pass; a marker in front.
+    dd if=/dev/urandom of=/tmp/pattern bs=1024 count=1024 2>/dev/null || return 1
+    echo "VHUSNIFF-PATTERN $(cat /proc/sys/kernel/random/uuid)" | dd of=/tmp/pattern conv=notrunc 2>/dev/null
+    if ! dd if=/tmp/pattern of=/dev/vda bs=1024 seek={PATTERN_OFFSET_MIB * 1024} conv=fsync 2>/tmp/dd.err; then
+        echo "{GUEST_MARK} blk-io FAILED write: $(head -n 1 /tmp/dd.err)"; return 1
+    fi
+    sync
+    # Without this the read-back would come from the page cache, not from the back-end.
+    echo 3 > /proc/sys/vm/drop_caches
+    if ! dd if=/dev/vda of=/tmp/readback bs=1024 skip={PATTERN_OFFSET_MIB * 1024} count=1024 2>/tmp/dd.err; then
+        echo "{GUEST_MARK} blk-io FAILED read: $(head -n 1 /tmp/dd.err)"; return 1
+    fi
+    if [ "$(head -c 16 /tmp/readback)" != "VHUSNIFF-PATTERN" ]; then
+        echo "{GUEST_MARK} blk-io FAILED marker missing in read-back"; return 1
+    fi
+    if ! cmp -s /tmp/pattern /tmp/readback; then
+        echo "{GUEST_MARK} blk-io FAILED read-back differs from what was written"; return 1
+    fi
+    echo "{BLK_IO_OK}"
+}}
+
+net_io_check() {{
+    if ! ip link set eth0 up || ! ip addr add 192.0.2.1/24 dev eth0; then
+        echo "{GUEST_MARK} net-io FAILED link up"; return 1
+    fi
+    # The ARP requests this sends come back from a back-end that echoes (testpmd's io forwarding).
+    ping -c 1 -W 1 192.0.2.2 >/dev/null 2>&1
+    tx=$(cat /sys/class/net/eth0/statistics/tx_packets)
+    rx=$(cat /sys/class/net/eth0/statistics/rx_packets)
+    if [ "$tx" -gt 0 ] && [ "$rx" -gt 0 ]; then
+        echo "{NET_IO_OK_PREFIX} (tx $tx, rx $rx)"
+    else
+        echo "{GUEST_MARK} net-io FAILED (tx $tx, rx $rx)"
+    fi
+}}
+
+if [ -b /dev/vda ]; then
+    blk_io_check
+else
+    echo "{GUEST_MARK} no vda"
+fi
+if [ -e /sys/class/net/eth0 ]; then
+    net_io_check
+fi
+echo "{GUEST_DONE}"
+poweroff -f
+"""
+
+
+def prepare(cache: Path | None = None, refresh: bool = False) -> GuestKit:
+    """Return the guest kit, fetching the cloud kernel and building the initramfs if the cache lacks them.
+
+    A cached kernel is used as it is unless `refresh`, which asks apt for the current cloud kernel
+    (its version moves) and fetches it if it is new. Fetching needs `apt-cache`, `apt-get download`
+    and `dpkg -x`, not root; when it fails, a cached kernel is used if there is one. The initramfs
+    is rebuilt whenever its content (init script, busybox, modules) changes.
+    """
+    cache = Path(cache) if cache else cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    with _locked(cache / ".lock"):
+        kernel_dir = _fetch_kernel(cache) if refresh else _newest_cached_kernel(cache) or _fetch_kernel(cache)
+        initrd = _build_initramfs(cache, kernel_dir)
+    return GuestKit(kernel=kernel_dir / "vmlinuz", initrd=initrd, kernel_package=kernel_dir.name[len("kernel-"):])
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    # Concurrent test sessions or CI steps must not unpack into the same cache at once.
+    with open(lock_path, "w") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def _fetch_kernel(cache: Path) -> Path:
+    try:
+        package = _resolve_kernel_package()
+    except LabError as error:
+        return _cached_kernel_or_raise(cache, error)
+    kernel_dir = cache / f"kernel-{package}"
+    if (kernel_dir / "vmlinuz").is_file():
+        return kernel_dir
+    try:
+        _download_kernel(package, kernel_dir)
+    except LabError as error:
+        return _cached_kernel_or_raise(cache, error)
+    for stale in cache.glob("kernel-*"):
+        if stale != kernel_dir:
+            shutil.rmtree(stale, ignore_errors=True)
+    return kernel_dir
+
+
+def _newest_cached_kernel(cache: Path) -> Path | None:
+    cached = sorted((d for d in cache.glob("kernel-*") if (d / "vmlinuz").is_file()),
+                    key=lambda d: d.stat().st_mtime)
+    return cached[-1] if cached else None
+
+
+def _cached_kernel_or_raise(cache: Path, error: LabError) -> Path:
+    cached = _newest_cached_kernel(cache)
+    if cached is None:
+        raise error
+    log.warning("%s; using the cached %s", error, cached.name)
+    return cached
+
+
+def _resolve_kernel_package() -> str:
+    package = _kernel_package_from_apt_cache()
+    if package is None and os.geteuid() == 0:
+        # A fresh machine (or container) may have no package lists yet.
+        _run(["apt-get", "update"], "apt-get update")
+        package = _kernel_package_from_apt_cache()
+    if package is None:
+        raise LabError(f"apt-cache does not know {KERNEL_METAPACKAGE}; run `apt-get update` (as root) first")
+    return package
+
+
+def _kernel_package_from_apt_cache() -> str | None:
+    if shutil.which("apt-cache") is None:
+        raise LabError("apt-cache not found: the guest kernel comes from Debian's archive")
+    result = subprocess.run(["apt-cache", "depends", KERNEL_METAPACKAGE], capture_output=True, text=True)
+    for line in result.stdout.splitlines():
+        kind, _, name = line.strip().lstrip("|").partition(":")
+        if kind == "Depends" and name.strip().startswith("linux-image-"):
+            return name.strip()
+    return None
+
+
+def _download_kernel(package: str, kernel_dir: Path) -> None:
+    """Keep only what the guest needs: the image and the modules /init loads (15 of 106 MB)."""
+    with tempfile.TemporaryDirectory(dir=kernel_dir.parent, prefix=".download-") as scratch:
+        scratch_dir = Path(scratch)
+        _run(["apt-get", "download", package], f"apt-get download {package}", cwd=scratch_dir)
+        debs = list(scratch_dir.glob("*.deb"))
+        if len(debs) != 1:
+            raise LabError(f"apt-get download {package} left {len(debs)} .deb files, expected 1")
+        unpacked = scratch_dir / "root"
+        _run(["dpkg", "-x", str(debs[0]), str(unpacked)], f"dpkg -x {debs[0].name}")
+        staged = scratch_dir / "kernel"
+        (staged / "modules").mkdir(parents=True)
+        images = sorted(unpacked.glob("boot/vmlinuz-*"))
+        if not images:
+            raise LabError(f"{package} has no boot/vmlinuz-*")
+        shutil.copyfile(images[0], staged / "vmlinuz")
+        for module in GUEST_MODULES:
+            (staged / "modules" / f"{module}.ko").write_bytes(_read_module(unpacked, module))
+        staged.rename(kernel_dir)
+
+
+def _read_module(root: Path, module: str) -> bytes:
+    """A module's bytes, uncompressed: busybox insmod is not counted on to decompress."""
+    spellings = {module, module.replace("_", "-")}
+    for path in root.glob("lib/modules/*/kernel/**/*.ko*"):
+        name, _, compression = path.name.partition(".ko")
+        if name not in spellings:
+            continue
+        data = path.read_bytes()
+        if compression == "":
+            return data
+        if compression == ".xz":
+            return lzma.decompress(data)
+        if compression == ".gz":
+            return gzip.decompress(data)
+        if compression == ".zst":
+            if shutil.which("zstd") is None:
+                raise LabError(f"{path.name} is zstd-compressed and the zstd command is missing")
+            return subprocess.run(["zstd", "-dc", str(path)], capture_output=True, check=True).stdout
+        raise LabError(f"{path.name}: unknown module compression {compression!r}")
+    raise LabError(f"module {module} not found in the kernel package")
+
+
+def _build_initramfs(cache: Path, kernel_dir: Path) -> Path:
+    busybox = _static_busybox()
+    init = guest_init_script().encode()
+    modules = [(m, (kernel_dir / "modules" / f"{m}.ko").read_bytes()) for m in GUEST_MODULES]
+    digest = hashlib.sha256()
+    for part in (init, busybox.read_bytes(), kernel_dir.name.encode(), *(data for _, data in modules)):
+        digest.update(hashlib.sha256(part).digest())
+    initrd = cache / f"initramfs-{digest.hexdigest()[:16]}.cpio.gz"
+    if initrd.is_file():
+        return initrd
+
+    archive = CpioWriter()
+    for directory in ("bin", "dev", "proc", "sys", "tmp", "lib", "lib/modules"):
+        archive.add_directory(directory)
+    # The kernel opens /dev/console for /init's stdio before /init can mount devtmpfs.
+    archive.add_device("dev/console", stat.S_IFCHR | 0o600, major=5, minor=1)
+    archive.add_file("bin/busybox", busybox.read_bytes(), mode=0o755)
+    archive.add_symlink("bin/sh", "busybox")
+    archive.add_file("init", init, mode=0o755)
+    for module, data in modules:
+        archive.add_file(f"lib/modules/{module}.ko", data, mode=0o644)
+
+    partial = initrd.with_name(initrd.name + ".partial")
+    with open(partial, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as compressed:
+        compressed.write(archive.finish())
+    partial.rename(initrd)
+    for stale in cache.glob("initramfs-*.cpio.gz"):
+        if stale != initrd:
+            stale.unlink(missing_ok=True)
+    return initrd
+
+
+def _static_busybox() -> Path:
+    for candidate in ("/bin/busybox", "/usr/bin/busybox", shutil.which("busybox")):
+        if candidate and Path(candidate).is_file():
+            path = Path(candidate)
+            if _is_dynamically_linked(path):
+                raise LabError(f"{path} is dynamically linked; the initramfs needs busybox-static")
+            return path
+    raise LabError("busybox not found; install busybox-static")
+
+
+def _is_dynamically_linked(elf: Path) -> bool:
+    """True if the ELF executable names a program interpreter (PT_INTERP), i.e. needs shared libraries."""
+    with open(elf, "rb") as f:
+        header = f.read(64)
+        if header[:4] != b"\x7fELF" or header[4] != 2:  # only 64-bit binaries are expected here
+            return True
+        byteorder = "little" if header[5] == 1 else "big"
+        table_offset = int.from_bytes(header[0x20:0x28], byteorder)
+        entry_size = int.from_bytes(header[0x36:0x38], byteorder)
+        entry_count = int.from_bytes(header[0x38:0x3A], byteorder)
+        f.seek(table_offset)
+        table = f.read(entry_size * entry_count)
+    pt_interp = 3
+    return any(int.from_bytes(table[i:i + 4], byteorder) == pt_interp for i in range(0, len(table), entry_size))
+
+
+class CpioWriter:
+    """Builds a cpio archive in the kernel's "newc" format, device nodes included, without root."""
+
+    def __init__(self) -> None:
+        self._out = io.BytesIO()
+        self._inodes = itertools.count(1)
+
+    def add_directory(self, name: str, mode: int = 0o755) -> None:
+        self._entry(name, stat.S_IFDIR | mode, b"", nlink=2)
+
+    def add_file(self, name: str, data: bytes, mode: int = 0o644) -> None:
+        self._entry(name, stat.S_IFREG | mode, data)
+
+    def add_symlink(self, name: str, target: str) -> None:
+        self._entry(name, stat.S_IFLNK | 0o777, target.encode())
+
+    def add_device(self, name: str, mode: int, major: int, minor: int) -> None:
+        self._entry(name, mode, b"", rdev=(major, minor))
+
+    def finish(self) -> bytes:
+        """Append the trailer and return the archive."""
+        self._entry("TRAILER!!!", 0, b"", inode=0, nlink=1)
+        return self._out.getvalue()
+
+    def _entry(self, name: str, mode: int, data: bytes, nlink: int = 1, rdev: tuple[int, int] = (0, 0),
+               inode: int | None = None) -> None:
+        encoded_name = name.encode() + b"\0"
+        fields = (next(self._inodes) if inode is None else inode, mode, 0, 0, nlink, 0, len(data),
+                  0, 0, rdev[0], rdev[1], len(encoded_name), 0)
+        self._out.write(b"070701" + b"".join(b"%08X" % value for value in fields) + encoded_name)
+        self._pad()
+        self._out.write(data)
+        self._pad()
+
+    def _pad(self) -> None:
+        self._out.write(b"\0" * (-self._out.tell() % 4))
+
+
+def _run(command: list[str], what: str, cwd: Path | None = None) -> None:
+    try:
+        result = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
+    except FileNotFoundError as error:
+        raise LabError(f"{what}: {command[0]} not found") from error
+    if result.returncode != 0:
+        raise LabError(f"{what} failed (exit {result.returncode}): {(result.stderr or result.stdout).strip()}")
+
+
+# --------------------------------------------------------------------------------------------
+# Processes
+# --------------------------------------------------------------------------------------------
+
+_running: weakref.WeakSet[LabProcess] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_leftovers() -> None:
+    # Children run in their own sessions (so Ctrl-C reaches only us); never leave them behind.
+    for process in list(_running):
+        process.stop(timeout=2)
+
+
+class LabProcess:
+    """A child process writing to a log file. `stop()` ends and reaps it; also a context manager."""
+
+    def __init__(self, name: str, proc: subprocess.Popen, log_path: Path) -> None:
+        self.name = name
+        self.proc = proc
+        self.log_path = log_path
+        _running.add(self)
+
+    @property
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_text(self) -> str:
+        """Everything the process has logged so far."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines: int = 25) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def stop(self, timeout: float = 5.0) -> int | None:
+        """Ask the process to exit, kill it if it does not within `timeout`, reap it; return its exit code."""
+        if self.proc.poll() is None:
+            self._ask_to_exit()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._release()
+        _running.discard(self)
+        return self.proc.returncode
+
+    def _ask_to_exit(self) -> None:
+        self.proc.terminate()
+
+    def _release(self) -> None:
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} pid={self.proc.pid} log={self.log_path}>"
+
+
+class Backend(LabProcess):
+    """A vhost-user back-end (qemu-storage-daemon or dpdk-testpmd) serving `socket_path`."""
+
+    def __init__(self, name: str, proc: subprocess.Popen, log_path: Path, socket_path: Path,
+                 disk_path: Path | None = None) -> None:
+        super().__init__(name, proc, log_path)
+        self.socket_path = socket_path
+        self.disk_path = disk_path
+
+    def wait_for_socket(self, timeout: float = 10.0) -> None:
+        """Return once `socket_path` exists; stop the process and raise with its log tail if it does not."""
+        _wait_until(lambda: _is_socket(self.socket_path), timeout, self, f"socket {self.socket_path}")
+
+    def wait_for_log(self, text: str, timeout: float = 10.0) -> None:
+        """Return once `text` appears in the log."""
+        _wait_until(lambda: text in self.log_text(), timeout, self, f"{text!r} in its log")
+
+
+class Testpmd(Backend):
+    """dpdk-testpmd; it quits when its standard input ends, which is how `stop()` asks it to."""
+
+    def __init__(self, name: str, proc: subprocess.Popen, log_path: Path, socket_path: Path, prefix: str) -> None:
+        super().__init__(name, proc, log_path, socket_path)
+        self.prefix = prefix
+
+    def _ask_to_exit(self) -> None:
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+
+    def _release(self) -> None:
+        super()._release()
+        # DPDK leaves a runtime directory per --file-prefix behind; unique prefixes would pile up.
+        shutil.rmtree(_dpdk_runtime_dir(self.prefix), ignore_errors=True)
+
+
+def _dpdk_runtime_dir(prefix: str) -> Path:
+    """Where DPDK's EAL keeps a file prefix's runtime files (eal_common_options.c)."""
+    if os.geteuid() == 0:
+        return Path("/var/run/dpdk") / prefix
+    return Path(os.environ.get("XDG_RUNTIME_DIR") or "/tmp") / "dpdk" / prefix
+
+
+def _is_socket(path: Path) -> bool:
+    try:
+        return stat.S_ISSOCK(path.stat().st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float, process: LabProcess, awaited: str) -> None:
+    """Poll `condition`; if the process dies or `timeout` passes first, stop it and raise with its log tail."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if not process.running:
+            error_type, what = LabError, f"exited with {process.proc.returncode} while waiting for {awaited}"
+        elif time.monotonic() > deadline:
+            error_type, what = LabTimeout, f"still no {awaited} after {timeout:g} s"
+        else:
+            time.sleep(0.02)
+            continue
+        process.stop()
+        raise error_type(f"{process.name} {what}; log {process.log_path}:\n{process.log_tail()}")
+
+
+def _remove_stale_socket(path: Path) -> None:
+    # A server that finds its socket path taken fails (DPDK) or would be "ready" before it listens.
+    if _is_socket(path):
+        path.unlink()
+
+
+def _pinned(command: list[str], cpu: Cpus) -> list[str]:
+    if cpu is None:
+        return command
+    cpu_list = str(cpu) if isinstance(cpu, (str, int)) else ",".join(str(c) for c in cpu)
+    return ["taskset", "-c", cpu_list, *command]
+
+
+def _qemu_option_value(value: object) -> str:
+    """QEMU's -opt a=b,c=d syntax: a comma inside a value is written twice."""
+    return str(value).replace(",", ",,")
+
+
+def _spawn(command: list[str], workdir: Path, log_name: str, cpu: Cpus, *, stdin=subprocess.DEVNULL,
+           capture_stdout: bool = False) -> tuple[subprocess.Popen, Path]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / f"{log_name}.log"
+    command = _pinned(command, cpu)
+    with open(log_path, "wb") as log_file:
+        log_file.write(f"$ {subprocess.list2cmdline(command)}\n".encode())
+        log_file.flush()
+        try:
+            proc = subprocess.Popen(command, stdin=stdin,
+                                    stdout=subprocess.PIPE if capture_stdout else log_file,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        except FileNotFoundError as error:
+            raise LabError(f"{command[0]} not found: run .ci/install-deps.sh") from error
+    return proc, log_path
+
+
+def start_storage_daemon(workdir: Path | str, socket_path: Path | str, size_mb: int = 64, *,
+                         cpu: Cpus = None, name: str = "storage-daemon", timeout: float = 10.0) -> Backend:
+    """Start qemu-storage-daemon exporting a fresh raw disk as a writable vhost-user-blk device.
+
+    The daemon listens on `socket_path`; this returns once the socket exists. The disk is
+    `workdir/<name>.img` (`size_mb` MiB, at least 5 for the guest's test pattern), the log
+    `workdir/<name>.log`.
+    """
+    workdir, socket_path = Path(workdir), Path(socket_path)
+    workdir.mkdir(parents=True, exist_ok=True)
+    disk_path = workdir / f"{name}.img"
+    _run(["qemu-img", "create", "-q", "-f", "raw", str(disk_path), f"{size_mb}M"], "qemu-img create")
+    _remove_stale_socket(socket_path)
+    command = [
+        "qemu-storage-daemon",
+        "--blockdev", f"driver=file,node-name=disk0,filename={_qemu_option_value(disk_path)}",
+        "--export", "type=vhost-user-blk,id=export0,node-name=disk0,writable=on,"
+                    f"addr.type=unix,addr.path={_qemu_option_value(socket_path)}",
+    ]
+    proc, log_path = _spawn(command, workdir, name, cpu)
+    backend = Backend(name, proc, log_path, socket_path, disk_path)
+    backend.wait_for_socket(timeout)
+    return backend
+
+
+_testpmd_instances = itertools.count()
+
+
+def start_testpmd(workdir: Path | str, socket_path: Path | str, client_mode: bool = False,
+                  prefix: str | None = None, *, cpu: Cpus = None, name: str | None = None,
+                  timeout: float = 15.0) -> Testpmd:
+    """Start dpdk-testpmd as a vhost-user-net back-end (net_vhost PMD) on `socket_path`.
+
+    By default it listens, and this returns once the socket exists. With `client_mode` it
+    connects to a socket someone else listens on (retrying until it can) and this returns once
+    testpmd is up. `prefix` is DPDK's --file-prefix, which must differ between concurrent
+    instances; a unique one is made up when omitted.
+    """
+    workdir, socket_path = Path(workdir), Path(socket_path)
+    prefix = prefix or f"vhusniff-{os.getpid()}-{next(_testpmd_instances)}"
+    name = name or f"testpmd-{prefix}"
+    vdev = f"net_vhost0,iface={socket_path},queues=1" + (",client=1" if client_mode else "")
+    command = ["dpdk-testpmd", "--no-huge", "-m", "1024", "--no-pci", "--file-prefix", prefix,
+               "--vdev", vdev, "--", "--total-num-mbufs=4096"]
+    if not client_mode:
+        _remove_stale_socket(socket_path)
+    proc, log_path = _spawn(command, workdir, name, cpu, stdin=subprocess.PIPE)
+    testpmd = Testpmd(name, proc, log_path, socket_path, prefix)
+    if client_mode:
+        testpmd.wait_for_log("Press enter to exit", timeout)
+    else:
+        testpmd.wait_for_socket(timeout)
+    return testpmd
+
+
+@dataclasses.dataclass(frozen=True)
+class GuestResult:
+    """How a guest run ended."""
+    exit_code: int
+    #: The guest wrote its pattern to /dev/vda and read the same bytes back after dropping caches.
+    blk_io_ok: bool
+    #: The guest's eth0 sent packets and received some (an echoing back-end such as testpmd sends them back).
+    net_io_ok: bool
+    #: The guest's /init ran to its end (`VHUSNIFF-GUEST: done`).
+    done: bool
+    #: Everything QEMU printed: the serial console and QEMU's own messages, in order.
+    console: str
+    #: Seconds from starting QEMU to the end of its output, i.e. its exit.
+    elapsed: float
+
+    @property
+    def guest_lines(self) -> list[str]:
+        """The guest's own report lines (`VHUSNIFF-GUEST: ...`)."""
+        return guest_reports(self.console.splitlines())
+
+    @property
+    def clean_exit(self) -> bool:
+        """QEMU exited with 0 after /init finished (not after a panic or a kill)."""
+        return self.exit_code == 0 and self.done
+
+
+def guest_reports(console_lines: Iterable[str]) -> list[str]:
+    """The `VHUSNIFF-GUEST: ...` lines, cut loose from any console output glued in front of them."""
+    return [line[line.index(GUEST_MARK):].rstrip() for line in console_lines if GUEST_MARK in line]
+
+
+class Guest(LabProcess):
+    """A running QEMU guest whose console (QEMU's stdout and stderr) is read line by line."""
+
+    def __init__(self, name: str, proc: subprocess.Popen, log_path: Path, chardev_path: Path,
+                 on_console_line: ConsoleCallback | None) -> None:
+        super().__init__(name, proc, log_path)
+        self.chardev_path = chardev_path
+        self.started_at = time.monotonic()
+        self._lines: list[str] = []
+        self._console_ended = False
+        self._ended_at: float | None = None
+        self._new_line = threading.Condition()
+        self._on_console_line = on_console_line
+        self._reader = threading.Thread(target=self._read_console, name=f"{name}-console", daemon=True)
+        self._reader.start()
+
+    def _read_console(self) -> None:
+        with open(self.log_path, "ab") as log_file:
+            for raw in self.proc.stdout:
+                log_file.write(raw)
+                log_file.flush()
+                line = _TERMINAL_ESCAPE.sub("", raw.decode(errors="replace")).rstrip("\r\n").replace("\r", "")
+                with self._new_line:
+                    self._lines.append(line)
+                    self._new_line.notify_all()
+                if self._on_console_line is not None:
+                    try:
+                        self._on_console_line(line)
+                    except Exception:  # a broken callback must not stop the console from being recorded
+                        log.exception("console callback failed")
+        with self._new_line:
+            self._ended_at = time.monotonic()  # QEMU's output ends when it exits
+            self._console_ended = True
+            self._new_line.notify_all()
+
+    def console_lines(self) -> Iterator[str]:
+        """Every console line from the first, blocking for new ones until QEMU closes its output."""
+        for index in itertools.count():
+            with self._new_line:
+                while index >= len(self._lines) and not self._console_ended:
+                    self._new_line.wait()
+                if index >= len(self._lines):
+                    return
+                line = self._lines[index]
+            yield line
+
+    def console_text(self) -> str:
+        """The console so far."""
+        with self._new_line:
+            return "\n".join(self._lines)
+
+    def wait(self, timeout: float | None = None) -> GuestResult:
+        """Wait for QEMU to exit and return the result; raise LabTimeout (leaving it running) if it does not."""
+        try:
+            exit_code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise LabTimeout(f"{self.name} still running after {timeout:g} s; log {self.log_path}:\n"
+                             f"{self.log_tail()}") from None
+        self._reader.join()
+        self.stop()
+        elapsed = (self._ended_at or time.monotonic()) - self.started_at
+        reports = guest_reports(self._lines)
+        return GuestResult(exit_code=exit_code, blk_io_ok=BLK_IO_OK in reports,
+                           net_io_ok=any(report.startswith(NET_IO_OK_PREFIX) for report in reports),
+                           done=GUEST_DONE in reports, console="\n".join(self._lines), elapsed=elapsed)
+
+    def _release(self) -> None:
+        self._reader.join(timeout=5)
+        super()._release()
+
+
+def default_accel() -> str:
+    """``$VHUSNIFF_ACCEL`` or TCG: /dev/kvm can exist where nested KVM still fails, so KVM is opt-in."""
+    return os.environ.get("VHUSNIFF_ACCEL") or "tcg"
+
+
+def qemu_command(kit: GuestKit, chardev_path: Path | str, device: str = "blk", server: bool = False,
+                 reconnect: int | None = None, extra_args: Iterable[str] = (), accel: str | None = None,
+                 net_msix: bool = False) -> list[str]:
+    """The qemu-system-x86_64 command line `start_qemu()` runs."""
+    chardev = f"socket,id=c0,path={_qemu_option_value(chardev_path)}"
+    if server:
+        chardev += ",server=on,wait=off"
+    if reconnect is not None:
+        chardev += f",reconnect={int(reconnect)}"
+    if device == "blk":
+        device_args = ["-device", "vhost-user-blk-pci,chardev=c0,num-queues=1"]
+    elif device == "net":
+        # QEMU 7.2 segfaults in vhost_net_start (msix_set_vector_notifiers) when the guest driver starts
+        # a vhost-user-net device with MSI-X; with legacy interrupts (vectors=0) the guest runs fine.
+        # romfile= drops the iPXE option ROM, which only costs boot time here.
+        net_device = "virtio-net-pci,netdev=n0,romfile=" + ("" if net_msix else ",vectors=0")
+        device_args = ["-netdev", "vhost-user,id=n0,chardev=c0", "-device", net_device]
+    else:
+        raise ValueError(f"device must be 'blk' or 'net', not {device!r}")
+    return [
+        "qemu-system-x86_64", "-accel", accel or default_accel(), "-cpu", "max", "-m", str(GUEST_MEMORY_MB),
+        "-nographic", "-no-reboot",
+        # No default NIC and no VGA: their option ROMs cost about 0.4 s of a 3 s TCG boot.
+        "-nic", "none", "-vga", "none",
+        # vhost-user back-ends map guest memory through the fds QEMU sends: it must be shareable.
+        "-object", f"memory-backend-memfd,id=mem,size={GUEST_MEMORY_MB}M,share=on",
+        "-machine", "q35,memory-backend=mem",
+        "-kernel", str(kit.kernel), "-initrd", str(kit.initrd), "-append", "console=ttyS0 quiet panic=-1",
+        "-chardev", chardev, *device_args, *extra_args,
+    ]
+
+
+def start_qemu(workdir: Path | str, kit: GuestKit, chardev_path: Path | str, device: str = "blk",
+               server: bool = False, reconnect: int | None = None, extra_args: Iterable[str] = (), *,
+               cpu: Cpus = None, accel: str | None = None, name: str = "qemu", net_msix: bool = False,
+               on_console_line: ConsoleCallback | None = None, socket_timeout: float = 10.0) -> Guest:
+    """Boot the guest kit in QEMU with a vhost-user `device` ("blk" or "net") on `chardev_path`.
+
+    QEMU connects to `chardev_path` (the back-end or the proxy must already listen, unless
+    `reconnect` seconds is given) or, with `server`, listens there itself; this then returns once
+    the socket exists. The accelerator is `accel`, else ``$VHUSNIFF_ACCEL``, else TCG. A net
+    device uses legacy interrupts unless `net_msix`, which reproduces QEMU 7.2's segfault as the
+    guest driver starts the device (a real crash case). The console is logged to
+    `workdir/<name>.log`, passed line by line to `on_console_line` (from a reader thread) and
+    available from `Guest.console_lines()`.
+    """
+    workdir, chardev_path = Path(workdir), Path(chardev_path)
+    command = qemu_command(kit, chardev_path, device, server, reconnect, extra_args, accel, net_msix)
+    if server:
+        _remove_stale_socket(chardev_path)
+    proc, log_path = _spawn(command, workdir, name, cpu, capture_stdout=True)
+    guest = Guest(name, proc, log_path, chardev_path, on_console_line)
+    if server:
+        _wait_until(lambda: _is_socket(chardev_path), socket_timeout, guest, f"socket {chardev_path}")
+    return guest
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+def run_direct(workdir: Path, cpu_backend: Cpus = None, cpu_guest: Cpus = None, timeout: float = 60.0,
+               on_console_line: ConsoleCallback | None = None) -> GuestResult:
+    """Boot a blk guest straight against qemu-storage-daemon (no proxy) and return the result."""
+    kit = prepare()
+    socket_path = workdir / "backend.sock"
+    with start_storage_daemon(workdir, socket_path, cpu=cpu_backend), \
+            start_qemu(workdir, kit, socket_path, cpu=cpu_guest, on_console_line=on_console_line) as guest:
+        return guest.wait(timeout)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python3 -m vhusniff.lab", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("prepare", help="fetch the current guest kernel and build the initramfs (cached)")
+    direct = commands.add_parser("direct", help="boot a blk guest against qemu-storage-daemon, no proxy")
+    direct.add_argument("--workdir", type=Path, help="keep sockets, disk and logs here (default: a temporary dir)")
+    direct.add_argument("--cpu-backend", help="taskset core list for qemu-storage-daemon")
+    direct.add_argument("--cpu-guest", help="taskset core list for QEMU")
+    direct.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the guest (default: 60)")
+    direct.add_argument("-q", "--quiet", action="store_true", help="do not echo the guest console")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    try:
+        if args.command == "prepare":
+            started = time.monotonic()
+            kit = prepare(refresh=True)
+            print(f"kernel  {kit.kernel}  ({kit.kernel_package})\ninitrd  {kit.initrd}\n"
+                  f"ready in {time.monotonic() - started:.1f} s")
+            return 0
+        echo = None if args.quiet else (lambda line: print(f"  | {line}", flush=True))
+        with contextlib.ExitStack() as stack:
+            workdir = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vhusniff-lab-")))
+            result = run_direct(workdir, args.cpu_backend, args.cpu_guest, args.timeout, echo)
+    except LabError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    verdict = "blk-io ok" if result.blk_io_ok else "blk-io NOT ok"
+    print(f"direct boot: {verdict}, QEMU exit {result.exit_code}, "
+          f"{'clean' if result.clean_exit else 'NOT clean'}, {result.elapsed:.2f} s from QEMU start to exit")
+    return 0 if result.blk_io_ok and result.clean_exit else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
