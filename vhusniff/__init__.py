@@ -1,4 +1,6 @@
 """vhusniff: see, record, replay and change what a vhost-user front-end and back-end say to each other."""
+__version__ = "0.1.0"
+
 from .model import Channel, Direction, FdInfo, Record, RecordKind
 from .protocol import DecodeContext, Message, Problem, build_message, decode, encode
 

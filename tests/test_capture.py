@@ -1,0 +1,183 @@
+"""The capture format: byte-exact round trips, streaming reads, and damage that loses nothing before it."""
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from vhusniff import capture
+from vhusniff.capture import CaptureError, CaptureWriter, read_capture, write_capture
+from vhusniff.model import Channel, Direction, FdInfo, Record, RecordKind
+from vhusniff.protocol import build_message
+
+fd_infos = st.builds(FdInfo, kind=st.sampled_from(capture.FD_KINDS), inode=st.integers(0, 2**64 - 1),
+                     size=st.integers(-1, 2**40), name=st.text(max_size=40).filter(lambda s: len(s.encode()) < 256),
+                     seals=st.integers(0, 0xFFFF))
+records = st.builds(Record, timestamp_ns=st.integers(0, 2**63 - 1), connection=st.integers(0, 2**32 - 1),
+                    channel=st.sampled_from(Channel), direction=st.sampled_from(Direction),
+                    data=st.binary(max_size=300), fds=st.lists(fd_infos, max_size=4),
+                    kind=st.just(RecordKind.MESSAGE), note=st.text(max_size=30))
+
+
+def sample_records(count=5):
+    out = []
+    for number in range(count):
+        out.append(Record(1_700_000_000_000_000_000 + number * 1234567, 1 + number % 2, Channel.MAIN,
+                          Direction(number % 2), build_message(Channel.MAIN, 1 + number, bytes(8 * (number % 2)), reply=bool(number % 2)),
+                          [FdInfo("eventfd", 100 + number, -1, "[eventfd]")] if number % 3 == 0 else []))
+    out.append(Record(1_700_000_000_100_000_000, 1, kind=RecordKind.EVENT, note="back-end closed the connection"))
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(records, max_size=6))
+def test_records_round_trip_exactly(tmp_path_factory, items):
+    path = tmp_path_factory.mktemp("cap") / "c.pcapng"
+    write_capture(path, items)
+    assert list(read_capture(path)) == items
+
+
+def block_offsets(path):
+    """(offset, type) of every block, for damaging a chosen one."""
+    data = path.read_bytes()
+    offsets, position = [], 0
+    while position < len(data):
+        block_type, total = struct.unpack_from("<II", data, position)
+        offsets.append((position, block_type))
+        position += total
+    return offsets
+
+
+def read_until_error(path):
+    got = []
+    with pytest.raises(CaptureError) as error:
+        for record in read_capture(path):
+            got.append(record)
+    return got, error.value
+
+
+def test_every_truncation_keeps_the_whole_records_before_it(tmp_path):
+    path = tmp_path / "good.pcapng"
+    items = sample_records()
+    write_capture(path, items)
+    data = path.read_bytes()
+    epbs = [offset for offset, kind in block_offsets(path) if kind == capture.BLOCK_EPB]
+    for cut in range(epbs[0] + 1, len(data)):
+        if cut in epbs:
+            continue          # a cut on a block boundary is a shorter, valid capture
+        damaged = tmp_path / "cut.pcapng"
+        damaged.write_bytes(data[:cut])
+        got, error = read_until_error(damaged)
+        whole = sum(1 for offset in epbs if offset < cut) - 1
+        assert got == items[:whole]
+        assert error.offset == epbs[whole] and str(damaged) in str(error)
+
+
+def test_bad_block_length_names_its_offset(tmp_path):
+    path = tmp_path / "c.pcapng"
+    write_capture(path, sample_records())
+    data = bytearray(path.read_bytes())
+    third = [offset for offset, kind in block_offsets(path) if kind == capture.BLOCK_EPB][2]
+    struct.pack_into("<I", data, third + 4, 7)
+    path.write_bytes(data)
+    got, error = read_until_error(path)
+    assert len(got) == 2 and error.offset == third and "bad block length 7" in str(error)
+
+
+def test_unknown_pseudo_header_version_is_named(tmp_path):
+    path = tmp_path / "c.pcapng"
+    write_capture(path, sample_records())
+    data = bytearray(path.read_bytes())
+    second = [offset for offset, kind in block_offsets(path) if kind == capture.BLOCK_EPB][1]
+    struct.pack_into("<H", data, second + 28 + 4, 99)
+    path.write_bytes(data)
+    got, error = read_until_error(path)
+    assert len(got) == 1 and error.offset == second and "unknown pseudo-header version 99" in str(error)
+
+
+def test_capture_of_other_traffic_is_refused(tmp_path):
+    path = tmp_path / "eth.pcapng"
+    data = bytearray(capture.file_header())
+    # Turn the interface into Ethernet (link type 1): a pcapng, but not of vhost-user.
+    idb = [offset for offset, kind in block_offsets_of(bytes(data)) if kind == capture.BLOCK_IDB][0]
+    struct.pack_into("<H", data, idb + 8, 1)
+    path.write_bytes(bytes(data))
+    got, error = read_until_error(path)
+    assert got == [] and "no vhost-user traffic" in str(error)
+
+
+def block_offsets_of(data):
+    offsets, position = [], 0
+    while position < len(data):
+        block_type, total = struct.unpack_from("<II", data, position)
+        offsets.append((position, block_type))
+        position += total
+    return offsets
+
+
+@pytest.mark.parametrize("content, reason", [(b"", "empty file"),
+                                              (b"\xd4\xc3\xb2\xa1" + bytes(20), "classic pcap"),
+                                              (b"garbage!" * 4, "not a pcapng")])
+def test_files_that_are_not_captures(tmp_path, content, reason):
+    path = tmp_path / "x.pcapng"
+    path.write_bytes(content)
+    got, error = read_until_error(path)
+    assert got == [] and reason in str(error) and error.offset == 0
+
+
+def test_kill_9_of_a_flushing_writer_leaves_every_written_record(tmp_path):
+    path = tmp_path / "live.pcapng"
+    script = (
+        "import sys, time\n"
+        "from vhusniff.capture import CaptureWriter\n"
+        "from vhusniff.model import Record\n"
+        "writer = CaptureWriter(sys.argv[1], flush_each=True)\n"
+        "for n in range(40):\n"
+        "    writer.write(Record(n, 1, data=bytes(12 + n)))\n"
+        "print('written', flush=True)\n"
+        "time.sleep(60)\n")
+    child = subprocess.Popen([sys.executable, "-c", script, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "written"
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.wait()
+    got = list(read_capture(path))
+    assert [len(record.data) for record in got] == [12 + n for n in range(40)]
+
+
+def test_reading_is_streaming(tmp_path):
+    """The reader yields the first record before it has read the whole file."""
+    path = tmp_path / "c.pcapng"
+    with CaptureWriter(path) as writer:
+        for n in range(2000):
+            writer.write(Record(n, 1, data=build_message(Channel.MAIN, 8, {"index": 0, "num": 256})))
+    with open(path, "rb") as stream:
+        first = next(read_capture(stream))
+        assert first.timestamp_ns == 0
+        assert stream.tell() < os.path.getsize(path) // 4
+
+
+def test_tshark_opens_a_capture_with_nanosecond_times_and_directions(tmp_path):
+    import shutil
+    if shutil.which("tshark") is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("tshark is not installed")
+        pytest.skip("tshark not installed")
+    path = tmp_path / "c.pcapng"
+    items = sample_records()
+    write_capture(path, items)
+    out = subprocess.run(["tshark", "-r", str(path), "-T", "fields", "-e", "frame.time_epoch",
+                          "-e", "frame.packet_flags_direction"], capture_output=True, text=True, check=True).stdout
+    rows = [line.split("\t") for line in out.splitlines()]
+    assert len(rows) == len(items)
+    for row, record in zip(rows, items):
+        seconds, fraction = row[0].split(".")
+        assert int(seconds) * 10**9 + int(fraction.ljust(9, "0")[:9]) == record.timestamp_ns
+        expected = 0 if record.kind == RecordKind.EVENT else (2 if record.direction == Direction.FRONTEND_TO_BACKEND
+                                                              else 1)
+        assert int(row[1], 16) & 3 == expected
