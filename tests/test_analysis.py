@@ -1,0 +1,263 @@
+"""Session state, request/reply matching, stats and report, on sessions shaped like the real QEMU 7.2 ones
+(vhost-user-facts.md §2), built message by message with the grammar."""
+from __future__ import annotations
+
+from vhusniff import catalogue as cat
+from vhusniff.analysis import Analyzer, classify_event, direction_for, end_summary
+from vhusniff.model import Channel, FdInfo, Record, RecordKind
+from vhusniff.protocol import build_message
+from vhusniff.state import NOFD
+
+F = cat.FrontendRequest
+B = cat.BackendRequest
+MiB = 1 << 20
+BLK_OFFERED = 0x175007E46        # qemu-storage-daemon's GET_FEATURES reply (§2)
+BLK_ACKED = BLK_OFFERED & ~(1 << 26 | 1 << 24)
+QEMU_PROTOCOL = 0x8F2B           # MQ LOG_SHMFD REPLY_ACK BACKEND_REQ PAGEFAULT CONFIG BACKEND_SEND_FD
+                                 # HOST_NOTIFIER CONFIGURE_MEM_SLOTS
+UADDR = 0x7F0000000000
+DESC, AVAIL, USED = 0x7F00, 0x8000, 0x9000
+
+
+def eventfd(inode: int = 0) -> FdInfo:
+    return FdInfo("eventfd", inode=inode, name="[eventfd]")
+
+
+def memfd(size: int = 256 * MiB) -> FdInfo:
+    return FdInfo("memfd", inode=77, size=size, name="memfd:mem")
+
+
+class Script:
+    """Builds the records of a session: requests and replies with flags, fds and times as QEMU sends them."""
+
+    def __init__(self, connection: int = 1):
+        self.connection = connection
+        self.records: list[Record] = []
+        self.now = 1_700_000_000_000_000_000
+
+    def _add(self, record: Record, step_ns: int) -> int:
+        self.now += step_ns
+        record.timestamp_ns = self.now
+        self.records.append(record)
+        return len(self.records)
+
+    def event(self, note: str, step_ns: int = 1000) -> int:
+        return self._add(Record(0, self.connection, kind=RecordKind.EVENT, note=note), step_ns)
+
+    def send(self, request: int, payload=None, *, channel: Channel = Channel.MAIN, reply: bool = False,
+             need_reply: bool = False, fds=(), kind: str | None = None, flags: int | None = None,
+             raw: bytes | None = None, step_ns: int = 20_000) -> int:
+        """Adds one message; returns its record number (from 1)."""
+        data = raw if raw is not None else build_message(channel, request, payload, reply=reply,
+                                                         need_reply=need_reply, kind=kind, flags=flags)
+        return self._add(Record(0, self.connection, channel, direction_for(channel, reply), data, list(fds)),
+                         step_ns)
+
+    def request(self, request: int, payload=None, **options) -> int:
+        return self.send(request, payload, **options)
+
+    def reply(self, request: int, payload=None, **options) -> int:
+        return self.send(request, payload, reply=True, step_ns=options.pop("step_ns", 50_000), **options)
+
+    def ack(self, request: int, status: int = 0, **options) -> int:
+        return self.reply(request, {"ack": status}, kind="ack", **options)
+
+    # --- QEMU 7.2 building blocks (§2) ------------------------------------------------------------------------
+    def negotiate(self, offered: int = BLK_OFFERED, protocol: int = QEMU_PROTOCOL) -> None:
+        self.request(F.GET_FEATURES)
+        self.reply(F.GET_FEATURES, {"features": offered})
+        self.request(F.GET_PROTOCOL_FEATURES)
+        self.reply(F.GET_PROTOCOL_FEATURES, {"protocol_features": protocol})
+        self.request(F.SET_PROTOCOL_FEATURES, {"protocol_features": protocol})
+        self.request(F.GET_QUEUE_NUM)
+        self.reply(F.GET_QUEUE_NUM, {"queue_num": 1})
+        self.request(F.GET_MAX_MEM_SLOTS)
+        self.reply(F.GET_MAX_MEM_SLOTS, {"mem_slots": 32})
+        self.request(F.SET_BACKEND_REQ_FD, need_reply=True, fds=[FdInfo("socket", name="unix")])
+        self.ack(F.SET_BACKEND_REQ_FD)
+        self.request(F.SET_OWNER)
+        self.request(F.GET_FEATURES)
+        self.reply(F.GET_FEATURES, {"features": offered})
+
+    def vring_fd(self, request: int, index: int = 0, fds=None, nofd: bool = False) -> int:
+        return self.request(request, {"index": index, "flags": int(nofd), "reserved": 0},
+                            fds=[] if nofd else (fds if fds is not None else [eventfd(10 + request)]))
+
+    def get_config(self, size: int = 57) -> None:
+        config = {"offset": 0, "size": size, "flags": 0, "data": bytes(size)}
+        self.request(F.GET_CONFIG, config)
+        self.reply(F.GET_CONFIG, config)
+
+    def add_region(self, gpa: int, size: int, offset: int) -> tuple[int, int]:
+        region = {"padding": 0, "region": {"guest_phys_addr": gpa, "memory_size": size,
+                                           "userspace_addr": UADDR + offset, "mmap_offset": offset}}
+        sent = self.request(F.ADD_MEM_REG, region, need_reply=True, fds=[memfd()])
+        return sent, self.ack(F.ADD_MEM_REG)
+
+    def start_ring(self, index: int = 0, num: int = 256, base: int = 0) -> int:
+        self.request(F.SET_VRING_NUM, {"index": index, "num": num})
+        self.request(F.SET_VRING_BASE, {"index": index, "num": base})
+        self.request(F.SET_VRING_ADDR, {"index": index, "flags": 0, "desc": UADDR + DESC, "used": UADDR + USED,
+                                        "avail": UADDR + AVAIL, "log": 0})
+        kick = self.vring_fd(F.SET_VRING_KICK, index)
+        self.request(F.SET_VRING_ENABLE, {"index": index, "num": 1})
+        return kick
+
+    def stop_ring(self, index: int = 0, base: int = 37) -> tuple[int, int]:
+        self.request(F.SET_VRING_ENABLE, {"index": index, "num": 0})
+        sent = self.request(F.GET_VRING_BASE, {"index": index, "num": 0})
+        return sent, self.reply(F.GET_VRING_BASE, {"index": index, "num": base})
+
+
+def qemu_blk_boot(end: bool = True) -> Script:
+    """The real QEMU 7.2 + qemu-storage-daemon boot (§2): SeaBIOS starts the device, the kernel restarts it."""
+    s = Script()
+    s.event("connected device=blk")
+    s.negotiate()
+    s.vring_fd(F.SET_VRING_CALL)
+    s.vring_fd(F.SET_VRING_ERR)
+    s.get_config()
+    s.request(F.SET_FEATURES, {"features": BLK_ACKED})
+    s.vring_fd(F.SET_VRING_CALL)
+    s.request(F.SET_FEATURES, {"features": BLK_ACKED})
+    s.add_region(0, 0xA0000, 0)
+    s.add_region(0xC0000, 256 * MiB - 0xC0000, 0xC0000)
+    s.start_ring()
+    s.stop_ring()
+    s.request(F.SET_FEATURES, {"features": BLK_ACKED})
+    s.vring_fd(F.SET_VRING_CALL)
+    s.start_ring(base=37)
+    s.stop_ring(base=120)
+    if end:
+        s.event("front-end closed the connection", step_ns=300_000_000)
+    return s
+
+
+def analyse(script: Script) -> Analyzer:
+    return Analyzer().run(script.records)
+
+
+def test_real_boot_shape_gives_no_findings():
+    analyzer = analyse(qemu_blk_boot())
+    assert [f.line() for f in analyzer.findings] == []
+
+
+def test_state_after_boot():
+    analyzer = analyse(qemu_blk_boot())
+    state = analyzer.state(1)
+    assert state.device_type == "blk"
+    assert state.features_offered == BLK_OFFERED and state.features_acked == BLK_ACKED
+    assert state.protocol_features_acked == QEMU_PROTOCOL
+    assert state.queue_num == 1 and state.max_mem_slots == 32 and state.owner_set
+    assert [r.guest_phys_addr for r in state.regions] == [0, 0xC0000]
+    assert all(r.fd.kind == "memfd" for r in state.regions) and state.memory_mode == "slots"
+    vring = state.vrings[0]
+    assert (vring.num, vring.base, vring.started, vring.enabled) == (256, 120, False, False)
+    assert vring.kick.kind == "eventfd" and vring.desc == UADDR + DESC
+    assert state.suspended and state.backend_channel.kind == "socket"
+    assert state.ended and state.ended_note == "front-end closed the connection"
+    text = state.format()
+    assert "RING_EVENT_IDX" in text and "CONFIGURE_MEM_SLOTS" in text and "started=no" in text
+    assert "FLUSH" in text                       # blk feature names, from the device type in the event note
+
+
+def test_state_as_of_a_message_number():
+    script = qemu_blk_boot()
+    kick = next(n for n, r in enumerate(script.records, 1) if r.data[:1] == bytes([F.SET_VRING_KICK]))
+    analyzer = Analyzer()
+    for record in script.records[:kick]:
+        analyzer.feed(record)
+    vring = analyzer.state(1).vrings[0]
+    assert vring.started and vring.enabled is None and not analyzer.state(1).suspended
+
+
+def test_nofd_slot_is_shown():
+    s = qemu_blk_boot(end=False)
+    s.vring_fd(F.SET_VRING_CALL, nofd=True)
+    state = analyse(s).state(1)
+    assert state.vrings[0].call == NOFD and "call=NOFD" in state.format()
+
+
+def test_set_mem_table_replaces_regions_and_rem_mem_reg_removes():
+    s = Script()
+    s.negotiate()
+    table = {"nregions": 2, "padding": 0, "region": [
+        {"guest_phys_addr": 0, "memory_size": MiB, "userspace_addr": UADDR, "mmap_offset": 0},
+        {"guest_phys_addr": 2 * MiB, "memory_size": MiB, "userspace_addr": UADDR + 2 * MiB, "mmap_offset": 0}]}
+    s.request(F.SET_MEM_TABLE, table, fds=[memfd(MiB), memfd(MiB)], need_reply=True)
+    s.ack(F.SET_MEM_TABLE)
+    first = dict(table["region"][0])
+    s.request(F.REM_MEM_REG, {"padding": 0, "region": first}, need_reply=True)
+    s.ack(F.REM_MEM_REG)
+    analyzer = analyse(s)
+    assert analyzer.findings == []
+    assert [r.guest_phys_addr for r in analyzer.state(1).regions] == [2 * MiB]
+    assert analyzer.state(1).memory_mode == "table"
+
+
+def test_transactions_match_by_order_with_response_times():
+    analyzer = analyse(qemu_blk_boot())
+    answered = [t for t in analyzer.transactions if t.outcome == "answered"]
+    names = [t.name for t in answered]
+    assert names.count("GET_FEATURES") == 2 and names.count("ADD_MEM_REG") == 2
+    assert "SET_BACKEND_REQ_FD" in names and "GET_CONFIG" in names and names.count("GET_VRING_BASE") == 2
+    assert all(t.response_seconds == 50e-6 for t in answered)
+    assert all(t.reply_number > t.request_number for t in answered)
+    unanswered = {t.name for t in analyzer.transactions if t.reply_number is None}
+    assert "SET_FEATURES" in unanswered and "SET_VRING_KICK" in unanswered
+
+
+def test_backend_closing_while_frontend_waits_names_the_request():
+    s = qemu_blk_boot(end=False)
+    s.start_ring()
+    s.request(F.SET_VRING_ENABLE, {"index": 0, "num": 0})
+    waited = s.request(F.GET_VRING_BASE, {"index": 0, "num": 0})
+    s.event("back-end closed the connection")
+    analyzer = analyse(s)
+    assert [f.check for f in analyzer.findings] == ["disconnect-with-request-outstanding"]
+    summary = end_summary(analyzer, 1)
+    assert summary == f"back-end closed the connection while the front-end waited for the reply to " \
+                      f"GET_VRING_BASE (#{waited})"
+
+
+def test_disconnect_without_outstanding_request():
+    analyzer = analyse(qemu_blk_boot())
+    assert end_summary(analyzer, 1).startswith("front-end closed the connection (#")
+    assert "no request outstanding" in end_summary(analyzer, 1)
+
+
+def test_capture_ending_mid_request_is_a_note():
+    s = qemu_blk_boot(end=False)
+    s.request(F.GET_FEATURES)
+    analyzer = analyse(s)
+    assert [(f.check, str(f.severity)) for f in analyzer.findings] == \
+        [("capture-ended-with-request-outstanding", "note")]
+    assert "still open" in end_summary(analyzer, 1)
+
+
+def test_backend_channel_requests_are_matched_in_reverse():
+    s = qemu_blk_boot(end=False)
+    s.start_ring()
+    s.request(B.CONFIG_CHANGE_MSG, channel=Channel.BACKEND, need_reply=True)
+    s.ack(B.CONFIG_CHANGE_MSG, channel=Channel.BACKEND)
+    analyzer = analyse(s)
+    backend = [t for t in analyzer.transactions if t.channel == Channel.BACKEND]
+    assert analyzer.findings == [] and backend[0].outcome == "answered"
+    assert s.records[-1].direction.arrow == "F>B"
+
+
+def test_two_connections_are_kept_apart():
+    one, two = qemu_blk_boot(), qemu_blk_boot()
+    for record in two.records:
+        record.connection = 2
+    merged = sorted(one.records + two.records, key=lambda r: r.timestamp_ns)
+    analyzer = Analyzer().run(merged)
+    assert analyzer.findings == [] and set(analyzer.connections) == {1, 2}
+    assert analyzer.state(2).queue_num == 1
+
+
+def test_event_classification():
+    assert classify_event("connected device=blk") == "connect"
+    assert classify_event("back-end closed the connection") == "end"
+    assert classify_event("front-end disconnected") == "end"
+    assert classify_event("proxy note: hook loaded") == "other"

@@ -1,0 +1,259 @@
+"""Session analysis (sans-IO): per-connection state, request/reply matching by order, and expert findings.
+
+    analyzer = Analyzer()
+    for record in records:
+        analyzer.feed(record)            # or feed(record, message) when the caller already decoded it
+    analyzer.finish()                    # end-of-capture checks (requests still waiting)
+    analyzer.findings, analyzer.transactions, analyzer.state(1).format()
+
+The live proxy calls `feed` for every record and, when a connection ends, prints `analyzer.format_state(c)`
+and `analyzer.connection_report(c)`.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from . import catalogue as cat
+from .expert import CHECKS, Finding, check_message
+from .model import Channel, Direction, Record, RecordKind
+from .protocol import Message, request_name, request_table
+from .session import ContextTracker
+from .state import ConnectionState
+
+# How lifecycle event notes read (proxy and lab): first match wins.
+EVENT_PATTERNS = (
+    ("end", re.compile(r"clos|disconnect|hung up|hang-?up|EOF|reset by|ended|crash|died|killed|gone", re.I)),
+    ("connect", re.compile(r"connect|accept", re.I)),
+)
+
+
+def classify_event(note: str) -> str:
+    """'connect', 'end' or 'other' for an event record's note."""
+    for kind, pattern in EVENT_PATTERNS:
+        if pattern.search(note):
+            return kind
+    return "other"
+
+
+class Expect:
+    """What a request waits for."""
+    NOTHING = "nothing"
+    REPLY = "reply"            # an explicit reply (always-replied requests, SET_LOG_BASE with LOG_SHMFD, postcopy)
+    ACK = "ack"                # a REPLY_ACK u64 (NEED_REPLY with REPLY_ACK negotiated)
+    MAYBE = "maybe"            # NEED_REPLY without REPLY_ACK: a reply is tolerated, not required
+
+
+@dataclass
+class Transaction:
+    """One request and, if it came, its reply (Wireshark's response_in / response_to)."""
+    connection: int
+    channel: Channel
+    request: int
+    name: str
+    request_number: int
+    request_ns: int
+    expect: str
+    request_size: int = 0              # payload bytes
+    reply_number: int | None = None
+    reply_ns: int | None = None
+    outcome: str = "outstanding"   # answered | missing | outstanding at disconnect | outstanding at end
+
+    @property
+    def response_seconds(self) -> float | None:
+        return None if self.reply_ns is None else (self.reply_ns - self.request_ns) / 1e9
+
+
+@dataclass
+class ConnectionAnalysis:
+    state: ConnectionState
+    waiting: dict[Channel, list[Transaction]] = field(default_factory=dict)   # per channel, oldest first
+
+    def outstanding(self) -> list[Transaction]:
+        return [t for queue in self.waiting.values() for t in queue if t.expect != Expect.MAYBE]
+
+
+class Analyzer:
+    """Feeds records in capture order; keeps state, transactions and findings for every connection."""
+
+    def __init__(self, device_type: str | None = None, profile: cat.Profile = cat.SPEC_PROFILE):
+        self.tracker = ContextTracker(device_type, profile)
+        self.profile = profile
+        self.connections: dict[int, ConnectionAnalysis] = {}
+        self.transactions: list[Transaction] = []
+        self.findings: list[Finding] = []
+        self.records = 0
+        self.first_ns: int | None = None
+        self.finished = False
+
+    # --- the API ------------------------------------------------------------------------------------------------
+    def state(self, connection: int) -> ConnectionState:
+        return self._connection(connection).state
+
+    def format_state(self, connection: int) -> str:
+        return self.state(connection).format()
+
+    def findings_for(self, connection: int) -> list[Finding]:
+        return [f for f in self.findings if f.connection == connection]
+
+    def findings_by_number(self) -> dict[int, list[Finding]]:
+        by_number: dict[int, list[Finding]] = {}
+        for finding in self.findings:
+            by_number.setdefault(finding.number, []).append(finding)
+        return by_number
+
+    def feed(self, record: Record, message: Message | None = None, number: int | None = None) -> list[Finding]:
+        """Apply one record (number: its place in the capture, from 1; counted here when not given).
+
+        Returns the findings this record raised."""
+        self.records += 1
+        number = self.records if number is None else number
+        if self.first_ns is None:
+            self.first_ns = record.timestamp_ns
+        if message is None or record.kind == RecordKind.EVENT:
+            message = self.tracker.decode(record)
+        conn = self._connection(record.connection)
+        state = conn.state
+        before = len(self.findings)
+        if record.kind == RecordKind.EVENT:
+            ending = classify_event(record.note) == "end" and not state.ended
+            state.feed(number, record, None)
+            if ending:
+                self._connection_ended(conn, number, record)
+            return self.findings[before:]
+        if state.ended:
+            self._add("traffic-after-disconnect", record.connection, (number, state.ended_number),
+                      f"{message.name} after the connection ended at #{state.ended_number} ({state.ended_note})")
+        self.findings.extend(check_message(state, number, record, message))
+        self._match(conn, number, record, message)
+        state.feed(number, record, message)
+        return self.findings[before:]
+
+    def finish(self) -> list[Finding]:
+        """End of the capture: requests still waiting become findings. Idempotent."""
+        before = len(self.findings)
+        if not self.finished:
+            self.finished = True
+            for conn in self.connections.values():
+                for transaction in conn.outstanding():
+                    transaction.outcome = "outstanding at end"
+                    self._add("capture-ended-with-request-outstanding", transaction.connection,
+                              (transaction.request_number,), f"{transaction.name} still waits for its "
+                                                             f"{transaction.expect}")
+        return self.findings[before:]
+
+    def run(self, records) -> "Analyzer":
+        for record in records:
+            self.feed(record)
+        self.finish()
+        return self
+
+    # --- matching -----------------------------------------------------------------------------------------------
+    def _connection(self, connection: int) -> ConnectionAnalysis:
+        if connection not in self.connections:
+            self.connections[connection] = ConnectionAnalysis(ConnectionState(connection, self.profile))
+        return self.connections[connection]
+
+    def _add(self, check: str, connection: int, numbers: tuple[int, ...], text: str) -> None:
+        assert check in CHECKS, check
+        self.findings.append(Finding(check, connection, tuple(n for n in numbers if n is not None), text))
+
+    def _expectation(self, state: ConnectionState, message: Message) -> str:
+        spec = request_table(message.channel).get(message.request)
+        if spec is None:
+            return Expect.MAYBE if message.need_reply else Expect.NOTHING
+        if spec.reply_rule == cat.ReplyRule.ALWAYS:
+            return Expect.REPLY
+        if spec.reply_rule == cat.ReplyRule.IF_LOG_SHMFD and state.protocol_feature("LOG_SHMFD"):
+            return Expect.REPLY
+        if state.postcopy_listening and message.request in (cat.FrontendRequest.SET_MEM_TABLE,
+                                                            cat.FrontendRequest.ADD_MEM_REG) \
+                and message.channel == Channel.MAIN:
+            return Expect.REPLY    # postcopy: the back-end answers with its mapping bases, without NEED_REPLY
+        if message.need_reply:
+            return Expect.ACK if state.protocol_feature("REPLY_ACK") else Expect.MAYBE
+        return Expect.NOTHING
+
+    def _match(self, conn: ConnectionAnalysis, number: int, record: Record, message: Message) -> None:
+        if message.request < 0:
+            return
+        queue = conn.waiting.setdefault(record.channel, [])
+        if not message.is_reply:
+            # One request at a time per channel: a new request means the peer gave up on the old one's reply.
+            self._drop_waiting(queue, number, "missing-reply")
+            expect = self._expectation(conn.state, message)
+            transaction = Transaction(record.connection, record.channel, message.request, message.name, number,
+                                      record.timestamp_ns, expect, message.size)
+            self.transactions.append(transaction)
+            if expect != Expect.NOTHING:
+                queue.append(transaction)
+            else:
+                transaction.outcome = "no reply expected"
+            return
+        if message.flags != cat.VERSION | cat.FLAG_REPLY:
+            self._add("reply-flags", record.connection, (number,), f"{message.name} reply flags {message.flags:#x}")
+        if not queue:
+            self._add("unexpected-reply", record.connection, (number,), f"{message.name} reply, nothing asked")
+            return
+        transaction = queue.pop(0)
+        transaction.reply_number, transaction.reply_ns = number, record.timestamp_ns
+        transaction.outcome = "answered"
+        if transaction.request != message.request:
+            self._add("reply-mismatch", record.connection, (number, transaction.request_number),
+                      f"{message.name} reply while {transaction.name} (#{transaction.request_number}) waited")
+            return
+        if message.kind == "ack" and message.payload.ack != 0 and \
+                transaction.expect in (Expect.ACK, Expect.MAYBE):
+            self._add("ack-nonzero", record.connection, (number, transaction.request_number),
+                      f"{message.name} failed: ack {message.payload.ack:#x}")
+        if message.request == cat.FrontendRequest.GET_CONFIG and message.channel == Channel.MAIN and \
+                message.size != transaction.request_size:
+            self._add("config-reply-error", record.connection, (number, transaction.request_number),
+                      f"GET_CONFIG reply size {message.size}, request size {transaction.request_size}")
+
+    def _drop_waiting(self, queue: list[Transaction], number: int, check: str) -> None:
+        for transaction in queue:
+            if transaction.expect == Expect.MAYBE:
+                transaction.outcome = "no reply"
+                continue
+            transaction.outcome = "missing"
+            self._add(check, transaction.connection, (transaction.request_number, number),
+                      f"{transaction.name} got no {transaction.expect}; next request at #{number}")
+        queue.clear()
+
+    def _connection_ended(self, conn: ConnectionAnalysis, number: int, record: Record) -> None:
+        for transaction in conn.outstanding():
+            transaction.outcome = "outstanding at disconnect"
+            self._add("disconnect-with-request-outstanding", record.connection,
+                      (number, transaction.request_number),
+                      f"{record.note} while {self._waiter(transaction)} waited for the "
+                      f"{transaction.expect} to {transaction.name} (#{transaction.request_number})")
+        for queue in conn.waiting.values():
+            queue.clear()
+
+    @staticmethod
+    def _waiter(transaction: Transaction) -> str:
+        return "the back-end" if transaction.channel == Channel.BACKEND else "the front-end"
+
+
+def end_summary(analyzer: Analyzer, connection: int) -> str:
+    """How a connection ended, in one sentence, naming a request left unanswered."""
+    state = analyzer.state(connection)
+    if not state.ended:
+        waiting = [f for f in analyzer.findings_for(connection) if f.check == "capture-ended-with-request-outstanding"]
+        text = "still open when the capture ended"
+        return text + (f" ({waiting[-1].text}, #{waiting[-1].number})" if waiting else "")
+    outstanding = [f for f in analyzer.findings_for(connection)
+                   if f.check == "disconnect-with-request-outstanding"]
+    if outstanding:
+        return outstanding[-1].text
+    return f"{state.ended_note} (#{state.ended_number}), no request outstanding"
+
+
+def direction_for(channel: Channel, is_reply: bool) -> Direction:
+    """Who sends a message: requests go F>B on the main channel and B>F on the back-end channel."""
+    frontend_sends = (channel != Channel.BACKEND) != is_reply
+    return Direction.FRONTEND_TO_BACKEND if frontend_sends else Direction.BACKEND_TO_FRONTEND
+
+
+__all__ = ["Analyzer", "Transaction", "Expect", "classify_event", "end_summary", "request_name", "direction_for"]

@@ -1,0 +1,322 @@
+"""What one vhost-user connection has negotiated and set up, followed message by message (sans-IO).
+
+`ConnectionState.feed(number, record, message)` applies one decoded record; `format()` shows the state as a
+person reads it. Replies are applied by the request number they carry (a reply repeats its request's number),
+so the state needs no request/reply matching.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import catalogue as cat
+from .model import Channel, Direction, FdInfo, Record, RecordKind
+from .protocol import Message
+
+F = cat.FrontendRequest
+NOFD = "NOFD"               # a vring fd slot set explicitly to "no fd, poll instead"
+# GET_FEATURES bit 30 offers protocol features; the same bit acked in SET_FEATURES negotiates them.
+PROTOCOL_FEATURES_BIT = 30
+ACCESS_PLATFORM_BIT = 33
+RING_PACKED_BIT = 34
+
+
+@dataclass
+class VringState:
+    index: int
+    num: int | None = None
+    desc: int | None = None
+    used: int | None = None
+    avail: int | None = None
+    log: int | None = None
+    addr_flags: int = 0
+    base: int | None = None              # last SET_VRING_BASE, or the base GET_VRING_BASE returned
+    kick: FdInfo | str | None = None     # FdInfo, NOFD, or None when never set
+    call: FdInfo | str | None = None
+    err: FdInfo | str | None = None
+    enabled: bool | None = None          # None: never set by SET_VRING_ENABLE
+    started: bool = False
+    ever_started: bool = False
+
+    @property
+    def has_address(self) -> bool:
+        return self.desc is not None
+
+
+@dataclass
+class MemoryRegion:
+    guest_phys_addr: int
+    memory_size: int
+    userspace_addr: int
+    mmap_offset: int
+    fd: FdInfo | None
+    number: int                          # the message that set it
+
+    @property
+    def gpa_end(self) -> int:
+        return self.guest_phys_addr + self.memory_size
+
+    def same_region(self, other: "MemoryRegion") -> bool:
+        """REM_MEM_REG matches on gpa, uaddr and size; mmap_offset is ignored (spec)."""
+        return (self.guest_phys_addr, self.userspace_addr, self.memory_size) == \
+            (other.guest_phys_addr, other.userspace_addr, other.memory_size)
+
+    def summary(self) -> str:
+        fd = f" fd={self.fd.summary()}" if self.fd else ""
+        return f"gpa={self.guest_phys_addr:#x}-{self.gpa_end:#x} size={self.memory_size:#x} " \
+               f"uaddr={self.userspace_addr:#x} off={self.mmap_offset:#x}{fd} (#{self.number})"
+
+
+@dataclass
+class ConnectionState:
+    """One connection's session as of the last record fed."""
+    connection: int
+    profile: cat.Profile = cat.SPEC_PROFILE
+    device_type: str | None = None
+    features_offered: int | None = None
+    features_acked: int | None = None
+    protocol_features_offered: int | None = None
+    protocol_features_acked: int | None = None
+    queue_num: int | None = None
+    max_mem_slots: int | None = None
+    regions: list[MemoryRegion] = field(default_factory=list)
+    memory_mode: str = ""                # "table" (SET_MEM_TABLE) or "slots" (ADD/REM_MEM_REG)
+    vrings: dict[int, VringState] = field(default_factory=dict)
+    backend_channel: FdInfo | None = None
+    backend_channel_number: int | None = None
+    log_fd: FdInfo | None = None
+    status: int | None = None
+    owner_set: bool = False
+    postcopy_listening: bool = False
+    first_number: int | None = None
+    last_number: int | None = None
+    first_ns: int | None = None
+    last_ns: int | None = None
+    messages: int = 0
+    connected_note: str = ""
+    ended_number: int | None = None
+    ended_note: str = ""
+    history: list[tuple[int, str]] = field(default_factory=list)   # milestones for the report
+
+    # --- what the negotiation allows -------------------------------------------------------------------------
+    def protocol_feature(self, name: str) -> bool:
+        bit = self.profile.protocol_feature_bit(name)
+        return bit is not None and bool((self.protocol_features_acked or 0) >> bit & 1)
+
+    @property
+    def protocol_features_available(self) -> bool:
+        """Bit 30 offered or acked: GET/SET_PROTOCOL_FEATURES may come before SET_FEATURES (spec)."""
+        word = (self.features_offered or 0) | (self.features_acked or 0)
+        return bool(word >> PROTOCOL_FEATURES_BIT & 1)
+
+    def gate_open(self, gate: str) -> bool:
+        if not gate:
+            return True
+        if gate == "PROTOCOL_FEATURES":
+            return self.protocol_features_available
+        if gate == "IOMMU":
+            return bool((self.features_acked or 0) >> ACCESS_PLATFORM_BIT & 1)
+        return self.protocol_feature(gate)
+
+    @property
+    def packed_ring(self) -> bool:
+        return bool((self.features_acked or 0) >> RING_PACKED_BIT & 1)
+
+    @property
+    def suspended(self) -> bool:
+        """All rings stopped (spec: the back-end then sends nothing on its channel), once any ring ever ran."""
+        return any(v.ever_started for v in self.vrings.values()) and not any(v.started for v in self.vrings.values())
+
+    @property
+    def ended(self) -> bool:
+        return self.ended_number is not None
+
+    def vring(self, index: int) -> VringState:
+        if index not in self.vrings:
+            self.vrings[index] = VringState(index)
+        return self.vrings[index]
+
+    # --- feeding -----------------------------------------------------------------------------------------------
+    def feed(self, number: int, record: Record, message: Message | None) -> None:
+        if self.first_number is None:
+            self.first_number, self.first_ns = number, record.timestamp_ns
+        self.last_number, self.last_ns = number, record.timestamp_ns
+        if record.kind == RecordKind.EVENT:
+            self._event(number, record.note)
+            return
+        self.messages += 1
+        if message is None or message.kind is None or message.channel != Channel.MAIN:
+            return
+        if message.context.device_type:
+            self.device_type = message.context.device_type
+        if message.is_reply:
+            self._reply(number, message)
+        elif record.direction == Direction.FRONTEND_TO_BACKEND:
+            self._request(number, record, message)
+
+    def _event(self, number: int, note: str) -> None:
+        from .analysis import classify_event
+        kind = classify_event(note)
+        if kind == "connect" and not self.connected_note:
+            self.connected_note = note
+        elif kind == "end" and not self.ended:
+            self.ended_number, self.ended_note = number, note
+            self.history.append((number, f"connection ended: {note}"))
+
+    def _reply(self, number: int, message: Message) -> None:
+        payload, request = message.payload, message.request
+        if message.kind == "features" and request == F.GET_FEATURES:
+            self.features_offered = payload.features
+        elif message.kind == "protocol_features" and request == F.GET_PROTOCOL_FEATURES:
+            self.protocol_features_offered = payload.protocol_features
+        elif message.kind == "queue_num":
+            self.queue_num = payload.queue_num
+        elif message.kind == "mem_slots":
+            self.max_mem_slots = payload.mem_slots
+        elif message.kind in ("vring_base", "vring_base_packed") and request == F.GET_VRING_BASE:
+            self.vring(payload.index).base = payload.num
+        elif message.kind == "status" and request == F.GET_STATUS:
+            self.status = payload.status
+
+    def _request(self, number: int, record: Record, message: Message) -> None:
+        payload, request, kind = message.payload, message.request, message.kind
+        fd = record.fds[0] if record.fds else None
+        if request == F.SET_FEATURES:
+            self.features_acked = payload.features
+            self.history.append((number, f"features acked {self._feature_text(payload.features)}"))
+        elif request == F.SET_PROTOCOL_FEATURES:
+            self.protocol_features_acked = payload.protocol_features
+        elif request == F.SET_OWNER:
+            self.owner_set = True
+        elif request == F.RESET_OWNER:
+            self.owner_set = False
+        elif request == F.SET_MEM_TABLE and kind.startswith("mem_table"):
+            if payload.nregions == 0 and self.postcopy_listening:
+                return          # QEMU's empty table acknowledging the back-end's postcopy bases
+            self.memory_mode = "table"
+            self.regions = [MemoryRegion(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset,
+                                         record.fds[i] if i < len(record.fds) else None, number)
+                            for i, r in enumerate(payload.region)]
+            self.history.append((number, f"memory table: {len(self.regions)} region(s)"))
+        elif request == F.ADD_MEM_REG and kind.startswith("mem_region"):
+            r = payload.region
+            region = MemoryRegion(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset, fd, number)
+            self.memory_mode = "slots"
+            self.regions = [old for old in self.regions if not old.same_region(region)] + [region]
+        elif request == F.REM_MEM_REG and kind.startswith("mem_region"):
+            r = payload.region
+            gone = MemoryRegion(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset, None, number)
+            self.regions = [old for old in self.regions if not old.same_region(gone)]
+        elif request == F.SET_LOG_FD:
+            self.log_fd = fd
+        elif request == F.SET_VRING_NUM:
+            self.vring(payload.index).num = payload.num
+        elif request == F.SET_VRING_ADDR:
+            vring = self.vring(payload.index)
+            vring.desc, vring.used, vring.avail, vring.log = payload.desc, payload.used, payload.avail, payload.log
+            vring.addr_flags = payload.flags
+        elif request == F.SET_VRING_BASE:
+            self.vring(payload.index).base = payload.num
+        elif request in (F.SET_VRING_KICK, F.SET_VRING_CALL, F.SET_VRING_ERR):
+            vring = self.vring(payload.index)
+            slot = NOFD if payload.flags & 1 else fd
+            slot_name = {F.SET_VRING_KICK: "kick", F.SET_VRING_CALL: "call", F.SET_VRING_ERR: "err"}[request]
+            setattr(vring, slot_name, slot)
+            if request == F.SET_VRING_KICK:
+                self._start(number, vring, "SET_VRING_KICK")
+        elif request == F.VRING_KICK:
+            self._start(number, self.vring(payload.index), "VRING_KICK")
+        elif request == F.GET_VRING_BASE:
+            vring = self.vring(payload.index)
+            if vring.started:
+                vring.started = False
+                self.history.append((number, f"ring {vring.index} stopped (GET_VRING_BASE)"
+                                             + (", device suspended" if self.suspended else "")))
+        elif request == F.SET_VRING_ENABLE:
+            self.vring(payload.index).enabled = bool(payload.num)
+            self.history.append((number, f"ring {payload.index} {'enabled' if payload.num else 'disabled'}"))
+        elif request == F.SET_BACKEND_REQ_FD:
+            self.backend_channel, self.backend_channel_number = fd, number
+        elif request == F.SET_STATUS:
+            self.status = payload.status
+            self.history.append((number, f"status {cat.bit_names(payload.status, cat.DEVICE_STATUS)}"))
+        elif request == F.POSTCOPY_LISTEN:
+            self.postcopy_listening = True
+        elif request == F.POSTCOPY_END:
+            self.postcopy_listening = False
+
+    def _start(self, number: int, vring: VringState, how: str) -> None:
+        if not vring.started:
+            vring.started = vring.ever_started = True
+            self.history.append((number, f"ring {vring.index} started ({how})"))
+
+    # --- showing -----------------------------------------------------------------------------------------------
+    def _feature_text(self, value: int | None) -> str:
+        if value is None:
+            return "(not seen)"
+        return f"{value:#x} ({cat.bit_names(value, cat.feature_names(self.device_type))})"
+
+    def _protocol_text(self, value: int | None) -> str:
+        if value is None:
+            return "(not seen)"
+        return f"{value:#x} ({cat.bit_names(value, self.profile.protocol_features)})"
+
+    def negotiation_lines(self) -> list[str]:
+        return [
+            f"features offered:          {self._feature_text(self.features_offered)}",
+            f"features acked:            {self._feature_text(self.features_acked)}",
+            f"protocol features offered: {self._protocol_text(self.protocol_features_offered)}",
+            f"protocol features acked:   {self._protocol_text(self.protocol_features_acked)}",
+            f"queues: {_maybe(self.queue_num)}   memory slots: {_maybe(self.max_mem_slots)}   "
+            f"owner set: {_yes(self.owner_set)}",
+        ]
+
+    def format(self) -> str:
+        """The whole state, several lines, for `vhusniff state` and for the proxy when a connection ends."""
+        device = self.device_type or "unknown device"
+        lines = [f"connection {self.connection} ({device}), {self.messages} messages"
+                 + (f", #{self.first_number}-#{self.last_number}" if self.first_number else "")]
+        lines += ["  " + line for line in self.negotiation_lines()]
+        status = "(not set)" if self.status is None else \
+            f"{self.status:#x} ({cat.bit_names(self.status, cat.DEVICE_STATUS)})"
+        lines.append(f"  device status: {status}   suspended: {_yes(self.suspended)}")
+        channel = f"{self.backend_channel.summary()} (#{self.backend_channel_number})" if self.backend_channel \
+            else "(none)"
+        lines.append(f"  back-end channel: {channel}")
+        lines.append(f"  memory ({self.memory_mode or 'none'}): {len(self.regions)} region(s)")
+        lines += ["    " + region.summary() for region in self.regions]
+        for index in sorted(self.vrings):
+            lines.append("  " + self._vring_line(self.vrings[index]))
+        if self.ended:
+            lines.append(f"  ended at #{self.ended_number}: {self.ended_note}")
+        return "\n".join(lines)
+
+    def _vring_line(self, v: VringState) -> str:
+        if v.enabled is None:
+            # Without protocol features a ring is enabled from the start; with them, disabled until enabled.
+            enabled = "no" if self.protocol_feature_negotiated else "yes (no protocol features)"
+        else:
+            enabled = _yes(v.enabled)
+        address = "addr (not set)" if not v.has_address else \
+            f"desc={v.desc:#x} used={v.used:#x} avail={v.avail:#x} log={v.log:#x}"
+        return f"vring {v.index}: num={_maybe(v.num)} base={_maybe(v.base)} {address} kick={_fd(v.kick)} " \
+               f"call={_fd(v.call)} err={_fd(v.err)} enabled={enabled} started={_yes(v.started)}"
+
+    @property
+    def protocol_feature_negotiated(self) -> bool:
+        return bool((self.features_acked or 0) >> PROTOCOL_FEATURES_BIT & 1)
+
+
+def _maybe(value) -> str:
+    return "?" if value is None else str(value)
+
+
+def _yes(value: bool) -> str:
+    return "yes" if value else "no"
+
+
+def _fd(slot) -> str:
+    if slot is None:
+        return "-"
+    if slot == NOFD:
+        return NOFD
+    return slot.kind + (f":{slot.inode}" if slot.inode else "")
