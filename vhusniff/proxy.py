@@ -1,0 +1,946 @@
+"""The man-in-the-middle proxy: QEMU and a vhost-user back-end talk through it; it sees, records and changes.
+
+One thread runs one epoll loop for every listening socket and connection (a cross-thread hand-off costs more
+than the work). For each chunk a peer sends: frame it (vhusniff.framing), forward each whole message at once
+with its fds on its first byte, then describe the fds, close the proxy's copies and write the capture record.
+Decoding for the live display waits until the loop is idle, so it never delays a message; hooks, when there
+are any, decode before forwarding because they must.
+
+Topologies (several routes in one proxy):
+  forward  `Route.forward(listen, backend)`: the front-end (QEMU) connects to `listen`, the proxy connects
+           to the listening back-end at `backend`, once per accepted connection;
+  reverse  `Route.reverse(listen, frontend)`: QEMU listens (server=on), the back-end (e.g. DPDK client=1)
+           connects to `listen`, and the proxy connects to QEMU at `frontend`.
+
+Side channels: the socket QEMU passes in SET_BACKEND_REQ_FD (or GPU_SET_SOCKET) is replaced by one end of
+a socket pair of the proxy's, and that channel is relayed and recorded too (Channel.BACKEND / Channel.GPU).
+
+Protocol errors are data: a peer that sends garbage, an impossible size, a flood of fds or closes halfway is
+reported (stderr and an EVENT record naming connection and message number), its bytes are still forwarded and
+captured exactly, and the other connections carry on.
+
+    proxy = Proxy([Route.forward("front.sock", "back.sock")], capture="session.pcapng")
+    proxy.start()            # background thread
+    ...
+    proxy.stop()
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import errno
+import heapq
+import itertools
+import os
+import select
+import signal
+import socket
+import stat
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import catalogue as cat
+from .fds import describe_fd
+from .framing import Frame, FramingError, Framer
+from .model import Channel, Direction, Record, RecordKind
+from .sockio import receive_chunk, send_message
+
+FRONTEND, BACKEND = "front-end", "back-end"
+# QEMU's chardev accepts at most 16 fds a message (TCP_MAX_FDS); more is a finding, still forwarded.
+MAX_FDS_SEEN_IN_PRACTICE = 16
+# After one side closes its sending half, how long the other may keep talking before the pair is closed.
+HALF_CLOSE_GRACE_SECONDS = 5.0
+# Requests whose fd is a socket the proxy interposes on: request -> channel relayed.
+_SIDE_CHANNEL_REQUESTS = {int(cat.FrontendRequest.SET_BACKEND_REQ_FD): Channel.BACKEND,
+                          int(cat.FrontendRequest.GPU_SET_SOCKET): Channel.GPU}
+_SET_DEVICE_STATE_FD = int(cat.FrontendRequest.SET_DEVICE_STATE_FD)
+_EPOLL_READ = select.EPOLLIN | select.EPOLLRDHUP
+_EPOLL_WRITE = select.EPOLLOUT
+
+
+class ProxyError(Exception):
+    """The proxy cannot start (a socket path taken, a directory missing); the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Route:
+    """One listening socket and where its connections go."""
+    listen: Path
+    target: Path
+    listener_role: str = FRONTEND     # who connects to `listen`: FRONTEND (forward) or BACKEND (reverse)
+    device: str | None = None         # "blk", "net"... when known: noted so that decoding names device features
+
+    @classmethod
+    def forward(cls, listen, backend, device: str | None = None) -> "Route":
+        return cls(Path(listen), Path(backend), FRONTEND, device)
+
+    @classmethod
+    def reverse(cls, listen_backend, frontend, device: str | None = None) -> "Route":
+        return cls(Path(listen_backend), Path(frontend), BACKEND, device)
+
+
+class _Endpoint:
+    """One socket of a connection's channel: the proxy reads from it what `side` sends, in `direction`."""
+
+    __slots__ = ("sock", "fd", "conn", "channel", "direction", "side", "framer", "peer", "outbuf", "unframed",
+                 "read_closed", "write_shut", "shutdown_pending", "held", "closed")
+
+    def __init__(self, sock: socket.socket, conn: "_Connection", channel: Channel, side: str):
+        sock.setblocking(False)
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.conn = conn
+        self.channel = channel
+        self.side = side
+        self.direction = Direction.FRONTEND_TO_BACKEND if side == FRONTEND else Direction.BACKEND_TO_FRONTEND
+        where = f"connection {conn.number}" + ("" if channel == Channel.MAIN else f" {channel.name.lower()} channel")
+        self.framer = Framer(f"{where} {side}")
+        self.peer: _Endpoint | None = None
+        self.outbuf: collections.deque = collections.deque()   # (bytes, fds) the kernel would not take yet
+        self.unframed = False          # after a framing error: pass the rest of this stream through as it comes
+        self.read_closed = False
+        self.write_shut = False
+        self.shutdown_pending = False
+        self.held: collections.deque = collections.deque()     # messages a hook delayed, in order
+        self.closed = False
+
+
+class _Connection:
+    """A front-end/back-end pair and its side channels, numbered from 1 across the whole proxy."""
+
+    __slots__ = ("number", "route", "channels", "messages", "closed", "started_ns", "half_close_timer")
+
+    def __init__(self, number: int, route: Route):
+        self.number = number
+        self.route = route
+        self.channels: dict[Channel, tuple[_Endpoint, _Endpoint]] = {}
+        self.messages = 0
+        self.closed = False
+        self.started_ns = time.time_ns()
+        self.half_close_timer = None
+
+
+def _stderr_report(text: str) -> None:
+    print(f"vhusniff proxy: {text}", file=sys.stderr, flush=True)
+
+
+class Proxy:
+    """The proxy as an object: `start()` runs it in a background thread, `run()` in this one, `stop()` ends it.
+
+    capture: a path (written as it goes, flushed per message) or an object with write(record)/close().
+    hooks: objects with `message(flow)` (vhusniff.hooks); none keeps the fast path.
+    display: a callable given one text line per record (the `vhusniff read` format), or None.
+    on_record: a callable given every Record as it is made (from the proxy thread).
+    keep_records: keep every Record in `self.records` (tests, analysis); off for long-running use.
+    """
+
+    def __init__(self, routes, capture=None, hooks=(), *, on_hook_error: str = "forward", display=None,
+                 colour: bool = False, on_record=None, keep_records: bool = True, socket_mode: int = 0o600,
+                 interpose_device_state: bool = False, report=_stderr_report):
+        self.routes = [r for r in routes]
+        self.socket_mode = socket_mode
+        self.interpose_device_state = interpose_device_state
+        self.report = report
+        self.on_record = on_record
+        self.keep_records = keep_records
+        self.records: list[Record] = []
+        self.problems: list[str] = []          # every reported finding, as reported
+        self.connections_total = 0
+        self.connections: dict[int, _Connection] = {}
+        self._capture_target = capture
+        self._writer = None
+        self._display = display
+        self._colour = colour
+        self._display_backlog: collections.deque = collections.deque()
+        self._display_tracker = None
+        self._display_first_ns = None
+        self._display_number = 0
+        self._hooks = None
+        self._hook_tracker = None
+        if hooks:
+            from .hooks import HookChain
+            from .session import ContextTracker
+            self._hooks = HookChain(list(hooks), on_error=on_hook_error, report=self._report_only)
+            self._hook_tracker = ContextTracker()
+            if not self._hooks:
+                self._hooks = None
+        self._epoll = None
+        self._handlers: dict[int, object] = {}
+        self._listeners: list[tuple[socket.socket, Route]] = []
+        self._timers: list = []
+        self._timer_sequence = itertools.count()
+        self._wake_read, self._wake_write = -1, -1
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._changed = threading.Condition()
+        self._opened = False
+        self._finished = threading.Event()
+
+    # ---- public API ----
+
+    @property
+    def active_connections(self) -> int:
+        return len(self.connections)
+
+    def open(self) -> None:
+        """Bind every listening socket (mode `socket_mode`) and open the capture; raises ProxyError."""
+        if self._opened:
+            return
+        self._epoll = select.epoll()
+        self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._epoll.register(self._wake_read, select.EPOLLIN)
+        try:
+            for route in self.routes:
+                listener = _listen(route.listen, self.socket_mode)
+                self._listeners.append((listener, route))
+                self._epoll.register(listener.fileno(), select.EPOLLIN)
+                self._handlers[listener.fileno()] = (self._accept, listener, route)
+            if isinstance(self._capture_target, (str, os.PathLike)):
+                from .capture import CaptureWriter
+                self._writer = CaptureWriter(self._capture_target, flush_each=True)
+            elif self._capture_target is not None:
+                self._writer = self._capture_target
+        except BaseException:
+            self._close_listeners()
+            self._close_loop()
+            raise
+        self._opened = True
+
+    def start(self) -> "Proxy":
+        """Open and run the loop in a daemon thread; returns at once."""
+        self.open()
+        self._thread = threading.Thread(target=self._run_loop, name="vhusniff-proxy", daemon=True)
+        self._thread.start()
+        return self
+
+    def run(self) -> None:
+        """Open and run the loop in this thread until `request_stop()` (e.g. from a signal handler)."""
+        self.open()
+        self._run_loop()
+
+    def request_stop(self) -> None:
+        """Ask the loop to finish (safe from a signal handler or another thread)."""
+        self._stopping = True
+        if self._wake_write >= 0:
+            try:
+                os.write(self._wake_write, b"x")
+            except OSError:
+                pass
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Close every connection (recorded), the listeners and the capture; wait for the thread."""
+        self.request_stop()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                raise ProxyError(f"proxy thread did not finish within {timeout:g} s")
+        elif self._opened and not self._finished.is_set():
+            self._shutdown()
+
+    def wait_until(self, condition, timeout: float = 10.0) -> bool:
+        """Wait until condition(proxy) holds (checked whenever a record or connection changes); False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while not condition(self):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._changed.wait(min(left, 0.2))
+        return True
+
+    def __enter__(self) -> "Proxy":
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    # ---- the loop ----
+
+    def _run_loop(self) -> None:
+        poll = self._epoll.poll
+        handlers = self._handlers
+        try:
+            while not self._stopping:
+                timeout = self._next_timer_timeout()
+                if self._display_backlog:
+                    timeout = 0
+                events = poll(timeout)
+                for fd, mask in events:
+                    handler = handlers.get(fd)
+                    if handler is not None:
+                        handler[0](*handler[1:], mask)
+                if self._timers:
+                    self._run_due_timers()
+                if not events and self._display_backlog:
+                    self._show_backlog(8)
+        finally:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        if self._finished.is_set():
+            return
+        for conn in list(self.connections.values()):
+            self._close_connection(conn, "proxy stopping: connection closed")
+        self._close_listeners()
+        self._show_backlog(None)
+        if self._writer is not None:
+            self._writer.close()
+        self._close_loop()
+        self._finished.set()
+        with self._changed:
+            self._changed.notify_all()
+
+    def _close_loop(self) -> None:
+        for fd in (self._wake_read, self._wake_write):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_read = self._wake_write = -1
+        if self._epoll is not None:
+            self._epoll.close()
+
+    def _close_listeners(self) -> None:
+        for listener, route in self._listeners:
+            listener.close()
+            try:
+                os.unlink(route.listen)
+            except OSError:
+                pass
+        self._listeners = []
+
+    def _next_timer_timeout(self) -> float:
+        if not self._timers:
+            return -1
+        return max(0.0, self._timers[0][0] - time.monotonic())
+
+    def _schedule(self, delay: float, callback, *args):
+        entry = [time.monotonic() + delay, next(self._timer_sequence), callback, args, True]
+        heapq.heappush(self._timers, entry)
+        return entry
+
+    def _run_due_timers(self) -> None:
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            _due, _seq, callback, args, live = heapq.heappop(self._timers)
+            if live:
+                callback(*args)
+
+    # ---- connections ----
+
+    def _accept(self, listener: socket.socket, route: Route, _mask: int) -> None:
+        try:
+            accepted, _address = listener.accept()
+        except OSError:
+            return
+        self.connections_total += 1
+        number = self.connections_total
+        conn = _Connection(number, route)
+        target_role = BACKEND if route.listener_role == FRONTEND else FRONTEND
+        outgoing = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        outgoing.settimeout(2.0)       # a Unix connect waits only when the listener's backlog is full
+        try:
+            outgoing.connect(str(route.target))
+        except OSError as error:
+            outgoing.close()
+            self._event(conn, Channel.MAIN, f"{route.listener_role} connected on {route.listen}, but the "
+                        f"{target_role} at {route.target} refused: {error.strerror or error}; closing",
+                        problem=True)
+            accepted.close()
+            return
+        sockets = {route.listener_role: accepted, target_role: outgoing}
+        self.connections[number] = conn
+        self._event(conn, Channel.MAIN, f"connected: {route.listener_role} via {route.listen}, "
+                    f"{target_role} at {route.target}" + (f", device={route.device}" if route.device else ""))
+        self._add_channel(conn, Channel.MAIN, sockets[FRONTEND], sockets[BACKEND])
+
+    def _add_channel(self, conn: _Connection, channel: Channel, front_sock: socket.socket,
+                     back_sock: socket.socket) -> None:
+        front = _Endpoint(front_sock, conn, channel, FRONTEND)
+        back = _Endpoint(back_sock, conn, channel, BACKEND)
+        front.peer, back.peer = back, front
+        conn.channels[channel] = (front, back)
+        for endpoint in (front, back):
+            self._epoll.register(endpoint.fd, _EPOLL_READ)
+            self._handlers[endpoint.fd] = (self._on_event, endpoint)
+
+    def _on_event(self, endpoint: _Endpoint, mask: int) -> None:
+        if endpoint.closed:
+            return
+        if mask & _EPOLL_WRITE:
+            self._flush_out(endpoint)
+            if endpoint.closed:
+                return
+        if not endpoint.read_closed:
+            if mask & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR | select.EPOLLRDHUP):
+                self._on_readable(endpoint)
+        elif mask & (select.EPOLLHUP | select.EPOLLERR):
+            # It had closed its sending half; now it is gone altogether, so nothing more can reach it.
+            conn = endpoint.conn
+            if endpoint.channel != Channel.MAIN:
+                self._close_channel(conn, endpoint.channel)
+            else:
+                self._close_connection(conn, f"{endpoint.side} closed: connection closed after message "
+                                             f"#{conn.messages}")
+
+    def _on_readable(self, endpoint: _Endpoint) -> None:
+        try:
+            data, fds, truncated = receive_chunk(endpoint.sock)
+        except BlockingIOError:
+            return
+        except OSError as error:
+            self._peer_gone(endpoint, f"{error.strerror or error}")
+            return
+        timestamp = time.time_ns()
+        conn = endpoint.conn
+        if truncated:
+            self._event(conn, endpoint.channel, f"{endpoint.side} sent more fds than the proxy can receive at "
+                        f"once near message #{conn.messages + 1}; the kernel dropped the rest (MSG_CTRUNC)",
+                        problem=True)
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            self._end_of_stream(endpoint)
+            return
+        if endpoint.unframed:
+            self._forward(endpoint, data, fds, timestamp, "unframed: continuation of an unframeable stream")
+            return
+        try:
+            frames = endpoint.framer.feed(data, fds)
+            error = None
+        except FramingError as framing_error:
+            frames, error = framing_error.frames, framing_error
+        relay = self._relay_with_hooks if self._hooks is not None else self._relay
+        for position, frame in enumerate(frames):
+            if conn.closed:
+                # A hook or a failed send closed the connection: what is left of the chunk goes nowhere.
+                for unsent in frames[position:]:
+                    for fd in unsent.fds:
+                        os.close(fd)
+                if error is not None:
+                    for fd in fds:
+                        os.close(fd)
+                return
+            if type(frame) is Frame:
+                relay(endpoint, frame, timestamp)
+            else:
+                self._stray_fds(endpoint, frame)
+        if error is not None:
+            if conn.closed:
+                for fd in fds:
+                    os.close(fd)
+                return
+            self._unframeable(endpoint, error, fds, timestamp)
+
+    def _stray_fds(self, endpoint: _Endpoint, stray) -> None:
+        self._event(endpoint.conn, endpoint.channel,
+                    f"{endpoint.side} sent {len(stray.fds)} fd(s) with bytes at stream offset {stray.offset} where "
+                    f"no message begins (after message #{endpoint.conn.messages}); fds described here and closed: "
+                    + ", ".join(describe_fd(fd).summary() for fd in stray.fds), problem=True)
+        for fd in stray.fds:
+            os.close(fd)
+
+    def _unframeable(self, endpoint: _Endpoint, error: FramingError, chunk_fds: list[int], timestamp: int) -> None:
+        conn = endpoint.conn
+        rest, rest_fds = endpoint.framer.take_rest()
+        conn.messages += 1
+        self._event(conn, endpoint.channel, f"{endpoint.side} stream cannot be framed at message #{conn.messages} "
+                    f"(stream offset {error.offset}): {error.reason}; forwarding the rest unchanged, unframed",
+                    problem=True)
+        endpoint.unframed = True
+        self._forward(endpoint, rest, rest_fds + list(chunk_fds), timestamp,
+                      f"unframed: {error.reason}")
+
+    def _end_of_stream(self, endpoint: _Endpoint) -> None:
+        conn = endpoint.conn
+        rest, rest_fds = endpoint.framer.take_rest()
+        if rest:
+            self._forward(endpoint, rest, rest_fds, time.time_ns(),
+                          f"unframed: incomplete message #{conn.messages + 1} ({len(rest)} bytes) when the "
+                          f"{endpoint.side} closed")
+            if conn.closed:
+                return
+        else:
+            for fd in rest_fds:
+                os.close(fd)
+        endpoint.read_closed = True
+        self._unwatch_reading(endpoint)
+        peer = endpoint.peer
+        channel_text = "" if endpoint.channel == Channel.MAIN else f" {endpoint.channel.name.lower()} channel"
+        if endpoint.channel != Channel.MAIN:
+            self._event(conn, endpoint.channel, f"{endpoint.side} closed the{channel_text} after message "
+                        f"#{conn.messages}; closing that channel")
+            self._close_channel(conn, endpoint.channel)
+            return
+        if peer.read_closed:
+            self._close_connection(conn, f"{endpoint.side} closed too: connection closed after message "
+                                         f"#{conn.messages}")
+            return
+        self._event(conn, Channel.MAIN, f"{endpoint.side} closed its side (EOF) after message #{conn.messages}; "
+                    f"passing the close on to the {peer.side}")
+        self._shut_write(peer)
+        conn.half_close_timer = self._schedule(HALF_CLOSE_GRACE_SECONDS, self._half_close_expired, conn)
+
+    def _half_close_expired(self, conn: _Connection) -> None:
+        if not conn.closed:
+            self._close_connection(conn, f"connection closed: the other side kept it open "
+                                         f"{HALF_CLOSE_GRACE_SECONDS:g} s after a close")
+
+    def _peer_gone(self, endpoint: _Endpoint, reason: str) -> None:
+        conn = endpoint.conn
+        if endpoint.channel != Channel.MAIN:
+            self._event(conn, endpoint.channel, f"{endpoint.side} {endpoint.channel.name.lower()} channel: "
+                        f"{reason}; closing that channel", problem=True)
+            self._close_channel(conn, endpoint.channel)
+            return
+        self._close_connection(conn, f"{endpoint.side} disconnected ({reason}) after message #{conn.messages}")
+
+    def _shut_write(self, endpoint: _Endpoint) -> None:
+        if endpoint.outbuf:
+            endpoint.shutdown_pending = True
+            return
+        if not endpoint.write_shut and not endpoint.closed:
+            endpoint.write_shut = True
+            try:
+                endpoint.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def _unwatch_reading(self, endpoint: _Endpoint) -> None:
+        try:
+            self._epoll.modify(endpoint.fd, _EPOLL_WRITE if endpoint.outbuf else 0)
+        except OSError:
+            pass
+
+    def _close_channel(self, conn: _Connection, channel: Channel) -> None:
+        pair = conn.channels.pop(channel, None)
+        if pair is None:
+            return
+        for endpoint in pair:
+            self._close_endpoint(endpoint)
+
+    def _close_endpoint(self, endpoint: _Endpoint) -> None:
+        if endpoint.closed:
+            return
+        endpoint.closed = True
+        self._handlers.pop(endpoint.fd, None)
+        try:
+            self._epoll.unregister(endpoint.fd)
+        except (OSError, ValueError):
+            pass
+        for _data, fds in endpoint.outbuf:
+            for fd in fds:
+                os.close(fd)
+        endpoint.outbuf.clear()
+        for item in endpoint.held:
+            for fd in item[1]:
+                os.close(fd)
+        endpoint.held.clear()
+        _, pending_fds = endpoint.framer.take_rest()
+        for fd in pending_fds:
+            os.close(fd)
+        endpoint.sock.close()
+
+    def _close_connection(self, conn: _Connection, reason: str) -> None:
+        if conn.closed:
+            return
+        conn.closed = True
+        if conn.half_close_timer is not None:
+            conn.half_close_timer[4] = False
+        for channel in [c for c in conn.channels if c != Channel.MAIN] + [Channel.MAIN]:
+            pair = conn.channels.get(channel)
+            if pair is None:
+                continue
+            for endpoint in pair:
+                # What the kernel would not take yet still goes out, best effort, before the close.
+                if endpoint.outbuf:
+                    endpoint.sock.setblocking(True)
+                    endpoint.sock.settimeout(0.5)
+                    self._flush_out(endpoint)
+            self._close_channel(conn, channel)
+        self.connections.pop(conn.number, None)
+        self._event(conn, Channel.MAIN, reason, problem=reason.startswith(("front-end disconnected",
+                                                                           "back-end disconnected")))
+
+    # ---- forwarding ----
+
+    def _relay(self, endpoint: _Endpoint, frame: Frame, timestamp: int) -> None:
+        endpoint.conn.messages += 1
+        self._forward(endpoint, frame.data, frame.fds, timestamp, "")
+
+    def _forward(self, endpoint: _Endpoint, data: bytes, fds: list[int], timestamp: int, note: str) -> None:
+        """Send to the peer now (fds on the first byte), then describe and close the fds, then record."""
+        conn = endpoint.conn
+        sent_fds = fds
+        substitute = None
+        if fds and endpoint.channel == Channel.MAIN and endpoint.side == FRONTEND and len(data) >= 4:
+            substitute = self._substitute_side_channel(endpoint, data, fds)
+            if substitute is not None:
+                sent_fds = substitute
+        peer = endpoint.peer
+        owned = True
+        if peer.closed or peer.write_shut:
+            note = (note + "; " if note else "") + f"not delivered: the {peer.side} side is closed"
+        else:
+            try:
+                owned = self._send(peer, data, sent_fds)
+            except OSError as error:
+                self._record(conn, endpoint, data, fds, timestamp, note)
+                self._close_fds(fds, sent_fds, substitute, True)
+                self._peer_gone(peer, error.strerror or str(error))
+                return
+        self._record(conn, endpoint, data, fds, timestamp, note)
+        self._close_fds(fds, sent_fds, substitute, owned)
+        if substitute is not None:
+            channel = _SIDE_CHANNEL_REQUESTS[int.from_bytes(data[:4], "little")]
+            self._event(conn, channel, f"{channel.name.lower()} channel interposed: the proxy relays the socket "
+                        f"passed in message #{conn.messages}")
+        if len(fds) > MAX_FDS_SEEN_IN_PRACTICE:
+            self._event(conn, endpoint.channel, f"{endpoint.side} message #{conn.messages} carries {len(fds)} fds "
+                        f"(QEMU accepts at most {MAX_FDS_SEEN_IN_PRACTICE}, DPDK and libvhost-user 8); forwarded",
+                        problem=True)
+
+    def _record(self, conn, endpoint, data, fds, timestamp, note, direction=None, channel=None) -> None:
+        infos = [describe_fd(fd) for fd in fds] if fds else []
+        self._emit(Record(timestamp, conn.number, endpoint.channel if channel is None else channel,
+                          endpoint.direction if direction is None else direction, data, infos,
+                          RecordKind.MESSAGE, note))
+
+    @staticmethod
+    def _close_fds(received: list[int], sent: list[int], substitute, sent_owned_by_caller: bool) -> None:
+        """The proxy's copies go once forwarded; what still waits in an out-buffer is closed when it leaves."""
+        if substitute is not None:
+            for fd in received:
+                os.close(fd)
+        if sent_owned_by_caller:
+            for fd in sent:
+                os.close(fd)
+
+    def _send(self, endpoint: _Endpoint, data: bytes, fds: list[int]) -> bool:
+        """Send now if the kernel takes it; else queue. True if the caller may close the fds now."""
+        if endpoint.outbuf:
+            endpoint.outbuf.append((data, fds))
+            return False
+        try:
+            if fds:
+                sent = endpoint.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                       _fd_array(fds))])
+            else:
+                sent = endpoint.sock.send(data)
+        except BlockingIOError:
+            endpoint.outbuf.append((data, fds))
+            self._watch_writing(endpoint)
+            return False
+        if sent < len(data):
+            endpoint.outbuf.append((data[sent:], []))
+            self._watch_writing(endpoint)
+        return True
+
+    def _watch_writing(self, endpoint: _Endpoint) -> None:
+        mask = _EPOLL_WRITE | (0 if endpoint.read_closed else _EPOLL_READ)
+        try:
+            self._epoll.modify(endpoint.fd, mask)
+        except OSError:
+            pass
+
+    def _flush_out(self, endpoint: _Endpoint) -> None:
+        while endpoint.outbuf:
+            data, fds = endpoint.outbuf[0]
+            try:
+                if fds:
+                    sent = endpoint.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _fd_array(fds))])
+                else:
+                    sent = endpoint.sock.send(data)
+            except (BlockingIOError, socket.timeout):
+                return
+            except OSError as error:
+                if not endpoint.conn.closed:
+                    self._peer_gone(endpoint, error.strerror or str(error))
+                return
+            for fd in fds:
+                os.close(fd)
+            if sent < len(data):
+                endpoint.outbuf[0] = (data[sent:], [])
+            else:
+                endpoint.outbuf.popleft()
+        if endpoint.closed or endpoint.conn.closed:
+            return
+        try:
+            self._epoll.modify(endpoint.fd, 0 if endpoint.read_closed else _EPOLL_READ)
+        except OSError:
+            pass
+        if endpoint.shutdown_pending:
+            endpoint.shutdown_pending = False
+            self._shut_write(endpoint)
+
+    def _substitute_side_channel(self, endpoint: _Endpoint, data: bytes, fds: list[int]) -> list[int] | None:
+        """For SET_BACKEND_REQ_FD / GPU_SET_SOCKET: relay the passed socket through a pair of the proxy's."""
+        request = int.from_bytes(data[:4], "little")
+        channel = _SIDE_CHANNEL_REQUESTS.get(request)
+        if channel is None or len(fds) != 1 or describe_fd(fds[0]).kind != "socket":
+            return None
+        conn = endpoint.conn
+        try:
+            frontend_side = socket.socket(fileno=os.dup(fds[0]))
+        except OSError:
+            return None
+        proxy_end, backend_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        if channel in conn.channels:
+            self._event(conn, channel, f"{channel.name.lower()} channel replaced by message #{conn.messages}")
+            self._close_channel(conn, channel)
+        self._add_channel(conn, channel, frontend_side, proxy_end)
+        # The original fd is described in the record and closed like any other; its dup relays the channel.
+        return [backend_end.detach()]
+
+    # ---- hooks ----
+
+    def _relay_with_hooks(self, endpoint: _Endpoint, frame: Frame, timestamp: int) -> None:
+        from .hooks import Flow
+        conn = endpoint.conn
+        conn.messages += 1
+        original = Record(timestamp, conn.number, endpoint.channel, endpoint.direction, frame.data)
+        message = self._hook_tracker.decode(original)
+        flow = Flow(frame.data, list(frame.fds), conn.number, endpoint.channel, endpoint.direction,
+                    conn.messages, message.context, message)
+        self._hooks.run(flow)
+        if flow.disconnect_reason and not flow.disconnect_after_forward:
+            self._record(conn, endpoint, frame.data, frame.fds, timestamp,
+                         f"not forwarded: {flow.disconnect_reason}")
+            for fd in frame.fds:
+                os.close(fd)
+            self._close_connection(conn, f"hook disconnected at message #{conn.messages}: {flow.disconnect_reason}")
+            return
+        if flow.dropped:
+            self._record(conn, endpoint, frame.data, frame.fds, timestamp, "dropped by hook (not forwarded)")
+            for fd in frame.fds:
+                os.close(fd)
+            fds_after = []
+        else:
+            data = flow.final_bytes()
+            note = "modified by hook" if data != frame.data else ""
+            fds_after = flow.fds
+            for fd in set(frame.fds) - set(fds_after):
+                os.close(fd)
+            self._deliver_or_hold(endpoint, data, fds_after, note, flow.delay_seconds)
+        for injected in flow.injected:
+            source = self._source_endpoint(conn, injected.channel, injected.direction)
+            if source is None:
+                self._event(conn, injected.channel, f"hook injection after message #{conn.messages} has no "
+                            f"{injected.channel.name.lower()} channel to travel on; not sent", problem=True)
+                continue
+            self._deliver_or_hold(source, injected.data, list(injected.fds), "injected by hook",
+                                  flow.delay_seconds)
+        if flow.disconnect_reason:
+            reason = f"hook disconnected after message #{conn.messages}: {flow.disconnect_reason}"
+            if flow.delay_seconds or endpoint.peer.held:
+                self._hold(endpoint.peer, flow.delay_seconds, None, None, ("close", reason))
+            else:
+                self._close_connection(conn, reason)
+
+    @staticmethod
+    def _source_endpoint(conn: _Connection, channel: Channel, direction: Direction) -> _Endpoint | None:
+        pair = conn.channels.get(channel)
+        if pair is None:
+            return None
+        return pair[0] if direction == Direction.FRONTEND_TO_BACKEND else pair[1]
+
+    def _deliver_or_hold(self, source: _Endpoint, data: bytes, fds: list[int], note: str, delay: float) -> None:
+        destination = source.peer
+        if delay > 0 or destination.held:
+            self._hold(destination, delay, data, fds, (source, note))
+            return
+        self._forward(source, data, fds, time.time_ns(), note)
+
+    def _hold(self, destination: _Endpoint, delay: float, data, fds, what) -> None:
+        """Delayed messages wait in order per destination; a timer releases them without blocking the loop."""
+        due = time.monotonic() + delay
+        if destination.held:
+            due = max(due, destination.held[-1][3])
+        destination.held.append((data, fds or [], what, due))
+        if len(destination.held) == 1:
+            self._schedule(max(0.0, due - time.monotonic()), self._release_held, destination)
+
+    def _release_held(self, destination: _Endpoint) -> None:
+        now = time.monotonic()
+        while destination.held and destination.held[0][3] <= now and not destination.closed:
+            data, fds, what, _due = destination.held.popleft()
+            if what[0] == "close":
+                self._close_connection(destination.conn, what[1])
+                return
+            source, note = what
+            delayed_note = "delayed by hook" + ("; " + note if note else "")
+            self._forward(source, data, fds, time.time_ns(), delayed_note)
+        if destination.held and not destination.closed:
+            self._schedule(max(0.0, destination.held[0][3] - now), self._release_held, destination)
+
+    # ---- records, events, display ----
+
+    def _emit(self, record: Record) -> None:
+        if self._writer is not None:
+            self._writer.write(record)
+        if self.keep_records:
+            self.records.append(record)
+        if self._display is not None:
+            self._display_backlog.append(record)
+        if self.on_record is not None:
+            self.on_record(record)
+        with self._changed:
+            self._changed.notify_all()
+
+    def _event(self, conn: _Connection, channel: Channel, text: str, problem: bool = False) -> None:
+        if problem:
+            self._report_only(f"connection {conn.number}: {text}")
+        self._emit(Record(time.time_ns(), conn.number, channel, Direction.FRONTEND_TO_BACKEND, b"", [],
+                          RecordKind.EVENT, text))
+
+    def _report_only(self, text: str) -> None:
+        self.problems.append(text)
+        if self.report is not None:
+            self.report(text)
+
+    def _show_backlog(self, limit: int | None) -> None:
+        if self._display is None:
+            return
+        from .present import record_line
+        if self._display_tracker is None:
+            from .session import ContextTracker
+            self._display_tracker = ContextTracker()
+        shown = 0
+        while self._display_backlog and (limit is None or shown < limit):
+            record = self._display_backlog.popleft()
+            if self._display_first_ns is None:
+                self._display_first_ns = record.timestamp_ns
+            self._display_number += 1
+            message = self._display_tracker.decode(record)
+            relative = (record.timestamp_ns - self._display_first_ns) / 1e9
+            self._display(record_line(self._display_number, relative, record, message, self._colour))
+            shown += 1
+
+
+def _fd_array(fds):
+    import array
+    return array.array("i", fds)
+
+
+def _listen(path: Path, mode: int) -> socket.socket:
+    """A listening Unix socket at `path`, mode `mode`; only a stale socket (nobody listening) is replaced."""
+    path = Path(path)
+    try:
+        status = path.lstat()
+    except FileNotFoundError:
+        status = None
+    if status is not None:
+        if not stat.S_ISSOCK(status.st_mode):
+            raise ProxyError(f"{path} exists and is not a socket; not removing it (choose another path)")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except ConnectionRefusedError:
+            path.unlink()          # stale: a socket file nobody listens on
+        except OSError as error:
+            raise ProxyError(f"{path}: cannot tell whether someone listens there ({error.strerror}); "
+                             f"not removing it") from None
+        else:
+            raise ProxyError(f"{path}: another process is listening there; not removing it")
+        finally:
+            probe.close()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(str(path))
+        os.chmod(path, mode)       # before listen(): nobody can connect in between
+        listener.listen(64)
+    except OSError as error:
+        listener.close()
+        raise ProxyError(f"cannot listen on {path}: {error.strerror or error}") from None
+    listener.setblocking(False)
+    return listener
+
+
+# ---- command line ----
+
+def build_parser() -> argparse.ArgumentParser:
+    from .hooks import add_hook_arguments
+    parser = argparse.ArgumentParser(
+        prog="vhusniff proxy",
+        description="Sit between a vhost-user front-end (QEMU) and back-end; show, record and change what they "
+                    "say. Forward: --listen FRONTEND.sock --backend BACKEND.sock (repeat the pair for more "
+                    "devices). Reverse (QEMU server=on, back-end connects): --connect-frontend QEMU.sock "
+                    "--listen-backend PROXY.sock.")
+    parser.add_argument("--listen", action="append", default=[], metavar="FRONTEND.sock",
+                        help="where the front-end (QEMU) connects; pairs with the --backend in the same position")
+    parser.add_argument("--backend", action="append", default=[], metavar="BACKEND.sock",
+                        help="the listening back-end's socket")
+    parser.add_argument("--listen-backend", action="append", default=[], metavar="PROXY.sock",
+                        help="reverse: where the back-end connects; pairs with --connect-frontend")
+    parser.add_argument("--connect-frontend", action="append", default=[], metavar="QEMU.sock",
+                        help="reverse: QEMU's listening socket (server=on)")
+    parser.add_argument("-w", dest="write", metavar="CAPTURE", help="write a capture (pcapng), flushed per message")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no live output")
+    parser.add_argument("--color", choices=("auto", "always", "never"), default="auto")
+    parser.add_argument("--socket-mode", type=lambda text: int(text, 8), default=0o600, metavar="OCTAL",
+                        help="mode of the listening sockets (default 0600)")
+    parser.add_argument("--interpose-device-state", action="store_true",
+                        help="also relay SET_DEVICE_STATE_FD's migration stream (not yet implemented)")
+    add_hook_arguments(parser)
+    return parser
+
+
+def routes_from_arguments(parser, args) -> list[Route]:
+    if len(args.listen) != len(args.backend):
+        parser.error("each --listen needs a --backend (and the other way round)")
+    if len(args.listen_backend) != len(args.connect_frontend):
+        parser.error("each --listen-backend needs a --connect-frontend (and the other way round)")
+    routes = [Route.forward(a, b) for a, b in zip(args.listen, args.backend)]
+    routes += [Route.reverse(a, b) for a, b in zip(args.listen_backend, args.connect_frontend)]
+    if not routes:
+        parser.error("nothing to do: give --listen/--backend or --listen-backend/--connect-frontend")
+    return routes
+
+
+def line_printer(stream=None):
+    """A display callable writing each line to `stream` (stdout), flushed so a pipe reader sees it live."""
+    stream = stream or sys.stdout
+
+    def show(line: str) -> None:
+        try:
+            stream.write(line + "\n")
+            stream.flush()
+        except (BrokenPipeError, ValueError):
+            pass
+    return show
+
+
+def main(argv=None) -> int:
+    from .hooks import HookError, hooks_from_arguments
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    routes = routes_from_arguments(parser, args)
+    try:
+        hooks = hooks_from_arguments(args)
+    except HookError as error:
+        print(f"vhusniff proxy: {error}", file=sys.stderr)
+        return 2
+    colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+    proxy = Proxy(routes, capture=args.write, hooks=hooks, on_hook_error=args.on_hook_error,
+                  display=None if args.quiet else line_printer(), colour=colour, keep_records=False,
+                  socket_mode=args.socket_mode, interpose_device_state=args.interpose_device_state)
+    try:
+        proxy.open()
+    except (ProxyError, OSError) as error:
+        print(f"vhusniff proxy: {error}", file=sys.stderr)
+        return 1
+    for signal_number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signal_number, lambda *_: proxy.request_stop())
+    for route in routes:
+        print(f"vhusniff proxy: {route.listener_role} connects to {route.listen}, the proxy connects to "
+              f"{route.target}" + (f"; capture {args.write}" if args.write else ""), file=sys.stderr, flush=True)
+    proxy.run()
+    if args.write:
+        print(f"vhusniff proxy: capture written to {args.write} ({proxy.connections_total} connection(s))",
+              file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
