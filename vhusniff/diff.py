@@ -5,9 +5,77 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import catalogue as cat
 from .model import Channel, Record, RecordKind
 from .protocol import Message, iter_fields
 from .session import ContextTracker
+
+
+def describe_difference(value_a, value_b, labels: tuple[str, str] = ("A", "B")) -> str:
+    """`A x, B y`; for byte strings only the differing ranges, with their offsets (a config space is 60 bytes)."""
+    la, lb = labels
+    if not (isinstance(value_a, (bytes, bytearray)) and isinstance(value_b, (bytes, bytearray))):
+        return f"{la} {_show(value_a)}, {lb} {_show(value_b)}"
+    ranges, start = [], None
+    for offset in range(max(len(value_a), len(value_b)) + 1):
+        differs = offset < max(len(value_a), len(value_b)) and value_a[offset:offset + 1] != value_b[offset:offset + 1]
+        if differs and start is None:
+            start = offset
+        elif not differs and start is not None:
+            ranges.append((start, offset))
+            start = None
+    parts = [f"bytes {lo}-{hi - 1}: {la} {bytes(value_a[lo:hi]).hex() or '(none)'}, "
+             f"{lb} {bytes(value_b[lo:hi]).hex() or '(none)'}" for lo, hi in ranges[:4]]
+    more = f" (+{len(ranges) - 4} more ranges)" if len(ranges) > 4 else ""
+    return "; ".join(parts) + more
+
+
+def _bits_difference(name: str, value_a, value_b, message: Message, labels: tuple[str, str]) -> str:
+    """For feature words, which named bits only one side has."""
+    if name == "features":
+        names = cat.feature_names(message.context.device_type)
+    elif name == "protocol_features":
+        names = message.context.profile.protocol_features
+    else:
+        return ""
+    parts = [f"only {label}: {cat.bit_names(only, names)}"
+             for label, only in ((labels[0], value_a & ~value_b), (labels[1], value_b & ~value_a)) if only]
+    return f" ({'; '.join(parts)})"
+
+
+def _show(value) -> str:
+    return hex(value) if isinstance(value, int) and not isinstance(value, bool) and value > 9 else repr(value)
+
+
+def field_differences(a: Message, b: Message, ignore: frozenset[str] = frozenset(),
+                      labels: tuple[str, str] = ("A", "B")) -> list[str]:
+    """`name: A x, B y` for every field that differs; fields are paired by name (arrays by position within it)."""
+    la, lb = labels
+    lines = []
+    if a.kind != b.kind:
+        lines.append(f"payload kind: {la} {a.kind or 'raw'}, {lb} {b.kind or 'raw'}")
+    fields_a, fields_b = _by_name(a), _by_name(b)
+    for name in list(fields_a) + [name for name in fields_b if name not in fields_a]:
+        if name in ignore:
+            continue
+        values_a, values_b = fields_a.get(name, []), fields_b.get(name, [])
+        for index in range(max(len(values_a), len(values_b))):
+            label = name if max(len(values_a), len(values_b)) == 1 else f"{name}[{index}]"
+            if index >= len(values_a):
+                lines.append(f"{label}: {la} absent, {lb} {_show(values_b[index])}")
+            elif index >= len(values_b):
+                lines.append(f"{label}: {la} {_show(values_a[index])}, {lb} absent")
+            elif values_a[index] != values_b[index]:
+                lines.append(f"{label}: {describe_difference(values_a[index], values_b[index], labels)}"
+                             f"{_bits_difference(name, values_a[index], values_b[index], a, labels)}")
+    return lines
+
+
+def _by_name(message: Message) -> dict[str, list]:
+    fields: dict[str, list] = {}
+    for name, value in iter_fields(message):
+        fields.setdefault(name, []).append(value)
+    return fields
 
 
 def _messages(records) -> dict[Channel, list[tuple[int, Record, Message]]]:
@@ -32,15 +100,11 @@ def diff_records(left: list[Record], right: list[Record], ignore: frozenset[str]
                 lines.append(f"{where}: A {ra.direction.arrow} {ma.summary()}  |  B {rb.direction.arrow} "
                              f"{mb.summary()}")
                 continue
-            fields_a, fields_b = list(iter_fields(ma)), list(iter_fields(mb))
-            for (name, value_a), (_name, value_b) in zip(fields_a, fields_b):
-                if name not in ignore and value_a != value_b:
-                    lines.append(f"{where} {ma.name}{' reply' if ma.is_reply else ''}: {name}: A {value_a!r}, "
-                                 f"B {value_b!r}")
-            if len(fields_a) != len(fields_b):
-                lines.append(f"{where} {ma.name}: A has {len(fields_a)} fields, B {len(fields_b)}")
-            if [fd.kind for fd in ra.fds] != [fd.kind for fd in rb.fds]:
-                lines.append(f"{where} {ma.name}: fds A {[fd.kind for fd in ra.fds]}, B {[fd.kind for fd in rb.fds]}")
+            name = f"{ma.name}{' reply' if ma.is_reply else ''}"
+            for difference in field_differences(ma, mb, ignore):
+                lines.append(f"{where} {name}: {difference}")
+            if "fd.kind" not in ignore and [fd.kind for fd in ra.fds] != [fd.kind for fd in rb.fds]:
+                lines.append(f"{where} {name}: fds A {[fd.kind for fd in ra.fds]}, B {[fd.kind for fd in rb.fds]}")
         for number, record, message in a[len(b):]:
             lines.append(f"{channel.name.lower()} A#{number}: only in A: {record.direction.arrow} {message.summary()}")
         for number, record, message in b[len(a):]:
@@ -54,12 +118,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("a")
     parser.add_argument("b")
     parser.add_argument("--ignore", action="append", default=[], metavar="FIELD",
-                        help="a field that may differ (e.g. vring.desc for addresses); repeatable")
+                        help="a field that may differ (e.g. vring.desc for addresses, fd.kind); repeatable")
     args = parser.parse_args(argv)
     try:
         left, right = list(read_capture(args.a)), list(read_capture(args.b))
     except CaptureError as error:
         print(f"vhusniff diff: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"vhusniff diff: {error.filename}: {error.strerror}", file=sys.stderr)
         return 2
     lines = diff_records(left, right, frozenset(args.ignore))
     for line in lines:

@@ -1,18 +1,30 @@
 """Replay a recorded session against a real peer, with fresh fds of the recorded kinds.
 
-- `--as frontend`: play the front-end's requests against a real back-end, wait for each reply the recording
-  has, and compare the replies with the recording field by field.
-- `--as backend`: answer a real front-end (QEMU) from the recorded back-end replies.
+- `--as frontend CAPTURE --backend SOCK`: play the front-end's requests against a real back-end, wait for each
+  reply the recording has (or the protocol requires), compare the replies with the recording field by field.
+  Exit 0 when the reply stream is identical to the recording, 1 at a divergence (the first is named).
+- `--as backend CAPTURE --listen SOCK`: answer a real front-end (QEMU) from the recorded back-end replies; a
+  request the recording lacks gets a default answer (`--unknown default`, `--default-reply N`) or ends the
+  session (`--unknown fail`, exit 1).
+
+Each recorded fd becomes a fresh one of its kind (memfd of the recorded size, eventfd, socket pair, pipe); fds
+that were one object in the recording (same inode) are one object in the replay. Memory addresses stay as
+recorded: a back-end only uses them as keys into the region table it is sent, and that table now describes
+memory the replay owns.
 
 Guest I/O is not in a capture (it lives in guest memory), so a replayed ring would not reach the positions the
 recorded guest drove it to. The front-end replay therefore places each ring where the recorded session left it:
 SET_VRING_BASE carries the base the recorded GET_VRING_BASE later reported, and the ring's avail and used
 indexes in the replay's own memory are set to it, so the back-end sees a ring with nothing pending.
+
+Hooks (`--hook`, `--mask-protocol-features`, ...: the proxy's options) see every message the replay sends and
+receives; the replayed session, hooks applied, is written with `-w` as a capture that `vhusniff diff` compares.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import select
 import socket
 import struct
 import sys
@@ -21,23 +33,49 @@ import time
 from dataclasses import dataclass, field
 
 from . import catalogue as cat
+from .diff import field_differences
 from .framing import Frame, Framer, FramingError
+from .hooks import Flow, HookChain
 from .model import Channel, Direction, FdInfo, Record, RecordKind
-from .protocol import HEADER_SIZE, DecodeContext, Message, build_message, decode, iter_fields
+from .protocol import HEADER_SIZE, DecodeContext, Message, build_message, decode
 from .session import ContextTracker
 from .sockio import receive_chunk, send_message
 
 F = cat.FrontendRequest
 REPLY_TIMEOUT = 5.0
+CONNECTION = 1                 # a replay has one connection; captures number them from 1
+PAGE = 4096
+_BIT = {name: bit for bit, name in cat.PROTOCOL_FEATURES.items()}
+
+
+def reply_required(message: Message, ctx: DecodeContext) -> bool:
+    """Whether the protocol obliges the receiver of this request to answer (spec 1.6)."""
+    spec = message.spec
+    asked = message.need_reply and bool(ctx.protocol_features >> _BIT["REPLY_ACK"] & 1)
+    if spec is None:
+        return asked
+    if spec.reply_rule is cat.ReplyRule.ALWAYS:
+        return True
+    if spec.reply_rule is cat.ReplyRule.IF_LOG_SHMFD:
+        return asked or bool(ctx.protocol_features >> _BIT["LOG_SHMFD"] & 1)
+    return asked
 
 
 @dataclass
 class Exchange:
     """A recorded front-end request and the back-end reply that answered it (if any)."""
-    number: int                      # message number in the capture
+    number: int                      # record number in the capture, from 1
     request: Record
     reply: Record | None = None
     reply_number: int = 0
+
+
+def _request_number(data: bytes) -> int:
+    return struct.unpack_from("<I", data)[0] if len(data) >= 4 else -1
+
+
+def _flags(data: bytes) -> int:
+    return struct.unpack_from("<I", data, 4)[0] if len(data) >= 8 else 0
 
 
 def load_exchanges(records: list[Record], connection: int | None) -> tuple[int, list[Exchange]]:
@@ -52,104 +90,173 @@ def load_exchanges(records: list[Record], connection: int | None) -> tuple[int, 
     for number, record in numbered:
         if record.connection != connection:
             continue
-        flags = struct.unpack_from("<I", record.data, 4)[0] if len(record.data) >= 8 else 0
+        flags = _flags(record.data)
         if record.direction == Direction.FRONTEND_TO_BACKEND and not flags & cat.FLAG_REPLY:
             exchange = Exchange(number, record)
             exchanges.append(exchange)
             waiting.append(exchange)
-        elif flags & cat.FLAG_REPLY:
-            # Replies answer the oldest unanswered request with the same request number (one outstanding per
-            # channel in practice; matching by number also survives requests that got no reply).
-            request = struct.unpack_from("<I", record.data)[0]
+        elif record.direction == Direction.BACKEND_TO_FRONTEND and flags & cat.FLAG_REPLY:
+            # One request is outstanding per channel, so a reply answers the oldest unanswered request with its
+            # number; requests before that one got no reply.
+            request = _request_number(record.data)
             for index, candidate in enumerate(waiting):
-                if struct.unpack_from("<I", candidate.request.data)[0] == request:
+                if _request_number(candidate.request.data) == request:
                     candidate.reply, candidate.reply_number = record, number
                     del waiting[:index + 1]
                     break
+    if not exchanges:
+        raise ValueError(f"connection {connection} holds no front-end request")
     return connection, exchanges
 
 
+def _describe(fd: int, recorded: FdInfo) -> FdInfo:
+    """What the fresh fd is, for the replay's own capture (the recorded description if fds.py is absent)."""
+    try:
+        from .fds import describe_fd
+    except ImportError:
+        return recorded
+    try:
+        return describe_fd(fd)
+    except Exception:  # describing is best effort; the capture then keeps what the recording said
+        return recorded
+
+
 class FreshFds:
-    """Creates fds of the recorded kinds, and keeps the replay's own ends (memory, sockets) open."""
+    """Creates fds of the recorded kinds and keeps the replay's own ends (memory, sockets, pipes) open.
 
-    def __init__(self):
-        self.kept: list[int] = []
-        self.memory: list[tuple[int, int, int, int]] = []   # (uaddr, size, mmap_offset, memfd)
-        self.backend_sockets: list[socket.socket] = []
+    `make` returns a new fd for the caller to send and close; one recorded object (same kind and inode) maps
+    to one fresh object, as it did in the recorded session.
+    """
 
-    def make(self, info: FdInfo) -> int:
+    def __init__(self, on_backend_socket=None):
+        self._objects: dict[tuple[str, int], int] = {}
+        self._kept: list[int] = []
+        self.regions: list[tuple[int, int, int, int]] = []   # (uaddr, size, mmap_offset, memfd)
+        self.on_backend_socket = on_backend_socket
+
+    def make(self, info: FdInfo, min_size: int = 0) -> int:
+        key = (info.kind, info.inode)
+        if info.inode and key in self._objects:
+            fd = self._objects[key]
+            if info.kind in ("memfd", "file", "unknown", "anon") and os.fstat(fd).st_size < min_size:
+                os.ftruncate(fd, min_size)
+            return os.dup(fd)
+        fd = self._create(info, min_size)
+        if info.inode:
+            self._objects[key] = os.dup(fd)
+        return fd
+
+    def _create(self, info: FdInfo, min_size: int) -> int:
         if info.kind == "eventfd":
             return os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         if info.kind == "socket":
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.backend_sockets.append(ours)
+            if self.on_backend_socket is not None:
+                self.on_backend_socket(ours)
+            else:
+                self._kept.append(ours.detach())
             return theirs.detach()
         if info.kind == "pipe":
             read_end, write_end = os.pipe2(os.O_CLOEXEC)
-            self.kept.append(read_end)
+            self._kept.append(read_end)
             return write_end
-        # memfd, regular file, and anything else that is mapped: shared memory of the recorded size.
+        # memfd, regular file and anything else a peer maps: shared memory, sparse, of the recorded size.
         fd = os.memfd_create(info.name or "vhusniff-replay", os.MFD_CLOEXEC)
-        os.ftruncate(fd, max(info.size, 4096))
+        os.ftruncate(fd, max(info.size, min_size, PAGE))
         return fd
 
     def remember_region(self, uaddr: int, size: int, mmap_offset: int, fd: int) -> None:
-        self.memory.append((uaddr, size, mmap_offset, os.dup(fd)))
+        self.regions.append((uaddr, size, mmap_offset, os.dup(fd)))
 
     def write_u16(self, uaddr: int, value: int) -> bool:
         """Write guest memory at a front-end address; False when no region holds it."""
-        for base, size, mmap_offset, fd in self.memory:
-            if base <= uaddr < base + size:
+        for base, size, mmap_offset, fd in self.regions:
+            if base <= uaddr and uaddr + 2 <= base + size:
                 os.pwrite(fd, struct.pack("<H", value), uaddr - base + mmap_offset)
                 return True
         return False
 
     def close(self) -> None:
-        for fd in self.kept + [entry[3] for entry in self.memory]:
+        for fd in self._kept + list(self._objects.values()) + [entry[3] for entry in self.regions]:
             os.close(fd)
-        for sock in self.backend_sockets:
-            sock.close()
+        self._kept, self._objects, self.regions = [], {}, []
+
+
+def _regions(message: Message) -> list:
+    if message.kind is None or message.request not in (F.ADD_MEM_REG, F.SET_MEM_TABLE):
+        return []
+    regions = message.payload.region
+    return list(regions) if isinstance(regions, list) else [regions]
 
 
 def ring_positions(exchanges: list[Exchange]) -> dict[int, int]:
-    """For each SET_VRING_BASE (by message number), the base its ring's next GET_VRING_BASE reported."""
+    """For each SET_VRING_BASE (by record number), the base its ring's next GET_VRING_BASE reported."""
     positions: dict[int, int] = {}
     open_start: dict[int, int] = {}
+    tracker = ContextTracker()
     for exchange in exchanges:
-        message = decode(exchange.request.data)
+        message = tracker.decode(exchange.request)
         if message.kind is None:
             continue
         if message.request == F.SET_VRING_BASE:
             open_start[message.payload.index] = exchange.number
         elif message.request == F.GET_VRING_BASE and exchange.reply is not None:
-            reply = decode(exchange.reply.data)
+            reply = decode(exchange.reply.data, Channel.MAIN, message.context)
             start = open_start.pop(message.payload.index, None)
             if start is not None and reply.kind and reply.kind.startswith("vring_base"):
                 positions[start] = reply.payload.num
     return positions
 
 
-def field_diff(recorded: Message, replayed: Message) -> list[str]:
-    """Field-by-field differences, as `name: recorded X, replayed Y`."""
-    old, new = list(iter_fields(recorded)), list(iter_fields(replayed))
-    lines = []
-    for (name, value), (_new_name, new_value) in zip(old, new):
-        if value != new_value:
-            lines.append(f"{name}: recorded {value!r}, replayed {new_value!r}")
-    if len(old) != len(new):
-        lines.append(f"field count: recorded {len(old)}, replayed {len(new)}")
-    return lines
+class Recorder:
+    """The replay's own capture: every message it sent or received, hooks applied, plus events."""
+
+    def __init__(self, writer):
+        self.writer = writer
+        self.lock = threading.Lock()
+
+    def message(self, channel: Channel, direction: Direction, data: bytes, fds: list[FdInfo] = ()) -> None:
+        if self.writer is not None:
+            with self.lock:
+                self.writer.write(Record(time.time_ns(), CONNECTION, channel, direction, data, list(fds)))
+
+    def event(self, text: str) -> None:
+        if self.writer is not None:
+            with self.lock:
+                self.writer.write(Record(time.time_ns(), CONNECTION, kind=RecordKind.EVENT, note=text))
+
+
+class MessageCounter:
+    """Message numbers of the replayed connection, all channels, from 1 (what Flow.number means)."""
+
+    def __init__(self):
+        self.value = 0
+        self.lock = threading.Lock()
+
+    def next(self) -> int:
+        with self.lock:
+            self.value += 1
+            return self.value
 
 
 class BackendChannelServer(threading.Thread):
     """Answers the back-end's requests on the replay's side-channel socket: an ack of 0 when one is due."""
 
-    def __init__(self, sock: socket.socket, connection: int, record):
-        super().__init__(daemon=True)
-        self.sock, self.connection, self.record = sock, connection, record
+    def __init__(self, sock: socket.socket, recorder: Recorder, chain: HookChain, counter: MessageCounter,
+                 context):
+        super().__init__(daemon=True, name="vhusniff-replay-backend-channel")
+        self.sock, self.recorder, self.chain, self.counter, self.context = sock, recorder, chain, counter, context
+
+    def stop(self) -> None:
+        """End the thread: the session is over, whether or not the back-end has closed its end yet."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.join(timeout=1)
 
     def run(self) -> None:
-        framer = Framer(f"connection {self.connection} back-end channel")
+        framer = Framer("back-end channel")
         try:
             while True:
                 data, fds, _truncated = receive_chunk(self.sock)
@@ -158,112 +265,29 @@ class BackendChannelServer(threading.Thread):
                 for frame in framer.feed(data, fds):
                     if not isinstance(frame, Frame):
                         continue
+                    infos = [_describe(fd, FdInfo("unknown")) for fd in frame.fds]
                     for fd in frame.fds:
                         os.close(fd)
-                    self.record(Channel.BACKEND, Direction.BACKEND_TO_FRONTEND, frame.data)
-                    message = decode(frame.data, Channel.BACKEND)
-                    spec = message.spec
-                    if message.need_reply or (spec and spec.reply_rule is cat.ReplyRule.ALWAYS):
-                        reply = build_message(Channel.BACKEND, message.request, {"ack": 0}, reply=True, kind="ack")
-                        send_message(self.sock, reply)
-                        self.record(Channel.BACKEND, Direction.FRONTEND_TO_BACKEND, reply)
+                    flow = _hooked(self.chain, frame.data, Channel.BACKEND, Direction.BACKEND_TO_FRONTEND,
+                                   self.counter, self.context())
+                    self.recorder.message(Channel.BACKEND, Direction.BACKEND_TO_FRONTEND, flow.final_bytes(), infos)
+                    message = decode(flow.final_bytes(), Channel.BACKEND, self.context())
+                    if flow.dropped or not reply_required(message, self.context()):
+                        continue
+                    reply = build_message(Channel.BACKEND, message.request, {"ack": 0}, reply=True, kind="ack")
+                    send_message(self.sock, reply)
+                    self.recorder.message(Channel.BACKEND, Direction.FRONTEND_TO_BACKEND, reply)
         except (OSError, FramingError):
             return
+        finally:
+            self.sock.close()
 
 
-@dataclass
-class ReplayResult:
-    replies_compared: int = 0
-    divergences: list[str] = field(default_factory=list)
-    log: list[str] = field(default_factory=list)
-
-
-def replay_as_frontend(records: list[Record], backend_path: str, connection: int | None = None,
-                       writer=None, out=sys.stdout, reply_timeout: float = REPLY_TIMEOUT) -> ReplayResult:
-    """Play one recorded connection's front-end side against a real back-end and compare the replies."""
-    connection, exchanges = load_exchanges(records, connection)
-    positions = ring_positions(exchanges)
-    result = ReplayResult()
-    fresh = FreshFds()
-    tracker = ContextTracker()
-    pending_ring_position: dict[int, int] = {}
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(backend_path)
-    sock.settimeout(reply_timeout)
-    replies = ReplyReader(sock, f"back-end {backend_path}")
-    side_servers: list[BackendChannelServer] = []
-    start = time.time_ns()
-
-    def record(channel, direction, data, fds=()):
-        if writer is not None:
-            writer.write(Record(time.time_ns(), 0, channel, direction, data, list(fds)))
-
-    try:
-        for exchange in exchanges:
-            data = exchange.request.data
-            message = tracker.decode(exchange.request)
-            fds = [fresh.make(info) for info in exchange.request.fds]
-            data = _rewrite(message, data, exchange.number, positions, pending_ring_position, fresh)
-            if message.kind and message.request in (F.ADD_MEM_REG, F.SET_MEM_TABLE):
-                regions = message.payload.region
-                for region, fd in zip(regions if isinstance(regions, list) else [regions], fds):
-                    fresh.remember_region(region.userspace_addr, region.memory_size, region.mmap_offset, fd)
-            send_message(sock, data, fds)
-            record(Channel.MAIN, Direction.FRONTEND_TO_BACKEND, data, exchange.request.fds)
-            for fd in fds:
-                os.close(fd)
-            for new_socket in fresh.backend_sockets[len(side_servers):]:
-                server = BackendChannelServer(new_socket, connection,
-                                              lambda ch, d, data: record(ch, d, data))
-                server.start()
-                side_servers.append(server)
-            if exchange.reply is None:
-                continue
-            reply_frame = replies.next()
-            if reply_frame is None:
-                result.divergences.append(f"message #{exchange.number} {message.name}: no reply within "
-                                          f"{reply_timeout:g} s (recorded reply #{exchange.reply_number})")
-                break
-            for fd in reply_frame.fds:
-                os.close(fd)
-            record(Channel.MAIN, Direction.BACKEND_TO_FRONTEND, reply_frame.data)
-            recorded = tracker.decode(exchange.reply)
-            replayed = decode(reply_frame.data, Channel.MAIN, recorded.context)
-            result.replies_compared += 1
-            differences = field_diff(recorded, replayed)
-            line = f"#{exchange.number:<4} {message.name:<24} reply " + ("same" if not differences else "DIFFERS")
-            result.log.append(line)
-            print(line, file=out)
-            for difference in differences:
-                text = f"message #{exchange.number} {message.name} reply: {difference}"
-                result.divergences.append(text)
-                print("      " + difference, file=out)
-    finally:
-        sock.close()
-        fresh.close()
-    elapsed = (time.time_ns() - start) / 1e9
-    print(f"replayed {len(exchanges)} requests of connection {connection}, compared {result.replies_compared} "
-          f"replies in {elapsed:.2f} s: " + ("identical to the recording" if not result.divergences else
-                                            f"{len(result.divergences)} divergences, first: "
-                                            f"{result.divergences[0]}"), file=out)
-    return result
-
-
-def _rewrite(message: Message, data: bytes, number: int, positions: dict[int, int],
-             pending: dict[int, int], fresh: FreshFds) -> bytes:
-    """What must change for a replay: ring bases and the ring indexes in the replay's own memory."""
-    if message.kind is None:
-        return data
-    if message.request == F.SET_VRING_BASE and number in positions:
-        index = message.payload.index
-        pending[index] = positions[number]
-        return data[:HEADER_SIZE] + struct.pack("<II", index, positions[number])
-    if message.request == F.SET_VRING_ADDR and message.payload.index in pending:
-        position = pending.pop(message.payload.index)
-        # avail ring: flags u16, idx u16; used ring: flags u16, idx u16.
-        fresh.write_u16(message.payload.avail + 2, position)
-        fresh.write_u16(message.payload.used + 2, position)
-    return data
+def _hooked(chain: HookChain, data: bytes, channel: Channel, direction: Direction, counter: MessageCounter,
+            context: DecodeContext, fds: list[int] | None = None, message: Message | None = None) -> Flow:
+    flow = Flow(data, fds if fds is not None else [], CONNECTION, channel, direction, counter.next(), context,
+                message)
+    return chain.run(flow) if chain else flow
 
 
 class ReplyReader:
@@ -271,147 +295,486 @@ class ReplyReader:
 
     def __init__(self, sock: socket.socket, peer: str):
         self.sock, self.framer, self.backlog = sock, Framer(peer), []
+        self.ended = ""
 
     def next(self) -> Frame | None:
         while not self.backlog:
             try:
                 data, fds, _truncated = receive_chunk(self.sock)
-            except OSError:  # includes the reply timeout
+            except socket.timeout:
+                self.ended = "timeout"
+                return None
+            except OSError as error:
+                self.ended = f"socket error: {error.strerror or error}"
                 return None
             if not data:
+                self.ended = "the back-end closed the connection"
                 return None
-            self.backlog.extend(frame for frame in self.framer.feed(data, fds) if isinstance(frame, Frame))
+            try:
+                frames = self.framer.feed(data, fds)
+            except FramingError as error:
+                self.ended = f"unframeable reply: {error}"
+                return None
+            self.backlog.extend(frame for frame in frames if isinstance(frame, Frame))
         return self.backlog.pop(0)
+
+    def pending(self) -> bool:
+        """Has the peer sent something no request asked for (already here, or arriving now)?"""
+        if self.backlog:
+            return True
+        readable, _, _ = select.select([self.sock], [], [], 0.05)
+        if not readable:
+            return False
+        try:
+            data, fds, _truncated = receive_chunk(self.sock)
+        except OSError:
+            return False
+        for fd in fds:
+            os.close(fd)
+        if data:
+            self.backlog.extend(f for f in self.framer.feed(data, []) if isinstance(f, Frame))
+        return bool(self.backlog)
+
+
+@dataclass
+class ReplayResult:
+    requests_sent: int = 0
+    replies_compared: int = 0
+    divergences: list[str] = field(default_factory=list)
+    log: list[str] = field(default_factory=list)
+    elapsed: float = 0.0
+
+    @property
+    def identical(self) -> bool:
+        return not self.divergences
+
+
+def replay_as_frontend(records: list[Record], backend_path: str, connection: int | None = None,
+                       writer=None, out=sys.stdout, reply_timeout: float = REPLY_TIMEOUT, hooks=(),
+                       on_hook_error: str = "forward") -> ReplayResult:
+    """Play one recorded connection's front-end side against a real back-end and compare the replies."""
+    connection, exchanges = load_exchanges(records, connection)
+    positions = ring_positions(exchanges)
+    result = ReplayResult()
+    recorder = Recorder(writer)
+    counter = MessageCounter()
+    chain = HookChain(list(hooks), on_hook_error, report=lambda text: _say(out, text))
+    recorded_tracker, tracker = ContextTracker(), ContextTracker()
+    side_servers: list[BackendChannelServer] = []
+
+    def start_side_server(sock: socket.socket) -> None:
+        server = BackendChannelServer(sock, recorder, chain, counter, lambda: tracker.context_for(CONNECTION))
+        server.start()
+        side_servers.append(server)
+
+    fresh = FreshFds(on_backend_socket=start_side_server)
+    pending_ring_position: dict[int, int] = {}
+    started = time.monotonic()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(backend_path)
+    except OSError as error:
+        sock.close()
+        result.divergences.append(f"cannot connect to the back-end at {backend_path}: {error.strerror}")
+        _say(out, f"vhusniff replay: {result.divergences[0]}")
+        return result
+    sock.settimeout(reply_timeout)
+    replies = ReplyReader(sock, f"back-end {backend_path}")
+    recorder.event(f"replay --as frontend: connection {connection} of the recording, back-end {backend_path}")
+
+    def diverge(text: str) -> None:
+        result.divergences.append(text)
+        _say(out, "      " + text)
+
+    try:
+        for exchange in exchanges:
+            recorded = recorded_tracker.decode(exchange.request)
+            context = tracker.context_for(CONNECTION)
+            need_sizes = [region.mmap_offset + region.memory_size for region in _regions(recorded)]
+            fds = [fresh.make(info, need_sizes[i] if i < len(need_sizes) else 0)
+                   for i, info in enumerate(exchange.request.fds)]
+            data = _rewrite(recorded, exchange.request.data, exchange.number, positions, pending_ring_position)
+            flow = _hooked(chain, data, Channel.MAIN, Direction.FRONTEND_TO_BACKEND, counter, context, fds)
+            label = f"#{exchange.number:<4} {recorded.name:<24}"
+            if flow.disconnect_reason and not flow.disconnect_after_forward:
+                _close_all(fds)
+                recorder.event(flow.disconnect_reason)
+                diverge(f"message #{exchange.number} {recorded.name}: not sent, {flow.disconnect_reason}")
+                break
+            if flow.dropped:
+                _close_all(fds)
+                recorder.event(f"hook dropped message #{exchange.number} {recorded.name}")
+                _say(out, f"{label} dropped by a hook")
+                if exchange.reply is not None:
+                    diverge(f"message #{exchange.number} {recorded.name}: dropped by a hook, so its recorded reply "
+                            f"#{exchange.reply_number} was not asked for")
+                continue
+            if flow.delay_seconds:
+                time.sleep(flow.delay_seconds)
+            data = flow.final_bytes()
+            message = tracker.decode(Record(0, CONNECTION, Channel.MAIN, Direction.FRONTEND_TO_BACKEND, data))
+            for region, fd in zip(_regions(message), fds):
+                fresh.remember_region(region.userspace_addr, region.memory_size, region.mmap_offset, fd)
+            _place_ring(message, pending_ring_position, fresh)
+            infos = [_describe(fd, info) for fd, info in zip(fds, exchange.request.fds)]
+            try:
+                send_message(sock, data, fds)
+            except OSError as error:
+                diverge(f"message #{exchange.number} {recorded.name}: could not be sent: {error.strerror}")
+                break
+            finally:
+                _close_all(fds)
+            result.requests_sent += 1
+            recorder.message(Channel.MAIN, Direction.FRONTEND_TO_BACKEND, data, infos)
+            for injected in flow.injected:
+                _send_injected(sock, injected, recorder, out)
+            if exchange.reply is None and not reply_required(message, context):
+                result.log.append(f"{label} sent")
+                if flow.disconnect_reason:
+                    recorder.event(flow.disconnect_reason)
+                    break
+                continue
+            frame = replies.next()
+            if frame is None:
+                expected = (f"recorded reply #{exchange.reply_number}" if exchange.reply is not None
+                            else "the protocol requires a reply")
+                diverge(f"message #{exchange.number} {recorded.name}: no reply ({replies.ended}; "
+                        f"waited up to {reply_timeout:g} s; {expected})")
+                break
+            reply_infos = [_describe(fd, FdInfo("unknown")) for fd in frame.fds]
+            _close_all(frame.fds)
+            reply_flow = _hooked(chain, frame.data, Channel.MAIN, Direction.BACKEND_TO_FRONTEND, counter,
+                                 tracker.context_for(CONNECTION))
+            recorder.message(Channel.MAIN, Direction.BACKEND_TO_FRONTEND, reply_flow.final_bytes(), reply_infos)
+            replayed = tracker.decode(Record(0, CONNECTION, Channel.MAIN, Direction.BACKEND_TO_FRONTEND,
+                                             reply_flow.final_bytes()))
+            result.replies_compared += 1
+            if exchange.reply is None:
+                differences = [f"the back-end replied ({replayed.summary()}); the recording has no reply"]
+            else:
+                expected_reply = recorded_tracker.decode(exchange.reply)
+                differences = _reply_differences(expected_reply, replayed, exchange.reply.fds, reply_infos)
+            line = f"{label} reply " + ("same" if not differences else "DIFFERS")
+            result.log.append(line)
+            _say(out, line)
+            for difference in differences:
+                diverge(f"message #{exchange.number} {recorded.name} reply: {difference}")
+            if flow.disconnect_reason or reply_flow.disconnect_reason:
+                recorder.event(flow.disconnect_reason or reply_flow.disconnect_reason)
+                break
+        else:
+            if replies.pending():
+                extra = decode(replies.backlog[0].data, Channel.MAIN, tracker.context_for(CONNECTION))
+                diverge(f"after the last request: the back-end sent {extra.summary()}, which nothing asked for")
+    finally:
+        sock.close()
+        for server in side_servers:
+            server.stop()
+        fresh.close()
+    result.elapsed = time.monotonic() - started
+    verdict = ("identical to the recording" if not result.divergences else
+               f"{len(result.divergences)} divergences; first divergence: {result.divergences[0]}")
+    summary = (f"replayed {result.requests_sent} of {len(exchanges)} requests of connection {connection}, "
+               f"compared {result.replies_compared} replies in {result.elapsed:.2f} s: {verdict}")
+    recorder.event(summary)
+    _say(out, summary)
+    return result
+
+
+def _say(out, text: str) -> None:
+    print(text, file=out, flush=True)
+
+
+def _close_all(fds) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+def _send_injected(sock: socket.socket, injected, recorder: Recorder, out) -> None:
+    if injected.channel != Channel.MAIN or injected.direction != Direction.FRONTEND_TO_BACKEND:
+        _say(out, f"a hook injected a message on the {injected.channel.name.lower()} channel "
+                  f"{injected.direction.arrow}: replay sends only front-end messages on the main channel; skipped")
+        return
+    send_message(sock, injected.data, injected.fds)
+    recorder.message(Channel.MAIN, Direction.FRONTEND_TO_BACKEND, injected.data,
+                     [_describe(fd, FdInfo("unknown")) for fd in injected.fds])
+
+
+def _reply_differences(recorded: Message, replayed: Message, recorded_fds: list[FdInfo],
+                       replayed_fds: list[FdInfo]) -> list[str]:
+    if recorded.request != replayed.request or recorded.is_reply != replayed.is_reply:
+        return [f"recorded {recorded.summary()}, replayed {replayed.summary()}"]
+    differences = field_differences(recorded, replayed, labels=("recorded", "replayed"))
+    recorded_kinds, replayed_kinds = [fd.kind for fd in recorded_fds], [fd.kind for fd in replayed_fds]
+    if len(recorded_kinds) != len(replayed_kinds):
+        differences.append(f"fds: recorded {recorded_kinds}, replayed {replayed_kinds}")
+    return differences
+
+
+def _rewrite(message: Message, data: bytes, number: int, positions: dict[int, int],
+             pending: dict[int, int]) -> bytes:
+    """SET_VRING_BASE starts the ring where the recorded session's next GET_VRING_BASE found it."""
+    if message.kind is None or message.request != F.SET_VRING_BASE or number not in positions:
+        return data
+    index = message.payload.index
+    pending[index] = positions[number]
+    return data[:HEADER_SIZE] + struct.pack("<II", index, positions[number])
+
+
+def _place_ring(message: Message, pending: dict[int, int], fresh: FreshFds) -> None:
+    """Before SET_VRING_ADDR goes out, set the ring's avail and used idx in our memory to its base, so that the
+    back-end (libvhost-user reads used->idx here) sees nothing pending."""
+    if message.kind is None or message.request != F.SET_VRING_ADDR or message.payload.index not in pending:
+        return
+    position = pending.pop(message.payload.index) & 0xFFFF
+    # Both rings start with flags:u16, then idx:u16.
+    fresh.write_u16(message.payload.avail + 2, position)
+    fresh.write_u16(message.payload.used + 2, position)
+
+
+# ---- back-end role ----
+
+@dataclass
+class ServeResult:
+    requests: int = 0
+    replies: int = 0
+    not_recorded: list[str] = field(default_factory=list)
+    failed: str = ""                 # why the session was ended by policy (unknown request with --unknown fail)
+    ended: str = ""                  # how the front-end's connection ended
 
 
 def replay_as_backend(records: list[Record], listen_path: str, connection: int | None = None,
-                      unknown_policy: str = "default", writer=None, out=sys.stdout, once: bool = True) -> int:
-    """Answer a real front-end from the recorded replies. Returns 0 when every request found its answer."""
+                      unknown_policy: str = "default", writer=None, out=sys.stdout, once: bool = True,
+                      default_reply: int = 0, hooks=(), on_hook_error: str = "forward") -> int:
+    """Answer a real front-end from the recorded replies. Exit status: 1 when the policy failed a request."""
     connection, exchanges = load_exchanges(records, connection)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     if os.path.exists(listen_path):
         os.unlink(listen_path)
     listener.bind(listen_path)
-    os.chmod(listen_path, 0o600)
     listener.listen(1)
+    _say(out, f"replaying the back-end of connection {connection} ({len(exchanges)} recorded requests) "
+              f"on {listen_path}")
     status = 0
     try:
         while True:
             peer, _ = listener.accept()
-            status = _serve_front_end(peer, exchanges, unknown_policy, writer, out)
+            result = serve_front_end(peer, exchanges, unknown_policy, Recorder(writer), out, default_reply,
+                                     HookChain(list(hooks), on_hook_error, report=lambda text: _say(out, text)))
             peer.close()
+            status = 1 if result.failed else 0
             if once:
                 return status
     finally:
         listener.close()
-        os.unlink(listen_path)
+        if os.path.exists(listen_path):
+            os.unlink(listen_path)
 
 
-def _serve_front_end(peer: socket.socket, exchanges: list[Exchange], unknown_policy: str, writer, out) -> int:
+def serve_front_end(peer: socket.socket, exchanges: list[Exchange], unknown_policy: str, recorder: Recorder,
+                    out, default_reply: int = 0, chain: HookChain | None = None) -> ServeResult:
+    """One front-end connection, answered from the recording until the front-end leaves."""
+    chain = chain or HookChain([])
     framer = Framer("front-end")
     fresh = FreshFds()
     tracker = ContextTracker()
+    counter = MessageCounter()
+    held: list[int] = []             # sockets the front-end passed (its back-end channel): closed at the end
     cursor = 0
-    served = 0
-
-    def record(direction, data):
-        if writer is not None:
-            writer.write(Record(time.time_ns(), 0, Channel.MAIN, direction, data))
-
+    result = ServeResult()
+    recorder.event("replay --as backend: front-end connected")
     try:
         while True:
-            data, fds, _truncated = receive_chunk(peer)
+            try:
+                data, fds, _truncated = receive_chunk(peer)
+            except OSError as error:
+                result.ended = f"front-end connection ended: {error.strerror or error}"
+                return result
             if not data:
-                print(f"front-end closed the connection after {served} requests", file=out)
-                return 0
-            for frame in framer.feed(data, fds):
+                _close_all(fds)
+                result.ended = f"front-end closed the connection after {result.requests} requests"
+                return result
+            try:
+                frames = framer.feed(data, fds)
+            except FramingError as error:
+                result.ended = f"front-end sent an unframeable stream: {error}"
+                return result
+            for frame in frames:
                 if not isinstance(frame, Frame):
+                    _close_all(frame.fds)
                     continue
-                for fd in frame.fds:
-                    os.close(fd)
-                record(Direction.FRONTEND_TO_BACKEND, frame.data)
-                message = tracker.decode(Record(0, 0, Channel.MAIN, Direction.FRONTEND_TO_BACKEND, frame.data))
-                served += 1
-                match = None
-                for index in range(cursor, len(exchanges)):
-                    if struct.unpack_from("<I", exchanges[index].request.data)[0] == message.request:
-                        match, cursor = exchanges[index], index + 1
-                        break
-                reply, reply_fds = _answer(message, match, unknown_policy, fresh)
-                if reply is None and match is None and unknown_policy == "fail":
-                    print(f"request #{served} {message.name} is not in the recording: closing (policy fail)",
-                          file=out)
-                    return 1
-                print(f"#{served:<4} {message.summary()[:70]:<70} -> " +
-                      (decode(reply).summary() if reply else "(no reply)") +
-                      ("" if match else "  [not in the recording]"), file=out)
-                if reply is not None:
+                infos = [_describe(fd, FdInfo("unknown")) for fd in frame.fds]
+                for fd, info in zip(frame.fds, infos):
+                    (held.append if info.kind == "socket" else os.close)(fd)
+                context = tracker.context_for(CONNECTION)
+                flow = _hooked(chain, frame.data, Channel.MAIN, Direction.FRONTEND_TO_BACKEND, counter, context)
+                if flow.disconnect_reason and not flow.disconnect_after_forward:
+                    recorder.event(flow.disconnect_reason)
+                    result.ended = flow.disconnect_reason
+                    return result
+                if flow.dropped:
+                    recorder.event(f"hook dropped front-end message {flow.message.summary()}")
+                    continue
+                request = flow.final_bytes()
+                recorder.message(Channel.MAIN, Direction.FRONTEND_TO_BACKEND, request, infos)
+                message = tracker.decode(Record(0, CONNECTION, Channel.MAIN, Direction.FRONTEND_TO_BACKEND, request))
+                result.requests += 1
+                match, cursor = _find_recorded(exchanges, cursor, request)
+                if match is None:
+                    result.not_recorded.append(message.summary())
+                    if unknown_policy == "fail":
+                        result.failed = (f"request #{result.requests} {message.summary()} is not in the recording "
+                                         f"(policy: fail)")
+                        recorder.event(result.failed)
+                        _say(out, result.failed)
+                        return result
+                reply, reply_fds = answer(message, match, context, fresh, default_reply)
+                note = "" if match else "  [not in the recording: default answer]"
+                _say(out, f"#{result.requests:<4} {message.summary()[:72]:<72} -> "
+                          f"{decode(reply, Channel.MAIN, context).summary() if reply else '(no reply)'}{note}")
+                if reply is None:
+                    if flow.disconnect_reason:
+                        result.ended = flow.disconnect_reason
+                        return result
+                    continue
+                reply_flow = _hooked(chain, reply, Channel.MAIN, Direction.BACKEND_TO_FRONTEND, counter,
+                                     tracker.context_for(CONNECTION), reply_fds)
+                if reply_flow.dropped:
+                    _close_all(reply_fds)
+                    recorder.event(f"hook dropped the reply {reply_flow.message.summary()}")
+                    continue
+                reply = reply_flow.final_bytes()
+                reply_infos = [_describe(fd, FdInfo("unknown")) for fd in reply_fds]
+                try:
                     send_message(peer, reply, reply_fds)
-                    record(Direction.BACKEND_TO_FRONTEND, reply)
-                    for fd in reply_fds:
-                        os.close(fd)
-    except OSError as error:
-        print(f"front-end connection ended: {error}", file=out)
-        return 0
+                finally:
+                    _close_all(reply_fds)
+                result.replies += 1
+                recorder.message(Channel.MAIN, Direction.BACKEND_TO_FRONTEND, reply, reply_infos)
+                tracker.decode(Record(0, CONNECTION, Channel.MAIN, Direction.BACKEND_TO_FRONTEND, reply))
+                reason = flow.disconnect_reason or reply_flow.disconnect_reason
+                if reason:
+                    recorder.event(reason)
+                    result.ended = reason
+                    return result
     finally:
         fresh.close()
+        _close_all(held)
+        recorder.event(f"replay --as backend: {result.ended or result.failed}; {result.requests} requests, "
+                       f"{result.replies} replies, {len(result.not_recorded)} not in the recording")
+        _say(out, f"{result.ended or result.failed}: {result.requests} requests, {result.replies} replies, "
+                  f"{len(result.not_recorded)} not in the recording")
 
 
-def _answer(message: Message, match: Exchange | None, unknown_policy: str, fresh: FreshFds):
-    """The reply for a live request: the recorded one, or an ack of 0 when one is due and none was recorded."""
+def _find_recorded(exchanges: list[Exchange], cursor: int, request: bytes) -> tuple[Exchange | None, int]:
+    """The next recorded exchange for a live request, searching forward: the same bytes first (a GET_CONFIG or a
+    GET_VRING_BASE of the same ring), else the same request number. The cursor moves past the match."""
+    number = _request_number(request)
+    fallback = None
+    for index in range(cursor, len(exchanges)):
+        recorded = exchanges[index].request.data
+        if _request_number(recorded) != number:
+            continue
+        if recorded[HEADER_SIZE:] == request[HEADER_SIZE:]:
+            return exchanges[index], index + 1
+        if fallback is None:
+            fallback = index
+    if fallback is None:
+        return None, cursor
+    return exchanges[fallback], fallback + 1
+
+
+def answer(message: Message, match: Exchange | None, context: DecodeContext, fresh: FreshFds,
+           default_reply: int = 0) -> tuple[bytes | None, list[int]]:
+    """The reply for a live request: the recorded one when the live request still calls for it, else a
+    default when the protocol requires a reply (an ack or u64 of `default_reply`, other kinds zeroed)."""
+    required = reply_required(message, context)
     if match is not None and match.reply is not None:
-        reply = match.reply.data
-        spec = message.spec
-        if message.need_reply or spec is None or spec.reply_rule is not cat.ReplyRule.ACK_IF_ASKED:
-            return reply, [fresh.make(info) for info in match.reply.fds]
+        # A recorded ack for a request that now did not ask for one must not be sent: QEMU would take it as
+        # the reply to its next request.
+        if required or message.spec is None or message.spec.reply_rule is not cat.ReplyRule.ACK_IF_ASKED:
+            return match.reply.data, [fresh.make(info) for info in match.reply.fds]
+    if not required:
+        return None, []
+    return default_answer(message, context, default_reply), []
+
+
+def default_answer(message: Message, context: DecodeContext, value: int = 0) -> bytes:
+    """A reply of the request's first reply kind: u64 kinds carry `value`, a config echoes the requested
+    offset and size with zeroed data, anything else is zero-filled."""
     spec = message.spec
-    if message.need_reply or (spec and spec.reply_rule is cat.ReplyRule.ALWAYS):
-        if match is None and unknown_policy == "fail":
-            return None, []
+    kind = spec.reply_kinds[0] if spec and spec.reply_kinds else "ack"
+    if kind == "empty" or (message.need_reply and spec and spec.reply_rule is cat.ReplyRule.ACK_IF_ASKED):
         kind = "ack"
-        if spec and spec.reply_kinds[0] not in ("ack", "empty"):
-            kind = spec.reply_kinds[0]
-        try:
-            return build_message(Channel.MAIN, message.request, _default_payload(kind), reply=True, kind=kind), []
-        except Exception:
-            return build_message(Channel.MAIN, message.request, {"ack": 0}, reply=True, kind="ack"), []
-    return None, []
-
-
-def _default_payload(kind: str) -> dict:
     from .protocol import PAYLOADS
     structure = PAYLOADS[kind][0]
-    return {sub.name: 0 for sub in structure.subcons if sub.name}
+    names = [sub.name for sub in structure.subcons if sub.name]
+    if kind == "config" and message.kind == "config":
+        payload = dict(offset=message.payload.offset, size=message.payload.size, flags=message.payload.flags,
+                       data=bytes(message.payload.size))
+    elif len(names) == 1 and structure.sizeof() == 8:
+        payload = {names[0]: value}
+    else:
+        try:
+            return build_message(Channel.MAIN, message.request, bytes(structure.sizeof()), reply=True, ctx=context)
+        except Exception:  # a variable layout without a size of its own: answer with an ack instead
+            kind, payload = "ack", {"ack": value}
+    return build_message(Channel.MAIN, message.request, payload, reply=True, kind=kind, ctx=context)
 
 
 def main(argv: list[str] | None = None) -> int:
     from .capture import CaptureError, CaptureWriter, read_capture
+    from .hooks import HookError, add_hook_arguments, hooks_from_arguments
     parser = argparse.ArgumentParser(prog="vhusniff replay", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("capture")
     parser.add_argument("--as", dest="role", choices=("frontend", "backend"), required=True)
-    parser.add_argument("--backend", help="back-end socket to connect to (--as frontend)")
-    parser.add_argument("--listen", help="socket to listen on for the front-end (--as backend)")
+    parser.add_argument("--backend", metavar="SOCKET", help="back-end socket to connect to (--as frontend)")
+    parser.add_argument("--listen", metavar="SOCKET", help="socket to listen on for the front-end (--as backend)")
     parser.add_argument("--connection", type=int, help="which recorded connection (default: the first)")
+    parser.add_argument("--timeout", type=float, default=REPLY_TIMEOUT,
+                        help="--as frontend: seconds to wait for each reply (default: %(default)s)")
     parser.add_argument("--unknown", choices=("default", "fail"), default="default",
-                        help="--as backend: a request the recording lacks gets a default answer, or fails")
-    parser.add_argument("-w", dest="write", help="capture the replayed session to this file")
+                        help="--as backend: a request the recording lacks gets a default answer, or ends the "
+                             "session with exit status 1")
+    parser.add_argument("--default-reply", type=lambda text: int(text, 0), default=0, metavar="N",
+                        help="--as backend: the u64 (ack status or value) of a default answer (default: 0)")
+    parser.add_argument("--keep-listening", action="store_true",
+                        help="--as backend: serve one front-end connection after another")
+    parser.add_argument("-w", dest="write", metavar="FILE", help="capture the replayed session to this file")
+    add_hook_arguments(parser)
     args = parser.parse_args(argv)
+    if args.role == "frontend" and not args.backend:
+        parser.error("--as frontend needs --backend SOCKET")
+    if args.role == "backend" and not args.listen:
+        parser.error("--as backend needs --listen SOCKET")
     try:
         records = list(read_capture(args.capture))
+        hooks = hooks_from_arguments(args)
     except CaptureError as error:
         print(f"vhusniff replay: {error}", file=sys.stderr)
         return 2
-    writer = CaptureWriter(args.write) if args.write else None
+    except OSError as error:
+        print(f"vhusniff replay: {error.filename}: {error.strerror}", file=sys.stderr)
+        return 2
+    except HookError as error:
+        print(f"vhusniff replay: {error}", file=sys.stderr)
+        return 2
+    # Every record reaches the file at once: a replay stopped by a signal leaves a readable capture.
+    writer = CaptureWriter(args.write, flush_each=True) if args.write else None
     try:
         if args.role == "frontend":
-            if not args.backend:
-                parser.error("--as frontend needs --backend SOCKET")
-            result = replay_as_frontend(records, args.backend, args.connection, writer)
-            return 0 if not result.divergences else 1
-        if not args.listen:
-            parser.error("--as backend needs --listen SOCKET")
-        return replay_as_backend(records, args.listen, args.connection, args.unknown, writer)
+            result = replay_as_frontend(records, args.backend, args.connection, writer, reply_timeout=args.timeout,
+                                        hooks=hooks, on_hook_error=args.on_hook_error)
+            return 0 if result.identical else 1
+        return replay_as_backend(records, args.listen, args.connection, args.unknown, writer,
+                                 once=not args.keep_listening, default_reply=args.default_reply, hooks=hooks,
+                                 on_hook_error=args.on_hook_error)
+    except ValueError as error:
+        print(f"vhusniff replay: {args.capture}: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
     finally:
         if writer is not None:
             writer.close()
