@@ -1,0 +1,256 @@
+"""The Wireshark dissector: generated from the grammar, and field-for-field equal to vhusniff's own decoding
+when real tshark runs it on our captures."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import struct
+import subprocess
+
+import pytest
+
+from vhusniff import catalogue as cat
+from vhusniff.capture import read_capture, write_capture
+from vhusniff.filters import RECORD_FIELDS, grammar_fields, walk_layout
+from vhusniff.lua import DISSECTOR_PATH, render
+from vhusniff.model import Channel, Direction, FdInfo, Record, RecordKind
+from vhusniff.protocol import PAYLOADS, build_message, iter_fields, payload_candidates, DecodeContext
+from vhusniff.session import ContextTracker
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TSHARK = shutil.which("tshark")
+needs_tshark = pytest.mark.skipif(TSHARK is None, reason="tshark is not installed")
+# Fields the dissector adds beside the grammar's; they are compared too where vhusniff has the same notion.
+COMPARED_RECORD_FIELDS = ("name", "kind", "problem", "connection", "channel", "direction", "fds", "fd.kind")
+
+
+def test_checked_in_dissector_is_the_generator_output():
+    with open(DISSECTOR_PATH) as checked_in:
+        assert checked_in.read() == render(), "stale: run `python3 -m vhusniff.lua > dissectors/vhost_user.lua`"
+
+
+def test_every_grammar_field_is_a_lua_field():
+    text = render()
+    for name in grammar_fields():
+        assert f'["{name}"] = {{\n' in text, name
+
+
+# --- captures built from the grammar ---------------------------------------------------------------------------
+
+def sample_value(entries: list[dict], seed: int) -> dict:
+    """A distinctive value for a payload layout: every integer different, sizes and counts consistent."""
+    value: dict = {}
+    for position, entry in enumerate(entries):
+        salt = seed * 31 + position * 7 + 3
+        if "fields" in entry:
+            count = value.get(entry.get("count_from"), None)
+            elements = [sample_value(entry["fields"], salt + i) for i in range(count or 1)]
+            value[entry["short"]] = elements if count is not None else elements[0]
+        elif "width" in entry:
+            mask = (1 << (8 * entry["width"])) - 1
+            if entry["short"] == "nregions":
+                number = 2
+            elif entry["short"] == "size" and any(e.get("bytes_from") == "size" for e in entries):
+                number = 5
+            else:
+                number = (0x0123456789ABCDEF * salt) & mask
+            value[entry["short"]] = [number + i for i in range(entry["count"])] if "count" in entry else number
+        elif "bytes" in entry:
+            value[entry["short"]] = bytes((salt + i) & 0xFF for i in range(entry["bytes"]))
+        elif "bytes_from" in entry:
+            value[entry["short"]] = bytes(range(value[entry["bytes_from"]]))
+        else:
+            value[entry["short"]] = b"opaque" * (seed % 3)
+    return value
+
+
+def grammar_records() -> list[Record]:
+    """Every request and reply kind of every channel, plus malformed messages and context-dependent kinds."""
+    records: list[Record] = []
+    time = [1_700_000_000_000_000_000]
+
+    def add(data, channel=Channel.MAIN, direction=Direction.FRONTEND_TO_BACKEND, fds=(), connection=1, note=""):
+        time[0] += 1500
+        records.append(Record(time[0], connection, channel, direction, data, list(fds), RecordKind.MESSAGE, note))
+
+    seed = 0
+    tables = {Channel.MAIN: cat.FRONTEND_REQUESTS, Channel.BACKEND: cat.BACKEND_REQUESTS, Channel.GPU: cat.GPU_REQUESTS}
+    for channel, table in tables.items():
+        for request in table:
+            for is_reply in (False, True):
+                sender = Direction.FRONTEND_TO_BACKEND if (channel == Channel.MAIN) != is_reply \
+                    else Direction.BACKEND_TO_FRONTEND
+                for kind in payload_candidates(channel, request, is_reply, DecodeContext()):
+                    seed += 1
+                    structure, prefix, _doc = PAYLOADS[kind]
+                    payload = sample_value(walk_layout(structure, prefix, kind), seed)
+                    fds = [FdInfo("memfd", 100 + seed, 4096, f"mem{seed}", 3)] if seed % 5 == 0 else []
+                    add(build_message(channel, request, payload, reply=is_reply, need_reply=seed % 4 == 0,
+                                      kind=kind), channel, sender, fds, connection=1 + seed % 3)
+    header = struct.Struct("<III")
+    # Malformed: each problem code of protocol.decode at least once.
+    add(header.pack(1, 0x11, 0))                                   # reserved flag bit
+    add(header.pack(1, 0x2, 0))                                    # bad version
+    add(header.pack(2, 0x1, 0x2000) + bytes(8))                    # oversize and size mismatch
+    add(header.pack(9, 0x1, 12) + bytes(12))                       # payload fits no layout
+    add(header.pack(99, 0x1, 3) + b"abc")                          # unknown request
+    add(header.pack(5, 0x1, 0))                                    # SET_MEM_TABLE with no table
+    add(b"\x01\x00\x00")                                           # truncated header
+    add(header.pack(7, 0x1, 0), channel=Channel.DEVICE_STATE)      # a channel with no request table
+    # Negotiated context: Xen regions and packed-ring bases (connection 9).
+    region_xen = sample_value(walk_layout(PAYLOADS["mem_table_xen"][0], "mem", "mem_table_xen"), 77)
+    add(build_message(Channel.MAIN, 16, dict(protocol_features=1 << 17 | 1 << 3)), connection=9)
+    add(build_message(Channel.MAIN, 5, region_xen, kind="mem_table_xen"), connection=9)
+    add(build_message(Channel.MAIN, 2, dict(features=1 << 34 | 1 << 32)), connection=9)
+    add(build_message(Channel.MAIN, 11, dict(index=1, num=0x8001_8002), reply=True, kind="vring_base_packed"),
+        Direction.BACKEND_TO_FRONTEND, connection=9)
+    records.append(Record(time[0] + 1, 9, kind=RecordKind.EVENT, note="disconnected"))
+    return records
+
+
+@pytest.fixture(scope="module")
+def grammar_capture(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dissector") / "grammar.pcapng"
+    write_capture(path, grammar_records())
+    return str(path)
+
+
+# --- running tshark and comparing ------------------------------------------------------------------------------
+
+def _pairs_hook(pairs):
+    return pairs          # keep duplicate keys (a repeated field) in order
+
+
+def tshark_frames(path: str, two_pass: bool = False) -> list[list[tuple[str, object]]]:
+    """Per frame, the vhost_user layer flattened to (name without prefix, value) pairs in tree order."""
+    command = [TSHARK, "-X", f"lua_script:{DISSECTOR_PATH}", "-r", path, "-T", "json"] + (["-2"] if two_pass else [])
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "Lua: Error" not in result.stderr and "Lua Error" not in result.stdout, result.stderr
+    packets = json.loads(result.stdout, object_pairs_hook=_pairs_hook)
+    frames = []
+    for packet in packets:
+        layers = dict(dict(packet)["_source"])["layers"]
+        layer = dict(layers).get("vhost_user", [])
+        flat: list[tuple[str, object]] = []
+        _flatten(layer, flat)
+        frames.append(flat)
+    return frames
+
+
+def _flatten(pairs, out):
+    for key, value in pairs:
+        if isinstance(value, list):           # a subtree (`x_tree`, or a text-only item with children)
+            _flatten(value, out)
+        elif key.startswith("vhost_user."):
+            out.append((key[len("vhost_user."):], value))
+
+
+def _as_python(name: str, text: str):
+    spec = grammar_fields().get(name)
+    # tshark shows bytes as aa:bb:cc; a name that is bytes in one kind and an integer in another has no
+    # one-byte bytes form in the grammar, so the colon decides.
+    if spec is not None and spec.is_bytes and (not spec.width or ":" in text or text == ""):
+        return bytes.fromhex(text.replace(":", ""))
+    try:
+        return int(text, 0)
+    except ValueError:
+        return text
+
+
+def vhusniff_fields(record: Record, message) -> list[tuple[str, object]]:
+    fields = []
+    for name, value in iter_fields(message):
+        for item in value if isinstance(value, list) else [value]:
+            fields.append((name, item))
+    fields += [("name", message.name)] + ([("kind", message.kind)] if message.kind else [])
+    fields += [("problem", p.code) for p in message.problems]
+    for name in ("connection", "channel", "direction", "fds", "fd.kind"):
+        fields += [(name, v) for v in RECORD_FIELDS[name].value(message, record, 0)]
+    return fields
+
+
+def compare_capture(path: str) -> int:
+    """Assert tshark and vhusniff agree on every message of a capture; returns how many were compared."""
+    frames = tshark_frames(path)
+    tracker = ContextTracker()
+    compared = 0
+    records = list(read_capture(path))
+    assert len(frames) == len(records)
+    for number, (record, flat) in enumerate(zip(records, frames), start=1):
+        message = tracker.decode(record)
+        if message is None:
+            continue
+        expected = vhusniff_fields(record, message)
+        if message.request < 0:     # a truncated header: vhusniff says request -1; compare what both say
+            expected = [(n, v) for n, v in expected if n in COMPARED_RECORD_FIELDS]
+        wanted = {name for name, _ in expected} | set(COMPARED_RECORD_FIELDS) | set(grammar_fields())
+        got = [(name, _as_python(name, value)) for name, value in flat if name in wanted]
+        if message.request < 0:
+            got = [(n, v) for n, v in got if n in COMPARED_RECORD_FIELDS]
+        assert sorted(got, key=repr) == sorted(expected, key=repr), \
+            f"{path} frame {number} ({message.summary()}):\n tshark   {got}\n vhusniff {expected}"
+        compared += 1
+    return compared
+
+
+@needs_tshark
+def test_tshark_agrees_with_vhusniff_on_every_grammar_message(grammar_capture):
+    compared = compare_capture(grammar_capture)
+    assert compared == len([r for r in grammar_records() if r.kind == RecordKind.MESSAGE])
+
+
+@needs_tshark
+def test_every_payload_kind_and_problem_appears_in_the_grammar_capture(grammar_capture):
+    frames = tshark_frames(grammar_capture)
+    kinds = {value for flat in frames for name, value in flat if name == "kind"}
+    problems = {value for flat in frames for name, value in flat if name == "problem"}
+    assert kinds >= set(PAYLOADS) - {"empty"}
+    assert problems == {"truncated-header", "reserved-flags", "bad-version", "oversize", "size-mismatch",
+                        "unknown-request", "payload-layout"}
+
+
+@needs_tshark
+def test_requests_and_replies_link_both_ways_with_the_response_time(tmp_path):
+    F, B = Direction.FRONTEND_TO_BACKEND, Direction.BACKEND_TO_FRONTEND
+    u64_reply = lambda request: struct.pack("<IIIQ", request, 5, 8, 0)
+    session = [  # (connection, channel, direction, bytes, microseconds): two connections interleaved
+        (1, Channel.MAIN, F, build_message(Channel.MAIN, 1), 0),                 # 1 -> 4
+        (2, Channel.MAIN, F, build_message(Channel.MAIN, 1), 10),                # 2 -> 3
+        (2, Channel.MAIN, B, u64_reply(1), 25),
+        (1, Channel.MAIN, B, u64_reply(1), 100),
+        (1, Channel.MAIN, F, build_message(Channel.MAIN, 3), 110),               # 5: no reply asked
+        (1, Channel.MAIN, F, build_message(Channel.MAIN, 15), 120),              # 6 -> 8
+        (1, Channel.BACKEND, B, build_message(Channel.BACKEND, 2, need_reply=True), 130),  # 7 -> 9
+        (1, Channel.MAIN, B, u64_reply(15), 140),
+        (1, Channel.BACKEND, F, u64_reply(2), 150),
+    ]
+    write_capture(tmp_path / "links.pcapng", [Record(1_000_000_000 + us * 1000, c, ch, d, data)
+                                              for c, ch, d, data, us in session])
+    frames = [dict(flat) for flat in tshark_frames(str(tmp_path / "links.pcapng"), two_pass=True)]
+    links = {n: int(f["response_in"]) for n, f in enumerate(frames, start=1) if "response_in" in f}
+    assert links == {1: 4, 2: 3, 6: 8, 7: 9}
+    for request_frame, reply_frame in links.items():
+        assert int(frames[reply_frame - 1]["response_to"]) == request_frame
+    assert float(frames[3]["response_time"]) == pytest.approx(100e-6)
+    assert float(frames[2]["response_time"]) == pytest.approx(15e-6)
+
+
+@needs_tshark
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "captures", "*.pcapng"))) or
+                         [pytest.param(None, marks=pytest.mark.skip(reason="no shipped captures yet"))])
+def test_tshark_agrees_with_vhusniff_on_shipped_captures(path):
+    assert compare_capture(path) > 0
+
+
+@needs_tshark
+def test_unknown_pseudo_header_version_is_an_expert_item_not_a_crash(tmp_path):
+    from vhusniff.capture import enhanced_packet_block, file_header
+    block = bytearray(enhanced_packet_block(Record(1, 1, data=build_message(Channel.MAIN, 1))))
+    block[28 + 4] = 7                 # pseudo-header version 7 (EPB body starts at 8, packet data at 28)
+    path = tmp_path / "v7.pcapng"
+    path.write_bytes(file_header() + bytes(block))
+    flat = tshark_frames(str(path))[0]
+    assert ("problem", "capture") in flat and ("pseudo.version", "7") in flat

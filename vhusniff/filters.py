@@ -1,0 +1,536 @@
+"""Field catalogue and Wireshark-style display filters for `vhusniff read -Y`.
+
+The field names are those of `protocol.iter_fields` (derived from the grammar; see `grammar_fields`) plus the
+record fields below (connection, channel, fds, ...). The Lua dissector registers the same names under
+`vhost_user.`, so a filter reads the same in both tools:
+
+    request == SET_MEM_TABLE && flags.need_reply
+    vring.index == 1 || !(channel == main)
+    protocol_features & REPLY_ACK
+    request in {GET_FEATURES SET_FEATURES 20..22}
+    fd.kind contains "mem" and mem.region.memory_size >= 0x100000
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Callable
+
+from construct import Array, Bytes, BytesInteger, FormatField, GreedyBytes, Renamed, Struct
+
+from . import catalogue as cat
+from .model import Channel
+
+_FORMAT_WIDTH = {"<B": 1, "B": 1, "<H": 2, "<L": 4, "<Q": 8}
+
+
+# --- the field catalogue ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RecordField:
+    """A field of the record around a message (pseudo-header, fds) or of the reading (number, links)."""
+    doc: str
+    lua_type: str | None                             # ProtoField type in the dissector; None: Wireshark has it
+    value: Callable[[Any, Any, int], list] | None    # (message, record, number) -> values; None: Lua only
+
+
+RECORD_FIELDS = {
+    "frame.number": RecordField("position of the record in the capture, from 1", None,
+                                lambda m, r, n: [n]),
+    "connection": RecordField("connection number, one per front-end connection", "uint32",
+                              lambda m, r, n: [r.connection]),
+    "channel": RecordField("main, backend, gpu or device_state", "string",
+                           lambda m, r, n: [r.channel.name.lower()]),
+    "direction": RecordField("F>B (front-end to back-end) or B>F", "string", lambda m, r, n: [r.direction.arrow]),
+    "record_kind": RecordField("message or event", "string", lambda m, r, n: [r.kind.name.lower()]),
+    "unframed": RecordField("1 when the bytes are not one well-framed message", "uint8",
+                            lambda m, r, n: [int("unframed" in r.note)]),
+    "fds": RecordField("number of fds passed with the message", "uint16", lambda m, r, n: [len(r.fds)]),
+    "fd.kind": RecordField("what an fd was: memfd, eventfd, socket, ...", "string",
+                           lambda m, r, n: [fd.kind for fd in r.fds]),
+    "fd.inode": RecordField("inode of an fd", "uint64", lambda m, r, n: [fd.inode for fd in r.fds]),
+    "fd.size": RecordField("memfd or file size, -1 unknown", "int64", lambda m, r, n: [fd.size for fd in r.fds]),
+    "fd.name": RecordField("memfd name, path, socket type or anon-inode name", "string",
+                           lambda m, r, n: [fd.name for fd in r.fds if fd.name]),
+    "fd.seals": RecordField("F_GET_SEALS bits of a memfd", "uint16", lambda m, r, n: [fd.seals for fd in r.fds]),
+    "note": RecordField("why a record is not a well-framed message, or event text", "string",
+                        lambda m, r, n: [r.note] if r.note else []),
+    "name": RecordField("request name on its channel", "string", lambda m, r, n: [m.name]),
+    "kind": RecordField("payload kind chosen by the decoder", "string",
+                        lambda m, r, n: [m.kind] if m.kind else []),
+    "problem": RecordField("code of something wrong with the message", "string",
+                           lambda m, r, n: [p.code for p in m.problems]),
+    "pseudo.version": RecordField("pseudo-header version", "uint16", None),
+    "pseudo.header_length": RecordField("pseudo-header length in bytes", "uint16", None),
+    "response_in": RecordField("frame of the reply to this request", "response_link", None),
+    "response_to": RecordField("frame of the request this reply answers", "request_link", None),
+    "response_time": RecordField("time from request to reply", "relative_time", None),
+}
+
+
+def _strip(subcon):
+    while isinstance(subcon, Renamed):
+        subcon = subcon.subcon
+    return subcon
+
+
+def _element_key(structure: Struct) -> str:
+    from .protocol import REGION_XEN
+    return "region_xen" if structure is REGION_XEN else "region"
+
+
+def _expression_name(expression) -> str:
+    """`this.nregions` (construct renders it `this['nregions']`) -> `nregions`."""
+    return re.findall(r"[A-Za-z_]\w*", str(expression))[-1]
+
+
+def walk_layout(structure: Struct, prefix: str, kind_key: str) -> list[dict]:
+    """A payload Struct as plain layout entries (what the Lua dissector walks), one per named field.
+
+    Entry keys: name (dotted), short, and one of width [+count] (integers), bytes, bytes_from, rest, element
+    [+count_from] (nested structs); integer entries carry `bits`: [[dotted bit-field name, mask], ...].
+    """
+    entries = []
+    for sub in structure.subcons:
+        if sub.name is None:
+            continue
+        inner = _strip(sub)
+        entry: dict = {"name": f"{prefix}.{sub.name}" if prefix else sub.name, "short": sub.name,
+                       "doc": (sub.docs or sub.name).split("\n")[0]}
+        if isinstance(inner, FormatField):
+            entry["width"] = _FORMAT_WIDTH[inner.fmtstr]
+        elif isinstance(inner, BytesInteger):
+            entry["width"] = inner.length
+        elif isinstance(inner, Bytes):
+            if isinstance(inner.length, int):
+                entry["bytes"] = inner.length
+            else:
+                entry["bytes_from"] = _expression_name(inner.length)
+        elif inner is GreedyBytes:
+            entry["rest"] = True
+        elif isinstance(inner, Struct):
+            entry["element"] = _element_key(inner)
+            entry["fields"] = walk_layout(inner, entry["name"], entry["element"])
+        elif isinstance(inner, Array) and isinstance(_strip(inner.subcon), Struct):
+            entry["element"] = _element_key(_strip(inner.subcon))
+            entry["count_from"] = _expression_name(inner.count)
+            entry["fields"] = walk_layout(_strip(inner.subcon), entry["name"], entry["element"])
+        elif isinstance(inner, Array) and isinstance(_strip(inner.subcon), FormatField):
+            entry["width"] = _FORMAT_WIDTH[_strip(inner.subcon).fmtstr]
+            entry["count"] = inner.count
+        else:
+            raise TypeError(f"no layout entry for {inner!r} ({entry['name']})")
+        if "width" in entry:
+            bits = cat.BITFIELDS.get(f"{kind_key}.{sub.name}", {})
+            entry["bits"] = [[f"{entry['name']}.{bit}", mask] for bit, mask in bits.items()]
+        entries.append(entry)
+    return entries
+
+
+@dataclass(frozen=True)
+class GrammarField:
+    """A dotted name the decoder yields, with its widest integer width (0: never an integer) and whether some
+    payload kind has it as bytes (`shmem.padding` is bytes in mmap, u32 in shmem_config)."""
+    width: int
+    doc: str
+    is_bytes: bool = False
+
+
+@lru_cache(maxsize=1)
+def grammar_fields() -> dict[str, GrammarField]:
+    """Every name `iter_fields` can yield, with its type: the header, then every payload kind."""
+    from .protocol import HEADER, PAYLOADS
+    fields: dict[str, GrammarField] = {}
+
+    def register(name: str, width: int, doc: str) -> None:
+        old = fields.get(name) or GrammarField(0, doc)
+        fields[name] = GrammarField(max(width, old.width), old.doc, old.is_bytes or width == 0)
+
+    def register_entries(entries):
+        for entry in entries:
+            if "fields" in entry:
+                register_entries(entry["fields"])
+                continue
+            register(entry["name"], entry.get("width", 0), entry["doc"])
+            for bit_name, _mask in entry.get("bits", ()):
+                register(bit_name, min(entry["width"], 4), f"bit field of {entry['short']}")  # masks are < 2**32
+
+    register_entries(walk_layout(HEADER, "", "header"))
+    for bit, _mask in cat.BITFIELDS["flags"].items():
+        register(f"flags.{bit}", 4, "header flag bits")
+    register("payload", 0, "payload kept as raw bytes (no layout fits)")
+    for kind, (structure, prefix, _doc) in PAYLOADS.items():
+        register_entries(walk_layout(structure, prefix, kind))
+    return fields
+
+
+# --- display filters -------------------------------------------------------------------------------------------
+
+class FilterError(ValueError):
+    """A filter that does not compile; str() shows the filter with a caret under the fault."""
+
+    def __init__(self, text: str, position: int, reason: str):
+        self.text, self.position, self.reason = text, position, reason
+        super().__init__(f"{reason}\n  {text}\n  {' ' * position}^")
+
+
+_TOKEN = re.compile(r"""
+    (?P<space>\s+)
+  | (?P<string>"(?:[^"\\]|\\.)*")
+  | (?P<op>==|!=|<=|>=|&&|\|\||[<>!&(){},])
+  | (?P<word>[FB]>[FB]|[A-Za-z0-9_.:\-/]+)
+""", re.VERBOSE)
+_WORD_OPERATORS = {"eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">=", "and": "&&", "or": "||",
+                   "not": "!"}
+_COMPARISONS = ("==", "!=", "<", "<=", ">", ">=")
+
+
+@dataclass
+class _Token:
+    kind: str        # op, word, string, end
+    text: str
+    position: int
+
+
+def _tokenize(text: str) -> list[_Token]:
+    tokens, position = [], 0
+    while position < len(text):
+        match = _TOKEN.match(text, position)
+        if match is None:
+            raise FilterError(text, position, f"unexpected character {text[position]!r}")
+        kind = match.lastgroup
+        value = match.group()
+        if kind == "word" and value.lower() in _WORD_OPERATORS:
+            kind, value = "op", _WORD_OPERATORS[value.lower()]
+        elif kind == "word" and value in ("contains", "matches", "in"):
+            kind = "op"
+        if kind != "space":
+            tokens.append(_Token(kind, value, position))
+        position = match.end()
+    tokens.append(_Token("end", "", len(text)))
+    return tokens
+
+
+class _Requests:
+    """A request literal: the (channel, number) pairs a name means (IOTLB_MSG is 22 on main, 1 on backend)."""
+
+    def __init__(self, pairs: set[tuple[int, int]]):
+        self.pairs = pairs
+
+
+def _request_pairs(word: str) -> set[tuple[int, int]]:
+    word = word.upper()
+    pairs = set()
+    profile = cat.SPEC_PROFILE
+    for channel, names in ((Channel.MAIN, profile.frontend_names), (Channel.BACKEND, profile.backend_names),
+                           (Channel.GPU, profile.gpu_names)):
+        pairs.update((int(channel), number) for number, name in names.items() if name == word)
+    alias = cat.REQUEST_ALIASES.get(word)
+    if alias is not None:
+        channel = Channel.MAIN if isinstance(alias, cat.FrontendRequest) else Channel.BACKEND
+        pairs.add((int(channel), int(alias)))
+    return pairs
+
+
+def _bit_value(field: str, word: str) -> int | None:
+    """A feature or status bit name as the mask of its bit, for fields that hold such bits."""
+    short = field.rsplit(".", 1)[-1]
+    word = word.upper()
+    tables: list = []
+    if short == "protocol_features":
+        tables = [cat.SPEC_PROFILE.protocol_features]
+        if word in cat.PROTOCOL_FEATURE_ALIASES:
+            return 1 << cat.PROTOCOL_FEATURE_ALIASES[word]
+    elif short == "features":
+        tables = [cat.TRANSPORT_FEATURES, *cat.DEVICE_FEATURES.values()]
+    elif short == "status":
+        tables = [cat.DEVICE_STATUS]
+    for table in tables:
+        for bit, name in table.items():
+            if name == word:
+                return 1 << bit
+    return None
+
+
+_BYTES_LITERAL = re.compile(r"^[0-9A-Fa-f]{2}([:\-.][0-9A-Fa-f]{2})*$")
+
+
+class _Compiler:
+    def __init__(self, text: str):
+        self.text = text
+        self.tokens = _tokenize(text)
+        self.index = 0
+        self.fields = grammar_fields()
+        self.uses_grammar = False
+
+    # token helpers
+    def peek(self) -> _Token:
+        return self.tokens[self.index]
+
+    def take(self) -> _Token:
+        token = self.tokens[self.index]
+        self.index += 1
+        return token
+
+    def error(self, token: _Token, reason: str) -> FilterError:
+        return FilterError(self.text, token.position, reason)
+
+    def expect(self, text: str) -> _Token:
+        token = self.take()
+        if token.text != text or token.kind not in ("op",):
+            raise self.error(token, f"expected {text!r}" + (f", found {token.text!r}" if token.text else ""))
+        return token
+
+    # grammar
+    def compile(self):
+        if self.peek().kind == "end":
+            raise self.error(self.peek(), "empty filter")
+        predicate = self.or_expression()
+        if self.peek().kind != "end":
+            raise self.error(self.peek(), f"unexpected {self.peek().text!r}")
+        return predicate
+
+    def or_expression(self):
+        left = self.and_expression()
+        while self.peek().text == "||" and self.peek().kind == "op":
+            self.take()
+            right = self.and_expression()
+            left = (lambda a, b: lambda get: a(get) or b(get))(left, right)
+        return left
+
+    def and_expression(self):
+        left = self.not_expression()
+        while self.peek().text == "&&" and self.peek().kind == "op":
+            self.take()
+            right = self.not_expression()
+            left = (lambda a, b: lambda get: a(get) and b(get))(left, right)
+        return left
+
+    def not_expression(self):
+        if self.peek().text == "!" and self.peek().kind == "op":
+            self.take()
+            inner = self.not_expression()
+            return lambda get: not inner(get)
+        return self.primary()
+
+    def primary(self):
+        token = self.peek()
+        if token.kind == "op" and token.text == "(":
+            self.take()
+            inner = self.or_expression()
+            self.expect(")")
+            return inner
+        field = self.field_name()
+        operator = self.peek()
+        if operator.kind != "op" or operator.text not in (*_COMPARISONS, "contains", "matches", "in", "&"):
+            return lambda get: bool(get(field))
+        self.take()
+        if operator.text == "in":
+            members = self.set_literal(field)
+            return lambda get: any(any(_equal(v, m) for m in members) for v in get(field))
+        if operator.text == "&":
+            mask = self.literal(field)
+            if not isinstance(mask, int):
+                raise self.error(self.tokens[self.index - 1], "a bit mask must be a number or a bit name")
+            after = self.peek()
+            if after.kind == "op" and after.text in _COMPARISONS:
+                self.take()
+                compare = _COMPARE[after.text]
+                target = self.literal(field)
+                return lambda get: any(compare(v & mask, target) for v in get(field) if isinstance(v, int))
+            return lambda get: any(v & mask for v in get(field) if isinstance(v, int))
+        if operator.text == "contains":
+            needle = self.literal(field, want_bytes=True)
+            return lambda get: any(_contains(v, needle) for v in get(field))
+        if operator.text == "matches":
+            token = self.take()
+            if token.kind != "string":
+                raise self.error(token, "matches needs a quoted regular expression")
+            try:
+                pattern = re.compile(_unquote(token.text))
+            except re.error as error:
+                raise self.error(token, f"bad regular expression: {error}") from None
+            return lambda get: any(pattern.search(_as_text(v)) for v in get(field))
+        value = self.literal(field)
+        compare = _COMPARE[operator.text]
+        if operator.text == "!=":       # Wireshark 4: a != b is !(a == b): no value equals
+            return lambda get: not any(_equal(v, value) for v in get(field))
+        return lambda get: any(compare(v, value) for v in get(field))
+
+    def field_name(self) -> str:
+        token = self.take()
+        if token.kind != "word":
+            raise self.error(token, "expected a field name" + (f", found {token.text!r}" if token.text else ""))
+        name = token.text[len("vhost_user."):] if token.text.startswith("vhost_user.") else token.text
+        if name in self.fields:
+            self.uses_grammar = True
+            return name
+        spec = RECORD_FIELDS.get(name)
+        if spec is not None and spec.value is not None:
+            return name
+        raise self.error(token, f"unknown field {token.text!r}")
+
+    def set_literal(self, field: str) -> list:
+        self.expect("{")
+        members = []
+        while not (self.peek().kind == "op" and self.peek().text == "}"):
+            token = self.peek()
+            if token.kind == "end":
+                raise self.error(token, "unclosed set: expected '}'")
+            if token.kind == "op" and token.text == ",":
+                self.take()
+                continue
+            if token.kind == "word" and ".." in token.text and not self._is_field_word(token.text):
+                low_text, high_text = token.text.split("..", 1)
+                self.take()
+                low, high = self._number(token, low_text), self._number(token, high_text)
+                members.append(range(low, high + 1))
+                continue
+            members.append(self.literal(field))
+        self.take()
+        return members
+
+    def _is_field_word(self, word: str) -> bool:
+        return word in self.fields or word in RECORD_FIELDS
+
+    def _number(self, token: _Token, text: str) -> int:
+        try:
+            return int(text, 0)
+        except ValueError:
+            raise self.error(token, f"{text!r} is not a number") from None
+
+    def literal(self, field: str, want_bytes: bool = False):
+        token = self.take()
+        if token.kind == "string":
+            text = _unquote(token.text)
+            return text.encode() if want_bytes and self._is_bytes(field) else text
+        if token.kind != "word":
+            raise self.error(token, "expected a value" + (f", found {token.text!r}" if token.text else ""))
+        word = token.text
+        if self._is_bytes(field) and _BYTES_LITERAL.match(word):
+            return bytes.fromhex(re.sub(r"[:\-.]", "", word))
+        try:
+            number = int(word, 0)
+        except ValueError:
+            number = None
+        if field == "request":
+            if number is not None:
+                return number
+            pairs = _request_pairs(word)
+            if not pairs:
+                raise self.error(token, f"unknown request name {word!r}")
+            return _Requests(pairs)
+        if field == "name":
+            alias = cat.REQUEST_ALIASES.get(word.upper())
+            return alias.name if alias is not None else word.upper()
+        if field == "channel" and number is not None:
+            return Channel(number).name.lower() if number in Channel._value2member_map_ else word
+        if number is not None:
+            return number
+        bit = _bit_value(field, word)
+        if bit is not None:
+            return bit
+        if field in self.fields and self.fields[field].width:
+            raise self.error(token, f"{word!r} is not a value of the integer field {field!r}")
+        return word
+
+    def _is_bytes(self, field: str) -> bool:
+        spec = self.fields.get(field)
+        return spec is not None and spec.is_bytes
+
+
+def _unquote(text: str) -> str:
+    return bytes(text[1:-1], "utf-8").decode("unicode_escape")
+
+
+def _as_text(value) -> str:
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("latin-1")
+    return str(value)
+
+
+def _contains(value, needle) -> bool:
+    if isinstance(value, (bytes, bytearray)):
+        return (needle if isinstance(needle, bytes) else str(needle).encode()) in value
+    return str(needle) in str(value)
+
+
+def _equal(value, literal) -> bool:
+    if isinstance(literal, _Requests):
+        return False if not isinstance(value, tuple) else value in literal.pairs
+    if isinstance(literal, range):
+        return isinstance(value, int) and value in literal
+    if isinstance(value, tuple):             # a request: (channel, number) against a number
+        return value[1] == literal
+    if isinstance(value, str) and isinstance(literal, str):
+        return value.lower() == literal.lower()
+    return value == literal
+
+
+def _ordered(compare):
+    def run(value, literal):
+        if isinstance(value, tuple):
+            value = value[1]
+        if isinstance(literal, _Requests) or type(value) is not type(literal):
+            if not (isinstance(value, int) and isinstance(literal, int)):
+                return False
+        return compare(value, literal)
+    return run
+
+
+_COMPARE = {
+    "==": _equal,
+    "<": _ordered(lambda a, b: a < b), "<=": _ordered(lambda a, b: a <= b),
+    ">": _ordered(lambda a, b: a > b), ">=": _ordered(lambda a, b: a >= b),
+}
+
+
+class DisplayFilter:
+    """A compiled filter: `.matches(message, record, number)`."""
+
+    def __init__(self, text: str, predicate, uses_grammar: bool):
+        self.text = text
+        self._predicate = predicate
+        self._uses_grammar = uses_grammar
+
+    def matches(self, message, record, number: int) -> bool:
+        grammar: dict[str, list] | None = None
+
+        def get(name: str) -> list:
+            nonlocal grammar
+            spec = RECORD_FIELDS.get(name)
+            if spec is not None and name not in ("payload",):
+                return spec.value(message, record, number)
+            if grammar is None:
+                grammar = field_values(message)
+            return grammar.get(name, [])
+        return bool(self._predicate(get))
+
+    def __repr__(self) -> str:
+        return f"DisplayFilter({self.text!r})"
+
+
+def field_values(message) -> dict[str, list]:
+    """iter_fields as name -> values (arrays flattened); the request as (channel, number) for name matching."""
+    from .protocol import iter_fields
+    values: dict[str, list] = {}
+    for name, value in iter_fields(message):
+        if name == "request":
+            value = (int(message.channel), value)
+        if isinstance(value, list):
+            values.setdefault(name, []).extend(value)
+        else:
+            values.setdefault(name, []).append(value)
+    return values
+
+
+def compile_filter(text: str) -> DisplayFilter:
+    """Compile a display filter; raises FilterError (with a caret line) when it is not valid."""
+    compiler = _Compiler(text)
+    predicate = compiler.compile()
+    return DisplayFilter(text, predicate, compiler.uses_grammar)
+
+
+__all__ = ["compile_filter", "FilterError", "DisplayFilter", "RECORD_FIELDS", "grammar_fields", "walk_layout",
+           "field_values"]

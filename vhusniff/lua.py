@@ -1,0 +1,556 @@
+"""The Wireshark dissector, generated from the grammar: `python3 -m vhusniff.lua > dissectors/vhost_user.lua`.
+
+The output is data tables (request names, payload candidates, layouts, bit fields, feature names, record
+fields), all derived from protocol.py, catalogue.py, capture.py and filters.RECORD_FIELDS, followed by the
+fixed Lua body below (LUA_BODY). Nothing in the Lua declares a
+field by hand: each ProtoField is made from the FIELDS table. tests/test_dissector.py fails when the checked-in
+file differs from this output, and cross-checks every field against `protocol.iter_fields` with real tshark.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+
+from . import catalogue as cat
+from .capture import FD_KINDS, LINKTYPE_USER0, PSEUDO_FLAG_UNFRAMED, PSEUDO_MAGIC
+from .filters import RECORD_FIELDS, grammar_fields, walk_layout
+from .model import Channel, Direction, RecordKind
+from .protocol import (
+    FIXED_SIZE, HEADER_SIZE, MAX_PAYLOAD_SIZE, PAYLOADS, REGION, REGION_XEN, DecodeContext, payload_candidates,
+    request_name,
+)
+
+DISSECTOR_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dissectors",
+                              "vhost_user.lua")
+
+_FT_BY_WIDTH = {0: "bytes", 1: "uint8", 2: "uint16", 4: "uint32", 6: "uint64", 8: "uint64"}
+# Problems of protocol.decode, as Wireshark expert items: code -> (group, severity).
+EXPERT_ITEMS = {
+    "truncated-header": ("MALFORMED", "ERROR"),
+    "reserved-flags": ("PROTOCOL", "WARN"),
+    "bad-version": ("PROTOCOL", "ERROR"),
+    "oversize": ("PROTOCOL", "WARN"),
+    "size-mismatch": ("MALFORMED", "ERROR"),
+    "unknown-request": ("UNDECODED", "NOTE"),
+    "payload-layout": ("MALFORMED", "WARN"),
+    "capture": ("MALFORMED", "ERROR"),          # a record whose pseudo-header vhusniff cannot read
+}
+
+
+def _lua_layout(entries: list[dict]) -> list[dict]:
+    """Layout entries as the Lua body walks them (nested element fields live in ELEMENTS, docs in FIELDS)."""
+    return [{key: value for key, value in entry.items() if key not in ("fields", "doc")} for entry in entries]
+
+
+def grammar_tables() -> dict:
+    """Every table the Lua body reads, as plain Python data."""
+    # A name that is an integer in one kind and bytes in another gets two ProtoFields with the same abbreviation.
+    fields = {name: {"type": _FT_BY_WIDTH[spec.width], "doc": spec.doc}
+              for name, spec in grammar_fields().items() if spec.width}
+    byte_fields = {name: {"type": "bytes", "doc": spec.doc} for name, spec in grammar_fields().items() if spec.is_bytes}
+    header_bits = [[f"flags.{bit}", mask] for bit, mask in cat.BITFIELDS["flags"].items()]
+    layouts = {kind: _lua_layout(walk_layout(structure, prefix, kind))
+               for kind, (structure, prefix, _doc) in PAYLOADS.items()}
+    elements = {"region": _lua_layout(walk_layout(REGION, "mem.region", "region")),
+                "region_xen": _lua_layout(walk_layout(REGION_XEN, "mem.region", "region_xen"))}
+    channels = {Channel.MAIN: cat.SPEC_PROFILE.frontend_names, Channel.BACKEND: cat.SPEC_PROFILE.backend_names,
+                Channel.GPU: cat.SPEC_PROFILE.gpu_names}
+    candidates = {}
+    for channel, names in channels.items():
+        for request, is_reply, xen, packed in itertools.product(names, (False, True), (False, True), (False, True)):
+            ctx = DecodeContext(protocol_features=int(xen) << 17, features=int(packed) << 34)
+            kinds = payload_candidates(channel, request, is_reply, ctx)
+            if kinds:
+                candidates[f"{int(channel)}:{request}:{int(is_reply)}:{int(xen)}:{int(packed)}"] = list(kinds)
+    return {
+        "FIELDS": fields,
+        "BYTE_FIELDS": byte_fields,
+        "HEADER_BITS": header_bits,
+        "LAYOUTS": layouts,
+        "ELEMENTS": elements,
+        "FIXED_SIZE": {kind: size for kind, size in FIXED_SIZE.items() if size is not None},
+        "KIND_DOC": {kind: doc for kind, (_s, _p, doc) in PAYLOADS.items()},
+        "CANDIDATES": candidates,
+        "REQUEST_NAMES": {int(channel): dict(names) for channel, names in channels.items()},
+        "CHANNEL_NAMES": {int(c): c.name.lower() for c in Channel},
+        "DIRECTION_NAMES": {int(d): d.arrow for d in Direction},
+        "RECORD_KIND_NAMES": {int(k): k.name.lower() for k in RecordKind},
+        "FD_KIND_NAMES": dict(enumerate(FD_KINDS)),
+        "RECORD_FIELDS": {name: {"type": spec.lua_type, "doc": spec.doc} for name, spec in RECORD_FIELDS.items()
+                          if spec.lua_type},
+        "PROTOCOL_FEATURES": dict(cat.SPEC_PROFILE.protocol_features),
+        "TRANSPORT_FEATURES": dict(cat.TRANSPORT_FEATURES),
+        "DEVICE_FEATURES": {device: dict(names) for device, names in cat.DEVICE_FEATURES.items()},
+        "DEVICE_STATUS": dict(cat.DEVICE_STATUS),
+        "EXPERT_ITEMS": {code: list(levels) for code, levels in EXPERT_ITEMS.items()},
+        "CONSTANTS": {
+            "HEADER_SIZE": HEADER_SIZE, "TRUNCATED_NAME": request_name(Channel.MAIN, -1), "MAX_PAYLOAD_SIZE": MAX_PAYLOAD_SIZE, "LINKTYPE": LINKTYPE_USER0,
+            "FLAG_REPLY": cat.FLAG_REPLY, "FLAG_NEED_REPLY": cat.FLAG_NEED_REPLY,
+            "FLAGS_RESERVED": cat.FLAGS_RESERVED, "VERSION_MASK": cat.VERSION_MASK, "VERSION": cat.VERSION,
+            "PSEUDO_MAGIC": PSEUDO_MAGIC.decode(), "PSEUDO_FLAG_UNFRAMED": PSEUDO_FLAG_UNFRAMED,
+            "CHANNEL_MAIN": int(Channel.MAIN), "SET_FEATURES": int(cat.FrontendRequest.SET_FEATURES),
+            "SET_PROTOCOL_FEATURES": int(cat.FrontendRequest.SET_PROTOCOL_FEATURES),
+            "XEN_MMAP_BIT": cat.SPEC_PROFILE.protocol_feature_bit("XEN_MMAP"),
+            "RING_PACKED_BIT": next(b for b, n in cat.TRANSPORT_FEATURES.items() if n == "RING_PACKED"),
+        },
+    }
+
+
+def to_lua(value, indent: str = "") -> str:
+    """A Python value as a Lua constructor (dict keys sorted, so the output is stable)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    inner = indent + "  "
+    if isinstance(value, (list, tuple)):
+        if all(not isinstance(item, (dict, list, tuple)) for item in value):
+            return "{" + ", ".join(to_lua(item) for item in value) + "}"
+        return "{\n" + "".join(f"{inner}{to_lua(item, inner)},\n" for item in value) + indent + "}"
+    if isinstance(value, dict):
+        items = sorted(value.items(), key=lambda kv: (isinstance(kv[0], str), kv[0]))
+        lines = []
+        for key, item in items:
+            lua_key = f"[{key}]" if isinstance(key, int) else f"[{to_lua(key)}]"
+            lines.append(f"{inner}{lua_key} = {to_lua(item, inner)},\n")
+        return "{\n" + "".join(lines) + indent + "}"
+    raise TypeError(value)
+
+
+def render() -> str:
+    tables = grammar_tables()
+    parts = ["-- vhost-user dissector for Wireshark/tshark, GENERATED by `python3 -m vhusniff.lua`: do not edit.\n"
+             "-- Install: copy to ~/.local/lib/wireshark/plugins/ (or run tshark -X lua_script:vhost_user.lua).\n"
+             "-- Reads vhusniff captures (pcapng, link type 147 USER0, pseudo-header v1; docs/capture-format.md).\n"]
+    for name, value in tables.items():
+        parts.append(f"local {name} = {to_lua(value)}\n")
+    parts.append(LUA_BODY)
+    return "\n".join(parts)
+
+
+LUA_BODY = r'''
+local C = CONSTANTS
+local vhost_user = Proto("vhost_user", "vhost-user")
+
+-- ProtoFields, all made from the generated tables.
+local pf = {}      -- name -> ProtoField
+local pf_bytes = {}  -- name -> ProtoField of the bytes variant of a name
+local field_list = {}
+local function make_field(name, spec, pf)
+  local abbr = "vhost_user." .. name
+  local t = spec.type
+  if t == "uint64" then
+    pf[name] = ProtoField.uint64(abbr, name, base.HEX, nil, nil, spec.doc)
+  elseif t == "uint32" or t == "uint16" or t == "uint8" then
+    pf[name] = ProtoField[t](abbr, name, base.DEC, nil, nil, spec.doc)
+  elseif t == "string" then
+    pf[name] = ProtoField.string(abbr, name, base.UNICODE, spec.doc)
+  elseif t == "bytes" then
+    pf[name] = ProtoField.bytes(abbr, name, base.NONE, spec.doc)
+  elseif t == "int64" then
+    pf[name] = ProtoField.int64(abbr, name, base.DEC, nil, nil, spec.doc)
+  elseif t == "request_link" then
+    pf[name] = ProtoField.framenum(abbr, name, base.NONE, frametype.REQUEST, nil, spec.doc)
+  elseif t == "response_link" then
+    pf[name] = ProtoField.framenum(abbr, name, base.NONE, frametype.RESPONSE, nil, spec.doc)
+  elseif t == "relative_time" then
+    pf[name] = ProtoField.relative_time(abbr, name, spec.doc)
+  else
+    error("unknown field type " .. t .. " for " .. name)
+  end
+  field_list[#field_list + 1] = pf[name]
+end
+for name, spec in pairs(FIELDS) do make_field(name, spec, pf) end
+for name, spec in pairs(BYTE_FIELDS) do make_field(name, spec, pf_bytes) end
+for name, spec in pairs(RECORD_FIELDS) do make_field(name, spec, pf) end
+vhost_user.fields = field_list
+
+local expert = {}
+local expert_list = {}
+for code, levels in pairs(EXPERT_ITEMS) do
+  expert[code] = ProtoExpert.new("vhost_user.expert." .. code, code,
+                                 _G["PI_" .. levels[1]], _G["PI_" .. levels[2]])
+  expert_list[#expert_list + 1] = expert[code]
+end
+vhost_user.experts = expert_list
+
+-- Per-capture state, filled on the first pass and read on every pass (Wireshark may revisit in any order).
+local state = {}
+function vhost_user.init()
+  state = {
+    contexts = {},        -- connection -> {features = UInt64, protocol_features = UInt64, device = name}
+    frame_context = {},   -- frame -> {xen = bool, packed = bool, device = name}
+    pending = {},         -- "connection:channel" -> {frame, request, time}
+    response_in = {},     -- request frame -> reply frame
+    response_to = {},     -- reply frame -> request frame
+    response_time = {},   -- reply frame -> NSTime
+  }
+end
+
+local function u64_bit(value, bit)
+  if value == nil then return false end
+  return value:rshift(bit):band(UInt64(1)):tonumber() == 1
+end
+
+local function bit_names(value, names)
+  local parts = {}
+  for bit = 0, 63 do
+    if u64_bit(value, bit) then parts[#parts + 1] = names[bit] or ("bit" .. bit) end
+  end
+  if #parts == 0 then return "0" end
+  return table.concat(parts, "|")
+end
+
+local function masked(value, mask)
+  -- value and mask are Lua numbers below 2^32 (header flags, u8/u32 bit fields)
+  local shift = 0
+  while bit32.band(mask, bit32.lshift(1, shift)) == 0 do shift = shift + 1 end
+  return bit32.rshift(bit32.band(value, mask), shift)
+end
+
+local function read_uint(range, width)
+  if width <= 4 then return range:le_uint() end
+  return range:le_uint64()
+end
+
+-- Does `layout` account for exactly `size` bytes at `offset`? Mirrors protocol.decode's "variable kinds must
+-- consume every byte" rule. Returns the end offset or nil.
+local function measure(layout, tvb, offset, limit)
+  local values = {}
+  for _, entry in ipairs(layout) do
+    if entry.width then
+      local count = entry.count or 1
+      if offset + entry.width * count > limit then return nil end
+      if count == 1 and entry.width <= 4 then values[entry.short] = tvb(offset, entry.width):le_uint() end
+      offset = offset + entry.width * count
+    elseif entry.bytes then
+      if offset + entry.bytes > limit then return nil end
+      offset = offset + entry.bytes
+    elseif entry.bytes_from then
+      local length = values[entry.bytes_from]
+      if offset + length > limit then return nil end
+      offset = offset + length
+    elseif entry.rest then
+      offset = limit
+    elseif entry.element then
+      local count = entry.count_from and values[entry.count_from] or 1
+      for _ = 1, count do
+        offset = measure(ELEMENTS[entry.element], tvb, offset, limit)
+        if offset == nil then return nil end
+      end
+    end
+  end
+  return offset
+end
+
+local function describe_value(name, value)
+  local short = name:match("([^.]+)$")
+  if short == "features" then
+    return bit_names(value, TRANSPORT_FEATURES)
+  elseif short == "protocol_features" then
+    return bit_names(value, PROTOCOL_FEATURES)
+  elseif short == "status" then
+    return bit_names(value, DEVICE_STATUS)
+  end
+  return nil
+end
+
+local function add_layout(tree, layout, tvb, offset, feature_names)
+  local values = {}
+  for _, entry in ipairs(layout) do
+    if entry.width then
+      for _ = 1, entry.count or 1 do
+        local range = tvb(offset, entry.width)
+        local item = tree:add_le(pf[entry.name], range)
+        local value = read_uint(range, entry.width)
+        values[entry.short] = value
+        local names = entry.short == "features" and feature_names or nil
+        local text = names and bit_names(value, names) or describe_value(entry.name, value)
+        if text then item:append_text(" (" .. text .. ")") end
+        for _, bit in ipairs(entry.bits) do
+          -- every bit-field mask of the grammar lies in the low 32 bits
+          item:add(pf[bit[1]], range, masked(tvb(offset, math.min(entry.width, 4)):le_uint(), bit[2]))
+        end
+        offset = offset + entry.width
+      end
+    elseif entry.bytes or entry.bytes_from or entry.rest then
+      local length = entry.bytes or (entry.bytes_from and values[entry.bytes_from]) or (tvb:len() - offset)
+      tree:add(pf_bytes[entry.name], tvb(offset, length))
+      offset = offset + length
+    elseif entry.element then
+      local count = entry.count_from and values[entry.count_from] or 1
+      for index = 1, count do
+        local start = offset
+        local subtree = tree:add(vhost_user, tvb(offset, 0), entry.name .. "[" .. (index - 1) .. "]")
+        offset = add_layout(subtree, ELEMENTS[entry.element], tvb, offset, feature_names)
+        subtree:set_len(offset - start)
+      end
+    end
+  end
+  return offset
+end
+
+-- The pseudo-header: returns record info, or nil plus a reason.
+local function dissect_pseudo_header(tvb, tree)
+  if tvb:len() < 8 or tvb(0, 4):string() ~= C.PSEUDO_MAGIC then
+    return nil, "packet does not start with the vhusniff pseudo-header (magic VHUS)"
+  end
+  local version = tvb(4, 2):le_uint()
+  local header_length = tvb(6, 2):le_uint()
+  local header_tree = tree:add(vhost_user, tvb(0, math.min(header_length, tvb:len())), "vhusniff pseudo-header")
+  header_tree:add_le(pf["pseudo.version"], tvb(4, 2))
+  header_tree:add_le(pf["pseudo.header_length"], tvb(6, 2))
+  if version ~= 1 then
+    return nil, "unknown pseudo-header version " .. version .. " (this dissector reads 1)"
+  end
+  if tvb:len() < 20 or header_length > tvb:len() then
+    return nil, "pseudo-header of " .. header_length .. " bytes in a " .. tvb:len() .. "-byte packet"
+  end
+  local record = {
+    header_length = header_length,
+    connection = tvb(8, 4):le_uint(),
+    kind = tvb(12, 1):uint(),
+    channel = tvb(13, 1):uint(),
+    direction = tvb(14, 1):uint(),
+    flags = tvb(15, 1):uint(),
+    fd_count = tvb(16, 2):le_uint(),
+    note_length = tvb(18, 2):le_uint(),
+    fd_kinds = {},
+  }
+  header_tree:add_le(pf["connection"], tvb(8, 4))
+  header_tree:add(pf["record_kind"], tvb(12, 1), RECORD_KIND_NAMES[record.kind] or tostring(record.kind))
+  header_tree:add(pf["channel"], tvb(13, 1), CHANNEL_NAMES[record.channel] or tostring(record.channel))
+  header_tree:add(pf["direction"], tvb(14, 1), DIRECTION_NAMES[record.direction] or tostring(record.direction))
+  header_tree:add(pf["unframed"], tvb(15, 1), bit32.band(record.flags, C.PSEUDO_FLAG_UNFRAMED))
+  header_tree:add_le(pf["fds"], tvb(16, 2))
+  local position = 20
+  for index = 1, record.fd_count do
+    if position + 24 > header_length then return nil, "fd descriptions run past the pseudo-header" end
+    local name_length = tvb(position + 1, 1):uint()
+    local fd_tree = header_tree:add(vhost_user, tvb(position, 24 + name_length), "fd[" .. (index - 1) .. "]")
+    local kind = FD_KIND_NAMES[tvb(position, 1):uint()] or "unknown"
+    record.fd_kinds[#record.fd_kinds + 1] = kind
+    fd_tree:add(pf["fd.kind"], tvb(position, 1), kind)
+    fd_tree:add_le(pf["fd.seals"], tvb(position + 2, 2))
+    fd_tree:add_le(pf["fd.inode"], tvb(position + 8, 8))
+    fd_tree:add_le(pf["fd.size"], tvb(position + 16, 8))
+    local text = kind
+    if name_length > 0 then
+      local name = tvb(position + 24, name_length):string(ENC_UTF_8)
+      fd_tree:add(pf["fd.name"], tvb(position + 24, name_length), name)
+      text = text .. ":" .. name
+    end
+    fd_tree:append_text(": " .. text)
+    position = position + 24 + name_length
+  end
+  if position + record.note_length > header_length then return nil, "note runs past the pseudo-header" end
+  if record.note_length > 0 then
+    record.note = tvb(position, record.note_length):string(ENC_UTF_8)
+    header_tree:add(pf["note"], tvb(position, record.note_length), record.note)
+  end
+  if CHANNEL_NAMES[record.channel] == nil or DIRECTION_NAMES[record.direction] == nil
+      or RECORD_KIND_NAMES[record.kind] == nil then
+    return nil, "bad pseudo-header field"
+  end
+  return record
+end
+
+local function problem(tree, item, code, text)
+  tree:add(pf["problem"], code)
+  tree:add_proto_expert_info(expert[code], code .. ": " .. text)
+  return code
+end
+
+-- The negotiated context this frame decodes in (first pass: the connection's state so far).
+local function frame_context(pinfo, record)
+  local context = state.frame_context[pinfo.number]
+  if context == nil then
+    local connection = state.contexts[record.connection] or {}
+    context = {
+      xen = u64_bit(connection.protocol_features, C.XEN_MMAP_BIT),
+      packed = u64_bit(connection.features, C.RING_PACKED_BIT),
+      device = connection.device,
+    }
+    state.frame_context[pinfo.number] = context
+  end
+  return context
+end
+
+local function observe(pinfo, record, request, is_reply, kind, tvb, start)
+  -- After the frame: SET_FEATURES / SET_PROTOCOL_FEATURES change how later frames of the connection decode.
+  if pinfo.visited or record.channel ~= C.CHANNEL_MAIN or is_reply or kind == nil then return end
+  local connection = state.contexts[record.connection] or {}
+  state.contexts[record.connection] = connection
+  if request == C.SET_FEATURES then
+    connection.features = tvb(start, 8):le_uint64()
+  elseif request == C.SET_PROTOCOL_FEATURES then
+    connection.protocol_features = tvb(start, 8):le_uint64()
+  end
+end
+
+local function link(pinfo, tree, record, request, is_reply)
+  local key = record.connection .. ":" .. record.channel
+  if not pinfo.visited then
+    if not is_reply then
+      state.pending[key] = {frame = pinfo.number, request = request, time = pinfo.abs_ts}
+    else
+      local pending = state.pending[key]
+      if pending and pending.request == request then
+        state.response_in[pending.frame] = pinfo.number
+        state.response_to[pinfo.number] = pending.frame
+        state.response_time[pinfo.number] = pinfo.abs_ts - pending.time
+        state.pending[key] = nil
+      end
+    end
+  end
+  if state.response_in[pinfo.number] then
+    tree:add(pf["response_in"], state.response_in[pinfo.number])
+  end
+  if state.response_to[pinfo.number] then
+    tree:add(pf["response_to"], state.response_to[pinfo.number])
+    local seconds = state.response_time[pinfo.number]
+    tree:add(pf["response_time"], NSTime(math.floor(seconds), math.floor((seconds % 1) * 1e9 + 0.5)))
+  end
+end
+
+local function choose_kind(tvb, start, size, kinds)
+  for _, kind in ipairs(kinds) do
+    local fixed = FIXED_SIZE[kind]
+    if fixed ~= nil then
+      if fixed == size then return kind end
+    elseif measure(LAYOUTS[kind], tvb, start, start + size) == start + size then
+      return kind
+    end
+  end
+  return nil
+end
+
+local function dissect_message(tvb, pinfo, tree, record, start)
+  local length = tvb:len() - start
+  local channel_names = REQUEST_NAMES[record.channel] or {}
+  if length < C.HEADER_SIZE then
+    tree:add(pf["name"], C.TRUNCATED_NAME)
+    problem(tree, nil, "truncated-header", length .. " bytes, a header needs " .. C.HEADER_SIZE)
+    pinfo.cols.info:append(C.TRUNCATED_NAME)
+    return
+  end
+  local request = tvb(start, 4):le_uint()
+  local flags = tvb(start + 4, 4):le_uint()
+  local size = tvb(start + 8, 4):le_uint()
+  local name = channel_names[request] or ("UNKNOWN_" .. request)
+  local is_reply = bit32.band(flags, C.FLAG_REPLY) ~= 0
+  tree:add(pf["name"], tvb(start, 4), name)
+  tree:add_le(pf["request"], tvb(start, 4)):append_text(" (" .. name .. ")")
+  local flags_item = tree:add_le(pf["flags"], tvb(start + 4, 4))
+  for _, bit in ipairs(HEADER_BITS) do
+    flags_item:add(pf[bit[1]], tvb(start + 4, 4), masked(flags, bit[2]))
+  end
+  tree:add_le(pf["size"], tvb(start + 8, 4))
+  local info = name .. (is_reply and " reply" or "")
+  local problems = {}
+  if bit32.band(flags, C.FLAGS_RESERVED) ~= 0 then
+    problems[#problems + 1] = problem(tree, flags_item, "reserved-flags",
+      string.format("reserved flag bits set: 0x%x", bit32.band(flags, C.FLAGS_RESERVED)))
+  end
+  if bit32.band(flags, C.VERSION_MASK) ~= C.VERSION then
+    problems[#problems + 1] = problem(tree, flags_item, "bad-version",
+      "version " .. bit32.band(flags, C.VERSION_MASK) .. ", expected " .. C.VERSION)
+  end
+  if size > C.MAX_PAYLOAD_SIZE then
+    problems[#problems + 1] = problem(tree, nil, "oversize",
+      "size " .. size .. " exceeds the maximum " .. C.MAX_PAYLOAD_SIZE)
+  end
+  local body = start + C.HEADER_SIZE
+  local body_length = length - C.HEADER_SIZE
+  local kind = nil
+  if body_length ~= size then
+    problems[#problems + 1] = problem(tree, nil, "size-mismatch",
+      "header says " .. size .. " payload bytes, " .. body_length .. " present")
+  else
+    local context = frame_context(pinfo, record)
+    local key = record.channel .. ":" .. request .. ":" .. (is_reply and 1 or 0) .. ":" ..
+                (context.xen and 1 or 0) .. ":" .. (context.packed and 1 or 0)
+    local kinds = CANDIDATES[key]
+    if kinds == nil then
+      problems[#problems + 1] = problem(tree, nil, "unknown-request",
+        "request " .. request .. " is not known on the " .. (CHANNEL_NAMES[record.channel] or "?") .. " channel")
+    else
+      kind = choose_kind(tvb, body, size, kinds)
+      if kind == nil then
+        problems[#problems + 1] = problem(tree, nil, "payload-layout",
+          size .. "-byte payload fits no layout of this message (expected " .. table.concat(kinds, " or ") .. ")")
+      end
+    end
+  end
+  if kind ~= nil then
+    tree:add(pf["kind"], kind)
+    local context = frame_context(pinfo, record)
+    local feature_names = TRANSPORT_FEATURES
+    if context.device and DEVICE_FEATURES[context.device] then
+      feature_names = {}
+      for bit, bit_name in pairs(TRANSPORT_FEATURES) do feature_names[bit] = bit_name end
+      for bit, bit_name in pairs(DEVICE_FEATURES[context.device]) do feature_names[bit] = bit_name end
+    end
+    if size > 0 then
+      local payload_tree = tree:add(vhost_user, tvb(body, size), "payload: " .. KIND_DOC[kind])
+      add_layout(payload_tree, LAYOUTS[kind], tvb, body, feature_names)
+    else
+      add_layout(tree, LAYOUTS[kind], tvb, body, feature_names)
+    end
+  elseif body_length > 0 or (body_length == 0 and size == 0) then
+    tree:add(pf_bytes["payload"], tvb(body, body_length))
+  end
+  for _, code in ipairs(problems) do info = info .. " [" .. code .. "]" end
+  pinfo.cols.info:append(info)
+  link(pinfo, tree, record, request, is_reply)
+  observe(pinfo, record, request, is_reply, kind, tvb, body)
+end
+
+function vhost_user.dissector(tvb, pinfo, tree)
+  pinfo.cols.protocol = "vhost-user"
+  pinfo.cols.info:clear()
+  local root = tree:add(vhost_user, tvb())
+  local record, reason = dissect_pseudo_header(tvb, root)
+  if record == nil then
+    root:add(pf["problem"], "capture")
+    root:add_proto_expert_info(expert["capture"], reason)
+    pinfo.cols.info:set("[" .. reason .. "]")
+    return
+  end
+  local where = "c" .. record.connection
+  if record.channel ~= C.CHANNEL_MAIN then where = where .. "/" .. CHANNEL_NAMES[record.channel] end
+  pinfo.cols.src = record.direction == 0 and "front-end" or "back-end"
+  pinfo.cols.dst = record.direction == 0 and "back-end" or "front-end"
+  pinfo.cols.info:set(where .. " " .. DIRECTION_NAMES[record.direction] .. " ")
+  if record.kind ~= 0 then
+    local note = record.note or ""
+    pinfo.cols.info:append("--- " .. note)
+    local device = note:match("device[=: ]+([%w_]+)")
+    if device and DEVICE_FEATURES[device] and not pinfo.visited then
+      local connection = state.contexts[record.connection] or {}
+      connection.device = device
+      state.contexts[record.connection] = connection
+    end
+    return
+  end
+  dissect_message(tvb, pinfo, root, record, record.header_length)
+  if record.fd_count > 0 then
+    pinfo.cols.info:append("  fds=" .. table.concat(record.fd_kinds, ","))
+  end
+  if record.note then pinfo.cols.info:append("  (" .. record.note .. ")") end
+end
+
+DissectorTable.get("wtap_encap"):add(wtap.USER0, vhost_user)
+'''
+
+
+def main(argv: list[str] | None = None) -> int:
+    sys.stdout.write(render())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
