@@ -11,7 +11,6 @@ and `analyzer.connection_report(c)`.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 from . import catalogue as cat
@@ -19,22 +18,7 @@ from .expert import CHECKS, Finding, check_message
 from .model import Channel, Direction, Record, RecordKind
 from .protocol import Message, request_name, request_table
 from .session import ContextTracker
-from .state import ConnectionState
-
-# How lifecycle event notes read (proxy and lab): first match wins.
-EVENT_PATTERNS = (
-    ("end", re.compile(r"clos|disconnect|hung up|hang-?up|EOF|reset by|ended|crash|died|killed|gone", re.I)),
-    ("connect", re.compile(r"connect|accept", re.I)),
-)
-
-
-def classify_event(note: str) -> str:
-    """'connect', 'end' or 'other' for an event record's note."""
-    for kind, pattern in EVENT_PATTERNS:
-        if pattern.search(note):
-            return kind
-    return "other"
-
+from .state import ConnectionState, classify_event
 
 class Expect:
     """What a request waits for."""
@@ -116,7 +100,7 @@ class Analyzer:
         state = conn.state
         before = len(self.findings)
         if record.kind == RecordKind.EVENT:
-            ending = classify_event(record.note) == "end" and not state.ended
+            ending = classify_event(record.note, record.channel) == "end" and not state.ended
             state.feed(number, record, None)
             if ending:
                 self._connection_ended(conn, number, record)
@@ -226,7 +210,7 @@ class Analyzer:
             transaction.outcome = "outstanding at disconnect"
             self._add("disconnect-with-request-outstanding", record.connection,
                       (number, transaction.request_number),
-                      f"{record.note} while {self._waiter(transaction)} waited for the "
+                      f"{record.note.split(';')[0]} while {self._waiter(transaction)} waited for the "
                       f"{transaction.expect} to {transaction.name} (#{transaction.request_number})")
         for queue in conn.waiting.values():
             queue.clear()
@@ -250,10 +234,35 @@ def end_summary(analyzer: Analyzer, connection: int) -> str:
     return f"{state.ended_note} (#{state.ended_number}), no request outstanding"
 
 
+def connection_report(analyzer: Analyzer, connection: int) -> str:
+    """What a person reads first when a VM did not start: how it ended, the findings, the negotiation, the
+    device's start and stop, and the state at the end."""
+    state = analyzer.state(connection)
+    findings = sorted(analyzer.findings_for(connection), key=lambda f: (-f.severity, f.number))
+    seconds = ((state.last_ns or 0) - (state.first_ns or 0)) / 1e9
+    lines = [f"Connection {connection} ({state.device_type or 'unknown device'}): {state.messages} messages over "
+             f"{seconds:.3f} s (#{state.first_number}-#{state.last_number})"]
+    if state.connected_note:
+        lines.append(f"  Started: {state.connected_note}")
+    lines.append(f"  Ended:   {end_summary(analyzer, connection)}")
+    counts = {}
+    for finding in findings:
+        counts[str(finding.severity)] = counts.get(str(finding.severity), 0) + 1
+    lines.append("  Findings: " + (", ".join(f"{n} {severity}" for severity, n in counts.items()) or "none"))
+    lines += ["    " + finding.line() for finding in findings]
+    lines.append("  Negotiation")
+    lines += ["    " + line for line in state.negotiation_lines()]
+    lines.append("  Device start and stop")
+    lines += [f"    #{number:<5} {text}" for number, text in state.history] or ["    (the device never started)"]
+    lines.append("  State at the end")
+    lines += ["  " + line for line in state.format(negotiation=False).splitlines()[1:]]
+    return "\n".join(lines)
+
+
 def direction_for(channel: Channel, is_reply: bool) -> Direction:
     """Who sends a message: requests go F>B on the main channel and B>F on the back-end channel."""
     frontend_sends = (channel != Channel.BACKEND) != is_reply
     return Direction.FRONTEND_TO_BACKEND if frontend_sends else Direction.BACKEND_TO_FRONTEND
 
 
-__all__ = ["Analyzer", "Transaction", "Expect", "classify_event", "end_summary", "request_name", "direction_for"]
+__all__ = ["Analyzer", "connection_report", "Transaction", "Expect", "classify_event", "end_summary", "request_name", "direction_for"]

@@ -6,6 +6,7 @@ so the state needs no request/reply matching.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from . import catalogue as cat
@@ -18,6 +19,21 @@ NOFD = "NOFD"               # a vring fd slot set explicitly to "no fd, poll ins
 PROTOCOL_FEATURES_BIT = 30
 ACCESS_PLATFORM_BIT = 33
 RING_PACKED_BIT = 34
+
+
+# How lifecycle event notes read (proxy and lab): first match wins.
+EVENT_PATTERNS = (
+    ("end", re.compile(r"clos|disconnect|hung up|hang-?up|EOF|reset by|ended|crash|died|killed|gone", re.I)),
+    ("connect", re.compile(r"connect|accept", re.I)),
+)
+
+
+def classify_event(note: str, channel: Channel = Channel.MAIN) -> str:
+    """'connect', 'end', 'channel-end' (a side channel closed, the connection goes on) or 'other'."""
+    for kind, pattern in EVENT_PATTERNS:
+        if pattern.search(note):
+            return "channel-end" if kind == "end" and channel != Channel.MAIN else kind
+    return "other"
 
 
 @dataclass
@@ -141,7 +157,7 @@ class ConnectionState:
             self.first_number, self.first_ns = number, record.timestamp_ns
         self.last_number, self.last_ns = number, record.timestamp_ns
         if record.kind == RecordKind.EVENT:
-            self._event(number, record.note)
+            self._event(number, record)
             return
         self.messages += 1
         if message is None or message.kind is None or message.channel != Channel.MAIN:
@@ -153,10 +169,14 @@ class ConnectionState:
         elif record.direction == Direction.FRONTEND_TO_BACKEND:
             self._request(number, record, message)
 
-    def _event(self, number: int, note: str) -> None:
-        from .analysis import classify_event
-        kind = classify_event(note)
-        if kind == "connect" and not self.connected_note:
+    def _event(self, number: int, record: Record) -> None:
+        note = record.note
+        kind = classify_event(note, record.channel)
+        if kind == "channel-end":
+            self.history.append((number, note))
+            if record.channel == Channel.BACKEND:
+                self.backend_channel = None
+        elif kind == "connect" and not self.connected_note:
             self.connected_note = note
         elif kind == "end" and not self.ended:
             self.ended_number, self.ended_note = number, note
@@ -181,8 +201,9 @@ class ConnectionState:
         payload, request, kind = message.payload, message.request, message.kind
         fd = record.fds[0] if record.fds else None
         if request == F.SET_FEATURES:
+            if payload.features != self.features_acked:
+                self.history.append((number, f"features acked {payload.features:#x}"))
             self.features_acked = payload.features
-            self.history.append((number, f"features acked {self._feature_text(payload.features)}"))
         elif request == F.SET_PROTOCOL_FEATURES:
             self.protocol_features_acked = payload.protocol_features
         elif request == F.SET_OWNER:
@@ -202,10 +223,13 @@ class ConnectionState:
             region = MemoryRegion(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset, fd, number)
             self.memory_mode = "slots"
             self.regions = [old for old in self.regions if not old.same_region(region)] + [region]
+            self.history.append((number, f"memory region added gpa={region.guest_phys_addr:#x} "
+                                         f"size={region.memory_size:#x}"))
         elif request == F.REM_MEM_REG and kind.startswith("mem_region"):
             r = payload.region
             gone = MemoryRegion(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset, None, number)
             self.regions = [old for old in self.regions if not old.same_region(gone)]
+            self.history.append((number, f"memory region removed gpa={gone.guest_phys_addr:#x}"))
         elif request == F.SET_LOG_FD:
             self.log_fd = fd
         elif request == F.SET_VRING_NUM:
@@ -270,12 +294,13 @@ class ConnectionState:
             f"owner set: {_yes(self.owner_set)}",
         ]
 
-    def format(self) -> str:
+    def format(self, negotiation: bool = True) -> str:
         """The whole state, several lines, for `vhusniff state` and for the proxy when a connection ends."""
         device = self.device_type or "unknown device"
         lines = [f"connection {self.connection} ({device}), {self.messages} messages"
                  + (f", #{self.first_number}-#{self.last_number}" if self.first_number else "")]
-        lines += ["  " + line for line in self.negotiation_lines()]
+        if negotiation:
+            lines += ["  " + line for line in self.negotiation_lines()]
         status = "(not set)" if self.status is None else \
             f"{self.status:#x} ({cat.bit_names(self.status, cat.DEVICE_STATUS)})"
         lines.append(f"  device status: {status}   suspended: {_yes(self.suspended)}")

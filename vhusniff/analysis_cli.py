@@ -1,0 +1,211 @@
+"""`vhusniff state | stats | report | expert | timeline CAPTURE`: the analysis views of a capture."""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+
+from . import catalogue as cat
+from .analysis import Analyzer, Transaction, connection_report, end_summary
+from .expert import CHECKS, Severity
+from .model import Channel, Record, RecordKind
+from .protocol import Message
+
+EXIT_BAD_INPUT = 2
+
+
+@dataclass
+class Loaded:
+    analyzer: Analyzer
+    seen: list[tuple[int, Record, Message | None]] = field(default_factory=list)
+    error: str = ""
+
+
+def load(path: str, device: str | None = None, profile: str = "qemu-spec", at: int | None = None,
+         keep: bool = False) -> Loaded:
+    """Analyse a capture (up to record number `at`). A damaged capture is analysed as far as it reads."""
+    from .capture import CaptureError, read_capture
+    analyzer = Analyzer(device, cat.PROFILES[profile])
+    loaded = Loaded(analyzer)
+    try:
+        for number, record in enumerate(read_capture(path), 1):
+            if at is not None and number > at:
+                break
+            message = analyzer.tracker.decode(record) if record.kind == RecordKind.MESSAGE else None
+            analyzer.feed(record, message, number)
+            if keep:
+                loaded.seen.append((number, record, message))
+    except CaptureError as error:
+        loaded.error = str(error)
+    except OSError as error:
+        loaded.error = f"{path}: {error.strerror}"
+    if at is None:
+        analyzer.finish()
+    return loaded
+
+
+def _parser(name: str, text: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"vhusniff {name}", description=text)
+    parser.add_argument("file", help="capture (pcapng)")
+    parser.add_argument("--connection", "-C", type=int, metavar="C", help="only this connection")
+    parser.add_argument("--device", choices=cat.DEVICE_TYPES, help="virtio device type (default: from the capture)")
+    parser.add_argument("--profile", choices=sorted(cat.PROFILES), default="qemu-spec")
+    return parser
+
+
+def _connections(loaded: Loaded, only: int | None) -> list[int]:
+    return [c for c in sorted(loaded.analyzer.connections) if only is None or c == only]
+
+
+def _finish(loaded: Loaded) -> int:
+    if loaded.error:
+        print(f"vhusniff: {loaded.error} (analysed what could be read)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+# --- state ----------------------------------------------------------------------------------------------------------
+def main_state(argv: list[str]) -> int:
+    parser = _parser("state", "negotiated session state as of any message")
+    parser.add_argument("--at", type=int, metavar="N", help="as of record number N (from 1; default: the end)")
+    args = parser.parse_args(argv)
+    loaded = load(args.file, args.device, args.profile, args.at)
+    if args.at is not None:
+        print(f"as of record #{min(args.at, loaded.analyzer.records)}")
+    for connection in _connections(loaded, args.connection):
+        print(loaded.analyzer.format_state(connection))
+    return _finish(loaded)
+
+
+# --- stats ----------------------------------------------------------------------------------------------------------
+@dataclass
+class Counter:
+    count: int = 0
+    bytes: int = 0
+    fds: int = 0
+
+
+@dataclass
+class ResponseTimes:
+    times: list[float] = field(default_factory=list)
+    unanswered: int = 0
+
+
+def message_counts(seen) -> dict[tuple[int, str, int, bool, str], Counter]:
+    """(channel, direction, request, reply?, name) -> count, bytes, fds."""
+    counts: dict[tuple, Counter] = {}
+    for _number, record, message in seen:
+        if message is None:
+            continue
+        key = (record.channel, record.direction.arrow, message.request, message.is_reply,
+               message.name + (" reply" if message.is_reply else ""))
+        counter = counts.setdefault(key, Counter())
+        counter.count += 1
+        counter.bytes += len(record.data)
+        counter.fds += len(record.fds)
+    return dict(sorted(counts.items(), key=lambda item: (item[0][0], item[0][2], item[0][3], item[0][1])))
+
+
+def response_times(transactions: list[Transaction]) -> dict[tuple[Channel, int, str], ResponseTimes]:
+    """Service response time per request, like Wireshark's SRT: only requests that expected a reply."""
+    table: dict[tuple, ResponseTimes] = {}
+    for transaction in transactions:
+        if transaction.expect == "nothing":
+            continue
+        entry = table.setdefault((transaction.channel, transaction.request, transaction.name), ResponseTimes())
+        if transaction.response_seconds is not None:
+            entry.times.append(transaction.response_seconds)
+        elif transaction.expect != "maybe":
+            entry.unanswered += 1
+    return dict(sorted(table.items(), key=lambda item: item[0][:2]))
+
+
+def stats_lines(loaded: Loaded, only: int | None = None, expert: bool = False) -> list[str]:
+    analyzer = loaded.analyzer
+    seen = [item for item in loaded.seen if only is None or item[1].connection == only]
+    lines = ["Messages per channel, direction and request",
+             f"  {'channel':<9}{'dir':<5}{'request':<34}{'count':>7}{'bytes':>9}{'fds':>6}"]
+    for (channel, arrow, _request, _reply, name), counter in message_counts(seen).items():
+        lines.append(f"  {channel.name.lower():<9}{arrow:<5}{name:<34}{counter.count:>7}{counter.bytes:>9}"
+                     f"{counter.fds:>6}")
+    transactions = [t for t in analyzer.transactions if only is None or t.connection == only]
+    lines += ["", "Service response time (request to reply)",
+              f"  {'channel':<9}{'request':<30}{'replies':>8}{'min ms':>10}{'avg ms':>10}{'max ms':>10}"
+              f"{'unanswered':>12}"]
+    for (channel, _request, name), entry in response_times(transactions).items():
+        times = entry.times
+        figures = (f"{min(times) * 1e3:>10.3f}{sum(times) / len(times) * 1e3:>10.3f}{max(times) * 1e3:>10.3f}"
+                   if times else f"{'-':>10}{'-':>10}{'-':>10}")
+        lines.append(f"  {channel.name.lower():<9}{name:<30}{len(times):>8}{figures}{entry.unanswered:>12}")
+    lines += ["", "Connections", f"  {'conn':<6}{'device':<8}{'records':<12}{'messages':>9}{'duration s':>12}  ended"]
+    for connection in _connections(loaded, only):
+        state = analyzer.state(connection)
+        duration = ((state.last_ns or 0) - (state.first_ns or 0)) / 1e9
+        span = f"#{state.first_number}-#{state.last_number}"
+        lines.append(f"  {connection:<6}{state.device_type or '?':<8}{span:<12}{state.messages:>9}{duration:>12.3f}"
+                     f"  {end_summary(analyzer, connection)}")
+    findings = [f for f in analyzer.findings if only is None or f.connection == only]
+    lines += ["", f"Findings: {len(findings)}" + ("" if expert or not findings else " (--expert lists them)")]
+    if expert:
+        lines += ["  " + finding.line() for finding in findings]
+    return lines
+
+
+def main_stats(argv: list[str]) -> int:
+    parser = _parser("stats", "per-request counts, bytes, fds and response times; connections")
+    parser.add_argument("--expert", action="store_true", help="list the expert findings too")
+    args = parser.parse_args(argv)
+    loaded = load(args.file, args.device, args.profile, keep=True)
+    print("\n".join(stats_lines(loaded, args.connection, args.expert)))
+    return _finish(loaded)
+
+
+# --- expert ---------------------------------------------------------------------------------------------------------
+def expert_lines(loaded: Loaded, only: int | None = None, minimum: Severity = Severity.CHAT) -> list[str]:
+    findings = [f for f in loaded.analyzer.findings
+                if (only is None or f.connection == only) and f.severity >= minimum]
+    lines = [f"{len(findings)} finding(s)"]
+    lines += [f"  c{f.connection} {f.line()}" for f in sorted(findings, key=lambda f: f.number)]
+    return lines
+
+
+def main_expert(argv: list[str]) -> int:
+    parser = _parser("expert", "expert findings (Wireshark's expert info), or the table of checks with --checks")
+    parser.add_argument("--min", choices=[str(s) for s in Severity], default="chat", help="lowest severity shown")
+    parser.add_argument("--checks", action="store_true", help="list every check and exit")
+    if "--checks" in argv:
+        for check in CHECKS.values():
+            print(f"{str(check.severity):<6}{check.group:<10}{check.id:<40}{check.summary}")
+        return 0
+    args = parser.parse_args(argv)
+    loaded = load(args.file, args.device, args.profile)
+    print("\n".join(expert_lines(loaded, args.connection, Severity[args.min.upper()])))
+    return _finish(loaded)
+
+
+# --- report ---------------------------------------------------------------------------------------------------------
+def main_report(argv: list[str]) -> int:
+    parser = _parser("report", "a report per connection: what a person reads first when a VM did not start")
+    args = parser.parse_args(argv)
+    loaded = load(args.file, args.device, args.profile)
+    connections = _connections(loaded, args.connection)
+    if not connections:
+        print("no connections in the capture")
+    print("\n\n".join(connection_report(loaded.analyzer, c) for c in connections))
+    return _finish(loaded)
+
+
+# --- timeline -------------------------------------------------------------------------------------------------------
+def main_timeline(argv: list[str]) -> int:
+    from .timeline import render_html, render_svg
+    parser = _parser("timeline", "a picture of the session: lanes per channel and direction over time")
+    parser.add_argument("-o", "--output", required=True, help="FILE.svg or FILE.html")
+    args = parser.parse_args(argv)
+    loaded = load(args.file, args.device, args.profile, keep=True)
+    seen = [item for item in loaded.seen if args.connection is None or item[1].connection == args.connection]
+    svg = render_svg(seen, loaded.analyzer, title=args.file)
+    text = render_html(svg, args.file) if args.output.endswith((".html", ".htm")) else svg
+    with open(args.output, "w", encoding="utf-8") as out:
+        out.write(text)
+    print(f"{args.output}: {sum(1 for _n, r, _m in seen if r.kind == RecordKind.MESSAGE)} messages")
+    return _finish(loaded)

@@ -1,0 +1,192 @@
+"""The timeline picture (SVG, or HTML around it): one band per connection, two lanes per channel (front-end to
+back-end above, back-end to front-end below), one mark per message, request-to-reply arrows with response
+times, events as vertical lines, messages with findings in red.
+
+Time runs left to right and only forwards, but idle gaps are compressed (log scale): a vhost-user session is
+bursts of microseconds separated by seconds of guest boot, and a linear axis would stack each burst on one pixel.
+The ruler gives the real time of the marks.
+"""
+from __future__ import annotations
+
+import math
+from html import escape
+
+from .analysis import Analyzer, Expect
+from .model import Channel, Direction, Record, RecordKind
+from .protocol import Message
+
+LEFT = 190              # room for lane names
+TOP = 54
+LANE = 150              # height of one lane: room for the rotated names
+EVENT_STRIP = 20        # event notes, above the lanes
+BAND_GAP = 70
+COLOURS = {Channel.MAIN: "#1f6fb2", Channel.BACKEND: "#b26b1f", Channel.GPU: "#5a8f29",
+           Channel.DEVICE_STATE: "#7b4fa8"}
+PROBLEM = "#d62728"
+
+
+def _x_positions(seen) -> dict[int, float]:
+    """x of every record, in time order: a minimum step plus a log-compressed share of the gap."""
+    many = len(seen) > 400
+    minimum, scale = (3.0, 3.0) if many else (14.0, 9.0)
+    xs: dict[int, float] = {}
+    x = LEFT + 20.0
+    previous = None
+    for number, record, _message in sorted(seen, key=lambda item: (item[1].timestamp_ns, item[0])):
+        if previous is not None:
+            gap_us = max(0, record.timestamp_ns - previous) / 1e3
+            x += minimum + scale * math.log10(1 + gap_us)
+        xs[number] = x
+        previous = record.timestamp_ns
+    return xs
+
+
+def _time_text(seconds: float) -> str:
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.0f} µs"
+    if seconds < 1:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds:.3f} s"
+
+
+def render_svg(seen: list[tuple[int, Record, Message | None]], analyzer: Analyzer, title: str = "") -> str:
+    """The SVG text; `seen` is (record number, record, decoded message or None) in capture order."""
+    xs = _x_positions(seen)
+    first_ns = min((r.timestamp_ns for _n, r, _m in seen), default=0)
+    width = int(max(xs.values(), default=LEFT) + 440)
+    labels = len(seen) <= 400
+    flagged = analyzer.findings_by_number()
+    parts: list[str] = []
+    y = TOP
+    lane_y: dict[tuple[int, Channel, Direction], float] = {}
+    for connection in sorted({r.connection for _n, r, _m in seen}):
+        items = [item for item in seen if item[1].connection == connection]
+        channels = sorted({r.channel for _n, r, _m in items if r.kind == RecordKind.MESSAGE} | {Channel.MAIN})
+        state = analyzer.state(connection)
+        band_top = y
+        parts.append(f'<text x="8" y="{y - 10}" class="band">connection {connection} '
+                     f'({escape(state.device_type or "unknown device")}), {state.messages} messages</text>')
+        y += EVENT_STRIP
+        for channel in channels:
+            for direction in (Direction.FRONTEND_TO_BACKEND, Direction.BACKEND_TO_FRONTEND):
+                lane_y[(connection, channel, direction)] = y
+                shade = "#f4f7fb" if direction == Direction.FRONTEND_TO_BACKEND else "#fbf8f2"
+                parts.append(f'<rect x="0" y="{y}" width="{width}" height="{LANE}" fill="{shade}"/>')
+                parts.append(f'<text x="8" y="{y + LANE / 2 + 4}" class="lane">{channel.name.lower()} '
+                             f'{direction.arrow}</text>')
+                y += LANE
+        band_bottom = y
+        parts += _events(items, xs, band_top, band_bottom, first_ns)
+        parts += _arrows(analyzer, connection, xs, lane_y)
+        parts += _marks(items, xs, lane_y, flagged, first_ns, labels)
+        y += BAND_GAP
+    parts += _ruler(seen, xs, y - BAND_GAP + 40, first_ns)
+    height = int(y + 40)
+    header = escape(title) if title else "vhusniff timeline"
+    return "\n".join([
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" font-family="DejaVu Sans, Arial, sans-serif">',
+        "<style>.band{font-size:13px;font-weight:bold}.lane{font-size:12px;fill:#333}"
+        ".name{font-size:10px;fill:#222}.rt{font-size:9px;fill:#555}.tick{font-size:9px;fill:#555}"
+        ".note{font-size:10px;fill:#7a1f7a}</style>",
+        '<defs><marker id="arrow" viewBox="0 0 8 8" refX="7" refY="4" markerWidth="6" markerHeight="6" '
+        'orient="auto"><path d="M0,0 L8,4 L0,8 z" fill="#777"/></marker></defs>',
+        f'<rect x="0" y="0" width="{width}" height="{height}" fill="white"/>',
+        f'<text x="8" y="16" class="band">{header}</text>',
+        *parts,
+        "</svg>",
+    ])
+
+
+def _mark_y(lane_top: float, direction: Direction) -> float:
+    # Marks sit on the edge the two lanes of a channel share, so request-to-reply arrows stay short.
+    return lane_top + LANE - 12 if direction == Direction.FRONTEND_TO_BACKEND else lane_top + 12
+
+
+def _marks(items, xs, lane_y, flagged, first_ns, labels) -> list[str]:
+    parts = []
+    for number, record, message in items:
+        if record.kind != RecordKind.MESSAGE:
+            continue
+        x = xs[number]
+        y = _mark_y(lane_y[(record.connection, record.channel, record.direction)], record.direction)
+        findings = flagged.get(number, [])
+        colour = COLOURS.get(record.channel, "#444")
+        stroke = PROBLEM if findings or (message is not None and message.problems) else colour
+        name = message.name + (" reply" if message.is_reply else "") if message is not None else "?"
+        tip = f"#{number} {_time_text((record.timestamp_ns - first_ns) / 1e9)} {record.direction.arrow} " \
+              f"{message.summary() if message is not None else ''}"
+        tip += "".join(f"\n[{f.severity}] {f.check}: {f.text}" for f in findings)
+        if message is not None and message.is_reply:
+            shape = f'<rect x="{x - 4:.1f}" y="{y - 4:.1f}" width="8" height="8" fill="white" stroke="{stroke}" ' \
+                    f'stroke-width="2"/>'
+        else:
+            shape = f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4.5" fill="{colour}" stroke="{stroke}" ' \
+                    f'stroke-width="2"/>'
+        parts.append(f'<g class="msg" data-number="{number}"><title>{escape(tip)}</title>{shape}</g>')
+        if labels:
+            angle, dy, anchor = (-65, -9, "start") if record.direction == Direction.FRONTEND_TO_BACKEND \
+                else (65, 12, "start")
+            fill = f' style="fill:{PROBLEM}"' if findings else ""
+            parts.append(f'<text x="{x + 2:.1f}" y="{y + dy:.1f}" class="name"{fill} text-anchor="{anchor}" '
+                         f'transform="rotate({angle} {x + 2:.1f} {y + dy:.1f})">#{number} {escape(name)}</text>')
+    return parts
+
+
+def _arrows(analyzer: Analyzer, connection: int, xs, lane_y) -> list[str]:
+    parts = []
+    for t in analyzer.transactions:
+        if t.connection != connection or t.expect == Expect.NOTHING or t.request_number not in xs:
+            continue
+        request_direction = Direction.BACKEND_TO_FRONTEND if t.channel == Channel.BACKEND \
+            else Direction.FRONTEND_TO_BACKEND
+        reply_direction = Direction(1 - request_direction)
+        x1 = xs[t.request_number]
+        y1 = _mark_y(lane_y[(connection, t.channel, request_direction)], request_direction)
+        y2 = _mark_y(lane_y[(connection, t.channel, reply_direction)], reply_direction)
+        if t.reply_number is not None and t.reply_number in xs:
+            x2 = xs[t.reply_number]
+            parts.append(f'<line x1="{x1:.1f}" y1="{y1:.1f}" x2="{x2 - 3:.1f}" y2="{y2 - 5 if y2 > y1 else y2 + 5:.1f}"'
+                         f' stroke="#777" stroke-width="1.2" marker-end="url(#arrow)"/>')
+            parts.append(f'<text x="{(x1 + x2) / 2 + 4:.1f}" y="{(y1 + y2) / 2 + 3:.1f}" class="rt">'
+                         f'{_time_text(t.response_seconds)}</text>')
+        elif t.expect != Expect.MAYBE:
+            parts.append(f'<line x1="{x1:.1f}" y1="{y1:.1f}" x2="{x1 + 18:.1f}" y2="{(y1 + y2) / 2:.1f}" '
+                         f'stroke="{PROBLEM}" stroke-width="1.5" stroke-dasharray="3,2"/>')
+            parts.append(f'<text x="{x1 + 20:.1f}" y="{(y1 + y2) / 2 + 3:.1f}" class="rt" style="fill:{PROBLEM}">'
+                         f'no {t.expect} ({escape(t.outcome)})</text>')
+    return parts
+
+
+def _events(items, xs, top, bottom, first_ns) -> list[str]:
+    parts = []
+    for number, record, _message in items:
+        if record.kind != RecordKind.EVENT:
+            continue
+        x = xs[number]
+        note = record.note if len(record.note) <= 70 else record.note[:67] + "…"
+        parts.append(f'<g class="event" data-number="{number}"><title>#{number} '
+                     f'{_time_text((record.timestamp_ns - first_ns) / 1e9)} {escape(record.note)}</title>'
+                     f'<line x1="{x:.1f}" y1="{top - 4}" x2="{x:.1f}" y2="{bottom}" stroke="#7a1f7a" '
+                     f'stroke-width="1.5" stroke-dasharray="5,3"/>'
+                     f'<text x="{x + 3:.1f}" y="{top + 14}" class="note">#{number} {escape(note)}</text></g>')
+    return parts
+
+
+def _ruler(seen, xs, y, first_ns) -> list[str]:
+    parts = [f'<line x1="{LEFT}" y1="{y}" x2="{max(xs.values(), default=LEFT) + 20:.1f}" y2="{y}" stroke="#999"/>']
+    last_x = -1e9
+    for number, record, _message in seen:
+        x = xs[number]
+        if x - last_x < 70:
+            continue
+        last_x = x
+        parts.append(f'<line x1="{x:.1f}" y1="{y - 4}" x2="{x:.1f}" y2="{y + 4}" stroke="#999"/>'
+                     f'<text x="{x:.1f}" y="{y + 16}" class="tick" text-anchor="middle">'
+                     f'{_time_text((record.timestamp_ns - first_ns) / 1e9)}</text>')
+    return parts
+
+
+def render_html(svg: str, title: str = "") -> str:
+    return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>vhusniff timeline {escape(title)}</title>"
+            f"</head><body style='margin:0'>\n{svg}\n</body></html>\n")
