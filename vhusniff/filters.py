@@ -135,6 +135,7 @@ class GrammarField:
     width: int
     doc: str
     is_bytes: bool = False
+    is_bits: bool = False      # a bit field (flags.need_reply): a bare name in a filter means "set"
 
 
 @lru_cache(maxsize=1)
@@ -143,9 +144,9 @@ def grammar_fields() -> dict[str, GrammarField]:
     from .protocol import HEADER, PAYLOADS
     fields: dict[str, GrammarField] = {}
 
-    def register(name: str, width: int, doc: str) -> None:
+    def register(name: str, width: int, doc: str, is_bits: bool = False) -> None:
         old = fields.get(name) or GrammarField(0, doc)
-        fields[name] = GrammarField(max(width, old.width), old.doc, old.is_bytes or width == 0)
+        fields[name] = GrammarField(max(width, old.width), old.doc, old.is_bytes or width == 0, is_bits)
 
     def register_entries(entries):
         for entry in entries:
@@ -154,11 +155,11 @@ def grammar_fields() -> dict[str, GrammarField]:
                 continue
             register(entry["name"], entry.get("width", 0), entry["doc"])
             for bit_name, _mask in entry.get("bits", ()):
-                register(bit_name, min(entry["width"], 4), f"bit field of {entry['short']}")  # masks are < 2**32
+                register(bit_name, min(entry["width"], 4), f"bit field of {entry['short']}", True)  # masks < 2**32
 
     register_entries(walk_layout(HEADER, "", "header"))
     for bit, _mask in cat.BITFIELDS["flags"].items():
-        register(f"flags.{bit}", 4, "header flag bits")
+        register(f"flags.{bit}", 4, "header flag bits", True)
     register("payload", 0, "payload kept as raw bytes (no layout fits)")
     for kind, (structure, prefix, _doc) in PAYLOADS.items():
         register_entries(walk_layout(structure, prefix, kind))
@@ -324,6 +325,8 @@ class _Compiler:
         field = self.field_name()
         operator = self.peek()
         if operator.kind != "op" or operator.text not in (*_COMPARISONS, "contains", "matches", "in", "&"):
+            if field in self.fields and self.fields[field].is_bits:
+                return lambda get: any(get(field))
             return lambda get: bool(get(field))
         self.take()
         if operator.text == "in":
@@ -369,6 +372,9 @@ class _Compiler:
         spec = RECORD_FIELDS.get(name)
         if spec is not None and spec.value is not None:
             return name
+        if any(field.startswith(name + ".") for field in self.fields):     # a group: mem.region
+            self.uses_grammar = True
+            return name + "."
         raise self.error(token, f"unknown field {token.text!r}")
 
     def set_literal(self, field: str) -> list:
@@ -459,10 +465,10 @@ def _contains(value, needle) -> bool:
 def _equal(value, literal) -> bool:
     if isinstance(literal, _Requests):
         return False if not isinstance(value, tuple) else value in literal.pairs
+    if isinstance(value, tuple):             # a request: (channel, number) against a number
+        value = value[1]
     if isinstance(literal, range):
         return isinstance(value, int) and value in literal
-    if isinstance(value, tuple):             # a request: (channel, number) against a number
-        return value[1] == literal
     if isinstance(value, str) and isinstance(literal, str):
         return value.lower() == literal.lower()
     return value == literal
@@ -480,7 +486,7 @@ def _ordered(compare):
 
 
 _COMPARE = {
-    "==": _equal,
+    "==": _equal, "!=": lambda value, literal: not _equal(value, literal),
     "<": _ordered(lambda a, b: a < b), "<=": _ordered(lambda a, b: a <= b),
     ">": _ordered(lambda a, b: a > b), ">=": _ordered(lambda a, b: a >= b),
 }
@@ -504,6 +510,8 @@ class DisplayFilter:
                 return spec.value(message, record, number)
             if grammar is None:
                 grammar = field_values(message)
+            if name.endswith("."):           # a group of fields: the values of all of them
+                return [v for field, values in grammar.items() if field.startswith(name) for v in values]
             return grammar.get(name, [])
         return bool(self._predicate(get))
 

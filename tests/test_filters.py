@@ -1,0 +1,108 @@
+"""Display filters: Wireshark syntax over the grammar's field names and the record fields."""
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from vhusniff.filters import FilterError, compile_filter, grammar_fields
+from vhusniff.model import Channel, Direction, FdInfo, Record
+from vhusniff.protocol import build_message, decode, iter_fields
+
+REGION = dict(guest_phys_addr=0x1000, memory_size=0x200000, userspace_addr=0x7F0000000000, mmap_offset=0)
+
+
+def _message(channel, raw, direction=Direction.FRONTEND_TO_BACKEND, fds=(), connection=1):
+    record = Record(0, connection, channel, direction, raw, list(fds))
+    return decode(raw, channel), record
+
+
+SESSION = [
+    _message(Channel.MAIN, build_message(Channel.MAIN, 1)),                                               # 1
+    _message(Channel.MAIN, struct.pack("<IIIQ", 15, 5, 8, 0x8F2B), Direction.BACKEND_TO_FRONTEND),       # 2
+    _message(Channel.MAIN, build_message(Channel.MAIN, 5, dict(nregions=2, padding=0, region=[REGION, REGION]),
+                                         need_reply=True), fds=[FdInfo("memfd", 1, 4096, "memfd:pc.ram")] * 2),  # 3
+    _message(Channel.MAIN, build_message(Channel.MAIN, 18, dict(index=1, num=1)), connection=2),       # 4
+    _message(Channel.MAIN, build_message(Channel.MAIN, 21, need_reply=True), fds=[FdInfo("socket")]),   # 5
+    _message(Channel.BACKEND, build_message(Channel.BACKEND, 1, dict(iova=1, size=2, uaddr=3, perm=3, type=1,
+                                                                      padding=bytes(6))),
+             Direction.BACKEND_TO_FRONTEND),                                                              # 6
+    _message(Channel.MAIN, struct.pack("<III", 2, 0x11, 3) + b"abc"),                                    # 7
+    _message(Channel.MAIN, build_message(Channel.MAIN, 19, dict(mac=bytes.fromhex("525400123456"),
+                                                                padding=bytes(2)))),                      # 8
+    _message(Channel.MAIN, build_message(Channel.MAIN, 22, dict(iova=1, size=2, uaddr=3, perm=3, type=2,
+                                                                padding=bytes(6)))),                      # 9
+]
+
+
+def matching(text: str) -> list[int]:
+    display_filter = compile_filter(text)
+    return [n for n, (message, record) in enumerate(SESSION, start=1) if display_filter.matches(message, record, n)]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("request == SET_MEM_TABLE && flags.need_reply", [3]),
+    ("request == 5", [3]),
+    ("vhost_user.request eq SET_MEM_TABLE", [3]),
+    ("vring.index == 1", [4]),
+    ("request == SET_SLAVE_REQ_FD", [5]),                       # the old name
+    ("request == SET_BACKEND_REQ_FD", [5]),
+    ("name == SET_SLAVE_REQ_FD", [5]),
+    ("request == IOTLB_MSG", [6, 9]),                           # 1 on the back-end channel, 22 on main
+    ("request == SLAVE_IOTLB_MSG", [6]),
+    ("request in {GET_FEATURES SET_VRING_ENABLE}", [1, 4]),
+    ("request in {1, 18..19}", [1, 4, 6, 8]),                   # 1 is IOTLB_MSG on the back-end channel
+    ("flags.need_reply && !(request == SET_MEM_TABLE)", [5]),
+    ("not flags.need_reply and flags.reply == 0 and channel == main and request < 5", [1, 7]),
+    ("request >= 19 or request <= 1", [1, 5, 6, 8, 9]),
+    ("protocol_features & REPLY_ACK", [2]),
+    ("protocol_features & 0x8 == 8", [2]),
+    ("protocol_features & MQ", [2]),
+    ("mem.region.memory_size >= 0x200000", [3]),
+    ("mem.region", [3]),
+    ("fd.kind == memfd", [3]),
+    ("fds == 1", [5]),
+    ("fd.name contains \"pc.ram\"", [3]),
+    ("name matches \"^SET_(MEM|VRING)_\"", [3, 4]),
+    ("rarp.mac == 52:54:00:12:34:56", [8]),
+    ("rarp.mac contains 12:34", [8]),
+    ("problem == reserved-flags", [7]),
+    ("problem", [7]),
+    ("direction == B>F", [2, 6]),
+    ("channel == backend || channel == 1", [6]),
+    ("connection == 2", [4]),
+    ("frame.number > 7", [8, 9]),
+    ("request != GET_FEATURES && channel == main && connection == 1 && !problem", [2, 3, 5, 8, 9]),
+    ("mem.region.guest_phys_addr != 0x1000", [1, 2, 4, 5, 6, 7, 8, 9]),   # Wireshark 4: no value equals
+    ("iotlb.type in {1 3}", [6]),
+])
+def test_filter_selects(text, expected):
+    assert matching(text) == expected
+
+
+@pytest.mark.parametrize("text, position, words", [
+    ("request == NOPE", 11, "unknown request name"),
+    ("reqest == 1", 0, "unknown field"),
+    ("request == 1 &&", 15, "expected a field name"),
+    ("(request == 1", 13, "expected ')'"),
+    ("vring.index == banana", 15, "not a value of the integer field"),
+    ("request in {1 2", 15, "unclosed set"),
+    ("name matches \"(\"", 13, "bad regular expression"),
+    ("request == 1 junk", 13, "unexpected"),
+    ("", 0, "empty filter"),
+    ("request == $", 11, "unexpected character"),
+])
+def test_filter_errors_point_at_the_fault(text, position, words):
+    with pytest.raises(FilterError) as caught:
+        compile_filter(text)
+    error = caught.value
+    assert error.position == position and words in error.reason
+    lines = str(error).splitlines()
+    assert lines[0] == error.reason and lines[1] == "  " + text and lines[2] == "  " + " " * position + "^"
+
+
+def test_every_name_iter_fields_yields_is_a_filter_field():
+    for message, _record in SESSION:
+        for name, _value in iter_fields(message):
+            assert name in grammar_fields(), name
+            compile_filter(name)
