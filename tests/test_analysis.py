@@ -63,18 +63,21 @@ class Script:
         return self.reply(request, {"ack": status}, kind="ack", **options)
 
     # --- QEMU 7.2 building blocks (§2) ------------------------------------------------------------------------
-    def negotiate(self, offered: int = BLK_OFFERED, protocol: int = QEMU_PROTOCOL) -> None:
+    def negotiate(self, offered: int = BLK_OFFERED, protocol: int = QEMU_PROTOCOL, acked: int | None = None,
+                  mem_slots: int = 32, backend_channel: bool = True) -> None:
+        """QEMU's opening (§2); `acked` protocol features default to all offered."""
         self.request(F.GET_FEATURES)
         self.reply(F.GET_FEATURES, {"features": offered})
         self.request(F.GET_PROTOCOL_FEATURES)
         self.reply(F.GET_PROTOCOL_FEATURES, {"protocol_features": protocol})
-        self.request(F.SET_PROTOCOL_FEATURES, {"protocol_features": protocol})
+        self.request(F.SET_PROTOCOL_FEATURES, {"protocol_features": protocol if acked is None else acked})
         self.request(F.GET_QUEUE_NUM)
         self.reply(F.GET_QUEUE_NUM, {"queue_num": 1})
         self.request(F.GET_MAX_MEM_SLOTS)
-        self.reply(F.GET_MAX_MEM_SLOTS, {"mem_slots": 32})
-        self.request(F.SET_BACKEND_REQ_FD, need_reply=True, fds=[FdInfo("socket", name="unix")])
-        self.ack(F.SET_BACKEND_REQ_FD)
+        self.reply(F.GET_MAX_MEM_SLOTS, {"mem_slots": mem_slots})
+        if backend_channel:
+            self.request(F.SET_BACKEND_REQ_FD, need_reply=True, fds=[FdInfo("socket", name="unix")])
+            self.ack(F.SET_BACKEND_REQ_FD)
         self.request(F.SET_OWNER)
         self.request(F.GET_FEATURES)
         self.reply(F.GET_FEATURES, {"features": offered})
@@ -107,6 +110,24 @@ class Script:
         self.request(F.SET_VRING_ENABLE, {"index": index, "num": 0})
         sent = self.request(F.GET_VRING_BASE, {"index": index, "num": 0})
         return sent, self.reply(F.GET_VRING_BASE, {"index": index, "num": base})
+
+
+def opened(**negotiation) -> Script:
+    """A blk connection after QEMU's opening negotiation, before the device starts."""
+    s = Script()
+    s.event("connected device=blk")
+    s.negotiate(**negotiation)
+    return s
+
+
+def running(**negotiation) -> Script:
+    """A blk connection with memory and ring 0 running."""
+    s = opened(**negotiation)
+    s.request(F.SET_FEATURES, {"features": BLK_ACKED})
+    s.add_region(0, 0xA0000, 0)
+    s.add_region(0xC0000, 256 * MiB - 0xC0000, 0xC0000)
+    s.start_ring()
+    return s
 
 
 def qemu_blk_boot(end: bool = True) -> Script:
