@@ -282,3 +282,68 @@ def test_event_classification():
     assert classify_event("back-end closed the connection") == "end"
     assert classify_event("front-end disconnected") == "end"
     assert classify_event("proxy note: hook loaded") == "other"
+
+
+# --- the command-line views, on a capture file ------------------------------------------------------------------
+def _capture(tmp_path, script: Script) -> str:
+    from vhusniff.capture import write_capture
+    path = str(tmp_path / "session.pcapng")
+    write_capture(path, script.records)
+    return path
+
+
+def test_stats_lists_every_request_with_response_times(tmp_path, capsys):
+    from vhusniff.analysis_cli import main_stats
+    assert main_stats([_capture(tmp_path, qemu_blk_boot())]) == 0
+    out = capsys.readouterr().out
+    counts, times = out.split("Service response time")
+    for name in ("GET_FEATURES", "SET_FEATURES", "SET_OWNER", "ADD_MEM_REG", "SET_VRING_KICK", "GET_CONFIG reply"):
+        assert f" {name} " in counts
+    assert "SET_VRING_CALL                          3       60     3" in counts
+    srt = {line.split()[1]: line.split() for line in times.splitlines() if line.startswith("  main")}
+    assert set(srt) == {"GET_FEATURES", "GET_PROTOCOL_FEATURES", "GET_QUEUE_NUM", "GET_MAX_MEM_SLOTS",
+                        "SET_BACKEND_REQ_FD", "GET_CONFIG", "ADD_MEM_REG", "GET_VRING_BASE"}
+    assert srt["ADD_MEM_REG"][2:6] == ["2", "0.050", "0.050", "0.050"]
+    assert "front-end closed the connection (#" in out and "Findings: 0" in out
+
+
+def test_report_and_expert_on_a_broken_session(tmp_path, capsys):
+    from vhusniff.analysis_cli import main_expert, main_report
+    s = qemu_blk_boot(end=False)
+    s.start_ring()
+    s.request(F.GET_VRING_BASE, {"index": 0, "num": 0})
+    s.event("back-end closed the connection")
+    path = _capture(tmp_path, s)
+    assert main_report([path]) == 0
+    report = capsys.readouterr().out
+    ended = next(line for line in report.splitlines() if line.strip().startswith("Ended:"))
+    assert "back-end closed the connection while the front-end waited for the reply to GET_VRING_BASE" in ended
+    assert "ring 0 started (SET_VRING_KICK)" in report and "1 error" in report
+    assert main_expert([path]) == 0
+    assert "disconnect-with-request-outstanding" in capsys.readouterr().out
+
+
+def test_state_at_a_message_number(tmp_path, capsys):
+    from vhusniff.analysis_cli import main_state
+    path = _capture(tmp_path, qemu_blk_boot())
+    assert main_state([path, "--at", "5"]) == 0
+    early = capsys.readouterr().out
+    assert "as of record #5" in early and "protocol features acked:   (not seen)" in early
+    assert main_state([path]) == 0
+    assert "ended at #" in capsys.readouterr().out
+
+
+def test_timeline_svg_has_one_mark_per_message(tmp_path, capsys):
+    import xml.etree.ElementTree as ET
+    from vhusniff.analysis_cli import main_timeline
+    s = qemu_blk_boot()
+    output = tmp_path / "t.svg"
+    assert main_timeline([_capture(tmp_path, s), "-o", str(output)]) == 0
+    root = ET.parse(output).getroot()
+    groups = root.iter("{http://www.w3.org/2000/svg}g")
+    classes = [g.get("class") for g in groups]
+    assert classes.count("msg") == sum(1 for r in s.records if r.kind == RecordKind.MESSAGE)
+    assert classes.count("event") == 2
+    html = tmp_path / "t.html"
+    assert main_timeline([_capture(tmp_path, s), "-o", str(html)]) == 0
+    assert html.read_text().startswith("<!DOCTYPE html>")
