@@ -80,10 +80,12 @@ class Analyzer:
     def findings_for(self, connection: int) -> list[Finding]:
         return [f for f in self.findings if f.connection == connection]
 
-    def findings_by_number(self) -> dict[int, list[Finding]]:
+    def findings_by_number(self, every_number: bool = False) -> dict[int, list[Finding]]:
+        """Findings by the record they are attached to (or, with every_number, by every record involved)."""
         by_number: dict[int, list[Finding]] = {}
         for finding in self.findings:
-            by_number.setdefault(finding.number, []).append(finding)
+            for number in finding.numbers if every_number else finding.numbers[:1]:
+                by_number.setdefault(number, []).append(finding)
         return by_number
 
     def feed(self, record: Record, message: Message | None = None, number: int | None = None) -> list[Finding]:

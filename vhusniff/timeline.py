@@ -154,7 +154,8 @@ def _arrows(analyzer: Analyzer, connection: int, xs, lane_y) -> list[str]:
             parts.append(f'<line x1="{x1:.1f}" y1="{y1:.1f}" x2="{x1 + 18:.1f}" y2="{(y1 + y2) / 2:.1f}" '
                          f'stroke="{PROBLEM}" stroke-width="1.5" stroke-dasharray="3,2"/>')
             parts.append(f'<text x="{x1 + 20:.1f}" y="{(y1 + y2) / 2 + 3:.1f}" class="rt" style="fill:{PROBLEM}">'
-                         f'no {t.expect} ({escape(t.outcome)})</text>')
+                         f'<title>#{t.request_number} {escape(t.name)}: {escape(t.outcome)}</title>'
+                         f'no {t.expect}</text>')
     return parts
 
 
@@ -176,9 +177,11 @@ def _events(items, xs, top, bottom, first_ns) -> list[str]:
 def _ruler(seen, xs, y, first_ns) -> list[str]:
     parts = [f'<line x1="{LEFT}" y1="{y}" x2="{max(xs.values(), default=LEFT) + 20:.1f}" y2="{y}" stroke="#999"/>']
     last_x = -1e9
+    final = seen[-1][0] if seen else None
     for number, record, _message in seen:
         x = xs[number]
-        if x - last_x < 70:
+        # Events and the last record always get their time; other ticks keep their labels apart.
+        if x - last_x < 70 and not (record.kind == RecordKind.EVENT or number == final) or x - last_x < 40:
             continue
         last_x = x
         parts.append(f'<line x1="{x:.1f}" y1="{y - 4}" x2="{x:.1f}" y2="{y + 4}" stroke="#999"/>'
