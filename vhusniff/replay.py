@@ -580,11 +580,17 @@ def serve_front_end(peer: socket.socket, exchanges: list[Exchange], unknown_poli
     tracker = ContextTracker()
     counter = MessageCounter()
     held: list[int] = []             # sockets the front-end passed (its back-end channel): closed at the end
+    kicks = RingKicks(recorder, out)
     cursor = 0
     result = ServeResult()
     recorder.event("replay --as backend: front-end connected")
     try:
         while True:
+            if kicks.fds:
+                readable, _, _ = select.select([peer, *kicks.fds], [], [])
+                kicks.observe(fd for fd in readable if fd is not peer)
+                if peer not in readable:
+                    continue
             try:
                 data, fds, _truncated = receive_chunk(peer)
             except OSError as error:
@@ -604,8 +610,14 @@ def serve_front_end(peer: socket.socket, exchanges: list[Exchange], unknown_poli
                     _close_all(frame.fds)
                     continue
                 infos = [_describe(fd, FdInfo("unknown")) for fd in frame.fds]
+                kick_index = _kick_index(frame.data) if frame.fds else None
                 for fd, info in zip(frame.fds, infos):
-                    (held.append if info.kind == "socket" else os.close)(fd)
+                    if info.kind == "socket":
+                        held.append(fd)
+                    elif kick_index is not None and info.kind == "eventfd":
+                        kicks.watch(kick_index, fd)
+                    else:
+                        os.close(fd)
                 context = tracker.context_for(CONNECTION)
                 flow = _hooked(chain, frame.data, Channel.MAIN, Direction.FRONTEND_TO_BACKEND, counter, context)
                 if flow.disconnect_reason and not flow.disconnect_after_forward:
@@ -660,10 +672,59 @@ def serve_front_end(peer: socket.socket, exchanges: list[Exchange], unknown_poli
     finally:
         fresh.close()
         _close_all(held)
+        kicks.close()
         recorder.event(f"replay --as backend: {result.ended or result.failed}; {result.requests} requests, "
                        f"{result.replies} replies, {len(result.not_recorded)} not in the recording")
         _say(out, f"{result.ended or result.failed}: {result.requests} requests, {result.replies} replies, "
                   f"{len(result.not_recorded)} not in the recording")
+
+
+def _kick_index(data: bytes) -> int | None:
+    """The ring of a SET_VRING_KICK (bits 0-7 of its u64), else None."""
+    if _request_number(data) != F.SET_VRING_KICK or len(data) < HEADER_SIZE + 8:
+        return None
+    return data[HEADER_SIZE]
+
+
+class RingKicks:
+    """Watches the kick eventfds a front-end hands over. A kick after SET_VRING_ENABLE num=1 is the evidence
+    that the guest's driver started the ring and submitted requests (which nothing serves in a back-end
+    replay); QEMU itself may kick once right after SET_VRING_KICK. Each wake-up is recorded as an event
+    `ring N kicked (K kicks)`, up to MAX_EVENTS per ring."""
+
+    MAX_EVENTS = 50
+
+    def __init__(self, recorder: Recorder, out):
+        self.recorder, self.out = recorder, out
+        self.rings: dict[int, int] = {}          # fd -> ring index
+        self.events: dict[int, int] = {}         # fd -> events recorded
+
+    @property
+    def fds(self) -> list[int]:
+        return [fd for fd in self.rings if self.events.get(fd, 0) < self.MAX_EVENTS]
+
+    def watch(self, index: int, fd: int) -> None:
+        for old, ring in list(self.rings.items()):
+            if ring == index:
+                del self.rings[old]
+                self.events.pop(old, None)
+                os.close(old)
+        self.rings[fd] = index
+
+    def observe(self, readable) -> None:
+        for fd in readable:
+            try:
+                count = int.from_bytes(os.read(fd, 8), "little")
+            except BlockingIOError:
+                continue
+            self.events[fd] = self.events.get(fd, 0) + 1
+            text = f"ring {self.rings[fd]} kicked ({count} kick(s))"
+            self.recorder.event(text)
+            _say(self.out, text)
+
+    def close(self) -> None:
+        _close_all(self.rings)
+        self.rings, self.events = {}, {}
 
 
 def _find_recorded(exchanges: list[Exchange], cursor: int, request: bytes) -> tuple[Exchange | None, int]:

@@ -1,0 +1,259 @@
+"""Replay and rewrites against real peers: a boot recorded through the proxy from real QEMU and
+qemu-storage-daemon is played against a fresh qemu-storage-daemon (front-end role) and to a real QEMU (back-end
+role); REPLY_ACK masking and disconnect-at-N go through the live proxy.
+
+Outside CI a test skips when its program is missing; in CI (CI=true) it fails instead (as in test_lab.py).
+A fake Python peer appears only where a test injects a fault no real peer makes (an unknown request).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_lab import IN_CI, require
+from vhusniff import catalogue as cat
+from vhusniff import lab
+from vhusniff.capture import read_capture
+from vhusniff.hooks import DisconnectAt, MaskProtocolFeatures
+from vhusniff.model import Channel, Direction, RecordKind
+from vhusniff.protocol import build_message, decode
+from vhusniff.replay import load_exchanges
+from vhusniff.session import ContextTracker
+from vhusniff.sockio import receive_chunk, send_message
+
+REPO = Path(__file__).resolve().parent.parent
+SHIPPED_BOOT = REPO / "captures" / "qemu-blk-boot.pcapng"
+F = cat.FrontendRequest
+
+
+def vhusniff(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vhusniff.cli", *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=timeout)
+
+
+def messages(capture: Path, connection: int | None = None):
+    """(record, decoded message) for every message of a capture, decoded in its session's context."""
+    tracker = ContextTracker()
+    out = []
+    for record in read_capture(capture):
+        message = tracker.decode(record)
+        if record.kind == RecordKind.MESSAGE and connection in (None, record.connection):
+            out.append((record, message))
+    return out
+
+
+@pytest.fixture(scope="module")
+def fresh_boot(tmp_path_factory) -> Path:
+    """A blk boot recorded just now through the proxy, from real QEMU and qemu-storage-daemon."""
+    require("qemu-system-x86_64")
+    require("qemu-storage-daemon")
+    from vhusniff.labcmd import record_boot
+    result, capture = record_boot(tmp_path_factory.mktemp("boot"), timeout=60)
+    assert result.blk_io_ok and result.clean_exit, result.console
+    return capture
+
+
+@pytest.fixture(params=["fresh", "shipped"])
+def boot_capture(request, fresh_boot) -> Path:
+    if request.param == "fresh":
+        return fresh_boot
+    if not SHIPPED_BOOT.exists() and not IN_CI:
+        pytest.skip(f"{SHIPPED_BOOT.relative_to(REPO)} not shipped yet")
+    return SHIPPED_BOOT
+
+
+def test_frontend_replay_of_a_real_boot_against_a_fresh_backend_is_identical(boot_capture, tmp_path):
+    replayed = tmp_path / "replayed.pcapng"
+    with lab.start_storage_daemon(tmp_path, tmp_path / "backend.sock"):
+        started = time.monotonic()
+        run = vhusniff("replay", "--as", "frontend", str(boot_capture), "--backend", str(tmp_path / "backend.sock"),
+                       "-w", str(replayed))
+        elapsed = time.monotonic() - started
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "identical to the recording" in run.stdout
+    _connection, exchanges = load_exchanges(list(read_capture(boot_capture)), None)
+    recorded_replies = sum(1 for exchange in exchanges if exchange.reply is not None)
+    assert f"compared {recorded_replies} replies" in run.stdout and recorded_replies >= 10
+    assert elapsed < 10, f"replay took {elapsed:.1f} s"
+    # The replay's own capture holds the same conversation; only the ring bases it placed differ.
+    diff = vhusniff("diff", str(boot_capture), str(replayed))
+    lines = diff.stdout.splitlines()[:-1]
+    assert lines and all("SET_VRING_BASE: vring.num" in line for line in lines), diff.stdout
+    sent = [message.name for record, message in messages(replayed) if record.direction == Direction.FRONTEND_TO_BACKEND]
+    assert sent == [decode(exchange.request.data).name for exchange in exchanges]
+    fd_kinds = {fd.kind for record, _message in messages(replayed) for fd in record.fds}
+    assert {"memfd", "eventfd", "socket"} <= fd_kinds
+
+
+def test_frontend_replay_against_a_different_backend_names_the_first_divergence(fresh_boot, tmp_path):
+    # A twice larger disk: virtio-blk's capacity (config bytes 0-7) is the only thing that changes.
+    with lab.start_storage_daemon(tmp_path, tmp_path / "backend.sock", size_mb=128):
+        run = vhusniff("replay", "--as", "frontend", str(fresh_boot), "--backend", str(tmp_path / "backend.sock"))
+    assert run.returncode == 1, run.stdout + run.stderr
+    first = run.stdout.splitlines()[-1]
+    assert "first divergence: message #" in first and "GET_CONFIG reply: config.data: bytes" in first, first
+    # Capacity in 512-byte sectors, little-endian: 64 MiB = 0x20000, 128 MiB = 0x40000.
+    assert first.endswith("config.data: bytes 2-2: recorded 02, replayed 04"), first
+    assert run.stdout.count("reply DIFFERS") == 1, run.stdout
+
+
+def test_frontend_replay_when_the_backend_is_gone(fresh_boot, tmp_path):
+    run = vhusniff("replay", "--as", "frontend", str(fresh_boot), "--backend", str(tmp_path / "nobody.sock"))
+    assert run.returncode == 1 and "cannot connect to the back-end" in run.stdout
+
+
+def test_backend_replay_lets_a_real_qemu_start_the_device(fresh_boot, tmp_path):
+    """No back-end runs: the replay answers from the recording. Device start = SET_VRING_KICK with an eventfd,
+    then SET_VRING_ENABLE num=1, every reply QEMU waits for sent, and a kick of the ring after it was enabled
+    (the guest submitted I/O, which nothing serves)."""
+    kit = lab.prepare()
+    listen, served = tmp_path / "replay.sock", tmp_path / "served.pcapng"
+    replay = subprocess.Popen([sys.executable, "-m", "vhusniff.cli", "replay", "--as", "backend", str(fresh_boot),
+                               "--listen", str(listen), "-w", str(served)], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 10
+        while not listen.exists() and time.monotonic() < deadline and replay.poll() is None:
+            time.sleep(0.02)
+        assert listen.exists(), "replay did not listen"
+        with lab.start_qemu(tmp_path, kit, listen) as guest:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not _started(served):
+                time.sleep(0.1)
+            assert guest.running, guest.console_text()
+            console = guest.console_text()
+    finally:
+        output = replay.communicate(timeout=10)[0]
+    assert _started(served), output
+    assert "vhost" not in console.lower() or "failed" not in console.lower(), console
+    records = list(read_capture(served))
+    requests = [decode(r.data) for r in records if r.kind == RecordKind.MESSAGE and
+                r.direction == Direction.FRONTEND_TO_BACKEND]
+    replies = [decode(r.data) for r in records if r.kind == RecordKind.MESSAGE and
+               r.direction == Direction.BACKEND_TO_FRONTEND]
+    waited = [m for m in requests if m.need_reply or m.spec.reply_rule is cat.ReplyRule.ALWAYS]
+    assert [m.request for m in replies] == [m.request for m in waited[:len(replies)]]
+    assert len(replies) >= len(waited) - 1, "at most the request in flight when QEMU was stopped is unanswered"
+    assert replay.returncode == 0 and "0 not in the recording" in output, output
+
+
+def _started(capture: Path) -> bool:
+    """SET_VRING_KICK (with an fd), then SET_VRING_ENABLE num=1, then a kick of that ring, in this order."""
+    if not capture.exists():
+        return False
+    stage = 0
+    try:
+        for record in read_capture(capture):
+            if record.kind == RecordKind.EVENT:
+                stage = 3 if stage == 2 and record.note.startswith("ring 0 kicked") else stage
+                continue
+            message = decode(record.data)
+            if message.request == F.SET_VRING_KICK and not message.is_reply and len(record.fds) == 1:
+                stage = 1
+            elif stage == 1 and message.request == F.SET_VRING_ENABLE and message.payload.num == 1:
+                stage = 2
+    except Exception:  # a record still being written
+        return False
+    return stage == 3
+
+
+def _fake_frontend(listen: Path, requests: list[bytes]) -> list[bytes | None]:
+    """Fault injection: a front-end that sends what no real QEMU would, and collects what comes back."""
+    answers = []
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(str(listen))
+        sock.settimeout(3)
+        for request in requests:
+            send_message(sock, request)
+            try:
+                data, _fds, _truncated = receive_chunk(sock)
+            except socket.timeout:
+                data = None
+            answers.append(data or None)
+    return answers
+
+
+def _serve(capture: Path, listen: Path, *options: str) -> subprocess.Popen:
+    replay = subprocess.Popen([sys.executable, "-m", "vhusniff.cli", "replay", "--as", "backend", str(capture),
+                               "--listen", str(listen), *options], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 10
+    while not listen.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return replay
+
+
+@pytest.mark.parametrize("policy", ["default", "fail"])
+def test_backend_replay_policy_for_a_request_the_recording_lacks(fresh_boot, tmp_path, policy):
+    listen = tmp_path / "replay.sock"
+    replay = _serve(fresh_boot, listen, "--unknown", policy, "--default-reply", "7")
+    get_features = build_message(Channel.MAIN, F.GET_FEATURES)
+    get_status = build_message(Channel.MAIN, F.GET_STATUS)     # QEMU 7.2 never sends it to this back-end
+    answers = _fake_frontend(listen, [get_features, get_status])
+    output = replay.communicate(timeout=10)[0]
+    recorded_features = next(decode(e.reply.data).payload.features
+                             for e in load_exchanges(list(read_capture(fresh_boot)), None)[1]
+                             if e.reply is not None and decode(e.request.data).request == F.GET_FEATURES)
+    assert decode(answers[0]).payload.features == recorded_features
+    if policy == "default":
+        assert struct.unpack("<IIIQ", answers[1]) == (F.GET_STATUS, 0x5, 8, 7)
+        assert replay.returncode == 0 and "1 not in the recording" in output, output
+    else:
+        assert answers[1] is None, "the session ends instead of an answer"
+        assert replay.returncode == 1 and "GET_STATUS is not in the recording (policy: fail)" in output, output
+
+
+def test_hook_that_raises_during_replay_is_reported_then_the_policy_applies(fresh_boot, tmp_path):
+    hook = tmp_path / "broken_hook.py"
+    hook.write_text("def message(flow):\n"
+                    "    if flow.message.name == 'GET_CONFIG' and not flow.message.is_reply:\n"
+                    "        raise ValueError('hook bug')\n")
+    with lab.start_storage_daemon(tmp_path, tmp_path / "backend.sock"):
+        forward = vhusniff("replay", "--as", "frontend", str(fresh_boot), "--backend", str(tmp_path / "backend.sock"),
+                           "--hook", str(hook))
+        disconnect = vhusniff("replay", "--as", "frontend", str(fresh_boot), "--backend",
+                              str(tmp_path / "backend.sock"), "--hook", str(hook), "--on-hook-error", "disconnect")
+    for run in (forward, disconnect):
+        assert "raised on connection 1 message #" in run.stdout and "(GET_CONFIG" in run.stdout, run.stdout
+        assert "Traceback" in run.stdout and "ValueError: hook bug" in run.stdout
+    assert forward.returncode == 0 and "identical to the recording" in forward.stdout
+    assert disconnect.returncode == 1
+    assert "first divergence: message #" in disconnect.stdout and "GET_CONFIG: not sent" in disconnect.stdout
+
+
+def test_masking_reply_ack_through_the_proxy_stops_need_reply_and_the_guest_still_does_io(tmp_path):
+    require("qemu-storage-daemon")
+    from vhusniff.labcmd import record_boot
+    result, capture = record_boot(tmp_path, hooks=[MaskProtocolFeatures(["REPLY_ACK"])], timeout=60)
+    assert result.blk_io_ok and result.clean_exit, result.console
+    sent = messages(capture)
+    requests = [m for record, m in sent if record.direction == Direction.FRONTEND_TO_BACKEND and not m.is_reply]
+    acked = next(m for m in requests if m.request == F.SET_PROTOCOL_FEATURES).payload.protocol_features
+    assert not acked & 1 << 3 and acked & 1 << 15, hex(acked)     # REPLY_ACK gone, CONFIGURE_MEM_SLOTS kept
+    assert [m.name for m in requests if m.need_reply] == []
+    assert any(m.request == F.ADD_MEM_REG for m in requests)        # which QEMU sets NEED_REPLY on otherwise
+
+
+def test_disconnect_at_n_makes_qemu_report_the_backend_lost(tmp_path):
+    require("qemu-storage-daemon")
+    from vhusniff.labcmd import record_boot
+    result, capture = record_boot(tmp_path, hooks=[DisconnectAt(5)], timeout=30)
+    assert result.exit_code != 0 and not result.blk_io_ok
+    # QEMU 7.2 reads EOF where it waits for GET_QUEUE_NUM's reply, retries the realize, then gives up.
+    assert "Failed to read msg header. Read 0 instead of 12" in result.console, result.console
+    assert "vhost_backend_init failed" in result.console
+    by_connection: dict[int, list] = {}
+    for record, message in messages(capture):
+        by_connection.setdefault(record.connection, []).append(message)
+    assert by_connection, "the capture holds the sessions"
+    for connection, sent in by_connection.items():
+        assert len(sent) == 5, (connection, [m.summary() for m in sent])
+    events = [r.note for r in read_capture(capture) if r.kind == RecordKind.EVENT]
+    assert sum("disconnect-at 5" in note for note in events) == len(by_connection)
