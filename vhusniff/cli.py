@@ -41,6 +41,12 @@ def message_fields(number: int, relative: float, record, message) -> dict[str, l
     return fields
 
 
+def _expert_findings(args):
+    """Findings of the whole capture, worked out before printing: a missing reply is known only later on."""
+    from .analysis_cli import load
+    return load(args.file, args.device, args.profile).analyzer
+
+
 def command_read(args) -> int:
     from .capture import CaptureError, read_capture
     from .present import field_tree, hexdump, record_line
@@ -61,7 +67,13 @@ def command_read(args) -> int:
     json_started = False
     number = 0
     status = 0
+    analyzer = _expert_findings(args) if args.expert else None
+    findings = analyzer.findings_by_number() if analyzer else {}
     try:
+        if args.T == "text" and not (args.verbose or args.hex or display_filter or args.expert):
+            from .reading import fast_summary
+            fast_summary(args.file, tracker, out, colour, args.follow, args.count)
+            return 0
         for record in read_capture(args.file):
             number += 1
             if first_time is None:
@@ -75,6 +87,8 @@ def command_read(args) -> int:
                 continue
             if args.T == "text":
                 out.write(record_line(number, relative, record, message, colour) + "\n")
+                for finding in findings.get(number, ()):
+                    out.write(f"        [expert {finding.severity}: {finding.check}] {finding.text}\n")
                 if message is not None and args.verbose:
                     out.write("\n".join(field_tree(message)) + "\n")
                     for index, fd in enumerate(record.fds):
@@ -107,6 +121,10 @@ def command_read(args) -> int:
         return 0
     if args.T == "json":
         out.write("\n]\n" if json_started else "[]\n")
+    if analyzer is not None and args.T == "text":
+        out.write(f"\nExpert findings: {len(analyzer.findings)}\n")
+        for finding in analyzer.findings:
+            out.write(f"  c{finding.connection} {finding.line()}\n")
     return status
 
 
@@ -124,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     read.add_argument("-e", action="append", default=[], help="field for -T fields (repeatable)")
     read.add_argument("--follow", type=int, metavar="CONNECTION", help="only this connection")
     read.add_argument("--color", choices=("auto", "always", "never"), default="auto")
+    read.add_argument("--expert", action="store_true",
+                      help="expert findings under the messages they concern, and their list at the end")
     _add_decode_options(read)
     read.set_defaults(run=command_read)
 
@@ -142,6 +162,7 @@ DELEGATED = {
     "stats": ("analysis_cli", "main_stats", "per-request counts and response times, connections"),
     "report": ("analysis_cli", "main_report", "what a person reads first when a VM did not start"),
     "timeline": ("analysis_cli", "main_timeline", "a picture of the session over time"),
+    "expert": ("analysis_cli", "main_expert", "expert findings (Wireshark's expert info); --checks lists them"),
 }
 
 
