@@ -347,3 +347,16 @@ def test_timeline_svg_has_one_mark_per_message(tmp_path, capsys):
     html = tmp_path / "t.html"
     assert main_timeline([_capture(tmp_path, s), "-o", str(html)]) == 0
     assert html.read_text().startswith("<!DOCTYPE html>")
+
+
+def test_read_expert_puts_findings_under_their_messages(tmp_path, capsys):
+    from vhusniff.cli import main
+    s = qemu_blk_boot(end=False)
+    s.start_ring()
+    waited = s.request(F.GET_VRING_BASE, {"index": 0, "num": 0})
+    s.event("back-end closed the connection")
+    assert main(["read", _capture(tmp_path, s), "--expert", "--color", "never"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.split()[:1] == [str(waited)])
+    assert lines[at + 1].strip().startswith("[expert error: disconnect-with-request-outstanding]")
+    assert "Expert findings: 1" in lines

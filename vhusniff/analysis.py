@@ -211,7 +211,7 @@ class Analyzer:
         for transaction in conn.outstanding():
             transaction.outcome = "outstanding at disconnect"
             self._add("disconnect-with-request-outstanding", record.connection,
-                      (number, transaction.request_number),
+                      (transaction.request_number, number),
                       f"{record.note.split(';')[0]} while {self._waiter(transaction)} waited for the "
                       f"{transaction.expect} to {transaction.name} (#{transaction.request_number})")
         for queue in conn.waiting.values():
