@@ -86,7 +86,7 @@ class _Endpoint:
     """One socket of a connection's channel: the proxy reads from it what `side` sends, in `direction`."""
 
     __slots__ = ("sock", "fd", "conn", "channel", "direction", "side", "framer", "peer", "outbuf", "unframed",
-                 "read_closed", "write_shut", "shutdown_pending", "held", "closed")
+                 "read_closed", "write_shut", "shutdown_pending", "held", "closed", "received")
 
     def __init__(self, sock: socket.socket, conn: "_Connection", channel: Channel, side: str):
         sock.setblocking(False)
@@ -106,6 +106,7 @@ class _Endpoint:
         self.shutdown_pending = False
         self.held: collections.deque = collections.deque()     # messages a hook delayed, in order
         self.closed = False
+        self.received = 0              # bytes read from this socket, for an independent count in tests
 
 
 class _Connection:
@@ -149,6 +150,8 @@ class Proxy:
         self.records: list[Record] = []
         self.problems: list[str] = []          # every reported finding, as reported
         self.connections_total = 0
+        # (connection, channel, direction) -> (messages framed, bytes received), kept when a stream closes.
+        self.stream_totals: dict[tuple[int, Channel, Direction], tuple[int, int]] = {}
         self.connections: dict[int, _Connection] = {}
         self._capture_target = capture
         self._writer = None
@@ -170,6 +173,7 @@ class Proxy:
         self._epoll = None
         self._handlers: dict[int, object] = {}
         self._listeners: list[tuple[socket.socket, Route]] = []
+        self._refusals: dict[Route, int] = {}
         self._timers: list = []
         self._timer_sequence = itertools.count()
         self._wake_read, self._wake_write = -1, -1
@@ -284,6 +288,8 @@ class Proxy:
             return
         for conn in list(self.connections.values()):
             self._close_connection(conn, "proxy stopping: connection closed")
+        for route in list(self._refusals):
+            self._note_refusals(route)
         self._close_listeners()
         self._show_backlog(None)
         if self._writer is not None:
@@ -334,9 +340,6 @@ class Proxy:
             accepted, _address = listener.accept()
         except OSError:
             return
-        self.connections_total += 1
-        number = self.connections_total
-        conn = _Connection(number, route)
         target_role = BACKEND if route.listener_role == FRONTEND else FRONTEND
         outgoing = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         outgoing.settimeout(2.0)       # a Unix connect waits only when the listener's backlog is full
@@ -344,16 +347,37 @@ class Proxy:
             outgoing.connect(str(route.target))
         except OSError as error:
             outgoing.close()
-            self._event(conn, Channel.MAIN, f"{route.listener_role} connected on {route.listen}, but the "
-                        f"{target_role} at {route.target} refused: {error.strerror or error}; closing",
-                        problem=True)
             accepted.close()
+            # A client that retries at once (DPDK client mode) would flood the record: say it once per outage.
+            refused = self._refusals.get(route, 0)
+            self._refusals[route] = refused + 1
+            if refused == 0:
+                self._proxy_event(f"{route.listener_role} connected on {route.listen}, but the {target_role} at "
+                                  f"{route.target} refused: {error.strerror or error}; closing it (repeats are "
+                                  f"counted, not recorded)", problem=True)
             return
+        self._note_refusals(route)
+        self.connections_total += 1
+        number = self.connections_total
+        conn = _Connection(number, route)
         sockets = {route.listener_role: accepted, target_role: outgoing}
         self.connections[number] = conn
         self._event(conn, Channel.MAIN, f"connected: {route.listener_role} via {route.listen}, "
                     f"{target_role} at {route.target}" + (f", device={route.device}" if route.device else ""))
         self._add_channel(conn, Channel.MAIN, sockets[FRONTEND], sockets[BACKEND])
+
+    def _note_refusals(self, route: Route) -> None:
+        repeats = self._refusals.pop(route, 0) - 1
+        if repeats > 0:
+            self._proxy_event(f"{route.target} refused {repeats} more connection(s) from {route.listen}'s "
+                              f"{route.listener_role}")
+
+    def _proxy_event(self, text: str, problem: bool = False) -> None:
+        """An event of no connection (connection 0)."""
+        if problem:
+            self._report_only(text)
+        self._emit(Record(time.time_ns(), 0, Channel.MAIN, Direction.FRONTEND_TO_BACKEND, b"", [],
+                          RecordKind.EVENT, text))
 
     def _add_channel(self, conn: _Connection, channel: Channel, front_sock: socket.socket,
                      back_sock: socket.socket) -> None:
@@ -394,6 +418,7 @@ class Proxy:
             return
         timestamp = time.time_ns()
         conn = endpoint.conn
+        endpoint.received += len(data)
         if truncated:
             self._event(conn, endpoint.channel, f"{endpoint.side} sent more fds than the proxy can receive at "
                         f"once near message #{conn.messages + 1}; the kernel dropped the rest (MSG_CTRUNC)",
@@ -456,9 +481,10 @@ class Proxy:
         conn = endpoint.conn
         rest, rest_fds = endpoint.framer.take_rest()
         if rest:
-            self._forward(endpoint, rest, rest_fds, time.time_ns(),
-                          f"unframed: incomplete message #{conn.messages + 1} ({len(rest)} bytes) when the "
-                          f"{endpoint.side} closed")
+            text = f"incomplete message #{conn.messages + 1} ({len(rest)} bytes) when the {endpoint.side} closed"
+            self._event(conn, endpoint.channel, f"{endpoint.side} closed mid-message: {text}; forwarded unframed",
+                        problem=True)
+            self._forward(endpoint, rest, rest_fds, time.time_ns(), f"unframed: {text}")
             if conn.closed:
                 return
         else:
@@ -524,6 +550,8 @@ class Proxy:
         if endpoint.closed:
             return
         endpoint.closed = True
+        self.stream_totals[(endpoint.conn.number, endpoint.channel, endpoint.direction)] = \
+            (endpoint.framer.messages, endpoint.received)
         self._handlers.pop(endpoint.fd, None)
         try:
             self._epoll.unregister(endpoint.fd)

@@ -1,0 +1,169 @@
+"""Shared helpers for tests that run real vhost-user peers (or, for faults real peers cannot make, a fake one).
+
+Outside CI a test skips when its program is missing; in CI (CI=true) it fails instead, so that a broken
+install cannot pass as a green run. Import what you need:
+
+    from peers import require, kit, FakeBackend, FakeFrontend, open_fds
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import struct
+import threading
+
+import pytest
+
+from vhusniff import lab
+from vhusniff.framing import Frame, Framer
+from vhusniff.sockio import receive_chunk, send_message
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+_HEADER = struct.Struct("<III")
+REPLY_FLAGS = 0x5
+# Requests a fake back-end answers even without NEED_REPLY (a subset of the spec's "always" replies).
+ALWAYS_REPLY = {1, 15, 17, 36, 40}
+
+
+def require(*programs: str) -> None:
+    for program in programs:
+        if shutil.which(program) is None and not IN_CI:
+            pytest.skip(f"{program} not installed (run .ci/install-deps.sh)")
+
+
+@pytest.fixture(scope="session")
+def kit() -> lab.GuestKit:
+    require("qemu-system-x86_64")
+    return lab.prepare()
+
+
+def open_fds() -> set[int]:
+    """The fds this process holds now (compare before/after to find leaks)."""
+    return {int(name) for name in os.listdir("/proc/self/fd")}
+
+
+def message(request: int, payload: bytes = b"", flags: int = 0x1) -> bytes:
+    return _HEADER.pack(request, flags, len(payload)) + payload
+
+
+class FakeBackend:
+    """A listening vhost-user back-end in a thread: answers GET_* and NEED_REPLY with a u64, keeps what it got.
+
+    `frames` holds every message received (all connections, in order), `fd_kinds` the fds' targets; fds it
+    receives are closed. `channel_sockets` holds side-channel sockets passed in SET_BACKEND_REQ_FD.
+    """
+
+    def __init__(self, path, reply_value: int = 42):
+        self.path = str(path)
+        self.reply_value = reply_value
+        self.frames: list[Frame] = []
+        self.fd_targets: list[str] = []
+        self.channel_sockets: list[socket.socket] = []
+        self.connections = 0
+        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._server.bind(self.path)
+        self._server.listen(128)
+        self._threads: list[threading.Thread] = []
+        self._clients: list[socket.socket] = []
+        self._closing = False
+        self._accepter = threading.Thread(target=self._accept_loop, daemon=True)
+        self._accepter.start()
+
+    def _accept_loop(self) -> None:
+        while not self._closing:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            self.connections += 1
+            self._clients.append(client)
+            thread = threading.Thread(target=self._serve, args=(client,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _serve(self, client: socket.socket) -> None:
+        framer = Framer("fake back-end", max_payload=1 << 30)
+        try:
+            while True:
+                data, fds, _ = receive_chunk(client)
+                if not data:
+                    return
+                for frame in framer.feed(data, fds):
+                    if not isinstance(frame, Frame):
+                        continue
+                    self.frames.append(frame)
+                    request, flags, _size = _HEADER.unpack_from(frame.data)
+                    for fd in frame.fds:
+                        try:
+                            self.fd_targets.append(os.readlink(f"/proc/self/fd/{fd}"))
+                        except OSError:
+                            self.fd_targets.append("?")
+                        if request == 21 and len(frame.fds) == 1:
+                            self.channel_sockets.append(socket.socket(fileno=fd))
+                        else:
+                            os.close(fd)
+                    if request in ALWAYS_REPLY or flags & 0x8:
+                        client.sendall(_HEADER.pack(request, REPLY_FLAGS, 8) + struct.pack("<Q", self.reply_value))
+        except OSError:
+            return
+        except Exception:
+            return
+        finally:
+            client.close()
+
+    def close(self) -> None:
+        self._closing = True
+        self._server.close()
+        for client in self._clients:
+            try:
+                client.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for thread in self._threads:
+            thread.join(2)
+        for sock in self.channel_sockets:
+            sock.close()
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class FakeFrontend:
+    """A front-end connection to a proxy's listening socket, with framed request/reply helpers."""
+
+    def __init__(self, path, timeout: float = 5.0):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(path))
+        self.framer = Framer("fake front-end", max_payload=1 << 30)
+        self.backlog: list[Frame] = []
+
+    def send(self, data: bytes, fds=()) -> None:
+        send_message(self.sock, data, list(fds))
+
+    def receive(self) -> Frame:
+        while not self.backlog:
+            data, fds, _ = receive_chunk(self.sock)
+            if not data:
+                raise EOFError("proxy closed the connection")
+            self.backlog.extend(f for f in self.framer.feed(data, fds) if isinstance(f, Frame))
+        return self.backlog.pop(0)
+
+    def ask(self, request: int, payload: bytes = b"") -> int:
+        """Send a request that always has a reply; return the reply's u64."""
+        self.send(message(request, payload))
+        reply = self.receive()
+        for fd in reply.fds:
+            os.close(fd)
+        return struct.unpack_from("<Q", reply.data, 12)[0]
+
+    def close(self) -> None:
+        self.sock.close()

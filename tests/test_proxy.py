@@ -1,0 +1,356 @@
+"""The proxy against real peers (QEMU, qemu-storage-daemon, dpdk-testpmd) and, for faults real peers cannot
+make, a fake Python peer. Skips when a program is missing outside CI, fails in CI."""
+import os
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from peers import FakeBackend, FakeFrontend, kit, message, open_fds, require  # noqa: F401  (kit is a fixture)
+
+from vhusniff import lab
+from vhusniff.capture import read_capture
+from vhusniff.labcmd import run_lab
+from vhusniff.model import Channel, Direction, RecordKind
+from vhusniff.proxy import Proxy, ProxyError, Route
+
+GET_FEATURES, SET_OWNER, SET_BACKEND_REQ_FD, GET_QUEUE_NUM = 1, 3, 21, 17
+
+
+def messages(records, channel=None):
+    return [r for r in records if r.kind == RecordKind.MESSAGE and (channel is None or r.channel == channel)]
+
+
+def events(records):
+    return [r.note for r in records if r.kind == RecordKind.EVENT]
+
+
+def header(record):
+    return struct.unpack_from("<III", record.data)
+
+
+# ---------------------------------------------------------------- real peers
+
+def test_blk_guest_boots_through_the_proxy_and_the_capture_holds_every_message(kit, tmp_path):
+    require("qemu-storage-daemon")
+    capture = tmp_path / "boot.pcapng"
+    run = run_lab(tmp_path, "blk", capture_path=capture, report=lambda text: None)
+    assert run.result.blk_io_ok and run.result.clean_exit, run.result.console
+    written = (tmp_path / "storage-daemon.img").read_bytes()
+    offset = lab.PATTERN_OFFSET_MIB << 20
+    assert written[offset:offset + 16] == b"VHUSNIFF-PATTERN", "the guest's write reached the back-end's disk"
+
+    on_disk = list(read_capture(capture))
+    assert [(r.connection, r.channel, r.direction, r.data, r.note) for r in on_disk] == \
+        [(r.connection, r.channel, r.direction, r.data, r.note) for r in run.records]
+    main = messages(on_disk, Channel.MAIN)
+    # Independent count: what each side's socket delivered to the proxy, against what the capture holds.
+    proxy_counts = run.connections
+    assert proxy_counts == 1
+    names = Counter()
+    for direction in Direction:
+        sent = [r for r in main if r.direction == direction]
+        assert sent, f"no {direction.arrow} messages"
+        for record in sent:
+            request, flags, size = header(record)
+            assert len(record.data) == 12 + size and not record.note
+            names[(direction, request)] += 1
+    requests = [r for r in main if r.direction == Direction.FRONTEND_TO_BACKEND]
+    replies = [r for r in main if r.direction == Direction.BACKEND_TO_FRONTEND]
+    # The session's shape: every reply answers a request that always has one or asked for one.
+    always = {1, 11, 15, 17, 24, 36}
+    expected_replies = [header(r)[0] for r in requests if header(r)[0] in always or header(r)[1] & 0x8]
+    assert [header(r)[0] for r in replies] == expected_replies
+    assert all(header(r)[1] == 0x5 for r in replies)
+    # fds described: eventfds for call/kick/err, a 256 MiB memfd for ADD_MEM_REG, a socket for the channel.
+    kinds = {header(r)[0]: [fd.kind for fd in r.fds] for r in requests if r.fds}
+    assert kinds[13] == ["eventfd"] and kinds[12] == ["eventfd"] and kinds[14] == ["eventfd"]
+    assert kinds[37] == ["memfd"] and kinds[21] == ["socket"]
+    memory = next(r for r in requests if header(r)[0] == 37).fds[0]
+    assert memory.size == lab.GUEST_MEMORY_MB << 20 and memory.inode > 0
+    assert any("backend channel interposed" in note for note in events(on_disk))
+    assert "front-end closed: connection closed" in " ".join(events(on_disk))
+
+
+def test_stream_totals_match_the_records(kit, tmp_path):
+    """What each socket delivered (bytes and framed messages, counted on the receive side) is in the records."""
+    require("qemu-storage-daemon")
+    run_records = []
+    socket_path, proxy_path = tmp_path / "b.sock", tmp_path / "p.sock"
+    with lab.start_storage_daemon(tmp_path, socket_path):
+        proxy = Proxy([Route.forward(proxy_path, socket_path)], on_record=run_records.append, report=None).start()
+        with lab.start_qemu(tmp_path, kit, proxy_path) as guest:
+            assert guest.wait(60).blk_io_ok
+        assert proxy.wait_until(lambda p: p.active_connections == 0 and p.connections_total == 1)
+        proxy.stop()
+    assert proxy.stream_totals
+    for (connection, channel, direction), (framed, received) in proxy.stream_totals.items():
+        recorded = [r for r in messages(run_records, channel) if r.direction == direction
+                    and r.connection == connection]
+        assert len(recorded) == framed
+        assert sum(len(r.data) for r in recorded) == received
+
+
+def test_reverse_topology_qemu_listens_and_testpmd_connects(kit, tmp_path):
+    require("dpdk-testpmd")
+    run = run_lab(tmp_path, "net", reverse=True, capture_path=tmp_path / "rev.pcapng", report=lambda text: None)
+    assert run.result.net_io_ok and run.result.clean_exit, run.result.console
+    main = messages(run.records, Channel.MAIN)
+    assert len(main) > 30
+    assert {r.direction for r in main} == set(Direction)
+    assert messages(run.records, Channel.BACKEND) or any("backend channel interposed" in n
+                                                         for n in events(run.records))
+    assert "connected: back-end via" in events(run.records)[0]
+    assert len(list(read_capture(tmp_path / "rev.pcapng"))) == len(run.records)
+
+
+def test_testpmd_crashes_qemu_and_the_proxy_records_it(kit, tmp_path):
+    require("dpdk-testpmd")
+    capture = tmp_path / "crash.pcapng"
+    run = run_lab(tmp_path, "net", msix=True, capture_path=capture, report=lambda text: None)
+    assert run.result.exit_code == -signal.SIGSEGV, run.result.console
+    on_disk = list(read_capture(capture))          # readable to its end: no CaptureError
+    assert len(on_disk) == len(run.records)
+    assert header(messages(on_disk)[-1])[0] == 18, "the last message is the SET_VRING_ENABLE QEMU died after"
+    notes = events(on_disk)
+    assert any(note.startswith("front-end closed") for note in notes)
+    assert notes[-1].startswith("front-end closed: connection closed") or "connection closed" in notes[-1]
+
+
+def test_backend_killed_mid_session_other_connection_keeps_working(kit, tmp_path):
+    require("qemu-storage-daemon")
+    before = open_fds()
+    backend_path, proxy_path = tmp_path / "b.sock", tmp_path / "p.sock"
+    with FakeBackend(tmp_path / "fake.sock") as fake, lab.start_storage_daemon(tmp_path, backend_path) as daemon:
+        proxy = Proxy([Route.forward(proxy_path, backend_path), Route.forward(tmp_path / "p2.sock", fake.path)],
+                      report=None).start()
+        other = FakeFrontend(tmp_path / "p2.sock")
+        with lab.start_qemu(tmp_path, kit, proxy_path) as guest:
+            assert proxy.wait_until(lambda p: len(messages(p.records)) >= 12)
+            daemon.proc.kill()
+            assert proxy.wait_until(lambda p: any("back-end" in n and "closed" in n for n in events(p.records)))
+            assert other.ask(GET_FEATURES) == 42, "the other connection still works"
+            guest.stop()
+        assert proxy.wait_until(lambda p: p.active_connections == 1)
+        other.close()
+        proxy.stop()
+    qemu_connection = [r for r in proxy.records if r.kind == RecordKind.EVENT and r.connection == 1]
+    assert any("after message #" in r.note for r in qemu_connection)
+    assert open_fds() == before
+
+
+def test_qemu_killed_then_a_new_qemu_is_a_new_connection(kit, tmp_path):
+    require("qemu-storage-daemon")
+    backend_path, proxy_path = tmp_path / "b.sock", tmp_path / "p.sock"
+    with lab.start_storage_daemon(tmp_path, backend_path) as daemon:
+        proxy = Proxy([Route.forward(proxy_path, backend_path)], report=None).start()
+        with lab.start_qemu(tmp_path, kit, proxy_path, name="qemu1") as guest:
+            assert proxy.wait_until(lambda p: len(messages(p.records)) >= 12)
+            guest.proc.kill()
+            assert proxy.wait_until(lambda p: p.active_connections == 0)
+        assert daemon.running
+        with lab.start_qemu(tmp_path, kit, proxy_path, name="qemu2") as guest:
+            result = guest.wait(60)
+        assert proxy.wait_until(lambda p: p.active_connections == 0)
+        proxy.stop()
+    assert result.blk_io_ok, result.console
+    assert proxy.connections_total == 2
+    first = [n for n in events(proxy.records) if "connection closed" in n]
+    assert first and {r.connection for r in messages(proxy.records)} == {1, 2}
+
+
+# ---------------------------------------------------------------- faults only a fake peer makes
+
+@pytest.fixture
+def fake_pair(tmp_path):
+    """A proxy with two routes to one fake back-end; yields (proxy, fake back-end, first path, second path)."""
+    before = open_fds()
+    with FakeBackend(tmp_path / "fake.sock") as fake:
+        proxy = Proxy([Route.forward(tmp_path / "a.sock", fake.path), Route.forward(tmp_path / "b.sock", fake.path)],
+                      capture=tmp_path / "faults.pcapng", report=None).start()
+        yield proxy, fake, tmp_path / "a.sock", tmp_path / "b.sock"
+        proxy.stop()
+    time.sleep(0.05)
+    assert open_fds() == before, "no fd leaked"
+
+
+def _check_other_connection(path):
+    other = FakeFrontend(path)
+    assert other.ask(GET_QUEUE_NUM) == 42
+    other.close()
+
+
+@pytest.mark.parametrize("fault", ["garbage", "oversize", "fd-flood", "half-close"])
+def test_bad_input_is_reported_forwarded_and_isolated(fake_pair, tmp_path, fault):
+    proxy, fake, path, other_path = fake_pair
+    bad = FakeFrontend(path)
+    assert bad.ask(GET_FEATURES) == 42                      # message #1 and its reply #2
+    if fault == "garbage":
+        sent = b"\xde\xad\xbe\xef" * 8 + os.urandom(64)     # a header whose size is 0xefbeadde
+        bad.send(sent)
+    elif fault == "oversize":
+        sent = message(SET_OWNER, b"\0" * 0x2000)
+        bad.send(sent)
+    elif fault == "fd-flood":
+        eventfds = [os.eventfd(0) for _ in range(200)]
+        sent = message(SET_OWNER)
+        bad.send(sent, eventfds)
+        for fd in eventfds:
+            os.close(fd)
+    else:
+        sent = message(GET_FEATURES)[:7]                    # half a header, then close the sending side
+        bad.send(sent)
+        bad.sock.shutdown(socket.SHUT_WR)
+    _check_other_connection(other_path)
+    wanted = {"garbage": "cannot be framed at message #3", "oversize": "cannot be framed at message #3",
+              "fd-flood": "message #3 carries 200 fds", "half-close": "incomplete message #3"}[fault]
+    assert proxy.wait_until(lambda p: any(wanted in n for n in events(p.records)))
+    assert any("connection 1: " in text and wanted in text for text in proxy.problems)
+    bad.close()
+    assert proxy.wait_until(lambda p: p.active_connections == 0)
+    proxy.stop()
+    recorded = b"".join(r.data for r in messages(read_capture(tmp_path / "faults.pcapng"))
+                        if r.connection == 1 and r.direction == Direction.FRONTEND_TO_BACKEND)
+    assert recorded == message(GET_FEATURES) + sent, "the capture keeps the exact bytes"
+    if fault == "fd-flood":
+        assert [len(r.fds) for r in messages(proxy.records) if r.connection == 1] == [0, 0, 200]
+        assert fake.fd_targets.count("anon_inode:[eventfd]") == 200, "all 200 fds were forwarded"
+
+
+def test_64_concurrent_connections(tmp_path):
+    before = open_fds()
+    with FakeBackend(tmp_path / "fake.sock") as fake:
+        proxy = Proxy([Route.forward(tmp_path / "p.sock", fake.path)], keep_records=True, report=None).start()
+        clients = [FakeFrontend(tmp_path / "p.sock") for _ in range(64)]
+        assert proxy.wait_until(lambda p: p.active_connections == 64)
+        for round_number in range(3):
+            for client in clients:
+                client.send(message(GET_FEATURES))
+            for client in clients:
+                assert struct.unpack_from("<Q", client.receive().data, 12)[0] == 42
+        for client in clients:
+            client.close()
+        assert proxy.wait_until(lambda p: p.active_connections == 0)
+        proxy.stop()
+        assert fake.connections == 64
+    assert proxy.connections_total == 64
+    assert len(messages(proxy.records)) == 64 * 3 * 2
+    assert open_fds() == before
+
+
+def test_side_channel_is_relayed_and_recorded(tmp_path):
+    with FakeBackend(tmp_path / "fake.sock") as fake:
+        proxy = Proxy([Route.forward(tmp_path / "p.sock", fake.path)], report=None).start()
+        frontend = FakeFrontend(tmp_path / "p.sock")
+        ours, theirs = socket.socketpair()
+        frontend.send(message(SET_BACKEND_REQ_FD, flags=0x9), [theirs.fileno()])
+        theirs.close()
+        assert frontend.receive().data[:4] == struct.pack("<I", SET_BACKEND_REQ_FD)
+        channel = fake.channel_sockets[0]
+        channel.sendall(message(2, flags=0x9))               # CONFIG_CHANGE_MSG, asking for an ack
+        ours.settimeout(5)
+        assert ours.recv(64) == message(2, flags=0x9)
+        ours.sendall(message(2, struct.pack("<Q", 0), flags=0x5))
+        channel.settimeout(5)
+        assert channel.recv(64) == message(2, struct.pack("<Q", 0), flags=0x5)
+        frontend.close()
+        assert proxy.wait_until(lambda p: p.active_connections == 0)
+        proxy.stop()
+        ours.close()
+    side = messages(proxy.records, Channel.BACKEND)
+    assert [(r.direction, header(r)[0]) for r in side] == [(Direction.BACKEND_TO_FRONTEND, 2),
+                                                          (Direction.FRONTEND_TO_BACKEND, 2)]
+    assert fake.fd_targets[0].startswith("socket:")
+    assert messages(proxy.records, Channel.MAIN)[0].fds[0].kind == "socket"
+
+
+def test_hooks_drop_modify_and_delay_without_blocking_others(tmp_path):
+    from vhusniff.hooks import DropRequest
+
+    class DelayFirstConnection:
+        def message(self, flow):
+            if flow.connection == 1 and flow.direction == Direction.BACKEND_TO_FRONTEND:
+                flow.delay(0.6)
+
+    class ChangeQueueCount:
+        def message(self, flow):
+            if flow.message.is_reply and flow.message.request == GET_QUEUE_NUM:
+                flow.layer.queue_num = 7
+
+    with FakeBackend(tmp_path / "fake.sock") as fake:
+        proxy = Proxy([Route.forward(tmp_path / "p.sock", fake.path)], report=None,
+                      hooks=[DropRequest("SET_OWNER"), ChangeQueueCount(), DelayFirstConnection()]).start()
+        slow, fast = FakeFrontend(tmp_path / "p.sock"), FakeFrontend(tmp_path / "p.sock")
+        started = time.monotonic()
+        slow.send(message(GET_FEATURES))
+        assert fast.ask(GET_QUEUE_NUM) == 7
+        fast_done = time.monotonic() - started
+        slow.receive()
+        slow_done = time.monotonic() - started
+        fast.send(message(SET_OWNER))
+        assert fast.ask(GET_FEATURES) == 42
+        slow.close(), fast.close()
+        assert proxy.wait_until(lambda p: p.active_connections == 0)
+        proxy.stop()
+    assert fast_done < 0.4 <= 0.6 <= slow_done
+    assert SET_OWNER not in [struct.unpack_from("<I", f.data)[0] for f in fake.frames]
+    notes = {r.note for r in messages(proxy.records)}
+    assert {"dropped by hook (not forwarded)", "modified by hook", "delayed by hook"} <= notes
+    modified = next(r for r in messages(proxy.records) if r.note == "modified by hook")
+    assert struct.unpack_from("<Q", modified.data, 12)[0] == 7, "the record holds what was forwarded"
+
+
+# ---------------------------------------------------------------- sockets and the command line
+
+def test_listening_socket_is_0600_and_only_stale_sockets_are_replaced(tmp_path):
+    path = tmp_path / "p.sock"
+    path.write_text("precious")
+    with pytest.raises(ProxyError, match="not a socket"):
+        Proxy([Route.forward(path, tmp_path / "none.sock")]).open()
+    assert path.read_text() == "precious"
+    path.unlink()
+    live = socket.socket(socket.AF_UNIX)
+    live.bind(str(path))
+    live.listen()
+    with pytest.raises(ProxyError, match="another process is listening"):
+        Proxy([Route.forward(path, tmp_path / "none.sock")]).open()
+    live.close()                                   # the file stays: now a stale socket
+    assert path.exists()
+    proxy = Proxy([Route.forward(path, tmp_path / "none.sock")], report=None).start()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    proxy.stop()
+    assert not path.exists()
+
+
+def _start_cli_proxy(tmp_path, fake):
+    capture = tmp_path / "cli.pcapng"
+    process = subprocess.Popen([sys.executable, "-m", "vhusniff.cli", "proxy", "-q", "--listen",
+                                str(tmp_path / "p.sock"), "--backend", fake.path, "-w", str(capture)],
+                               stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
+    deadline = time.monotonic() + 10
+    while not (tmp_path / "p.sock").exists():
+        assert time.monotonic() < deadline and process.poll() is None, process.stderr.read()
+        time.sleep(0.02)
+    return process, capture
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
+def test_cli_proxy_signals_leave_a_readable_capture(tmp_path, how):
+    with FakeBackend(tmp_path / "fake.sock") as fake:
+        process, capture = _start_cli_proxy(tmp_path, fake)
+        client = FakeFrontend(tmp_path / "p.sock")
+        for _ in range(5):
+            assert client.ask(GET_FEATURES) == 42
+        process.send_signal(how)
+        assert process.wait(10) == (-signal.SIGKILL if how == signal.SIGKILL else 0)
+        client.close()
+    records = list(read_capture(capture))
+    assert len(messages(records)) == 10, "every forwarded message is in the capture"
+    if how != signal.SIGKILL:
+        assert events(records)[-1] == "proxy stopping: connection closed"
