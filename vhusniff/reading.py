@@ -87,7 +87,7 @@ def fast_summary(path: str, tracker, out, colour: bool = False, follow: int | No
     # connection -> what of its negotiated context changes decoding; only decoding (on a miss) changes it.
     context_keys: dict[int, tuple] = {}
     unpack_connection = _CONNECTION.unpack_from
-    number = shown = 0
+    number = shown = done = 0          # done: records fully handled here, should the full reader take over
     first_time = None
     lines: list[str] = []
     try:
@@ -115,6 +115,7 @@ def fast_summary(path: str, tracker, out, colour: bool = False, follow: int | No
                     if len(cache) >= _CACHE_LIMIT:
                         cache.clear()
                     cache[key] = entry
+            done = number
             if follow is not None and entry[2] != follow:
                 continue
             lines.append(f"{entry[0]}{number:>5} {(timestamp - first_time) / 1e9:10.6f} {entry[1]}\n")
@@ -128,8 +129,7 @@ def fast_summary(path: str, tracker, out, colour: bool = False, follow: int | No
         out.writelines(lines)
         lines.clear()
         # Hand over at the same record: the full reader shows the rest, or says exactly what is wrong where.
-        tracker_number = number - 1
-        for number, relative, record, message in general_messages(path, tracker, skip=tracker_number):
+        for number, relative, record, message in general_messages(path, tracker, skip=done):
             if follow is not None and record.connection != follow:
                 continue
             lines.append(record_line(number, relative, record, message, colour) + "\n")

@@ -1,0 +1,153 @@
+"""`vhusniff read`: damaged captures lose nothing before the damage and say where it is, in one line."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import subprocess
+import sys
+
+import pytest
+
+from vhusniff.capture import enhanced_packet_block, file_header
+from vhusniff.cli import main
+from vhusniff.model import Channel, Direction, Record
+from vhusniff.protocol import build_message
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GOOD = 6
+
+
+def _records(count: int = GOOD) -> list[Record]:
+    messages = [build_message(Channel.MAIN, 1), struct.pack("<IIIQ", 1, 5, 8, 0x1_0000_0000),
+                build_message(Channel.MAIN, 18, dict(index=1, num=1))]
+    return [Record(1_000_000 + i * 1000, 1, Channel.MAIN,
+                   Direction.BACKEND_TO_FRONTEND if i % 3 == 1 else Direction.FRONTEND_TO_BACKEND,
+                   messages[i % 3]) for i in range(count)]
+
+
+def _good_part() -> tuple[bytes, int]:
+    data = file_header() + b"".join(enhanced_packet_block(r) for r in _records())
+    return data, len(data)
+
+
+def truncated_file() -> tuple[bytes, int]:
+    data, offset = _good_part()
+    return data + enhanced_packet_block(_records(1)[0])[:30], offset
+
+
+def bad_block() -> tuple[bytes, int]:
+    data, offset = _good_part()
+    block = bytearray(enhanced_packet_block(_records(1)[0]))
+    block[4:8] = struct.pack("<I", 13)            # a block length that is not a multiple of 4
+    return data + bytes(block) + enhanced_packet_block(_records(1)[0]), offset
+
+
+def unknown_version() -> tuple[bytes, int]:
+    data, offset = _good_part()
+    block = bytearray(enhanced_packet_block(_records(1)[0]))
+    block[28 + 4:28 + 6] = struct.pack("<H", 9)   # pseudo-header version 9 (packet data starts at byte 28)
+    return data + bytes(block), offset
+
+
+def other_link_type() -> tuple[bytes, int]:
+    data = bytearray(file_header())
+    link_type_at = data.index(struct.pack("<IH", 1, 147)[:4], 28) + 8     # the IDB after the SHB
+    data[link_type_at:link_type_at + 2] = struct.pack("<H", 1)            # Ethernet
+    ethernet = struct.pack("<IIIII", 0, 0, 0, 14, 14) + bytes(14) + b"\0\0" + struct.pack("<HH", 0, 0)
+    block = struct.pack("<II", 6, 12 + len(ethernet)) + ethernet + struct.pack("<I", 12 + len(ethernet))
+    data += block
+    return bytes(data), len(data)
+
+
+def classic_pcap() -> tuple[bytes, int]:
+    return struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1), 0
+
+
+DAMAGE = {"truncated": (truncated_file, GOOD), "bad-block": (bad_block, GOOD),
+          "unknown-version": (unknown_version, GOOD), "other-link-type": (other_link_type, 0),
+          "classic-pcap": (classic_pcap, 0)}
+
+
+def _write(tmp_path, name):
+    make, shown = DAMAGE[name]
+    data, offset = make()
+    path = tmp_path / f"{name}.pcapng"
+    path.write_bytes(data)
+    return str(path), offset, shown
+
+
+def _check(path, offset, shown, status, stdout, stderr, json_output=False):
+    assert status == 2
+    error_lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(error_lines) == 1, stderr
+    assert path in error_lines[0] and f"offset {offset}" in error_lines[0]
+    if json_output:
+        assert len(json.loads(stdout)) == shown
+    else:
+        lines = stdout.splitlines()
+        assert len(lines) == shown and [int(line.split()[0]) for line in lines] == list(range(1, shown + 1))
+
+
+@pytest.mark.parametrize("name", DAMAGE)
+def test_damage_in_process_keeps_what_came_before(tmp_path, capsys, name):
+    path, offset, shown = _write(tmp_path, name)
+    status = main(["read", path])
+    captured = capsys.readouterr()
+    _check(path, offset, shown, status, captured.out, captured.err)
+
+
+@pytest.mark.parametrize("name", DAMAGE)
+@pytest.mark.parametrize("options", [[], ["-V"], ["-T", "json"], ["-Y", "request"]])
+def test_damage_as_a_subprocess_every_output_mode(tmp_path, name, options):
+    path, offset, shown = _write(tmp_path, name)
+    result = subprocess.run([sys.executable, "-m", "vhusniff.cli", "read", path, *options], capture_output=True,
+                            text=True, cwd=ROOT, timeout=60)
+    if options == ["-V"]:
+        summary = re.compile(r"^\s*\d+\s+\d+\.\d+ c\d")           # -V: keep the summary lines, not the trees
+        result.stdout = "\n".join(line for line in result.stdout.splitlines() if summary.match(line))
+    _check(path, offset, shown, result.returncode, result.stdout, result.stderr, json_output=options == ["-T", "json"])
+
+
+def test_the_fast_summary_and_the_general_path_print_the_same_lines(tmp_path, capsys):
+    from vhusniff.capture import write_capture
+    records = _records(30)
+    records[7].note = "unframed: rest of a stream"
+    write_capture(tmp_path / "c.pcapng", records)
+    main(["read", str(tmp_path / "c.pcapng")])
+    fast = capsys.readouterr().out
+    main(["read", str(tmp_path / "c.pcapng"), "-Y", "frame.number"])     # a filter forces the general path
+    assert fast == capsys.readouterr().out and len(fast.splitlines()) == 30
+
+
+def test_count_follow_and_fields(tmp_path, capsys):
+    from vhusniff.capture import write_capture
+    records = _records(9)
+    for index, record in enumerate(records):
+        record.connection = 1 + index % 2
+    write_capture(tmp_path / "c.pcapng", records)
+    main(["read", str(tmp_path / "c.pcapng"), "-c", "2"])
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    main(["read", str(tmp_path / "c.pcapng"), "--follow", "2"])
+    assert all(" c2 " in line for line in capsys.readouterr().out.splitlines())
+    main(["read", str(tmp_path / "c.pcapng"), "-T", "fields", "-e", "frame.number", "-e", "vring.index",
+          "-Y", "request == SET_VRING_ENABLE"])
+    assert capsys.readouterr().out.splitlines() == ["3\t1", "6\t1", "9\t1"]
+
+
+def test_bad_filter_is_one_clear_error_with_a_caret(tmp_path, capsys):
+    from vhusniff.capture import write_capture
+    write_capture(tmp_path / "c.pcapng", _records(3))
+    assert main(["read", str(tmp_path / "c.pcapng"), "-Y", "request == NOPE"]) == 2
+    error = capsys.readouterr().err
+    assert "unknown request name" in error and error.rstrip().endswith("^")
+
+
+def test_colour_only_when_asked_or_on_a_terminal(tmp_path, capsys):
+    from vhusniff.capture import write_capture
+    write_capture(tmp_path / "c.pcapng", _records(3))
+    main(["read", str(tmp_path / "c.pcapng")])
+    assert "\033[" not in capsys.readouterr().out
+    main(["read", str(tmp_path / "c.pcapng"), "--color", "always"])
+    assert capsys.readouterr().out.count("\033[0m") == 3
