@@ -86,3 +86,44 @@ def test_hook_file_loading(tmp_path):
     bad.write_text("x = 1\n")
     with pytest.raises(HookError, match="bad.py"):
         load_hook_file(str(bad))
+
+
+def test_hook_arguments_build_the_built_in_rewrites(tmp_path):
+    import argparse
+
+    from vhusniff.hooks import add_hook_arguments, hooks_from_arguments
+    script = tmp_path / "mine.py"
+    script.write_text("def message(flow):\n    pass\n")
+    parser = argparse.ArgumentParser()
+    add_hook_arguments(parser)
+    args = parser.parse_args(["--mask-protocol-features", "REPLY_ACK,SLAVE_REQ", "--max-queues", "2",
+                              "--drop-request", "SET_VRING_ERR", "--disconnect-at", "5", "--hook", str(script),
+                              "--on-hook-error", "disconnect"])
+    hooks = hooks_from_arguments(args)
+    kinds = [type(hook).__name__ for hook in hooks]
+    assert kinds == ["MaskProtocolFeatures", "CapReply", "DropRequest", "DisconnectAt", "module"]
+    assert hooks[0].mask == 1 << 3 | 1 << 5                 # the old name SLAVE_REQ is BACKEND_REQ
+    assert args.on_hook_error == "disconnect"
+    with pytest.raises(HookError, match="NO_SUCH_BIT"):
+        hooks_from_arguments(parser.parse_args(["--mask-protocol-features", "NO_SUCH_BIT"]))
+
+
+def test_a_raising_hook_does_not_stop_the_hooks_before_it_and_its_report_names_the_message():
+    reports = []
+
+    class Cap:
+        def message(self, flow):
+            if flow.message.is_reply:
+                flow.layer.queue_num = 1
+
+    class Broken:
+        def message(self, flow):
+            raise KeyError("missing")
+
+    reply = struct.pack("<IIIQ", 17, 5, 8, 8)
+    chain = HookChain([Cap(), Broken()], report=reports.append)
+    flow = chain.run(flow_of(reply, B, number=9))
+    # The policy is "forward unchanged": even the earlier hook's edit is undone, so the bytes are the original.
+    assert flow.final_bytes() == reply and chain.errors == 1
+    assert "hook Broken raised on connection 1 message #9 (GET_QUEUE_NUM reply" in reports[0]
+    assert "KeyError: 'missing'" in reports[0] and "policy: forward the message unchanged" in reports[0]

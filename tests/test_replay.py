@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from test_lab import IN_CI, require
+from peers import IN_CI, kit, require  # noqa: F401  (kit is a fixture)
 from vhusniff import catalogue as cat
 from vhusniff import lab
 from vhusniff.capture import read_capture
@@ -109,11 +109,10 @@ def test_frontend_replay_when_the_backend_is_gone(fresh_boot, tmp_path):
     assert run.returncode == 1 and "cannot connect to the back-end" in run.stdout
 
 
-def test_backend_replay_lets_a_real_qemu_start_the_device(fresh_boot, tmp_path):
+def test_backend_replay_lets_a_real_qemu_start_the_device(fresh_boot, kit, tmp_path):
     """No back-end runs: the replay answers from the recording. Device start = SET_VRING_KICK with an eventfd,
     then SET_VRING_ENABLE num=1, every reply QEMU waits for sent, and a kick of the ring after it was enabled
     (the guest submitted I/O, which nothing serves)."""
-    kit = lab.prepare()
     listen, served = tmp_path / "replay.sock", tmp_path / "served.pcapng"
     replay = subprocess.Popen([sys.executable, "-m", "vhusniff.cli", "replay", "--as", "backend", str(fresh_boot),
                                "--listen", str(listen), "-w", str(served)], cwd=REPO, stdout=subprocess.PIPE,
@@ -228,7 +227,7 @@ def test_hook_that_raises_during_replay_is_reported_then_the_policy_applies(fres
     assert "first divergence: message #" in disconnect.stdout and "GET_CONFIG: not sent" in disconnect.stdout
 
 
-def test_masking_reply_ack_through_the_proxy_stops_need_reply_and_the_guest_still_does_io(tmp_path):
+def test_masking_reply_ack_through_the_proxy_stops_need_reply_and_the_guest_still_does_io(fresh_boot, tmp_path):
     require("qemu-storage-daemon")
     from vhusniff.labcmd import record_boot
     result, capture = record_boot(tmp_path, hooks=[MaskProtocolFeatures(["REPLY_ACK"])], timeout=60)
@@ -239,6 +238,12 @@ def test_masking_reply_ack_through_the_proxy_stops_need_reply_and_the_guest_stil
     assert not acked & 1 << 3 and acked & 1 << 15, hex(acked)     # REPLY_ACK gone, CONFIGURE_MEM_SLOTS kept
     assert [m.name for m in requests if m.need_reply] == []
     assert any(m.request == F.ADD_MEM_REG for m in requests)        # which QEMU sets NEED_REPLY on otherwise
+    # `vhusniff diff` against an unmasked boot names the change where it starts.
+    diff = vhusniff("diff", str(fresh_boot), str(capture))
+    assert diff.returncode == 1
+    assert "SET_PROTOCOL_FEATURES: protocol_features: A 0x8f2b, B 0x8f23 (only A: REPLY_ACK)" in diff.stdout, \
+        diff.stdout
+    assert "SET_BACKEND_REQ_FD: flags.need_reply: A 1, B 0" in diff.stdout
 
 
 def test_disconnect_at_n_makes_qemu_report_the_backend_lost(tmp_path):

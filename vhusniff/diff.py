@@ -112,21 +112,27 @@ def diff_records(left: list[Record], right: list[Record], ignore: frozenset[str]
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
+def load_or_report(path: str, program: str) -> list[Record] | None:
+    """All records of a capture, or None after saying on stderr why it cannot be read."""
     from .capture import CaptureError, read_capture
+    try:
+        return list(read_capture(path))
+    except CaptureError as error:
+        print(f"{program}: {error}", file=sys.stderr)
+    except OSError as error:
+        print(f"{program}: {error.filename}: {error.strerror}", file=sys.stderr)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vhusniff diff", description=__doc__)
     parser.add_argument("a")
     parser.add_argument("b")
     parser.add_argument("--ignore", action="append", default=[], metavar="FIELD",
                         help="a field that may differ (e.g. vring.desc for addresses, fd.kind); repeatable")
     args = parser.parse_args(argv)
-    try:
-        left, right = list(read_capture(args.a)), list(read_capture(args.b))
-    except CaptureError as error:
-        print(f"vhusniff diff: {error}", file=sys.stderr)
-        return 2
-    except OSError as error:
-        print(f"vhusniff diff: {error.filename}: {error.strerror}", file=sys.stderr)
+    left, right = load_or_report(args.a, "vhusniff diff"), load_or_report(args.b, "vhusniff diff")
+    if left is None or right is None:
         return 2
     lines = diff_records(left, right, frozenset(args.ignore))
     for line in lines:

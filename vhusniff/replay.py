@@ -784,7 +784,8 @@ def default_answer(message: Message, context: DecodeContext, value: int = 0) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .capture import CaptureError, CaptureWriter, read_capture
+    from .capture import CaptureWriter
+    from .diff import load_or_report
     from .hooks import HookError, add_hook_arguments, hooks_from_arguments
     parser = argparse.ArgumentParser(prog="vhusniff replay", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -809,15 +810,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--as frontend needs --backend SOCKET")
     if args.role == "backend" and not args.listen:
         parser.error("--as backend needs --listen SOCKET")
+    records = load_or_report(args.capture, "vhusniff replay")
+    if records is None:
+        return 2
     try:
-        records = list(read_capture(args.capture))
         hooks = hooks_from_arguments(args)
-    except CaptureError as error:
-        print(f"vhusniff replay: {error}", file=sys.stderr)
-        return 2
-    except OSError as error:
-        print(f"vhusniff replay: {error.filename}: {error.strerror}", file=sys.stderr)
-        return 2
     except HookError as error:
         print(f"vhusniff replay: {error}", file=sys.stderr)
         return 2
