@@ -131,7 +131,7 @@ def test_backend_replay_lets_a_real_qemu_start_the_device(fresh_boot, kit, tmp_p
     finally:
         output = replay.communicate(timeout=10)[0]
     assert _started(served), output
-    assert "vhost" not in console.lower() or "failed" not in console.lower(), console
+    assert "qemu-system-x86_64:" not in console, console      # QEMU reports every vhost-user error so
     records = list(read_capture(served))
     requests = [decode(r.data) for r in records if r.kind == RecordKind.MESSAGE and
                 r.direction == Direction.FRONTEND_TO_BACKEND]
