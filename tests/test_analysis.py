@@ -359,4 +359,42 @@ def test_read_expert_puts_findings_under_their_messages(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     at = next(i for i, line in enumerate(lines) if line.split()[:1] == [str(waited)])
     assert lines[at + 1].strip().startswith("[expert error: disconnect-with-request-outstanding]")
-    assert "Expert findings: 1" in lines
+    assert "Expert findings: 2" in lines and any("ended-while-running" in line for line in lines)
+
+
+# --- real captures (recorded by the lab into captures/; skipped until they are there) ---------------------------
+import os
+
+import pytest
+
+CAPTURES = os.path.join(os.path.dirname(__file__), os.pardir, "captures")
+
+
+def _real(name: str) -> str:
+    path = os.path.join(CAPTURES, name)
+    if not os.path.exists(path):
+        pytest.skip(f"captures/{name} not recorded yet")
+    return path
+
+
+def test_real_qemu_blk_boot_gives_no_findings_and_full_stats():
+    from vhusniff.analysis_cli import load, stats_lines
+    loaded = load(_real("qemu-blk-boot.pcapng"), keep=True)
+    assert loaded.error == "" and [f.line() for f in loaded.analyzer.findings] == []
+    state = loaded.analyzer.state(1)
+    assert state.device_type == "blk" and state.ended and not state.vrings[0].started
+    text = "\n".join(stats_lines(loaded))
+    for transaction in loaded.analyzer.transactions:
+        assert f" {transaction.name} " in text
+    answered = {t.name for t in loaded.analyzer.transactions if t.response_seconds is not None}
+    assert {"GET_FEATURES", "GET_CONFIG", "ADD_MEM_REG", "GET_VRING_BASE"} <= answered
+
+
+def test_real_testpmd_crash_is_a_disconnect_naming_the_last_request():
+    from vhusniff.analysis_cli import load
+    loaded = load(_real("qemu-testpmd-crash.pcapng"))
+    connection = min(loaded.analyzer.connections)
+    summary = end_summary(loaded.analyzer, connection)
+    assert loaded.analyzer.state(connection).ended
+    assert "waited for the" in summary or "the last request was SET_VRING_ENABLE" in summary
+    assert {f.check for f in loaded.analyzer.findings} & {"ended-while-running", "disconnect-with-request-outstanding"}

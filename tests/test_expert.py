@@ -216,9 +216,15 @@ CASES = {
         lambda: opened(protocol=QEMU_PROTOCOL | INBAND)),
     "device-status-failed": (lambda: set_status(0x8F), lambda: set_status(0xF)),
     "traffic-after-disconnect": (lambda: after_end(True), lambda: after_end(False)),
+    "ended-while-running": (lambda: _ended(running()), lambda: _ended(stopped())),
     "disconnect-with-request-outstanding": (lambda: closed_while_waiting(True), lambda: closed_while_waiting(False)),
     "capture-ended-with-request-outstanding": (lambda: unanswered_at_end(False), lambda: unanswered_at_end(True)),
 }
+
+
+def _ended(s: Script) -> Script:
+    s.event("front-end closed its side (EOF)")
+    return s
 
 
 def _vring_fd(fds, nofd) -> Script:

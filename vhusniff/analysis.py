@@ -208,6 +208,10 @@ class Analyzer:
         queue.clear()
 
     def _connection_ended(self, conn: ConnectionAnalysis, number: int, record: Record) -> None:
+        running = [v.index for v in conn.state.vrings.values() if v.started or v.enabled]
+        if running:
+            self._add("ended-while-running", record.connection, (number,),
+                      f"ring(s) {', '.join(map(str, running))} still started or enabled at the end")
         for transaction in conn.outstanding():
             transaction.outcome = "outstanding at disconnect"
             self._add("disconnect-with-request-outstanding", record.connection,
@@ -233,7 +237,10 @@ def end_summary(analyzer: Analyzer, connection: int) -> str:
                    if f.check == "disconnect-with-request-outstanding"]
     if outstanding:
         return outstanding[-1].text
-    return f"{state.ended_note} (#{state.ended_number}), no request outstanding"
+    last = f"; the last request was {state.last_request[1]} (#{state.last_request[0]})" if state.last_request else ""
+    running = [f for f in analyzer.findings_for(connection) if f.check == "ended-while-running"]
+    return f"{state.ended_note} (#{state.ended_number}), no request outstanding{last}" + \
+        (f"; {running[0].text}" if running else "")
 
 
 def connection_report(analyzer: Analyzer, connection: int) -> str:

@@ -112,6 +112,7 @@ class ConnectionState:
     ended_number: int | None = None
     ended_note: str = ""
     history: list[tuple[int, str]] = field(default_factory=list)   # milestones for the report
+    last_request: tuple[int, str] | None = None
 
     # --- what the negotiation allows -------------------------------------------------------------------------
     def protocol_feature(self, name: str) -> bool:
@@ -160,6 +161,8 @@ class ConnectionState:
             self._event(number, record)
             return
         self.messages += 1
+        if message is not None and not message.is_reply:
+            self.last_request = (number, message.name)
         if message is None or message.kind is None or message.channel != Channel.MAIN:
             return
         if message.context.device_type:
