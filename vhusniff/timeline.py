@@ -28,7 +28,7 @@ PROBLEM = "#d62728"
 def _x_positions(seen) -> dict[int, float]:
     """x of every record, in time order: a minimum step plus a log-compressed share of the gap."""
     many = len(seen) > 400
-    minimum, scale = (3.0, 3.0) if many else (14.0, 9.0)
+    minimum, scale = (3.0, 3.0) if many else (16.0, 9.0)
     xs: dict[int, float] = {}
     x = LEFT + 20.0
     previous = None
@@ -161,11 +161,13 @@ def _arrows(analyzer: Analyzer, connection: int, xs, lane_y) -> list[str]:
 
 def _events(items, xs, top, bottom, first_ns) -> list[str]:
     parts = []
-    for number, record, _message in items:
-        if record.kind != RecordKind.EVENT:
-            continue
+    events = [(number, record) for number, record, _message in items if record.kind == RecordKind.EVENT]
+    for position, (number, record) in enumerate(events):
         x = xs[number]
-        note = record.note if len(record.note) <= 70 else record.note[:67] + "…"
+        # A note gets the room up to the next event (about 6 px a character), the whole text stays in the tooltip.
+        room = (xs[events[position + 1][0]] - x) / 6 - 6 if position + 1 < len(events) else 70
+        limit = max(4, min(70, int(room)))
+        note = record.note if len(record.note) <= limit else record.note[:limit - 1] + "…"
         parts.append(f'<g class="event" data-number="{number}"><title>#{number} '
                      f'{_time_text((record.timestamp_ns - first_ns) / 1e9)} {escape(record.note)}</title>'
                      f'<line x1="{x:.1f}" y1="{top - 4}" x2="{x:.1f}" y2="{bottom}" stroke="#7a1f7a" '
