@@ -10,6 +10,7 @@ import struct
 import subprocess
 
 import pytest
+from peers import kit  # noqa: F401  (the real-QEMU guest kit fixture)
 
 from vhusniff import catalogue as cat
 from vhusniff.capture import read_capture, write_capture
@@ -254,3 +255,12 @@ def test_unknown_pseudo_header_version_is_an_expert_item_not_a_crash(tmp_path):
     path.write_bytes(file_header() + bytes(block))
     flat = tshark_frames(str(path))[0]
     assert ("problem", "capture") in flat and ("pseudo.version", "7") in flat
+
+
+@needs_tshark
+def test_tshark_agrees_with_vhusniff_on_a_freshly_recorded_qemu_boot(tmp_path, kit):
+    from peers import require
+    from vhusniff.labcmd import record_boot
+    require("qemu-storage-daemon")
+    _result, capture = record_boot(tmp_path, "blk")
+    assert compare_capture(str(capture)) >= 40          # QEMU 7.2 + qemu-storage-daemon: 44 messages or more

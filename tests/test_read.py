@@ -151,3 +151,22 @@ def test_colour_only_when_asked_or_on_a_terminal(tmp_path, capsys):
     assert "\033[" not in capsys.readouterr().out
     main(["read", str(tmp_path / "c.pcapng"), "--color", "always"])
     assert capsys.readouterr().out.count("\033[0m") == 3
+
+
+@pytest.mark.parametrize("scapy_import", ["from scapy.utils import rdpcap, PcapNgReader",
+                                          "from scapy.all import rdpcap, PcapNgReader"])
+@pytest.mark.parametrize("scapy_first", [False, True])
+def test_scapy_reads_captures_after_import_vhusniff(tmp_path, scapy_import, scapy_first):
+    from vhusniff.capture import write_capture
+    write_capture(tmp_path / "c.pcapng", _records(6))
+    lines = [scapy_import, "import sys, vhusniff"] if scapy_first else \
+        ["import sys, vhusniff", "assert 'scapy' not in sys.modules, 'import vhusniff must stay cheap'", scapy_import]
+    script = "\n".join(lines + [
+        "from vhusniff.layers import VhostUser",
+        f"packets = rdpcap({str(tmp_path / 'c.pcapng')!r})",
+        "assert [p[VhostUser].request for p in packets] == [1, 1, 18] * 2, [p.summary() for p in packets]",
+        "assert packets[5][VhostUser].payload.index == 1 and packets[1][VhostUser].payload.features == 1 << 32",
+        f"assert sum(VhostUser in p for p in PcapNgReader({str(tmp_path / 'c.pcapng')!r})) == 6",
+        "assert packets[0].connection == 1 and packets[1].direction == 1"])
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert result.returncode == 0, result.stderr

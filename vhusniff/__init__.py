@@ -6,3 +6,7 @@ from .protocol import DecodeContext, Message, Problem, build_message, decode, en
 
 __all__ = ["Channel", "Direction", "FdInfo", "Record", "RecordKind", "DecodeContext", "Message", "Problem",
            "build_message", "decode", "encode"]
+
+# scapy's rdpcap reads our captures after `import vhusniff`, without the CLI paying for scapy (see scapy_capture).
+from .scapy_capture import install as _install_scapy_layer
+_install_scapy_layer()

@@ -1,0 +1,127 @@
+"""scapy reads vhusniff captures: the pseudo-header as a layer on LINKTYPE_USER0 (147), then VhostUser,
+VhostUserBackend or VhostUserGpu by channel.
+
+`import vhusniff` keeps the CLI cheap and does not import scapy. It registers this layer at once when scapy is
+already imported, and otherwise installs an import hook that registers it as soon as the script imports scapy
+(`scapy.utils` or `scapy.all`, once that import has finished: registering in the middle of
+`scapy.all` would import scapy modules that are still half-initialised). Then `rdpcap` / `PcapNgReader` yield
+packets with VhostUser layers. `register()` does it by hand.
+"""
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import sys
+
+_TRIGGERS = ("scapy.utils", "scapy.all")
+_registered = False
+
+
+def register() -> None:
+    """Bind the pseudo-header layer to link type 147 in scapy (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    from scapy.config import conf
+    from .capture import LINKTYPE_USER0
+    conf.l2types.register(LINKTYPE_USER0, pseudo_header_layer())
+
+
+_layer = None
+
+
+def pseudo_header_layer() -> type:
+    """The scapy class of the vhusniff pseudo-header (docs/capture-format.md), made on first use."""
+    global _layer
+    if _layer is not None:
+        return _layer
+    from scapy.fields import (ByteEnumField, ByteField, FieldLenField, LEIntField, LELongField, LEShortField,
+                              LESignedLongField, PacketListField, StrFixedLenField, StrLenField)
+    from scapy.packet import Packet, Raw
+
+    from .capture import FD_KINDS
+    from .layers import header_class_for
+    from .model import Channel, Direction, RecordKind
+
+    class VhusniffFd(Packet):
+        name = "vhusniff fd description"
+        fields_desc = [
+            ByteEnumField("kind", 0, dict(enumerate(FD_KINDS))),
+            FieldLenField("name_length", None, length_of="fd_name", fmt="B"),
+            LEShortField("seals", 0),
+            LEIntField("reserved", 0),
+            LELongField("inode", 0),
+            LESignedLongField("size", -1),
+            StrLenField("fd_name", b"", length_from=lambda pkt: pkt.name_length),
+        ]
+
+        def extract_padding(self, s):
+            return b"", s
+
+    class VhusniffRecord(Packet):
+        name = "vhusniff record"
+        fields_desc = [
+            StrFixedLenField("magic", b"VHUS", 4),
+            LEShortField("version", 1),
+            LEShortField("header_length", None),
+            LEIntField("connection", 1),
+            ByteEnumField("kind", 0, {int(k): k.name.lower() for k in RecordKind}),
+            ByteEnumField("channel", 0, {int(c): c.name.lower() for c in Channel}),
+            ByteEnumField("direction", 0, {int(d): d.arrow for d in Direction}),
+            ByteField("flags", 0),
+            FieldLenField("fd_count", None, count_of="fds", fmt="<H"),
+            FieldLenField("note_length", None, length_of="note", fmt="<H"),
+            PacketListField("fds", [], VhusniffFd, count_from=lambda pkt: pkt.fd_count),
+            StrLenField("note", b"", length_from=lambda pkt: pkt.note_length),
+        ]
+
+        def post_build(self, pkt, pay):
+            if self.header_length is None:
+                pkt = pkt[:6] + len(pkt).to_bytes(2, "little") + pkt[8:]
+            return pkt + pay
+
+        def guess_payload_class(self, payload):
+            if self.kind != RecordKind.MESSAGE or self.version != 1 or len(payload) < 12:
+                return Raw
+            return header_class_for(Channel(self.channel)) if self.channel in Channel._value2member_map_ else Raw
+
+        def mysummary(self):
+            return self.sprintf("vhusniff c%connection% %direction%")
+
+    _layer = VhusniffRecord
+    return _layer
+
+
+class _RegisterAfterImport(importlib.abc.MetaPathFinder):
+    """Registers the layer once the first scapy trigger module has finished executing."""
+
+    def find_spec(self, name, path, target=None):
+        if name not in _TRIGGERS or _registered:
+            return None
+        sys.meta_path.remove(self)
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            sys.meta_path.insert(0, self)
+        if spec is None or spec.loader is None:
+            return spec
+        original = spec.loader.exec_module
+
+        def exec_module(module):
+            original(module)
+            if name != "scapy.all" and "scapy.all" in sys.modules:
+                return               # inside `import scapy.all`: wait for it to finish
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
+            register()
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def install() -> None:
+    """What `import vhusniff` calls: register now if scapy is loaded, else when it is."""
+    if any(name in sys.modules for name in ("scapy.packet", *_TRIGGERS)):
+        register()
+    elif not any(isinstance(finder, _RegisterAfterImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterAfterImport())
