@@ -27,6 +27,7 @@ captured exactly, and the other connections carry on.
 from __future__ import annotations
 
 import argparse
+import array
 import collections
 import errno
 import heapq
@@ -46,7 +47,7 @@ from . import catalogue as cat
 from .fds import describe_fd
 from .framing import Frame, FramingError, Framer
 from .model import Channel, Direction, Record, RecordKind
-from .sockio import receive_chunk, send_message
+from .sockio import _ANCILLARY_SPACE, RECV_SIZE
 
 FRONTEND, BACKEND = "front-end", "back-end"
 # QEMU's chardev accepts at most 16 fds a message (TCP_MAX_FDS); more is a finding, still forwarded.
@@ -58,6 +59,8 @@ _SIDE_CHANNEL_REQUESTS = {int(cat.FrontendRequest.SET_BACKEND_REQ_FD): Channel.B
                           int(cat.FrontendRequest.GPU_SET_SOCKET): Channel.GPU}
 _SET_DEVICE_STATE_FD = int(cat.FrontendRequest.SET_DEVICE_STATE_FD)
 _EPOLL_READ = select.EPOLLIN | select.EPOLLRDHUP
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)         # plain ints: enum operators cost microseconds per message
+_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
 _EPOLL_WRITE = select.EPOLLOUT
 
 
@@ -180,6 +183,7 @@ class Proxy:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._changed = threading.Condition()
+        self._waiters = 0              # threads in wait_until(); the loop notifies only when there are some
         self._opened = False
         self._finished = threading.Event()
 
@@ -201,7 +205,7 @@ class Proxy:
                 listener = _listen(route.listen, self.socket_mode)
                 self._listeners.append((listener, route))
                 self._epoll.register(listener.fileno(), select.EPOLLIN)
-                self._handlers[listener.fileno()] = (self._accept, listener, route)
+                self._handlers[listener.fileno()] = (self._accept, (listener, route))
             if isinstance(self._capture_target, (str, os.PathLike)):
                 from .capture import CaptureWriter
                 self._writer = CaptureWriter(self._capture_target, flush_each=True)
@@ -248,11 +252,15 @@ class Proxy:
         """Wait until condition(proxy) holds (checked whenever a record or connection changes); False on timeout."""
         deadline = time.monotonic() + timeout
         with self._changed:
-            while not condition(self):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._changed.wait(min(left, 0.2))
+            self._waiters += 1
+            try:
+                while not condition(self):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    self._changed.wait(min(left, 0.2))
+            finally:
+                self._waiters -= 1
         return True
 
     def __enter__(self) -> "Proxy":
@@ -275,7 +283,7 @@ class Proxy:
                 for fd, mask in events:
                     handler = handlers.get(fd)
                     if handler is not None:
-                        handler[0](*handler[1:], mask)
+                        handler[0](handler[1], mask)
                 if self._timers:
                     self._run_due_timers()
                 if not events and self._display_backlog:
@@ -335,7 +343,8 @@ class Proxy:
 
     # ---- connections ----
 
-    def _accept(self, listener: socket.socket, route: Route, _mask: int) -> None:
+    def _accept(self, listening: tuple[socket.socket, Route], _mask: int) -> None:
+        listener, route = listening
         try:
             accepted, _address = listener.accept()
         except OSError:
@@ -410,13 +419,16 @@ class Proxy:
 
     def _on_readable(self, endpoint: _Endpoint) -> None:
         try:
-            data, fds, truncated = receive_chunk(endpoint.sock)
+            # sockio.receive_chunk, inlined: this is the hottest line of the proxy.
+            data, ancillary, flags, _address = endpoint.sock.recvmsg(RECV_SIZE, _ANCILLARY_SPACE, _CMSG_CLOEXEC)
         except BlockingIOError:
             return
         except OSError as error:
             self._peer_gone(endpoint, f"{error.strerror or error}")
             return
         timestamp = time.time_ns()
+        fds = _received_fds(ancillary) if ancillary else []
+        truncated = flags & _MSG_CTRUNC
         conn = endpoint.conn
         endpoint.received += len(data)
         if truncated:
@@ -813,8 +825,9 @@ class Proxy:
             self._display_backlog.append(record)
         if self.on_record is not None:
             self.on_record(record)
-        with self._changed:
-            self._changed.notify_all()
+        if self._waiters:
+            with self._changed:
+                self._changed.notify_all()
 
     def _event(self, conn: _Connection, channel: Channel, text: str, problem: bool = False) -> None:
         if problem:
@@ -847,8 +860,17 @@ class Proxy:
 
 
 def _fd_array(fds):
-    import array
     return array.array("i", fds)
+
+
+def _received_fds(ancillary) -> list[int]:
+    fds: list[int] = []
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            received = array.array("i")
+            received.frombytes(payload[:len(payload) - len(payload) % received.itemsize])
+            fds.extend(received)
+    return fds
 
 
 def _listen(path: Path, mode: int) -> socket.socket:
