@@ -13,7 +13,9 @@ import importlib.abc
 import importlib.util
 import sys
 
-_TRIGGERS = ("scapy.utils", "scapy.all")
+_TRIGGERS = ("scapy.utils", "scapy.all", "scapy.packet", "scapy.fields")
+# What the layer is built from: none of them may be half-initialised when it is built.
+_NEEDED = ("scapy.config", "scapy.fields", "scapy.packet", "scapy.all")
 _registered = False
 
 
@@ -110,13 +112,25 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
 
         def exec_module(module):
             original(module)
-            if name != "scapy.all" and "scapy.all" in sys.modules:
-                return               # inside `import scapy.all`: wait for it to finish
+            if _mid_import(finished=name):
+                return               # inside a larger scapy import (scapy.packet imports scapy.utils): wait
             if self in sys.meta_path:
                 sys.meta_path.remove(self)
             register()
         spec.loader.exec_module = exec_module
         return spec
+
+
+def _mid_import(finished: str = "") -> bool:
+    """Is any module the layer needs still executing its import (other than `finished`, whose code has just
+    run to its end)? Building the layer then would fail."""
+    for name in _NEEDED:
+        if name == finished:
+            continue
+        module = sys.modules.get(name)
+        if module is not None and getattr(getattr(module, "__spec__", None), "_initializing", False):
+            return True
+    return False
 
 
 def install() -> None:
