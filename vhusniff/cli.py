@@ -167,7 +167,17 @@ DELEGATED = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return _dispatch(sys.argv[1:] if argv is None else argv)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # `vhusniff stats ... | head`: the reader left; say nothing more (and not at interpreter exit either).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _dispatch(argv: list[str]) -> int:
     if argv and argv[0] in DELEGATED:
         import importlib
         module_name, function, _text = DELEGATED[argv[0]]
@@ -176,10 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.T == "fields" and not args.e:
         print("vhusniff: -T fields needs at least one -e NAME", file=sys.stderr)
         return EXIT_BAD_INPUT
-    try:
-        return args.run(args)
-    except KeyboardInterrupt:
-        return 130
+    return args.run(args)
 
 
 if __name__ == "__main__":
