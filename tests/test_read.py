@@ -157,7 +157,9 @@ def test_colour_only_when_asked_or_on_a_terminal(tmp_path, capsys):
                                           "from scapy.all import rdpcap, PcapNgReader",
                                           # scapy.packet imports scapy.utils half-way through scapy.fields
                                           "from scapy.packet import Packet; from scapy.utils import rdpcap, "
-                                          "PcapNgReader"])
+                                          "PcapNgReader",
+                                          # vhusniff.layers imports scapy while it is itself half-loaded
+                                          "import vhusniff.layers; from scapy.utils import rdpcap, PcapNgReader"])
 @pytest.mark.parametrize("scapy_first", [False, True])
 def test_scapy_reads_captures_after_import_vhusniff(tmp_path, scapy_import, scapy_first):
     from vhusniff.capture import write_capture

@@ -222,3 +222,9 @@ _HEADER_CLASSES = {Channel.MAIN: VhostUser, Channel.BACKEND: VhostUserBackend, C
 
 def header_class_for(channel: Channel) -> type:
     return _HEADER_CLASSES.get(channel, VhostUser)
+
+
+# Importing this module imports scapy, whose import hook (scapy_capture) had to wait for this module to finish.
+from .scapy_capture import register as _register_capture_layer  # noqa: E402
+
+_register_capture_layer()

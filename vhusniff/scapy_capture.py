@@ -15,7 +15,7 @@ import sys
 
 _TRIGGERS = ("scapy.utils", "scapy.all", "scapy.packet", "scapy.fields")
 # What the layer is built from: none of them may be half-initialised when it is built.
-_NEEDED = ("scapy.config", "scapy.fields", "scapy.packet", "scapy.all")
+_NEEDED = ("scapy.config", "scapy.fields", "scapy.packet", "scapy.all", "vhusniff.layers")
 _registered = False
 
 
