@@ -220,6 +220,10 @@ def test_bad_input_is_reported_forwarded_and_isolated(fake_pair, tmp_path, fault
     assert recorded == message(GET_FEATURES) + sent, "the capture keeps the exact bytes"
     if fault == "fd-flood":
         assert [len(r.fds) for r in messages(proxy.records) if r.connection == 1] == [0, 0, 200]
+        # The fake back-end reads in its own thread; nothing answers SET_OWNER, so wait for it to have read.
+        deadline = time.monotonic() + 5
+        while fake.fd_targets.count("anon_inode:[eventfd]") < 200 and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert fake.fd_targets.count("anon_inode:[eventfd]") == 200, "all 200 fds were forwarded"
 
 
