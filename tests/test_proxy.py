@@ -20,7 +20,7 @@ from vhusniff.labcmd import run_lab
 from vhusniff.model import Channel, Direction, RecordKind
 from vhusniff.proxy import Proxy, ProxyError, Route
 
-GET_FEATURES, SET_OWNER, SET_BACKEND_REQ_FD, GET_QUEUE_NUM = 1, 3, 21, 17
+GET_FEATURES, SET_OWNER, SET_BACKEND_REQ_FD, GET_QUEUE_NUM, GET_VRING_BASE = 1, 3, 21, 17, 11
 
 
 def messages(records, channel=None):
@@ -246,6 +246,23 @@ def test_64_concurrent_connections(tmp_path):
     assert proxy.connections_total == 64
     assert len(messages(proxy.records)) == 64 * 3 * 2
     assert open_fds() == before
+
+
+def test_live_display_prints_each_connections_report_when_it_ends(tmp_path):
+    lines: list[str] = []
+    with FakeBackend(tmp_path / "fake.sock") as fake:
+        proxy = Proxy([Route.forward(tmp_path / "p.sock", fake.path)], display=lines.append, report=None).start()
+        client = FakeFrontend(tmp_path / "p.sock")
+        assert client.ask(GET_FEATURES) == 42
+        client.send(message(GET_VRING_BASE, struct.pack("<II", 0, 0)))   # never answered: the fake ignores it
+        time.sleep(0.1)
+        client.close()
+        assert proxy.wait_until(lambda p: p.active_connections == 0)
+        proxy.stop()
+    text = "\n".join(lines)
+    assert "Connection 1" in text and "Ended:" in text, text
+    # The report names the request left waiting, as `vhusniff report` would.
+    assert "GET_VRING_BASE" in text.split("Ended:", 1)[1].splitlines()[0], text
 
 
 def test_side_channel_is_relayed_and_recorded(tmp_path):

@@ -164,6 +164,7 @@ class Proxy:
         self._display_tracker = None
         self._display_first_ns = None
         self._display_number = 0
+        self._reported_connections: set[int] = set()
         self._hooks = None
         self._hook_tracker = None
         if hooks:
@@ -841,21 +842,33 @@ class Proxy:
             self.report(text)
 
     def _show_backlog(self, limit: int | None) -> None:
+        """Show what was forwarded, while the loop is idle; when a connection ends, its report and state.
+
+        The session analysis runs here, off the forwarding path, and only when there is a display."""
         if self._display is None:
             return
         from .present import record_line
         if self._display_tracker is None:
-            from .session import ContextTracker
-            self._display_tracker = ContextTracker()
+            from .analysis import Analyzer
+            self._display_tracker = Analyzer()
+        analyzer = self._display_tracker
         shown = 0
         while self._display_backlog and (limit is None or shown < limit):
             record = self._display_backlog.popleft()
             if self._display_first_ns is None:
                 self._display_first_ns = record.timestamp_ns
             self._display_number += 1
-            message = self._display_tracker.decode(record)
+            message = analyzer.tracker.decode(record)
+            findings = analyzer.feed(record, message, self._display_number)
             relative = (record.timestamp_ns - self._display_first_ns) / 1e9
             self._display(record_line(self._display_number, relative, record, message, self._colour))
+            for finding in findings:
+                self._display(f"        [expert] {finding.line()}")
+            if record.kind == RecordKind.EVENT and analyzer.state(record.connection).ended \
+                    and record.connection not in self._reported_connections:
+                self._reported_connections.add(record.connection)
+                from .analysis import connection_report
+                self._display(connection_report(analyzer, record.connection))
             shown += 1
 
 
