@@ -88,12 +88,36 @@ def pseudo_header(record: Record) -> bytes:
 
 
 def enhanced_packet_block(record: Record) -> bytes:
+    if not record.fds and not record.note:
+        return _plain_epb(record)
     packet = pseudo_header(record) + record.data
     length = len(packet)
     epb_flags = EPB_FLAGS_BY_DIRECTION[record.direction] if record.kind == RecordKind.MESSAGE else 0
     body = (_EPB_FIXED.pack(0, record.timestamp_ns >> 32, record.timestamp_ns & 0xFFFFFFFF, length, length)
             + packet + b"\0" * _pad4(length) + _option(2, struct.pack("<I", epb_flags)) + _option(0, b""))
     return _block(BLOCK_EPB, body)
+
+
+# The common record (no fds, no note) in one struct call: it is on the proxy's per-message path.
+_PLAIN_EPB_HEAD = struct.Struct("<IIIIIII4sHHIBBBBHH")
+_PADDING = (b"", b"\0", b"\0\0", b"\0\0\0")
+_OPTIONS_TAIL = {(kind, direction): _option(2, struct.pack(
+    "<I", EPB_FLAGS_BY_DIRECTION[direction] if kind == RecordKind.MESSAGE else 0)) + _option(0, b"")
+    for kind in RecordKind for direction in Direction}
+_TOTAL = struct.Struct("<I").pack
+
+
+def _plain_epb(record: Record) -> bytes:
+    data = record.data
+    length = PSEUDO_HEADER.size + len(data)
+    pad = -length & 3
+    tail = _OPTIONS_TAIL[record.kind, record.direction]
+    total = 28 + length + pad + len(tail) + 4
+    timestamp = record.timestamp_ns
+    return b"".join((_PLAIN_EPB_HEAD.pack(BLOCK_EPB, total, 0, timestamp >> 32, timestamp & 0xFFFFFFFF, length,
+                                          length, PSEUDO_MAGIC, PSEUDO_VERSION, PSEUDO_HEADER.size,
+                                          record.connection, record.kind, record.channel, record.direction, 0, 0, 0),
+                     data, _PADDING[pad], tail, _TOTAL(total)))
 
 
 class CaptureWriter:
@@ -103,7 +127,8 @@ class CaptureWriter:
     def __init__(self, target: str | os.PathLike | BinaryIO, flush_each: bool = False):
         if isinstance(target, (str, os.PathLike)):
             self.path = os.fspath(target)
-            self._file: BinaryIO = open(target, "wb")
+            # Flushing each record: unbuffered, so one write() is one system call and nothing waits in user space.
+            self._file: BinaryIO = open(target, "wb", buffering=0 if flush_each else -1)
             self._owned = True
         else:
             self.path = getattr(target, "name", "<stream>")
@@ -115,7 +140,13 @@ class CaptureWriter:
         self._file.flush()
 
     def write(self, record: Record) -> None:
-        self._file.write(enhanced_packet_block(record))
+        block = enhanced_packet_block(record)
+        written = self._file.write(block)
+        if written is not None and written < len(block):
+            # An unbuffered file may take part of a block (a full disk, a signal); never leave half a block.
+            view = memoryview(block)
+            while written < len(block):
+                written += self._file.write(view[written:])
         self.records += 1
         if self.flush_each:
             self._file.flush()
