@@ -4,7 +4,6 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -43,13 +42,7 @@ def test_records_round_trip_exactly(tmp_path_factory, items):
 
 def block_offsets(path):
     """(offset, type) of every block, for damaging a chosen one."""
-    data = path.read_bytes()
-    offsets, position = [], 0
-    while position < len(data):
-        block_type, total = struct.unpack_from("<II", data, position)
-        offsets.append((position, block_type))
-        position += total
-    return offsets
+    return block_offsets_of(path.read_bytes())
 
 
 def read_until_error(path):

@@ -13,20 +13,10 @@ import time
 
 import pytest
 
+from peers import kit, require  # noqa: F401  (kit is a fixture)
+
 from vhusniff import lab
 
-IN_CI = os.environ.get("CI", "").lower() == "true"
-
-
-def require(program: str) -> None:
-    if shutil.which(program) is None and not IN_CI:
-        pytest.skip(f"{program} not installed (run .ci/install-deps.sh)")
-
-
-@pytest.fixture(scope="session")
-def kit() -> lab.GuestKit:
-    require("qemu-system-x86_64")
-    return lab.prepare()
 
 
 def test_cpio_writer_output_is_read_by_cpio():

@@ -24,10 +24,15 @@ def send_message(sock: socket.socket, data: bytes, fds: list[int] | tuple[int, .
 def receive_chunk(sock: socket.socket) -> tuple[bytes, list[int], bool]:
     """(bytes, fds, control truncated?) from one recvmsg; b"" means the peer closed its side."""
     data, ancillary, flags, _address = sock.recvmsg(RECV_SIZE, _ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC)
+    return data, received_fds(ancillary), bool(flags & socket.MSG_CTRUNC)
+
+
+def received_fds(ancillary) -> list[int]:
+    """The fds of recvmsg's ancillary data (SCM_RIGHTS), in order."""
     fds: list[int] = []
     for level, kind, payload in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             received = array.array("i")
             received.frombytes(payload[:len(payload) - len(payload) % received.itemsize])
             fds.extend(received)
-    return data, fds, bool(flags & socket.MSG_CTRUNC)
+    return fds
