@@ -3,6 +3,7 @@ and bad input decodes to problems plus the exact bytes, never to an exception.""
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 
 import pytest
 from construct import Container, ListContainer
@@ -11,7 +12,10 @@ from scapy.packet import Packet, Raw
 
 from vhusniff import catalogue as cat
 from vhusniff import layers, protocol
-from vhusniff.model import Channel
+from vhusniff.capture import read_capture
+from vhusniff.layers import header_class_for
+from vhusniff.model import Channel, RecordKind
+from vhusniff.session import ContextTracker
 from vhusniff.protocol import (
     HEADER, HEADER_STRUCT, PAYLOADS, DecodeContext, build_message, decode, encode, payload_candidates,
 )
@@ -201,3 +205,33 @@ def test_unknown_request_shows_raw_bytes():
     view = layers.VhostUser(raw)
     assert isinstance(view.payload, Raw) and view.payload.load == b"\xde\xad\xbe\xef"
     assert [p.code for p in view.problems()] == ["unknown-request"]
+
+
+# ---- every message of the real shipped captures ----
+
+SHIPPED_CAPTURES = sorted((Path(__file__).parent.parent / "captures").glob("*.pcapng"))
+
+
+def test_real_captures_are_shipped():
+    assert any("qemu-blk-boot" in path.name for path in SHIPPED_CAPTURES)
+
+
+@pytest.mark.parametrize("path", SHIPPED_CAPTURES, ids=lambda path: path.name)
+def test_every_message_of_a_real_capture_decodes_by_spec_name_and_round_trips(path):
+    tracker = ContextTracker()
+    messages = 0
+    for number, record in enumerate(read_capture(path), 1):
+        message = tracker.decode(record)
+        if record.kind != RecordKind.MESSAGE or "unframed" in record.note:
+            continue
+        messages += 1
+        where = f"{path.name} #{number}"
+        assert message.problems == (), f"{where}: {message.summary()}"
+        assert message.kind is not None, f"{where}: fell back to a raw payload"
+        assert not message.name.startswith("UNKNOWN"), where
+        assert encode(message) == record.data, where
+        layer = header_class_for(record.channel)(record.data)
+        layer.vhost_context = message.context
+        assert bytes(layer) == record.data, where
+        assert not isinstance(layer.payload, Raw) or message.size == 0, where
+    assert messages > 0
