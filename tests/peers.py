@@ -52,11 +52,16 @@ class FakeBackend:
 
     `frames` holds every message received (all connections, in order), `fd_kinds` the fds' targets; fds it
     receives are closed. `channel_sockets` holds side-channel sockets passed in SET_BACKEND_REQ_FD.
+    SET_DEVICE_STATE_FD (42) is answered with u64 0x100 (ok, no fd) and its pipe end kept in `state_fds` for the
+    test to write/read and close; with return_state_fd, the back-end answers 0 with the end of a pipe of its own
+    (read end for save, write end for load), closes the one it got and keeps its other end in `state_fds`.
     """
 
-    def __init__(self, path, reply_value: int = 42):
+    def __init__(self, path, reply_value: int = 42, return_state_fd: bool = False):
         self.path = str(path)
         self.reply_value = reply_value
+        self.return_state_fd = return_state_fd
+        self.state_fds: list[int] = []
         self.frames: list[Frame] = []
         self.fd_targets: list[str] = []
         self.channel_sockets: list[socket.socket] = []
@@ -94,6 +99,9 @@ class FakeBackend:
                         continue
                     self.frames.append(frame)
                     request, flags, _size = _HEADER.unpack_from(frame.data)
+                    if request == 42:
+                        self._device_state(client, frame)
+                        continue
                     for fd in frame.fds:
                         try:
                             self.fd_targets.append(os.readlink(f"/proc/self/fd/{fd}"))
@@ -112,6 +120,22 @@ class FakeBackend:
         finally:
             client.close()
 
+    def _device_state(self, client: socket.socket, frame: Frame) -> None:
+        for fd in frame.fds:
+            self.fd_targets.append(os.readlink(f"/proc/self/fd/{fd}"))
+        if not self.return_state_fd:
+            self.state_fds.extend(frame.fds)
+            client.sendall(_HEADER.pack(42, REPLY_FLAGS, 8) + struct.pack("<Q", 0x100))
+            return
+        for fd in frame.fds:
+            os.close(fd)
+        read_end, write_end = os.pipe()
+        saving = struct.unpack_from("<I", frame.data, 12)[0] == 0
+        given, kept = (read_end, write_end) if saving else (write_end, read_end)
+        self.state_fds.append(kept)
+        send_message(client, _HEADER.pack(42, REPLY_FLAGS, 8) + struct.pack("<Q", 0), [given])
+        os.close(given)
+
     def close(self) -> None:
         self._closing = True
         self._server.close()
@@ -124,6 +148,12 @@ class FakeBackend:
             thread.join(2)
         for sock in self.channel_sockets:
             sock.close()
+        for fd in self.state_fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.state_fds.clear()
         try:
             os.unlink(self.path)
         except OSError:

@@ -7,6 +7,7 @@ import stat
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -289,6 +290,142 @@ def test_side_channel_is_relayed_and_recorded(tmp_path):
                                                           (Direction.FRONTEND_TO_BACKEND, 2)]
     assert fake.fd_targets[0].startswith("socket:")
     assert messages(proxy.records, Channel.MAIN)[0].fds[0].kind == "socket"
+
+
+SET_DEVICE_STATE_FD = 42
+
+
+def _wait_for(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def _read_all(fd):
+    chunks = []
+    while True:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def _write_all_and_close(fd, data):
+    with open(fd, "wb", closefd=True) as stream:
+        stream.write(data)
+
+
+@pytest.mark.parametrize("backend_fd", [False, True], ids=["frontend-pipe", "backend-reply-fd"])
+@pytest.mark.parametrize("save", [True, False], ids=["save", "load"])
+def test_device_state_stream_is_interposed_relayed_and_recorded(tmp_path, save, backend_fd):
+    from vhusniff.present import record_line
+    from vhusniff.protocol import decode
+    state = os.urandom(300_000)          # more than a pipe holds: the relay must wait for the reader
+    before = open_fds()
+    with FakeBackend(tmp_path / "fake.sock", return_state_fd=backend_fd) as fake:
+        shown: list[str] = []
+        proxy = Proxy([Route.forward(tmp_path / "p.sock", fake.path)], capture=tmp_path / "state.pcapng",
+                      interpose_device_state=True, display=shown.append, report=None).start()
+        frontend = FakeFrontend(tmp_path / "p.sock")
+        read_end, write_end = os.pipe()
+        given, ours = (write_end, read_end) if save else (read_end, write_end)
+        original_inode = os.fstat(given).st_ino
+        frontend.send(message(SET_DEVICE_STATE_FD, struct.pack("<II", 0 if save else 1, 0)), [given])
+        os.close(given)
+        reply = frontend.receive()
+        value = struct.unpack_from("<Q", reply.data, 12)[0]
+        if backend_fd:                   # the front-end must use the back-end's fd instead of its own
+            assert value == 0 and len(reply.fds) == 1
+            os.close(ours)
+            ours = reply.fds[0]
+        else:
+            assert value == 0x100 and not reply.fds
+        _wait_for(lambda: fake.state_fds)
+        theirs = fake.state_fds.pop()
+        writer_fd, reader_fd = (theirs, ours) if save else (ours, theirs)
+        writer = threading.Thread(target=_write_all_and_close, args=(writer_fd, state))
+        writer.start()
+        received = _read_all(reader_fd)
+        os.close(reader_fd)
+        writer.join(5)
+        assert received == state
+        assert proxy.wait_until(lambda p: any(f"device-state stream ended (EOF): {len(state)} bytes" in n
+                                              for n in events(p.records)))
+        frontend.close()
+        assert proxy.wait_until(lambda p: p.active_connections == 0)
+        proxy.stop()
+    direction = Direction.BACKEND_TO_FRONTEND if save else Direction.FRONTEND_TO_BACKEND
+    assert fake.fd_targets[0].startswith("pipe:") and fake.fd_targets[0] != f"pipe:[{original_inode}]"
+    for records in (proxy.records, list(read_capture(tmp_path / "state.pcapng"))):
+        stream = messages(records, Channel.DEVICE_STATE)
+        assert stream and {(r.direction, r.note) for r in stream} == {(direction, "device-state stream")}
+        assert b"".join(r.data for r in stream) == state
+    # Shown as an opaque stream, never as malformed vhost-user messages (live display and `vhusniff read`).
+    stream_lines = [line for line in shown if "c1/device_state" in line and "DEVICE_STATE_STREAM" in line]
+    assert len(stream_lines) == len(messages(proxy.records, Channel.DEVICE_STATE))
+    assert all("bytes (opaque)" in line and "[" not in line for line in stream_lines)
+    assert not [line for line in shown if "[expert]" in line and "DEVICE_STATE_FD" not in line], shown
+    record = messages(proxy.records, Channel.DEVICE_STATE)[0]
+    assert record_line(1, 0.0, record, decode(record.data, Channel.DEVICE_STATE)) == record_line(1, 0.0, record, None)
+    interposed = [n for n in events(proxy.records) if "device-state stream interposed" in n]
+    assert len(interposed) == (2 if backend_fd else 1)
+    assert not proxy.problems, proxy.problems
+    time.sleep(0.05)
+    assert open_fds() == before, "no fd leaked"
+
+
+def test_device_state_fd_is_forwarded_unchanged_without_the_flag(tmp_path):
+    before = open_fds()
+    with FakeBackend(tmp_path / "fake.sock") as fake:
+        proxy = Proxy([Route.forward(tmp_path / "p.sock", fake.path)], report=None).start()
+        frontend = FakeFrontend(tmp_path / "p.sock")
+        read_end, write_end = os.pipe()
+        inode = os.fstat(write_end).st_ino
+        frontend.send(message(SET_DEVICE_STATE_FD, struct.pack("<II", 0, 0)), [write_end])
+        os.close(write_end)
+        assert struct.unpack_from("<Q", frontend.receive().data, 12)[0] == 0x100
+        _wait_for(lambda: fake.state_fds)
+        theirs = fake.state_fds.pop()
+        assert os.fstat(theirs).st_ino == inode, "the back-end got the front-end's own pipe"
+        os.write(theirs, b"state")
+        os.close(theirs)
+        assert _read_all(read_end) == b"state"
+        os.close(read_end)
+        frontend.close()
+        assert proxy.wait_until(lambda p: p.active_connections == 0)
+        proxy.stop()
+    assert fake.fd_targets == [f"pipe:[{inode}]"]
+    assert not [r for r in proxy.records if r.channel == Channel.DEVICE_STATE]
+    time.sleep(0.05)
+    assert open_fds() == before, "no fd leaked"
+
+
+def test_device_state_relay_is_cut_and_closed_when_the_connection_closes(tmp_path):
+    before = open_fds()
+    with FakeBackend(tmp_path / "fake.sock") as fake:
+        proxy = Proxy([Route.forward(tmp_path / "p.sock", fake.path)], interpose_device_state=True,
+                      report=None).start()
+        frontend = FakeFrontend(tmp_path / "p.sock")
+        read_end, write_end = os.pipe()
+        frontend.send(message(SET_DEVICE_STATE_FD, struct.pack("<II", 0, 0)), [write_end])
+        os.close(write_end)
+        assert struct.unpack_from("<Q", frontend.receive().data, 12)[0] == 0x100
+        _wait_for(lambda: fake.state_fds)
+        theirs = fake.state_fds.pop()
+        os.write(theirs, b"partial state")                   # the back-end keeps its end open
+        assert os.read(read_end, 100) == b"partial state"
+        frontend.close()
+        assert proxy.wait_until(lambda p: p.active_connections == 0)
+        assert _read_all(read_end) == b"", "the proxy closed its end of the front-end's pipe"
+        with pytest.raises(BrokenPipeError):
+            os.write(theirs, b"more")                        # and its read end of the back-end's pipe
+        os.close(theirs)
+        os.close(read_end)
+        proxy.stop()
+    assert any("cut short: the connection closed" in n and "after 13 bytes" in n for n in events(proxy.records))
+    time.sleep(0.05)
+    assert open_fds() == before, "no fd leaked"
 
 
 def test_hooks_drop_modify_and_delay_without_blocking_others(tmp_path):

@@ -135,6 +135,12 @@ def record_line(number: int, relative_seconds: float, record, message: Message |
     """
     from .model import Channel, RecordKind
     where = f"c{record.connection}" + ("" if record.channel == Channel.MAIN else f"/{record.channel.name.lower()}")
+    if record.kind != RecordKind.EVENT and record.channel == Channel.DEVICE_STATE:
+        # SET_DEVICE_STATE_FD's pipe carries the back-end's opaque migration stream, not vhost-user messages.
+        arrow = record.direction.arrow
+        line = f"{number:>5} {relative_seconds:10.6f} {where:<10} {arrow} {'DEVICE_STATE_STREAM':<28} {'':<16} " \
+               f"{len(record.data)} bytes (opaque)" + (f"  ({record.note})" if record.note else "")
+        return f"{_COLOURS[arrow]}{line}{_COLOURS['reset']}" if colour else line
     if record.kind == RecordKind.EVENT or message is None:
         line = f"{number:>5} {relative_seconds:10.6f} {where:<10} --- {record.note}"
         return f"{_COLOURS['event']}{line}{_COLOURS['reset']}" if colour else line

@@ -15,6 +15,11 @@ Topologies (several routes in one proxy):
 Side channels: the socket QEMU passes in SET_BACKEND_REQ_FD (or GPU_SET_SOCKET) is replaced by one end of
 a socket pair of the proxy's, and that channel is relayed and recorded too (Channel.BACKEND / Channel.GPU).
 
+Device state (opt-in, `interpose_device_state`): the pipe end QEMU passes in SET_DEVICE_STATE_FD is replaced by
+the same end of a pipe of the proxy's, and the proxy copies the migration stream between the two pipes in the
+same loop (non-blocking), recording each chunk on Channel.DEVICE_STATE and an event with the total at EOF. A
+pipe end the back-end returns in its reply (bit 8 clear) is interposed the same way.
+
 Protocol errors are data: a peer that sends garbage, an impossible size, a flood of fds or closes halfway is
 reported (stderr and an EVENT record naming connection and message number), its bytes are still forwarded and
 captured exactly, and the other connections carry on.
@@ -30,6 +35,7 @@ import argparse
 import array
 import collections
 import errno
+import fcntl
 import heapq
 import itertools
 import os
@@ -115,7 +121,7 @@ class _Endpoint:
 class _Connection:
     """A front-end/back-end pair and its side channels, numbered from 1 across the whole proxy."""
 
-    __slots__ = ("number", "route", "channels", "messages", "closed", "started_ns", "half_close_timer")
+    __slots__ = ("number", "route", "channels", "messages", "closed", "started_ns", "half_close_timer", "streams")
 
     def __init__(self, number: int, route: Route):
         self.number = number
@@ -125,6 +131,30 @@ class _Connection:
         self.closed = False
         self.started_ns = time.time_ns()
         self.half_close_timer = None
+        self.streams: list[_StreamRelay] = []      # device-state pipes being relayed
+
+
+class _StreamRelay:
+    """One interposed device-state pipe: bytes read from `source` are written to `sink` (both non-blocking)."""
+
+    __slots__ = ("conn", "source", "sink", "direction", "what", "pending", "total", "chunks", "eof", "done",
+                 "sink_watched", "source_watched")
+
+    def __init__(self, conn: _Connection, source: int, sink: int, direction: Direction, what: str):
+        os.set_blocking(source, False)
+        os.set_blocking(sink, False)
+        self.conn = conn
+        self.source = source           # -1 once closed
+        self.sink = sink
+        self.direction = direction
+        self.what = what
+        self.pending = b""             # read but not yet taken by the sink
+        self.total = 0
+        self.chunks = 0
+        self.eof = False
+        self.done = False
+        self.sink_watched = False
+        self.source_watched = True
 
 
 def _stderr_report(text: str) -> None:
@@ -589,6 +619,8 @@ class Proxy:
         conn.closed = True
         if conn.half_close_timer is not None:
             conn.half_close_timer[4] = False
+        for relay in list(conn.streams):
+            self._end_stream(relay, "cut short: the connection closed")
         for channel in [c for c in conn.channels if c != Channel.MAIN] + [Channel.MAIN]:
             pair = conn.channels.get(channel)
             if pair is None:
@@ -615,8 +647,13 @@ class Proxy:
         conn = endpoint.conn
         sent_fds = fds
         substitute = None
-        if fds and endpoint.channel == Channel.MAIN and endpoint.side == FRONTEND and len(data) >= 4:
-            substitute = self._substitute_side_channel(endpoint, data, fds)
+        relay = None
+        if fds and endpoint.channel == Channel.MAIN and len(data) >= 4:
+            if int.from_bytes(data[:4], "little") == _SET_DEVICE_STATE_FD:
+                if self.interpose_device_state:
+                    substitute, relay = self._substitute_device_state(endpoint, data, fds)
+            elif endpoint.side == FRONTEND:
+                substitute = self._substitute_side_channel(endpoint, data, fds)
             if substitute is not None:
                 sent_fds = substitute
         peer = endpoint.peer
@@ -633,7 +670,12 @@ class Proxy:
                 return
         self._record(conn, endpoint, data, fds, timestamp, note)
         self._close_fds(fds, sent_fds, substitute, owned)
-        if substitute is not None:
+        if isinstance(relay, _StreamRelay):
+            self._event(conn, Channel.DEVICE_STATE, f"device-state stream interposed: the proxy relays the "
+                        f"{relay.what} ({relay.direction.arrow})")
+        elif isinstance(relay, str):
+            self._event(conn, Channel.DEVICE_STATE, relay)
+        elif substitute is not None:
             channel = _SIDE_CHANNEL_REQUESTS[int.from_bytes(data[:4], "little")]
             self._event(conn, channel, f"{channel.name.lower()} channel interposed: the proxy relays the socket "
                         f"passed in message #{conn.messages}")
@@ -733,6 +775,141 @@ class Proxy:
         self._add_channel(conn, channel, frontend_side, proxy_end)
         # The original fd is described in the record and closed like any other; its dup relays the channel.
         return [backend_end.detach()]
+
+    # ---- device state (SET_DEVICE_STATE_FD) ----
+
+    def _substitute_device_state(self, endpoint: _Endpoint, data: bytes, fds: list[int]):
+        """For SET_DEVICE_STATE_FD and its reply: pass on the same end of a pipe of the proxy's and relay.
+
+        Returns (fds to send instead or None, the relay started, or a note saying why nothing was interposed)."""
+        conn = endpoint.conn
+        flags = int.from_bytes(data[4:8], "little")
+        is_reply = bool(flags & cat.FLAG_REPLY)
+        if is_reply != (endpoint.side == BACKEND):
+            return None, None
+        what = f"pipe end the {endpoint.side} passed in message #{conn.messages}"
+        if len(fds) != 1:
+            return None, f"SET_DEVICE_STATE_FD message #{conn.messages} carries {len(fds)} fds; not interposed"
+        try:
+            status = os.fstat(fds[0])
+            access = fcntl.fcntl(fds[0], fcntl.F_GETFL) & os.O_ACCMODE
+        except OSError as error:
+            return None, f"SET_DEVICE_STATE_FD message #{conn.messages}: cannot inspect its fd " \
+                         f"({error.strerror}); not interposed"
+        if not stat.S_ISFIFO(status.st_mode) or access == os.O_RDWR:
+            return None, f"SET_DEVICE_STATE_FD message #{conn.messages}: its fd ({describe_fd(fds[0]).kind}) is " \
+                         f"not a one-way pipe end; forwarded unchanged, not interposed"
+        peer = endpoint.peer
+        if peer.closed or peer.write_shut:
+            return None, None
+        recipient_writes = access == os.O_WRONLY
+        try:
+            theirs = os.dup(fds[0])
+        except OSError:
+            return None, None
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        if recipient_writes:     # the recipient writes into our pipe; we copy into the fd it would have had
+            given, relay = write_end, _StreamRelay(conn, read_end, theirs, _other(endpoint.direction),
+                                                    what)
+        else:                    # the recipient reads our pipe; we fill it from the fd it would have had
+            given, relay = read_end, _StreamRelay(conn, theirs, write_end, endpoint.direction, what)
+        conn.streams.append(relay)
+        self._epoll.register(relay.source, select.EPOLLIN)
+        self._handlers[relay.source] = (self._on_stream_source, relay)
+        if not is_reply and len(data) >= 16:
+            saving = int.from_bytes(data[12:16], "little") == 0
+            if saving != recipient_writes:
+                self._event(conn, Channel.DEVICE_STATE, f"SET_DEVICE_STATE_FD message #{conn.messages} says "
+                            f"{'save' if saving else 'load'} but passes the pipe's "
+                            f"{'write' if recipient_writes else 'read'} end; relayed as the pipe end says",
+                            problem=True)
+        return [given], relay
+
+    def _on_stream_source(self, relay: _StreamRelay, _mask: int) -> None:
+        if relay.done:
+            return
+        try:
+            data = os.read(relay.source, RECV_SIZE)
+        except BlockingIOError:
+            return
+        except OSError as error:
+            self._end_stream(relay, f"reading failed ({error.strerror or error})", problem=True)
+            return
+        if not data:
+            relay.eof = True
+            self._handlers.pop(relay.source, None)
+            if relay.source_watched:
+                self._epoll.unregister(relay.source)
+            os.close(relay.source)
+            relay.source = -1
+            if not relay.pending:
+                self._end_stream(relay, None)
+            return
+        relay.chunks += 1
+        relay.total += len(data)
+        self._emit(Record(time.time_ns(), relay.conn.number, Channel.DEVICE_STATE, relay.direction, data, [],
+                          RecordKind.MESSAGE, "device-state stream"))
+        relay.pending = data
+        self._flush_stream(relay)
+
+    def _flush_stream(self, relay: _StreamRelay, _mask: int = 0) -> None:
+        if relay.done:
+            return
+        while relay.pending:
+            try:
+                written = os.write(relay.sink, relay.pending)
+            except BlockingIOError:
+                break
+            except OSError as error:
+                self._end_stream(relay, f"the reader's end is gone ({error.strerror or error}); "
+                                        f"{len(relay.pending)} byte(s) not delivered", problem=True)
+                return
+            relay.pending = relay.pending[written:]
+        if relay.pending:
+            # Back-pressure: stop reading until the sink takes what it has.
+            if not relay.sink_watched:
+                relay.sink_watched = True
+                self._epoll.register(relay.sink, select.EPOLLOUT)
+                self._handlers[relay.sink] = (self._flush_stream, relay)
+            if relay.source >= 0 and relay.source_watched:
+                relay.source_watched = False      # unregistered: a hang-up would be reported even with mask 0
+                self._epoll.unregister(relay.source)
+            return
+        if relay.sink_watched:
+            relay.sink_watched = False
+            self._handlers.pop(relay.sink, None)
+            self._epoll.unregister(relay.sink)
+        if relay.eof:
+            self._end_stream(relay, None)
+        elif relay.source >= 0 and not relay.source_watched:
+            relay.source_watched = True
+            self._epoll.register(relay.source, select.EPOLLIN)
+
+    def _end_stream(self, relay: _StreamRelay, trouble: str | None, problem: bool = False) -> None:
+        if relay.done:
+            return
+        relay.done = True
+        for fd in (relay.source, relay.sink):
+            if fd < 0:
+                continue
+            self._handlers.pop(fd, None)
+            try:
+                self._epoll.unregister(fd)
+            except (OSError, ValueError):
+                pass
+            os.close(fd)
+        relay.source = relay.sink = -1
+        conn = relay.conn
+        if relay in conn.streams:
+            conn.streams.remove(relay)
+        key = (conn.number, Channel.DEVICE_STATE, relay.direction)
+        chunks, total = self.stream_totals.get(key, (0, 0))
+        self.stream_totals[key] = (chunks + relay.chunks, total + relay.total)
+        if trouble is None:
+            text = f"device-state stream ended (EOF): {relay.total} bytes relayed {relay.direction.arrow}"
+        else:
+            text = f"device-state stream ended after {relay.total} bytes {relay.direction.arrow}: {trouble}"
+        self._event(conn, Channel.DEVICE_STATE, text, problem=problem)
 
     # ---- hooks ----
 
@@ -858,9 +1035,14 @@ class Proxy:
             if self._display_first_ns is None:
                 self._display_first_ns = record.timestamp_ns
             self._display_number += 1
+            relative = (record.timestamp_ns - self._display_first_ns) / 1e9
+            if record.kind == RecordKind.MESSAGE and record.channel == Channel.DEVICE_STATE:
+                # The opaque migration stream: nothing to decode or check, only shown.
+                self._display(record_line(self._display_number, relative, record, None, self._colour))
+                shown += 1
+                continue
             message = analyzer.tracker.decode(record)
             findings = analyzer.feed(record, message, self._display_number)
-            relative = (record.timestamp_ns - self._display_first_ns) / 1e9
             self._display(record_line(self._display_number, relative, record, message, self._colour))
             for finding in findings:
                 self._display(f"        [expert] {finding.line()}")
@@ -870,6 +1052,11 @@ class Proxy:
                 from .analysis import connection_report
                 self._display(connection_report(analyzer, record.connection))
             shown += 1
+
+
+def _other(direction: Direction) -> Direction:
+    return Direction.BACKEND_TO_FRONTEND if direction == Direction.FRONTEND_TO_BACKEND \
+        else Direction.FRONTEND_TO_BACKEND
 
 
 def _fd_array(fds):
@@ -944,7 +1131,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--socket-mode", type=lambda text: int(text, 8), default=0o600, metavar="OCTAL",
                         help="mode of the listening sockets (default 0600)")
     parser.add_argument("--interpose-device-state", action="store_true",
-                        help="also relay SET_DEVICE_STATE_FD's migration stream (not yet implemented)")
+                        help="interpose on SET_DEVICE_STATE_FD's pipe: relay the migration stream through a pipe of the "
+                             "proxy's and record it (channel device_state, opaque bytes)")
     add_hook_arguments(parser)
     return parser
 
