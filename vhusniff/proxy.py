@@ -1,8 +1,9 @@
 """The man-in-the-middle proxy: QEMU and a vhost-user back-end talk through it; it sees, records and changes.
 
 One thread runs one epoll loop for every listening socket and connection (a cross-thread hand-off costs more
-than the work). For each chunk a peer sends: frame it (vhusniff.framing), forward each whole message at once
-with its fds on its first byte, then describe the fds, close the proxy's copies and write the capture record.
+than the work). For each chunk a peer sends: frame it (vhusniff.framing); for each whole message write the
+capture record (with its fd descriptions, so a `kill -9` never loses a message a peer already has), forward
+it at once with its fds on its first byte, and close the proxy's copies.
 Decoding for the live display waits until the loop is idle, so it never delays a message; hooks, when there
 are any, decode before forwarding because they must.
 
@@ -34,7 +35,6 @@ from __future__ import annotations
 import argparse
 import array
 import collections
-import errno
 import fcntl
 import heapq
 import itertools
@@ -53,7 +53,7 @@ from . import catalogue as cat
 from .fds import describe_fd
 from .framing import Frame, FramingError, Framer
 from .model import Channel, Direction, Record, RecordKind
-from .sockio import _ANCILLARY_SPACE, RECV_SIZE
+from .sockio import _ANCILLARY_SPACE, RECV_SIZE, received_fds
 
 FRONTEND, BACKEND = "front-end", "back-end"
 # QEMU's chardev accepts at most 16 fds a message (TCP_MAX_FDS); more is a finding, still forwarded.
@@ -458,7 +458,7 @@ class Proxy:
             self._peer_gone(endpoint, f"{error.strerror or error}")
             return
         timestamp = time.time_ns()
-        fds = _received_fds(ancillary) if ancillary else []
+        fds = received_fds(ancillary) if ancillary else []
         truncated = flags & _MSG_CTRUNC
         conn = endpoint.conn
         endpoint.received += len(data)
@@ -643,7 +643,7 @@ class Proxy:
         self._forward(endpoint, frame.data, frame.fds, timestamp, "")
 
     def _forward(self, endpoint: _Endpoint, data: bytes, fds: list[int], timestamp: int, note: str) -> None:
-        """Send to the peer now (fds on the first byte), then describe and close the fds, then record."""
+        """Record, send to the peer (fds on the first byte), then close the proxy's copies of the fds."""
         conn = endpoint.conn
         sent_fds = fds
         substitute = None
@@ -660,15 +660,18 @@ class Proxy:
         owned = True
         if peer.closed or peer.write_shut:
             note = (note + "; " if note else "") + f"not delivered: the {peer.side} side is closed"
-        else:
+        # Recorded just before it is sent (a record costs ~1 µs; fd descriptions a few): so that whatever the
+        # peer has received is in the capture, even after a `kill -9` of the proxy right after the send.
+        self._record(conn, endpoint, data, fds, timestamp, note)
+        if not (peer.closed or peer.write_shut):
             try:
                 owned = self._send(peer, data, sent_fds)
             except OSError as error:
-                self._record(conn, endpoint, data, fds, timestamp, note)
+                self._event(conn, endpoint.channel, f"message #{conn.messages} not delivered: sending to the "
+                            f"{peer.side} failed: {error.strerror or error}", problem=True)
                 self._close_fds(fds, sent_fds, substitute, True)
                 self._peer_gone(peer, error.strerror or str(error))
                 return
-        self._record(conn, endpoint, data, fds, timestamp, note)
         self._close_fds(fds, sent_fds, substitute, owned)
         if isinstance(relay, _StreamRelay):
             self._event(conn, Channel.DEVICE_STATE, f"device-state stream interposed: the proxy relays the "
@@ -1061,16 +1064,6 @@ def _other(direction: Direction) -> Direction:
 
 def _fd_array(fds):
     return array.array("i", fds)
-
-
-def _received_fds(ancillary) -> list[int]:
-    fds: list[int] = []
-    for level, kind, payload in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            received = array.array("i")
-            received.frombytes(payload[:len(payload) - len(payload) % received.itemsize])
-            fds.extend(received)
-    return fds
 
 
 def _listen(path: Path, mode: int) -> socket.socket:
