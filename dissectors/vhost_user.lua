@@ -1903,6 +1903,7 @@ local EXPERT_ITEMS = {
 }
 
 local CONSTANTS = {
+  ["CHANNEL_DEVICE_STATE"] = 3,
   ["CHANNEL_MAIN"] = 0,
   ["FLAGS_RESERVED"] = 4294967280,
   ["FLAG_NEED_REPLY"] = 8,
@@ -1915,6 +1916,7 @@ local CONSTANTS = {
   ["RING_PACKED_BIT"] = 34,
   ["SET_FEATURES"] = 2,
   ["SET_PROTOCOL_FEATURES"] = 16,
+  ["STREAM_NAME"] = "DEVICE_STATE_STREAM",
   ["TRUNCATED_NAME"] = "(truncated header)",
   ["VERSION"] = 1,
   ["VERSION_MASK"] = 3,
@@ -2221,6 +2223,13 @@ end
 local function dissect_message(tvb, pinfo, tree, record, start)
   local length = tvb:len() - start
   local channel_names = REQUEST_NAMES[record.channel] or {}
+  if record.channel == C.CHANNEL_DEVICE_STATE then
+    -- SET_DEVICE_STATE_FD's pipe: the back-end's opaque migration stream, no vhost-user header.
+    tree:add(pf["name"], C.STREAM_NAME)
+    if length > 0 then tree:add(pf_bytes["payload"], tvb(start, length)) end
+    pinfo.cols.info:append(C.STREAM_NAME .. " " .. length .. " bytes (opaque)")
+    return
+  end
   if length < C.HEADER_SIZE then
     tree:add(pf["name"], C.TRUNCATED_NAME)
     problem(tree, nil, "truncated-header", length .. " bytes, a header needs " .. C.HEADER_SIZE)

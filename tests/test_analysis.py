@@ -398,3 +398,22 @@ def test_real_testpmd_crash_is_a_disconnect_naming_the_last_request():
     assert loaded.analyzer.state(connection).ended
     assert "waited for the" in summary or "the last request was SET_VRING_ENABLE" in summary
     assert {f.check for f in loaded.analyzer.findings} & {"ended-while-running", "disconnect-with-request-outstanding"}
+
+
+def test_device_state_stream_chunks_are_opaque_data_not_requests():
+    from vhusniff.analysis import Analyzer, end_summary
+    from vhusniff.model import Channel, Direction, Record, RecordKind
+    from vhusniff.protocol import build_message
+    analyzer = Analyzer()
+    records = [Record(1, 1, kind=RecordKind.EVENT, note="connected device=blk"),
+               Record(2, 1, Channel.MAIN, Direction.FRONTEND_TO_BACKEND, build_message(Channel.MAIN, 1)),
+               Record(3, 1, Channel.MAIN, Direction.BACKEND_TO_FRONTEND,
+                      build_message(Channel.MAIN, 1, bytes(8), reply=True)),
+               Record(4, 1, Channel.DEVICE_STATE, Direction.BACKEND_TO_FRONTEND, b"\x01\x02\x03", [],
+                      RecordKind.MESSAGE, "device-state stream"),
+               Record(5, 1, kind=RecordKind.EVENT, note="front-end closed: connection closed")]
+    for record in records:
+        analyzer.feed(record)
+    analyzer.finish()
+    assert analyzer.findings == []
+    assert "GET_FEATURES (#2)" in end_summary(analyzer, 1)

@@ -235,3 +235,11 @@ def test_every_message_of_a_real_capture_decodes_by_spec_name_and_round_trips(pa
         assert bytes(layer) == record.data, where
         assert not isinstance(layer.payload, Raw) or message.size == 0, where
     assert messages > 0
+
+
+def test_device_state_stream_chunks_decode_as_opaque_bytes():
+    chunk = b"\x00\x01garbage that is no header"
+    message = decode(chunk, Channel.DEVICE_STATE)
+    assert message.problems == () and message.name == "DEVICE_STATE_STREAM"
+    assert list(protocol.iter_fields(message)) == [("payload", chunk)]
+    assert encode(message) == chunk

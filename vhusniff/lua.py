@@ -89,7 +89,8 @@ def grammar_tables() -> dict:
             "FLAG_REPLY": cat.FLAG_REPLY, "FLAG_NEED_REPLY": cat.FLAG_NEED_REPLY,
             "FLAGS_RESERVED": cat.FLAGS_RESERVED, "VERSION_MASK": cat.VERSION_MASK, "VERSION": cat.VERSION,
             "PSEUDO_MAGIC": PSEUDO_MAGIC.decode(), "PSEUDO_FLAG_UNFRAMED": PSEUDO_FLAG_UNFRAMED,
-            "CHANNEL_MAIN": int(Channel.MAIN), "SET_FEATURES": int(cat.FrontendRequest.SET_FEATURES),
+            "CHANNEL_MAIN": int(Channel.MAIN), "CHANNEL_DEVICE_STATE": int(Channel.DEVICE_STATE),
+            "STREAM_NAME": request_name(Channel.DEVICE_STATE, 0), "SET_FEATURES": int(cat.FrontendRequest.SET_FEATURES),
             "SET_PROTOCOL_FEATURES": int(cat.FrontendRequest.SET_PROTOCOL_FEATURES),
             "XEN_MMAP_BIT": cat.SPEC_PROFILE.protocol_feature_bit("XEN_MMAP"),
             "RING_PACKED_BIT": next(b for b, n in cat.TRANSPORT_FEATURES.items() if n == "RING_PACKED"),
@@ -431,6 +432,13 @@ end
 local function dissect_message(tvb, pinfo, tree, record, start)
   local length = tvb:len() - start
   local channel_names = REQUEST_NAMES[record.channel] or {}
+  if record.channel == C.CHANNEL_DEVICE_STATE then
+    -- SET_DEVICE_STATE_FD's pipe: the back-end's opaque migration stream, no vhost-user header.
+    tree:add(pf["name"], C.STREAM_NAME)
+    if length > 0 then tree:add(pf_bytes["payload"], tvb(start, length)) end
+    pinfo.cols.info:append(C.STREAM_NAME .. " " .. length .. " bytes (opaque)")
+    return
+  end
   if length < C.HEADER_SIZE then
     tree:add(pf["name"], C.TRUNCATED_NAME)
     problem(tree, nil, "truncated-header", length .. " bytes, a header needs " .. C.HEADER_SIZE)

@@ -240,7 +240,14 @@ def request_table(channel: Channel):
     return _REQUEST_TABLES.get(channel, {})
 
 
+# SET_DEVICE_STATE_FD's pipe carries the back-end's opaque migration stream, not vhost-user messages.
+STREAM_NAME = "DEVICE_STATE_STREAM"
+STREAM_REQUEST = -2
+
+
 def request_name(channel: Channel, request: int, profile: cat.Profile = cat.SPEC_PROFILE) -> str:
+    if channel == Channel.DEVICE_STATE:
+        return STREAM_NAME
     if request < 0:
         return "(truncated header)"
     names = {Channel.MAIN: profile.frontend_names, Channel.BACKEND: profile.backend_names,
@@ -328,6 +335,8 @@ _unpack_header = HEADER_STRUCT.unpack_from
 
 def decode(raw: bytes, channel: Channel = Channel.MAIN, ctx: DecodeContext = DEFAULT_CONTEXT) -> Message:
     """Decode one framed message. Never raises: what is wrong becomes a Problem and the bytes are kept."""
+    if channel == Channel.DEVICE_STATE:
+        return Message(raw, channel, STREAM_REQUEST, 0, len(raw), None, None, (), ctx)
     if len(raw) < HEADER_SIZE:
         return Message(raw, channel, -1, 0, 0, None, None,
                        (Problem("truncated-header", f"{len(raw)} bytes, a header needs {HEADER_SIZE}"),), ctx)
@@ -418,6 +427,9 @@ def iter_fields(message: Message):
 
     These names are the ones the filters, `-T fields` and the Lua dissector use (prefix `vhost_user.` in Lua).
     """
+    if message.channel == Channel.DEVICE_STATE:
+        yield "payload", message.raw          # an opaque chunk of the migration stream: no header
+        return
     yield "request", message.request
     yield "flags", message.flags
     for sub, mask in cat.BITFIELDS["flags"].items():

@@ -161,8 +161,8 @@ class ConnectionState:
             self._event(number, record)
             return
         self.messages += 1
-        if message is not None and not message.is_reply:
-            self.last_request = (number, message.name)
+        if message is not None and not message.is_reply and message.channel != Channel.DEVICE_STATE:
+            self.last_request = (number, message.name)       # a migration-stream chunk is not a request
         if message is None or message.kind is None or message.channel != Channel.MAIN:
             return
         if message.context.device_type:
