@@ -464,6 +464,30 @@ def test_hooks_drop_modify_and_delay_without_blocking_others(tmp_path):
     assert struct.unpack_from("<Q", modified.data, 12)[0] == 7, "the record holds what was forwarded"
 
 
+def test_hooks_inject_and_disconnect_after_forward(tmp_path):
+    class InjectAndHangUp:
+        def message(self, flow):
+            if flow.message.is_reply and flow.message.request == GET_QUEUE_NUM:
+                # One more reply to the front-end right after this one, then close both sides.
+                flow.inject(message(GET_QUEUE_NUM, struct.pack("<Q", 9), flags=5))
+                flow.disconnect("test hangs up", after_forward=True)
+
+    with FakeBackend(tmp_path / "fake.sock") as fake:
+        proxy = Proxy([Route.forward(tmp_path / "p.sock", fake.path)], report=None,
+                      hooks=[InjectAndHangUp()]).start()
+        client = FakeFrontend(tmp_path / "p.sock")
+        assert client.ask(GET_QUEUE_NUM) == 42
+        injected = client.receive()
+        assert struct.unpack_from("<IIIQ", injected.data) == (GET_QUEUE_NUM, 5, 8, 9)
+        with pytest.raises(EOFError):
+            client.receive()
+        assert proxy.wait_until(lambda p: p.active_connections == 0)
+        proxy.stop()
+    replies = [r for r in messages(proxy.records) if r.direction == Direction.BACKEND_TO_FRONTEND]
+    assert [struct.unpack_from("<Q", r.data, 12)[0] for r in replies] == [42, 9], "the injected reply is recorded"
+    assert any("test hangs up" in note for note in events(proxy.records))
+
+
 # ---------------------------------------------------------------- sockets and the command line
 
 def test_listening_socket_is_0600_and_only_stale_sockets_are_replaced(tmp_path):
