@@ -36,7 +36,6 @@ _FD_KIND_CODES = {kind: code for code, kind in enumerate(FD_KINDS)}
 PSEUDO_FLAG_UNFRAMED = 0x1
 
 _BLOCK_HEAD = struct.Struct("<II")
-_EPB_FIXED = struct.Struct("<IIIII")      # interface, ts high, ts low, captured length, original length
 _OPTION = struct.Struct("<HH")
 
 
@@ -87,37 +86,37 @@ def pseudo_header(record: Record) -> bytes:
                               len(note)) + tail
 
 
-def enhanced_packet_block(record: Record) -> bytes:
-    if not record.fds and not record.note:
-        return _plain_epb(record)
-    packet = pseudo_header(record) + record.data
-    length = len(packet)
-    epb_flags = EPB_FLAGS_BY_DIRECTION[record.direction] if record.kind == RecordKind.MESSAGE else 0
-    body = (_EPB_FIXED.pack(0, record.timestamp_ns >> 32, record.timestamp_ns & 0xFFFFFFFF, length, length)
-            + packet + b"\0" * _pad4(length) + _option(2, struct.pack("<I", epb_flags)) + _option(0, b""))
-    return _block(BLOCK_EPB, body)
-
-
-# The common record (no fds, no note) in one struct call: it is on the proxy's per-message path.
-_PLAIN_EPB_HEAD = struct.Struct("<IIIIIII4sHHIBBBBHH")
-_PADDING = (b"", b"\0", b"\0\0", b"\0\0\0")
+# epb_flags and the end of options, per record kind and direction: every EPB ends with one of these.
 _OPTIONS_TAIL = {(kind, direction): _option(2, struct.pack(
     "<I", EPB_FLAGS_BY_DIRECTION[direction] if kind == RecordKind.MESSAGE else 0)) + _option(0, b"")
     for kind in RecordKind for direction in Direction}
+_PADDING = (b"", b"\0", b"\0\0", b"\0\0\0")
 _TOTAL = struct.Struct("<I").pack
+# Block head, EPB fixed part and the pseudo-header of a record without fds or note, in one struct call: the
+# common record, on the proxy's per-message path.
+_PLAIN_EPB_HEAD = struct.Struct("<IIIIIII4sHHIBBBBHH")
+_EPB_HEAD = struct.Struct("<IIIIIII")
 
 
-def _plain_epb(record: Record) -> bytes:
+def enhanced_packet_block(record: Record) -> bytes:
     data = record.data
-    length = PSEUDO_HEADER.size + len(data)
-    pad = -length & 3
-    tail = _OPTIONS_TAIL[record.kind, record.direction]
-    total = 28 + length + pad + len(tail) + 4
     timestamp = record.timestamp_ns
-    return b"".join((_PLAIN_EPB_HEAD.pack(BLOCK_EPB, total, 0, timestamp >> 32, timestamp & 0xFFFFFFFF, length,
-                                          length, PSEUDO_MAGIC, PSEUDO_VERSION, PSEUDO_HEADER.size,
-                                          record.connection, record.kind, record.channel, record.direction, 0, 0, 0),
-                     data, _PADDING[pad], tail, _TOTAL(total)))
+    tail = _OPTIONS_TAIL[record.kind, record.direction]
+    if not record.fds and not record.note:
+        length = PSEUDO_HEADER.size + len(data)
+        pad = -length & 3
+        total = 28 + length + pad + len(tail) + 4
+        head = _PLAIN_EPB_HEAD.pack(BLOCK_EPB, total, 0, timestamp >> 32, timestamp & 0xFFFFFFFF, length, length,
+                                    PSEUDO_MAGIC, PSEUDO_VERSION, PSEUDO_HEADER.size, record.connection,
+                                    record.kind, record.channel, record.direction, 0, 0, 0)
+    else:
+        pseudo = pseudo_header(record)
+        length = len(pseudo) + len(data)
+        pad = -length & 3
+        total = 28 + length + pad + len(tail) + 4
+        head = _EPB_HEAD.pack(BLOCK_EPB, total, 0, timestamp >> 32, timestamp & 0xFFFFFFFF, length,
+                              length) + pseudo
+    return b"".join((head, data, _PADDING[pad], tail, _TOTAL(total)))
 
 
 class CaptureWriter:
