@@ -44,6 +44,13 @@ def bad_block() -> tuple[bytes, int]:
     return data + bytes(block) + enhanced_packet_block(_records(1)[0]), offset
 
 
+def disagreeing_lengths() -> tuple[bytes, int]:
+    data, offset = _good_part()
+    block = bytearray(enhanced_packet_block(_records(1)[0]))
+    block[-4:] = struct.pack("<I", 999)           # the trailing copy of the block length disagrees
+    return data + bytes(block) + enhanced_packet_block(_records(1)[0]), offset
+
+
 def unknown_version() -> tuple[bytes, int]:
     data, offset = _good_part()
     block = bytearray(enhanced_packet_block(_records(1)[0]))
@@ -66,6 +73,7 @@ def classic_pcap() -> tuple[bytes, int]:
 
 
 DAMAGE = {"truncated": (truncated_file, GOOD), "bad-block": (bad_block, GOOD),
+          "disagreeing-lengths": (disagreeing_lengths, GOOD),
           "unknown-version": (unknown_version, GOOD), "other-link-type": (other_link_type, 0),
           "classic-pcap": (classic_pcap, 0)}
 
@@ -108,6 +116,18 @@ def test_damage_as_a_subprocess_every_output_mode(tmp_path, name, options):
         summary = re.compile(r"^\s*\d+\s+\d+\.\d+ c\d")           # -V: keep the summary lines, not the trees
         result.stdout = "\n".join(line for line in result.stdout.splitlines() if summary.match(line))
     _check(path, offset, shown, result.returncode, result.stdout, result.stderr, json_output=options == ["-T", "json"])
+
+
+def test_a_reader_that_leaves_early_ends_the_read_quietly(tmp_path):
+    path = tmp_path / "long.pcapng"
+    path.write_bytes(file_header() + b"".join(enhanced_packet_block(r) for r in _records(30000)))
+    for options in ([], ["-V"]):
+        reader = subprocess.Popen([sys.executable, "-m", "vhusniff.cli", "read", str(path), *options],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+        assert reader.stdout.readline().split()[0] == b"1"
+        reader.stdout.close()                     # `| head -1`
+        assert reader.wait(60) == 0, options
+        assert reader.stderr.read() == b"", options
 
 
 def test_the_fast_summary_and_the_general_path_print_the_same_lines(tmp_path, capsys):
@@ -175,3 +195,19 @@ def test_scapy_reads_captures_after_import_vhusniff(tmp_path, scapy_import, scap
         "assert packets[0].connection == 1 and packets[1].direction == 1"])
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_scapy_keeps_device_state_stream_chunks_raw(tmp_path):
+    import vhusniff  # noqa: F401  (registers the capture layer with scapy)
+    from scapy.packet import Raw
+    from scapy.utils import rdpcap
+    from vhusniff.capture import write_capture
+    from vhusniff.layers import VhostUser
+    from vhusniff.model import RecordKind
+    chunk = b"\x01\x00\x00\x00" * 8                    # would read as a GET_FEATURES header
+    path = tmp_path / "state.pcapng"
+    write_capture(path, [Record(1, 1, Channel.DEVICE_STATE, Direction.BACKEND_TO_FRONTEND, chunk, [],
+                                RecordKind.MESSAGE, "device-state stream"), _records(1)[0]])
+    stream, message = rdpcap(str(path))
+    assert not stream.haslayer(VhostUser) and bytes(stream[Raw]) == chunk
+    assert message.haslayer(VhostUser)

@@ -48,7 +48,7 @@ def _expert_findings(args):
 
 
 def command_read(args) -> int:
-    from .capture import CaptureError, read_capture
+    from .capture import CaptureError
     from .present import field_tree, hexdump, record_line
     from .session import ContextTracker
     display_filter = None
@@ -63,23 +63,16 @@ def command_read(args) -> int:
     tracker = ContextTracker(args.device, cat.PROFILES[args.profile])
     out = sys.stdout
     shown = 0
-    first_time = None
     json_started = False
-    number = 0
     status = 0
     analyzer = _expert_findings(args) if args.expert else None
     findings = analyzer.findings_by_number() if analyzer else {}
     try:
+        from .reading import fast_summary, general_messages
         if args.T == "text" and not (args.verbose or args.hex or display_filter or args.expert):
-            from .reading import fast_summary
             fast_summary(args.file, tracker, out, colour, args.follow, args.count)
             return 0
-        for record in read_capture(args.file):
-            number += 1
-            if first_time is None:
-                first_time = record.timestamp_ns
-            relative = (record.timestamp_ns - first_time) / 1e9
-            message = tracker.decode(record)
+        for number, relative, record, message in general_messages(args.file, tracker):
             if args.follow is not None and record.connection != args.follow:
                 continue
             if display_filter is not None and (message is None or
@@ -114,11 +107,11 @@ def command_read(args) -> int:
         out.flush()
         print(f"vhusniff: {error}", file=sys.stderr)
         status = EXIT_BAD_INPUT
+    except BrokenPipeError:
+        raise                    # not a problem with the file: main() ends quietly
     except OSError as error:
         print(f"vhusniff: {args.file}: {error.strerror}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except BrokenPipeError:
-        return 0
     if args.T == "json":
         out.write("\n]\n" if json_started else "[]\n")
     if analyzer is not None and args.T == "text":

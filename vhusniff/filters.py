@@ -21,6 +21,7 @@ from construct import Array, Bytes, BytesInteger, FormatField, GreedyBytes, Rena
 
 from . import catalogue as cat
 from .model import Channel
+from .protocol import request_names
 
 _FORMAT_WIDTH = {"<B": 1, "B": 1, "<H": 2, "<L": 4, "<Q": 8}
 
@@ -224,9 +225,9 @@ def _request_pairs(word: str) -> set[tuple[int, int]]:
     word = word.upper()
     pairs = set()
     profile = cat.SPEC_PROFILE
-    for channel, names in ((Channel.MAIN, profile.frontend_names), (Channel.BACKEND, profile.backend_names),
-                           (Channel.GPU, profile.gpu_names)):
-        pairs.update((int(channel), number) for number, name in names.items() if name == word)
+    for channel in (Channel.MAIN, Channel.BACKEND, Channel.GPU):
+        pairs.update((int(channel), number) for number, name in request_names(channel, profile).items()
+                     if name == word)
     alias = cat.REQUEST_ALIASES.get(word)
     if alias is not None:
         channel = Channel.MAIN if isinstance(alias, cat.FrontendRequest) else Channel.BACKEND
@@ -263,7 +264,6 @@ class _Compiler:
         self.tokens = _tokenize(text)
         self.index = 0
         self.fields = grammar_fields()
-        self.uses_grammar = False
 
     # token helpers
     def peek(self) -> _Token:
@@ -367,13 +367,11 @@ class _Compiler:
             raise self.error(token, "expected a field name" + (f", found {token.text!r}" if token.text else ""))
         name = token.text[len("vhost_user."):] if token.text.startswith("vhost_user.") else token.text
         if name in self.fields:
-            self.uses_grammar = True
             return name
         spec = RECORD_FIELDS.get(name)
         if spec is not None and spec.value is not None:
             return name
         if any(field.startswith(name + ".") for field in self.fields):     # a group: mem.region
-            self.uses_grammar = True
             return name + "."
         raise self.error(token, f"unknown field {token.text!r}")
 
@@ -495,10 +493,9 @@ _COMPARE = {
 class DisplayFilter:
     """A compiled filter: `.matches(message, record, number)`."""
 
-    def __init__(self, text: str, predicate, uses_grammar: bool):
+    def __init__(self, text: str, predicate):
         self.text = text
         self._predicate = predicate
-        self._uses_grammar = uses_grammar
 
     def matches(self, message, record, number: int) -> bool:
         grammar: dict[str, list] | None = None
@@ -506,7 +503,7 @@ class DisplayFilter:
         def get(name: str) -> list:
             nonlocal grammar
             spec = RECORD_FIELDS.get(name)
-            if spec is not None and name not in ("payload",):
+            if spec is not None:
                 return spec.value(message, record, number)
             if grammar is None:
                 grammar = field_values(message)
@@ -537,7 +534,7 @@ def compile_filter(text: str) -> DisplayFilter:
     """Compile a display filter; raises FilterError (with a caret line) when it is not valid."""
     compiler = _Compiler(text)
     predicate = compiler.compile()
-    return DisplayFilter(text, predicate, compiler.uses_grammar)
+    return DisplayFilter(text, predicate)
 
 
 __all__ = ["compile_filter", "FilterError", "DisplayFilter", "RECORD_FIELDS", "grammar_fields", "walk_layout",

@@ -18,8 +18,11 @@ from .filters import RECORD_FIELDS, grammar_fields, walk_layout
 from .model import Channel, Direction, RecordKind
 from .protocol import (
     FIXED_SIZE, HEADER_SIZE, MAX_PAYLOAD_SIZE, PAYLOADS, REGION, REGION_XEN, DecodeContext, payload_candidates,
-    request_name,
+    request_name, request_names,
 )
+
+XEN_MMAP_BIT = cat.SPEC_PROFILE.protocol_feature_bit("XEN_MMAP")
+RING_PACKED_BIT = next(bit for bit, name in cat.TRANSPORT_FEATURES.items() if name == "RING_PACKED")
 
 DISSECTOR_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dissectors",
                               "vhost_user.lua")
@@ -54,12 +57,11 @@ def grammar_tables() -> dict:
                for kind, (structure, prefix, _doc) in PAYLOADS.items()}
     elements = {"region": _lua_layout(walk_layout(REGION, "mem.region", "region")),
                 "region_xen": _lua_layout(walk_layout(REGION_XEN, "mem.region", "region_xen"))}
-    channels = {Channel.MAIN: cat.SPEC_PROFILE.frontend_names, Channel.BACKEND: cat.SPEC_PROFILE.backend_names,
-                Channel.GPU: cat.SPEC_PROFILE.gpu_names}
+    channels = {channel: request_names(channel) for channel in (Channel.MAIN, Channel.BACKEND, Channel.GPU)}
     candidates = {}
     for channel, names in channels.items():
         for request, is_reply, xen, packed in itertools.product(names, (False, True), (False, True), (False, True)):
-            ctx = DecodeContext(protocol_features=int(xen) << 17, features=int(packed) << 34)
+            ctx = DecodeContext(protocol_features=int(xen) << XEN_MMAP_BIT, features=int(packed) << RING_PACKED_BIT)
             kinds = payload_candidates(channel, request, is_reply, ctx)
             if kinds:
                 candidates[f"{int(channel)}:{request}:{int(is_reply)}:{int(xen)}:{int(packed)}"] = list(kinds)
@@ -92,8 +94,7 @@ def grammar_tables() -> dict:
             "CHANNEL_MAIN": int(Channel.MAIN), "CHANNEL_DEVICE_STATE": int(Channel.DEVICE_STATE),
             "STREAM_NAME": request_name(Channel.DEVICE_STATE, 0), "SET_FEATURES": int(cat.FrontendRequest.SET_FEATURES),
             "SET_PROTOCOL_FEATURES": int(cat.FrontendRequest.SET_PROTOCOL_FEATURES),
-            "XEN_MMAP_BIT": cat.SPEC_PROFILE.protocol_feature_bit("XEN_MMAP"),
-            "RING_PACKED_BIT": next(b for b, n in cat.TRANSPORT_FEATURES.items() if n == "RING_PACKED"),
+            "XEN_MMAP_BIT": XEN_MMAP_BIT, "RING_PACKED_BIT": RING_PACKED_BIT,
         },
     }
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from . import catalogue as cat
-from .protocol import HEADER_SIZE, PAYLOADS, Message, iter_fields
+from .protocol import HEADER_SIZE, PAYLOADS, STREAM_REQUEST, Message, iter_fields
 
 # Fields never worth a place in a one-line summary.
 _QUIET_FIELDS = frozenset({"padding", "reserved"})
@@ -49,6 +49,8 @@ def bit_names_with_hex(value: int, names) -> str:
 
 def payload_summary(message: Message) -> str:
     if message.kind is None:
+        if message.request == STREAM_REQUEST:
+            return f"{len(message.raw)} bytes (opaque)"
         if message.request < 0:
             return message.raw.hex()
         return f"payload={len(message.payload_bytes)}B" if message.size else ""
@@ -135,12 +137,6 @@ def record_line(number: int, relative_seconds: float, record, message: Message |
     """
     from .model import Channel, RecordKind
     where = f"c{record.connection}" + ("" if record.channel == Channel.MAIN else f"/{record.channel.name.lower()}")
-    if record.kind != RecordKind.EVENT and record.channel == Channel.DEVICE_STATE:
-        # SET_DEVICE_STATE_FD's pipe carries the back-end's opaque migration stream, not vhost-user messages.
-        arrow = record.direction.arrow
-        line = f"{number:>5} {relative_seconds:10.6f} {where:<10} {arrow} {'DEVICE_STATE_STREAM':<28} {'':<16} " \
-               f"{len(record.data)} bytes (opaque)" + (f"  ({record.note})" if record.note else "")
-        return f"{_COLOURS[arrow]}{line}{_COLOURS['reset']}" if colour else line
     if record.kind == RecordKind.EVENT or message is None:
         line = f"{number:>5} {relative_seconds:10.6f} {where:<10} --- {record.note}"
         return f"{_COLOURS['event']}{line}{_COLOURS['reset']}" if colour else line
@@ -149,7 +145,9 @@ def record_line(number: int, relative_seconds: float, record, message: Message |
     fds = ""
     if record.fds:
         fds = "  fds=" + ",".join(fd.kind for fd in record.fds)
-    line = f"{number:>5} {relative_seconds:10.6f} {where:<10} {arrow} {name:<28} {flag_text(message.flags):<16} " \
+    # A device-state stream chunk has no header, so no flags.
+    flags = "" if message.request == STREAM_REQUEST else flag_text(message.flags)
+    line = f"{number:>5} {relative_seconds:10.6f} {where:<10} {arrow} {name:<28} {flags:<16} " \
            f"{payload_summary(message)}{fds}"
     if record.note:
         line += f"  ({record.note})"

@@ -245,14 +245,18 @@ STREAM_NAME = "DEVICE_STATE_STREAM"
 STREAM_REQUEST = -2
 
 
+def request_names(channel: Channel, profile: cat.Profile = cat.SPEC_PROFILE):
+    """The profile's number-to-name table for the requests of one channel (empty for the device-state pipe)."""
+    return {Channel.MAIN: profile.frontend_names, Channel.BACKEND: profile.backend_names,
+            Channel.GPU: profile.gpu_names}.get(channel, {})
+
+
 def request_name(channel: Channel, request: int, profile: cat.Profile = cat.SPEC_PROFILE) -> str:
     if channel == Channel.DEVICE_STATE:
         return STREAM_NAME
     if request < 0:
         return "(truncated header)"
-    names = {Channel.MAIN: profile.frontend_names, Channel.BACKEND: profile.backend_names,
-             Channel.GPU: profile.gpu_names}.get(channel, {})
-    return names.get(request) or f"UNKNOWN_{request}"
+    return request_names(channel, profile).get(request) or f"UNKNOWN_{request}"
 
 
 def payload_candidates(channel: Channel, request: int, is_reply: bool, ctx: DecodeContext) -> tuple[str, ...]:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 
-from .capture import (BLOCK_EPB, BLOCK_IDB, BLOCK_SHB, BYTE_ORDER_MAGIC, LINKTYPE_USER0, parse_pseudo_header,
-                      read_capture)
+from .capture import (BLOCK_EPB, BLOCK_IDB, BLOCK_SHB, BYTE_ORDER_MAGIC, LINKTYPE_USER0, _ts_resolution,
+                      parse_pseudo_header, read_capture)
 from .model import RecordKind
 from .present import record_line
 
@@ -20,8 +20,8 @@ _CHUNK = 1 << 20
 _CACHE_LIMIT = 1 << 16                 # distinct records remembered; cleared when full, so memory stays flat
 _BLOCK = struct.Struct("<II")
 _EPB = struct.Struct("<IIIII")
-_CONNECTION = struct.Struct("<I")
-_NS_RESOLUTION_OPTION = b"\x09\x00\x01\x00\x09"     # if_tsresol = 9 (ns), as vhusniff writes it
+_CONNECTION = _LENGTH = struct.Struct("<I")
+_NANOSECONDS = (10 ** 9, 10 ** 9)    # capture._ts_resolution's (multiplier, divisor) for if_tsresol 9
 _PREFIX = f"{0:>5} {0.0:10.6f} "
 
 
@@ -48,7 +48,7 @@ def _scan(path: str) -> Iterator[tuple[int, bytes]]:
         user0: dict[int, bool] = {}
         interfaces = 0
         any_user0 = False
-        unpack_block, unpack_epb = _BLOCK.unpack_from, _EPB.unpack_from
+        unpack_block, unpack_epb, unpack_length = _BLOCK.unpack_from, _EPB.unpack_from, _LENGTH.unpack_from
         while True:
             if len(buffer) - position < 8 or len(buffer) - position < unpack_block(buffer, position)[1]:
                 more = stream.read(_CHUNK)
@@ -60,7 +60,8 @@ def _scan(path: str) -> Iterator[tuple[int, bytes]]:
                 position = 0
                 continue
             block_type, total = unpack_block(buffer, position)
-            if total < 12 or total % 4 or (not user0 and block_type not in (BLOCK_SHB, BLOCK_IDB)):
+            if total < 12 or total % 4 or (not user0 and block_type not in (BLOCK_SHB, BLOCK_IDB)) \
+                    or unpack_length(buffer, position + total - 4)[0] != total:
                 raise _Unusual
             if block_type == BLOCK_EPB:
                 interface, high, low, captured, _original = unpack_epb(buffer, position + 8)
@@ -73,7 +74,7 @@ def _scan(path: str) -> Iterator[tuple[int, bytes]]:
                 user0, interfaces = {}, 0
             elif block_type == BLOCK_IDB:
                 link_type = struct.unpack_from("<H", buffer, position + 8)[0]
-                if _NS_RESOLUTION_OPTION not in buffer[position + 16:position + total]:
+                if _ts_resolution(buffer, position + 16, position + total - 4, "<") != _NANOSECONDS:
                     raise _Unusual
                 user0[interfaces] = link_type == LINKTYPE_USER0
                 any_user0 = any_user0 or link_type == LINKTYPE_USER0
@@ -109,14 +110,14 @@ def fast_summary(path: str, tracker, out, colour: bool = False, follow: int | No
                                                    context.device_type)
                 line = record_line(0, 0.0, record, message, colour)
                 split = line.index(_PREFIX)
-                entry = (line[:split], line[split + len(_PREFIX):], record.connection)
+                entry = (line[:split], line[split + len(_PREFIX):])
                 # Records that change the session's context are decoded every time (the tracker must see them).
                 if record.kind == RecordKind.MESSAGE and key[1] == context_keys[record.connection]:
                     if len(cache) >= _CACHE_LIMIT:
                         cache.clear()
                     cache[key] = entry
             done = number
-            if follow is not None and entry[2] != follow:
+            if follow is not None and connection != follow:
                 continue
             lines.append(f"{entry[0]}{number:>5} {(timestamp - first_time) / 1e9:10.6f} {entry[1]}\n")
             shown += 1

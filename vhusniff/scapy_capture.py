@@ -42,9 +42,12 @@ def pseudo_header_layer() -> type:
                               LESignedLongField, PacketListField, StrFixedLenField, StrLenField)
     from scapy.packet import Packet, Raw
 
-    from .capture import FD_KINDS
+    from .capture import FD_KINDS, PSEUDO_MAGIC, PSEUDO_VERSION
     from .layers import header_class_for
     from .model import Channel, Direction, RecordKind
+    from .protocol import HEADER_SIZE
+
+    _HEADERED_CHANNELS = (Channel.MAIN, Channel.BACKEND, Channel.GPU)
 
     class VhusniffFd(Packet):
         name = "vhusniff fd description"
@@ -64,8 +67,8 @@ def pseudo_header_layer() -> type:
     class VhusniffRecord(Packet):
         name = "vhusniff record"
         fields_desc = [
-            StrFixedLenField("magic", b"VHUS", 4),
-            LEShortField("version", 1),
+            StrFixedLenField("magic", PSEUDO_MAGIC, 4),
+            LEShortField("version", PSEUDO_VERSION),
             LEShortField("header_length", None),
             LEIntField("connection", 1),
             ByteEnumField("kind", 0, {int(k): k.name.lower() for k in RecordKind}),
@@ -84,9 +87,10 @@ def pseudo_header_layer() -> type:
             return pkt + pay
 
         def guess_payload_class(self, payload):
-            if self.kind != RecordKind.MESSAGE or self.version != 1 or len(payload) < 12:
-                return Raw
-            return header_class_for(Channel(self.channel)) if self.channel in Channel._value2member_map_ else Raw
+            if self.kind != RecordKind.MESSAGE or self.version != PSEUDO_VERSION or len(payload) < HEADER_SIZE \
+                    or self.channel not in _HEADERED_CHANNELS:
+                return Raw             # events, and the device-state pipe's opaque stream, have no vhost-user header
+            return header_class_for(Channel(self.channel))
 
         def mysummary(self):
             return self.sprintf("vhusniff c%connection% %direction%")
@@ -135,7 +139,7 @@ def _mid_import(finished: str = "") -> bool:
 
 def install() -> None:
     """What `import vhusniff` calls: register now if scapy is loaded, else when it is."""
-    if any(name in sys.modules for name in ("scapy.packet", *_TRIGGERS)):
+    if any(name in sys.modules for name in _TRIGGERS):
         register()
     elif not any(isinstance(finder, _RegisterAfterImport) for finder in sys.meta_path):
         sys.meta_path.insert(0, _RegisterAfterImport())
