@@ -224,9 +224,7 @@ def test_bad_input_is_reported_forwarded_and_isolated(fake_pair, tmp_path, fault
     if fault == "fd-flood":
         assert [len(r.fds) for r in messages(proxy.records) if r.connection == 1] == [0, 0, 200]
         # The fake back-end reads in its own thread; nothing answers SET_OWNER, so wait for it to have read.
-        deadline = time.monotonic() + 5
-        while fake.fd_targets.count("anon_inode:[eventfd]") < 200 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        _wait_for(lambda: fake.fd_targets.count("anon_inode:[eventfd]") >= 200)
         assert fake.fd_targets.count("anon_inode:[eventfd]") == 200, "all 200 fds were forwarded"
 
 
@@ -464,6 +462,24 @@ def test_hooks_drop_modify_and_delay_without_blocking_others(tmp_path):
     assert {"dropped by hook (not forwarded)", "modified by hook", "delayed by hook"} <= notes
     modified = next(r for r in messages(proxy.records) if r.note == "modified by hook")
     assert struct.unpack_from("<Q", modified.data, 12)[0] == 7, "the record holds what was forwarded"
+
+
+def test_hooks_see_the_device_type_the_route_names(tmp_path):
+    seen = []
+
+    class WatchContext:
+        def message(self, flow):
+            seen.append(flow.context.device_type)
+
+    with FakeBackend(tmp_path / "fake.sock") as fake:
+        proxy = Proxy([Route.forward(tmp_path / "p.sock", fake.path, "net")], report=None,
+                      hooks=[WatchContext()]).start()
+        client = FakeFrontend(tmp_path / "p.sock")
+        assert client.ask(GET_FEATURES) == 42
+        client.close()
+        assert proxy.wait_until(lambda p: p.active_connections == 0)
+        proxy.stop()
+    assert seen == ["net", "net"]
 
 
 def test_hooks_inject_and_disconnect_after_forward(tmp_path):

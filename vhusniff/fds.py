@@ -67,7 +67,3 @@ def _socket_name(fd: int) -> str:
     finally:
         view.detach()      # the fd is the caller's, not this view's
 
-
-def open_fd_count(pid: int | str = "self") -> int:
-    """How many fds a process holds (for leak checks)."""
-    return len(os.listdir(f"/proc/{pid}/fd"))

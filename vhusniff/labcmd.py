@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import lab
+from .model import RecordKind
 from .proxy import Proxy, ProxyError, Route, line_printer
 
 
@@ -61,24 +62,25 @@ def run_lab(workdir: Path | str, device: str = "blk", reverse: bool = False, hoo
     qemu_socket = workdir / "qemu.sock"
     kwargs = {} if report is None else {"report": report}
     with contextlib.ExitStack() as stack:
+        def start_proxy(route: Route) -> Proxy:
+            proxy = Proxy([route], capture=capture_path, hooks=hooks, on_hook_error=on_hook_error, display=display,
+                          **kwargs)
+            proxy.start()
+            stack.callback(proxy.stop)
+            return proxy
+
         if not reverse:
             if device == "blk":
                 backend = stack.enter_context(lab.start_storage_daemon(workdir, backend_socket))
             else:
                 backend = stack.enter_context(lab.start_testpmd(workdir, backend_socket))
-            proxy = Proxy([Route.forward(proxy_socket, backend_socket, device)], capture=capture_path, hooks=hooks,
-                          on_hook_error=on_hook_error, display=display, **kwargs)
-            proxy.start()
-            stack.callback(proxy.stop)
+            proxy = start_proxy(Route.forward(proxy_socket, backend_socket, device))
             guest = stack.enter_context(lab.start_qemu(workdir, kit, proxy_socket, device=device, net_msix=msix,
                                                        on_console_line=on_console_line))
         else:
             guest = stack.enter_context(lab.start_qemu(workdir, kit, qemu_socket, device=device, server=True,
                                                        net_msix=msix, on_console_line=on_console_line))
-            proxy = Proxy([Route.reverse(proxy_socket, qemu_socket, device)], capture=capture_path, hooks=hooks,
-                          on_hook_error=on_hook_error, display=display, **kwargs)
-            proxy.start()
-            stack.callback(proxy.stop)
+            proxy = start_proxy(Route.reverse(proxy_socket, qemu_socket, device))
             backend = stack.enter_context(lab.start_testpmd(workdir, proxy_socket, client_mode=True))
         result = guest.wait(timeout)
         # QEMU's exit closes its socket; the proxy passes the close on and records both sides going.
@@ -139,14 +141,13 @@ def main(argv=None) -> int:
         print(f"vhusniff lab: error: {error}", file=sys.stderr)
         return 1
     result = run.result
-    verdicts = []
     if args.device == "blk":
-        verdicts.append("blk-io ok" if result.blk_io_ok else "blk-io NOT ok")
+        verdict = "blk-io ok" if result.blk_io_ok else "blk-io NOT ok"
     else:
-        verdicts.append("net-io ok" if result.net_io_ok else "net-io NOT ok")
+        verdict = "net-io ok" if result.net_io_ok else "net-io NOT ok"
     exit_text = f"QEMU exit {result.exit_code}" + (" (killed by a signal: crashed)" if result.exit_code < 0 else "")
-    messages = sum(1 for record in run.records if record.kind == 0)
-    print(f"vhusniff lab: guest {', '.join(verdicts)}; {exit_text}; {result.elapsed:.1f} s; "
+    messages = sum(1 for record in run.records if record.kind == RecordKind.MESSAGE)
+    print(f"vhusniff lab: guest {verdict}; {exit_text}; {result.elapsed:.1f} s; "
           f"{messages} messages on {run.connections} connection(s) in {capture}", file=sys.stderr)
     if not run.ok:
         print("vhusniff lab: the guest did not finish its I/O; the capture holds the session up to the end. "

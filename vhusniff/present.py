@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from . import catalogue as cat
-from .protocol import HEADER_SIZE, PAYLOADS, STREAM_REQUEST, Message, iter_fields
+from .protocol import HEADER_SIZE, PAYLOADS, STREAM_REQUEST, Message, decode, iter_fields
 
 # Fields never worth a place in a one-line summary.
 _QUIET_FIELDS = frozenset({"padding", "reserved"})
@@ -137,7 +137,9 @@ def record_line(number: int, relative_seconds: float, record, message: Message |
     """
     from .model import Channel, RecordKind
     where = f"c{record.connection}" + ("" if record.channel == Channel.MAIN else f"/{record.channel.name.lower()}")
-    if record.kind == RecordKind.EVENT or message is None:
+    if message is None and record.kind != RecordKind.EVENT:
+        message = decode(record.data, record.channel)     # a caller without a session context
+    if record.kind == RecordKind.EVENT:
         line = f"{number:>5} {relative_seconds:10.6f} {where:<10} --- {record.note}"
         return f"{_COLOURS['event']}{line}{_COLOURS['reset']}" if colour else line
     arrow = record.direction.arrow

@@ -33,7 +33,6 @@ captured exactly, and the other connections carry on.
 from __future__ import annotations
 
 import argparse
-import array
 import collections
 import fcntl
 import heapq
@@ -53,7 +52,7 @@ from . import catalogue as cat
 from .fds import describe_fd
 from .framing import Frame, FramingError, Framer
 from .model import Channel, Direction, Record, RecordKind
-from .sockio import _ANCILLARY_SPACE, RECV_SIZE, received_fds
+from .sockio import _ANCILLARY_SPACE, RECV_SIZE, received_fds, send_some
 
 FRONTEND, BACKEND = "front-end", "back-end"
 # QEMU's chardev accepts at most 16 fds a message (TCP_MAX_FDS); more is a finding, still forwarded.
@@ -65,6 +64,7 @@ _SIDE_CHANNEL_REQUESTS = {int(cat.FrontendRequest.SET_BACKEND_REQ_FD): Channel.B
                           int(cat.FrontendRequest.GPU_SET_SOCKET): Channel.GPU}
 _SET_DEVICE_STATE_FD = int(cat.FrontendRequest.SET_DEVICE_STATE_FD)
 _EPOLL_READ = select.EPOLLIN | select.EPOLLRDHUP
+_EPOLL_READABLE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR | select.EPOLLRDHUP   # worth a recvmsg
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)         # plain ints: enum operators cost microseconds per message
 _CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
 _EPOLL_WRITE = select.EPOLLOUT
@@ -204,6 +204,7 @@ class Proxy:
             self._hook_tracker = ContextTracker()
             if not self._hooks:
                 self._hooks = None
+        self._relay_frame = self._relay_with_hooks if self._hooks is not None else self._relay
         self._epoll = None
         self._handlers: dict[int, object] = {}
         self._listeners: list[tuple[socket.socket, Route]] = []
@@ -437,7 +438,7 @@ class Proxy:
             if endpoint.closed:
                 return
         if not endpoint.read_closed:
-            if mask & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR | select.EPOLLRDHUP):
+            if mask & _EPOLL_READABLE:
                 self._on_readable(endpoint)
         elif mask & (select.EPOLLHUP | select.EPOLLERR):
             # It had closed its sending half; now it is gone altogether, so nothing more can reach it.
@@ -479,7 +480,7 @@ class Proxy:
             error = None
         except FramingError as framing_error:
             frames, error = framing_error.frames, framing_error
-        relay = self._relay_with_hooks if self._hooks is not None else self._relay
+        relay = self._relay_frame
         for position, frame in enumerate(frames):
             if conn.closed:
                 # A hook or a failed send closed the connection: what is left of the chunk goes nowhere.
@@ -658,12 +659,13 @@ class Proxy:
                 sent_fds = substitute
         peer = endpoint.peer
         owned = True
-        if peer.closed or peer.write_shut:
+        deliverable = not (peer.closed or peer.write_shut)
+        if not deliverable:
             note = (note + "; " if note else "") + f"not delivered: the {peer.side} side is closed"
         # Recorded just before it is sent (a record costs ~1 µs; fd descriptions a few): so that whatever the
         # peer has received is in the capture, even after a `kill -9` of the proxy right after the send.
         self._record(conn, endpoint, data, fds, timestamp, note)
-        if not (peer.closed or peer.write_shut):
+        if deliverable:
             try:
                 owned = self._send(peer, data, sent_fds)
             except OSError as error:
@@ -672,6 +674,8 @@ class Proxy:
                 self._close_fds(fds, sent_fds, substitute, True)
                 self._peer_gone(peer, error.strerror or str(error))
                 return
+        if not fds:
+            return                # the common message: everything below concerns fds
         self._close_fds(fds, sent_fds, substitute, owned)
         if isinstance(relay, _StreamRelay):
             self._event(conn, Channel.DEVICE_STATE, f"device-state stream interposed: the proxy relays the "
@@ -687,10 +691,9 @@ class Proxy:
                         f"(QEMU accepts at most {MAX_FDS_SEEN_IN_PRACTICE}, DPDK and libvhost-user 8); forwarded",
                         problem=True)
 
-    def _record(self, conn, endpoint, data, fds, timestamp, note, direction=None, channel=None) -> None:
+    def _record(self, conn, endpoint, data, fds, timestamp, note) -> None:
         infos = [describe_fd(fd) for fd in fds] if fds else []
-        self._emit(Record(timestamp, conn.number, endpoint.channel if channel is None else channel,
-                          endpoint.direction if direction is None else direction, data, infos,
+        self._emit(Record(timestamp, conn.number, endpoint.channel, endpoint.direction, data, infos,
                           RecordKind.MESSAGE, note))
 
     @staticmethod
@@ -709,11 +712,7 @@ class Proxy:
             endpoint.outbuf.append((data, fds))
             return False
         try:
-            if fds:
-                sent = endpoint.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                                       _fd_array(fds))])
-            else:
-                sent = endpoint.sock.send(data)
+            sent = send_some(endpoint.sock, data, fds)
         except BlockingIOError:
             endpoint.outbuf.append((data, fds))
             self._watch_writing(endpoint)
@@ -734,10 +733,7 @@ class Proxy:
         while endpoint.outbuf:
             data, fds = endpoint.outbuf[0]
             try:
-                if fds:
-                    sent = endpoint.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _fd_array(fds))])
-                else:
-                    sent = endpoint.sock.send(data)
+                sent = send_some(endpoint.sock, data, fds)
             except (BlockingIOError, socket.timeout):
                 return
             except OSError as error:
@@ -812,8 +808,7 @@ class Proxy:
             return None, None
         read_end, write_end = os.pipe2(os.O_CLOEXEC)
         if recipient_writes:     # the recipient writes into our pipe; we copy into the fd it would have had
-            given, relay = write_end, _StreamRelay(conn, read_end, theirs, _other(endpoint.direction),
-                                                    what)
+            given, relay = write_end, _StreamRelay(conn, read_end, theirs, peer.direction, what)
         else:                    # the recipient reads our pipe; we fill it from the fd it would have had
             given, relay = read_end, _StreamRelay(conn, theirs, write_end, endpoint.direction, what)
         conn.streams.append(relay)
@@ -1013,8 +1008,11 @@ class Proxy:
     def _event(self, conn: _Connection, channel: Channel, text: str, problem: bool = False) -> None:
         if problem:
             self._report_only(f"connection {conn.number}: {text}")
-        self._emit(Record(time.time_ns(), conn.number, channel, Direction.FRONTEND_TO_BACKEND, b"", [],
-                          RecordKind.EVENT, text))
+        record = Record(time.time_ns(), conn.number, channel, Direction.FRONTEND_TO_BACKEND, b"", [],
+                        RecordKind.EVENT, text)
+        if self._hook_tracker is not None:
+            self._hook_tracker.decode(record)      # hooks' context learns the device type from "device=..."
+        self._emit(record)
 
     def _report_only(self, text: str) -> None:
         self.problems.append(text)
@@ -1039,12 +1037,8 @@ class Proxy:
                 self._display_first_ns = record.timestamp_ns
             self._display_number += 1
             relative = (record.timestamp_ns - self._display_first_ns) / 1e9
-            if record.kind == RecordKind.MESSAGE and record.channel == Channel.DEVICE_STATE:
-                # The opaque migration stream: nothing to decode or check, only shown.
-                self._display(record_line(self._display_number, relative, record, None, self._colour))
-                shown += 1
-                continue
-            message = analyzer.tracker.decode(record)
+            # Events are decoded (for their device note) by feed itself.
+            message = analyzer.tracker.decode(record) if record.kind == RecordKind.MESSAGE else None
             findings = analyzer.feed(record, message, self._display_number)
             self._display(record_line(self._display_number, relative, record, message, self._colour))
             for finding in findings:
@@ -1055,15 +1049,6 @@ class Proxy:
                 from .analysis import connection_report
                 self._display(connection_report(analyzer, record.connection))
             shown += 1
-
-
-def _other(direction: Direction) -> Direction:
-    return Direction.BACKEND_TO_FRONTEND if direction == Direction.FRONTEND_TO_BACKEND \
-        else Direction.FRONTEND_TO_BACKEND
-
-
-def _fd_array(fds):
-    return array.array("i", fds)
 
 
 def _listen(path: Path, mode: int) -> socket.socket:

@@ -11,12 +11,16 @@ RECV_SIZE = 65536
 _ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_RECV * array.array("i").itemsize)
 
 
+def send_some(sock: socket.socket, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> int:
+    """One send: fds (if any) on its first byte. Returns how many bytes the kernel took."""
+    if fds:
+        return sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+    return sock.send(data)
+
+
 def send_message(sock: socket.socket, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
     """Send all of data; fds ride on the first byte only (the spec's rule), and the rest follows plainly."""
-    if fds:
-        sent = sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
-    else:
-        sent = sock.send(data)
+    sent = send_some(sock, data, fds)
     if sent < len(data):
         sock.sendall(data[sent:])
 
