@@ -2,8 +2,13 @@
 (vhost-user-facts.md §2), built message by message with the grammar."""
 from __future__ import annotations
 
+import os
+import struct
+
+import pytest
+
 from vhusniff import catalogue as cat
-from vhusniff.analysis import Analyzer, classify_event, direction_for, end_summary
+from vhusniff.analysis import Analyzer, Expect, classify_event, direction_for, end_summary, expectation
 from vhusniff.model import Channel, FdInfo, Record, RecordKind
 from vhusniff.protocol import build_message
 from vhusniff.state import NOFD
@@ -362,11 +367,29 @@ def test_read_expert_puts_findings_under_their_messages(tmp_path, capsys):
     assert "Expert findings: 2" in lines and any("ended-while-running" in line for line in lines)
 
 
+def test_one_reply_rule_for_analysis_and_replay():
+    """analysis.expectation states the reply rules; replay's reply_required is true exactly for REPLY and ACK."""
+    from vhusniff.protocol import DecodeContext, decode
+    from vhusniff.replay import reply_required
+    reply_ack, log_shmfd = 1 << 3, 1 << 1
+    unknown_asking = decode(struct.pack("<III", 99, 0x1 | cat.FLAG_NEED_REPLY, 0))
+    cases = [
+        (build_message(Channel.MAIN, F.GET_FEATURES), 0, Expect.REPLY),
+        (build_message(Channel.MAIN, F.SET_OWNER), reply_ack, Expect.NOTHING),
+        (build_message(Channel.MAIN, F.SET_OWNER, need_reply=True), reply_ack, Expect.ACK),
+        (build_message(Channel.MAIN, F.SET_OWNER, need_reply=True), 0, Expect.MAYBE),
+        (build_message(Channel.MAIN, F.SET_LOG_BASE, {"mmap_size": 0, "mmap_offset": 0}), log_shmfd, Expect.REPLY),
+    ]
+    for data, features, expected in cases:
+        message = decode(data)
+        assert expectation(message, features) == expected, message.name
+        assert reply_required(message, DecodeContext(protocol_features=features)) == \
+            (expected in (Expect.REPLY, Expect.ACK)), message.name
+    assert expectation(unknown_asking, reply_ack) == Expect.ACK
+    assert reply_required(unknown_asking, DecodeContext(protocol_features=reply_ack))
+
+
 # --- real captures (recorded by the lab into captures/; skipped until they are there) ---------------------------
-import os
-
-import pytest
-
 CAPTURES = os.path.join(os.path.dirname(__file__), os.pardir, "captures")
 
 

@@ -7,7 +7,6 @@ A fake Python peer appears only where a test injects a fault no real peer makes 
 """
 from __future__ import annotations
 
-import os
 import socket
 import struct
 import subprocess
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from peers import IN_CI, kit, require  # noqa: F401  (kit is a fixture)
+from peers import IN_CI, FakeFrontend, kit, require  # noqa: F401  (kit is a fixture)
 from vhusniff import catalogue as cat
 from vhusniff import lab
 from vhusniff.capture import read_capture
@@ -26,7 +25,6 @@ from vhusniff.model import Channel, Direction, RecordKind
 from vhusniff.protocol import build_message, decode
 from vhusniff.replay import load_exchanges
 from vhusniff.session import ContextTracker
-from vhusniff.sockio import receive_chunk, send_message
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_BOOT = REPO / "captures" / "qemu-blk-boot.pcapng"
@@ -114,13 +112,8 @@ def test_backend_replay_lets_a_real_qemu_start_the_device(fresh_boot, kit, tmp_p
     then SET_VRING_ENABLE num=1, every reply QEMU waits for sent, and a kick of the ring after it was enabled
     (the guest submitted I/O, which nothing serves)."""
     listen, served = tmp_path / "replay.sock", tmp_path / "served.pcapng"
-    replay = subprocess.Popen([sys.executable, "-m", "vhusniff.cli", "replay", "--as", "backend", str(fresh_boot),
-                               "--listen", str(listen), "-w", str(served)], cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+    replay = _serve(fresh_boot, listen, "-w", str(served))
     try:
-        deadline = time.monotonic() + 10
-        while not listen.exists() and time.monotonic() < deadline and replay.poll() is None:
-            time.sleep(0.02)
         assert listen.exists(), "replay did not listen"
         with lab.start_qemu(tmp_path, kit, listen) as guest:
             deadline = time.monotonic() + 30
@@ -164,27 +157,29 @@ def _started(capture: Path) -> bool:
 
 
 def _fake_frontend(listen: Path, requests: list[bytes]) -> list[bytes | None]:
-    """Fault injection: a front-end that sends what no real QEMU would, and collects what comes back."""
+    """Fault injection: a front-end that sends what no real QEMU would, and collects what comes back (None when
+    nothing came in 3 s or the replay closed the connection)."""
+    frontend = FakeFrontend(listen, timeout=3)
     answers = []
-    with socket.socket(socket.AF_UNIX) as sock:
-        sock.connect(str(listen))
-        sock.settimeout(3)
+    try:
         for request in requests:
-            send_message(sock, request)
+            frontend.send(request)
             try:
-                data, _fds, _truncated = receive_chunk(sock)
-            except socket.timeout:
-                data = None
-            answers.append(data or None)
+                answers.append(frontend.receive().data)
+            except (socket.timeout, EOFError):
+                answers.append(None)
+    finally:
+        frontend.close()
     return answers
 
 
 def _serve(capture: Path, listen: Path, *options: str) -> subprocess.Popen:
+    """`vhusniff replay --as backend` on a capture, started and (within 10 s, unless it exits) listening."""
     replay = subprocess.Popen([sys.executable, "-m", "vhusniff.cli", "replay", "--as", "backend", str(capture),
                                "--listen", str(listen), *options], cwd=REPO, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 10
-    while not listen.exists() and time.monotonic() < deadline:
+    while not listen.exists() and time.monotonic() < deadline and replay.poll() is None:
         time.sleep(0.02)
     return replay
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from . import catalogue as cat
 from .expert import CHECKS, Finding, check_message
 from .model import Channel, Direction, Record, RecordKind
-from .protocol import Message, request_name, request_table
+from .protocol import Message, request_name
 from .session import ContextTracker
-from .state import ConnectionState, classify_event
+from .state import ConnectionState, classify_event, protocol_feature_set
 
 class Expect:
     """What a request waits for."""
@@ -26,6 +26,30 @@ class Expect:
     REPLY = "reply"            # an explicit reply (always-replied requests, SET_LOG_BASE with LOG_SHMFD, postcopy)
     ACK = "ack"                # a REPLY_ACK u64 (NEED_REPLY with REPLY_ACK negotiated)
     MAYBE = "maybe"            # NEED_REPLY without REPLY_ACK: a reply is tolerated, not required
+
+
+def expectation(message: Message, protocol_features: int, profile: cat.Profile = cat.SPEC_PROFILE,
+                postcopy_listening: bool = False) -> str:
+    """What a request waits for (an Expect), given the acked protocol features and whether postcopy listens.
+
+    The one statement of the reply rules: the analyzer matches replies with it, replay decides with it whether
+    to wait for (or send) a reply. NEED_REPLY under REPLY_ACK asks for an ack of any request, one the
+    catalogue does not know included."""
+    spec = message.spec
+
+    def negotiated(name: str) -> bool:
+        return protocol_feature_set(profile, protocol_features, name)
+
+    if spec is not None and spec.reply_rule == cat.ReplyRule.ALWAYS:
+        return Expect.REPLY
+    if spec is not None and spec.reply_rule == cat.ReplyRule.IF_LOG_SHMFD and negotiated("LOG_SHMFD"):
+        return Expect.REPLY
+    if postcopy_listening and message.channel == Channel.MAIN and \
+            message.request in (cat.FrontendRequest.SET_MEM_TABLE, cat.FrontendRequest.ADD_MEM_REG):
+        return Expect.REPLY    # postcopy: the back-end answers with its mapping bases, without NEED_REPLY
+    if message.need_reply:
+        return Expect.ACK if negotiated("REPLY_ACK") else Expect.MAYBE
+    return Expect.NOTHING
 
 
 @dataclass
@@ -144,22 +168,6 @@ class Analyzer:
         assert check in CHECKS, check
         self.findings.append(Finding(check, connection, tuple(n for n in numbers if n is not None), text))
 
-    def _expectation(self, state: ConnectionState, message: Message) -> str:
-        spec = request_table(message.channel).get(message.request)
-        if spec is None:
-            return Expect.MAYBE if message.need_reply else Expect.NOTHING
-        if spec.reply_rule == cat.ReplyRule.ALWAYS:
-            return Expect.REPLY
-        if spec.reply_rule == cat.ReplyRule.IF_LOG_SHMFD and state.protocol_feature("LOG_SHMFD"):
-            return Expect.REPLY
-        if state.postcopy_listening and message.request in (cat.FrontendRequest.SET_MEM_TABLE,
-                                                            cat.FrontendRequest.ADD_MEM_REG) \
-                and message.channel == Channel.MAIN:
-            return Expect.REPLY    # postcopy: the back-end answers with its mapping bases, without NEED_REPLY
-        if message.need_reply:
-            return Expect.ACK if state.protocol_feature("REPLY_ACK") else Expect.MAYBE
-        return Expect.NOTHING
-
     def _match(self, conn: ConnectionAnalysis, number: int, record: Record, message: Message) -> None:
         if message.request < 0:
             return
@@ -167,7 +175,9 @@ class Analyzer:
         if not message.is_reply:
             # One request at a time per channel: a new request means the peer gave up on the old one's reply.
             self._drop_waiting(queue, number, "missing-reply")
-            expect = self._expectation(conn.state, message)
+            state = conn.state
+            expect = expectation(message, state.protocol_features_acked or 0, state.profile,
+                                 state.postcopy_listening)
             transaction = Transaction(record.connection, record.channel, message.request, message.name, number,
                                       record.timestamp_ns, expect, message.size)
             self.transactions.append(transaction)
@@ -274,4 +284,5 @@ def direction_for(channel: Channel, is_reply: bool) -> Direction:
     return Direction.FRONTEND_TO_BACKEND if frontend_sends else Direction.BACKEND_TO_FRONTEND
 
 
-__all__ = ["Analyzer", "connection_report", "Transaction", "Expect", "classify_event", "end_summary", "request_name", "direction_for"]
+__all__ = ["Analyzer", "connection_report", "Transaction", "Expect", "classify_event", "end_summary", "request_name",
+           "direction_for", "expectation"]

@@ -6,7 +6,7 @@ import sys
 from dataclasses import dataclass, field
 
 from . import catalogue as cat
-from .analysis import Analyzer, Transaction, connection_report, end_summary
+from .analysis import Analyzer, Expect, Transaction, connection_report, end_summary
 from .expert import CHECKS, Severity
 from .model import Channel, Record, RecordKind
 from .protocol import Message
@@ -110,12 +110,12 @@ def response_times(transactions: list[Transaction]) -> dict[tuple[Channel, int, 
     """Service response time per request, like Wireshark's SRT: only requests that expected a reply."""
     table: dict[tuple, ResponseTimes] = {}
     for transaction in transactions:
-        if transaction.expect == "nothing":
+        if transaction.expect == Expect.NOTHING:
             continue
         entry = table.setdefault((transaction.channel, transaction.request, transaction.name), ResponseTimes())
         if transaction.response_seconds is not None:
             entry.times.append(transaction.response_seconds)
-        elif transaction.expect != "maybe":
+        elif transaction.expect != Expect.MAYBE:
             entry.unanswered += 1
     return dict(sorted(table.items(), key=lambda item: item[0][:2]))
 

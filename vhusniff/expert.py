@@ -17,6 +17,9 @@ from .protocol import Message, request_table
 from .state import ConnectionState
 
 F = cat.FrontendRequest
+# Status bits that say the device failed: DEVICE_NEEDS_RESET and FAILED, by their names in the status table.
+FAILED_STATUS_MASK = sum(1 << bit for bit, name in cat.DEVICE_STATUS.items()
+                         if name in ("DEVICE_NEEDS_RESET", "FAILED"))
 
 
 class Severity(enum.IntEnum):
@@ -187,7 +190,7 @@ def _check_main_request(add, state: ConnectionState, number: int, message: Messa
         if acked >> bit("INBAND_NOTIFICATIONS") & 1 and \
                 not (acked >> bit("BACKEND_REQ") & 1 and acked >> bit("REPLY_ACK") & 1):
             add("inband-without-prerequisites", "INBAND_NOTIFICATIONS needs BACKEND_REQ and REPLY_ACK")
-    elif request == F.SET_STATUS and payload.status & (1 << 6 | 1 << 7):
+    elif request == F.SET_STATUS and payload.status & FAILED_STATUS_MASK:
         add("device-status-failed", f"status {cat.bit_names(payload.status, cat.DEVICE_STATUS)}")
     elif request == F.SET_MEM_TABLE and message.kind.startswith("mem_table"):
         if payload.nregions > MAX_MEM_TABLE_REGIONS:
@@ -200,8 +203,7 @@ def _check_main_request(add, state: ConnectionState, number: int, message: Messa
                                                   f"{b.guest_phys_addr:#x}+{b.memory_size:#x}")
     elif request == F.ADD_MEM_REG and message.kind.startswith("mem_region"):
         r = payload.region
-        others = [old for old in state.regions if (old.guest_phys_addr, old.userspace_addr, old.memory_size)
-                  != (r.guest_phys_addr, r.userspace_addr, r.memory_size)]
+        others = [old for old in state.regions if not old.same_region(r)]
         for old in others:
             if _overlap(r.guest_phys_addr, r.memory_size, old.guest_phys_addr, old.memory_size):
                 add("memory-regions-overlap", f"gpa {r.guest_phys_addr:#x}+{r.memory_size:#x} overlaps the "
@@ -210,8 +212,7 @@ def _check_main_request(add, state: ConnectionState, number: int, message: Messa
             add("mem-slots-exceeded", f"{len(others) + 1} slots in use, the back-end allows {state.max_mem_slots}")
     elif request == F.REM_MEM_REG and message.kind.startswith("mem_region"):
         r = payload.region
-        if not any((old.guest_phys_addr, old.userspace_addr, old.memory_size)
-                   == (r.guest_phys_addr, r.userspace_addr, r.memory_size) for old in state.regions):
+        if not any(old.same_region(r) for old in state.regions):
             add("rem-mem-reg-unknown", f"no region gpa={r.guest_phys_addr:#x} size={r.memory_size:#x}")
     index = _vring_index(message)
     if index is None:

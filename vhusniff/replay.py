@@ -33,11 +33,13 @@ import time
 from dataclasses import dataclass, field
 
 from . import catalogue as cat
+from .analysis import Expect, expectation
 from .diff import field_differences
+from .fds import describe_fd
 from .framing import Frame, Framer, FramingError
 from .hooks import Flow, HookChain
 from .model import Channel, Direction, FdInfo, Record, RecordKind
-from .protocol import HEADER_SIZE, DecodeContext, Message, build_message, decode
+from .protocol import HEADER_SIZE, PAYLOADS, DecodeContext, Message, build_message, decode
 from .session import ContextTracker
 from .sockio import receive_chunk, send_message
 
@@ -45,20 +47,13 @@ F = cat.FrontendRequest
 REPLY_TIMEOUT = 5.0
 CONNECTION = 1                 # a replay has one connection; captures number them from 1
 PAGE = 4096
-_BIT = {name: bit for bit, name in cat.PROTOCOL_FEATURES.items()}
+# Fd kinds that are not memory; every other recorded kind (memfd, file, anon, ...) is replayed as a memfd.
+NOT_MAPPED = frozenset({"eventfd", "socket", "pipe"})
 
 
 def reply_required(message: Message, ctx: DecodeContext) -> bool:
-    """Whether the protocol obliges the receiver of this request to answer (spec 1.6)."""
-    spec = message.spec
-    asked = message.need_reply and bool(ctx.protocol_features >> _BIT["REPLY_ACK"] & 1)
-    if spec is None:
-        return asked
-    if spec.reply_rule is cat.ReplyRule.ALWAYS:
-        return True
-    if spec.reply_rule is cat.ReplyRule.IF_LOG_SHMFD:
-        return asked or bool(ctx.protocol_features >> _BIT["LOG_SHMFD"] & 1)
-    return asked
+    """Whether the protocol obliges the receiver of this request to answer (the analyzer's rules)."""
+    return expectation(message, ctx.protocol_features, ctx.profile) in (Expect.REPLY, Expect.ACK)
 
 
 @dataclass
@@ -79,7 +74,11 @@ def _flags(data: bytes) -> int:
 
 
 def load_exchanges(records: list[Record], connection: int | None) -> tuple[int, list[Exchange]]:
-    """The main-channel request/reply pairs of one connection (the first one with messages by default)."""
+    """The main-channel request/reply pairs of one connection (the first one with messages by default).
+
+    Unlike analysis.Analyzer, which matches a reply to the request in flight and reports what went wrong, this
+    pairs by request number, passing over requests that got no reply: replay only needs, for each recorded
+    request, the reply to send or expect."""
     numbered = [(n, r) for n, r in enumerate(records, 1) if r.kind == RecordKind.MESSAGE and r.channel == Channel.MAIN]
     if connection is None:
         if not numbered:
@@ -109,18 +108,6 @@ def load_exchanges(records: list[Record], connection: int | None) -> tuple[int, 
     return connection, exchanges
 
 
-def _describe(fd: int, recorded: FdInfo) -> FdInfo:
-    """What the fresh fd is, for the replay's own capture (the recorded description if fds.py is absent)."""
-    try:
-        from .fds import describe_fd
-    except ImportError:
-        return recorded
-    try:
-        return describe_fd(fd)
-    except Exception:  # describing is best effort; the capture then keeps what the recording said
-        return recorded
-
-
 class FreshFds:
     """Creates fds of the recorded kinds and keeps the replay's own ends (memory, sockets, pipes) open.
 
@@ -138,7 +125,7 @@ class FreshFds:
         key = (info.kind, info.inode)
         if info.inode and key in self._objects:
             fd = self._objects[key]
-            if info.kind in ("memfd", "file", "unknown", "anon") and os.fstat(fd).st_size < min_size:
+            if info.kind not in NOT_MAPPED and os.fstat(fd).st_size < min_size:
                 os.ftruncate(fd, min_size)
             return os.dup(fd)
         fd = self._create(info, min_size)
@@ -160,7 +147,8 @@ class FreshFds:
             read_end, write_end = os.pipe2(os.O_CLOEXEC)
             self._kept.append(read_end)
             return write_end
-        # memfd, regular file and anything else a peer maps: shared memory, sparse, of the recorded size.
+        # Not in NOT_MAPPED (memfd, regular file, anything else a peer maps): shared memory, sparse, of the
+        # recorded size.
         fd = os.memfd_create(info.name or "vhusniff-replay", os.MFD_CLOEXEC)
         os.ftruncate(fd, max(info.size, min_size, PAGE))
         return fd
@@ -265,13 +253,13 @@ class BackendChannelServer(threading.Thread):
                 for frame in framer.feed(data, fds):
                     if not isinstance(frame, Frame):
                         continue
-                    infos = [_describe(fd, FdInfo("unknown")) for fd in frame.fds]
+                    infos = [describe_fd(fd) for fd in frame.fds]
                     for fd in frame.fds:
                         os.close(fd)
                     flow = _hooked(self.chain, frame.data, Channel.BACKEND, Direction.BACKEND_TO_FRONTEND,
                                    self.counter, self.context())
                     self.recorder.message(Channel.BACKEND, Direction.BACKEND_TO_FRONTEND, flow.final_bytes(), infos)
-                    message = decode(flow.final_bytes(), Channel.BACKEND, self.context())
+                    message = _as_sent(flow)
                     if flow.dropped or not reply_required(message, self.context()):
                         continue
                     reply = build_message(Channel.BACKEND, message.request, {"ack": 0}, reply=True, kind="ack")
@@ -290,6 +278,19 @@ def _hooked(chain: HookChain, data: bytes, channel: Channel, direction: Directio
     return chain.run(flow) if chain else flow
 
 
+def _as_sent(flow: Flow) -> Message:
+    """The message as it goes on the wire: the flow's own decoding, unless a hook changed the bytes."""
+    return decode(flow.final_bytes(), flow.channel, flow.context) if flow.modified else flow.message
+
+
+def _track(tracker: ContextTracker, flow: Flow) -> Message:
+    """_as_sent, with the tracker following what it negotiates (as tracker.decode would, without decoding
+    again: the flow was decoded in the tracker's current context)."""
+    message = _as_sent(flow)
+    tracker._observe(CONNECTION, message, flow.context)
+    return message
+
+
 class ReplyReader:
     """Whole messages from a socket, one at a time, keeping any that arrived together for later."""
 
@@ -297,42 +298,40 @@ class ReplyReader:
         self.sock, self.framer, self.backlog = sock, Framer(peer), []
         self.ended = ""
 
+    def _read_once(self, keep_fds: bool = True) -> bool:
+        """One receive, framed into the backlog; False, with `ended` saying why, when the stream is over."""
+        try:
+            data, fds, _truncated = receive_chunk(self.sock)
+        except socket.timeout:
+            self.ended = "timeout"
+            return False
+        except OSError as error:
+            self.ended = f"socket error: {error.strerror or error}"
+            return False
+        if not keep_fds:
+            _close_all(fds)
+            fds = []
+        if not data:
+            self.ended = "the back-end closed the connection"
+            return False
+        try:
+            frames = self.framer.feed(data, fds)
+        except FramingError as error:
+            self.ended = f"unframeable reply: {error}"
+            return False
+        self.backlog.extend(frame for frame in frames if isinstance(frame, Frame))
+        return True
+
     def next(self) -> Frame | None:
         while not self.backlog:
-            try:
-                data, fds, _truncated = receive_chunk(self.sock)
-            except socket.timeout:
-                self.ended = "timeout"
+            if not self._read_once():
                 return None
-            except OSError as error:
-                self.ended = f"socket error: {error.strerror or error}"
-                return None
-            if not data:
-                self.ended = "the back-end closed the connection"
-                return None
-            try:
-                frames = self.framer.feed(data, fds)
-            except FramingError as error:
-                self.ended = f"unframeable reply: {error}"
-                return None
-            self.backlog.extend(frame for frame in frames if isinstance(frame, Frame))
         return self.backlog.pop(0)
 
     def pending(self) -> bool:
-        """Has the peer sent something no request asked for (already here, or arriving now)?"""
-        if self.backlog:
-            return True
-        readable, _, _ = select.select([self.sock], [], [], 0.05)
-        if not readable:
-            return False
-        try:
-            data, fds, _truncated = receive_chunk(self.sock)
-        except OSError:
-            return False
-        for fd in fds:
-            os.close(fd)
-        if data:
-            self.backlog.extend(f for f in self.framer.feed(data, []) if isinstance(f, Frame))
+        """Has the peer sent something no request asked for (already here, or arriving now)? Its fds are closed."""
+        if not self.backlog and select.select([self.sock], [], [], 0.05)[0]:
+            self._read_once(keep_fds=False)
         return bool(self.backlog)
 
 
@@ -412,11 +411,11 @@ def replay_as_frontend(records: list[Record], backend_path: str, connection: int
             if flow.delay_seconds:
                 time.sleep(flow.delay_seconds)
             data = flow.final_bytes()
-            message = tracker.decode(Record(0, CONNECTION, Channel.MAIN, Direction.FRONTEND_TO_BACKEND, data))
+            message = _track(tracker, flow)
             for region, fd in zip(_regions(message), fds):
                 fresh.remember_region(region.userspace_addr, region.memory_size, region.mmap_offset, fd)
             _place_ring(message, pending_ring_position, fresh)
-            infos = [_describe(fd, info) for fd, info in zip(fds, exchange.request.fds)]
+            infos = [describe_fd(fd) for fd in fds]
             try:
                 send_message(sock, data, fds)
             except OSError as error:
@@ -441,13 +440,12 @@ def replay_as_frontend(records: list[Record], backend_path: str, connection: int
                 diverge(f"message #{exchange.number} {recorded.name}: no reply ({replies.ended}; "
                         f"waited up to {reply_timeout:g} s; {expected})")
                 break
-            reply_infos = [_describe(fd, FdInfo("unknown")) for fd in frame.fds]
+            reply_infos = [describe_fd(fd) for fd in frame.fds]
             _close_all(frame.fds)
             reply_flow = _hooked(chain, frame.data, Channel.MAIN, Direction.BACKEND_TO_FRONTEND, counter,
                                  tracker.context_for(CONNECTION))
             recorder.message(Channel.MAIN, Direction.BACKEND_TO_FRONTEND, reply_flow.final_bytes(), reply_infos)
-            replayed = tracker.decode(Record(0, CONNECTION, Channel.MAIN, Direction.BACKEND_TO_FRONTEND,
-                                             reply_flow.final_bytes()))
+            replayed = _track(tracker, reply_flow)
             result.replies_compared += 1
             if exchange.reply is None:
                 differences = [f"the back-end replied ({replayed.summary()}); the recording has no reply"]
@@ -497,7 +495,7 @@ def _send_injected(sock: socket.socket, injected, recorder: Recorder, out) -> No
         return
     send_message(sock, injected.data, injected.fds)
     recorder.message(Channel.MAIN, Direction.FRONTEND_TO_BACKEND, injected.data,
-                     [_describe(fd, FdInfo("unknown")) for fd in injected.fds])
+                     [describe_fd(fd) for fd in injected.fds])
 
 
 def _reply_differences(recorded: Message, replayed: Message, recorded_fds: list[FdInfo],
@@ -609,7 +607,7 @@ def serve_front_end(peer: socket.socket, exchanges: list[Exchange], unknown_poli
                 if not isinstance(frame, Frame):
                     _close_all(frame.fds)
                     continue
-                infos = [_describe(fd, FdInfo("unknown")) for fd in frame.fds]
+                infos = [describe_fd(fd) for fd in frame.fds]
                 kick_index = _kick_index(frame.data) if frame.fds else None
                 for fd, info in zip(frame.fds, infos):
                     if info.kind == "socket":
@@ -629,7 +627,7 @@ def serve_front_end(peer: socket.socket, exchanges: list[Exchange], unknown_poli
                     continue
                 request = flow.final_bytes()
                 recorder.message(Channel.MAIN, Direction.FRONTEND_TO_BACKEND, request, infos)
-                message = tracker.decode(Record(0, CONNECTION, Channel.MAIN, Direction.FRONTEND_TO_BACKEND, request))
+                message = _track(tracker, flow)
                 result.requests += 1
                 match, cursor = _find_recorded(exchanges, cursor, request)
                 if match is None:
@@ -641,29 +639,31 @@ def serve_front_end(peer: socket.socket, exchanges: list[Exchange], unknown_poli
                         _say(out, result.failed)
                         return result
                 reply, reply_fds = answer(message, match, context, fresh, default_reply)
+                reply_context = tracker.context_for(CONNECTION)
+                reply_message = decode(reply, Channel.MAIN, reply_context) if reply else None
                 note = "" if match else "  [not in the recording: default answer]"
                 _say(out, f"#{result.requests:<4} {message.summary()[:72]:<72} -> "
-                          f"{decode(reply, Channel.MAIN, context).summary() if reply else '(no reply)'}{note}")
+                          f"{reply_message.summary() if reply else '(no reply)'}{note}")
                 if reply is None:
                     if flow.disconnect_reason:
                         result.ended = flow.disconnect_reason
                         return result
                     continue
                 reply_flow = _hooked(chain, reply, Channel.MAIN, Direction.BACKEND_TO_FRONTEND, counter,
-                                     tracker.context_for(CONNECTION), reply_fds)
+                                     reply_context, reply_fds, reply_message)
                 if reply_flow.dropped:
                     _close_all(reply_fds)
                     recorder.event(f"hook dropped the reply {reply_flow.message.summary()}")
                     continue
                 reply = reply_flow.final_bytes()
-                reply_infos = [_describe(fd, FdInfo("unknown")) for fd in reply_fds]
+                reply_infos = [describe_fd(fd) for fd in reply_fds]
                 try:
                     send_message(peer, reply, reply_fds)
                 finally:
                     _close_all(reply_fds)
                 result.replies += 1
                 recorder.message(Channel.MAIN, Direction.BACKEND_TO_FRONTEND, reply, reply_infos)
-                tracker.decode(Record(0, CONNECTION, Channel.MAIN, Direction.BACKEND_TO_FRONTEND, reply))
+                _track(tracker, reply_flow)
                 reason = flow.disconnect_reason or reply_flow.disconnect_reason
                 if reason:
                     recorder.event(reason)
@@ -767,7 +767,6 @@ def default_answer(message: Message, context: DecodeContext, value: int = 0) -> 
     kind = spec.reply_kinds[0] if spec and spec.reply_kinds else "ack"
     if kind == "empty" or (message.need_reply and spec and spec.reply_rule is cat.ReplyRule.ACK_IF_ASKED):
         kind = "ack"
-    from .protocol import PAYLOADS
     structure = PAYLOADS[kind][0]
     names = [sub.name for sub in structure.subcons if sub.name]
     if kind == "config" and message.kind == "config":

@@ -21,6 +21,17 @@ ACCESS_PLATFORM_BIT = 33
 RING_PACKED_BIT = 34
 
 
+def protocol_feature_set(profile: cat.Profile, protocol_features: int, name: str) -> bool:
+    """Whether the protocol feature `name` (as the profile numbers it) is set in a protocol-features word."""
+    bit = profile.protocol_feature_bit(name)
+    return bit is not None and bool(protocol_features >> bit & 1)
+
+
+def _hex_and_bits(value: int, names) -> str:
+    """`0x5 (A|C)`: a bit word in hex with its bits named (present.bit_names_with_hex, with a space)."""
+    return f"{value:#x} ({cat.bit_names(value, names)})"
+
+
 # How lifecycle event notes read (proxy and lab): first match wins.
 EVENT_PATTERNS = (
     ("end", re.compile(r"clos|disconnect|hung up|hang-?up|EOF|reset by|ended|crash|died|killed|gone", re.I)),
@@ -71,8 +82,9 @@ class MemoryRegion:
     def gpa_end(self) -> int:
         return self.guest_phys_addr + self.memory_size
 
-    def same_region(self, other: "MemoryRegion") -> bool:
-        """REM_MEM_REG matches on gpa, uaddr and size; mmap_offset is ignored (spec)."""
+    def same_region(self, other) -> bool:
+        """REM_MEM_REG matches on gpa, uaddr and size; mmap_offset is ignored (spec). `other`: a MemoryRegion
+        or a decoded region payload (both have these fields)."""
         return (self.guest_phys_addr, self.userspace_addr, self.memory_size) == \
             (other.guest_phys_addr, other.userspace_addr, other.memory_size)
 
@@ -116,8 +128,7 @@ class ConnectionState:
 
     # --- what the negotiation allows -------------------------------------------------------------------------
     def protocol_feature(self, name: str) -> bool:
-        bit = self.profile.protocol_feature_bit(name)
-        return bit is not None and bool((self.protocol_features_acked or 0) >> bit & 1)
+        return protocol_feature_set(self.profile, self.protocol_features_acked or 0, name)
 
     @property
     def protocol_features_available(self) -> bool:
@@ -278,14 +289,10 @@ class ConnectionState:
 
     # --- showing -----------------------------------------------------------------------------------------------
     def _feature_text(self, value: int | None) -> str:
-        if value is None:
-            return "(not seen)"
-        return f"{value:#x} ({cat.bit_names(value, cat.feature_names(self.device_type))})"
+        return "(not seen)" if value is None else _hex_and_bits(value, cat.feature_names(self.device_type))
 
     def _protocol_text(self, value: int | None) -> str:
-        if value is None:
-            return "(not seen)"
-        return f"{value:#x} ({cat.bit_names(value, self.profile.protocol_features)})"
+        return "(not seen)" if value is None else _hex_and_bits(value, self.profile.protocol_features)
 
     def negotiation_lines(self) -> list[str]:
         return [
@@ -304,8 +311,7 @@ class ConnectionState:
                  + (f", #{self.first_number}-#{self.last_number}" if self.first_number else "")]
         if negotiation:
             lines += ["  " + line for line in self.negotiation_lines()]
-        status = "(not set)" if self.status is None else \
-            f"{self.status:#x} ({cat.bit_names(self.status, cat.DEVICE_STATUS)})"
+        status = "(not set)" if self.status is None else _hex_and_bits(self.status, cat.DEVICE_STATUS)
         lines.append(f"  device status: {status}   suspended: {_yes(self.suspended)}")
         channel = f"{self.backend_channel.summary()} (#{self.backend_channel_number})" if self.backend_channel \
             else "(none)"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from html import escape
 
-from .analysis import Analyzer, Expect
+from .analysis import Analyzer, Expect, direction_for
 from .model import Channel, Direction, Record, RecordKind
 from .protocol import Message
 
@@ -138,9 +138,7 @@ def _arrows(analyzer: Analyzer, connection: int, xs, lane_y) -> list[str]:
     for t in analyzer.transactions:
         if t.connection != connection or t.expect == Expect.NOTHING or t.request_number not in xs:
             continue
-        request_direction = Direction.BACKEND_TO_FRONTEND if t.channel == Channel.BACKEND \
-            else Direction.FRONTEND_TO_BACKEND
-        reply_direction = Direction(1 - request_direction)
+        request_direction, reply_direction = direction_for(t.channel, False), direction_for(t.channel, True)
         x1 = xs[t.request_number]
         y1 = _mark_y(lane_y[(connection, t.channel, request_direction)], request_direction)
         y2 = _mark_y(lane_y[(connection, t.channel, reply_direction)], reply_direction)
