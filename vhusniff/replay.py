@@ -287,7 +287,7 @@ def _track(tracker: ContextTracker, flow: Flow) -> Message:
     """_as_sent, with the tracker following what it negotiates (as tracker.decode would, without decoding
     again: the flow was decoded in the tracker's current context)."""
     message = _as_sent(flow)
-    tracker._observe(CONNECTION, message, flow.context)
+    tracker.observe(CONNECTION, message, flow.context)
     return message
 
 

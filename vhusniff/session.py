@@ -30,7 +30,7 @@ class ContextTracker:
             return None
         ctx = self.context_for(record.connection)
         message = decode(record.data, record.channel, ctx)
-        self._observe(record.connection, message, ctx)
+        self.observe(record.connection, message, ctx)
         return message
 
     def _observe_event(self, record: Record) -> None:
@@ -40,7 +40,8 @@ class ContextTracker:
             ctx = self.context_for(record.connection)
             self.contexts[record.connection] = replace(ctx, device_type=match.group(1))
 
-    def _observe(self, connection: int, message: Message, ctx: DecodeContext) -> None:
+    def observe(self, connection: int, message: Message, ctx: DecodeContext) -> None:
+        """Follow what a message already decoded in `ctx` (the connection's current context) negotiates."""
         if message.channel != Channel.MAIN or message.is_reply or message.kind is None:
             return
         if message.request == cat.FrontendRequest.SET_FEATURES:
