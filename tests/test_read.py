@@ -211,3 +211,30 @@ def test_scapy_keeps_device_state_stream_chunks_raw(tmp_path):
     stream, message = rdpcap(str(path))
     assert not stream.haslayer(VhostUser) and bytes(stream[Raw]) == chunk
     assert message.haslayer(VhostUser)
+
+
+@pytest.mark.parametrize("name", list(DAMAGE) + ["missing"])
+def test_read_expert_and_diff_word_the_same_fault_the_same_way(tmp_path, capsys, name):
+    from vhusniff.capture import write_capture
+    good = tmp_path / "good.pcapng"
+    write_capture(good, _records())
+    if name == "missing":
+        path, expected = str(tmp_path / "missing.pcapng"), f"vhusniff: {tmp_path / 'missing.pcapng'}: " \
+                                                           "No such file or directory\n"
+    else:
+        path, offset, shown = _write(tmp_path, name)
+        expected = None
+    errors, outputs = {}, {}
+    for command in (["read", path], ["read", path, "--expert"], ["expert", path], ["report", path],
+                    ["diff", path, str(good)], ["diff", str(good), path]):
+        assert main(command) == 2, command
+        outputs[" ".join(command)], errors[" ".join(command)] = capsys.readouterr()
+    assert len(errors) == 6 and len(set(errors.values())) == 1, errors
+    if name != "missing" and shown:              # what came before the damage is shown and analysed
+        assert f"Connection 1 (unknown device): {shown} messages" in outputs["report " + path]
+        assert "gate-not-negotiated" in outputs["expert " + path]
+    error = errors["read " + path]
+    if expected is not None:
+        assert error == expected
+    else:
+        assert error.startswith(f"vhusniff: {path}: offset {offset}: ") and error.count("\n") == 1

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass, field
 
 from . import catalogue as cat
 from .analysis import Analyzer, Expect, Transaction, connection_report, end_summary
+from .capture import ReadOutcome, read_capture, reading
 from .expert import CHECKS, Severity
 from .model import Channel, Record, RecordKind
 from .protocol import Message
@@ -17,17 +17,21 @@ EXIT_BAD_INPUT = 2
 @dataclass
 class Loaded:
     analyzer: Analyzer
+    outcome: ReadOutcome
     seen: list[tuple[int, Record, Message | None]] = field(default_factory=list)
-    error: str = ""
+
+    @property
+    def error(self) -> str:
+        """Why the capture was not read to its end ("" when it was): capture.reading's words."""
+        return self.outcome.error
 
 
 def load(path: str, device: str | None = None, profile: str = "qemu-spec", at: int | None = None,
          keep: bool = False) -> Loaded:
     """Analyse a capture (up to record number `at`). A damaged capture is analysed as far as it reads."""
-    from .capture import CaptureError, read_capture
     analyzer = Analyzer(device, cat.PROFILES[profile])
-    loaded = Loaded(analyzer)
-    try:
+    with reading(path) as outcome:
+        loaded = Loaded(analyzer, outcome)
         for number, record in enumerate(read_capture(path), 1):
             if at is not None and number > at:
                 break
@@ -35,10 +39,6 @@ def load(path: str, device: str | None = None, profile: str = "qemu-spec", at: i
             analyzer.feed(record, message, number)
             if keep:
                 loaded.seen.append((number, record, message))
-    except CaptureError as error:
-        loaded.error = str(error)
-    except OSError as error:
-        loaded.error = f"{path}: {error.strerror}"
     if at is None:
         analyzer.finish()
     return loaded
@@ -58,10 +58,7 @@ def _connections(loaded: Loaded, only: int | None) -> list[int]:
 
 
 def _finish(loaded: Loaded) -> int:
-    if loaded.error:
-        print(f"vhusniff: {loaded.error} (analysed what could be read)", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    return 0
+    return EXIT_BAD_INPUT if loaded.outcome.report() else 0
 
 
 # --- state ----------------------------------------------------------------------------------------------------------

@@ -6,9 +6,11 @@ then raises CaptureError naming the file and the byte offset of the first bad bl
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import struct
+import sys
 from collections.abc import Iterator
 from typing import BinaryIO
 
@@ -229,6 +231,43 @@ def read_capture(source: str | os.PathLike | BinaryIO) -> Iterator[Record]:
         yield from _read_stream(source, getattr(source, "name", "<stream>"))
 
 
+class ReadOutcome:
+    """How reading a capture ended: `error` is "" when it was read to its end, else the one line that says why
+    not, naming the file (and, for damage, the byte offset): `PATH: offset N: REASON`, `PATH: STRERROR`."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.error = ""
+
+    def report(self, program: str = "vhusniff") -> bool:
+        """Say the error on stderr as `PROGRAM: ERROR`; True when there was one."""
+        if self.error:
+            print(f"{program}: {self.error}", file=sys.stderr)
+        return bool(self.error)
+
+
+@contextlib.contextmanager
+def reading(path: str | os.PathLike) -> Iterator[ReadOutcome]:
+    """The one way a command reads a capture and words what stops it: read (and use what is read) in the block.
+
+        with reading(path) as outcome:
+            for record in read_capture(path): ...
+        outcome.report()
+
+    Damage (CaptureError) or a file that cannot be opened or read ends the block, not the command: everything
+    used before it stays used, and outcome.error says what went wrong where, worded the same for every
+    command. A reader that left (BrokenPipeError) is not the file's fault and passes through."""
+    outcome = ReadOutcome(os.fspath(path))
+    try:
+        yield outcome
+    except CaptureError as error:
+        outcome.error = str(error)
+    except BrokenPipeError:
+        raise
+    except OSError as error:
+        outcome.error = f"{error.filename or outcome.path}: {error.strerror or error}"
+
+
 def _read_stream(stream: BinaryIO, path: str) -> Iterator[Record]:
     stream = stream if isinstance(stream, io.BufferedIOBase) else io.BufferedReader(stream)
     read = stream.read
@@ -343,5 +382,5 @@ def _ts_resolution(body: bytes, start: int, end: int, endian: str) -> tuple[int,
     return (1000, 1)   # pcapng's default: microseconds
 
 
-__all__ = ["CaptureError", "CaptureWriter", "read_capture", "write_capture", "file_header", "enhanced_packet_block",
-           "parse_pseudo_header", "LINKTYPE_USER0", "FD_KINDS"]
+__all__ = ["CaptureError", "CaptureWriter", "ReadOutcome", "read_capture", "reading", "write_capture", "file_header",
+           "enhanced_packet_block", "parse_pseudo_header", "LINKTYPE_USER0", "FD_KINDS"]

@@ -48,7 +48,7 @@ def _expert_findings(args):
 
 
 def command_read(args) -> int:
-    from .capture import CaptureError
+    from .capture import reading
     from .present import field_tree, hexdump, record_line
     from .session import ContextTracker
     display_filter = None
@@ -64,10 +64,9 @@ def command_read(args) -> int:
     out = sys.stdout
     shown = 0
     json_started = False
-    status = 0
     analyzer = _expert_findings(args) if args.expert else None
     findings = analyzer.findings_by_number() if analyzer else {}
-    try:
+    with reading(args.file) as outcome:
         from .reading import fast_summary, general_messages
         if args.T == "text" and not (args.verbose or args.hex or display_filter or args.expert):
             fast_summary(args.file, tracker, out, colour, args.follow, args.count)
@@ -103,22 +102,16 @@ def command_read(args) -> int:
             shown += 1
             if args.count and shown >= args.count:
                 break
-    except CaptureError as error:
-        out.flush()
-        print(f"vhusniff: {error}", file=sys.stderr)
-        status = EXIT_BAD_INPUT
-    except BrokenPipeError:
-        raise                    # not a problem with the file: main() ends quietly
-    except OSError as error:
-        print(f"vhusniff: {args.file}: {error.strerror}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    if outcome.error:
+        out.flush()              # what was read comes first, then the one error line
+        outcome.report()
     if args.T == "json":
         out.write("\n]\n" if json_started else "[]\n")
     if analyzer is not None and args.T == "text":
         out.write(f"\nExpert findings: {len(analyzer.findings)}\n")
         for finding in analyzer.findings:
             out.write(f"  c{finding.connection} {finding.line()}\n")
-    return status
+    return EXIT_BAD_INPUT if outcome.error else 0
 
 
 def build_parser() -> argparse.ArgumentParser:

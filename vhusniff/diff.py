@@ -3,7 +3,6 @@ without a hook). Messages are paired in order within each channel; connection nu
 from __future__ import annotations
 
 import argparse
-import sys
 
 from . import catalogue as cat
 from .model import Channel, Record, RecordKind
@@ -112,16 +111,13 @@ def diff_records(left: list[Record], right: list[Record], ignore: frozenset[str]
     return lines
 
 
-def load_or_report(path: str, program: str) -> list[Record] | None:
-    """All records of a capture, or None after saying on stderr why it cannot be read."""
-    from .capture import CaptureError, read_capture
-    try:
-        return list(read_capture(path))
-    except CaptureError as error:
-        print(f"{program}: {error}", file=sys.stderr)
-    except OSError as error:
-        print(f"{program}: {error.filename}: {error.strerror}", file=sys.stderr)
-    return None
+def load_or_report(path: str, program: str = "vhusniff") -> list[Record] | None:
+    """All records of a capture, or None after saying on stderr why it cannot be read (capture.reading's words)."""
+    from .capture import read_capture, reading
+    records: list[Record] = []
+    with reading(path) as outcome:
+        records = list(read_capture(path))
+    return None if outcome.report(program) else records
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ignore", action="append", default=[], metavar="FIELD",
                         help="a field that may differ (e.g. vring.desc for addresses, fd.kind); repeatable")
     args = parser.parse_args(argv)
-    left, right = load_or_report(args.a, "vhusniff diff"), load_or_report(args.b, "vhusniff diff")
+    left, right = load_or_report(args.a), load_or_report(args.b)
     if left is None or right is None:
         return 2
     lines = diff_records(left, right, frozenset(args.ignore))
