@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import struct
+import subprocess
+import sys
 
 import pytest
 
@@ -365,6 +367,72 @@ def test_read_expert_puts_findings_under_their_messages(tmp_path, capsys):
     at = next(i for i, line in enumerate(lines) if line.split()[:1] == [str(waited)])
     assert lines[at + 1].strip().startswith("[expert error: disconnect-with-request-outstanding]")
     assert "Expert findings: 2" in lines and any("ended-while-running" in line for line in lines)
+
+
+def late_findings() -> list[Record]:
+    """Two connections interleaved, with findings raised after the record they attach to: a missing ack (raised
+    at the next request), a disconnect while a request waits, and a request still waiting when the capture ends."""
+    one, two = running(), opened(mem_slots=8)
+    one.request(F.SET_VRING_ENABLE, {"index": 0, "num": 1}, need_reply=True)       # its ack never comes
+    one.request(F.SET_VRING_ENABLE, {"index": 0, "num": 0})
+    one.request(F.GET_VRING_BASE, {"index": 0, "num": 0})
+    one.event("back-end closed the connection")
+    two.request(F.GET_CONFIG, {"offset": 0, "size": 57, "flags": 0, "data": bytes(57)})
+    for record in two.records:
+        record.connection = 2
+        record.timestamp_ns += 7
+    return sorted(one.records + two.records, key=lambda r: r.timestamp_ns)
+
+
+def _read_expert_as_two_passes_did(path: str, options: list[str], capsys) -> str:
+    """What `read --expert` printed when it analysed the whole capture first and then read it again to print:
+    the plain lines, each followed by the findings attached to it, then the list of every finding."""
+    from vhusniff.analysis_cli import load
+    from vhusniff.cli import main
+    analyzer = load(path).analyzer
+    by_number = analyzer.findings_by_number()
+    main(["read", path, "--color", "never", *options])
+    lines = []
+    for line in capsys.readouterr().out.splitlines(keepends=True):
+        lines.append(line)
+        lines += [f"        [expert {f.severity}: {f.check}] {f.text}\n" for f in by_number.get(int(line.split()[0]), ())]
+    lines.append(f"\nExpert findings: {len(analyzer.findings)}\n")
+    lines += [f"  c{f.connection} {f.line()}\n" for f in analyzer.findings]
+    return "".join(lines)
+
+
+@pytest.mark.parametrize("capture", ["late-findings", "qemu-testpmd-crash.pcapng", "dpdk-virtio-user.pcapng"])
+@pytest.mark.parametrize("options", [[], ["--follow", "2"], ["-c", "12"], ["-Y", "request == SET_VRING_ENABLE"]])
+def test_read_expert_in_one_pass_prints_what_two_passes_did(tmp_path, capsys, capture, options):
+    from vhusniff.capture import write_capture
+    from vhusniff.cli import main
+    if capture == "late-findings":
+        path = str(tmp_path / "late.pcapng")
+        write_capture(path, late_findings())
+    else:
+        path = _real(capture)
+    expected = _read_expert_as_two_passes_did(path, options, capsys)
+    assert main(["read", path, "--expert", "--color", "never", *options]) == 0
+    assert capsys.readouterr().out == expected
+    if capture == "late-findings" and not options:     # each finding raised after its record, under that record
+        under = {line.split("]")[0].split(": ")[1] for line in expected.splitlines() if line.startswith("        [")}
+        assert under == {"missing-reply", "disconnect-with-request-outstanding",
+                         "capture-ended-with-request-outstanding"}
+
+
+def test_read_expert_opens_the_capture_once(tmp_path):
+    """Counted with an audit hook on every open(); `strace -e openat` shows the same."""
+    path = _real("qemu-testpmd-crash.pcapng")
+    script = "\n".join([
+        "import sys",
+        "opened = []",
+        "sys.addaudithook(lambda event, args: event == 'open' and opened.append(args[0]))",
+        "from vhusniff.cli import main",
+        "main(['read', sys.argv[1], '--expert'])",
+        "sys.stderr.write(repr(opened.count(sys.argv[1])))"])
+    result = subprocess.run([sys.executable, "-c", script, path], capture_output=True, text=True, timeout=60,
+                            cwd=os.path.dirname(CAPTURES))
+    assert result.stderr == "1" and "Expert findings: 3" in result.stdout, result.stderr
 
 
 def test_one_reply_rule_for_analysis_and_replay():

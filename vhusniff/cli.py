@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import sys
@@ -41,10 +42,40 @@ def message_fields(number: int, relative: float, record, message) -> dict[str, l
     return fields
 
 
-def _expert_findings(args):
-    """Findings of the whole capture, worked out before printing: a missing reply is known only later on."""
-    from .analysis_cli import load
-    return load(args.file, args.device, args.profile).analyzer
+class _ExpertLines:
+    """`read --expert` in one pass: the analyzer is fed as the records are read, and each shown record's text is
+    held until no finding can still attach to it. A finding names an earlier record only while a request of that
+    record waits for its reply (missing-reply, disconnect- and capture-ended-with-request-outstanding), so a
+    record's text is written once no request at or before it is outstanding, and the rest at the end."""
+
+    def __init__(self, analyzer, out):
+        self.analyzer, self.out = analyzer, out
+        self.held: collections.deque[tuple[int, str, str]] = collections.deque()   # number, line, rest
+        self.findings: dict[int, list] = {}       # record number -> findings attached to it, in raised order
+
+    def feed(self, number: int, record, message) -> None:
+        self._note(self.analyzer.feed(record, message, number))
+
+    def hold(self, number: int, line: str, rest: str) -> None:
+        self.held.append((number, line, rest))
+
+    def release(self, final: bool = False) -> None:
+        if final:
+            self._note(self.analyzer.finish())
+        if not self.held:
+            return
+        oldest = None if final else min((t.request_number for conn in self.analyzer.connections.values()
+                                         for t in conn.outstanding()), default=None)
+        while self.held and (oldest is None or self.held[0][0] < oldest):
+            number, line, rest = self.held.popleft()
+            self.out.write(line)
+            for finding in self.findings.pop(number, ()):
+                self.out.write(f"        [expert {finding.severity}: {finding.check}] {finding.text}\n")
+            self.out.write(rest)
+
+    def _note(self, findings) -> None:
+        for finding in findings:
+            self.findings.setdefault(finding.number, []).append(finding)
 
 
 def command_read(args) -> int:
@@ -60,33 +91,43 @@ def command_read(args) -> int:
             print(f"vhusniff: invalid display filter:\n{error}", file=sys.stderr)
             return EXIT_BAD_INPUT
     colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty() and args.T == "text")
-    tracker = ContextTracker(args.device, cat.PROFILES[args.profile])
+    profile = cat.PROFILES[args.profile]
+    expert = None
+    if args.expert and args.T == "text":
+        from .analysis import Analyzer
+        expert = _ExpertLines(Analyzer(args.device, profile), sys.stdout)
+    tracker = expert.analyzer.tracker if expert else ContextTracker(args.device, profile)
     out = sys.stdout
     shown = 0
     json_started = False
-    analyzer = _expert_findings(args) if args.expert else None
-    findings = analyzer.findings_by_number() if analyzer else {}
     with reading(args.file) as outcome:
         from .reading import fast_summary, general_messages
-        if args.T == "text" and not (args.verbose or args.hex or display_filter or args.expert):
+        if args.T == "text" and not (args.verbose or args.hex or display_filter or expert):
             fast_summary(args.file, tracker, out, colour, args.follow, args.count)
             return 0
         for number, relative, record, message in general_messages(args.file, tracker):
+            if expert:
+                expert.feed(number, record, message)
+                expert.release()
+            if args.count and shown >= args.count:
+                continue          # only the expert findings' list still wants the rest of the capture
             if args.follow is not None and record.connection != args.follow:
                 continue
             if display_filter is not None and (message is None or
                                                not display_filter.matches(message, record, number)):
                 continue
             if args.T == "text":
-                out.write(record_line(number, relative, record, message, colour) + "\n")
-                for finding in findings.get(number, ()):
-                    out.write(f"        [expert {finding.severity}: {finding.check}] {finding.text}\n")
+                line = record_line(number, relative, record, message, colour) + "\n"
+                rest = []
                 if message is not None and args.verbose:
-                    out.write("\n".join(field_tree(message)) + "\n")
-                    for index, fd in enumerate(record.fds):
-                        out.write(f"  fd[{index}]: {fd.summary()}\n")
+                    rest.append("\n".join(field_tree(message)) + "\n")
+                    rest += [f"  fd[{index}]: {fd.summary()}\n" for index, fd in enumerate(record.fds)]
                 if args.hex:
-                    out.write("\n".join(hexdump(record.data)) + "\n\n")
+                    rest.append("\n".join(hexdump(record.data)) + "\n\n")
+                if expert:
+                    expert.hold(number, line, "".join(rest))
+                else:
+                    out.write(line + "".join(rest))
             elif message is not None:
                 fields = message_fields(number, relative, record, message)
                 if args.T == "json":
@@ -100,16 +141,19 @@ def command_read(args) -> int:
                 else:
                     out.write("\t".join(",".join(str(v) for v in fields.get(name, ())) for name in args.e) + "\n")
             shown += 1
-            if args.count and shown >= args.count:
+            if args.count and shown >= args.count and not expert:
                 break
+    if expert:
+        expert.release(final=True)   # also after damage: the findings of everything read before it
     if outcome.error:
         out.flush()              # what was read comes first, then the one error line
         outcome.report()
     if args.T == "json":
         out.write("\n]\n" if json_started else "[]\n")
-    if analyzer is not None and args.T == "text":
-        out.write(f"\nExpert findings: {len(analyzer.findings)}\n")
-        for finding in analyzer.findings:
+    if expert:
+        findings = expert.analyzer.findings
+        out.write(f"\nExpert findings: {len(findings)}\n")
+        for finding in findings:
             out.write(f"  c{finding.connection} {finding.line()}\n")
     return EXIT_BAD_INPUT if outcome.error else 0
 
