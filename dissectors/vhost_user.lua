@@ -1894,12 +1894,12 @@ local DEVICE_STATUS = {
 local EXPERT_ITEMS = {
   ["bad-version"] = {"PROTOCOL", "ERROR"},
   ["capture"] = {"MALFORMED", "ERROR"},
-  ["oversize"] = {"PROTOCOL", "WARN"},
-  ["payload-layout"] = {"MALFORMED", "WARN"},
+  ["oversize"] = {"PROTOCOL", "ERROR"},
+  ["payload-layout"] = {"MALFORMED", "ERROR"},
   ["reserved-flags"] = {"PROTOCOL", "WARN"},
   ["size-mismatch"] = {"MALFORMED", "ERROR"},
   ["truncated-header"] = {"MALFORMED", "ERROR"},
-  ["unknown-request"] = {"UNDECODED", "NOTE"},
+  ["unknown-request"] = {"UNDECODED", "WARN"},
 }
 
 local CONSTANTS = {

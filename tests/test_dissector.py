@@ -13,7 +13,9 @@ import pytest
 from peers import kit  # noqa: F401  (the real-QEMU guest kit fixture)
 
 from vhusniff import catalogue as cat
+from vhusniff.analysis import Analyzer
 from vhusniff.capture import read_capture, write_capture
+from vhusniff.expert import CHECKS, PROBLEM_CHECKS
 from vhusniff.filters import RECORD_FIELDS, grammar_fields, walk_layout
 from vhusniff.lua import DISSECTOR_PATH, render
 from vhusniff.model import Channel, Direction, FdInfo, Record, RecordKind
@@ -213,6 +215,49 @@ def test_every_payload_kind_and_problem_appears_in_the_grammar_capture(grammar_c
     assert kinds >= set(PAYLOADS) - {"empty"}
     assert problems == {"truncated-header", "reserved-flags", "bad-version", "oversize", "size-mismatch",
                         "unknown-request", "payload-layout"}
+
+
+# Wireshark's expert severities (epan/proto.h PI_CHAT .. PI_ERROR), as tshark writes _ws.expert.severity.
+WIRESHARK_SEVERITY = {0x00200000: "chat", 0x00400000: "note", 0x00600000: "warn", 0x00800000: "error"}
+
+
+def tshark_expert_items(path: str) -> list[list[tuple[str, str]]]:
+    """Per frame, the dissector's expert items as (code, severity), from real tshark."""
+    command = [TSHARK, "-X", f"lua_script:{DISSECTOR_PATH}", "-r", path, "-T", "json"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+    def walk(pairs, out):
+        for key, value in pairs:
+            if key == "_ws.expert":
+                item = dict(value)
+                code = next(k for k in item if k.startswith("vhost_user.expert."))[len("vhost_user.expert."):]
+                out.append((code, WIRESHARK_SEVERITY[int(item["_ws.expert.severity"])]))
+            elif isinstance(value, list):
+                walk(value, out)
+        return out
+
+    return [walk(packet, []) for packet in json.loads(result.stdout, object_pairs_hook=_pairs_hook)]
+
+
+@needs_tshark
+def test_tshark_expert_severities_are_the_expert_checks(grammar_capture):
+    """Each decoder problem has one severity: its expert check's, in vhusniff and in Wireshark alike."""
+    frames = tshark_expert_items(grammar_capture)
+    analyzer = Analyzer()
+    for number, record in enumerate(read_capture(grammar_capture), start=1):
+        analyzer.feed(record, number=number)
+    from_problems = {}
+    for finding in analyzer.findings:
+        if finding.check in PROBLEM_CHECKS.values():
+            from_problems.setdefault(finding.number, []).append(str(finding.severity))
+    for number, items in enumerate(frames, start=1):
+        for code, severity in items:
+            assert severity == str(CHECKS[PROBLEM_CHECKS[code]].severity), (number, code)
+        assert sorted(severity for _code, severity in items) == sorted(from_problems.get(number, [])), number
+    seen = {code: severity for items in frames for code, severity in items}
+    assert set(seen) == set(PROBLEM_CHECKS)
+    assert seen["unknown-request"] == "warn" and seen["payload-layout"] == "error"
 
 
 @needs_tshark

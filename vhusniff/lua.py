@@ -1,10 +1,11 @@
 """The Wireshark dissector, generated from the grammar: `python3 -m vhusniff.lua > dissectors/vhost_user.lua`.
 
 The output is data tables (request names, payload candidates, layouts, bit fields, feature names, record
-fields), all derived from protocol.py, catalogue.py, capture.py and filters.RECORD_FIELDS, followed by the
-fixed Lua body below (LUA_BODY). Nothing in the Lua declares a
-field by hand: each ProtoField is made from the FIELDS table. tests/test_dissector.py fails when the checked-in
-file differs from this output, and cross-checks every field against `protocol.iter_fields` with real tshark.
+fields, expert items), all derived from protocol.py, catalogue.py, capture.py, expert.py (the expert items'
+severities) and filters.RECORD_FIELDS, followed by the fixed Lua body below (LUA_BODY). Nothing in the Lua
+declares a field by hand: each ProtoField is made from the FIELDS table. tests/test_dissector.py fails when the
+checked-in file differs from this output, cross-checks every field against `protocol.iter_fields` with real
+tshark, and checks the expert items' severities against the expert checks.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import sys
 
 from . import catalogue as cat
 from .capture import FD_KINDS, LINKTYPE_USER0, PSEUDO_FLAG_UNFRAMED, PSEUDO_MAGIC
+from .expert import CHECKS, PROBLEM_CHECKS
 from .filters import RECORD_FIELDS, grammar_fields, walk_layout
 from .model import Channel, Direction, RecordKind
 from .protocol import (
@@ -28,17 +30,26 @@ DISSECTOR_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
                               "vhost_user.lua")
 
 _FT_BY_WIDTH = {0: "bytes", 1: "uint8", 2: "uint16", 4: "uint32", 6: "uint64", 8: "uint64"}
-# Problems of protocol.decode, as Wireshark expert items: code -> (group, severity).
-EXPERT_ITEMS = {
-    "truncated-header": ("MALFORMED", "ERROR"),
-    "reserved-flags": ("PROTOCOL", "WARN"),
-    "bad-version": ("PROTOCOL", "ERROR"),
-    "oversize": ("PROTOCOL", "WARN"),
-    "size-mismatch": ("MALFORMED", "ERROR"),
-    "unknown-request": ("UNDECODED", "NOTE"),
-    "payload-layout": ("MALFORMED", "WARN"),
-    "capture": ("MALFORMED", "ERROR"),          # a record whose pseudo-header vhusniff cannot read
+# Problems of protocol.decode, as Wireshark expert items: code -> Wireshark expert group. Each item's severity
+# is the one of the expert check the problem raises (expert.PROBLEM_CHECKS -> expert.CHECKS), see expert_items().
+EXPERT_GROUPS = {
+    "truncated-header": "MALFORMED",
+    "reserved-flags": "PROTOCOL",
+    "bad-version": "PROTOCOL",
+    "oversize": "PROTOCOL",
+    "size-mismatch": "MALFORMED",
+    "unknown-request": "UNDECODED",
+    "payload-layout": "MALFORMED",
 }
+# Not a decoder problem: a record whose pseudo-header vhusniff cannot read (read_capture stops there).
+CAPTURE_EXPERT_ITEM = ("MALFORMED", "ERROR")
+
+
+def expert_items() -> dict[str, tuple[str, str]]:
+    """code -> (Wireshark group, Wireshark severity) for every expert item of the dissector."""
+    items = {code: (EXPERT_GROUPS[code], CHECKS[check].severity.name) for code, check in PROBLEM_CHECKS.items()}
+    items["capture"] = CAPTURE_EXPERT_ITEM
+    return items
 
 
 def _lua_layout(entries: list[dict]) -> list[dict]:
@@ -85,7 +96,7 @@ def grammar_tables() -> dict:
         "TRANSPORT_FEATURES": dict(cat.TRANSPORT_FEATURES),
         "DEVICE_FEATURES": {device: dict(names) for device, names in cat.DEVICE_FEATURES.items()},
         "DEVICE_STATUS": dict(cat.DEVICE_STATUS),
-        "EXPERT_ITEMS": {code: list(levels) for code, levels in EXPERT_ITEMS.items()},
+        "EXPERT_ITEMS": {code: list(levels) for code, levels in expert_items().items()},
         "CONSTANTS": {
             "HEADER_SIZE": HEADER_SIZE, "TRUNCATED_NAME": request_name(Channel.MAIN, -1), "MAX_PAYLOAD_SIZE": MAX_PAYLOAD_SIZE, "LINKTYPE": LINKTYPE_USER0,
             "FLAG_REPLY": cat.FLAG_REPLY, "FLAG_NEED_REPLY": cat.FLAG_NEED_REPLY,
