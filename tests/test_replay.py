@@ -1,6 +1,7 @@
 """Replay and rewrites against real peers: a boot recorded through the proxy from real QEMU and
 qemu-storage-daemon is played against a fresh qemu-storage-daemon (front-end role) and to a real QEMU (back-end
-role); REPLY_ACK masking and disconnect-at-N go through the live proxy.
+role, with a recorded back-end-channel request and with hook injections); REPLY_ACK masking and disconnect-at-N
+go through the live proxy.
 
 Outside CI a test skips when its program is missing; in CI (CI=true) it fails instead (as in test_lab.py).
 A fake Python peer appears only where a test injects a fault no real peer makes (an unknown request).
@@ -29,6 +30,7 @@ from vhusniff.session import ContextTracker
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_BOOT = REPO / "captures" / "qemu-blk-boot.pcapng"
 F = cat.FrontendRequest
+B = cat.BackendRequest
 
 
 def vhusniff(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -257,3 +259,214 @@ def test_disconnect_at_n_makes_qemu_report_the_backend_lost(tmp_path):
         assert len(sent) == 5, (connection, [m.summary() for m in sent])
     events = [r.note for r in read_capture(capture) if r.kind == RecordKind.EVENT]
     assert sum("disconnect-at 5" in note for note in events) == len(by_connection)
+
+
+# ---- back-end role: the back-end channel (recorded requests, injected ones) ----
+#
+# qemu-storage-daemon 7.2 sends nothing on the back-end channel: on QMP block_resize it grows the disk but
+# neither notifies the front-end nor updates the capacity its GET_CONFIG reports (both came with QEMU 8.0's
+# vu_blk_exp_resize). So the recording below has a proxy hook do what a newer daemon does: send
+# BACKEND_CONFIG_CHANGE_MSG on the back-end channel and report the grown capacity in the next GET_CONFIG reply.
+# QEMU's part is its own: it asks GET_CONFIG again and acks the request. QEMU 7.2 ignores the message until the
+# device has started (vhost_user_blk_handle_config_change), hence the moment chosen.
+
+RESIZED_SECTORS = (128 << 20) // 512
+
+
+class ResizeNotice:
+    """When the device first starts (SET_VRING_ENABLE num=1): inject BACKEND_CONFIG_CHANGE_MSG (NEED_REPLY) toward
+    QEMU on the back-end channel, then report RESIZED_SECTORS in the next GET_CONFIG reply."""
+
+    def __init__(self):
+        self.notified = self.reported = False
+
+    def message(self, flow) -> None:
+        m = flow.message
+        if m.channel != Channel.MAIN:
+            return
+        if not self.notified and not m.is_reply and m.request == F.SET_VRING_ENABLE and m.payload.num == 1:
+            self.notified = True
+            flow.inject(build_message(Channel.BACKEND, B.CONFIG_CHANGE_MSG, need_reply=True), to_backend=False,
+                        channel=Channel.BACKEND)
+        elif self.notified and not self.reported and m.is_reply and m.request == F.GET_CONFIG:
+            self.reported = True
+            data = bytearray(flow.original)
+            struct.pack_into("<Q", data, 12 + 12, RESIZED_SECTORS)    # header, offset/size/flags, capacity
+            flow.replace(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def resize_boot(tmp_path_factory) -> Path:
+    """A blk boot through the proxy in which the disk is announced to grow from 64 to 128 MiB as it starts."""
+    require("qemu-system-x86_64", "qemu-storage-daemon")
+    from vhusniff.labcmd import record_boot
+    result, capture = record_boot(tmp_path_factory.mktemp("resize"), hooks=[ResizeNotice()], timeout=60)
+    assert result.blk_io_ok and result.clean_exit, result.console
+    return capture
+
+
+def _capacity(message) -> int:
+    """virtio-blk capacity (512-byte sectors) in a GET_CONFIG reply."""
+    return struct.unpack_from("<Q", message.payload.data)[0]
+
+
+def _config_change_reaction(sent: list) -> tuple[int, object]:
+    """The position of the BACKEND_CONFIG_CHANGE_MSG and the reply to the GET_CONFIG QEMU sent after it; asserts
+    QEMU's reaction: a GET_CONFIG on the main channel, then its ack (0) of the back-end request, in that order."""
+    at = next(i for i, (record, m) in enumerate(sent)
+              if record.channel == Channel.BACKEND and m.request == B.CONFIG_CHANGE_MSG and not m.is_reply)
+    after = [(record.channel, m) for record, m in sent[at + 1:]]
+    asked = next((i for i, (channel, m) in enumerate(after)
+                  if channel == Channel.MAIN and m.request == F.GET_CONFIG and not m.is_reply), None)
+    assert asked is not None, [m.summary() for _channel, m in after]
+    reply = after[asked + 1][1]
+    assert (reply.request, reply.is_reply) == (F.GET_CONFIG, True)
+    acks = [m for channel, m in after if channel == Channel.BACKEND]
+    assert [(m.request, m.is_reply, m.payload.ack) for m in acks] == [(B.CONFIG_CHANGE_MSG, True, 0)], \
+        [m.summary() for m in acks]
+    assert after.index((Channel.BACKEND, acks[0])) > asked + 1, "QEMU acks after it has the new config"
+    return at, reply
+
+
+def _wait_for(capture: Path, predicate, seconds: float) -> bool:
+    """Poll a capture being written until some (record, message or None for an event) satisfies predicate."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            tracker = ContextTracker()
+            if capture.exists() and any(predicate(record, tracker.decode(record)) for record in read_capture(capture)):
+                return True
+        except Exception:  # a record still being written
+            pass
+        time.sleep(0.1)
+    return False
+
+
+def _is_backend_channel_reply(record, _message) -> bool:
+    return record.kind == RecordKind.MESSAGE and record.channel == Channel.BACKEND and \
+        record.direction == Direction.FRONTEND_TO_BACKEND
+
+
+def test_recording_holds_a_real_qemu_reaction_to_a_config_change(resize_boot):
+    sent = messages(resize_boot)
+    at, reply = _config_change_reaction(sent)
+    first = next(m for record, m in sent[:at] if m.request == F.GET_CONFIG and m.is_reply)
+    assert (_capacity(first), _capacity(reply)) == (64 << 11, RESIZED_SECTORS)
+    assert sent[at - 1][1].request == F.SET_VRING_ENABLE and sent[at][0].note == "injected by hook"
+
+
+def test_backend_replay_plays_the_recorded_config_change_to_a_real_qemu(resize_boot, kit, tmp_path):
+    """The recorded BACKEND_CONFIG_CHANGE_MSG goes out on the socket QEMU passed in SET_BACKEND_REQ_FD, right
+    after the SET_VRING_ENABLE recorded before it; QEMU asks GET_CONFIG, gets the recorded 128 MiB and acks."""
+    listen, served = tmp_path / "replay.sock", tmp_path / "served.pcapng"
+    replay = _serve(resize_boot, listen, "-w", str(served))
+    try:
+        assert listen.exists(), "replay did not listen"
+        with lab.start_qemu(tmp_path, kit, listen) as guest:
+            _wait_for(served, _is_backend_channel_reply, 30)
+            console = guest.console_text()
+    finally:
+        output = replay.communicate(timeout=10)[0]
+    assert "qemu-system-x86_64:" not in console, console
+    recorded = next(record for record, m in messages(resize_boot) if record.channel == Channel.BACKEND)
+    sent = messages(served)
+    at, reply = _config_change_reaction(sent)
+    assert sent[at][0].data == recorded.data and sent[at][0].direction == Direction.BACKEND_TO_FRONTEND
+    before = sent[at - 1][1]
+    assert (before.request, before.is_reply, before.payload.num) == (F.SET_VRING_ENABLE, False, 1)
+    assert _capacity(reply) == RESIZED_SECTORS, "the recorded reply to the second GET_CONFIG"
+    assert "CONFIG_CHANGE_MSG reply CONFIG_CHANGE_MSG reply ack=0: same" in output, output
+    assert "back-end channel: 1 requests sent, 1 replies, 0 differences, 0 recorded requests not played" in output
+    assert replay.returncode == 0 and "0 not in the recording" in output, output
+
+
+def test_backend_replay_without_a_backend_channel_reports_the_request_it_could_not_send(resize_boot, kit,
+                                                                                        tmp_path):
+    """With BACKEND_REQ masked out of the replayed GET_PROTOCOL_FEATURES reply, QEMU passes no back-end channel
+    socket: the recorded request is reported as not sent, and the session goes on."""
+    listen, served = tmp_path / "replay.sock", tmp_path / "served.pcapng"
+    replay = _serve(resize_boot, listen, "-w", str(served), "--mask-protocol-features", "BACKEND_REQ")
+    try:
+        assert listen.exists(), "replay did not listen"
+        with lab.start_qemu(tmp_path, kit, listen):
+            _wait_for(served, lambda record, m: record.kind == RecordKind.EVENT and "not sent" in record.note, 30)
+    finally:
+        output = replay.communicate(timeout=10)[0]
+    sent = [m for _record, m in messages(served)]
+    assert F.SET_BACKEND_REQ_FD not in [m.request for m in sent] and F.SET_VRING_ENABLE in [m.request for m in sent]
+    assert all(record.channel == Channel.MAIN for record, _m in messages(served))
+    assert "CONFIG_CHANGE_MSG (recorded #" in output and "not sent: no back-end channel" in output, output
+    assert "back-end channel: 0 requests sent, 0 replies, 0 differences, 1 recorded requests not played" in output
+
+
+def test_backend_replay_hook_injects_on_the_backend_channel_and_delays_a_reply(fresh_boot, kit, tmp_path):
+    """A hook file, with a real QEMU: holds the first ADD_MEM_REG ack 0.5 s, injects BACKEND_CONFIG_CHANGE_MSG
+    after it (the device has started by then) and a front-end request, which makes no sense from a back-end."""
+    hook = tmp_path / "inject_hook.py"
+    hook.write_text(
+        "from vhusniff.model import Channel\n"
+        "from vhusniff.protocol import build_message\n"
+        "done = False\n"
+        "def message(flow):\n"
+        "    global done\n"
+        "    if not done and flow.message.name == 'ADD_MEM_REG' and flow.message.is_reply:\n"
+        "        done = True\n"
+        "        flow.delay(0.5)\n"
+        "        flow.inject(build_message(Channel.BACKEND, 2, need_reply=True), channel=Channel.BACKEND)\n"
+        "        flow.inject(build_message(Channel.MAIN, 3), to_backend=True)\n")
+    listen, served = tmp_path / "replay.sock", tmp_path / "served.pcapng"
+    replay = _serve(fresh_boot, listen, "-w", str(served), "--hook", str(hook))
+    try:
+        assert listen.exists(), "replay did not listen"
+        with lab.start_qemu(tmp_path, kit, listen) as guest:
+            _wait_for(served, _is_backend_channel_reply, 30)
+            console = guest.console_text()
+    finally:
+        output = replay.communicate(timeout=10)[0]
+    assert "qemu-system-x86_64:" not in console, console
+    recorded_configs = [m for record, m in messages(fresh_boot) if m.request == F.GET_CONFIG and not m.is_reply]
+    assert len(recorded_configs) == 1, "without a config change QEMU asks GET_CONFIG once, at realize"
+    sent = messages(served)
+    at, _reply = _config_change_reaction(sent)
+    (request_record, request), (reply_record, reply) = sent[at - 2], sent[at - 1]
+    assert (request.request, reply.request, reply.is_reply) == (F.ADD_MEM_REG, F.ADD_MEM_REG, True)
+    assert reply_record.timestamp_ns - request_record.timestamp_ns >= 0.5e9, "the delay was not honoured"
+    assert "a hook injected a message on the main channel F>B" in output and "skipped" in output, output
+    assert [m.request for _r, m in sent].count(F.SET_OWNER) == 1, "only QEMU's own SET_OWNER"
+    assert "injected CONFIG_CHANGE_MSG reply CONFIG_CHANGE_MSG reply ack=0: (none recorded)" in output, output
+    assert replay.returncode == 0
+
+
+def test_backend_replay_keeps_answering_while_a_backend_channel_reply_is_missing(fresh_boot, tmp_path):
+    """Fault injection: a front-end that never answers a back-end request with NEED_REPLY (QEMU always does)
+    and later sends a reply nothing asked for. The main channel is served meanwhile; both are reported."""
+    hook = tmp_path / "notify_hook.py"
+    hook.write_text(
+        "from vhusniff.model import Channel\n"
+        "from vhusniff.protocol import build_message\n"
+        "def message(flow):\n"
+        "    if flow.message.name == 'SET_BACKEND_REQ_FD' and flow.message.is_reply:\n"
+        "        flow.inject(build_message(Channel.BACKEND, 2, need_reply=True), channel=Channel.BACKEND)\n")
+    listen = tmp_path / "replay.sock"
+    replay = _serve(fresh_boot, listen, "--hook", str(hook), "--timeout", "0.5")
+    frontend = FakeFrontend(listen, timeout=3)
+    ours, theirs = socket.socketpair()
+    try:
+        frontend.send(build_message(Channel.MAIN, F.SET_PROTOCOL_FEATURES, {"protocol_features": 0x8F2B}))
+        frontend.send(build_message(Channel.MAIN, F.SET_BACKEND_REQ_FD, need_reply=True), [theirs.fileno()])
+        theirs.close()
+        assert decode(frontend.receive().data).request == F.SET_BACKEND_REQ_FD
+        ours.settimeout(3)
+        assert struct.unpack("<III", ours.recv(64)) == (B.CONFIG_CHANGE_MSG, 0x9, 0)
+        frontend.send(build_message(Channel.MAIN, F.GET_FEATURES))       # answered while the ack is due
+        assert decode(frontend.receive().data).request == F.GET_FEATURES
+        time.sleep(1.0)
+        ours.sendall(build_message(Channel.BACKEND, B.CONFIG_CHANGE_MSG, {"ack": 0}, reply=True, kind="ack"))
+        time.sleep(0.2)
+    finally:
+        frontend.close()
+        ours.close()
+    output = replay.communicate(timeout=10)[0]
+    assert "injected CONFIG_CHANGE_MSG: no reply from the front-end within 0.5 s" in output, output
+    assert "the front-end sent CONFIG_CHANGE_MSG reply ack=0, which nothing asked for" in output, output
+    assert replay.returncode == 0

@@ -5,7 +5,10 @@
   Exit 0 when the reply stream is identical to the recording, 1 at a divergence (the first is named).
 - `--as backend CAPTURE --listen SOCK`: answer a real front-end (QEMU) from the recorded back-end replies; a
   request the recording lacks gets a default answer (`--unknown default`, `--default-reply N`) or ends the
-  session (`--unknown fail`, exit 1).
+  session (`--unknown fail`, exit 1). The recorded back-end-channel requests (CONFIG_CHANGE_MSG, IOTLB_MSG,
+  VRING_HOST_NOTIFIER_MSG, ...) go out on the socket the front-end passed in SET_BACKEND_REQ_FD, each right
+  after the main-channel message recorded before it; the front-end's replies are awaited (without holding up
+  the main channel), recorded and compared with the recorded ones.
 
 Each recorded fd becomes a fresh one of its kind (memfd of the recorded size, eventfd, socket pair, pipe); fds
 that were one object in the recording (same inode) are one object in the replay. Memory addresses stay as
@@ -19,6 +22,9 @@ indexes in the replay's own memory are set to it, so the back-end sees a ring wi
 
 Hooks (`--hook`, `--mask-protocol-features`, ...: the proxy's options) see every message the replay sends and
 receives; the replayed session, hooks applied, is written with `-w` as a capture that `vhusniff diff` compares.
+A hook's injected message goes where it makes sense for the role: as the front-end, front-end requests on the
+main channel; as the back-end, replies on the main channel and requests on the back-end channel. Others are
+reported and skipped.
 """
 from __future__ import annotations
 
@@ -95,17 +101,63 @@ def load_exchanges(records: list[Record], connection: int | None) -> tuple[int, 
             exchanges.append(exchange)
             waiting.append(exchange)
         elif record.direction == Direction.BACKEND_TO_FRONTEND and flags & cat.FLAG_REPLY:
-            # One request is outstanding per channel, so a reply answers the oldest unanswered request with its
-            # number; requests before that one got no reply.
-            request = _request_number(record.data)
-            for index, candidate in enumerate(waiting):
-                if _request_number(candidate.request.data) == request:
-                    candidate.reply, candidate.reply_number = record, number
-                    del waiting[:index + 1]
-                    break
+            _pair_reply(waiting, record, number)
     if not exchanges:
         raise ValueError(f"connection {connection} holds no front-end request")
     return connection, exchanges
+
+
+def _pair_reply(waiting: list, record: Record, number: int) -> None:
+    """One request is outstanding per channel, so a reply answers the oldest unanswered request with its
+    number; requests before that one got no reply."""
+    request = _request_number(record.data)
+    for index, candidate in enumerate(waiting):
+        if _request_number(candidate.request.data) == request:
+            candidate.reply, candidate.reply_number = record, number
+            del waiting[:index + 1]
+            return
+
+
+@dataclass
+class BackendExchange:
+    """A recorded back-end request (back-end channel, back-end to front-end), the front-end's reply if any, and
+    where it came in the main channel's sequence: `after` = (index of an exchange, 0 = after its request,
+    1 = after its reply), the last main-channel message recorded before it; (-1, 1) when there was none."""
+    number: int
+    request: Record
+    reply: Record | None = None
+    reply_number: int = 0
+    after: tuple[int, int] = (-1, 1)
+
+
+def load_backend_requests(records: list[Record], connection: int,
+                          exchanges: list[Exchange]) -> list[BackendExchange]:
+    """The back-end-channel requests of one connection, in recorded order, each with the front-end's reply and
+    its place after a main-channel message of `exchanges` (load_exchanges' pairs of the same connection)."""
+    places: dict[int, tuple[int, int]] = {}
+    for index, exchange in enumerate(exchanges):
+        places[exchange.number] = (index, 0)
+        if exchange.reply is not None:
+            places[exchange.reply_number] = (index, 1)
+    requests: list[BackendExchange] = []
+    waiting: list[BackendExchange] = []
+    after = (-1, 1)
+    for number, record in enumerate(records, 1):
+        if record.kind != RecordKind.MESSAGE or record.connection != connection:
+            continue
+        if record.channel == Channel.MAIN:
+            after = places.get(number, after)
+            continue
+        if record.channel != Channel.BACKEND:
+            continue
+        flags = _flags(record.data)
+        if record.direction == Direction.BACKEND_TO_FRONTEND and not flags & cat.FLAG_REPLY:
+            request = BackendExchange(number, record, after=after)
+            requests.append(request)
+            waiting.append(request)
+        elif record.direction == Direction.FRONTEND_TO_BACKEND and flags & cat.FLAG_REPLY:
+            _pair_reply(waiting, record, number)
+    return requests
 
 
 class FreshFds:
@@ -539,26 +591,35 @@ class ServeResult:
     not_recorded: list[str] = field(default_factory=list)
     failed: str = ""                 # why the session was ended by policy (unknown request with --unknown fail)
     ended: str = ""                  # how the front-end's connection ended
+    backend_sent: int = 0            # back-end-channel requests sent (recorded and injected)
+    backend_replies: int = 0         # the front-end's replies to them
+    backend_differences: list[str] = field(default_factory=list)   # replies unlike the recording, or missing
+    backend_not_played: int = 0      # recorded back-end requests whose place in the sequence never came
 
 
 def replay_as_backend(records: list[Record], listen_path: str, connection: int | None = None,
                       unknown_policy: str = "default", writer=None, out=sys.stdout, once: bool = True,
-                      default_reply: int = 0, hooks=(), on_hook_error: str = "forward") -> int:
-    """Answer a real front-end from the recorded replies. Exit status: 1 when the policy failed a request."""
+                      default_reply: int = 0, hooks=(), on_hook_error: str = "forward",
+                      reply_timeout: float = REPLY_TIMEOUT) -> int:
+    """Answer a real front-end from the recorded replies and play the recorded back-end-channel requests.
+    Exit status: 1 when the policy failed a request."""
     connection, exchanges = load_exchanges(records, connection)
+    backend_requests = load_backend_requests(records, connection, exchanges)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     if os.path.exists(listen_path):
         os.unlink(listen_path)
     listener.bind(listen_path)
     listener.listen(1)
-    _say(out, f"replaying the back-end of connection {connection} ({len(exchanges)} recorded requests) "
+    extra = f", {len(backend_requests)} back-end-channel requests" if backend_requests else ""
+    _say(out, f"replaying the back-end of connection {connection} ({len(exchanges)} recorded requests{extra}) "
               f"on {listen_path}")
     status = 0
     try:
         while True:
             peer, _ = listener.accept()
             result = serve_front_end(peer, exchanges, unknown_policy, Recorder(writer), out, default_reply,
-                                     HookChain(list(hooks), on_hook_error, report=lambda text: _say(out, text)))
+                                     HookChain(list(hooks), on_hook_error, report=lambda text: _say(out, text)),
+                                     backend_requests=backend_requests, reply_timeout=reply_timeout)
             peer.close()
             status = 1 if result.failed else 0
             if once:
@@ -569,26 +630,281 @@ def replay_as_backend(records: list[Record], listen_path: str, connection: int |
             os.unlink(listen_path)
 
 
+class SessionEnd(Exception):
+    """A hook disconnected the session (the reason is the message)."""
+
+
+class BackendChannel:
+    """The back-end replay's end of the back-end channel (the socket the front-end passed in SET_BACKEND_REQ_FD).
+
+    Back-end requests, recorded or injected by a hook, go out one at a time: when one requires a reply (the
+    one reply rule, in the live session's context) the next waits in the queue until the front-end's reply
+    comes or `reply_timeout` passes. Replies are read from the session's select loop, never by blocking, since
+    the front-end may first have to ask something on the main channel (QEMU answers CONFIG_CHANGE_MSG only
+    after its GET_CONFIG). Recorded requests run through the hooks; injected ones go as they are, like the
+    proxy's. Everything sent and received is recorded on the back-end channel."""
+
+    def __init__(self, recorder: Recorder, chain: HookChain, counter: MessageCounter, context, fresh: FreshFds,
+                 out, result: ServeResult, send_main, reply_timeout: float):
+        self.recorder, self.chain, self.counter, self.context = recorder, chain, counter, context
+        self.fresh, self.out, self.result, self.send_main = fresh, out, result, send_main
+        self.reply_timeout = reply_timeout
+        self.sock: socket.socket | None = None
+        self.framer = Framer("front-end (back-end channel)")
+        self.queue: list[tuple[bytes, list[int] | None, BackendExchange | None]] = []
+        self.waiting: tuple[Message, BackendExchange | None, float] | None = None
+
+    def attach(self, sock: socket.socket) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.framer = Framer("front-end (back-end channel)")
+        self.sock = sock
+        self.sock.setblocking(False)
+
+    @property
+    def readable(self) -> list[socket.socket]:
+        return [self.sock] if self.sock is not None else []
+
+    def time_left(self) -> float | None:
+        return None if self.waiting is None else max(0.0, self.waiting[2] - time.monotonic())
+
+    def play(self, recorded: BackendExchange) -> None:
+        self.queue.append((recorded.request.data, None, recorded))
+        self.pump()
+
+    def inject(self, data: bytes, fds: list[int]) -> None:
+        """A hook's message for the front-end's back-end channel: ahead of queued recorded requests."""
+        self.queue.insert(0, (data, list(fds), None))
+        self.pump()
+
+    def pump(self) -> None:
+        while self.queue and self.waiting is None:
+            data, fds, recorded = self.queue.pop(0)
+            if self.sock is None:
+                _close_all(fds or [])
+                self.result.backend_not_played += recorded is not None
+                what = f"recorded #{recorded.number}" if recorded else "injected by a hook"
+                self._report(f"back-end channel: {decode(data, Channel.BACKEND, self.context()).summary()} "
+                             f"({what}) not sent: no back-end channel (the front-end passed no socket "
+                             f"in SET_BACKEND_REQ_FD, or closed it)")
+                continue
+            if recorded is None:
+                self._send_injected(data, fds)
+            else:
+                self._send_recorded(recorded)
+
+    def _send_recorded(self, recorded: BackendExchange) -> None:
+        context = self.context()
+        fds = [self.fresh.make(info) for info in recorded.request.fds]
+        flow = _hooked(self.chain, recorded.request.data, Channel.BACKEND, Direction.BACKEND_TO_FRONTEND,
+                       self.counter, context, fds)
+        label = f"back-end channel: recorded #{recorded.number} {flow.message.summary()[:60]}"
+        if flow.disconnect_reason and not flow.disconnect_after_forward:
+            _close_all(fds)
+            raise SessionEnd(flow.disconnect_reason)
+        if flow.dropped:
+            _close_all(fds)
+            self.recorder.event(f"hook dropped back-end request #{recorded.number} {flow.message.summary()}")
+            _say(self.out, f"{label}: dropped by a hook")
+            return
+        if flow.delay_seconds:
+            time.sleep(flow.delay_seconds)
+        data, message = flow.final_bytes(), _as_sent(flow)
+        self._send(data, fds, message, recorded, context, label)
+        for injected in flow.injected:
+            self.route_injected(injected)
+        if flow.disconnect_reason:
+            raise SessionEnd(flow.disconnect_reason)
+
+    def _send_injected(self, data: bytes, fds: list[int]) -> None:
+        context = self.context()
+        message = decode(data, Channel.BACKEND, context)
+        self._send(data, fds, message, None, context, f"back-end channel: injected {message.summary()[:60]}")
+
+    def _send(self, data: bytes, fds: list[int], message: Message, recorded: BackendExchange | None,
+              context: DecodeContext, label: str) -> None:
+        infos = [describe_fd(fd) for fd in fds]
+        try:
+            send_message(self.sock, data, fds)
+        except OSError as error:
+            self._report(f"{label}: could not be sent: {error.strerror or error}")
+            return
+        finally:
+            _close_all(fds)
+        self.result.backend_sent += 1
+        self.recorder.message(Channel.BACKEND, Direction.BACKEND_TO_FRONTEND, data, infos)
+        if reply_required(message, context):
+            self.waiting = (message, recorded, time.monotonic() + self.reply_timeout)
+            _say(self.out, f"{label}: sent, waiting for the front-end's reply")
+        else:
+            _say(self.out, f"{label}: sent")
+
+    def route_injected(self, injected) -> None:
+        """Where a hook's injected message goes in the back-end role: back-end-channel requests to the front-end's
+        back-end socket, main-channel messages to the front-end; anything the front-end would send is skipped."""
+        if injected.direction == Direction.BACKEND_TO_FRONTEND and injected.channel == Channel.BACKEND:
+            self.inject(injected.data, injected.fds)
+        elif injected.direction == Direction.BACKEND_TO_FRONTEND and injected.channel == Channel.MAIN:
+            self.send_main(injected.data, injected.fds)
+        else:
+            _close_all(injected.fds)
+            self._report(f"a hook injected a message on the {injected.channel.name.lower()} channel "
+                         f"{injected.direction.arrow}: back-end replay sends only back-end messages (main-channel "
+                         f"B>F, back-end channel B>F); skipped")
+
+    def readable_now(self) -> None:
+        """Read what the front-end sent on the back-end channel: replies, or something nothing asked for."""
+        try:
+            data, fds, _truncated = receive_chunk(self.sock)
+        except BlockingIOError:
+            return
+        except OSError as error:
+            self._closed(f"socket error: {error.strerror or error}")
+            return
+        if not data:
+            _close_all(fds)
+            self._closed("the front-end closed it")
+            return
+        try:
+            frames = self.framer.feed(data, fds)
+        except FramingError as error:
+            self._closed(f"unframeable stream: {error}")
+            return
+        for frame in frames:
+            if isinstance(frame, Frame):
+                self._received(frame)
+            else:
+                _close_all(frame.fds)
+
+    def _received(self, frame: Frame) -> None:
+        infos = [describe_fd(fd) for fd in frame.fds]
+        _close_all(frame.fds)
+        flow = _hooked(self.chain, frame.data, Channel.BACKEND, Direction.FRONTEND_TO_BACKEND, self.counter,
+                       self.context())
+        if flow.delay_seconds:
+            time.sleep(flow.delay_seconds)
+        data, message = flow.final_bytes(), _as_sent(flow)
+        self.recorder.message(Channel.BACKEND, Direction.FRONTEND_TO_BACKEND, data, infos)
+        if self.waiting is not None and message.is_reply and message.request == self.waiting[0].request:
+            asked, recorded, _deadline = self.waiting
+            self.waiting = None
+            self.result.backend_replies += 1
+            if flow.dropped:
+                self.recorder.event(f"hook dropped the front-end's reply {message.summary()}")
+                differences = []
+            elif recorded is None or recorded.reply is None:
+                differences = []
+            else:
+                expected = decode(recorded.reply.data, Channel.BACKEND, self.context())
+                differences = _reply_differences(expected, message, recorded.reply.fds, infos)
+            where = f"recorded #{recorded.number} " if recorded is not None else "injected "
+            verdict = ("(none recorded)" if recorded is None or recorded.reply is None
+                       else "same" if not differences else "DIFFERS")
+            _say(self.out, f"back-end channel: {where}{asked.name} reply {message.summary()[:60]}: {verdict}")
+            for difference in differences:
+                self._differ(f"back-end channel {where}{asked.name} reply: {difference}")
+        else:
+            self._differ(f"back-end channel: the front-end sent {message.summary()}, which nothing asked for")
+        for injected in flow.injected:
+            self.route_injected(injected)
+        if flow.disconnect_reason:
+            raise SessionEnd(flow.disconnect_reason)
+        self.pump()
+
+    def expire(self) -> None:
+        """A reply due past its time: say so and let the next request go."""
+        if self.waiting is None or time.monotonic() < self.waiting[2]:
+            return
+        asked, recorded, _deadline = self.waiting
+        self.waiting = None
+        where = f"recorded #{recorded.number} " if recorded is not None else "injected "
+        self._differ(f"back-end channel {where}{asked.name}: no reply from the front-end within "
+                     f"{self.reply_timeout:g} s")
+        self.pump()
+
+    def _closed(self, why: str) -> None:
+        self.recorder.event(f"back-end channel closed: {why}")
+        self.sock.close()
+        self.sock = None
+        self.finish("the back-end channel closed")
+
+    def finish(self, why: str) -> None:
+        """The channel or the session ended: a reply still due is missing, queued requests are not sent."""
+        if self.waiting is not None:
+            asked, recorded, _deadline = self.waiting
+            where = f"recorded #{recorded.number} " if recorded is not None else "injected "
+            self._differ(f"back-end channel {where}{asked.name}: no reply ({why})")
+            self.waiting = None
+        for _data, fds, _recorded in self.queue:
+            _close_all(fds or [])
+        self.result.backend_not_played += sum(1 for item in self.queue if item[2] is not None)
+        self.queue = []
+
+    def close(self) -> None:
+        self.finish("the session ended")
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def _differ(self, text: str) -> None:
+        self.result.backend_differences.append(text)
+        self.recorder.event(text)
+        _say(self.out, "      " + text)
+
+    def _report(self, text: str) -> None:
+        self.recorder.event(text)
+        _say(self.out, text)
+
+
 def serve_front_end(peer: socket.socket, exchanges: list[Exchange], unknown_policy: str, recorder: Recorder,
-                    out, default_reply: int = 0, chain: HookChain | None = None) -> ServeResult:
-    """One front-end connection, answered from the recording until the front-end leaves."""
+                    out, default_reply: int = 0, chain: HookChain | None = None, *,
+                    backend_requests: list[BackendExchange] = (),
+                    reply_timeout: float = REPLY_TIMEOUT) -> ServeResult:
+    """One front-end connection, answered from the recording until the front-end leaves. Each recorded
+    back-end-channel request is sent on the front-end's back-end socket once the main-channel message recorded
+    before it has been received (a request) or sent (a reply)."""
     chain = chain or HookChain([])
     framer = Framer("front-end")
     fresh = FreshFds()
     tracker = ContextTracker()
     counter = MessageCounter()
-    held: list[int] = []             # sockets the front-end passed (its back-end channel): closed at the end
+    held: list[int] = []             # other sockets the front-end passed: closed at the end
     kicks = RingKicks(recorder, out)
     cursor = 0
     result = ServeResult()
+    to_play = list(backend_requests)
+
+    def context() -> DecodeContext:
+        return tracker.context_for(CONNECTION)
+
+    def send_main(data: bytes, fds: list[int]) -> None:
+        """A message for the front-end on the main channel that is not the reply to its request: a hook's."""
+        infos = [describe_fd(fd) for fd in fds]
+        try:
+            send_message(peer, data, fds)
+        finally:
+            _close_all(fds)
+        recorder.message(Channel.MAIN, Direction.BACKEND_TO_FRONTEND, data, infos)
+        _say(out, f"injected to the front-end: {decode(data, Channel.MAIN, context()).summary()[:72]}")
+
+    channel = BackendChannel(recorder, chain, counter, context, fresh, out, result, send_main, reply_timeout)
+
+    def reached(place: tuple[int, int]) -> None:
+        """The live session got to this place of the recording: play the back-end requests recorded up to it."""
+        while to_play and to_play[0].after <= place:
+            channel.play(to_play.pop(0))
+
     recorder.event("replay --as backend: front-end connected")
     try:
         while True:
-            if kicks.fds:
-                readable, _, _ = select.select([peer, *kicks.fds], [], [])
-                kicks.observe(fd for fd in readable if fd is not peer)
-                if peer not in readable:
-                    continue
+            watched = [peer, *kicks.fds, *channel.readable]
+            readable, _, _ = select.select(watched, [], [], channel.time_left())
+            kicks.observe(fd for fd in readable if isinstance(fd, int))
+            if channel.sock is not None and channel.sock in readable:
+                channel.readable_now()
+            channel.expire()
+            if peer not in readable:
+                continue
             try:
                 data, fds, _truncated = receive_chunk(peer)
             except OSError as error:
@@ -609,24 +925,32 @@ def serve_front_end(peer: socket.socket, exchanges: list[Exchange], unknown_poli
                     continue
                 infos = [describe_fd(fd) for fd in frame.fds]
                 kick_index = _kick_index(frame.data) if frame.fds else None
+                backend_socket = None
                 for fd, info in zip(frame.fds, infos):
-                    if info.kind == "socket":
+                    if info.kind == "socket" and _request_number(frame.data) == F.SET_BACKEND_REQ_FD \
+                            and backend_socket is None:
+                        backend_socket = fd
+                    elif info.kind == "socket":
                         held.append(fd)
                     elif kick_index is not None and info.kind == "eventfd":
                         kicks.watch(kick_index, fd)
                     else:
                         os.close(fd)
-                context = tracker.context_for(CONNECTION)
-                flow = _hooked(chain, frame.data, Channel.MAIN, Direction.FRONTEND_TO_BACKEND, counter, context)
+                flow = _hooked(chain, frame.data, Channel.MAIN, Direction.FRONTEND_TO_BACKEND, counter, context())
                 if flow.disconnect_reason and not flow.disconnect_after_forward:
-                    recorder.event(flow.disconnect_reason)
-                    result.ended = flow.disconnect_reason
-                    return result
+                    _close_all([backend_socket] if backend_socket is not None else [])
+                    raise SessionEnd(flow.disconnect_reason)
                 if flow.dropped:
+                    _close_all([backend_socket] if backend_socket is not None else [])
                     recorder.event(f"hook dropped front-end message {flow.message.summary()}")
                     continue
+                if flow.delay_seconds:
+                    time.sleep(flow.delay_seconds)
+                if backend_socket is not None:
+                    channel.attach(socket.socket(fileno=backend_socket))
                 request = flow.final_bytes()
                 recorder.message(Channel.MAIN, Direction.FRONTEND_TO_BACKEND, request, infos)
+                request_context = context()
                 message = _track(tracker, flow)
                 result.requests += 1
                 match, cursor = _find_recorded(exchanges, cursor, request)
@@ -638,45 +962,74 @@ def serve_front_end(peer: socket.socket, exchanges: list[Exchange], unknown_poli
                         recorder.event(result.failed)
                         _say(out, result.failed)
                         return result
-                reply, reply_fds = answer(message, match, context, fresh, default_reply)
-                reply_context = tracker.context_for(CONNECTION)
+                reply, reply_fds = answer(message, match, request_context, fresh, default_reply)
+                reply_context = context()
                 reply_message = decode(reply, Channel.MAIN, reply_context) if reply else None
                 note = "" if match else "  [not in the recording: default answer]"
                 _say(out, f"#{result.requests:<4} {message.summary()[:72]:<72} -> "
                           f"{reply_message.summary() if reply else '(no reply)'}{note}")
-                if reply is None:
-                    if flow.disconnect_reason:
-                        result.ended = flow.disconnect_reason
-                        return result
-                    continue
-                reply_flow = _hooked(chain, reply, Channel.MAIN, Direction.BACKEND_TO_FRONTEND, counter,
-                                     reply_context, reply_fds, reply_message)
-                if reply_flow.dropped:
-                    _close_all(reply_fds)
-                    recorder.event(f"hook dropped the reply {reply_flow.message.summary()}")
-                    continue
-                reply = reply_flow.final_bytes()
-                reply_infos = [describe_fd(fd) for fd in reply_fds]
-                try:
-                    send_message(peer, reply, reply_fds)
-                finally:
-                    _close_all(reply_fds)
-                result.replies += 1
-                recorder.message(Channel.MAIN, Direction.BACKEND_TO_FRONTEND, reply, reply_infos)
-                _track(tracker, reply_flow)
-                reason = flow.disconnect_reason or reply_flow.disconnect_reason
-                if reason:
-                    recorder.event(reason)
-                    result.ended = reason
-                    return result
+                # A hook's injection goes right after its message; then what the recording had after it.
+                for injected in flow.injected:
+                    channel.route_injected(injected)
+                index = cursor - 1 if match is not None else None
+                if index is not None:
+                    reached((index, 0))
+                if reply is not None:
+                    _send_reply(peer, reply, reply_fds, reply_message, reply_context, chain, counter, recorder,
+                                channel, tracker, result)
+                if index is not None:
+                    reached((index, 1))
+                if flow.disconnect_reason:
+                    raise SessionEnd(flow.disconnect_reason)
+    except SessionEnd as end:
+        recorder.event(str(end))
+        result.ended = str(end)
+        return result
     finally:
+        channel.close()
+        result.backend_not_played += len(to_play)
         fresh.close()
         _close_all(held)
         kicks.close()
-        recorder.event(f"replay --as backend: {result.ended or result.failed}; {result.requests} requests, "
-                       f"{result.replies} replies, {len(result.not_recorded)} not in the recording")
-        _say(out, f"{result.ended or result.failed}: {result.requests} requests, {result.replies} replies, "
-                  f"{len(result.not_recorded)} not in the recording")
+        backend = ""
+        if backend_requests or result.backend_sent:
+            backend = (f"; back-end channel: {result.backend_sent} requests sent, {result.backend_replies} replies, "
+                       f"{len(result.backend_differences)} differences, {result.backend_not_played} recorded "
+                       f"requests not played")
+        summary = (f"{result.ended or result.failed}: {result.requests} requests, {result.replies} replies, "
+                   f"{len(result.not_recorded)} not in the recording{backend}")
+        recorder.event(f"replay --as backend: {summary}")
+        _say(out, summary)
+
+
+def _send_reply(peer: socket.socket, reply: bytes, reply_fds: list[int], reply_message: Message,
+                reply_context: DecodeContext, chain: HookChain, counter: MessageCounter, recorder: Recorder,
+                channel: BackendChannel, tracker: ContextTracker, result: ServeResult) -> None:
+    """Our reply to the front-end's request, through the hooks (drop, delay, injection, disconnect)."""
+    reply_flow = _hooked(chain, reply, Channel.MAIN, Direction.BACKEND_TO_FRONTEND, counter, reply_context,
+                         reply_fds, reply_message)
+    if reply_flow.disconnect_reason and not reply_flow.disconnect_after_forward:
+        _close_all(reply_fds)
+        raise SessionEnd(reply_flow.disconnect_reason)
+    if reply_flow.dropped:
+        _close_all(reply_fds)
+        recorder.event(f"hook dropped the reply {reply_flow.message.summary()}")
+    else:
+        if reply_flow.delay_seconds:
+            time.sleep(reply_flow.delay_seconds)
+        reply = reply_flow.final_bytes()
+        reply_infos = [describe_fd(fd) for fd in reply_fds]
+        try:
+            send_message(peer, reply, reply_fds)
+        finally:
+            _close_all(reply_fds)
+        result.replies += 1
+        recorder.message(Channel.MAIN, Direction.BACKEND_TO_FRONTEND, reply, reply_infos)
+        _track(tracker, reply_flow)
+    for injected in reply_flow.injected:
+        channel.route_injected(injected)
+    if reply_flow.disconnect_reason:
+        raise SessionEnd(reply_flow.disconnect_reason)
 
 
 def _kick_index(data: bytes) -> int | None:
@@ -794,7 +1147,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listen", metavar="SOCKET", help="socket to listen on for the front-end (--as backend)")
     parser.add_argument("--connection", type=int, help="which recorded connection (default: the first)")
     parser.add_argument("--timeout", type=float, default=REPLY_TIMEOUT,
-                        help="--as frontend: seconds to wait for each reply (default: %(default)s)")
+                        help="seconds to wait for each reply: the back-end's (--as frontend), the front-end's on "
+                             "the back-end channel (--as backend) (default: %(default)s)")
     parser.add_argument("--unknown", choices=("default", "fail"), default="default",
                         help="--as backend: a request the recording lacks gets a default answer, or ends the "
                              "session with exit status 1")
@@ -826,7 +1180,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if result.identical else 1
         return replay_as_backend(records, args.listen, args.connection, args.unknown, writer,
                                  once=not args.keep_listening, default_reply=args.default_reply, hooks=hooks,
-                                 on_hook_error=args.on_hook_error)
+                                 on_hook_error=args.on_hook_error, reply_timeout=args.timeout)
     except ValueError as error:
         print(f"vhusniff replay: {args.capture}: {error}", file=sys.stderr)
         return 2
