@@ -40,6 +40,23 @@ def test_records_round_trip_exactly(tmp_path_factory, items):
     assert list(read_capture(path)) == items
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2**63 - 1), st.binary(max_size=300)), max_size=5),
+       st.integers(0, 2**32 - 1), st.sampled_from(Channel), st.sampled_from(Direction), st.booleans())
+def test_a_stream_writer_writes_the_same_bytes_as_a_record(tmp_path_factory, messages, connection, channel,
+                                                            direction, flush_each):
+    folder = tmp_path_factory.mktemp("cap")
+    records = [Record(timestamp, connection, channel, direction, data) for timestamp, data in messages]
+    write_capture(folder / "records.pcapng", records)
+    with CaptureWriter(folder / "stream.pcapng", flush_each=flush_each) as writer:
+        write_message = writer.stream_writer(connection, channel, direction)
+        for timestamp, data in messages:
+            write_message(timestamp, data)
+        assert writer.records == len(messages)
+    assert (folder / "stream.pcapng").read_bytes() == (folder / "records.pcapng").read_bytes()
+    assert list(read_capture(folder / "stream.pcapng")) == records
+
+
 def block_offsets(path):
     """(offset, type) of every block, for damaging a chosen one."""
     return block_offsets_of(path.read_bytes())

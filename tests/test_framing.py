@@ -84,3 +84,20 @@ def test_fds_that_arrive_where_no_message_begins_are_kept_as_stray():
     stray = [e for e in events if isinstance(e, StrayFds)]
     assert stray and stray[0].fds == [9] and stray[0].offset == 20
     assert frames_of(events)[0].data == message
+
+
+def test_take_whole_takes_only_exactly_one_message_on_a_boundary():
+    framer = Framer("connection 1 front-end")
+    assert framer.take_whole(MESSAGES[1])                        # one whole message: taken and counted
+    assert not framer.take_whole(MESSAGES[0] + MESSAGES[1])      # two messages: feed's job
+    assert not framer.take_whole(MESSAGES[3][:20])               # a part
+    assert not framer.take_whole(b"")
+    framer.feed(MESSAGES[3][:20])
+    assert not framer.take_whole(MESSAGES[0])                    # something is buffered: not on a boundary
+    (frame,) = frames_of(framer.feed(MESSAGES[3][20:]))
+    assert frame.offset == len(MESSAGES[1])                      # the taken message still counts in offsets
+    assert not Framer("p", max_payload=4).take_whole(MESSAGES[1])   # oversize: feed reports it
+    # ...and in message numbers: the fault is message #3 at the offset after the two before it.
+    with pytest.raises(FramingError) as error:
+        framer.feed(struct.pack("<III", 5, 1, 1 << 20))
+    assert "#3" in str(error.value) and f"stream offset {len(MESSAGES[1]) + len(MESSAGES[3])}" in str(error.value)

@@ -1,7 +1,7 @@
 """What a passed fd is, described while the proxy still holds it, so a capture says what travelled.
 
-`describe_fd` reads /proc/self/fd/N (the kernel's name for the open file) and fstat; for a memfd it also asks
-F_GET_SEALS, for a socket its type. It never raises: an fd it cannot read is described as "unknown".
+`describe_fd` reads fstat and, unless the file type settles it, /proc/self/fd/N (the kernel's name for the
+open file); for a memfd it also asks F_GET_SEALS, for a socket its type. It never raises: an fd it cannot read is described as "unknown".
 """
 from __future__ import annotations
 
@@ -21,11 +21,22 @@ _FAMILIES = {socket.AF_UNIX: "unix", socket.AF_INET: "inet", socket.AF_INET6: "i
 def describe_fd(fd: int) -> FdInfo:
     """memfd (name, size, seals), eventfd, socket (family/type), pipe, userfaultfd, file (path), or anon/unknown."""
     try:
-        target = os.readlink(f"/proc/self/fd/{fd}")
         status = os.fstat(fd)
     except OSError:
         return FdInfo("unknown")
     inode = status.st_ino
+    file_type = stat.S_IFMT(status.st_mode)
+    # The file type settles sockets and pipes; the rest needs the kernel's name for the open file.
+    if file_type == stat.S_IFSOCK:
+        return FdInfo("socket", inode, name=_socket_name(fd))
+    if file_type == stat.S_IFIFO:
+        return FdInfo("pipe", inode)
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return FdInfo("unknown", inode)
+    if target == "anon_inode:[eventfd]":
+        return FdInfo("eventfd", inode)
     if target.startswith("/memfd:"):
         name = target[len("/memfd:"):]
         if name.endswith(" (deleted)"):
@@ -33,18 +44,11 @@ def describe_fd(fd: int) -> FdInfo:
         return FdInfo("memfd", inode, status.st_size, name, _seals(fd))
     if target.startswith("anon_inode:"):
         anon = target[len("anon_inode:"):].strip("[]")
-        if anon == "eventfd":
-            return FdInfo("eventfd", inode)
         if anon == "userfaultfd":
             return FdInfo("userfaultfd", inode)
         return FdInfo("anon", inode, name=anon)
-    if target.startswith("socket:"):
-        return FdInfo("socket", inode, name=_socket_name(fd))
-    if target.startswith("pipe:") or stat.S_ISFIFO(status.st_mode):
-        return FdInfo("pipe", inode)
-    if stat.S_ISREG(status.st_mode) or stat.S_ISBLK(status.st_mode) or stat.S_ISCHR(status.st_mode):
-        size = status.st_size if stat.S_ISREG(status.st_mode) else -1
-        return FdInfo("file", inode, size, target)
+    if file_type in (stat.S_IFREG, stat.S_IFBLK, stat.S_IFCHR):
+        return FdInfo("file", inode, status.st_size if file_type == stat.S_IFREG else -1, target)
     return FdInfo("unknown", inode, name=target)
 
 

@@ -67,6 +67,19 @@ class Framer:
     def messages(self) -> int:
         return self._messages
 
+    def take_whole(self, data: bytes) -> bool:
+        """True, and counted as framed, if `data` is exactly one whole message starting on a message boundary
+        with nothing buffered: the usual chunk, taken as it is without building a Frame. Else False, and
+        nothing changes (give it to feed)."""
+        if self._buffer or self._pending_fds or len(data) < HEADER_SIZE:
+            return False
+        size = _read_size(data, 8)[0]
+        if HEADER_SIZE + size != len(data) or size > self.max_payload:
+            return False
+        self._messages += 1
+        self._buffer_offset += len(data)
+        return True
+
     def feed(self, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> list[Frame | StrayFds]:
         """Add one received chunk; return the messages it completes. Raises FramingError on an impossible size."""
         if self._broken is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 
 class Channel(enum.IntEnum):
@@ -31,9 +32,9 @@ class RecordKind(enum.IntEnum):
     EVENT = 1           # connection lifecycle or proxy finding: text in `note`, no message bytes
 
 
-@dataclass(frozen=True)
-class FdInfo:
-    """What an fd was, described when it passed, so a reader knows without holding it."""
+class FdInfo(NamedTuple):
+    """What an fd was, described when it passed, so a reader knows without holding it. (A named tuple, not a
+    dataclass: the proxy builds one per passed fd, and a frozen dataclass costs three times as much.)"""
     kind: str                    # memfd | eventfd | socket | pipe | userfaultfd | file | anon | unknown
     inode: int = 0
     size: int = -1               # memfd/file size in bytes, -1 when not known

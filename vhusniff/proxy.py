@@ -68,6 +68,7 @@ _EPOLL_READABLE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR | select.EP
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)         # plain ints: enum operators cost microseconds per message
 _CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
 _EPOLL_WRITE = select.EPOLLOUT
+_EPOLLIN = int(select.EPOLLIN)
 
 
 class ProxyError(Exception):
@@ -95,7 +96,7 @@ class _Endpoint:
     """One socket of a connection's channel: the proxy reads from it what `side` sends, in `direction`."""
 
     __slots__ = ("sock", "fd", "conn", "channel", "direction", "side", "framer", "peer", "outbuf", "unframed",
-                 "read_closed", "write_shut", "shutdown_pending", "held", "closed", "received")
+                 "read_closed", "write_shut", "shutdown_pending", "held", "closed", "received", "write_plain")
 
     def __init__(self, sock: socket.socket, conn: "_Connection", channel: Channel, side: str):
         sock.setblocking(False)
@@ -116,6 +117,7 @@ class _Endpoint:
         self.held: collections.deque = collections.deque()     # messages a hook delayed, in order
         self.closed = False
         self.received = 0              # bytes read from this socket, for an independent count in tests
+        self.write_plain = None        # the capture's writer for this stream's fd-less messages, if any
 
 
 class _Connection:
@@ -205,6 +207,9 @@ class Proxy:
             if not self._hooks:
                 self._hooks = None
         self._relay_frame = self._relay_with_hooks if self._hooks is not None else self._relay
+        self._plain_fast = False       # set in open(): whole fd-less messages may skip framing and Record
+        # Something besides the capture wants every Record (kept, shown, called back); waiters come and go.
+        self._observed_always = keep_records or display is not None or on_record is not None
         self._epoll = None
         self._handlers: dict[int, object] = {}
         self._listeners: list[tuple[socket.socket, Route]] = []
@@ -243,6 +248,8 @@ class Proxy:
                 self._writer = CaptureWriter(self._capture_target, flush_each=True)
             elif self._capture_target is not None:
                 self._writer = self._capture_target
+            self._plain_fast = self._hooks is None and (self._writer is None or
+                                                        hasattr(self._writer, "stream_writer"))
         except BaseException:
             self._close_listeners()
             self._close_loop()
@@ -308,9 +315,7 @@ class Proxy:
         handlers = self._handlers
         try:
             while not self._stopping:
-                timeout = self._next_timer_timeout()
-                if self._display_backlog:
-                    timeout = 0
+                timeout = 0 if self._display_backlog else self._next_timer_timeout() if self._timers else -1
                 events = poll(timeout)
                 for fd, mask in events:
                     handler = handlers.get(fd)
@@ -427,29 +432,17 @@ class Proxy:
         front.peer, back.peer = back, front
         conn.channels[channel] = (front, back)
         for endpoint in (front, back):
+            if self._writer is not None and self._plain_fast:
+                endpoint.write_plain = self._writer.stream_writer(conn.number, channel, endpoint.direction)
             self._epoll.register(endpoint.fd, _EPOLL_READ)
             self._handlers[endpoint.fd] = (self._on_event, endpoint)
 
     def _on_event(self, endpoint: _Endpoint, mask: int) -> None:
-        if endpoint.closed:
+        """Everything an endpoint's socket reports. The common case, one whole message without fds and
+        without hooks, is handled right here in one frame: it is the proxy's per-message cost."""
+        if mask != _EPOLLIN or endpoint.read_closed or endpoint.closed:
+            self._on_other_event(endpoint, mask)
             return
-        if mask & _EPOLL_WRITE:
-            self._flush_out(endpoint)
-            if endpoint.closed:
-                return
-        if not endpoint.read_closed:
-            if mask & _EPOLL_READABLE:
-                self._on_readable(endpoint)
-        elif mask & (select.EPOLLHUP | select.EPOLLERR):
-            # It had closed its sending half; now it is gone altogether, so nothing more can reach it.
-            conn = endpoint.conn
-            if endpoint.channel != Channel.MAIN:
-                self._close_channel(conn, endpoint.channel)
-            else:
-                self._close_connection(conn, f"{endpoint.side} closed: connection closed after message "
-                                             f"#{conn.messages}")
-
-    def _on_readable(self, endpoint: _Endpoint) -> None:
         try:
             # sockio.receive_chunk, inlined: this is the hottest line of the proxy.
             data, ancillary, flags, _address = endpoint.sock.recvmsg(RECV_SIZE, _ANCILLARY_SPACE, _CMSG_CLOEXEC)
@@ -459,6 +452,58 @@ class Proxy:
             self._peer_gone(endpoint, f"{error.strerror or error}")
             return
         timestamp = time.time_ns()
+        if (flags & _MSG_CTRUNC or not self._plain_fast or endpoint.unframed
+                or not endpoint.framer.take_whole(data)):
+            self._on_chunk(endpoint, data, ancillary, flags, timestamp)
+            return
+        # One whole message, no hooks: what _on_chunk and _relay do, without building a Frame.
+        endpoint.received += len(data)
+        conn = endpoint.conn
+        conn.messages += 1
+        if ancillary:
+            self._forward(endpoint, data, received_fds(ancillary), timestamp, "")
+            return
+        # No fds either: what _forward does, without its Record and branches.
+        peer = endpoint.peer
+        if peer.outbuf or peer.closed or peer.write_shut:
+            self._forward(endpoint, data, [], timestamp, "")
+            return
+        if endpoint.write_plain is not None:
+            endpoint.write_plain(timestamp, data)
+        if self._observed_always or self._waiters:
+            self._observe(Record(timestamp, conn.number, endpoint.channel, endpoint.direction, data))
+        try:
+            sent = peer.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as error:
+            self._send_failed(endpoint, error)
+            return
+        if sent < len(data):
+            peer.outbuf.append((data[sent:], []))
+            self._watch_writing(peer)
+
+    def _on_other_event(self, endpoint: _Endpoint, mask: int) -> None:
+        if endpoint.closed:
+            return
+        if mask & _EPOLL_WRITE:
+            self._flush_out(endpoint)
+            if endpoint.closed:
+                return
+        if not endpoint.read_closed:
+            if mask & _EPOLL_READABLE:
+                self._on_event(endpoint, _EPOLLIN)
+        elif mask & (select.EPOLLHUP | select.EPOLLERR):
+            # It had closed its sending half; now it is gone altogether, so nothing more can reach it.
+            conn = endpoint.conn
+            if endpoint.channel != Channel.MAIN:
+                self._close_channel(conn, endpoint.channel)
+            else:
+                self._close_connection(conn, f"{endpoint.side} closed: connection closed after message "
+                                             f"#{conn.messages}")
+
+    def _on_chunk(self, endpoint: _Endpoint, data: bytes, ancillary, flags: int, timestamp: int) -> None:
+        """A received chunk in general: any framing, fds, hooks, a closing peer."""
         fds = received_fds(ancillary) if ancillary else []
         truncated = flags & _MSG_CTRUNC
         conn = endpoint.conn
@@ -669,10 +714,8 @@ class Proxy:
             try:
                 owned = self._send(peer, data, sent_fds)
             except OSError as error:
-                self._event(conn, endpoint.channel, f"message #{conn.messages} not delivered: sending to the "
-                            f"{peer.side} failed: {error.strerror or error}", problem=True)
                 self._close_fds(fds, sent_fds, substitute, True)
-                self._peer_gone(peer, error.strerror or str(error))
+                self._send_failed(endpoint, error)
                 return
         if not fds:
             return                # the common message: everything below concerns fds
@@ -690,6 +733,12 @@ class Proxy:
             self._event(conn, endpoint.channel, f"{endpoint.side} message #{conn.messages} carries {len(fds)} fds "
                         f"(QEMU accepts at most {MAX_FDS_SEEN_IN_PRACTICE}, DPDK and libvhost-user 8); forwarded",
                         problem=True)
+
+    def _send_failed(self, endpoint: _Endpoint, error: OSError) -> None:
+        conn, peer = endpoint.conn, endpoint.peer
+        self._event(conn, endpoint.channel, f"message #{conn.messages} not delivered: sending to the "
+                    f"{peer.side} failed: {error.strerror or error}", problem=True)
+        self._peer_gone(peer, error.strerror or str(error))
 
     def _record(self, conn, endpoint, data, fds, timestamp, note) -> None:
         infos = [describe_fd(fd) for fd in fds] if fds else []
@@ -995,6 +1044,9 @@ class Proxy:
     def _emit(self, record: Record) -> None:
         if self._writer is not None:
             self._writer.write(record)
+        self._observe(record)
+
+    def _observe(self, record: Record) -> None:
         if self.keep_records:
             self.records.append(record)
         if self._display is not None:
