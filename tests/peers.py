@@ -51,7 +51,7 @@ class FakeBackend:
     """A listening vhost-user back-end in a thread: answers GET_* and NEED_REPLY with a u64, keeps what it got.
 
     `frames` holds every message received (all connections, in order), `fd_kinds` the fds' targets; fds it
-    receives are closed. `channel_sockets` holds side-channel sockets passed in SET_BACKEND_REQ_FD.
+    receives are closed. `channel_sockets` holds side-channel sockets passed in SET_BACKEND_REQ_FD or GPU_SET_SOCKET.
     SET_DEVICE_STATE_FD (42) is answered with u64 0x100 (ok, no fd) and its pipe end kept in `state_fds` for the
     test to write/read and close; with return_state_fd, the back-end answers 0 with the end of a pipe of its own
     (read end for save, write end for load), closes the one it got and keeps its other end in `state_fds`.
@@ -107,7 +107,7 @@ class FakeBackend:
                             self.fd_targets.append(os.readlink(f"/proc/self/fd/{fd}"))
                         except OSError:
                             self.fd_targets.append("?")
-                        if request == 21 and len(frame.fds) == 1:
+                        if request in (21, 33) and len(frame.fds) == 1:   # SET_BACKEND_REQ_FD, GPU_SET_SOCKET
                             self.channel_sockets.append(socket.socket(fileno=fd))
                         else:
                             os.close(fd)

@@ -266,14 +266,19 @@ def test_live_display_prints_each_connections_report_when_it_ends(tmp_path):
     assert "GET_VRING_BASE" in text.split("Ended:", 1)[1].splitlines()[0], text
 
 
-def test_side_channel_is_relayed_and_recorded(tmp_path):
+GPU_SET_SOCKET = 33
+
+
+@pytest.mark.parametrize("request_number, channel_kind", [(SET_BACKEND_REQ_FD, Channel.BACKEND),
+                                                           (GPU_SET_SOCKET, Channel.GPU)], ids=["backend", "gpu"])
+def test_side_channel_is_relayed_and_recorded(tmp_path, request_number, channel_kind):
     with FakeBackend(tmp_path / "fake.sock") as fake:
         proxy = Proxy([Route.forward(tmp_path / "p.sock", fake.path)], report=None).start()
         frontend = FakeFrontend(tmp_path / "p.sock")
         ours, theirs = socket.socketpair()
-        frontend.send(message(SET_BACKEND_REQ_FD, flags=0x9), [theirs.fileno()])
+        frontend.send(message(request_number, flags=0x9), [theirs.fileno()])
         theirs.close()
-        assert frontend.receive().data[:4] == struct.pack("<I", SET_BACKEND_REQ_FD)
+        assert frontend.receive().data[:4] == struct.pack("<I", request_number)
         channel = fake.channel_sockets[0]
         channel.sendall(message(2, flags=0x9))               # CONFIG_CHANGE_MSG, asking for an ack
         ours.settimeout(5)
@@ -285,11 +290,13 @@ def test_side_channel_is_relayed_and_recorded(tmp_path):
         assert proxy.wait_until(lambda p: p.active_connections == 0)
         proxy.stop()
         ours.close()
-    side = messages(proxy.records, Channel.BACKEND)
+    side = messages(proxy.records, channel_kind)
     assert [(r.direction, header(r)[0]) for r in side] == [(Direction.BACKEND_TO_FRONTEND, 2),
                                                           (Direction.FRONTEND_TO_BACKEND, 2)]
     assert fake.fd_targets[0].startswith("socket:")
     assert messages(proxy.records, Channel.MAIN)[0].fds[0].kind == "socket"
+    assert any(r.kind == RecordKind.EVENT and r.channel == channel_kind and "interposed" in r.note
+               for r in proxy.records)
 
 
 SET_DEVICE_STATE_FD = 42
