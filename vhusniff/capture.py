@@ -73,13 +73,16 @@ def file_header(application: str = "vhusniff") -> bytes:
     return shb + idb
 
 
+@functools.lru_cache(maxsize=1024)     # the same fds pass again and again (every eventfd shares one inode)
+def _fd_description(fd: FdInfo) -> bytes:
+    name = fd.name.encode("utf-8", "surrogateescape")[:255]
+    return FD_DESCRIPTION.pack(_FD_KIND_CODES.get(fd.kind, 0), len(name), fd.seals & 0xFFFF, 0,
+                               fd.inode & 0xFFFFFFFFFFFFFFFF, fd.size) + name
+
+
 def pseudo_header(record: Record) -> bytes:
     """The versioned pseudo-header that precedes a record's exact bytes."""
-    parts = []
-    for fd in record.fds:
-        name = fd.name.encode("utf-8", "surrogateescape")[:255]
-        parts.append(FD_DESCRIPTION.pack(_FD_KIND_CODES.get(fd.kind, 0), len(name), fd.seals & 0xFFFF, 0,
-                                         fd.inode & 0xFFFFFFFFFFFFFFFF, fd.size) + name)
+    parts = [_fd_description(fd) for fd in record.fds]
     note = record.note.encode("utf-8", "replace")[:0xFFFF]
     parts.append(note)
     tail = b"".join(parts)
