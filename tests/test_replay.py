@@ -1,13 +1,15 @@
 """Replay and rewrites against real peers: a boot recorded through the proxy from real QEMU and
 qemu-storage-daemon is played against a fresh qemu-storage-daemon (front-end role) and to a real QEMU (back-end
 role, with a recorded back-end-channel request and with hook injections); REPLY_ACK masking and disconnect-at-N
-go through the live proxy.
+go through the live proxy. The front-end role's back-end channel is exercised through the live proxy too: its
+hook sends the config change a newer qemu-storage-daemon sends on a resize, and the replay's hooks react.
 
 Outside CI a test skips when its program is missing; in CI (CI=true) it fails instead (as in test_lab.py).
 A fake Python peer appears only where a test injects a fault no real peer makes (an unknown request).
 """
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import subprocess
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from peers import IN_CI, FakeFrontend, kit, require  # noqa: F401  (kit is a fixture)
+from peers import IN_CI, FakeFrontend, kit, open_fds, require  # noqa: F401  (kit is a fixture)
 from vhusniff import catalogue as cat
 from vhusniff import lab
 from vhusniff.capture import read_capture
@@ -90,6 +92,38 @@ def test_frontend_replay_of_a_real_boot_against_a_fresh_backend_is_identical(boo
     assert sent == [decode(exchange.request.data).name for exchange in exchanges]
     fd_kinds = {fd.kind for record, _message in messages(replayed) for fd in record.fds}
     assert {"memfd", "eventfd", "socket"} <= fd_kinds
+    # The replay's capture carries the recording's device type: virtio-blk bits by name, as in the recording.
+    recorded_lines = _features_reply_lines(boot_capture)
+    assert "|SEG_MAX|BLK_SIZE|" in recorded_lines[0], recorded_lines
+    assert _features_reply_lines(replayed) == recorded_lines
+
+
+def _features_reply_lines(capture: Path) -> list[str]:
+    """`vhusniff read`'s GET_FEATURES reply lines, without frame number and time."""
+    run = vhusniff("read", str(capture), "-Y", "request == GET_FEATURES && flags.reply")
+    assert run.returncode == 0, run.stderr
+    lines = [line.split(None, 2)[2] for line in run.stdout.splitlines()]
+    assert lines and all("features=0x" in line for line in lines), run.stdout
+    return lines
+
+
+def test_backend_replay_capture_names_the_device_features_like_the_recording(kit, tmp_path):
+    """The shipped recording notes device=blk; a real QEMU served from it gets the recorded GET_FEATURES reply,
+    and `vhusniff read` of the replay's capture names its virtio-blk bits (SEG_MAX, BLK_SIZE...) the same way."""
+    if not SHIPPED_BOOT.exists() and not IN_CI:
+        pytest.skip(f"{SHIPPED_BOOT.relative_to(REPO)} not shipped yet")
+    listen, served = tmp_path / "replay.sock", tmp_path / "served.pcapng"
+    replay = _serve(SHIPPED_BOOT, listen, "-w", str(served))
+    try:
+        assert listen.exists(), "replay did not listen"
+        with lab.start_qemu(tmp_path, kit, listen):
+            assert _wait_for(served, lambda record, m: m is not None and m.request == F.GET_FEATURES and m.is_reply
+                             and record.channel == Channel.MAIN, 30)
+    finally:
+        replay.communicate(timeout=10)
+    recorded, replayed = _features_reply_lines(SHIPPED_BOOT), _features_reply_lines(served)
+    assert "|SEG_MAX|BLK_SIZE|" in recorded[0], recorded
+    assert replayed[0] == recorded[0]
 
 
 def test_frontend_replay_against_a_different_backend_names_the_first_divergence(fresh_boot, tmp_path):
@@ -431,7 +465,8 @@ def test_backend_replay_hook_injects_on_the_backend_channel_and_delays_a_reply(f
     (request_record, request), (reply_record, reply) = sent[at - 2], sent[at - 1]
     assert (request.request, reply.request, reply.is_reply) == (F.ADD_MEM_REG, F.ADD_MEM_REG, True)
     assert reply_record.timestamp_ns - request_record.timestamp_ns >= 0.5e9, "the delay was not honoured"
-    assert "a hook injected a message on the main channel F>B" in output and "skipped" in output, output
+    assert ("a hook injected SET_OWNER on the main channel F>B: back-end replay sends only what a back-end sends "
+            "(B>F: replies on the main channel, requests on the back-end channel); skipped") in output, output
     assert [m.request for _r, m in sent].count(F.SET_OWNER) == 1, "only QEMU's own SET_OWNER"
     assert "injected CONFIG_CHANGE_MSG reply CONFIG_CHANGE_MSG reply ack=0: (none recorded)" in output, output
     assert replay.returncode == 0
@@ -470,3 +505,144 @@ def test_backend_replay_keeps_answering_while_a_backend_channel_reply_is_missing
     assert "injected CONFIG_CHANGE_MSG: no reply from the front-end within 0.5 s" in output, output
     assert "the front-end sent CONFIG_CHANGE_MSG reply ack=0, which nothing asked for" in output, output
     assert replay.returncode == 0
+
+
+# ---- front-end role: hooks on the back-end channel, injected fds ----
+
+def _replay_in_process(capture: Path, backend: Path, written: Path, hooks) -> tuple[object, str]:
+    """replay --as frontend in this process (so that its fds can be counted): (result, what it printed)."""
+    import io
+    from vhusniff.capture import CaptureWriter
+    from vhusniff.replay import replay_as_frontend
+    out, writer = io.StringIO(), CaptureWriter(written, flush_each=True)
+    try:
+        result = replay_as_frontend(list(read_capture(capture)), str(backend), writer=writer, out=out, hooks=hooks)
+    finally:
+        writer.close()
+    return result, out.getvalue()
+
+
+class CallCopies:
+    """After each SET_VRING_CALL: the same request again with an eventfd of its own (sent), and a GET_FEATURES
+    reply with an eventfd, which a front-end cannot send (skipped). Every fd is the replay's to close."""
+
+    def __init__(self):
+        self.made: list[int] = []
+
+    def message(self, flow) -> None:
+        m = flow.message
+        if m.channel == Channel.MAIN and m.request == F.SET_VRING_CALL and not m.is_reply and flow.fds:
+            sent, skipped = os.eventfd(0, os.EFD_CLOEXEC), os.eventfd(0, os.EFD_CLOEXEC)
+            self.made += [sent, skipped]
+            flow.inject(flow.original, fds=[sent])
+            flow.inject(build_message(Channel.MAIN, F.GET_FEATURES, {"features": 0}, reply=True), to_backend=False,
+                        fds=[skipped])
+
+
+def test_frontend_replay_closes_the_fds_a_hook_injects(fresh_boot, tmp_path):
+    written, hook = tmp_path / "replayed.pcapng", CallCopies()
+    with lab.start_storage_daemon(tmp_path, tmp_path / "backend.sock"):
+        before = open_fds()
+        result, output = _replay_in_process(fresh_boot, tmp_path / "backend.sock", written, [hook])
+        after = open_fds()
+    assert after == before, f"fds left open: {sorted(after - before)} (the hook made {hook.made})"
+    assert result.identical, output
+    calls = [(record, m) for record, m in messages(written) if m.request == F.SET_VRING_CALL]
+    injected = [record for record, _m in calls if record.note == "injected by hook"]
+    assert len(hook.made) >= 2 and len(injected) == len(hook.made) // 2 == len(calls) // 2, output
+    assert all([fd.kind for fd in record.fds] == ["eventfd"] for record in injected)
+    assert output.count("a hook injected GET_FEATURES reply features=0x0(0) on the main channel B>F: front-end "
+                        "replay sends only what a front-end sends") == len(hook.made) // 2, output
+
+
+CONFIG_REQUEST = build_message(Channel.MAIN, F.GET_CONFIG, {"offset": 0, "size": 8, "flags": 0, "data": bytes(8)})
+NOT_FROM_A_FRONTEND = {
+    "answer": build_message(Channel.BACKEND, B.CONFIG_CHANGE_MSG, need_reply=True),   # a back-end request
+    "drop": build_message(Channel.MAIN, F.GET_FEATURES, {"features": 0}, reply=True),  # a back-end reply
+}
+
+
+class ConfigChangeReaction:
+    """The replay's hook, in the front-end role, on the back-end's BACKEND_CONFIG_CHANGE_MSG: asks GET_CONFIG on
+    the main channel as QEMU does, and injects something a front-end cannot send (with an eventfd).
+    "answer": the replay's own ack is held 0.5 s. "drop": the request is held 0.5 s and dropped (so the
+    replay does not answer it) and the hook injects the ack itself. "disconnect": the session ends there."""
+
+    def __init__(self, variant: str):
+        self.variant = variant
+
+    def message(self, flow) -> None:
+        m = flow.message
+        if m.channel != Channel.BACKEND or m.request != B.CONFIG_CHANGE_MSG:
+            return
+        if m.is_reply:
+            if self.variant == "answer":
+                flow.delay(0.5)
+            return
+        if self.variant == "disconnect":
+            flow.disconnect("the hook ends the session at the config change")
+            return
+        flow.inject(CONFIG_REQUEST, to_backend=True, channel=Channel.MAIN)
+        senseless = NOT_FROM_A_FRONTEND[self.variant]
+        flow.inject(senseless, to_backend=False, channel=Channel.BACKEND if self.variant == "answer" else Channel.MAIN,
+                    fds=[os.eventfd(0, os.EFD_CLOEXEC)])
+        if self.variant == "drop":
+            flow.delay(0.5)
+            flow.drop()
+            flow.inject(build_message(Channel.BACKEND, B.CONFIG_CHANGE_MSG, {"ack": 0}, reply=True, kind="ack"),
+                        to_backend=True)
+
+
+@pytest.mark.parametrize("variant", ["answer", "drop", "disconnect"])
+def test_frontend_replay_hooks_act_on_the_backend_channel(fresh_boot, tmp_path, variant):
+    """Replay against a real qemu-storage-daemon through the proxy, whose hook (ResizeNotice) sends
+    BACKEND_CONFIG_CHANGE_MSG when the device starts, as a newer daemon would on a resize, and reports
+    128 MiB in the next GET_CONFIG reply. The replay's hook reacts on the back-end channel (see
+    ConfigChangeReaction); the replay's own requests and replies stay as recorded."""
+    from vhusniff.proxy import Proxy, Route
+    backend, proxy_socket, written = tmp_path / "backend.sock", tmp_path / "proxy.sock", tmp_path / "replayed.pcapng"
+    with lab.start_storage_daemon(tmp_path, backend):
+        proxy = Proxy([Route.forward(proxy_socket, backend, "blk")], hooks=[ResizeNotice()], report=None).start()
+        try:
+            before = open_fds()
+            result, output = _replay_in_process(fresh_boot, proxy_socket, written, [ConfigChangeReaction(variant)])
+            assert proxy.wait_until(lambda p: p.connections_total == 1 and p.active_connections == 0, 10)
+            after = open_fds()
+        finally:
+            proxy.stop()
+    sent = messages(written)
+    at = next(i for i, (record, m) in enumerate(sent) if record.channel == Channel.BACKEND and not m.is_reply)
+    notice = sent[at][0]
+    acks = [(record, m) for record, m in sent[at:] if record.channel == Channel.BACKEND and m.is_reply]
+    assert after == before, f"fds left open: {sorted(after - before)}"
+    if variant == "disconnect":
+        assert not result.identical and "the hook ends the session at the config change" in result.divergences[0]
+        assert "session ended by a hook: the hook ends the session at the config change" in output, output
+        assert acks == [] and all(m.request != F.GET_CONFIG for _record, m in sent[at:])
+        return
+    assert result.identical, output          # the reply to the injected GET_CONFIG was not taken for another's
+    # Like a real front-end, the replay never has two requests waiting on the main channel.
+    expert = vhusniff("expert", str(written)).stdout
+    assert not {"reply-mismatch", "unexpected-reply", "missing-reply"} & set(expert.split()), expert
+    asked = next(i for i, (record, m) in enumerate(sent) if i > at and m.request == F.GET_CONFIG)
+    request_record = sent[asked][0]
+    reply = next(m for record, m in sent[asked:] if m.request == F.GET_CONFIG and m.is_reply)
+    assert (request_record.data, request_record.note) == (CONFIG_REQUEST, "injected by hook")
+    assert _capacity(reply) == RESIZED_SECTORS, "the proxy's answer to the injected request"
+    assert f"injected GET_CONFIG offset=0 size=8 flags=0 data=8B: reply {reply.summary()}" in output, output
+    assert [(m.request, m.payload.ack) for _record, m in acks] == [(B.CONFIG_CHANGE_MSG, 0)]
+    ack_record = acks[0][0]
+    assert ack_record.timestamp_ns > request_record.timestamp_ns, "the ack comes after the injected request"
+    # The proxy passed the ack on to the daemon's back-end channel.
+    assert [r.direction for r in proxy.records if r.channel == Channel.BACKEND and r.kind == RecordKind.MESSAGE] \
+        == [Direction.BACKEND_TO_FRONTEND, Direction.FRONTEND_TO_BACKEND]
+    if variant == "answer":
+        assert ack_record.note == "" and ack_record.timestamp_ns - notice.timestamp_ns >= 0.5e9, "answer not held"
+        assert ("a hook injected CONFIG_CHANGE_MSG on the back-end channel B>F: front-end replay sends only what a "
+                "front-end sends (F>B: requests on the main channel, replies on the back-end channel); skipped") \
+            in output, output
+    else:
+        assert ack_record.note == "injected by hook" and "hook dropped back-end request CONFIG_CHANGE_MSG" in output
+        proxy_notice = next(r for r in proxy.records if r.channel == Channel.BACKEND and r.kind == RecordKind.MESSAGE)
+        assert request_record.timestamp_ns - proxy_notice.timestamp_ns >= 0.5e9, "the request was not held"
+        assert "a hook injected GET_FEATURES reply features=0x0(0) on the main channel B>F: front-end replay" in output

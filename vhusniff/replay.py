@@ -21,10 +21,14 @@ SET_VRING_BASE carries the base the recorded GET_VRING_BASE later reported, and 
 indexes in the replay's own memory are set to it, so the back-end sees a ring with nothing pending.
 
 Hooks (`--hook`, `--mask-protocol-features`, ...: the proxy's options) see every message the replay sends and
-receives; the replayed session, hooks applied, is written with `-w` as a capture that `vhusniff diff` compares.
-A hook's injected message goes where it makes sense for the role: as the front-end, front-end requests on the
-main channel; as the back-end, replies on the main channel and requests on the back-end channel. Others are
-reported and skipped.
+receives, on both channels; the replayed session, hooks applied, is written with `-w` as a capture that
+`vhusniff diff` compares and that notes the recording's device type (`device=blk`), so that readers name the
+device's feature bits as they do in the recording. A hook's injected message goes where it makes sense for the
+role, whichever channel the hook saw: as the front-end, requests on the main channel (once no other request
+waits there for its reply; the back-end's reply is recorded and reported, not compared) and replies on the
+back-end channel; as the back-end, replies on the main channel and requests on the back-end channel. Others are reported, naming message and channel, and
+skipped; the fds passed with an injected message are closed once it is sent or skipped. A hook's delay holds
+its message, on either channel and in either role.
 """
 from __future__ import annotations
 
@@ -255,10 +259,12 @@ class Recorder:
         self.writer = writer
         self.lock = threading.Lock()
 
-    def message(self, channel: Channel, direction: Direction, data: bytes, fds: list[FdInfo] = ()) -> None:
+    def message(self, channel: Channel, direction: Direction, data: bytes, fds: list[FdInfo] = (),
+                note: str = "") -> None:
         if self.writer is not None:
             with self.lock:
-                self.writer.write(Record(time.time_ns(), CONNECTION, channel, direction, data, list(fds)))
+                self.writer.write(Record(time.time_ns(), CONNECTION, channel, direction, data, list(fds),
+                                         note=note))
 
     def event(self, text: str) -> None:
         if self.writer is not None:
@@ -279,13 +285,157 @@ class MessageCounter:
             return self.value
 
 
+class SessionEnd(Exception):
+    """A hook disconnected the session (the reason is the message)."""
+
+
+def _injection_fits(injected, sender: Direction) -> bool:
+    """Whether a hook's injected message is one the replay, speaking as `sender`, can send: a front-end sends
+    requests on the main channel and replies on the back-end channel, a back-end the other way round."""
+    if injected.direction != sender or injected.channel not in (Channel.MAIN, Channel.BACKEND):
+        return False
+    is_reply = bool(_flags(injected.data) & cat.FLAG_REPLY)
+    from_requester = (injected.channel == Channel.MAIN) == (sender == Direction.FRONTEND_TO_BACKEND)
+    return is_reply != from_requester
+
+
+def _skip_injection(injected, sender: Direction, context: DecodeContext, recorder: Recorder, out) -> None:
+    """Report and skip a hook's injected message the replay's role cannot send, naming message and channel."""
+    _close_all(injected.fds)
+    role, wants = (("front-end", "requests on the main channel, replies on the back-end channel")
+                   if sender == Direction.FRONTEND_TO_BACKEND else
+                   ("back-end", "replies on the main channel, requests on the back-end channel"))
+    channel = "back-end" if injected.channel == Channel.BACKEND else injected.channel.name.lower()
+    text = (f"a hook injected {decode(injected.data, injected.channel, context).summary()[:60]} on the "
+            f"{channel} channel {injected.direction.arrow}: {role} replay sends only what a {role} sends "
+            f"({sender.arrow}: {wants}); skipped")
+    recorder.event(text)
+    _say(out, text)
+
+
+class MainChannel:
+    """The front-end replay's main channel, shared by the replay loop and the back-end-channel threads.
+
+    As with a real front-end, one request is outstanding at a time: whoever sends a request holds the channel
+    (`turn`) until its reply is in. A request a hook injects (from either thread) therefore goes once the
+    channel is free; the back-end's reply to it is run through the hooks, recorded and reported, not compared
+    with the recording. A hook's disconnect from a back-end-channel thread ends the session (`end`)."""
+
+    def __init__(self, sock: socket.socket, replies: "ReplyReader", recorder: Recorder, chain: HookChain,
+                 counter: MessageCounter, tracker: ContextTracker, out, diverge, reply_timeout: float):
+        self.sock, self.replies, self.recorder, self.chain = sock, replies, recorder, chain
+        self.counter, self.tracker, self.out, self.diverge = counter, tracker, out, diverge
+        self.reply_timeout = reply_timeout
+        self.turn = threading.Lock()
+        self.ended = ""                               # why a hook ended the session, from another thread
+        self.side: list[BackendChannelServer] = []    # the back-end channel servers, newest last
+
+    def context(self) -> DecodeContext:
+        return self.tracker.context_for(CONNECTION)
+
+    def send(self, data: bytes, fds: list[int], note: str = "") -> None:
+        """Send and record a request (the caller holds the turn); the fds are closed. OSError: not sent."""
+        infos = [describe_fd(fd) for fd in fds]
+        try:
+            if self.ended:
+                raise OSError(f"the session was ended: {self.ended}")
+            send_message(self.sock, data, fds)
+        finally:
+            _close_all(fds)
+        self.recorder.message(Channel.MAIN, Direction.FRONTEND_TO_BACKEND, data, infos, note)
+
+    def route(self, injected) -> None:
+        """A hook's injected message, from the replay loop or a back-end-channel thread: a main-channel request
+        to the back-end, a reply on the newest back-end channel; anything else is reported and skipped."""
+        context = self.context()
+        if not _injection_fits(injected, Direction.FRONTEND_TO_BACKEND):
+            _skip_injection(injected, Direction.FRONTEND_TO_BACKEND, context, self.recorder, self.out)
+            return
+        message = decode(injected.data, injected.channel, context)
+        label = f"injected {message.summary()[:60]}"
+        if injected.channel == Channel.BACKEND:
+            if not self.side:
+                _close_all(injected.fds)
+                self._report(f"back-end channel: {label} not sent: the back-end channel was never set up")
+                return
+            self.side[-1].send_injected(injected.data, injected.fds, label)
+            return
+        # The replay loop holds the turn at most until its reply comes or times out.
+        if not self.turn.acquire(timeout=2 * self.reply_timeout + 1):
+            _close_all(injected.fds)
+            self._report(f"{label}: not sent: the main channel stayed busy")
+            return
+        try:
+            reply_flow = self._exchange(injected.data, injected.fds, message, context, label)
+        finally:
+            self.turn.release()
+        if reply_flow is None:
+            return
+        for again in reply_flow.injected:
+            self.route(again)
+        if reply_flow.disconnect_reason:
+            self.end(reply_flow.disconnect_reason)
+
+    def _exchange(self, data: bytes, fds: list[int], message: Message, context: DecodeContext,
+                  label: str) -> Flow | None:
+        """An injected request and, when the protocol requires one, the back-end's reply (the turn is held)."""
+        try:
+            self.send(data, fds, "injected by hook")
+        except OSError as error:
+            self._report(f"{label}: could not be sent: {error.strerror or error}")
+            return None
+        self.tracker.observe(CONNECTION, message, context)
+        if not reply_required(message, context):
+            _say(self.out, f"      {label}: sent")
+            return None
+        frame = self.replies.next()
+        if frame is None:
+            self.diverge(f"{label}: no reply from the back-end ({self.ended or self.replies.ended})")
+            return None
+        infos = [describe_fd(fd) for fd in frame.fds]
+        _close_all(frame.fds)
+        flow = _hooked(self.chain, frame.data, Channel.MAIN, Direction.BACKEND_TO_FRONTEND, self.counter,
+                       self.context())
+        if flow.delay_seconds:
+            time.sleep(flow.delay_seconds)
+        self.recorder.message(Channel.MAIN, Direction.BACKEND_TO_FRONTEND, flow.final_bytes(), infos)
+        reply = _as_sent(flow)
+        _say(self.out, f"      {label}: reply {reply.summary()[:72]}")
+        if reply.request != message.request or not reply.is_reply:
+            self.diverge(f"{label}: the back-end answered {reply.summary()}")
+        return flow
+
+    def end(self, reason: str) -> None:
+        """A hook disconnected: the replay loop stops at its next step, the back-end sees the socket close."""
+        if self.ended:
+            return
+        self.ended = reason
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._report(f"session ended by a hook: {reason}")
+
+    def _report(self, text: str) -> None:
+        self.recorder.event(text)
+        _say(self.out, text)
+
+
 class BackendChannelServer(threading.Thread):
-    """Answers the back-end's requests on the replay's side-channel socket: an ack of 0 when one is due."""
+    """Answers the back-end's requests on the replay's side-channel socket: an ack of 0 when one is due.
+
+    Hooks act here as on every other message: a delay holds the request (so its answer too) or the answer, a
+    dropped request is not answered, a dropped answer not sent, injections go right after their message (a
+    front-end reply on this channel, a front-end request on the main channel, see MainChannel.route), and a
+    disconnect ends the session."""
 
     def __init__(self, sock: socket.socket, recorder: Recorder, chain: HookChain, counter: MessageCounter,
-                 context):
+                 context, main: MainChannel, out=sys.stdout):
         super().__init__(daemon=True, name="vhusniff-replay-backend-channel")
         self.sock, self.recorder, self.chain, self.counter, self.context = sock, recorder, chain, counter, context
+        self.main, self.out = main, out
+        self.busy = threading.Lock()       # held while a message is handled
+        self.send_lock = threading.Lock()
 
     def stop(self) -> None:
         """End the thread: the session is over, whether or not the back-end has closed its end yet."""
@@ -295,32 +445,106 @@ class BackendChannelServer(threading.Thread):
             pass
         self.join(timeout=1)
 
+    def wait_idle(self, deadline: float) -> bool:
+        """Wait (until `deadline`, a monotonic time) until nothing is being handled or waiting to be read."""
+        while time.monotonic() < deadline and self.is_alive():
+            try:
+                waiting = bool(select.select([self.sock], [], [], 0)[0])
+            except (OSError, ValueError):
+                return True
+            if not waiting and self.busy.acquire(blocking=False):
+                self.busy.release()
+                return True
+            time.sleep(0.01)
+        return not self.is_alive()
+
     def run(self) -> None:
         framer = Framer("back-end channel")
         try:
             while True:
-                data, fds, _truncated = receive_chunk(self.sock)
-                if not data:
-                    return
-                for frame in framer.feed(data, fds):
-                    if not isinstance(frame, Frame):
-                        continue
-                    infos = [describe_fd(fd) for fd in frame.fds]
-                    for fd in frame.fds:
-                        os.close(fd)
-                    flow = _hooked(self.chain, frame.data, Channel.BACKEND, Direction.BACKEND_TO_FRONTEND,
-                                   self.counter, self.context())
-                    self.recorder.message(Channel.BACKEND, Direction.BACKEND_TO_FRONTEND, flow.final_bytes(), infos)
-                    message = _as_sent(flow)
-                    if flow.dropped or not reply_required(message, self.context()):
-                        continue
-                    reply = build_message(Channel.BACKEND, message.request, {"ack": 0}, reply=True, kind="ack")
-                    send_message(self.sock, reply)
-                    self.recorder.message(Channel.BACKEND, Direction.FRONTEND_TO_BACKEND, reply)
-        except (OSError, FramingError):
+                # Readable first, then busy while reading and handling: wait_idle never sees a gap between.
+                select.select([self.sock], [], [])
+                with self.busy:
+                    data, fds, _truncated = receive_chunk(self.sock)
+                    if not data:
+                        _close_all(fds)
+                        return
+                    for frame in framer.feed(data, fds):
+                        if isinstance(frame, Frame):
+                            self._handle(frame)
+                        else:
+                            _close_all(frame.fds)
+        except (OSError, FramingError, ValueError, SessionEnd):
             return
         finally:
             self.sock.close()
+
+    def _handle(self, frame: Frame) -> None:
+        infos = [describe_fd(fd) for fd in frame.fds]
+        _close_all(frame.fds)
+        context = self.context()
+        flow = _hooked(self.chain, frame.data, Channel.BACKEND, Direction.BACKEND_TO_FRONTEND, self.counter, context)
+        if flow.delay_seconds:
+            time.sleep(flow.delay_seconds)
+        self.recorder.message(Channel.BACKEND, Direction.BACKEND_TO_FRONTEND, flow.final_bytes(), infos)
+        message = _as_sent(flow)
+        if flow.disconnect_reason and not flow.disconnect_after_forward:
+            self._end(flow.disconnect_reason)
+            return
+        for injected in flow.injected:
+            self._route(injected)
+        if flow.dropped:
+            self._report(f"hook dropped back-end request {message.summary()}: not answered")
+        elif reply_required(message, context):
+            self._answer(message, context)
+        if flow.disconnect_reason:
+            self._end(flow.disconnect_reason)
+
+    def _answer(self, message: Message, context: DecodeContext) -> None:
+        reply = build_message(Channel.BACKEND, message.request, {"ack": 0}, reply=True, kind="ack")
+        flow = _hooked(self.chain, reply, Channel.BACKEND, Direction.FRONTEND_TO_BACKEND, self.counter, context)
+        if flow.disconnect_reason and not flow.disconnect_after_forward:
+            self._end(flow.disconnect_reason)
+            return
+        if flow.dropped:
+            self._report(f"hook dropped the answer {flow.message.summary()}")
+        else:
+            if flow.delay_seconds:
+                time.sleep(flow.delay_seconds)
+            self._send(flow.final_bytes(), [], "", "answer")
+        for injected in flow.injected:
+            self._route(injected)
+        if flow.disconnect_reason:
+            self._end(flow.disconnect_reason)
+
+    def send_injected(self, data: bytes, fds: list[int], label: str) -> None:
+        """A hook's reply for the back-end on this channel (from this thread or the replay loop)."""
+        if self._send(data, fds, "injected by hook", label):
+            _say(self.out, f"      back-end channel: {label}: sent")
+
+    def _send(self, data: bytes, fds: list[int], note: str, label: str) -> bool:
+        infos = [describe_fd(fd) for fd in fds]
+        try:
+            with self.send_lock:
+                send_message(self.sock, data, fds)
+        except OSError as error:
+            self._report(f"back-end channel: {label} could not be sent: {error.strerror or error}")
+            return False
+        finally:
+            _close_all(fds)
+        self.recorder.message(Channel.BACKEND, Direction.FRONTEND_TO_BACKEND, data, infos, note)
+        return True
+
+    def _route(self, injected) -> None:
+        self.main.route(injected)
+
+    def _end(self, reason: str) -> None:
+        self.main.end(reason)
+        raise SessionEnd(reason)
+
+    def _report(self, text: str) -> None:
+        self.recorder.event(text)
+        _say(self.out, text)
 
 
 def _hooked(chain: HookChain, data: bytes, channel: Channel, direction: Direction, counter: MessageCounter,
@@ -350,7 +574,7 @@ class ReplyReader:
         self.sock, self.framer, self.backlog = sock, Framer(peer), []
         self.ended = ""
 
-    def _read_once(self, keep_fds: bool = True) -> bool:
+    def _read_once(self) -> bool:
         """One receive, framed into the backlog; False, with `ended` saying why, when the stream is over."""
         try:
             data, fds, _truncated = receive_chunk(self.sock)
@@ -360,10 +584,8 @@ class ReplyReader:
         except OSError as error:
             self.ended = f"socket error: {error.strerror or error}"
             return False
-        if not keep_fds:
-            _close_all(fds)
-            fds = []
         if not data:
+            _close_all(fds)
             self.ended = "the back-end closed the connection"
             return False
         try:
@@ -371,7 +593,11 @@ class ReplyReader:
         except FramingError as error:
             self.ended = f"unframeable reply: {error}"
             return False
-        self.backlog.extend(frame for frame in frames if isinstance(frame, Frame))
+        for frame in frames:
+            if isinstance(frame, Frame):
+                self.backlog.append(frame)
+            else:
+                _close_all(frame.fds)
         return True
 
     def next(self) -> Frame | None:
@@ -383,8 +609,16 @@ class ReplyReader:
     def pending(self) -> bool:
         """Has the peer sent something no request asked for (already here, or arriving now)? Its fds are closed."""
         if not self.backlog and select.select([self.sock], [], [], 0.05)[0]:
-            self._read_once(keep_fds=False)
+            self._read_once()
+        for frame in self.backlog:
+            _close_all(frame.fds)
+            frame.fds = []
         return bool(self.backlog)
+
+    def close(self) -> None:
+        for frame in self.backlog:
+            _close_all(frame.fds)
+        self.backlog = []
 
 
 @dataclass
@@ -400,23 +634,40 @@ class ReplayResult:
         return not self.divergences
 
 
+def device_type(records: list[Record], connection: int) -> str | None:
+    """The virtio device type of a recorded connection, as reading a capture finds it (the proxy's and lab's
+    `device=...` note, or what the messages imply)."""
+    tracker = ContextTracker()
+    for record in records:
+        if record.connection == connection:
+            tracker.decode(record)
+    return tracker.context_for(connection).device_type
+
+
+def _device_note(device: str | None) -> str:
+    """Written into the replay's own capture, so that its readers name the device's feature bits."""
+    return f", device={device}" if device else ""
+
+
 def replay_as_frontend(records: list[Record], backend_path: str, connection: int | None = None,
                        writer=None, out=sys.stdout, reply_timeout: float = REPLY_TIMEOUT, hooks=(),
                        on_hook_error: str = "forward") -> ReplayResult:
     """Play one recorded connection's front-end side against a real back-end and compare the replies."""
     connection, exchanges = load_exchanges(records, connection)
+    device = device_type(records, connection)
     positions = ring_positions(exchanges)
     result = ReplayResult()
     recorder = Recorder(writer)
     counter = MessageCounter()
     chain = HookChain(list(hooks), on_hook_error, report=lambda text: _say(out, text))
-    recorded_tracker, tracker = ContextTracker(), ContextTracker()
-    side_servers: list[BackendChannelServer] = []
+    recorded_tracker, tracker = ContextTracker(device), ContextTracker(device)
+    main: MainChannel | None = None
 
     def start_side_server(sock: socket.socket) -> None:
-        server = BackendChannelServer(sock, recorder, chain, counter, lambda: tracker.context_for(CONNECTION))
+        server = BackendChannelServer(sock, recorder, chain, counter, lambda: tracker.context_for(CONNECTION), main,
+                                      out)
+        main.side.append(server)
         server.start()
-        side_servers.append(server)
 
     fresh = FreshFds(on_backend_socket=start_side_server)
     pending_ring_position: dict[int, int] = {}
@@ -426,20 +677,27 @@ def replay_as_frontend(records: list[Record], backend_path: str, connection: int
         sock.connect(backend_path)
     except OSError as error:
         sock.close()
+        fresh.close()
         result.divergences.append(f"cannot connect to the back-end at {backend_path}: {error.strerror}")
         _say(out, f"vhusniff replay: {result.divergences[0]}")
         return result
     sock.settimeout(reply_timeout)
     replies = ReplyReader(sock, f"back-end {backend_path}")
-    recorder.event(f"replay --as frontend: connection {connection} of the recording, back-end {backend_path}")
+    recorder.event(f"replay --as frontend: connection {connection} of the recording, back-end {backend_path}"
+                   f"{_device_note(device)}")
 
     def diverge(text: str) -> None:
         result.divergences.append(text)
         _say(out, "      " + text)
 
+    main = MainChannel(sock, replies, recorder, chain, counter, tracker, out, diverge, reply_timeout)
+
     try:
         for exchange in exchanges:
             recorded = recorded_tracker.decode(exchange.request)
+            if main.ended:
+                diverge(f"message #{exchange.number} {recorded.name}: not sent, {main.ended}")
+                break
             context = tracker.context_for(CONNECTION)
             need_sizes = [region.mmap_offset + region.memory_size for region in _regions(recorded)]
             fds = [fresh.make(info, need_sizes[i] if i < len(need_sizes) else 0)
@@ -459,6 +717,8 @@ def replay_as_frontend(records: list[Record], backend_path: str, connection: int
                 if exchange.reply is not None:
                     diverge(f"message #{exchange.number} {recorded.name}: dropped by a hook, so its recorded reply "
                             f"#{exchange.reply_number} was not asked for")
+                for injected in flow.injected:
+                    main.route(injected)
                 continue
             if flow.delay_seconds:
                 time.sleep(flow.delay_seconds)
@@ -467,36 +727,42 @@ def replay_as_frontend(records: list[Record], backend_path: str, connection: int
             for region, fd in zip(_regions(message), fds):
                 fresh.remember_region(region.userspace_addr, region.memory_size, region.mmap_offset, fd)
             _place_ring(message, pending_ring_position, fresh)
-            infos = [describe_fd(fd) for fd in fds]
-            try:
-                send_message(sock, data, fds)
-            except OSError as error:
-                diverge(f"message #{exchange.number} {recorded.name}: could not be sent: {error.strerror}")
-                break
-            finally:
-                _close_all(fds)
-            result.requests_sent += 1
-            recorder.message(Channel.MAIN, Direction.FRONTEND_TO_BACKEND, data, infos)
+            wait = exchange.reply is not None or reply_required(message, context)
+            frame = reply_flow = None
+            with main.turn:         # the main channel is ours until the reply is in
+                try:
+                    main.send(data, fds)
+                except OSError as error:
+                    diverge(f"message #{exchange.number} {recorded.name}: could not be sent: "
+                            f"{main.ended or error.strerror or error}")
+                    break
+                result.requests_sent += 1
+                if wait:
+                    frame = replies.next()
+                if frame is not None:
+                    reply_infos = [describe_fd(fd) for fd in frame.fds]
+                    _close_all(frame.fds)
+                    reply_flow = _hooked(chain, frame.data, Channel.MAIN, Direction.BACKEND_TO_FRONTEND, counter,
+                                         tracker.context_for(CONNECTION))
+                    if reply_flow.delay_seconds:
+                        time.sleep(reply_flow.delay_seconds)
+                    recorder.message(Channel.MAIN, Direction.BACKEND_TO_FRONTEND, reply_flow.final_bytes(),
+                                     reply_infos)
+            # A hook's injected requests go once the channel is free: after the reply, if one was due.
             for injected in flow.injected:
-                _send_injected(sock, injected, recorder, out)
-            if exchange.reply is None and not reply_required(message, context):
+                main.route(injected)
+            if not wait:
                 result.log.append(f"{label} sent")
                 if flow.disconnect_reason:
                     recorder.event(flow.disconnect_reason)
                     break
                 continue
-            frame = replies.next()
             if frame is None:
                 expected = (f"recorded reply #{exchange.reply_number}" if exchange.reply is not None
                             else "the protocol requires a reply")
-                diverge(f"message #{exchange.number} {recorded.name}: no reply ({replies.ended}; "
-                        f"waited up to {reply_timeout:g} s; {expected})")
+                why = main.ended or f"{replies.ended}; waited up to {reply_timeout:g} s"
+                diverge(f"message #{exchange.number} {recorded.name}: no reply ({why}; {expected})")
                 break
-            reply_infos = [describe_fd(fd) for fd in frame.fds]
-            _close_all(frame.fds)
-            reply_flow = _hooked(chain, frame.data, Channel.MAIN, Direction.BACKEND_TO_FRONTEND, counter,
-                                 tracker.context_for(CONNECTION))
-            recorder.message(Channel.MAIN, Direction.BACKEND_TO_FRONTEND, reply_flow.final_bytes(), reply_infos)
             replayed = _track(tracker, reply_flow)
             result.replies_compared += 1
             if exchange.reply is None:
@@ -509,16 +775,26 @@ def replay_as_frontend(records: list[Record], backend_path: str, connection: int
             _say(out, line)
             for difference in differences:
                 diverge(f"message #{exchange.number} {recorded.name} reply: {difference}")
+            for injected in reply_flow.injected:
+                main.route(injected)
             if flow.disconnect_reason or reply_flow.disconnect_reason:
                 recorder.event(flow.disconnect_reason or reply_flow.disconnect_reason)
                 break
         else:
-            if replies.pending():
+            # Let the back-end-channel threads finish what they are handling (a hook's delay, its injections).
+            deadline = time.monotonic() + 2 * reply_timeout + 1
+            for server in main.side:
+                server.wait_idle(deadline)
+            if main.ended:
+                diverge(f"after the last request: {main.ended}")
+            elif replies.pending():
                 extra = decode(replies.backlog[0].data, Channel.MAIN, tracker.context_for(CONNECTION))
                 diverge(f"after the last request: the back-end sent {extra.summary()}, which nothing asked for")
     finally:
-        sock.close()
-        for server in side_servers:
+        with main.turn:
+            sock.close()
+        replies.close()
+        for server in main.side:
             server.stop()
         fresh.close()
     result.elapsed = time.monotonic() - started
@@ -538,16 +814,6 @@ def _say(out, text: str) -> None:
 def _close_all(fds) -> None:
     for fd in fds:
         os.close(fd)
-
-
-def _send_injected(sock: socket.socket, injected, recorder: Recorder, out) -> None:
-    if injected.channel != Channel.MAIN or injected.direction != Direction.FRONTEND_TO_BACKEND:
-        _say(out, f"a hook injected a message on the {injected.channel.name.lower()} channel "
-                  f"{injected.direction.arrow}: replay sends only front-end messages on the main channel; skipped")
-        return
-    send_message(sock, injected.data, injected.fds)
-    recorder.message(Channel.MAIN, Direction.FRONTEND_TO_BACKEND, injected.data,
-                     [describe_fd(fd) for fd in injected.fds])
 
 
 def _reply_differences(recorded: Message, replayed: Message, recorded_fds: list[FdInfo],
@@ -605,6 +871,7 @@ def replay_as_backend(records: list[Record], listen_path: str, connection: int |
     Exit status: 1 when the policy failed a request."""
     connection, exchanges = load_exchanges(records, connection)
     backend_requests = load_backend_requests(records, connection, exchanges)
+    device = device_type(records, connection)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     if os.path.exists(listen_path):
         os.unlink(listen_path)
@@ -619,7 +886,8 @@ def replay_as_backend(records: list[Record], listen_path: str, connection: int |
             peer, _ = listener.accept()
             result = serve_front_end(peer, exchanges, unknown_policy, Recorder(writer), out, default_reply,
                                      HookChain(list(hooks), on_hook_error, report=lambda text: _say(out, text)),
-                                     backend_requests=backend_requests, reply_timeout=reply_timeout)
+                                     backend_requests=backend_requests, reply_timeout=reply_timeout,
+                                     device=device)
             peer.close()
             status = 1 if result.failed else 0
             if once:
@@ -628,10 +896,6 @@ def replay_as_backend(records: list[Record], listen_path: str, connection: int |
         listener.close()
         if os.path.exists(listen_path):
             os.unlink(listen_path)
-
-
-class SessionEnd(Exception):
-    """A hook disconnected the session (the reason is the message)."""
 
 
 class BackendChannel:
@@ -719,10 +983,11 @@ class BackendChannel:
     def _send_injected(self, data: bytes, fds: list[int]) -> None:
         context = self.context()
         message = decode(data, Channel.BACKEND, context)
-        self._send(data, fds, message, None, context, f"back-end channel: injected {message.summary()[:60]}")
+        self._send(data, fds, message, None, context, f"back-end channel: injected {message.summary()[:60]}",
+                   "injected by hook")
 
     def _send(self, data: bytes, fds: list[int], message: Message, recorded: BackendExchange | None,
-              context: DecodeContext, label: str) -> None:
+              context: DecodeContext, label: str, note: str = "") -> None:
         infos = [describe_fd(fd) for fd in fds]
         try:
             send_message(self.sock, data, fds)
@@ -732,7 +997,7 @@ class BackendChannel:
         finally:
             _close_all(fds)
         self.result.backend_sent += 1
-        self.recorder.message(Channel.BACKEND, Direction.BACKEND_TO_FRONTEND, data, infos)
+        self.recorder.message(Channel.BACKEND, Direction.BACKEND_TO_FRONTEND, data, infos, note)
         if reply_required(message, context):
             self.waiting = (message, recorded, time.monotonic() + self.reply_timeout)
             _say(self.out, f"{label}: sent, waiting for the front-end's reply")
@@ -741,16 +1006,13 @@ class BackendChannel:
 
     def route_injected(self, injected) -> None:
         """Where a hook's injected message goes in the back-end role: back-end-channel requests to the front-end's
-        back-end socket, main-channel messages to the front-end; anything the front-end would send is skipped."""
-        if injected.direction == Direction.BACKEND_TO_FRONTEND and injected.channel == Channel.BACKEND:
+        back-end socket, main-channel replies to the front-end; anything else is reported and skipped."""
+        if not _injection_fits(injected, Direction.BACKEND_TO_FRONTEND):
+            _skip_injection(injected, Direction.BACKEND_TO_FRONTEND, self.context(), self.recorder, self.out)
+        elif injected.channel == Channel.BACKEND:
             self.inject(injected.data, injected.fds)
-        elif injected.direction == Direction.BACKEND_TO_FRONTEND and injected.channel == Channel.MAIN:
-            self.send_main(injected.data, injected.fds)
         else:
-            _close_all(injected.fds)
-            self._report(f"a hook injected a message on the {injected.channel.name.lower()} channel "
-                         f"{injected.direction.arrow}: back-end replay sends only back-end messages (main-channel "
-                         f"B>F, back-end channel B>F); skipped")
+            self.send_main(injected.data, injected.fds)
 
     def readable_now(self) -> None:
         """Read what the front-end sent on the back-end channel: replies, or something nothing asked for."""
@@ -859,14 +1121,14 @@ class BackendChannel:
 def serve_front_end(peer: socket.socket, exchanges: list[Exchange], unknown_policy: str, recorder: Recorder,
                     out, default_reply: int = 0, chain: HookChain | None = None, *,
                     backend_requests: list[BackendExchange] = (),
-                    reply_timeout: float = REPLY_TIMEOUT) -> ServeResult:
+                    reply_timeout: float = REPLY_TIMEOUT, device: str | None = None) -> ServeResult:
     """One front-end connection, answered from the recording until the front-end leaves. Each recorded
     back-end-channel request is sent on the front-end's back-end socket once the main-channel message recorded
     before it has been received (a request) or sent (a reply)."""
     chain = chain or HookChain([])
     framer = Framer("front-end")
     fresh = FreshFds()
-    tracker = ContextTracker()
+    tracker = ContextTracker(device)
     counter = MessageCounter()
     held: list[int] = []             # other sockets the front-end passed: closed at the end
     kicks = RingKicks(recorder, out)
@@ -884,7 +1146,7 @@ def serve_front_end(peer: socket.socket, exchanges: list[Exchange], unknown_poli
             send_message(peer, data, fds)
         finally:
             _close_all(fds)
-        recorder.message(Channel.MAIN, Direction.BACKEND_TO_FRONTEND, data, infos)
+        recorder.message(Channel.MAIN, Direction.BACKEND_TO_FRONTEND, data, infos, "injected by hook")
         _say(out, f"injected to the front-end: {decode(data, Channel.MAIN, context()).summary()[:72]}")
 
     channel = BackendChannel(recorder, chain, counter, context, fresh, out, result, send_main, reply_timeout)
@@ -894,7 +1156,7 @@ def serve_front_end(peer: socket.socket, exchanges: list[Exchange], unknown_poli
         while to_play and to_play[0].after <= place:
             channel.play(to_play.pop(0))
 
-    recorder.event("replay --as backend: front-end connected")
+    recorder.event(f"replay --as backend: front-end connected{_device_note(device)}")
     try:
         while True:
             watched = [peer, *kicks.fds, *channel.readable]
