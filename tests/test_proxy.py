@@ -168,6 +168,37 @@ def test_qemu_killed_then_a_new_qemu_is_a_new_connection(kit, tmp_path):
     assert first and {r.connection for r in messages(proxy.records)} == {1, 2}
 
 
+def test_backend_restarted_qemu_reconnects_and_that_is_a_new_connection(kit, tmp_path):
+    """QEMU's reconnect=1 and a qemu-storage-daemon killed during the handshake and restarted: the proxy records
+    the first connection's end and a second connection with a whole new handshake, and QEMU, which would give
+    up after a few protocol errors, waits for the back-end as it would without the proxy and boots."""
+    require("qemu-storage-daemon")
+    backend_path, proxy_path = tmp_path / "b.sock", tmp_path / "p.sock"
+    proxy = Proxy([Route.forward(proxy_path, backend_path)], report=None).start()
+    try:
+        with lab.start_storage_daemon(tmp_path, backend_path, name="daemon1") as first, \
+                lab.start_qemu(tmp_path, kit, proxy_path, reconnect=1) as guest:
+            assert proxy.wait_until(lambda p: len(messages(p.records)) >= 12)
+            first.proc.kill()
+            first.proc.wait()
+            assert proxy.wait_until(lambda p: p.active_connections == 0), events(proxy.records)
+            with lab.start_storage_daemon(tmp_path, backend_path, name="daemon2"):
+                result = guest.wait(60)
+    finally:
+        proxy.stop()
+    assert result.blk_io_ok, result.console
+    numbers = sorted({r.connection for r in messages(proxy.records)})
+    assert numbers[0] == 1 and len(numbers) >= 2
+    second = [header(r)[0] for r in messages(proxy.records, Channel.MAIN) if r.connection == numbers[-1]
+              and r.direction == Direction.FRONTEND_TO_BACKEND]
+    assert second[0] == GET_FEATURES and len(second) >= 12, second     # a handshake from the start
+    first_end = [r.note for r in proxy.records if r.kind == RecordKind.EVENT and r.connection == 1]
+    assert any("back-end" in note and "after message #" in note for note in first_end), first_end
+    outage = events(proxy.records)
+    assert any("stops listening" in note for note in outage) and any("listening on" in note and "again" in note
+                                                                     for note in outage), outage
+
+
 # ---------------------------------------------------------------- faults only a fake peer makes
 
 @pytest.fixture

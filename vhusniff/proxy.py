@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import errno
 import fcntl
 import heapq
 import itertools
@@ -59,6 +60,10 @@ FRONTEND, BACKEND = "front-end", "back-end"
 MAX_FDS_SEEN_IN_PRACTICE = 16
 # After one side closes its sending half, how long the other may keep talking before the pair is closed.
 HALF_CLOSE_GRACE_SECONDS = 5.0
+# While a route's target is down, how often the proxy looks whether a new socket file appeared at its path.
+TARGET_CHECK_SECONDS = 0.1
+# A connect to the target that fails with one of these means nobody listens there: the target is down.
+_TARGET_DOWN_ERRORS = (errno.ECONNREFUSED, errno.ENOENT)
 # Requests whose fd is a socket the proxy interposes on: request -> channel relayed.
 _SIDE_CHANNEL_REQUESTS = {int(cat.FrontendRequest.SET_BACKEND_REQ_FD): Channel.BACKEND,
                           int(cat.FrontendRequest.GPU_SET_SOCKET): Channel.GPU}
@@ -214,6 +219,8 @@ class Proxy:
         self._handlers: dict[int, object] = {}
         self._listeners: list[tuple[socket.socket, Route]] = []
         self._refusals: dict[Route, int] = {}
+        # Routes whose target was found down: the listener is closed meanwhile. Route -> target inode then.
+        self._outages: dict[Route, int | None] = {}
         self._timers: list = []
         self._timer_sequence = itertools.count()
         self._wake_read, self._wake_write = -1, -1
@@ -355,11 +362,13 @@ class Proxy:
     def _close_listeners(self) -> None:
         for listener, route in self._listeners:
             listener.close()
+        for route in [route for _listener, route in self._listeners] + list(self._outages):
             try:
                 os.unlink(route.listen)
             except OSError:
                 pass
         self._listeners = []
+        self._outages.clear()
 
     def _next_timer_timeout(self) -> float:
         if not self._timers:
@@ -401,6 +410,8 @@ class Proxy:
                 self._proxy_event(f"{route.listener_role} connected on {route.listen}, but the {target_role} at "
                                   f"{route.target} refused: {error.strerror or error}; closing it (repeats are "
                                   f"counted, not recorded)", problem=True)
+            if error.errno in _TARGET_DOWN_ERRORS:
+                self._mirror_outage(listener, route)
             return
         self._note_refusals(route)
         self.connections_total += 1
@@ -411,6 +422,44 @@ class Proxy:
         self._event(conn, Channel.MAIN, f"connected: {route.listener_role} via {route.listen}, "
                     f"{target_role} at {route.target}" + (f", device={route.device}" if route.device else ""))
         self._add_channel(conn, Channel.MAIN, sockets[FRONTEND], sockets[BACKEND])
+
+    def _mirror_outage(self, listener: socket.socket, route: Route) -> None:
+        """The target is down: stop listening too (the socket file stays), so that the next connect fails
+        with ECONNREFUSED as it would without the proxy. Accepting and then closing looks like a protocol
+        error instead: QEMU's vhost-user-blk spends its few realize retries on it and gives up, where it would
+        have waited for the back-end with reconnect=N."""
+        self._epoll.unregister(listener.fileno())
+        del self._handlers[listener.fileno()]
+        self._listeners.remove((listener, route))
+        listener.close()
+        self._outages[route] = _socket_inode(route.target)
+        target_role = BACKEND if route.listener_role == FRONTEND else FRONTEND
+        self._proxy_event(f"the {target_role} at {route.target} is down: the proxy stops listening on {route.listen} "
+                          f"until a new socket appears there, so connections to it are refused as they would be "
+                          f"by the {target_role}")
+        self._schedule(TARGET_CHECK_SECONDS, self._check_target, route)
+
+    def _check_target(self, route: Route) -> None:
+        """During an outage: once a new socket file is at the target's path (a restarted peer binds anew),
+        listen again. A peer that bound but does not listen yet is met by the next refusal."""
+        if route not in self._outages or self._stopping:
+            return
+        inode = _socket_inode(route.target)
+        if inode is None or inode == self._outages[route]:
+            self._schedule(TARGET_CHECK_SECONDS, self._check_target, route)
+            return
+        try:
+            listener = _listen(route.listen, self.socket_mode)
+        except ProxyError as error:
+            self._proxy_event(f"cannot listen on {route.listen} again: {error}; retrying", problem=True)
+            self._schedule(TARGET_CHECK_SECONDS * 10, self._check_target, route)
+            return
+        del self._outages[route]
+        self._note_refusals(route)
+        self._listeners.append((listener, route))
+        self._epoll.register(listener.fileno(), select.EPOLLIN)
+        self._handlers[listener.fileno()] = (self._accept, (listener, route))
+        self._proxy_event(f"a new socket is at {route.target}: listening on {route.listen} again")
 
     def _note_refusals(self, route: Route) -> None:
         repeats = self._refusals.pop(route, 0) - 1
@@ -1101,6 +1150,15 @@ class Proxy:
                 from .analysis import connection_report
                 self._display(connection_report(analyzer, record.connection))
             shown += 1
+
+
+def _socket_inode(path: Path) -> int | None:
+    """The inode of the socket file at `path`, or None when there is none."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_ino if stat.S_ISSOCK(status.st_mode) else None
 
 
 def _listen(path: Path, mode: int) -> socket.socket:
