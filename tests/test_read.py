@@ -233,6 +233,8 @@ def test_read_expert_and_diff_word_the_same_fault_the_same_way(tmp_path, capsys,
     if name != "missing" and shown:              # what came before the damage is shown and analysed
         assert f"Connection 1 (unknown device): {shown} messages" in outputs["report " + path]
         assert "gate-not-negotiated" in outputs["expert " + path]
+    if name == "missing":                        # nothing to show but the error: no "0 finding(s)" as if it were read
+        assert outputs["expert " + path] == outputs["report " + path] == "", outputs
     error = errors["read " + path]
     if expected is not None:
         assert error == expected

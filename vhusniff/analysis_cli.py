@@ -61,12 +61,19 @@ def _finish(loaded: Loaded) -> int:
     return EXIT_BAD_INPUT if loaded.outcome.report() else 0
 
 
+def _nothing_read(loaded: Loaded) -> bool:
+    """A missing file, or not a capture: there is nothing to show but the error."""
+    return bool(loaded.error) and loaded.analyzer.records == 0
+
+
 # --- state ----------------------------------------------------------------------------------------------------------
 def main_state(argv: list[str]) -> int:
     parser = _parser("state", "negotiated session state as of any message")
     parser.add_argument("--at", type=int, metavar="N", help="as of record number N (from 1; default: the end)")
     args = parser.parse_args(argv)
     loaded = load(args.file, args.device, args.profile, args.at)
+    if _nothing_read(loaded):
+        return _finish(loaded)
     if args.at is not None:
         print(f"as of record #{min(args.at, loaded.analyzer.records)}")
     for connection in _connections(loaded, args.connection):
@@ -153,6 +160,8 @@ def main_stats(argv: list[str]) -> int:
     parser.add_argument("--expert", action="store_true", help="list the expert findings too")
     args = parser.parse_args(argv)
     loaded = load(args.file, args.device, args.profile, keep=True)
+    if _nothing_read(loaded):
+        return _finish(loaded)
     print("\n".join(stats_lines(loaded, args.connection, args.expert)))
     return _finish(loaded)
 
@@ -176,6 +185,8 @@ def main_expert(argv: list[str]) -> int:
         return 0
     args = parser.parse_args(argv)
     loaded = load(args.file, args.device, args.profile)
+    if _nothing_read(loaded):
+        return _finish(loaded)
     print("\n".join(expert_lines(loaded, args.connection, Severity[args.min.upper()])))
     return _finish(loaded)
 
@@ -185,6 +196,8 @@ def main_report(argv: list[str]) -> int:
     parser = _parser("report", "a report per connection: what a person reads first when a VM did not start")
     args = parser.parse_args(argv)
     loaded = load(args.file, args.device, args.profile)
+    if _nothing_read(loaded):
+        return _finish(loaded)
     connections = _connections(loaded, args.connection)
     if not connections:
         print("no connections in the capture")
@@ -199,6 +212,8 @@ def main_timeline(argv: list[str]) -> int:
     parser.add_argument("-o", "--output", required=True, help="FILE.svg or FILE.html")
     args = parser.parse_args(argv)
     loaded = load(args.file, args.device, args.profile, keep=True)
+    if _nothing_read(loaded):
+        return _finish(loaded)
     seen = [item for item in loaded.seen if args.connection is None or item[1].connection == args.connection]
     svg = render_svg(seen, loaded.analyzer, title=args.file)
     text = render_html(svg, args.file) if args.output.endswith((".html", ".htm")) else svg
