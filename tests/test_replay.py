@@ -472,6 +472,33 @@ def test_backend_replay_hook_injects_on_the_backend_channel_and_delays_a_reply(f
     assert replay.returncode == 0
 
 
+def test_backend_replay_hook_that_drops_a_request_still_sends_its_injections(fresh_boot, kit, tmp_path):
+    """As in the proxy: a dropped message's injections go anyway. The hook drops QEMU's SET_VRING_ENABLE num=1
+    (it wants no reply) and injects a config change in its place; QEMU reacts to the change."""
+    hook = tmp_path / "drop_hook.py"
+    hook.write_text(
+        "from vhusniff.model import Channel\n"
+        "from vhusniff.protocol import build_message\n"
+        "def message(flow):\n"
+        "    if flow.message.name == 'SET_VRING_ENABLE' and not flow.message.is_reply and flow.message.payload.num:\n"
+        "        flow.drop()\n"
+        "        flow.inject(build_message(Channel.BACKEND, 2, need_reply=True), channel=Channel.BACKEND,\n"
+        "                    to_backend=False)\n")
+    listen, served = tmp_path / "replay.sock", tmp_path / "served.pcapng"
+    replay = _serve(fresh_boot, listen, "-w", str(served), "--hook", str(hook))
+    try:
+        assert listen.exists(), "replay did not listen"
+        with lab.start_qemu(tmp_path, kit, listen):
+            _wait_for(served, _is_backend_channel_reply, 30)
+    finally:
+        output = replay.communicate(timeout=10)[0]
+    sent = messages(served)
+    assert not [m for _r, m in sent if m.request == F.SET_VRING_ENABLE and m.payload.num], "the enable was dropped"
+    assert any("hook dropped front-end message SET_VRING_ENABLE" in r.note for r in read_capture(served))
+    assert "skipped" not in output, output
+    _config_change_reaction(sent)
+
+
 def test_backend_replay_keeps_answering_while_a_backend_channel_reply_is_missing(fresh_boot, tmp_path):
     """Fault injection: a front-end that never answers a back-end request with NEED_REPLY (QEMU always does)
     and later sends a reply nothing asked for. The main channel is served meanwhile; both are reported."""

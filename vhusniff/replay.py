@@ -970,6 +970,8 @@ class BackendChannel:
             _close_all(fds)
             self.recorder.event(f"hook dropped back-end request #{recorded.number} {flow.message.summary()}")
             _say(self.out, f"{label}: dropped by a hook")
+            for injected in flow.injected:               # injections still go, as in the proxy
+                self.route_injected(injected)
             return
         if flow.delay_seconds:
             time.sleep(flow.delay_seconds)
@@ -1205,6 +1207,8 @@ def serve_front_end(peer: socket.socket, exchanges: list[Exchange], unknown_poli
                 if flow.dropped:
                     _close_all([backend_socket] if backend_socket is not None else [])
                     recorder.event(f"hook dropped front-end message {flow.message.summary()}")
+                    for injected in flow.injected:       # injections still go, as in the proxy
+                        channel.route_injected(injected)
                     continue
                 if flow.delay_seconds:
                     time.sleep(flow.delay_seconds)
