@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -112,16 +113,10 @@ def test_backend_replay_capture_names_the_device_features_like_the_recording(kit
     and `vhusniff read` of the replay's capture names its virtio-blk bits (SEG_MAX, BLK_SIZE...) the same way."""
     if not SHIPPED_BOOT.exists() and not IN_CI:
         pytest.skip(f"{SHIPPED_BOOT.relative_to(REPO)} not shipped yet")
-    listen, served = tmp_path / "replay.sock", tmp_path / "served.pcapng"
-    replay = _serve(SHIPPED_BOOT, listen, "-w", str(served))
-    try:
-        assert listen.exists(), "replay did not listen"
-        with lab.start_qemu(tmp_path, kit, listen):
-            assert _wait_for(served, lambda record, m: m is not None and m.request == F.GET_FEATURES and m.is_reply
-                             and record.channel == Channel.MAIN, 30)
-    finally:
-        replay.communicate(timeout=10)
-    recorded, replayed = _features_reply_lines(SHIPPED_BOOT), _features_reply_lines(served)
+    run = _serve_qemu(SHIPPED_BOOT, kit, tmp_path, lambda record, m: m is not None and m.request == F.GET_FEATURES
+                      and m.is_reply and record.channel == Channel.MAIN)
+    assert run.reached, run.output
+    recorded, replayed = _features_reply_lines(SHIPPED_BOOT), _features_reply_lines(run.capture)
     assert "|SEG_MAX|BLK_SIZE|" in recorded[0], recorded
     assert replayed[0] == recorded[0]
 
@@ -218,6 +213,31 @@ def _serve(capture: Path, listen: Path, *options: str) -> subprocess.Popen:
     while not listen.exists() and time.monotonic() < deadline and replay.poll() is None:
         time.sleep(0.02)
     return replay
+
+
+def _serve_qemu(capture: Path, kit, tmp_path: Path, until, *options: str) -> Served:
+    """`replay --as backend` on `capture` (its own capture with -w) and a real QEMU connected to it, until
+    `until(record, message)` holds in the replay's capture (at most 30 s); then QEMU stops and the replay ends."""
+    listen, served = tmp_path / "replay.sock", tmp_path / "served.pcapng"
+    replay = _serve(capture, listen, "-w", str(served), *options)
+    console, reached = "", False
+    try:
+        assert listen.exists(), "replay did not listen"
+        with lab.start_qemu(tmp_path, kit, listen) as guest:
+            reached = _wait_for(served, until, 30)
+            console = guest.console_text()
+    finally:
+        output = replay.communicate(timeout=10)[0]
+    return Served(served, output, replay.returncode, console, reached)
+
+
+@dataclass
+class Served:
+    capture: Path
+    output: str
+    returncode: int
+    console: str
+    reached: bool         # did `until` hold before the 30 s ran out
 
 
 @pytest.mark.parametrize("policy", ["default", "fail"])
@@ -392,18 +412,11 @@ def test_recording_holds_a_real_qemu_reaction_to_a_config_change(resize_boot):
 def test_backend_replay_plays_the_recorded_config_change_to_a_real_qemu(resize_boot, kit, tmp_path):
     """The recorded BACKEND_CONFIG_CHANGE_MSG goes out on the socket QEMU passed in SET_BACKEND_REQ_FD, right
     after the SET_VRING_ENABLE recorded before it; QEMU asks GET_CONFIG, gets the recorded 128 MiB and acks."""
-    listen, served = tmp_path / "replay.sock", tmp_path / "served.pcapng"
-    replay = _serve(resize_boot, listen, "-w", str(served))
-    try:
-        assert listen.exists(), "replay did not listen"
-        with lab.start_qemu(tmp_path, kit, listen) as guest:
-            _wait_for(served, _is_backend_channel_reply, 30)
-            console = guest.console_text()
-    finally:
-        output = replay.communicate(timeout=10)[0]
-    assert "qemu-system-x86_64:" not in console, console
+    run = _serve_qemu(resize_boot, kit, tmp_path, _is_backend_channel_reply)
+    output = run.output
+    assert "qemu-system-x86_64:" not in run.console, run.console
     recorded = next(record for record, m in messages(resize_boot) if record.channel == Channel.BACKEND)
-    sent = messages(served)
+    sent = messages(run.capture)
     at, reply = _config_change_reaction(sent)
     assert sent[at][0].data == recorded.data and sent[at][0].direction == Direction.BACKEND_TO_FRONTEND
     before = sent[at - 1][1]
@@ -411,21 +424,17 @@ def test_backend_replay_plays_the_recorded_config_change_to_a_real_qemu(resize_b
     assert _capacity(reply) == RESIZED_SECTORS, "the recorded reply to the second GET_CONFIG"
     assert "CONFIG_CHANGE_MSG reply CONFIG_CHANGE_MSG reply ack=0: same" in output, output
     assert "back-end channel: 1 requests sent, 1 replies, 0 differences, 0 recorded requests not played" in output
-    assert replay.returncode == 0 and "0 not in the recording" in output, output
+    assert run.returncode == 0 and "0 not in the recording" in output, output
 
 
 def test_backend_replay_without_a_backend_channel_reports_the_request_it_could_not_send(resize_boot, kit,
                                                                                         tmp_path):
     """With BACKEND_REQ masked out of the replayed GET_PROTOCOL_FEATURES reply, QEMU passes no back-end channel
     socket: the recorded request is reported as not sent, and the session goes on."""
-    listen, served = tmp_path / "replay.sock", tmp_path / "served.pcapng"
-    replay = _serve(resize_boot, listen, "-w", str(served), "--mask-protocol-features", "BACKEND_REQ")
-    try:
-        assert listen.exists(), "replay did not listen"
-        with lab.start_qemu(tmp_path, kit, listen):
-            _wait_for(served, lambda record, m: record.kind == RecordKind.EVENT and "not sent" in record.note, 30)
-    finally:
-        output = replay.communicate(timeout=10)[0]
+    run = _serve_qemu(resize_boot, kit, tmp_path,
+                      lambda record, m: record.kind == RecordKind.EVENT and "not sent" in record.note,
+                      "--mask-protocol-features", "BACKEND_REQ")
+    output, served = run.output, run.capture
     sent = [m for _record, m in messages(served)]
     assert F.SET_BACKEND_REQ_FD not in [m.request for m in sent] and F.SET_VRING_ENABLE in [m.request for m in sent]
     assert all(record.channel == Channel.MAIN for record, _m in messages(served))
@@ -448,19 +457,12 @@ def test_backend_replay_hook_injects_on_the_backend_channel_and_delays_a_reply(f
         "        flow.delay(0.5)\n"
         "        flow.inject(build_message(Channel.BACKEND, 2, need_reply=True), channel=Channel.BACKEND)\n"
         "        flow.inject(build_message(Channel.MAIN, 3), to_backend=True)\n")
-    listen, served = tmp_path / "replay.sock", tmp_path / "served.pcapng"
-    replay = _serve(fresh_boot, listen, "-w", str(served), "--hook", str(hook))
-    try:
-        assert listen.exists(), "replay did not listen"
-        with lab.start_qemu(tmp_path, kit, listen) as guest:
-            _wait_for(served, _is_backend_channel_reply, 30)
-            console = guest.console_text()
-    finally:
-        output = replay.communicate(timeout=10)[0]
-    assert "qemu-system-x86_64:" not in console, console
+    run = _serve_qemu(fresh_boot, kit, tmp_path, _is_backend_channel_reply, "--hook", str(hook))
+    output = run.output
+    assert "qemu-system-x86_64:" not in run.console, run.console
     recorded_configs = [m for record, m in messages(fresh_boot) if m.request == F.GET_CONFIG and not m.is_reply]
     assert len(recorded_configs) == 1, "without a config change QEMU asks GET_CONFIG once, at realize"
-    sent = messages(served)
+    sent = messages(run.capture)
     at, _reply = _config_change_reaction(sent)
     (request_record, request), (reply_record, reply) = sent[at - 2], sent[at - 1]
     assert (request.request, reply.request, reply.is_reply) == (F.ADD_MEM_REG, F.ADD_MEM_REG, True)
@@ -469,7 +471,7 @@ def test_backend_replay_hook_injects_on_the_backend_channel_and_delays_a_reply(f
             "(B>F: replies on the main channel, requests on the back-end channel); skipped") in output, output
     assert [m.request for _r, m in sent].count(F.SET_OWNER) == 1, "only QEMU's own SET_OWNER"
     assert "injected CONFIG_CHANGE_MSG reply CONFIG_CHANGE_MSG reply ack=0: (none recorded)" in output, output
-    assert replay.returncode == 0
+    assert run.returncode == 0
 
 
 def test_backend_replay_hook_that_drops_a_request_still_sends_its_injections(fresh_boot, kit, tmp_path):
@@ -484,14 +486,8 @@ def test_backend_replay_hook_that_drops_a_request_still_sends_its_injections(fre
         "        flow.drop()\n"
         "        flow.inject(build_message(Channel.BACKEND, 2, need_reply=True), channel=Channel.BACKEND,\n"
         "                    to_backend=False)\n")
-    listen, served = tmp_path / "replay.sock", tmp_path / "served.pcapng"
-    replay = _serve(fresh_boot, listen, "-w", str(served), "--hook", str(hook))
-    try:
-        assert listen.exists(), "replay did not listen"
-        with lab.start_qemu(tmp_path, kit, listen):
-            _wait_for(served, _is_backend_channel_reply, 30)
-    finally:
-        output = replay.communicate(timeout=10)[0]
+    run = _serve_qemu(fresh_boot, kit, tmp_path, _is_backend_channel_reply, "--hook", str(hook))
+    output, served = run.output, run.capture
     sent = messages(served)
     assert not [m for _r, m in sent if m.request == F.SET_VRING_ENABLE and m.payload.num], "the enable was dropped"
     assert any("hook dropped front-end message SET_VRING_ENABLE" in r.note for r in read_capture(served))

@@ -392,12 +392,8 @@ class MainChannel:
         if frame is None:
             self.diverge(f"{label}: no reply from the back-end ({self.ended or self.replies.ended})")
             return None
-        infos = [describe_fd(fd) for fd in frame.fds]
-        _close_all(frame.fds)
-        flow = _hooked(self.chain, frame.data, Channel.MAIN, Direction.BACKEND_TO_FRONTEND, self.counter,
-                       self.context())
-        if flow.delay_seconds:
-            time.sleep(flow.delay_seconds)
+        infos, flow = _hooked_received(self.chain, frame, Channel.MAIN, Direction.BACKEND_TO_FRONTEND, self.counter,
+                                       self.context())
         self.recorder.message(Channel.MAIN, Direction.BACKEND_TO_FRONTEND, flow.final_bytes(), infos)
         reply = _as_sent(flow)
         _say(self.out, f"      {label}: reply {reply.summary()[:72]}")
@@ -480,12 +476,9 @@ class BackendChannelServer(threading.Thread):
             self.sock.close()
 
     def _handle(self, frame: Frame) -> None:
-        infos = [describe_fd(fd) for fd in frame.fds]
-        _close_all(frame.fds)
         context = self.context()
-        flow = _hooked(self.chain, frame.data, Channel.BACKEND, Direction.BACKEND_TO_FRONTEND, self.counter, context)
-        if flow.delay_seconds:
-            time.sleep(flow.delay_seconds)
+        infos, flow = _hooked_received(self.chain, frame, Channel.BACKEND, Direction.BACKEND_TO_FRONTEND,
+                                       self.counter, context)
         self.recorder.message(Channel.BACKEND, Direction.BACKEND_TO_FRONTEND, flow.final_bytes(), infos)
         message = _as_sent(flow)
         if flow.disconnect_reason and not flow.disconnect_after_forward:
@@ -552,6 +545,18 @@ def _hooked(chain: HookChain, data: bytes, channel: Channel, direction: Directio
     flow = Flow(data, fds if fds is not None else [], CONNECTION, channel, direction, counter.next(), context,
                 message)
     return chain.run(flow) if chain else flow
+
+
+def _hooked_received(chain: HookChain, frame: Frame, channel: Channel, direction: Direction,
+                     counter: MessageCounter, context: DecodeContext) -> tuple[list, Flow]:
+    """A message the peer sent us: its fds described and closed (a replay keeps none of them), the hooks run
+    and their delay served. Returns (fd descriptions, flow)."""
+    infos = [describe_fd(fd) for fd in frame.fds]
+    _close_all(frame.fds)
+    flow = _hooked(chain, frame.data, channel, direction, counter, context)
+    if flow.delay_seconds:
+        time.sleep(flow.delay_seconds)
+    return infos, flow
 
 
 def _as_sent(flow: Flow) -> Message:
@@ -740,12 +745,9 @@ def replay_as_frontend(records: list[Record], backend_path: str, connection: int
                 if wait:
                     frame = replies.next()
                 if frame is not None:
-                    reply_infos = [describe_fd(fd) for fd in frame.fds]
-                    _close_all(frame.fds)
-                    reply_flow = _hooked(chain, frame.data, Channel.MAIN, Direction.BACKEND_TO_FRONTEND, counter,
-                                         tracker.context_for(CONNECTION))
-                    if reply_flow.delay_seconds:
-                        time.sleep(reply_flow.delay_seconds)
+                    reply_infos, reply_flow = _hooked_received(chain, frame, Channel.MAIN,
+                                                               Direction.BACKEND_TO_FRONTEND, counter,
+                                                               tracker.context_for(CONNECTION))
                     recorder.message(Channel.MAIN, Direction.BACKEND_TO_FRONTEND, reply_flow.final_bytes(),
                                      reply_infos)
             # A hook's injected requests go once the channel is free: after the reply, if one was due.
@@ -1041,12 +1043,8 @@ class BackendChannel:
                 _close_all(frame.fds)
 
     def _received(self, frame: Frame) -> None:
-        infos = [describe_fd(fd) for fd in frame.fds]
-        _close_all(frame.fds)
-        flow = _hooked(self.chain, frame.data, Channel.BACKEND, Direction.FRONTEND_TO_BACKEND, self.counter,
-                       self.context())
-        if flow.delay_seconds:
-            time.sleep(flow.delay_seconds)
+        infos, flow = _hooked_received(self.chain, frame, Channel.BACKEND, Direction.FRONTEND_TO_BACKEND,
+                                       self.counter, self.context())
         data, message = flow.final_bytes(), _as_sent(flow)
         self.recorder.message(Channel.BACKEND, Direction.FRONTEND_TO_BACKEND, data, infos)
         if self.waiting is not None and message.is_reply and message.request == self.waiting[0].request:
