@@ -253,10 +253,11 @@ def ring_positions(exchanges: list[Exchange]) -> dict[int, int]:
 
 
 class Recorder:
-    """The replay's own capture: every message it sent or received, hooks applied, plus events."""
+    """The replay's own capture: every message it sent or received, hooks applied, plus events; `report` also
+    says an event on the replay's output."""
 
-    def __init__(self, writer):
-        self.writer = writer
+    def __init__(self, writer, out=sys.stdout):
+        self.writer, self.out = writer, out
         self.lock = threading.Lock()
 
     def message(self, channel: Channel, direction: Direction, data: bytes, fds: list[FdInfo] = (),
@@ -270,6 +271,10 @@ class Recorder:
         if self.writer is not None:
             with self.lock:
                 self.writer.write(Record(time.time_ns(), CONNECTION, kind=RecordKind.EVENT, note=text))
+
+    def report(self, text: str, indent: str = "") -> None:
+        self.event(text)
+        _say(self.out, indent + text)
 
 
 class MessageCounter:
@@ -299,7 +304,7 @@ def _injection_fits(injected, sender: Direction) -> bool:
     return is_reply != from_requester
 
 
-def _skip_injection(injected, sender: Direction, context: DecodeContext, recorder: Recorder, out) -> None:
+def _skip_injection(injected, sender: Direction, context: DecodeContext, recorder: Recorder) -> None:
     """Report and skip a hook's injected message the replay's role cannot send, naming message and channel."""
     _close_all(injected.fds)
     role, wants = (("front-end", "requests on the main channel, replies on the back-end channel")
@@ -309,8 +314,7 @@ def _skip_injection(injected, sender: Direction, context: DecodeContext, recorde
     text = (f"a hook injected {decode(injected.data, injected.channel, context).summary()[:60]} on the "
             f"{channel} channel {injected.direction.arrow}: {role} replay sends only what a {role} sends "
             f"({sender.arrow}: {wants}); skipped")
-    recorder.event(text)
-    _say(out, text)
+    recorder.report(text)
 
 
 class MainChannel:
@@ -349,21 +353,21 @@ class MainChannel:
         to the back-end, a reply on the newest back-end channel; anything else is reported and skipped."""
         context = self.context()
         if not _injection_fits(injected, Direction.FRONTEND_TO_BACKEND):
-            _skip_injection(injected, Direction.FRONTEND_TO_BACKEND, context, self.recorder, self.out)
+            _skip_injection(injected, Direction.FRONTEND_TO_BACKEND, context, self.recorder)
             return
         message = decode(injected.data, injected.channel, context)
         label = f"injected {message.summary()[:60]}"
         if injected.channel == Channel.BACKEND:
             if not self.side:
                 _close_all(injected.fds)
-                self._report(f"back-end channel: {label} not sent: the back-end channel was never set up")
+                self.recorder.report(f"back-end channel: {label} not sent: the back-end channel was never set up")
                 return
             self.side[-1].send_injected(injected.data, injected.fds, label)
             return
         # The replay loop holds the turn at most until its reply comes or times out.
         if not self.turn.acquire(timeout=2 * self.reply_timeout + 1):
             _close_all(injected.fds)
-            self._report(f"{label}: not sent: the main channel stayed busy")
+            self.recorder.report(f"{label}: not sent: the main channel stayed busy")
             return
         try:
             reply_flow = self._exchange(injected.data, injected.fds, message, context, label)
@@ -382,7 +386,7 @@ class MainChannel:
         try:
             self.send(data, fds, "injected by hook")
         except OSError as error:
-            self._report(f"{label}: could not be sent: {error.strerror or error}")
+            self.recorder.report(f"{label}: could not be sent: {error.strerror or error}")
             return None
         self.tracker.observe(CONNECTION, message, context)
         if not reply_required(message, context):
@@ -410,11 +414,8 @@ class MainChannel:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
-        self._report(f"session ended by a hook: {reason}")
+        self.recorder.report(f"session ended by a hook: {reason}")
 
-    def _report(self, text: str) -> None:
-        self.recorder.event(text)
-        _say(self.out, text)
 
 
 class BackendChannelServer(threading.Thread):
@@ -487,7 +488,7 @@ class BackendChannelServer(threading.Thread):
         for injected in flow.injected:
             self._route(injected)
         if flow.dropped:
-            self._report(f"hook dropped back-end request {message.summary()}: not answered")
+            self.recorder.report(f"hook dropped back-end request {message.summary()}: not answered")
         elif reply_required(message, context):
             self._answer(message, context)
         if flow.disconnect_reason:
@@ -500,7 +501,7 @@ class BackendChannelServer(threading.Thread):
             self._end(flow.disconnect_reason)
             return
         if flow.dropped:
-            self._report(f"hook dropped the answer {flow.message.summary()}")
+            self.recorder.report(f"hook dropped the answer {flow.message.summary()}")
         else:
             if flow.delay_seconds:
                 time.sleep(flow.delay_seconds)
@@ -521,7 +522,7 @@ class BackendChannelServer(threading.Thread):
             with self.send_lock:
                 send_message(self.sock, data, fds)
         except OSError as error:
-            self._report(f"back-end channel: {label} could not be sent: {error.strerror or error}")
+            self.recorder.report(f"back-end channel: {label} could not be sent: {error.strerror or error}")
             return False
         finally:
             _close_all(fds)
@@ -535,9 +536,6 @@ class BackendChannelServer(threading.Thread):
         self.main.end(reason)
         raise SessionEnd(reason)
 
-    def _report(self, text: str) -> None:
-        self.recorder.event(text)
-        _say(self.out, text)
 
 
 def _hooked(chain: HookChain, data: bytes, channel: Channel, direction: Direction, counter: MessageCounter,
@@ -662,7 +660,7 @@ def replay_as_frontend(records: list[Record], backend_path: str, connection: int
     device = device_type(records, connection)
     positions = ring_positions(exchanges)
     result = ReplayResult()
-    recorder = Recorder(writer)
+    recorder = Recorder(writer, out)
     counter = MessageCounter()
     chain = HookChain(list(hooks), on_hook_error, report=lambda text: _say(out, text))
     recorded_tracker, tracker = ContextTracker(device), ContextTracker(device)
@@ -804,8 +802,7 @@ def replay_as_frontend(records: list[Record], backend_path: str, connection: int
                f"{len(result.divergences)} divergences; first divergence: {result.divergences[0]}")
     summary = (f"replayed {result.requests_sent} of {len(exchanges)} requests of connection {connection}, "
                f"compared {result.replies_compared} replies in {result.elapsed:.2f} s: {verdict}")
-    recorder.event(summary)
-    _say(out, summary)
+    recorder.report(summary)
     return result
 
 
@@ -886,7 +883,7 @@ def replay_as_backend(records: list[Record], listen_path: str, connection: int |
     try:
         while True:
             peer, _ = listener.accept()
-            result = serve_front_end(peer, exchanges, unknown_policy, Recorder(writer), out, default_reply,
+            result = serve_front_end(peer, exchanges, unknown_policy, Recorder(writer, out), out, default_reply,
                                      HookChain(list(hooks), on_hook_error, report=lambda text: _say(out, text)),
                                      backend_requests=backend_requests, reply_timeout=reply_timeout,
                                      device=device)
@@ -950,7 +947,7 @@ class BackendChannel:
                 _close_all(fds or [])
                 self.result.backend_not_played += recorded is not None
                 what = f"recorded #{recorded.number}" if recorded else "injected by a hook"
-                self._report(f"back-end channel: {decode(data, Channel.BACKEND, self.context()).summary()} "
+                self.recorder.report(f"back-end channel: {decode(data, Channel.BACKEND, self.context()).summary()} "
                              f"({what}) not sent: no back-end channel (the front-end passed no socket "
                              f"in SET_BACKEND_REQ_FD, or closed it)")
                 continue
@@ -996,7 +993,7 @@ class BackendChannel:
         try:
             send_message(self.sock, data, fds)
         except OSError as error:
-            self._report(f"{label}: could not be sent: {error.strerror or error}")
+            self.recorder.report(f"{label}: could not be sent: {error.strerror or error}")
             return
         finally:
             _close_all(fds)
@@ -1012,7 +1009,7 @@ class BackendChannel:
         """Where a hook's injected message goes in the back-end role: back-end-channel requests to the front-end's
         back-end socket, main-channel replies to the front-end; anything else is reported and skipped."""
         if not _injection_fits(injected, Direction.BACKEND_TO_FRONTEND):
-            _skip_injection(injected, Direction.BACKEND_TO_FRONTEND, self.context(), self.recorder, self.out)
+            _skip_injection(injected, Direction.BACKEND_TO_FRONTEND, self.context(), self.recorder)
         elif injected.channel == Channel.BACKEND:
             self.inject(injected.data, injected.fds)
         else:
@@ -1059,7 +1056,7 @@ class BackendChannel:
             else:
                 expected = decode(recorded.reply.data, Channel.BACKEND, self.context())
                 differences = _reply_differences(expected, message, recorded.reply.fds, infos)
-            where = f"recorded #{recorded.number} " if recorded is not None else "injected "
+            where = _origin(recorded)
             verdict = ("(none recorded)" if recorded is None or recorded.reply is None
                        else "same" if not differences else "DIFFERS")
             _say(self.out, f"back-end channel: {where}{asked.name} reply {message.summary()[:60]}: {verdict}")
@@ -1079,7 +1076,7 @@ class BackendChannel:
             return
         asked, recorded, _deadline = self.waiting
         self.waiting = None
-        where = f"recorded #{recorded.number} " if recorded is not None else "injected "
+        where = _origin(recorded)
         self._differ(f"back-end channel {where}{asked.name}: no reply from the front-end within "
                      f"{self.reply_timeout:g} s")
         self.pump()
@@ -1094,7 +1091,7 @@ class BackendChannel:
         """The channel or the session ended: a reply still due is missing, queued requests are not sent."""
         if self.waiting is not None:
             asked, recorded, _deadline = self.waiting
-            where = f"recorded #{recorded.number} " if recorded is not None else "injected "
+            where = _origin(recorded)
             self._differ(f"back-end channel {where}{asked.name}: no reply ({why})")
             self.waiting = None
         for _data, fds, _recorded in self.queue:
@@ -1110,12 +1107,13 @@ class BackendChannel:
 
     def _differ(self, text: str) -> None:
         self.result.backend_differences.append(text)
-        self.recorder.event(text)
-        _say(self.out, "      " + text)
+        self.recorder.report(text, indent="      ")
 
-    def _report(self, text: str) -> None:
-        self.recorder.event(text)
-        _say(self.out, text)
+
+
+def _origin(recorded: BackendExchange | None) -> str:
+    """How a back-end request is named in what replay says: by its number in the recording, or as a hook's."""
+    return f"recorded #{recorded.number} " if recorded is not None else "injected "
 
 
 def serve_front_end(peer: socket.socket, exchanges: list[Exchange], unknown_policy: str, recorder: Recorder,
@@ -1131,7 +1129,7 @@ def serve_front_end(peer: socket.socket, exchanges: list[Exchange], unknown_poli
     tracker = ContextTracker(device)
     counter = MessageCounter()
     held: list[int] = []             # other sockets the front-end passed: closed at the end
-    kicks = RingKicks(recorder, out)
+    kicks = RingKicks(recorder)
     cursor = 0
     result = ServeResult()
     to_play = list(backend_requests)
@@ -1223,8 +1221,7 @@ def serve_front_end(peer: socket.socket, exchanges: list[Exchange], unknown_poli
                     if unknown_policy == "fail":
                         result.failed = (f"request #{result.requests} {message.summary()} is not in the recording "
                                          f"(policy: fail)")
-                        recorder.event(result.failed)
-                        _say(out, result.failed)
+                        recorder.report(result.failed)
                         return result
                 reply, reply_fds = answer(message, match, request_context, fresh, default_reply)
                 reply_context = context()
@@ -1311,8 +1308,8 @@ class RingKicks:
 
     MAX_EVENTS = 50
 
-    def __init__(self, recorder: Recorder, out):
-        self.recorder, self.out = recorder, out
+    def __init__(self, recorder: Recorder):
+        self.recorder = recorder
         self.rings: dict[int, int] = {}          # fd -> ring index
         self.events: dict[int, int] = {}         # fd -> events recorded
 
@@ -1335,9 +1332,7 @@ class RingKicks:
             except BlockingIOError:
                 continue
             self.events[fd] = self.events.get(fd, 0) + 1
-            text = f"ring {self.rings[fd]} kicked ({count} kick(s))"
-            self.recorder.event(text)
-            _say(self.out, text)
+            self.recorder.report(f"ring {self.rings[fd]} kicked ({count} kick(s))")
 
     def close(self) -> None:
         _close_all(self.rings)
