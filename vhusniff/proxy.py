@@ -96,6 +96,11 @@ class Route:
     def reverse(cls, listen_backend, frontend, device: str | None = None) -> "Route":
         return cls(Path(listen_backend), Path(frontend), BACKEND, device)
 
+    @property
+    def target_role(self) -> str:
+        """Who is at `target`: the side that does not connect to `listen`."""
+        return BACKEND if self.listener_role == FRONTEND else FRONTEND
+
 
 class _Endpoint:
     """One socket of a connection's channel: the proxy reads from it what `side` sends, in `direction`."""
@@ -246,10 +251,7 @@ class Proxy:
         self._epoll.register(self._wake_read, select.EPOLLIN)
         try:
             for route in self.routes:
-                listener = _listen(route.listen, self.socket_mode)
-                self._listeners.append((listener, route))
-                self._epoll.register(listener.fileno(), select.EPOLLIN)
-                self._handlers[listener.fileno()] = (self._accept, (listener, route))
+                self._watch_listener(_listen(route.listen, self.socket_mode), route)
             if isinstance(self._capture_target, (str, os.PathLike)):
                 from .capture import CaptureWriter
                 self._writer = CaptureWriter(self._capture_target, flush_each=True)
@@ -395,7 +397,7 @@ class Proxy:
             accepted, _address = listener.accept()
         except OSError:
             return
-        target_role = BACKEND if route.listener_role == FRONTEND else FRONTEND
+        target_role = route.target_role
         outgoing = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         outgoing.settimeout(2.0)       # a Unix connect waits only when the listener's backlog is full
         try:
@@ -423,6 +425,11 @@ class Proxy:
                     f"{target_role} at {route.target}" + (f", device={route.device}" if route.device else ""))
         self._add_channel(conn, Channel.MAIN, sockets[FRONTEND], sockets[BACKEND])
 
+    def _watch_listener(self, listener: socket.socket, route: Route) -> None:
+        self._listeners.append((listener, route))
+        self._epoll.register(listener.fileno(), select.EPOLLIN)
+        self._handlers[listener.fileno()] = (self._accept, (listener, route))
+
     def _mirror_outage(self, listener: socket.socket, route: Route) -> None:
         """The target is down: stop listening too (the socket file stays), so that the next connect fails
         with ECONNREFUSED as it would without the proxy. Accepting and then closing looks like a protocol
@@ -433,10 +440,9 @@ class Proxy:
         self._listeners.remove((listener, route))
         listener.close()
         self._outages[route] = _socket_inode(route.target)
-        target_role = BACKEND if route.listener_role == FRONTEND else FRONTEND
-        self._proxy_event(f"the {target_role} at {route.target} is down: the proxy stops listening on {route.listen} "
-                          f"until a new socket appears there, so connections to it are refused as they would be "
-                          f"by the {target_role}")
+        self._proxy_event(f"the {route.target_role} at {route.target} is down: the proxy stops listening on "
+                          f"{route.listen} until a new socket appears there, so connections to it are refused as "
+                          f"they would be by the {route.target_role}")
         self._schedule(TARGET_CHECK_SECONDS, self._check_target, route)
 
     def _check_target(self, route: Route) -> None:
@@ -456,9 +462,7 @@ class Proxy:
             return
         del self._outages[route]
         self._note_refusals(route)
-        self._listeners.append((listener, route))
-        self._epoll.register(listener.fileno(), select.EPOLLIN)
-        self._handlers[listener.fileno()] = (self._accept, (listener, route))
+        self._watch_listener(listener, route)
         self._proxy_event(f"a new socket is at {route.target}: listening on {route.listen} again")
 
     def _note_refusals(self, route: Route) -> None:
