@@ -158,16 +158,10 @@ class CaptureWriter:
         note. The same bytes as write(Record(...)) at about half the cost: the proxy calls it per message."""
         pseudo = _plain_pseudo_header(connection, RecordKind.MESSAGE, channel, direction)
         tail = _OPTIONS_TAIL[RecordKind.MESSAGE, direction]
-        file_write, flush = self._file.write, self._flush_buffer
+        write_block = self._write_block
 
         def write_message(timestamp_ns: int, data: bytes) -> None:
-            block = _assemble_epb(timestamp_ns, pseudo, data, tail)
-            written = file_write(block)
-            if written != len(block):
-                self._write_rest(block, written)
-            self.records += 1
-            if flush:
-                self._file.flush()
+            write_block(_assemble_epb(timestamp_ns, pseudo, data, tail))
         return write_message
 
     def _write_block(self, block: bytes) -> None:

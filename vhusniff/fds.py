@@ -1,7 +1,8 @@
 """What a passed fd is, described while the proxy still holds it, so a capture says what travelled.
 
 `describe_fd` reads fstat and, unless the file type settles it, /proc/self/fd/N (the kernel's name for the
-open file); for a memfd it also asks F_GET_SEALS, for a socket its type. It never raises: an fd it cannot read is described as "unknown".
+open file); for a memfd it also asks F_GET_SEALS, for a socket its type. It never raises: an fd it cannot read
+is described as "unknown".
 """
 from __future__ import annotations
 
