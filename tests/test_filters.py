@@ -1,9 +1,11 @@
 """Display filters: Wireshark syntax over the grammar's field names and the record fields."""
 from __future__ import annotations
 
+import re
 import struct
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from vhusniff.filters import FilterError, compile_filter, grammar_fields
 from vhusniff.model import Channel, Direction, FdInfo, Record
@@ -106,3 +108,75 @@ def test_every_name_iter_fields_yields_is_a_filter_field():
         for name, _value in iter_fields(message):
             assert name in grammar_fields(), name
             compile_filter(name)
+
+
+# ---- hostile filters: every one is a FilterError with a caret, never another exception ----
+
+DEEP = 1000
+
+
+@pytest.mark.parametrize("text", [
+    " && ".join(["request == 1"] * DEEP),
+    " || ".join(["flags.need_reply"] * DEEP),
+    " and ".join(["!problem"] * DEEP),
+    "!" * DEEP + "problem",
+    "!" * (DEEP + 1) + "problem",
+    "(" * 100 + "request == 5" + ")" * 100,
+    "!(" * 100 + "request == 5" + ")" * 100,
+], ids=["and-chain", "or-chain", "and-not-chain", "even-nots", "odd-nots", "100-parens", "100-not-parens"])
+def test_long_chains_and_negations_compile_and_match_without_recursion(text):
+    display_filter = compile_filter(text)
+    for number, (message, record) in enumerate(SESSION, start=1):
+        display_filter.matches(message, record, number)
+
+
+def test_long_chains_and_negations_mean_what_they_say():
+    assert matching(" || ".join(["request == 5"] * DEEP + ["connection == 2"])) == [3, 4]
+    assert matching(" && ".join(["channel == main"] * DEEP + ["request == 5"])) == [3]
+    assert matching("!" * DEEP + "problem") == [7]
+    assert matching("!" * (DEEP + 1) + "problem") == [1, 2, 3, 4, 5, 6, 8, 9]
+
+
+@pytest.mark.parametrize("text, position, words", [
+    ("(" * 250 + "request" + ")" * 250, 100, "nested deeper than 100"),
+    ("!(" * 250 + "request" + ")" * 250, 201, "nested deeper than 100"),
+    ("name matches \"" + "(" * DEEP + ")" * DEEP + "\"", 13, "bad regular expression"),
+    (r'name == "\x"', 9, "bad escape \\x"),
+    (r'name == "ab\x4"', 11, "bad escape \\x"),
+    (r'name == "\N{NOPE}"', 9, "no such character"),
+    (r'name == "\u12"', 9, "bad escape \\u"),
+    (r'name == "\U00110000"', 9, "no such character"),
+], ids=["250-parens", "250-not-parens", "deep-regex", "x", "x4", "N-name", "u12", "U-beyond"])
+def test_deep_nesting_bad_regexes_and_bad_escapes_are_filter_errors(text, position, words):
+    with pytest.raises(FilterError) as caught:
+        compile_filter(text)
+    error = caught.value
+    assert error.position == position and words in error.reason, error
+    assert str(error).splitlines()[2] == "  " + " " * position + "^"
+
+
+def test_string_escapes_and_non_ascii_text():
+    assert matching(r'name == "SET_MEM\x5fTABLE"') == [3]
+    assert matching(r'name == "SET_MEM\u005fTABLE"') == [3]
+    assert matching(r'name matches "^SET_\w+_TABLE$"') == [3]    # an unknown escape stays for the regex
+    assert matching('fd.name contains "pc.ram" || fd.name contains "é"') == [3]
+
+
+_FILTER_ALPHABET = st.sampled_from(list("()!&|=<>{}\",.\\ ~$é\n") +
+                                   ["request", "name", "flags.need_reply", "protocol_features", "fd.kind", "in",
+                                    "matches", "contains", "and", "or", "not", "SET_MEM_TABLE", "MQ", "1", "0x8",
+                                    "1..3", "\\x", "\\N{", "\\u1", "eq", "&&", "||", "mem.region", "ab:cd"])
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=st.one_of(st.text(max_size=60), st.lists(_FILTER_ALPHABET, max_size=40).map(" ".join),
+                      st.lists(_FILTER_ALPHABET, max_size=40).map("".join)))
+def test_any_text_compiles_or_is_a_filter_error_and_matching_never_raises(text):
+    try:
+        display_filter = compile_filter(text)
+    except FilterError as error:
+        shown = str(error).split("\n")
+        assert 0 <= error.position <= len(text) and len(shown) == 3 and shown[1] == "  " + re.sub(r"\s", " ", text)
+        return
+    for number, (message, record) in enumerate(SESSION, start=1):
+        display_filter.matches(message, record, number)

@@ -174,7 +174,8 @@ class FilterError(ValueError):
 
     def __init__(self, text: str, position: int, reason: str):
         self.text, self.position, self.reason = text, position, reason
-        super().__init__(f"{reason}\n  {text}\n  {' ' * position}^")
+        shown = re.sub(r"\s", " ", text)      # a newline or tab in the filter would put the caret off its place
+        super().__init__(f"{reason}\n  {shown}\n  {' ' * position}^")
 
 
 _TOKEN = re.compile(r"""
@@ -186,6 +187,8 @@ _TOKEN = re.compile(r"""
 _WORD_OPERATORS = {"eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">=", "and": "&&", "or": "||",
                    "not": "!"}
 _COMPARISONS = ("==", "!=", "<", "<=", ">", ">=")
+# Deeper parentheses are refused with a FilterError: each level costs Python stack when compiling and matching.
+MAX_NESTING = 100
 
 
 @dataclass
@@ -263,6 +266,7 @@ class _Compiler:
         self.text = text
         self.tokens = _tokenize(text)
         self.index = 0
+        self.depth = 0                  # parentheses open around the current token
         self.fields = grammar_fields()
 
     # token helpers
@@ -293,34 +297,44 @@ class _Compiler:
         return predicate
 
     def or_expression(self):
-        left = self.and_expression()
+        # n-ary, not nested: a 1,000-term chain is one list, at parse time and at match time
+        operands = [self.and_expression()]
         while self.peek().text == "||" and self.peek().kind == "op":
             self.take()
-            right = self.and_expression()
-            left = (lambda a, b: lambda get: a(get) or b(get))(left, right)
-        return left
+            operands.append(self.and_expression())
+        if len(operands) == 1:
+            return operands[0]
+        return lambda get: any(operand(get) for operand in operands)
 
     def and_expression(self):
-        left = self.not_expression()
+        operands = [self.not_expression()]
         while self.peek().text == "&&" and self.peek().kind == "op":
             self.take()
-            right = self.not_expression()
-            left = (lambda a, b: lambda get: a(get) and b(get))(left, right)
-        return left
+            operands.append(self.not_expression())
+        if len(operands) == 1:
+            return operands[0]
+        return lambda get: all(operand(get) for operand in operands)
 
     def not_expression(self):
-        if self.peek().text == "!" and self.peek().kind == "op":
+        negations = 0                   # counted, not recursed: `!!!!x` is x
+        while self.peek().text == "!" and self.peek().kind == "op":
             self.take()
-            inner = self.not_expression()
+            negations += 1
+        inner = self.primary()
+        if negations % 2:
             return lambda get: not inner(get)
-        return self.primary()
+        return inner
 
     def primary(self):
         token = self.peek()
         if token.kind == "op" and token.text == "(":
+            if self.depth >= MAX_NESTING:
+                raise self.error(token, f"parentheses nested deeper than {MAX_NESTING} levels")
             self.take()
+            self.depth += 1
             inner = self.or_expression()
             self.expect(")")
+            self.depth -= 1
             return inner
         field = self.field_name()
         operator = self.peek()
@@ -350,10 +364,13 @@ class _Compiler:
             token = self.take()
             if token.kind != "string":
                 raise self.error(token, "matches needs a quoted regular expression")
+            expression = self.unquote(token)
             try:
-                pattern = re.compile(_unquote(token.text))
+                pattern = re.compile(expression)
             except re.error as error:
                 raise self.error(token, f"bad regular expression: {error}") from None
+            except (RecursionError, OverflowError, MemoryError):   # re's parser recurses once per group level
+                raise self.error(token, "bad regular expression: nested too deeply or too large") from None
             return lambda get: any(pattern.search(_as_text(v)) for v in get(field))
         value = self.literal(field)
         compare = _COMPARE[operator.text]
@@ -407,7 +424,7 @@ class _Compiler:
     def literal(self, field: str, want_bytes: bool = False):
         token = self.take()
         if token.kind == "string":
-            text = _unquote(token.text)
+            text = self.unquote(token)
             return text.encode() if want_bytes and self._is_bytes(field) else text
         if token.kind != "word":
             raise self.error(token, "expected a value" + (f", found {token.text!r}" if token.text else ""))
@@ -439,13 +456,46 @@ class _Compiler:
             raise self.error(token, f"{word!r} is not a value of the integer field {field!r}")
         return word
 
+    def unquote(self, token: _Token) -> str:
+        try:
+            return _unquote(token.text)
+        except _BadEscape as error:
+            raise FilterError(self.text, token.position + error.offset, str(error)) from None
+
     def _is_bytes(self, field: str) -> bool:
         spec = self.fields.get(field)
         return spec is not None and spec.is_bytes
 
 
+_ESCAPE = re.compile(r"""\\(?:
+    (?P<simple>[\\"'abfnrtv]) | (?P<octal>[0-7]{1,3}) | x(?P<x>[0-9A-Fa-f]{2}) | u(?P<u>[0-9A-Fa-f]{4})
+  | U(?P<U>[0-9A-Fa-f]{8}) | N\{(?P<N>[^}]*)\} | (?P<incomplete>[xuUN]) | (?P<other>.))""", re.VERBOSE | re.DOTALL)
+
+
+_ESCAPE_NEEDS = {"x": "2 hex digits", "u": "4 hex digits", "U": "8 hex digits", "N": "a character name in {}"}
+
+
+class _BadEscape(ValueError):
+    def __init__(self, offset: int, reason: str):
+        super().__init__(reason)
+        self.offset = offset          # of the backslash, in the quoted token
+
+
 def _unquote(text: str) -> str:
-    return bytes(text[1:-1], "utf-8").decode("unicode_escape")
+    """A quoted string token's value, with Python/Wireshark escapes; an unknown escape (`\\d` in a regex) stays as
+    written, and so does any non-ASCII character."""
+    def replace(match: re.Match) -> str:
+        if match.group("other") is not None:
+            return match.group()
+        letter = match.group("incomplete")
+        if letter is not None:
+            raise _BadEscape(1 + match.start(), f"bad escape \\{letter} in a string: needs {_ESCAPE_NEEDS[letter]}")
+        try:
+            return match.group().encode("ascii").decode("unicode_escape")
+        except (UnicodeError, ValueError):      # \N{NO_SUCH_NAME}, \U beyond 0x10FFFF
+            raise _BadEscape(1 + match.start(), f"bad escape {match.group()} in a string: no such character") \
+                from None
+    return _ESCAPE.sub(replace, text[1:-1])
 
 
 def _as_text(value) -> str:
