@@ -243,3 +243,32 @@ def test_device_state_stream_chunks_decode_as_opaque_bytes():
     assert message.problems == () and message.name == "DEVICE_STATE_STREAM"
     assert list(protocol.iter_fields(message)) == [("payload", chunk)]
     assert encode(message) == chunk
+
+
+# ---- the scapy layer keeps any bytes: fewer than a header, no bytes at all, garbage ----
+
+@pytest.mark.parametrize("channel", [Channel.MAIN, Channel.BACKEND, Channel.GPU], ids=lambda c: c.name)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.one_of(st.binary(max_size=11), st.binary(max_size=80),
+                      st.builds(lambda request, flags, size, body: struct.pack("<III", request, flags, size) + body,
+                                st.integers(0, 50), st.sampled_from([1, 5, 9, 0x11, 0]), st.integers(0, 64),
+                                st.binary(max_size=64))))
+def test_any_bytes_make_a_scapy_layer_that_shows_its_problems_and_rebuilds_them_exactly(channel, data):
+    view = header_class_for(channel)(data)
+    assert bytes(view) == data
+    codes = [problem.code for problem in view.problems()]
+    assert codes == [problem.code for problem in decode(data, channel).problems]
+    if len(data) < protocol.HEADER_SIZE:
+        assert codes == ["truncated-header"] and view.request is None
+    view.summary(), repr(view), view.show(dump=True)
+    assert bytes(view.copy()) == data
+
+
+def test_a_fresh_layer_still_builds_a_whole_header_from_its_fields():
+    assert bytes(layers.VhostUser()) == struct.pack("<III", 1, 1, 0)
+    assert bytes(layers.VhostUser(request=3, flags=9)) == struct.pack("<III", 3, 9, 0)
+    assert bytes(layers.VhostUser(request=8) / layers.PAYLOAD_LAYERS["vring_state"](index=1, num=256)) == \
+        build_message(Channel.MAIN, 8, dict(index=1, num=256))
+    truncated = layers.VhostUser(b"\x0c")
+    truncated.request, truncated.flags = 3, 1          # setting fields makes a whole header again
+    assert bytes(truncated) == struct.pack("<III", 3, 1, 0)

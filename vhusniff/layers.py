@@ -163,6 +163,25 @@ class _VhostUserHeader(Packet):
     vhost_context: DecodeContext | None = None
     fields_desc = []  # set per subclass, with that channel's request names
 
+    def __init__(self, _pkt=None, *args, **kwargs):
+        # scapy's own default is b"", which would make VhostUser(b"") a fresh default header; the sentinel keeps
+        # "no bytes given" (build one from fields) apart from "zero bytes given" (a truncated message).
+        super().__init__(b"" if _pkt is None else _pkt, *args, **kwargs)
+        if _pkt is not None and not _pkt:
+            self._keep_truncated(b"")
+
+    def do_dissect(self, s):
+        if len(s) < HEADER_SIZE:
+            self._keep_truncated(bytes(s))
+            return b""
+        return super().do_dissect(s)
+
+    def _keep_truncated(self, data: bytes) -> None:
+        """Fewer bytes than a header: no field has a value, and building gives back exactly these bytes
+        (until a field is set, which builds a whole header from the fields)."""
+        self.fields.update(request=None, flags=None, size=None)
+        self.raw_packet_cache, self.raw_packet_cache_fields, self.explicit = data, {}, 1
+
     def post_build(self, pkt, pay):
         if self.size is None:
             pkt = pkt[:8] + struct.pack("<I", len(pay)) + pkt[12:]
