@@ -272,3 +272,12 @@ def test_a_fresh_layer_still_builds_a_whole_header_from_its_fields():
     truncated = layers.VhostUser(b"\x0c")
     truncated.request, truncated.flags = 3, 1          # setting fields makes a whole header again
     assert bytes(truncated) == struct.pack("<III", 3, 1, 0)
+
+
+def test_unknown_requests_do_not_grow_the_decoders_cache():
+    known_keys = sum(len(protocol.request_table(channel)) for channel in Channel) * 2 * 2 * 2
+    for request in range(1000, 201_000):
+        for channel in (Channel.MAIN, Channel.BACKEND):
+            message = decode(struct.pack("<III", request, 5, 0), channel, DecodeContext(features=request << 34))
+            assert message.problems[-1].code == "unknown-request"
+    assert len(protocol._CANDIDATES) <= known_keys

@@ -261,6 +261,8 @@ def request_name(channel: Channel, request: int, profile: cat.Profile = cat.SPEC
 
 def payload_candidates(channel: Channel, request: int, is_reply: bool, ctx: DecodeContext) -> tuple[str, ...]:
     """The payload kinds a message may carry, most likely first."""
+    if request not in request_table(channel):
+        return ()      # not cached: a peer sending every u32 would otherwise grow the cache without end
     key = (channel, request, is_reply, ctx.xen_mmap, ctx.packed_ring)
     kinds = _CANDIDATES.get(key)
     if kinds is None:
@@ -268,6 +270,7 @@ def payload_candidates(channel: Channel, request: int, is_reply: bool, ctx: Deco
     return kinds
 
 
+# Keyed by known requests only: at most channels x requests x 8 entries.
 _CANDIDATES: dict[tuple, tuple[str, ...]] = {}
 
 
