@@ -39,6 +39,7 @@ import fcntl
 import heapq
 import itertools
 import os
+import resource
 import select
 import signal
 import socket
@@ -60,7 +61,20 @@ FRONTEND, BACKEND = "front-end", "back-end"
 MAX_FDS_SEEN_IN_PRACTICE = 16
 # After one side closes its sending half, how long the other may keep talking before the pair is closed.
 HALF_CLOSE_GRACE_SECONDS = 5.0
-# While a route's target is down, how often the proxy looks whether a new socket file appeared at its path.
+# Bytes waiting in the proxy for one socket before it stops reading from the side that sends them.
+MAX_BUFFERED_DEFAULT = 4 << 20
+# After a connection closes, how long what its peer had not taken yet may still go out (from the loop).
+LINGER_SECONDS = 5.0
+# Out of fds: how soon to try accepting again when no connection closes meanwhile.
+FD_RETRY_SECONDS = 0.5
+# Free fds an accepted connection needs at once (its socket, the one to the target, and room for fd-passing).
+FD_HEADROOM = 4
+# Kept when a stream closes, for `stream_totals`; a long-running proxy forgets the oldest.
+STREAM_TOTALS_KEPT = 4096
+# Findings kept in `problems`; the oldest go first.
+PROBLEMS_KEPT = 10000
+_FDS_EXHAUSTED = (errno.EMFILE, errno.ENFILE)
+# While a route's target is down, how often the proxy looks whether someone listens at its path again.
 TARGET_CHECK_SECONDS = 0.1
 # A connect to the target that fails with one of these means nobody listens there: the target is down.
 _TARGET_DOWN_ERRORS = (errno.ECONNREFUSED, errno.ENOENT)
@@ -106,7 +120,8 @@ class _Endpoint:
     """One socket of a connection's channel: the proxy reads from it what `side` sends, in `direction`."""
 
     __slots__ = ("sock", "fd", "conn", "channel", "direction", "side", "framer", "peer", "outbuf", "unframed",
-                 "read_closed", "write_shut", "shutdown_pending", "held", "closed", "received", "write_plain")
+                 "read_closed", "write_shut", "shutdown_pending", "held", "closed", "received", "write_plain",
+                 "buffered", "paused", "paused_at", "linger_timer")
 
     def __init__(self, sock: socket.socket, conn: "_Connection", channel: Channel, side: str):
         sock.setblocking(False)
@@ -128,6 +143,10 @@ class _Endpoint:
         self.closed = False
         self.received = 0              # bytes read from this socket, for an independent count in tests
         self.write_plain = None        # the capture's writer for this stream's fd-less messages, if any
+        self.buffered = 0              # bytes in outbuf
+        self.paused = False            # not read from: its peer's outbuf is over the proxy's max_buffered
+        self.paused_at = 0.0
+        self.linger_timer = None       # after the connection closed, while outbuf still goes out
 
 
 class _Connection:
@@ -181,11 +200,14 @@ class Proxy:
     display: a callable given one text line per record (the `vhusniff read` format), or None.
     on_record: a callable given every Record as it is made (from the proxy thread).
     keep_records: keep every Record in `self.records` (tests, analysis); off for long-running use.
+    max_buffered: bytes that may wait in the proxy for one socket; past it the proxy stops reading from the
+        side that sends them (reported once per episode) until that socket has taken half of it.
     """
 
     def __init__(self, routes, capture=None, hooks=(), *, on_hook_error: str = "forward", display=None,
                  colour: bool = False, on_record=None, keep_records: bool = True, socket_mode: int = 0o600,
-                 interpose_device_state: bool = False, report=_stderr_report):
+                 interpose_device_state: bool = False, report=_stderr_report,
+                 max_buffered: int = MAX_BUFFERED_DEFAULT):
         self.routes = [r for r in routes]
         self.socket_mode = socket_mode
         self.interpose_device_state = interpose_device_state
@@ -193,7 +215,10 @@ class Proxy:
         self.on_record = on_record
         self.keep_records = keep_records
         self.records: list[Record] = []
-        self.problems: list[str] = []          # every reported finding, as reported
+        self.problems: collections.deque = collections.deque(maxlen=PROBLEMS_KEPT)   # findings, as reported
+        self.max_buffered = max_buffered
+        self.buffered_peak = 0                 # the most bytes that ever waited for one socket
+        self.fd_limit: int | None = None       # the soft RLIMIT_NOFILE in force once open
         self.connections_total = 0
         # (connection, channel, direction) -> (messages framed, bytes received), kept when a stream closes.
         self.stream_totals: dict[tuple[int, Channel, Direction], tuple[int, int]] = {}
@@ -206,7 +231,6 @@ class Proxy:
         self._display_tracker = None
         self._display_first_ns = None
         self._display_number = 0
-        self._reported_connections: set[int] = set()
         self._hooks = None
         self._hook_tracker = None
         if hooks:
@@ -227,6 +251,10 @@ class Proxy:
         # Routes whose target was found down: the listener is closed meanwhile. Route -> target inode then.
         self._outages: dict[Route, int | None] = {}
         self._timers: list = []
+        self._lingering: set[_Endpoint] = set()
+        self._accept_paused = False     # out of fds: listeners unwatched until some free up
+        self._fd_shortage_said = False  # one report per shortage, until a connection is accepted again
+        self._fd_retry = None
         self._timer_sequence = itertools.count()
         self._wake_read, self._wake_write = -1, -1
         self._stopping = False
@@ -246,6 +274,7 @@ class Proxy:
         """Bind every listening socket (mode `socket_mode`) and open the capture; raises ProxyError."""
         if self._opened:
             return
+        self._raise_fd_limit()
         self._epoll = select.epoll()
         self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._epoll.register(self._wake_read, select.EPOLLIN)
@@ -342,6 +371,8 @@ class Proxy:
             return
         for conn in list(self.connections.values()):
             self._close_connection(conn, "proxy stopping: connection closed")
+        for endpoint in list(self._lingering):
+            self._flush_lingering(endpoint, 0, "the proxy stopped")
         for route in list(self._refusals):
             self._note_refusals(route)
         self._close_listeners()
@@ -394,8 +425,14 @@ class Proxy:
     def _accept(self, listening: tuple[socket.socket, Route], _mask: int) -> None:
         listener, route = listening
         try:
+            self._check_fd_headroom()
             accepted, _address = listener.accept()
-        except OSError:
+            if self._fd_shortage_said:
+                self._fd_shortage_said = False
+                self._proxy_event("file descriptors are free again: accepting new connections")
+        except OSError as error:
+            if error.errno in _FDS_EXHAUSTED:
+                self._out_of_fds("accepting a connection")
             return
         target_role = route.target_role
         outgoing = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -478,6 +515,76 @@ class Proxy:
         self._emit(Record(time.time_ns(), 0, Channel.MAIN, Direction.FRONTEND_TO_BACKEND, b"", [],
                           RecordKind.EVENT, text))
 
+    # ---- the fd budget ----
+
+    def _raise_fd_limit(self) -> None:
+        """Each connection holds two fds and more with side channels: the common soft limit of 1,024 would
+        stop the proxy at about 500 connections. Raise it to the hard limit, as far as the kernel allows."""
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = hard
+        if hard == resource.RLIM_INFINITY:
+            try:
+                wanted = int(Path("/proc/sys/fs/nr_open").read_text())
+            except (OSError, ValueError):
+                wanted = soft
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+                if self.report is not None:
+                    self.report(f"open-file limit raised from {soft} to {wanted} (the hard limit)")
+            except (OSError, ValueError):
+                pass
+        self.fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+    def _check_fd_headroom(self) -> None:
+        """Raise EMFILE unless FD_HEADROOM fds are free: accepting a connection the proxy then cannot connect
+        onwards would close it on the client, where a direct connection would have waited in the backlog."""
+        probes = []
+        try:
+            for _ in range(FD_HEADROOM):
+                probes.append(os.dup(self._wake_read))
+        finally:
+            for fd in probes:
+                os.close(fd)
+
+    def _out_of_fds(self, doing: str) -> None:
+        """Stop accepting until a connection closes (or a short while passes); say so once per shortage.
+        The listeners stay open, so new clients wait in their backlog; open connections go on."""
+        if not self._fd_shortage_said:
+            self._fd_shortage_said = True
+            self._proxy_event(f"out of file descriptors while {doing} (limit {self.fd_limit}): not accepting "
+                              f"new connections until some are free; open ones go on", problem=True)
+        if self._accept_paused:
+            return
+        self._accept_paused = True
+        for listener, _route in self._listeners:
+            try:
+                self._epoll.modify(listener.fileno(), 0)
+            except OSError:
+                pass
+        self._fd_retry = self._schedule(FD_RETRY_SECONDS, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        if not self._accept_paused or self._stopping:
+            return
+        self._accept_paused = False
+        if self._fd_retry is not None:
+            self._fd_retry[4] = False
+            self._fd_retry = None
+        for listener, _route in self._listeners:
+            try:
+                self._epoll.modify(listener.fileno(), select.EPOLLIN)
+            except OSError:
+                pass
+
+    def _no_fds_for(self, conn: _Connection, channel: Channel, what: str, error: OSError) -> str:
+        """A side channel the proxy cannot interpose on for want of fds: passed on unchanged instead."""
+        text = f"{what} not interposed: {error.strerror or error}; passed on unchanged (not recorded)"
+        if error.errno in _FDS_EXHAUSTED:
+            self._out_of_fds(f"interposing on the {what}")
+        self._event(conn, channel, text, problem=True)
+        return text
+
     def _add_channel(self, conn: _Connection, channel: Channel, front_sock: socket.socket,
                      back_sock: socket.socket) -> None:
         front = _Endpoint(front_sock, conn, channel, FRONTEND)
@@ -533,8 +640,7 @@ class Proxy:
             self._send_failed(endpoint, error)
             return
         if sent < len(data):
-            peer.outbuf.append((data[sent:], []))
-            self._watch_writing(peer)
+            self._queue(peer, data[sent:], [])
 
     def _on_other_event(self, endpoint: _Endpoint, mask: int) -> None:
         if endpoint.closed:
@@ -676,24 +782,56 @@ class Proxy:
                 pass
 
     def _unwatch_reading(self, endpoint: _Endpoint) -> None:
+        self._rearm(endpoint)
+
+    def _rearm(self, endpoint: _Endpoint) -> None:
+        """Watch for what the endpoint can use now: writable while its outbuf holds something, readable
+        unless its sender closed or the proxy holds too much for the other side."""
+        mask = (_EPOLL_WRITE if endpoint.outbuf else 0) | \
+            (0 if endpoint.read_closed or endpoint.paused else _EPOLL_READ)
         try:
-            self._epoll.modify(endpoint.fd, _EPOLL_WRITE if endpoint.outbuf else 0)
+            self._epoll.modify(endpoint.fd, mask)
         except OSError:
             pass
 
-    def _close_channel(self, conn: _Connection, channel: Channel) -> None:
+    def _close_channel(self, conn: _Connection, channel: Channel, linger: bool = False) -> None:
         pair = conn.channels.pop(channel, None)
         if pair is None:
             return
         for endpoint in pair:
-            self._close_endpoint(endpoint)
+            self._close_endpoint(endpoint, linger)
 
-    def _close_endpoint(self, endpoint: _Endpoint) -> None:
+    def _close_endpoint(self, endpoint: _Endpoint, linger: bool = False) -> None:
+        """Close it; with `linger`, what its peer has not taken yet still goes out from the loop (a direct
+        connection's kernel buffer would have delivered it after the close too)."""
         if endpoint.closed:
             return
         endpoint.closed = True
-        self.stream_totals[(endpoint.conn.number, endpoint.channel, endpoint.direction)] = \
+        totals = self.stream_totals
+        totals[(endpoint.conn.number, endpoint.channel, endpoint.direction)] = \
             (endpoint.framer.messages, endpoint.received)
+        if len(totals) > STREAM_TOTALS_KEPT:
+            del totals[next(iter(totals))]
+        for item in endpoint.held:
+            for fd in item[1]:
+                os.close(fd)
+        endpoint.held.clear()
+        _, pending_fds = endpoint.framer.take_rest()
+        for fd in pending_fds:
+            os.close(fd)
+        if linger and endpoint.outbuf and not self._stopping:
+            self._lingering.add(endpoint)
+            self._handlers[endpoint.fd] = (self._flush_lingering, endpoint)
+            try:
+                self._epoll.modify(endpoint.fd, _EPOLL_WRITE)
+            except OSError:
+                pass
+            endpoint.linger_timer = self._schedule(LINGER_SECONDS, self._flush_lingering, endpoint, 0,
+                                                   f"it took nothing more for {LINGER_SECONDS:g} s")
+            return
+        self._release_socket(endpoint)
+
+    def _release_socket(self, endpoint: _Endpoint) -> None:
         self._handlers.pop(endpoint.fd, None)
         try:
             self._epoll.unregister(endpoint.fd)
@@ -703,14 +841,42 @@ class Proxy:
             for fd in fds:
                 os.close(fd)
         endpoint.outbuf.clear()
-        for item in endpoint.held:
-            for fd in item[1]:
-                os.close(fd)
-        endpoint.held.clear()
-        _, pending_fds = endpoint.framer.take_rest()
-        for fd in pending_fds:
-            os.close(fd)
+        endpoint.buffered = 0
         endpoint.sock.close()
+
+    def _flush_lingering(self, endpoint: _Endpoint, _mask: int, give_up: str | None = None) -> None:
+        """Send what the kernel takes now, without blocking; when all went, or on `give_up`, let it go."""
+        if endpoint not in self._lingering:
+            return
+        failure = None
+        while endpoint.outbuf:
+            data, fds = endpoint.outbuf[0]
+            try:
+                sent = send_some(endpoint.sock, data, fds)
+            except BlockingIOError:
+                if give_up is None:
+                    return
+                failure = give_up
+                break
+            except OSError as error:
+                failure = f"sending failed: {error.strerror or error}"
+                break
+            for fd in fds:
+                os.close(fd)
+            endpoint.buffered -= sent
+            if sent < len(data):
+                endpoint.outbuf[0] = (data[sent:], [])
+            else:
+                endpoint.outbuf.popleft()
+        self._lingering.discard(endpoint)
+        endpoint.linger_timer[4] = False
+        endpoint.linger_timer = None
+        undelivered = endpoint.buffered
+        self._release_socket(endpoint)
+        if undelivered:
+            self._event(endpoint.conn, endpoint.channel, f"{undelivered} byte(s) for the {endpoint.side} not "
+                        f"delivered after the connection ended: {failure}", problem=True)
+        self._resume_accepting()
 
     def _close_connection(self, conn: _Connection, reason: str) -> None:
         if conn.closed:
@@ -725,15 +891,14 @@ class Proxy:
             if pair is None:
                 continue
             for endpoint in pair:
-                # What the kernel would not take yet still goes out, best effort, before the close.
+                # What the kernel takes now goes at once; the rest lingers (never blocking the loop).
                 if endpoint.outbuf:
-                    endpoint.sock.setblocking(True)
-                    endpoint.sock.settimeout(0.5)
                     self._flush_out(endpoint)
-            self._close_channel(conn, channel)
+            self._close_channel(conn, channel, linger=True)
         self.connections.pop(conn.number, None)
         self._event(conn, Channel.MAIN, reason, problem=reason.startswith(("front-end disconnected",
                                                                            "back-end disconnected")))
+        self._resume_accepting()
 
     # ---- forwarding ----
 
@@ -811,49 +976,75 @@ class Proxy:
     def _send(self, endpoint: _Endpoint, data: bytes, fds: list[int]) -> bool:
         """Send now if the kernel takes it; else queue. True if the caller may close the fds now."""
         if endpoint.outbuf:
-            endpoint.outbuf.append((data, fds))
+            self._queue(endpoint, data, fds)
             return False
         try:
             sent = send_some(endpoint.sock, data, fds)
         except BlockingIOError:
-            endpoint.outbuf.append((data, fds))
-            self._watch_writing(endpoint)
+            self._queue(endpoint, data, fds)
             return False
         if sent < len(data):
-            endpoint.outbuf.append((data[sent:], []))
-            self._watch_writing(endpoint)
+            self._queue(endpoint, data[sent:], [])
         return True
 
-    def _watch_writing(self, endpoint: _Endpoint) -> None:
-        mask = _EPOLL_WRITE | (0 if endpoint.read_closed else _EPOLL_READ)
-        try:
-            self._epoll.modify(endpoint.fd, mask)
-        except OSError:
-            pass
+    def _queue(self, endpoint: _Endpoint, data: bytes, fds: list[int]) -> None:
+        """Keep what the kernel would not take yet. Past max_buffered, stop reading from the side that sends
+        it (back-pressure, as a direct connection's full socket buffer would do) until the endpoint drains."""
+        first = not endpoint.outbuf
+        endpoint.outbuf.append((data, fds))
+        endpoint.buffered += len(data)
+        if first:
+            self._rearm(endpoint)
+        if endpoint.buffered > self.max_buffered:
+            if endpoint.buffered > self.buffered_peak:
+                self.buffered_peak = endpoint.buffered
+            source = endpoint.peer
+            if not source.paused and not source.closed:
+                self._pause_reading(source)
+
+    def _pause_reading(self, source: _Endpoint) -> None:
+        destination = source.peer
+        source.paused = True
+        source.paused_at = time.monotonic()
+        self._rearm(source)
+        self._event(source.conn, source.channel, f"the {destination.side} is not taking what the {source.side} "
+                    f"sends: {destination.buffered} bytes wait in the proxy (limit {self.max_buffered}); not "
+                    f"reading from the {source.side} until the {destination.side} takes them", problem=True)
+
+    def _resume_reading(self, source: _Endpoint) -> None:
+        destination = source.peer
+        source.paused = False
+        self._rearm(source)
+        self._event(source.conn, source.channel, f"the {destination.side} took the backlog "
+                    f"({destination.buffered} bytes still wait): reading from the {source.side} again after "
+                    f"{time.monotonic() - source.paused_at:.3f} s")
 
     def _flush_out(self, endpoint: _Endpoint) -> None:
         while endpoint.outbuf:
             data, fds = endpoint.outbuf[0]
             try:
                 sent = send_some(endpoint.sock, data, fds)
-            except (BlockingIOError, socket.timeout):
-                return
+            except BlockingIOError:
+                break
             except OSError as error:
                 if not endpoint.conn.closed:
                     self._peer_gone(endpoint, error.strerror or str(error))
                 return
             for fd in fds:
                 os.close(fd)
+            endpoint.buffered -= sent
             if sent < len(data):
                 endpoint.outbuf[0] = (data[sent:], [])
             else:
                 endpoint.outbuf.popleft()
         if endpoint.closed or endpoint.conn.closed:
             return
-        try:
-            self._epoll.modify(endpoint.fd, 0 if endpoint.read_closed else _EPOLL_READ)
-        except OSError:
-            pass
+        source = endpoint.peer
+        if source.paused and endpoint.buffered <= self.max_buffered // 2 and not source.closed:
+            self._resume_reading(source)
+        if endpoint.outbuf:
+            return
+        self._rearm(endpoint)
         if endpoint.shutdown_pending:
             endpoint.shutdown_pending = False
             self._shut_write(endpoint)
@@ -865,11 +1056,18 @@ class Proxy:
         if channel is None or len(fds) != 1 or describe_fd(fds[0]).kind != "socket":
             return None
         conn = endpoint.conn
+        what = f"{channel.name.lower()} channel of message #{conn.messages}"
         try:
             frontend_side = socket.socket(fileno=os.dup(fds[0]))
-        except OSError:
+        except OSError as error:
+            self._no_fds_for(conn, channel, what, error)
             return None
-        proxy_end, backend_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            proxy_end, backend_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as error:
+            frontend_side.close()
+            self._no_fds_for(conn, channel, what, error)
+            return None
         if channel in conn.channels:
             self._event(conn, channel, f"{channel.name.lower()} channel replaced by message #{conn.messages}")
             self._close_channel(conn, channel)
@@ -906,9 +1104,14 @@ class Proxy:
         recipient_writes = access == os.O_WRONLY
         try:
             theirs = os.dup(fds[0])
-        except OSError:
+            try:
+                read_end, write_end = os.pipe2(os.O_CLOEXEC)
+            except OSError:
+                os.close(theirs)
+                raise
+        except OSError as error:
+            self._no_fds_for(conn, Channel.DEVICE_STATE, f"device-state pipe of message #{conn.messages}", error)
             return None, None
-        read_end, write_end = os.pipe2(os.O_CLOEXEC)
         if recipient_writes:     # the recipient writes into our pipe; we copy into the fd it would have had
             given, relay = write_end, _StreamRelay(conn, read_end, theirs, peer.direction, what)
         else:                    # the recipient reads our pipe; we fill it from the fd it would have had
@@ -1133,7 +1336,7 @@ class Proxy:
         from .present import record_line
         if self._display_tracker is None:
             from .analysis import Analyzer
-            self._display_tracker = Analyzer()
+            self._display_tracker = Analyzer(keep=False)   # streaming: memory stays flat however long
         analyzer = self._display_tracker
         shown = 0
         while self._display_backlog and (limit is None or shown < limit):
@@ -1148,11 +1351,11 @@ class Proxy:
             self._display(record_line(self._display_number, relative, record, message, self._colour))
             for finding in findings:
                 self._display(f"        [expert] {finding.line()}")
-            if record.kind == RecordKind.EVENT and analyzer.state(record.connection).ended \
-                    and record.connection not in self._reported_connections:
-                self._reported_connections.add(record.connection)
+            if record.kind == RecordKind.EVENT and record.connection not in analyzer.forgotten \
+                    and analyzer.state(record.connection).ended:
                 from .analysis import connection_report
                 self._display(connection_report(analyzer, record.connection))
+                analyzer.forget(record.connection)
             shown += 1
 
 
@@ -1225,6 +1428,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--interpose-device-state", action="store_true",
                         help="interpose on SET_DEVICE_STATE_FD's pipe: relay the migration stream through a pipe of the "
                              "proxy's and record it (channel device_state, opaque bytes)")
+    parser.add_argument("--max-buffered", type=int, default=MAX_BUFFERED_DEFAULT, metavar="BYTES",
+                        help="bytes that may wait in the proxy for a peer that does not read; past it the proxy "
+                             f"stops reading from the other side until the peer catches up (default "
+                             f"{MAX_BUFFERED_DEFAULT})")
     add_hook_arguments(parser)
     return parser
 
@@ -1267,7 +1474,8 @@ def main(argv=None) -> int:
     colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     proxy = Proxy(routes, capture=args.write, hooks=hooks, on_hook_error=args.on_hook_error,
                   display=None if args.quiet else line_printer(), colour=colour, keep_records=False,
-                  socket_mode=args.socket_mode, interpose_device_state=args.interpose_device_state)
+                  socket_mode=args.socket_mode, interpose_device_state=args.interpose_device_state,
+                  max_buffered=args.max_buffered)
     try:
         proxy.open()
     except (ProxyError, OSError) as error:

@@ -1,0 +1,75 @@
+"""A vhost-user echo back-end for many connections at once: one thread, one epoll; every whole message gets a
+20-byte reply (its request number, flags REPLY, u64 42). fds that come with a message are closed.
+
+    python3 benchmarks/echo_backend.py SOCKET      # prints "ready" once listening; runs until killed
+
+It raises its own soft open-file limit to the hard one, so that it can hold as many connections as a test or
+benchmark opens. Used by benchmarks/bench_soak.py and the proxy's fd-budget tests.
+"""
+import os
+import resource
+import select
+import socket
+import struct
+import sys
+
+HEADER = struct.Struct("<III")
+
+
+def serve(path: str) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(4096)
+    server.setblocking(False)
+    poller = select.epoll()
+    poller.register(server.fileno(), select.EPOLLIN)
+    clients: dict[int, tuple[socket.socket, bytearray]] = {}
+    print("ready", flush=True)
+    while True:
+        for fd, _mask in poller.poll():
+            if fd == server.fileno():
+                while True:
+                    try:
+                        client, _ = server.accept()
+                    except BlockingIOError:
+                        break
+                    client.setblocking(False)
+                    clients[client.fileno()] = (client, bytearray())
+                    poller.register(client.fileno(), select.EPOLLIN)
+                continue
+            client, pending = clients[fd]
+            try:
+                data, ancillary, _flags, _ = client.recvmsg(65536, socket.CMSG_SPACE(64 * 4))
+            except BlockingIOError:
+                continue
+            except OSError:
+                data, ancillary = b"", []
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    for (passed,) in struct.iter_unpack("i", payload[:len(payload) - len(payload) % 4]):
+                        os.close(passed)
+            if not data:
+                poller.unregister(fd)
+                client.close()
+                del clients[fd]
+                continue
+            pending += data
+            replies = []
+            while len(pending) >= 12:
+                request, _flags, size = HEADER.unpack_from(pending)
+                if len(pending) < 12 + size:
+                    break
+                del pending[:12 + size]
+                replies.append(HEADER.pack(request, 5, 8) + struct.pack("<Q", 42))
+            if replies:
+                try:
+                    client.sendall(b"".join(replies))
+                except OSError:
+                    pass
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1])

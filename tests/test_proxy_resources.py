@@ -1,0 +1,235 @@
+"""The proxy's resource behaviour under faults only a fake peer makes: a peer that stops reading (back-pressure,
+closing without blocking), running out of file descriptors, and memory over a long session.
+
+The principle: the proxy never leaves a session worse off than a direct connection would, and one
+connection's trouble never stalls the others."""
+import hashlib
+import os
+import resource
+import select
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import tracemalloc
+from pathlib import Path
+
+import pytest
+from peers import FakeBackend, FakeFrontend, message, open_fds
+
+from vhusniff import proxy as proxy_module
+from vhusniff.analysis import Analyzer
+from vhusniff.model import Channel, Direction, Record, RecordKind
+from vhusniff.proxy import Proxy, Route
+from vhusniff.sockio import RECV_SIZE
+
+ROOT = Path(__file__).resolve().parent.parent
+GET_FEATURES, SET_OWNER, GET_QUEUE_NUM = 1, 3, 17
+MiB = 1 << 20
+
+
+def _poll(predicate, timeout=10.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def _settled(value, quiet=0.3, timeout=20.0):
+    """Poll value() until it has not changed for `quiet` seconds; returns it."""
+    deadline = time.monotonic() + timeout
+    last, since = value(), time.monotonic()
+    while time.monotonic() - since < quiet:
+        if time.monotonic() > deadline:
+            raise AssertionError("value kept changing")
+        time.sleep(0.02)
+        now = value()
+        if now != last:
+            last, since = now, time.monotonic()
+    return last
+
+
+class StuckBackend:
+    """A back-end that accepts and then reads nothing until told to (`read_all`)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(self.path)
+        self.server.listen(8)
+        self.server.settimeout(5)
+
+    def accept(self) -> socket.socket:
+        client, _ = self.server.accept()
+        client.settimeout(10)
+        return client
+
+    def close(self):
+        self.server.close()
+
+
+def _read_until_eof(sock, limit=None):
+    digest, total = hashlib.sha256(), 0
+    while limit is None or total < limit:
+        data = sock.recv(1 << 20)
+        if not data:
+            break
+        digest.update(data)
+        total += len(data)
+    return total, digest.hexdigest()
+
+
+class Flood:
+    """Writes `blocks` blocks of 4 KiB-payload SET_OWNER messages (each numbered) as fast as the socket takes
+    them, in a thread; `sent` counts the bytes the kernel took, `digest` hashes them in order."""
+
+    def __init__(self, sock, blocks, messages_per_block=1024):
+        self.sock, self.sent, self.digest = sock, 0, hashlib.sha256()
+        self.blocks, self.per_block = blocks, messages_per_block
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        filler = b"\xa5" * (4096 - 12 - 8)
+        for block in range(self.blocks):
+            data = b"".join(message(SET_OWNER, struct.pack("<Q", block * self.per_block + n) + filler)
+                            for n in range(self.per_block))
+            view = memoryview(data)
+            while view:
+                taken = self.sock.send(view)
+                self.digest.update(view[:taken])
+                self.sent += taken
+                view = view[taken:]
+
+    @property
+    def total(self):
+        return self.blocks * self.per_block * 4096
+
+
+def _events(records):
+    return [r.note for r in records if r.kind == RecordKind.EVENT]
+
+
+# ---------------------------------------------------------------- back-pressure
+
+def test_backend_that_never_reads_is_met_with_back_pressure_and_gets_every_byte_in_order(tmp_path):
+    limit = 4 * MiB
+    stuck = StuckBackend(tmp_path / "stuck.sock")
+    events = []
+    with FakeBackend(tmp_path / "fake.sock") as fake:
+        proxy = Proxy([Route.forward(tmp_path / "a.sock", stuck.path), Route.forward(tmp_path / "b.sock", fake.path)],
+                      keep_records=False, max_buffered=limit, report=None,
+                      on_record=lambda r: events.append(r) if r.kind == RecordKind.EVENT else None).start()
+        try:
+            flooder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            flooder.connect(str(tmp_path / "a.sock"))
+            backend = stuck.accept()
+            flood = Flood(flooder, blocks=52)            # 208 MiB
+            stalled_at = _settled(lambda: flood.sent)
+            assert stalled_at < flood.total, "the flood went through a back-end that reads nothing"
+            # What the front-end got rid of: the proxy's out-buffer plus the kernel's socket buffers.
+            assert stalled_at <= limit + RECV_SIZE + 2 * MiB, stalled_at
+            assert proxy.buffered_peak <= limit + RECV_SIZE, proxy.buffered_peak
+            pauses = [n for n in _events(events) if "is not taking what the front-end sends" in n]
+            assert len(pauses) == 1, _events(events)
+            assert "back-end" in pauses[0] and events[-1].connection == 1
+            # Meanwhile another connection is served as usual.
+            healthy = FakeFrontend(tmp_path / "b.sock")
+            for _ in range(20):
+                assert healthy.ask(GET_QUEUE_NUM) == 42
+            healthy.close()
+            # The back-end reads again: every byte arrives, in order.
+            received, digest = _read_until_eof(backend, flood.total)
+            flood.thread.join(10)
+            assert received == flood.sent == flood.total
+            assert digest == flood.digest.hexdigest()
+            notes = _events(events)
+            paused = sum("is not taking" in n for n in notes)
+            resumed = sum("took the backlog" in n for n in notes)
+            assert paused >= 1 and resumed == paused, notes      # every episode reported once, and its end
+            assert proxy.buffered_peak <= limit + RECV_SIZE
+            flooder.close()
+            backend.close()
+        finally:
+            proxy.stop()
+            stuck.close()
+
+
+def test_max_buffered_is_a_cli_option():
+    parser = proxy_module.build_parser()
+    args = parser.parse_args(["--listen", "a", "--backend", "b", "--max-buffered", "1048576"])
+    assert args.max_buffered == 1 << 20
+    assert parser.parse_args(["--listen", "a", "--backend", "b"]).max_buffered == proxy_module.MAX_BUFFERED_DEFAULT
+
+
+# ---------------------------------------------------------------- closing never blocks
+
+class Pinger:
+    """Asks GET_QUEUE_NUM over and over on a healthy connection, in a thread; keeps the worst round trip."""
+
+    def __init__(self, path):
+        self.client = FakeFrontend(path)
+        self.worst, self.trips, self.stop = 0.0, 0, False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self.stop:
+            started = time.perf_counter()
+            assert self.client.ask(GET_QUEUE_NUM) == 42
+            self.worst = max(self.worst, time.perf_counter() - started)
+            self.trips += 1
+
+    def finish(self):
+        self.stop = True
+        self.thread.join(5)
+        self.client.close()
+
+
+def test_closing_a_connection_whose_peer_is_full_never_stalls_the_others(tmp_path, monkeypatch):
+    monkeypatch.setattr(proxy_module, "LINGER_SECONDS", 1.0)
+    stuck = StuckBackend(tmp_path / "stuck.sock")
+    events = []
+    with FakeBackend(tmp_path / "fake.sock") as fake:
+        proxy = Proxy([Route.forward(tmp_path / "a.sock", stuck.path), Route.forward(tmp_path / "b.sock", fake.path)],
+                      keep_records=False, report=None,
+                      on_record=lambda r: events.append(r) if r.kind == RecordKind.EVENT else None).start()
+        try:
+            pinger = Pinger(tmp_path / "b.sock")
+            _poll(lambda: pinger.trips > 10, what="the healthy connection")
+            # Two connections whose back-ends take nothing: one reads its backlog after the close, one never.
+            flows = []
+            for _ in range(2):
+                front = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                front.connect(str(tmp_path / "a.sock"))
+                back = stuck.accept()
+                payload = b"".join(message(SET_OWNER, struct.pack("<Q", n) + b"\x5a" * 4000) for n in range(512))
+                front.sendall(payload)                      # ~2 MiB: the kernel's buffers and the proxy's
+                flows.append((front, back, hashlib.sha256(payload).hexdigest(), len(payload)))
+            worst_before = pinger.worst
+            for front, back, _digest, _size in flows:
+                back.shutdown(socket.SHUT_WR)               # the back-end stops sending, still reads nothing
+                front.close()                               # then the front-end goes: the proxy closes the pair
+            _poll(lambda: sum("closed too" in n for n in _events(events)) == 2, what="both closes")
+            trips_at_close = pinger.trips
+            _poll(lambda: pinger.trips > trips_at_close + 20, what="round trips after the closes")
+            # The first back-end reads what was sent before the close: all of it, in order.
+            front, back, digest, size = flows[0]
+            assert _read_until_eof(back) == (size, digest)
+            # The second takes nothing: after the grace period the rest is dropped, and that is said.
+            _poll(lambda: any("not delivered after the connection ended" in n for n in _events(events)),
+                  what="the undelivered bytes to be reported")
+            pinger.finish()
+            assert pinger.worst < 0.1, f"a round trip took {pinger.worst * 1000:.0f} ms (before: " \
+                                       f"{worst_before * 1000:.0f} ms)"
+            dropped = [n for n in _events(events) if "not delivered after" in n]
+            assert len(dropped) == 1 and "byte(s) for the back-end" in dropped[0], dropped
+            assert flows[1][1].recv(1 << 20), "what the kernel took was delivered"
+            for _front, back, _digest, _size in flows:
+                back.close()
+        finally:
+            proxy.stop()
+            stuck.close()
