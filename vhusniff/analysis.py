@@ -6,11 +6,14 @@
     analyzer.finish()                    # end-of-capture checks (requests still waiting)
     analyzer.findings, analyzer.transactions, analyzer.state(1).format()
 
-The live proxy calls `feed` for every record and, when a connection ends, prints `analyzer.format_state(c)`
-and `analyzer.connection_report(c)`.
+The live proxy streams: `Analyzer(keep=False)` summarises each transaction (counts and response times per
+request, in `summary`) instead of keeping it, keeps findings per connection (at most
+FINDINGS_KEPT_PER_CONNECTION), and `forget(c)` drops an ended connection once its report is printed, so its
+memory stays flat over a long session. The offline commands keep everything (the default).
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from . import catalogue as cat
@@ -19,6 +22,11 @@ from .model import Channel, Direction, Record, RecordKind
 from .protocol import Message, request_name
 from .session import ContextTracker
 from .state import ConnectionState, classify_event, protocol_feature_set
+
+# Streaming (keep=False): findings kept per connection for its report; connections remembered as forgotten.
+FINDINGS_KEPT_PER_CONNECTION = 1000
+FORGOTTEN_KEPT = 4096
+
 
 class Expect:
     """What a request waits for."""
@@ -73,23 +81,51 @@ class Transaction:
 
 
 @dataclass
+class ResponseSummary:
+    """What streaming analysis keeps of one request's transactions: counts and response-time aggregates."""
+    count: int = 0
+    answered: int = 0
+    total_seconds: float = 0.0
+    min_seconds: float | None = None
+    max_seconds: float = 0.0
+
+    def add_response(self, seconds: float) -> None:
+        self.answered += 1
+        self.total_seconds += seconds
+        self.max_seconds = max(self.max_seconds, seconds)
+        self.min_seconds = seconds if self.min_seconds is None else min(self.min_seconds, seconds)
+
+    @property
+    def mean_seconds(self) -> float | None:
+        return self.total_seconds / self.answered if self.answered else None
+
+
+@dataclass
 class ConnectionAnalysis:
     state: ConnectionState
     waiting: dict[Channel, list[Transaction]] = field(default_factory=dict)   # per channel, oldest first
+    findings: list[Finding] = field(default_factory=list)     # streaming only: this connection's, the first ones
+    findings_not_kept: int = 0
 
     def outstanding(self) -> list[Transaction]:
         return [t for queue in self.waiting.values() for t in queue if t.expect != Expect.MAYBE]
 
 
 class Analyzer:
-    """Feeds records in capture order; keeps state, transactions and findings for every connection."""
+    """Feeds records in capture order; keeps state, transactions and findings for every connection.
 
-    def __init__(self, device_type: str | None = None, profile: cat.Profile = cat.SPEC_PROFILE):
+    keep=False streams (the live proxy): transactions are summarised in `summary`, `transactions` and
+    `findings` stay empty (`findings_for` answers per connection), and `forget` drops an ended connection."""
+
+    def __init__(self, device_type: str | None = None, profile: cat.Profile = cat.SPEC_PROFILE, keep: bool = True):
         self.tracker = ContextTracker(device_type, profile)
         self.profile = profile
+        self.keep = keep
         self.connections: dict[int, ConnectionAnalysis] = {}
         self.transactions: list[Transaction] = []
         self.findings: list[Finding] = []
+        self.summary: dict[tuple[Channel, str], ResponseSummary] = {}
+        self.forgotten: OrderedDict[int, None] = OrderedDict()
         self.records = 0
         self.first_ns: int | None = None
         self.finished = False
@@ -102,7 +138,19 @@ class Analyzer:
         return self.state(connection).format()
 
     def findings_for(self, connection: int) -> list[Finding]:
+        if not self.keep:
+            conn = self.connections.get(connection)
+            return list(conn.findings) if conn is not None else []
         return [f for f in self.findings if f.connection == connection]
+
+    def forget(self, connection: int) -> None:
+        """Streaming: drop what is known of a connection (its report was printed); its later records are
+        ignored. Only the last FORGOTTEN_KEPT numbers are remembered."""
+        self.connections.pop(connection, None)
+        self.tracker.contexts.pop(connection, None)
+        self.forgotten[connection] = None
+        if len(self.forgotten) > FORGOTTEN_KEPT:
+            self.forgotten.popitem(last=False)
 
     def findings_by_number(self, every_number: bool = False) -> dict[int, list[Finding]]:
         """Findings by the record they are attached to (or, with every_number, by every record involved)."""
@@ -117,6 +165,25 @@ class Analyzer:
 
         Returns the findings this record raised."""
         self.records += 1
+        if self.keep:
+            return self._feed(record, message, number)
+        if record.connection in self.forgotten:
+            return []
+        return self._retain(self._feed(record, message, number))
+
+    def _retain(self, new: list[Finding]) -> list[Finding]:
+        """Streaming: the new findings go to their connections (up to a bound), not to `findings`."""
+        if new:
+            self.findings.clear()
+            for finding in new:
+                conn = self._connection(finding.connection)
+                if len(conn.findings) < FINDINGS_KEPT_PER_CONNECTION:
+                    conn.findings.append(finding)
+                else:
+                    conn.findings_not_kept += 1
+        return new
+
+    def _feed(self, record: Record, message: Message | None, number: int | None) -> list[Finding]:
         number = self.records if number is None else number
         if self.first_ns is None:
             self.first_ns = record.timestamp_ns
@@ -150,7 +217,8 @@ class Analyzer:
                     self._add("capture-ended-with-request-outstanding", transaction.connection,
                               (transaction.request_number,), f"{transaction.name} still waits for its "
                                                              f"{transaction.expect}")
-        return self.findings[before:]
+        new = self.findings[before:]
+        return new if self.keep else self._retain(new)
 
     def run(self, records) -> "Analyzer":
         for record in records:
@@ -180,7 +248,13 @@ class Analyzer:
                                  state.postcopy_listening)
             transaction = Transaction(record.connection, record.channel, message.request, message.name, number,
                                       record.timestamp_ns, expect, message.size)
-            self.transactions.append(transaction)
+            if self.keep:
+                self.transactions.append(transaction)
+            else:
+                key = (record.channel, message.name)
+                if key not in self.summary:
+                    self.summary[key] = ResponseSummary()
+                self.summary[key].count += 1
             if expect != Expect.NOTHING:
                 queue.append(transaction)
             else:
@@ -194,6 +268,10 @@ class Analyzer:
         transaction = queue.pop(0)
         transaction.reply_number, transaction.reply_ns = number, record.timestamp_ns
         transaction.outcome = "answered"
+        if not self.keep:
+            summary = self.summary.get((transaction.channel, transaction.name))
+            if summary is not None:
+                summary.add_response(transaction.response_seconds)
         if transaction.request != message.request:
             self._add("reply-mismatch", record.connection, (number, transaction.request_number),
                       f"{message.name} reply while {transaction.name} (#{transaction.request_number}) waited")
@@ -269,10 +347,15 @@ def connection_report(analyzer: Analyzer, connection: int) -> str:
         counts[str(finding.severity)] = counts.get(str(finding.severity), 0) + 1
     lines.append("  Findings: " + (", ".join(f"{n} {severity}" for severity, n in counts.items()) or "none"))
     lines += ["    " + finding.line() for finding in findings]
+    conn = analyzer.connections.get(connection)
+    if conn is not None and conn.findings_not_kept:
+        lines.append(f"    ... and {conn.findings_not_kept} more finding(s), not kept")
     lines.append("  Negotiation")
     lines += ["    " + line for line in state.negotiation_lines()]
     lines.append("  Device start and stop")
     lines += [f"    #{number:<5} {text}" for number, text in state.history] or ["    (the device never started)"]
+    if state.history_not_kept:
+        lines.append(f"    ... and {state.history_not_kept} more, not kept")
     lines.append("  State at the end")
     lines += ["  " + line for line in state.format(negotiation=False).splitlines()[1:]]
     return "\n".join(lines)
@@ -284,5 +367,5 @@ def direction_for(channel: Channel, is_reply: bool) -> Direction:
     return Direction.FRONTEND_TO_BACKEND if frontend_sends else Direction.BACKEND_TO_FRONTEND
 
 
-__all__ = ["Analyzer", "connection_report", "Transaction", "Expect", "classify_event", "end_summary", "request_name",
+__all__ = ["Analyzer", "ResponseSummary", "connection_report", "Transaction", "Expect", "classify_event", "end_summary", "request_name",
            "direction_for", "expectation"]

@@ -19,6 +19,9 @@ NOFD = "NOFD"               # a vring fd slot set explicitly to "no fd, poll ins
 PROTOCOL_FEATURES_BIT = 30
 ACCESS_PLATFORM_BIT = 33
 RING_PACKED_BIT = 34
+# Milestones kept for a connection's report (start/stop, memory, status); a session that toggles rings
+# for days keeps the first ones and counts the rest.
+HISTORY_KEPT = 1000
 
 
 def protocol_feature_set(profile: cat.Profile, protocol_features: int, name: str) -> bool:
@@ -125,6 +128,7 @@ class ConnectionState:
     ended_note: str = ""
     history: list[tuple[int, str]] = field(default_factory=list)   # milestones for the report
     last_request: tuple[int, str] | None = None
+    history_not_kept: int = 0
 
     # --- what the negotiation allows -------------------------------------------------------------------------
     def protocol_feature(self, name: str) -> bool:
@@ -163,6 +167,13 @@ class ConnectionState:
             self.vrings[index] = VringState(index)
         return self.vrings[index]
 
+    def _milestone(self, milestone: tuple[int, str]) -> None:
+        """(message number, text) for the report's start-and-stop history, up to HISTORY_KEPT."""
+        if len(self.history) < HISTORY_KEPT:
+            self.history.append(milestone)
+        else:
+            self.history_not_kept += 1
+
     # --- feeding -----------------------------------------------------------------------------------------------
     def feed(self, number: int, record: Record, message: Message | None) -> None:
         if self.first_number is None:
@@ -187,14 +198,14 @@ class ConnectionState:
         note = record.note
         kind = classify_event(note, record.channel)
         if kind == "channel-end":
-            self.history.append((number, note))
+            self._milestone((number, note))
             if record.channel == Channel.BACKEND:
                 self.backend_channel = None
         elif kind == "connect" and not self.connected_note:
             self.connected_note = note
         elif kind == "end" and not self.ended:
             self.ended_number, self.ended_note = number, note
-            self.history.append((number, f"connection ended: {note}"))
+            self._milestone((number, f"connection ended: {note}"))
 
     def _reply(self, number: int, message: Message) -> None:
         payload, request = message.payload, message.request
@@ -216,7 +227,7 @@ class ConnectionState:
         fd = record.fds[0] if record.fds else None
         if request == F.SET_FEATURES:
             if payload.features != self.features_acked:
-                self.history.append((number, f"features acked {payload.features:#x}"))
+                self._milestone((number, f"features acked {payload.features:#x}"))
             self.features_acked = payload.features
         elif request == F.SET_PROTOCOL_FEATURES:
             self.protocol_features_acked = payload.protocol_features
@@ -231,19 +242,19 @@ class ConnectionState:
             self.regions = [MemoryRegion(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset,
                                          record.fds[i] if i < len(record.fds) else None, number)
                             for i, r in enumerate(payload.region)]
-            self.history.append((number, f"memory table: {len(self.regions)} region(s)"))
+            self._milestone((number, f"memory table: {len(self.regions)} region(s)"))
         elif request == F.ADD_MEM_REG and kind.startswith("mem_region"):
             r = payload.region
             region = MemoryRegion(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset, fd, number)
             self.memory_mode = "slots"
             self.regions = [old for old in self.regions if not old.same_region(region)] + [region]
-            self.history.append((number, f"memory region added gpa={region.guest_phys_addr:#x} "
+            self._milestone((number, f"memory region added gpa={region.guest_phys_addr:#x} "
                                          f"size={region.memory_size:#x}"))
         elif request == F.REM_MEM_REG and kind.startswith("mem_region"):
             r = payload.region
             gone = MemoryRegion(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset, None, number)
             self.regions = [old for old in self.regions if not old.same_region(gone)]
-            self.history.append((number, f"memory region removed gpa={gone.guest_phys_addr:#x}"))
+            self._milestone((number, f"memory region removed gpa={gone.guest_phys_addr:#x}"))
         elif request == F.SET_LOG_FD:
             self.log_fd = fd
         elif request == F.SET_VRING_NUM:
@@ -267,16 +278,16 @@ class ConnectionState:
             vring = self.vring(payload.index)
             if vring.started:
                 vring.started = False
-                self.history.append((number, f"ring {vring.index} stopped (GET_VRING_BASE)"
+                self._milestone((number, f"ring {vring.index} stopped (GET_VRING_BASE)"
                                              + (", device suspended" if self.suspended else "")))
         elif request == F.SET_VRING_ENABLE:
             self.vring(payload.index).enabled = bool(payload.num)
-            self.history.append((number, f"ring {payload.index} {'enabled' if payload.num else 'disabled'}"))
+            self._milestone((number, f"ring {payload.index} {'enabled' if payload.num else 'disabled'}"))
         elif request == F.SET_BACKEND_REQ_FD:
             self.backend_channel, self.backend_channel_number = fd, number
         elif request == F.SET_STATUS:
             self.status = payload.status
-            self.history.append((number, f"status {cat.bit_names(payload.status, cat.DEVICE_STATUS)}"))
+            self._milestone((number, f"status {cat.bit_names(payload.status, cat.DEVICE_STATUS)}"))
         elif request == F.POSTCOPY_LISTEN:
             self.postcopy_listening = True
         elif request == F.POSTCOPY_END:
@@ -285,7 +296,7 @@ class ConnectionState:
     def _start(self, number: int, vring: VringState, how: str) -> None:
         if not vring.started:
             vring.started = vring.ever_started = True
-            self.history.append((number, f"ring {vring.index} started ({how})"))
+            self._milestone((number, f"ring {vring.index} started ({how})"))
 
     # --- showing -----------------------------------------------------------------------------------------------
     def _feature_text(self, value: int | None) -> str:
