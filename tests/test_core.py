@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vhusniff import catalogue as cat
-from vhusniff.engine import (HALF_CLOSE_GRACE_SECONDS, Capture, CloseChannel, CloseConnection, CloseFds, Note, Send,
-                             Session, ShutWrite, Side, StopReading, Wake)
+from vhusniff.engine import (HALF_CLOSE_GRACE_SECONDS, Capture, CloseChannel, CloseConnection, CloseFds, Inject,
+                             Note, Send, Session, ShutWrite, Side, StopReading, Wake)
 from vhusniff.hooks import HookChain
 from vhusniff.model import Channel, Direction
 from vhusniff.protocol import MAX_PAYLOAD_SIZE, build_message
@@ -274,6 +274,52 @@ def test_messages_after_a_hook_disconnect_in_the_same_chunk_go_nowhere():
     out = session.received(MAIN, F, GET_FEATURES + SET_VRING_KICK, [5], 1)
     assert hook.seen == [1]
     assert CloseFds([5]) in out and not of(out, Send)
+
+
+# ---- a scripted side (replay): injections go to its script ----
+
+def scripted(side, verdict):
+    hook = Hook(verdict)
+    return Session(1, HookChain([hook], report=lambda text: None), ContextTracker(), scripted=side), hook
+
+
+def test_a_scripted_side_is_handed_what_a_hook_injects_for_it_and_sends_it_when_it_may():
+    def inject(flow):
+        if flow.number == 1:
+            flow.inject(SET_OWNER, to_backend=True, fds=[9])
+    session, hook = scripted(F, inject)
+    out = session.received(MAIN, B, FEATURES_REPLY, [], 1)
+    assert of(out, Send) == [Send(MAIN, F, FEATURES_REPLY, [])] and of(out, Inject) == [Inject(MAIN, F, SET_OWNER, [9])]
+    out = session.send_injected(MAIN, F, SET_OWNER, [9], 2)
+    assert of(out, Send) == [Send(MAIN, B, SET_OWNER, [9])] and of(out, Capture)[0].note == "injected by hook"
+    assert hook.seen == [1], "an injection does not run through the hooks"
+
+
+def test_a_scripted_side_sends_only_what_its_role_sends():
+    def inject(flow):
+        flow.inject(FEATURES_REPLY, to_backend=False, fds=[4])                     # a back-end reply
+        flow.inject(CONFIG_CHANGE, to_backend=False, channel=Channel.BACKEND)      # a back-end request
+    session, _hook = scripted(F, inject)
+    out = session.received(MAIN, F, GET_FEATURES, [], 1)
+    assert of(out, Inject) == [] and CloseFds([4]) in out
+    texts = [note.text for note in of(out, Note) if note.problem]
+    assert texts[0] == ("a hook injected GET_FEATURES reply features=0x100000000(VERSION_1) on the main channel "
+                        "B>F: front-end replay sends only what a front-end sends (F>B: requests on the main channel, "
+                        "replies on the back-end channel); skipped"), texts
+    assert "injected CONFIG_CHANGE_MSG on the back-end channel B>F" in texts[1]
+    session, _hook = scripted(B, lambda flow: flow.inject(FEATURES_REPLY, to_backend=False))
+    assert of(session.received(MAIN, F, GET_FEATURES, [], 1), Inject) == [Inject(MAIN, B, FEATURES_REPLY, [])]
+
+
+def test_a_scripted_injection_rides_its_message_s_delay():
+    session, _hook = scripted(B, lambda flow: (flow.delay(0.5), flow.inject(CONFIG_CHANGE, channel=Channel.BACKEND))
+                              if flow.message.is_reply else None)
+    session.open_channel(Channel.BACKEND)
+    out = session.received(MAIN, B, FEATURES_REPLY, [], 0)
+    assert of(out, Inject) == [] and of(out, Send) == []
+    out = session.timer((MAIN, F), SECOND) + session.timer((Channel.BACKEND, F), SECOND)
+    assert of(out, Send) == [Send(MAIN, F, FEATURES_REPLY, [])]
+    assert of(out, Inject) == [Inject(Channel.BACKEND, B, CONFIG_CHANGE, [])]
 
 
 # ---- the fd ledger ----

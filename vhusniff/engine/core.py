@@ -101,13 +101,22 @@ class CloseConnection(NamedTuple):
     reason: str
 
 
+class Inject(NamedTuple):
+    """A hook injected this as coming from the scripted `side` (see Session's `scripted`): the driver hands it
+    to that side's script, which sends it with Session.send_injected when its protocol lets it."""
+    channel: Channel
+    side: Side
+    data: bytes
+    fds: list
+
+
 class Wake(NamedTuple):
     """Call Session.timer(token, now) after `seconds`."""
     seconds: float
     token: object
 
 
-Command = Union[Capture, Note, Send, CloseFds, StopReading, ShutWrite, CloseChannel, CloseConnection, Wake]
+Command = Union[Capture, Note, Send, CloseFds, StopReading, ShutWrite, CloseChannel, CloseConnection, Inject, Wake]
 
 # Requests whose one fd is a socket that opens a side channel: request -> the channel it carries.
 _SIDE_CHANNEL_REQUESTS = {int(cat.FrontendRequest.SET_BACKEND_REQ_FD): Channel.BACKEND,
@@ -131,15 +140,20 @@ class Session:
 
     hooks: a HookChain (vhusniff.hooks) or None; tracker: the ContextTracker hooks decode with.
     interpose_device_state: ask the driver to relay SET_DEVICE_STATE_FD's pipe.
+    scripted: the side a script plays (replay), if any. A hook's injection then goes to that script (Inject)
+    when it is something that side sends (the front-end: main-channel requests, back-end-channel replies; the
+    back-end the other way round), and is reported and skipped otherwise.
     """
 
-    def __init__(self, number: int, hooks=None, tracker=None, interpose_device_state: bool = False):
+    def __init__(self, number: int, hooks=None, tracker=None, interpose_device_state: bool = False,
+                 scripted: Side | None = None):
         self.number = number
         self.messages = 0                     # messages framed on every channel, from 1
         self.closed = False
         self.hooks = hooks if hooks else None
         self.tracker = tracker
         self.interpose_device_state = interpose_device_state
+        self.scripted = scripted
         self.channels: set[Channel] = set()
         self._streams: dict[tuple[Channel, Side], _Stream] = {}
         self._write_shut: set[tuple[Channel, Side]] = set()
@@ -243,6 +257,16 @@ class Session:
             self._close_channel(channel, out)
         else:
             self.close(f"{side.label} closed: connection closed after message #{self.messages}", now_ns, out)
+        return out
+
+    def send_injected(self, channel: Channel, side: Side, data: bytes, fds: list, now_ns: int) -> list:
+        """The scripted side sends a hook's injection it was handed in an Inject: recorded and sent, no hooks."""
+        out: list = []
+        if self.closed or channel not in self.channels:
+            if fds:
+                out.append(CloseFds(list(fds)))
+            return out
+        self._deliver_or_hold(channel, side, data, list(fds), "injected by hook", 0.0, now_ns, out)
         return out
 
     def interposed(self, channel: Channel, replaced: bool, now_ns: int) -> list:
@@ -367,6 +391,12 @@ class Session:
                                   "modified by hook" if data != flow.original else "", delay, now_ns, out)
         for injected in flow.injected:
             sender = Side(int(injected.direction))
+            refusal = self._refusal(injected) if self.scripted is not None else ""
+            if refusal:
+                out.append(Note(now_ns, injected.channel, refusal, True))
+                if injected.fds:
+                    out.append(CloseFds(list(injected.fds)))
+                continue
             if injected.channel not in self.channels:
                 out.append(Note(now_ns, injected.channel, f"hook injection after message #{self.messages} has no "
                                                           f"{injected.channel.name.lower()} channel to travel on; "
@@ -375,26 +405,45 @@ class Session:
                     out.append(CloseFds(list(injected.fds)))
                 continue
             self._deliver_or_hold(injected.channel, sender, injected.data, list(injected.fds), "injected by hook",
-                                  delay, now_ns, out)
+                                  delay, now_ns, out, to_script=self.scripted is not None)
         if flow.disconnect_reason:
             reason = f"hook disconnected after message #{self.messages}: {flow.disconnect_reason}"
             destination = (channel, side.other)
             if delay or self._held.get(destination):
-                self._hold(destination, delay, now_ns, (_CLOSE_MARK, reason, []))
+                self._hold(destination, delay, now_ns, (_CLOSE_MARK, reason, [], "", False))
                 if len(self._held[destination]) == 1:
                     out.append(Wake(delay, destination))
             else:
                 self.close(reason, now_ns, out)
 
+    def _refusal(self, injected) -> str:
+        """Why the scripted side cannot send a hook's injected message ("" when it can)."""
+        side = self.scripted
+        if injected.direction == side.direction and injected.channel in (Channel.MAIN, Channel.BACKEND):
+            is_reply = len(injected.data) >= 8 and bool(int.from_bytes(injected.data[4:8], "little") & cat.FLAG_REPLY)
+            if is_reply != ((injected.channel == Channel.MAIN) == (side == Side.FRONTEND)):
+                return ""
+        from ..protocol import DEFAULT_CONTEXT, decode
+        context = self.tracker.context_for(self.number) if self.tracker is not None else DEFAULT_CONTEXT
+        summary = decode(injected.data, injected.channel, context).summary()[:60]
+        wants = ("requests on the main channel, replies on the back-end channel" if side == Side.FRONTEND else
+                 "replies on the main channel, requests on the back-end channel")
+        channel = "back-end" if injected.channel == Channel.BACKEND else injected.channel.name.lower()
+        return (f"a hook injected {summary} on the {channel} channel {injected.direction.arrow}: {side.label} replay "
+                f"sends only what a {side.label} sends ({side.direction.arrow}: {wants}); skipped")
+
     def _deliver_or_hold(self, channel: Channel, side: Side, data: bytes, fds: list, note: str, delay: float,
-                         now_ns: int, out: list) -> None:
+                         now_ns: int, out: list, to_script: bool = False) -> None:
+        """Forward now, or hold behind a delay; `to_script`: hand it to the scripted sender (Inject) instead."""
         destination = (channel, side.other)
         if delay > 0 or self._held.get(destination):
-            self._hold(destination, delay, now_ns, (side, data, fds, note))
+            self._hold(destination, delay, now_ns, (side, data, fds, note, to_script))
             if len(self._held[destination]) == 1:
                 out.append(Wake(delay, destination))
-            return
-        self._forward(channel, side, data, fds, now_ns, note, out)
+        elif to_script:
+            out.append(Inject(channel, side, data, fds))
+        else:
+            self._forward(channel, side, data, fds, now_ns, note, out)
 
     def _hold(self, destination, delay: float, now_ns: int, item: tuple) -> None:
         """Delayed messages wait in order per destination; Wake releases them, never a sleep."""
@@ -412,10 +461,13 @@ class Session:
             if item[0] is _CLOSE_MARK:
                 self.close(item[1], now_ns, out)
                 return
-            side, data, fds, note, _due = item
+            side, data, fds, note, to_script, _due = item
             if channel not in self.channels:
                 if fds:
                     out.append(CloseFds(fds))
+                continue
+            if to_script:
+                out.append(Inject(channel, side, data, fds))
                 continue
             self._forward(channel, side, data, fds, now_ns, "delayed by hook" + ("; " + note if note else ""), out)
         if held:
