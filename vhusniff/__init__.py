@@ -7,6 +7,21 @@ from .protocol import DecodeContext, Message, Problem, build_message, decode, en
 __all__ = ["Channel", "Direction", "FdInfo", "Record", "RecordKind", "DecodeContext", "Message", "Problem",
            "build_message", "decode", "encode"]
 
+# The scapy layers, loaded on first use (module __getattr__) so that `import vhusniff` does not import scapy.
+_LAZY_LAYERS = ("VhostUser", "VhostUserBackend", "VhostUserGpu")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_LAYERS:
+        from . import layers
+        return getattr(layers, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_LAZY_LAYERS])
+
+
 # scapy's rdpcap reads our captures after `import vhusniff`, without the CLI paying for scapy (see scapy_capture).
 from .scapy_capture import install as _install_scapy_layer
 _install_scapy_layer()
