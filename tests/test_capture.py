@@ -191,3 +191,35 @@ def test_tshark_opens_a_capture_with_nanosecond_times_and_directions(tmp_path):
         expected = 0 if record.kind == RecordKind.EVENT else (2 if record.direction == Direction.FRONTEND_TO_BACKEND
                                                               else 1)
         assert int(row[1], 16) & 3 == expected
+
+
+@pytest.mark.parametrize("block_type, total", [(capture.BLOCK_EPB, n) for n in (12, 16, 20, 24, 28)] +
+                         [(capture.BLOCK_IDB, n) for n in (12, 16)])
+def test_a_block_too_short_for_its_type_is_named(tmp_path, block_type, total):
+    path = tmp_path / "c.pcapng"
+    write_capture(path, sample_records())
+    data = bytearray(path.read_bytes())
+    third = [offset for offset, kind in block_offsets(path) if kind == capture.BLOCK_EPB][2]
+    data[third:third] = struct.pack("<II", block_type, total) + bytes(total - 12) + struct.pack("<I", total)
+    path.write_bytes(data)
+    got, error = read_until_error(path)
+    assert got == sample_records()[:2] and error.offset == third
+    assert f"bad block length {total} (block type {block_type:#x}): an " in str(error)
+    assert f"needs at least {capture.MIN_BLOCK_LENGTH[block_type]} bytes" in str(error)
+
+
+def fd_name_past_the_header(name_length: int) -> bytes:
+    """A message record with one fd whose description's name length runs past the pseudo-header (and the packet)."""
+    record = Record(1, 1, data=build_message(Channel.MAIN, 3), fds=[FdInfo("memfd", 7, 4096, "mem", 0)])
+    block = bytearray(capture.enhanced_packet_block(record))
+    name_length_at = 28 + capture.PSEUDO_HEADER.size + 1
+    assert block[name_length_at] == 3
+    block[name_length_at] = name_length
+    return capture.file_header() + bytes(block)
+
+
+def test_an_fd_name_that_runs_past_the_pseudo_header_is_named(tmp_path):
+    path = tmp_path / "c.pcapng"
+    path.write_bytes(fd_name_past_the_header(200))
+    got, error = read_until_error(path)
+    assert got == [] and "fd name of 200 bytes runs past the pseudo-header" in str(error)

@@ -1,6 +1,7 @@
 """`vhusniff read`: damaged captures lose nothing before the damage and say where it is, in one line."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -9,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from vhusniff.capture import enhanced_packet_block, file_header
 from vhusniff.cli import main
@@ -68,6 +70,25 @@ def other_link_type() -> tuple[bytes, int]:
     return bytes(data), len(data)
 
 
+def short_epb(total: int):
+    """An Enhanced Packet Block whose length (a multiple of 4, at least 12) leaves no room for its fields."""
+    def make() -> tuple[bytes, int]:
+        data, offset = _good_part()
+        block = struct.pack("<II", 6, total) + bytes(total - 12) + struct.pack("<I", total)
+        return data + block + enhanced_packet_block(_records(1)[0]), offset
+    return make
+
+
+def huge_block() -> tuple[bytes, int]:
+    data, offset = _good_part()
+    return data + struct.pack("<II", 6, 0xFFFFFFF0) + bytes(64), offset
+
+
+def future_pcapng_version() -> tuple[bytes, int]:
+    data, _offset = _good_part()
+    return data[:12] + struct.pack("<H", 2) + data[14:], 0     # the section header's major version: 2
+
+
 def classic_pcap() -> tuple[bytes, int]:
     return struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1), 0
 
@@ -75,7 +96,9 @@ def classic_pcap() -> tuple[bytes, int]:
 DAMAGE = {"truncated": (truncated_file, GOOD), "bad-block": (bad_block, GOOD),
           "disagreeing-lengths": (disagreeing_lengths, GOOD),
           "unknown-version": (unknown_version, GOOD), "other-link-type": (other_link_type, 0),
-          "classic-pcap": (classic_pcap, 0)}
+          "classic-pcap": (classic_pcap, 0), "huge-block": (huge_block, GOOD),
+          "future-pcapng-version": (future_pcapng_version, 0),
+          **{f"short-epb-{total}": (short_epb(total), GOOD) for total in (12, 16, 20, 24)}}
 
 
 def _write(tmp_path, name):
@@ -240,3 +263,104 @@ def test_read_expert_and_diff_word_the_same_fault_the_same_way(tmp_path, capsys,
         assert error == expected
     else:
         assert error.startswith(f"vhusniff: {path}: offset {offset}: ") and error.count("\n") == 1
+
+
+COMMANDS = (["read"], ["read", "-V"], ["expert"], ["stats"], ["state"], ["report"])
+
+
+@pytest.mark.parametrize("name", DAMAGE)
+def test_every_command_words_the_damage_in_one_line(tmp_path, capsys, name):
+    """read, read -V, expert, stats, state and report: exit 2, one line naming the file and the offset, and what
+    came before the damage shown (read) or analysed (report)."""
+    path, offset, shown = _write(tmp_path, name)
+    errors = set()
+    for command in COMMANDS:
+        status = main([*command, path])
+        out, error = capsys.readouterr()
+        assert status == 2, (command, out, error)
+        assert error.startswith(f"vhusniff: {path}: offset {offset}: ") and error.count("\n") == 1, (command, error)
+        errors.add(error)
+        if command == ["read"]:
+            assert [int(line.split()[0]) for line in out.splitlines()] == list(range(1, shown + 1))
+        if command == ["report"] and shown:
+            assert f"Connection 1 (unknown device): {shown} messages" in out
+    assert len(errors) == 1, errors
+
+
+def _block_offsets(data: bytes) -> list[int]:
+    offsets, position = [], 0
+    while position + 8 <= len(data):
+        offsets.append(position)
+        position += struct.unpack_from("<I", data, position + 4)[0]
+    return offsets
+
+
+SHIPPED = sorted(glob.glob(os.path.join(ROOT, "captures", "*.pcapng")))
+
+
+_LENGTHS = [struct.pack("<I", n) for n in (0, 12, 16, 20, 24, 28, 0xFFFFFFF0, 0x7FFFFFFC, 0x0A0D0D0A)]
+
+
+@st.composite
+def damaged_captures(draw):
+    """A shipped capture with a few random overwrites (anywhere, or on a block length), self-consistent blocks
+    inserted (perhaps too short for their type), and perhaps cut short."""
+    original = open(draw(st.sampled_from(SHIPPED)), "rb").read()
+    damaged = bytearray(original)
+    offsets = _block_offsets(original)[2:]      # the packet blocks (damage to the file header stops at once)
+    for _ in range(draw(st.integers(1, 3))):
+        mutation = draw(st.sampled_from(["bytes", "length", "block"]))
+        if mutation == "bytes":
+            at = draw(st.integers(0, len(damaged) - 1))
+            patch = draw(st.binary(min_size=1, max_size=8))
+        elif mutation == "length":
+            at, patch = draw(st.sampled_from(offsets)) + 4, draw(st.sampled_from(_LENGTHS))
+        else:
+            total = draw(st.integers(3, 12)) * 4
+            block_type = draw(st.sampled_from([0x0A0D0D0A, 1, 6, 5]))
+            at = draw(st.sampled_from(offsets))
+            damaged[at:at] = struct.pack("<II", block_type, total) + draw(
+                st.binary(min_size=total - 12, max_size=total - 12)) + struct.pack("<I", total)
+            continue
+        damaged[at:at + len(patch)] = patch
+    if draw(st.booleans()):
+        del damaged[draw(st.integers(0, len(damaged))):]
+    return bytes(damaged)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(damaged=damaged_captures())
+def test_no_damage_reaches_a_traceback_in_any_command(tmp_path, capsys, damaged):
+    """Every command ends with exit 0, or exit 2 and one line naming the file and an offset, never an exception."""
+    path = tmp_path / "fuzzed.pcapng"
+    path.write_bytes(damaged)
+    for command in COMMANDS:
+        status = main([*command, str(path)])
+        _out, error = capsys.readouterr()
+        assert status in (0, 2), (command, error)
+        if status == 2:
+            assert re.fullmatch(rf"vhusniff: {re.escape(str(path))}: offset \d+: [^\n]+\n", error), (command, error)
+
+
+def _limit_address_space():
+    import resource
+    resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))       # 1 GiB: a 4 GiB block cannot be allocated
+
+
+def huge_section_header() -> tuple[bytes, int]:
+    data, offset = _good_part()
+    return data + struct.pack("<II", 0x0A0D0D0A, 0xFFFFFFF0) + struct.pack("<IHH", 0x1A2B3C4D, 1, 0) + bytes(64), \
+        offset
+
+
+@pytest.mark.parametrize("make", [huge_block, huge_section_header])
+def test_a_huge_block_length_is_checked_against_the_file_before_anything_is_allocated(tmp_path, make):
+    data, offset = make()
+    path = tmp_path / "huge.pcapng"
+    path.write_bytes(data)
+    for command in COMMANDS:
+        result = subprocess.run([sys.executable, "-m", "vhusniff.cli", *command, str(path)], capture_output=True,
+                                text=True, cwd=ROOT, timeout=60, preexec_fn=_limit_address_space)
+        assert result.returncode == 2, (command, result.stderr)
+        assert result.stderr.startswith(f"vhusniff: {path}: offset {offset}: truncated ") and \
+            result.stderr.count("\n") == 1, (command, result.stderr)

@@ -25,6 +25,13 @@ BLOCK_SHB = 0x0A0D0D0A
 BLOCK_IDB = 0x00000001
 BLOCK_EPB = 0x00000006
 BYTE_ORDER_MAGIC = 0x1A2B3C4D
+PCAPNG_MAJOR_VERSION = 1
+# The least length of each block type this reader interprets: its fixed fields and both length fields.
+MIN_BLOCK_LENGTH = {BLOCK_SHB: 28, BLOCK_IDB: 20, BLOCK_EPB: 32}
+_BLOCK_NAMES = {BLOCK_SHB: "section header block", BLOCK_IDB: "interface description block",
+                BLOCK_EPB: "enhanced packet block"}
+# Blocks are read at most this much at a time: a damaged length field never allocates more than the file holds.
+READ_CHUNK = 1 << 20
 
 # epb_flags bits 0-1: inbound 1, outbound 2. The front-end is "this side": its requests go out.
 EPB_FLAGS_BY_DIRECTION = {Direction.FRONTEND_TO_BACKEND: 2, Direction.BACKEND_TO_FRONTEND: 1}
@@ -48,6 +55,23 @@ class CaptureError(Exception):
     def __init__(self, path: str, offset: int, reason: str):
         self.path, self.offset, self.reason = path, offset, reason
         super().__init__(f"{path}: offset {offset}: {reason}")
+
+
+def block_length_problem(block_type: int, total: int) -> str:
+    """Why a block of this type cannot have this length ("" when it can): the one check of every reader."""
+    if total % 4 == 0 and total >= MIN_BLOCK_LENGTH.get(block_type, 12):
+        return ""
+    if block_type == BLOCK_SHB:
+        return f"bad section header block length {total}"
+    if total % 4 == 0 and total >= 12:
+        return (f"bad block length {total} (block type {block_type:#x}): an {_BLOCK_NAMES[block_type]} needs "
+                f"at least {MIN_BLOCK_LENGTH[block_type]} bytes")
+    return f"bad block length {total} (block type {block_type:#x})"
+
+
+def section_version_problem(major: int) -> str:
+    """Why a section of this pcapng major version cannot be read ("" when it can): the one check of every reader."""
+    return "" if major == PCAPNG_MAJOR_VERSION else f"unsupported pcapng version {major}"
 
 
 def _pad4(length: int) -> int:
@@ -228,6 +252,8 @@ def _parse_v1(packet: bytes, header_length: int, timestamp_ns: int, epb_flags: i
             raise ValueError("fd descriptions run past the pseudo-header")
         code, name_length, seals, _reserved, inode, size = FD_DESCRIPTION.unpack_from(packet, position)
         position += FD_DESCRIPTION.size
+        if position + name_length > header_length:
+            raise ValueError(f"fd name of {name_length} bytes runs past the pseudo-header")
         name = packet[position:position + name_length].decode("utf-8", "surrogateescape")
         position += name_length
         fds.append(FdInfo(FD_KINDS[code] if code < len(FD_KINDS) else "unknown", inode, size, name, seals))
@@ -295,6 +321,40 @@ def reading(path: str | os.PathLike) -> Iterator[ReadOutcome]:
         outcome.error = f"{error.filename or outcome.path}: {error.strerror or error}"
 
 
+class _ShortRead(Exception):
+    def __init__(self, available: int):
+        self.available = available
+
+
+def _bytes_left(stream: BinaryIO) -> int | None:
+    """How many bytes the file holds after the stream's position; None when that is not known (a pipe)."""
+    try:
+        return os.fstat(stream.fileno()).st_size - stream.tell()
+    except (OSError, AttributeError, ValueError, io.UnsupportedOperation):
+        return None
+
+
+def _read_exactly(stream: BinaryIO, count: int) -> bytes:
+    """The next `count` bytes; raises _ShortRead(how many there were) when the file ends first. A length larger
+    than a chunk is checked against what the file holds before anything is allocated, and read in chunks."""
+    if count <= READ_CHUNK:
+        data = stream.read(count)
+        if len(data) < count:
+            raise _ShortRead(len(data))
+        return data
+    left = _bytes_left(stream)
+    if left is not None and left < count:
+        raise _ShortRead(left)
+    parts, got = [], 0
+    while got < count:
+        part = stream.read(min(count - got, READ_CHUNK))
+        if not part:
+            raise _ShortRead(got)
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
+
+
 def _read_stream(stream: BinaryIO, path: str) -> Iterator[Record]:
     stream = stream if isinstance(stream, io.BufferedIOBase) else io.BufferedReader(stream)
     read = stream.read
@@ -323,14 +383,16 @@ def _read_stream(stream: BinaryIO, path: str) -> Iterator[Record]:
             else:
                 raise CaptureError(path, offset, "bad byte-order magic in section header block")
             total = struct.unpack(endian + "I", head[4:])[0]
-            if total < 28 or total % 4:
-                raise CaptureError(path, offset, f"bad section header block length {total}")
-            rest = read(total - 12)
-            if len(rest) < total - 12:
-                raise CaptureError(path, offset, "truncated section header block")
-            major = struct.unpack_from(endian + "H", rest)[0]
-            if major != 1:
-                raise CaptureError(path, offset, f"unsupported pcapng version {major}")
+            problem = block_length_problem(BLOCK_SHB, total)
+            if problem:
+                raise CaptureError(path, offset, problem)
+            try:
+                rest = _read_exactly(stream, total - 12)
+            except _ShortRead:
+                raise CaptureError(path, offset, "truncated section header block") from None
+            problem = section_version_problem(struct.unpack_from(endian + "H", rest)[0])
+            if problem:
+                raise CaptureError(path, offset, problem)
             seen_section = True
             resolution.clear()
             link_types.clear()
@@ -341,11 +403,19 @@ def _read_stream(stream: BinaryIO, path: str) -> Iterator[Record]:
             if head[:4] in (b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\xc3\xd4", b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d"):
                 raise CaptureError(path, 0, "a classic pcap file, not pcapng: it holds no vhusniff capture")
             raise CaptureError(path, 0, "not a pcapng file (no section header block)")
-        if total < 12 or total % 4:
-            raise CaptureError(path, offset, f"bad block length {total} (block type {block_type:#x})")
-        body = read(total - 8)
-        if len(body) < total - 8:
-            raise CaptureError(path, offset, f"truncated block: {len(body) + 8} of {total} bytes "
+        if total % 4 or total < 32 and total < MIN_BLOCK_LENGTH.get(block_type, 12):
+            raise CaptureError(path, offset, block_length_problem(block_type, total))
+        if total <= READ_CHUNK:
+            body = read(total - 8)
+            available = len(body)
+        else:
+            try:
+                body = _read_exactly(stream, total - 8)
+                available = len(body)
+            except _ShortRead as short:
+                available = short.available
+        if available < total - 8:
+            raise CaptureError(path, offset, f"truncated block: {available + 8} of {total} bytes "
                                              f"(block type {block_type:#x})")
         if struct.unpack_from(endian + "I", body, total - 12)[0] != total:
             raise CaptureError(path, offset, f"block length fields disagree (block type {block_type:#x})")

@@ -11,18 +11,20 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 
-from .capture import (BLOCK_EPB, BLOCK_IDB, BLOCK_SHB, BYTE_ORDER_MAGIC, LINKTYPE_USER0, _ts_resolution,
-                      parse_pseudo_header, read_capture)
+from .capture import (BLOCK_EPB, BLOCK_IDB, BLOCK_SHB, BYTE_ORDER_MAGIC, LINKTYPE_USER0, MIN_BLOCK_LENGTH,
+                      READ_CHUNK, _ts_resolution, parse_pseudo_header, read_capture, section_version_problem)
 from .model import RecordKind
 from .present import record_line
 
-_CHUNK = 1 << 20
+_CHUNK = READ_CHUNK                  # a block longer than this (or a damaged length) goes to the full reader
 _CACHE_LIMIT = 1 << 16                 # distinct records remembered; cleared when full, so memory stays flat
 _BLOCK = struct.Struct("<II")
 _EPB = struct.Struct("<IIIII")
 _CONNECTION = _LENGTH = struct.Struct("<I")
 _NANOSECONDS = (10 ** 9, 10 ** 9)    # capture._ts_resolution's (multiplier, divisor) for if_tsresol 9
 _PREFIX = f"{0:>5} {0.0:10.6f} "
+_LITTLE_ENDIAN_MAGIC = struct.pack("<I", BYTE_ORDER_MAGIC)
+_SHORTEST_EPB = MIN_BLOCK_LENGTH[BLOCK_EPB]
 
 
 class _Unusual(Exception):
@@ -47,10 +49,12 @@ def _scan(path: str) -> Iterator[tuple[int, bytes]]:
         position = 0
         user0: dict[int, bool] = {}
         interfaces = 0
-        any_user0 = False
+        any_user0 = in_section = False
         unpack_block, unpack_epb, unpack_length = _BLOCK.unpack_from, _EPB.unpack_from, _LENGTH.unpack_from
         while True:
             if len(buffer) - position < 8 or len(buffer) - position < unpack_block(buffer, position)[1]:
+                if len(buffer) - position >= 8 and unpack_block(buffer, position)[1] > _CHUNK:
+                    raise _Unusual
                 more = stream.read(_CHUNK)
                 if not more:
                     if position != len(buffer) or not any_user0:
@@ -60,7 +64,8 @@ def _scan(path: str) -> Iterator[tuple[int, bytes]]:
                 position = 0
                 continue
             block_type, total = unpack_block(buffer, position)
-            if total < 12 or total % 4 or (not user0 and block_type not in (BLOCK_SHB, BLOCK_IDB)) \
+            if total % 4 or total < _SHORTEST_EPB and total < MIN_BLOCK_LENGTH.get(block_type, 12) \
+                    or (not user0 and block_type not in (BLOCK_SHB, BLOCK_IDB)) \
                     or unpack_length(buffer, position + total - 4)[0] != total:
                 raise _Unusual
             if block_type == BLOCK_EPB:
@@ -69,10 +74,13 @@ def _scan(path: str) -> Iterator[tuple[int, bytes]]:
                     raise _Unusual
                 yield (high << 32) | low, buffer[position + 28:position + 28 + captured]
             elif block_type == BLOCK_SHB:
-                if buffer[position + 8:position + 12] != struct.pack("<I", BYTE_ORDER_MAGIC):
+                if buffer[position + 8:position + 12] != _LITTLE_ENDIAN_MAGIC \
+                        or section_version_problem(struct.unpack_from("<H", buffer, position + 12)[0]):
                     raise _Unusual
-                user0, interfaces = {}, 0
+                user0, interfaces, in_section = {}, 0, True
             elif block_type == BLOCK_IDB:
+                if not in_section:
+                    raise _Unusual
                 link_type = struct.unpack_from("<H", buffer, position + 8)[0]
                 if _ts_resolution(buffer, position + 16, position + total - 4, "<") != _NANOSECONDS:
                     raise _Unusual
