@@ -6,11 +6,16 @@ import struct
 import pytest
 
 from vhusniff import catalogue as cat
+from vhusniff.capture import read_capture
 from vhusniff.hooks import (
-    DisconnectAt, DropRequest, Flow, HookChain, HookError, MaskProtocolFeatures, CapReply, load_hook_file,
+    DisconnectAt, DropRequest, Flow, HookChain, HookError, MaskFeatures, MaskProtocolFeatures, CapReply,
+    load_hook_file,
 )
 from vhusniff.model import Channel, Direction
-from vhusniff.protocol import DEFAULT_CONTEXT, build_message, decode
+from vhusniff.protocol import DEFAULT_CONTEXT, DecodeContext, build_message, decode
+from vhusniff.session import ContextTracker
+
+from peers import require
 
 F, B = Direction.FRONTEND_TO_BACKEND, Direction.BACKEND_TO_FRONTEND
 
@@ -127,3 +132,51 @@ def test_a_raising_hook_does_not_stop_the_hooks_before_it_and_its_report_names_t
     assert flow.final_bytes() == reply and chain.errors == 1
     assert "hook Broken raised on connection 1 message #9 (GET_QUEUE_NUM reply" in reports[0]
     assert "KeyError: 'missing'" in reports[0] and "policy: forward the message unchanged" in reports[0]
+
+
+# ---- feature names mean the bits of the connection's device type ----
+
+def features_reply_flow(features: int, device_type: str | None):
+    reply = struct.pack("<IIIQ", 1, 5, 8, features)
+    return Flow(reply, [], 1, Channel.MAIN, B, 2, DecodeContext(device_type=device_type))
+
+
+def test_mask_features_reads_device_names_for_the_connections_device():
+    everything = (1 << 64) - 1
+    for device, names, cleared in [("blk", ["FLUSH"], 1 << 9), ("blk", ["MQ"], 1 << 12), ("net", ["MQ"], 1 << 22),
+                                   ("net", ["MRG_RXBUF", "RING_EVENT_IDX"], 1 << 15 | 1 << 29),
+                                   (None, ["FLUSH", "33"], 1 << 9 | 1 << 33)]:
+        flow = HookChain([MaskFeatures(names)]).run(features_reply_flow(everything, device))
+        assert decode(flow.final_bytes()).payload.features == everything & ~cleared, (device, names)
+
+
+def test_a_feature_name_the_device_does_not_have_or_an_ambiguous_one_is_reported_by_name():
+    reports = []
+    for device, names, words in [(None, ["MQ"], "'MQ' means a different bit per device (net bit 22, blk bit 12)"),
+                                 ("net", ["FLUSH"], "'FLUSH' is not a feature bit of a net device (it is blk bit 9)")]:
+        flow = HookChain([MaskFeatures(names)], report=reports.append).run(features_reply_flow(0xFFFF, device))
+        assert flow.final_bytes() == flow.original and words in reports[-1]
+    with pytest.raises(HookError, match="unknown feature bit name 'NO_SUCH_BIT'"):
+        MaskFeatures(["FLUSH", "NO_SUCH_BIT"])
+
+
+def test_mask_features_flush_on_a_real_qemu_storage_daemon_session(tmp_path):
+    """--mask-features FLUSH through the proxy between real QEMU and qemu-storage-daemon: the daemon offers bit 9,
+    the hook takes it out of the reply as blk's FLUSH, and QEMU then does not negotiate it."""
+    require("qemu-storage-daemon")
+    from vhusniff.labcmd import record_boot
+    result, capture = record_boot(tmp_path, hooks=[MaskFeatures(["FLUSH"])], timeout=30)
+    assert result.blk_io_ok, result.console
+    tracker = ContextTracker()
+    offered, acked = [], []
+    for record in read_capture(capture):
+        message = tracker.decode(record)
+        if message is None or message.kind != "features":
+            continue
+        assert message.context.device_type == "blk"
+        (offered if message.is_reply else acked).append(message.payload.features)
+    assert offered and acked
+    assert all(not features & 1 << 9 for features in offered), [hex(f) for f in offered]
+    assert all(not features & 1 << 9 for features in acked), [hex(f) for f in acked]
+    assert all(features & 1 << 12 for features in offered), "the daemon's other bits (blk's MQ) are left alone"
+    assert any(features & 1 << 32 for features in acked), "QEMU negotiated the rest (VERSION_1)"

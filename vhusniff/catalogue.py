@@ -365,6 +365,62 @@ def feature_names(device_type: str | None) -> dict[int, str]:
     return names
 
 
+class BitNameError(ValueError):
+    """A bit name that a field does not have, or (without a device type) one that means different bits."""
+
+
+def bit_table(field: str, device_type: str | None = None, profile: Profile | None = None):
+    """The names of a bit-set field's bits (`features`, `protocol_features`, `status`, by their last dotted part)
+    for a device type and spec profile: the one place that says which table a field uses. Empty for other fields."""
+    short = field.rsplit(".", 1)[-1]
+    if short == "features":
+        return feature_names(device_type)
+    if short == "protocol_features":
+        return (profile or SPEC_PROFILE).protocol_features
+    if short == "status":
+        return DEVICE_STATUS
+    return {}
+
+
+def bit_number(field: str, name: str, device_type: str | None = None, profile: Profile | None = None) -> int:
+    """The bit a name means in a bit-set field, for a device type (old names too: SLAVE_REQ is BACKEND_REQ).
+
+    Without a device type a device-specific feature name resolves when every device that has it puts it on the
+    same bit (FLUSH: blk's 9); otherwise (MQ: net 22, blk 12) BitNameError lists the devices.
+    """
+    name = name.strip().upper()
+    short = field.rsplit(".", 1)[-1]
+    for bit, bit_name in bit_table(field, device_type, profile).items():
+        if bit_name == name:
+            return bit
+    if short == "protocol_features" and name in PROTOCOL_FEATURE_ALIASES:
+        return PROTOCOL_FEATURE_ALIASES[name]
+    if short == "features":
+        devices = {device: bit for device, names in DEVICE_FEATURES.items()
+                   for bit, bit_name in names.items() if bit_name == name}
+        if devices and device_type is None and len(set(devices.values())) == 1:
+            return next(iter(devices.values()))
+        listing = ", ".join(f"{device} bit {bit}" for device, bit in devices.items())
+        if devices and device_type is None:
+            raise BitNameError(f"feature bit name {name!r} means a different bit per device ({listing}) and the "
+                               f"device type is not known")
+        if devices:
+            raise BitNameError(f"{name!r} is not a feature bit of a {device_type} device (it is {listing})")
+    kind = {"features": "feature", "protocol_features": "protocol feature", "status": "device status"}.get(short, short)
+    raise BitNameError(f"unknown {kind} bit name {name!r}")
+
+
+def bit_number_by_device(field: str, name: str, profile: Profile | None = None) -> dict[str | None, int | None]:
+    """What a bit name means for each device type (None: type unknown); None where it means nothing."""
+    meanings: dict[str | None, int | None] = {}
+    for device in (None, *DEVICE_TYPES):
+        try:
+            meanings[device] = bit_number(field, name, device, profile)
+        except BitNameError:
+            meanings[device] = None
+    return meanings
+
+
 def bit_names(value: int, names: dict[int, str] | MappingProxyType) -> str:
     """`A|B|bit45` for the set bits of value; unnamed bits shown by number, never dropped."""
     parts = []

@@ -163,20 +163,15 @@ def load_hook_file(path: str):
 
 # ---- built-in rewrites, on the same API ----
 
-def _feature_mask(names: list[str], table: dict[int, str], aliases: dict[str, int] | None = None) -> int:
-    by_name = {name: bit for bit, name in table.items()}
+def _feature_mask(field: str, names: list[str], device_type: str | None = None) -> int:
+    """The mask of bit names (or numbers) in a bit-set field, as the catalogue reads them for a device type."""
     mask = 0
     for name in names:
         name = name.strip().upper()
-        if name.isdigit():
-            bit = int(name)
-        elif name in by_name:
-            bit = by_name[name]
-        elif aliases and name in aliases:
-            bit = aliases[name]
-        else:
-            raise HookError(f"unknown feature bit name {name!r}")
-        mask |= 1 << bit
+        try:
+            mask |= 1 << (int(name) if name.isdigit() else cat.bit_number(field, name, device_type))
+        except cat.BitNameError as error:
+            raise HookError(str(error)) from None
     return mask
 
 
@@ -184,7 +179,7 @@ class MaskProtocolFeatures:
     """Clear protocol feature bits in the back-end's GET_PROTOCOL_FEATURES reply (the front-end never sees them)."""
 
     def __init__(self, names: list[str]):
-        self.mask = _feature_mask(names, cat.PROTOCOL_FEATURES, dict(cat.PROTOCOL_FEATURE_ALIASES))
+        self.mask = _feature_mask("protocol_features", names)
 
     def message(self, flow: Flow) -> None:
         m = flow.message
@@ -194,20 +189,33 @@ class MaskProtocolFeatures:
 
 
 class MaskFeatures:
-    """Clear virtio feature bits in the back-end's GET_FEATURES reply."""
+    """Clear virtio feature bits in the back-end's GET_FEATURES reply.
+
+    Device-specific names mean the bits of the connection's device type (`flow.context.device_type`): MQ is bit
+    12 on blk, 22 on net. A name is checked at once against every device type; on a connection it must be a bit
+    of that connection's device (or, when the type is unknown, mean one bit on every device that has it), else
+    the hook raises and the chain reports it.
+    """
 
     def __init__(self, names: list[str]):
-        table = dict(cat.TRANSPORT_FEATURES)
-        for device in cat.DEVICE_FEATURES.values():
-            for bit, name in device.items():
-                table.setdefault(bit, name)
-        self.mask = _feature_mask(names, table)
+        self.names = [name.strip().upper() for name in names]
+        for name in self.names:
+            if not name.isdigit() and not any(bit is not None for bit in
+                                               cat.bit_number_by_device("features", name).values()):
+                raise HookError(f"unknown feature bit name {name!r}")
+        self._masks: dict[str | None, int] = {}       # per device type: bounded by the catalogue's types
+
+    def mask_for(self, device_type: str | None) -> int:
+        mask = self._masks.get(device_type)
+        if mask is None:
+            mask = self._masks[device_type] = _feature_mask("features", self.names, device_type)
+        return mask
 
     def message(self, flow: Flow) -> None:
         m = flow.message
         if m.channel == Channel.MAIN and m.is_reply and m.request == cat.FrontendRequest.GET_FEATURES \
                 and m.kind == "features":
-            flow.layer.features = m.payload.features & ~self.mask
+            flow.layer.features = m.payload.features & ~self.mask_for(flow.context.device_type)
 
 
 class CapReply:
