@@ -3,6 +3,7 @@ closing without blocking), running out of file descriptors, and memory over a lo
 
 The principle: the proxy never leaves a session worse off than a direct connection would, and one
 connection's trouble never stalls the others."""
+import gc
 import hashlib
 import os
 import resource
@@ -13,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -233,3 +233,192 @@ def test_closing_a_connection_whose_peer_is_full_never_stalls_the_others(tmp_pat
         finally:
             proxy.stop()
             stuck.close()
+
+
+# ---------------------------------------------------------------- memory of the live display
+
+def _session(connection, pairs, start_ns):
+    """A connection's records: connected, `pairs` GET_FEATURES request/reply pairs, closed."""
+    request = message(GET_FEATURES)
+    reply = struct.pack("<III", GET_FEATURES, 0x5, 8) + struct.pack("<Q", 1 << 32)
+    ns = start_ns
+    yield Record(ns, connection, Channel.MAIN, Direction.FRONTEND_TO_BACKEND, b"", [], RecordKind.EVENT,
+                 "connected: front-end via p.sock, back-end at b.sock, device=blk")
+    for _ in range(pairs):
+        ns += 1000
+        yield Record(ns, connection, Channel.MAIN, Direction.FRONTEND_TO_BACKEND, request)
+        ns += 9000
+        yield Record(ns, connection, Channel.MAIN, Direction.BACKEND_TO_FRONTEND, reply)
+    yield Record(ns + 1, connection, Channel.MAIN, Direction.FRONTEND_TO_BACKEND, b"", [], RecordKind.EVENT,
+                 "front-end closed: connection closed after message #2")
+
+
+def test_streaming_analyzer_memory_is_flat_over_a_long_session():
+    analyzer = Analyzer(keep=False)
+    decoded = {}           # the two messages decoded once: the test measures the analysis, not the decoder
+
+    def run(first_connection, connections, pairs):
+        for connection in range(first_connection, first_connection + connections):
+            for record in _session(connection, pairs, connection * 10**9):
+                if record.kind == RecordKind.MESSAGE:
+                    if record.direction not in decoded:
+                        decoded[record.direction] = analyzer.tracker.decode(record)
+                    analyzer.feed(record, decoded[record.direction])
+                else:
+                    analyzer.feed(record)
+            assert analyzer.state(connection).ended
+            analyzer.forget(connection)          # as the proxy does once the report is printed
+
+    run(1, 10, 1000)                             # warm-up: caches and summaries reach their size
+    gc.collect()
+    warm = len(gc.get_objects())
+    run(11, 100, 1000)                           # 100,000 request/reply pairs more, over 100 connections
+    gc.collect()
+    grown = len(gc.get_objects()) - warm
+    assert grown < 500, f"{grown} more live objects after 100,000 pairs"
+    assert analyzer.transactions == [] and analyzer.findings == []
+    assert len(analyzer.connections) == 0 and analyzer.tracker.contexts == {}
+    summary = analyzer.summary[(Channel.MAIN, "GET_FEATURES")]
+    assert summary.count == summary.answered == 110 * 1000
+    assert summary.min_seconds == summary.max_seconds == pytest.approx(9e-6)
+
+
+def test_offline_analyzer_still_keeps_every_transaction():
+    analyzer = Analyzer()
+    for record in _session(1, 50, 0):
+        analyzer.feed(record)
+    assert len(analyzer.transactions) == 50 and all(t.outcome == "answered" for t in analyzer.transactions)
+    assert analyzer.summary == {}
+
+
+def test_live_display_forgets_ended_connections(tmp_path):
+    lines = []
+    with FakeBackend(tmp_path / "fake.sock") as fake:
+        proxy = Proxy([Route.forward(tmp_path / "p.sock", fake.path)], display=lines.append, keep_records=False,
+                      report=None).start()
+        for _ in range(30):
+            client = FakeFrontend(tmp_path / "p.sock")
+            assert client.ask(GET_FEATURES) == 42
+            client.close()
+        assert proxy.wait_until(lambda p: p.active_connections == 0 and p.connections_total == 30)
+        proxy.stop()
+    analyzer = proxy._display_tracker
+    assert sum(line.startswith("Connection ") for line in lines) == 30, "each report printed once"
+    assert analyzer.connections.keys() <= {0} and analyzer.transactions == []
+
+
+# ---------------------------------------------------------------- file descriptors
+
+def _limit(soft, hard):
+    return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+class CliProxy:
+    """`vhusniff proxy` in a subprocess with its own open-file limit, in front of the echo back-end."""
+
+    def __init__(self, tmp_path, soft, hard):
+        self.backend_path, self.path = tmp_path / "echo.sock", tmp_path / "proxy.sock"
+        self.stderr_path = tmp_path / "proxy.err"
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        self.backend = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "echo_backend.py"),
+                                         str(self.backend_path)], stdout=subprocess.PIPE, text=True, env=env)
+        assert self.backend.stdout.readline().strip() == "ready"
+        with open(self.stderr_path, "w") as stderr:
+            self.proc = subprocess.Popen([sys.executable, "-m", "vhusniff.cli", "proxy", "-q", "--listen",
+                                          str(self.path), "--backend", str(self.backend_path)],
+                                         env=env, stderr=stderr, preexec_fn=_limit(soft, hard))
+        _poll(self.path.exists, what="the proxy to listen")
+
+    def stderr(self):
+        return self.stderr_path.read_text()
+
+    def cpu_seconds(self):
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def close(self):
+        self.proc.terminate()
+        code = self.proc.wait(10)
+        self.backend.kill()
+        self.backend.wait()
+        return code
+
+
+def _connect(path):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(str(path))        # blocking: waits for room in the listener's backlog, as QEMU's would
+    sock.settimeout(10)
+    return sock
+
+
+def _answered(socks, timeout):
+    """Which of `socks` (each sent one GET_FEATURES) have their 20-byte reply within `timeout`."""
+    poller, pending = select.poll(), {s.fileno(): s for s in socks}
+    for sock in socks:
+        poller.register(sock, select.POLLIN)
+    got, deadline = set(), time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        for fd, _event in poller.poll(max(1, int((deadline - time.monotonic()) * 1000))):
+            sock = pending.pop(fd)
+            poller.unregister(fd)
+            data = b""
+            while len(data) < 20:
+                chunk = sock.recv(20 - len(data))
+                assert chunk, "the proxy closed a connection"
+                data += chunk
+            got.add(sock)
+    return got
+
+
+def test_out_of_fds_the_proxy_waits_without_spinning_or_dying_and_serves_again(tmp_path):
+    proxy = CliProxy(tmp_path, 64, 64)
+    try:
+        clients = [_connect(proxy.path) for _ in range(45)]        # more than 64 fds can serve (2 each)
+        for client in clients:
+            client.sendall(message(GET_FEATURES))
+        _poll(lambda: "out of file descriptors" in proxy.stderr(), what="the shortage to be reported")
+        served = _answered(clients, 2.0)
+        waiting = [c for c in clients if c not in served]
+        assert 10 <= len(served) < len(clients) and waiting
+        cpu_before, wall_before = proxy.cpu_seconds(), time.monotonic()
+        # Open connections go on working; nobody spins meanwhile.
+        for _round in range(10):
+            for client in served:
+                client.sendall(message(GET_FEATURES))
+            assert _answered(list(served), 5.0) == served
+        _poll(lambda: time.monotonic() - wall_before > 1.0, what="a second to pass")
+        cpu = proxy.cpu_seconds() - cpu_before
+        assert cpu < 0.3 * (time.monotonic() - wall_before), f"{cpu:.2f} s of CPU while out of fds"
+        assert proxy.proc.poll() is None, proxy.stderr()
+        assert proxy.stderr().count("out of file descriptors") == 1, proxy.stderr()
+        # Some close: the waiting ones are served.
+        for client in list(served)[:10]:
+            client.close()
+        later = _answered(waiting, 5.0)
+        assert len(later) >= 5, f"only {len(later)} waiting connection(s) served after 10 closed"
+        for client in clients:
+            client.close()
+    finally:
+        code = proxy.close()
+    assert code == 0 and "Traceback" not in proxy.stderr(), proxy.stderr()
+
+
+def test_1024_concurrent_connections_with_the_common_soft_limit(tmp_path):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 4096:
+        pytest.skip(f"hard open-file limit {hard}: too low for 1,024 connections from one test process")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4096), hard))
+    proxy = CliProxy(tmp_path, 1024, 4096)
+    try:
+        clients = [_connect(proxy.path) for _ in range(1024)]
+        for client in clients:
+            client.sendall(message(GET_FEATURES))
+        served = _answered(clients, 20.0)
+        assert len(served) == 1024, proxy.stderr()
+        assert "open-file limit raised from 1024 to 4096" in proxy.stderr()
+        for client in clients:
+            client.close()
+    finally:
+        code = proxy.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert code == 0 and "Traceback" not in proxy.stderr(), proxy.stderr()
