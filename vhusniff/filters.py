@@ -238,24 +238,17 @@ def _request_pairs(word: str) -> set[tuple[int, int]]:
     return pairs
 
 
-def _bit_value(field: str, word: str) -> int | None:
-    """A feature or status bit name as the mask of its bit, for fields that hold such bits."""
-    short = field.rsplit(".", 1)[-1]
-    word = word.upper()
-    tables: list = []
-    if short == "protocol_features":
-        tables = [cat.SPEC_PROFILE.protocol_features]
-        if word in cat.PROTOCOL_FEATURE_ALIASES:
-            return 1 << cat.PROTOCOL_FEATURE_ALIASES[word]
-    elif short == "features":
-        tables = [cat.TRANSPORT_FEATURES, *cat.DEVICE_FEATURES.values()]
-    elif short == "status":
-        tables = [cat.DEVICE_STATUS]
-    for table in tables:
-        for bit, name in table.items():
-            if name == word:
-                return 1 << bit
-    return None
+# The value `get` returns for this key is the message's device type (what device-specific bit names mean).
+_DEVICE_TYPE = "\0device_type"
+_UNRESOLVED = object()                 # the compiler's device before a comparison is known to depend on one
+
+
+class _NoMeaning(Exception):
+    """A bit name that means nothing for the device type being compiled for."""
+
+
+def _never(get) -> bool:
+    return False
 
 
 _BYTES_LITERAL = re.compile(r"^[0-9A-Fa-f]{2}([:\-.][0-9A-Fa-f]{2})*$")
@@ -267,6 +260,8 @@ class _Compiler:
         self.tokens = _tokenize(text)
         self.index = 0
         self.depth = 0                  # parentheses open around the current token
+        self.device = _UNRESOLVED       # the device type bit names are read for (see comparison)
+        self.per_device = False         # the comparison being compiled named a device-specific bit
         self.fields = grammar_fields()
 
     # token helpers
@@ -336,6 +331,25 @@ class _Compiler:
             self.expect(")")
             self.depth -= 1
             return inner
+        start = self.index
+        self.per_device = False
+        predicate = self.comparison()
+        if not self.per_device:
+            return predicate
+        # `features & MQ`: MQ is blk's bit 12 and net's bit 22. The comparison is compiled once per device type
+        # (a handful, from the catalogue) and each message is matched by its own session's device type.
+        end = self.index
+        by_device = {}
+        for device in (None, *cat.DEVICE_TYPES):
+            self.index, self.device = start, device
+            try:
+                by_device[device] = self.comparison()
+            except _NoMeaning:
+                by_device[device] = _never
+        self.index, self.device = end, _UNRESOLVED
+        return lambda get: by_device.get(get(_DEVICE_TYPE), _never)(get)
+
+    def comparison(self):
         field = self.field_name()
         operator = self.peek()
         if operator.kind != "op" or operator.text not in (*_COMPARISONS, "contains", "matches", "in", "&"):
@@ -449,12 +463,30 @@ class _Compiler:
             return Channel(number).name.lower() if number in Channel._value2member_map_ else word
         if number is not None:
             return number
-        bit = _bit_value(field, word)
+        bit = self.bit_value(field, word)
         if bit is not None:
             return bit
         if field in self.fields and self.fields[field].width:
             raise self.error(token, f"{word!r} is not a value of the integer field {field!r}")
         return word
+
+    def bit_value(self, field: str, word: str) -> int | None:
+        """A feature or status bit name as the mask of its bit; None when the field has no bit of that name."""
+        if not cat.bit_table(field):
+            return None
+        if self.device is not _UNRESOLVED:
+            try:
+                return 1 << cat.bit_number(field, word, self.device)
+            except cat.BitNameError:
+                raise _NoMeaning from None
+        meanings = cat.bit_number_by_device(field, word)
+        bits = set(meanings.values())
+        if bits == {None}:
+            return None
+        if len(bits) == 1:
+            return 1 << bits.pop()       # the same bit whatever the device (VERSION_1, REPLY_ACK, DRIVER_OK)
+        self.per_device = True
+        return 0                         # a stand-in: the comparison is compiled again per device type
 
     def unquote(self, token: _Token) -> str:
         try:
@@ -555,6 +587,8 @@ class DisplayFilter:
             spec = RECORD_FIELDS.get(name)
             if spec is not None:
                 return spec.value(message, record, number)
+            if name is _DEVICE_TYPE:
+                return message.context.device_type
             if grammar is None:
                 grammar = field_values(message)
             if name.endswith("."):           # a group of fields: the values of all of them

@@ -66,11 +66,12 @@ def _context_of(pkt) -> DecodeContext:
     return DEFAULT_CONTEXT
 
 
-_NAMED_BITS = {
-    "features": lambda pkt: cat.feature_names(_context_of(pkt).device_type),
-    "protocol_features": lambda pkt: _context_of(pkt).profile.protocol_features,
-    "status": lambda pkt: cat.DEVICE_STATUS,
-}
+def _bit_names_for(name: str):
+    """The bit names of a field as the catalogue gives them for the packet's session (device type, profile)."""
+    def names(pkt):
+        ctx = _context_of(pkt)
+        return cat.bit_table(name, ctx.device_type, ctx.profile)
+    return names
 
 
 def _camel(name: str) -> str:
@@ -107,8 +108,8 @@ def _field_for(subcon) -> Field:
         inner = inner.subcon
     if isinstance(inner, FormatField):
         fmt = inner.fmtstr
-        if fmt == "<Q" and name in _NAMED_BITS:
-            return BitNamesField(name, 0, _NAMED_BITS[name])
+        if fmt == "<Q" and cat.bit_table(name):
+            return BitNamesField(name, 0, _bit_names_for(name))
         return {"<B": ByteField, "B": ByteField, "<H": LEShortField, "<L": LEIntField, "<Q": LELongField}[fmt](name, 0)
     if isinstance(inner, BytesInteger):
         return LEUnsignedField(name, 0, inner.length)
