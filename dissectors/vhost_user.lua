@@ -1891,6 +1891,21 @@ local DEVICE_STATUS = {
   [7] = "FAILED",
 }
 
+local CONTEXT_RULES = {
+  [2] = {
+    ["context_field"] = "features",
+    ["payload_field"] = "features",
+  },
+  [16] = {
+    ["context_field"] = "protocol_features",
+    ["payload_field"] = "protocol_features",
+  },
+  [20] = {
+    ["context_field"] = "device_type",
+    ["value"] = "net",
+  },
+}
+
 local EXPERT_ITEMS = {
   ["bad-version"] = {"PROTOCOL", "ERROR"},
   ["capture"] = {"MALFORMED", "ERROR"},
@@ -1914,8 +1929,6 @@ local CONSTANTS = {
   ["PSEUDO_FLAG_UNFRAMED"] = 1,
   ["PSEUDO_MAGIC"] = "VHUS",
   ["RING_PACKED_BIT"] = 34,
-  ["SET_FEATURES"] = 2,
-  ["SET_PROTOCOL_FEATURES"] = 16,
   ["STREAM_NAME"] = "DEVICE_STATE_STREAM",
   ["TRUNCATED_NAME"] = "(truncated header)",
   ["VERSION"] = 1,
@@ -1973,7 +1986,7 @@ vhost_user.experts = expert_list
 local state = {}
 function vhost_user.init()
   state = {
-    contexts = {},        -- connection -> {features = UInt64, protocol_features = UInt64, device = name}
+    contexts = {},        -- connection -> {features = UInt64, protocol_features = UInt64, device_type = name}
     frame_context = {},   -- frame -> {xen = bool, packed = bool, device = name}
     pending = {},         -- "connection:channel" -> {frame, request, time}
     response_in = {},     -- request frame -> reply frame
@@ -2023,7 +2036,7 @@ local function measure(layout, tvb, offset, limit)
       offset = offset + entry.bytes
     elseif entry.bytes_from then
       local length = values[entry.bytes_from]
-      if offset + length > limit then return nil end
+      if length == nil or offset + length > limit then return nil end
       offset = offset + length
     elseif entry.rest then
       offset = limit
@@ -2050,11 +2063,15 @@ local function describe_value(name, value)
   return nil
 end
 
+-- Adds the fields of `layout` at `offset`; returns the end offset, or nil when a field would run past the packet
+-- (every length is checked before a range is made: a range out of bounds is a Lua error in Wireshark).
 local function add_layout(tree, layout, tvb, offset, feature_names)
   local values = {}
+  local limit = tvb:len()
   for _, entry in ipairs(layout) do
     if entry.width then
       for _ = 1, entry.count or 1 do
+        if offset + entry.width > limit then return nil end
         local range = tvb(offset, entry.width)
         local item = tree:add_le(pf[entry.name], range)
         local value = read_uint(range, entry.width)
@@ -2069,7 +2086,8 @@ local function add_layout(tree, layout, tvb, offset, feature_names)
         offset = offset + entry.width
       end
     elseif entry.bytes or entry.bytes_from or entry.rest then
-      local length = entry.bytes or (entry.bytes_from and values[entry.bytes_from]) or (tvb:len() - offset)
+      local length = entry.bytes or (entry.bytes_from and values[entry.bytes_from]) or (limit - offset)
+      if type(length) ~= "number" or length < 0 or offset + length > limit then return nil end
       tree:add(pf_bytes[entry.name], tvb(offset, length))
       offset = offset + length
     elseif entry.element then
@@ -2078,6 +2096,7 @@ local function add_layout(tree, layout, tvb, offset, feature_names)
         local start = offset
         local subtree = tree:add(vhost_user, tvb(offset, 0), entry.name .. "[" .. (index - 1) .. "]")
         offset = add_layout(subtree, ELEMENTS[entry.element], tvb, offset, feature_names)
+        if offset == nil then return nil end
         subtree:set_len(offset - start)
       end
     end
@@ -2122,6 +2141,9 @@ local function dissect_pseudo_header(tvb, tree)
   for index = 1, record.fd_count do
     if position + 24 > header_length then return nil, "fd descriptions run past the pseudo-header" end
     local name_length = tvb(position + 1, 1):uint()
+    if position + 24 + name_length > header_length then
+      return nil, "fd name of " .. name_length .. " bytes runs past the pseudo-header"
+    end
     local fd_tree = header_tree:add(vhost_user, tvb(position, 24 + name_length), "fd[" .. (index - 1) .. "]")
     local kind = FD_KIND_NAMES[tvb(position, 1):uint()] or "unknown"
     record.fd_kinds[#record.fd_kinds + 1] = kind
@@ -2164,22 +2186,37 @@ local function frame_context(pinfo, record)
     context = {
       xen = u64_bit(connection.protocol_features, C.XEN_MMAP_BIT),
       packed = u64_bit(connection.features, C.RING_PACKED_BIT),
-      device = connection.device,
+      device = connection.device_type,
     }
     state.frame_context[pinfo.number] = context
   end
   return context
 end
 
+-- A fixed-width payload field's value (UInt64), found by walking the payload kind's layout; nil if absent.
+local function payload_value(layout, tvb, offset, short)
+  for _, entry in ipairs(layout) do
+    if not entry.width or entry.count then return nil end
+    if entry.short == short then
+      if offset + entry.width > tvb:len() then return nil end
+      return tvb(offset, entry.width):le_uint64()
+    end
+    offset = offset + entry.width
+  end
+  return nil
+end
+
 local function observe(pinfo, record, request, is_reply, kind, tvb, start)
-  -- After the frame: SET_FEATURES / SET_PROTOCOL_FEATURES change how later frames of the connection decode.
+  -- After the frame: the requests of CONTEXT_RULES change how later frames of the connection decode.
   if pinfo.visited or record.channel ~= C.CHANNEL_MAIN or is_reply or kind == nil then return end
+  local rule = CONTEXT_RULES[request]
+  if rule == nil then return end
   local connection = state.contexts[record.connection] or {}
   state.contexts[record.connection] = connection
-  if request == C.SET_FEATURES then
-    connection.features = tvb(start, 8):le_uint64()
-  elseif request == C.SET_PROTOCOL_FEATURES then
-    connection.protocol_features = tvb(start, 8):le_uint64()
+  if rule.payload_field then
+    connection[rule.context_field] = payload_value(LAYOUTS[kind], tvb, start, rule.payload_field)
+  elseif connection[rule.context_field] == nil then
+    connection[rule.context_field] = rule.value
   end
 end
 
@@ -2293,11 +2330,16 @@ local function dissect_message(tvb, pinfo, tree, record, start)
       for bit, bit_name in pairs(TRANSPORT_FEATURES) do feature_names[bit] = bit_name end
       for bit, bit_name in pairs(DEVICE_FEATURES[context.device]) do feature_names[bit] = bit_name end
     end
+    local layout_end
     if size > 0 then
       local payload_tree = tree:add(vhost_user, tvb(body, size), "payload: " .. KIND_DOC[kind])
-      add_layout(payload_tree, LAYOUTS[kind], tvb, body, feature_names)
+      layout_end = add_layout(payload_tree, LAYOUTS[kind], tvb, body, feature_names)
     else
-      add_layout(tree, LAYOUTS[kind], tvb, body, feature_names)
+      layout_end = add_layout(tree, LAYOUTS[kind], tvb, body, feature_names)
+    end
+    if layout_end == nil then
+      problems[#problems + 1] = problem(tree, nil, "payload-layout", "a field runs past the packet")
+      kind = nil
     end
   elseif body_length > 0 or (body_length == 0 and size == 0) then
     tree:add(pf_bytes["payload"], tvb(body, body_length))
@@ -2330,7 +2372,7 @@ function vhost_user.dissector(tvb, pinfo, tree)
     local device = note:match("device[=: ]+([%w_]+)")
     if device and DEVICE_FEATURES[device] and not pinfo.visited then
       local connection = state.contexts[record.connection] or {}
-      connection.device = device
+      connection.device_type = device
       state.contexts[record.connection] = connection
     end
     return

@@ -5,16 +5,18 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
+import sys
 
 import pytest
 from peers import kit  # noqa: F401  (the real-QEMU guest kit fixture)
 
 from vhusniff import catalogue as cat
 from vhusniff.analysis import Analyzer
-from vhusniff.capture import read_capture, write_capture
+from vhusniff.capture import CaptureWriter, read_capture, write_capture
 from vhusniff.expert import CHECKS, PROBLEM_CHECKS
 from vhusniff.filters import RECORD_FIELDS, grammar_fields, walk_layout
 from vhusniff.lua import DISSECTOR_PATH, render
@@ -311,3 +313,119 @@ def test_tshark_agrees_with_vhusniff_on_a_freshly_recorded_qemu_boot(tmp_path, k
     require("qemu-storage-daemon")
     _result, capture = record_boot(tmp_path, "blk")
     assert compare_capture(str(capture)) >= 40          # QEMU 7.2 + qemu-storage-daemon: 44 messages or more
+
+
+@needs_tshark
+@pytest.mark.parametrize("name_length", [4, 60, 252])
+def test_an_fd_name_length_past_the_packet_is_an_expert_item_not_a_lua_error(tmp_path, name_length):
+    """The name length of an fd description runs past the pseudo-header (4) and past the packet (60, 252):
+    tshark shows the frame with the problem as expert info, as vhusniff names it, and no Lua error."""
+    from vhusniff.capture import PSEUDO_HEADER, enhanced_packet_block, file_header
+    record = Record(1, 1, data=build_message(Channel.MAIN, 3), fds=[FdInfo("memfd", 7, 4096, "mem", 0)])
+    block = bytearray(enhanced_packet_block(record))
+    name_length_at = 28 + PSEUDO_HEADER.size + 1           # packet data starts at byte 28 of the EPB
+    assert block[name_length_at] == len("mem")
+    block[name_length_at] = len("mem") + name_length
+    path = tmp_path / "fd-name.pcapng"
+    path.write_bytes(file_header() + bytes(block) + enhanced_packet_block(Record(2, 1, data=build_message(
+        Channel.MAIN, 1))))
+    frames = tshark_frames(str(path))
+    assert ("problem", "capture") in frames[0] and ("name", "GET_FEATURES") in frames[1]
+    assert tshark_expert_items(str(path)) == [[("capture", "error")], []]
+    result = subprocess.run([TSHARK, "-X", f"lua_script:{DISSECTOR_PATH}", "-r", str(path), "-V"],
+                            capture_output=True, text=True, timeout=60)
+    reason = f"fd name of {len('mem') + name_length} bytes runs past the pseudo-header"
+    assert reason in result.stdout and "Lua Error" not in result.stdout, result.stdout
+    with pytest.raises(Exception, match=reason):      # vhusniff's reader says the same of the same record
+        list(read_capture(path))
+
+
+# --- feature names: the dissector and `vhusniff read` follow the same context rules ---------------------------
+
+_READ_FEATURES = re.compile(r"(?<![\w.])(features|protocol_features)=0x([0-9a-f]+)(?:\(([^)]*)\))?")
+_BIT_SET_FIELDS = ("features", "protocol_features")
+
+
+def _names(text: str | None) -> tuple[str, ...]:
+    return tuple(text.split("|")) if text and text != "0" else ()
+
+
+def read_feature_names(path: str) -> dict[int, list[tuple[str, int, tuple[str, ...]]]]:
+    """Frame number -> (field, value, bit names in bit order) for each bit-set field `vhusniff read` prints."""
+    result = subprocess.run([sys.executable, "-m", "vhusniff.cli", "read", path], capture_output=True, text=True,
+                            cwd=ROOT, timeout=60)
+    assert result.returncode == 0, result.stderr
+    frames = {}
+    for line in result.stdout.splitlines():
+        found = [(field, int(value, 16), _names(names)) for field, value, names in _READ_FEATURES.findall(line)]
+        if found:
+            frames[int(line.split()[0])] = found
+    return frames
+
+
+def tshark_feature_names(path: str) -> dict[int, list[tuple[str, int, tuple[str, ...], bool]]]:
+    """The same, from the names the dissector appends to each item in real tshark, and whether Wireshark cut the
+    item's label short (it keeps 240 characters): then the last name shown may be partial."""
+    import xml.etree.ElementTree as ElementTree
+    command = [TSHARK, "-X", f"lua_script:{DISSECTOR_PATH}", "-r", path, "-T", "pdml"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "Lua Error" not in result.stdout, result.stderr
+    frames = {}
+    for number, packet in enumerate(ElementTree.fromstring(result.stdout).iter("packet"), start=1):
+        found = []
+        for item in packet.iter("field"):
+            field = item.get("name", "").removeprefix("vhost_user.")
+            if field in _BIT_SET_FIELDS and item.get("name").startswith("vhost_user."):
+                label = re.fullmatch(r"[\w.]+: 0x[0-9a-f]+ \(([^)]*)(\)?)", item.get("showname"))
+                assert label, item.get("showname")
+                found.append((field, int(item.get("show"), 16), _names(label.group(1)), not label.group(2)))
+        if found:
+            frames[number] = found
+    return frames
+
+
+def net_set_mtu_session(path: str) -> None:
+    """Connection 1 names no device until NET_SET_MTU says net; connection 2 is noted blk, and its NET_SET_MTU
+    must not change that. The feature bits mean different things for net, blk and an unknown device."""
+    features = 1 << 0 | 1 << 5 | 1 << 12 | 1 << 22 | 1 << 30 | 1 << 32
+    F, B = Direction.FRONTEND_TO_BACKEND, Direction.BACKEND_TO_FRONTEND
+    main = Channel.MAIN
+    with CaptureWriter(path) as writer:
+        time = iter(range(1_000_000, 10**9, 1000))
+        writer.write(Record(next(time), 2, kind=RecordKind.EVENT, note="connected: device=blk"))
+        for connection in (1, 2):
+            for direction, data in (
+                    (F, build_message(main, 1)),
+                    (B, build_message(main, 1, dict(features=features), reply=True)),
+                    (F, build_message(main, 20, dict(mtu=1500))),
+                    (F, build_message(main, 2, dict(features=features))),
+                    (F, build_message(main, 1)),
+                    (B, build_message(main, 1, dict(features=features), reply=True))):
+                writer.write(Record(next(time), connection, main, direction, data))
+
+
+SHIPPED_CAPTURES = sorted(glob.glob(os.path.join(ROOT, "captures", "*.pcapng")))
+
+
+@needs_tshark
+@pytest.mark.parametrize("path", SHIPPED_CAPTURES + ["net-set-mtu"])
+def test_tshark_and_read_name_every_feature_bit_alike(tmp_path, path):
+    if path == "net-set-mtu":
+        path = str(tmp_path / "net-set-mtu.pcapng")
+        net_set_mtu_session(path)
+    from_read, from_tshark = read_feature_names(path), tshark_feature_names(path)
+    assert from_read.keys() == from_tshark.keys()
+    for number, items in from_tshark.items():
+        assert len(items) == len(from_read[number]), number
+        for (field, value, names, cut), (read_field, read_value, read_names) in zip(items, from_read[number]):
+            assert (field, value) == (read_field, read_value), number
+            if cut:         # the names Wireshark shows whole are the first ones vhusniff names, in the same order
+                assert names[:-1] == read_names[:len(names) - 1] and read_names[len(names) - 1].startswith(
+                    names[-1]), (number, names, read_names)
+            else:
+                assert names == read_names, (number, field, names, read_names)
+    assert any(field == "features" for items in from_read.values() for field, _value, _names in items)
+    if path.endswith("net-set-mtu.pcapng"):      # the session does tell the three namings apart
+        names = {number: found[0][2] for number, found in from_read.items()}
+        assert "bit5" in names[3] and "MAC" in names[5] and "MAC" in names[7], names     # unknown, then net
+        assert "RO" in names[9] and "RO" in names[11] and "RO" in names[13], names        # blk throughout

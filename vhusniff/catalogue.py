@@ -300,6 +300,22 @@ FRONTEND_REQUESTS = MappingProxyType({spec.number: spec for spec in (
                 gate="GET_VRING_BASE_SKIP_DRAIN"),
 )})
 
+
+@dataclass(frozen=True)
+class ContextRule:
+    """How a front-end request (main channel) changes the way later messages of its connection decode."""
+    context_field: str          # the DecodeContext field it sets
+    payload_field: str = ""     # set from this field of the request's payload, or
+    value: str = ""             # set to this value while the field is still unknown
+
+
+# Requests that change the decoding context, and how: the session tracker and the Lua dissector both follow it.
+CONTEXT_RULES = MappingProxyType({
+    _F.SET_FEATURES: ContextRule("features", payload_field="features"),            # device bit names, packed rings
+    _F.SET_PROTOCOL_FEATURES: ContextRule("protocol_features", payload_field="protocol_features"),   # XEN_MMAP
+    _F.NET_SET_MTU: ContextRule("device_type", value="net"),                        # only a net device has an MTU
+})
+
 BACKEND_REQUESTS = MappingProxyType({spec.number: spec for spec in (
     RequestSpec(_B.IOTLB_MSG, ("iotlb",), _ACK, gate="IOMMU"),
     RequestSpec(_B.CONFIG_CHANGE_MSG, ("empty",), _ACK, gate="CONFIG"),

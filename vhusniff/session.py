@@ -44,9 +44,11 @@ class ContextTracker:
         """Follow what a message already decoded in `ctx` (the connection's current context) negotiates."""
         if message.channel != Channel.MAIN or message.is_reply or message.kind is None:
             return
-        if message.request == cat.FrontendRequest.SET_FEATURES:
-            self.contexts[connection] = replace(ctx, features=message.payload.features)
-        elif message.request == cat.FrontendRequest.SET_PROTOCOL_FEATURES:
-            self.contexts[connection] = replace(ctx, protocol_features=message.payload.protocol_features)
-        elif message.request == cat.FrontendRequest.NET_SET_MTU and ctx.device_type is None:
-            self.contexts[connection] = replace(ctx, device_type="net")
+        rule = cat.CONTEXT_RULES.get(message.request)
+        if rule is None:
+            return
+        if rule.payload_field:
+            self.contexts[connection] = replace(ctx, **{rule.context_field: getattr(message.payload,
+                                                                                   rule.payload_field)})
+        elif getattr(ctx, rule.context_field) is None:
+            self.contexts[connection] = replace(ctx, **{rule.context_field: rule.value})
