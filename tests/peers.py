@@ -55,9 +55,11 @@ class FakeBackend:
     SET_DEVICE_STATE_FD (42) is answered with u64 0x100 (ok, no fd) and its pipe end kept in `state_fds` for the
     test to write/read and close; with return_state_fd, the back-end answers 0 with the end of a pipe of its own
     (read end for save, write end for load), closes the one it got and keeps its other end in `state_fds`.
+    With listening=False the socket is only bound (connects are refused) until `listen()`; `close_connections()`
+    drops the clients and keeps listening, `close()` drops both, as a dying process would.
     """
 
-    def __init__(self, path, reply_value: int = 42, return_state_fd: bool = False):
+    def __init__(self, path, reply_value: int = 42, return_state_fd: bool = False, listening: bool = True):
         self.path = str(path)
         self.reply_value = reply_value
         self.return_state_fd = return_state_fd
@@ -68,11 +70,16 @@ class FakeBackend:
         self.connections = 0
         self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._server.bind(self.path)
-        self._server.listen(128)
         self._threads: list[threading.Thread] = []
         self._clients: list[socket.socket] = []
         self._closing = False
         self._accepter = threading.Thread(target=self._accept_loop, daemon=True)
+        if listening:
+            self.listen()
+
+    def listen(self) -> None:
+        """Start listening on the socket bound at construction (the same socket file, the same inode)."""
+        self._server.listen(128)
         self._accepter.start()
 
     def _accept_loop(self) -> None:
@@ -84,8 +91,8 @@ class FakeBackend:
             self.connections += 1
             self._clients.append(client)
             thread = threading.Thread(target=self._serve, args=(client,), daemon=True)
-            self._threads.append(thread)
             thread.start()
+            self._threads.append(thread)       # started first: close() may join it from another thread
 
     def _serve(self, client: socket.socket) -> None:
         framer = Framer("fake back-end", max_payload=1 << 30)
@@ -134,16 +141,25 @@ class FakeBackend:
         send_message(client, _HEADER.pack(42, REPLY_FLAGS, 8) + struct.pack("<Q", 0), [given])
         os.close(given)
 
-    def close(self) -> None:
-        self._closing = True
-        self._server.close()
-        for client in self._clients:
+    def close_connections(self) -> None:
+        """Drop every client connection (each sees EOF); the listener stays."""
+        for client in list(self._clients):
             try:
                 client.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-        for thread in self._threads:
+        for thread in list(self._threads):
             thread.join(2)
+
+    def close(self) -> None:
+        self._closing = True
+        try:
+            # Wakes the accepting thread and stops listening now: a blocked accept() would keep the socket alive.
+            self._server.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._server.close()
+        self.close_connections()
         for sock in self.channel_sockets:
             sock.close()
         for fd in self.state_fds:

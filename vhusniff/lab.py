@@ -54,6 +54,11 @@ GUEST_MARK = "VHUSNIFF-GUEST:"
 BLK_IO_OK = f"{GUEST_MARK} blk-io ok"
 NET_IO_OK_PREFIX = f"{GUEST_MARK} net-io ok"
 GUEST_DONE = f"{GUEST_MARK} done"
+#: Kernel parameters that make /init loop write-and-readback rounds on /dev/vda (see `loop_kernel_args`).
+LOOP_MODE_PARAMETER = "vhusniff.mode=loop"
+LOOP_SECONDS_PARAMETER = "vhusniff.seconds"
+#: Each round of the loop mode prints `VHUSNIFF-GUEST: round N ok` or `... round N FAILED reason`.
+_ROUND_REPORT = re.compile(re.escape(GUEST_MARK) + r" round (\d+) (ok|FAILED.*)$")
 
 #: Kernel metapackage whose dependency names the current cloud kernel (the ABI version moves).
 KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
@@ -96,8 +101,17 @@ def cache_dir() -> Path:
     return Path(configured).expanduser() if configured else Path.home() / ".cache" / "vhusniff" / "guest"
 
 
+def loop_kernel_args(seconds: int) -> list[str]:
+    """Kernel parameters for `start_qemu(kernel_args=...)`: instead of one check, /init writes a fresh pattern to
+    /dev/vda and reads it back over and over for `seconds`, reporting each round (a back-end restart test)."""
+    return [LOOP_MODE_PARAMETER, f"{LOOP_SECONDS_PARAMETER}={int(seconds)}"]
+
+
 def guest_init_script() -> str:
-    """The initramfs's /init: load virtio, check I/O on /dev/vda and eth0, say how it went, power off."""
+    """The initramfs's /init: load virtio, check I/O on /dev/vda and eth0, say how it went, power off.
+
+    With `loop_kernel_args(N)` on the kernel command line the disk check is repeated for N seconds instead,
+    one `round K ok` or `round K FAILED ...` line each, then `rounds OK ok FAILED failed`."""
     modules = " ".join(GUEST_MODULES)
     return f"""#!/bin/sh
 /bin/busybox --install -s /bin
@@ -111,26 +125,48 @@ for module in {modules}; do
     insmod /lib/modules/$module.ko || echo "{GUEST_MARK} insmod $module failed"
 done
 
-blk_io_check() {{
+# Write a fresh pattern to /dev/vda and read it back; on failure print "$1 FAILED reason" and return 1.
+blk_write_readback() {{
     # Random data, so that a device returning zeros or stale blocks cannot pass; a marker in front.
     dd if=/dev/urandom of=/tmp/pattern bs=1024 count=1024 2>/dev/null || return 1
     echo "VHUSNIFF-PATTERN $(cat /proc/sys/kernel/random/uuid)" | dd of=/tmp/pattern conv=notrunc 2>/dev/null
     if ! dd if=/tmp/pattern of=/dev/vda bs=1024 seek={PATTERN_OFFSET_MIB * 1024} conv=fsync 2>/tmp/dd.err; then
-        echo "{GUEST_MARK} blk-io FAILED write: $(head -n 1 /tmp/dd.err)"; return 1
+        echo "$1 FAILED write: $(head -n 1 /tmp/dd.err)"; return 1
     fi
     sync
     # Without this the read-back would come from the page cache, not from the back-end.
     echo 3 > /proc/sys/vm/drop_caches
     if ! dd if=/dev/vda of=/tmp/readback bs=1024 skip={PATTERN_OFFSET_MIB * 1024} count=1024 2>/tmp/dd.err; then
-        echo "{GUEST_MARK} blk-io FAILED read: $(head -n 1 /tmp/dd.err)"; return 1
+        echo "$1 FAILED read: $(head -n 1 /tmp/dd.err)"; return 1
     fi
     if [ "$(head -c 16 /tmp/readback)" != "VHUSNIFF-PATTERN" ]; then
-        echo "{GUEST_MARK} blk-io FAILED marker missing in read-back"; return 1
+        echo "$1 FAILED marker missing in read-back"; return 1
     fi
     if ! cmp -s /tmp/pattern /tmp/readback; then
-        echo "{GUEST_MARK} blk-io FAILED read-back differs from what was written"; return 1
+        echo "$1 FAILED read-back differs from what was written"; return 1
     fi
-    echo "{BLK_IO_OK}"
+}}
+
+blk_io_check() {{
+    blk_write_readback "{GUEST_MARK} blk-io" && echo "{BLK_IO_OK}"
+}}
+
+uptime_seconds() {{
+    cut -d. -f1 /proc/uptime
+}}
+
+blk_io_rounds() {{
+    end=$(( $(uptime_seconds) + $1 ))
+    round=0; passed=0; failed=0
+    while [ "$(uptime_seconds)" -lt "$end" ]; do
+        round=$((round + 1))
+        if blk_write_readback "{GUEST_MARK} round $round"; then
+            passed=$((passed + 1)); echo "{GUEST_MARK} round $round ok"
+        else
+            failed=$((failed + 1))
+        fi
+    done
+    echo "{GUEST_MARK} rounds $passed ok $failed failed"
 }}
 
 net_io_check() {{
@@ -148,7 +184,15 @@ net_io_check() {{
     fi
 }}
 
-if [ -b /dev/vda ]; then
+loop_seconds=
+for parameter in $(cat /proc/cmdline); do
+    case "$parameter" in
+        {LOOP_SECONDS_PARAMETER}=*) loop_seconds="${{parameter#*=}}" ;;
+    esac
+done
+if [ -b /dev/vda ] && grep -qw "{LOOP_MODE_PARAMETER}" /proc/cmdline; then
+    blk_io_rounds "${{loop_seconds:-10}}"
+elif [ -b /dev/vda ]; then
     blk_io_check
 else
     echo "{GUEST_MARK} no vda"
@@ -469,8 +513,9 @@ class Backend(LabProcess):
         self.disk_path = disk_path
 
     def wait_for_socket(self, timeout: float = 10.0) -> None:
-        """Return once `socket_path` exists; stop the process and raise with its log tail if it does not."""
-        _wait_until(lambda: _is_socket(self.socket_path), timeout, self, f"socket {self.socket_path}")
+        """Return once someone listens at `socket_path` (a stale socket file there does not count); stop the
+        process and raise with its log tail if that does not happen."""
+        _wait_until(lambda: _is_listening(self.socket_path), timeout, self, f"a listener on {self.socket_path}")
 
     def wait_for_log(self, text: str, timeout: float = 10.0) -> None:
         """Return once `text` appears in the log."""
@@ -506,6 +551,21 @@ def _is_socket(path: Path) -> bool:
         return stat.S_ISSOCK(path.stat().st_mode)
     except FileNotFoundError:
         return False
+
+
+def _is_listening(path: Path) -> bool:
+    """A socket is listening at `path`, by the kernel's table of Unix sockets: no connection is made (a back-end
+    would take a probe connection as a client). Where that table cannot be read, a socket file will do."""
+    try:
+        table = Path("/proc/net/unix").read_text()
+    except OSError:
+        return _is_socket(path)
+    listening_flag = 0x10000     # __SO_ACCEPTCON
+    for line in table.splitlines()[1:]:
+        fields = line.split(None, 7)
+        if len(fields) == 8 and fields[7] == str(path) and int(fields[3], 16) & listening_flag:
+            return True
+    return False
 
 
 def _wait_until(condition: Callable[[], bool], timeout: float, process: LabProcess, awaited: str) -> None:
@@ -559,18 +619,23 @@ def _spawn(command: list[str], workdir: Path, log_name: str, cpu: Cpus, *, stdin
 
 
 def start_storage_daemon(workdir: Path | str, socket_path: Path | str, size_mb: int = 64, *,
-                         cpu: Cpus = None, name: str = "storage-daemon", timeout: float = 10.0) -> Backend:
-    """Start qemu-storage-daemon exporting a fresh raw disk as a writable vhost-user-blk device.
+                         cpu: Cpus = None, name: str = "storage-daemon", timeout: float = 10.0,
+                         disk_path: Path | str | None = None, remove_stale_socket: bool = True) -> Backend:
+    """Start qemu-storage-daemon exporting a raw disk as a writable vhost-user-blk device.
 
-    The daemon listens on `socket_path`; this returns once the socket exists. The disk is
-    `workdir/<name>.img` (`size_mb` MiB, at least 5 for the guest's test pattern), the log
-    `workdir/<name>.log`.
+    The daemon listens on `socket_path`; this returns once it listens there. The disk is `disk_path` as it
+    is (a restarted daemon serving the same disk), else a fresh `workdir/<name>.img` of `size_mb` MiB (at
+    least 5 for the guest's test pattern); the log is `workdir/<name>.log`. With `remove_stale_socket`
+    off, a dead daemon's socket file is left for the new one to replace, as after a real `kill -9`.
     """
     workdir, socket_path = Path(workdir), Path(socket_path)
     workdir.mkdir(parents=True, exist_ok=True)
-    disk_path = workdir / f"{name}.img"
-    _run(["qemu-img", "create", "-q", "-f", "raw", str(disk_path), f"{size_mb}M"], "qemu-img create")
-    _remove_stale_socket(socket_path)
+    if disk_path is None:
+        disk_path = workdir / f"{name}.img"
+        _run(["qemu-img", "create", "-q", "-f", "raw", str(disk_path), f"{size_mb}M"], "qemu-img create")
+    disk_path = Path(disk_path)
+    if remove_stale_socket:
+        _remove_stale_socket(socket_path)
     command = [
         "qemu-storage-daemon",
         "--blockdev", f"driver=file,node-name=disk0,filename={_qemu_option_value(disk_path)}",
@@ -634,6 +699,12 @@ class GuestResult:
         return guest_reports(self.console.splitlines())
 
     @property
+    def rounds(self) -> list[tuple[int, bool]]:
+        """The loop mode's rounds (`loop_kernel_args`): (round number, passed), in order."""
+        found = (_ROUND_REPORT.match(line) for line in self.guest_lines)
+        return [(int(match[1]), match[2] == "ok") for match in found if match]
+
+    @property
     def clean_exit(self) -> bool:
         """QEMU exited with 0 after /init finished (not after a panic or a kill)."""
         return self.exit_code == 0 and self.done
@@ -690,6 +761,26 @@ class Guest(LabProcess):
                 line = self._lines[index]
             yield line
 
+    def wait_for_line(self, predicate: Callable[[str], bool], timeout: float) -> str:
+        """The first console line (from the start) for which `predicate` holds; raise LabTimeout (leaving QEMU
+        running) if none comes within `timeout` seconds, LabError if QEMU's output ends first."""
+        deadline = time.monotonic() + timeout
+        index = 0
+        with self._new_line:
+            while True:
+                for line in self._lines[index:]:
+                    if predicate(line):
+                        return line
+                index = len(self._lines)
+                if self._console_ended:
+                    raise LabError(f"{self.name} ended without the awaited console line; log {self.log_path}:\n"
+                                   f"{self.log_tail()}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise LabTimeout(f"{self.name}: no awaited console line after {timeout:g} s; log "
+                                     f"{self.log_path}:\n{self.log_tail()}")
+                self._new_line.wait(left)
+
     def console_text(self) -> str:
         """The console so far."""
         with self._new_line:
@@ -722,7 +813,7 @@ def default_accel() -> str:
 
 def qemu_command(kit: GuestKit, chardev_path: Path | str, device: str = "blk", server: bool = False,
                  reconnect: int | None = None, extra_args: Iterable[str] = (), accel: str | None = None,
-                 net_msix: bool = False) -> list[str]:
+                 net_msix: bool = False, kernel_args: Iterable[str] = ()) -> list[str]:
     """The qemu-system-x86_64 command line `start_qemu()` runs."""
     chardev = f"socket,id=c0,path={_qemu_option_value(chardev_path)}"
     if server:
@@ -747,7 +838,8 @@ def qemu_command(kit: GuestKit, chardev_path: Path | str, device: str = "blk", s
         # vhost-user back-ends map guest memory through the fds QEMU sends: it must be shareable.
         "-object", f"memory-backend-memfd,id=mem,size={GUEST_MEMORY_MB}M,share=on",
         "-machine", "q35,memory-backend=mem",
-        "-kernel", str(kit.kernel), "-initrd", str(kit.initrd), "-append", "console=ttyS0 quiet panic=-1",
+        "-kernel", str(kit.kernel), "-initrd", str(kit.initrd),
+        "-append", " ".join(["console=ttyS0 quiet panic=-1", *kernel_args]),
         "-chardev", chardev, *device_args, *extra_args,
     ]
 
@@ -755,7 +847,8 @@ def qemu_command(kit: GuestKit, chardev_path: Path | str, device: str = "blk", s
 def start_qemu(workdir: Path | str, kit: GuestKit, chardev_path: Path | str, device: str = "blk",
                server: bool = False, reconnect: int | None = None, extra_args: Iterable[str] = (), *,
                cpu: Cpus = None, accel: str | None = None, name: str = "qemu", net_msix: bool = False,
-               on_console_line: ConsoleCallback | None = None, socket_timeout: float = 10.0) -> Guest:
+               on_console_line: ConsoleCallback | None = None, socket_timeout: float = 10.0,
+               kernel_args: Iterable[str] = ()) -> Guest:
     """Boot the guest kit in QEMU with a vhost-user `device` ("blk" or "net") on `chardev_path`.
 
     QEMU connects to `chardev_path` (the back-end or the proxy must already listen, unless
@@ -764,10 +857,12 @@ def start_qemu(workdir: Path | str, kit: GuestKit, chardev_path: Path | str, dev
     device uses legacy interrupts unless `net_msix`, which reproduces QEMU 7.2's segfault as the
     guest driver starts the device (a real crash case). The console is logged to
     `workdir/<name>.log`, passed line by line to `on_console_line` (from a reader thread) and
-    available from `Guest.console_lines()`.
+    available from `Guest.console_lines()`. `kernel_args` go on the guest kernel's command line
+    (`loop_kernel_args(N)`: the disk check repeated for N seconds).
     """
     workdir, chardev_path = Path(workdir), Path(chardev_path)
-    command = qemu_command(kit, chardev_path, device, server, reconnect, extra_args, accel, net_msix)
+    command = qemu_command(kit, chardev_path, device, server, reconnect, extra_args, accel, net_msix,
+                           kernel_args)
     if server:
         _remove_stale_socket(chardev_path)
     proc, log_path = _spawn(command, workdir, name, cpu, capture_stdout=True)
