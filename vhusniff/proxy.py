@@ -76,6 +76,10 @@ PROBLEMS_KEPT = 10000
 _FDS_EXHAUSTED = (errno.EMFILE, errno.ENFILE)
 # While a route's target is down, how often the proxy looks whether someone listens at its path again.
 TARGET_CHECK_SECONDS = 0.1
+# After the back-end closes or resets a connection, when (seconds after) the proxy looks whether it still listens.
+# A dying process may close its listener a moment after its connections; QEMU's reconnect=N comes back 1 s or
+# more after its own disconnect, and the proxy must be down before that.
+TARGET_LOOKS_AFTER_LOSS = (0.0, 0.05, 0.2, 0.5)
 # A connect to the target that fails with one of these means nobody listens there: the target is down.
 _TARGET_DOWN_ERRORS = (errno.ECONNREFUSED, errno.ENOENT)
 # Requests whose fd is a socket the proxy interposes on: request -> channel relayed.
@@ -248,8 +252,9 @@ class Proxy:
         self._handlers: dict[int, object] = {}
         self._listeners: list[tuple[socket.socket, Route]] = []
         self._refusals: dict[Route, int] = {}
-        # Routes whose target was found down: the listener is closed meanwhile. Route -> target inode then.
-        self._outages: dict[Route, int | None] = {}
+        # Routes whose target was found down: the listener is closed meanwhile. Route -> when (monotonic).
+        self._outages: dict[Route, float] = {}
+        self._looking_for_target: set[Route] = set()     # a back-end closed a connection: is it still there?
         self._timers: list = []
         self._lingering: set[_Endpoint] = set()
         self._accept_paused = False     # out of fds: listeners unwatched until some free up
@@ -450,7 +455,7 @@ class Proxy:
                                   f"{route.target} refused: {error.strerror or error}; closing it (repeats are "
                                   f"counted, not recorded)", problem=True)
             if error.errno in _TARGET_DOWN_ERRORS:
-                self._mirror_outage(listener, route)
+                self._mirror_outage(route)
             return
         self._note_refusals(route)
         self.connections_total += 1
@@ -467,28 +472,32 @@ class Proxy:
         self._epoll.register(listener.fileno(), select.EPOLLIN)
         self._handlers[listener.fileno()] = (self._accept, (listener, route))
 
-    def _mirror_outage(self, listener: socket.socket, route: Route) -> None:
+    def _mirror_outage(self, route: Route) -> None:
         """The target is down: stop listening too (the socket file stays), so that the next connect fails
         with ECONNREFUSED as it would without the proxy. Accepting and then closing looks like a protocol
-        error instead: QEMU's vhost-user-blk spends its few realize retries on it and gives up, where it would
-        have waited for the back-end with reconnect=N."""
+        error instead: QEMU's vhost-user-blk spends its few realize retries on it and gives up, or (QEMU 7.2,
+        after realize) is left with a connection it never uses, where it would have waited for the back-end
+        with reconnect=N."""
+        listening = next((pair for pair in self._listeners if pair[1] == route), None)
+        if listening is None or route in self._outages:
+            return
+        listener = listening[0]
         self._epoll.unregister(listener.fileno())
         del self._handlers[listener.fileno()]
-        self._listeners.remove((listener, route))
+        self._listeners.remove(listening)
         listener.close()
-        self._outages[route] = _socket_inode(route.target)
+        self._outages[route] = time.monotonic()
         self._proxy_event(f"the {route.target_role} at {route.target} is down: the proxy stops listening on "
-                          f"{route.listen} until a new socket appears there, so connections to it are refused as "
-                          f"they would be by the {route.target_role}")
+                          f"{route.listen} until someone listens there again, so connections to it are refused "
+                          f"as they would be by the {route.target_role}")
         self._schedule(TARGET_CHECK_SECONDS, self._check_target, route)
 
     def _check_target(self, route: Route) -> None:
-        """During an outage: once a new socket file is at the target's path (a restarted peer binds anew),
-        listen again. A peer that bound but does not listen yet is met by the next refusal."""
+        """During an outage: once someone listens at the target's path again, listen again. This asks the
+        socket, not the file: a restarted peer's socket file often has the dead one's inode number."""
         if route not in self._outages or self._stopping:
             return
-        inode = _socket_inode(route.target)
-        if inode is None or inode == self._outages[route]:
+        if _someone_listens(route.target) is False:
             self._schedule(TARGET_CHECK_SECONDS, self._check_target, route)
             return
         try:
@@ -497,10 +506,37 @@ class Proxy:
             self._proxy_event(f"cannot listen on {route.listen} again: {error}; retrying", problem=True)
             self._schedule(TARGET_CHECK_SECONDS * 10, self._check_target, route)
             return
-        del self._outages[route]
+        down_for = time.monotonic() - self._outages.pop(route)
         self._note_refusals(route)
         self._watch_listener(listener, route)
-        self._proxy_event(f"a new socket is at {route.target}: listening on {route.listen} again")
+        self._proxy_event(f"the {route.target_role} at {route.target} listens again after {down_for:.1f} s: "
+                          f"listening on {route.listen} again")
+
+    def _watch_for_target_loss(self, endpoint: _Endpoint) -> None:
+        """The back-end closed or reset a connection's main channel. If it died, QEMU (reconnect=N) comes
+        back within a second or two: the proxy must be down by then, so look now and a few times shortly after
+        (each look a connect that is closed at once). Only a back-end is looked at: a probe of QEMU's own
+        server socket (reverse route) would be taken by QEMU as a vhost-user connection."""
+        route = endpoint.conn.route
+        if (endpoint.side != BACKEND or endpoint.channel != Channel.MAIN or route.target_role != BACKEND
+                or route in self._outages or route in self._looking_for_target):
+            return
+        self._looking_for_target.add(route)
+        self._schedule(TARGET_LOOKS_AFTER_LOSS[0], self._look_for_target, route, 0)
+
+    def _look_for_target(self, route: Route, look: int) -> None:
+        if self._stopping or route in self._outages:
+            self._looking_for_target.discard(route)
+            return
+        if _someone_listens(route.target) is False:
+            self._looking_for_target.discard(route)
+            self._mirror_outage(route)
+            return
+        if look + 1 < len(TARGET_LOOKS_AFTER_LOSS):
+            self._schedule(TARGET_LOOKS_AFTER_LOSS[look + 1] - TARGET_LOOKS_AFTER_LOSS[look],
+                           self._look_for_target, route, look + 1)
+        else:
+            self._looking_for_target.discard(route)
 
     def _note_refusals(self, route: Route) -> None:
         repeats = self._refusals.pop(route, 0) - 1
@@ -726,6 +762,7 @@ class Proxy:
                       f"unframed: {error.reason}")
 
     def _end_of_stream(self, endpoint: _Endpoint) -> None:
+        self._watch_for_target_loss(endpoint)
         conn = endpoint.conn
         rest, rest_fds = endpoint.framer.take_rest()
         if rest:
@@ -762,6 +799,7 @@ class Proxy:
                                          f"{HALF_CLOSE_GRACE_SECONDS:g} s after a close")
 
     def _peer_gone(self, endpoint: _Endpoint, reason: str) -> None:
+        self._watch_for_target_loss(endpoint)
         conn = endpoint.conn
         if endpoint.channel != Channel.MAIN:
             self._event(conn, endpoint.channel, f"{endpoint.side} {endpoint.channel.name.lower()} channel: "
@@ -1359,13 +1397,22 @@ class Proxy:
             shown += 1
 
 
-def _socket_inode(path: Path) -> int | None:
-    """The inode of the socket file at `path`, or None when there is none."""
+def _someone_listens(path: Path) -> bool | None:
+    """Whether a process listens on the Unix socket at `path`: a non-blocking connect, closed at once (the
+    listener sees a connection end without a message). False when refused or absent; None when it cannot tell."""
     try:
-        status = os.stat(path)
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
     except OSError:
         return None
-    return status.st_ino if stat.S_ISSOCK(status.st_mode) else None
+    try:
+        code = probe.connect_ex(str(path))
+    except OSError:                # a path too long for a socket address
+        return None
+    finally:
+        probe.close()
+    if code in (0, errno.EAGAIN, errno.EINPROGRESS):     # EAGAIN: its backlog is full, but it listens
+        return True
+    return False if code in _TARGET_DOWN_ERRORS else None
 
 
 def _listen(path: Path, mode: int) -> socket.socket:
