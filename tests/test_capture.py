@@ -223,3 +223,24 @@ def test_an_fd_name_that_runs_past_the_pseudo_header_is_named(tmp_path):
     path.write_bytes(fd_name_past_the_header(200))
     got, error = read_until_error(path)
     assert got == [] and "fd name of 200 bytes runs past the pseudo-header" in str(error)
+
+
+def test_a_huge_block_length_from_a_pipe_is_read_in_chunks(tmp_path):
+    """Through a pipe the file's size is not known: the block is read a chunk at a time and found short."""
+    path = tmp_path / "c.pcapng"
+    write_capture(path, sample_records())
+    good = path.read_bytes()
+    read_end, write_end = os.pipe()
+    writer = subprocess.Popen([sys.executable, "-c", "import os, sys; os.write(1, sys.stdin.buffer.read())"],
+                              stdin=subprocess.PIPE, stdout=write_end)
+    os.close(write_end)
+    writer.stdin.write(good + struct.pack("<II", capture.BLOCK_EPB, 0xFFFFFFF0) + bytes(3 * capture.READ_CHUNK))
+    writer.stdin.close()
+    with os.fdopen(read_end, "rb", buffering=0) as stream:
+        got = []
+        with pytest.raises(CaptureError) as error:
+            for record in read_capture(stream):
+                got.append(record)
+    writer.wait(30)
+    assert got == sample_records() and error.value.offset == len(good)
+    assert f"truncated block: {3 * capture.READ_CHUNK + 8} of {0xFFFFFFF0} bytes" in str(error.value)

@@ -10,6 +10,7 @@ import contextlib
 import functools
 import io
 import os
+import stat
 import struct
 import sys
 from collections.abc import Iterator
@@ -327,9 +328,11 @@ class _ShortRead(Exception):
 
 
 def _bytes_left(stream: BinaryIO) -> int | None:
-    """How many bytes the file holds after the stream's position; None when that is not known (a pipe)."""
+    """How many bytes the file holds after the stream's position; None when that is not known (not a regular
+    file: a pipe, a device)."""
     try:
-        return os.fstat(stream.fileno()).st_size - stream.tell()
+        status = os.fstat(stream.fileno())
+        return status.st_size - stream.tell() if stat.S_ISREG(status.st_mode) else None
     except (OSError, AttributeError, ValueError, io.UnsupportedOperation):
         return None
 
