@@ -364,3 +364,12 @@ def test_a_huge_block_length_is_checked_against_the_file_before_anything_is_allo
         assert result.returncode == 2, (command, result.stderr)
         assert result.stderr.startswith(f"vhusniff: {path}: offset {offset}: truncated ") and \
             result.stderr.count("\n") == 1, (command, result.stderr)
+
+
+def test_json_output_describes_each_fd(capsys):
+    """-T json on a real capture whose messages carry fds (FdInfo is a named tuple: it has no __dict__)."""
+    assert main(["read", os.path.join(ROOT, "captures", "qemu-blk-boot.pcapng"), "-T", "json"]) == 0
+    frames = json.loads(capsys.readouterr().out)
+    fds = [fd for frame in frames for fd in frame["fds"]]
+    assert fds and {fd["kind"] for fd in fds} >= {"eventfd", "memfd"}
+    assert all(set(fd) == {"kind", "inode", "size", "name", "seals"} for fd in fds)

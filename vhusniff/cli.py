@@ -135,7 +135,7 @@ def command_read(args) -> int:
                         {"number": number, "time": relative, "connection": record.connection,
                          "channel": record.channel.name.lower(), "direction": record.direction.arrow,
                          "request": message.name, "summary": message.summary(),
-                         "fds": [vars(fd) for fd in record.fds], "problems": [str(p) for p in message.problems],
+                         "fds": [fd._asdict() for fd in record.fds], "problems": [str(p) for p in message.problems],
                          "fields": fields}))
                     json_started = True
                 else:
