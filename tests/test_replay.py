@@ -497,8 +497,9 @@ def test_backend_replay_hook_that_drops_a_request_still_sends_its_injections(fre
     run = _serve_qemu(fresh_boot, kit, tmp_path, _is_backend_channel_reply, "--hook", str(hook))
     output, served = run.output, run.capture
     sent = messages(served)
-    assert not [m for _r, m in sent if m.request == F.SET_VRING_ENABLE and m.payload.num], "the enable was dropped"
-    assert any("hook dropped front-end message SET_VRING_ENABLE" in r.note for r in read_capture(served))
+    enables = [r.note for r, m in sent if m.request == F.SET_VRING_ENABLE and m.payload.num]
+    assert enables and set(enables) == {"dropped by hook (not forwarded)"}, enables
+    assert any("hook dropped front-end request SET_VRING_ENABLE" in r.note for r in read_capture(served))
     assert "skipped" not in output, output
     _config_change_reaction(sent)
 
@@ -513,8 +514,8 @@ def test_backend_replay_keeps_answering_while_a_backend_channel_reply_is_missing
         "def message(flow):\n"
         "    if flow.message.name == 'SET_BACKEND_REQ_FD' and flow.message.is_reply:\n"
         "        flow.inject(build_message(Channel.BACKEND, 2, need_reply=True), channel=Channel.BACKEND)\n")
-    listen = tmp_path / "replay.sock"
-    replay = _serve(fresh_boot, listen, "--hook", str(hook), "--timeout", "0.5")
+    listen, served = tmp_path / "replay.sock", tmp_path / "served.pcapng"
+    replay = _serve(fresh_boot, listen, "--hook", str(hook), "--timeout", "0.5", "-w", str(served))
     frontend = FakeFrontend(listen, timeout=3)
     ours, theirs = socket.socketpair()
     try:
@@ -526,9 +527,9 @@ def test_backend_replay_keeps_answering_while_a_backend_channel_reply_is_missing
         assert struct.unpack("<III", ours.recv(64)) == (B.CONFIG_CHANGE_MSG, 0x9, 0)
         frontend.send(build_message(Channel.MAIN, F.GET_FEATURES))       # answered while the ack is due
         assert decode(frontend.receive().data).request == F.GET_FEATURES
-        time.sleep(1.0)
+        assert _wait_for(served, lambda record, _m: "no reply from the front-end" in record.note, 5)
         ours.sendall(build_message(Channel.BACKEND, B.CONFIG_CHANGE_MSG, {"ack": 0}, reply=True, kind="ack"))
-        time.sleep(0.2)
+        assert _wait_for(served, _is_backend_channel_reply, 5)
     finally:
         frontend.close()
         ours.close()
@@ -648,7 +649,7 @@ def test_frontend_replay_hooks_act_on_the_backend_channel(fresh_boot, tmp_path, 
     assert after == before, f"fds left open: {sorted(after - before)}"
     if variant == "disconnect":
         assert not result.identical and "the hook ends the session at the config change" in result.divergences[0]
-        assert "session ended by a hook: the hook ends the session at the config change" in output, output
+        assert "hook disconnected at message #" in output and "the hook ends the session at the config" in output
         assert acks == [] and all(m.request != F.GET_CONFIG for _record, m in sent[at:])
         return
     assert result.identical, output          # the reply to the injected GET_CONFIG was not taken for another's
@@ -668,7 +669,7 @@ def test_frontend_replay_hooks_act_on_the_backend_channel(fresh_boot, tmp_path, 
     assert [r.direction for r in proxy.records if r.channel == Channel.BACKEND and r.kind == RecordKind.MESSAGE] \
         == [Direction.BACKEND_TO_FRONTEND, Direction.FRONTEND_TO_BACKEND]
     if variant == "answer":
-        assert ack_record.note == "" and ack_record.timestamp_ns - notice.timestamp_ns >= 0.5e9, "answer not held"
+        assert ack_record.note == "delayed by hook" and ack_record.timestamp_ns - notice.timestamp_ns >= 0.5e9, "answer not held"
         assert ("a hook injected CONFIG_CHANGE_MSG on the back-end channel B>F: front-end replay sends only what a "
                 "front-end sends (F>B: requests on the main channel, replies on the back-end channel); skipped") \
             in output, output

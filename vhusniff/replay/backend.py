@@ -1,0 +1,389 @@
+"""`replay --as backend`: a scripted back-end answers a real front-end (QEMU) from the recording and plays the
+recorded back-end-channel requests on the socket the front-end passed in SET_BACKEND_REQ_FD."""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from collections import deque
+from dataclasses import dataclass, field
+
+from .. import catalogue as cat
+from ..engine import Session, Side
+from ..hooks import HookChain
+from ..model import Channel
+from ..protocol import HEADER_SIZE, Message, decode
+from ..session import ContextTracker
+from .driver import CONNECTION, REPLY_TIMEOUT, Driver, Recorder, close_all, say
+from .fresh import FreshFds
+from .recording import (
+    BackendExchange,
+    Exchange,
+    answer,
+    device_type,
+    find_recorded,
+    load_backend_requests,
+    load_exchanges,
+    reply_differences,
+    reply_required,
+)
+
+F = cat.FrontendRequest
+
+
+@dataclass
+class ServeResult:
+    requests: int = 0
+    replies: int = 0
+    not_recorded: list[str] = field(default_factory=list)
+    failed: str = ""                 # why the session was ended by policy (unknown request with --unknown fail)
+    ended: str = ""                  # how the front-end's connection ended
+    backend_sent: int = 0            # back-end-channel requests sent (recorded and injected)
+    backend_replies: int = 0         # the front-end's replies to them
+    backend_differences: list[str] = field(default_factory=list)   # replies unlike the recording, or missing
+    backend_not_played: int = 0      # recorded back-end requests whose place in the sequence never came
+
+    def summary(self, played: bool) -> str:
+        backend = ""
+        if played or self.backend_sent:
+            backend = (f"; back-end channel: {self.backend_sent} requests sent, {self.backend_replies} replies, "
+                       f"{len(self.backend_differences)} differences, {self.backend_not_played} recorded requests "
+                       f"not played")
+        return (f"{self.ended or self.failed}: {self.requests} requests, {self.replies} replies, "
+                f"{len(self.not_recorded)} not in the recording{backend}")
+
+
+class RingKicks:
+    """Watches the kick eventfds a front-end hands over. A kick after SET_VRING_ENABLE num=1 is the evidence
+    that the guest's driver started the ring and submitted requests (which nothing serves in a back-end
+    replay); QEMU itself may kick once right after SET_VRING_KICK. Each wake-up is recorded as an event
+    `ring N kicked (K kicks)`, up to MAX_EVENTS per ring."""
+
+    MAX_EVENTS = 50
+
+    def __init__(self, driver: Driver, recorder: Recorder):
+        self.driver, self.recorder = driver, recorder
+        self.rings: dict[int, int] = {}          # fd -> ring index
+        self.events: dict[int, int] = {}         # fd -> events recorded
+
+    def watch(self, index: int, fd: int) -> None:
+        for old, ring in list(self.rings.items()):
+            if ring == index:
+                self._forget(old)
+        self.rings[fd] = index
+        self.driver.watch(fd, lambda: self._kicked(fd))
+
+    def _kicked(self, fd: int) -> None:
+        try:
+            count = int.from_bytes(os.read(fd, 8), "little")
+        except BlockingIOError:
+            return
+        self.events[fd] = self.events.get(fd, 0) + 1
+        self.recorder.report(f"ring {self.rings[fd]} kicked ({count} kick(s))")
+        if self.events[fd] >= self.MAX_EVENTS:
+            self.driver.unwatch(fd)
+
+    def _forget(self, fd: int) -> None:
+        self.driver.unwatch(fd)
+        del self.rings[fd]
+        self.events.pop(fd, None)
+        os.close(fd)
+
+    def close(self) -> None:
+        for fd in list(self.rings):
+            self._forget(fd)
+
+
+class BackendRequests:
+    """The scripted back-end's requests on the back-end channel, recorded or injected by a hook, one at a time:
+    when one requires a reply (the one reply rule, in the live context) the next waits until the front-end's
+    reply comes or `reply_timeout` passes; the main channel is served meanwhile (QEMU answers
+    CONFIG_CHANGE_MSG only after its GET_CONFIG). A hook's injection goes ahead of queued recorded requests."""
+
+    def __init__(self, driver: Driver, fresh: FreshFds, result: ServeResult, recorder: Recorder, out,
+                 reply_timeout: float):
+        self.driver, self.fresh, self.result, self.recorder, self.out = driver, fresh, result, recorder, out
+        self.reply_timeout = reply_timeout
+        self.queue: deque = deque()          # (data, fds or None, recorded or None)
+        self.sending: deque = deque()        # handed to the session, not yet gone: recorded or None
+        self.waiting = None                  # (request, recorded or None, timer)
+
+    def play(self, recorded: BackendExchange) -> None:
+        self.queue.append((recorded.request.data, None, recorded))
+        self.pump()
+
+    def inject(self, data: bytes, fds: list[int]) -> None:
+        self.queue.appendleft((data, fds, None))
+        self.pump()
+
+    def pump(self) -> None:
+        while self.queue and self.waiting is None and not self.sending:
+            data, fds, recorded = self.queue.popleft()
+            if Channel.BACKEND not in self.driver.sockets:
+                close_all(fds or [])
+                self.result.backend_not_played += recorded is not None
+                summary = decode(data, Channel.BACKEND, self.driver.context()).summary()
+                self.recorder.report(f"back-end channel: {summary} ({_origin(recorded).strip() or 'injected'}) not "
+                                     f"sent: no back-end channel (the front-end passed no socket in "
+                                     f"SET_BACKEND_REQ_FD, or closed it)")
+                continue
+            self.sending.append(recorded)
+            if recorded is None:
+                self.driver.send_injected(Channel.BACKEND, data, fds)
+            else:
+                self.driver.send(Channel.BACKEND, data, [self.fresh.make(info) for info in recorded.request.fds])
+
+    def going(self, message: Message, context) -> None:
+        recorded = self.sending.popleft() if self.sending else None
+        self.result.backend_sent += 1
+        label = f"back-end channel: {_origin(recorded)}{message.summary()[:60]}"
+        if reply_required(message, context):
+            self.waiting = (message, recorded, self.driver.after(self.reply_timeout, self.expire))
+            say(self.out, f"{label}: sent, waiting for the front-end's reply")
+        else:
+            say(self.out, f"{label}: sent")
+            self.driver.soon(self.pump)
+
+    def dropped(self, side: Side, message: Message) -> None:
+        if side == Side.BACKEND and self.sending:
+            self.sending.popleft()
+        elif side == Side.FRONTEND and self._answers(message):
+            self.waiting[2].cancel()
+            self.waiting = None
+            self.result.backend_replies += 1
+        self.driver.soon(self.pump)
+
+    def received(self, message: Message, infos) -> None:
+        """What the front-end sent on the back-end channel: a reply, or something nothing asked for."""
+        if not self._answers(message):
+            self._differ(f"back-end channel: the front-end sent {message.summary()}, which nothing asked for")
+            return
+        asked, recorded, timer = self.waiting
+        timer.cancel()
+        self.waiting = None
+        self.result.backend_replies += 1
+        differences = []
+        if recorded is not None and recorded.reply is not None:
+            expected = decode(recorded.reply.data, Channel.BACKEND, self.driver.context())
+            differences = reply_differences(expected, message, recorded.reply.fds, infos)
+        verdict = ("(none recorded)" if recorded is None or recorded.reply is None
+                   else "same" if not differences else "DIFFERS")
+        say(self.out, f"back-end channel: {_origin(recorded)}{asked.name} reply {message.summary()[:60]}: {verdict}")
+        for difference in differences:
+            self._differ(f"back-end channel {_origin(recorded)}{asked.name} reply: {difference}")
+        self.driver.soon(self.pump)
+
+    def _answers(self, message: Message) -> bool:
+        return self.waiting is not None and message.is_reply and message.request == self.waiting[0].request
+
+    def expire(self) -> None:
+        """A reply due past its time: say so and let the next request go."""
+        asked, recorded, _timer = self.waiting
+        self.waiting = None
+        self._differ(f"back-end channel {_origin(recorded)}{asked.name}: no reply from the front-end within "
+                     f"{self.reply_timeout:g} s")
+        self.pump()
+
+    def finish(self, why: str) -> None:
+        """The channel or the session ended: a reply still due is missing, queued requests are not sent."""
+        if self.waiting is not None:
+            asked, recorded, timer = self.waiting
+            timer.cancel()
+            self.waiting = None
+            self._differ(f"back-end channel {_origin(recorded)}{asked.name}: no reply ({why})")
+        for _data, fds, _recorded in self.queue:
+            close_all(fds or [])
+        self.result.backend_not_played += sum(1 for item in self.queue if item[2] is not None)
+        self.queue.clear()
+
+    def _differ(self, text: str) -> None:
+        self.result.backend_differences.append(text)
+        self.recorder.report(text, indent="      ")
+
+
+def _origin(recorded: BackendExchange | None) -> str:
+    """How a back-end request is named in what replay says: by its number in the recording, or as a hook's."""
+    return f"recorded #{recorded.number} " if recorded is not None else "injected "
+
+
+class ScriptedBackend:
+    """The back-end side of a replayed connection: each request of the front-end gets the recorded reply (or a
+    default one, or ends the session, by `unknown_policy`); each recorded back-end-channel request goes once
+    the main-channel message recorded before it has been received (a request) or has gone (a reply)."""
+
+    side = Side.BACKEND
+
+    def __init__(self, driver: Driver, exchanges: list[Exchange], backend_requests: list[BackendExchange],
+                 unknown_policy: str, default_reply: int, recorder: Recorder, out, reply_timeout: float):
+        self.driver, self.exchanges, self.unknown_policy = driver, exchanges, unknown_policy
+        self.default_reply, self.recorder, self.out = default_reply, recorder, out
+        self.fresh = FreshFds()
+        self.result = ServeResult()
+        self.to_play = deque(backend_requests)
+        self.requests = BackendRequests(driver, self.fresh, self.result, recorder, out, reply_timeout)
+        self.kicks = RingKicks(driver, recorder)
+        self.held: list[int] = []            # other sockets the front-end passed: closed at the end
+        self.cursor = 0
+        self.replies: deque = deque()        # our main-channel messages on their way: ("reply", index) or injected
+
+    def start(self) -> None:
+        pass
+
+    def deliver(self, channel: Channel, message: Message, context, fds: list[int], infos) -> None:
+        if channel == Channel.BACKEND:
+            close_all(fds)
+            self.requests.received(message, infos)
+        elif channel == Channel.MAIN:
+            self._keep(message, fds, infos)
+            self._answer(message, context)
+        else:
+            close_all(fds)
+
+    def _keep(self, message: Message, fds: list[int], infos) -> None:
+        """The fds a request brought: kick eventfds are watched, sockets kept until the end, the rest closed."""
+        kick = message.raw[HEADER_SIZE] if message.request == F.SET_VRING_KICK and len(message.raw) > HEADER_SIZE \
+            else None
+        for fd, info in zip(fds, infos, strict=True):
+            if info.kind == "socket":
+                self.held.append(fd)
+            elif kick is not None and info.kind == "eventfd":
+                self.kicks.watch(kick, fd)
+            else:
+                os.close(fd)
+
+    def _answer(self, message: Message, context) -> None:
+        self.result.requests += 1
+        match, self.cursor = find_recorded(self.exchanges, self.cursor, message.raw)
+        if match is None:
+            self.result.not_recorded.append(message.summary())
+            if self.unknown_policy == "fail":
+                self.result.failed = (f"request #{self.result.requests} {message.summary()} is not in the "
+                                      f"recording (policy: fail)")
+                self.recorder.report(self.result.failed)
+                self.driver.close(self.result.failed)
+                return
+        reply, reply_fds = answer(message, match, context, self.fresh, self.default_reply)
+        shown = decode(reply, Channel.MAIN, self.driver.context()).summary() if reply else "(no reply)"
+        note = "" if match else "  [not in the recording: default answer]"
+        say(self.out, f"#{self.result.requests:<4} {message.summary()[:72]:<72} -> {shown}{note}")
+        index = self.cursor - 1 if match is not None else None
+        if index is not None:
+            self._reached((index, 0))
+        if reply is not None:
+            self.replies.append(("reply", index))
+            self.driver.send(Channel.MAIN, reply, reply_fds)
+        elif index is not None:
+            self._reached((index, 1))
+
+    def _reached(self, place: tuple[int, int]) -> None:
+        """The live session got to this place of the recording: play the back-end requests recorded up to it."""
+        while self.to_play and self.to_play[0].after <= place:
+            self.requests.play(self.to_play.popleft())
+
+    def going(self, channel: Channel, message: Message, context, fds: list[int]) -> None:
+        if channel == Channel.BACKEND:
+            self.requests.going(message, context)
+        elif channel == Channel.MAIN and self.replies:
+            self._gone(*self.replies.popleft(), message)
+
+    def _gone(self, kind: str, index: int | None, message: Message | None) -> None:
+        """One of our main-channel messages went (or a hook dropped it: `message` None)."""
+        if kind == "injected":
+            if message is not None:
+                say(self.out, f"injected to the front-end: {message.summary()[:72]}")
+            return
+        self.result.replies += message is not None
+        if index is not None:
+            self._reached((index, 1))
+
+    def dropped(self, channel: Channel, side: Side, message: Message) -> None:
+        if channel == Channel.BACKEND:
+            self.requests.dropped(side, message)
+        elif channel == Channel.MAIN and side == Side.BACKEND and self.replies:
+            self._gone(*self.replies.popleft(), None)
+
+    def inject(self, channel: Channel, data: bytes, fds: list[int]) -> None:
+        """A hook's injection: a main-channel reply goes now, a back-end-channel request in its turn."""
+        if channel == Channel.BACKEND:
+            self.requests.inject(data, fds)
+        else:
+            self.replies.append(("injected", None))
+            self.driver.send_injected(channel, data, fds)
+
+    def peer_closed(self, channel: Channel) -> None:
+        self.result.ended = self.result.ended or (f"front-end closed the connection after "
+                                                  f"{self.result.requests} requests")
+        self.driver.close_side(channel)
+
+    def channel_closed(self, channel: Channel) -> None:
+        if channel == Channel.BACKEND:
+            self.recorder.event("back-end channel closed")
+            self.requests.finish("the back-end channel closed")
+
+    def ended(self, reason: str) -> None:
+        self.result.ended = self.result.ended or reason
+
+    def our_end(self, fd: int):
+        return None
+
+    def close(self) -> None:
+        self.requests.finish("the session ended")
+        self.result.backend_not_played += len(self.to_play)
+        self.fresh.close()
+        close_all(self.held)
+        self.kicks.close()
+
+
+def serve_front_end(peer: socket.socket, exchanges: list[Exchange], unknown_policy: str, recorder: Recorder,
+                    out, default_reply: int = 0, chain: HookChain | None = None, *,
+                    backend_requests: list[BackendExchange] = (), reply_timeout: float = REPLY_TIMEOUT,
+                    device: str | None = None) -> ServeResult:
+    """One front-end connection, answered from the recording until the front-end leaves."""
+    session = Session(CONNECTION, chain, ContextTracker(device), scripted=Side.BACKEND)
+    driver = Driver(session, recorder, out, device)
+    script = ScriptedBackend(driver, exchanges, list(backend_requests), unknown_policy, default_reply, recorder,
+                             out, reply_timeout)
+    recorder.event(f"replay --as backend: front-end connected{', device=' + device if device else ''}")
+    try:
+        driver.attach(Channel.MAIN, peer)
+        driver.run(script)
+    finally:
+        script.close()
+        driver.shut()
+        summary = script.result.summary(bool(backend_requests))
+        recorder.event(f"replay --as backend: {summary}")
+        say(out, summary)
+    return script.result
+
+
+def replay_as_backend(records: list, listen_path: str, connection: int | None = None,
+                      unknown_policy: str = "default", writer=None, out=sys.stdout, once: bool = True,
+                      default_reply: int = 0, hooks=(), on_hook_error: str = "forward",
+                      reply_timeout: float = REPLY_TIMEOUT) -> int:
+    """Answer a real front-end from the recorded replies and play the recorded back-end-channel requests.
+    Exit status: 1 when the policy failed a request."""
+    connection, exchanges = load_exchanges(records, connection)
+    backend_requests = load_backend_requests(records, connection, exchanges)
+    device = device_type(records, connection)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    if os.path.exists(listen_path):
+        os.unlink(listen_path)
+    listener.bind(listen_path)
+    listener.listen(1)
+    extra = f", {len(backend_requests)} back-end-channel requests" if backend_requests else ""
+    say(out, f"replaying the back-end of connection {connection} ({len(exchanges)} recorded requests{extra}) "
+             f"on {listen_path}")
+    try:
+        while True:
+            peer, _ = listener.accept()
+            result = serve_front_end(peer, exchanges, unknown_policy, Recorder(writer, out), out, default_reply,
+                                     HookChain(list(hooks), on_hook_error, report=lambda text: say(out, text)),
+                                     backend_requests=backend_requests, reply_timeout=reply_timeout,
+                                     device=device)
+            status = 1 if result.failed else 0
+            if once:
+                return status
+    finally:
+        listener.close()
+        if os.path.exists(listen_path):
+            os.unlink(listen_path)

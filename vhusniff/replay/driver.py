@@ -1,0 +1,317 @@
+"""The one event loop of a replayed connection: a core Session between the real peer's sockets and a scripted
+peer in this process. No threads, no sleeps.
+
+The driver feeds the session what the real peer sends (read when a selector says so) and what the script
+sends, so that hooks act on both alike, through the core's one reading of their verdicts. It carries out the
+session's commands in order: it records (Capture, Note), sends to the real peer or hands to the script (Send,
+Inject), closes fds, and runs the session's Wake timers beside the script's own (reply timeouts) on the same
+loop. What the session hands the script reaches it once the session's whole answer has been carried out, so
+that a hook's injections keep their place right after their message.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import os
+import selectors
+import socket
+import sys
+import time
+from collections import Counter, deque
+
+from ..engine import (
+    Capture,
+    CloseChannel,
+    CloseConnection,
+    CloseFds,
+    Inject,
+    Note,
+    Send,
+    Session,
+    ShutWrite,
+    Side,
+    StopReading,
+    Wake,
+)
+from ..engine.core import HALF_CLOSE
+from ..fds import describe_fd
+from ..model import Channel, Direction, Record, RecordKind
+from ..protocol import decode
+from ..session import ContextTracker
+from ..sockio import receive_chunk, send_message
+
+CONNECTION = 1                 # a replay has one connection; captures number them from 1
+REPLY_TIMEOUT = 5.0            # default: how long a scripted peer waits for a reply it is due
+SEND_TIMEOUT = 5.0             # a real peer that stops reading ends the connection instead of hanging it
+
+
+def say(out, text: str) -> None:
+    print(text, file=out, flush=True)
+
+
+def close_all(fds) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+class Recorder:
+    """The replay's own capture: every message as it travelled, hooks applied, plus events; `report` also says
+    an event on the replay's output."""
+
+    def __init__(self, writer, out=sys.stdout):
+        self.writer, self.out = writer, out
+
+    def message(self, channel: Channel, direction: Direction, data: bytes, fds=(), note: str = "",
+                timestamp: int | None = None) -> None:
+        if self.writer is not None:
+            self.writer.write(Record(timestamp or time.time_ns(), CONNECTION, channel, direction, data, list(fds),
+                                     note=note))
+
+    def event(self, text: str, timestamp: int | None = None) -> None:
+        if self.writer is not None:
+            self.writer.write(Record(timestamp or time.time_ns(), CONNECTION, kind=RecordKind.EVENT, note=text))
+
+    def report(self, text: str, indent: str = "") -> None:
+        self.event(text)
+        say(self.out, indent + text)
+
+
+class Timer:
+    __slots__ = ("due", "callback", "cancelled")
+
+    def __init__(self, due: float, callback):
+        self.due, self.callback, self.cancelled = due, callback, False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Driver:
+    """Runs one Session whose `session.scripted` side is a script (an object with the methods ScriptedFrontend
+    and ScriptedBackend share: deliver, going, dropped, inject, peer_closed, channel_closed, ended, our_end)
+    and whose other side is a real peer on sockets (`attach`)."""
+
+    def __init__(self, session: Session, recorder: Recorder, out, device: str | None):
+        self.session, self.recorder, self.out = session, recorder, out
+        self.real = session.scripted.other
+        self.script = None
+        self.tracker = ContextTracker(device)      # follows the messages as they travelled, hooks applied
+        self.selector = selectors.DefaultSelector()
+        self.sockets: dict[Channel, socket.socket] = {}
+        self._timers: list = []
+        self._order = itertools.count()
+        self._wakes: Counter = Counter()           # the session's Wake tokens not yet fired
+        self._feeds: deque = deque()               # what the script sends, in order
+        self._later: deque = deque()               # calls to the script after the current commands
+        self._last = None                          # (message, context, fd descriptions) of the last Capture
+        self.finished = False
+
+    # ---- for the script ----
+
+    def context(self):
+        return self.tracker.context_for(CONNECTION)
+
+    def send(self, channel: Channel, data: bytes, fds: list[int]) -> None:
+        """The script sends a message: through the session (hooks), then to the real peer."""
+        self._feeds.append((self.session.received, channel, data, fds))
+
+    def send_injected(self, channel: Channel, data: bytes, fds: list[int]) -> None:
+        """The script sends a hook's injection it was handed (no hooks)."""
+        self._feeds.append((self.session.send_injected, channel, data, fds))
+
+    def close_side(self, channel: Channel) -> None:
+        """The script closes its sending half, as a peer that saw the other close does."""
+        self._feeds.append((self.session.received, channel, b"", []))
+
+    def close(self, reason: str) -> None:
+        """End the connection (the script's verdict: a policy, a missing reply, the end of the script)."""
+        self._later.append(lambda: self._execute(self.session.close(reason, time.time_ns())))
+
+    def soon(self, callback) -> None:
+        self._later.append(callback)
+
+    def after(self, seconds: float, callback) -> Timer:
+        timer = Timer(time.monotonic() + seconds, callback)
+        heapq.heappush(self._timers, (timer.due, next(self._order), timer))
+        return timer
+
+    def watch(self, fd: int, callback) -> None:
+        self.selector.register(fd, selectors.EVENT_READ, callback)
+
+    def unwatch(self, fd: int) -> None:
+        try:
+            self.selector.unregister(fd)
+        except (KeyError, ValueError):
+            pass
+
+    def holding_for(self, side: Side) -> bool:
+        """Does the session hold (a hook's delay) something on its way to `side`?"""
+        return any(count and token != HALF_CLOSE and token[1] == side for token, count in self._wakes.items())
+
+    def busy(self) -> bool:
+        """Is anything still on its way: held by a hook, or queued by the script?"""
+        return bool(self._feeds or self._later) or any(count and token != HALF_CLOSE
+                                                       for token, count in self._wakes.items())
+
+    # ---- the loop ----
+
+    def attach(self, channel: Channel, sock: socket.socket) -> None:
+        """The real peer's socket for `channel`, read by the loop from now on."""
+        old = self.sockets.pop(channel, None)
+        if old is not None:
+            self.unwatch(old)
+            old.close()
+        sock.settimeout(SEND_TIMEOUT)
+        self.sockets[channel] = sock
+        self.watch(sock, lambda: self._readable(channel, sock))
+
+    def run(self, script) -> None:
+        self.script = script
+        script.start()
+        self._drain()
+        while not self.finished:
+            timeout = None
+            if self._timers:
+                timeout = max(0.0, self._timers[0][0] - time.monotonic())
+            for key, _events in self.selector.select(timeout):
+                key.data()
+            self._run_due_timers()
+            self._drain()
+
+    def shut(self) -> None:
+        """Close the real peer's sockets and the loop's selector."""
+        for sock in self.sockets.values():
+            sock.close()
+        self.sockets = {}
+        self.selector.close()
+
+    def _readable(self, channel: Channel, sock: socket.socket) -> None:
+        if self.sockets.get(channel) is not sock:
+            return
+        now = time.time_ns()
+        try:
+            data, fds, truncated = receive_chunk(sock)
+        except (TimeoutError, BlockingIOError):
+            return
+        except OSError as error:
+            self._execute(self.session.failed(channel, self.real, error.strerror or str(error), now))
+            return
+        self._execute(self.session.received(channel, self.real, data, fds, now, truncated))
+
+    def _run_due_timers(self) -> None:
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            timer = heapq.heappop(self._timers)[2]
+            if not timer.cancelled:
+                timer.callback()
+            self._drain()
+
+    def _drain(self) -> None:
+        while self._later or self._feeds:
+            while self._later:
+                self._later.popleft()()
+            if self._feeds:
+                feed, channel, data, fds = self._feeds.popleft()
+                self._execute(feed(channel, self.session.scripted, data, fds, time.time_ns()))
+
+    def _wake(self, token) -> None:
+        self._wakes[token] -= 1
+        self._execute(self.session.timer(token, time.time_ns()))
+
+    # ---- carrying out the session's commands ----
+
+    def _execute(self, commands: list) -> None:
+        for command in commands:
+            kind = type(command)
+            if kind is Capture:
+                self._capture(command)
+            elif kind is Send:
+                self._send(command)
+            elif kind is Note:
+                self.recorder.event(command.text, command.timestamp_ns)
+                if command.problem:
+                    say(self.out, command.text)
+            elif kind is CloseFds:
+                close_all(command.fds)
+            elif kind is Wake:
+                self._wakes[command.token] += 1
+                self.after(command.seconds, lambda token=command.token: self._wake(token))
+            elif kind is Inject:
+                self.script.inject(command.channel, command.data, command.fds)
+            else:
+                self._close(command)
+
+    def _capture(self, capture: Capture) -> None:
+        infos = [describe_fd(fd) for fd in capture.fds]
+        context = self.context()
+        message = decode(capture.data, capture.channel, context)
+        self.recorder.message(capture.channel, capture.direction, capture.data, infos, capture.note,
+                              capture.timestamp_ns)
+        self._last = (message, context, infos)
+        if capture.note.startswith("dropped by hook"):
+            side = Side(int(capture.direction))
+            self.recorder.report(f"hook dropped {side.label} {'reply' if message.is_reply else 'request'} "
+                                 f"{message.summary()}")
+            self._later.append(lambda: self.script.dropped(capture.channel, side, message))
+        elif not capture.note.startswith("not "):
+            self.tracker.observe(CONNECTION, message, context)
+
+    def _send(self, send: Send) -> None:
+        message, context, infos = self._last
+        fds = send.fds
+        if send.to == self.session.scripted:
+            if send.interpose == Channel.BACKEND and fds:
+                self._interpose(socket.socket(fileno=fds[0]))
+                fds, infos = fds[1:], infos[1:]
+            self._later.append(lambda: self.script.deliver(send.channel, message, context, fds, infos))
+            return
+        self.script.going(send.channel, message, context, fds)
+        ours = self.script.our_end(fds[0]) if send.interpose == Channel.BACKEND and fds else None
+        sock = self.sockets.get(send.channel)
+        try:
+            if sock is None or self.session.closed:
+                raise OSError("the connection is closed")
+            send_message(sock, send.data, fds)
+        except OSError as error:
+            if ours is not None:
+                ours.close()
+            self._execute(self.session.send_failed(send.channel, send.to, error.strerror or str(error),
+                                                   time.time_ns()))
+            return
+        finally:
+            close_all(fds)
+        if ours is not None:
+            self._interpose(ours)
+
+    def _interpose(self, sock: socket.socket) -> None:
+        replaced = Channel.BACKEND in self.sockets
+        self.attach(Channel.BACKEND, sock)
+        self._execute(self.session.interposed(Channel.BACKEND, replaced, time.time_ns()))
+
+    def _close(self, command) -> None:
+        kind = type(command)
+        if kind is StopReading:
+            sock = self.sockets.get(command.channel)
+            if command.side == self.real and sock is not None:
+                self.unwatch(sock)
+        elif kind is ShutWrite:
+            if command.side == self.real:
+                try:
+                    self.sockets[command.channel].shutdown(socket.SHUT_WR)
+                except (KeyError, OSError):
+                    pass
+            else:
+                self._later.append(lambda: self.script.peer_closed(command.channel))
+        elif kind is CloseChannel:
+            sock = self.sockets.pop(command.channel, None)
+            if sock is not None:
+                self.unwatch(sock)
+                sock.close()
+            self._later.append(lambda: self.script.channel_closed(command.channel))
+        elif kind is CloseConnection:
+            self.finished = True
+            for sock in self.sockets.values():
+                self.unwatch(sock)
+                sock.close()
+            self.sockets = {}
+            self._later.append(lambda: self.script.ended(command.reason))

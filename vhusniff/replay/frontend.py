@@ -1,0 +1,308 @@
+"""`replay --as frontend`: a scripted front-end plays a recorded connection's requests to a real back-end and
+compares the replies with the recorded ones."""
+from __future__ import annotations
+
+import socket
+import struct
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from .. import catalogue as cat
+from ..engine import Session, Side
+from ..hooks import HookChain
+from ..model import Channel
+from ..protocol import HEADER_SIZE, Message, build_message
+from ..session import ContextTracker
+from .driver import CONNECTION, REPLY_TIMEOUT, Driver, Recorder, close_all, say
+from .fresh import FreshFds
+from .recording import Exchange, device_type, load_exchanges, regions, reply_differences, reply_required, ring_positions
+
+F = cat.FrontendRequest
+QUIET = 0.05          # after the last reply: how long the back-end may still send what nothing asked for
+
+
+@dataclass
+class ReplayResult:
+    requests_sent: int = 0
+    replies_compared: int = 0
+    divergences: list[str] = field(default_factory=list)
+    log: list[str] = field(default_factory=list)
+    elapsed: float = 0.0
+
+    @property
+    def identical(self) -> bool:
+        return not self.divergences
+
+
+@dataclass
+class Outgoing:
+    """A main-channel request of the script's, from being handed to the session until its reply is in."""
+    exchange: Exchange | None          # None: a hook's injection
+    label: str
+    recorded: Message | None = None
+    timer: object = None
+
+
+class ScriptedFrontend:
+    """The front-end side of a replayed connection. Like a real front-end it has one main-channel request
+    outstanding at a time: the next recorded request, or a request a hook injected, goes once the reply the
+    protocol requires (or the recording has) is in. It answers the back-end's requests on the back-end channel
+    with an ack of 0 when one is due. Each ring is placed where the recorded session left it."""
+
+    side = Side.FRONTEND
+
+    def __init__(self, driver: Driver, exchanges: list[Exchange], fresh: FreshFds, result: ReplayResult, out,
+                 reply_timeout: float, device: str | None):
+        self.driver, self.exchanges, self.fresh, self.result, self.out = driver, exchanges, fresh, result, out
+        self.reply_timeout = reply_timeout
+        self.recorded_tracker = ContextTracker(device)
+        self.positions = ring_positions(exchanges)
+        self.pending_ring: dict[int, int] = {}
+        self.next = 0                                  # index of the next recorded exchange
+        self.injected: deque = deque()                 # a hook's messages (channel, data, fds), in order
+        self.outgoing: Outgoing | None = None          # handed to the session, not yet answered
+        self.over = False
+
+    def start(self) -> None:
+        self.step()
+
+    def step(self) -> None:
+        """Send what comes next, when the main channel is free."""
+        if self.over:
+            return
+        # A back-end-channel reply goes at once, unless a main-channel request injected before it waits.
+        while self.injected and self.injected[0][0] == Channel.BACKEND:
+            self.driver.send_injected(*self.injected.popleft())
+        if self.outgoing is not None:
+            return
+        if self.injected:
+            self.outgoing = Outgoing(None, "")
+            self.driver.send_injected(*self.injected.popleft())
+        elif self.next < len(self.exchanges):
+            exchange = self.exchanges[self.next]
+            self.next += 1
+            recorded = self.recorded_tracker.decode(exchange.request)
+            sizes = [region.mmap_offset + region.memory_size for region in regions(recorded)]
+            fds = [self.fresh.make(info, sizes[i] if i < len(sizes) else 0)
+                   for i, info in enumerate(exchange.request.fds)]
+            self.outgoing = Outgoing(exchange, f"#{exchange.number:<4} {recorded.name:<24}", recorded)
+            self.driver.send(Channel.MAIN, self._rewrite(recorded, exchange), fds)
+        else:
+            self.driver.after(QUIET, self.finish)
+
+    def finish(self) -> None:
+        if self.over:
+            return
+        if self.outgoing is not None or self.injected or self.driver.busy():
+            self.driver.after(QUIET, self.finish)
+            return
+        self.over = True
+        self.driver.close("replay finished")
+
+    # ---- what the session hands over ----
+
+    def going(self, channel: Channel, message: Message, context, fds: list[int]) -> None:
+        """Our message leaves for the back-end now, hooks applied: place memory and rings first."""
+        outgoing = self.outgoing
+        if channel != Channel.MAIN or outgoing is None or outgoing.timer is not None:
+            return
+        for region, fd in zip(regions(message), fds, strict=False):
+            self.fresh.remember_region(region.userspace_addr, region.memory_size, region.mmap_offset, fd)
+        self._place_ring(message)
+        if outgoing.exchange is None:
+            outgoing.label, outgoing.recorded = f"injected {message.summary()[:60]}", message
+        else:
+            self.result.requests_sent += 1
+        if outgoing.exchange is not None and outgoing.exchange.reply is not None or reply_required(message, context):
+            outgoing.timer = self.driver.after(self.reply_timeout, self.timed_out)
+            return
+        if outgoing.exchange is None:
+            say(self.out, f"      {outgoing.label}: sent")
+        else:
+            self.result.log.append(f"{outgoing.label} sent")
+        self.outgoing = None
+        self.driver.soon(self.step)
+
+    def deliver(self, channel: Channel, message: Message, context, fds: list[int], infos) -> None:
+        close_all(fds)
+        if channel == Channel.BACKEND:
+            if not message.is_reply and reply_required(message, context):
+                self.driver.send(Channel.BACKEND, build_message(Channel.BACKEND, message.request, {"ack": 0},
+                                                                reply=True, kind="ack"), [])
+            return
+        outgoing = self.outgoing
+        if channel != Channel.MAIN or self.over:
+            return
+        if outgoing is None or outgoing.timer is None:
+            self.diverge(f"after message #{self._last_number()}: the back-end sent {message.summary()}, which "
+                         f"nothing asked for")
+            return
+        outgoing.timer.cancel()
+        self.outgoing = None
+        if outgoing.exchange is None:
+            say(self.out, f"      {outgoing.label}: reply {message.summary()[:72]}")
+            if message.request != outgoing.recorded.request or not message.is_reply:
+                self.diverge(f"{outgoing.label}: the back-end answered {message.summary()}")
+        else:
+            self._compare(outgoing, message, infos)
+        self.driver.soon(self.step)
+
+    def _compare(self, outgoing: Outgoing, replayed: Message, infos) -> None:
+        exchange = outgoing.exchange
+        self.result.replies_compared += 1
+        if exchange.reply is None:
+            differences = [f"the back-end replied ({replayed.summary()}); the recording has no reply"]
+        else:
+            expected = self.recorded_tracker.decode(exchange.reply)
+            differences = reply_differences(expected, replayed, exchange.reply.fds, infos)
+        line = f"{outgoing.label} reply " + ("same" if not differences else "DIFFERS")
+        self.result.log.append(line)
+        say(self.out, line)
+        for difference in differences:
+            self.diverge(f"message #{exchange.number} {outgoing.recorded.name} reply: {difference}")
+
+    def dropped(self, channel: Channel, side: Side, message: Message) -> None:
+        outgoing = self.outgoing
+        if channel != Channel.MAIN or outgoing is None:
+            return
+        exchange = outgoing.exchange
+        if side == Side.FRONTEND and outgoing.timer is None:
+            self.outgoing = None
+            if exchange is not None and exchange.reply is not None:
+                self.diverge(f"message #{exchange.number} {outgoing.recorded.name}: dropped by a hook, so its "
+                             f"recorded reply #{exchange.reply_number} was not asked for")
+        elif side == Side.BACKEND and outgoing.timer is not None and message.is_reply:
+            outgoing.timer.cancel()
+            self.outgoing = None
+            self.diverge(f"{self._what(outgoing)}: the reply was dropped by a hook")
+        self.driver.soon(self.step)
+
+    def inject(self, channel: Channel, data: bytes, fds: list[int]) -> None:
+        """A hook's injection: a main-channel request goes in its turn, a back-end-channel reply at once."""
+        self.injected.append((channel, data, fds))
+        self.driver.soon(self.step)
+
+    def timed_out(self) -> None:
+        if self.driver.holding_for(Side.FRONTEND):          # a hook's delay is not the back-end's slowness
+            self.outgoing.timer = self.driver.after(self.reply_timeout, self.timed_out)
+            return
+        self.stop(f"no reply (timeout; waited up to {self.reply_timeout:g} s; {self._expected()})")
+
+    def peer_closed(self, channel: Channel) -> None:
+        self.ended("the back-end closed the connection")
+        self.driver.close_side(channel)
+
+    def channel_closed(self, channel: Channel) -> None:
+        pass
+
+    def ended(self, reason: str) -> None:
+        if self.over:
+            return
+        if self.outgoing is not None and self.outgoing.timer is not None:
+            self.stop(f"no reply ({reason}; {self._expected()})")
+        elif self.outgoing is not None and self.outgoing.exchange is not None:
+            self.stop(f"not sent, {reason}")
+        elif self.next < len(self.exchanges):
+            exchange = self.exchanges[self.next]
+            self.outgoing = Outgoing(exchange, "", self.recorded_tracker.decode(exchange.request))
+            self.stop(f"not sent, {reason}")
+        else:
+            self.over = True
+            self.diverge(f"after the last request: {reason}")
+
+    def our_end(self, fd: int):
+        return self.fresh.take_our_end(fd)
+
+    def discard(self) -> None:
+        """The session is over: a hook's injections still waiting are not sent."""
+        for _channel, _data, fds in self.injected:
+            close_all(fds)
+        self.injected.clear()
+
+    # ---- helpers ----
+
+    def stop(self, text: str) -> None:
+        """A divergence the replay cannot go past: say it of the outgoing request and end the session."""
+        self.over = True
+        self.diverge(f"{self._what(self.outgoing)}: {text}")
+        self.driver.close(text)
+
+    def diverge(self, text: str) -> None:
+        self.result.divergences.append(text)
+        say(self.out, "      " + text)
+
+    def _what(self, outgoing: Outgoing | None) -> str:
+        if outgoing is None:
+            return f"after message #{self._last_number()}"
+        if outgoing.exchange is None:
+            return outgoing.label or "a hook's injected request"
+        return f"message #{outgoing.exchange.number} {outgoing.recorded.name}"
+
+    def _expected(self) -> str:
+        exchange = self.outgoing.exchange if self.outgoing else None
+        if exchange is not None and exchange.reply is not None:
+            return f"recorded reply #{exchange.reply_number}"
+        return "the protocol requires a reply"
+
+    def _last_number(self) -> int:
+        return self.exchanges[self.next - 1].number if self.next else 0
+
+    def _rewrite(self, message: Message, exchange: Exchange) -> bytes:
+        """SET_VRING_BASE starts the ring where the recorded session's next GET_VRING_BASE found it."""
+        data = exchange.request.data
+        if message.kind is None or message.request != F.SET_VRING_BASE or exchange.number not in self.positions:
+            return data
+        index, position = message.payload.index, self.positions[exchange.number]
+        self.pending_ring[index] = position
+        return data[:HEADER_SIZE] + struct.pack("<II", index, position)
+
+    def _place_ring(self, message: Message) -> None:
+        """Before SET_VRING_ADDR goes out, set the ring's avail and used idx in our memory to its base, so that
+        the back-end (libvhost-user reads used->idx here) sees nothing pending."""
+        if message.kind is None or message.request != F.SET_VRING_ADDR or \
+                message.payload.index not in self.pending_ring:
+            return
+        position = self.pending_ring.pop(message.payload.index) & 0xFFFF
+        # Both rings start with flags:u16, then idx:u16.
+        self.fresh.write_u16(message.payload.avail + 2, position)
+        self.fresh.write_u16(message.payload.used + 2, position)
+
+
+def replay_as_frontend(records: list, backend_path: str, connection: int | None = None, writer=None,
+                       out=sys.stdout, reply_timeout: float = REPLY_TIMEOUT, hooks=(),
+                       on_hook_error: str = "forward") -> ReplayResult:
+    """Play one recorded connection's front-end side against a real back-end and compare the replies."""
+    connection, exchanges = load_exchanges(records, connection)
+    device = device_type(records, connection)
+    result = ReplayResult()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(backend_path)
+    except OSError as error:
+        sock.close()
+        result.divergences.append(f"cannot connect to the back-end at {backend_path}: {error.strerror}")
+        say(out, f"vhusniff replay: {result.divergences[0]}")
+        return result
+    recorder = Recorder(writer, out)
+    chain = HookChain(list(hooks), on_hook_error, report=lambda text: say(out, text))
+    session = Session(CONNECTION, chain, ContextTracker(device), scripted=Side.FRONTEND)
+    driver, fresh = Driver(session, recorder, out, device), FreshFds()
+    recorder.event(f"replay --as frontend: connection {connection} of the recording, back-end {backend_path}"
+                   f"{', device=' + device if device else ''}")
+    started = time.monotonic()
+    script = ScriptedFrontend(driver, exchanges, fresh, result, out, reply_timeout, device)
+    try:
+        driver.attach(Channel.MAIN, sock)
+        driver.run(script)
+    finally:
+        script.discard()
+        driver.shut()
+        fresh.close()
+    result.elapsed = time.monotonic() - started
+    verdict = ("identical to the recording" if not result.divergences else
+               f"{len(result.divergences)} divergences; first divergence: {result.divergences[0]}")
+    recorder.report(f"replayed {result.requests_sent} of {len(exchanges)} requests of connection {connection}, "
+                    f"compared {result.replies_compared} replies in {result.elapsed:.2f} s: {verdict}")
+    return result
