@@ -134,6 +134,35 @@ def test_frontend_replay_against_a_different_backend_names_the_first_divergence(
     assert run.stdout.count("reply DIFFERS") == 1, run.stdout
 
 
+def test_frontend_replay_holds_delayed_replies_on_timers_not_counted_as_the_backend_s_slowness(fresh_boot,
+                                                                                                 tmp_path):
+    """--delay-replies holds each of the real back-end's replies 0.2 s before the scripted front-end sees it; the
+    reply timeout (0.1 s) counts only the back-end's own time, so the replay is still identical."""
+    replayed = tmp_path / "replayed.pcapng"
+    with lab.start_storage_daemon(tmp_path, tmp_path / "backend.sock"):
+        run = vhusniff("replay", "--as", "frontend", str(fresh_boot), "--backend", str(tmp_path / "backend.sock"),
+                       "--delay-replies", "0.2", "--timeout", "0.1", "-w", str(replayed))
+    assert run.returncode == 0 and "identical to the recording" in run.stdout, run.stdout + run.stderr
+    sent = messages(replayed)
+    replies = [index for index, (record, m) in enumerate(sent) if record.direction == Direction.BACKEND_TO_FRONTEND]
+    assert len(replies) >= 10
+    for index in replies:
+        request, reply = sent[index - 1][0], sent[index][0]
+        assert reply.note == "delayed by hook" and reply.timestamp_ns - request.timestamp_ns >= 0.2e9
+
+
+def test_frontend_replay_cut_short_by_disconnect_at_names_the_first_request_not_sent(fresh_boot, tmp_path):
+    with lab.start_storage_daemon(tmp_path, tmp_path / "backend.sock"):
+        run = vhusniff("replay", "--as", "frontend", str(fresh_boot), "--backend", str(tmp_path / "backend.sock"),
+                       "--disconnect-at", "3")
+    assert run.returncode == 1, run.stdout + run.stderr
+    first = run.stdout.splitlines()[-1]
+    # Messages 1-3: GET_FEATURES, its reply, GET_PROTOCOL_FEATURES, after which the hook closes the connection.
+    assert "replayed 2 of " in first and ("first divergence: message #4 GET_PROTOCOL_FEATURES: no reply (hook "
+                                          "disconnected after message #3: disconnect-at 3: closing after message #3; "
+                                          "recorded reply #5)") in first, first
+
+
 def test_frontend_replay_when_the_backend_is_gone(fresh_boot, tmp_path):
     run = vhusniff("replay", "--as", "frontend", str(fresh_boot), "--backend", str(tmp_path / "nobody.sock"))
     assert run.returncode == 1 and "cannot connect to the back-end" in run.stdout

@@ -269,8 +269,8 @@ class Driver:
         ours = self.script.our_end(fds[0]) if send.interpose == Channel.BACKEND and fds else None
         sock = self.sockets.get(send.channel)
         try:
-            if sock is None or self.session.closed:
-                raise OSError("the connection is closed")
+            if sock is None:
+                raise OSError(f"no {send.channel.name.lower()} channel socket")
             send_message(sock, send.data, fds)
         except OSError as error:
             if ours is not None:
