@@ -32,6 +32,23 @@ class RecordKind(enum.IntEnum):
     EVENT = 1           # connection lifecycle or proxy finding: text in `note`, no message bytes
 
 
+class EventKind(enum.IntEnum):
+    """What an EVENT record says happened, as data; its note words it for a person (capture format 2)."""
+    NOTE = 0            # anything else worth a line
+    CONNECTED = 1       # a connection began: both sides reached
+    CLOSED = 2          # the connection ended: a side closed or failed, a hook, the proxy stopping
+    HALF_CLOSED = 3     # one side closed its sending half; the close was passed on to the other
+    CHANNEL_OPENED = 4  # a side channel (back-end requests, GPU, device-state pipe) is relayed
+    CHANNEL_CLOSED = 5  # a side channel ended; the connection goes on
+    PROTOCOL_ERROR = 6  # an unframeable stream, fds where no message begins, too many fds, cut control data
+    TARGET_DOWN = 7     # nobody listens at a route's target: the proxy stops listening too
+    TARGET_UP = 8       # someone listens at the target again: the proxy listens again
+    RESOURCE = 9        # back-pressure, out of fds, bytes a closed peer never took
+    HOOK = 10           # what a hook did that is not a message of its own
+    DEVICE = 11         # the connection's device type: the note is its name (blk, net, fs, gpu, ...)
+    PEER = 12           # a real peer (lab, replay target) started, exited or crashed
+
+
 class FdInfo(NamedTuple):
     """What an fd was, described when it passed, so a reader knows without holding it. (A named tuple, not a
     dataclass: the proxy builds one per passed fd, and a frozen dataclass costs three times as much.)"""
@@ -63,3 +80,4 @@ class Record:
     fds: list[FdInfo] = field(default_factory=list)
     kind: RecordKind = RecordKind.MESSAGE
     note: str = ""               # event text, or why a message record is not a well-framed message
+    event: EventKind = EventKind.NOTE     # for an EVENT record: what happened

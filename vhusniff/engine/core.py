@@ -19,7 +19,7 @@ from typing import NamedTuple, Union
 
 from .. import catalogue as cat
 from ..framing import Frame, Framer, FramingError, StrayFds
-from ..model import Channel, Direction, Record
+from ..model import Channel, Direction, EventKind, Record
 
 # QEMU's chardev accepts at most 16 fds a message (TCP_MAX_FDS); more is a finding, still forwarded.
 MAX_FDS_SEEN_IN_PRACTICE = 16
@@ -65,6 +65,7 @@ class Note(NamedTuple):
     text: str
     problem: bool = False
     describe: tuple = ()
+    kind: EventKind = EventKind.NOTE
 
 
 class Send(NamedTuple):
@@ -187,7 +188,7 @@ class Session:
         if truncated:
             out.append(Note(now_ns, channel, f"{side.label} sent more fds than the proxy can receive at once near "
                                              f"message #{self.messages + 1}; the kernel dropped the rest "
-                                             f"(MSG_CTRUNC)", True))
+                                             f"(MSG_CTRUNC)", True, kind=EventKind.PROTOCOL_ERROR))
         if self.closed or channel not in self.channels:
             if fds:
                 out.append(CloseFds(list(fds)))
@@ -238,7 +239,7 @@ class Session:
 
     def send_failed(self, channel: Channel, to: Side, reason: str, now_ns: int) -> list:
         out: list = [Note(now_ns, channel, f"message #{self.messages} not delivered: sending to the {to.label} "
-                                           f"failed: {reason}", True)]
+                                           f"failed: {reason}", True, kind=EventKind.NOTE)]
         self._gone(channel, to, reason, now_ns, out)
         return out
 
@@ -273,11 +274,11 @@ class Session:
         """The driver carried out a Send's interpose for a side channel: its two ends now feed received()."""
         out: list = []
         if replaced:
-            out.append(Note(now_ns, channel, f"{channel.name.lower()} channel replaced by message #{self.messages}"))
+            out.append(Note(now_ns, channel, f"{channel.name.lower()} channel replaced by message #{self.messages}", kind=EventKind.CHANNEL_CLOSED))
             self._drop_channel_state(channel, out)
         self.open_channel(channel)
         out.append(Note(now_ns, channel, f"{channel.name.lower()} channel interposed: the proxy relays the socket "
-                                         f"passed in message #{self.messages}"))
+                                         f"passed in message #{self.messages}", kind=EventKind.CHANNEL_OPENED))
         return out
 
     def timer(self, token, now_ns: int) -> list:
@@ -308,7 +309,7 @@ class Session:
             out.append(CloseFds(left))
         out.append(CloseConnection(reason))
         out.append(Note(now_ns, Channel.MAIN, reason,
-                        reason.startswith(("front-end disconnected", "back-end disconnected"))))
+                        reason.startswith(("front-end disconnected", "back-end disconnected")), kind=EventKind.CLOSED))
         return out
 
     # ---- forwarding ----
@@ -337,12 +338,12 @@ class Session:
         if len(fds) > MAX_FDS_SEEN_IN_PRACTICE:
             out.append(Note(now_ns, channel, f"{side.label} message #{self.messages} carries {len(fds)} fds (QEMU "
                                              f"accepts at most {MAX_FDS_SEEN_IN_PRACTICE}, DPDK and libvhost-user 8);"
-                                             f" forwarded", True))
+                                             f" forwarded", True, kind=EventKind.PROTOCOL_ERROR))
 
     def _stray(self, channel: Channel, side: Side, stray: StrayFds, now_ns: int, out: list) -> None:
         out.append(Note(now_ns, channel, f"{side.label} sent {len(stray.fds)} fd(s) with bytes at stream offset "
                                          f"{stray.offset} where no message begins (after message #{self.messages}); "
-                                         f"fds described here and closed", True, tuple(stray.fds)))
+                                         f"fds described here and closed", True, tuple(stray.fds), kind=EventKind.PROTOCOL_ERROR))
         out.append(CloseFds(list(stray.fds)))
 
     def _unframeable(self, channel: Channel, side: Side, stream: _Stream, error: FramingError, chunk_fds: list,
@@ -351,7 +352,7 @@ class Session:
         self.messages += 1
         out.append(Note(now_ns, channel, f"{side.label} stream cannot be framed at message #{self.messages} (stream "
                                          f"offset {error.offset}): {error.reason}; forwarding the rest unchanged, "
-                                         f"unframed", True))
+                                         f"unframed", True, kind=EventKind.PROTOCOL_ERROR))
         stream.unframed = True
         self._forward(channel, side, rest, rest_fds + chunk_fds, now_ns, f"unframed: {error.reason}", out)
 
@@ -393,14 +394,14 @@ class Session:
             sender = Side(int(injected.direction))
             refusal = self._refusal(injected) if self.scripted is not None else ""
             if refusal:
-                out.append(Note(now_ns, injected.channel, refusal, True))
+                out.append(Note(now_ns, injected.channel, refusal, True, kind=EventKind.HOOK))
                 if injected.fds:
                     out.append(CloseFds(list(injected.fds)))
                 continue
             if injected.channel not in self.channels:
                 out.append(Note(now_ns, injected.channel, f"hook injection after message #{self.messages} has no "
                                                           f"{injected.channel.name.lower()} channel to travel on; "
-                                                          f"not sent", True))
+                                                          f"not sent", True, kind=EventKind.HOOK))
                 if injected.fds:
                     out.append(CloseFds(list(injected.fds)))
                 continue
@@ -482,7 +483,7 @@ class Session:
         rest, rest_fds = stream.framer.take_rest()
         if rest:
             text = f"incomplete message #{self.messages + 1} ({len(rest)} bytes) when the {side.label} closed"
-            out.append(Note(now_ns, channel, f"{side.label} closed mid-message: {text}; forwarded unframed", True))
+            out.append(Note(now_ns, channel, f"{side.label} closed mid-message: {text}; forwarded unframed", True, kind=EventKind.PROTOCOL_ERROR))
             self._forward(channel, side, rest, rest_fds, now_ns, f"unframed: {text}", out)
             if self.closed:
                 return
@@ -492,14 +493,14 @@ class Session:
         out.append(StopReading(channel, side))
         if channel != Channel.MAIN:
             out.append(Note(now_ns, channel, f"{side.label} closed the {channel.name.lower()} channel after message "
-                                             f"#{self.messages}; closing that channel"))
+                                             f"#{self.messages}; closing that channel", kind=EventKind.CHANNEL_CLOSED))
             self._close_channel(channel, out)
             return
         if self._streams[(channel, side.other)].read_closed:
             self.close(f"{side.label} closed too: connection closed after message #{self.messages}", now_ns, out)
             return
         out.append(Note(now_ns, Channel.MAIN, f"{side.label} closed its side (EOF) after message #{self.messages}; "
-                                              f"passing the close on to the {side.other.label}"))
+                                              f"passing the close on to the {side.other.label}", kind=EventKind.HALF_CLOSED))
         self._write_shut.add((channel, side.other))
         out.append(ShutWrite(channel, side.other))
         if not self._half_closing:
@@ -511,7 +512,7 @@ class Session:
             return
         if channel != Channel.MAIN:
             out.append(Note(now_ns, channel, f"{side.label} {channel.name.lower()} channel: {reason}; closing that "
-                                             f"channel", True))
+                                             f"channel", True, kind=EventKind.CHANNEL_CLOSED))
             self._close_channel(channel, out)
             return
         self.close(f"{side.label} disconnected ({reason}) after message #{self.messages}", now_ns, out)
