@@ -698,7 +698,8 @@ def test_frontend_replay_hooks_act_on_the_backend_channel(fresh_boot, tmp_path, 
     assert [r.direction for r in proxy.records if r.channel == Channel.BACKEND and r.kind == RecordKind.MESSAGE] \
         == [Direction.BACKEND_TO_FRONTEND, Direction.FRONTEND_TO_BACKEND]
     if variant == "answer":
-        assert ack_record.note == "delayed by hook" and ack_record.timestamp_ns - notice.timestamp_ns >= 0.5e9, "answer not held"
+        assert ack_record.note == "delayed by hook", ack_record.note
+        assert ack_record.timestamp_ns - notice.timestamp_ns >= 0.5e9, "answer not held"
         assert ("a hook injected CONFIG_CHANGE_MSG on the back-end channel B>F: front-end replay sends only what a "
                 "front-end sends (F>B: requests on the main channel, replies on the back-end channel); skipped") \
             in output, output
