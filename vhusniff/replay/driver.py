@@ -35,7 +35,7 @@ from ..engine import (
 )
 from ..engine.core import HALF_CLOSE
 from ..fds import describe_fd
-from ..model import Channel, Direction, Record, RecordKind
+from ..model import Channel, Direction, EventKind, Record, RecordKind
 from ..protocol import decode
 from ..session import ContextTracker
 from ..sockio import receive_chunk, send_message
@@ -67,12 +67,13 @@ class Recorder:
             self.writer.write(Record(timestamp or time.time_ns(), CONNECTION, channel, direction, data, list(fds),
                                      note=note))
 
-    def event(self, text: str, timestamp: int | None = None) -> None:
+    def event(self, text: str, timestamp: int | None = None, kind: EventKind = EventKind.NOTE) -> None:
         if self.writer is not None:
-            self.writer.write(Record(timestamp or time.time_ns(), CONNECTION, kind=RecordKind.EVENT, note=text))
+            self.writer.write(Record(timestamp or time.time_ns(), CONNECTION, kind=RecordKind.EVENT, note=text,
+                                     event=kind))
 
-    def report(self, text: str, indent: str = "") -> None:
-        self.event(text)
+    def report(self, text: str, indent: str = "", kind: EventKind = EventKind.NOTE) -> None:
+        self.event(text, kind=kind)
         say(self.out, indent + text)
 
 
@@ -228,7 +229,7 @@ class Driver:
             elif kind is Send:
                 self._send(command)
             elif kind is Note:
-                self.recorder.event(command.text, command.timestamp_ns)
+                self.recorder.event(command.text, command.timestamp_ns, command.kind)
                 if command.problem:
                     say(self.out, command.text)
             elif kind is CloseFds:
@@ -251,7 +252,7 @@ class Driver:
         if capture.note.startswith("dropped by hook"):
             side = Side(int(capture.direction))
             self.recorder.report(f"hook dropped {side.label} {'reply' if message.is_reply else 'request'} "
-                                 f"{message.summary()}")
+                                 f"{message.summary()}", kind=EventKind.HOOK)
             self._later.append(lambda: self.script.dropped(capture.channel, side, message))
         elif not capture.note.startswith("not "):
             self.tracker.observe(CONNECTION, message, context)
