@@ -50,17 +50,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import catalogue as cat
+from .engine.core import (Capture, CloseChannel, CloseConnection, CloseFds, Note, Send, Session, ShutWrite, Side,
+                          StopReading, Wake)
 from .fds import describe_fd
-from .framing import Frame, FramingError, Framer
-from .model import Channel, Direction, Record, RecordKind
+from .model import Channel, Direction, EventKind, Record, RecordKind
 from .sockio import _ANCILLARY_SPACE, RECV_SIZE, received_fds, send_some
 
-FRONTEND, BACKEND = "front-end", "back-end"
-# QEMU's chardev accepts at most 16 fds a message (TCP_MAX_FDS); more is a finding, still forwarded.
-MAX_FDS_SEEN_IN_PRACTICE = 16
-# After one side closes its sending half, how long the other may keep talking before the pair is closed.
-HALF_CLOSE_GRACE_SECONDS = 5.0
+FRONTEND, BACKEND = Side.FRONTEND.label, Side.BACKEND.label
 # Bytes waiting in the proxy for one socket before it stops reading from the side that sends them.
 MAX_BUFFERED_DEFAULT = 4 << 20
 # After a connection closes, how long what its peer had not taken yet may still go out (from the loop).
@@ -82,10 +78,6 @@ TARGET_CHECK_SECONDS = 0.1
 TARGET_LOOKS_AFTER_LOSS = (0.0, 0.05, 0.2, 0.5)
 # A connect to the target that fails with one of these means nobody listens there: the target is down.
 _TARGET_DOWN_ERRORS = (errno.ECONNREFUSED, errno.ENOENT)
-# Requests whose fd is a socket the proxy interposes on: request -> channel relayed.
-_SIDE_CHANNEL_REQUESTS = {int(cat.FrontendRequest.SET_BACKEND_REQ_FD): Channel.BACKEND,
-                          int(cat.FrontendRequest.GPU_SET_SOCKET): Channel.GPU}
-_SET_DEVICE_STATE_FD = int(cat.FrontendRequest.SET_DEVICE_STATE_FD)
 _EPOLL_READ = select.EPOLLIN | select.EPOLLRDHUP
 _EPOLL_READABLE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR | select.EPOLLRDHUP   # worth a recvmsg
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)         # plain ints: enum operators cost microseconds per message
@@ -123,27 +115,26 @@ class Route:
 class _Endpoint:
     """One socket of a connection's channel: the proxy reads from it what `side` sends, in `direction`."""
 
-    __slots__ = ("sock", "fd", "conn", "channel", "direction", "side", "framer", "peer", "outbuf", "unframed",
-                 "read_closed", "write_shut", "shutdown_pending", "held", "closed", "received", "write_plain",
+    __slots__ = ("sock", "fd", "conn", "channel", "direction", "role", "side", "stream", "framer", "peer", "outbuf",
+                 "read_closed", "write_shut", "shutdown_pending", "closed", "received", "write_plain",
                  "buffered", "paused", "paused_at", "linger_timer")
 
-    def __init__(self, sock: socket.socket, conn: "_Connection", channel: Channel, side: str):
+    def __init__(self, sock: socket.socket, conn: "_Connection", channel: Channel, role: Side):
         sock.setblocking(False)
         self.sock = sock
         self.fd = sock.fileno()
         self.conn = conn
         self.channel = channel
-        self.side = side
-        self.direction = Direction.FRONTEND_TO_BACKEND if side == FRONTEND else Direction.BACKEND_TO_FRONTEND
-        where = f"connection {conn.number}" + ("" if channel == Channel.MAIN else f" {channel.name.lower()} channel")
-        self.framer = Framer(f"{where} {side}")
+        self.role = role               # who sends what is read from this socket
+        self.side = role.label
+        self.direction = role.direction
+        self.stream = conn.session.stream(channel, role)    # the core's framer and unframed flag for it
+        self.framer = self.stream.framer
         self.peer: _Endpoint | None = None
         self.outbuf: collections.deque = collections.deque()   # (bytes, fds) the kernel would not take yet
-        self.unframed = False          # after a framing error: pass the rest of this stream through as it comes
         self.read_closed = False
         self.write_shut = False
         self.shutdown_pending = False
-        self.held: collections.deque = collections.deque()     # messages a hook delayed, in order
         self.closed = False
         self.received = 0              # bytes read from this socket, for an independent count in tests
         self.write_plain = None        # the capture's writer for this stream's fd-less messages, if any
@@ -156,17 +147,24 @@ class _Endpoint:
 class _Connection:
     """A front-end/back-end pair and its side channels, numbered from 1 across the whole proxy."""
 
-    __slots__ = ("number", "route", "channels", "messages", "closed", "started_ns", "half_close_timer", "streams")
+    __slots__ = ("number", "route", "session", "channels", "closed", "started_ns", "streams")
 
-    def __init__(self, number: int, route: Route):
+    def __init__(self, number: int, route: Route, session: Session):
         self.number = number
         self.route = route
+        self.session = session         # the sans-io core: everything about messages is decided there
         self.channels: dict[Channel, tuple[_Endpoint, _Endpoint]] = {}
-        self.messages = 0
         self.closed = False
         self.started_ns = time.time_ns()
-        self.half_close_timer = None
         self.streams: list[_StreamRelay] = []      # device-state pipes being relayed
+
+    @property
+    def messages(self) -> int:
+        return self.session.messages
+
+    def endpoint(self, channel: Channel, role: Side) -> "_Endpoint | None":
+        pair = self.channels.get(channel)
+        return None if pair is None else pair[role]
 
 
 class _StreamRelay:
@@ -236,15 +234,9 @@ class Proxy:
         self._display_first_ns = None
         self._display_number = 0
         self._hooks = None
-        self._hook_tracker = None
         if hooks:
             from .hooks import HookChain
-            from .session import ContextTracker
-            self._hooks = HookChain(list(hooks), on_error=on_hook_error, report=self._report_only)
-            self._hook_tracker = ContextTracker()
-            if not self._hooks:
-                self._hooks = None
-        self._relay_frame = self._relay_with_hooks if self._hooks is not None else self._relay
+            self._hooks = HookChain(list(hooks), on_error=on_hook_error, report=self._report_only) or None
         self._plain_fast = False       # set in open(): whole fd-less messages may skip framing and Record
         # Something besides the capture wants every Record (kept, shown, called back); waiters come and go.
         self._observed_always = keep_records or display is not None or on_record is not None
@@ -434,7 +426,8 @@ class Proxy:
             accepted, _address = listener.accept()
             if self._fd_shortage_said:
                 self._fd_shortage_said = False
-                self._proxy_event("file descriptors are free again: accepting new connections")
+                self._proxy_event("file descriptors are free again: accepting new connections",
+                                  kind=EventKind.RESOURCE)
         except OSError as error:
             if error.errno in _FDS_EXHAUSTED:
                 self._out_of_fds("accepting a connection")
@@ -453,19 +446,29 @@ class Proxy:
             if refused == 0:
                 self._proxy_event(f"{route.listener_role} connected on {route.listen}, but the {target_role} at "
                                   f"{route.target} refused: {error.strerror or error}; closing it (repeats are "
-                                  f"counted, not recorded)", problem=True)
+                                  f"counted, not recorded)", problem=True, kind=EventKind.TARGET_DOWN)
             if error.errno in _TARGET_DOWN_ERRORS:
                 self._mirror_outage(route)
             return
         self._note_refusals(route)
         self.connections_total += 1
         number = self.connections_total
-        conn = _Connection(number, route)
+        conn = _Connection(number, route, self._new_session(number, route))
         sockets = {route.listener_role: accepted, target_role: outgoing}
         self.connections[number] = conn
         self._event(conn, Channel.MAIN, f"connected: {route.listener_role} via {route.listen}, "
-                    f"{target_role} at {route.target}" + (f", device={route.device}" if route.device else ""))
+                    f"{target_role} at {route.target}" + (f", device={route.device}" if route.device else ""),
+                    kind=EventKind.CONNECTED)
+        if route.device:
+            self._event(conn, Channel.MAIN, route.device, kind=EventKind.DEVICE)
         self._add_channel(conn, Channel.MAIN, sockets[FRONTEND], sockets[BACKEND])
+
+    def _new_session(self, number: int, route: Route) -> Session:
+        tracker = None
+        if self._hooks is not None:
+            from .session import ContextTracker
+            tracker = ContextTracker(route.device)       # one per connection: it goes when the connection does
+        return Session(number, self._hooks, tracker, self.interpose_device_state)
 
     def _watch_listener(self, listener: socket.socket, route: Route) -> None:
         self._listeners.append((listener, route))
@@ -489,7 +492,7 @@ class Proxy:
         self._outages[route] = time.monotonic()
         self._proxy_event(f"the {route.target_role} at {route.target} is down: the proxy stops listening on "
                           f"{route.listen} until someone listens there again, so connections to it are refused "
-                          f"as they would be by the {route.target_role}")
+                          f"as they would be by the {route.target_role}", kind=EventKind.TARGET_DOWN)
         self._schedule(TARGET_CHECK_SECONDS, self._check_target, route)
 
     def _check_target(self, route: Route) -> None:
@@ -510,7 +513,7 @@ class Proxy:
         self._note_refusals(route)
         self._watch_listener(listener, route)
         self._proxy_event(f"the {route.target_role} at {route.target} listens again after {down_for:.1f} s: "
-                          f"listening on {route.listen} again")
+                          f"listening on {route.listen} again", kind=EventKind.TARGET_UP)
 
     def _watch_for_target_loss(self, endpoint: _Endpoint) -> None:
         """The back-end closed or reset a connection's main channel. If it died, QEMU (reconnect=N) comes
@@ -544,12 +547,12 @@ class Proxy:
             self._proxy_event(f"{route.target} refused {repeats} more connection(s) from {route.listen}'s "
                               f"{route.listener_role}")
 
-    def _proxy_event(self, text: str, problem: bool = False) -> None:
+    def _proxy_event(self, text: str, problem: bool = False, kind: EventKind = EventKind.NOTE) -> None:
         """An event of no connection (connection 0)."""
         if problem:
             self._report_only(text)
         self._emit(Record(time.time_ns(), 0, Channel.MAIN, Direction.FRONTEND_TO_BACKEND, b"", [],
-                          RecordKind.EVENT, text))
+                          RecordKind.EVENT, text, kind))
 
     # ---- the fd budget ----
 
@@ -589,7 +592,8 @@ class Proxy:
         if not self._fd_shortage_said:
             self._fd_shortage_said = True
             self._proxy_event(f"out of file descriptors while {doing} (limit {self.fd_limit}): not accepting "
-                              f"new connections until some are free; open ones go on", problem=True)
+                              f"new connections until some are free; open ones go on", problem=True,
+                              kind=EventKind.RESOURCE)
         if self._accept_paused:
             return
         self._accept_paused = True
@@ -618,13 +622,13 @@ class Proxy:
         text = f"{what} not interposed: {error.strerror or error}; passed on unchanged (not recorded)"
         if error.errno in _FDS_EXHAUSTED:
             self._out_of_fds(f"interposing on the {what}")
-        self._event(conn, channel, text, problem=True)
+        self._event(conn, channel, text, problem=True, kind=EventKind.RESOURCE)
         return text
 
     def _add_channel(self, conn: _Connection, channel: Channel, front_sock: socket.socket,
                      back_sock: socket.socket) -> None:
-        front = _Endpoint(front_sock, conn, channel, FRONTEND)
-        back = _Endpoint(back_sock, conn, channel, BACKEND)
+        front = _Endpoint(front_sock, conn, channel, Side.FRONTEND)
+        back = _Endpoint(back_sock, conn, channel, Side.BACKEND)
         front.peer, back.peer = back, front
         conn.channels[channel] = (front, back)
         for endpoint in (front, back):
@@ -635,7 +639,8 @@ class Proxy:
 
     def _on_event(self, endpoint: _Endpoint, mask: int) -> None:
         """Everything an endpoint's socket reports. The common case, one whole message without fds and
-        without hooks, is handled right here in one frame: it is the proxy's per-message cost."""
+        without hooks, is handled right here in one frame: it is the proxy's per-message cost. Anything else
+        goes to the connection's session core (vhusniff.engine.core), which decides what to do."""
         if mask != _EPOLLIN or endpoint.read_closed or endpoint.closed:
             self._on_other_event(endpoint, mask)
             return
@@ -648,22 +653,19 @@ class Proxy:
             self._peer_gone(endpoint, f"{error.strerror or error}")
             return
         timestamp = time.time_ns()
-        if (flags & _MSG_CTRUNC or not self._plain_fast or endpoint.unframed
+        if (flags & _MSG_CTRUNC or not self._plain_fast or endpoint.stream.unframed
                 or not endpoint.framer.take_whole(data)):
             self._on_chunk(endpoint, data, ancillary, flags, timestamp)
             return
-        # One whole message, no hooks: what _on_chunk and _relay do, without building a Frame.
+        # One whole message, no hooks: what the session would say (record it, send it), said here.
         endpoint.received += len(data)
         conn = endpoint.conn
-        conn.messages += 1
-        if ancillary:
-            self._forward(endpoint, data, received_fds(ancillary), timestamp, "")
-            return
-        # No fds either: what _forward does, without its Record and branches.
         peer = endpoint.peer
-        if peer.outbuf or peer.closed or peer.write_shut:
-            self._forward(endpoint, data, [], timestamp, "")
+        if ancillary or peer.outbuf or peer.closed or peer.write_shut:
+            self._execute(conn, conn.session.whole(endpoint.channel, endpoint.role, data,
+                                                   received_fds(ancillary) if ancillary else [], timestamp))
             return
+        conn.session.messages += 1
         if endpoint.write_plain is not None:
             endpoint.write_plain(timestamp, data)
         if self._observed_always or self._waiters:
@@ -673,7 +675,7 @@ class Proxy:
         except BlockingIOError:
             sent = 0
         except OSError as error:
-            self._send_failed(endpoint, error)
+            self._send_failed(conn, peer, error)
             return
         if sent < len(data):
             self._queue(peer, data[sent:], [])
@@ -691,122 +693,60 @@ class Proxy:
         elif mask & (select.EPOLLHUP | select.EPOLLERR):
             # It had closed its sending half; now it is gone altogether, so nothing more can reach it.
             conn = endpoint.conn
-            if endpoint.channel != Channel.MAIN:
-                self._close_channel(conn, endpoint.channel)
-            else:
-                self._close_connection(conn, f"{endpoint.side} closed: connection closed after message "
-                                             f"#{conn.messages}")
+            self._execute(conn, conn.session.hung_up(endpoint.channel, endpoint.role, time.time_ns()))
 
     def _on_chunk(self, endpoint: _Endpoint, data: bytes, ancillary, flags: int, timestamp: int) -> None:
-        """A received chunk in general: any framing, fds, hooks, a closing peer."""
-        fds = received_fds(ancillary) if ancillary else []
-        truncated = flags & _MSG_CTRUNC
-        conn = endpoint.conn
+        """A received chunk in general: any framing, fds, hooks, a closing peer; the session decides."""
         endpoint.received += len(data)
-        if truncated:
-            self._event(conn, endpoint.channel, f"{endpoint.side} sent more fds than the proxy can receive at "
-                        f"once near message #{conn.messages + 1}; the kernel dropped the rest (MSG_CTRUNC)",
-                        problem=True)
         if not data:
-            for fd in fds:
-                os.close(fd)
-            self._end_of_stream(endpoint)
-            return
-        if endpoint.unframed:
-            self._forward(endpoint, data, fds, timestamp, "unframed: continuation of an unframeable stream")
-            return
-        try:
-            frames = endpoint.framer.feed(data, fds)
-            error = None
-        except FramingError as framing_error:
-            frames, error = framing_error.frames, framing_error
-        relay = self._relay_frame
-        for position, frame in enumerate(frames):
-            if conn.closed:
-                # A hook or a failed send closed the connection: what is left of the chunk goes nowhere.
-                for unsent in frames[position:]:
-                    for fd in unsent.fds:
-                        os.close(fd)
-                if error is not None:
-                    for fd in fds:
-                        os.close(fd)
-                return
-            if type(frame) is Frame:
-                relay(endpoint, frame, timestamp)
-            else:
-                self._stray_fds(endpoint, frame)
-        if error is not None:
-            if conn.closed:
-                for fd in fds:
+            self._watch_for_target_loss(endpoint)
+        conn = endpoint.conn
+        self._execute(conn, conn.session.received(endpoint.channel, endpoint.role, data,
+                                                  received_fds(ancillary) if ancillary else [], timestamp,
+                                                  bool(flags & _MSG_CTRUNC)))
+
+    def _execute(self, conn: _Connection, commands: list) -> None:
+        """Carry out the session's commands, in order."""
+        for command in commands:
+            kind = type(command)
+            if kind is Capture:
+                self._emit(Record(command.timestamp_ns, conn.number, command.channel, command.direction,
+                                  command.data, [describe_fd(fd) for fd in command.fds] if command.fds else [],
+                                  RecordKind.MESSAGE, command.note))
+            elif kind is Send:
+                self._send_command(conn, command)
+            elif kind is Note:
+                text = command.text
+                if command.describe:
+                    text += ": " + ", ".join(describe_fd(fd).summary() for fd in command.describe)
+                self._event(conn, command.channel, text, command.problem, command.kind)
+            elif kind is CloseFds:
+                for fd in command.fds:
                     os.close(fd)
-                return
-            self._unframeable(endpoint, error, fds, timestamp)
+            elif kind is StopReading:
+                endpoint = conn.endpoint(command.channel, command.side)
+                if endpoint is not None:
+                    endpoint.read_closed = True
+                    self._rearm(endpoint)
+            elif kind is ShutWrite:
+                endpoint = conn.endpoint(command.channel, command.side)
+                if endpoint is not None:
+                    self._shut_write(endpoint)
+            elif kind is CloseChannel:
+                self._close_channel(conn, command.channel)
+            elif kind is CloseConnection:
+                self._teardown(conn)
+            elif kind is Wake:
+                self._schedule(command.seconds, self._wake, conn, command.token)
 
-    def _stray_fds(self, endpoint: _Endpoint, stray) -> None:
-        self._event(endpoint.conn, endpoint.channel,
-                    f"{endpoint.side} sent {len(stray.fds)} fd(s) with bytes at stream offset {stray.offset} where "
-                    f"no message begins (after message #{endpoint.conn.messages}); fds described here and closed: "
-                    + ", ".join(describe_fd(fd).summary() for fd in stray.fds), problem=True)
-        for fd in stray.fds:
-            os.close(fd)
-
-    def _unframeable(self, endpoint: _Endpoint, error: FramingError, chunk_fds: list[int], timestamp: int) -> None:
-        conn = endpoint.conn
-        rest, rest_fds = endpoint.framer.take_rest()
-        conn.messages += 1
-        self._event(conn, endpoint.channel, f"{endpoint.side} stream cannot be framed at message #{conn.messages} "
-                    f"(stream offset {error.offset}): {error.reason}; forwarding the rest unchanged, unframed",
-                    problem=True)
-        endpoint.unframed = True
-        self._forward(endpoint, rest, rest_fds + list(chunk_fds), timestamp,
-                      f"unframed: {error.reason}")
-
-    def _end_of_stream(self, endpoint: _Endpoint) -> None:
-        self._watch_for_target_loss(endpoint)
-        conn = endpoint.conn
-        rest, rest_fds = endpoint.framer.take_rest()
-        if rest:
-            text = f"incomplete message #{conn.messages + 1} ({len(rest)} bytes) when the {endpoint.side} closed"
-            self._event(conn, endpoint.channel, f"{endpoint.side} closed mid-message: {text}; forwarded unframed",
-                        problem=True)
-            self._forward(endpoint, rest, rest_fds, time.time_ns(), f"unframed: {text}")
-            if conn.closed:
-                return
-        else:
-            for fd in rest_fds:
-                os.close(fd)
-        endpoint.read_closed = True
-        self._unwatch_reading(endpoint)
-        peer = endpoint.peer
-        channel_text = "" if endpoint.channel == Channel.MAIN else f" {endpoint.channel.name.lower()} channel"
-        if endpoint.channel != Channel.MAIN:
-            self._event(conn, endpoint.channel, f"{endpoint.side} closed the{channel_text} after message "
-                        f"#{conn.messages}; closing that channel")
-            self._close_channel(conn, endpoint.channel)
-            return
-        if peer.read_closed:
-            self._close_connection(conn, f"{endpoint.side} closed too: connection closed after message "
-                                         f"#{conn.messages}")
-            return
-        self._event(conn, Channel.MAIN, f"{endpoint.side} closed its side (EOF) after message #{conn.messages}; "
-                    f"passing the close on to the {peer.side}")
-        self._shut_write(peer)
-        conn.half_close_timer = self._schedule(HALF_CLOSE_GRACE_SECONDS, self._half_close_expired, conn)
-
-    def _half_close_expired(self, conn: _Connection) -> None:
+    def _wake(self, conn: _Connection, token) -> None:
         if not conn.closed:
-            self._close_connection(conn, f"connection closed: the other side kept it open "
-                                         f"{HALF_CLOSE_GRACE_SECONDS:g} s after a close")
+            self._execute(conn, conn.session.timer(token, time.time_ns()))
 
     def _peer_gone(self, endpoint: _Endpoint, reason: str) -> None:
         self._watch_for_target_loss(endpoint)
         conn = endpoint.conn
-        if endpoint.channel != Channel.MAIN:
-            self._event(conn, endpoint.channel, f"{endpoint.side} {endpoint.channel.name.lower()} channel: "
-                        f"{reason}; closing that channel", problem=True)
-            self._close_channel(conn, endpoint.channel)
-            return
-        self._close_connection(conn, f"{endpoint.side} disconnected ({reason}) after message #{conn.messages}")
+        self._execute(conn, conn.session.failed(endpoint.channel, endpoint.role, reason, time.time_ns()))
 
     def _shut_write(self, endpoint: _Endpoint) -> None:
         if endpoint.outbuf:
@@ -818,9 +758,6 @@ class Proxy:
                 endpoint.sock.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
-
-    def _unwatch_reading(self, endpoint: _Endpoint) -> None:
-        self._rearm(endpoint)
 
     def _rearm(self, endpoint: _Endpoint) -> None:
         """Watch for what the endpoint can use now: writable while its outbuf holds something, readable
@@ -850,13 +787,6 @@ class Proxy:
             (endpoint.framer.messages, endpoint.received)
         if len(totals) > STREAM_TOTALS_KEPT:
             del totals[next(iter(totals))]
-        for item in endpoint.held:
-            for fd in item[1]:
-                os.close(fd)
-        endpoint.held.clear()
-        _, pending_fds = endpoint.framer.take_rest()
-        for fd in pending_fds:
-            os.close(fd)
         if linger and endpoint.outbuf and not self._stopping:
             self._lingering.add(endpoint)
             self._handlers[endpoint.fd] = (self._flush_lingering, endpoint)
@@ -913,15 +843,18 @@ class Proxy:
         self._release_socket(endpoint)
         if undelivered:
             self._event(endpoint.conn, endpoint.channel, f"{undelivered} byte(s) for the {endpoint.side} not "
-                        f"delivered after the connection ended: {failure}", problem=True)
+                        f"delivered after the connection ended: {failure}", problem=True, kind=EventKind.RESOURCE)
         self._resume_accepting()
 
     def _close_connection(self, conn: _Connection, reason: str) -> None:
+        """End a connection for a reason of the proxy's own (stopping): through its session, like any end."""
+        self._execute(conn, conn.session.close(reason, time.time_ns()))
+
+    def _teardown(self, conn: _Connection) -> None:
+        """The session ended the connection: close its sockets and streams, never blocking the loop."""
         if conn.closed:
             return
         conn.closed = True
-        if conn.half_close_timer is not None:
-            conn.half_close_timer[4] = False
         for relay in list(conn.streams):
             self._end_stream(relay, "cut short: the connection closed")
         for channel in [c for c in conn.channels if c != Channel.MAIN] + [Channel.MAIN]:
@@ -934,72 +867,44 @@ class Proxy:
                     self._flush_out(endpoint)
             self._close_channel(conn, channel, linger=True)
         self.connections.pop(conn.number, None)
-        self._event(conn, Channel.MAIN, reason, problem=reason.startswith(("front-end disconnected",
-                                                                           "back-end disconnected")))
         self._resume_accepting()
 
     # ---- forwarding ----
 
-    def _relay(self, endpoint: _Endpoint, frame: Frame, timestamp: int) -> None:
-        endpoint.conn.messages += 1
-        self._forward(endpoint, frame.data, frame.fds, timestamp, "")
-
-    def _forward(self, endpoint: _Endpoint, data: bytes, fds: list[int], timestamp: int, note: str) -> None:
-        """Record, send to the peer (fds on the first byte), then close the proxy's copies of the fds."""
-        conn = endpoint.conn
-        sent_fds = fds
-        substitute = None
-        relay = None
-        if fds and endpoint.channel == Channel.MAIN and len(data) >= 4:
-            if int.from_bytes(data[:4], "little") == _SET_DEVICE_STATE_FD:
-                if self.interpose_device_state:
-                    substitute, relay = self._substitute_device_state(endpoint, data, fds)
-            elif endpoint.side == FRONTEND:
-                substitute = self._substitute_side_channel(endpoint, data, fds)
-            if substitute is not None:
-                sent_fds = substitute
-        peer = endpoint.peer
-        owned = True
-        deliverable = not (peer.closed or peer.write_shut)
-        if not deliverable:
-            note = (note + "; " if note else "") + f"not delivered: the {peer.side} side is closed"
-        # Recorded just before it is sent (a record costs ~1 µs; fd descriptions a few): so that whatever the
-        # peer has received is in the capture, even after a `kill -9` of the proxy right after the send.
-        self._record(conn, endpoint, data, fds, timestamp, note)
-        if deliverable:
-            try:
-                owned = self._send(peer, data, sent_fds)
-            except OSError as error:
-                self._close_fds(fds, sent_fds, substitute, True)
-                self._send_failed(endpoint, error)
-                return
+    def _send_command(self, conn: _Connection, command: Send) -> None:
+        """Send as the session said (fds on the first byte), interposing on a side channel where it asks;
+        then close the proxy's copies of the fds (what waits in an out-buffer is closed when it leaves)."""
+        fds = command.fds
+        endpoint = conn.endpoint(command.channel, command.to)
+        if endpoint is None or endpoint.closed or conn.closed:
+            for fd in fds:
+                os.close(fd)
+            return
+        substitute = relay = None
+        if command.interpose == Channel.DEVICE_STATE:
+            substitute, relay = self._substitute_device_state(endpoint.peer, command.data, fds)
+        elif command.interpose is not None:
+            substitute = self._substitute_side_channel(conn, command.interpose, fds)
+        sent_fds = substitute if substitute is not None else fds
+        try:
+            owned = self._send(endpoint, command.data, sent_fds)
+        except OSError as error:
+            self._close_fds(fds, sent_fds, substitute, True)
+            self._send_failed(conn, endpoint, error)
+            return
         if not fds:
-            return                # the common message: everything below concerns fds
+            return
         self._close_fds(fds, sent_fds, substitute, owned)
         if isinstance(relay, _StreamRelay):
             self._event(conn, Channel.DEVICE_STATE, f"device-state stream interposed: the proxy relays the "
-                        f"{relay.what} ({relay.direction.arrow})")
+                        f"{relay.what} ({relay.direction.arrow})", kind=EventKind.CHANNEL_OPENED)
         elif isinstance(relay, str):
             self._event(conn, Channel.DEVICE_STATE, relay)
-        elif substitute is not None:
-            channel = _SIDE_CHANNEL_REQUESTS[int.from_bytes(data[:4], "little")]
-            self._event(conn, channel, f"{channel.name.lower()} channel interposed: the proxy relays the socket "
-                        f"passed in message #{conn.messages}")
-        if len(fds) > MAX_FDS_SEEN_IN_PRACTICE:
-            self._event(conn, endpoint.channel, f"{endpoint.side} message #{conn.messages} carries {len(fds)} fds "
-                        f"(QEMU accepts at most {MAX_FDS_SEEN_IN_PRACTICE}, DPDK and libvhost-user 8); forwarded",
-                        problem=True)
 
-    def _send_failed(self, endpoint: _Endpoint, error: OSError) -> None:
-        conn, peer = endpoint.conn, endpoint.peer
-        self._event(conn, endpoint.channel, f"message #{conn.messages} not delivered: sending to the "
-                    f"{peer.side} failed: {error.strerror or error}", problem=True)
-        self._peer_gone(peer, error.strerror or str(error))
-
-    def _record(self, conn, endpoint, data, fds, timestamp, note) -> None:
-        infos = [describe_fd(fd) for fd in fds] if fds else []
-        self._emit(Record(timestamp, conn.number, endpoint.channel, endpoint.direction, data, infos,
-                          RecordKind.MESSAGE, note))
+    def _send_failed(self, conn: _Connection, destination: _Endpoint, error: OSError) -> None:
+        self._watch_for_target_loss(destination)
+        self._execute(conn, conn.session.send_failed(destination.channel, destination.role,
+                                                     error.strerror or str(error), time.time_ns()))
 
     @staticmethod
     def _close_fds(received: list[int], sent: list[int], substitute, sent_owned_by_caller: bool) -> None:
@@ -1047,7 +952,8 @@ class Proxy:
         self._rearm(source)
         self._event(source.conn, source.channel, f"the {destination.side} is not taking what the {source.side} "
                     f"sends: {destination.buffered} bytes wait in the proxy (limit {self.max_buffered}); not "
-                    f"reading from the {source.side} until the {destination.side} takes them", problem=True)
+                    f"reading from the {source.side} until the {destination.side} takes them", problem=True,
+                    kind=EventKind.RESOURCE)
 
     def _resume_reading(self, source: _Endpoint) -> None:
         destination = source.peer
@@ -1055,7 +961,7 @@ class Proxy:
         self._rearm(source)
         self._event(source.conn, source.channel, f"the {destination.side} took the backlog "
                     f"({destination.buffered} bytes still wait): reading from the {source.side} again after "
-                    f"{time.monotonic() - source.paused_at:.3f} s")
+                    f"{time.monotonic() - source.paused_at:.3f} s", kind=EventKind.RESOURCE)
 
     def _flush_out(self, endpoint: _Endpoint) -> None:
         while endpoint.outbuf:
@@ -1087,13 +993,10 @@ class Proxy:
             endpoint.shutdown_pending = False
             self._shut_write(endpoint)
 
-    def _substitute_side_channel(self, endpoint: _Endpoint, data: bytes, fds: list[int]) -> list[int] | None:
+    def _substitute_side_channel(self, conn: _Connection, channel: Channel, fds: list[int]) -> list[int] | None:
         """For SET_BACKEND_REQ_FD / GPU_SET_SOCKET: relay the passed socket through a pair of the proxy's."""
-        request = int.from_bytes(data[:4], "little")
-        channel = _SIDE_CHANNEL_REQUESTS.get(request)
-        if channel is None or len(fds) != 1 or describe_fd(fds[0]).kind != "socket":
+        if len(fds) != 1 or describe_fd(fds[0]).kind != "socket":
             return None
-        conn = endpoint.conn
         what = f"{channel.name.lower()} channel of message #{conn.messages}"
         try:
             frontend_side = socket.socket(fileno=os.dup(fds[0]))
@@ -1106,9 +1009,11 @@ class Proxy:
             frontend_side.close()
             self._no_fds_for(conn, channel, what, error)
             return None
-        if channel in conn.channels:
-            self._event(conn, channel, f"{channel.name.lower()} channel replaced by message #{conn.messages}")
-            self._close_channel(conn, channel)
+        replaced = channel in conn.channels
+        if replaced:
+            for endpoint in conn.channels.pop(channel):
+                self._close_endpoint(endpoint)
+        self._execute(conn, conn.session.interposed(channel, replaced, time.time_ns()))
         self._add_channel(conn, channel, frontend_side, proxy_end)
         # The original fd is described in the record and closed like any other; its dup relays the channel.
         return [backend_end.detach()]
@@ -1120,10 +1025,7 @@ class Proxy:
 
         Returns (fds to send instead or None, the relay started, or a note saying why nothing was interposed)."""
         conn = endpoint.conn
-        flags = int.from_bytes(data[4:8], "little")
-        is_reply = bool(flags & cat.FLAG_REPLY)
-        if is_reply != (endpoint.side == BACKEND):
-            return None, None
+        is_reply = endpoint.role == Side.BACKEND     # the session asks only for a request's or its reply's pipe
         what = f"pipe end the {endpoint.side} passed in message #{conn.messages}"
         if len(fds) != 1:
             return None, f"SET_DEVICE_STATE_FD message #{conn.messages} carries {len(fds)} fds; not interposed"
@@ -1163,7 +1065,7 @@ class Proxy:
                 self._event(conn, Channel.DEVICE_STATE, f"SET_DEVICE_STATE_FD message #{conn.messages} says "
                             f"{'save' if saving else 'load'} but passes the pipe's "
                             f"{'write' if recipient_writes else 'read'} end; relayed as the pipe end says",
-                            problem=True)
+                            problem=True, kind=EventKind.PROTOCOL_ERROR)
         return [given], relay
 
     def _on_stream_source(self, relay: _StreamRelay, _mask: int) -> None:
@@ -1250,88 +1152,7 @@ class Proxy:
             text = f"device-state stream ended (EOF): {relay.total} bytes relayed {relay.direction.arrow}"
         else:
             text = f"device-state stream ended after {relay.total} bytes {relay.direction.arrow}: {trouble}"
-        self._event(conn, Channel.DEVICE_STATE, text, problem=problem)
-
-    # ---- hooks ----
-
-    def _relay_with_hooks(self, endpoint: _Endpoint, frame: Frame, timestamp: int) -> None:
-        from .hooks import Flow
-        conn = endpoint.conn
-        conn.messages += 1
-        original = Record(timestamp, conn.number, endpoint.channel, endpoint.direction, frame.data)
-        message = self._hook_tracker.decode(original)
-        flow = Flow(frame.data, list(frame.fds), conn.number, endpoint.channel, endpoint.direction,
-                    conn.messages, message.context, message)
-        self._hooks.run(flow)
-        if flow.disconnect_reason and not flow.disconnect_after_forward:
-            self._record(conn, endpoint, frame.data, frame.fds, timestamp,
-                         f"not forwarded: {flow.disconnect_reason}")
-            for fd in frame.fds:
-                os.close(fd)
-            self._close_connection(conn, f"hook disconnected at message #{conn.messages}: {flow.disconnect_reason}")
-            return
-        if flow.dropped:
-            self._record(conn, endpoint, frame.data, frame.fds, timestamp, "dropped by hook (not forwarded)")
-            for fd in frame.fds:
-                os.close(fd)
-            fds_after = []
-        else:
-            data = flow.final_bytes()
-            note = "modified by hook" if data != frame.data else ""
-            fds_after = flow.fds
-            for fd in set(frame.fds) - set(fds_after):
-                os.close(fd)
-            self._deliver_or_hold(endpoint, data, fds_after, note, flow.delay_seconds)
-        for injected in flow.injected:
-            source = self._source_endpoint(conn, injected.channel, injected.direction)
-            if source is None:
-                self._event(conn, injected.channel, f"hook injection after message #{conn.messages} has no "
-                            f"{injected.channel.name.lower()} channel to travel on; not sent", problem=True)
-                continue
-            self._deliver_or_hold(source, injected.data, list(injected.fds), "injected by hook",
-                                  flow.delay_seconds)
-        if flow.disconnect_reason:
-            reason = f"hook disconnected after message #{conn.messages}: {flow.disconnect_reason}"
-            if flow.delay_seconds or endpoint.peer.held:
-                self._hold(endpoint.peer, flow.delay_seconds, None, None, ("close", reason))
-            else:
-                self._close_connection(conn, reason)
-
-    @staticmethod
-    def _source_endpoint(conn: _Connection, channel: Channel, direction: Direction) -> _Endpoint | None:
-        pair = conn.channels.get(channel)
-        if pair is None:
-            return None
-        return pair[0] if direction == Direction.FRONTEND_TO_BACKEND else pair[1]
-
-    def _deliver_or_hold(self, source: _Endpoint, data: bytes, fds: list[int], note: str, delay: float) -> None:
-        destination = source.peer
-        if delay > 0 or destination.held:
-            self._hold(destination, delay, data, fds, (source, note))
-            return
-        self._forward(source, data, fds, time.time_ns(), note)
-
-    def _hold(self, destination: _Endpoint, delay: float, data, fds, what) -> None:
-        """Delayed messages wait in order per destination; a timer releases them without blocking the loop."""
-        due = time.monotonic() + delay
-        if destination.held:
-            due = max(due, destination.held[-1][3])
-        destination.held.append((data, fds or [], what, due))
-        if len(destination.held) == 1:
-            self._schedule(max(0.0, due - time.monotonic()), self._release_held, destination)
-
-    def _release_held(self, destination: _Endpoint) -> None:
-        now = time.monotonic()
-        while destination.held and destination.held[0][3] <= now and not destination.closed:
-            data, fds, what, _due = destination.held.popleft()
-            if what[0] == "close":
-                self._close_connection(destination.conn, what[1])
-                return
-            source, note = what
-            delayed_note = "delayed by hook" + ("; " + note if note else "")
-            self._forward(source, data, fds, time.time_ns(), delayed_note)
-        if destination.held and not destination.closed:
-            self._schedule(max(0.0, destination.held[0][3] - now), self._release_held, destination)
+        self._event(conn, Channel.DEVICE_STATE, text, problem=problem, kind=EventKind.CHANNEL_CLOSED)
 
     # ---- records, events, display ----
 
@@ -1351,14 +1172,12 @@ class Proxy:
             with self._changed:
                 self._changed.notify_all()
 
-    def _event(self, conn: _Connection, channel: Channel, text: str, problem: bool = False) -> None:
+    def _event(self, conn: _Connection, channel: Channel, text: str, problem: bool = False,
+               kind: EventKind = EventKind.NOTE) -> None:
         if problem:
             self._report_only(f"connection {conn.number}: {text}")
-        record = Record(time.time_ns(), conn.number, channel, Direction.FRONTEND_TO_BACKEND, b"", [],
-                        RecordKind.EVENT, text)
-        if self._hook_tracker is not None:
-            self._hook_tracker.decode(record)      # hooks' context learns the device type from "device=..."
-        self._emit(record)
+        self._emit(Record(time.time_ns(), conn.number, channel, Direction.FRONTEND_TO_BACKEND, b"", [],
+                          RecordKind.EVENT, text, kind))
 
     def _report_only(self, text: str) -> None:
         self.problems.append(text)

@@ -126,7 +126,7 @@ _SET_DEVICE_STATE_FD = int(cat.FrontendRequest.SET_DEVICE_STATE_FD)
 _CLOSE_MARK = object()                        # a held "close the connection" after delayed messages
 
 
-class _Stream:
+class Stream:
     """What one side sends on one channel: its framer and whether it could still be framed."""
     __slots__ = ("framer", "unframed", "read_closed")
 
@@ -156,13 +156,17 @@ class Session:
         self.interpose_device_state = interpose_device_state
         self.scripted = scripted
         self.channels: set[Channel] = set()
-        self._streams: dict[tuple[Channel, Side], _Stream] = {}
+        self._streams: dict[tuple[Channel, Side], Stream] = {}
         self._write_shut: set[tuple[Channel, Side]] = set()
         self._held: dict[tuple[Channel, Side], deque] = {}
         self._half_closing = False
         self.open_channel(Channel.MAIN)
 
     # ---- the streams a driver may read directly ----
+
+    def stream(self, channel: Channel, side: Side) -> Stream:
+        """What `side` sends on `channel`: a driver's fast path reads its framer and `unframed` directly."""
+        return self._streams[(channel, side)]
 
     def framer(self, channel: Channel, side: Side) -> Framer:
         return self._streams[(channel, side)].framer
@@ -176,7 +180,7 @@ class Session:
         self.channels.add(channel)
         where = f"connection {self.number}" + ("" if channel == Channel.MAIN else f" {channel.name.lower()} channel")
         for side in Side:
-            self._streams[(channel, side)] = _Stream(f"{where} {side.label}")
+            self._streams[(channel, side)] = Stream(f"{where} {side.label}")
             self._write_shut.discard((channel, side))
 
     # ---- events in ----
@@ -231,6 +235,20 @@ class Session:
                     out.append(CloseFds(list(fds)))
                 return out
             self._unframeable(channel, side, stream, error, list(fds), now_ns, out)
+        return out
+
+    def whole(self, channel: Channel, side: Side, data: bytes, fds: list, now_ns: int) -> list:
+        """A whole message the driver framed itself (framer(...).take_whole counted it): forwarded as any other."""
+        out: list = []
+        if self.closed or channel not in self.channels:
+            if fds:
+                out.append(CloseFds(list(fds)))
+            return out
+        self.messages += 1
+        if self.hooks is None:
+            self._forward(channel, side, data, list(fds), now_ns, "", out)
+        else:
+            self._hooked(channel, side, Frame(data, list(fds), 0), now_ns, out)
         return out
 
     def count_plain(self) -> None:
@@ -346,7 +364,7 @@ class Session:
                                          f"fds described here and closed", True, tuple(stray.fds), kind=EventKind.PROTOCOL_ERROR))
         out.append(CloseFds(list(stray.fds)))
 
-    def _unframeable(self, channel: Channel, side: Side, stream: _Stream, error: FramingError, chunk_fds: list,
+    def _unframeable(self, channel: Channel, side: Side, stream: Stream, error: FramingError, chunk_fds: list,
                      now_ns: int, out: list) -> None:
         rest, rest_fds = stream.framer.take_rest()
         self.messages += 1
