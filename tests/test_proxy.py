@@ -210,8 +210,7 @@ def fake_pair(tmp_path):
                       capture=tmp_path / "faults.pcapng", report=None).start()
         yield proxy, fake, tmp_path / "a.sock", tmp_path / "b.sock"
         proxy.stop()
-    time.sleep(0.05)
-    assert open_fds() == before, "no fd leaked"
+    _wait_for(lambda: open_fds() == before)     # no fd leaked (the fakes close theirs from their threads)
 
 
 def _check_other_connection(path):
@@ -287,7 +286,7 @@ def test_live_display_prints_each_connections_report_when_it_ends(tmp_path):
         client = FakeFrontend(tmp_path / "p.sock")
         assert client.ask(GET_FEATURES) == 42
         client.send(message(GET_VRING_BASE, struct.pack("<II", 0, 0)))   # never answered: the fake ignores it
-        time.sleep(0.1)
+        assert proxy.wait_until(lambda p: len(p.records) >= 4)          # connected, request, reply, this one
         client.close()
         assert proxy.wait_until(lambda p: p.active_connections == 0)
         proxy.stop()
@@ -409,8 +408,7 @@ def test_device_state_stream_is_interposed_relayed_and_recorded(tmp_path, save, 
     interposed = [n for n in events(proxy.records) if "device-state stream interposed" in n]
     assert len(interposed) == (2 if backend_fd else 1)
     assert not proxy.problems, proxy.problems
-    time.sleep(0.05)
-    assert open_fds() == before, "no fd leaked"
+    _wait_for(lambda: open_fds() == before)     # no fd leaked (the fakes close theirs from their threads)
 
 
 def test_device_state_fd_is_forwarded_unchanged_without_the_flag(tmp_path):
@@ -435,8 +433,7 @@ def test_device_state_fd_is_forwarded_unchanged_without_the_flag(tmp_path):
         proxy.stop()
     assert fake.fd_targets == [f"pipe:[{inode}]"]
     assert not [r for r in proxy.records if r.channel == Channel.DEVICE_STATE]
-    time.sleep(0.05)
-    assert open_fds() == before, "no fd leaked"
+    _wait_for(lambda: open_fds() == before)     # no fd leaked (the fakes close theirs from their threads)
 
 
 def test_device_state_relay_is_cut_and_closed_when_the_connection_closes(tmp_path):
@@ -462,8 +459,7 @@ def test_device_state_relay_is_cut_and_closed_when_the_connection_closes(tmp_pat
         os.close(read_end)
         proxy.stop()
     assert any("cut short: the connection closed" in n and "after 13 bytes" in n for n in events(proxy.records))
-    time.sleep(0.05)
-    assert open_fds() == before, "no fd leaked"
+    _wait_for(lambda: open_fds() == before)     # no fd leaked (the fakes close theirs from their threads)
 
 
 def test_hooks_drop_modify_and_delay_without_blocking_others(tmp_path):
