@@ -1656,6 +1656,42 @@ local RECORD_KIND_NAMES = {
   [1] = "event",
 }
 
+local EVENT_KIND_NAMES = {
+  [0] = "NOTE",
+  [1] = "CONNECTED",
+  [2] = "CLOSED",
+  [3] = "HALF_CLOSED",
+  [4] = "CHANNEL_OPENED",
+  [5] = "CHANNEL_CLOSED",
+  [6] = "PROTOCOL_ERROR",
+  [7] = "TARGET_DOWN",
+  [8] = "TARGET_UP",
+  [9] = "RESOURCE",
+  [10] = "HOOK",
+  [11] = "DEVICE",
+  [12] = "PEER",
+}
+
+local V1_EVENT_RULES = {
+  {"clos", 2},
+  {"disconnect", 2},
+  {"hung up", 2},
+  {"hang-up", 2},
+  {"hangup", 2},
+  {"eof", 2},
+  {"reset by", 2},
+  {"ended", 2},
+  {"crash", 2},
+  {"died", 2},
+  {"killed", 2},
+  {"gone", 2},
+  {"connect", 1},
+  {"accept", 1},
+  {"interposed", 4},
+  {"cannot be framed", 6},
+  {"where no message begins", 6},
+}
+
 local FD_KIND_NAMES = {
   [0] = "unknown",
   [1] = "memfd",
@@ -1678,6 +1714,10 @@ local RECORD_FIELDS = {
   },
   ["direction"] = {
     ["doc"] = "F>B (front-end to back-end) or B>F",
+    ["type"] = "string",
+  },
+  ["event"] = {
+    ["doc"] = "what an event record says happened: CONNECTED, CLOSED, HALF_CLOSED, CHANNEL_OPENED, CHANNEL_CLOSED, PROTOCOL_ERROR, TARGET_DOWN, TARGET_UP, RESOURCE, HOOK, DEVICE, PEER or NOTE",
     ["type"] = "string",
   },
   ["fd.inode"] = {
@@ -1920,6 +1960,10 @@ local EXPERT_ITEMS = {
 local CONSTANTS = {
   ["CHANNEL_DEVICE_STATE"] = 3,
   ["CHANNEL_MAIN"] = 0,
+  ["EVENT_CHANNEL_CLOSED"] = 5,
+  ["EVENT_CLOSED"] = 2,
+  ["EVENT_DEVICE"] = 11,
+  ["EVENT_NOTE"] = 0,
   ["FLAGS_RESERVED"] = 4294967280,
   ["FLAG_NEED_REPLY"] = 8,
   ["FLAG_REPLY"] = 4,
@@ -1928,9 +1972,13 @@ local CONSTANTS = {
   ["MAX_PAYLOAD_SIZE"] = 4096,
   ["PSEUDO_FLAG_UNFRAMED"] = 1,
   ["PSEUDO_MAGIC"] = "VHUS",
+  ["PSEUDO_SIZE_V1"] = 20,
+  ["PSEUDO_SIZE_V2"] = 24,
+  ["PSEUDO_VERSION"] = 2,
   ["RING_PACKED_BIT"] = 34,
   ["STREAM_NAME"] = "DEVICE_STATE_STREAM",
   ["TRUNCATED_NAME"] = "(truncated header)",
+  ["V1_DEVICE_MARK"] = "device=",
   ["VERSION"] = 1,
   ["VERSION_MASK"] = 3,
   ["XEN_MMAP_BIT"] = 17,
@@ -2104,6 +2152,23 @@ local function add_layout(tree, layout, tvb, offset, feature_names)
   return offset
 end
 
+-- A version-1 event's kind (and the device it named) from its note: compat.migrate_v1_event, from the same table.
+local function migrate_v1_event(note, channel)
+  local text = string.lower(note)
+  local kind = C.EVENT_NOTE
+  for _, rule in ipairs(V1_EVENT_RULES) do
+    if string.find(text, rule[1], 1, true) then
+      kind = rule[2]
+      break
+    end
+  end
+  if kind == C.EVENT_CLOSED and channel ~= C.CHANNEL_MAIN then kind = C.EVENT_CHANNEL_CLOSED end
+  local device = ""
+  local at = string.find(text, C.V1_DEVICE_MARK, 1, true)
+  if at then device = note:sub(at + #C.V1_DEVICE_MARK):match("^[%w_]*") end
+  return kind, device
+end
+
 -- The pseudo-header: returns record info, or nil plus a reason.
 local function dissect_pseudo_header(tvb, tree)
   if tvb:len() < 8 or tvb(0, 4):string() ~= C.PSEUDO_MAGIC then
@@ -2114,11 +2179,15 @@ local function dissect_pseudo_header(tvb, tree)
   local header_tree = tree:add(vhost_user, tvb(0, math.min(header_length, tvb:len())), "vhusniff pseudo-header")
   header_tree:add_le(pf["pseudo.version"], tvb(4, 2))
   header_tree:add_le(pf["pseudo.header_length"], tvb(6, 2))
-  if version ~= 1 then
-    return nil, "unknown pseudo-header version " .. version .. " (this dissector reads 1)"
+  if version ~= 1 and version ~= C.PSEUDO_VERSION then
+    return nil, "unknown pseudo-header version " .. version .. " (this dissector reads 1, " .. C.PSEUDO_VERSION .. ")"
   end
-  if tvb:len() < 20 or header_length > tvb:len() then
+  local fixed = version == 1 and C.PSEUDO_SIZE_V1 or C.PSEUDO_SIZE_V2
+  if tvb:len() < fixed or header_length > tvb:len() then
     return nil, "pseudo-header of " .. header_length .. " bytes in a " .. tvb:len() .. "-byte packet"
+  end
+  if header_length < fixed then
+    return nil, "pseudo-header length " .. header_length .. " is shorter than its fixed part (" .. fixed .. " bytes)"
   end
   local record = {
     header_length = header_length,
@@ -2137,7 +2206,11 @@ local function dissect_pseudo_header(tvb, tree)
   header_tree:add(pf["direction"], tvb(14, 1), DIRECTION_NAMES[record.direction] or tostring(record.direction))
   header_tree:add(pf["unframed"], tvb(15, 1), bit32.band(record.flags, C.PSEUDO_FLAG_UNFRAMED))
   header_tree:add_le(pf["fds"], tvb(16, 2))
-  local position = 20
+  if version ~= 1 and record.kind ~= 0 then
+    record.event = tvb(20, 1):uint()
+    header_tree:add(pf["event"], tvb(20, 1), EVENT_KIND_NAMES[record.event] or tostring(record.event))
+  end
+  local position = fixed
   for index = 1, record.fd_count do
     if position + 24 > header_length then return nil, "fd descriptions run past the pseudo-header" end
     local name_length = tvb(position + 1, 1):uint()
@@ -2164,6 +2237,12 @@ local function dissect_pseudo_header(tvb, tree)
   if record.note_length > 0 then
     record.note = tvb(position, record.note_length):string(ENC_UTF_8)
     header_tree:add(pf["note"], tvb(position, record.note_length), record.note)
+  end
+  if version == 1 and record.kind ~= 0 then
+    record.event, record.device = migrate_v1_event(record.note or "", record.channel)
+    header_tree:add(pf["event"], EVENT_KIND_NAMES[record.event]):set_generated()
+  elseif record.event == C.EVENT_DEVICE then
+    record.device = record.note
   end
   if CHANNEL_NAMES[record.channel] == nil or DIRECTION_NAMES[record.direction] == nil
       or RECORD_KIND_NAMES[record.kind] == nil then
@@ -2369,7 +2448,7 @@ function vhost_user.dissector(tvb, pinfo, tree)
   if record.kind ~= 0 then
     local note = record.note or ""
     pinfo.cols.info:append("--- " .. note)
-    local device = note:match("device[=: ]+([%w_]+)")
+    local device = record.device
     if device and DEVICE_FEATURES[device] and not pinfo.visited then
       local connection = state.contexts[record.connection] or {}
       connection.device_type = device

@@ -11,7 +11,7 @@ import pytest
 
 from vhusniff import catalogue as cat
 from vhusniff.analysis import Analyzer, Expect, classify_event, direction_for, end_summary, expectation
-from vhusniff.model import Channel, FdInfo, Record, RecordKind
+from vhusniff.model import Channel, EventKind, FdInfo, Record, RecordKind
 from vhusniff.protocol import build_message
 from vhusniff.state import NOFD
 
@@ -48,8 +48,13 @@ class Script:
         self.records.append(record)
         return len(self.records)
 
-    def event(self, note: str, step_ns: int = 1000) -> int:
-        return self._add(Record(0, self.connection, kind=RecordKind.EVENT, note=note), step_ns)
+    def event(self, note: str, kind: EventKind = EventKind.NOTE, step_ns: int = 1000) -> int:
+        return self._add(Record(0, self.connection, kind=RecordKind.EVENT, note=note, event=kind), step_ns)
+
+    def connected(self, device: str) -> int:
+        """The proxy's two events for a route that knows its device: connected, then the device type."""
+        self.event("connected", EventKind.CONNECTED)
+        return self.event(device, EventKind.DEVICE)
 
     def send(self, request: int, payload=None, *, channel: Channel = Channel.MAIN, reply: bool = False,
              need_reply: bool = False, fds=(), kind: str | None = None, flags: int | None = None,
@@ -122,7 +127,7 @@ class Script:
 def opened(**negotiation) -> Script:
     """A blk connection after QEMU's opening negotiation, before the device starts."""
     s = Script()
-    s.event("connected device=blk")
+    s.connected("blk")
     s.negotiate(**negotiation)
     return s
 
@@ -140,7 +145,7 @@ def running(**negotiation) -> Script:
 def qemu_blk_boot(end: bool = True) -> Script:
     """The real QEMU 7.2 + qemu-storage-daemon boot (§2): SeaBIOS starts the device, the kernel restarts it."""
     s = Script()
-    s.event("connected device=blk")
+    s.connected("blk")
     s.negotiate()
     s.vring_fd(F.SET_VRING_CALL)
     s.vring_fd(F.SET_VRING_ERR)
@@ -157,7 +162,7 @@ def qemu_blk_boot(end: bool = True) -> Script:
     s.start_ring(base=37)
     s.stop_ring(base=120)
     if end:
-        s.event("front-end closed the connection", step_ns=300_000_000)
+        s.event("front-end closed the connection", EventKind.CLOSED, step_ns=300_000_000)
     return s
 
 
@@ -240,7 +245,7 @@ def test_backend_closing_while_frontend_waits_names_the_request():
     s.start_ring()
     s.request(F.SET_VRING_ENABLE, {"index": 0, "num": 0})
     waited = s.request(F.GET_VRING_BASE, {"index": 0, "num": 0})
-    s.event("back-end closed the connection")
+    s.event("back-end closed the connection", EventKind.CLOSED)
     analyzer = analyse(s)
     assert [f.check for f in analyzer.findings] == ["disconnect-with-request-outstanding"]
     summary = end_summary(analyzer, 1)
@@ -284,11 +289,16 @@ def test_two_connections_are_kept_apart():
     assert analyzer.state(2).queue_num == 1
 
 
-def test_event_classification():
-    assert classify_event("connected device=blk") == "connect"
-    assert classify_event("back-end closed the connection") == "end"
-    assert classify_event("front-end disconnected") == "end"
-    assert classify_event("proxy note: hook loaded") == "other"
+def test_event_classification_follows_the_kind_not_the_words():
+    def event(note: str, kind: EventKind, channel: Channel = Channel.MAIN) -> Record:
+        return Record(0, 1, channel, kind=RecordKind.EVENT, note=note, event=kind)
+    assert classify_event(event("whatever the words", EventKind.CONNECTED)) == "connect"
+    assert classify_event(event("front-end hung up", EventKind.CLOSED)) == "end"
+    assert classify_event(event("backend channel closed", EventKind.CHANNEL_CLOSED, Channel.BACKEND)) == "channel-end"
+    # Words that version 1 read as an end mean nothing now: the kind says what happened.
+    assert classify_event(event("front-end closed its side (EOF)", EventKind.HALF_CLOSED)) == "other"
+    assert classify_event(event("back-end closed the connection", EventKind.NOTE)) == "other"
+    assert classify_event(event("connected device=blk", EventKind.NOTE)) == "other"
 
 
 # --- the command-line views, on a capture file ------------------------------------------------------------------
@@ -319,7 +329,7 @@ def test_report_and_expert_on_a_broken_session(tmp_path, capsys):
     s = qemu_blk_boot(end=False)
     s.start_ring()
     s.request(F.GET_VRING_BASE, {"index": 0, "num": 0})
-    s.event("back-end closed the connection")
+    s.event("back-end closed the connection", EventKind.CLOSED)
     path = _capture(tmp_path, s)
     assert main_report([path]) == 0
     report = capsys.readouterr().out
@@ -350,7 +360,7 @@ def test_timeline_svg_has_one_mark_per_message(tmp_path, capsys):
     groups = root.iter("{http://www.w3.org/2000/svg}g")
     classes = [g.get("class") for g in groups]
     assert classes.count("msg") == sum(1 for r in s.records if r.kind == RecordKind.MESSAGE)
-    assert classes.count("event") == 2
+    assert classes.count("event") == sum(1 for r in s.records if r.kind == RecordKind.EVENT) == 3
     html = tmp_path / "t.html"
     assert main_timeline([_capture(tmp_path, s), "-o", str(html)]) == 0
     assert html.read_text().startswith("<!DOCTYPE html>")
@@ -361,7 +371,7 @@ def test_read_expert_puts_findings_under_their_messages(tmp_path, capsys):
     s = qemu_blk_boot(end=False)
     s.start_ring()
     waited = s.request(F.GET_VRING_BASE, {"index": 0, "num": 0})
-    s.event("back-end closed the connection")
+    s.event("back-end closed the connection", EventKind.CLOSED)
     assert main(["read", _capture(tmp_path, s), "--expert", "--color", "never"]) == 0
     lines = capsys.readouterr().out.splitlines()
     at = next(i for i, line in enumerate(lines) if line.split()[:1] == [str(waited)])
@@ -376,7 +386,7 @@ def late_findings() -> list[Record]:
     one.request(F.SET_VRING_ENABLE, {"index": 0, "num": 1}, need_reply=True)       # its ack never comes
     one.request(F.SET_VRING_ENABLE, {"index": 0, "num": 0})
     one.request(F.GET_VRING_BASE, {"index": 0, "num": 0})
-    one.event("back-end closed the connection")
+    one.event("back-end closed the connection", EventKind.CLOSED)
     two.request(F.GET_CONFIG, {"offset": 0, "size": 57, "flags": 0, "data": bytes(57)})
     for record in two.records:
         record.connection = 2
@@ -496,13 +506,14 @@ def test_device_state_stream_chunks_are_opaque_data_not_requests():
     from vhusniff.model import Channel, Direction, Record, RecordKind
     from vhusniff.protocol import build_message
     analyzer = Analyzer()
-    records = [Record(1, 1, kind=RecordKind.EVENT, note="connected device=blk"),
+    records = [Record(1, 1, kind=RecordKind.EVENT, note="connected", event=EventKind.CONNECTED),
                Record(2, 1, Channel.MAIN, Direction.FRONTEND_TO_BACKEND, build_message(Channel.MAIN, 1)),
                Record(3, 1, Channel.MAIN, Direction.BACKEND_TO_FRONTEND,
                       build_message(Channel.MAIN, 1, bytes(8), reply=True)),
                Record(4, 1, Channel.DEVICE_STATE, Direction.BACKEND_TO_FRONTEND, b"\x01\x02\x03", [],
                       RecordKind.MESSAGE, "device-state stream"),
-               Record(5, 1, kind=RecordKind.EVENT, note="front-end closed: connection closed")]
+               Record(5, 1, kind=RecordKind.EVENT, note="front-end closed: connection closed",
+                      event=EventKind.CLOSED)]
     for record in records:
         analyzer.feed(record)
     analyzer.finish()

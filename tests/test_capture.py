@@ -244,3 +244,56 @@ def test_a_huge_block_length_from_a_pipe_is_read_in_chunks(tmp_path):
     writer.wait(30)
     assert got == sample_records() and error.value.offset == len(good)
     assert f"truncated block: {3 * capture.READ_CHUNK + 8} of {0xFFFFFFF0} bytes" in str(error.value)
+
+
+# --- capture format 2: the event kind is a field; version-1 captures still read -------------------------------
+DATA = os.path.join(os.path.dirname(__file__), "data")
+V1_EVENTS = os.path.join(DATA, "v1-events.pcapng")            # written by the version-1 writer
+V1_QEMU_BLK_BOOT = os.path.join(DATA, "v1-qemu-blk-boot.pcapng")
+
+
+def test_version_1_events_read_with_the_kind_their_note_meant():
+    from vhusniff.model import EventKind as K
+    records = list(read_capture(V1_EVENTS))
+    assert [(r.event.name if r.kind == RecordKind.EVENT else "-") for r in records] == [
+        "CONNECTED", "-", "-", "CHANNEL_OPENED", "CHANNEL_CLOSED", "-", "CLOSED", "CONNECTED", "NOTE", "-", "CLOSED"]
+    assert records[0].device == "net" and records[7].device == ""
+    assert [r.unframed for r in records if r.kind == RecordKind.MESSAGE] == [False, False, True, False]
+    boot = [r for r in read_capture(V1_QEMU_BLK_BOOT) if r.kind == RecordKind.EVENT]
+    assert [r.event for r in boot] == [K.CONNECTED, K.CHANNEL_OPENED, K.CLOSED, K.CLOSED]
+    assert boot[0].device == "blk"
+
+
+def test_migrate_v1_event_is_the_one_reading_of_words():
+    from vhusniff.compat import migrate_v1_event
+    from vhusniff.model import EventKind as K
+    assert migrate_v1_event("front-end closed the backend channel", Channel.BACKEND) == (K.CHANNEL_CLOSED, "")
+    assert migrate_v1_event("Connection reset by peer") == (K.CLOSED, "")
+    assert migrate_v1_event("replay --as backend: front-end connected, device=blk") == (K.CONNECTED, "blk")
+    assert migrate_v1_event("hook says hello") == (K.NOTE, "")
+
+
+def test_every_event_kind_round_trips_in_format_2(tmp_path):
+    from vhusniff.model import EventKind
+    path = tmp_path / "v2.pcapng"
+    # The words say the opposite of the kind: only the kind is read back.
+    written = [Record(1000 + kind, 3, Channel.BACKEND if kind % 2 else Channel.MAIN, kind=RecordKind.EVENT,
+                      note="connected" if kind == EventKind.CLOSED else "closed", event=kind) for kind in EventKind]
+    written.append(Record(5000, 3, data=b"\x01" * 5, note="unframed: closed mid-message", unframed=True))
+    written.append(Record(5001, 3, data=b"\x01" * 5, note="unframed, say the words; the flag says no"))
+    write_capture(path, written)
+    content = path.read_bytes()
+    assert struct.unpack_from("<H", content, content.index(b"VHUS") + 4)[0] == capture.PSEUDO_VERSION == 2
+    assert list(read_capture(path)) == written
+    assert all(r.device == "" for r in read_capture(path))
+
+
+def test_an_unknown_event_kind_reads_as_a_note(tmp_path):
+    from vhusniff.model import EventKind
+    block = bytearray(capture.enhanced_packet_block(Record(1, 1, kind=RecordKind.EVENT, note="x",
+                                                           event=EventKind.PEER)))
+    block[28 + 20] = 200                                      # the event byte of the v2 pseudo-header
+    path = tmp_path / "future.pcapng"
+    path.write_bytes(capture.file_header() + bytes(block))
+    [record] = read_capture(path)
+    assert record.event == EventKind.NOTE and record.note == "x"

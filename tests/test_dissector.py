@@ -20,7 +20,7 @@ from vhusniff.capture import CaptureWriter, read_capture, write_capture
 from vhusniff.expert import CHECKS, PROBLEM_CHECKS
 from vhusniff.filters import RECORD_FIELDS, grammar_fields, walk_layout
 from vhusniff.lua import DISSECTOR_PATH, render
-from vhusniff.model import Channel, Direction, FdInfo, Record, RecordKind
+from vhusniff.model import Channel, Direction, EventKind, FdInfo, Record, RecordKind
 from vhusniff.protocol import PAYLOADS, build_message, iter_fields, payload_candidates, DecodeContext
 from vhusniff.session import ContextTracker
 
@@ -392,7 +392,8 @@ def net_set_mtu_session(path: str) -> None:
     main = Channel.MAIN
     with CaptureWriter(path) as writer:
         time = iter(range(1_000_000, 10**9, 1000))
-        writer.write(Record(next(time), 2, kind=RecordKind.EVENT, note="connected: device=blk"))
+        writer.write(Record(next(time), 2, kind=RecordKind.EVENT, note="connected", event=EventKind.CONNECTED))
+        writer.write(Record(next(time), 2, kind=RecordKind.EVENT, note="blk", event=EventKind.DEVICE))
         for connection in (1, 2):
             for direction, data in (
                     (F, build_message(main, 1)),
@@ -427,5 +428,17 @@ def test_tshark_and_read_name_every_feature_bit_alike(tmp_path, path):
     assert any(field == "features" for items in from_read.values() for field, _value, _names in items)
     if path.endswith("net-set-mtu.pcapng"):      # the session does tell the three namings apart
         names = {number: found[0][2] for number, found in from_read.items()}
-        assert "bit5" in names[3] and "MAC" in names[5] and "MAC" in names[7], names     # unknown, then net
-        assert "RO" in names[9] and "RO" in names[11] and "RO" in names[13], names        # blk throughout
+        # (after connection 2's two events: connected, and its DEVICE event that says blk)
+        assert "bit5" in names[4] and "MAC" in names[6] and "MAC" in names[8], names     # unknown, then net
+        assert "RO" in names[10] and "RO" in names[12] and "RO" in names[14], names      # blk throughout
+
+
+@needs_tshark
+def test_tshark_shows_the_event_kind_of_version_1_and_version_2_captures(tmp_path):
+    data = os.path.join(os.path.dirname(__file__), "data")
+    v1 = [dict(frame).get("event") for frame in tshark_frames(os.path.join(data, "v1-events.pcapng"))]
+    assert v1 == ["CONNECTED", None, None, "CHANNEL_OPENED", "CHANNEL_CLOSED", None, "CLOSED", "CONNECTED", "NOTE",
+                  None, "CLOSED"]
+    path = str(tmp_path / "v2.pcapng")
+    write_capture(path, [Record(1 + kind, 1, kind=RecordKind.EVENT, note="closed", event=kind) for kind in EventKind])
+    assert [dict(frame).get("event") for frame in tshark_frames(path)] == [kind.name for kind in EventKind]

@@ -8,7 +8,7 @@ import pytest
 from vhusniff import catalogue as cat
 from vhusniff.analysis import Analyzer
 from vhusniff.expert import CHECKS, Severity
-from vhusniff.model import Channel
+from vhusniff.model import Channel, EventKind
 from vhusniff.protocol import HEADER_STRUCT
 
 from test_analysis import (
@@ -148,7 +148,7 @@ def closed_while_waiting(waiting: bool) -> Script:
     s.request(F.GET_VRING_BASE, {"index": 0, "num": 0})
     if not waiting:
         s.reply(F.GET_VRING_BASE, {"index": 0, "num": 5})
-    s.event("back-end closed its side (EOF) after message #40; passing the close on to the front-end")
+    s.event("back-end closed: connection closed after message #40", EventKind.CLOSED)
     return s
 
 
@@ -223,7 +223,7 @@ CASES = {
 
 
 def _ended(s: Script) -> Script:
-    s.event("front-end closed its side (EOF)")
+    s.event("front-end closed: connection closed", EventKind.CLOSED)
     return s
 
 
@@ -297,7 +297,7 @@ def test_disconnect_finding_names_the_request():
 
 def test_net_rings_allow_rx_and_tx_per_reported_queue_pair():
     s = Script()
-    s.event("connected device=net")
+    s.connected("net")
     s.negotiate(offered=1 << 30 | 1 << 32)
     s.request(F.SET_VRING_NUM, {"index": 1, "num": 256})        # tx of pair 0: within one queue pair
     assert findings(s) == []

@@ -193,7 +193,7 @@ class Analyzer:
         state = conn.state
         before = len(self.findings)
         if record.kind == RecordKind.EVENT:
-            ending = classify_event(record.note, record.channel) == "end" and not state.ended
+            ending = classify_event(record) == "end" and not state.ended
             state.feed(number, record, None)
             if ending:
                 self._connection_ended(conn, number, record)

@@ -16,11 +16,12 @@ import sys
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from .model import Channel, Direction, FdInfo, Record, RecordKind
+from .compat import migrate_v1_event
+from .model import Channel, Direction, EventKind, FdInfo, Record, RecordKind
 
 LINKTYPE_USER0 = 147
 PSEUDO_MAGIC = b"VHUS"
-PSEUDO_VERSION = 1
+PSEUDO_VERSION = 2
 
 BLOCK_SHB = 0x0A0D0D0A
 BLOCK_IDB = 0x00000001
@@ -38,8 +39,10 @@ READ_CHUNK = 1 << 20
 EPB_FLAGS_BY_DIRECTION = {Direction.FRONTEND_TO_BACKEND: 2, Direction.BACKEND_TO_FRONTEND: 1}
 DIRECTION_BY_EPB_FLAGS = {2: Direction.FRONTEND_TO_BACKEND, 1: Direction.BACKEND_TO_FRONTEND}
 
-# Pseudo-header v1: magic, version, header_length, connection, kind, channel, direction, flags, fd_count, note_length.
-PSEUDO_HEADER = struct.Struct("<4sHHIBBBBHH")
+# Pseudo-header v2: magic, version, header_length, connection, kind, channel, direction, flags, fd_count,
+# note_length (all as in v1), then event (the EventKind of an event record, 0 for a message) and 3 reserved bytes.
+PSEUDO_HEADER = struct.Struct("<4sHHIBBBBHHB3x")
+PSEUDO_HEADER_V1 = struct.Struct("<4sHHIBBBBHH")
 # One fd description: kind, name_length, seals, reserved, inode, size.
 FD_DESCRIPTION = struct.Struct("<BBHIQq")
 FD_KINDS = ("unknown", "memfd", "eventfd", "socket", "pipe", "userfaultfd", "file", "anon")
@@ -111,10 +114,11 @@ def pseudo_header(record: Record) -> bytes:
     note = record.note.encode("utf-8", "replace")[:0xFFFF]
     parts.append(note)
     tail = b"".join(parts)
-    flags = PSEUDO_FLAG_UNFRAMED if record.kind == RecordKind.MESSAGE and "unframed" in record.note else 0
+    flags = PSEUDO_FLAG_UNFRAMED if record.unframed and record.kind == RecordKind.MESSAGE else 0
+    event = record.event if record.kind == RecordKind.EVENT else EventKind.NOTE
     return PSEUDO_HEADER.pack(PSEUDO_MAGIC, PSEUDO_VERSION, PSEUDO_HEADER.size + len(tail), record.connection,
                               record.kind, record.channel, record.direction, flags, len(record.fds),
-                              len(note)) + tail
+                              len(note), event) + tail
 
 
 # epb_flags and the end of options, per record kind and direction: every EPB ends with one of these.
@@ -124,7 +128,7 @@ _OPTIONS_TAIL = {(kind, direction): _option(2, struct.pack(
 
 
 def enhanced_packet_block(record: Record) -> bytes:
-    if not record.fds and not record.note:
+    if not record.fds and not record.note and not record.unframed and record.event == EventKind.NOTE:
         pseudo = _plain_pseudo_header(record.connection, record.kind, record.channel, record.direction)
     else:
         pseudo = pseudo_header(record)
@@ -134,7 +138,7 @@ def enhanced_packet_block(record: Record) -> bytes:
 def _plain_pseudo_header(connection: int, kind: RecordKind, channel: Channel, direction: Direction) -> bytes:
     """The pseudo-header of a record without fds or note: the same for every such record of a stream."""
     return PSEUDO_HEADER.pack(PSEUDO_MAGIC, PSEUDO_VERSION, PSEUDO_HEADER.size, connection, kind, channel,
-                              direction, 0, 0, 0)
+                              direction, 0, 0, 0, EventKind.NOTE)
 
 
 @functools.lru_cache(maxsize=512)     # control messages come in few sizes: one struct per size
@@ -242,11 +246,26 @@ def parse_pseudo_header(packet: bytes, timestamp_ns: int, epb_flags: int) -> Rec
 
 
 def _parse_v1(packet: bytes, header_length: int, timestamp_ns: int, epb_flags: int) -> Record:
-    if len(packet) < PSEUDO_HEADER.size or header_length > len(packet):
+    """Version 1: an event's kind was only words; compat.migrate_v1_event says what they meant."""
+    record = _parse_fields(packet, header_length, timestamp_ns, PSEUDO_HEADER_V1)
+    if record.kind == RecordKind.EVENT:
+        record.event, record.device = migrate_v1_event(record.note, record.channel)
+    return record
+
+
+def _parse_v2(packet: bytes, header_length: int, timestamp_ns: int, epb_flags: int) -> Record:
+    return _parse_fields(packet, header_length, timestamp_ns, PSEUDO_HEADER)
+
+
+def _parse_fields(packet: bytes, header_length: int, timestamp_ns: int, layout: struct.Struct) -> Record:
+    """The record of a pseudo-header laid out as `layout` (v1's 20 bytes, or v2's 24 that add the event kind)."""
+    if len(packet) < layout.size or header_length > len(packet):
         raise ValueError(f"pseudo-header of {header_length} bytes in a {len(packet)}-byte packet")
-    (_magic, _version, _length, connection, kind, channel, direction, _flags, fd_count,
-     note_length) = PSEUDO_HEADER.unpack_from(packet)
-    position = PSEUDO_HEADER.size
+    if header_length < layout.size:
+        raise ValueError(f"pseudo-header length {header_length} is shorter than its fixed part ({layout.size} bytes)")
+    (_magic, _version, _length, connection, kind, channel, direction, flags, fd_count,
+     note_length, *event) = layout.unpack_from(packet)
+    position = layout.size
     fds = []
     for _ in range(fd_count):
         if position + FD_DESCRIPTION.size > header_length:
@@ -267,12 +286,16 @@ def _parse_v1(packet: bytes, header_length: int, timestamp_ns: int, epb_flags: i
         kind_value = RecordKind(kind)
     except ValueError as error:
         raise ValueError(f"bad pseudo-header field: {error}") from None
+    # A kind this reader does not know (a later writer's) reads as a plain NOTE: its note still says it.
+    event_value = _EVENT_KINDS.get(event[0], EventKind.NOTE) if event and kind_value == RecordKind.EVENT \
+        else EventKind.NOTE
     return Record(timestamp_ns, connection, channel_value, direction_value, packet[header_length:], fds,
-                  kind_value, note)
+                  kind_value, note, event_value, bool(flags & PSEUDO_FLAG_UNFRAMED))
 
 
+_EVENT_KINDS = {int(kind): kind for kind in EventKind}
 # Every pseudo-header version this vhusniff ever wrote, forever.
-PSEUDO_HEADER_PARSERS = {1: _parse_v1}
+PSEUDO_HEADER_PARSERS = {1: _parse_v1, 2: _parse_v2}
 
 
 def read_capture(source: str | os.PathLike | BinaryIO) -> Iterator[Record]:
@@ -483,4 +506,4 @@ def _ts_resolution(body: bytes, start: int, end: int, endian: str) -> tuple[int,
 
 
 __all__ = ["CaptureError", "CaptureWriter", "ReadOutcome", "read_capture", "reading", "write_capture", "file_header",
-           "enhanced_packet_block", "parse_pseudo_header", "LINKTYPE_USER0", "FD_KINDS"]
+           "enhanced_packet_block", "parse_pseudo_header", "LINKTYPE_USER0", "FD_KINDS", "PSEUDO_VERSION"]

@@ -8,6 +8,7 @@ import os
 import sys
 
 from . import catalogue as cat
+from .model import RecordKind
 
 EXIT_BAD_INPUT = 2
 
@@ -113,7 +114,7 @@ def command_read(args) -> int:
                 continue          # only the expert findings' list still wants the rest of the capture
             if args.follow is not None and record.connection != args.follow:
                 continue
-            if display_filter is not None and (message is None or
+            if display_filter is not None and (message is None and record.kind != RecordKind.EVENT or
                                                not display_filter.matches(message, record, number)):
                 continue
             if args.T == "text":

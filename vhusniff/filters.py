@@ -20,7 +20,7 @@ from typing import Any, Callable
 from construct import Array, Bytes, BytesInteger, FormatField, GreedyBytes, Renamed, Struct
 
 from . import catalogue as cat
-from .model import Channel
+from .model import Channel, RecordKind
 from .protocol import request_names
 
 _FORMAT_WIDTH = {"<B": 1, "B": 1, "<H": 2, "<L": 4, "<Q": 8}
@@ -46,7 +46,11 @@ RECORD_FIELDS = {
     "direction": RecordField("F>B (front-end to back-end) or B>F", "string", lambda m, r, n: [r.direction.arrow]),
     "record_kind": RecordField("message or event", "string", lambda m, r, n: [r.kind.name.lower()]),
     "unframed": RecordField("1 when the bytes are not one well-framed message", "uint8",
-                            lambda m, r, n: [int("unframed" in r.note)]),
+                            lambda m, r, n: [int(r.unframed)]),
+    "event": RecordField("what an event record says happened: CONNECTED, CLOSED, HALF_CLOSED, CHANNEL_OPENED, "
+                         "CHANNEL_CLOSED, PROTOCOL_ERROR, TARGET_DOWN, TARGET_UP, RESOURCE, HOOK, DEVICE, PEER "
+                         "or NOTE", "string",
+                         lambda m, r, n: [r.event.name] if r.kind == RecordKind.EVENT else []),
     "fds": RecordField("number of fds passed with the message", "uint16", lambda m, r, n: [len(r.fds)]),
     "fd.kind": RecordField("what an fd was: memfd, eventfd, socket, ...", "string",
                            lambda m, r, n: [fd.kind for fd in r.fds]),
@@ -57,11 +61,11 @@ RECORD_FIELDS = {
     "fd.seals": RecordField("F_GET_SEALS bits of a memfd", "uint16", lambda m, r, n: [fd.seals for fd in r.fds]),
     "note": RecordField("why a record is not a well-framed message, or event text", "string",
                         lambda m, r, n: [r.note] if r.note else []),
-    "name": RecordField("request name on its channel", "string", lambda m, r, n: [m.name]),
+    "name": RecordField("request name on its channel", "string", lambda m, r, n: [m.name] if m else []),
     "kind": RecordField("payload kind chosen by the decoder", "string",
-                        lambda m, r, n: [m.kind] if m.kind else []),
+                        lambda m, r, n: [m.kind] if m and m.kind else []),
     "problem": RecordField("code of something wrong with the message", "string",
-                           lambda m, r, n: [p.code for p in m.problems]),
+                           lambda m, r, n: [p.code for p in m.problems] if m else []),
     "pseudo.version": RecordField("pseudo-header version", "uint16", None),
     "pseudo.header_length": RecordField("pseudo-header length in bytes", "uint16", None),
     "response_in": RecordField("frame of the reply to this request", "response_link", None),
@@ -587,6 +591,8 @@ class DisplayFilter:
             spec = RECORD_FIELDS.get(name)
             if spec is not None:
                 return spec.value(message, record, number)
+            if message is None:              # an event record: only the record's own fields
+                return []
             if name is _DEVICE_TYPE:
                 return message.context.device_type
             if grammar is None:

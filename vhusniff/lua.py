@@ -14,10 +14,12 @@ import os
 import sys
 
 from . import catalogue as cat
-from .capture import FD_KINDS, LINKTYPE_USER0, PSEUDO_FLAG_UNFRAMED, PSEUDO_MAGIC
+from .capture import (FD_KINDS, LINKTYPE_USER0, PSEUDO_FLAG_UNFRAMED, PSEUDO_HEADER, PSEUDO_HEADER_V1, PSEUDO_MAGIC,
+                      PSEUDO_VERSION)
+from .compat import V1_DEVICE_MARK, V1_EVENT_RULES
 from .expert import CHECKS, PROBLEM_CHECKS
 from .filters import RECORD_FIELDS, grammar_fields, walk_layout
-from .model import Channel, Direction, RecordKind
+from .model import Channel, Direction, EventKind, RecordKind
 from .protocol import (
     FIXED_SIZE, HEADER_SIZE, MAX_PAYLOAD_SIZE, PAYLOADS, REGION, REGION_XEN, DecodeContext, payload_candidates,
     request_name, request_names,
@@ -89,6 +91,9 @@ def grammar_tables() -> dict:
         "CHANNEL_NAMES": {int(c): c.name.lower() for c in Channel},
         "DIRECTION_NAMES": {int(d): d.arrow for d in Direction},
         "RECORD_KIND_NAMES": {int(k): k.name.lower() for k in RecordKind},
+        "EVENT_KIND_NAMES": {int(k): k.name for k in EventKind},
+        # How a version-1 event's note gives its kind (compat.V1_EVENT_RULES): {lower-case word, kind}, in order.
+        "V1_EVENT_RULES": [[word, int(kind)] for word, kind in V1_EVENT_RULES],
         "FD_KIND_NAMES": dict(enumerate(FD_KINDS)),
         "RECORD_FIELDS": {name: {"type": spec.lua_type, "doc": spec.doc} for name, spec in RECORD_FIELDS.items()
                           if spec.lua_type},
@@ -105,6 +110,10 @@ def grammar_tables() -> dict:
             "FLAG_REPLY": cat.FLAG_REPLY, "FLAG_NEED_REPLY": cat.FLAG_NEED_REPLY,
             "FLAGS_RESERVED": cat.FLAGS_RESERVED, "VERSION_MASK": cat.VERSION_MASK, "VERSION": cat.VERSION,
             "PSEUDO_MAGIC": PSEUDO_MAGIC.decode(), "PSEUDO_FLAG_UNFRAMED": PSEUDO_FLAG_UNFRAMED,
+            "PSEUDO_VERSION": PSEUDO_VERSION, "PSEUDO_SIZE_V1": PSEUDO_HEADER_V1.size,
+            "PSEUDO_SIZE_V2": PSEUDO_HEADER.size, "V1_DEVICE_MARK": V1_DEVICE_MARK,
+            "EVENT_NOTE": int(EventKind.NOTE), "EVENT_CLOSED": int(EventKind.CLOSED),
+            "EVENT_CHANNEL_CLOSED": int(EventKind.CHANNEL_CLOSED), "EVENT_DEVICE": int(EventKind.DEVICE),
             "CHANNEL_MAIN": int(Channel.MAIN), "CHANNEL_DEVICE_STATE": int(Channel.DEVICE_STATE),
             "STREAM_NAME": request_name(Channel.DEVICE_STATE, 0), "XEN_MMAP_BIT": XEN_MMAP_BIT, "RING_PACKED_BIT": RING_PACKED_BIT,
         },
@@ -313,6 +322,23 @@ local function add_layout(tree, layout, tvb, offset, feature_names)
   return offset
 end
 
+-- A version-1 event's kind (and the device it named) from its note: compat.migrate_v1_event, from the same table.
+local function migrate_v1_event(note, channel)
+  local text = string.lower(note)
+  local kind = C.EVENT_NOTE
+  for _, rule in ipairs(V1_EVENT_RULES) do
+    if string.find(text, rule[1], 1, true) then
+      kind = rule[2]
+      break
+    end
+  end
+  if kind == C.EVENT_CLOSED and channel ~= C.CHANNEL_MAIN then kind = C.EVENT_CHANNEL_CLOSED end
+  local device = ""
+  local at = string.find(text, C.V1_DEVICE_MARK, 1, true)
+  if at then device = note:sub(at + #C.V1_DEVICE_MARK):match("^[%w_]*") end
+  return kind, device
+end
+
 -- The pseudo-header: returns record info, or nil plus a reason.
 local function dissect_pseudo_header(tvb, tree)
   if tvb:len() < 8 or tvb(0, 4):string() ~= C.PSEUDO_MAGIC then
@@ -323,11 +349,15 @@ local function dissect_pseudo_header(tvb, tree)
   local header_tree = tree:add(vhost_user, tvb(0, math.min(header_length, tvb:len())), "vhusniff pseudo-header")
   header_tree:add_le(pf["pseudo.version"], tvb(4, 2))
   header_tree:add_le(pf["pseudo.header_length"], tvb(6, 2))
-  if version ~= 1 then
-    return nil, "unknown pseudo-header version " .. version .. " (this dissector reads 1)"
+  if version ~= 1 and version ~= C.PSEUDO_VERSION then
+    return nil, "unknown pseudo-header version " .. version .. " (this dissector reads 1, " .. C.PSEUDO_VERSION .. ")"
   end
-  if tvb:len() < 20 or header_length > tvb:len() then
+  local fixed = version == 1 and C.PSEUDO_SIZE_V1 or C.PSEUDO_SIZE_V2
+  if tvb:len() < fixed or header_length > tvb:len() then
     return nil, "pseudo-header of " .. header_length .. " bytes in a " .. tvb:len() .. "-byte packet"
+  end
+  if header_length < fixed then
+    return nil, "pseudo-header length " .. header_length .. " is shorter than its fixed part (" .. fixed .. " bytes)"
   end
   local record = {
     header_length = header_length,
@@ -346,7 +376,11 @@ local function dissect_pseudo_header(tvb, tree)
   header_tree:add(pf["direction"], tvb(14, 1), DIRECTION_NAMES[record.direction] or tostring(record.direction))
   header_tree:add(pf["unframed"], tvb(15, 1), bit32.band(record.flags, C.PSEUDO_FLAG_UNFRAMED))
   header_tree:add_le(pf["fds"], tvb(16, 2))
-  local position = 20
+  if version ~= 1 and record.kind ~= 0 then
+    record.event = tvb(20, 1):uint()
+    header_tree:add(pf["event"], tvb(20, 1), EVENT_KIND_NAMES[record.event] or tostring(record.event))
+  end
+  local position = fixed
   for index = 1, record.fd_count do
     if position + 24 > header_length then return nil, "fd descriptions run past the pseudo-header" end
     local name_length = tvb(position + 1, 1):uint()
@@ -373,6 +407,12 @@ local function dissect_pseudo_header(tvb, tree)
   if record.note_length > 0 then
     record.note = tvb(position, record.note_length):string(ENC_UTF_8)
     header_tree:add(pf["note"], tvb(position, record.note_length), record.note)
+  end
+  if version == 1 and record.kind ~= 0 then
+    record.event, record.device = migrate_v1_event(record.note or "", record.channel)
+    header_tree:add(pf["event"], EVENT_KIND_NAMES[record.event]):set_generated()
+  elseif record.event == C.EVENT_DEVICE then
+    record.device = record.note
   end
   if CHANNEL_NAMES[record.channel] == nil or DIRECTION_NAMES[record.direction] == nil
       or RECORD_KIND_NAMES[record.kind] == nil then
@@ -578,7 +618,7 @@ function vhost_user.dissector(tvb, pinfo, tree)
   if record.kind ~= 0 then
     local note = record.note or ""
     pinfo.cols.info:append("--- " .. note)
-    local device = note:match("device[=: ]+([%w_]+)")
+    local device = record.device
     if device and DEVICE_FEATURES[device] and not pinfo.visited then
       local connection = state.contexts[record.connection] or {}
       connection.device_type = device

@@ -81,3 +81,6 @@ class Record:
     kind: RecordKind = RecordKind.MESSAGE
     note: str = ""               # event text, or why a message record is not a well-framed message
     event: EventKind = EventKind.NOTE     # for an EVENT record: what happened
+    unframed: bool = False       # a MESSAGE record's bytes are not one well-framed message (an unframeable rest)
+    device: str = ""             # a version-1 event's `device=NAME` (compat.migrate_v1_event); format 2 says it
+                                 # with a DEVICE event instead

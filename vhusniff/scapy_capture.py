@@ -38,16 +38,17 @@ def pseudo_header_layer() -> type:
     global _layer
     if _layer is not None:
         return _layer
-    from scapy.fields import (ByteEnumField, ByteField, FieldLenField, LEIntField, LELongField, LEShortField,
-                              LESignedLongField, PacketListField, StrFixedLenField, StrLenField)
+    from scapy.fields import (ByteEnumField, ByteField, ConditionalField, FieldLenField, LEIntField, LELongField,
+                              LEShortField, LESignedLongField, PacketListField, StrFixedLenField, StrLenField)
     from scapy.packet import Packet, Raw
 
     from .capture import FD_KINDS, PSEUDO_MAGIC, PSEUDO_VERSION
     from .layers import header_class_for
-    from .model import Channel, Direction, RecordKind
+    from .model import Channel, Direction, EventKind, RecordKind
     from .protocol import HEADER_SIZE
 
     _HEADERED_CHANNELS = (Channel.MAIN, Channel.BACKEND, Channel.GPU)
+    _VERSIONS = (1, PSEUDO_VERSION)         # the layouts these fields describe
 
     class VhusniffFd(Packet):
         name = "vhusniff fd description"
@@ -77,6 +78,10 @@ def pseudo_header_layer() -> type:
             ByteField("flags", 0),
             FieldLenField("fd_count", None, count_of="fds", fmt="<H"),
             FieldLenField("note_length", None, length_of="note", fmt="<H"),
+            # Version 2 adds the event kind (version 1 said it only in the note).
+            ConditionalField(ByteEnumField("event", 0, {int(k): k.name for k in EventKind}),
+                             lambda pkt: pkt.version >= 2),
+            ConditionalField(StrFixedLenField("reserved", b"\0\0\0", 3), lambda pkt: pkt.version >= 2),
             PacketListField("fds", [], VhusniffFd, count_from=lambda pkt: pkt.fd_count),
             StrLenField("note", b"", length_from=lambda pkt: pkt.note_length),
         ]
@@ -87,7 +92,7 @@ def pseudo_header_layer() -> type:
             return pkt + pay
 
         def guess_payload_class(self, payload):
-            if self.kind != RecordKind.MESSAGE or self.version != PSEUDO_VERSION or len(payload) < HEADER_SIZE \
+            if self.kind != RecordKind.MESSAGE or self.version not in _VERSIONS or len(payload) < HEADER_SIZE \
                     or self.channel not in _HEADERED_CHANNELS:
                 return Raw             # events, and the device-state pipe's opaque stream, have no vhost-user header
             return header_class_for(Channel(self.channel))

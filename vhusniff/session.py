@@ -2,14 +2,11 @@
 meant it (Xen regions, packed-ring bases, feature names for the device type)."""
 from __future__ import annotations
 
-import re
 from dataclasses import replace
 
 from . import catalogue as cat
-from .model import Channel, Record, RecordKind
+from .model import Channel, EventKind, Record, RecordKind
 from .protocol import DEFAULT_CONTEXT, DecodeContext, Message, decode
-
-_DEVICE_NOTE = re.compile(r"\bdevice[=: ]+(\w+)")
 
 
 class ContextTracker:
@@ -34,11 +31,12 @@ class ContextTracker:
         return message
 
     def _observe_event(self, record: Record) -> None:
-        # The proxy and lab note the device type when they know it ("device=blk").
-        match = _DEVICE_NOTE.search(record.note)
-        if match and not self.forced_device and match.group(1) in cat.DEVICE_TYPES:
+        # The proxy (a route that knows its device) and replay say the device type with a DEVICE event; a
+        # version-1 capture said it in a note, which the reader migrated to `record.device`.
+        device = record.note if record.event == EventKind.DEVICE else record.device
+        if device in cat.DEVICE_TYPES and not self.forced_device:
             ctx = self.context_for(record.connection)
-            self.contexts[record.connection] = replace(ctx, device_type=match.group(1))
+            self.contexts[record.connection] = replace(ctx, device_type=device)
 
     def observe(self, connection: int, message: Message, ctx: DecodeContext) -> None:
         """Follow what a message already decoded in `ctx` (the connection's current context) negotiates."""

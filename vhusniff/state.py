@@ -6,11 +6,10 @@ so the state needs no request/reply matching.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 from . import catalogue as cat
-from .model import Channel, Direction, FdInfo, Record, RecordKind
+from .model import Channel, Direction, EventKind, FdInfo, Record, RecordKind
 from .protocol import Message
 
 F = cat.FrontendRequest
@@ -35,19 +34,13 @@ def _hex_and_bits(value: int, names) -> str:
     return f"{value:#x} ({cat.bit_names(value, names)})"
 
 
-# How lifecycle event notes read (proxy and lab): first match wins.
-EVENT_PATTERNS = (
-    ("end", re.compile(r"clos|disconnect|hung up|hang-?up|EOF|reset by|ended|crash|died|killed|gone", re.I)),
-    ("connect", re.compile(r"connect|accept", re.I)),
-)
+# What an event record means to a connection's session, by its kind; any other kind is 'other'.
+_EVENT_ROLES = {EventKind.CONNECTED: "connect", EventKind.CLOSED: "end", EventKind.CHANNEL_CLOSED: "channel-end"}
 
 
-def classify_event(note: str, channel: Channel = Channel.MAIN) -> str:
+def classify_event(record: Record) -> str:
     """'connect', 'end', 'channel-end' (a side channel closed, the connection goes on) or 'other'."""
-    for kind, pattern in EVENT_PATTERNS:
-        if pattern.search(note):
-            return "channel-end" if kind == "end" and channel != Channel.MAIN else kind
-    return "other"
+    return _EVENT_ROLES.get(record.event, "other")
 
 
 @dataclass
@@ -196,7 +189,7 @@ class ConnectionState:
 
     def _event(self, number: int, record: Record) -> None:
         note = record.note
-        kind = classify_event(note, record.channel)
+        kind = classify_event(record)
         if kind == "channel-end":
             self._milestone((number, note))
             if record.channel == Channel.BACKEND:
