@@ -30,7 +30,7 @@ other request waits for its reply, whose reply is reported, not compared; a back
 the back-end, a main-channel reply at once, a back-end-channel request in its turn). What the role cannot
 send is reported, naming message and channel, and skipped; its fds are closed. The replayed session, hooks
 applied, is written with `-w` as a capture that `vhusniff diff` compares and that notes the recording's
-device type (`device=blk`), so that readers name the device's feature bits as they do in the recording.
+device type (a DEVICE event), so that readers name the device's feature bits as they do in the recording.
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from .. import catalogue as cat
 from ..engine import Session, Side
 from ..hooks import HookChain
-from ..model import Channel
+from ..model import Channel, EventKind
 from ..protocol import HEADER_SIZE, Message, decode
 from ..session import ContextTracker
 from .driver import CONNECTION, REPLY_TIMEOUT, Driver, Recorder, close_all, say
@@ -317,7 +317,7 @@ class ScriptedBackend:
 
     def channel_closed(self, channel: Channel) -> None:
         if channel == Channel.BACKEND:
-            self.recorder.event("back-end channel closed")
+            self.recorder.event("back-end channel closed", kind=EventKind.CHANNEL_CLOSED)
             self.requests.finish("the back-end channel closed")
 
     def ended(self, reason: str) -> None:
@@ -343,7 +343,9 @@ def serve_front_end(peer: socket.socket, exchanges: list[Exchange], unknown_poli
     driver = Driver(session, recorder, out, device)
     script = ScriptedBackend(driver, exchanges, list(backend_requests), unknown_policy, default_reply, recorder,
                              out, reply_timeout)
-    recorder.event(f"replay --as backend: front-end connected{', device=' + device if device else ''}")
+    recorder.event("replay --as backend: front-end connected", kind=EventKind.CONNECTED)
+    if device:
+        recorder.event(device, kind=EventKind.DEVICE)
     try:
         driver.attach(Channel.MAIN, peer)
         driver.run(script)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from .. import catalogue as cat
 from ..engine import Session, Side
 from ..hooks import HookChain
-from ..model import Channel
+from ..model import Channel, EventKind
 from ..protocol import HEADER_SIZE, Message, build_message
 from ..session import ContextTracker
 from .driver import CONNECTION, REPLY_TIMEOUT, Driver, Recorder, close_all, say
@@ -289,8 +289,10 @@ def replay_as_frontend(records: list, backend_path: str, connection: int | None 
     chain = HookChain(list(hooks), on_hook_error, report=lambda text: say(out, text))
     session = Session(CONNECTION, chain, ContextTracker(device), scripted=Side.FRONTEND)
     driver, fresh = Driver(session, recorder, out, device), FreshFds()
-    recorder.event(f"replay --as frontend: connection {connection} of the recording, back-end {backend_path}"
-                   f"{', device=' + device if device else ''}")
+    recorder.event(f"replay --as frontend: connection {connection} of the recording, back-end {backend_path}",
+                   kind=EventKind.CONNECTED)
+    if device:
+        recorder.event(device, kind=EventKind.DEVICE)
     started = time.monotonic()
     script = ScriptedFrontend(driver, exchanges, fresh, result, out, reply_timeout, device)
     try:

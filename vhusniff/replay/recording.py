@@ -148,7 +148,7 @@ def ring_positions(exchanges: list[Exchange]) -> dict[int, int]:
 
 def device_type(records: list[Record], connection: int) -> str | None:
     """The virtio device type of a recorded connection, as reading a capture finds it (the proxy's and lab's
-    `device=...` note, or what the messages imply)."""
+    DEVICE event (a version-1 capture's `device=...` note), or what the messages imply)."""
     tracker = ContextTracker()
     for record in records:
         if record.connection == connection:
