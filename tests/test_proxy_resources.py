@@ -21,7 +21,7 @@ from peers import FakeBackend, FakeFrontend, message, open_fds
 
 from vhusniff import proxy as proxy_module
 from vhusniff.analysis import Analyzer
-from vhusniff.model import Channel, Direction, Record, RecordKind
+from vhusniff.model import Channel, Direction, EventKind, Record, RecordKind
 from vhusniff.proxy import Proxy, Route
 from vhusniff.sockio import RECV_SIZE
 
@@ -243,14 +243,16 @@ def _session(connection, pairs, start_ns):
     reply = struct.pack("<III", GET_FEATURES, 0x5, 8) + struct.pack("<Q", 1 << 32)
     ns = start_ns
     yield Record(ns, connection, Channel.MAIN, Direction.FRONTEND_TO_BACKEND, b"", [], RecordKind.EVENT,
-                 "connected: front-end via p.sock, back-end at b.sock, device=blk")
+                 "connected: front-end via p.sock, back-end at b.sock", EventKind.CONNECTED)
+    yield Record(ns, connection, Channel.MAIN, Direction.FRONTEND_TO_BACKEND, b"", [], RecordKind.EVENT,
+                 "blk", EventKind.DEVICE)
     for _ in range(pairs):
         ns += 1000
         yield Record(ns, connection, Channel.MAIN, Direction.FRONTEND_TO_BACKEND, request)
         ns += 9000
         yield Record(ns, connection, Channel.MAIN, Direction.BACKEND_TO_FRONTEND, reply)
     yield Record(ns + 1, connection, Channel.MAIN, Direction.FRONTEND_TO_BACKEND, b"", [], RecordKind.EVENT,
-                 "front-end closed: connection closed after message #2")
+                 "front-end closed: connection closed after message #2", EventKind.CLOSED)
 
 
 def test_streaming_analyzer_memory_is_flat_over_a_long_session():
