@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vhusniff import catalogue as cat
-from vhusniff.engine import (HALF_CLOSE_GRACE_SECONDS, Capture, CloseChannel, CloseConnection, CloseFds, Inject,
+from vhusniff.engine import (HALF_CLOSE_GRACE_SECONDS, Capture, CloseChannel, CloseConnection, CloseFds, Fate, Inject,
                              Note, Send, Session, ShutWrite, Side, StopReading, Wake)
 from vhusniff.hooks import HookChain
 from vhusniff.model import Channel, Direction
@@ -88,12 +88,13 @@ def test_an_impossible_size_makes_the_rest_of_the_stream_pass_unframed_and_uncha
     bad = struct.pack("<III", 1, 1, MAX_PAYLOAD_SIZE + 1) + b"junk"
     out = session.received(MAIN, F, GET_FEATURES + bad, [5], 1)
     assert [c.data for c in of(out, Send)] == [GET_FEATURES, bad]
+    assert [c.unframed for c in of(out, Capture)] == [False, True]
     assert of(out, Send)[1].fds == [5]
     problem = of(out, Note)[0]
     assert problem.problem and "cannot be framed at message #2" in problem.text
     out = session.received(MAIN, F, b"more", [], 2)
     assert of(out, Send) == [Send(MAIN, B, b"more", [])]
-    assert of(out, Capture)[0].note.startswith("unframed")
+    assert of(out, Capture)[0].note.startswith("unframed") and of(out, Capture)[0].unframed
 
 
 def test_fds_with_bytes_where_no_message_begins_are_named_and_closed():
@@ -132,6 +133,7 @@ def test_half_close_is_passed_on_and_the_pair_closes_after_the_grace_period():
     # Toward the back-end, whose writing half was shut, nothing is sent: it is recorded as not delivered.
     out = session.received(MAIN, F, GET_FEATURES, [], 2)
     assert not of(out, Send) and of(out, Capture)[0].note == "not delivered: the back-end side is closed"
+    assert of(out, Capture)[0].fate is Fate.NOT_DELIVERED
     out = session.timer("half-close", 5 * SECOND)
     assert of(out, CloseConnection) and "kept it open 5 s" in of(out, CloseConnection)[0].reason
 
@@ -202,6 +204,7 @@ def test_hook_drop_records_and_closes_the_fds():
     out = session.received(MAIN, F, SET_VRING_KICK, [6], 1)
     assert of(out, Send) == [] and CloseFds([6]) in out
     assert of(out, Capture)[0].note == "dropped by hook (not forwarded)"
+    assert of(out, Capture)[0].fate is Fate.DROPPED
 
 
 def test_hook_edit_is_re_encoded_and_noted():

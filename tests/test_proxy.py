@@ -251,6 +251,10 @@ def test_bad_input_is_reported_forwarded_and_isolated(fake_pair, tmp_path, fault
     recorded = b"".join(r.data for r in messages(read_capture(tmp_path / "faults.pcapng"))
                         if r.connection == 1 and r.direction == Direction.FRONTEND_TO_BACKEND)
     assert recorded == message(GET_FEATURES) + sent, "the capture keeps the exact bytes"
+    # The capture says, as a flag, which bytes are not a well-framed message.
+    unframed = [r.unframed for r in messages(read_capture(tmp_path / "faults.pcapng")) if r.connection == 1
+                and r.direction == Direction.FRONTEND_TO_BACKEND]
+    assert unframed == [False, fault != "fd-flood"]
     if fault == "fd-flood":
         assert [len(r.fds) for r in messages(proxy.records) if r.connection == 1] == [0, 0, 200]
         # The fake back-end reads in its own thread; nothing answers SET_OWNER, so wait for it to have read.

@@ -712,7 +712,7 @@ class Proxy:
             if kind is Capture:
                 self._emit(Record(command.timestamp_ns, conn.number, command.channel, command.direction,
                                   command.data, [describe_fd(fd) for fd in command.fds] if command.fds else [],
-                                  RecordKind.MESSAGE, command.note))
+                                  RecordKind.MESSAGE, command.note, unframed=command.unframed))
             elif kind is Send:
                 self._send_command(conn, command)
             elif kind is Note:

@@ -1,6 +1,6 @@
 """The engine: one sans-io session core (core.Session) that every driver runs on."""
-from .core import (HALF_CLOSE_GRACE_SECONDS, Capture, CloseChannel, CloseConnection, CloseFds, Command, Inject, Note,
-                   Send, Session, ShutWrite, Side, StopReading, Wake)
+from .core import (HALF_CLOSE_GRACE_SECONDS, Capture, CloseChannel, CloseConnection, CloseFds, Command, Fate, Inject,
+                   Note, Send, Session, ShutWrite, Side, StopReading, Wake)
 
-__all__ = ["HALF_CLOSE_GRACE_SECONDS", "Capture", "CloseChannel", "CloseConnection", "CloseFds", "Command", "Inject",
+__all__ = ["HALF_CLOSE_GRACE_SECONDS", "Capture", "CloseChannel", "CloseConnection", "CloseFds", "Command", "Fate", "Inject",
            "Note", "Send", "Session", "ShutWrite", "Side", "StopReading", "Wake"]

@@ -48,6 +48,13 @@ class Side(enum.IntEnum):
 
 # ---- commands: what a driver must do, in order ----
 
+class Fate(enum.Enum):
+    """What became of a captured message, as data (its note says it to a person)."""
+    FORWARDED = "forwarded"
+    DROPPED = "dropped"                  # a hook dropped it
+    NOT_FORWARDED = "not forwarded"      # a hook disconnected instead of forwarding it
+    NOT_DELIVERED = "not delivered"      # the side it was for had closed
+
 class Capture(NamedTuple):
     """Record a message as it travelled (fds described by the driver, before they are sent or closed)."""
     timestamp_ns: int
@@ -56,6 +63,8 @@ class Capture(NamedTuple):
     data: bytes
     fds: list
     note: str
+    unframed: bool = False           # not one well-framed message: the rest of a stream that cannot be framed
+    fate: Fate = Fate.FORWARDED
 
 
 class Note(NamedTuple):
@@ -205,7 +214,7 @@ class Session:
         stream = self._streams[(channel, side)]
         if stream.unframed:
             self._forward(channel, side, data, list(fds), now_ns, "unframed: continuation of an unframeable stream",
-                          out)
+                          out, unframed=True)
             return out
         try:
             frames = stream.framer.feed(data, fds)
@@ -333,7 +342,7 @@ class Session:
     # ---- forwarding ----
 
     def _forward(self, channel: Channel, side: Side, data: bytes, fds: list, now_ns: int, note: str,
-                 out: list) -> None:
+                 out: list, unframed: bool = False) -> None:
         """Record, then send to the other side; a message toward a closed side is recorded as not delivered."""
         to = side.other
         interpose = None
@@ -348,7 +357,8 @@ class Session:
         deliverable = channel in self.channels and (channel, to) not in self._write_shut
         if not deliverable:
             note = (note + "; " if note else "") + f"not delivered: the {to.label} side is closed"
-        out.append(Capture(now_ns, channel, side.direction, data, fds, note))
+        out.append(Capture(now_ns, channel, side.direction, data, fds, note, unframed,
+                           Fate.FORWARDED if deliverable else Fate.NOT_DELIVERED))
         if deliverable:
             out.append(Send(channel, to, data, fds, interpose))
         elif fds:
@@ -372,7 +382,8 @@ class Session:
                                          f"offset {error.offset}): {error.reason}; forwarding the rest unchanged, "
                                          f"unframed", True, kind=EventKind.PROTOCOL_ERROR))
         stream.unframed = True
-        self._forward(channel, side, rest, rest_fds + chunk_fds, now_ns, f"unframed: {error.reason}", out)
+        self._forward(channel, side, rest, rest_fds + chunk_fds, now_ns, f"unframed: {error.reason}", out,
+                      unframed=True)
 
     # ---- hooks: the one place a verdict is interpreted ----
 
@@ -389,7 +400,7 @@ class Session:
         """Carry out what the hooks decided for one message (`received_fds` are the fds it came with)."""
         if flow.disconnect_reason and not flow.disconnect_after_forward:
             out.append(Capture(now_ns, channel, side.direction, flow.original, received_fds,
-                               f"not forwarded: {flow.disconnect_reason}"))
+                               f"not forwarded: {flow.disconnect_reason}", fate=Fate.NOT_FORWARDED))
             if received_fds:
                 out.append(CloseFds(list(received_fds)))
             self.close(f"hook disconnected at message #{self.messages}: {flow.disconnect_reason}", now_ns, out)
@@ -397,7 +408,7 @@ class Session:
         delay = flow.delay_seconds
         if flow.dropped:
             out.append(Capture(now_ns, channel, side.direction, flow.original, received_fds,
-                               "dropped by hook (not forwarded)"))
+                               "dropped by hook (not forwarded)", fate=Fate.DROPPED))
             if received_fds:
                 out.append(CloseFds(list(received_fds)))
         else:
@@ -502,7 +513,7 @@ class Session:
         if rest:
             text = f"incomplete message #{self.messages + 1} ({len(rest)} bytes) when the {side.label} closed"
             out.append(Note(now_ns, channel, f"{side.label} closed mid-message: {text}; forwarded unframed", True, kind=EventKind.PROTOCOL_ERROR))
-            self._forward(channel, side, rest, rest_fds, now_ns, f"unframed: {text}", out)
+            self._forward(channel, side, rest, rest_fds, now_ns, f"unframed: {text}", out, unframed=True)
             if self.closed:
                 return
         elif rest_fds:

@@ -24,6 +24,7 @@ from ..engine import (
     CloseChannel,
     CloseConnection,
     CloseFds,
+    Fate,
     Inject,
     Note,
     Send,
@@ -62,10 +63,10 @@ class Recorder:
         self.writer, self.out = writer, out
 
     def message(self, channel: Channel, direction: Direction, data: bytes, fds=(), note: str = "",
-                timestamp: int | None = None) -> None:
+                timestamp: int | None = None, unframed: bool = False) -> None:
         if self.writer is not None:
             self.writer.write(Record(timestamp or time.time_ns(), CONNECTION, channel, direction, data, list(fds),
-                                     note=note))
+                                     note=note, unframed=unframed))
 
     def event(self, text: str, timestamp: int | None = None, kind: EventKind = EventKind.NOTE) -> None:
         if self.writer is not None:
@@ -247,14 +248,14 @@ class Driver:
         context = self.context()
         message = decode(capture.data, capture.channel, context)
         self.recorder.message(capture.channel, capture.direction, capture.data, infos, capture.note,
-                              capture.timestamp_ns)
+                              capture.timestamp_ns, capture.unframed)
         self._last = (message, context, infos)
-        if capture.note.startswith("dropped by hook"):
+        if capture.fate is Fate.DROPPED:
             side = Side(int(capture.direction))
             self.recorder.report(f"hook dropped {side.label} {'reply' if message.is_reply else 'request'} "
                                  f"{message.summary()}", kind=EventKind.HOOK)
             self._later.append(lambda: self.script.dropped(capture.channel, side, message))
-        elif not capture.note.startswith("not "):
+        elif capture.fate is Fate.FORWARDED:
             self.tracker.observe(CONNECTION, message, context)
 
     def _send(self, send: Send) -> None:
