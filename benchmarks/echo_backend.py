@@ -26,10 +26,10 @@ def serve(path: str) -> None:
     server.setblocking(False)
     poller = select.epoll()
     poller.register(server.fileno(), select.EPOLLIN)
-    clients: dict[int, tuple[socket.socket, bytearray]] = {}
+    clients: dict[int, tuple[socket.socket, bytearray, bytearray]] = {}   # socket, unread, unsent
     print("ready", flush=True)
     while True:
-        for fd, _mask in poller.poll():
+        for fd, mask in poller.poll():
             if fd == server.fileno():
                 while True:
                     try:
@@ -37,10 +37,14 @@ def serve(path: str) -> None:
                     except BlockingIOError:
                         break
                     client.setblocking(False)
-                    clients[client.fileno()] = (client, bytearray())
+                    clients[client.fileno()] = (client, bytearray(), bytearray())
                     poller.register(client.fileno(), select.EPOLLIN)
                 continue
-            client, pending = clients[fd]
+            client, pending, unsent = clients[fd]
+            if mask & select.EPOLLOUT:
+                _flush(poller, client, unsent)
+                if not mask & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+                    continue
             try:
                 data, ancillary, _flags, _ = client.recvmsg(65536, socket.CMSG_SPACE(64 * 4))
             except BlockingIOError:
@@ -57,19 +61,28 @@ def serve(path: str) -> None:
                 del clients[fd]
                 continue
             pending += data
-            replies = []
             while len(pending) >= 12:
                 request, _flags, size = HEADER.unpack_from(pending)
                 if len(pending) < 12 + size:
                     break
                 del pending[:12 + size]
-                replies.append(HEADER.pack(request, 5, 8) + struct.pack("<Q", 42))
-            if replies:
-                try:
-                    client.sendall(b"".join(replies))
-                except OSError:
-                    pass
+                unsent += HEADER.pack(request, 5, 8) + struct.pack("<Q", 42)
+            _flush(poller, client, unsent)
 
+
+def _flush(poller, client: socket.socket, unsent: bytearray) -> None:
+    """Send what the kernel takes; keep the rest (never drop a reply) and wait until it can take more."""
+    try:
+        while unsent:
+            del unsent[:client.send(unsent)]
+    except BlockingIOError:
+        pass
+    except OSError:
+        unsent.clear()
+    try:
+        poller.modify(client.fileno(), select.EPOLLIN | (select.EPOLLOUT if unsent else 0))
+    except OSError:
+        pass
 
 if __name__ == "__main__":
     serve(sys.argv[1])

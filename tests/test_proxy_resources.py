@@ -309,6 +309,41 @@ def test_live_display_forgets_ended_connections(tmp_path):
     assert analyzer.connections.keys() <= {0} and analyzer.transactions == []
 
 
+def test_live_display_backlog_stays_bounded_under_endless_traffic(tmp_path, monkeypatch):
+    """Traffic that never lets the loop go idle: the display catches up as it goes instead of queueing every
+    record (which grew the proxy by ~0.4 KiB a message)."""
+    monkeypatch.setattr(proxy_module, "DISPLAY_BACKLOG_KEPT", 64)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    backend = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "echo_backend.py"),
+                                str(tmp_path / "echo.sock")], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert backend.stdout.readline().strip() == "ready"
+        longest = [0]
+        proxy = None
+
+        def show(_line):
+            longest[0] = max(longest[0], len(proxy._display_backlog))
+        proxy = Proxy([Route.forward(tmp_path / "p.sock", tmp_path / "echo.sock")], display=show,
+                      keep_records=False, report=None).start()
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(str(tmp_path / "p.sock"))
+        requests = 5000
+        request = message(GET_QUEUE_NUM)
+        sender = threading.Thread(target=client.sendall, args=(request * requests,))
+        sender.start()
+        expected, got = requests * 20, 0
+        while got < expected:
+            got += len(client.recv(RECV_SIZE))
+        sender.join()
+        client.close()
+        assert proxy.wait_until(lambda p: p.active_connections == 0)
+        proxy.stop()
+    finally:
+        backend.kill()
+        backend.wait()
+    assert 0 < longest[0] <= 64, longest[0]
+
+
 # ---------------------------------------------------------------- file descriptors
 
 def _limit(soft, hard):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import struct
+from typing import Any
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -305,7 +306,9 @@ class Message:
         self.flags = flags
         self.size = size
         self.kind = kind             # payload kind name, or None when the payload is kept raw
-        self.payload = payload       # construct Container of the kind, or None
+        # The construct Container of `kind`, or None when `kind` is None: readers test `kind` first, so the
+        # attribute is typed as the Container's dynamic fields (Any) rather than an Optional to unwrap.
+        self.payload: Any = payload
         self.problems = problems
         self.context = context
 

@@ -67,6 +67,8 @@ FD_RETRY_SECONDS = 0.5
 FD_HEADROOM = 4
 # Kept when a stream closes, for `stream_totals`; a long-running proxy forgets the oldest.
 STREAM_TOTALS_KEPT = 4096
+# Records waiting for the live display while traffic keeps the loop busy; past this they are shown at once.
+DISPLAY_BACKLOG_KEPT = 1024
 # Findings kept in `problems`; the oldest go first.
 PROBLEMS_KEPT = 10000
 _FDS_EXHAUSTED = (errno.EMFILE, errno.ENFILE)
@@ -359,7 +361,8 @@ class Proxy:
                 if self._timers:
                     self._run_due_timers()
                 if not events and self._display_backlog:
-                    self._show_backlog(8)
+                    # A line at a time while the loop is idle: a message arriving meanwhile waits for one line.
+                    self._show_backlog(1)
         finally:
             self._shutdown()
 
@@ -1166,6 +1169,9 @@ class Proxy:
             self.records.append(record)
         if self._display is not None:
             self._display_backlog.append(record)
+            if len(self._display_backlog) > DISPLAY_BACKLOG_KEPT:
+                # Traffic that never lets the loop idle: show as it goes, so the backlog (memory) stays bounded.
+                self._show_backlog(1)
         if self.on_record is not None:
             self.on_record(record)
         if self._waiters:
