@@ -21,4 +21,4 @@ if [ "$missing" -eq 1 ]; then
   apt-get install -y --no-install-recommends "${PACKAGES[@]}"
 fi
 
-"${PYTHON:-python3}" -m vhusniff.lab prepare
+"${PYTHON:-python3}" -m vhusniff.lab.peers prepare

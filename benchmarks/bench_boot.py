@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vhusniff import lab  # noqa: E402
-from vhusniff.labcmd import run_lab  # noqa: E402
+from vhusniff.lab.command import run_lab  # noqa: E402
 
 
 def boot_direct(workdir: Path) -> float:

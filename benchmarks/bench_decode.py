@@ -16,8 +16,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from message_mix import capture_mix  # noqa: E402
-from vhusniff.framing import Framer  # noqa: E402
-from vhusniff.protocol import PAYLOADS, decode  # noqa: E402
+from vhusniff.protocol.framing import Framer  # noqa: E402
+from vhusniff.protocol.grammar import PAYLOADS, decode  # noqa: E402
 
 
 def _struct_format(kind):

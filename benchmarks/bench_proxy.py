@@ -21,11 +21,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from vhusniff.sockio import receive_chunk, send_message  # noqa: E402
+from vhusniff.engine.sockio import receive_chunk, send_message  # noqa: E402
 
 ECHO_BACKEND = r"""
 import os, socket, struct, sys
-from vhusniff.sockio import receive_chunk, send_message
+from vhusniff.engine.sockio import receive_chunk, send_message
 server = socket.socket(socket.AF_UNIX); server.bind(sys.argv[1]); server.listen(8)
 print("ready", flush=True)
 while True:
@@ -78,7 +78,7 @@ def main() -> int:
         backend = subprocess.Popen(pin + [sys.executable, "-c", ECHO_BACKEND, backend_path], env=env,
                                    stdout=subprocess.PIPE, text=True)
         backend.stdout.readline()
-        command = pin + [sys.executable, "-m", "vhusniff.cli", "proxy", "-q", "--listen", proxy_path,
+        command = pin + [sys.executable, "-m", "vhusniff.cli.main", "proxy", "-q", "--listen", proxy_path,
                          "--backend", backend_path]
         if not args.no_capture:
             command += ["-w", f"{scratch}/bench.pcapng"]

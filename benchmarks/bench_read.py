@@ -6,7 +6,7 @@ Builds captures of the realistic message mix (benchmarks/message_mix.py: a shipp
 cycled over four connections, with timestamps 1 µs apart. Each measurement runs in its own process (pinned to one
 core) so that its peak RSS is its own. Measures:
   - floor: struct only: EPB headers, pseudo-header and vhost-user header unpacked, nothing formatted;
-  - read:  `vhusniff read FILE > /dev/null`'s summary path (vhusniff.reading.fast_summary), lines formatted and
+  - read:  `vhusniff read FILE > /dev/null`'s summary path (vhusniff.views.fast.fast_summary), lines formatted and
            written. Distinct records are decoded by the full grammar once and their line cached; the hit rate is
            printed, because a capture of all-distinct messages would decode every one (see --distinct).
 Target (issue): read >= 200,000 messages/s, peak memory flat from the small to the large capture.
@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 def build_capture(path: str, messages: int, distinct: bool) -> str:
     from message_mix import capture_mix
-    from vhusniff.capture import CaptureWriter
+    from vhusniff.capture.pcapng import CaptureWriter
     from vhusniff.model import Direction, Record
     source, mix = capture_mix()
     with CaptureWriter(path) as writer:
@@ -69,8 +69,8 @@ def measure_floor(path: str) -> int:
 
 
 def measure_read(path: str) -> int:
-    from vhusniff.reading import fast_summary
-    from vhusniff.session import ContextTracker
+    from vhusniff.views.fast import fast_summary
+    from vhusniff.protocol.context import ContextTracker
     with open(os.devnull, "w") as out:
         return fast_summary(path, ContextTracker(), out)
 

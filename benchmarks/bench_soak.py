@@ -86,7 +86,7 @@ def main() -> int:
                                           backend_path], env=env, stdout=subprocess.PIPE, text=True)
         backend.stdout.readline()
         proxy = subprocess.Popen(
-            pin + [sys.executable, "-m", "vhusniff.cli", "proxy", "--color", "never", "--listen", proxy_path,
+            pin + [sys.executable, "-m", "vhusniff.cli.main", "proxy", "--color", "never", "--listen", proxy_path,
                    "--backend", backend_path], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             text=True,
             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (proxy_soft, hard)))

@@ -6,7 +6,7 @@ import os
 import struct
 
 from vhusniff.model import Channel
-from vhusniff.protocol import build_message
+from vhusniff.protocol.grammar import build_message
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,7 +47,7 @@ def qemu_boot_mix() -> list[tuple[Channel, bytes]]:
 def capture_mix() -> tuple[str, list[tuple[Channel, bytes]]]:
     """(where it came from, [(channel, bytes)]) from the first shipped capture, or the rebuilt boot mix."""
     try:
-        from vhusniff.capture import read_capture
+        from vhusniff.capture.pcapng import read_capture
         from vhusniff.model import RecordKind
     except ImportError:
         return "rebuilt QEMU 7.2 boot mix", qemu_boot_mix()

@@ -4,7 +4,7 @@ from __future__ import annotations
 from construct import Array, Bytes, BytesInteger, FormatField, GreedyBytes, Renamed, Struct
 from hypothesis import strategies as st
 
-from vhusniff.protocol import PAYLOADS
+from vhusniff.protocol.grammar import PAYLOADS
 
 _INT_BITS = {"<B": 8, "B": 8, "<H": 16, "<L": 32, "<Q": 64}
 

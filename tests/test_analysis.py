@@ -9,11 +9,11 @@ import sys
 
 import pytest
 
-from vhusniff import catalogue as cat
-from vhusniff.analysis import Analyzer, Expect, classify_event, direction_for, end_summary, expectation
+from vhusniff.protocol import catalogue as cat
+from vhusniff.analysis.analyzer import Analyzer, Expect, classify_event, direction_for, end_summary, expectation
 from vhusniff.model import Channel, EventKind, FdInfo, Record, RecordKind
-from vhusniff.protocol import build_message
-from vhusniff.state import NOFD
+from vhusniff.protocol.grammar import build_message
+from vhusniff.analysis.state import NOFD
 
 F = cat.FrontendRequest
 B = cat.BackendRequest
@@ -303,14 +303,14 @@ def test_event_classification_follows_the_kind_not_the_words():
 
 # --- the command-line views, on a capture file ------------------------------------------------------------------
 def _capture(tmp_path, script: Script) -> str:
-    from vhusniff.capture import write_capture
+    from vhusniff.capture.pcapng import write_capture
     path = str(tmp_path / "session.pcapng")
     write_capture(path, script.records)
     return path
 
 
 def test_stats_lists_every_request_with_response_times(tmp_path, capsys):
-    from vhusniff.analysis_cli import main_stats
+    from vhusniff.cli.analysis import main_stats
     assert main_stats([_capture(tmp_path, qemu_blk_boot())]) == 0
     out = capsys.readouterr().out
     counts, times = out.split("Service response time")
@@ -325,7 +325,7 @@ def test_stats_lists_every_request_with_response_times(tmp_path, capsys):
 
 
 def test_report_and_expert_on_a_broken_session(tmp_path, capsys):
-    from vhusniff.analysis_cli import main_expert, main_report
+    from vhusniff.cli.analysis import main_expert, main_report
     s = qemu_blk_boot(end=False)
     s.start_ring()
     s.request(F.GET_VRING_BASE, {"index": 0, "num": 0})
@@ -341,7 +341,7 @@ def test_report_and_expert_on_a_broken_session(tmp_path, capsys):
 
 
 def test_state_at_a_message_number(tmp_path, capsys):
-    from vhusniff.analysis_cli import main_state
+    from vhusniff.cli.analysis import main_state
     path = _capture(tmp_path, qemu_blk_boot())
     assert main_state([path, "--at", "5"]) == 0
     early = capsys.readouterr().out
@@ -352,7 +352,7 @@ def test_state_at_a_message_number(tmp_path, capsys):
 
 def test_timeline_svg_has_one_mark_per_message(tmp_path, capsys):
     import xml.etree.ElementTree as ET
-    from vhusniff.analysis_cli import main_timeline
+    from vhusniff.cli.analysis import main_timeline
     s = qemu_blk_boot()
     output = tmp_path / "t.svg"
     assert main_timeline([_capture(tmp_path, s), "-o", str(output)]) == 0
@@ -367,7 +367,7 @@ def test_timeline_svg_has_one_mark_per_message(tmp_path, capsys):
 
 
 def test_read_expert_puts_findings_under_their_messages(tmp_path, capsys):
-    from vhusniff.cli import main
+    from vhusniff.cli.main import main
     s = qemu_blk_boot(end=False)
     s.start_ring()
     waited = s.request(F.GET_VRING_BASE, {"index": 0, "num": 0})
@@ -397,8 +397,8 @@ def late_findings() -> list[Record]:
 def _read_expert_as_two_passes_did(path: str, options: list[str], capsys) -> str:
     """What `read --expert` printed when it analysed the whole capture first and then read it again to print:
     the plain lines, each followed by the findings attached to it, then the list of every finding."""
-    from vhusniff.analysis_cli import load
-    from vhusniff.cli import main
+    from vhusniff.cli.analysis import load
+    from vhusniff.cli.main import main
     analyzer = load(path).analyzer
     by_number = analyzer.findings_by_number()
     main(["read", path, "--color", "never", *options])
@@ -414,8 +414,8 @@ def _read_expert_as_two_passes_did(path: str, options: list[str], capsys) -> str
 @pytest.mark.parametrize("capture", ["late-findings", "qemu-testpmd-crash.pcapng", "dpdk-virtio-user.pcapng"])
 @pytest.mark.parametrize("options", [[], ["--follow", "2"], ["-c", "12"], ["-Y", "request == SET_VRING_ENABLE"]])
 def test_read_expert_in_one_pass_prints_what_two_passes_did(tmp_path, capsys, capture, options):
-    from vhusniff.capture import write_capture
-    from vhusniff.cli import main
+    from vhusniff.capture.pcapng import write_capture
+    from vhusniff.cli.main import main
     if capture == "late-findings":
         path = str(tmp_path / "late.pcapng")
         write_capture(path, late_findings())
@@ -437,7 +437,7 @@ def test_read_expert_opens_the_capture_once(tmp_path):
         "import sys",
         "opened = []",
         "sys.addaudithook(lambda event, args: event == 'open' and opened.append(args[0]))",
-        "from vhusniff.cli import main",
+        "from vhusniff.cli.main import main",
         "main(['read', sys.argv[1], '--expert'])",
         "sys.stderr.write(repr(opened.count(sys.argv[1])))"])
     result = subprocess.run([sys.executable, "-c", script, path], capture_output=True, text=True, timeout=60,
@@ -447,7 +447,7 @@ def test_read_expert_opens_the_capture_once(tmp_path):
 
 def test_one_reply_rule_for_analysis_and_replay():
     """analysis.expectation states the reply rules; replay's reply_required is true exactly for REPLY and ACK."""
-    from vhusniff.protocol import DecodeContext, decode
+    from vhusniff.protocol.grammar import DecodeContext, decode
     from vhusniff.replay import reply_required
     reply_ack, log_shmfd = 1 << 3, 1 << 1
     unknown_asking = decode(struct.pack("<III", 99, 0x1 | cat.FLAG_NEED_REPLY, 0))
@@ -479,7 +479,7 @@ def _real(name: str) -> str:
 
 
 def test_real_qemu_blk_boot_gives_no_findings_and_full_stats():
-    from vhusniff.analysis_cli import load, stats_lines
+    from vhusniff.cli.analysis import load, stats_lines
     loaded = load(_real("qemu-blk-boot.pcapng"), keep=True)
     assert loaded.error == "" and [f.line() for f in loaded.analyzer.findings] == []
     state = loaded.analyzer.state(1)
@@ -492,7 +492,7 @@ def test_real_qemu_blk_boot_gives_no_findings_and_full_stats():
 
 
 def test_real_testpmd_crash_is_a_disconnect_naming_the_last_request():
-    from vhusniff.analysis_cli import load
+    from vhusniff.cli.analysis import load
     loaded = load(_real("qemu-testpmd-crash.pcapng"))
     connection = min(loaded.analyzer.connections)
     summary = end_summary(loaded.analyzer, connection)
@@ -502,9 +502,9 @@ def test_real_testpmd_crash_is_a_disconnect_naming_the_last_request():
 
 
 def test_device_state_stream_chunks_are_opaque_data_not_requests():
-    from vhusniff.analysis import Analyzer, end_summary
+    from vhusniff.analysis.analyzer import Analyzer, end_summary
     from vhusniff.model import Channel, Direction, Record, RecordKind
-    from vhusniff.protocol import build_message
+    from vhusniff.protocol.grammar import build_message
     analyzer = Analyzer()
     records = [Record(1, 1, kind=RecordKind.EVENT, note="connected", event=EventKind.CONNECTED),
                Record(2, 1, Channel.MAIN, Direction.FRONTEND_TO_BACKEND, build_message(Channel.MAIN, 1)),

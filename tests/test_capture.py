@@ -8,10 +8,10 @@ import sys
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from vhusniff import capture
-from vhusniff.capture import CaptureError, CaptureWriter, read_capture, write_capture
+from vhusniff.capture import pcapng as capture
+from vhusniff.capture.pcapng import CaptureError, CaptureWriter, read_capture, write_capture
 from vhusniff.model import Channel, Direction, FdInfo, Record, RecordKind
-from vhusniff.protocol import build_message
+from vhusniff.protocol.grammar import build_message
 
 fd_infos = st.builds(FdInfo, kind=st.sampled_from(capture.FD_KINDS), inode=st.integers(0, 2**64 - 1),
                      size=st.integers(-1, 2**40), name=st.text(max_size=40).filter(lambda s: len(s.encode()) < 256),
@@ -143,7 +143,7 @@ def test_kill_9_of_a_flushing_writer_leaves_every_written_record(tmp_path):
     path = tmp_path / "live.pcapng"
     script = (
         "import sys, time\n"
-        "from vhusniff.capture import CaptureWriter\n"
+        "from vhusniff.capture.pcapng import CaptureWriter\n"
         "from vhusniff.model import Record\n"
         "writer = CaptureWriter(sys.argv[1], flush_each=True)\n"
         "for n in range(40):\n"
@@ -265,7 +265,7 @@ def test_version_1_events_read_with_the_kind_their_note_meant():
 
 
 def test_migrate_v1_event_is_the_one_reading_of_words():
-    from vhusniff.compat import migrate_v1_event
+    from vhusniff.capture.compat import migrate_v1_event
     from vhusniff.model import EventKind as K
     assert migrate_v1_event("front-end closed the backend channel", Channel.BACKEND) == (K.CHANNEL_CLOSED, "")
     assert migrate_v1_event("Connection reset by peer") == (K.CLOSED, "")

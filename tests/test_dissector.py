@@ -14,15 +14,15 @@ import sys
 import pytest
 from peers import kit  # noqa: F401  (the real-QEMU guest kit fixture)
 
-from vhusniff import catalogue as cat
-from vhusniff.analysis import Analyzer
-from vhusniff.capture import CaptureWriter, read_capture, write_capture
-from vhusniff.expert import CHECKS, PROBLEM_CHECKS
-from vhusniff.filters import RECORD_FIELDS, grammar_fields, walk_layout
-from vhusniff.lua import DISSECTOR_PATH, render
+from vhusniff.protocol import catalogue as cat
+from vhusniff.analysis.analyzer import Analyzer
+from vhusniff.capture.pcapng import CaptureWriter, read_capture, write_capture
+from vhusniff.analysis.expert import CHECKS, PROBLEM_CHECKS
+from vhusniff.views.filters import RECORD_FIELDS, grammar_fields, walk_layout
+from vhusniff.views.lua import DISSECTOR_PATH, render
 from vhusniff.model import Channel, Direction, EventKind, FdInfo, Record, RecordKind
-from vhusniff.protocol import PAYLOADS, build_message, iter_fields, payload_candidates, DecodeContext
-from vhusniff.session import ContextTracker
+from vhusniff.protocol.grammar import PAYLOADS, build_message, iter_fields, payload_candidates, DecodeContext
+from vhusniff.protocol.context import ContextTracker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TSHARK = shutil.which("tshark")
@@ -35,7 +35,7 @@ COMPARED_RECORD_FIELDS = ("name", "kind", "problem", "connection", "channel", "d
 
 def test_checked_in_dissector_is_the_generator_output():
     with open(DISSECTOR_PATH) as checked_in:
-        assert checked_in.read() == render(), "stale: run `python3 -m vhusniff.lua > dissectors/vhost_user.lua`"
+        assert checked_in.read() == render(), "stale: run `python3 -m vhusniff.views.lua > dissectors/vhost_user.lua`"
 
 
 def test_every_grammar_field_is_a_lua_field():
@@ -297,7 +297,7 @@ def test_tshark_agrees_with_vhusniff_on_shipped_captures(path):
 
 @needs_tshark
 def test_unknown_pseudo_header_version_is_an_expert_item_not_a_crash(tmp_path):
-    from vhusniff.capture import enhanced_packet_block, file_header
+    from vhusniff.capture.pcapng import enhanced_packet_block, file_header
     block = bytearray(enhanced_packet_block(Record(1, 1, data=build_message(Channel.MAIN, 1))))
     block[28 + 4] = 7                 # pseudo-header version 7 (EPB body starts at 8, packet data at 28)
     path = tmp_path / "v7.pcapng"
@@ -309,7 +309,7 @@ def test_unknown_pseudo_header_version_is_an_expert_item_not_a_crash(tmp_path):
 @needs_tshark
 def test_tshark_agrees_with_vhusniff_on_a_freshly_recorded_qemu_boot(tmp_path, kit):
     from peers import require
-    from vhusniff.labcmd import record_boot
+    from vhusniff.lab.command import record_boot
     require("qemu-storage-daemon")
     _result, capture = record_boot(tmp_path, "blk")
     assert compare_capture(str(capture)) >= 40          # QEMU 7.2 + qemu-storage-daemon: 44 messages or more
@@ -320,7 +320,7 @@ def test_tshark_agrees_with_vhusniff_on_a_freshly_recorded_qemu_boot(tmp_path, k
 def test_an_fd_name_length_past_the_packet_is_an_expert_item_not_a_lua_error(tmp_path, name_length):
     """The name length of an fd description runs past the pseudo-header (4) and past the packet (60, 252):
     tshark shows the frame with the problem as expert info, as vhusniff names it, and no Lua error."""
-    from vhusniff.capture import PSEUDO_HEADER, enhanced_packet_block, file_header
+    from vhusniff.capture.pcapng import PSEUDO_HEADER, enhanced_packet_block, file_header
     record = Record(1, 1, data=build_message(Channel.MAIN, 3), fds=[FdInfo("memfd", 7, 4096, "mem", 0)])
     block = bytearray(enhanced_packet_block(record))
     name_length_at = 28 + PSEUDO_HEADER.size + 1           # packet data starts at byte 28 of the EPB
@@ -352,7 +352,7 @@ def _names(text: str | None) -> tuple[str, ...]:
 
 def read_feature_names(path: str) -> dict[int, list[tuple[str, int, tuple[str, ...]]]]:
     """Frame number -> (field, value, bit names in bit order) for each bit-set field `vhusniff read` prints."""
-    result = subprocess.run([sys.executable, "-m", "vhusniff.cli", "read", path], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "vhusniff.cli.main", "read", path], capture_output=True, text=True,
                             cwd=ROOT, timeout=60)
     assert result.returncode == 0, result.stderr
     frames = {}

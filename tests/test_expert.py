@@ -5,11 +5,11 @@ import struct
 
 import pytest
 
-from vhusniff import catalogue as cat
-from vhusniff.analysis import Analyzer
-from vhusniff.expert import CHECKS, Severity
+from vhusniff.protocol import catalogue as cat
+from vhusniff.analysis.analyzer import Analyzer
+from vhusniff.analysis.expert import CHECKS, Severity
 from vhusniff.model import Channel, EventKind
-from vhusniff.protocol import HEADER_STRUCT
+from vhusniff.protocol.grammar import HEADER_STRUCT
 
 from test_analysis import (
     BLK_ACKED, MiB, QEMU_PROTOCOL, UADDR, F, B, Script, eventfd, memfd, opened, qemu_blk_boot, running,

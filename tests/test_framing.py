@@ -6,8 +6,8 @@ import struct
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from vhusniff.framing import Frame, Framer, FramingError, StrayFds
-from vhusniff.protocol import build_message
+from vhusniff.protocol.framing import Frame, Framer, FramingError, StrayFds
+from vhusniff.protocol.grammar import build_message
 from vhusniff.model import Channel
 
 MESSAGES = [

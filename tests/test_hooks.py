@@ -5,15 +5,15 @@ import struct
 
 import pytest
 
-from vhusniff import catalogue as cat
-from vhusniff.capture import read_capture
-from vhusniff.hooks import (
+from vhusniff.protocol import catalogue as cat
+from vhusniff.capture.pcapng import read_capture
+from vhusniff.engine.hooks import (
     DisconnectAt, DropRequest, Flow, HookChain, HookError, MaskFeatures, MaskProtocolFeatures, CapReply,
     load_hook_file,
 )
 from vhusniff.model import Channel, Direction
-from vhusniff.protocol import DEFAULT_CONTEXT, DecodeContext, build_message, decode
-from vhusniff.session import ContextTracker
+from vhusniff.protocol.grammar import DEFAULT_CONTEXT, DecodeContext, build_message, decode
+from vhusniff.protocol.context import ContextTracker
 
 from peers import require
 
@@ -96,7 +96,7 @@ def test_hook_file_loading(tmp_path):
 def test_hook_arguments_build_the_built_in_rewrites(tmp_path):
     import argparse
 
-    from vhusniff.hooks import add_hook_arguments, hooks_from_arguments
+    from vhusniff.engine.hooks import add_hook_arguments, hooks_from_arguments
     script = tmp_path / "mine.py"
     script.write_text("def message(flow):\n    pass\n")
     parser = argparse.ArgumentParser()
@@ -164,7 +164,7 @@ def test_mask_features_flush_on_a_real_qemu_storage_daemon_session(tmp_path):
     """--mask-features FLUSH through the proxy between real QEMU and qemu-storage-daemon: the daemon offers bit 9,
     the hook takes it out of the reply as blk's FLUSH, and QEMU then does not negotiate it."""
     require("qemu-storage-daemon")
-    from vhusniff.labcmd import record_boot
+    from vhusniff.lab.command import record_boot
     result, capture = record_boot(tmp_path, hooks=[MaskFeatures(["FLUSH"])], timeout=30)
     assert result.blk_io_ok, result.console
     tracker = ContextTracker()

@@ -15,7 +15,7 @@ import pytest
 
 from peers import kit, require  # noqa: F401  (kit is a fixture)
 
-from vhusniff import lab
+from vhusniff.lab import peers as lab
 
 
 

@@ -10,13 +10,14 @@ from construct import Container, ListContainer
 from hypothesis import HealthCheck, given, settings, strategies as st
 from scapy.packet import Packet, Raw
 
-from vhusniff import catalogue as cat
-from vhusniff import layers, protocol
-from vhusniff.capture import read_capture
-from vhusniff.layers import header_class_for
+from vhusniff.protocol import catalogue as cat
+from vhusniff.layers import packets as layers
+from vhusniff.protocol import grammar as protocol
+from vhusniff.capture.pcapng import read_capture
+from vhusniff.layers.packets import header_class_for
 from vhusniff.model import Channel, RecordKind
-from vhusniff.session import ContextTracker
-from vhusniff.protocol import (
+from vhusniff.protocol.context import ContextTracker
+from vhusniff.protocol.grammar import (
     HEADER, HEADER_STRUCT, PAYLOADS, DecodeContext, build_message, decode, encode, payload_candidates,
 )
 

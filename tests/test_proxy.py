@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 from peers import FakeBackend, FakeFrontend, kit, message, open_fds, require  # noqa: F401  (kit is a fixture)
 
-from vhusniff import lab
-from vhusniff.capture import read_capture
-from vhusniff.labcmd import run_lab
+from vhusniff.lab import peers as lab
+from vhusniff.capture.pcapng import read_capture
+from vhusniff.lab.command import run_lab
 from vhusniff.model import Channel, Direction, RecordKind
-from vhusniff.proxy import Proxy, ProxyError, Route
+from vhusniff.proxy.driver import Proxy, ProxyError, Route
 
 GET_FEATURES, SET_OWNER, SET_BACKEND_REQ_FD, GET_QUEUE_NUM, GET_VRING_BASE = 1, 3, 21, 17, 11
 
@@ -360,8 +360,8 @@ def _write_all_and_close(fd, data):
 @pytest.mark.parametrize("backend_fd", [False, True], ids=["frontend-pipe", "backend-reply-fd"])
 @pytest.mark.parametrize("save", [True, False], ids=["save", "load"])
 def test_device_state_stream_is_interposed_relayed_and_recorded(tmp_path, save, backend_fd):
-    from vhusniff.present import record_line
-    from vhusniff.protocol import decode
+    from vhusniff.views.present import record_line
+    from vhusniff.protocol.grammar import decode
     state = os.urandom(300_000)          # more than a pipe holds: the relay must wait for the reader
     before = open_fds()
     with FakeBackend(tmp_path / "fake.sock", return_state_fd=backend_fd) as fake:
@@ -467,7 +467,7 @@ def test_device_state_relay_is_cut_and_closed_when_the_connection_closes(tmp_pat
 
 
 def test_hooks_drop_modify_and_delay_without_blocking_others(tmp_path):
-    from vhusniff.hooks import DropRequest
+    from vhusniff.engine.hooks import DropRequest
 
     class DelayFirstConnection:
         def message(self, flow):
@@ -568,7 +568,7 @@ def test_listening_socket_is_0600_and_only_stale_sockets_are_replaced(tmp_path):
 
 def _start_cli_proxy(tmp_path, fake):
     capture = tmp_path / "cli.pcapng"
-    process = subprocess.Popen([sys.executable, "-m", "vhusniff.cli", "proxy", "-q", "--listen",
+    process = subprocess.Popen([sys.executable, "-m", "vhusniff.cli.main", "proxy", "-q", "--listen",
                                 str(tmp_path / "p.sock"), "--backend", fake.path, "-w", str(capture)],
                                stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
     deadline = time.monotonic() + 10

@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 from peers import FakeBackend, FakeFrontend, message, open_fds
 
-from vhusniff import proxy as proxy_module
-from vhusniff.analysis import Analyzer
+from vhusniff.proxy import driver as proxy_module
+from vhusniff.analysis.analyzer import Analyzer
 from vhusniff.model import Channel, Direction, EventKind, Record, RecordKind
-from vhusniff.proxy import Proxy, Route
-from vhusniff.sockio import RECV_SIZE
+from vhusniff.proxy.driver import Proxy, Route
+from vhusniff.engine.sockio import RECV_SIZE
 
 ROOT = Path(__file__).resolve().parent.parent
 GET_FEATURES, SET_OWNER, GET_QUEUE_NUM = 1, 3, 17
@@ -361,7 +361,7 @@ class CliProxy:
                                          str(self.backend_path)], stdout=subprocess.PIPE, text=True, env=env)
         assert self.backend.stdout.readline().strip() == "ready"
         with open(self.stderr_path, "w") as stderr:
-            self.proc = subprocess.Popen([sys.executable, "-m", "vhusniff.cli", "proxy", "-q", "--listen",
+            self.proc = subprocess.Popen([sys.executable, "-m", "vhusniff.cli.main", "proxy", "-q", "--listen",
                                           str(self.path), "--backend", str(self.backend_path)],
                                          env=env, stderr=stderr, preexec_fn=_limit(soft, hard))
         _poll(self.path.exists, what="the proxy to listen")

@@ -12,10 +12,10 @@ import sys
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from vhusniff.capture import enhanced_packet_block, file_header
-from vhusniff.cli import main
+from vhusniff.capture.pcapng import enhanced_packet_block, file_header
+from vhusniff.cli.main import main
 from vhusniff.model import Channel, Direction, Record
-from vhusniff.protocol import build_message
+from vhusniff.protocol.grammar import build_message
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOOD = 6
@@ -133,7 +133,7 @@ def test_damage_in_process_keeps_what_came_before(tmp_path, capsys, name):
 @pytest.mark.parametrize("options", [[], ["-V"], ["-T", "json"], ["-Y", "request"]])
 def test_damage_as_a_subprocess_every_output_mode(tmp_path, name, options):
     path, offset, shown = _write(tmp_path, name)
-    result = subprocess.run([sys.executable, "-m", "vhusniff.cli", "read", path, *options], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "vhusniff.cli.main", "read", path, *options], capture_output=True,
                             text=True, cwd=ROOT, timeout=60)
     if options == ["-V"]:
         summary = re.compile(r"^\s*\d+\s+\d+\.\d+ c\d")           # -V: keep the summary lines, not the trees
@@ -145,7 +145,7 @@ def test_a_reader_that_leaves_early_ends_the_read_quietly(tmp_path):
     path = tmp_path / "long.pcapng"
     path.write_bytes(file_header() + b"".join(enhanced_packet_block(r) for r in _records(30000)))
     for options in ([], ["-V"]):
-        reader = subprocess.Popen([sys.executable, "-m", "vhusniff.cli", "read", str(path), *options],
+        reader = subprocess.Popen([sys.executable, "-m", "vhusniff.cli.main", "read", str(path), *options],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
         assert reader.stdout.readline().split()[0] == b"1"
         reader.stdout.close()                     # `| head -1`
@@ -154,7 +154,7 @@ def test_a_reader_that_leaves_early_ends_the_read_quietly(tmp_path):
 
 
 def test_the_fast_summary_and_the_general_path_print_the_same_lines(tmp_path, capsys):
-    from vhusniff.capture import write_capture
+    from vhusniff.capture.pcapng import write_capture
     records = _records(30)
     records[7].note = "unframed: rest of a stream"
     write_capture(tmp_path / "c.pcapng", records)
@@ -165,7 +165,7 @@ def test_the_fast_summary_and_the_general_path_print_the_same_lines(tmp_path, ca
 
 
 def test_count_follow_and_fields(tmp_path, capsys):
-    from vhusniff.capture import write_capture
+    from vhusniff.capture.pcapng import write_capture
     records = _records(9)
     for index, record in enumerate(records):
         record.connection = 1 + index % 2
@@ -180,7 +180,7 @@ def test_count_follow_and_fields(tmp_path, capsys):
 
 
 def test_bad_filter_is_one_clear_error_with_a_caret(tmp_path, capsys):
-    from vhusniff.capture import write_capture
+    from vhusniff.capture.pcapng import write_capture
     write_capture(tmp_path / "c.pcapng", _records(3))
     assert main(["read", str(tmp_path / "c.pcapng"), "-Y", "request == NOPE"]) == 2
     error = capsys.readouterr().err
@@ -188,7 +188,7 @@ def test_bad_filter_is_one_clear_error_with_a_caret(tmp_path, capsys):
 
 
 def test_colour_only_when_asked_or_on_a_terminal(tmp_path, capsys):
-    from vhusniff.capture import write_capture
+    from vhusniff.capture.pcapng import write_capture
     write_capture(tmp_path / "c.pcapng", _records(3))
     main(["read", str(tmp_path / "c.pcapng")])
     assert "\033[" not in capsys.readouterr().out
@@ -201,16 +201,16 @@ def test_colour_only_when_asked_or_on_a_terminal(tmp_path, capsys):
                                           # scapy.packet imports scapy.utils half-way through scapy.fields
                                           "from scapy.packet import Packet; from scapy.utils import rdpcap, "
                                           "PcapNgReader",
-                                          # vhusniff.layers imports scapy while it is itself half-loaded
-                                          "import vhusniff.layers; from scapy.utils import rdpcap, PcapNgReader"])
+                                          # vhusniff.layers.packets imports scapy while it is itself half-loaded
+                                          "import vhusniff.layers.packets; from scapy.utils import rdpcap, PcapNgReader"])
 @pytest.mark.parametrize("scapy_first", [False, True])
 def test_scapy_reads_captures_after_import_vhusniff(tmp_path, scapy_import, scapy_first):
-    from vhusniff.capture import write_capture
+    from vhusniff.capture.pcapng import write_capture
     write_capture(tmp_path / "c.pcapng", _records(6))
     lines = [scapy_import, "import sys, vhusniff"] if scapy_first else \
         ["import sys, vhusniff", "assert 'scapy' not in sys.modules, 'import vhusniff must stay cheap'", scapy_import]
     script = "\n".join(lines + [
-        "from vhusniff.layers import VhostUser",
+        "from vhusniff.layers.packets import VhostUser",
         f"packets = rdpcap({str(tmp_path / 'c.pcapng')!r})",
         "assert [p[VhostUser].request for p in packets] == [1, 1, 18] * 2, [p.summary() for p in packets]",
         "assert packets[5][VhostUser].payload.index == 1 and packets[1][VhostUser].payload.features == 1 << 32",
@@ -224,8 +224,8 @@ def test_scapy_keeps_device_state_stream_chunks_raw(tmp_path):
     import vhusniff  # noqa: F401  (registers the capture layer with scapy)
     from scapy.packet import Raw
     from scapy.utils import rdpcap
-    from vhusniff.capture import write_capture
-    from vhusniff.layers import VhostUser
+    from vhusniff.capture.pcapng import write_capture
+    from vhusniff.layers.packets import VhostUser
     from vhusniff.model import RecordKind
     chunk = b"\x01\x00\x00\x00" * 8                    # would read as a GET_FEATURES header
     path = tmp_path / "state.pcapng"
@@ -238,7 +238,7 @@ def test_scapy_keeps_device_state_stream_chunks_raw(tmp_path):
 
 @pytest.mark.parametrize("name", list(DAMAGE) + ["missing"])
 def test_read_expert_and_diff_word_the_same_fault_the_same_way(tmp_path, capsys, name):
-    from vhusniff.capture import write_capture
+    from vhusniff.capture.pcapng import write_capture
     good = tmp_path / "good.pcapng"
     write_capture(good, _records())
     if name == "missing":
@@ -359,7 +359,7 @@ def test_a_huge_block_length_is_checked_against_the_file_before_anything_is_allo
     path = tmp_path / "huge.pcapng"
     path.write_bytes(data)
     for command in COMMANDS:
-        result = subprocess.run([sys.executable, "-m", "vhusniff.cli", *command, str(path)], capture_output=True,
+        result = subprocess.run([sys.executable, "-m", "vhusniff.cli.main", *command, str(path)], capture_output=True,
                                 text=True, cwd=ROOT, timeout=60, preexec_fn=_limit_address_space)
         assert result.returncode == 2, (command, result.stderr)
         assert result.stderr.startswith(f"vhusniff: {path}: offset {offset}: truncated ") and \

@@ -22,14 +22,14 @@ from pathlib import Path
 import pytest
 
 from peers import IN_CI, FakeFrontend, kit, open_fds, require  # noqa: F401  (kit is a fixture)
-from vhusniff import catalogue as cat
-from vhusniff import lab
-from vhusniff.capture import read_capture
-from vhusniff.hooks import DisconnectAt, MaskProtocolFeatures
+from vhusniff.protocol import catalogue as cat
+from vhusniff.lab import peers as lab
+from vhusniff.capture.pcapng import read_capture
+from vhusniff.engine.hooks import DisconnectAt, MaskProtocolFeatures
 from vhusniff.model import Channel, Direction, RecordKind
-from vhusniff.protocol import build_message, decode
+from vhusniff.protocol.grammar import build_message, decode
 from vhusniff.replay import load_exchanges
-from vhusniff.session import ContextTracker
+from vhusniff.protocol.context import ContextTracker
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_BOOT = REPO / "captures" / "qemu-blk-boot.pcapng"
@@ -38,7 +38,7 @@ B = cat.BackendRequest
 
 
 def vhusniff(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vhusniff.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "vhusniff.cli.main", *args], capture_output=True, text=True,
                           cwd=REPO, timeout=timeout)
 
 
@@ -58,7 +58,7 @@ def fresh_boot(tmp_path_factory) -> Path:
     """A blk boot recorded just now through the proxy, from real QEMU and qemu-storage-daemon."""
     require("qemu-system-x86_64")
     require("qemu-storage-daemon")
-    from vhusniff.labcmd import record_boot
+    from vhusniff.lab.command import record_boot
     result, capture = record_boot(tmp_path_factory.mktemp("boot"), timeout=60)
     assert result.blk_io_ok and result.clean_exit, result.console
     return capture
@@ -236,7 +236,7 @@ def _fake_frontend(listen: Path, requests: list[bytes]) -> list[bytes | None]:
 
 def _serve(capture: Path, listen: Path, *options: str) -> subprocess.Popen:
     """`vhusniff replay --as backend` on a capture, started and (within 10 s, unless it exits) listening."""
-    replay = subprocess.Popen([sys.executable, "-m", "vhusniff.cli", "replay", "--as", "backend", str(capture),
+    replay = subprocess.Popen([sys.executable, "-m", "vhusniff.cli.main", "replay", "--as", "backend", str(capture),
                                "--listen", str(listen), *options], cwd=REPO, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 10
@@ -310,7 +310,7 @@ def test_hook_that_raises_during_replay_is_reported_then_the_policy_applies(fres
 
 def test_masking_reply_ack_through_the_proxy_stops_need_reply_and_the_guest_still_does_io(fresh_boot, tmp_path):
     require("qemu-storage-daemon")
-    from vhusniff.labcmd import record_boot
+    from vhusniff.lab.command import record_boot
     result, capture = record_boot(tmp_path, hooks=[MaskProtocolFeatures(["REPLY_ACK"])], timeout=60)
     assert result.blk_io_ok and result.clean_exit, result.console
     sent = messages(capture)
@@ -329,7 +329,7 @@ def test_masking_reply_ack_through_the_proxy_stops_need_reply_and_the_guest_stil
 
 def test_disconnect_at_n_makes_qemu_report_the_backend_lost(tmp_path):
     require("qemu-storage-daemon")
-    from vhusniff.labcmd import record_boot
+    from vhusniff.lab.command import record_boot
     result, capture = record_boot(tmp_path, hooks=[DisconnectAt(5)], timeout=30)
     assert result.exit_code != 0 and not result.blk_io_ok
     # QEMU 7.2 finds the back-end gone when it sends GET_QUEUE_NUM or waits for its reply (which, depends on
@@ -390,7 +390,7 @@ class ResizeNotice:
 def resize_boot(tmp_path_factory) -> Path:
     """A blk boot through the proxy in which the disk is announced to grow from 64 to 128 MiB as it starts."""
     require("qemu-system-x86_64", "qemu-storage-daemon")
-    from vhusniff.labcmd import record_boot
+    from vhusniff.lab.command import record_boot
     result, capture = record_boot(tmp_path_factory.mktemp("resize"), hooks=[ResizeNotice()], timeout=60)
     assert result.blk_io_ok and result.clean_exit, result.console
     return capture
@@ -485,7 +485,7 @@ def test_backend_replay_hook_injects_on_the_backend_channel_and_delays_a_reply(f
     hook = tmp_path / "inject_hook.py"
     hook.write_text(
         "from vhusniff.model import Channel\n"
-        "from vhusniff.protocol import build_message\n"
+        "from vhusniff.protocol.grammar import build_message\n"
         "done = False\n"
         "def message(flow):\n"
         "    global done\n"
@@ -517,7 +517,7 @@ def test_backend_replay_hook_that_drops_a_request_still_sends_its_injections(fre
     hook = tmp_path / "drop_hook.py"
     hook.write_text(
         "from vhusniff.model import Channel\n"
-        "from vhusniff.protocol import build_message\n"
+        "from vhusniff.protocol.grammar import build_message\n"
         "def message(flow):\n"
         "    if flow.message.name == 'SET_VRING_ENABLE' and not flow.message.is_reply and flow.message.payload.num:\n"
         "        flow.drop()\n"
@@ -539,7 +539,7 @@ def test_backend_replay_keeps_answering_while_a_backend_channel_reply_is_missing
     hook = tmp_path / "notify_hook.py"
     hook.write_text(
         "from vhusniff.model import Channel\n"
-        "from vhusniff.protocol import build_message\n"
+        "from vhusniff.protocol.grammar import build_message\n"
         "def message(flow):\n"
         "    if flow.message.name == 'SET_BACKEND_REQ_FD' and flow.message.is_reply:\n"
         "        flow.inject(build_message(Channel.BACKEND, 2, need_reply=True), channel=Channel.BACKEND)\n")
@@ -573,7 +573,7 @@ def test_backend_replay_keeps_answering_while_a_backend_channel_reply_is_missing
 def _replay_in_process(capture: Path, backend: Path, written: Path, hooks) -> tuple[object, str]:
     """replay --as frontend in this process (so that its fds can be counted): (result, what it printed)."""
     import io
-    from vhusniff.capture import CaptureWriter
+    from vhusniff.capture.pcapng import CaptureWriter
     from vhusniff.replay import replay_as_frontend
     out, writer = io.StringIO(), CaptureWriter(written, flush_each=True)
     try:
@@ -660,7 +660,7 @@ def test_frontend_replay_hooks_act_on_the_backend_channel(fresh_boot, tmp_path, 
     BACKEND_CONFIG_CHANGE_MSG when the device starts, as a newer daemon would on a resize, and reports
     128 MiB in the next GET_CONFIG reply. The replay's hook reacts on the back-end channel (see
     ConfigChangeReaction); the replay's own requests and replies stay as recorded."""
-    from vhusniff.proxy import Proxy, Route
+    from vhusniff.proxy.driver import Proxy, Route
     backend, proxy_socket, written = tmp_path / "backend.sock", tmp_path / "proxy.sock", tmp_path / "replayed.pcapng"
     with lab.start_storage_daemon(tmp_path, backend):
         proxy = Proxy([Route.forward(proxy_socket, backend, "blk")], hooks=[ResizeNotice()], report=None).start()

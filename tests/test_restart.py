@@ -15,11 +15,11 @@ import pytest
 
 from peers import FakeBackend, FakeFrontend, kit, require  # noqa: F401  (kit is a fixture)
 
-from vhusniff import catalogue as cat
-from vhusniff import lab
-from vhusniff.capture import read_capture
+from vhusniff.protocol import catalogue as cat
+from vhusniff.lab import peers as lab
+from vhusniff.capture.pcapng import read_capture
 from vhusniff.model import Channel, Direction, RecordKind
-from vhusniff.proxy import TARGET_LOOKS_AFTER_LOSS, Proxy, Route
+from vhusniff.proxy.driver import TARGET_LOOKS_AFTER_LOSS, Proxy, Route
 
 LOOP_SECONDS = 12
 OUTAGE_SECONDS = 2.5          # the deliberate outage: the daemon is down this long

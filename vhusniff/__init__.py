@@ -2,7 +2,7 @@
 __version__ = "0.1.0"
 
 from .model import Channel, Direction, FdInfo, Record, RecordKind
-from .protocol import DecodeContext, Message, Problem, build_message, decode, encode
+from .protocol.grammar import DecodeContext, Message, Problem, build_message, decode, encode
 
 __all__ = ["Channel", "Direction", "FdInfo", "Record", "RecordKind", "DecodeContext", "Message", "Problem",
            "build_message", "decode", "encode"]
@@ -13,7 +13,7 @@ _LAZY_LAYERS = ("VhostUser", "VhostUserBackend", "VhostUserGpu")
 
 def __getattr__(name: str):
     if name in _LAZY_LAYERS:
-        from . import layers
+        from .layers import packets as layers
         return getattr(layers, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -23,5 +23,5 @@ def __dir__():
 
 
 # scapy's rdpcap reads our captures after `import vhusniff`, without the CLI paying for scapy (see scapy_capture).
-from .scapy_capture import install as _install_scapy_layer
+from .layers.pcap import install as _install_scapy_layer
 _install_scapy_layer()

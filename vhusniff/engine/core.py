@@ -17,8 +17,8 @@ import enum
 from collections import deque
 from typing import NamedTuple, Union
 
-from .. import catalogue as cat
-from ..framing import Frame, Framer, FramingError, StrayFds
+from ..protocol import catalogue as cat
+from ..protocol.framing import Frame, Framer, FramingError, StrayFds
 from ..model import Channel, Direction, EventKind, Record
 
 # QEMU's chardev accepts at most 16 fds a message (TCP_MAX_FDS); more is a finding, still forwarded.
@@ -148,7 +148,7 @@ class Stream:
 class Session:
     """One vhost-user connection between a front-end and a back-end, as a state machine.
 
-    hooks: a HookChain (vhusniff.hooks) or None; tracker: the ContextTracker hooks decode with.
+    hooks: a HookChain (vhusniff.engine.hooks) or None; tracker: the ContextTracker hooks decode with.
     interpose_device_state: ask the driver to relay SET_DEVICE_STATE_FD's pipe.
     scripted: the side a script plays (replay), if any. A hook's injection then goes to that script (Inject)
     when it is something that side sends (the front-end: main-channel requests, back-end-channel replies; the
@@ -388,7 +388,7 @@ class Session:
     # ---- hooks: the one place a verdict is interpreted ----
 
     def _hooked(self, channel: Channel, side: Side, frame: Frame, now_ns: int, out: list) -> None:
-        from ..hooks import Flow
+        from .hooks import Flow
         record = Record(now_ns, self.number, channel, side.direction, frame.data)
         message = self.tracker.decode(record)
         flow = Flow(frame.data, list(frame.fds), self.number, channel, side.direction, self.messages,
@@ -453,7 +453,7 @@ class Session:
             is_reply = len(injected.data) >= 8 and bool(int.from_bytes(injected.data[4:8], "little") & cat.FLAG_REPLY)
             if is_reply != ((injected.channel == Channel.MAIN) == (side == Side.FRONTEND)):
                 return ""
-        from ..protocol import DEFAULT_CONTEXT, decode
+        from ..protocol.grammar import DEFAULT_CONTEXT, decode
         context = self.tracker.context_for(self.number) if self.tracker is not None else DEFAULT_CONTEXT
         summary = decode(injected.data, injected.channel, context).summary()[:60]
         wants = ("requests on the main channel, replies on the back-end channel" if side == Side.FRONTEND else

@@ -10,7 +10,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from .protocol import HEADER_SIZE, MAX_PAYLOAD_SIZE
+from .grammar import HEADER_SIZE, MAX_PAYLOAD_SIZE
 
 _read_size = struct.Struct("<I").unpack_from
 

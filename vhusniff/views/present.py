@@ -1,8 +1,8 @@
 """How messages read to a person: one-line summaries, the field tree (-V) and hex (-x)."""
 from __future__ import annotations
 
-from . import catalogue as cat
-from .protocol import HEADER_SIZE, PAYLOADS, STREAM_REQUEST, Message, decode, iter_fields
+from ..protocol import catalogue as cat
+from ..protocol.grammar import HEADER_SIZE, PAYLOADS, STREAM_REQUEST, Message, decode, iter_fields
 
 # Fields never worth a place in a one-line summary.
 _QUIET_FIELDS = frozenset({"padding", "reserved"})
@@ -135,7 +135,7 @@ def record_line(number: int, relative_seconds: float, record, message: Message |
 
     `  12   0.004512 c1      F>B SET_VRING_ADDR  0x1  idx=0 desc=0x… used=… avail=…`
     """
-    from .model import Channel, RecordKind
+    from ..model import Channel, RecordKind
     where = f"c{record.connection}" + ("" if record.channel == Channel.MAIN else f"/{record.channel.name.lower()}")
     if message is None and record.kind != RecordKind.EVENT:
         message = decode(record.data, record.channel)     # a caller without a session context

@@ -19,9 +19,9 @@ from typing import Any, Callable
 
 from construct import Array, Bytes, BytesInteger, FormatField, GreedyBytes, Renamed, Struct
 
-from . import catalogue as cat
-from .model import Channel, RecordKind
-from .protocol import request_names
+from ..protocol import catalogue as cat
+from ..model import Channel, RecordKind
+from ..protocol.grammar import request_names
 
 _FORMAT_WIDTH = {"<B": 1, "B": 1, "<H": 2, "<L": 4, "<Q": 8}
 
@@ -81,7 +81,7 @@ def _strip(subcon):
 
 
 def _element_key(structure: Struct) -> str:
-    from .protocol import REGION_XEN
+    from ..protocol.grammar import REGION_XEN
     return "region_xen" if structure is REGION_XEN else "region"
 
 
@@ -146,7 +146,7 @@ class GrammarField:
 @lru_cache(maxsize=1)
 def grammar_fields() -> dict[str, GrammarField]:
     """Every name `iter_fields` can yield, with its type: the header, then every payload kind."""
-    from .protocol import HEADER, PAYLOADS
+    from ..protocol.grammar import HEADER, PAYLOADS
     fields: dict[str, GrammarField] = {}
 
     def register(name: str, width: int, doc: str, is_bits: bool = False) -> None:
@@ -608,7 +608,7 @@ class DisplayFilter:
 
 def field_values(message) -> dict[str, list]:
     """iter_fields as name -> values (arrays flattened); the request as (channel, number) for name matching."""
-    from .protocol import iter_fields
+    from ..protocol.grammar import iter_fields
     values: dict[str, list] = {}
     for name, value in iter_fields(message):
         if name == "request":

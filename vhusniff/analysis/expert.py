@@ -11,9 +11,9 @@ import enum
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from . import catalogue as cat
-from .model import Channel, Direction, Record
-from .protocol import Message, request_table
+from ..protocol import catalogue as cat
+from ..model import Channel, Direction, Record
+from ..protocol.grammar import Message, request_table
 from .state import ConnectionState
 
 F = cat.FrontendRequest

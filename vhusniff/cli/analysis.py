@@ -4,12 +4,12 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
-from . import catalogue as cat
-from .analysis import Analyzer, Expect, Transaction, connection_report, end_summary
-from .capture import ReadOutcome, read_capture, reading
-from .expert import CHECKS, Severity
-from .model import Channel, Record, RecordKind
-from .protocol import Message
+from ..protocol import catalogue as cat
+from ..analysis.analyzer import Analyzer, Expect, Transaction, connection_report, end_summary
+from ..capture.pcapng import ReadOutcome, read_capture, reading
+from ..analysis.expert import CHECKS, Severity
+from ..model import Channel, Record, RecordKind
+from ..protocol.grammar import Message
 
 EXIT_BAD_INPUT = 2
 
@@ -207,7 +207,7 @@ def main_report(argv: list[str]) -> int:
 
 # --- timeline -------------------------------------------------------------------------------------------------------
 def main_timeline(argv: list[str]) -> int:
-    from .timeline import render_html, render_svg
+    from ..views.timeline import render_html, render_svg
     parser = _parser("timeline", "a picture of the session: lanes per channel and direction over time")
     parser.add_argument("-o", "--output", required=True, help="FILE.svg or FILE.html")
     args = parser.parse_args(argv)

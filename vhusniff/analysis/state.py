@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from . import catalogue as cat
-from .model import Channel, Direction, EventKind, FdInfo, Record, RecordKind
-from .protocol import Message
+from ..protocol import catalogue as cat
+from ..model import Channel, Direction, EventKind, FdInfo, Record, RecordKind
+from ..protocol.grammar import Message
 
 F = cat.FrontendRequest
 NOFD = "NOFD"               # a vring fd slot set explicitly to "no fd, poll instead"

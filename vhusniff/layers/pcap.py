@@ -15,7 +15,7 @@ import sys
 
 _TRIGGERS = ("scapy.utils", "scapy.all", "scapy.packet", "scapy.fields")
 # What the layer is built from: none of them may be half-initialised when it is built.
-_NEEDED = ("scapy.config", "scapy.fields", "scapy.packet", "scapy.all", "vhusniff.layers")
+_NEEDED = ("scapy.config", "scapy.fields", "scapy.packet", "scapy.all", "vhusniff.layers.packets")
 _registered = False
 
 
@@ -26,7 +26,7 @@ def register() -> None:
         return
     _registered = True
     from scapy.config import conf
-    from .capture import LINKTYPE_USER0
+    from ..capture.pcapng import LINKTYPE_USER0
     conf.l2types.register(LINKTYPE_USER0, pseudo_header_layer())
 
 
@@ -42,10 +42,10 @@ def pseudo_header_layer() -> type:
                               LEShortField, LESignedLongField, PacketListField, StrFixedLenField, StrLenField)
     from scapy.packet import Packet, Raw
 
-    from .capture import FD_KINDS, PSEUDO_MAGIC, PSEUDO_VERSION
-    from .layers import header_class_for
-    from .model import Channel, Direction, EventKind, RecordKind
-    from .protocol import HEADER_SIZE
+    from ..capture.pcapng import FD_KINDS, PSEUDO_MAGIC, PSEUDO_VERSION
+    from .packets import header_class_for
+    from ..model import Channel, Direction, EventKind, RecordKind
+    from ..protocol.grammar import HEADER_SIZE
 
     _HEADERED_CHANNELS = (Channel.MAIN, Channel.BACKEND, Channel.GPU)
     _VERSIONS = (1, PSEUDO_VERSION)         # the layouts these fields describe

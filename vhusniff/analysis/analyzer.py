@@ -16,11 +16,11 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from . import catalogue as cat
+from ..protocol import catalogue as cat
 from .expert import CHECKS, Finding, check_message
-from .model import Channel, Direction, Record, RecordKind
-from .protocol import Message, request_name
-from .session import ContextTracker
+from ..model import Channel, Direction, Record, RecordKind
+from ..protocol.grammar import Message, request_name
+from ..protocol.context import ContextTracker
 from .state import ConnectionState, classify_event, protocol_feature_set
 
 # Streaming (keep=False): findings kept per connection for its report; connections remembered as forgotten.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from .model import Channel, EventKind
+from ..model import Channel, EventKind
 
 
 # How version-1 readers classified an event's note, first match wins: (lower-case substring, kind). An "end"

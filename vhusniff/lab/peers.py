@@ -15,8 +15,8 @@ integration-test fixture. Three parts:
 Every process object stops and reaps its process in `stop()` and works as a context manager;
 each logs to a file in the work directory given to its start function.
 
-Command line: ``python3 -m vhusniff.lab prepare`` fetches and builds the kit;
-``python3 -m vhusniff.lab direct`` boots a blk guest straight against qemu-storage-daemon
+Command line: ``python3 -m vhusniff.lab.peers prepare`` fetches and builds the kit;
+``python3 -m vhusniff.lab.peers direct`` boots a blk guest straight against qemu-storage-daemon
 (no proxy) and prints the result and how long the boot took.
 
 Standard library only.
@@ -47,7 +47,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
-log = logging.getLogger("vhusniff.lab")
+log = logging.getLogger("vhusniff.lab.peers")
 
 #: Printed by the guest's /init; everything a caller needs to judge a run starts with it.
 GUEST_MARK = "VHUSNIFF-GUEST:"
@@ -887,7 +887,7 @@ def run_direct(workdir: Path, cpu_backend: Cpus = None, cpu_guest: Cpus = None, 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python3 -m vhusniff.lab", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python3 -m vhusniff.lab.peers", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("prepare", help="fetch the current guest kernel and build the initramfs (cached)")
     direct = commands.add_parser("direct", help="boot a blk guest against qemu-storage-daemon, no proxy")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from . import catalogue as cat
-from .model import Channel, Record, RecordKind
-from .protocol import Message, iter_fields
-from .session import ContextTracker
+from ..protocol import catalogue as cat
+from ..model import Channel, Record, RecordKind
+from ..protocol.grammar import Message, iter_fields
+from ..protocol.context import ContextTracker
 
 
 def describe_difference(value_a, value_b, labels: tuple[str, str] = ("A", "B")) -> str:
@@ -113,7 +113,7 @@ def diff_records(left: list[Record], right: list[Record], ignore: frozenset[str]
 
 def load_or_report(path: str, program: str = "vhusniff") -> list[Record] | None:
     """All records of a capture, or None after saying on stderr why it cannot be read (capture.reading's words)."""
-    from .capture import read_capture, reading
+    from ..capture.pcapng import read_capture, reading
     records: list[Record] = []
     with reading(path) as outcome:
         records = list(read_capture(path))

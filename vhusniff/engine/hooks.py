@@ -18,9 +18,9 @@ import sys
 import traceback
 from dataclasses import dataclass, field
 
-from . import catalogue as cat
-from .model import Channel, Direction
-from .protocol import HEADER_SIZE, DecodeContext, Message, decode
+from ..protocol import catalogue as cat
+from ..model import Channel, Direction
+from ..protocol.grammar import HEADER_SIZE, DecodeContext, Message, decode
 
 
 @dataclass
@@ -57,7 +57,7 @@ class Flow:
     def layer(self):
         """The message as a scapy layer; assignments to its fields change what is forwarded."""
         if self._layer is None:
-            from .layers import header_class_for
+            from ..layers.packets import header_class_for
             self._layer = header_class_for(self.channel)(self.original)
             self._layer.vhost_context = self.context
         return self._layer

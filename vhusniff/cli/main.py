@@ -7,8 +7,8 @@ import json
 import os
 import sys
 
-from . import catalogue as cat
-from .model import RecordKind
+from ..protocol import catalogue as cat
+from ..model import RecordKind
 
 EXIT_BAD_INPUT = 2
 
@@ -30,7 +30,7 @@ def _json_value(value):
 
 def message_fields(number: int, relative: float, record, message) -> dict[str, list]:
     """Every field of a message by dotted name (multi-valued where an array repeats it), plus frame fields."""
-    from .protocol import iter_fields
+    from ..protocol.grammar import iter_fields
     fields: dict[str, list] = {
         "frame.number": [number], "frame.time_relative": [round(relative, 9)],
         "connection": [record.connection], "channel": [record.channel.name.lower()],
@@ -80,12 +80,12 @@ class _ExpertLines:
 
 
 def command_read(args) -> int:
-    from .capture import reading
-    from .present import field_tree, hexdump, record_line
-    from .session import ContextTracker
+    from ..capture.pcapng import reading
+    from ..views.present import field_tree, hexdump, record_line
+    from ..protocol.context import ContextTracker
     display_filter = None
     if args.filter:
-        from .filters import FilterError, compile_filter
+        from ..views.filters import FilterError, compile_filter
         try:
             display_filter = compile_filter(args.filter)
         except FilterError as error:
@@ -95,14 +95,14 @@ def command_read(args) -> int:
     profile = cat.PROFILES[args.profile]
     expert = None
     if args.expert and args.T == "text":
-        from .analysis import Analyzer
+        from ..analysis.analyzer import Analyzer
         expert = _ExpertLines(Analyzer(args.device, profile), sys.stdout)
     tracker = expert.analyzer.tracker if expert else ContextTracker(args.device, profile)
     out = sys.stdout
     shown = 0
     json_started = False
     with reading(args.file) as outcome:
-        from .reading import fast_summary, general_messages
+        from ..views.fast import fast_summary, general_messages
         if args.T == "text" and not (args.verbose or args.hex or display_filter or expert):
             fast_summary(args.file, tracker, out, colour, args.follow, args.count)
             return 0
@@ -185,19 +185,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Subcommands that own their argument parsing: name -> (module, function, help).
 DELEGATED = {
-    "proxy": ("proxy", "main", "intercept a live front-end/back-end pair"),
-    "lab": ("labcmd", "main", "boot a throwaway real QEMU and back-end through the proxy"),
+    "proxy": ("proxy.driver", "main", "intercept a live front-end/back-end pair"),
+    "lab": ("lab.command", "main", "boot a throwaway real QEMU and back-end through the proxy"),
     "replay": ("replay", "main", "replay a capture against a real back-end or a real front-end"),
-    "diff": ("diff", "main", "compare two captures message by message"),
-    "state": ("analysis_cli", "main_state", "negotiated session state as of any message"),
-    "stats": ("analysis_cli", "main_stats", "per-request counts and response times, connections"),
-    "report": ("analysis_cli", "main_report", "what a person reads first when a VM did not start"),
-    "timeline": ("analysis_cli", "main_timeline", "a picture of the session over time"),
-    "expert": ("analysis_cli", "main_expert", "expert findings (Wireshark's expert info); --checks lists them"),
+    "diff": ("analysis.diff", "main", "compare two captures message by message"),
+    "state": ("cli.analysis", "main_state", "negotiated session state as of any message"),
+    "stats": ("cli.analysis", "main_stats", "per-request counts and response times, connections"),
+    "report": ("cli.analysis", "main_report", "what a person reads first when a VM did not start"),
+    "timeline": ("cli.analysis", "main_timeline", "a picture of the session over time"),
+    "expert": ("cli.analysis", "main_expert", "expert findings (Wireshark's expert info); --checks lists them"),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
+    # fd names are paths as the kernel gave them, not always UTF-8: show such bytes as escapes, never fail.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         return _dispatch(sys.argv[1:] if argv is None else argv)
     except KeyboardInterrupt:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from . import catalogue as cat
-from .model import Channel, EventKind, Record, RecordKind
-from .protocol import DEFAULT_CONTEXT, DecodeContext, Message, decode
+from ..model import Channel, EventKind, Record, RecordKind
+from .grammar import DEFAULT_CONTEXT, DecodeContext, Message, decode
 
 
 class ContextTracker:

@@ -21,7 +21,7 @@ from construct import (
 )
 
 from . import catalogue as cat
-from .model import Channel
+from ..model import Channel
 
 HEADER_SIZE = 12
 # Framing limit: rust-vmm's MAX_MSG_SIZE. The largest spec payload is the SHMEM config (2056 bytes).
@@ -333,7 +333,7 @@ class Message:
         return request_table(self.channel).get(self.request)
 
     def summary(self) -> str:
-        from .present import summarize
+        from ..views.present import summarize
         return summarize(self)
 
     def __repr__(self) -> str:

@@ -17,9 +17,9 @@ from scapy.fields import (
 )
 from scapy.packet import Packet, Raw
 
-from . import catalogue as cat
-from .model import Channel
-from .protocol import DEFAULT_CONTEXT, HEADER_SIZE, PAYLOADS, DecodeContext, decode
+from ..protocol import catalogue as cat
+from ..model import Channel
+from ..protocol.grammar import DEFAULT_CONTEXT, HEADER_SIZE, PAYLOADS, DecodeContext, decode
 
 __all__ = ["VhostUser", "VhostUserBackend", "VhostUserGpu", "PAYLOAD_LAYERS", "header_class_for"]
 
@@ -154,7 +154,7 @@ PAYLOAD_LAYERS: dict[str, type] = {kind: _payload_class(kind) for kind in PAYLOA
 
 class _FlagsField(LEIntField):
     def i2repr(self, pkt, x):
-        from .present import flag_text
+        from ..views.present import flag_text
         return "None" if x is None else flag_text(x)
 
 
@@ -245,6 +245,6 @@ def header_class_for(channel: Channel) -> type:
 
 
 # Importing this module imports scapy, whose import hook (scapy_capture) had to wait for this module to finish.
-from .scapy_capture import register as _register_capture_layer  # noqa: E402
+from .pcap import register as _register_capture_layer  # noqa: E402
 
 _register_capture_layer()

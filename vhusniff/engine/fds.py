@@ -11,7 +11,7 @@ import os
 import socket
 import stat
 
-from .model import FdInfo
+from ..model import FdInfo
 
 F_GET_SEALS = 1034          # linux/fcntl.h: F_LINUX_SPECIFIC_BASE + 10
 

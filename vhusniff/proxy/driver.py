@@ -1,7 +1,7 @@
 """The man-in-the-middle proxy: QEMU and a vhost-user back-end talk through it; it sees, records and changes.
 
 One thread runs one epoll loop for every listening socket and connection (a cross-thread hand-off costs more
-than the work). For each chunk a peer sends: frame it (vhusniff.framing); for each whole message write the
+than the work). For each chunk a peer sends: frame it (vhusniff.protocol.framing); for each whole message write the
 capture record (with its fd descriptions, so a `kill -9` never loses a message a peer already has), forward
 it at once with its fds on its first byte, and close the proxy's copies.
 Decoding for the live display waits until the loop is idle, so it never delays a message; hooks, when there
@@ -50,11 +50,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .engine.core import (Capture, CloseChannel, CloseConnection, CloseFds, Note, Send, Session, ShutWrite, Side,
+from ..engine.core import (Capture, CloseChannel, CloseConnection, CloseFds, Note, Send, Session, ShutWrite, Side,
                           StopReading, Wake)
-from .fds import describe_fd
-from .model import Channel, Direction, EventKind, Record, RecordKind
-from .sockio import _ANCILLARY_SPACE, RECV_SIZE, received_fds, send_some
+from ..engine.fds import describe_fd
+from ..model import Channel, Direction, EventKind, Record, RecordKind
+from ..engine.sockio import _ANCILLARY_SPACE, RECV_SIZE, received_fds, send_some
 
 FRONTEND, BACKEND = Side.FRONTEND.label, Side.BACKEND.label
 # Bytes waiting in the proxy for one socket before it stops reading from the side that sends them.
@@ -200,7 +200,7 @@ class Proxy:
     """The proxy as an object: `start()` runs it in a background thread, `run()` in this one, `stop()` ends it.
 
     capture: a path (written as it goes, flushed per message) or an object with write(record)/close().
-    hooks: objects with `message(flow)` (vhusniff.hooks); none keeps the fast path.
+    hooks: objects with `message(flow)` (vhusniff.engine.hooks); none keeps the fast path.
     display: a callable given one text line per record (the `vhusniff read` format), or None.
     on_record: a callable given every Record as it is made (from the proxy thread).
     keep_records: keep every Record in `self.records` (tests, analysis); off for long-running use.
@@ -237,7 +237,7 @@ class Proxy:
         self._display_number = 0
         self._hooks = None
         if hooks:
-            from .hooks import HookChain
+            from ..engine.hooks import HookChain
             self._hooks = HookChain(list(hooks), on_error=on_hook_error, report=self._report_only) or None
         self._plain_fast = False       # set in open(): whole fd-less messages may skip framing and Record
         # Something besides the capture wants every Record (kept, shown, called back); waiters come and go.
@@ -281,7 +281,7 @@ class Proxy:
             for route in self.routes:
                 self._watch_listener(_listen(route.listen, self.socket_mode), route)
             if isinstance(self._capture_target, (str, os.PathLike)):
-                from .capture import CaptureWriter
+                from ..capture.pcapng import CaptureWriter
                 self._writer = CaptureWriter(self._capture_target, flush_each=True)
             elif self._capture_target is not None:
                 self._writer = self._capture_target
@@ -469,7 +469,7 @@ class Proxy:
     def _new_session(self, number: int, route: Route) -> Session:
         tracker = None
         if self._hooks is not None:
-            from .session import ContextTracker
+            from ..protocol.context import ContextTracker
             tracker = ContextTracker(route.device)       # one per connection: it goes when the connection does
         return Session(number, self._hooks, tracker, self.interpose_device_state)
 
@@ -1196,9 +1196,9 @@ class Proxy:
         The session analysis runs here, off the forwarding path, and only when there is a display."""
         if self._display is None:
             return
-        from .present import record_line
+        from ..views.present import record_line
         if self._display_tracker is None:
-            from .analysis import Analyzer
+            from ..analysis.analyzer import Analyzer
             self._display_tracker = Analyzer(keep=False)   # streaming: memory stays flat however long
         analyzer = self._display_tracker
         shown = 0
@@ -1216,7 +1216,7 @@ class Proxy:
                 self._display(f"        [expert] {finding.line()}")
             if record.kind == RecordKind.EVENT and record.connection not in analyzer.forgotten \
                     and analyzer.state(record.connection).ended:
-                from .analysis import connection_report
+                from ..analysis.analyzer import connection_report
                 self._display(connection_report(analyzer, record.connection))
                 analyzer.forget(record.connection)
             shown += 1
@@ -1277,7 +1277,7 @@ def _listen(path: Path, mode: int) -> socket.socket:
 # ---- command line ----
 
 def build_parser() -> argparse.ArgumentParser:
-    from .hooks import add_hook_arguments
+    from ..engine.hooks import add_hook_arguments
     parser = argparse.ArgumentParser(
         prog="vhusniff proxy",
         description="Sit between a vhost-user front-end (QEMU) and back-end; show, record and change what they "
@@ -1334,7 +1334,7 @@ def line_printer(stream=None):
 
 
 def main(argv=None) -> int:
-    from .hooks import HookError, hooks_from_arguments
+    from ..engine.hooks import HookError, hooks_from_arguments
     parser = build_parser()
     args = parser.parse_args(argv)
     routes = routes_from_arguments(parser, args)

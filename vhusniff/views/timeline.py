@@ -11,9 +11,9 @@ from __future__ import annotations
 import math
 from html import escape
 
-from .analysis import Analyzer, Expect, direction_for
-from .model import Channel, Direction, Record, RecordKind
-from .protocol import Message
+from ..analysis.analyzer import Analyzer, Expect, direction_for
+from ..model import Channel, Direction, Record, RecordKind
+from ..protocol.grammar import Message
 
 LEFT = 190              # room for lane names
 TOP = 54

@@ -1,0 +1,1 @@
+"""The `vhusniff` command: subcommands dispatched from main; the analysis views in analysis."""
