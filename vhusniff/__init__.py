@@ -1,10 +1,9 @@
 """vhusniff: see, record, replay and change what a vhost-user front-end and back-end say to each other."""
-__version__ = "0.1.0"
-
 from .model import Channel, Direction, FdInfo, Record, RecordKind
 from .protocol.grammar import DecodeContext, Message, Problem, build_message, decode, encode
+from .version import __version__
 
-__all__ = ["Channel", "Direction", "FdInfo", "Record", "RecordKind", "DecodeContext", "Message", "Problem",
+__all__ = ["__version__", "Channel", "Direction", "FdInfo", "Record", "RecordKind", "DecodeContext", "Message", "Problem",
            "build_message", "decode", "encode"]
 
 # The scapy layers, loaded on first use (module __getattr__) so that `import vhusniff` does not import scapy.
@@ -24,4 +23,5 @@ def __dir__():
 
 # scapy's rdpcap reads our captures after `import vhusniff`, without the CLI paying for scapy (see scapy_capture).
 from .layers.pcap import install as _install_scapy_layer
+
 _install_scapy_layer()

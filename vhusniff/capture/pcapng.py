@@ -16,8 +16,9 @@ import sys
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from .compat import migrate_v1_event
 from ..model import Channel, Direction, EventKind, FdInfo, Record, RecordKind
+from ..version import __version__
+from .compat import migrate_v1_event
 
 LINKTYPE_USER0 = 147
 PSEUDO_MAGIC = b"VHUS"
@@ -93,7 +94,6 @@ def _block(block_type: int, body: bytes) -> bytes:
 
 def file_header(application: str = "vhusniff") -> bytes:
     """The Section Header Block and the one Interface Description Block every capture starts with."""
-    from .. import __version__
     shb_options = _option(4, f"{application} {__version__}".encode()) + _option(0, b"")
     shb = _block(BLOCK_SHB, struct.pack("<IHHq", BYTE_ORDER_MAGIC, 1, 0, -1) + shb_options)
     idb_options = _option(2, b"vhusniff") + _option(9, bytes([9])) + _option(0, b"")

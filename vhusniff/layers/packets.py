@@ -11,17 +11,32 @@ import re
 import struct
 
 from construct import Array, Bytes, BytesInteger, FormatField, GreedyBytes, Renamed, Struct
+from scapy.config import conf
 from scapy.fields import (
-    Field, FieldListField, LEIntField, LELongField, LEShortField, ByteField, PacketField, PacketListField,
-    StrField, StrFixedLenField, StrLenField,
+    ByteEnumField,
+    ByteField,
+    ConditionalField,
+    Field,
+    FieldLenField,
+    FieldListField,
+    LEIntField,
+    LELongField,
+    LEShortField,
+    LESignedLongField,
+    PacketField,
+    PacketListField,
+    StrField,
+    StrFixedLenField,
+    StrLenField,
 )
 from scapy.packet import Packet, Raw
 
+from ..capture.pcapng import FD_KINDS, LINKTYPE_USER0, PSEUDO_MAGIC, PSEUDO_VERSION
+from ..model import Channel, Direction, EventKind, RecordKind
 from ..protocol import catalogue as cat
-from ..model import Channel
-from ..protocol.grammar import DEFAULT_CONTEXT, HEADER_SIZE, PAYLOADS, DecodeContext, decode
+from ..protocol.grammar import DEFAULT_CONTEXT, HEADER_SIZE, PAYLOADS, DecodeContext, decode, flag_text
 
-__all__ = ["VhostUser", "VhostUserBackend", "VhostUserGpu", "PAYLOAD_LAYERS", "header_class_for"]
+__all__ = ["VhostUser", "VhostUserBackend", "VhostUserGpu", "VhusniffRecord", "PAYLOAD_LAYERS", "header_class_for"]
 
 
 class LEUnsignedField(Field):
@@ -154,7 +169,6 @@ PAYLOAD_LAYERS: dict[str, type] = {kind: _payload_class(kind) for kind in PAYLOA
 
 class _FlagsField(LEIntField):
     def i2repr(self, pkt, x):
-        from ..views.present import flag_text
         return "None" if x is None else flag_text(x)
 
 
@@ -244,7 +258,66 @@ def header_class_for(channel: Channel) -> type:
     return _HEADER_CLASSES.get(channel, VhostUser)
 
 
-# Importing this module imports scapy, whose import hook (scapy_capture) had to wait for this module to finish.
-from .pcap import register as _register_capture_layer  # noqa: E402
+# ---- the capture record: vhusniff's pseudo-header on LINKTYPE_USER0, then the message layer of its channel ----
 
-_register_capture_layer()
+_HEADERED_CHANNELS = (Channel.MAIN, Channel.BACKEND, Channel.GPU)
+_VERSIONS = (1, PSEUDO_VERSION)         # the layouts these fields describe
+
+class VhusniffFd(Packet):
+    name = "vhusniff fd description"
+    fields_desc = [
+        ByteEnumField("kind", 0, dict(enumerate(FD_KINDS))),
+        FieldLenField("name_length", None, length_of="fd_name", fmt="B"),
+        LEShortField("seals", 0),
+        LEIntField("reserved", 0),
+        LELongField("inode", 0),
+        LESignedLongField("size", -1),
+        StrLenField("fd_name", b"", length_from=lambda pkt: pkt.name_length),
+    ]
+
+    def extract_padding(self, s):
+        return b"", s
+
+class VhusniffRecord(Packet):
+    name = "vhusniff record"
+    fields_desc = [
+        StrFixedLenField("magic", PSEUDO_MAGIC, 4),
+        LEShortField("version", PSEUDO_VERSION),
+        LEShortField("header_length", None),
+        LEIntField("connection", 1),
+        ByteEnumField("kind", 0, {int(k): k.name.lower() for k in RecordKind}),
+        ByteEnumField("channel", 0, {int(c): c.name.lower() for c in Channel}),
+        ByteEnumField("direction", 0, {int(d): d.arrow for d in Direction}),
+        ByteField("flags", 0),
+        FieldLenField("fd_count", None, count_of="fds", fmt="<H"),
+        FieldLenField("note_length", None, length_of="note", fmt="<H"),
+        # Version 2 adds the event kind (version 1 said it only in the note).
+        ConditionalField(ByteEnumField("event", 0, {int(k): k.name for k in EventKind}),
+                         lambda pkt: pkt.version >= 2),
+        ConditionalField(StrFixedLenField("reserved", b"\0\0\0", 3), lambda pkt: pkt.version >= 2),
+        PacketListField("fds", [], VhusniffFd, count_from=lambda pkt: pkt.fd_count),
+        StrLenField("note", b"", length_from=lambda pkt: pkt.note_length),
+    ]
+
+    def post_build(self, pkt, pay):
+        if self.header_length is None:
+            pkt = pkt[:6] + len(pkt).to_bytes(2, "little") + pkt[8:]
+        return pkt + pay
+
+    def guess_payload_class(self, payload):
+        if self.kind != RecordKind.MESSAGE or self.version not in _VERSIONS or len(payload) < HEADER_SIZE \
+                or self.channel not in _HEADERED_CHANNELS:
+            return Raw             # events, and the device-state pipe's opaque stream, have no vhost-user header
+        return header_class_for(Channel(self.channel))
+
+    def mysummary(self):
+        return self.sprintf("vhusniff c%connection% %direction%")
+
+
+
+def register() -> None:
+    """Bind the capture record layer to link type 147 in scapy (idempotent: rebinding the same class)."""
+    conf.l2types.register(LINKTYPE_USER0, VhusniffRecord)
+
+
+register()
