@@ -7,10 +7,8 @@ import pytest
 
 from vhusniff.protocol import catalogue as cat
 from vhusniff.capture.pcapng import read_capture
-from vhusniff.engine.hooks import (
-    DisconnectAt, DropRequest, Flow, HookChain, HookError, MaskFeatures, MaskProtocolFeatures, CapReply,
-    load_hook_file,
-)
+from vhusniff.engine.hooks import Flow, HookChain, HookError, load_hook_file
+from vhusniff.engine.rewrites import CapReply, DisconnectAt, DropRequest, MaskFeatures, MaskProtocolFeatures
 from vhusniff.model import Channel, Direction
 from vhusniff.protocol.grammar import DEFAULT_CONTEXT, DecodeContext, build_message, decode
 from vhusniff.protocol.context import ContextTracker
@@ -96,7 +94,7 @@ def test_hook_file_loading(tmp_path):
 def test_hook_arguments_build_the_built_in_rewrites(tmp_path):
     import argparse
 
-    from vhusniff.engine.hooks import add_hook_arguments, hooks_from_arguments
+    from vhusniff.engine.rewrites import add_hook_arguments, hooks_from_arguments
     script = tmp_path / "mine.py"
     script.write_text("def message(flow):\n    pass\n")
     parser = argparse.ArgumentParser()

@@ -19,7 +19,7 @@ from vhusniff.lab import peers as lab
 from vhusniff.capture.pcapng import read_capture
 from vhusniff.lab.command import run_lab
 from vhusniff.model import Channel, Direction, RecordKind
-from vhusniff.proxy.driver import Proxy, ProxyError, Route
+from vhusniff.proxy import Proxy, ProxyError, Route
 
 GET_FEATURES, SET_OWNER, SET_BACKEND_REQ_FD, GET_QUEUE_NUM, GET_VRING_BASE = 1, 3, 21, 17, 11
 
@@ -467,7 +467,7 @@ def test_device_state_relay_is_cut_and_closed_when_the_connection_closes(tmp_pat
 
 
 def test_hooks_drop_modify_and_delay_without_blocking_others(tmp_path):
-    from vhusniff.engine.hooks import DropRequest
+    from vhusniff.engine.rewrites import DropRequest
 
     class DelayFirstConnection:
         def message(self, flow):

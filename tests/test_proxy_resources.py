@@ -22,7 +22,8 @@ from peers import FakeBackend, FakeFrontend, message, open_fds
 from vhusniff.proxy import driver as proxy_module
 from vhusniff.analysis.analyzer import Analyzer
 from vhusniff.model import Channel, Direction, EventKind, Record, RecordKind
-from vhusniff.proxy.driver import Proxy, Route
+from vhusniff.proxy import Proxy, Route
+from vhusniff.cli import proxy as proxy_cli
 from vhusniff.engine.sockio import RECV_SIZE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -159,7 +160,7 @@ def test_backend_that_never_reads_is_met_with_back_pressure_and_gets_every_byte_
 
 
 def test_max_buffered_is_a_cli_option():
-    parser = proxy_module.build_parser()
+    parser = proxy_cli.build_parser()
     args = parser.parse_args(["--listen", "a", "--backend", "b", "--max-buffered", "1048576"])
     assert args.max_buffered == 1 << 20
     assert parser.parse_args(["--listen", "a", "--backend", "b"]).max_buffered == proxy_module.MAX_BUFFERED_DEFAULT

@@ -25,7 +25,7 @@ from peers import IN_CI, FakeFrontend, kit, open_fds, require  # noqa: F401  (ki
 from vhusniff.protocol import catalogue as cat
 from vhusniff.lab import peers as lab
 from vhusniff.capture.pcapng import read_capture
-from vhusniff.engine.hooks import DisconnectAt, MaskProtocolFeatures
+from vhusniff.engine.rewrites import DisconnectAt, MaskProtocolFeatures
 from vhusniff.model import Channel, Direction, RecordKind
 from vhusniff.protocol.grammar import build_message, decode
 from vhusniff.replay import load_exchanges
@@ -660,7 +660,7 @@ def test_frontend_replay_hooks_act_on_the_backend_channel(fresh_boot, tmp_path, 
     BACKEND_CONFIG_CHANGE_MSG when the device starts, as a newer daemon would on a resize, and reports
     128 MiB in the next GET_CONFIG reply. The replay's hook reacts on the back-end channel (see
     ConfigChangeReaction); the replay's own requests and replies stay as recorded."""
-    from vhusniff.proxy.driver import Proxy, Route
+    from vhusniff.proxy import Proxy, Route
     backend, proxy_socket, written = tmp_path / "backend.sock", tmp_path / "proxy.sock", tmp_path / "replayed.pcapng"
     with lab.start_storage_daemon(tmp_path, backend):
         proxy = Proxy([Route.forward(proxy_socket, backend, "blk")], hooks=[ResizeNotice()], report=None).start()

@@ -19,7 +19,8 @@ from vhusniff.protocol import catalogue as cat
 from vhusniff.lab import peers as lab
 from vhusniff.capture.pcapng import read_capture
 from vhusniff.model import Channel, Direction, RecordKind
-from vhusniff.proxy.driver import TARGET_LOOKS_AFTER_LOSS, Proxy, Route
+from vhusniff.proxy import Proxy, Route
+from vhusniff.proxy.driver import TARGET_LOOKS_AFTER_LOSS
 
 LOOP_SECONDS = 12
 OUTAGE_SECONDS = 2.5          # the deliberate outage: the daemon is down this long
@@ -209,3 +210,26 @@ def test_restarted_backend_with_the_same_socket_inode_is_noticed(tmp_path):
     finally:
         proxy.stop()
         backend.close()
+
+
+def test_reverse_route_notices_qemu_listening_again_without_connecting_to_it(tmp_path):
+    """Reverse topology: QEMU listens (server=on) and is the proxy's target. When it is down and comes back, the
+    proxy must see it listening without a probe connection, which QEMU would take as a vhost-user client."""
+    qemu_path, proxy_path = tmp_path / "qemu.sock", tmp_path / "proxy.sock"
+    qemu = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    qemu.bind(str(qemu_path))                               # bound, not listening yet: connects are refused
+    proxy = Proxy([Route.reverse(proxy_path, qemu_path)], report=None).start()
+    try:
+        backend = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        backend.connect(str(proxy_path))                    # accepted, then QEMU refuses: the outage begins
+        assert backend.recv(1) == b""
+        backend.close()
+        assert proxy.wait_until(lambda p: any("stops listening" in n for n in _events(p)), timeout=2)
+        qemu.listen(4)
+        assert _wait_for(lambda: not _refused(proxy_path), timeout=3), _events(proxy)
+        qemu.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            qemu.accept()                                   # the proxy made no connection of its own to QEMU
+    finally:
+        proxy.stop()
+        qemu.close()

@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Subcommands that own their argument parsing: name -> (module, function, help).
 DELEGATED = {
-    "proxy": ("proxy.driver", "main", "intercept a live front-end/back-end pair"),
+    "proxy": ("cli.proxy", "main", "intercept a live front-end/back-end pair"),
     "lab": ("lab.command", "main", "boot a throwaway real QEMU and back-end through the proxy"),
     "replay": ("replay", "main", "replay a capture against a real back-end or a real front-end"),
     "diff": ("analysis.diff", "main", "compare two captures message by message"),

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from . import peers as lab
 from ..model import RecordKind
-from ..proxy.driver import Proxy, ProxyError, Route, line_printer
+from ..proxy import Proxy, ProxyError, Route
+from ..views.present import line_printer
 
 
 @dataclass
@@ -101,7 +102,7 @@ def record_boot(workdir: Path | str, device: str = "blk", reverse: bool = False,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..engine.hooks import add_hook_arguments
+    from ..engine.rewrites import add_hook_arguments
     parser = argparse.ArgumentParser(prog="vhusniff lab", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("blk", "net"), default="blk",
                         help="blk: qemu-storage-daemon (default); net: dpdk-testpmd")
@@ -120,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from ..engine.hooks import HookError, hooks_from_arguments
+    from ..engine.hooks import HookError
+    from ..engine.rewrites import hooks_from_arguments
     args = build_parser().parse_args(argv)
     try:
         hooks = hooks_from_arguments(args)

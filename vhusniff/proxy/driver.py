@@ -32,7 +32,6 @@ captured exactly, and the other connections carry on.
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import errno
 import fcntl
@@ -41,22 +40,21 @@ import itertools
 import os
 import resource
 import select
-import signal
 import socket
 import stat
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
+from .routes import (BACKEND, FRONTEND, TARGET_DOWN_ERRORS, ProxyError, Route, listen_at, listening_in_table,
+                     socket_identity, someone_listens)
 from ..engine.core import (Capture, CloseChannel, CloseConnection, CloseFds, Note, Send, Session, ShutWrite, Side,
                           StopReading, Wake)
 from ..engine.fds import describe_fd
 from ..model import Channel, Direction, EventKind, Record, RecordKind
 from ..engine.sockio import _ANCILLARY_SPACE, RECV_SIZE, received_fds, send_some
 
-FRONTEND, BACKEND = Side.FRONTEND.label, Side.BACKEND.label
 # Bytes waiting in the proxy for one socket before it stops reading from the side that sends them.
 MAX_BUFFERED_DEFAULT = 4 << 20
 # After a connection closes, how long what its peer had not taken yet may still go out (from the loop).
@@ -78,40 +76,12 @@ TARGET_CHECK_SECONDS = 0.1
 # A dying process may close its listener a moment after its connections; QEMU's reconnect=N comes back 1 s or
 # more after its own disconnect, and the proxy must be down before that.
 TARGET_LOOKS_AFTER_LOSS = (0.0, 0.05, 0.2, 0.5)
-# A connect to the target that fails with one of these means nobody listens there: the target is down.
-_TARGET_DOWN_ERRORS = (errno.ECONNREFUSED, errno.ENOENT)
 _EPOLL_READ = select.EPOLLIN | select.EPOLLRDHUP
 _EPOLL_READABLE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR | select.EPOLLRDHUP   # worth a recvmsg
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)         # plain ints: enum operators cost microseconds per message
 _CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
 _EPOLL_WRITE = select.EPOLLOUT
 _EPOLLIN = int(select.EPOLLIN)
-
-
-class ProxyError(Exception):
-    """The proxy cannot start (a socket path taken, a directory missing); the message says what to do."""
-
-
-@dataclass(frozen=True)
-class Route:
-    """One listening socket and where its connections go."""
-    listen: Path
-    target: Path
-    listener_role: str = FRONTEND     # who connects to `listen`: FRONTEND (forward) or BACKEND (reverse)
-    device: str | None = None         # "blk", "net"... when known: noted so that decoding names device features
-
-    @classmethod
-    def forward(cls, listen, backend, device: str | None = None) -> "Route":
-        return cls(Path(listen), Path(backend), FRONTEND, device)
-
-    @classmethod
-    def reverse(cls, listen_backend, frontend, device: str | None = None) -> "Route":
-        return cls(Path(listen_backend), Path(frontend), BACKEND, device)
-
-    @property
-    def target_role(self) -> str:
-        """Who is at `target`: the side that does not connect to `listen`."""
-        return BACKEND if self.listener_role == FRONTEND else FRONTEND
 
 
 class _Endpoint:
@@ -246,8 +216,9 @@ class Proxy:
         self._handlers: dict[int, object] = {}
         self._listeners: list[tuple[socket.socket, Route]] = []
         self._refusals: dict[Route, int] = {}
-        # Routes whose target was found down: the listener is closed meanwhile. Route -> when (monotonic).
-        self._outages: dict[Route, float] = {}
+        # Routes whose target was found down: the listener is closed meanwhile. Route -> (when (monotonic),
+        # the target's socket file then).
+        self._outages: dict[Route, tuple[float, tuple | None]] = {}
         self._looking_for_target: set[Route] = set()     # a back-end closed a connection: is it still there?
         self._timers: list = []
         self._lingering: set[_Endpoint] = set()
@@ -279,7 +250,7 @@ class Proxy:
         self._epoll.register(self._wake_read, select.EPOLLIN)
         try:
             for route in self.routes:
-                self._watch_listener(_listen(route.listen, self.socket_mode), route)
+                self._watch_listener(listen_at(route.listen, self.socket_mode), route)
             if isinstance(self._capture_target, (str, os.PathLike)):
                 from ..capture.pcapng import CaptureWriter
                 self._writer = CaptureWriter(self._capture_target, flush_each=True)
@@ -450,7 +421,7 @@ class Proxy:
                 self._proxy_event(f"{route.listener_role} connected on {route.listen}, but the {target_role} at "
                                   f"{route.target} refused: {error.strerror or error}; closing it (repeats are "
                                   f"counted, not recorded)", problem=True, kind=EventKind.TARGET_DOWN)
-            if error.errno in _TARGET_DOWN_ERRORS:
+            if error.errno in TARGET_DOWN_ERRORS:
                 self._mirror_outage(route)
             return
         self._note_refusals(route)
@@ -492,7 +463,7 @@ class Proxy:
         del self._handlers[listener.fileno()]
         self._listeners.remove(listening)
         listener.close()
-        self._outages[route] = time.monotonic()
+        self._outages[route] = (time.monotonic(), socket_identity(route.target))
         self._proxy_event(f"the {route.target_role} at {route.target} is down: the proxy stops listening on "
                           f"{route.listen} until someone listens there again, so connections to it are refused "
                           f"as they would be by the {route.target_role}", kind=EventKind.TARGET_DOWN)
@@ -503,20 +474,32 @@ class Proxy:
         socket, not the file: a restarted peer's socket file often has the dead one's inode number."""
         if route not in self._outages or self._stopping:
             return
-        if _someone_listens(route.target) is False:
+        if not self._target_is_back(route):
             self._schedule(TARGET_CHECK_SECONDS, self._check_target, route)
             return
         try:
-            listener = _listen(route.listen, self.socket_mode)
+            listener = listen_at(route.listen, self.socket_mode)
         except ProxyError as error:
             self._proxy_event(f"cannot listen on {route.listen} again: {error}; retrying", problem=True)
             self._schedule(TARGET_CHECK_SECONDS * 10, self._check_target, route)
             return
-        down_for = time.monotonic() - self._outages.pop(route)
+        down_for = time.monotonic() - self._outages.pop(route)[0]
         self._note_refusals(route)
         self._watch_listener(listener, route)
         self._proxy_event(f"the {route.target_role} at {route.target} listens again after {down_for:.1f} s: "
                           f"listening on {route.listen} again", kind=EventKind.TARGET_UP)
+
+    def _target_is_back(self, route: Route) -> bool:
+        """A back-end is asked with a connect it sees close at once. QEMU (a reverse route's target) is not: it
+        would take the probe as a vhost-user client, so the kernel's socket table is read instead, or failing
+        that the socket file compared with the dead one's (a new bind makes a new file)."""
+        if route.target_role == BACKEND:
+            return someone_listens(route.target) is not False
+        listening = listening_in_table(route.target)
+        if listening is not None:
+            return listening
+        identity = socket_identity(route.target)
+        return identity is not None and identity != self._outages[route][1]
 
     def _watch_for_target_loss(self, endpoint: _Endpoint) -> None:
         """The back-end closed or reset a connection's main channel. If it died, QEMU (reconnect=N) comes
@@ -534,7 +517,7 @@ class Proxy:
         if self._stopping or route in self._outages:
             self._looking_for_target.discard(route)
             return
-        if _someone_listens(route.target) is False:
+        if someone_listens(route.target) is False:
             self._looking_for_target.discard(route)
             self._mirror_outage(route)
             return
@@ -1220,150 +1203,3 @@ class Proxy:
                 self._display(connection_report(analyzer, record.connection))
                 analyzer.forget(record.connection)
             shown += 1
-
-
-def _someone_listens(path: Path) -> bool | None:
-    """Whether a process listens on the Unix socket at `path`: a non-blocking connect, closed at once (the
-    listener sees a connection end without a message). False when refused or absent; None when it cannot tell."""
-    try:
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        code = probe.connect_ex(str(path))
-    except OSError:                # a path too long for a socket address
-        return None
-    finally:
-        probe.close()
-    if code in (0, errno.EAGAIN, errno.EINPROGRESS):     # EAGAIN: its backlog is full, but it listens
-        return True
-    return False if code in _TARGET_DOWN_ERRORS else None
-
-
-def _listen(path: Path, mode: int) -> socket.socket:
-    """A listening Unix socket at `path`, mode `mode`; only a stale socket (nobody listening) is replaced."""
-    path = Path(path)
-    try:
-        status = path.lstat()
-    except FileNotFoundError:
-        status = None
-    if status is not None:
-        if not stat.S_ISSOCK(status.st_mode):
-            raise ProxyError(f"{path} exists and is not a socket; not removing it (choose another path)")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(path))
-        except ConnectionRefusedError:
-            path.unlink()          # stale: a socket file nobody listens on
-        except OSError as error:
-            raise ProxyError(f"{path}: cannot tell whether someone listens there ({error.strerror}); "
-                             f"not removing it") from None
-        else:
-            raise ProxyError(f"{path}: another process is listening there; not removing it")
-        finally:
-            probe.close()
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        listener.bind(str(path))
-        os.chmod(path, mode)       # before listen(): nobody can connect in between
-        listener.listen(64)
-    except OSError as error:
-        listener.close()
-        raise ProxyError(f"cannot listen on {path}: {error.strerror or error}") from None
-    listener.setblocking(False)
-    return listener
-
-
-# ---- command line ----
-
-def build_parser() -> argparse.ArgumentParser:
-    from ..engine.hooks import add_hook_arguments
-    parser = argparse.ArgumentParser(
-        prog="vhusniff proxy",
-        description="Sit between a vhost-user front-end (QEMU) and back-end; show, record and change what they "
-                    "say. Forward: --listen FRONTEND.sock --backend BACKEND.sock (repeat the pair for more "
-                    "devices). Reverse (QEMU server=on, back-end connects): --connect-frontend QEMU.sock "
-                    "--listen-backend PROXY.sock.")
-    parser.add_argument("--listen", action="append", default=[], metavar="FRONTEND.sock",
-                        help="where the front-end (QEMU) connects; pairs with the --backend in the same position")
-    parser.add_argument("--backend", action="append", default=[], metavar="BACKEND.sock",
-                        help="the listening back-end's socket")
-    parser.add_argument("--listen-backend", action="append", default=[], metavar="PROXY.sock",
-                        help="reverse: where the back-end connects; pairs with --connect-frontend")
-    parser.add_argument("--connect-frontend", action="append", default=[], metavar="QEMU.sock",
-                        help="reverse: QEMU's listening socket (server=on)")
-    parser.add_argument("-w", dest="write", metavar="CAPTURE", help="write a capture (pcapng), flushed per message")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no live output")
-    parser.add_argument("--color", choices=("auto", "always", "never"), default="auto")
-    parser.add_argument("--socket-mode", type=lambda text: int(text, 8), default=0o600, metavar="OCTAL",
-                        help="mode of the listening sockets (default 0600)")
-    parser.add_argument("--interpose-device-state", action="store_true",
-                        help="interpose on SET_DEVICE_STATE_FD's pipe: relay the migration stream through a pipe of the "
-                             "proxy's and record it (channel device_state, opaque bytes)")
-    parser.add_argument("--max-buffered", type=int, default=MAX_BUFFERED_DEFAULT, metavar="BYTES",
-                        help="bytes that may wait in the proxy for a peer that does not read; past it the proxy "
-                             f"stops reading from the other side until the peer catches up (default "
-                             f"{MAX_BUFFERED_DEFAULT})")
-    add_hook_arguments(parser)
-    return parser
-
-
-def routes_from_arguments(parser, args) -> list[Route]:
-    if len(args.listen) != len(args.backend):
-        parser.error("each --listen needs a --backend (and the other way round)")
-    if len(args.listen_backend) != len(args.connect_frontend):
-        parser.error("each --listen-backend needs a --connect-frontend (and the other way round)")
-    routes = [Route.forward(a, b) for a, b in zip(args.listen, args.backend)]
-    routes += [Route.reverse(a, b) for a, b in zip(args.listen_backend, args.connect_frontend)]
-    if not routes:
-        parser.error("nothing to do: give --listen/--backend or --listen-backend/--connect-frontend")
-    return routes
-
-
-def line_printer(stream=None):
-    """A display callable writing each line to `stream` (stdout), flushed so a pipe reader sees it live."""
-    stream = stream or sys.stdout
-
-    def show(line: str) -> None:
-        try:
-            stream.write(line + "\n")
-            stream.flush()
-        except (BrokenPipeError, ValueError):
-            pass
-    return show
-
-
-def main(argv=None) -> int:
-    from ..engine.hooks import HookError, hooks_from_arguments
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    routes = routes_from_arguments(parser, args)
-    try:
-        hooks = hooks_from_arguments(args)
-    except HookError as error:
-        print(f"vhusniff proxy: {error}", file=sys.stderr)
-        return 2
-    colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
-    proxy = Proxy(routes, capture=args.write, hooks=hooks, on_hook_error=args.on_hook_error,
-                  display=None if args.quiet else line_printer(), colour=colour, keep_records=False,
-                  socket_mode=args.socket_mode, interpose_device_state=args.interpose_device_state,
-                  max_buffered=args.max_buffered)
-    try:
-        proxy.open()
-    except (ProxyError, OSError) as error:
-        print(f"vhusniff proxy: {error}", file=sys.stderr)
-        return 1
-    for signal_number in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signal_number, lambda *_: proxy.request_stop())
-    for route in routes:
-        print(f"vhusniff proxy: {route.listener_role} connects to {route.listen}, the proxy connects to "
-              f"{route.target}" + (f"; capture {args.write}" if args.write else ""), file=sys.stderr, flush=True)
-    proxy.run()
-    if args.write:
-        print(f"vhusniff proxy: capture written to {args.write} ({proxy.connections_total} connection(s))",
-              file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,8 @@
 """How messages read to a person: one-line summaries, the field tree (-V) and hex (-x)."""
 from __future__ import annotations
 
+import sys
+
 from ..protocol.grammar import (
     PAYLOADS,
     STREAM_REQUEST,
@@ -40,7 +42,7 @@ def hexdump(data: bytes, indent: str = "  ") -> list[str]:
     return lines
 
 
-__all__ = ["field_tree", "hexdump", "record_line"]
+__all__ = ["field_tree", "hexdump", "line_printer", "record_line"]
 
 
 _COLOURS = {"F>B": "\033[36m", "B>F": "\033[33m", "problem": "\033[31;1m", "event": "\033[35m", "reset": "\033[0m"}
@@ -75,3 +77,16 @@ def record_line(number: int, relative_seconds: float, record, message: Message |
         tint = _COLOURS["problem"] if message.problems else _COLOURS[arrow]
         line = f"{tint}{line}{_COLOURS['reset']}"
     return line.rstrip()
+
+
+def line_printer(stream=None):
+    """A display callable writing each line to `stream` (stdout), flushed so a pipe reader sees it live."""
+    stream = stream or sys.stdout
+
+    def show(line: str) -> None:
+        try:
+            stream.write(line + "\n")
+            stream.flush()
+        except (BrokenPipeError, ValueError):
+            pass
+    return show
