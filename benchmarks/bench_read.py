@@ -69,8 +69,8 @@ def measure_floor(path: str) -> int:
 
 
 def measure_read(path: str) -> int:
-    from vhusniff.views.fast import fast_summary
     from vhusniff.protocol.context import ContextTracker
+    from vhusniff.views.fast import fast_summary
     with open(os.devnull, "w") as out:
         return fast_summary(path, ContextTracker(), out)
 
@@ -117,7 +117,8 @@ def main() -> int:
         read_rate = result["read"]["count"] / result["read"]["seconds"]
         print(f"{messages:>9,} messages ({result['size'] / 1e6:.0f} MB): floor {floor_rate:>11,.0f} msg/s  "
               f"read+summarise {read_rate:>9,.0f} msg/s  ratio to floor {read_rate / floor_rate:.2f}  "
-              f"peak RSS floor {result['floor']['peak_kib'] / 1024:.1f} MiB, read {result['read']['peak_kib'] / 1024:.1f} MiB")
+              f"peak RSS floor {result['floor']['peak_kib'] / 1024:.1f} MiB, "
+              f"read {result['read']['peak_kib'] / 1024:.1f} MiB")
     large_rate = results["large"]["read"]["count"] / results["large"]["read"]["seconds"]
     growth = results["large"]["read"]["peak_kib"] / results["small"]["read"]["peak_kib"]
     print(f"target >= 200,000 msg/s: {'met' if large_rate >= 200_000 else 'NOT met'} ({large_rate:,.0f}); "

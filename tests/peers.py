@@ -15,9 +15,9 @@ import threading
 
 import pytest
 
+from vhusniff.engine.sockio import receive_chunk, send_message
 from vhusniff.lab import peers as lab
 from vhusniff.protocol.framing import Frame, Framer
-from vhusniff.engine.sockio import receive_chunk, send_message
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 _HEADER = struct.Struct("<III")

@@ -9,11 +9,11 @@ import sys
 
 import pytest
 
-from vhusniff.protocol import catalogue as cat
 from vhusniff.analysis.analyzer import Analyzer, Expect, classify_event, direction_for, end_summary, expectation
-from vhusniff.model import Channel, EventKind, FdInfo, Record, RecordKind
-from vhusniff.protocol.grammar import build_message
 from vhusniff.analysis.state import NOFD
+from vhusniff.model import Channel, EventKind, FdInfo, Record, RecordKind
+from vhusniff.protocol import catalogue as cat
+from vhusniff.protocol.grammar import build_message
 
 F = cat.FrontendRequest
 B = cat.BackendRequest
@@ -352,6 +352,7 @@ def test_state_at_a_message_number(tmp_path, capsys):
 
 def test_timeline_svg_has_one_mark_per_message(tmp_path, capsys):
     import xml.etree.ElementTree as ET
+
     from vhusniff.cli.analysis import main_timeline
     s = qemu_blk_boot()
     output = tmp_path / "t.svg"
@@ -405,7 +406,8 @@ def _read_expert_as_two_passes_did(path: str, options: list[str], capsys) -> str
     lines = []
     for line in capsys.readouterr().out.splitlines(keepends=True):
         lines.append(line)
-        lines += [f"        [expert {f.severity}: {f.check}] {f.text}\n" for f in by_number.get(int(line.split()[0]), ())]
+        found = by_number.get(int(line.split()[0]), ())
+        lines += [f"        [expert {f.severity}: {f.check}] {f.text}\n" for f in found]
     lines.append(f"\nExpert findings: {len(analyzer.findings)}\n")
     lines += [f"  c{f.connection} {f.line()}\n" for f in analyzer.findings]
     return "".join(lines)

@@ -6,7 +6,8 @@ import subprocess
 import sys
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vhusniff.capture import pcapng as capture
 from vhusniff.capture.pcapng import CaptureError, CaptureWriter, read_capture, write_capture
@@ -26,7 +27,8 @@ def sample_records(count=5):
     out = []
     for number in range(count):
         out.append(Record(1_700_000_000_000_000_000 + number * 1234567, 1 + number % 2, Channel.MAIN,
-                          Direction(number % 2), build_message(Channel.MAIN, 1 + number, bytes(8 * (number % 2)), reply=bool(number % 2)),
+                          Direction(number % 2),
+                          build_message(Channel.MAIN, 1 + number, bytes(8 * (number % 2)), reply=bool(number % 2)),
                           [FdInfo("eventfd", 100 + number, -1, "[eventfd]")] if number % 3 == 0 else []))
     out.append(Record(1_700_000_000_100_000_000, 1, kind=RecordKind.EVENT, note="back-end closed the connection"))
     return out
@@ -185,7 +187,7 @@ def test_tshark_opens_a_capture_with_nanosecond_times_and_directions(tmp_path):
                           "-e", "frame.packet_flags_direction"], capture_output=True, text=True, check=True).stdout
     rows = [line.split("\t") for line in out.splitlines()]
     assert len(rows) == len(items)
-    for row, record in zip(rows, items):
+    for row, record in zip(rows, items, strict=False):
         seconds, fraction = row[0].split(".")
         assert int(seconds) * 10**9 + int(fraction.ljust(9, "0")[:9]) == record.timestamp_ns
         expected = 0 if record.kind == RecordKind.EVENT else (2 if record.direction == Direction.FRONTEND_TO_BACKEND

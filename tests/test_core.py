@@ -8,13 +8,27 @@ import struct
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vhusniff.protocol import catalogue as cat
-from vhusniff.engine import (HALF_CLOSE_GRACE_SECONDS, Capture, CloseChannel, CloseConnection, CloseFds, Fate, Inject,
-                             Note, Send, Session, ShutWrite, Side, StopReading, Wake)
+from vhusniff.engine import (
+    HALF_CLOSE_GRACE_SECONDS,
+    Capture,
+    CloseChannel,
+    CloseConnection,
+    CloseFds,
+    Fate,
+    Inject,
+    Note,
+    Send,
+    Session,
+    ShutWrite,
+    Side,
+    StopReading,
+    Wake,
+)
 from vhusniff.engine.hooks import HookChain
 from vhusniff.model import Channel, Direction
-from vhusniff.protocol.grammar import MAX_PAYLOAD_SIZE, build_message
+from vhusniff.protocol import catalogue as cat
 from vhusniff.protocol.context import ContextTracker
+from vhusniff.protocol.grammar import MAX_PAYLOAD_SIZE, build_message
 
 F, B = Side.FRONTEND, Side.BACKEND
 MAIN = Channel.MAIN

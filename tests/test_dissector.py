@@ -12,17 +12,17 @@ import subprocess
 import sys
 
 import pytest
-from peers import kit  # noqa: F401  (the real-QEMU guest kit fixture)
 
-from vhusniff.protocol import catalogue as cat
+from peers import kit  # noqa: F401  (the real-QEMU guest kit fixture)
 from vhusniff.analysis.analyzer import Analyzer
-from vhusniff.capture.pcapng import CaptureWriter, read_capture, write_capture
 from vhusniff.analysis.expert import CHECKS, PROBLEM_CHECKS
+from vhusniff.capture.pcapng import CaptureWriter, read_capture, write_capture
+from vhusniff.model import Channel, Direction, EventKind, FdInfo, Record, RecordKind
+from vhusniff.protocol import catalogue as cat
+from vhusniff.protocol.context import ContextTracker
+from vhusniff.protocol.grammar import PAYLOADS, DecodeContext, build_message, iter_fields, payload_candidates
 from vhusniff.views.filters import RECORD_FIELDS, grammar_fields, walk_layout
 from vhusniff.views.lua import DISSECTOR_PATH, render
-from vhusniff.model import Channel, Direction, EventKind, FdInfo, Record, RecordKind
-from vhusniff.protocol.grammar import PAYLOADS, build_message, iter_fields, payload_candidates, DecodeContext
-from vhusniff.protocol.context import ContextTracker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TSHARK = shutil.which("tshark")
@@ -186,7 +186,7 @@ def compare_capture(path: str) -> int:
     compared = 0
     records = list(read_capture(path))
     assert len(frames) == len(records)
-    for number, (record, flat) in enumerate(zip(records, frames), start=1):
+    for number, (record, flat) in enumerate(zip(records, frames, strict=False), start=1):
         message = tracker.decode(record)
         if message is None:
             continue
@@ -418,7 +418,8 @@ def test_tshark_and_read_name_every_feature_bit_alike(tmp_path, path):
     assert from_read.keys() == from_tshark.keys()
     for number, items in from_tshark.items():
         assert len(items) == len(from_read[number]), number
-        for (field, value, names, cut), (read_field, read_value, read_names) in zip(items, from_read[number]):
+        for (field, value, names, cut), (read_field, read_value, read_names) in zip(items, from_read[number],
+                                                                                  strict=True):
             assert (field, value) == (read_field, read_value), number
             if cut:         # the names Wireshark shows whole are the first ones vhusniff names, in the same order
                 assert names[:-1] == read_names[:len(names) - 1] and read_names[len(names) - 1].startswith(

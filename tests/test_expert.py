@@ -4,16 +4,26 @@ from __future__ import annotations
 import struct
 
 import pytest
+from test_analysis import (
+    BLK_ACKED,
+    QEMU_PROTOCOL,
+    UADDR,
+    B,
+    F,
+    MiB,
+    Script,
+    eventfd,
+    memfd,
+    opened,
+    qemu_blk_boot,
+    running,
+)
 
-from vhusniff.protocol import catalogue as cat
 from vhusniff.analysis.analyzer import Analyzer
 from vhusniff.analysis.expert import CHECKS, Severity
 from vhusniff.model import Channel, EventKind
+from vhusniff.protocol import catalogue as cat
 from vhusniff.protocol.grammar import HEADER_STRUCT
-
-from test_analysis import (
-    BLK_ACKED, MiB, QEMU_PROTOCOL, UADDR, F, B, Script, eventfd, memfd, opened, qemu_blk_boot, running,
-)
 
 STATUS = 1 << 16
 INBAND = 1 << 14

@@ -6,13 +6,14 @@ import struct
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from vhusniff.capture.pcapng import read_capture
-from vhusniff.views.filters import FilterError, compile_filter, grammar_fields
 from vhusniff.model import Channel, Direction, FdInfo, Record
-from vhusniff.protocol.grammar import build_message, decode, iter_fields
 from vhusniff.protocol.context import ContextTracker
+from vhusniff.protocol.grammar import build_message, decode, iter_fields
+from vhusniff.views.filters import FilterError, compile_filter, grammar_fields
 
 REGION = dict(guest_phys_addr=0x1000, memory_size=0x200000, userspace_addr=0x7F0000000000, mmap_offset=0)
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 import struct
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from vhusniff.model import Channel
 from vhusniff.protocol.framing import Frame, Framer, FramingError, StrayFds
 from vhusniff.protocol.grammar import build_message
-from vhusniff.model import Channel
 
 MESSAGES = [
     build_message(Channel.MAIN, 1),

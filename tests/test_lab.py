@@ -5,7 +5,6 @@ so that a broken install cannot pass as a green run.
 """
 import gzip
 import lzma
-import os
 import shutil
 import stat
 import subprocess
@@ -14,9 +13,7 @@ import time
 import pytest
 
 from peers import kit, require  # noqa: F401  (kit is a fixture)
-
 from vhusniff.lab import peers as lab
-
 
 
 def test_cpio_writer_output_is_read_by_cpio():

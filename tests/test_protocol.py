@@ -7,21 +7,28 @@ from pathlib import Path
 
 import pytest
 from construct import Container, ListContainer
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from scapy.packet import Packet, Raw
 
-from vhusniff.protocol import catalogue as cat
-from vhusniff.layers import packets as layers
-from vhusniff.protocol import grammar as protocol
+from grammar_values import payload_values
 from vhusniff.capture.pcapng import read_capture
+from vhusniff.layers import packets as layers
 from vhusniff.layers.packets import header_class_for
 from vhusniff.model import Channel, RecordKind
+from vhusniff.protocol import catalogue as cat
+from vhusniff.protocol import grammar as protocol
 from vhusniff.protocol.context import ContextTracker
 from vhusniff.protocol.grammar import (
-    HEADER, HEADER_STRUCT, PAYLOADS, DecodeContext, build_message, decode, encode, payload_candidates,
+    HEADER,
+    HEADER_STRUCT,
+    PAYLOADS,
+    DecodeContext,
+    build_message,
+    decode,
+    encode,
+    payload_candidates,
 )
-
-from grammar_values import payload_values
 
 # Every (channel, request, reply?, kind) the catalogue allows.
 CASES = [

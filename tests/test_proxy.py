@@ -13,10 +13,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from peers import FakeBackend, FakeFrontend, kit, message, open_fds, require  # noqa: F401  (kit is a fixture)
 
-from vhusniff.lab import peers as lab
+from peers import FakeBackend, FakeFrontend, kit, message, open_fds, require  # noqa: F401  (kit is a fixture)
 from vhusniff.capture.pcapng import read_capture
+from vhusniff.lab import peers as lab
 from vhusniff.lab.command import run_lab
 from vhusniff.model import Channel, Direction, RecordKind
 from vhusniff.proxy import Proxy, ProxyError, Route
@@ -268,7 +268,7 @@ def test_64_concurrent_connections(tmp_path):
         proxy = Proxy([Route.forward(tmp_path / "p.sock", fake.path)], keep_records=True, report=None).start()
         clients = [FakeFrontend(tmp_path / "p.sock") for _ in range(64)]
         assert proxy.wait_until(lambda p: p.active_connections == 64)
-        for round_number in range(3):
+        for _round_number in range(3):
             for client in clients:
                 client.send(message(GET_FEATURES))
             for client in clients:
@@ -360,8 +360,8 @@ def _write_all_and_close(fd, data):
 @pytest.mark.parametrize("backend_fd", [False, True], ids=["frontend-pipe", "backend-reply-fd"])
 @pytest.mark.parametrize("save", [True, False], ids=["save", "load"])
 def test_device_state_stream_is_interposed_relayed_and_recorded(tmp_path, save, backend_fd):
-    from vhusniff.views.present import record_line
     from vhusniff.protocol.grammar import decode
+    from vhusniff.views.present import record_line
     state = os.urandom(300_000)          # more than a pipe holds: the relay must wait for the reader
     before = open_fds()
     with FakeBackend(tmp_path / "fake.sock", return_state_fd=backend_fd) as fake:

@@ -17,14 +17,14 @@ import time
 from pathlib import Path
 
 import pytest
-from peers import FakeBackend, FakeFrontend, message, open_fds
 
-from vhusniff.proxy import driver as proxy_module
+from peers import FakeBackend, FakeFrontend, message
 from vhusniff.analysis.analyzer import Analyzer
-from vhusniff.model import Channel, Direction, EventKind, Record, RecordKind
-from vhusniff.proxy import Proxy, Route
 from vhusniff.cli import proxy as proxy_cli
 from vhusniff.engine.sockio import RECV_SIZE
+from vhusniff.model import Channel, Direction, EventKind, Record, RecordKind
+from vhusniff.proxy import Proxy, Route
+from vhusniff.proxy import driver as proxy_module
 
 ROOT = Path(__file__).resolve().parent.parent
 GET_FEATURES, SET_OWNER, GET_QUEUE_NUM = 1, 3, 17

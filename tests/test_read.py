@@ -10,7 +10,8 @@ import subprocess
 import sys
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from vhusniff.capture.pcapng import enhanced_packet_block, file_header
 from vhusniff.cli.main import main
@@ -202,7 +203,8 @@ def test_colour_only_when_asked_or_on_a_terminal(tmp_path, capsys):
                                           "from scapy.packet import Packet; from scapy.utils import rdpcap, "
                                           "PcapNgReader",
                                           # vhusniff.layers.packets imports scapy while it is itself half-loaded
-                                          "import vhusniff.layers.packets; from scapy.utils import rdpcap, PcapNgReader"])
+                                          "import vhusniff.layers.packets; "
+                                          "from scapy.utils import rdpcap, PcapNgReader"])
 @pytest.mark.parametrize("scapy_first", [False, True])
 def test_scapy_reads_captures_after_import_vhusniff(tmp_path, scapy_import, scapy_first):
     from vhusniff.capture.pcapng import write_capture
@@ -221,9 +223,10 @@ def test_scapy_reads_captures_after_import_vhusniff(tmp_path, scapy_import, scap
 
 
 def test_scapy_keeps_device_state_stream_chunks_raw(tmp_path):
-    import vhusniff  # noqa: F401  (registers the capture layer with scapy)
     from scapy.packet import Raw
     from scapy.utils import rdpcap
+
+    import vhusniff  # noqa: F401  (registers the capture layer with scapy)
     from vhusniff.capture.pcapng import write_capture
     from vhusniff.layers.packets import VhostUser
     from vhusniff.model import RecordKind

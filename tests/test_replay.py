@@ -22,14 +22,14 @@ from pathlib import Path
 import pytest
 
 from peers import IN_CI, FakeFrontend, kit, open_fds, require  # noqa: F401  (kit is a fixture)
-from vhusniff.protocol import catalogue as cat
-from vhusniff.lab import peers as lab
 from vhusniff.capture.pcapng import read_capture
 from vhusniff.engine.rewrites import DisconnectAt, MaskProtocolFeatures
+from vhusniff.lab import peers as lab
 from vhusniff.model import Channel, Direction, RecordKind
+from vhusniff.protocol import catalogue as cat
+from vhusniff.protocol.context import ContextTracker
 from vhusniff.protocol.grammar import build_message, decode
 from vhusniff.replay import load_exchanges
-from vhusniff.protocol.context import ContextTracker
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_BOOT = REPO / "captures" / "qemu-blk-boot.pcapng"
@@ -227,7 +227,7 @@ def _fake_frontend(listen: Path, requests: list[bytes]) -> list[bytes | None]:
             frontend.send(request)
             try:
                 answers.append(frontend.receive().data)
-            except (socket.timeout, EOFError):
+            except (TimeoutError, EOFError):
                 answers.append(None)
     finally:
         frontend.close()
@@ -573,6 +573,7 @@ def test_backend_replay_keeps_answering_while_a_backend_channel_reply_is_missing
 def _replay_in_process(capture: Path, backend: Path, written: Path, hooks) -> tuple[object, str]:
     """replay --as frontend in this process (so that its fds can be counted): (result, what it printed)."""
     import io
+
     from vhusniff.capture.pcapng import CaptureWriter
     from vhusniff.replay import replay_as_frontend
     out, writer = io.StringIO(), CaptureWriter(written, flush_each=True)

@@ -14,11 +14,10 @@ import time
 import pytest
 
 from peers import FakeBackend, FakeFrontend, kit, require  # noqa: F401  (kit is a fixture)
-
-from vhusniff.protocol import catalogue as cat
-from vhusniff.lab import peers as lab
 from vhusniff.capture.pcapng import read_capture
+from vhusniff.lab import peers as lab
 from vhusniff.model import Channel, Direction, RecordKind
+from vhusniff.protocol import catalogue as cat
 from vhusniff.proxy import Proxy, Route
 from vhusniff.proxy.driver import TARGET_LOOKS_AFTER_LOSS
 

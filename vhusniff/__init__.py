@@ -3,8 +3,8 @@ from .model import Channel, Direction, FdInfo, Record, RecordKind
 from .protocol.grammar import DecodeContext, Message, Problem, build_message, decode, encode
 from .version import __version__
 
-__all__ = ["__version__", "Channel", "Direction", "FdInfo", "Record", "RecordKind", "DecodeContext", "Message", "Problem",
-           "build_message", "decode", "encode"]
+__all__ = ["__version__", "Channel", "Direction", "FdInfo", "Record", "RecordKind", "DecodeContext", "Message",
+           "Problem", "build_message", "decode", "encode"]
 
 # The scapy layers, loaded on first use (module __getattr__) so that `import vhusniff` does not import scapy.
 _LAZY_LAYERS = ("VhostUser", "VhostUserBackend", "VhostUserGpu")
@@ -22,6 +22,6 @@ def __dir__():
 
 
 # scapy's rdpcap reads our captures after `import vhusniff`, without the CLI paying for scapy (see scapy_capture).
-from .layers.pcap import install as _install_scapy_layer
+from .layers.pcap import install as _install_scapy_layer  # noqa: E402  (after __getattr__, which it needs)
 
 _install_scapy_layer()

@@ -1,4 +1,5 @@
-"""The plain records that flow through vhusniff: socket -> framer -> Record -> state/hooks -> forward -> capture -> views.
+"""The plain records that flow through vhusniff:
+socket -> framer -> Record -> state/hooks -> forward -> capture -> views.
 
 Nothing here knows about sockets or about the payload grammar; a Record holds exact bytes and fd descriptions.
 """

@@ -16,11 +16,11 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from ..protocol import catalogue as cat
-from .expert import CHECKS, Finding, check_message
 from ..model import Channel, Direction, Record, RecordKind
-from ..protocol.grammar import Message, request_name
+from ..protocol import catalogue as cat
 from ..protocol.context import ContextTracker
+from ..protocol.grammar import Message, request_name
+from .expert import CHECKS, Finding, check_message
 from .state import ConnectionState, classify_event, protocol_feature_set
 
 # Streaming (keep=False): findings kept per connection for its report; connections remembered as forgotten.
@@ -220,7 +220,7 @@ class Analyzer:
         new = self.findings[before:]
         return new if self.keep else self._retain(new)
 
-    def run(self, records) -> "Analyzer":
+    def run(self, records) -> Analyzer:
         for record in records:
             self.feed(record)
         self.finish()
@@ -367,5 +367,5 @@ def direction_for(channel: Channel, is_reply: bool) -> Direction:
     return Direction.FRONTEND_TO_BACKEND if frontend_sends else Direction.BACKEND_TO_FRONTEND
 
 
-__all__ = ["Analyzer", "ResponseSummary", "connection_report", "Transaction", "Expect", "classify_event", "end_summary", "request_name",
-           "direction_for", "expectation"]
+__all__ = ["Analyzer", "ResponseSummary", "connection_report", "Transaction", "Expect", "classify_event",
+           "end_summary", "request_name", "direction_for", "expectation"]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from ..protocol import catalogue as cat
 from ..model import Channel, Record, RecordKind
-from ..protocol.grammar import Message, iter_fields
+from ..protocol import catalogue as cat
 from ..protocol.context import ContextTracker
+from ..protocol.grammar import Message, iter_fields
 
 
 def describe_difference(value_a, value_b, labels: tuple[str, str] = ("A", "B")) -> str:
@@ -93,7 +93,7 @@ def diff_records(left: list[Record], right: list[Record], ignore: frozenset[str]
     left_by, right_by = _messages(left), _messages(right)
     for channel in sorted(set(left_by) | set(right_by)):
         a, b = left_by.get(channel, []), right_by.get(channel, [])
-        for (na, ra, ma), (nb, rb, mb) in zip(a, b):
+        for (na, ra, ma), (nb, rb, mb) in zip(a, b, strict=False):
             where = f"{channel.name.lower()} A#{na} B#{nb}"
             if ra.direction != rb.direction or ma.request != mb.request or ma.is_reply != mb.is_reply:
                 lines.append(f"{where}: A {ra.direction.arrow} {ma.summary()}  |  B {rb.direction.arrow} "

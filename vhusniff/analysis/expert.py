@@ -11,8 +11,8 @@ import enum
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from ..protocol import catalogue as cat
 from ..model import Channel, Direction, Record
+from ..protocol import catalogue as cat
 from ..protocol.grammar import Message, request_table
 from .state import ConnectionState
 

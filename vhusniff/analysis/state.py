@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..protocol import catalogue as cat
 from ..model import Channel, Direction, EventKind, FdInfo, Record, RecordKind
+from ..protocol import catalogue as cat
 from ..protocol.grammar import Message
 
 F = cat.FrontendRequest

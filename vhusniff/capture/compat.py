@@ -12,7 +12,6 @@ from typing import NamedTuple
 
 from ..model import Channel, EventKind
 
-
 # How version-1 readers classified an event's note, first match wins: (lower-case substring, kind). An "end"
 # was any close, disconnect, hang-up, EOF, crash... of the connection (a half-close too: version 1 told them
 # apart only in words); the same words on a side channel ended only that channel.

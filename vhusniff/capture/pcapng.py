@@ -218,7 +218,7 @@ class CaptureWriter:
         if self._owned:
             self._file.close()
 
-    def __enter__(self) -> "CaptureWriter":
+    def __enter__(self) -> CaptureWriter:
         return self
 
     def __exit__(self, *exc_info) -> None:

@@ -4,11 +4,11 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
-from ..protocol import catalogue as cat
 from ..analysis.analyzer import Analyzer, Expect, Transaction, connection_report, end_summary
-from ..capture.pcapng import ReadOutcome, read_capture, reading
 from ..analysis.expert import CHECKS, Severity
+from ..capture.pcapng import ReadOutcome, read_capture, reading
 from ..model import Channel, Record, RecordKind
+from ..protocol import catalogue as cat
 from ..protocol.grammar import Message
 
 EXIT_BAD_INPUT = 2

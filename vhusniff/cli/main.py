@@ -7,8 +7,8 @@ import json
 import os
 import sys
 
-from ..protocol import catalogue as cat
 from ..model import RecordKind
+from ..protocol import catalogue as cat
 
 EXIT_BAD_INPUT = 2
 
@@ -81,8 +81,8 @@ class _ExpertLines:
 
 def command_read(args) -> int:
     from ..capture.pcapng import reading
-    from ..views.present import field_tree, hexdump, record_line
     from ..protocol.context import ContextTracker
+    from ..views.present import field_tree, hexdump, record_line
     display_filter = None
     if args.filter:
         from ..views.filters import FilterError, compile_filter

@@ -5,8 +5,8 @@ import argparse
 import signal
 import sys
 
-from ..engine.rewrites import add_hook_arguments, hooks_from_arguments
 from ..engine.hooks import HookError
+from ..engine.rewrites import add_hook_arguments, hooks_from_arguments
 from ..proxy.driver import MAX_BUFFERED_DEFAULT, Proxy
 from ..proxy.routes import ProxyError, Route
 from ..views.present import line_printer
@@ -33,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--socket-mode", type=lambda text: int(text, 8), default=0o600, metavar="OCTAL",
                         help="mode of the listening sockets (default 0600)")
     parser.add_argument("--interpose-device-state", action="store_true",
-                        help="interpose on SET_DEVICE_STATE_FD's pipe: relay the migration stream through a pipe of the "
-                             "proxy's and record it (channel device_state, opaque bytes)")
+                        help="interpose on SET_DEVICE_STATE_FD's pipe: relay the migration stream through a pipe of "
+                             "the proxy's and record it (channel device_state, opaque bytes)")
     parser.add_argument("--max-buffered", type=int, default=MAX_BUFFERED_DEFAULT, metavar="BYTES",
                         help="bytes that may wait in the proxy for a peer that does not read; past it the proxy "
                              f"stops reading from the other side until the peer catches up (default "
@@ -48,8 +48,8 @@ def routes_from_arguments(parser, args) -> list[Route]:
         parser.error("each --listen needs a --backend (and the other way round)")
     if len(args.listen_backend) != len(args.connect_frontend):
         parser.error("each --listen-backend needs a --connect-frontend (and the other way round)")
-    routes = [Route.forward(a, b) for a, b in zip(args.listen, args.backend)]
-    routes += [Route.reverse(a, b) for a, b in zip(args.listen_backend, args.connect_frontend)]
+    routes = [Route.forward(a, b) for a, b in zip(args.listen, args.backend, strict=False)]
+    routes += [Route.reverse(a, b) for a, b in zip(args.listen_backend, args.connect_frontend, strict=False)]
     if not routes:
         parser.error("nothing to do: give --listen/--backend or --listen-backend/--connect-frontend")
     return routes

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
+from ..model import Channel, Direction, EventKind, Record
 from ..protocol import catalogue as cat
 from ..protocol.framing import Frame, Framer, FramingError, StrayFds
-from ..model import Channel, Direction, EventKind, Record
 
 # QEMU's chardev accepts at most 16 fds a message (TCP_MAX_FDS); more is a finding, still forwarded.
 MAX_FDS_SEEN_IN_PRACTICE = 16
@@ -34,7 +34,7 @@ class Side(enum.IntEnum):
     BACKEND = 1
 
     @property
-    def other(self) -> "Side":
+    def other(self) -> Side:
         return Side.BACKEND if self is Side.FRONTEND else Side.FRONTEND
 
     @property
@@ -126,7 +126,7 @@ class Wake(NamedTuple):
     token: object
 
 
-Command = Union[Capture, Note, Send, CloseFds, StopReading, ShutWrite, CloseChannel, CloseConnection, Inject, Wake]
+Command = Capture | Note | Send | CloseFds | StopReading | ShutWrite | CloseChannel | CloseConnection | Inject | Wake
 
 # Requests whose one fd is a socket that opens a side channel: request -> the channel it carries.
 _SIDE_CHANNEL_REQUESTS = {int(cat.FrontendRequest.SET_BACKEND_REQ_FD): Channel.BACKEND,
@@ -301,7 +301,8 @@ class Session:
         """The driver carried out a Send's interpose for a side channel: its two ends now feed received()."""
         out: list = []
         if replaced:
-            out.append(Note(now_ns, channel, f"{channel.name.lower()} channel replaced by message #{self.messages}", kind=EventKind.CHANNEL_CLOSED))
+            out.append(Note(now_ns, channel, f"{channel.name.lower()} channel replaced by message #{self.messages}",
+                            kind=EventKind.CHANNEL_CLOSED))
             self._drop_channel_state(channel, out)
         self.open_channel(channel)
         out.append(Note(now_ns, channel, f"{channel.name.lower()} channel interposed: the proxy relays the socket "
@@ -371,7 +372,8 @@ class Session:
     def _stray(self, channel: Channel, side: Side, stray: StrayFds, now_ns: int, out: list) -> None:
         out.append(Note(now_ns, channel, f"{side.label} sent {len(stray.fds)} fd(s) with bytes at stream offset "
                                          f"{stray.offset} where no message begins (after message #{self.messages}); "
-                                         f"fds described here and closed", True, tuple(stray.fds), kind=EventKind.PROTOCOL_ERROR))
+                                         f"fds described here and closed", True, tuple(stray.fds),
+                                             kind=EventKind.PROTOCOL_ERROR))
         out.append(CloseFds(list(stray.fds)))
 
     def _unframeable(self, channel: Channel, side: Side, stream: Stream, error: FramingError, chunk_fds: list,
@@ -512,7 +514,8 @@ class Session:
         rest, rest_fds = stream.framer.take_rest()
         if rest:
             text = f"incomplete message #{self.messages + 1} ({len(rest)} bytes) when the {side.label} closed"
-            out.append(Note(now_ns, channel, f"{side.label} closed mid-message: {text}; forwarded unframed", True, kind=EventKind.PROTOCOL_ERROR))
+            out.append(Note(now_ns, channel, f"{side.label} closed mid-message: {text}; forwarded unframed", True,
+                            kind=EventKind.PROTOCOL_ERROR))
             self._forward(channel, side, rest, rest_fds, now_ns, f"unframed: {text}", out, unframed=True)
             if self.closed:
                 return
@@ -529,7 +532,8 @@ class Session:
             self.close(f"{side.label} closed too: connection closed after message #{self.messages}", now_ns, out)
             return
         out.append(Note(now_ns, Channel.MAIN, f"{side.label} closed its side (EOF) after message #{self.messages}; "
-                                              f"passing the close on to the {side.other.label}", kind=EventKind.HALF_CLOSED))
+                                              f"passing the close on to the {side.other.label}",
+                                                  kind=EventKind.HALF_CLOSED))
         self._write_shut.add((channel, side.other))
         out.append(ShutWrite(channel, side.other))
         if not self._half_closing:

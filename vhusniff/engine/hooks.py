@@ -132,7 +132,8 @@ class HookChain:
                 name = getattr(hook, "__name__", type(hook).__name__)
                 self.report(f"hook {name} raised on connection {flow.connection} message #{flow.number} "
                             f"({flow.message.summary()}):\n{traceback.format_exc().rstrip()}\n"
-                            f"policy: {'forward the message unchanged' if self.on_error == 'forward' else 'disconnect'}")
+                            f"policy: "
+                            f"{'forward the message unchanged' if self.on_error == 'forward' else 'disconnect'}")
                 # Whatever the hook half-did is undone: the policy decides, not a partial edit.
                 flow._layer, flow._replacement, flow.dropped, flow.injected = None, None, False, []
                 flow.delay_seconds = 0.0

@@ -18,10 +18,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import peers as lab
 from ..model import RecordKind
 from ..proxy import Proxy, ProxyError, Route
 from ..views.present import line_printer
+from . import peers as lab
 
 
 @dataclass

@@ -351,7 +351,7 @@ class Profile:
 
     def with_overrides(self, name: str, protocol_features: dict[int, str] | None = None,
                        frontend_names: dict[int, str] | None = None,
-                       backend_names: dict[int, str] | None = None) -> "Profile":
+                       backend_names: dict[int, str] | None = None) -> Profile:
         """A new profile: this one with some numbers renamed (or added)."""
         def merged(base, extra):
             return MappingProxyType({**base, **(extra or {})})

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from . import catalogue as cat
 from ..model import Channel, EventKind, Record, RecordKind
+from . import catalogue as cat
 from .grammar import DEFAULT_CONTEXT, DecodeContext, Message, decode
 
 

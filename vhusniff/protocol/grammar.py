@@ -11,17 +11,27 @@ from __future__ import annotations
 
 import io
 import struct
-from typing import Any
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Any
 
 from construct import (
-    Array, Bytes, BytesInteger, Container, GreedyBytes, Int8ul, Int16ul, Int32ul, Int64ul, ListContainer,
-    Struct, this,
+    Array,
+    Bytes,
+    BytesInteger,
+    Container,
+    GreedyBytes,
+    Int8ul,
+    Int16ul,
+    Int32ul,
+    Int64ul,
+    ListContainer,
+    Struct,
+    this,
 )
 
-from . import catalogue as cat
 from ..model import Channel
+from . import catalogue as cat
 
 HEADER_SIZE = 12
 # Framing limit: rust-vmm's MAX_MSG_SIZE. The largest spec payload is the SHMEM config (2056 bytes).
@@ -402,8 +412,8 @@ def payload_summary(message: Message) -> str:
         if name == "region":
             regions = value if isinstance(value, list) else [value]
             for region in regions:
-                parts.append("{gpa=%#x size=%#x uaddr=%#x off=%#x}" % (
-                    region.guest_phys_addr, region.memory_size, region.userspace_addr, region.mmap_offset))
+                parts.append(f"{{gpa={region.guest_phys_addr:#x} size={region.memory_size:#x} "
+                             f"uaddr={region.userspace_addr:#x} off={region.mmap_offset:#x}}}")
             continue
         if name == "flags" and message.kind in ("vring_fd", "vring_area"):
             if value & 1:

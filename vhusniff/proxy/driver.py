@@ -47,13 +47,33 @@ import threading
 import time
 from pathlib import Path
 
-from .routes import (BACKEND, FRONTEND, TARGET_DOWN_ERRORS, ProxyError, Route, listen_at, listening_in_table,
-                     socket_identity, someone_listens)
-from ..engine.core import (Capture, CloseChannel, CloseConnection, CloseFds, Note, Send, Session, ShutWrite, Side,
-                          StopReading, Wake)
+from ..engine.core import (
+    Capture,
+    CloseChannel,
+    CloseConnection,
+    CloseFds,
+    Note,
+    Send,
+    Session,
+    ShutWrite,
+    Side,
+    StopReading,
+    Wake,
+)
 from ..engine.fds import describe_fd
-from ..model import Channel, Direction, EventKind, Record, RecordKind
 from ..engine.sockio import _ANCILLARY_SPACE, RECV_SIZE, received_fds, send_some
+from ..model import Channel, Direction, EventKind, Record, RecordKind
+from .routes import (
+    BACKEND,
+    FRONTEND,
+    TARGET_DOWN_ERRORS,
+    ProxyError,
+    Route,
+    listen_at,
+    listening_in_table,
+    socket_identity,
+    someone_listens,
+)
 
 # Bytes waiting in the proxy for one socket before it stops reading from the side that sends them.
 MAX_BUFFERED_DEFAULT = 4 << 20
@@ -91,7 +111,7 @@ class _Endpoint:
                  "read_closed", "write_shut", "shutdown_pending", "closed", "received", "write_plain",
                  "buffered", "paused", "paused_at", "linger_timer")
 
-    def __init__(self, sock: socket.socket, conn: "_Connection", channel: Channel, role: Side):
+    def __init__(self, sock: socket.socket, conn: _Connection, channel: Channel, role: Side):
         sock.setblocking(False)
         self.sock = sock
         self.fd = sock.fileno()
@@ -134,7 +154,7 @@ class _Connection:
     def messages(self) -> int:
         return self.session.messages
 
-    def endpoint(self, channel: Channel, role: Side) -> "_Endpoint | None":
+    def endpoint(self, channel: Channel, role: Side) -> _Endpoint | None:
         pair = self.channels.get(channel)
         return None if pair is None else pair[role]
 
@@ -264,7 +284,7 @@ class Proxy:
             raise
         self._opened = True
 
-    def start(self) -> "Proxy":
+    def start(self) -> Proxy:
         """Open and run the loop in a daemon thread; returns at once."""
         self.open()
         self._thread = threading.Thread(target=self._run_loop, name="vhusniff-proxy", daemon=True)
@@ -310,7 +330,7 @@ class Proxy:
                 self._waiters -= 1
         return True
 
-    def __enter__(self) -> "Proxy":
+    def __enter__(self) -> Proxy:
         return self.start()
 
     def __exit__(self, *exc_info) -> None:
@@ -364,7 +384,7 @@ class Proxy:
             self._epoll.close()
 
     def _close_listeners(self) -> None:
-        for listener, route in self._listeners:
+        for listener, _route in self._listeners:
             listener.close()
         for route in [route for _listener, route in self._listeners] + list(self._outages):
             try:

@@ -31,11 +31,11 @@ class Route:
     device: str | None = None         # "blk", "net"... when known: noted so that decoding names device features
 
     @classmethod
-    def forward(cls, listen, backend, device: str | None = None) -> "Route":
+    def forward(cls, listen, backend, device: str | None = None) -> Route:
         return cls(Path(listen), Path(backend), FRONTEND, device)
 
     @classmethod
-    def reverse(cls, listen_backend, frontend, device: str | None = None) -> "Route":
+    def reverse(cls, listen_backend, frontend, device: str | None = None) -> Route:
         return cls(Path(listen_backend), Path(frontend), BACKEND, device)
 
     @property

@@ -58,8 +58,8 @@ __all__ = ["BackendExchange", "Exchange", "ReplayResult", "ServeResult", "answer
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..capture.pcapng import CaptureWriter
     from ..analysis.diff import load_or_report
+    from ..capture.pcapng import CaptureWriter
     from ..engine.hooks import HookError
     from ..engine.rewrites import add_hook_arguments, hooks_from_arguments
     parser = argparse.ArgumentParser(prog="vhusniff replay", description=__doc__,

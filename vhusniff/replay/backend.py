@@ -8,12 +8,12 @@ import sys
 from collections import deque
 from dataclasses import dataclass, field
 
-from ..protocol import catalogue as cat
 from ..engine import Session, Side
 from ..engine.hooks import HookChain
 from ..model import Channel, EventKind
-from ..protocol.grammar import HEADER_SIZE, Message, decode
+from ..protocol import catalogue as cat
 from ..protocol.context import ContextTracker
+from ..protocol.grammar import HEADER_SIZE, Message, decode
 from .driver import CONNECTION, REPLY_TIMEOUT, Driver, Recorder, close_all, say
 from .fresh import FreshFds
 from .recording import (

@@ -36,10 +36,10 @@ from ..engine import (
 )
 from ..engine.core import HALF_CLOSE
 from ..engine.fds import describe_fd
-from ..model import Channel, Direction, EventKind, Record, RecordKind
-from ..protocol.grammar import decode
-from ..protocol.context import ContextTracker
 from ..engine.sockio import receive_chunk, send_message
+from ..model import Channel, Direction, EventKind, Record, RecordKind
+from ..protocol.context import ContextTracker
+from ..protocol.grammar import decode
 
 CONNECTION = 1                 # a replay has one connection; captures number them from 1
 REPLY_TIMEOUT = 5.0            # default: how long a scripted peer waits for a reply it is due

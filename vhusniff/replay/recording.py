@@ -5,12 +5,12 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from ..protocol import catalogue as cat
 from ..analysis.analyzer import Expect, expectation
 from ..analysis.diff import field_differences
 from ..model import Channel, Direction, FdInfo, Record, RecordKind
-from ..protocol.grammar import HEADER_SIZE, PAYLOADS, DecodeContext, Message, build_message, decode
+from ..protocol import catalogue as cat
 from ..protocol.context import ContextTracker
+from ..protocol.grammar import HEADER_SIZE, PAYLOADS, DecodeContext, Message, build_message, decode
 from .fresh import FreshFds
 
 F = cat.FrontendRequest

@@ -11,8 +11,19 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 
-from ..capture.pcapng import (BLOCK_EPB, BLOCK_IDB, BLOCK_SHB, BYTE_ORDER_MAGIC, LINKTYPE_USER0, MIN_BLOCK_LENGTH,
-                      READ_CHUNK, _ts_resolution, parse_pseudo_header, read_capture, section_version_problem)
+from ..capture.pcapng import (
+    BLOCK_EPB,
+    BLOCK_IDB,
+    BLOCK_SHB,
+    BYTE_ORDER_MAGIC,
+    LINKTYPE_USER0,
+    MIN_BLOCK_LENGTH,
+    READ_CHUNK,
+    _ts_resolution,
+    parse_pseudo_header,
+    read_capture,
+    section_version_problem,
+)
 from ..model import RecordKind
 from .present import record_line
 

@@ -13,14 +13,15 @@ record fields below (connection, channel, fds, ...). The Lua dissector registers
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Callable
+from typing import Any
 
 from construct import Array, Bytes, BytesInteger, FormatField, GreedyBytes, Renamed, Struct
 
-from ..protocol import catalogue as cat
 from ..model import Channel, RecordKind
+from ..protocol import catalogue as cat
 from ..protocol.grammar import request_names
 
 _FORMAT_WIDTH = {"<B": 1, "B": 1, "<H": 2, "<L": 4, "<Q": 8}

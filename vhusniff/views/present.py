@@ -14,6 +14,7 @@ from ..protocol.grammar import (
     value_text,
 )
 
+
 def field_tree(message: Message) -> list[str]:
     """The -V view: one line per field, indented by its dotted depth, problems first."""
     lines = [f"vhost-user {message.channel.name.lower()} channel, {len(message.raw)} bytes"]
