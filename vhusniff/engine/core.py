@@ -19,7 +19,10 @@ from typing import NamedTuple
 
 from ..model import Channel, Direction, EventKind, Record
 from ..protocol import catalogue as cat
+from ..protocol.context import ContextTracker
 from ..protocol.framing import Frame, Framer, FramingError, StrayFds
+from ..protocol.grammar import DEFAULT_CONTEXT, decode
+from .hooks import Flow, HookChain
 
 # QEMU's chardev accepts at most 16 fds a message (TCP_MAX_FDS); more is a finding, still forwarded.
 MAX_FDS_SEEN_IN_PRACTICE = 16
@@ -155,12 +158,12 @@ class Session:
     back-end the other way round), and is reported and skipped otherwise.
     """
 
-    def __init__(self, number: int, hooks=None, tracker=None, interpose_device_state: bool = False,
-                 scripted: Side | None = None):
+    def __init__(self, number: int, hooks: HookChain | None = None, tracker: ContextTracker | None = None,
+                 interpose_device_state: bool = False, scripted: Side | None = None):
         self.number = number
         self.messages = 0                     # messages framed on every channel, from 1
         self.closed = False
-        self.hooks = hooks if hooks else None
+        self.hooks: HookChain | None = hooks if hooks else None
         self.tracker = tracker
         self.interpose_device_state = interpose_device_state
         self.scripted = scripted
@@ -230,7 +233,7 @@ class Session:
                 if left:
                     out.append(CloseFds(left))
                 return out
-            if type(frame) is Frame:
+            if isinstance(frame, Frame):
                 self.messages += 1
                 if self.hooks is None:
                     self._forward(channel, side, frame.data, frame.fds, now_ns, "", out)
@@ -390,12 +393,13 @@ class Session:
     # ---- hooks: the one place a verdict is interpreted ----
 
     def _hooked(self, channel: Channel, side: Side, frame: Frame, now_ns: int, out: list) -> None:
-        from .hooks import Flow
-        record = Record(now_ns, self.number, channel, side.direction, frame.data)
-        message = self.tracker.decode(record)
+        hooks, tracker = self.hooks, self.tracker
+        assert hooks is not None and tracker is not None, "only a session with hooks is given whole frames to hook"
+        message = tracker.decode(Record(now_ns, self.number, channel, side.direction, frame.data))
+        assert message is not None, "a message record always decodes"
         flow = Flow(frame.data, list(frame.fds), self.number, channel, side.direction, self.messages,
                     message.context, message)
-        self.hooks.run(flow)
+        hooks.run(flow)
         self.apply(flow, channel, side, frame.fds, now_ns, out)
 
     def apply(self, flow, channel: Channel, side: Side, received_fds: list, now_ns: int, out: list) -> None:
@@ -423,7 +427,7 @@ class Session:
                                   "modified by hook" if data != flow.original else "", delay, now_ns, out)
         for injected in flow.injected:
             sender = Side(int(injected.direction))
-            refusal = self._refusal(injected) if self.scripted is not None else ""
+            refusal = self._refusal(injected, self.scripted) if self.scripted is not None else ""
             if refusal:
                 out.append(Note(now_ns, injected.channel, refusal, True, kind=EventKind.HOOK))
                 if injected.fds:
@@ -448,14 +452,12 @@ class Session:
             else:
                 self.close(reason, now_ns, out)
 
-    def _refusal(self, injected) -> str:
-        """Why the scripted side cannot send a hook's injected message ("" when it can)."""
-        side = self.scripted
+    def _refusal(self, injected, side: Side) -> str:
+        """Why the scripted `side` cannot send a hook's injected message ("" when it can)."""
         if injected.direction == side.direction and injected.channel in (Channel.MAIN, Channel.BACKEND):
             is_reply = len(injected.data) >= 8 and bool(int.from_bytes(injected.data[4:8], "little") & cat.FLAG_REPLY)
             if is_reply != ((injected.channel == Channel.MAIN) == (side == Side.FRONTEND)):
                 return ""
-        from ..protocol.grammar import DEFAULT_CONTEXT, decode
         context = self.tracker.context_for(self.number) if self.tracker is not None else DEFAULT_CONTEXT
         summary = decode(injected.data, injected.channel, context).summary()[:60]
         wants = ("requests on the main channel, replies on the back-end channel" if side == Side.FRONTEND else

@@ -45,8 +45,12 @@ import stat
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Protocol
 
+from ..analysis.analyzer import Analyzer, connection_report
+from ..capture.pcapng import CaptureWriter
 from ..engine.core import (
     Capture,
     CloseChannel,
@@ -61,8 +65,11 @@ from ..engine.core import (
     Wake,
 )
 from ..engine.fds import describe_fd
+from ..engine.hooks import HookChain
 from ..engine.sockio import _ANCILLARY_SPACE, RECV_SIZE, received_fds, send_some
 from ..model import Channel, Direction, EventKind, Record, RecordKind
+from ..protocol.context import ContextTracker
+from ..views.present import record_line
 from .routes import (
     BACKEND,
     FRONTEND,
@@ -74,6 +81,15 @@ from .routes import (
     socket_identity,
     someone_listens,
 )
+
+
+class RecordSink(Protocol):
+    """Where records go: a CaptureWriter, or any object with write(record) and close()."""
+
+    def write(self, record: Record) -> None: ...
+
+    def close(self) -> None: ...
+
 
 # Bytes waiting in the proxy for one socket before it stops reading from the side that sends them.
 MAX_BUFFERED_DEFAULT = 4 << 20
@@ -122,18 +138,18 @@ class _Endpoint:
         self.direction = role.direction
         self.stream = conn.session.stream(channel, role)    # the core's framer and unframed flag for it
         self.framer = self.stream.framer
-        self.peer: _Endpoint | None = None
+        self.peer: _Endpoint          # the other side's socket of the same channel, linked once both exist
         self.outbuf: collections.deque = collections.deque()   # (bytes, fds) the kernel would not take yet
         self.read_closed = False
         self.write_shut = False
         self.shutdown_pending = False
         self.closed = False
         self.received = 0              # bytes read from this socket, for an independent count in tests
-        self.write_plain = None        # the capture's writer for this stream's fd-less messages, if any
+        self.write_plain: Callable[[int, bytes], None] | None = None   # the capture's writer of fd-less messages
         self.buffered = 0              # bytes in outbuf
         self.paused = False            # not read from: its peer's outbuf is over the proxy's max_buffered
         self.paused_at = 0.0
-        self.linger_timer = None       # after the connection closed, while outbuf still goes out
+        self.linger_timer: list[Any] | None = None   # after the connection closed, while outbuf still goes out
 
 
 class _Connection:
@@ -218,22 +234,22 @@ class Proxy:
         self.stream_totals: dict[tuple[int, Channel, Direction], tuple[int, int]] = {}
         self.connections: dict[int, _Connection] = {}
         self._capture_target = capture
-        self._writer = None
+        self._writer: RecordSink | None = None
+        self._stream_writer: Callable[..., Callable[[int, bytes], None]] | None = None
         self._display = display
         self._colour = colour
         self._display_backlog: collections.deque = collections.deque()
-        self._display_tracker = None
+        self._display_tracker: Analyzer | None = None
         self._display_first_ns = None
         self._display_number = 0
         self._hooks = None
         if hooks:
-            from ..engine.hooks import HookChain
             self._hooks = HookChain(list(hooks), on_error=on_hook_error, report=self._report_only) or None
         self._plain_fast = False       # set in open(): whole fd-less messages may skip framing and Record
         # Something besides the capture wants every Record (kept, shown, called back); waiters come and go.
         self._observed_always = keep_records or display is not None or on_record is not None
-        self._epoll = None
-        self._handlers: dict[int, object] = {}
+        self._epoll: select.epoll | None = None
+        self._handlers: dict[int, tuple[Callable[[Any, int], None], Any]] = {}
         self._listeners: list[tuple[socket.socket, Route]] = []
         self._refusals: dict[Route, int] = {}
         # Routes whose target was found down: the listener is closed meanwhile. Route -> (when (monotonic),
@@ -244,7 +260,7 @@ class Proxy:
         self._lingering: set[_Endpoint] = set()
         self._accept_paused = False     # out of fds: listeners unwatched until some free up
         self._fd_shortage_said = False  # one report per shortage, until a connection is accepted again
-        self._fd_retry = None
+        self._fd_retry: list[Any] | None = None
         self._timer_sequence = itertools.count()
         self._wake_read, self._wake_write = -1, -1
         self._stopping = False
@@ -257,6 +273,12 @@ class Proxy:
     # ---- public API ----
 
     @property
+    def _poller(self) -> select.epoll:
+        if self._epoll is None:
+            raise ProxyError("the proxy is not open")
+        return self._epoll
+
+    @property
     def active_connections(self) -> int:
         return len(self.connections)
 
@@ -267,17 +289,17 @@ class Proxy:
         self._raise_fd_limit()
         self._epoll = select.epoll()
         self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._epoll.register(self._wake_read, select.EPOLLIN)
+        self._poller.register(self._wake_read, select.EPOLLIN)
         try:
             for route in self.routes:
                 self._watch_listener(listen_at(route.listen, self.socket_mode), route)
             if isinstance(self._capture_target, (str, os.PathLike)):
-                from ..capture.pcapng import CaptureWriter
                 self._writer = CaptureWriter(self._capture_target, flush_each=True)
             elif self._capture_target is not None:
                 self._writer = self._capture_target
-            self._plain_fast = self._hooks is None and (self._writer is None or
-                                                        hasattr(self._writer, "stream_writer"))
+            # A writer that packs a stream's fd-less records itself lets whole messages skip Record.
+            self._stream_writer = getattr(self._writer, "stream_writer", None)
+            self._plain_fast = self._hooks is None and (self._writer is None or self._stream_writer is not None)
         except BaseException:
             self._close_listeners()
             self._close_loop()
@@ -339,7 +361,7 @@ class Proxy:
     # ---- the loop ----
 
     def _run_loop(self) -> None:
-        poll = self._epoll.poll
+        poll = self._poller.poll
         handlers = self._handlers
         try:
             while not self._stopping:
@@ -460,13 +482,12 @@ class Proxy:
     def _new_session(self, number: int, route: Route) -> Session:
         tracker = None
         if self._hooks is not None:
-            from ..protocol.context import ContextTracker
             tracker = ContextTracker(route.device)       # one per connection: it goes when the connection does
         return Session(number, self._hooks, tracker, self.interpose_device_state)
 
     def _watch_listener(self, listener: socket.socket, route: Route) -> None:
         self._listeners.append((listener, route))
-        self._epoll.register(listener.fileno(), select.EPOLLIN)
+        self._poller.register(listener.fileno(), select.EPOLLIN)
         self._handlers[listener.fileno()] = (self._accept, (listener, route))
 
     def _mirror_outage(self, route: Route) -> None:
@@ -479,7 +500,7 @@ class Proxy:
         if listening is None or route in self._outages:
             return
         listener = listening[0]
-        self._epoll.unregister(listener.fileno())
+        self._poller.unregister(listener.fileno())
         del self._handlers[listener.fileno()]
         self._listeners.remove(listening)
         listener.close()
@@ -605,7 +626,7 @@ class Proxy:
         self._accept_paused = True
         for listener, _route in self._listeners:
             try:
-                self._epoll.modify(listener.fileno(), 0)
+                self._poller.modify(listener.fileno(), 0)
             except OSError:
                 pass
         self._fd_retry = self._schedule(FD_RETRY_SECONDS, self._resume_accepting)
@@ -619,7 +640,7 @@ class Proxy:
             self._fd_retry = None
         for listener, _route in self._listeners:
             try:
-                self._epoll.modify(listener.fileno(), select.EPOLLIN)
+                self._poller.modify(listener.fileno(), select.EPOLLIN)
             except OSError:
                 pass
 
@@ -638,9 +659,9 @@ class Proxy:
         front.peer, back.peer = back, front
         conn.channels[channel] = (front, back)
         for endpoint in (front, back):
-            if self._writer is not None and self._plain_fast:
-                endpoint.write_plain = self._writer.stream_writer(conn.number, channel, endpoint.direction)
-            self._epoll.register(endpoint.fd, _EPOLL_READ)
+            if self._stream_writer is not None and self._plain_fast:
+                endpoint.write_plain = self._stream_writer(conn.number, channel, endpoint.direction)
+            self._poller.register(endpoint.fd, _EPOLL_READ)
             self._handlers[endpoint.fd] = (self._on_event, endpoint)
 
     def _on_event(self, endpoint: _Endpoint, mask: int) -> None:
@@ -771,7 +792,7 @@ class Proxy:
         mask = (_EPOLL_WRITE if endpoint.outbuf else 0) | \
             (0 if endpoint.read_closed or endpoint.paused else _EPOLL_READ)
         try:
-            self._epoll.modify(endpoint.fd, mask)
+            self._poller.modify(endpoint.fd, mask)
         except OSError:
             pass
 
@@ -797,7 +818,7 @@ class Proxy:
             self._lingering.add(endpoint)
             self._handlers[endpoint.fd] = (self._flush_lingering, endpoint)
             try:
-                self._epoll.modify(endpoint.fd, _EPOLL_WRITE)
+                self._poller.modify(endpoint.fd, _EPOLL_WRITE)
             except OSError:
                 pass
             endpoint.linger_timer = self._schedule(LINGER_SECONDS, self._flush_lingering, endpoint, 0,
@@ -808,7 +829,7 @@ class Proxy:
     def _release_socket(self, endpoint: _Endpoint) -> None:
         self._handlers.pop(endpoint.fd, None)
         try:
-            self._epoll.unregister(endpoint.fd)
+            self._poller.unregister(endpoint.fd)
         except (OSError, ValueError):
             pass
         for _data, fds in endpoint.outbuf:
@@ -843,8 +864,9 @@ class Proxy:
             else:
                 endpoint.outbuf.popleft()
         self._lingering.discard(endpoint)
-        endpoint.linger_timer[4] = False
-        endpoint.linger_timer = None
+        if endpoint.linger_timer is not None:
+            endpoint.linger_timer[4] = False
+            endpoint.linger_timer = None
         undelivered = endpoint.buffered
         self._release_socket(endpoint)
         if undelivered:
@@ -1063,7 +1085,7 @@ class Proxy:
         else:                    # the recipient reads our pipe; we fill it from the fd it would have had
             given, relay = read_end, _StreamRelay(conn, theirs, write_end, endpoint.direction, what)
         conn.streams.append(relay)
-        self._epoll.register(relay.source, select.EPOLLIN)
+        self._poller.register(relay.source, select.EPOLLIN)
         self._handlers[relay.source] = (self._on_stream_source, relay)
         if not is_reply and len(data) >= 16:
             saving = int.from_bytes(data[12:16], "little") == 0
@@ -1088,7 +1110,7 @@ class Proxy:
             relay.eof = True
             self._handlers.pop(relay.source, None)
             if relay.source_watched:
-                self._epoll.unregister(relay.source)
+                self._poller.unregister(relay.source)
             os.close(relay.source)
             relay.source = -1
             if not relay.pending:
@@ -1118,21 +1140,21 @@ class Proxy:
             # Back-pressure: stop reading until the sink takes what it has.
             if not relay.sink_watched:
                 relay.sink_watched = True
-                self._epoll.register(relay.sink, select.EPOLLOUT)
+                self._poller.register(relay.sink, select.EPOLLOUT)
                 self._handlers[relay.sink] = (self._flush_stream, relay)
             if relay.source >= 0 and relay.source_watched:
                 relay.source_watched = False      # unregistered: a hang-up would be reported even with mask 0
-                self._epoll.unregister(relay.source)
+                self._poller.unregister(relay.source)
             return
         if relay.sink_watched:
             relay.sink_watched = False
             self._handlers.pop(relay.sink, None)
-            self._epoll.unregister(relay.sink)
+            self._poller.unregister(relay.sink)
         if relay.eof:
             self._end_stream(relay, None)
         elif relay.source >= 0 and not relay.source_watched:
             relay.source_watched = True
-            self._epoll.register(relay.source, select.EPOLLIN)
+            self._poller.register(relay.source, select.EPOLLIN)
 
     def _end_stream(self, relay: _StreamRelay, trouble: str | None, problem: bool = False) -> None:
         if relay.done:
@@ -1143,7 +1165,7 @@ class Proxy:
                 continue
             self._handlers.pop(fd, None)
             try:
-                self._epoll.unregister(fd)
+                self._poller.unregister(fd)
             except (OSError, ValueError):
                 pass
             os.close(fd)
@@ -1199,9 +1221,7 @@ class Proxy:
         The session analysis runs here, off the forwarding path, and only when there is a display."""
         if self._display is None:
             return
-        from ..views.present import record_line
         if self._display_tracker is None:
-            from ..analysis.analyzer import Analyzer
             self._display_tracker = Analyzer(keep=False)   # streaming: memory stays flat however long
         analyzer = self._display_tracker
         shown = 0
@@ -1219,7 +1239,6 @@ class Proxy:
                 self._display(f"        [expert] {finding.line()}")
             if record.kind == RecordKind.EVENT and record.connection not in analyzer.forgotten \
                     and analyzer.state(record.connection).ended:
-                from ..analysis.analyzer import connection_report
                 self._display(connection_report(analyzer, record.connection))
                 analyzer.forget(record.connection)
             shown += 1
