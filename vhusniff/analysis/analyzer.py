@@ -187,17 +187,18 @@ class Analyzer:
         number = self.records if number is None else number
         if self.first_ns is None:
             self.first_ns = record.timestamp_ns
-        if message is None or record.kind == RecordKind.EVENT:
-            message = self.tracker.decode(record)
         conn = self._connection(record.connection)
         state = conn.state
         before = len(self.findings)
         if record.kind == RecordKind.EVENT:
+            self.tracker.decode(record)         # an event can set the context too (a DEVICE event)
             ending = classify_event(record) == "end" and not state.ended
             state.feed(number, record, None)
             if ending:
                 self._connection_ended(conn, number, record)
             return self.findings[before:]
+        if message is None:
+            message = self.tracker.decode_message(record)
         if state.ended:
             self._add("traffic-after-disconnect", record.connection, (number, state.ended_number),
                       f"{message.name} after the connection ended at #{state.ended_number} ({state.ended_note})")
@@ -232,7 +233,7 @@ class Analyzer:
             self.connections[connection] = ConnectionAnalysis(ConnectionState(connection, self.profile))
         return self.connections[connection]
 
-    def _add(self, check: str, connection: int, numbers: tuple[int, ...], text: str) -> None:
+    def _add(self, check: str, connection: int, numbers: tuple[int | None, ...], text: str) -> None:
         assert check in CHECKS, check
         self.findings.append(Finding(check, connection, tuple(n for n in numbers if n is not None), text))
 
@@ -270,8 +271,10 @@ class Analyzer:
         transaction.outcome = "answered"
         if not self.keep:
             summary = self.summary.get((transaction.channel, transaction.name))
+            seconds = transaction.response_seconds
+            assert seconds is not None          # its reply_ns was set just above
             if summary is not None:
-                summary.add_response(transaction.response_seconds)
+                summary.add_response(seconds)
         if transaction.request != message.request:
             self._add("reply-mismatch", record.connection, (number, transaction.request_number),
                       f"{message.name} reply while {transaction.name} (#{transaction.request_number}) waited")
@@ -342,7 +345,7 @@ def connection_report(analyzer: Analyzer, connection: int) -> str:
     if state.connected_note:
         lines.append(f"  Started: {state.connected_note}")
     lines.append(f"  Ended:   {end_summary(analyzer, connection)}")
-    counts = {}
+    counts: dict[str, int] = {}
     for finding in findings:
         counts[str(finding.severity)] = counts.get(str(finding.severity), 0) + 1
     lines.append("  Findings: " + (", ".join(f"{n} {severity}" for severity, n in counts.items()) or "none"))

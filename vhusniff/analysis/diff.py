@@ -3,6 +3,7 @@ without a hook). Messages are paired in order within each channel; connection nu
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 
 from ..model import Channel, Record, RecordKind
 from ..protocol import catalogue as cat
@@ -31,6 +32,7 @@ def describe_difference(value_a, value_b, labels: tuple[str, str] = ("A", "B")) 
 
 def _bits_difference(name: str, value_a, value_b, message: Message, labels: tuple[str, str]) -> str:
     """For feature words, which named bits only one side has."""
+    names: Mapping[int, str]
     if name == "features":
         names = cat.feature_names(message.context.device_type)
     elif name == "protocol_features":
@@ -81,9 +83,10 @@ def _messages(records) -> dict[Channel, list[tuple[int, Record, Message]]]:
     tracker = ContextTracker()
     by_channel: dict[Channel, list[tuple[int, Record, Message]]] = {}
     for number, record in enumerate(records, 1):
-        message = tracker.decode(record)
         if record.kind == RecordKind.MESSAGE:
-            by_channel.setdefault(record.channel, []).append((number, record, message))
+            by_channel.setdefault(record.channel, []).append((number, record, tracker.decode_message(record)))
+        else:
+            tracker.decode(record)          # an event still counts: a DEVICE event names the device type
     return by_channel
 
 

@@ -164,7 +164,7 @@ def _check_fds(add, spec: cat.RequestSpec, record: Record, message: Message) -> 
         if count == 0 and not nofd:
             add("vring-fd-missing", f"{message.name} idx={message.payload.index} has no fd and no NOFD bit")
             return
-        expected = (0,) if nofd else (1,)
+        expected: tuple[int, ...] | None = (0,) if nofd else (1,)
     elif rule == cat.FdRule.PER_REGION and message.kind and message.kind.startswith("mem_table"):
         expected = (message.payload.nregions,)
     else:
@@ -174,7 +174,8 @@ def _check_fds(add, spec: cat.RequestSpec, record: Record, message: Message) -> 
 
 
 def _check_main_request(add, state: ConnectionState, number: int, message: Message) -> None:
-    payload, request = message.payload, message.request
+    payload, request, kind = message.payload, message.request, message.kind
+    assert kind is not None         # check_message calls this only for a decoded payload
     if request == F.SET_FEATURES and state.features_offered is not None:
         extra = payload.features & ~state.features_offered
         if extra:
@@ -192,7 +193,7 @@ def _check_main_request(add, state: ConnectionState, number: int, message: Messa
             add("inband-without-prerequisites", "INBAND_NOTIFICATIONS needs BACKEND_REQ and REPLY_ACK")
     elif request == F.SET_STATUS and payload.status & FAILED_STATUS_MASK:
         add("device-status-failed", f"status {cat.bit_names(payload.status, cat.DEVICE_STATUS)}")
-    elif request == F.SET_MEM_TABLE and message.kind.startswith("mem_table"):
+    elif request == F.SET_MEM_TABLE and kind.startswith("mem_table"):
         if payload.nregions > MAX_MEM_TABLE_REGIONS:
             add("mem-table-too-many-regions", f"{payload.nregions} regions")
         regions = list(payload.region)
@@ -201,7 +202,7 @@ def _check_main_request(add, state: ConnectionState, number: int, message: Messa
                 if _overlap(a.guest_phys_addr, a.memory_size, b.guest_phys_addr, b.memory_size):
                     add("memory-regions-overlap", f"gpa {a.guest_phys_addr:#x}+{a.memory_size:#x} overlaps "
                                                   f"{b.guest_phys_addr:#x}+{b.memory_size:#x}")
-    elif request == F.ADD_MEM_REG and message.kind.startswith("mem_region"):
+    elif request == F.ADD_MEM_REG and kind.startswith("mem_region"):
         r = payload.region
         others = [old for old in state.regions if not old.same_region(r)]
         for old in others:
@@ -210,7 +211,7 @@ def _check_main_request(add, state: ConnectionState, number: int, message: Messa
                                               f"region added in #{old.number}", old.number)
         if state.max_mem_slots is not None and len(others) + 1 > state.max_mem_slots:
             add("mem-slots-exceeded", f"{len(others) + 1} slots in use, the back-end allows {state.max_mem_slots}")
-    elif request == F.REM_MEM_REG and message.kind.startswith("mem_region"):
+    elif request == F.REM_MEM_REG and kind.startswith("mem_region"):
         r = payload.region
         if not any(old.same_region(r) for old in state.regions):
             add("rem-mem-reg-unknown", f"no region gpa={r.guest_phys_addr:#x} size={r.memory_size:#x}")

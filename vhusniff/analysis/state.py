@@ -217,6 +217,7 @@ class ConnectionState:
 
     def _request(self, number: int, record: Record, message: Message) -> None:
         payload, request, kind = message.payload, message.request, message.kind
+        assert kind is not None         # feed calls this only for a decoded payload
         fd = record.fds[0] if record.fds else None
         if request == F.SET_FEATURES:
             if payload.features != self.features_acked:
@@ -261,7 +262,8 @@ class ConnectionState:
         elif request in (F.SET_VRING_KICK, F.SET_VRING_CALL, F.SET_VRING_ERR):
             vring = self.vring(payload.index)
             slot = NOFD if payload.flags & 1 else fd
-            slot_name = {F.SET_VRING_KICK: "kick", F.SET_VRING_CALL: "call", F.SET_VRING_ERR: "err"}[request]
+            slot_names: dict[int, str] = {F.SET_VRING_KICK: "kick", F.SET_VRING_CALL: "call", F.SET_VRING_ERR: "err"}
+            slot_name = slot_names[request]
             setattr(vring, slot_name, slot)
             if request == F.SET_VRING_KICK:
                 self._start(number, vring, "SET_VRING_KICK")

@@ -382,7 +382,8 @@ def _read_exactly(stream: BinaryIO, count: int) -> bytes:
 
 
 def _read_stream(stream: BinaryIO, path: str) -> Iterator[Record]:
-    stream = stream if isinstance(stream, io.BufferedIOBase) else io.BufferedReader(stream)
+    if isinstance(stream, io.RawIOBase):
+        stream = io.BufferedReader(stream)
     read = stream.read
     offset = 0
     endian = "<"

@@ -133,7 +133,7 @@ def _field_for(subcon) -> Field:
             return StrFixedLenField(name, b"\0" * inner.length, length=inner.length)
         # Bytes(this.size): the length is a sibling field of the same name (config.size).
         length_field = _sibling_name(inner.length)
-        return StrLenField(name, b"", length_from=lambda pkt, _f=length_field: getattr(pkt, _f))
+        return StrLenField(name, b"", length_from=lambda pkt: getattr(pkt, length_field))
     if inner is GreedyBytes:
         return StrField(name, b"")
     if isinstance(inner, Struct):
@@ -144,9 +144,11 @@ def _field_for(subcon) -> Field:
         if isinstance(inner.subcon, Struct):
             element = _element_class(inner.subcon, name)
             count_field = _sibling_name(count)
-            return PacketListField(name, [], element, count_from=lambda pkt, _f=count_field: getattr(pkt, _f))
-        return FieldListField(name, [0] * count, _field_for(Renamed(inner.subcon, newname="size")),
-                              count_from=lambda pkt, _n=count: _n, max_count=count)
+            return PacketListField(name, [], element, count_from=lambda pkt: getattr(pkt, count_field))
+        # scapy annotates the default as a list of fields; it is a list of values
+        return FieldListField(name, [0] * count,  # type: ignore[list-item]
+                              _field_for(Renamed(inner.subcon, newname="size")),
+                              count_from=lambda pkt: count, max_count=count)
     raise TypeError(f"no scapy field for construct {inner!r} ({name})")
 
 

@@ -7,6 +7,7 @@ protocol bit 21, where the spec has GPA_ADDRESSES).
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -310,7 +311,7 @@ class ContextRule:
 
 
 # Requests that change the decoding context, and how: the session tracker and the Lua dissector both follow it.
-CONTEXT_RULES = MappingProxyType({
+CONTEXT_RULES: Mapping[int, ContextRule] = MappingProxyType({
     _F.SET_FEATURES: ContextRule("features", payload_field="features"),            # device bit names, packed rings
     _F.SET_PROTOCOL_FEATURES: ContextRule("protocol_features", payload_field="protocol_features"),   # XEN_MMAP
     _F.NET_SET_MTU: ContextRule("device_type", value="net"),                        # only a net device has an MTU
@@ -437,7 +438,7 @@ def bit_number_by_device(field: str, name: str, profile: Profile | None = None) 
     return meanings
 
 
-def bit_names(value: int, names: dict[int, str] | MappingProxyType) -> str:
+def bit_names(value: int, names: Mapping[int, str]) -> str:
     """`A|B|bit45` for the set bits of value; unnamed bits shown by number, never dropped."""
     parts = []
     bit = 0

@@ -25,6 +25,10 @@ class ContextTracker:
         if record.kind != RecordKind.MESSAGE:
             self._observe_event(record)
             return None
+        return self.decode_message(record)
+
+    def decode_message(self, record: Record) -> Message:
+        """A message record's message, decoded in its connection's context (for a caller that knows the kind)."""
         ctx = self.context_for(record.connection)
         message = decode(record.data, record.channel, ctx)
         self.observe(record.connection, message, ctx)
@@ -46,7 +50,18 @@ class ContextTracker:
         if rule is None:
             return
         if rule.payload_field:
-            self.contexts[connection] = replace(ctx, **{rule.context_field: getattr(message.payload,
-                                                                                   rule.payload_field)})
+            self.contexts[connection] = _with_field(ctx, rule.context_field, getattr(message.payload,
+                                                                                     rule.payload_field))
         elif getattr(ctx, rule.context_field) is None:
-            self.contexts[connection] = replace(ctx, **{rule.context_field: rule.value})
+            self.contexts[connection] = _with_field(ctx, rule.context_field, rule.value)
+
+
+def _with_field(ctx: DecodeContext, name: str, value: object) -> DecodeContext:
+    """ctx with the field a context rule names set to value (the rules are data, shared with the Lua dissector)."""
+    if name == "device_type" and isinstance(value, str):
+        return replace(ctx, device_type=value)
+    if name == "features" and isinstance(value, int):
+        return replace(ctx, features=value)
+    if name == "protocol_features" and isinstance(value, int):
+        return replace(ctx, protocol_features=value)
+    raise ValueError(f"no context rule sets DecodeContext.{name} to {value!r}")

@@ -12,11 +12,12 @@ record fields below (connection, channel, fds, ...). The Lua dissector registers
 """
 from __future__ import annotations
 
+import enum
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, Final
 
 from construct import Array, Bytes, BytesInteger, FormatField, GreedyBytes, Renamed, Struct
 
@@ -128,7 +129,7 @@ def walk_layout(structure: Struct, prefix: str, kind_key: str) -> list[dict]:
         else:
             raise TypeError(f"no layout entry for {inner!r} ({entry['name']})")
         if "width" in entry:
-            bits = cat.BITFIELDS.get(f"{kind_key}.{sub.name}", {})
+            bits: Mapping[str, int] = cat.BITFIELDS.get(f"{kind_key}.{sub.name}", {})
             entry["bits"] = [[f"{entry['name']}.{bit}", mask] for bit, mask in bits.items()]
         entries.append(entry)
     return entries
@@ -210,6 +211,7 @@ def _tokenize(text: str) -> list[_Token]:
         if match is None:
             raise FilterError(text, position, f"unexpected character {text[position]!r}")
         kind = match.lastgroup
+        assert kind is not None         # every alternative of _TOKEN is a named group
         value = match.group()
         if kind == "word" and value.lower() in _WORD_OPERATORS:
             kind, value = "op", _WORD_OPERATORS[value.lower()]
@@ -231,7 +233,7 @@ class _Requests:
 
 def _request_pairs(word: str) -> set[tuple[int, int]]:
     word = word.upper()
-    pairs = set()
+    pairs: set[tuple[int, int]] = set()
     profile = cat.SPEC_PROFILE
     for channel in (Channel.MAIN, Channel.BACKEND, Channel.GPU):
         pairs.update((int(channel), number) for number, name in request_names(channel, profile).items()
@@ -245,7 +247,14 @@ def _request_pairs(word: str) -> set[tuple[int, int]]:
 
 # The value `get` returns for this key is the message's device type (what device-specific bit names mean).
 _DEVICE_TYPE = "\0device_type"
-_UNRESOLVED = object()                 # the compiler's device before a comparison is known to depend on one
+
+
+class _Unresolved(enum.Enum):
+    """The compiler's device before a comparison is known to depend on one (None is a device: type unknown)."""
+    DEVICE = "unresolved"
+
+
+_UNRESOLVED: Final = _Unresolved.DEVICE
 
 
 class _NoMeaning(Exception):
@@ -265,7 +274,7 @@ class _Compiler:
         self.tokens = _tokenize(text)
         self.index = 0
         self.depth = 0                  # parentheses open around the current token
-        self.device = _UNRESOLVED       # the device type bit names are read for (see comparison)
+        self.device: str | None | _Unresolved = _UNRESOLVED  # the device type bit names are read for (see comparison)
         self.per_device = False         # the comparison being compiled named a device-specific bit
         self.fields = grammar_fields()
 
@@ -486,10 +495,11 @@ class _Compiler:
                 raise _NoMeaning from None
         meanings = cat.bit_number_by_device(field, word)
         bits = set(meanings.values())
-        if bits == {None}:
-            return None
         if len(bits) == 1:
-            return 1 << bits.pop()       # the same bit whatever the device (VERSION_1, REPLY_ACK, DRIVER_OK)
+            bit = bits.pop()
+            if bit is None:              # no device has a bit of that name
+                return None
+            return 1 << bit              # the same bit whatever the device (VERSION_1, REPLY_ACK, DRIVER_OK)
         self.per_device = True
         return 0                         # a stand-in: the comparison is compiled again per device type
 
@@ -590,7 +600,7 @@ class DisplayFilter:
         def get(name: str) -> list:
             nonlocal grammar
             spec = RECORD_FIELDS.get(name)
-            if spec is not None:
+            if spec is not None and spec.value is not None:     # the compiler accepts no Lua-only field
                 return spec.value(message, record, number)
             if message is None:              # an event record: only the record's own fields
                 return []

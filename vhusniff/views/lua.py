@@ -40,7 +40,7 @@ from ..protocol.grammar import (
 )
 from .filters import RECORD_FIELDS, grammar_fields, walk_layout
 
-XEN_MMAP_BIT = cat.SPEC_PROFILE.protocol_feature_bit("XEN_MMAP")
+XEN_MMAP_BIT = cat.bit_number("protocol_features", "XEN_MMAP")
 RING_PACKED_BIT = next(bit for bit, name in cat.TRANSPORT_FEATURES.items() if name == "RING_PACKED")
 
 _REPOSITORY = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

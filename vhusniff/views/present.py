@@ -56,11 +56,11 @@ def record_line(number: int, relative_seconds: float, record, message: Message |
     """
     from ..model import Channel, RecordKind
     where = f"c{record.connection}" + ("" if record.channel == Channel.MAIN else f"/{record.channel.name.lower()}")
-    if message is None and record.kind != RecordKind.EVENT:
-        message = decode(record.data, record.channel)     # a caller without a session context
     if record.kind == RecordKind.EVENT:
         line = f"{number:>5} {relative_seconds:10.6f} {where:<10} --- {record.note}"
         return f"{_COLOURS['event']}{line}{_COLOURS['reset']}" if colour else line
+    if message is None:
+        message = decode(record.data, record.channel)     # a caller without a session context
     arrow = record.direction.arrow
     name = message.name + (" reply" if message.is_reply else "")
     fds = ""

@@ -144,10 +144,12 @@ def _arrows(analyzer: Analyzer, connection: int, xs, lane_y) -> list[str]:
         y2 = _mark_y(lane_y[(connection, t.channel, reply_direction)], reply_direction)
         if t.reply_number is not None and t.reply_number in xs:
             x2 = xs[t.reply_number]
+            seconds = t.response_seconds
+            assert seconds is not None          # the analyzer sets reply_number and reply_ns together
             parts.append(f'<line x1="{x1:.1f}" y1="{y1:.1f}" x2="{x2 - 3:.1f}" y2="{y2 - 5 if y2 > y1 else y2 + 5:.1f}"'
                          f' stroke="#777" stroke-width="1.2" marker-end="url(#arrow)"/>')
             parts.append(f'<text x="{(x1 + x2) / 2 + 4:.1f}" y="{(y1 + y2) / 2 + 3:.1f}" class="rt">'
-                         f'{_time_text(t.response_seconds)}</text>')
+                         f'{_time_text(seconds)}</text>')
         elif t.expect != Expect.MAYBE:
             parts.append(f'<line x1="{x1:.1f}" y1="{y1:.1f}" x2="{x1 + 18:.1f}" y2="{(y1 + y2) / 2:.1f}" '
                          f'stroke="{PROBLEM}" stroke-width="1.5" stroke-dasharray="3,2"/>')
