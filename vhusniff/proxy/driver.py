@@ -844,25 +844,13 @@ class Proxy:
         if endpoint not in self._lingering:
             return
         failure = None
-        while endpoint.outbuf:
-            data, fds = endpoint.outbuf[0]
-            try:
-                sent = send_some(endpoint.sock, data, fds)
-            except BlockingIOError:
-                if give_up is None:
-                    return
-                failure = give_up
-                break
-            except OSError as error:
-                failure = f"sending failed: {error.strerror or error}"
-                break
-            for fd in fds:
-                os.close(fd)
-            endpoint.buffered -= sent
-            if sent < len(data):
-                endpoint.outbuf[0] = (data[sent:], [])
-            else:
-                endpoint.outbuf.popleft()
+        error = self._drain(endpoint)
+        if error is not None:
+            failure = f"sending failed: {error.strerror or error}"
+        elif endpoint.outbuf:
+            if give_up is None:
+                return
+            failure = give_up
         self._lingering.discard(endpoint)
         if endpoint.linger_timer is not None:
             endpoint.linger_timer[4] = False
@@ -991,17 +979,17 @@ class Proxy:
                     f"({destination.buffered} bytes still wait): reading from the {source.side} again after "
                     f"{time.monotonic() - source.paused_at:.3f} s", kind=EventKind.RESOURCE)
 
-    def _flush_out(self, endpoint: _Endpoint) -> None:
+    @staticmethod
+    def _drain(endpoint: _Endpoint) -> OSError | None:
+        """Send what the kernel takes of the out-buffer now (fds close once sent); the error that stopped it."""
         while endpoint.outbuf:
             data, fds = endpoint.outbuf[0]
             try:
                 sent = send_some(endpoint.sock, data, fds)
             except BlockingIOError:
-                break
+                return None
             except OSError as error:
-                if not endpoint.conn.closed:
-                    self._peer_gone(endpoint, error.strerror or str(error))
-                return
+                return error
             for fd in fds:
                 os.close(fd)
             endpoint.buffered -= sent
@@ -1009,6 +997,14 @@ class Proxy:
                 endpoint.outbuf[0] = (data[sent:], [])
             else:
                 endpoint.outbuf.popleft()
+        return None
+
+    def _flush_out(self, endpoint: _Endpoint) -> None:
+        error = self._drain(endpoint)
+        if error is not None:
+            if not endpoint.conn.closed:
+                self._peer_gone(endpoint, error.strerror or str(error))
+            return
         if endpoint.closed or endpoint.conn.closed:
             return
         source = endpoint.peer
