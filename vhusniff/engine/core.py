@@ -205,9 +205,7 @@ class Session:
             out.append(Note(now_ns, channel, f"{side.label} sent more fds than the proxy can receive at once near "
                                              f"message #{self.messages + 1}; the kernel dropped the rest "
                                              f"(MSG_CTRUNC)", True, kind=EventKind.PROTOCOL_ERROR))
-        if self.closed or channel not in self.channels:
-            if fds:
-                out.append(CloseFds(list(fds)))
+        if self._gone_already(channel, fds, out):
             return out
         if not data:
             if fds:
@@ -249,12 +247,18 @@ class Session:
             self._unframeable(channel, side, stream, error, list(fds), now_ns, out)
         return out
 
-    def whole(self, channel: Channel, side: Side, data: bytes, fds: list, now_ns: int) -> list:
-        """A whole message the driver framed itself (framer(...).take_whole counted it): forwarded as any other."""
-        out: list = []
+    def _gone_already(self, channel: Channel, fds: list, out: list) -> bool:
+        """The connection or the channel has ended: what still comes is not forwarded, its fds are closed."""
         if self.closed or channel not in self.channels:
             if fds:
                 out.append(CloseFds(list(fds)))
+            return True
+        return False
+
+    def whole(self, channel: Channel, side: Side, data: bytes, fds: list, now_ns: int) -> list:
+        """A whole message the driver framed itself (framer(...).take_whole counted it): forwarded as any other."""
+        out: list = []
+        if self._gone_already(channel, fds, out):
             return out
         self.messages += 1
         if self.hooks is None:
@@ -293,9 +297,7 @@ class Session:
     def send_injected(self, channel: Channel, side: Side, data: bytes, fds: list, now_ns: int) -> list:
         """The scripted side sends a hook's injection it was handed in an Inject: recorded and sent, no hooks."""
         out: list = []
-        if self.closed or channel not in self.channels:
-            if fds:
-                out.append(CloseFds(list(fds)))
+        if self._gone_already(channel, fds, out):
             return out
         self._deliver_or_hold(channel, side, data, list(fds), "injected by hook", 0.0, now_ns, out)
         return out
