@@ -95,9 +95,12 @@ class ResponseTimes:
     unanswered: int = 0
 
 
-def message_counts(seen) -> dict[tuple[int, str, int, bool, str], Counter]:
+MessageKey = tuple[Channel, str, int, bool, str]       # channel, direction arrow, request, reply?, name
+
+
+def message_counts(seen: list[tuple[int, Record, Message | None]]) -> dict[MessageKey, Counter]:
     """(channel, direction, request, reply?, name) -> count, bytes, fds."""
-    counts: dict[tuple, Counter] = {}
+    counts: dict[MessageKey, Counter] = {}
     for _number, record, message in seen:
         if message is None:
             continue

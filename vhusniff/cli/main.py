@@ -6,9 +6,13 @@ import collections
 import json
 import os
 import sys
+from typing import TYPE_CHECKING, TextIO
 
 from ..model import RecordKind
 from ..protocol import catalogue as cat
+
+if TYPE_CHECKING:    # imported where used otherwise: `read` starts faster without it
+    from ..analysis.analyzer import Analyzer
 
 EXIT_BAD_INPUT = 2
 
@@ -49,7 +53,7 @@ class _ExpertLines:
     record waits for its reply (missing-reply, disconnect- and capture-ended-with-request-outstanding), so a
     record's text is written once no request at or before it is outstanding, and the rest at the end."""
 
-    def __init__(self, analyzer, out):
+    def __init__(self, analyzer: Analyzer, out: TextIO) -> None:
         self.analyzer, self.out = analyzer, out
         self.held: collections.deque[tuple[int, str, str]] = collections.deque()   # number, line, rest
         self.findings: dict[int, list] = {}       # record number -> findings attached to it, in raised order

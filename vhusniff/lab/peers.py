@@ -46,6 +46,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import IO, Literal
 
 log = logging.getLogger("vhusniff.lab.peers")
 
@@ -377,7 +378,7 @@ def _is_dynamically_linked(elf: Path) -> bool:
         header = f.read(64)
         if header[:4] != b"\x7fELF" or header[4] != 2:  # only 64-bit binaries are expected here
             return True
-        byteorder = "little" if header[5] == 1 else "big"
+        byteorder: Literal["little", "big"] = "little" if header[5] == 1 else "big"
         table_offset = int.from_bytes(header[0x20:0x28], byteorder)
         entry_size = int.from_bytes(header[0x36:0x38], byteorder)
         entry_count = int.from_bytes(header[0x38:0x3A], byteorder)
@@ -528,10 +529,12 @@ class Testpmd(Backend):
     def __init__(self, name: str, proc: subprocess.Popen, log_path: Path, socket_path: Path, prefix: str) -> None:
         super().__init__(name, proc, log_path, socket_path)
         self.prefix = prefix
+        assert proc.stdin is not None, "start_testpmd spawns testpmd with a piped stdin (closing it stops testpmd)"
+        self._stdin: IO[bytes] = proc.stdin
 
     def _ask_to_exit(self) -> None:
         with contextlib.suppress(OSError):
-            self.proc.stdin.close()
+            self._stdin.close()
 
     def _release(self) -> None:
         super()._release()
@@ -722,6 +725,8 @@ class Guest(LabProcess):
                  on_console_line: ConsoleCallback | None) -> None:
         super().__init__(name, proc, log_path)
         self.chardev_path = chardev_path
+        assert proc.stdout is not None, "start_qemu spawns QEMU with its stdout piped: the console is read there"
+        self._console: IO[bytes] = proc.stdout
         self.started_at = time.monotonic()
         self._lines: list[str] = []
         self._console_ended = False
@@ -733,7 +738,7 @@ class Guest(LabProcess):
 
     def _read_console(self) -> None:
         with open(self.log_path, "ab") as log_file:
-            for raw in self.proc.stdout:
+            for raw in self._console:
                 log_file.write(raw)
                 log_file.flush()
                 line = _TERMINAL_ESCAPE.sub("", raw.decode(errors="replace")).rstrip("\r\n").replace("\r", "")

@@ -6,15 +6,16 @@ import os
 import socket
 import sys
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..engine import Session, Side
 from ..engine.hooks import HookChain
-from ..model import Channel, EventKind
+from ..model import Channel, EventKind, FdInfo
 from ..protocol import catalogue as cat
 from ..protocol.context import ContextTracker
-from ..protocol.grammar import HEADER_SIZE, Message, decode
-from .driver import CONNECTION, REPLY_TIMEOUT, Driver, Recorder, close_all, say
+from ..protocol.grammar import HEADER_SIZE, DecodeContext, Message, decode
+from .driver import CONNECTION, REPLY_TIMEOUT, Driver, Recorder, Timer, close_all, say
 from .fresh import FreshFds
 from .recording import (
     BackendExchange,
@@ -104,12 +105,14 @@ class BackendRequests:
                  reply_timeout: float):
         self.driver, self.fresh, self.result, self.recorder, self.out = driver, fresh, result, recorder, out
         self.reply_timeout = reply_timeout
-        self.queue: deque = deque()          # (data, fds or None, recorded or None)
-        self.sending: deque = deque()        # handed to the session, not yet gone: recorded or None
-        self.waiting = None                  # (request, recorded or None, timer)
+        # (data, fds, recorded): a recorded request (its fresh fds are made as it goes), or a hook's injection
+        # with its fds (recorded None)
+        self.queue: deque[tuple[bytes, list[int], BackendExchange | None]] = deque()
+        self.sending: deque[BackendExchange | None] = deque()    # handed to the session, not yet gone
+        self.waiting: tuple[Message, BackendExchange | None, Timer] | None = None   # (request, recorded, timer)
 
     def play(self, recorded: BackendExchange) -> None:
-        self.queue.append((recorded.request.data, None, recorded))
+        self.queue.append((recorded.request.data, [], recorded))
         self.pump()
 
     def inject(self, data: bytes, fds: list[int]) -> None:
@@ -120,7 +123,7 @@ class BackendRequests:
         while self.queue and self.waiting is None and not self.sending:
             data, fds, recorded = self.queue.popleft()
             if Channel.BACKEND not in self.driver.sockets:
-                close_all(fds or [])
+                close_all(fds)
                 self.result.backend_not_played += recorded is not None
                 summary = decode(data, Channel.BACKEND, self.driver.context()).summary()
                 self.recorder.report(f"back-end channel: {summary} ({_origin(recorded).strip() or 'injected'}) not "
@@ -133,7 +136,7 @@ class BackendRequests:
             else:
                 self.driver.send(Channel.BACKEND, data, [self.fresh.make(info) for info in recorded.request.fds])
 
-    def going(self, message: Message, context) -> None:
+    def going(self, message: Message, context: DecodeContext) -> None:
         recorded = self.sending.popleft() if self.sending else None
         self.result.backend_sent += 1
         label = f"back-end channel: {_origin(recorded)}{message.summary()[:60]}"
@@ -147,22 +150,23 @@ class BackendRequests:
     def dropped(self, side: Side, message: Message) -> None:
         if side == Side.BACKEND and self.sending:
             self.sending.popleft()
-        elif side == Side.FRONTEND and self._answers(message):
-            self.waiting[2].cancel()
+        elif side == Side.FRONTEND and (waiting := self._answered(message)) is not None:
+            waiting[2].cancel()
             self.waiting = None
             self.result.backend_replies += 1
         self.driver.soon(self.pump)
 
-    def received(self, message: Message, infos) -> None:
+    def received(self, message: Message, infos: list[FdInfo]) -> None:
         """What the front-end sent on the back-end channel: a reply, or something nothing asked for."""
-        if not self._answers(message):
+        waiting = self._answered(message)
+        if waiting is None:
             self._differ(f"back-end channel: the front-end sent {message.summary()}, which nothing asked for")
             return
-        asked, recorded, timer = self.waiting
+        asked, recorded, timer = waiting
         timer.cancel()
         self.waiting = None
         self.result.backend_replies += 1
-        differences = []
+        differences: list[str] = []
         if recorded is not None and recorded.reply is not None:
             expected = decode(recorded.reply.data, Channel.BACKEND, self.driver.context())
             differences = reply_differences(expected, message, recorded.reply.fds, infos)
@@ -173,11 +177,17 @@ class BackendRequests:
             self._differ(f"back-end channel {_origin(recorded)}{asked.name} reply: {difference}")
         self.driver.soon(self.pump)
 
-    def _answers(self, message: Message) -> bool:
-        return self.waiting is not None and message.is_reply and message.request == self.waiting[0].request
+    def _answered(self, message: Message) -> tuple[Message, BackendExchange | None, Timer] | None:
+        """What `message` answers: the request waiting for its reply (None when it answers nothing)."""
+        waiting = self.waiting
+        if waiting is not None and message.is_reply and message.request == waiting[0].request:
+            return waiting
+        return None
 
     def expire(self) -> None:
         """A reply due past its time: say so and let the next request go."""
+        # The timer is cancelled whenever the request stops waiting, so one waits while it fires.
+        assert self.waiting is not None, "a reply timer fired with no request waiting"
         asked, recorded, _timer = self.waiting
         self.waiting = None
         self._differ(f"back-end channel {_origin(recorded)}{asked.name}: no reply from the front-end within "
@@ -192,7 +202,7 @@ class BackendRequests:
             self.waiting = None
             self._differ(f"back-end channel {_origin(recorded)}{asked.name}: no reply ({why})")
         for _data, fds, _recorded in self.queue:
-            close_all(fds or [])
+            close_all(fds)
         self.result.backend_not_played += sum(1 for item in self.queue if item[2] is not None)
         self.queue.clear()
 
@@ -213,7 +223,7 @@ class ScriptedBackend:
 
     side = Side.BACKEND
 
-    def __init__(self, driver: Driver, exchanges: list[Exchange], backend_requests: list[BackendExchange],
+    def __init__(self, driver: Driver, exchanges: list[Exchange], backend_requests: Sequence[BackendExchange],
                  unknown_policy: str, default_reply: int, recorder: Recorder, out, reply_timeout: float):
         self.driver, self.exchanges, self.unknown_policy = driver, exchanges, unknown_policy
         self.default_reply, self.recorder, self.out = default_reply, recorder, out
@@ -224,12 +234,15 @@ class ScriptedBackend:
         self.kicks = RingKicks(driver, recorder)
         self.held: list[int] = []            # other sockets the front-end passed: closed at the end
         self.cursor = 0
-        self.replies: deque = deque()        # our main-channel messages on their way: ("reply", index) or injected
+        # Our main-channel messages on their way: ("reply", index of the recorded exchange or None) or
+        # ("injected", None).
+        self.replies: deque[tuple[str, int | None]] = deque()
 
     def start(self) -> None:
         pass
 
-    def deliver(self, channel: Channel, message: Message, context, fds: list[int], infos) -> None:
+    def deliver(self, channel: Channel, message: Message, context: DecodeContext, fds: list[int],
+                infos: list[FdInfo]) -> None:
         if channel == Channel.BACKEND:
             close_all(fds)
             self.requests.received(message, infos)
@@ -239,7 +252,7 @@ class ScriptedBackend:
         else:
             close_all(fds)
 
-    def _keep(self, message: Message, fds: list[int], infos) -> None:
+    def _keep(self, message: Message, fds: list[int], infos: list[FdInfo]) -> None:
         """The fds a request brought: kick eventfds are watched, sockets kept until the end, the rest closed."""
         kick = message.raw[HEADER_SIZE] if message.request == F.SET_VRING_KICK and len(message.raw) > HEADER_SIZE \
             else None
@@ -251,7 +264,7 @@ class ScriptedBackend:
             else:
                 os.close(fd)
 
-    def _answer(self, message: Message, context) -> None:
+    def _answer(self, message: Message, context: DecodeContext) -> None:
         self.result.requests += 1
         match, self.cursor = find_recorded(self.exchanges, self.cursor, message.raw)
         if match is None:
@@ -280,7 +293,7 @@ class ScriptedBackend:
         while self.to_play and self.to_play[0].after <= place:
             self.requests.play(self.to_play.popleft())
 
-    def going(self, channel: Channel, message: Message, context, fds: list[int]) -> None:
+    def going(self, channel: Channel, message: Message, context: DecodeContext, fds: list[int]) -> None:
         if channel == Channel.BACKEND:
             self.requests.going(message, context)
         elif channel == Channel.MAIN and self.replies:
@@ -323,7 +336,7 @@ class ScriptedBackend:
     def ended(self, reason: str) -> None:
         self.result.ended = self.result.ended or reason
 
-    def our_end(self, fd: int):
+    def our_end(self, fd: int) -> socket.socket | None:
         return None
 
     def close(self) -> None:
@@ -336,7 +349,7 @@ class ScriptedBackend:
 
 def serve_front_end(peer: socket.socket, exchanges: list[Exchange], unknown_policy: str, recorder: Recorder,
                     out, default_reply: int = 0, chain: HookChain | None = None, *,
-                    backend_requests: list[BackendExchange] = (), reply_timeout: float = REPLY_TIMEOUT,
+                    backend_requests: Sequence[BackendExchange] = (), reply_timeout: float = REPLY_TIMEOUT,
                     device: str | None = None) -> ServeResult:
     """One front-end connection, answered from the recording until the front-end leaves."""
     session = Session(CONNECTION, chain, ContextTracker(device), scripted=Side.BACKEND)

@@ -10,6 +10,7 @@ that a hook's injections keep their place right after their message.
 """
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import os
@@ -18,12 +19,15 @@ import socket
 import sys
 import time
 from collections import Counter, deque
+from collections.abc import Callable
+from typing import Protocol
 
 from ..engine import (
     Capture,
     CloseChannel,
     CloseConnection,
     CloseFds,
+    Command,
     Fate,
     Inject,
     Note,
@@ -37,9 +41,9 @@ from ..engine import (
 from ..engine.core import HALF_CLOSE
 from ..engine.fds import describe_fd
 from ..engine.sockio import receive_chunk, send_message
-from ..model import Channel, Direction, EventKind, Record, RecordKind
+from ..model import Channel, Direction, EventKind, FdInfo, Record, RecordKind
 from ..protocol.context import ContextTracker
-from ..protocol.grammar import decode
+from ..protocol.grammar import DecodeContext, Message, decode
 
 CONNECTION = 1                 # a replay has one connection; captures number them from 1
 REPLY_TIMEOUT = 5.0            # default: how long a scripted peer waits for a reply it is due
@@ -81,36 +85,65 @@ class Recorder:
 class Timer:
     __slots__ = ("due", "callback", "cancelled")
 
-    def __init__(self, due: float, callback):
+    def __init__(self, due: float, callback: Callable[[], None]):
         self.due, self.callback, self.cancelled = due, callback, False
 
     def cancel(self) -> None:
         self.cancelled = True
 
 
+class Script(Protocol):
+    """What a Driver calls on the scripted peer it runs (ScriptedFrontend and ScriptedBackend)."""
+
+    def start(self) -> None: ...
+
+    def deliver(self, channel: Channel, message: Message, context: DecodeContext, fds: list[int],
+                infos: list[FdInfo]) -> None: ...
+
+    def going(self, channel: Channel, message: Message, context: DecodeContext, fds: list[int]) -> None: ...
+
+    def dropped(self, channel: Channel, side: Side, message: Message) -> None: ...
+
+    def inject(self, channel: Channel, data: bytes, fds: list[int]) -> None: ...
+
+    def peer_closed(self, channel: Channel) -> None: ...
+
+    def channel_closed(self, channel: Channel) -> None: ...
+
+    def ended(self, reason: str) -> None: ...
+
+    def our_end(self, fd: int) -> socket.socket | None: ...
+
+
+# How the script's messages enter the session: Session.received or Session.send_injected.
+Feed = Callable[[Channel, Side, bytes, list[int], int], list[Command]]
+
+
 class Driver:
-    """Runs one Session whose `session.scripted` side is a script (an object with the methods ScriptedFrontend
-    and ScriptedBackend share: deliver, going, dropped, inject, peer_closed, channel_closed, ended, our_end)
-    and whose other side is a real peer on sockets (`attach`)."""
+    """Runs one Session whose `session.scripted` side is a script (a `Script`) and whose other side is a real
+    peer on sockets (`attach`)."""
 
     def __init__(self, session: Session, recorder: Recorder, out, device: str | None):
         self.session, self.recorder, self.out = session, recorder, out
-        self.real = session.scripted.other
-        self.script = None
+        assert session.scripted is not None, "replay builds its Session with the side its script plays"
+        self.scripted: Side = session.scripted
+        self.real = self.scripted.other
+        self.script: Script | None = None          # set by run()
         self.tracker = ContextTracker(device)      # follows the messages as they travelled, hooks applied
         self.selector = selectors.DefaultSelector()
         self.sockets: dict[Channel, socket.socket] = {}
-        self._timers: list = []
+        self._timers: list[tuple[float, int, Timer]] = []      # a heap: (due, order, timer)
         self._order = itertools.count()
-        self._wakes: Counter = Counter()           # the session's Wake tokens not yet fired
-        self._feeds: deque = deque()               # what the script sends, in order
-        self._later: deque = deque()               # calls to the script after the current commands
-        self._last = None                          # (message, context, fd descriptions) of the last Capture
+        self._wakes: Counter[object] = Counter()   # the session's Wake tokens not yet fired
+        self._feeds: deque[tuple[Feed, Channel, bytes, list[int]]] = deque()   # what the script sends, in order
+        self._later: deque[Callable[[], None]] = deque()   # calls to the script after the current commands
+        # (message, context, fd descriptions) of the last Capture
+        self._last: tuple[Message, DecodeContext, list[FdInfo]] | None = None
         self.finished = False
 
     # ---- for the script ----
 
-    def context(self):
+    def context(self) -> DecodeContext:
         return self.tracker.context_for(CONNECTION)
 
     def send(self, channel: Channel, data: bytes, fds: list[int]) -> None:
@@ -129,18 +162,18 @@ class Driver:
         """End the connection (the script's verdict: a policy, a missing reply, the end of the script)."""
         self._later.append(lambda: self._execute(self.session.close(reason, time.time_ns())))
 
-    def soon(self, callback) -> None:
+    def soon(self, callback: Callable[[], None]) -> None:
         self._later.append(callback)
 
-    def after(self, seconds: float, callback) -> Timer:
+    def after(self, seconds: float, callback: Callable[[], None]) -> Timer:
         timer = Timer(time.monotonic() + seconds, callback)
         heapq.heappush(self._timers, (timer.due, next(self._order), timer))
         return timer
 
-    def watch(self, fd: int, callback) -> None:
+    def watch(self, fd: int | socket.socket, callback: Callable[[], None]) -> None:
         self.selector.register(fd, selectors.EVENT_READ, callback)
 
-    def unwatch(self, fd: int) -> None:
+    def unwatch(self, fd: int | socket.socket) -> None:
         try:
             self.selector.unregister(fd)
         except (KeyError, ValueError):
@@ -148,7 +181,8 @@ class Driver:
 
     def holding_for(self, side: Side) -> bool:
         """Does the session hold (a hook's delay) something on its way to `side`?"""
-        return any(count and token != HALF_CLOSE and token[1] == side for token, count in self._wakes.items())
+        # A token is HALF_CLOSE or the (channel, side) a held message waits to reach.
+        return any(count and isinstance(token, tuple) and token[1] == side for token, count in self._wakes.items())
 
     def busy(self) -> bool:
         """Is anything still on its way: held by a hook, or queued by the script?"""
@@ -167,7 +201,7 @@ class Driver:
         self.sockets[channel] = sock
         self.watch(sock, lambda: self._readable(channel, sock))
 
-    def run(self, script) -> None:
+    def run(self, script: Script) -> None:
         self.script = script
         script.start()
         self._drain()
@@ -214,32 +248,36 @@ class Driver:
                 self._later.popleft()()
             if self._feeds:
                 feed, channel, data, fds = self._feeds.popleft()
-                self._execute(feed(channel, self.session.scripted, data, fds, time.time_ns()))
+                self._execute(feed(channel, self.scripted, data, fds, time.time_ns()))
 
-    def _wake(self, token) -> None:
+    def _wake(self, token: object) -> None:
         self._wakes[token] -= 1
         self._execute(self.session.timer(token, time.time_ns()))
 
     # ---- carrying out the session's commands ----
 
-    def _execute(self, commands: list) -> None:
+    def _running(self) -> Script:
+        """The script: commands are carried out only from run(), which sets it first."""
+        assert self.script is not None, "the session's commands are carried out only from run()"
+        return self.script
+
+    def _execute(self, commands: list[Command]) -> None:
         for command in commands:
-            kind = type(command)
-            if kind is Capture:
+            if type(command) is Capture:
                 self._capture(command)
-            elif kind is Send:
+            elif type(command) is Send:
                 self._send(command)
-            elif kind is Note:
+            elif type(command) is Note:
                 self.recorder.event(command.text, command.timestamp_ns, command.kind)
                 if command.problem:
                     say(self.out, command.text)
-            elif kind is CloseFds:
+            elif type(command) is CloseFds:
                 close_all(command.fds)
-            elif kind is Wake:
+            elif type(command) is Wake:
                 self._wakes[command.token] += 1
-                self.after(command.seconds, lambda token=command.token: self._wake(token))
-            elif kind is Inject:
-                self.script.inject(command.channel, command.data, command.fds)
+                self.after(command.seconds, functools.partial(self._wake, command.token))
+            elif type(command) is Inject:
+                self._running().inject(command.channel, command.data, command.fds)
             else:
                 self._close(command)
 
@@ -254,21 +292,24 @@ class Driver:
             side = Side(int(capture.direction))
             self.recorder.report(f"hook dropped {side.label} {'reply' if message.is_reply else 'request'} "
                                  f"{message.summary()}", kind=EventKind.HOOK)
-            self._later.append(lambda: self.script.dropped(capture.channel, side, message))
+            script = self._running()
+            self._later.append(lambda: script.dropped(capture.channel, side, message))
         elif capture.fate is Fate.FORWARDED:
             self.tracker.observe(CONNECTION, message, context)
 
     def _send(self, send: Send) -> None:
+        assert self._last is not None, "the session captures each message right before it sends it"
         message, context, infos = self._last
+        script = self._running()
         fds = send.fds
-        if send.to == self.session.scripted:
+        if send.to == self.scripted:
             if send.interpose == Channel.BACKEND and fds:
                 self._interpose(socket.socket(fileno=fds[0]))
                 fds, infos = fds[1:], infos[1:]
-            self._later.append(lambda: self.script.deliver(send.channel, message, context, fds, infos))
+            self._later.append(lambda: script.deliver(send.channel, message, context, fds, infos))
             return
-        self.script.going(send.channel, message, context, fds)
-        ours = self.script.our_end(fds[0]) if send.interpose == Channel.BACKEND and fds else None
+        script.going(send.channel, message, context, fds)
+        ours = script.our_end(fds[0]) if send.interpose == Channel.BACKEND and fds else None
         sock = self.sockets.get(send.channel)
         try:
             if sock is None:
@@ -290,30 +331,30 @@ class Driver:
         self.attach(Channel.BACKEND, sock)
         self._execute(self.session.interposed(Channel.BACKEND, replaced, time.time_ns()))
 
-    def _close(self, command) -> None:
-        kind = type(command)
-        if kind is StopReading:
+    def _close(self, command: Command) -> None:
+        script = self._running()
+        if type(command) is StopReading:
             sock = self.sockets.get(command.channel)
             if command.side == self.real and sock is not None:
                 self.unwatch(sock)
-        elif kind is ShutWrite:
+        elif type(command) is ShutWrite:
             if command.side == self.real:
                 try:
                     self.sockets[command.channel].shutdown(socket.SHUT_WR)
                 except (KeyError, OSError):
                     pass
             else:
-                self._later.append(lambda: self.script.peer_closed(command.channel))
-        elif kind is CloseChannel:
+                self._later.append(lambda: script.peer_closed(command.channel))
+        elif type(command) is CloseChannel:
             sock = self.sockets.pop(command.channel, None)
             if sock is not None:
                 self.unwatch(sock)
                 sock.close()
-            self._later.append(lambda: self.script.channel_closed(command.channel))
-        elif kind is CloseConnection:
+            self._later.append(lambda: script.channel_closed(command.channel))
+        elif type(command) is CloseConnection:
             self.finished = True
             for sock in self.sockets.values():
                 self.unwatch(sock)
                 sock.close()
             self.sockets = {}
-            self._later.append(lambda: self.script.ended(command.reason))
+            self._later.append(lambda: script.ended(command.reason))

@@ -20,7 +20,7 @@ class FreshFds:
     `take_our_end` for the driver that relays the channel it carries.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._objects: dict[tuple[str, int], int] = {}
         self._kept: list[int] = []
         self._our_ends: dict[int, socket.socket] = {}         # inode of the end we give away -> our end

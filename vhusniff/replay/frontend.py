@@ -11,13 +11,22 @@ from dataclasses import dataclass, field
 
 from ..engine import Session, Side
 from ..engine.hooks import HookChain
-from ..model import Channel, EventKind
+from ..model import Channel, EventKind, FdInfo
 from ..protocol import catalogue as cat
 from ..protocol.context import ContextTracker
-from ..protocol.grammar import HEADER_SIZE, Message, build_message
-from .driver import CONNECTION, REPLY_TIMEOUT, Driver, Recorder, close_all, say
+from ..protocol.grammar import HEADER_SIZE, DecodeContext, Message, build_message
+from .driver import CONNECTION, REPLY_TIMEOUT, Driver, Recorder, Timer, close_all, say
 from .fresh import FreshFds
-from .recording import Exchange, device_type, load_exchanges, regions, reply_differences, reply_required, ring_positions
+from .recording import (
+    Exchange,
+    decode_recorded,
+    device_type,
+    load_exchanges,
+    regions,
+    reply_differences,
+    reply_required,
+    ring_positions,
+)
 
 F = cat.FrontendRequest
 QUIET = 0.05          # after the last reply: how long the back-end may still send what nothing asked for
@@ -41,8 +50,13 @@ class Outgoing:
     """A main-channel request of the script's, from being handed to the session until its reply is in."""
     exchange: Exchange | None          # None: a hook's injection
     label: str
-    recorded: Message | None = None
-    timer: object = None
+    recorded: Message | None = None    # the request decoded: a recorded one from the start, an injected one as it goes
+    timer: Timer | None = None         # the wait for its reply, once it went
+
+    def message(self) -> Message:
+        """The request decoded, once known: a recorded request at once, an injected one when it has gone."""
+        assert self.recorded is not None, "asked of a recorded request, or of an injected one that has gone"
+        return self.recorded
 
 
 class ScriptedFrontend:
@@ -61,7 +75,7 @@ class ScriptedFrontend:
         self.positions = ring_positions(exchanges)
         self.pending_ring: dict[int, int] = {}
         self.next = 0                                  # index of the next recorded exchange
-        self.injected: deque = deque()                 # a hook's messages (channel, data, fds), in order
+        self.injected: deque[tuple[Channel, bytes, list[int]]] = deque()   # a hook's messages, in order
         self.outgoing: Outgoing | None = None          # handed to the session, not yet answered
         self.over = False
 
@@ -83,7 +97,7 @@ class ScriptedFrontend:
         elif self.next < len(self.exchanges):
             exchange = self.exchanges[self.next]
             self.next += 1
-            recorded = self.recorded_tracker.decode(exchange.request)
+            recorded = decode_recorded(self.recorded_tracker, exchange.request)
             sizes = [region.mmap_offset + region.memory_size for region in regions(recorded)]
             fds = [self.fresh.make(info, sizes[i] if i < len(sizes) else 0)
                    for i, info in enumerate(exchange.request.fds)]
@@ -103,7 +117,7 @@ class ScriptedFrontend:
 
     # ---- what the session hands over ----
 
-    def going(self, channel: Channel, message: Message, context, fds: list[int]) -> None:
+    def going(self, channel: Channel, message: Message, context: DecodeContext, fds: list[int]) -> None:
         """Our message leaves for the back-end now, hooks applied: place memory and rings first."""
         outgoing = self.outgoing
         if channel != Channel.MAIN or outgoing is None or outgoing.timer is not None:
@@ -125,7 +139,8 @@ class ScriptedFrontend:
         self.outgoing = None
         self.driver.soon(self.step)
 
-    def deliver(self, channel: Channel, message: Message, context, fds: list[int], infos) -> None:
+    def deliver(self, channel: Channel, message: Message, context: DecodeContext, fds: list[int],
+                infos: list[FdInfo]) -> None:
         close_all(fds)
         if channel == Channel.BACKEND:
             if not message.is_reply and reply_required(message, context):
@@ -143,25 +158,24 @@ class ScriptedFrontend:
         self.outgoing = None
         if outgoing.exchange is None:
             say(self.out, f"      {outgoing.label}: reply {message.summary()[:72]}")
-            if message.request != outgoing.recorded.request or not message.is_reply:
+            if message.request != outgoing.message().request or not message.is_reply:
                 self.diverge(f"{outgoing.label}: the back-end answered {message.summary()}")
         else:
-            self._compare(outgoing, message, infos)
+            self._compare(outgoing, outgoing.exchange, message, infos)
         self.driver.soon(self.step)
 
-    def _compare(self, outgoing: Outgoing, replayed: Message, infos) -> None:
-        exchange = outgoing.exchange
+    def _compare(self, outgoing: Outgoing, exchange: Exchange, replayed: Message, infos: list[FdInfo]) -> None:
         self.result.replies_compared += 1
         if exchange.reply is None:
             differences = [f"the back-end replied ({replayed.summary()}); the recording has no reply"]
         else:
-            expected = self.recorded_tracker.decode(exchange.reply)
+            expected = decode_recorded(self.recorded_tracker, exchange.reply)
             differences = reply_differences(expected, replayed, exchange.reply.fds, infos)
         line = f"{outgoing.label} reply " + ("same" if not differences else "DIFFERS")
         self.result.log.append(line)
         say(self.out, line)
         for difference in differences:
-            self.diverge(f"message #{exchange.number} {outgoing.recorded.name} reply: {difference}")
+            self.diverge(f"message #{exchange.number} {outgoing.message().name} reply: {difference}")
 
     def dropped(self, channel: Channel, side: Side, message: Message) -> None:
         outgoing = self.outgoing
@@ -171,7 +185,7 @@ class ScriptedFrontend:
         if side == Side.FRONTEND and outgoing.timer is None:
             self.outgoing = None
             if exchange is not None and exchange.reply is not None:
-                self.diverge(f"message #{exchange.number} {outgoing.recorded.name}: dropped by a hook, so its "
+                self.diverge(f"message #{exchange.number} {outgoing.message().name}: dropped by a hook, so its "
                              f"recorded reply #{exchange.reply_number} was not asked for")
         elif side == Side.BACKEND and outgoing.timer is not None and message.is_reply:
             outgoing.timer.cancel()
@@ -186,6 +200,8 @@ class ScriptedFrontend:
 
     def timed_out(self) -> None:
         if self.driver.holding_for(Side.FRONTEND):          # a hook's delay is not the back-end's slowness
+            # The timer is cancelled whenever its request stops waiting, so one waits while it fires.
+            assert self.outgoing is not None, "a reply timer fired with no request waiting"
             self.outgoing.timer = self.driver.after(self.reply_timeout, self.timed_out)
             return
         self.stop(f"no reply (timeout; waited up to {self.reply_timeout:g} s; {self._expected()})")
@@ -206,13 +222,13 @@ class ScriptedFrontend:
             self.stop(f"not sent, {reason}")
         elif self.next < len(self.exchanges):
             exchange = self.exchanges[self.next]
-            self.outgoing = Outgoing(exchange, "", self.recorded_tracker.decode(exchange.request))
+            self.outgoing = Outgoing(exchange, "", decode_recorded(self.recorded_tracker, exchange.request))
             self.stop(f"not sent, {reason}")
         else:
             self.over = True
             self.diverge(f"after the last request: {reason}")
 
-    def our_end(self, fd: int):
+    def our_end(self, fd: int) -> socket.socket | None:
         return self.fresh.take_our_end(fd)
 
     def discard(self) -> None:
@@ -238,7 +254,7 @@ class ScriptedFrontend:
             return f"after message #{self._last_number()}"
         if outgoing.exchange is None:
             return outgoing.label or "a hook's injected request"
-        return f"message #{outgoing.exchange.number} {outgoing.recorded.name}"
+        return f"message #{outgoing.exchange.number} {outgoing.message().name}"
 
     def _expected(self) -> str:
         exchange = self.outgoing.exchange if self.outgoing else None

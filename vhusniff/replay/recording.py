@@ -30,6 +30,14 @@ class Exchange:
     reply_number: int = 0
 
 
+def decode_recorded(tracker: ContextTracker, record: Record) -> Message:
+    """A recorded message decoded in its connection's context. Exchanges hold message records only (the loaders
+    keep RecordKind.MESSAGE), which the tracker always decodes to a Message."""
+    message = tracker.decode(record)
+    assert message is not None, "exchanges hold message records only"
+    return message
+
+
 def _request_number(data: bytes) -> int:
     return struct.unpack_from("<I", data)[0] if len(data) >= 4 else -1
 
@@ -133,7 +141,7 @@ def ring_positions(exchanges: list[Exchange]) -> dict[int, int]:
     open_start: dict[int, int] = {}
     tracker = ContextTracker()
     for exchange in exchanges:
-        message = tracker.decode(exchange.request)
+        message = decode_recorded(tracker, exchange.request)
         if message.kind is None:
             continue
         if message.request == F.SET_VRING_BASE:
