@@ -381,101 +381,125 @@ def _read_exactly(stream: BinaryIO, count: int) -> bytes:
     return b"".join(parts)
 
 
+class _Section:
+    """What a section header and its interface blocks said: byte order, link types, time resolutions."""
+
+    def __init__(self, endian: str) -> None:
+        self.endian = endian
+        self.link_types: dict[int, int] = {}
+        self.resolution: dict[int, tuple[int, int]] = {}     # interface -> (multiplier to ns, divisor)
+
+    def add_interface(self, body: bytes, total: int) -> int:
+        link_type = struct.unpack_from(self.endian + "H", body)[0]
+        interface = len(self.link_types)
+        self.link_types[interface] = link_type
+        self.resolution[interface] = _ts_resolution(body, 8, total - 12, self.endian)
+        return link_type
+
+
 def _read_stream(stream: BinaryIO, path: str) -> Iterator[Record]:
     if isinstance(stream, io.RawIOBase):
         stream = io.BufferedReader(stream)
-    read = stream.read
     offset = 0
-    endian = "<"
-    resolution: dict[int, tuple[int, int]] = {}     # interface -> (multiplier to ns, divisor)
-    link_types: dict[int, int] = {}
-    interfaces = 0
-    seen_section = False
+    section: _Section | None = None
     vhost_interfaces = 0
     while True:
-        head = read(8)
+        head = stream.read(8)
         if not head:
             break
         if len(head) < 8:
             raise CaptureError(path, offset, f"truncated block header ({len(head)} of 8 bytes)")
-        block_type, total = struct.unpack(endian + "II", head)
+        block_type = struct.unpack("<I", head[:4])[0]
         if block_type == BLOCK_SHB:
-            magic_bytes = read(4)
-            if len(magic_bytes) < 4:
-                raise CaptureError(path, offset, "truncated section header block")
-            if struct.unpack("<I", magic_bytes)[0] == BYTE_ORDER_MAGIC:
-                endian = "<"
-            elif struct.unpack(">I", magic_bytes)[0] == BYTE_ORDER_MAGIC:
-                endian = ">"
-            else:
-                raise CaptureError(path, offset, "bad byte-order magic in section header block")
-            total = struct.unpack(endian + "I", head[4:])[0]
-            problem = block_length_problem(BLOCK_SHB, total)
-            if problem:
-                raise CaptureError(path, offset, problem)
-            try:
-                rest = _read_exactly(stream, total - 12)
-            except _ShortRead:
-                raise CaptureError(path, offset, "truncated section header block") from None
-            problem = section_version_problem(struct.unpack_from(endian + "H", rest)[0])
-            if problem:
-                raise CaptureError(path, offset, problem)
-            seen_section = True
-            resolution.clear()
-            link_types.clear()
-            interfaces = 0
+            endian, total = _read_section_header(stream, head, path, offset)
+            section = _Section(endian)
             offset += total
             continue
-        if not seen_section:
+        if section is None:
             if head[:4] in (b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\xc3\xd4", b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d"):
                 raise CaptureError(path, 0, "a classic pcap file, not pcapng: it holds no vhusniff capture")
             raise CaptureError(path, 0, "not a pcapng file (no section header block)")
-        if total % 4 or total < 32 and total < MIN_BLOCK_LENGTH.get(block_type, 12):
-            raise CaptureError(path, offset, block_length_problem(block_type, total))
-        if total <= READ_CHUNK:
-            body = read(total - 8)
-            available = len(body)
-        else:
-            try:
-                body = _read_exactly(stream, total - 8)
-                available = len(body)
-            except _ShortRead as short:
-                available = short.available
-        if available < total - 8:
-            raise CaptureError(path, offset, f"truncated block: {available + 8} of {total} bytes "
-                                             f"(block type {block_type:#x})")
-        if struct.unpack_from(endian + "I", body, total - 12)[0] != total:
-            raise CaptureError(path, offset, f"block length fields disagree (block type {block_type:#x})")
+        block_type, total = struct.unpack(section.endian + "II", head)
+        body = _read_block_body(stream, block_type, total, section.endian, path, offset)
         if block_type == BLOCK_EPB:
-            interface, ts_high, ts_low, captured, _original = struct.unpack_from(endian + "IIIII", body)
-            if interface not in link_types:
-                raise CaptureError(path, offset, f"packet on undeclared interface {interface}")
-            if captured > total - 32:
-                raise CaptureError(path, offset, f"captured length {captured} runs past the block")
-            if link_types[interface] != LINKTYPE_USER0:
-                offset += total
-                continue
-            packet = body[20:20 + captured]
-            epb_flags = _epb_flags(body, 20 + captured + _pad4(captured), total - 12, endian)
-            multiplier, divisor = resolution[interface]
-            timestamp = ((ts_high << 32) | ts_low) * multiplier // divisor
-            try:
-                yield parse_pseudo_header(packet, timestamp, epb_flags)
-            except ValueError as error:
-                raise CaptureError(path, offset, str(error)) from None
-        elif block_type == BLOCK_IDB:
-            link_type = struct.unpack_from(endian + "H", body)[0]
-            link_types[interfaces] = link_type
-            resolution[interfaces] = _ts_resolution(body, 8, total - 12, endian)
-            if link_type == LINKTYPE_USER0:
-                vhost_interfaces += 1
-            interfaces += 1
+            record = _packet_record(body, total, section, path, offset)
+            if record is not None:
+                yield record
+        elif block_type == BLOCK_IDB and section.add_interface(body, total) == LINKTYPE_USER0:
+            vhost_interfaces += 1
         offset += total
-    if not seen_section:
+    if section is None:
         raise CaptureError(path, 0, "empty file: not a pcapng capture")
     if vhost_interfaces == 0:
         raise CaptureError(path, offset, "the capture holds no vhost-user traffic (no interface of link type "
                                          f"{LINKTYPE_USER0}, USER0)")
+
+
+def _read_section_header(stream: BinaryIO, head: bytes, path: str, offset: int) -> tuple[str, int]:
+    """The byte order and length of the section header block that `head` begins; the rest of it is read."""
+    magic_bytes = stream.read(4)
+    if len(magic_bytes) < 4:
+        raise CaptureError(path, offset, "truncated section header block")
+    if struct.unpack("<I", magic_bytes)[0] == BYTE_ORDER_MAGIC:
+        endian = "<"
+    elif struct.unpack(">I", magic_bytes)[0] == BYTE_ORDER_MAGIC:
+        endian = ">"
+    else:
+        raise CaptureError(path, offset, "bad byte-order magic in section header block")
+    total = struct.unpack(endian + "I", head[4:])[0]
+    problem = block_length_problem(BLOCK_SHB, total)
+    if problem:
+        raise CaptureError(path, offset, problem)
+    try:
+        rest = _read_exactly(stream, total - 12)
+    except _ShortRead:
+        raise CaptureError(path, offset, "truncated section header block") from None
+    problem = section_version_problem(struct.unpack_from(endian + "H", rest)[0])
+    if problem:
+        raise CaptureError(path, offset, problem)
+    return endian, total
+
+
+def _read_block_body(stream: BinaryIO, block_type: int, total: int, endian: str, path: str, offset: int) -> bytes:
+    """A block's body after its 8-byte head, checked whole: its length is sane, present, and said twice alike."""
+    if total % 4 or total < 32 and total < MIN_BLOCK_LENGTH.get(block_type, 12):
+        raise CaptureError(path, offset, block_length_problem(block_type, total))
+    if total <= READ_CHUNK:
+        body = stream.read(total - 8)
+        available = len(body)
+    else:
+        try:
+            body = _read_exactly(stream, total - 8)
+            available = len(body)
+        except _ShortRead as short:
+            available = short.available
+    if available < total - 8:
+        raise CaptureError(path, offset, f"truncated block: {available + 8} of {total} bytes "
+                                         f"(block type {block_type:#x})")
+    if struct.unpack_from(endian + "I", body, total - 12)[0] != total:
+        raise CaptureError(path, offset, f"block length fields disagree (block type {block_type:#x})")
+    return body
+
+
+def _packet_record(body: bytes, total: int, section: _Section, path: str, offset: int) -> Record | None:
+    """The record an Enhanced Packet Block holds; None for a packet of another link type."""
+    endian = section.endian
+    interface, ts_high, ts_low, captured, _original = struct.unpack_from(endian + "IIIII", body)
+    if interface not in section.link_types:
+        raise CaptureError(path, offset, f"packet on undeclared interface {interface}")
+    if captured > total - 32:
+        raise CaptureError(path, offset, f"captured length {captured} runs past the block")
+    if section.link_types[interface] != LINKTYPE_USER0:
+        return None
+    packet = body[20:20 + captured]
+    epb_flags = _epb_flags(body, 20 + captured + _pad4(captured), total - 12, endian)
+    multiplier, divisor = section.resolution[interface]
+    timestamp = ((ts_high << 32) | ts_low) * multiplier // divisor
+    try:
+        return parse_pseudo_header(packet, timestamp, epb_flags)
+    except ValueError as error:
+        raise CaptureError(path, offset, str(error)) from None
+
 
 
 def _options(body: bytes, start: int, end: int, endian: str):
