@@ -108,13 +108,8 @@ def loop_kernel_args(seconds: int) -> list[str]:
     return [LOOP_MODE_PARAMETER, f"{LOOP_SECONDS_PARAMETER}={int(seconds)}"]
 
 
-def guest_init_script() -> str:
-    """The initramfs's /init: load virtio, check I/O on /dev/vda and eth0, say how it went, power off.
-
-    With `loop_kernel_args(N)` on the kernel command line the disk check is repeated for N seconds instead,
-    one `round K ok` or `round K FAILED ...` line each, then `rounds OK ok FAILED failed`."""
-    modules = " ".join(GUEST_MODULES)
-    return f"""#!/bin/sh
+# The initramfs's /init, a shell script; `guest_init_script` fills in the names in braces.
+_GUEST_INIT = """#!/bin/sh
 /bin/busybox --install -s /bin
 export PATH=/bin
 mount -t proc proc /proc
@@ -131,13 +126,13 @@ blk_write_readback() {{
     # Random data, so that a device returning zeros or stale blocks cannot pass; a marker in front.
     dd if=/dev/urandom of=/tmp/pattern bs=1024 count=1024 2>/dev/null || return 1
     echo "VHUSNIFF-PATTERN $(cat /proc/sys/kernel/random/uuid)" | dd of=/tmp/pattern conv=notrunc 2>/dev/null
-    if ! dd if=/tmp/pattern of=/dev/vda bs=1024 seek={PATTERN_OFFSET_MIB * 1024} conv=fsync 2>/tmp/dd.err; then
+    if ! dd if=/tmp/pattern of=/dev/vda bs=1024 seek={pattern_offset_kib} conv=fsync 2>/tmp/dd.err; then
         echo "$1 FAILED write: $(head -n 1 /tmp/dd.err)"; return 1
     fi
     sync
     # Without this the read-back would come from the page cache, not from the back-end.
     echo 3 > /proc/sys/vm/drop_caches
-    if ! dd if=/dev/vda of=/tmp/readback bs=1024 skip={PATTERN_OFFSET_MIB * 1024} count=1024 2>/tmp/dd.err; then
+    if ! dd if=/dev/vda of=/tmp/readback bs=1024 skip={pattern_offset_kib} count=1024 2>/tmp/dd.err; then
         echo "$1 FAILED read: $(head -n 1 /tmp/dd.err)"; return 1
     fi
     if [ "$(head -c 16 /tmp/readback)" != "VHUSNIFF-PATTERN" ]; then
@@ -204,6 +199,17 @@ fi
 echo "{GUEST_DONE}"
 poweroff -f
 """
+
+
+def guest_init_script() -> str:
+    """The initramfs's /init: load virtio, check I/O on /dev/vda and eth0, say how it went, power off.
+
+    With `loop_kernel_args(N)` on the kernel command line the disk check is repeated for N seconds instead,
+    one `round K ok` or `round K FAILED ...` line each, then `rounds OK ok FAILED failed`."""
+    return _GUEST_INIT.format(modules=" ".join(GUEST_MODULES), pattern_offset_kib=PATTERN_OFFSET_MIB * 1024,
+                              GUEST_MARK=GUEST_MARK, BLK_IO_OK=BLK_IO_OK, NET_IO_OK_PREFIX=NET_IO_OK_PREFIX,
+                              GUEST_DONE=GUEST_DONE, LOOP_MODE_PARAMETER=LOOP_MODE_PARAMETER,
+                              LOOP_SECONDS_PARAMETER=LOOP_SECONDS_PARAMETER)
 
 
 def prepare(cache: Path | None = None, refresh: bool = False) -> GuestKit:
