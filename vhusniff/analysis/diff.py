@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Mapping
 
+from ..capture.pcapng import read_capture, reading
 from ..model import Channel, Record, RecordKind
 from ..protocol import catalogue as cat
 from ..protocol.context import ContextTracker
@@ -116,7 +117,6 @@ def diff_records(left: list[Record], right: list[Record], ignore: frozenset[str]
 
 def load_or_report(path: str, program: str = "vhusniff") -> list[Record] | None:
     """All records of a capture, or None after saying on stderr why it cannot be read (capture.reading's words)."""
-    from ..capture.pcapng import read_capture, reading
     records: list[Record] = []
     with reading(path) as outcome:
         records = list(read_capture(path))

@@ -10,6 +10,7 @@ from ..capture.pcapng import ReadOutcome, read_capture, reading
 from ..model import Channel, Record, RecordKind
 from ..protocol import catalogue as cat
 from ..protocol.grammar import Message
+from ..views.timeline import render_html, render_svg
 
 EXIT_BAD_INPUT = 2
 
@@ -210,7 +211,6 @@ def main_report(argv: list[str]) -> int:
 
 # --- timeline -------------------------------------------------------------------------------------------------------
 def main_timeline(argv: list[str]) -> int:
-    from ..views.timeline import render_html, render_svg
     parser = _parser("timeline", "a picture of the session: lanes per channel and direction over time")
     parser.add_argument("-o", "--output", required=True, help="FILE.svg or FILE.html")
     args = parser.parse_args(argv)

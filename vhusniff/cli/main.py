@@ -6,13 +6,17 @@ import collections
 import json
 import os
 import sys
-from typing import TYPE_CHECKING, TextIO
+from typing import TextIO
 
+from ..analysis.analyzer import Analyzer
+from ..capture.pcapng import reading
 from ..model import RecordKind
 from ..protocol import catalogue as cat
-
-if TYPE_CHECKING:    # imported where used otherwise: `read` starts faster without it
-    from ..analysis.analyzer import Analyzer
+from ..protocol.context import ContextTracker
+from ..protocol.grammar import iter_fields
+from ..views.fast import fast_summary, general_messages
+from ..views.filters import FilterError, compile_filter
+from ..views.present import field_tree, hexdump, record_line
 
 EXIT_BAD_INPUT = 2
 
@@ -34,7 +38,6 @@ def _json_value(value):
 
 def message_fields(number: int, relative: float, record, message) -> dict[str, list]:
     """Every field of a message by dotted name (multi-valued where an array repeats it), plus frame fields."""
-    from ..protocol.grammar import iter_fields
     fields: dict[str, list] = {
         "frame.number": [number], "frame.time_relative": [round(relative, 9)],
         "connection": [record.connection], "channel": [record.channel.name.lower()],
@@ -84,12 +87,8 @@ class _ExpertLines:
 
 
 def command_read(args) -> int:
-    from ..capture.pcapng import reading
-    from ..protocol.context import ContextTracker
-    from ..views.present import field_tree, hexdump, record_line
     display_filter = None
     if args.filter:
-        from ..views.filters import FilterError, compile_filter
         try:
             display_filter = compile_filter(args.filter)
         except FilterError as error:
@@ -99,14 +98,12 @@ def command_read(args) -> int:
     profile = cat.PROFILES[args.profile]
     expert = None
     if args.expert and args.T == "text":
-        from ..analysis.analyzer import Analyzer
         expert = _ExpertLines(Analyzer(args.device, profile), sys.stdout)
     tracker = expert.analyzer.tracker if expert else ContextTracker(args.device, profile)
     out = sys.stdout
     shown = 0
     json_started = False
     with reading(args.file) as outcome:
-        from ..views.fast import fast_summary, general_messages
         if args.T == "text" and not (args.verbose or args.hex or display_filter or expert):
             fast_summary(args.file, tracker, out, colour, args.follow, args.count)
             return 0

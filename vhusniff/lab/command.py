@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..engine.hooks import HookError
+from ..engine.rewrites import add_hook_arguments, hooks_from_arguments
 from ..model import RecordKind
 from ..proxy import Proxy, ProxyError, Route
 from ..views.present import line_printer
@@ -102,7 +104,6 @@ def record_boot(workdir: Path | str, device: str = "blk", reverse: bool = False,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..engine.rewrites import add_hook_arguments
     parser = argparse.ArgumentParser(prog="vhusniff lab", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("blk", "net"), default="blk",
                         help="blk: qemu-storage-daemon (default); net: dpdk-testpmd")
@@ -121,8 +122,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from ..engine.hooks import HookError
-    from ..engine.rewrites import hooks_from_arguments
     args = build_parser().parse_args(argv)
     try:
         hooks = hooks_from_arguments(args)

@@ -37,6 +37,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..analysis.diff import load_or_report
+from ..capture.pcapng import CaptureWriter
+from ..engine.hooks import HookError
+from ..engine.rewrites import add_hook_arguments, hooks_from_arguments
 from .backend import ServeResult, replay_as_backend, serve_front_end
 from .driver import REPLY_TIMEOUT
 from .frontend import ReplayResult, replay_as_frontend
@@ -58,10 +62,6 @@ __all__ = ["BackendExchange", "Exchange", "ReplayResult", "ServeResult", "answer
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..analysis.diff import load_or_report
-    from ..capture.pcapng import CaptureWriter
-    from ..engine.hooks import HookError
-    from ..engine.rewrites import add_hook_arguments, hooks_from_arguments
     parser = argparse.ArgumentParser(prog="vhusniff replay", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("capture")

@@ -23,7 +23,7 @@ from construct import Array, Bytes, BytesInteger, FormatField, GreedyBytes, Rena
 
 from ..model import Channel, RecordKind
 from ..protocol import catalogue as cat
-from ..protocol.grammar import request_names
+from ..protocol.grammar import HEADER, PAYLOADS, REGION_XEN, iter_fields, request_names
 
 _FORMAT_WIDTH = {"<B": 1, "B": 1, "<H": 2, "<L": 4, "<Q": 8}
 
@@ -83,7 +83,6 @@ def _strip(subcon):
 
 
 def _element_key(structure: Struct) -> str:
-    from ..protocol.grammar import REGION_XEN
     return "region_xen" if structure is REGION_XEN else "region"
 
 
@@ -148,7 +147,6 @@ class GrammarField:
 @lru_cache(maxsize=1)
 def grammar_fields() -> dict[str, GrammarField]:
     """Every name `iter_fields` can yield, with its type: the header, then every payload kind."""
-    from ..protocol.grammar import HEADER, PAYLOADS
     fields: dict[str, GrammarField] = {}
 
     def register(name: str, width: int, doc: str, is_bits: bool = False) -> None:
@@ -619,7 +617,6 @@ class DisplayFilter:
 
 def field_values(message) -> dict[str, list]:
     """iter_fields as name -> values (arrays flattened); the request as (channel, number) for name matching."""
-    from ..protocol.grammar import iter_fields
     values: dict[str, list] = {}
     for name, value in iter_fields(message):
         if name == "request":

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 
+from ..model import Channel, RecordKind
 from ..protocol.grammar import (
     PAYLOADS,
     STREAM_REQUEST,
@@ -54,7 +55,6 @@ def record_line(number: int, relative_seconds: float, record, message: Message |
 
     `  12   0.004512 c1      F>B SET_VRING_ADDR  0x1  idx=0 desc=0x… used=… avail=…`
     """
-    from ..model import Channel, RecordKind
     where = f"c{record.connection}" + ("" if record.channel == Channel.MAIN else f"/{record.channel.name.lower()}")
     if record.kind == RecordKind.EVENT:
         line = f"{number:>5} {relative_seconds:10.6f} {where:<10} --- {record.note}"
