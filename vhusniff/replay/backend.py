@@ -356,9 +356,7 @@ def serve_front_end(peer: socket.socket, exchanges: list[Exchange], unknown_poli
     driver = Driver(session, recorder, out, device)
     script = ScriptedBackend(driver, exchanges, list(backend_requests), unknown_policy, default_reply, recorder,
                              out, reply_timeout)
-    recorder.event("replay --as backend: front-end connected", kind=EventKind.CONNECTED)
-    if device:
-        recorder.event(device, kind=EventKind.DEVICE)
+    recorder.connected("replay --as backend: front-end connected", device)
     try:
         driver.attach(Channel.MAIN, peer)
         driver.run(script)

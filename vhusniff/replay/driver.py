@@ -77,6 +77,12 @@ class Recorder:
             self.writer.write(Record(timestamp or time.time_ns(), CONNECTION, kind=RecordKind.EVENT, note=text,
                                      event=kind))
 
+    def connected(self, text: str, device: str | None) -> None:
+        """The connection began; a DEVICE event follows when the device type is known."""
+        self.event(text, kind=EventKind.CONNECTED)
+        if device:
+            self.event(device, kind=EventKind.DEVICE)
+
     def report(self, text: str, indent: str = "", kind: EventKind = EventKind.NOTE) -> None:
         self.event(text, kind=kind)
         say(self.out, indent + text)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from ..engine import Session, Side
 from ..engine.hooks import HookChain
-from ..model import Channel, EventKind, FdInfo
+from ..model import Channel, FdInfo
 from ..protocol import catalogue as cat
 from ..protocol.context import ContextTracker
 from ..protocol.grammar import HEADER_SIZE, DecodeContext, Message, build_message
@@ -305,10 +305,8 @@ def replay_as_frontend(records: list, backend_path: str, connection: int | None 
     chain = HookChain(list(hooks), on_hook_error, report=lambda text: say(out, text))
     session = Session(CONNECTION, chain, ContextTracker(device), scripted=Side.FRONTEND)
     driver, fresh = Driver(session, recorder, out, device), FreshFds()
-    recorder.event(f"replay --as frontend: connection {connection} of the recording, back-end {backend_path}",
-                   kind=EventKind.CONNECTED)
-    if device:
-        recorder.event(device, kind=EventKind.DEVICE)
+    recorder.connected(f"replay --as frontend: connection {connection} of the recording, back-end {backend_path}",
+                       device)
     started = time.monotonic()
     script = ScriptedFrontend(driver, exchanges, fresh, result, out, reply_timeout, device)
     try:
