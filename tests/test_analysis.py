@@ -9,11 +9,12 @@ import sys
 
 import pytest
 
-from vhusniff.analysis.analyzer import Analyzer, Expect, classify_event, direction_for, end_summary, expectation
+from vhusniff.analysis.analyzer import Analyzer, classify_event, direction_for, end_summary
 from vhusniff.analysis.state import NOFD
 from vhusniff.model import Channel, EventKind, FdInfo, Record, RecordKind
 from vhusniff.protocol import catalogue as cat
 from vhusniff.protocol.grammar import build_message
+from vhusniff.protocol.replies import Expect, expectation
 
 F = cat.FrontendRequest
 B = cat.BackendRequest

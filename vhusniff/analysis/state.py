@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from ..model import Channel, Direction, EventKind, FdInfo, Record, RecordKind
 from ..protocol import catalogue as cat
 from ..protocol.grammar import Message
+from ..protocol.replies import protocol_feature_set
 
 F = cat.FrontendRequest
 NOFD = "NOFD"               # a vring fd slot set explicitly to "no fd, poll instead"
@@ -21,12 +22,6 @@ RING_PACKED_BIT = 34
 # Milestones kept for a connection's report (start/stop, memory, status); a session that toggles rings
 # for days keeps the first ones and counts the rest.
 HISTORY_KEPT = 1000
-
-
-def protocol_feature_set(profile: cat.Profile, protocol_features: int, name: str) -> bool:
-    """Whether the protocol feature `name` (as the profile numbers it) is set in a protocol-features word."""
-    bit = profile.protocol_feature_bit(name)
-    return bit is not None and bool(protocol_features >> bit & 1)
 
 
 def _hex_and_bits(value: int, names) -> str:

@@ -4,12 +4,13 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
-from ..analysis.analyzer import Analyzer, Expect, Transaction, connection_report, end_summary
+from ..analysis.analyzer import Analyzer, Transaction, connection_report, end_summary
 from ..analysis.expert import CHECKS, Severity
 from ..capture.pcapng import ReadOutcome, read_capture, reading
 from ..model import Channel, Record, RecordKind
 from ..protocol import catalogue as cat
 from ..protocol.grammar import Message
+from ..protocol.replies import Expect
 from ..views.timeline import render_html, render_svg
 
 EXIT_BAD_INPUT = 2

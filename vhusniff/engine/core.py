@@ -132,9 +132,8 @@ class Wake(NamedTuple):
 Command = Capture | Note | Send | CloseFds | StopReading | ShutWrite | CloseChannel | CloseConnection | Inject | Wake
 
 # Requests whose one fd is a socket that opens a side channel: request -> the channel it carries.
-_SIDE_CHANNEL_REQUESTS = {int(cat.FrontendRequest.SET_BACKEND_REQ_FD): Channel.BACKEND,
-                          int(cat.FrontendRequest.GPU_SET_SOCKET): Channel.GPU}
-_SET_DEVICE_STATE_FD = int(cat.FrontendRequest.SET_DEVICE_STATE_FD)
+_SIDE_CHANNEL_REQUESTS = {int(request): channel for request, channel in cat.SIDE_CHANNEL_REQUESTS.items()}
+_SET_DEVICE_STATE_FD = int(cat.DEVICE_STATE_REQUEST)
 _CLOSE_MARK = object()                        # a held "close the connection" after delayed messages
 
 

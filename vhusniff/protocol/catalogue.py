@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from ..model import Channel
+
 
 class FrontendRequest(enum.IntEnum):
     """Requests on the main socket, front-end to back-end (spec numbering)."""
@@ -300,6 +302,15 @@ FRONTEND_REQUESTS = MappingProxyType({spec.number: spec for spec in (
     RequestSpec(_F.GET_VRING_BASE_SKIP_DRAIN, ("vring_state",), ("vring_base",), ALWAYS,
                 gate="GET_VRING_BASE_SKIP_DRAIN"),
 )})
+
+
+# Requests whose one fd is a socket that opens a side channel, and the channel it carries.
+SIDE_CHANNEL_REQUESTS: Mapping[int, Channel] = MappingProxyType({
+    FrontendRequest.SET_BACKEND_REQ_FD: Channel.BACKEND,    # back-end requests, front-end replies
+    FrontendRequest.GPU_SET_SOCKET: Channel.GPU,            # the vhost-user-gpu protocol
+})
+# The request whose fd is a pipe end carrying the opaque device-state (migration) stream.
+DEVICE_STATE_REQUEST = FrontendRequest.SET_DEVICE_STATE_FD
 
 
 @dataclass(frozen=True)

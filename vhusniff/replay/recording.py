@@ -5,20 +5,15 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from ..analysis.analyzer import Expect, expectation
 from ..analysis.diff import field_differences
 from ..model import Channel, Direction, FdInfo, Record, RecordKind
 from ..protocol import catalogue as cat
 from ..protocol.context import ContextTracker
 from ..protocol.grammar import HEADER_SIZE, PAYLOADS, DecodeContext, Message, build_message, decode
+from ..protocol.replies import reply_required
 from .fresh import FreshFds
 
 F = cat.FrontendRequest
-
-
-def reply_required(message: Message, ctx: DecodeContext) -> bool:
-    """Whether the protocol obliges the receiver of this request to answer (the analyzer's rules)."""
-    return expectation(message, ctx.protocol_features, ctx.profile) in (Expect.REPLY, Expect.ACK)
 
 
 @dataclass

@@ -11,9 +11,10 @@ from __future__ import annotations
 import math
 from html import escape
 
-from ..analysis.analyzer import Analyzer, Expect, direction_for
+from ..analysis.analyzer import Analyzer, direction_for
 from ..model import Channel, Direction, Record, RecordKind
 from ..protocol.grammar import Message
+from ..protocol.replies import Expect
 
 LEFT = 190              # room for lane names
 TOP = 54
