@@ -374,3 +374,31 @@ def test_every_fd_handed_in_leaves_exactly_once(steps, verdict):
     out += session.close("end", now + 100 * SECOND)
     leaving = [fd for command in out if isinstance(command, (Send, CloseFds)) for fd in command.fds]
     assert sorted(leaving) == sorted(given_fds)
+
+
+def test_a_whole_message_framed_by_the_driver_is_forwarded_like_any_other():
+    session = Session(1)
+    framer = session.framer(MAIN, F)
+    assert framer.take_whole(SET_VRING_KICK)
+    out = session.whole(MAIN, F, SET_VRING_KICK, [4], 1)
+    assert of(out, Send) == [Send(MAIN, B, SET_VRING_KICK, [4])] and session.messages == 1
+    session.close("end", 2)
+    assert session.whole(MAIN, F, SET_VRING_KICK, [5], 3) == [CloseFds([5])]
+
+
+def test_a_side_channel_passed_again_replaces_the_old_one_and_its_pending_fds_close():
+    session = Session(1)
+    session.received(MAIN, F, SET_BACKEND_REQ_FD, [8], 1)
+    session.interposed(Channel.BACKEND, False, 2)
+    session.received(Channel.BACKEND, B, CONFIG_CHANGE[:5], [9], 3)       # half a message, with an fd
+    session.received(MAIN, F, SET_BACKEND_REQ_FD, [10], 4)
+    out = session.interposed(Channel.BACKEND, True, 5)
+    assert "replaced by message #2" in out[0].text and CloseFds([9]) in out
+    assert of(session.received(Channel.BACKEND, B, CONFIG_CHANGE, [], 6), Send)
+
+
+def test_a_side_that_hangs_up_after_closing_its_half_ends_the_connection():
+    session = Session(1)
+    session.received(MAIN, F, b"", [], 1)
+    out = session.hung_up(MAIN, F, 2)
+    assert of(out, CloseConnection)[0].reason == "front-end closed: connection closed after message #0"
