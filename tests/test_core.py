@@ -402,3 +402,29 @@ def test_a_side_that_hangs_up_after_closing_its_half_ends_the_connection():
     session.received(MAIN, F, b"", [], 1)
     out = session.hung_up(MAIN, F, 2)
     assert of(out, CloseConnection)[0].reason == "front-end closed: connection closed after message #0"
+
+
+# ---- following the negotiation and the replies it requires ----
+
+def test_a_following_session_knows_which_requests_await_an_answer():
+    session = Session(1, follow=True, device="blk")
+    out = session.received(MAIN, F, GET_FEATURES, [], 1)
+    capture = of(out, Capture)[0]
+    assert capture.message.name == "GET_FEATURES" and capture.awaits_reply
+    assert [(a.number, a.name, a.expect) for a in session.awaiting(MAIN)] == [(1, "GET_FEATURES", "reply")]
+    out = session.received(MAIN, B, FEATURES_REPLY, [], 2)
+    assert not of(out, Capture)[0].awaits_reply and session.awaiting(MAIN) == ()
+    # NEED_REPLY before REPLY_ACK is negotiated: a reply is tolerated, not required.
+    set_owner = build_message(MAIN, cat.FrontendRequest.SET_OWNER, need_reply=True)
+    assert not of(session.received(MAIN, F, set_owner, [], 3), Capture)[0].awaits_reply
+    reply_ack = cat.SPEC_PROFILE.protocol_feature_bit("REPLY_ACK")
+    session.received(MAIN, F, build_message(MAIN, cat.FrontendRequest.SET_PROTOCOL_FEATURES,
+                                            {"protocol_features": 1 << reply_ack}), [], 4)
+    assert session.context().protocol_features == 1 << reply_ack
+    out = session.received(MAIN, F, set_owner, [], 5)
+    assert of(out, Capture)[0].awaits_reply and session.awaiting(MAIN)[-1].expect == "ack"
+
+
+def test_a_session_that_does_not_follow_decodes_nothing():
+    out = Session(1).received(MAIN, F, GET_FEATURES, [], 1)
+    assert of(out, Capture)[0].message is None and not of(out, Capture)[0].awaits_reply

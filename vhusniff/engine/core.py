@@ -21,7 +21,8 @@ from ..model import Channel, Direction, EventKind, Record
 from ..protocol import catalogue as cat
 from ..protocol.context import ContextTracker
 from ..protocol.framing import Frame, Framer, FramingError, StrayFds
-from ..protocol.grammar import DEFAULT_CONTEXT, decode
+from ..protocol.grammar import DEFAULT_CONTEXT, DecodeContext, Message, decode
+from ..protocol.replies import Expect, expectation
 from .hooks import Flow, HookChain
 
 # QEMU's chardev accepts at most 16 fds a message (TCP_MAX_FDS); more is a finding, still forwarded.
@@ -68,6 +69,10 @@ class Capture(NamedTuple):
     note: str
     unframed: bool = False           # not one well-framed message: the rest of a stream that cannot be framed
     fate: Fate = Fate.FORWARDED
+    # With Session(follow=True), for a forwarded message: it decoded in the session's context as it travelled,
+    # and whether the protocol now awaits a reply to it (protocol.replies, the one reply rule).
+    message: Message | None = None
+    awaits_reply: bool = False
 
 
 class Note(NamedTuple):
@@ -129,6 +134,15 @@ class Wake(NamedTuple):
     token: object
 
 
+class Awaited(NamedTuple):
+    """A request the protocol requires an answer to, not answered yet."""
+    number: int                      # its message number on the connection
+    request: int
+    name: str
+    expect: str                      # protocol.replies.Expect.REPLY or ACK
+    since_ns: int
+
+
 Command = Capture | Note | Send | CloseFds | StopReading | ShutWrite | CloseChannel | CloseConnection | Inject | Wake
 
 # Requests whose one fd is a socket that opens a side channel: request -> the channel it carries.
@@ -152,13 +166,16 @@ class Session:
 
     hooks: a HookChain (vhusniff.engine.hooks) or None; tracker: the ContextTracker hooks decode with.
     interpose_device_state: ask the driver to relay SET_DEVICE_STATE_FD's pipe.
+    follow, device: follow the negotiated context (from `device`) and the replies the protocol awaits; each
+    forwarded message's Capture then carries it decoded and whether it awaits a reply.
     scripted: the side a script plays (replay), if any. A hook's injection then goes to that script (Inject)
     when it is something that side sends (the front-end: main-channel requests, back-end-channel replies; the
     back-end the other way round), and is reported and skipped otherwise.
     """
 
     def __init__(self, number: int, hooks: HookChain | None = None, tracker: ContextTracker | None = None,
-                 interpose_device_state: bool = False, scripted: Side | None = None):
+                 interpose_device_state: bool = False, scripted: Side | None = None, follow: bool = False,
+                 device: str | None = None):
         self.number = number
         self.messages = 0                     # messages framed on every channel, from 1
         self.closed = False
@@ -166,6 +183,10 @@ class Session:
         self.tracker = tracker
         self.interpose_device_state = interpose_device_state
         self.scripted = scripted
+        # follow: decode every forwarded message in the context it negotiates and keep the requests awaiting
+        # an answer (replay and the fuzzer need both; the proxy's fast path does without).
+        self.followed: ContextTracker | None = ContextTracker(device) if follow else None
+        self._awaiting: dict[Channel, deque[Awaited]] = {}
         self.channels: set[Channel] = set()
         self._streams: dict[tuple[Channel, Side], Stream] = {}
         self._write_shut: set[tuple[Channel, Side]] = set()
@@ -362,8 +383,13 @@ class Session:
         deliverable = channel in self.channels and (channel, to) not in self._write_shut
         if not deliverable:
             note = (note + "; " if note else "") + f"not delivered: the {to.label} side is closed"
-        out.append(Capture(now_ns, channel, side.direction, data, fds, note, unframed,
-                           Fate.FORWARDED if deliverable else Fate.NOT_DELIVERED))
+        if deliverable and self.followed is not None and not unframed and channel != Channel.DEVICE_STATE:
+            message = self.followed.decode_message(Record(now_ns, self.number, channel, side.direction, data))
+            out.append(Capture(now_ns, channel, side.direction, data, fds, note, unframed, Fate.FORWARDED, message,
+                               self._follow_reply(channel, message, now_ns)))
+        else:
+            out.append(Capture(now_ns, channel, side.direction, data, fds, note, unframed,
+                               Fate.FORWARDED if deliverable else Fate.NOT_DELIVERED))
         if deliverable:
             out.append(Send(channel, to, data, fds, interpose))
         elif fds:
@@ -372,6 +398,30 @@ class Session:
             out.append(Note(now_ns, channel, f"{side.label} message #{self.messages} carries {len(fds)} fds (QEMU "
                                              f"accepts at most {MAX_FDS_SEEN_IN_PRACTICE}, DPDK and libvhost-user 8);"
                                              f" forwarded", True, kind=EventKind.PROTOCOL_ERROR))
+
+    def awaiting(self, channel: Channel = Channel.MAIN) -> tuple[Awaited, ...]:
+        """The requests on `channel` still awaiting the answer the protocol requires, oldest first (follow)."""
+        return tuple(self._awaiting.get(channel, ()))
+
+    def context(self) -> DecodeContext:
+        """What the session has negotiated so far, as its messages travelled (follow)."""
+        return self.followed.context_for(self.number) if self.followed is not None else DEFAULT_CONTEXT
+
+    def _follow_reply(self, channel: Channel, message: Message, now_ns: int) -> bool:
+        """Keep the requests awaiting an answer: a reply answers the oldest request of its number."""
+        waiting = self._awaiting.setdefault(channel, deque())
+        if message.is_reply:
+            for position, awaited in enumerate(waiting):
+                if awaited.request == message.request:
+                    del waiting[position]
+                    break
+            return False
+        context = message.context
+        expect = expectation(message, context.protocol_features, context.profile)
+        if expect not in (Expect.REPLY, Expect.ACK):
+            return False
+        waiting.append(Awaited(self.messages, message.request, message.name, expect, now_ns))
+        return True
 
     def _stray(self, channel: Channel, side: Side, stray: StrayFds, now_ns: int, out: list) -> None:
         out.append(Note(now_ns, channel, f"{side.label} sent {len(stray.fds)} fd(s) with bytes at stream offset "

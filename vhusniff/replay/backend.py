@@ -26,7 +26,6 @@ from .recording import (
     load_backend_requests,
     load_exchanges,
     reply_differences,
-    reply_required,
 )
 
 F = cat.FrontendRequest
@@ -136,11 +135,11 @@ class BackendRequests:
             else:
                 self.driver.send(Channel.BACKEND, data, [self.fresh.make(info) for info in recorded.request.fds])
 
-    def going(self, message: Message, context: DecodeContext) -> None:
+    def going(self, message: Message, awaits_reply: bool) -> None:
         recorded = self.sending.popleft() if self.sending else None
         self.result.backend_sent += 1
         label = f"back-end channel: {_origin(recorded)}{message.summary()[:60]}"
-        if reply_required(message, context):
+        if awaits_reply:
             self.waiting = (message, recorded, self.driver.after(self.reply_timeout, self.expire))
             say(self.out, f"{label}: sent, waiting for the front-end's reply")
         else:
@@ -242,7 +241,7 @@ class ScriptedBackend:
         pass
 
     def deliver(self, channel: Channel, message: Message, context: DecodeContext, fds: list[int],
-                infos: list[FdInfo]) -> None:
+                infos: list[FdInfo], awaits_reply: bool) -> None:
         if channel == Channel.BACKEND:
             close_all(fds)
             self.requests.received(message, infos)
@@ -293,9 +292,10 @@ class ScriptedBackend:
         while self.to_play and self.to_play[0].after <= place:
             self.requests.play(self.to_play.popleft())
 
-    def going(self, channel: Channel, message: Message, context: DecodeContext, fds: list[int]) -> None:
+    def going(self, channel: Channel, message: Message, context: DecodeContext, fds: list[int],
+              awaits_reply: bool) -> None:
         if channel == Channel.BACKEND:
-            self.requests.going(message, context)
+            self.requests.going(message, awaits_reply)
         elif channel == Channel.MAIN and self.replies:
             self._gone(*self.replies.popleft(), message)
 
@@ -352,7 +352,7 @@ def serve_front_end(peer: socket.socket, exchanges: list[Exchange], unknown_poli
                     backend_requests: Sequence[BackendExchange] = (), reply_timeout: float = REPLY_TIMEOUT,
                     device: str | None = None) -> ServeResult:
     """One front-end connection, answered from the recording until the front-end leaves."""
-    session = Session(CONNECTION, chain, ContextTracker(device), scripted=Side.BACKEND)
+    session = Session(CONNECTION, chain, ContextTracker(device), scripted=Side.BACKEND, follow=True, device=device)
     driver = Driver(session, recorder, out, device)
     script = ScriptedBackend(driver, exchanges, list(backend_requests), unknown_policy, default_reply, recorder,
                              out, reply_timeout)

@@ -42,7 +42,6 @@ from ..engine.core import HALF_CLOSE
 from ..engine.fds import describe_fd
 from ..engine.sockio import receive_chunk, send_message
 from ..model import Channel, Direction, EventKind, FdInfo, Record, RecordKind
-from ..protocol.context import ContextTracker
 from ..protocol.grammar import DecodeContext, Message, decode
 
 CONNECTION = 1                 # a replay has one connection; captures number them from 1
@@ -104,9 +103,10 @@ class Script(Protocol):
     def start(self) -> None: ...
 
     def deliver(self, channel: Channel, message: Message, context: DecodeContext, fds: list[int],
-                infos: list[FdInfo]) -> None: ...
+                infos: list[FdInfo], awaits_reply: bool) -> None: ...
 
-    def going(self, channel: Channel, message: Message, context: DecodeContext, fds: list[int]) -> None: ...
+    def going(self, channel: Channel, message: Message, context: DecodeContext, fds: list[int],
+              awaits_reply: bool) -> None: ...
 
     def dropped(self, channel: Channel, side: Side, message: Message) -> None: ...
 
@@ -135,7 +135,6 @@ class Driver:
         self.scripted: Side = session.scripted
         self.real = self.scripted.other
         self.script: Script | None = None          # set by run()
-        self.tracker = ContextTracker(device)      # follows the messages as they travelled, hooks applied
         self.selector = selectors.DefaultSelector()
         self.sockets: dict[Channel, socket.socket] = {}
         self._timers: list[tuple[float, int, Timer]] = []      # a heap: (due, order, timer)
@@ -143,14 +142,15 @@ class Driver:
         self._wakes: Counter[object] = Counter()   # the session's Wake tokens not yet fired
         self._feeds: deque[tuple[Feed, Channel, bytes, list[int]]] = deque()   # what the script sends, in order
         self._later: deque[Callable[[], None]] = deque()   # calls to the script after the current commands
-        # (message, context, fd descriptions) of the last Capture
-        self._last: tuple[Message, DecodeContext, list[FdInfo]] | None = None
+        # (message, context, fd descriptions, whether it awaits a reply) of the last Capture
+        self._last: tuple[Message, DecodeContext, list[FdInfo], bool] | None = None
         self.finished = False
 
     # ---- for the script ----
 
     def context(self) -> DecodeContext:
-        return self.tracker.context_for(CONNECTION)
+        """What the session has negotiated, as its messages travelled (the core follows it)."""
+        return self.session.context()
 
     def send(self, channel: Channel, data: bytes, fds: list[int]) -> None:
         """The script sends a message: through the session (hooks), then to the real peer."""
@@ -289,32 +289,31 @@ class Driver:
 
     def _capture(self, capture: Capture) -> None:
         infos = [describe_fd(fd) for fd in capture.fds]
-        context = self.context()
-        message = decode(capture.data, capture.channel, context)
+        # A forwarded message comes decoded by the core, which follows the negotiation; others did not travel.
+        message = capture.message or decode(capture.data, capture.channel, self.context())
+        context = message.context
         self.recorder.message(capture.channel, capture.direction, capture.data, infos, capture.note,
                               capture.timestamp_ns, capture.unframed)
-        self._last = (message, context, infos)
+        self._last = (message, context, infos, capture.awaits_reply)
         if capture.fate is Fate.DROPPED:
             side = Side(int(capture.direction))
             self.recorder.report(f"hook dropped {side.label} {'reply' if message.is_reply else 'request'} "
                                  f"{message.summary()}", kind=EventKind.HOOK)
             script = self._running()
             self._later.append(lambda: script.dropped(capture.channel, side, message))
-        elif capture.fate is Fate.FORWARDED:
-            self.tracker.observe(CONNECTION, message, context)
 
     def _send(self, send: Send) -> None:
         assert self._last is not None, "the session captures each message right before it sends it"
-        message, context, infos = self._last
+        message, context, infos, awaits_reply = self._last
         script = self._running()
         fds = send.fds
         if send.to == self.scripted:
             if send.interpose == Channel.BACKEND and fds:
                 self._interpose(socket.socket(fileno=fds[0]))
                 fds, infos = fds[1:], infos[1:]
-            self._later.append(lambda: script.deliver(send.channel, message, context, fds, infos))
+            self._later.append(lambda: script.deliver(send.channel, message, context, fds, infos, awaits_reply))
             return
-        script.going(send.channel, message, context, fds)
+        script.going(send.channel, message, context, fds, awaits_reply)
         ours = script.our_end(fds[0]) if send.interpose == Channel.BACKEND and fds else None
         sock = self.sockets.get(send.channel)
         try:

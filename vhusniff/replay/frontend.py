@@ -24,7 +24,6 @@ from .recording import (
     load_exchanges,
     regions,
     reply_differences,
-    reply_required,
     ring_positions,
 )
 
@@ -117,7 +116,8 @@ class ScriptedFrontend:
 
     # ---- what the session hands over ----
 
-    def going(self, channel: Channel, message: Message, context: DecodeContext, fds: list[int]) -> None:
+    def going(self, channel: Channel, message: Message, context: DecodeContext, fds: list[int],
+              awaits_reply: bool) -> None:
         """Our message leaves for the back-end now, hooks applied: place memory and rings first."""
         outgoing = self.outgoing
         if channel != Channel.MAIN or outgoing is None or outgoing.timer is not None:
@@ -129,7 +129,7 @@ class ScriptedFrontend:
             outgoing.label, outgoing.recorded = f"injected {message.summary()[:60]}", message
         else:
             self.result.requests_sent += 1
-        if outgoing.exchange is not None and outgoing.exchange.reply is not None or reply_required(message, context):
+        if outgoing.exchange is not None and outgoing.exchange.reply is not None or awaits_reply:
             outgoing.timer = self.driver.after(self.reply_timeout, self.timed_out)
             return
         if outgoing.exchange is None:
@@ -140,10 +140,10 @@ class ScriptedFrontend:
         self.driver.soon(self.step)
 
     def deliver(self, channel: Channel, message: Message, context: DecodeContext, fds: list[int],
-                infos: list[FdInfo]) -> None:
+                infos: list[FdInfo], awaits_reply: bool) -> None:
         close_all(fds)
         if channel == Channel.BACKEND:
-            if not message.is_reply and reply_required(message, context):
+            if awaits_reply:
                 self.driver.send(Channel.BACKEND, build_message(Channel.BACKEND, message.request, {"ack": 0},
                                                                 reply=True, kind="ack"), [])
             return
@@ -303,7 +303,8 @@ def replay_as_frontend(records: list, backend_path: str, connection: int | None 
         return result
     recorder = Recorder(writer, out)
     chain = HookChain(list(hooks), on_hook_error, report=lambda text: say(out, text))
-    session = Session(CONNECTION, chain, ContextTracker(device), scripted=Side.FRONTEND)
+    session = Session(CONNECTION, chain, ContextTracker(device), scripted=Side.FRONTEND, follow=True,
+                      device=device)
     driver, fresh = Driver(session, recorder, out, device), FreshFds()
     recorder.connected(f"replay --as frontend: connection {connection} of the recording, back-end {backend_path}",
                        device)
