@@ -428,3 +428,13 @@ def test_a_following_session_knows_which_requests_await_an_answer():
 def test_a_session_that_does_not_follow_decodes_nothing():
     out = Session(1).received(MAIN, F, GET_FEATURES, [], 1)
     assert of(out, Capture)[0].message is None and not of(out, Capture)[0].awaits_reply
+
+
+def test_the_device_state_stream_is_passed_on_as_opaque_chunks_never_framed():
+    session = Session(1, interpose_device_state=True)
+    session.open_channel(Channel.DEVICE_STATE)
+    chunk = struct.pack("<III", 1, 0, 0xFFFFFFFF) + b"state"     # would be an impossible header on a socket
+    out = session.received(Channel.DEVICE_STATE, B, chunk, [], 1)
+    assert of(out, Send) == [Send(Channel.DEVICE_STATE, F, chunk, [])]
+    assert of(out, Capture)[0].note == "device-state stream" and not of(out, Note)
+    assert session.messages == 0, "chunks are not messages"

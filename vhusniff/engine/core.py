@@ -227,6 +227,12 @@ class Session:
                                              f"(MSG_CTRUNC)", True, kind=EventKind.PROTOCOL_ERROR))
         if self._gone_already(channel, fds, out):
             return out
+        if channel == Channel.DEVICE_STATE:
+            # The migration stream is opaque bytes, not messages: recorded and passed on chunk by chunk (the
+            # driver relays the pipe and says how it ended).
+            if data:
+                self._forward(channel, side, data, list(fds), now_ns, "device-state stream", out)
+            return out
         if not data:
             if fds:
                 out.append(CloseFds(list(fds)))

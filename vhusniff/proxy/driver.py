@@ -891,6 +891,9 @@ class Proxy:
         """Send as the session said (fds on the first byte), interposing on a side channel where it asks;
         then close the proxy's copies of the fds (what waits in an out-buffer is closed when it leaves)."""
         fds = command.fds
+        if command.channel == Channel.DEVICE_STATE:
+            self._stream_chunk(conn, command)
+            return
         endpoint = conn.endpoint(command.channel, command.to)
         if endpoint is None or endpoint.closed or conn.closed:
             for fd in fds:
@@ -1081,6 +1084,8 @@ class Proxy:
         else:                    # the recipient reads our pipe; we fill it from the fd it would have had
             given, relay = read_end, _StreamRelay(conn, theirs, write_end, endpoint.direction, what)
         conn.streams.append(relay)
+        if Channel.DEVICE_STATE not in conn.session.channels:
+            conn.session.open_channel(Channel.DEVICE_STATE)
         self._poller.register(relay.source, select.EPOLLIN)
         self._handlers[relay.source] = (self._on_stream_source, relay)
         if not is_reply and len(data) >= 16:
@@ -1114,9 +1119,18 @@ class Proxy:
             return
         relay.chunks += 1
         relay.total += len(data)
-        self._emit(Record(time.time_ns(), relay.conn.number, Channel.DEVICE_STATE, relay.direction, data, [],
-                          RecordKind.MESSAGE, "device-state stream"))
-        relay.pending = data
+        # The session records the chunk and says where it goes (_stream_chunk): the stream is one of its channels.
+        conn = relay.conn
+        self._execute(conn, conn.session.received(Channel.DEVICE_STATE, Side(int(relay.direction)), data, [],
+                                                  time.time_ns()))
+
+    def _stream_chunk(self, conn: _Connection, command: Send) -> None:
+        """A device-state chunk the session sends on: into the pipe of the relay it came through."""
+        sender = command.to.other.direction
+        relay = next((r for r in reversed(conn.streams) if r.direction == sender and not r.done), None)
+        if relay is None:
+            return
+        relay.pending += command.data
         self._flush_stream(relay)
 
     def _flush_stream(self, relay: _StreamRelay, _mask: int = 0) -> None:
