@@ -18,7 +18,8 @@ from peers import FakeBackend, FakeFrontend, kit, message, open_fds, require  # 
 from vhusniff.capture.pcapng import read_capture
 from vhusniff.lab import peers as lab
 from vhusniff.lab.command import run_lab
-from vhusniff.model import Channel, Direction, RecordKind
+from vhusniff.model import Channel, Direction, EventKind, RecordKind
+from vhusniff.protocol import catalogue as cat
 from vhusniff.proxy import Proxy, ProxyError, Route
 
 GET_FEATURES, SET_OWNER, SET_BACKEND_REQ_FD, GET_QUEUE_NUM, GET_VRING_BASE = 1, 3, 21, 17, 11
@@ -566,10 +567,10 @@ def test_listening_socket_is_0600_and_only_stale_sockets_are_replaced(tmp_path):
     assert not path.exists()
 
 
-def _start_cli_proxy(tmp_path, fake):
+def _start_cli_proxy(tmp_path, fake, *options):
     capture = tmp_path / "cli.pcapng"
     process = subprocess.Popen([sys.executable, "-m", "vhusniff.cli.main", "proxy", "-q", "--listen",
-                                str(tmp_path / "p.sock"), "--backend", fake.path, "-w", str(capture)],
+                                str(tmp_path / "p.sock"), "--backend", fake.path, "-w", str(capture), *options],
                                stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
     deadline = time.monotonic() + 10
     while not (tmp_path / "p.sock").exists():
@@ -592,3 +593,21 @@ def test_cli_proxy_signals_leave_a_readable_capture(tmp_path, how):
     assert len(messages(records)) == 10, "every forwarded message is in the capture"
     if how != signal.SIGKILL:
         assert events(records)[-1] == "proxy stopping: connection closed"
+
+
+def test_cli_proxy_device_option_names_the_device_features_in_the_capture(tmp_path):
+    with FakeBackend(tmp_path / "fake.sock") as fake:
+        process, capture = _start_cli_proxy(tmp_path, fake, "--device", "net")
+        client = FakeFrontend(tmp_path / "p.sock")
+        assert client.ask(GET_FEATURES) == 42                 # bits 1, 3 and 5
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(10) == 0
+        client.close()
+    records = list(read_capture(capture))
+    assert [r.note for r in records if r.kind == RecordKind.EVENT and r.event == EventKind.DEVICE] == ["net"]
+    shown = subprocess.run([sys.executable, "-m", "vhusniff.cli.main", "read", str(capture)], capture_output=True,
+                           text=True, check=True).stdout
+    reply = next(line for line in shown.splitlines() if "GET_FEATURES reply" in line)
+    net, blk = cat.feature_names("net"), cat.feature_names("blk")
+    assert all(net[bit] in reply for bit in (1, 3, 5)), reply
+    assert blk[5] not in reply or blk[5] == net[5], reply

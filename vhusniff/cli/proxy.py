@@ -4,9 +4,11 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from dataclasses import replace
 
 from ..engine.hooks import HookError
 from ..engine.rewrites import add_hook_arguments, hooks_from_arguments
+from ..protocol import catalogue as cat
 from ..proxy.driver import MAX_BUFFERED_DEFAULT, Proxy
 from ..proxy.routes import ProxyError, Route
 from ..views.present import line_printer
@@ -39,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="bytes that may wait in the proxy for a peer that does not read; past it the proxy "
                              f"stops reading from the other side until the peer catches up (default "
                              f"{MAX_BUFFERED_DEFAULT})")
+    parser.add_argument("--device", action="append", default=[], choices=cat.DEVICE_TYPES, metavar="TYPE",
+                        help="the virtio device type behind the routes, so that feature bits and rewrites use its "
+                             f"names ({', '.join(cat.DEVICE_TYPES)}): once for every route, or once per route in the "
+                             "order the routes are given (forward ones first); recorded in the capture")
     add_hook_arguments(parser)
     return parser
 
@@ -48,11 +54,17 @@ def routes_from_arguments(parser, args) -> list[Route]:
         parser.error("each --listen needs a --backend (and the other way round)")
     if len(args.listen_backend) != len(args.connect_frontend):
         parser.error("each --listen-backend needs a --connect-frontend (and the other way round)")
-    routes = [Route.forward(a, b) for a, b in zip(args.listen, args.backend, strict=False)]
-    routes += [Route.reverse(a, b) for a, b in zip(args.listen_backend, args.connect_frontend, strict=False)]
+    routes = [Route.forward(a, b) for a, b in zip(args.listen, args.backend, strict=True)]
+    routes += [Route.reverse(a, b) for a, b in zip(args.listen_backend, args.connect_frontend, strict=True)]
     if not routes:
         parser.error("nothing to do: give --listen/--backend or --listen-backend/--connect-frontend")
-    return routes
+    devices = args.device
+    if len(devices) == 1:
+        devices = devices * len(routes)
+    if devices and len(devices) != len(routes):
+        parser.error(f"give --device once, or once per route ({len(routes)} routes, {len(devices)} --device)")
+    return [replace(route, device=device) for route, device in zip(routes, devices, strict=True)] if devices \
+        else routes
 
 
 def main(argv=None) -> int:
