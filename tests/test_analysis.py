@@ -378,7 +378,8 @@ def test_read_expert_puts_findings_under_their_messages(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     at = next(i for i, line in enumerate(lines) if line.split()[:1] == [str(waited)])
     assert lines[at + 1].strip().startswith("[expert error: disconnect-with-request-outstanding]")
-    assert "Expert findings: 2" in lines and any("ended-while-running" in line for line in lines)
+    # GET_VRING_BASE stopped the ring (the stop was under way): the only finding is the reply it never got
+    assert "Expert findings: 1" in lines and not any("ended-while-running" in line for line in lines)
 
 
 def late_findings() -> list[Record]:
@@ -445,7 +446,7 @@ def test_read_expert_opens_the_capture_once(tmp_path):
         "sys.stderr.write(repr(opened.count(sys.argv[1])))"])
     result = subprocess.run([sys.executable, "-c", script, path], capture_output=True, text=True, timeout=60,
                             cwd=os.path.dirname(CAPTURES))
-    assert result.stderr == "1" and "Expert findings: 3" in result.stdout, result.stderr
+    assert result.stderr == "1" and "Expert findings: 0" in result.stdout, result.stderr
 
 
 def test_one_reply_rule_for_analysis_and_replay():
@@ -495,13 +496,16 @@ def test_real_qemu_blk_boot_gives_no_findings_and_full_stats():
 
 
 def test_real_testpmd_crash_is_a_disconnect_naming_the_last_request():
+    """QEMU died before the device ever started: nothing in the protocol was wrong (the rings were enabled, never
+    started, which QEMU net does on every boot), so the report tells it by how and where the connection ended."""
     from vhusniff.cli.analysis import load
     loaded = load(_real("qemu-testpmd-crash.pcapng"))
     connection = min(loaded.analyzer.connections)
     summary = end_summary(loaded.analyzer, connection)
     assert loaded.analyzer.state(connection).ended
-    assert "waited for the" in summary or "the last request was SET_VRING_ENABLE" in summary
-    assert {f.check for f in loaded.analyzer.findings} & {"ended-while-running", "disconnect-with-request-outstanding"}
+    assert summary == ("front-end closed its side (EOF) after message #26; passing the close on to the back-end "
+                       "(#28), no request outstanding; the last request was SET_VRING_ENABLE (#26)")
+    assert loaded.analyzer.findings == []
 
 
 def test_device_state_stream_chunks_are_opaque_data_not_requests():

@@ -194,8 +194,6 @@ CASES = {
                           lambda: vring_request(F.SET_VRING_NUM, {"index": 0, "num": 32768})),
     "vring-base-high-bits": (lambda: vring_request(F.SET_VRING_BASE, {"index": 0, "num": 0x10000}),
                              lambda: vring_request(F.SET_VRING_BASE, {"index": 0, "num": 0xFFFF})),
-    "vring-enabled-before-ready": (lambda: vring_request(F.SET_VRING_ENABLE, {"index": 0, "num": 1}),
-                                   lambda: vring_request(F.SET_VRING_ENABLE, {"index": 0, "num": 0})),
     "get-vring-base-not-started": (lambda: _get_vring_base(start=False), lambda: _get_vring_base(start=True)),
     "memory-regions-overlap": (lambda: regions((0, 2 * MiB), (MiB, 2 * MiB)),
                                lambda: regions((0, 2 * MiB), (2 * MiB, 2 * MiB))),
@@ -227,6 +225,8 @@ CASES = {
     "device-status-failed": (lambda: set_status(0x8F), lambda: set_status(0xF)),
     "traffic-after-disconnect": (lambda: after_end(True), lambda: after_end(False)),
     "ended-while-running": (lambda: _ended(running()), lambda: _ended(stopped())),
+    "idle-connection": (lambda: _silent(seconds=11), lambda: _silent(seconds=9)),
+    "reply-overdue": (lambda: _answered_after(seconds=6), lambda: _answered_after(seconds=4)),
     "disconnect-with-request-outstanding": (lambda: closed_while_waiting(True), lambda: closed_while_waiting(False)),
     "capture-ended-with-request-outstanding": (lambda: unanswered_at_end(False), lambda: unanswered_at_end(True)),
 }
@@ -234,6 +234,23 @@ CASES = {
 
 def _ended(s: Script) -> Script:
     s.event("front-end closed: connection closed", EventKind.CLOSED)
+    return s
+
+
+def _silent(seconds: float, end: bool = True) -> Script:
+    """A connection that never carries a message: connected, then (with `end`) closed `seconds` later."""
+    s = Script()
+    s.connected("net")
+    if end:
+        s.event("front-end closed: connection closed after message #0", EventKind.CLOSED,
+                step_ns=int(seconds * 1e9))
+    return s
+
+
+def _answered_after(seconds: float) -> Script:
+    s = opened()
+    s.request(F.GET_FEATURES)
+    s.reply(F.GET_FEATURES, {"features": BLK_ACKED}, step_ns=int(seconds * 1e9))
     return s
 
 

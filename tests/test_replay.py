@@ -194,7 +194,9 @@ def test_backend_replay_lets_a_real_qemu_start_the_device(fresh_boot, kit, tmp_p
     waited = [m for m in requests if m.need_reply or m.spec.reply_rule is cat.ReplyRule.ALWAYS]
     assert [m.request for m in replies] == [m.request for m in waited[:len(replies)]]
     assert len(replies) >= len(waited) - 1, "at most the request in flight when QEMU was stopped is unanswered"
-    assert replay.returncode == 0 and "0 not in the recording" in output, output
+    # QEMU was stopped once the device started: the recorded stop never came, which the replay says (exit 1)
+    assert "0 not in the recording" in output and "recorded requests never came: " in output, output
+    assert replay.returncode == 1, output
 
 
 def _started(capture: Path) -> bool:
@@ -284,7 +286,9 @@ def test_backend_replay_policy_for_a_request_the_recording_lacks(fresh_boot, tmp
     assert decode(answers[0]).payload.features == recorded_features
     if policy == "default":
         assert struct.unpack("<IIIQ", answers[1]) == (F.GET_STATUS, 0x5, 8, 7)
-        assert replay.returncode == 0 and "1 not in the recording" in output, output
+        assert "1 not in the recording" in output, output
+        # the front-end left after two requests: the rest of the recording never came (exit 1)
+        assert replay.returncode == 1 and "recorded requests never came: " in output, output
     else:
         assert answers[1] is None, "the session ends instead of an answer"
         assert replay.returncode == 1 and "GET_STATUS is not in the recording (policy: fail)" in output, output
@@ -461,7 +465,8 @@ def test_backend_replay_plays_the_recorded_config_change_to_a_real_qemu(resize_b
     assert _capacity(reply) == RESIZED_SECTORS, "the recorded reply to the second GET_CONFIG"
     assert "CONFIG_CHANGE_MSG reply CONFIG_CHANGE_MSG reply ack=0: same" in output, output
     assert "back-end channel: 1 requests sent, 1 replies, 0 differences, 0 recorded requests not played" in output
-    assert run.returncode == 0 and "0 not in the recording" in output, output
+    assert "0 not in the recording" in output, output
+    assert run.returncode == 1 and "recorded requests never came: " in output, "QEMU was stopped early: " + output
 
 
 def test_backend_replay_without_a_backend_channel_reports_the_request_it_could_not_send(resize_boot, kit,
@@ -508,7 +513,7 @@ def test_backend_replay_hook_injects_on_the_backend_channel_and_delays_a_reply(f
             "(B>F: replies on the main channel, requests on the back-end channel); skipped") in output, output
     assert [m.request for _r, m in sent].count(F.SET_OWNER) == 1, "only QEMU's own SET_OWNER"
     assert "injected CONFIG_CHANGE_MSG reply CONFIG_CHANGE_MSG reply ack=0: (none recorded)" in output, output
-    assert run.returncode == 0
+    assert run.returncode == 1 and "recorded requests never came: " in output, "QEMU was stopped early: " + output
 
 
 def test_backend_replay_hook_that_drops_a_request_still_sends_its_injections(fresh_boot, kit, tmp_path):
@@ -565,7 +570,7 @@ def test_backend_replay_keeps_answering_while_a_backend_channel_reply_is_missing
     output = replay.communicate(timeout=10)[0]
     assert "injected CONFIG_CHANGE_MSG: no reply from the front-end within 0.5 s" in output, output
     assert "the front-end sent CONFIG_CHANGE_MSG reply ack=0, which nothing asked for" in output, output
-    assert replay.returncode == 0
+    assert replay.returncode == 1 and "recorded requests never came: " in output, "a front-end of 3 requests"
 
 
 # ---- front-end role: hooks on the back-end channel, injected fds ----
@@ -709,3 +714,19 @@ def test_frontend_replay_hooks_act_on_the_backend_channel(fresh_boot, tmp_path, 
         proxy_notice = next(r for r in proxy.records if r.channel == Channel.BACKEND and r.kind == RecordKind.MESSAGE)
         assert request_record.timestamp_ns - proxy_notice.timestamp_ns >= 0.5e9, "the request was not held"
         assert "a hook injected GET_FEATURES reply features=0x0(0) on the main channel B>F: front-end replay" in output
+
+
+def test_backend_replay_names_the_recorded_requests_that_never_came_and_exits_1(tmp_path):
+    """The front-end sends the recording's first requests, as recorded, and leaves: each of the rest is a recorded
+    request that never came; every one that came is not. Exit 1 (the session did not go as recorded)."""
+    listen = tmp_path / "replay.sock"
+    records = list(read_capture(SHIPPED_BOOT))
+    _connection, exchanges = load_exchanges(records, None)
+    first = [exchange.request.data for exchange in exchanges[:3] if not exchange.request.fds]
+    replay = _serve(SHIPPED_BOOT, listen)
+    _fake_frontend(listen, first)
+    output = replay.communicate(timeout=10)[0]
+    missing = len(exchanges) - len(first)
+    assert f"{missing} of {len(exchanges)} recorded requests never came: #{exchanges[len(first)].number} " in output, \
+        output
+    assert replay.returncode == 1, output

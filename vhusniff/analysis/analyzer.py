@@ -27,6 +27,11 @@ from .state import ConnectionState, classify_event
 # Streaming (keep=False): findings kept per connection for its report; connections remembered as forgotten.
 FINDINGS_KEPT_PER_CONNECTION = 1000
 FORGOTTEN_KEPT = 4096
+# idle-connection: QEMU speaks within milliseconds of connecting; 10 s without a message is a hang.
+IDLE_SECONDS = 10.0
+# reply-overdue: real back-ends answer in milliseconds (dpdk-testpmd's first GET_FEATURES, while it starts its
+# ports: about 1 s); QEMU waits for a required reply with its main loop blocked, so 5 s is a hung guest.
+REPLY_SECONDS = 5.0
 
 
 @dataclass
@@ -86,8 +91,11 @@ class Analyzer:
     keep=False streams (the live proxy): transactions are summarised in `summary`, `transactions` and
     `findings` stay empty (`findings_for` answers per connection), and `forget` drops an ended connection."""
 
-    def __init__(self, device_type: str | None = None, profile: cat.Profile = cat.SPEC_PROFILE, keep: bool = True):
+    def __init__(self, device_type: str | None = None, profile: cat.Profile = cat.SPEC_PROFILE, keep: bool = True,
+                 idle_seconds: float = IDLE_SECONDS, reply_seconds: float = REPLY_SECONDS):
         self.tracker = ContextTracker(device_type, profile)
+        self.idle_ns = int(idle_seconds * 1e9)          # idle-connection: open this long without a message
+        self.reply_ns = int(reply_seconds * 1e9)        # reply-overdue: a required reply this late or still missing
         self.profile = profile
         self.keep = keep
         self.connections: dict[int, ConnectionAnalysis] = {}
@@ -97,6 +105,7 @@ class Analyzer:
         self.forgotten: OrderedDict[int, None] = OrderedDict()
         self.records = 0
         self.first_ns: int | None = None
+        self.last_ns: int | None = None                 # the latest record's time: where the capture ends
         self.finished = False
 
     # --- the API ------------------------------------------------------------------------------------------------
@@ -156,6 +165,7 @@ class Analyzer:
         number = self.records if number is None else number
         if self.first_ns is None:
             self.first_ns = record.timestamp_ns
+        self.last_ns = record.timestamp_ns if self.last_ns is None else max(self.last_ns, record.timestamp_ns)
         conn = self._connection(record.connection)
         state = conn.state
         before = len(self.findings)
@@ -177,16 +187,22 @@ class Analyzer:
         return self.findings[before:]
 
     def finish(self) -> list[Finding]:
-        """End of the capture: requests still waiting become findings. Idempotent."""
+        """End of the capture: requests still waiting become findings, and so do connections idle from their
+        start, as of the capture's last record (offline: the capture's timestamps, no clock). Idempotent."""
         before = len(self.findings)
         if not self.finished:
             self.finished = True
+            end_ns = self.last_ns or 0
             for conn in self.connections.values():
+                if conn.state.ended:
+                    continue
+                self._idle(conn, end_ns, None, "when the capture ended")
                 for transaction in conn.outstanding():
                     transaction.outcome = "outstanding at end"
                     self._add("capture-ended-with-request-outstanding", transaction.connection,
                               (transaction.request_number,), f"{transaction.name} still waits for its "
                                                              f"{transaction.expect}")
+                    self._overdue(transaction, end_ns, "when the capture ended")
         new = self.findings[before:]
         return new if self.keep else self._retain(new)
 
@@ -238,6 +254,10 @@ class Analyzer:
         transaction = queue.pop(0)
         transaction.reply_number, transaction.reply_ns = number, record.timestamp_ns
         transaction.outcome = "answered"
+        if transaction.expect != Expect.MAYBE and record.timestamp_ns - transaction.request_ns >= self.reply_ns:
+            self._add("reply-overdue", record.connection, (number, transaction.request_number),
+                      f"{message.name} reply came {_seconds(record.timestamp_ns - transaction.request_ns)} after "
+                      f"its request (#{transaction.request_number})")
         if not self.keep:
             summary = self.summary.get((transaction.channel, transaction.name))
             seconds = transaction.response_seconds
@@ -268,22 +288,47 @@ class Analyzer:
         queue.clear()
 
     def _connection_ended(self, conn: ConnectionAnalysis, number: int, record: Record) -> None:
-        running = [v.index for v in conn.state.vrings.values() if v.started or v.enabled]
+        state = conn.state
+        # Running means started: GET_VRING_BASE stops a ring whatever SET_VRING_ENABLE said before or after.
+        running = [v.index for v in state.vrings.values() if v.started]
         if running:
             self._add("ended-while-running", record.connection, (number,),
-                      f"ring(s) {', '.join(map(str, running))} still started or enabled at the end")
+                      f"ring(s) {', '.join(map(str, running))} still started at the end (never stopped by "
+                      f"GET_VRING_BASE)")
+        self._idle(conn, record.timestamp_ns, number, "when it ended")
         for transaction in conn.outstanding():
             transaction.outcome = "outstanding at disconnect"
             self._add("disconnect-with-request-outstanding", record.connection,
                       (transaction.request_number, number),
-                      f"{record.note.split(';')[0]} while {self._waiter(transaction)} waited for the "
+                      f"{state.ended_note.split(';')[0]} while {self._waiter(transaction)} waited for the "
                       f"{transaction.expect} to {transaction.name} (#{transaction.request_number})")
+            self._overdue(transaction, record.timestamp_ns, "when the connection ended")
         for queue in conn.waiting.values():
             queue.clear()
+
+    def _idle(self, conn: ConnectionAnalysis, end_ns: int, end_number: int | None, when: str) -> None:
+        """idle-connection: open at least idle_ns, from its first record to `end_ns`, without one message."""
+        state = conn.state
+        if state.messages or state.first_ns is None or end_ns - state.first_ns < self.idle_ns:
+            return
+        self._add("idle-connection", state.connection, (state.first_number, end_number),
+                  f"open {_seconds(end_ns - state.first_ns)} without a single message {when}: neither peer "
+                  f"spoke (the front-end speaks first: a hung front-end, or one that never started)")
+
+    def _overdue(self, transaction: Transaction, end_ns: int, when: str) -> None:
+        """reply-overdue: a required reply still missing reply_ns or more after its request, as of `end_ns`."""
+        if end_ns - transaction.request_ns >= self.reply_ns:
+            self._add("reply-overdue", transaction.connection, (transaction.request_number,),
+                      f"{transaction.name} had waited {_seconds(end_ns - transaction.request_ns)} for its "
+                      f"{transaction.expect} {when}")
 
     @staticmethod
     def _waiter(transaction: Transaction) -> str:
         return "the back-end" if transaction.channel == Channel.BACKEND else "the front-end"
+
+
+def _seconds(ns: int) -> str:
+    return f"{ns / 1e9:.1f} s"
 
 
 def end_summary(analyzer: Analyzer, connection: int) -> str:

@@ -6,6 +6,8 @@ so the state needs no request/reply matching.
 """
 from __future__ import annotations
 
+import re
+from collections import deque
 from dataclasses import dataclass, field
 
 from ..model import Channel, Direction, EventKind, FdInfo, Record, RecordKind
@@ -22,6 +24,10 @@ RING_PACKED_BIT = 34
 # Milestones kept for a connection's report (start/stop, memory, status); a session that toggles rings
 # for days keeps the first ones and counts the rest.
 HISTORY_KEPT = 1000
+# The proxy's notes count a connection's messages ("after message #52"); the analysis speaks in record numbers,
+# as `read` shows them. The last RECENT_KEPT messages' two numbers are kept to translate one into the other.
+RECENT_KEPT = 64
+_MESSAGE_ORDINAL = re.compile(r"message #(\d+)")
 
 
 def _hex_and_bits(value: int, names) -> str:
@@ -117,6 +123,7 @@ class ConnectionState:
     history: list[tuple[int, str]] = field(default_factory=list)   # milestones for the report
     last_request: tuple[int, str] | None = None
     history_not_kept: int = 0
+    recent: deque[tuple[int, int]] = field(default_factory=lambda: deque(maxlen=RECENT_KEPT))  # (ordinal, record)
 
     # --- what the negotiation allows -------------------------------------------------------------------------
     def protocol_feature(self, name: str) -> bool:
@@ -171,6 +178,7 @@ class ConnectionState:
             self._event(number, record)
             return
         self.messages += 1
+        self.recent.append((self.messages, number))
         if message is not None and not message.is_reply and message.channel != Channel.DEVICE_STATE:
             self.last_request = (number, message.name)       # a migration-stream chunk is not a request
         if message is None or message.kind is None or message.channel != Channel.MAIN:
@@ -182,8 +190,18 @@ class ConnectionState:
         elif record.direction == Direction.FRONTEND_TO_BACKEND:
             self._request(number, record, message)
 
+    def in_record_numbers(self, text: str) -> str:
+        """A note of the proxy's with its "message #N" (the connection's N-th message) as the record number that
+        `read` shows; a message no longer known (or never recorded) is named as the connection's N-th."""
+        known = dict(self.recent)
+
+        def record_number(match: re.Match) -> str:
+            ordinal = int(match.group(1))
+            return f"message #{known[ordinal]}" if ordinal in known else f"the connection's message {ordinal}"
+        return _MESSAGE_ORDINAL.sub(record_number, text)
+
     def _event(self, number: int, record: Record) -> None:
-        note = record.note
+        note = self.in_record_numbers(record.note)
         kind = classify_event(record)
         if kind == "channel-end":
             self._milestone((number, note))
@@ -354,4 +372,6 @@ def _fd(slot) -> str:
         return "-"
     if slot == NOFD:
         return NOFD
+    if slot.kind == "eventfd" and slot.name.startswith("eventfd-id:"):
+        return slot.name        # eventfd-id:N; every eventfd has the same inode
     return slot.kind + (f":{slot.inode}" if slot.inode else "")

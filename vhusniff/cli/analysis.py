@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
-from ..analysis.analyzer import Analyzer, Transaction, connection_report, end_summary
+from ..analysis.analyzer import IDLE_SECONDS, REPLY_SECONDS, Analyzer, Transaction, connection_report, end_summary
 from ..analysis.expert import CHECKS, Severity
 from ..capture.pcapng import ReadOutcome, read_capture, reading
 from ..model import Channel, Record, RecordKind
@@ -29,9 +29,9 @@ class Loaded:
 
 
 def load(path: str, device: str | None = None, profile: str = "qemu-spec", at: int | None = None,
-         keep: bool = False) -> Loaded:
+         keep: bool = False, idle_seconds: float = IDLE_SECONDS, reply_seconds: float = REPLY_SECONDS) -> Loaded:
     """Analyse a capture (up to record number `at`). A damaged capture is analysed as far as it reads."""
-    analyzer = Analyzer(device, cat.PROFILES[profile])
+    analyzer = Analyzer(device, cat.PROFILES[profile], idle_seconds=idle_seconds, reply_seconds=reply_seconds)
     with reading(path) as outcome:
         loaded = Loaded(analyzer, outcome)
         for number, record in enumerate(read_capture(path), 1):
@@ -52,7 +52,32 @@ def _parser(name: str, text: str) -> argparse.ArgumentParser:
     parser.add_argument("--connection", "-C", type=int, metavar="C", help="only this connection")
     parser.add_argument("--device", choices=cat.DEVICE_TYPES, help="virtio device type (default: from the capture)")
     parser.add_argument("--profile", choices=sorted(cat.PROFILES), default="qemu-spec")
+    add_threshold_arguments(parser)
     return parser
+
+
+def seconds_value(text: str) -> float:
+    """A threshold in seconds: a positive number (argparse's type; a bad one is a usage error, no traceback)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"seconds must be a positive number: {text!r}")
+    return value
+
+
+def add_threshold_arguments(parser: argparse.ArgumentParser) -> None:
+    """The time thresholds of the expert checks, read from the capture's timestamps."""
+    parser.add_argument("--idle-seconds", type=seconds_value, default=IDLE_SECONDS, metavar="S",
+                        help="idle-connection: a connection open this long without a message (default: %(default)s)")
+    parser.add_argument("--reply-seconds", type=seconds_value, default=REPLY_SECONDS, metavar="S",
+                        help="reply-overdue: a required reply this late, or still missing this long after its "
+                             "request (default: %(default)s)")
+
+
+def _load(args, at: int | None = None, keep: bool = False) -> Loaded:
+    return load(args.file, args.device, args.profile, at, keep, args.idle_seconds, args.reply_seconds)
 
 
 def _connections(loaded: Loaded, only: int | None) -> list[int]:
@@ -73,7 +98,7 @@ def main_state(argv: list[str]) -> int:
     parser = _parser("state", "negotiated session state as of any message")
     parser.add_argument("--at", type=int, metavar="N", help="as of record number N (from 1; default: the end)")
     args = parser.parse_args(argv)
-    loaded = load(args.file, args.device, args.profile, args.at)
+    loaded = _load(args, args.at)
     if _nothing_read(loaded):
         return _finish(loaded)
     if args.at is not None:
@@ -164,7 +189,7 @@ def main_stats(argv: list[str]) -> int:
     parser = _parser("stats", "per-request counts, bytes, fds and response times; connections")
     parser.add_argument("--expert", action="store_true", help="list the expert findings too")
     args = parser.parse_args(argv)
-    loaded = load(args.file, args.device, args.profile, keep=True)
+    loaded = _load(args, keep=True)
     if _nothing_read(loaded):
         return _finish(loaded)
     print("\n".join(stats_lines(loaded, args.connection, args.expert)))
@@ -189,7 +214,7 @@ def main_expert(argv: list[str]) -> int:
             print(f"{str(check.severity):<6}{check.group:<10}{check.id:<40}{check.summary}")
         return 0
     args = parser.parse_args(argv)
-    loaded = load(args.file, args.device, args.profile)
+    loaded = _load(args)
     if _nothing_read(loaded):
         return _finish(loaded)
     print("\n".join(expert_lines(loaded, args.connection, Severity[args.min.upper()])))
@@ -200,7 +225,7 @@ def main_expert(argv: list[str]) -> int:
 def main_report(argv: list[str]) -> int:
     parser = _parser("report", "a report per connection: what a person reads first when a VM did not start")
     args = parser.parse_args(argv)
-    loaded = load(args.file, args.device, args.profile)
+    loaded = _load(args)
     if _nothing_read(loaded):
         return _finish(loaded)
     connections = _connections(loaded, args.connection)
@@ -215,7 +240,7 @@ def main_timeline(argv: list[str]) -> int:
     parser = _parser("timeline", "a picture of the session: lanes per channel and direction over time")
     parser.add_argument("-o", "--output", required=True, help="FILE.svg or FILE.html")
     args = parser.parse_args(argv)
-    loaded = load(args.file, args.device, args.profile, keep=True)
+    loaded = _load(args, keep=True)
     if _nothing_read(loaded):
         return _finish(loaded)
     seen = [item for item in loaded.seen if args.connection is None or item[1].connection == args.connection]

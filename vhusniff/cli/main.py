@@ -15,8 +15,9 @@ from ..protocol import catalogue as cat
 from ..protocol.context import ContextTracker
 from ..protocol.grammar import iter_fields
 from ..views.fast import fast_summary, general_messages
-from ..views.filters import FilterError, compile_filter
+from ..views.filters import RECORD_FIELDS, FilterError, compile_filter
 from ..views.present import field_tree, hexdump, record_line
+from .analysis import add_threshold_arguments
 
 EXIT_BAD_INPUT = 2
 
@@ -47,6 +48,17 @@ def message_fields(number: int, relative: float, record, message) -> dict[str, l
     }
     for name, value in iter_fields(message):
         fields.setdefault(name, []).append(_json_value(value))
+    return fields
+
+
+def event_fields(number: int, relative: float, record) -> dict[str, list]:
+    """An event record's fields, the record fields a filter sees on it (frame.number, event, note, ...)."""
+    fields: dict[str, list] = {"frame.number": [number], "frame.time_relative": [round(relative, 9)]}
+    for name, spec in RECORD_FIELDS.items():
+        if spec.value is not None and name not in fields:
+            values = spec.value(None, record, number)
+            if values:
+                fields[name] = values
     return fields
 
 
@@ -98,10 +110,12 @@ def command_read(args) -> int:
     profile = cat.PROFILES[args.profile]
     expert = None
     if args.expert and args.T == "text":
-        expert = _ExpertLines(Analyzer(args.device, profile), sys.stdout)
+        expert = _ExpertLines(Analyzer(args.device, profile, idle_seconds=args.idle_seconds,
+                                       reply_seconds=args.reply_seconds), sys.stdout)
     tracker = expert.analyzer.tracker if expert else ContextTracker(args.device, profile)
     out = sys.stdout
     shown = 0
+    hidden_events = 0            # event records the display filter did not let through
     json_started = False
     with reading(args.file) as outcome:
         if args.T == "text" and not (args.verbose or args.hex or display_filter or expert):
@@ -117,6 +131,7 @@ def command_read(args) -> int:
                 continue
             if display_filter is not None and (message is None and record.kind != RecordKind.EVENT or
                                                not display_filter.matches(message, record, number)):
+                hidden_events += record.kind == RecordKind.EVENT
                 continue
             if args.T == "text":
                 line = record_line(number, relative, record, message, colour) + "\n"
@@ -142,6 +157,17 @@ def command_read(args) -> int:
                     json_started = True
                 else:
                     out.write("\t".join(",".join(str(v) for v in fields.get(name, ())) for name in args.e) + "\n")
+            elif record.kind == RecordKind.EVENT:       # events are records too: shown in every format
+                fields = event_fields(number, relative, record)
+                if args.T == "json":
+                    out.write(("[\n" if not json_started else ",\n") + json.dumps(
+                        {"number": number, "time": relative, "connection": record.connection,
+                         "channel": record.channel.name.lower(), "direction": record.direction.arrow,
+                         "request": None, "event": record.event.name, "summary": record.note,
+                         "fds": [fd._asdict() for fd in record.fds], "problems": [], "fields": fields}))
+                    json_started = True
+                else:
+                    out.write("\t".join(",".join(str(v) for v in fields.get(name, ())) for name in args.e) + "\n")
             shown += 1
             if args.count and shown >= args.count and not expert:
                 break
@@ -157,6 +183,10 @@ def command_read(args) -> int:
         out.write(f"\nExpert findings: {len(findings)}\n")
         for finding in findings:
             out.write(f"  c{finding.connection} {finding.line()}\n")
+    if hidden_events:
+        out.flush()
+        print(f"vhusniff: the display filter hid {hidden_events} event record(s) (connects, closes, notes); "
+              f"add '|| event' to show them", file=sys.stderr)
     return EXIT_BAD_INPUT if outcome.error else 0
 
 
@@ -177,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     read.add_argument("--expert", action="store_true",
                       help="expert findings under the messages they concern, and their list at the end")
     _add_decode_options(read)
+    add_threshold_arguments(read)
     read.set_defaults(run=command_read)
 
     for name, (_module, _function, text) in DELEGATED.items():

@@ -14,12 +14,13 @@ from ..engine.hooks import HookChain
 from ..model import Channel, EventKind, FdInfo
 from ..protocol import catalogue as cat
 from ..protocol.context import ContextTracker
-from ..protocol.grammar import HEADER_SIZE, DecodeContext, Message, decode
+from ..protocol.grammar import HEADER_SIZE, DecodeContext, Message, decode, request_name
 from .driver import CONNECTION, REPLY_TIMEOUT, Driver, Recorder, Timer, close_all, say
 from .fresh import FreshFds
 from .recording import (
     BackendExchange,
     Exchange,
+    _request_number,
     answer,
     device_type,
     find_recorded,
@@ -42,6 +43,13 @@ class ServeResult:
     backend_replies: int = 0         # the front-end's replies to them
     backend_differences: list[str] = field(default_factory=list)   # replies unlike the recording, or missing
     backend_not_played: int = 0      # recorded back-end requests whose place in the sequence never came
+    recorded: int = 0                # the recorded front-end requests
+    never_came: list[str] = field(default_factory=list)    # recorded requests the front-end never sent
+
+    @property
+    def incomplete(self) -> bool:
+        """The front-end left before it sent every recorded request: the session did not go as recorded."""
+        return bool(self.never_came)
 
     def summary(self, played: bool) -> str:
         backend = ""
@@ -49,8 +57,12 @@ class ServeResult:
             backend = (f"; back-end channel: {self.backend_sent} requests sent, {self.backend_replies} replies, "
                        f"{len(self.backend_differences)} differences, {self.backend_not_played} recorded requests "
                        f"not played")
+        missing = ""
+        if self.never_came:
+            missing = (f"; {len(self.never_came)} of {self.recorded} recorded requests never came (first: "
+                       f"{self.never_came[0]})")
         return (f"{self.ended or self.failed}: {self.requests} requests, {self.replies} replies, "
-                f"{len(self.not_recorded)} not in the recording{backend}")
+                f"{len(self.not_recorded)} not in the recording{missing}{backend}")
 
 
 class RingKicks:
@@ -210,6 +222,11 @@ class BackendRequests:
         self.recorder.report(text, indent="      ")
 
 
+def _request_summary(exchange: Exchange) -> str:
+    """A recorded request named as `read` names it (its request name), for what replay says of it."""
+    return request_name(Channel.MAIN, _request_number(exchange.request.data))
+
+
 def _origin(recorded: BackendExchange | None) -> str:
     """How a back-end request is named in what replay says: by its number in the recording, or as a hook's."""
     return f"recorded #{recorded.number} " if recorded is not None else "injected "
@@ -227,7 +244,8 @@ class ScriptedBackend:
         self.driver, self.exchanges, self.unknown_policy = driver, exchanges, unknown_policy
         self.default_reply, self.recorder, self.out = default_reply, recorder, out
         self.fresh = FreshFds()
-        self.result = ServeResult()
+        self.result = ServeResult(recorded=len(exchanges))
+        self.answered: set[int] = set()        # indexes of the recorded exchanges a live request matched
         self.to_play = deque(backend_requests)
         self.requests = BackendRequests(driver, self.fresh, self.result, recorder, out, reply_timeout)
         self.kicks = RingKicks(driver, recorder)
@@ -280,6 +298,7 @@ class ScriptedBackend:
         say(self.out, f"#{self.result.requests:<4} {message.summary()[:72]:<72} -> {shown}{note}")
         index = self.cursor - 1 if match is not None else None
         if index is not None:
+            self.answered.add(index)
             self._reached((index, 0))
         if reply is not None:
             self.replies.append(("reply", index))
@@ -340,6 +359,8 @@ class ScriptedBackend:
         return None
 
     def close(self) -> None:
+        self.result.never_came = [f"#{exchange.number} {_request_summary(exchange)}"
+                                  for index, exchange in enumerate(self.exchanges) if index not in self.answered]
         self.requests.finish("the session ended")
         self.result.backend_not_played += len(self.to_play)
         self.fresh.close()
@@ -374,7 +395,8 @@ def replay_as_backend(records: list, listen_path: str, connection: int | None = 
                       default_reply: int = 0, hooks=(), on_hook_error: str = "forward",
                       reply_timeout: float = REPLY_TIMEOUT) -> int:
     """Answer a real front-end from the recorded replies and play the recorded back-end-channel requests.
-    Exit status: 1 when the policy failed a request."""
+    Exit status: 1 when the policy failed a request, or when the front-end left before it sent every recorded
+    request (each missing one is named)."""
     connection, exchanges = load_exchanges(records, connection)
     backend_requests = load_backend_requests(records, connection, exchanges)
     device = device_type(records, connection)
@@ -393,7 +415,11 @@ def replay_as_backend(records: list, listen_path: str, connection: int | None = 
                                      HookChain(list(hooks), on_hook_error, report=lambda text: say(out, text)),
                                      backend_requests=backend_requests, reply_timeout=reply_timeout,
                                      device=device)
-            status = 1 if result.failed else 0
+            if result.never_came:
+                say(out, f"{len(result.never_came)} of {result.recorded} recorded requests never came: "
+                         + ", ".join(result.never_came[:10])
+                         + (f", ... and {len(result.never_came) - 10} more" if len(result.never_came) > 10 else ""))
+            status = 1 if result.failed or result.incomplete else 0
             if once:
                 return status
     finally:
