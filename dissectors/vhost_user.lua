@@ -7,17 +7,313 @@ local FIELDS = {
     ["doc"] = "REPLY_ACK status: 0 success, anything else failure",
     ["type"] = "uint64",
   },
+  ["config.blk.blk_size"] = {
+    ["doc"] = "logical block size in bytes (VIRTIO_BLK_F_BLK_SIZE)",
+    ["type"] = "uint32",
+  },
+  ["config.blk.capacity"] = {
+    ["doc"] = "size in 512-byte sectors",
+    ["type"] = "uint64_dec",
+  },
+  ["config.blk.discard_sector_alignment"] = {
+    ["doc"] = "discard alignment in sectors",
+    ["type"] = "uint32",
+  },
+  ["config.blk.geometry.cylinders"] = {
+    ["doc"] = "cylinders",
+    ["type"] = "uint16",
+  },
+  ["config.blk.geometry.heads"] = {
+    ["doc"] = "heads",
+    ["type"] = "uint8",
+  },
+  ["config.blk.geometry.sectors"] = {
+    ["doc"] = "sectors per track",
+    ["type"] = "uint8",
+  },
+  ["config.blk.max_discard_sectors"] = {
+    ["doc"] = "largest discard in sectors (VIRTIO_BLK_F_DISCARD)",
+    ["type"] = "uint32",
+  },
+  ["config.blk.max_discard_seg"] = {
+    ["doc"] = "discard segments per request",
+    ["type"] = "uint32",
+  },
+  ["config.blk.max_secure_erase_sectors"] = {
+    ["doc"] = "largest secure erase in sectors (VIRTIO_BLK_F_SECURE_ERASE)",
+    ["type"] = "uint32",
+  },
+  ["config.blk.max_secure_erase_seg"] = {
+    ["doc"] = "secure erase segments per request",
+    ["type"] = "uint32",
+  },
+  ["config.blk.max_write_zeroes_sectors"] = {
+    ["doc"] = "largest write-zeroes in sectors (VIRTIO_BLK_F_WRITE_ZEROES)",
+    ["type"] = "uint32",
+  },
+  ["config.blk.max_write_zeroes_seg"] = {
+    ["doc"] = "write-zeroes segments per request",
+    ["type"] = "uint32",
+  },
+  ["config.blk.num_queues"] = {
+    ["doc"] = "request queues (VIRTIO_BLK_F_MQ)",
+    ["type"] = "uint16",
+  },
+  ["config.blk.secure_erase_sector_alignment"] = {
+    ["doc"] = "secure erase alignment in sectors",
+    ["type"] = "uint32",
+  },
+  ["config.blk.seg_max"] = {
+    ["doc"] = "segments per request (VIRTIO_BLK_F_SEG_MAX)",
+    ["type"] = "uint32",
+  },
+  ["config.blk.size_max"] = {
+    ["doc"] = "largest segment in bytes (VIRTIO_BLK_F_SIZE_MAX)",
+    ["type"] = "uint32",
+  },
+  ["config.blk.topology.alignment_offset"] = {
+    ["doc"] = "offset of the first aligned logical block",
+    ["type"] = "uint8",
+  },
+  ["config.blk.topology.min_io_size"] = {
+    ["doc"] = "suggested minimum I/O size in blocks",
+    ["type"] = "uint16",
+  },
+  ["config.blk.topology.opt_io_size"] = {
+    ["doc"] = "optimal (suggested maximum) I/O size in blocks",
+    ["type"] = "uint32",
+  },
+  ["config.blk.topology.physical_block_exp"] = {
+    ["doc"] = "log2 of logical blocks per physical block",
+    ["type"] = "uint8",
+  },
+  ["config.blk.write_zeroes_may_unmap"] = {
+    ["doc"] = "1: write-zeroes may deallocate",
+    ["type"] = "uint8",
+  },
+  ["config.blk.writeback"] = {
+    ["doc"] = "0 writethrough, 1 writeback (VIRTIO_BLK_F_CONFIG_WCE)",
+    ["type"] = "uint8",
+  },
+  ["config.blk.zoned.max_active_zones"] = {
+    ["doc"] = "active zones limit",
+    ["type"] = "uint32",
+  },
+  ["config.blk.zoned.max_append_sectors"] = {
+    ["doc"] = "largest zone append in sectors",
+    ["type"] = "uint32",
+  },
+  ["config.blk.zoned.max_open_zones"] = {
+    ["doc"] = "open zones limit",
+    ["type"] = "uint32",
+  },
+  ["config.blk.zoned.model"] = {
+    ["doc"] = "0 none, 1 host-managed, 2 host-aware",
+    ["type"] = "uint8",
+  },
+  ["config.blk.zoned.write_granularity"] = {
+    ["doc"] = "write granularity in bytes",
+    ["type"] = "uint32",
+  },
+  ["config.blk.zoned.zone_sectors"] = {
+    ["doc"] = "zone size in sectors",
+    ["type"] = "uint32",
+  },
+  ["config.crypto.aead_algo"] = {
+    ["doc"] = "AEAD algorithms",
+    ["type"] = "uint32",
+  },
+  ["config.crypto.akcipher_algo"] = {
+    ["doc"] = "asymmetric cipher algorithms",
+    ["type"] = "uint32",
+  },
+  ["config.crypto.cipher_algo_h"] = {
+    ["doc"] = "cipher algorithms, bits 32-63",
+    ["type"] = "uint32",
+  },
+  ["config.crypto.cipher_algo_l"] = {
+    ["doc"] = "cipher algorithms, bits 0-31",
+    ["type"] = "uint32",
+  },
+  ["config.crypto.crypto_services"] = {
+    ["doc"] = "VIRTIO_CRYPTO_SERVICE_* bits",
+    ["type"] = "uint32",
+  },
+  ["config.crypto.hash_algo"] = {
+    ["doc"] = "hash algorithms",
+    ["type"] = "uint32",
+  },
+  ["config.crypto.mac_algo_h"] = {
+    ["doc"] = "MAC algorithms, bits 32-63",
+    ["type"] = "uint32",
+  },
+  ["config.crypto.mac_algo_l"] = {
+    ["doc"] = "MAC algorithms, bits 0-31",
+    ["type"] = "uint32",
+  },
+  ["config.crypto.max_auth_key_len"] = {
+    ["doc"] = "longest authentication key in bytes",
+    ["type"] = "uint32",
+  },
+  ["config.crypto.max_cipher_key_len"] = {
+    ["doc"] = "longest cipher key in bytes",
+    ["type"] = "uint32",
+  },
+  ["config.crypto.max_dataqueues"] = {
+    ["doc"] = "data queues",
+    ["type"] = "uint32",
+  },
+  ["config.crypto.max_size"] = {
+    ["doc"] = "largest request in bytes",
+    ["type"] = "uint64_dec",
+  },
+  ["config.crypto.status"] = {
+    ["doc"] = "bit 0 HW_READY",
+    ["type"] = "uint32",
+  },
+  ["config.crypto.status.hw_ready"] = {
+    ["doc"] = "bit field of status",
+    ["type"] = "uint32",
+  },
   ["config.flags"] = {
     ["doc"] = "0 front-end write, 1 live migration",
+    ["type"] = "uint32",
+  },
+  ["config.fs.notify_buf_size"] = {
+    ["doc"] = "notification buffer size in bytes (VIRTIO_FS_F_NOTIFICATION)",
+    ["type"] = "uint32",
+  },
+  ["config.fs.num_request_queues"] = {
+    ["doc"] = "request queues",
+    ["type"] = "uint32",
+  },
+  ["config.gpu.events_clear"] = {
+    ["doc"] = "events the driver clears, bit 0 DISPLAY",
+    ["type"] = "uint32",
+  },
+  ["config.gpu.events_clear.display"] = {
+    ["doc"] = "bit field of events_clear",
+    ["type"] = "uint32",
+  },
+  ["config.gpu.events_read"] = {
+    ["doc"] = "pending events, bit 0 DISPLAY",
+    ["type"] = "uint32",
+  },
+  ["config.gpu.events_read.display"] = {
+    ["doc"] = "bit field of events_read",
+    ["type"] = "uint32",
+  },
+  ["config.gpu.num_capsets"] = {
+    ["doc"] = "capability sets",
+    ["type"] = "uint32",
+  },
+  ["config.gpu.num_scanouts"] = {
+    ["doc"] = "scanouts (1 to 16)",
+    ["type"] = "uint32",
+  },
+  ["config.input.select"] = {
+    ["doc"] = "VIRTIO_INPUT_CFG_*: 1 id name, 2 serial, 3 devids, 0x10 prop bits, 0x11 ev bits, 0x12 abs info",
+    ["type"] = "uint8",
+  },
+  ["config.input.size"] = {
+    ["doc"] = "bytes of u that are valid",
+    ["type"] = "uint8",
+  },
+  ["config.input.subsel"] = {
+    ["doc"] = "event type or axis, per select",
+    ["type"] = "uint8",
+  },
+  ["config.net.duplex"] = {
+    ["doc"] = "0x00 half, 0x01 full, 0xff unknown",
+    ["type"] = "uint8",
+  },
+  ["config.net.max_virtqueue_pairs"] = {
+    ["doc"] = "receive/transmit queue pairs (VIRTIO_NET_F_MQ or RSS)",
+    ["type"] = "uint16",
+  },
+  ["config.net.mtu"] = {
+    ["doc"] = "maximum MTU (VIRTIO_NET_F_MTU)",
+    ["type"] = "uint16",
+  },
+  ["config.net.rss_max_indirection_table_length"] = {
+    ["doc"] = "RSS indirection table entries",
+    ["type"] = "uint16",
+  },
+  ["config.net.rss_max_key_size"] = {
+    ["doc"] = "RSS hash key bytes (VIRTIO_NET_F_RSS)",
+    ["type"] = "uint8",
+  },
+  ["config.net.speed"] = {
+    ["doc"] = "link speed in Mbit/s, 0xffffffff unknown (VIRTIO_NET_F_SPEED_DUPLEX)",
+    ["type"] = "uint32",
+  },
+  ["config.net.status"] = {
+    ["doc"] = "bit 0 LINK_UP, bit 1 ANNOUNCE (VIRTIO_NET_F_STATUS)",
+    ["type"] = "uint16",
+  },
+  ["config.net.status.announce"] = {
+    ["doc"] = "bit field of status",
+    ["type"] = "uint16",
+  },
+  ["config.net.status.link_up"] = {
+    ["doc"] = "bit field of status",
+    ["type"] = "uint16",
+  },
+  ["config.net.supported_hash_types"] = {
+    ["doc"] = "VIRTIO_NET_HASH_TYPE_* bits",
     ["type"] = "uint32",
   },
   ["config.offset"] = {
     ["doc"] = "offset in the device config space",
     ["type"] = "uint32",
   },
+  ["config.scsi.cdb_size"] = {
+    ["doc"] = "CDB size in bytes",
+    ["type"] = "uint32",
+  },
+  ["config.scsi.cmd_per_lun"] = {
+    ["doc"] = "linked commands per LUN",
+    ["type"] = "uint32",
+  },
+  ["config.scsi.event_info_size"] = {
+    ["doc"] = "event buffer size in bytes",
+    ["type"] = "uint32",
+  },
+  ["config.scsi.max_channel"] = {
+    ["doc"] = "largest channel number",
+    ["type"] = "uint16",
+  },
+  ["config.scsi.max_lun"] = {
+    ["doc"] = "largest LUN",
+    ["type"] = "uint32",
+  },
+  ["config.scsi.max_sectors"] = {
+    ["doc"] = "largest transfer in sectors",
+    ["type"] = "uint32",
+  },
+  ["config.scsi.max_target"] = {
+    ["doc"] = "largest target number",
+    ["type"] = "uint16",
+  },
+  ["config.scsi.num_queues"] = {
+    ["doc"] = "request queues",
+    ["type"] = "uint32",
+  },
+  ["config.scsi.seg_max"] = {
+    ["doc"] = "segments per command",
+    ["type"] = "uint32",
+  },
+  ["config.scsi.sense_size"] = {
+    ["doc"] = "sense data size in bytes",
+    ["type"] = "uint32",
+  },
   ["config.size"] = {
     ["doc"] = "length of data",
     ["type"] = "uint32",
+  },
+  ["config.vsock.guest_cid"] = {
+    ["doc"] = "the guest's context id",
+    ["type"] = "uint64_dec",
   },
   ["crypto.session_id"] = {
     ["doc"] = "crypto session id",
@@ -296,6 +592,18 @@ local FIELDS = {
 local BYTE_FIELDS = {
   ["config.data"] = {
     ["doc"] = "config space bytes",
+    ["type"] = "bytes",
+  },
+  ["config.fs.tag"] = {
+    ["doc"] = "file system name, UTF-8, padded with NULs",
+    ["type"] = "bytes",
+  },
+  ["config.input.u"] = {
+    ["doc"] = "string, bitmap, absinfo or devids, per select",
+    ["type"] = "bytes",
+  },
+  ["config.net.mac"] = {
+    ["doc"] = "MAC address (VIRTIO_NET_F_MAC)",
     ["type"] = "bytes",
   },
   ["crypto.session"] = {
@@ -1558,6 +1866,543 @@ local CANDIDATES = {
   ["2:9:1:1:1"] = {"gpu", "ack"},
 }
 
+local CONFIG_FIELDS = {
+  ["blk"] = {
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 8,
+      ["name"] = "config.blk.capacity",
+      ["offset"] = 0,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 4,
+      ["name"] = "config.blk.size_max",
+      ["offset"] = 8,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 4,
+      ["name"] = "config.blk.seg_max",
+      ["offset"] = 12,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 2,
+      ["name"] = "config.blk.geometry.cylinders",
+      ["offset"] = 16,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 1,
+      ["name"] = "config.blk.geometry.heads",
+      ["offset"] = 18,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 1,
+      ["name"] = "config.blk.geometry.sectors",
+      ["offset"] = 19,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 4,
+      ["name"] = "config.blk.blk_size",
+      ["offset"] = 20,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 1,
+      ["name"] = "config.blk.topology.physical_block_exp",
+      ["offset"] = 24,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 1,
+      ["name"] = "config.blk.topology.alignment_offset",
+      ["offset"] = 25,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 2,
+      ["name"] = "config.blk.topology.min_io_size",
+      ["offset"] = 26,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 4,
+      ["name"] = "config.blk.topology.opt_io_size",
+      ["offset"] = 28,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 1,
+      ["name"] = "config.blk.writeback",
+      ["offset"] = 32,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 2,
+      ["name"] = "config.blk.num_queues",
+      ["offset"] = 34,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 4,
+      ["name"] = "config.blk.max_discard_sectors",
+      ["offset"] = 36,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 4,
+      ["name"] = "config.blk.max_discard_seg",
+      ["offset"] = 40,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 4,
+      ["name"] = "config.blk.discard_sector_alignment",
+      ["offset"] = 44,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 4,
+      ["name"] = "config.blk.max_write_zeroes_sectors",
+      ["offset"] = 48,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 4,
+      ["name"] = "config.blk.max_write_zeroes_seg",
+      ["offset"] = 52,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 1,
+      ["name"] = "config.blk.write_zeroes_may_unmap",
+      ["offset"] = 56,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 4,
+      ["name"] = "config.blk.max_secure_erase_sectors",
+      ["offset"] = 60,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 4,
+      ["name"] = "config.blk.max_secure_erase_seg",
+      ["offset"] = 64,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 4,
+      ["name"] = "config.blk.secure_erase_sector_alignment",
+      ["offset"] = 68,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 4,
+      ["name"] = "config.blk.zoned.zone_sectors",
+      ["offset"] = 72,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 4,
+      ["name"] = "config.blk.zoned.max_open_zones",
+      ["offset"] = 76,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 4,
+      ["name"] = "config.blk.zoned.max_active_zones",
+      ["offset"] = 80,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 4,
+      ["name"] = "config.blk.zoned.max_append_sectors",
+      ["offset"] = 84,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 4,
+      ["name"] = "config.blk.zoned.write_granularity",
+      ["offset"] = 88,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 1,
+      ["name"] = "config.blk.zoned.model",
+      ["offset"] = 92,
+    },
+  },
+  ["crypto"] = {
+    {
+      ["bits"] = {
+        {"config.crypto.status.hw_ready", 1},
+      },
+      ["is_bytes"] = false,
+      ["length"] = 4,
+      ["name"] = "config.crypto.status",
+      ["offset"] = 0,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 4,
+      ["name"] = "config.crypto.max_dataqueues",
+      ["offset"] = 4,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 4,
+      ["name"] = "config.crypto.crypto_services",
+      ["offset"] = 8,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 4,
+      ["name"] = "config.crypto.cipher_algo_l",
+      ["offset"] = 12,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 4,
+      ["name"] = "config.crypto.cipher_algo_h",
+      ["offset"] = 16,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 4,
+      ["name"] = "config.crypto.hash_algo",
+      ["offset"] = 20,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 4,
+      ["name"] = "config.crypto.mac_algo_l",
+      ["offset"] = 24,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 4,
+      ["name"] = "config.crypto.mac_algo_h",
+      ["offset"] = 28,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 4,
+      ["name"] = "config.crypto.aead_algo",
+      ["offset"] = 32,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 4,
+      ["name"] = "config.crypto.max_cipher_key_len",
+      ["offset"] = 36,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 4,
+      ["name"] = "config.crypto.max_auth_key_len",
+      ["offset"] = 40,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 4,
+      ["name"] = "config.crypto.akcipher_algo",
+      ["offset"] = 44,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 8,
+      ["name"] = "config.crypto.max_size",
+      ["offset"] = 48,
+    },
+  },
+  ["fs"] = {
+    {
+      ["bits"] = {},
+      ["is_bytes"] = true,
+      ["length"] = 36,
+      ["name"] = "config.fs.tag",
+      ["offset"] = 0,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 4,
+      ["name"] = "config.fs.num_request_queues",
+      ["offset"] = 36,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 4,
+      ["name"] = "config.fs.notify_buf_size",
+      ["offset"] = 40,
+    },
+  },
+  ["gpu"] = {
+    {
+      ["bits"] = {
+        {"config.gpu.events_read.display", 1},
+      },
+      ["is_bytes"] = false,
+      ["length"] = 4,
+      ["name"] = "config.gpu.events_read",
+      ["offset"] = 0,
+    },
+    {
+      ["bits"] = {
+        {"config.gpu.events_clear.display", 1},
+      },
+      ["is_bytes"] = false,
+      ["length"] = 4,
+      ["name"] = "config.gpu.events_clear",
+      ["offset"] = 4,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 4,
+      ["name"] = "config.gpu.num_scanouts",
+      ["offset"] = 8,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 4,
+      ["name"] = "config.gpu.num_capsets",
+      ["offset"] = 12,
+    },
+  },
+  ["input"] = {
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 1,
+      ["name"] = "config.input.select",
+      ["offset"] = 0,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 1,
+      ["name"] = "config.input.subsel",
+      ["offset"] = 1,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 1,
+      ["name"] = "config.input.size",
+      ["offset"] = 2,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = true,
+      ["length"] = 128,
+      ["name"] = "config.input.u",
+      ["offset"] = 8,
+    },
+  },
+  ["net"] = {
+    {
+      ["bits"] = {},
+      ["is_bytes"] = true,
+      ["length"] = 6,
+      ["name"] = "config.net.mac",
+      ["offset"] = 0,
+    },
+    {
+      ["bits"] = {
+        {"config.net.status.link_up", 1},
+        {"config.net.status.announce", 2},
+      },
+      ["is_bytes"] = false,
+      ["length"] = 2,
+      ["name"] = "config.net.status",
+      ["offset"] = 6,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 2,
+      ["name"] = "config.net.max_virtqueue_pairs",
+      ["offset"] = 8,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 2,
+      ["name"] = "config.net.mtu",
+      ["offset"] = 10,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 4,
+      ["name"] = "config.net.speed",
+      ["offset"] = 12,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 1,
+      ["name"] = "config.net.duplex",
+      ["offset"] = 16,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 1,
+      ["name"] = "config.net.rss_max_key_size",
+      ["offset"] = 17,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 2,
+      ["name"] = "config.net.rss_max_indirection_table_length",
+      ["offset"] = 18,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 4,
+      ["name"] = "config.net.supported_hash_types",
+      ["offset"] = 20,
+    },
+  },
+  ["scsi"] = {
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 4,
+      ["name"] = "config.scsi.num_queues",
+      ["offset"] = 0,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 4,
+      ["name"] = "config.scsi.seg_max",
+      ["offset"] = 4,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 4,
+      ["name"] = "config.scsi.max_sectors",
+      ["offset"] = 8,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 4,
+      ["name"] = "config.scsi.cmd_per_lun",
+      ["offset"] = 12,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 4,
+      ["name"] = "config.scsi.event_info_size",
+      ["offset"] = 16,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 4,
+      ["name"] = "config.scsi.sense_size",
+      ["offset"] = 20,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 4,
+      ["name"] = "config.scsi.cdb_size",
+      ["offset"] = 24,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 2,
+      ["name"] = "config.scsi.max_channel",
+      ["offset"] = 28,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 2,
+      ["name"] = "config.scsi.max_target",
+      ["offset"] = 30,
+    },
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 4,
+      ["name"] = "config.scsi.max_lun",
+      ["offset"] = 32,
+    },
+  },
+  ["vsock"] = {
+    {
+      ["bits"] = {},
+      ["is_bytes"] = false,
+      ["length"] = 8,
+      ["name"] = "config.vsock.guest_cid",
+      ["offset"] = 0,
+    },
+  },
+}
+
+local CONFIG_MESSAGES = {
+  ["24:1"] = true,
+  ["25:0"] = true,
+}
+
 local REQUEST_NAMES = {
   [0] = {
     [0] = "NONE",
@@ -1997,6 +2842,8 @@ local function make_field(name, spec, pf)
   local t = spec.type
   if t == "uint64" then
     pf[name] = ProtoField.uint64(abbr, name, base.HEX, nil, nil, spec.doc)
+  elseif t == "uint64_dec" then
+    pf[name] = ProtoField.uint64(abbr, name, base.DEC, nil, nil, spec.doc)
   elseif t == "uint32" or t == "uint16" or t == "uint8" then
     pf[name] = ProtoField[t](abbr, name, base.DEC, nil, nil, spec.doc)
   elseif t == "string" then
@@ -2324,6 +3171,29 @@ local function link(pinfo, tree, record, request, is_reply)
   end
 end
 
+-- The device config space fields a config payload's window {offset, size, flags, data} covers whole.
+local function add_config_space(tree, tvb, body, device)
+  local fields = CONFIG_FIELDS[device]
+  if fields == nil then return end
+  local window = tvb(body, 4):le_uint()
+  local size = tvb(body + 4, 4):le_uint()
+  local data = body + 12
+  for _, field in ipairs(fields) do
+    if window <= field.offset and field.offset + field.length <= window + size then
+      local range = tvb(data + field.offset - window, field.length)
+      if field.is_bytes then
+        tree:add(pf_bytes[field.name], range)
+      else
+        local item = tree:add_le(pf[field.name], range)
+        for _, bit in ipairs(field.bits) do
+          item:add(pf[bit[1]], range, masked(tvb(data + field.offset - window, math.min(field.length, 4)):le_uint(),
+                                             bit[2]))
+        end
+      end
+    end
+  end
+end
+
 local function choose_kind(tvb, start, size, kinds)
   for _, kind in ipairs(kinds) do
     local fixed = FIXED_SIZE[kind]
@@ -2410,15 +3280,17 @@ local function dissect_message(tvb, pinfo, tree, record, start)
       for bit, bit_name in pairs(DEVICE_FEATURES[context.device]) do feature_names[bit] = bit_name end
     end
     local layout_end
+    local payload_tree = tree
     if size > 0 then
-      local payload_tree = tree:add(vhost_user, tvb(body, size), "payload: " .. KIND_DOC[kind])
-      layout_end = add_layout(payload_tree, LAYOUTS[kind], tvb, body, feature_names)
-    else
-      layout_end = add_layout(tree, LAYOUTS[kind], tvb, body, feature_names)
+      payload_tree = tree:add(vhost_user, tvb(body, size), "payload: " .. KIND_DOC[kind])
     end
+    layout_end = add_layout(payload_tree, LAYOUTS[kind], tvb, body, feature_names)
     if layout_end == nil then
       problems[#problems + 1] = problem(tree, nil, "payload-layout", "a field runs past the packet")
       kind = nil
+    elseif kind == "config" and record.channel == C.CHANNEL_MAIN and context.device
+        and CONFIG_MESSAGES[request .. ":" .. (is_reply and 1 or 0)] then
+      add_config_space(payload_tree, tvb, body, context.device)
     end
   elseif body_length > 0 or (body_length == 0 and size == 0) then
     tree:add(pf_bytes["payload"], tvb(body, body_length))

@@ -19,6 +19,7 @@ from vhusniff.analysis.expert import CHECKS, PROBLEM_CHECKS
 from vhusniff.capture.pcapng import CaptureWriter, read_capture, write_capture
 from vhusniff.model import Channel, Direction, EventKind, FdInfo, Record, RecordKind
 from vhusniff.protocol import catalogue as cat
+from vhusniff.protocol import config as config_space
 from vhusniff.protocol.context import ContextTracker
 from vhusniff.protocol.grammar import PAYLOADS, DecodeContext, build_message, iter_fields, payload_candidates
 from vhusniff.views.filters import RECORD_FIELDS, grammar_fields, walk_layout
@@ -40,8 +41,21 @@ def test_checked_in_dissector_is_the_generator_output():
 
 def test_every_grammar_field_is_a_lua_field():
     text = render()
-    for name in grammar_fields():
+    for name in [*grammar_fields(), *config_space.FIELD_BY_NAME]:
         assert f'["{name}"] = {{\n' in text, name
+
+
+@needs_tshark
+def test_tshark_shows_the_blk_boot_disk_as_vhusniff_does():
+    """The lab disk is 64 MiB: 131072 sectors, one queue, in the GET_CONFIG reply of the shipped boot capture."""
+    capture = os.path.join(ROOT, "captures", "qemu-blk-boot.pcapng")
+    result = subprocess.run([TSHARK, "-X", f"lua_script:{DISSECTOR_PATH}", "-r", capture,
+                             "-Y", "vhost_user.config.blk.capacity", "-T", "fields",
+                             "-e", "vhost_user.config.blk.capacity",
+                             "-e", "vhost_user.config.blk.num_queues", "-e", "vhost_user.config.blk.blk_size"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["131072", "1", "512"]
 
 
 # --- captures built from the grammar ---------------------------------------------------------------------------
@@ -113,6 +127,18 @@ def grammar_records() -> list[Record]:
     add(build_message(Channel.MAIN, 2, dict(features=1 << 34 | 1 << 32)), connection=9)
     add(build_message(Channel.MAIN, 11, dict(index=1, num=0x8001_8002), reply=True, kind="vring_base_packed"),
         Direction.BACKEND_TO_FRONTEND, connection=9)
+    # Device config space, per device type (connections 20 on): a whole GET_CONFIG reply, a SET_CONFIG of a few
+    # fields, and a partial read that covers only some fields whole.
+    for connection, (device, size) in enumerate(sorted(config_space.CONFIG_SIZE.items()), start=20):
+        time[0] += 1500
+        records.append(Record(time[0], connection, kind=RecordKind.EVENT, note=device, event=EventKind.DEVICE))
+        space = bytes((7 * i + 1) & 0xFF for i in range(size + 16))      # windows may run past the layout
+        for request, offset, length, reply in ((24, 0, size, True), (25, 4, 12, False), (24, 3, 7, True)):
+            add(build_message(Channel.MAIN, request, dict(offset=offset, size=length, flags=0,
+                                                          data=space[offset:offset + length]),
+                              reply=reply, kind="config"),
+                direction=Direction.BACKEND_TO_FRONTEND if reply else Direction.FRONTEND_TO_BACKEND,
+                connection=connection)
     records.append(Record(time[0] + 1, 9, kind=RecordKind.EVENT, note="disconnected"))
     return records
 
@@ -156,6 +182,9 @@ def _flatten(pairs, out):
 
 
 def _as_python(name: str, text: str):
+    config_field = config_space.FIELD_BY_NAME.get(name)
+    if config_field is not None and config_field.is_bytes:
+        return bytes.fromhex(text.replace(":", ""))
     spec = grammar_fields().get(name)
     # tshark shows bytes as aa:bb:cc; a name that is bytes in one kind and an integer in another has no
     # one-byte bytes form in the grammar, so the colon decides.

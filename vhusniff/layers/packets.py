@@ -34,6 +34,7 @@ from scapy.packet import Packet, Raw
 from ..capture.pcapng import FD_KINDS, LINKTYPE_USER0, PSEUDO_MAGIC, PSEUDO_VERSION
 from ..model import Channel, Direction, EventKind, RecordKind
 from ..protocol import catalogue as cat
+from ..protocol import config as config_space
 from ..protocol.grammar import DEFAULT_CONTEXT, HEADER_SIZE, PAYLOADS, DecodeContext, decode, flag_text
 
 __all__ = ["VhostUser", "VhostUserBackend", "VhostUserGpu", "VhusniffRecord", "PAYLOAD_LAYERS", "header_class_for"]
@@ -156,11 +157,58 @@ def _fields_of(structure: Struct) -> list[Field]:
     return [_field_for(sub) for sub in structure.subcons if sub.name is not None]
 
 
+class _ConfigDataField(StrLenField):
+    """config.data: the window's bytes, shown with the device config space fields it covers."""
+
+    def i2repr(self, pkt, x):
+        text = super().i2repr(pkt, x)
+        fields = pkt.device_config() if isinstance(pkt, ConfigSpaceView) else {}
+        if fields:
+            text += " (" + " ".join(f"{name}={config_space.value_text(name, value)}"
+                                    for name, value in fields.items()) + ")"
+        return text
+
+
+class ConfigSpaceView(Packet):
+    """What the config payload layer adds: the device config space fields of its window (protocol/config.py), read
+    and set by short name (`capacity`, `geometry.heads`) for the device type of the session (`vhost_context`)."""
+
+    def _config_device(self) -> str | None:
+        header = getattr(self, "underlayer", None)
+        if not isinstance(header, _VhostUserHeader) or header.channel != Channel.MAIN or header.flags is None:
+            return None
+        if not config_space.carries_config_space(header.request, bool(header.flags & cat.FLAG_REPLY)):
+            return None
+        return _context_of(self).device_type
+
+    def device_config(self) -> dict[str, int | bytes]:
+        """The fields the window {offset, data} covers whole; empty for an unknown device or a GET_CONFIG request."""
+        offset, data = self.offset, bytes(self.getfieldval("data") or b"")
+        return {field.short: config_space.field_value(field, offset, data)
+                for field in config_space.covered(self._config_device(), offset, len(data))}
+
+    def set_device_config(self, values: dict[str, int | bytes] | None = None, **more: int | bytes) -> None:
+        """Set fields inside the window (the data's length and the other bytes stay as they are)."""
+        device = self._config_device()
+        if device is None:
+            raise ValueError("the device type of this session is not known, or this message carries no config space")
+        data = config_space.patch_space(device, self.offset, bytes(self.getfieldval("data") or b""),
+                                        {**(values or {}), **more})
+        self.setfieldval("data", data)
+
+
 def _payload_class(kind: str) -> type:
     structure, prefix, doc = PAYLOADS[kind]
-    return type(f"VhostUser{_camel(kind)}", (Packet,), {
+    fields = _fields_of(structure)
+    bases: tuple[type, ...] = (Packet,)
+    if kind == "config":
+        # config.data is Bytes(this.size): the same field, shown with the fields of the window
+        fields = [_ConfigDataField("data", b"", length_from=lambda pkt: pkt.size) if f.name == "data" else f
+                  for f in fields]
+        bases = (ConfigSpaceView,)
+    return type(f"VhostUser{_camel(kind)}", bases, {
         "name": f"vhost-user {doc}",
-        "fields_desc": _fields_of(structure),
+        "fields_desc": fields,
         "vhost_kind": kind,
         "extract_padding": lambda self, s: (b"", s),
     })

@@ -205,6 +205,11 @@ BITFIELDS = MappingProxyType({
     "device_state_result.flags": MappingProxyType({"nofd": 0x1}),
     "mmap.flags": MappingProxyType({"rw": 0x1}),
     "region_xen.xen_mmap_flags": MappingProxyType({"foreign": 0x1, "grant": 0x2, "map_on_demand": 0x100}),
+    # Device config space fields (protocol/config.py), keyed by their dotted name.
+    "config.net.status": MappingProxyType({"link_up": 0x1, "announce": 0x2}),      # VIRTIO_NET_S_*
+    "config.gpu.events_read": MappingProxyType({"display": 0x1}),                  # VIRTIO_GPU_EVENT_DISPLAY
+    "config.gpu.events_clear": MappingProxyType({"display": 0x1}),
+    "config.crypto.status": MappingProxyType({"hw_ready": 0x1}),                    # VIRTIO_CRYPTO_S_HW_READY
 })
 
 VERSION = 0x1
@@ -303,6 +308,10 @@ FRONTEND_REQUESTS = MappingProxyType({spec.number: spec for spec in (
                 gate="GET_VRING_BASE_SKIP_DRAIN"),
 )})
 
+
+# The main-channel messages (request, is_reply) whose config payload carries device config space bytes: a
+# GET_CONFIG reply and a SET_CONFIG request (a GET_CONFIG request's data is only a buffer of the size asked).
+CONFIG_SPACE_MESSAGES = frozenset({(int(FrontendRequest.GET_CONFIG), True), (int(FrontendRequest.SET_CONFIG), False)})
 
 # Requests whose one fd is a socket that opens a side channel, and the channel it carries.
 SIDE_CHANNEL_REQUESTS: Mapping[int, Channel] = MappingProxyType({

@@ -32,6 +32,7 @@ from construct import (
 
 from ..model import Channel
 from . import catalogue as cat
+from . import config as config_space
 
 HEADER_SIZE = 12
 # Framing limit: rust-vmm's MAX_MSG_SIZE. The largest spec payload is the SHMEM config (2056 bytes).
@@ -425,6 +426,10 @@ def payload_summary(message: Message) -> str:
             continue
         if name == "data" and message.kind == "config":
             parts.append(f"data={len(value)}B")
+            device = config_space.summary(message.context.device_type, payload.offset, value) \
+                if carries_config_space(message) else ""
+            if device:
+                parts.append(device)
             continue
         parts.append(f"{_SHORT.get(name, name)}={value_text(message, name, value)}")
     return " ".join(parts)
@@ -554,6 +559,15 @@ def iter_fields(message: Message):
         return
     structure, prefix, _doc = PAYLOADS[message.kind]
     yield from _walk(structure, message.payload, prefix, message.kind)
+    if carries_config_space(message):
+        yield from config_space.decode_space(message.context.device_type, message.payload.offset,
+                                             message.payload.data)
+
+
+def carries_config_space(message: Message) -> bool:
+    """Whether a message's payload is a window of device config space (GET_CONFIG reply, SET_CONFIG request)."""
+    return message.kind == "config" and message.channel == Channel.MAIN and \
+        config_space.carries_config_space(message.request, message.is_reply)
 
 
 def _masked(value: int, mask: int) -> int:

@@ -26,6 +26,7 @@ from ..capture.pcapng import (
 )
 from ..model import Channel, Direction, EventKind, RecordKind
 from ..protocol import catalogue as cat
+from ..protocol import config as config_space
 from ..protocol.grammar import (
     FIXED_SIZE,
     HEADER_SIZE,
@@ -80,6 +81,17 @@ def grammar_tables() -> dict:
     fields = {name: {"type": _FT_BY_WIDTH[spec.width], "doc": spec.doc}
               for name, spec in grammar_fields().items() if spec.width}
     byte_fields = {name: {"type": "bytes", "doc": spec.doc} for name, spec in grammar_fields().items() if spec.is_bytes}
+    for name, field in config_space.FIELD_BY_NAME.items():
+        if field.is_bytes:
+            byte_fields[name] = {"type": "bytes", "doc": field.doc}
+        elif name == field.name:      # sizes and counts: a u64 (capacity) in decimal too
+            fields[name] = {"type": "uint64_dec" if field.length == 8 else _FT_BY_WIDTH[field.length],
+                            "doc": field.doc}
+        else:           # a bit field: masks lie in the low 32 bits
+            fields[name] = {"type": _FT_BY_WIDTH[min(field.length, 4)], "doc": f"bit field of {field.short}"}
+    config_fields = {device: [{"name": f.name, "offset": f.offset, "length": f.length, "is_bytes": f.is_bytes,
+                               "bits": [list(bit) for bit in f.bits]} for f in fields_of_device]
+                     for device, fields_of_device in config_space.CONFIG_FIELDS.items()}
     header_bits = [[f"flags.{bit}", mask] for bit, mask in cat.BITFIELDS["flags"].items()]
     layouts = {kind: _lua_layout(walk_layout(structure, prefix, kind))
                for kind, (structure, prefix, _doc) in PAYLOADS.items()}
@@ -102,6 +114,10 @@ def grammar_tables() -> dict:
         "FIXED_SIZE": {kind: size for kind, size in FIXED_SIZE.items() if size is not None},
         "KIND_DOC": {kind: doc for kind, (_s, _p, doc) in PAYLOADS.items()},
         "CANDIDATES": candidates,
+        # Device config space (protocol/config.py): each device's fields, and the messages that carry the space
+        # ("request:is_reply" on the main channel).
+        "CONFIG_FIELDS": config_fields,
+        "CONFIG_MESSAGES": {f"{request}:{int(is_reply)}": True for request, is_reply in cat.CONFIG_SPACE_MESSAGES},
         "REQUEST_NAMES": {int(channel): dict(names) for channel, names in channels.items()},
         "CHANNEL_NAMES": {int(c): c.name.lower() for c in Channel},
         "DIRECTION_NAMES": {int(d): d.arrow for d in Direction},
@@ -185,6 +201,8 @@ local function make_field(name, spec, pf)
   local t = spec.type
   if t == "uint64" then
     pf[name] = ProtoField.uint64(abbr, name, base.HEX, nil, nil, spec.doc)
+  elseif t == "uint64_dec" then
+    pf[name] = ProtoField.uint64(abbr, name, base.DEC, nil, nil, spec.doc)
   elseif t == "uint32" or t == "uint16" or t == "uint8" then
     pf[name] = ProtoField[t](abbr, name, base.DEC, nil, nil, spec.doc)
   elseif t == "string" then
@@ -512,6 +530,29 @@ local function link(pinfo, tree, record, request, is_reply)
   end
 end
 
+-- The device config space fields a config payload's window {offset, size, flags, data} covers whole.
+local function add_config_space(tree, tvb, body, device)
+  local fields = CONFIG_FIELDS[device]
+  if fields == nil then return end
+  local window = tvb(body, 4):le_uint()
+  local size = tvb(body + 4, 4):le_uint()
+  local data = body + 12
+  for _, field in ipairs(fields) do
+    if window <= field.offset and field.offset + field.length <= window + size then
+      local range = tvb(data + field.offset - window, field.length)
+      if field.is_bytes then
+        tree:add(pf_bytes[field.name], range)
+      else
+        local item = tree:add_le(pf[field.name], range)
+        for _, bit in ipairs(field.bits) do
+          item:add(pf[bit[1]], range, masked(tvb(data + field.offset - window, math.min(field.length, 4)):le_uint(),
+                                             bit[2]))
+        end
+      end
+    end
+  end
+end
+
 local function choose_kind(tvb, start, size, kinds)
   for _, kind in ipairs(kinds) do
     local fixed = FIXED_SIZE[kind]
@@ -598,15 +639,17 @@ local function dissect_message(tvb, pinfo, tree, record, start)
       for bit, bit_name in pairs(DEVICE_FEATURES[context.device]) do feature_names[bit] = bit_name end
     end
     local layout_end
+    local payload_tree = tree
     if size > 0 then
-      local payload_tree = tree:add(vhost_user, tvb(body, size), "payload: " .. KIND_DOC[kind])
-      layout_end = add_layout(payload_tree, LAYOUTS[kind], tvb, body, feature_names)
-    else
-      layout_end = add_layout(tree, LAYOUTS[kind], tvb, body, feature_names)
+      payload_tree = tree:add(vhost_user, tvb(body, size), "payload: " .. KIND_DOC[kind])
     end
+    layout_end = add_layout(payload_tree, LAYOUTS[kind], tvb, body, feature_names)
     if layout_end == nil then
       problems[#problems + 1] = problem(tree, nil, "payload-layout", "a field runs past the packet")
       kind = nil
+    elseif kind == "config" and record.channel == C.CHANNEL_MAIN and context.device
+        and CONFIG_MESSAGES[request .. ":" .. (is_reply and 1 or 0)] then
+      add_config_space(payload_tree, tvb, body, context.device)
     end
   elseif body_length > 0 or (body_length == 0 and size == 0) then
     tree:add(pf_bytes["payload"], tvb(body, body_length))

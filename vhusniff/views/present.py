@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 
 from ..model import Channel, RecordKind
+from ..protocol import config as config_space
 from ..protocol.grammar import (
     PAYLOADS,
     STREAM_REQUEST,
@@ -26,7 +27,9 @@ def field_tree(message: Message) -> list[str]:
     for name, value in iter_fields(message):
         depth = name.count(".")
         shown = value_text(message, name.rsplit(".", 1)[-1], value)
-        if name == "request":
+        if name in config_space.FIELD_BY_NAME:
+            shown = config_space.value_text(name, value)
+        elif name == "request":
             shown = f"{message.name} ({value})"
         elif name == "flags":
             shown = flag_text(value)
@@ -65,7 +68,8 @@ def record_line(number: int, relative_seconds: float, record, message: Message |
     name = message.name + (" reply" if message.is_reply else "")
     fds = ""
     if record.fds:
-        fds = "  fds=" + ",".join(fd.kind for fd in record.fds)
+        fds = "  fds=" + ",".join(fd.name if fd.kind == "eventfd" and fd.name.startswith("eventfd-id:") else fd.kind
+                               for fd in record.fds)
     # A device-state stream chunk has no header, so no flags.
     flags = "" if message.request == STREAM_REQUEST else flag_text(message.flags)
     line = f"{number:>5} {relative_seconds:10.6f} {where:<10} {arrow} {name:<28} {flags:<16} " \
