@@ -56,12 +56,14 @@ class FdInfo(NamedTuple):
     kind: str                    # memfd | eventfd | socket | pipe | userfaultfd | file | anon | unknown
     inode: int = 0
     size: int = -1               # memfd/file size in bytes, -1 when not known
-    name: str = ""               # memfd name, file path, socket type, or anon-inode name
+    name: str = ""               # memfd name, file path, socket type, anon-inode name, or eventfd-id:N
     seals: int = 0               # F_GET_SEALS bits for a memfd
 
     def summary(self) -> str:
         text = self.kind
-        if self.name:
+        if self.kind == "eventfd" and self.name.startswith("eventfd-id:"):
+            text = self.name         # `eventfd-id:5`: the kernel's number for it (all eventfds share one inode)
+        elif self.name:
             text += f":{self.name}"
         if self.size >= 0:
             text += f" size={self.size}"

@@ -1,8 +1,12 @@
 """What a passed fd is, described while the proxy still holds it, so a capture says what travelled.
 
 `describe_fd` reads fstat and, unless the file type settles it, /proc/self/fd/N (the kernel's name for the
-open file); for a memfd it also asks F_GET_SEALS, for a socket its type. It never raises: an fd it cannot read
-is described as "unknown".
+open file); for a memfd it also asks F_GET_SEALS, for a socket its type, and for an eventfd its id. It never
+raises: an fd it cannot read is described as "unknown".
+
+Every eventfd shares one anonymous inode, so the inode cannot tell a ring's kick, call and err apart. The kernel
+(5.13 and later) numbers each eventfd in /proc/self/fdinfo/N (`eventfd-id: 5`); the description keeps that line
+as its name, `eventfd-id:5`, and an eventfd from an older kernel has no name.
 """
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ def describe_fd(fd: int) -> FdInfo:
     except OSError:
         return FdInfo("unknown", inode)
     if target == "anon_inode:[eventfd]":
-        return FdInfo("eventfd", inode)
+        return FdInfo("eventfd", inode, name=_eventfd_id(fd))
     if target.startswith("/memfd:"):
         name = target[len("/memfd:"):]
         if name.endswith(" (deleted)"):
@@ -51,6 +55,30 @@ def describe_fd(fd: int) -> FdInfo:
     if file_type in (stat.S_IFREG, stat.S_IFBLK, stat.S_IFCHR):
         return FdInfo("file", inode, status.st_size if file_type == stat.S_IFREG else -1, target)
     return FdInfo("unknown", inode, name=target)
+
+
+EVENTFD_ID = b"eventfd-id:"      # the fdinfo line, and (without its blank) an eventfd description's name
+
+
+def _eventfd_id(fd: int) -> str:
+    """`eventfd-id:N` from the fd's fdinfo, or "" when the kernel does not say (before 5.13) or cannot be read."""
+    try:
+        info = os.open(f"/proc/self/fdinfo/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return ""
+    try:
+        text = os.read(info, 512)
+    except OSError:
+        return ""
+    finally:
+        os.close(info)
+    start = text.find(EVENTFD_ID)
+    if start < 0:
+        return ""
+    start += len(EVENTFD_ID)
+    end = text.find(b"\n", start)
+    number = text[start:end if end >= 0 else len(text)].strip()
+    return "eventfd-id:" + number.decode() if number.isdigit() else ""
 
 
 def _seals(fd: int) -> int:
