@@ -114,6 +114,22 @@ def test_every_name_iter_fields_yields_is_a_filter_field():
             compile_filter(name)
 
 
+def test_device_config_fields_are_filter_fields_matched_per_device():
+    """The blk GET_CONFIG reply of a real boot: its decoded capacity is a filter field like any other."""
+    path = Path(__file__).resolve().parent.parent / "captures" / "qemu-blk-boot.pcapng"
+    tracker = ContextTracker()
+    decoded = [(tracker.decode(record), record) for record in read_capture(path)]
+    config_replies = [m for m, _r in decoded if m is not None and m.name == "GET_CONFIG" and m.is_reply]
+    capacity = dict(iter_fields(config_replies[0]))["config.blk.capacity"]
+    for name in ("config.blk.capacity", "config.blk.num_queues", "config.net.mac", "config.fs.tag"):
+        assert name in grammar_fields(), name
+    def selected(text):
+        display_filter = compile_filter(text)
+        return [m for n, (m, r) in enumerate(decoded, start=1) if m is not None and display_filter.matches(m, r, n)]
+    assert selected(f"config.blk.capacity == {capacity}") == config_replies
+    assert selected("config.blk.capacity == 1") == []
+
+
 # ---- hostile filters: every one is a FilterError with a caret, never another exception ----
 
 DEEP = 1000

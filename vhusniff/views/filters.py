@@ -23,6 +23,7 @@ from construct import Array, Bytes, BytesInteger, FormatField, GreedyBytes, Rena
 
 from ..model import Channel, RecordKind
 from ..protocol import catalogue as cat
+from ..protocol import config as config_space
 from ..protocol.grammar import HEADER, PAYLOADS, REGION_XEN, iter_fields, request_names
 
 _FORMAT_WIDTH = {"<B": 1, "B": 1, "<H": 2, "<L": 4, "<Q": 8}
@@ -168,6 +169,9 @@ def grammar_fields() -> dict[str, GrammarField]:
     register("payload", 0, "payload kept as raw bytes (no layout fits)")
     for kind, (structure, prefix, _doc) in PAYLOADS.items():
         register_entries(walk_layout(structure, prefix, kind))
+    for name, field in config_space.FIELD_BY_NAME.items():     # device config space, per device type
+        is_bit = name != field.name
+        register(name, 0 if field.is_bytes else (min(field.length, 4) if is_bit else field.length), field.doc, is_bit)
     return fields
 
 
