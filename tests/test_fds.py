@@ -16,6 +16,7 @@ from vhusniff.engine.fds import describe_fd
 from vhusniff.lab.command import record_boot
 from vhusniff.model import Channel, Direction, FdInfo, Record, RecordKind
 from vhusniff.protocol.grammar import build_message
+from vhusniff.replay.fresh import FreshFds
 from vhusniff.views.present import record_line
 
 SET_VRING_KICK, SET_VRING_CALL, SET_VRING_ERR = 12, 13, 14
@@ -138,3 +139,17 @@ def test_the_dissector_shows_each_eventfds_id(tmp_path):
     write_capture(path, records)
     names = [[value for field, value in frame if field == "fd.name"] for frame in tshark_frames(str(path))]
     assert names == [[kick.name], [call.name]] and kick.name != call.name
+
+
+def test_replay_gives_each_recorded_eventfd_its_own_fresh_eventfd():
+    """Kick, call and err eventfds share one inode; their recorded ids keep them apart in replay too."""
+    fresh = FreshFds()
+    kick, call = FdInfo("eventfd", 26, name="eventfd-id:5"), FdInfo("eventfd", 26, name="eventfd-id:6")
+    made = [fresh.make(kick), fresh.make(call), fresh.make(kick)]
+    try:
+        names = [describe_fd(fd).name for fd in made]
+        assert names[0] != names[1] and names[0] == names[2]
+    finally:
+        for fd in made:
+            os.close(fd)
+        fresh.close()

@@ -15,19 +15,20 @@ NOT_MAPPED = frozenset({"eventfd", "socket", "pipe"})
 class FreshFds:
     """Creates fds of the recorded kinds and keeps the replay's own ends (memory, sockets, pipes) open.
 
-    `make` returns a new fd for the caller to send and close; one recorded object (same kind and inode) maps
-    to one fresh object, as it did in the recorded session. The replay's end of a socket pair waits in
+    `make` returns a new fd for the caller to send and close; one recorded object (same kind and inode, and for an
+    eventfd the same kernel eventfd id: every eventfd shares one inode) maps to one fresh object, as it did in
+    the recorded session. The replay's end of a socket pair waits in
     `take_our_end` for the driver that relays the channel it carries.
     """
 
     def __init__(self) -> None:
-        self._objects: dict[tuple[str, int], int] = {}
+        self._objects: dict[tuple[str, int, str], int] = {}
         self._kept: list[int] = []
         self._our_ends: dict[int, socket.socket] = {}         # inode of the end we give away -> our end
         self.regions: list[tuple[int, int, int, int]] = []   # (uaddr, size, mmap_offset, memfd)
 
     def make(self, info: FdInfo, min_size: int = 0) -> int:
-        key = (info.kind, info.inode)
+        key = (info.kind, info.inode, info.name if info.kind == "eventfd" else "")
         if info.inode and key in self._objects:
             fd = self._objects[key]
             if info.kind not in NOT_MAPPED and os.fstat(fd).st_size < min_size:
