@@ -2785,9 +2785,25 @@ local CONTEXT_RULES = {
     ["context_field"] = "protocol_features",
     ["payload_field"] = "protocol_features",
   },
+  [19] = {
+    ["context_field"] = "device_type",
+    ["value"] = "net",
+  },
   [20] = {
     ["context_field"] = "device_type",
     ["value"] = "net",
+  },
+  [26] = {
+    ["context_field"] = "device_type",
+    ["value"] = "crypto",
+  },
+  [27] = {
+    ["context_field"] = "device_type",
+    ["value"] = "crypto",
+  },
+  [33] = {
+    ["context_field"] = "device_type",
+    ["value"] = "gpu",
   },
 }
 

@@ -97,6 +97,7 @@ class ConnectionState:
     connection: int
     profile: cat.Profile = cat.SPEC_PROFILE
     device_type: str | None = None
+    device_source: str = ""                 # how the device type was decided (stated, or inferred from what)
     features_offered: int | None = None
     features_acked: int | None = None
     protocol_features_offered: int | None = None
@@ -185,6 +186,7 @@ class ConnectionState:
             return
         if message.context.device_type:
             self.device_type = message.context.device_type
+            self.device_source = message.context.device_source
         if message.is_reply:
             self._reply(number, message)
         elif record.direction == Direction.FRONTEND_TO_BACKEND:
@@ -314,7 +316,10 @@ class ConnectionState:
         return "(not seen)" if value is None else _hex_and_bits(value, self.profile.protocol_features)
 
     def negotiation_lines(self) -> list[str]:
+        device = f"{self.device_type} ({self.device_source})" if self.device_source else \
+            self.device_type or "unknown (nothing in the session tells it; --device TYPE names it)"
         return [
+            f"device: {device}",
             f"features offered:          {self._feature_text(self.features_offered)}",
             f"features acked:            {self._feature_text(self.features_acked)}",
             f"protocol features offered: {self._protocol_text(self.protocol_features_offered)}",

@@ -335,7 +335,18 @@ CONTEXT_RULES: Mapping[int, ContextRule] = MappingProxyType({
     _F.SET_FEATURES: ContextRule("features", payload_field="features"),            # device bit names, packed rings
     _F.SET_PROTOCOL_FEATURES: ContextRule("protocol_features", payload_field="protocol_features"),   # XEN_MMAP
     _F.NET_SET_MTU: ContextRule("device_type", value="net"),                        # only a net device has an MTU
+    _F.SEND_RARP: ContextRule("device_type", value="net"),                          # QEMU's net migration only
+    _F.GPU_SET_SOCKET: ContextRule("device_type", value="gpu"),                     # the vhost-user-gpu socket
+    _F.CREATE_CRYPTO_SESSION: ContextRule("device_type", value="crypto"),           # crypto sessions
+    _F.CLOSE_CRYPTO_SESSION: ContextRule("device_type", value="crypto"),
 })
+
+# The device type a GET_CONFIG reply's window tells when it is a whole config space (offset 0, this size) that
+# only one device type's front-end reads. QEMU 7.2 reads a vhost-user-blk's whole config: 57 bytes (up to
+# write_zeroes_may_unmap, per the features) or 60 (struct virtio_blk_config). It reads no vhost-user net or fs
+# config from the back-end; the gpu (16 bytes) and vsock (8) windows are left out, being as long as a partial read
+# of another device's config. Like the value rules of CONTEXT_RULES, it sets a device type still unknown only.
+CONFIG_SIZE_DEVICES: Mapping[int, str] = MappingProxyType({57: "blk", 60: "blk"})
 
 BACKEND_REQUESTS = MappingProxyType({spec.number: spec for spec in (
     RequestSpec(_B.IOTLB_MSG, ("iotlb",), _ACK, gate="IOMMU"),

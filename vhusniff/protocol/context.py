@@ -12,8 +12,10 @@ from .grammar import DEFAULT_CONTEXT, DecodeContext, Message, decode
 class ContextTracker:
     """Decodes records in order, keeping each connection's DecodeContext up to date."""
 
-    def __init__(self, device_type: str | None = None, profile: cat.Profile = cat.SPEC_PROFILE):
-        self.base = replace(DEFAULT_CONTEXT, device_type=device_type, profile=profile)
+    def __init__(self, device_type: str | None = None, profile: cat.Profile = cat.SPEC_PROFILE,
+                 device_source: str = "stated by --device"):
+        self.base = replace(DEFAULT_CONTEXT, device_type=device_type, profile=profile,
+                            device_source=device_source if device_type else "")
         self.forced_device = device_type
         self.contexts: dict[int, DecodeContext] = {}
 
@@ -32,6 +34,9 @@ class ContextTracker:
         ctx = self.context_for(record.connection)
         message = decode(record.data, record.channel, ctx)
         self.observe(record.connection, message, ctx)
+        if self.context_for(record.connection).device_type != ctx.device_type:
+            # the message that told the device type reads as that device's (a GET_CONFIG window: its config)
+            message = decode(record.data, record.channel, self.context_for(record.connection))
         return message
 
     def _observe_event(self, record: Record) -> None:
@@ -40,11 +45,16 @@ class ContextTracker:
         device = record.note if record.event == EventKind.DEVICE else record.device
         if device in cat.DEVICE_TYPES and not self.forced_device:
             ctx = self.context_for(record.connection)
-            self.contexts[record.connection] = replace(ctx, device_type=device)
+            self.contexts[record.connection] = replace(ctx, device_type=device, device_source="stated by the capture")
 
     def observe(self, connection: int, message: Message, ctx: DecodeContext) -> None:
-        """Follow what a message already decoded in `ctx` (the connection's current context) negotiates."""
-        if message.channel != Channel.MAIN or message.is_reply or message.kind is None:
+        """Follow what a message already decoded in `ctx` (the connection's current context) negotiates.
+
+        A device type is inferred only while none is known: a DEVICE event or `--device` always wins."""
+        if message.channel != Channel.MAIN or message.kind is None:
+            return
+        if message.is_reply:
+            self._observe_config_window(connection, message, ctx)
             return
         rule = cat.CONTEXT_RULES.get(message.request)
         if rule is None:
@@ -53,7 +63,20 @@ class ContextTracker:
             self.contexts[connection] = _with_field(ctx, rule.context_field, getattr(message.payload,
                                                                                      rule.payload_field))
         elif getattr(ctx, rule.context_field) is None:
-            self.contexts[connection] = _with_field(ctx, rule.context_field, rule.value)
+            ctx = _with_field(ctx, rule.context_field, rule.value)
+            if rule.context_field == "device_type":
+                ctx = replace(ctx, device_source=f"inferred from {message.name}")
+            self.contexts[connection] = ctx
+
+    def _observe_config_window(self, connection: int, message: Message, ctx: DecodeContext) -> None:
+        """A GET_CONFIG reply whose window is a whole config space only one device type has tells the type."""
+        if ctx.device_type is not None or message.request != cat.FrontendRequest.GET_CONFIG or \
+                message.kind != "config" or message.payload.offset != 0:
+            return
+        device = cat.CONFIG_SIZE_DEVICES.get(message.payload.size)
+        if device is not None and len(message.payload.data) == message.payload.size:
+            self.contexts[connection] = replace(ctx, device_type=device,
+                                                device_source=f"inferred from GET_CONFIG size {message.payload.size}")
 
 
 def _with_field(ctx: DecodeContext, name: str, value: object) -> DecodeContext:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
@@ -229,6 +229,8 @@ class DecodeContext:
     features: int = 0                      # acked virtio features
     protocol_features: int = 0             # acked protocol features
     profile: cat.Profile = cat.SPEC_PROFILE
+    # how the device type was decided ("stated by the capture", "inferred from NET_SET_MTU", ...), for people
+    device_source: str = field(default="", compare=False)
 
     @property
     def xen_mmap(self) -> bool:

@@ -41,6 +41,7 @@ from ..analysis.diff import load_or_report
 from ..capture.pcapng import CaptureWriter
 from ..engine.hooks import HookError
 from ..engine.rewrites import add_hook_arguments, hooks_from_arguments
+from ..protocol import catalogue as cat
 from .backend import ServeResult, replay_as_backend, serve_front_end
 from .driver import REPLY_TIMEOUT
 from .frontend import ReplayResult, replay_as_frontend
@@ -79,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="--as backend: the u64 (ack status or value) of a default answer (default: 0)")
     parser.add_argument("--keep-listening", action="store_true",
                         help="--as backend: serve one front-end connection after another")
+    parser.add_argument("--device", choices=cat.DEVICE_TYPES, metavar="TYPE",
+                        help="the virtio device type (" + ", ".join(cat.DEVICE_TYPES) + "), over the recording's "
+                             "(its DEVICE event, or what its messages imply): it names feature bits and config "
+                             "fields, and the DEVICE event of the -w capture")
     parser.add_argument("-w", dest="write", metavar="FILE", help="capture the replayed session to this file")
     add_hook_arguments(parser)
     args = parser.parse_args(argv)
@@ -99,11 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.role == "frontend":
             result = replay_as_frontend(records, args.backend, args.connection, writer, reply_timeout=args.timeout,
-                                        hooks=hooks, on_hook_error=args.on_hook_error)
+                                        hooks=hooks, on_hook_error=args.on_hook_error, device=args.device)
             return 0 if result.identical else 1
         return replay_as_backend(records, args.listen, args.connection, args.unknown, writer,
                                  once=not args.keep_listening, default_reply=args.default_reply, hooks=hooks,
-                                 on_hook_error=args.on_hook_error, reply_timeout=args.timeout)
+                                 on_hook_error=args.on_hook_error, reply_timeout=args.timeout, device=args.device)
     except ValueError as error:
         print(f"vhusniff replay: {args.capture}: {error}", file=sys.stderr)
         return 2

@@ -393,13 +393,13 @@ def serve_front_end(peer: socket.socket, exchanges: list[Exchange], unknown_poli
 def replay_as_backend(records: list, listen_path: str, connection: int | None = None,
                       unknown_policy: str = "default", writer=None, out=sys.stdout, once: bool = True,
                       default_reply: int = 0, hooks=(), on_hook_error: str = "forward",
-                      reply_timeout: float = REPLY_TIMEOUT) -> int:
+                      reply_timeout: float = REPLY_TIMEOUT, device: str | None = None) -> int:
     """Answer a real front-end from the recorded replies and play the recorded back-end-channel requests.
     Exit status: 1 when the policy failed a request, or when the front-end left before it sent every recorded
     request (each missing one is named)."""
     connection, exchanges = load_exchanges(records, connection)
     backend_requests = load_backend_requests(records, connection, exchanges)
-    device = device_type(records, connection)
+    device = device or device_type(records, connection)          # `device`: the device type, over the recording's
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     if os.path.exists(listen_path):
         os.unlink(listen_path)

@@ -288,10 +288,11 @@ class ScriptedFrontend:
 
 def replay_as_frontend(records: list, backend_path: str, connection: int | None = None, writer=None,
                        out=sys.stdout, reply_timeout: float = REPLY_TIMEOUT, hooks=(),
-                       on_hook_error: str = "forward") -> ReplayResult:
-    """Play one recorded connection's front-end side against a real back-end and compare the replies."""
+                       on_hook_error: str = "forward", device: str | None = None) -> ReplayResult:
+    """Play one recorded connection's front-end side against a real back-end and compare the replies (`device`:
+    the device type, over the recording's)."""
     connection, exchanges = load_exchanges(records, connection)
-    device = device_type(records, connection)
+    device = device or device_type(records, connection)
     result = ReplayResult()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:

@@ -1,0 +1,134 @@
+"""The device type: stated (a DEVICE event, --device) or inferred from what the session shows, never an inference
+over a stated type; and how it was decided, where a person reads it."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from peers import FakeFrontend
+from vhusniff.analysis.state import ConnectionState
+from vhusniff.capture.pcapng import read_capture
+from vhusniff.model import Channel, Direction, EventKind, Record, RecordKind
+from vhusniff.protocol import catalogue as cat
+from vhusniff.protocol.context import ContextTracker
+from vhusniff.protocol.grammar import build_message
+
+REPO = Path(__file__).resolve().parent.parent
+BLK = REPO / "captures" / "qemu-blk-boot.pcapng"
+DPDK = REPO / "captures" / "dpdk-virtio-user.pcapng"
+F = cat.FrontendRequest
+B2F = Direction.BACKEND_TO_FRONTEND
+
+
+def _message(data: bytes, direction: Direction = Direction.FRONTEND_TO_BACKEND) -> Record:
+    return Record(0, 1, Channel.MAIN, direction, data)
+
+
+def _device_event(name: str) -> Record:
+    return Record(0, 1, kind=RecordKind.EVENT, event=EventKind.DEVICE, note=name)
+
+
+def _config_reply(size: int) -> Record:
+    payload = {"offset": 0, "size": size, "flags": 0, "data": bytes(size)}
+    return _message(build_message(Channel.MAIN, F.GET_CONFIG, payload, reply=True), B2F)
+
+
+def _fed(records: list[Record], device: str | None = None) -> tuple[ContextTracker, ConnectionState]:
+    tracker, state = ContextTracker(device), ConnectionState(1)
+    for number, record in enumerate(records, 1):
+        state.feed(number, record, tracker.decode(record))
+    return tracker, state
+
+
+def test_the_blk_capture_without_its_device_event_infers_blk_from_the_whole_config_window():
+    records = [replace(r, device="") for r in read_capture(BLK) if r.event != EventKind.DEVICE]
+    tracker, state = _fed(records)
+    assert tracker.context_for(1).device_type == "blk"
+    assert state.negotiation_lines()[0] == "device: blk (inferred from GET_CONFIG size 57)"
+    assert "SEG_MAX" in state.negotiation_lines()[2]        # acked features named as blk's
+
+
+def test_the_reply_that_tells_the_type_reads_as_that_device_s_config():
+    tracker = ContextTracker()
+    message = tracker.decode(_config_reply(60))
+    assert message is not None and message.context.device_type == "blk"
+    assert "capacity=" in message.summary()
+
+
+def test_a_stated_device_event_is_never_overridden_by_an_inference():
+    records = [_device_event("net"), _config_reply(60), _device_event("blk"),
+               _message(build_message(Channel.MAIN, F.NET_SET_MTU, {"mtu": 1500}))]
+    tracker, state = _fed(records)
+    assert tracker.context_for(1).device_type == "blk"
+    assert state.negotiation_lines()[0] == "device: blk (stated by the capture)"
+
+
+def test_device_option_wins_over_events_and_inferences():
+    records = [_device_event("blk"), _config_reply(57)]
+    tracker, state = _fed(records, "net")
+    assert tracker.context_for(1).device_type == "net"
+    assert state.negotiation_lines()[0] == "device: net (stated by --device)"
+
+
+def test_requests_only_one_device_type_sends_infer_it():
+    payloads = {F.NET_SET_MTU: {"mtu": 1500}, F.SEND_RARP: {"mac": bytes(6), "padding": bytes(2)},
+                F.GPU_SET_SOCKET: None}
+    for request, device in ((F.NET_SET_MTU, "net"), (F.SEND_RARP, "net"), (F.GPU_SET_SOCKET, "gpu")):
+        tracker, state = _fed([_message(build_message(Channel.MAIN, request, payloads[request]))])
+        assert tracker.context_for(1).device_type == device, request
+        assert state.negotiation_lines()[0] == f"device: {device} (inferred from {request.name})"
+    assert {int(r): rule.value for r, rule in cat.CONTEXT_RULES.items() if rule.context_field == "device_type"} == {
+        F.NET_SET_MTU: "net", F.SEND_RARP: "net", F.GPU_SET_SOCKET: "gpu", F.CREATE_CRYPTO_SESSION: "crypto",
+        F.CLOSE_CRYPTO_SESSION: "crypto"}
+
+
+def test_a_partial_or_ambiguous_config_window_infers_nothing():
+    for size in (8, 16, 36):
+        tracker, state = _fed([_config_reply(size)])
+        assert tracker.context_for(1).device_type is None, size
+        assert state.negotiation_lines()[0].startswith("device: unknown")
+
+
+def test_the_dpdk_net_capture_shows_nothing_unambiguous_and_device_net_names_its_bits():
+    """DPDK virtio-user sends no NET_SET_MTU, SEND_RARP or GET_CONFIG: the type stays unknown unless stated."""
+    tracker, state = _fed(list(read_capture(DPDK)))
+    assert tracker.context_for(1).device_type is None
+    tracker, state = _fed(list(read_capture(DPDK)), "net")
+    assert "MRG_RXBUF" in state.negotiation_lines()[2]
+
+
+def test_backend_replay_device_option_names_the_device_in_its_capture(tmp_path):
+    """`replay --as backend --device net` of the DPDK recording (no DEVICE event) writes DEVICE net, so its
+    GET_FEATURES reply reads with net bit names."""
+    listen, out = tmp_path / "b.sock", tmp_path / "out.pcapng"
+    replay = subprocess.Popen([sys.executable, "-m", "vhusniff.cli.main", "replay", "--as", "backend", str(DPDK),
+                               "--listen", str(listen), "--device", "net", "-w", str(out)], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 10
+        while not listen.exists() and time.monotonic() < deadline and replay.poll() is None:
+            time.sleep(0.02)
+        frontend = FakeFrontend(listen, timeout=5)
+        frontend.send(build_message(Channel.MAIN, F.GET_FEATURES))
+        assert frontend.receive().data
+        frontend.close()
+        output, _ = replay.communicate(timeout=30)
+    finally:
+        if replay.poll() is None:
+            replay.kill()
+            replay.wait()
+    records = list(read_capture(out))
+    assert any(r.event == EventKind.DEVICE and r.note == "net" for r in records), output
+    _, state = _fed(records)
+    assert state.negotiation_lines()[0] == "device: net (stated by the capture)"
+    assert "CSUM|GUEST_CSUM" in state.negotiation_lines()[1]
+
+
+def test_replay_rejects_an_unknown_device_type():
+    run = subprocess.run([sys.executable, "-m", "vhusniff.cli.main", "replay", "--as", "backend", str(DPDK),
+                          "--listen", "/nonexistent/x.sock", "--device", "floppy"], cwd=REPO, capture_output=True,
+                         text=True, timeout=30)
+    assert run.returncode == 2 and "invalid choice" in run.stderr and "Traceback" not in run.stderr
