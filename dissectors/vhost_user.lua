@@ -2807,6 +2807,11 @@ local CONTEXT_RULES = {
   },
 }
 
+local CONFIG_SIZE_DEVICES = {
+  [57] = "blk",
+  [60] = "blk",
+}
+
 local EXPERT_ITEMS = {
   ["bad-version"] = {"PROTOCOL", "ERROR"},
   ["capture"] = {"MALFORMED", "ERROR"},
@@ -2821,6 +2826,7 @@ local EXPERT_ITEMS = {
 local CONSTANTS = {
   ["CHANNEL_DEVICE_STATE"] = 3,
   ["CHANNEL_MAIN"] = 0,
+  ["CONFIG_HEADER_SIZE"] = 12,
   ["EVENT_CHANNEL_CLOSED"] = 5,
   ["EVENT_CLOSED"] = 2,
   ["EVENT_DEVICE"] = 11,
@@ -2828,6 +2834,7 @@ local CONSTANTS = {
   ["FLAGS_RESERVED"] = 4294967280,
   ["FLAG_NEED_REPLY"] = 8,
   ["FLAG_REPLY"] = 4,
+  ["GET_CONFIG"] = 24,
   ["HEADER_SIZE"] = 12,
   ["LINKTYPE"] = 147,
   ["MAX_PAYLOAD_SIZE"] = 4096,
@@ -3148,9 +3155,28 @@ local function payload_value(layout, tvb, offset, short)
   return nil
 end
 
+local function observe_config_window(record, request, kind, tvb, start)
+  -- A GET_CONFIG reply whose window is a whole config space only one device type has tells the type.
+  if request ~= C.GET_CONFIG or kind ~= "config" then return end
+  local connection = state.contexts[record.connection] or {}
+  state.contexts[record.connection] = connection
+  if connection.device_type ~= nil then return end
+  local offset = payload_value(LAYOUTS[kind], tvb, start, "offset")
+  local size = payload_value(LAYOUTS[kind], tvb, start, "size")
+  if offset == nil or size == nil or offset ~= UInt64(0) then return end
+  local device = CONFIG_SIZE_DEVICES[size:tonumber()]
+  if device ~= nil and tvb:len() - start - C.CONFIG_HEADER_SIZE == size:tonumber() then
+    connection.device_type = device
+  end
+end
+
 local function observe(pinfo, record, request, is_reply, kind, tvb, start)
   -- After the frame: the requests of CONTEXT_RULES change how later frames of the connection decode.
-  if pinfo.visited or record.channel ~= C.CHANNEL_MAIN or is_reply or kind == nil then return end
+  if pinfo.visited or record.channel ~= C.CHANNEL_MAIN or kind == nil then return end
+  if is_reply then
+    observe_config_window(record, request, kind, tvb, start)
+    return
+  end
   local rule = CONTEXT_RULES[request]
   if rule == nil then return end
   local connection = state.contexts[record.connection] or {}

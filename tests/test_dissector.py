@@ -434,15 +434,27 @@ def net_set_mtu_session(path: str) -> None:
                 writer.write(Record(next(time), connection, main, direction, data))
 
 
+def blk_without_device_session(path: str) -> None:
+    """The shipped blk boot with nothing that states the device: only its GET_CONFIG reply's size tells blk."""
+    with CaptureWriter(path) as writer:
+        for record in read_capture(os.path.join(ROOT, "captures", "qemu-blk-boot.pcapng")):
+            if record.kind == RecordKind.EVENT:
+                record.note, record.device = record.note.replace(", device=blk", ""), ""
+            writer.write(record)
+
+
 SHIPPED_CAPTURES = sorted(glob.glob(os.path.join(ROOT, "captures", "*.pcapng")))
 
 
 @needs_tshark
-@pytest.mark.parametrize("path", SHIPPED_CAPTURES + ["net-set-mtu"])
+@pytest.mark.parametrize("path", SHIPPED_CAPTURES + ["net-set-mtu", "blk-inferred"])
 def test_tshark_and_read_name_every_feature_bit_alike(tmp_path, path):
     if path == "net-set-mtu":
         path = str(tmp_path / "net-set-mtu.pcapng")
         net_set_mtu_session(path)
+    elif path == "blk-inferred":
+        path = str(tmp_path / "blk-inferred.pcapng")
+        blk_without_device_session(path)
     from_read, from_tshark = read_feature_names(path), tshark_feature_names(path)
     assert from_read.keys() == from_tshark.keys()
     for number, items in from_tshark.items():
@@ -461,6 +473,9 @@ def test_tshark_and_read_name_every_feature_bit_alike(tmp_path, path):
         # (after connection 2's two events: connected, and its DEVICE event that says blk)
         assert "bit5" in names[4] and "MAC" in names[6] and "MAC" in names[8], names     # unknown, then net
         assert "RO" in names[10] and "RO" in names[12] and "RO" in names[14], names      # blk throughout
+    if path.endswith("blk-inferred.pcapng"):     # unknown until GET_CONFIG's size says blk, then blk's names
+        acked = [found[0][2] for number, found in sorted(from_read.items()) if found[0][0] == "features"][-1]
+        assert "SEG_MAX" in acked, acked
 
 
 @needs_tshark

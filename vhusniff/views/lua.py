@@ -135,9 +135,14 @@ def grammar_tables() -> dict:
         # Lua keeps each connection's context in a table keyed by the DecodeContext field names.
         "CONTEXT_RULES": {int(request): {key: value for key, value in vars(rule).items() if value}
                           for request, rule in cat.CONTEXT_RULES.items()},
+        # A GET_CONFIG reply whose whole window has one of these sizes tells the device type (context.py).
+        "CONFIG_SIZE_DEVICES": {int(size): device for size, device in cat.CONFIG_SIZE_DEVICES.items()},
         "EXPERT_ITEMS": {code: list(levels) for code, levels in expert_items().items()},
         "CONSTANTS": {
             "HEADER_SIZE": HEADER_SIZE, "TRUNCATED_NAME": request_name(Channel.MAIN, -1),
+            # offset, size and flags come before a config message's data
+            "GET_CONFIG": int(cat.FrontendRequest.GET_CONFIG),
+            "CONFIG_HEADER_SIZE": sum(sub.sizeof() for sub in PAYLOADS["config"][0].subcons[:3]),
             "MAX_PAYLOAD_SIZE": MAX_PAYLOAD_SIZE, "LINKTYPE": LINKTYPE_USER0,
             "FLAG_REPLY": cat.FLAG_REPLY, "FLAG_NEED_REPLY": cat.FLAG_NEED_REPLY,
             "FLAGS_RESERVED": cat.FLAGS_RESERVED, "VERSION_MASK": cat.VERSION_MASK, "VERSION": cat.VERSION,
@@ -491,9 +496,28 @@ local function payload_value(layout, tvb, offset, short)
   return nil
 end
 
+local function observe_config_window(record, request, kind, tvb, start)
+  -- A GET_CONFIG reply whose window is a whole config space only one device type has tells the type.
+  if request ~= C.GET_CONFIG or kind ~= "config" then return end
+  local connection = state.contexts[record.connection] or {}
+  state.contexts[record.connection] = connection
+  if connection.device_type ~= nil then return end
+  local offset = payload_value(LAYOUTS[kind], tvb, start, "offset")
+  local size = payload_value(LAYOUTS[kind], tvb, start, "size")
+  if offset == nil or size == nil or offset ~= UInt64(0) then return end
+  local device = CONFIG_SIZE_DEVICES[size:tonumber()]
+  if device ~= nil and tvb:len() - start - C.CONFIG_HEADER_SIZE == size:tonumber() then
+    connection.device_type = device
+  end
+end
+
 local function observe(pinfo, record, request, is_reply, kind, tvb, start)
   -- After the frame: the requests of CONTEXT_RULES change how later frames of the connection decode.
-  if pinfo.visited or record.channel ~= C.CHANNEL_MAIN or is_reply or kind == nil then return end
+  if pinfo.visited or record.channel ~= C.CHANNEL_MAIN or kind == nil then return end
+  if is_reply then
+    observe_config_window(record, request, kind, tvb, start)
+    return
+  end
   local rule = CONTEXT_RULES[request]
   if rule == nil then return end
   local connection = state.contexts[record.connection] or {}
