@@ -10,6 +10,7 @@ from ..model import Channel, Record, RecordKind
 from ..protocol import catalogue as cat
 from ..protocol.context import ContextTracker
 from ..protocol.grammar import Message, iter_fields
+from ..views.progress import capture_progress
 
 
 def describe_difference(value_a, value_b, labels: tuple[str, str] = ("A", "B")) -> str:
@@ -115,11 +116,12 @@ def diff_records(left: list[Record], right: list[Record], ignore: frozenset[str]
     return lines
 
 
-def load_or_report(path: str, program: str = "vhusniff") -> list[Record] | None:
-    """All records of a capture, or None after saying on stderr why it cannot be read (capture.reading's words)."""
+def load_or_report(path: str, program: str = "vhusniff", progress: bool = False) -> list[Record] | None:
+    """All records of a capture, or None after saying on stderr why it cannot be read (capture.reading's words).
+    `progress`: a bar on stderr while it is read, if stderr is a terminal (views.progress)."""
     records: list[Record] = []
-    with reading(path) as outcome:
-        records = list(read_capture(path))
+    with reading(path) as outcome, capture_progress(path, progress) as bar:
+        records = list(read_capture(bar.source()))
     return None if outcome.report(program) else records
 
 
@@ -129,8 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("b")
     parser.add_argument("--ignore", action="append", default=[], metavar="FIELD",
                         help="a field that may differ (e.g. vring.desc for addresses, fd.kind); repeatable")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar on stderr")
     args = parser.parse_args(argv)
-    left, right = load_or_report(args.a), load_or_report(args.b)
+    left, right = load_or_report(args.a, progress=not args.quiet), load_or_report(args.b, progress=not args.quiet)
     if left is None or right is None:
         return 2
     lines = diff_records(left, right, frozenset(args.ignore))

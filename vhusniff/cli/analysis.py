@@ -11,6 +11,7 @@ from ..model import Channel, Record, RecordKind
 from ..protocol import catalogue as cat
 from ..protocol.grammar import Message
 from ..protocol.replies import Expect
+from ..views.progress import capture_progress
 from ..views.timeline import render_html, render_svg
 
 EXIT_BAD_INPUT = 2
@@ -29,12 +30,14 @@ class Loaded:
 
 
 def load(path: str, device: str | None = None, profile: str = "qemu-spec", at: int | None = None,
-         keep: bool = False, idle_seconds: float = IDLE_SECONDS, reply_seconds: float = REPLY_SECONDS) -> Loaded:
-    """Analyse a capture (up to record number `at`). A damaged capture is analysed as far as it reads."""
+         keep: bool = False, idle_seconds: float = IDLE_SECONDS, reply_seconds: float = REPLY_SECONDS,
+         progress: bool = False) -> Loaded:
+    """Analyse a capture (up to record number `at`). A damaged capture is analysed as far as it reads.
+    `progress`: a bar on stderr while it is read, if stderr is a terminal (views.progress)."""
     analyzer = Analyzer(device, cat.PROFILES[profile], idle_seconds=idle_seconds, reply_seconds=reply_seconds)
-    with reading(path) as outcome:
+    with reading(path) as outcome, capture_progress(path, progress) as bar:
         loaded = Loaded(analyzer, outcome)
-        for number, record in enumerate(read_capture(path), 1):
+        for number, record in enumerate(read_capture(bar.source()), 1):
             if at is not None and number > at:
                 break
             message = analyzer.tracker.decode(record) if record.kind == RecordKind.MESSAGE else None
@@ -53,6 +56,7 @@ def _parser(name: str, text: str) -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=cat.DEVICE_TYPES, help="virtio device type (default: from the capture)")
     parser.add_argument("--profile", choices=sorted(cat.PROFILES), default="qemu-spec")
     add_threshold_arguments(parser)
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar on stderr")
     return parser
 
 
@@ -77,7 +81,8 @@ def add_threshold_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(args, at: int | None = None, keep: bool = False) -> Loaded:
-    return load(args.file, args.device, args.profile, at, keep, args.idle_seconds, args.reply_seconds)
+    return load(args.file, args.device, args.profile, at, keep, args.idle_seconds, args.reply_seconds,
+                progress=not args.quiet)
 
 
 def _connections(loaded: Loaded, only: int | None) -> list[int]:

@@ -17,6 +17,7 @@ from ..protocol.grammar import iter_fields
 from ..views.fast import fast_summary, general_messages
 from ..views.filters import RECORD_FIELDS, FilterError, compile_filter
 from ..views.present import field_tree, hexdump, record_line
+from ..views.progress import capture_progress
 from .analysis import add_threshold_arguments
 
 EXIT_BAD_INPUT = 2
@@ -117,11 +118,14 @@ def command_read(args) -> int:
     shown = 0
     hidden_events = 0            # event records the display filter did not let through
     json_started = False
-    with reading(args.file) as outcome:
+    # The messages stream to stdout as they are read: on the terminal itself they show the progress, and a bar on
+    # the same screen would cut through them. Redirected or piped, the bar shows how far the file is read.
+    show_bar = not (args.quiet or out.isatty())
+    with reading(args.file) as outcome, capture_progress(args.file, show_bar) as progress:
         if args.T == "text" and not (args.verbose or args.hex or display_filter or expert):
-            fast_summary(args.file, tracker, out, colour, args.follow, args.count)
+            fast_summary(args.file, tracker, out, colour, args.follow, args.count, source=progress.source)
             return 0
-        for number, relative, record, message in general_messages(args.file, tracker):
+        for number, relative, record, message in general_messages(args.file, tracker, source=progress.source):
             if expert:
                 expert.feed(number, record, message)
                 expert.release()
@@ -206,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     read.add_argument("--color", choices=("auto", "always", "never"), default="auto")
     read.add_argument("--expert", action="store_true",
                       help="expert findings under the messages they concern, and their list at the end")
+    read.add_argument("-q", "--quiet", action="store_true", help="no progress bar on stderr")
     _add_decode_options(read)
     add_threshold_arguments(read)
     read.set_defaults(run=command_read)

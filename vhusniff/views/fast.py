@@ -8,8 +8,10 @@ same record, so errors and their offsets have one source.
 """
 from __future__ import annotations
 
+import contextlib
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import BinaryIO
 
 from ..capture.pcapng import (
     BLOCK_EPB,
@@ -42,10 +44,13 @@ class _Unusual(Exception):
     """The fast scanner met something only the full reader handles."""
 
 
-def general_messages(path: str, tracker, skip: int = 0) -> Iterator[tuple]:
+Source = Callable[[], "str | BinaryIO"]     # where to read the capture from, from its start (views.progress)
+
+
+def general_messages(path: str, tracker, skip: int = 0, source: Source | None = None) -> Iterator[tuple]:
     """(number, relative seconds, record, message or None) for every record, from read_capture."""
     first_time = None
-    for number, record in enumerate(read_capture(path), start=1):
+    for number, record in enumerate(read_capture(source() if source else path), start=1):
         if first_time is None:
             first_time = record.timestamp_ns
         if number <= skip:
@@ -53,9 +58,10 @@ def general_messages(path: str, tracker, skip: int = 0) -> Iterator[tuple]:
         yield number, (record.timestamp_ns - first_time) / 1e9, record, tracker.decode(record)
 
 
-def _scan(path: str) -> Iterator[tuple[int, bytes]]:
+def _scan(source: str | BinaryIO) -> Iterator[tuple[int, bytes]]:
     """(timestamp ns, packet bytes) of each vhost-user EPB, for files as vhusniff writes them."""
-    with open(path, "rb") as stream:
+    opened = open(source, "rb") if isinstance(source, str) else contextlib.nullcontext(source)
+    with opened as stream:
         buffer = b""
         position = 0
         user0: dict[int, bool] = {}
@@ -101,8 +107,10 @@ def _scan(path: str) -> Iterator[tuple[int, bytes]]:
             position += total
 
 
-def fast_summary(path: str, tracker, out, colour: bool = False, follow: int | None = None, count: int = 0) -> int:
-    """Write one summary line per record; returns how many were shown. Raises CaptureError like read_capture."""
+def fast_summary(path: str, tracker, out, colour: bool = False, follow: int | None = None, count: int = 0,
+                 source: Source | None = None) -> int:
+    """Write one summary line per record; returns how many were shown. Raises CaptureError like read_capture.
+    `source` (views.progress) gives what to read instead of the path, each time from the start."""
     cache: dict = {}
     # connection -> what of its negotiated context changes decoding; only decoding (on a miss) changes it.
     context_keys: dict[int, tuple] = {}
@@ -111,7 +119,7 @@ def fast_summary(path: str, tracker, out, colour: bool = False, follow: int | No
     first_time = None
     lines: list[str] = []
     try:
-        for timestamp, packet in _scan(path):
+        for timestamp, packet in _scan(source() if source else path):
             number += 1
             if first_time is None:
                 first_time = timestamp
@@ -149,7 +157,7 @@ def fast_summary(path: str, tracker, out, colour: bool = False, follow: int | No
         out.writelines(lines)
         lines.clear()
         # Hand over at the same record: the full reader shows the rest, or says exactly what is wrong where.
-        for number, relative, record, message in general_messages(path, tracker, skip=done):
+        for number, relative, record, message in general_messages(path, tracker, skip=done, source=source):
             if follow is not None and record.connection != follow:
                 continue
             lines.append(record_line(number, relative, record, message, colour) + "\n")
