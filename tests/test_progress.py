@@ -147,6 +147,6 @@ def test_the_bar_is_not_drawn_when_read_writes_to_the_terminal_itself():
 
 def test_without_a_terminal_the_capture_is_read_from_its_path_as_before():
     """Nothing is wrapped when no bar is drawn: the readers open the path themselves, at their own speed."""
-    from vhusniff.views.progress import capture_progress
+    from vhusniff.capture.progress import capture_progress
     with capture_progress(CAPTURE) as progress:         # pytest's captured stderr is not a terminal
         assert progress.source() == CAPTURE and progress.bar is None

@@ -6,11 +6,11 @@ import argparse
 from collections.abc import Mapping
 
 from ..capture.pcapng import read_capture, reading
+from ..capture.progress import capture_progress
 from ..model import Channel, Record, RecordKind
 from ..protocol import catalogue as cat
 from ..protocol.context import ContextTracker
 from ..protocol.grammar import Message, iter_fields
-from ..views.progress import capture_progress
 
 
 def describe_difference(value_a, value_b, labels: tuple[str, str] = ("A", "B")) -> str:
@@ -118,7 +118,7 @@ def diff_records(left: list[Record], right: list[Record], ignore: frozenset[str]
 
 def load_or_report(path: str, program: str = "vhusniff", progress: bool = False) -> list[Record] | None:
     """All records of a capture, or None after saying on stderr why it cannot be read (capture.reading's words).
-    `progress`: a bar on stderr while it is read, if stderr is a terminal (views.progress)."""
+    `progress`: a bar on stderr while it is read, if stderr is a terminal (capture.progress)."""
     records: list[Record] = []
     with reading(path) as outcome, capture_progress(path, progress) as bar:
         records = list(read_capture(bar.source()))

@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 from ..analysis.analyzer import IDLE_SECONDS, REPLY_SECONDS, Analyzer, Transaction, connection_report, end_summary
 from ..analysis.expert import CHECKS, Severity
 from ..capture.pcapng import ReadOutcome, read_capture, reading
+from ..capture.progress import capture_progress
 from ..model import Channel, Record, RecordKind
 from ..protocol import catalogue as cat
 from ..protocol.grammar import Message
 from ..protocol.replies import Expect
-from ..views.progress import capture_progress
 from ..views.timeline import render_html, render_svg
 
 EXIT_BAD_INPUT = 2

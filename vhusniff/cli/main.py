@@ -10,6 +10,7 @@ from typing import TextIO
 
 from ..analysis.analyzer import Analyzer
 from ..capture.pcapng import reading
+from ..capture.progress import capture_progress
 from ..model import RecordKind
 from ..protocol import catalogue as cat
 from ..protocol.context import ContextTracker
@@ -17,7 +18,6 @@ from ..protocol.grammar import iter_fields
 from ..views.fast import fast_summary, general_messages
 from ..views.filters import RECORD_FIELDS, FilterError, compile_filter
 from ..views.present import field_tree, hexdump, record_line
-from ..views.progress import capture_progress
 from .analysis import add_threshold_arguments
 
 EXIT_BAD_INPUT = 2

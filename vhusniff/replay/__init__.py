@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--as frontend needs --backend SOCKET")
     if args.role == "backend" and not args.listen:
         parser.error("--as backend needs --listen SOCKET")
-    records = load_or_report(args.capture, "vhusniff replay")
+    records = load_or_report(args.capture, "vhusniff replay", progress=True)   # a bar only on a terminal
     if records is None:
         return 2
     try:

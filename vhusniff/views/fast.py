@@ -44,7 +44,7 @@ class _Unusual(Exception):
     """The fast scanner met something only the full reader handles."""
 
 
-Source = Callable[[], "str | BinaryIO"]     # where to read the capture from, from its start (views.progress)
+Source = Callable[[], "str | BinaryIO"]     # where to read the capture from, from its start (capture.progress)
 
 
 def general_messages(path: str, tracker, skip: int = 0, source: Source | None = None) -> Iterator[tuple]:
@@ -110,7 +110,7 @@ def _scan(source: str | BinaryIO) -> Iterator[tuple[int, bytes]]:
 def fast_summary(path: str, tracker, out, colour: bool = False, follow: int | None = None, count: int = 0,
                  source: Source | None = None) -> int:
     """Write one summary line per record; returns how many were shown. Raises CaptureError like read_capture.
-    `source` (views.progress) gives what to read instead of the path, each time from the start."""
+    `source` (capture.progress) gives what to read instead of the path, each time from the start."""
     cache: dict = {}
     # connection -> what of its negotiated context changes decoding; only decoding (on a miss) changes it.
     context_keys: dict[int, tuple] = {}
