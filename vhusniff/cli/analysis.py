@@ -33,7 +33,7 @@ def load(path: str, device: str | None = None, profile: str = "qemu-spec", at: i
          keep: bool = False, idle_seconds: float = IDLE_SECONDS, reply_seconds: float = REPLY_SECONDS,
          progress: bool = False) -> Loaded:
     """Analyse a capture (up to record number `at`). A damaged capture is analysed as far as it reads.
-    `progress`: a bar on stderr while it is read, if stderr is a terminal (views.progress)."""
+    `progress`: a bar on stderr while it is read, if stderr is a terminal (capture.progress)."""
     analyzer = Analyzer(device, cat.PROFILES[profile], idle_seconds=idle_seconds, reply_seconds=reply_seconds)
     with reading(path) as outcome, capture_progress(path, progress) as bar:
         loaded = Loaded(analyzer, outcome)
