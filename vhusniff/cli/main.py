@@ -99,6 +99,57 @@ class _ExpertLines:
             self.findings.setdefault(finding.number, []).append(finding)
 
 
+class _Output:
+    """Writes records as -T asks: text lines (with -V and -x), tab-separated fields, or one JSON array."""
+
+    def __init__(self, args, out: TextIO, colour: bool, expert: _ExpertLines | None):
+        self.args, self.out, self.colour, self.expert = args, out, colour, expert
+        self.json_started = False
+
+    def write(self, number: int, relative: float, record, message) -> None:
+        if self.args.T == "text":
+            self._text(number, relative, record, message)
+        elif message is not None:
+            self._structured(number, relative, record, message.name, None, message.summary(),
+                             [str(p) for p in message.problems], message_fields(number, relative, record, message))
+        elif record.kind == RecordKind.EVENT:       # events are records too: shown in every format
+            self._structured(number, relative, record, None, record.event.name, record.note, [],
+                             event_fields(number, relative, record))
+
+    def _text(self, number: int, relative: float, record, message) -> None:
+        args = self.args
+        line = record_line(number, relative, record, message, self.colour) + "\n"
+        rest = []
+        if message is not None and args.verbose:
+            rest.append("\n".join(field_tree(message)) + "\n")
+            rest += [f"  fd[{index}]: {fd.summary()}\n" for index, fd in enumerate(record.fds)]
+        if args.hex:
+            rest.append("\n".join(hexdump(record.data)) + "\n\n")
+        if self.expert:
+            self.expert.hold(number, line, "".join(rest))
+        else:
+            self.out.write(line + "".join(rest))
+
+    def _structured(self, number: int, relative: float, record, request: str | None, event: str | None,
+                    summary: str, problems: list[str], fields: dict) -> None:
+        if self.args.T != "json":
+            self.out.write("\t".join(",".join(str(v) for v in fields.get(name, ())) for name in self.args.e) + "\n")
+            return
+        entry: dict[str, object] = {"number": number, "time": relative, "connection": record.connection,
+                                    "channel": record.channel.name.lower(), "direction": record.direction.arrow,
+                                    "request": request}
+        if event is not None:
+            entry["event"] = event
+        entry.update({"summary": summary, "fds": [fd._asdict() for fd in record.fds], "problems": problems,
+                      "fields": fields})
+        self.out.write(("[\n" if not self.json_started else ",\n") + json.dumps(entry))
+        self.json_started = True
+
+    def finish(self) -> None:
+        if self.args.T == "json":
+            self.out.write("\n]\n" if self.json_started else "[]\n")
+
+
 def command_read(args) -> int:
     display_filter = None
     if args.filter:
@@ -115,9 +166,9 @@ def command_read(args) -> int:
                                        reply_seconds=args.reply_seconds), sys.stdout)
     tracker = expert.analyzer.tracker if expert else ContextTracker(args.device, profile)
     out = sys.stdout
+    output = _Output(args, out, colour, expert)
     shown = 0
     hidden_events = 0            # event records the display filter did not let through
-    json_started = False
     # The messages stream to stdout as they are read: on the terminal itself they show the progress, and a bar on
     # the same screen would cut through them. Redirected or piped, the bar shows how far the file is read.
     show_bar = not (args.quiet or out.isatty())
@@ -137,41 +188,7 @@ def command_read(args) -> int:
                                                not display_filter.matches(message, record, number)):
                 hidden_events += record.kind == RecordKind.EVENT
                 continue
-            if args.T == "text":
-                line = record_line(number, relative, record, message, colour) + "\n"
-                rest = []
-                if message is not None and args.verbose:
-                    rest.append("\n".join(field_tree(message)) + "\n")
-                    rest += [f"  fd[{index}]: {fd.summary()}\n" for index, fd in enumerate(record.fds)]
-                if args.hex:
-                    rest.append("\n".join(hexdump(record.data)) + "\n\n")
-                if expert:
-                    expert.hold(number, line, "".join(rest))
-                else:
-                    out.write(line + "".join(rest))
-            elif message is not None:
-                fields = message_fields(number, relative, record, message)
-                if args.T == "json":
-                    out.write(("[\n" if not json_started else ",\n") + json.dumps(
-                        {"number": number, "time": relative, "connection": record.connection,
-                         "channel": record.channel.name.lower(), "direction": record.direction.arrow,
-                         "request": message.name, "summary": message.summary(),
-                         "fds": [fd._asdict() for fd in record.fds], "problems": [str(p) for p in message.problems],
-                         "fields": fields}))
-                    json_started = True
-                else:
-                    out.write("\t".join(",".join(str(v) for v in fields.get(name, ())) for name in args.e) + "\n")
-            elif record.kind == RecordKind.EVENT:       # events are records too: shown in every format
-                fields = event_fields(number, relative, record)
-                if args.T == "json":
-                    out.write(("[\n" if not json_started else ",\n") + json.dumps(
-                        {"number": number, "time": relative, "connection": record.connection,
-                         "channel": record.channel.name.lower(), "direction": record.direction.arrow,
-                         "request": None, "event": record.event.name, "summary": record.note,
-                         "fds": [fd._asdict() for fd in record.fds], "problems": [], "fields": fields}))
-                    json_started = True
-                else:
-                    out.write("\t".join(",".join(str(v) for v in fields.get(name, ())) for name in args.e) + "\n")
+            output.write(number, relative, record, message)
             shown += 1
             if args.count and shown >= args.count and not expert:
                 break
@@ -180,8 +197,7 @@ def command_read(args) -> int:
     if outcome.error:
         out.flush()              # what was read comes first, then the one error line
         outcome.report()
-    if args.T == "json":
-        out.write("\n]\n" if json_started else "[]\n")
+    output.finish()
     if expert:
         findings = expert.analyzer.findings
         out.write(f"\nExpert findings: {len(findings)}\n")

@@ -75,6 +75,27 @@ def _lua_layout(entries: list[dict]) -> list[dict]:
     return [{key: value for key, value in entry.items() if key not in ("fields", "doc")} for entry in entries]
 
 
+def _constants() -> dict[str, object]:
+    """The numbers and names the dissector's fixed body uses (C.NAME in the Lua)."""
+    return {
+        "HEADER_SIZE": HEADER_SIZE, "TRUNCATED_NAME": request_name(Channel.MAIN, -1),
+        # offset, size and flags come before a config message's data
+        "GET_CONFIG": int(cat.FrontendRequest.GET_CONFIG),
+        "CONFIG_HEADER_SIZE": sum(sub.sizeof() for sub in PAYLOADS["config"][0].subcons[:3]),
+        "MAX_PAYLOAD_SIZE": MAX_PAYLOAD_SIZE, "LINKTYPE": LINKTYPE_USER0,
+        "FLAG_REPLY": cat.FLAG_REPLY, "FLAG_NEED_REPLY": cat.FLAG_NEED_REPLY,
+        "FLAGS_RESERVED": cat.FLAGS_RESERVED, "VERSION_MASK": cat.VERSION_MASK, "VERSION": cat.VERSION,
+        "PSEUDO_MAGIC": PSEUDO_MAGIC.decode(), "PSEUDO_FLAG_UNFRAMED": PSEUDO_FLAG_UNFRAMED,
+        "PSEUDO_VERSION": PSEUDO_VERSION, "PSEUDO_SIZE_V1": PSEUDO_HEADER_V1.size,
+        "PSEUDO_SIZE_V2": PSEUDO_HEADER.size, "V1_DEVICE_MARK": V1_DEVICE_MARK,
+        "EVENT_NOTE": int(EventKind.NOTE), "EVENT_CLOSED": int(EventKind.CLOSED),
+        "EVENT_CHANNEL_CLOSED": int(EventKind.CHANNEL_CLOSED), "EVENT_DEVICE": int(EventKind.DEVICE),
+        "CHANNEL_MAIN": int(Channel.MAIN), "CHANNEL_DEVICE_STATE": int(Channel.DEVICE_STATE),
+        "STREAM_NAME": request_name(Channel.DEVICE_STATE, 0), "XEN_MMAP_BIT": XEN_MMAP_BIT,
+        "RING_PACKED_BIT": RING_PACKED_BIT,
+    }
+
+
 def grammar_tables() -> dict:
     """Every table the Lua body reads, as plain Python data."""
     # A name that is an integer in one kind and bytes in another gets two ProtoFields with the same abbreviation.
@@ -138,23 +159,7 @@ def grammar_tables() -> dict:
         # A GET_CONFIG reply whose whole window has one of these sizes tells the device type (context.py).
         "CONFIG_SIZE_DEVICES": {int(size): device for size, device in cat.CONFIG_SIZE_DEVICES.items()},
         "EXPERT_ITEMS": {code: list(levels) for code, levels in expert_items().items()},
-        "CONSTANTS": {
-            "HEADER_SIZE": HEADER_SIZE, "TRUNCATED_NAME": request_name(Channel.MAIN, -1),
-            # offset, size and flags come before a config message's data
-            "GET_CONFIG": int(cat.FrontendRequest.GET_CONFIG),
-            "CONFIG_HEADER_SIZE": sum(sub.sizeof() for sub in PAYLOADS["config"][0].subcons[:3]),
-            "MAX_PAYLOAD_SIZE": MAX_PAYLOAD_SIZE, "LINKTYPE": LINKTYPE_USER0,
-            "FLAG_REPLY": cat.FLAG_REPLY, "FLAG_NEED_REPLY": cat.FLAG_NEED_REPLY,
-            "FLAGS_RESERVED": cat.FLAGS_RESERVED, "VERSION_MASK": cat.VERSION_MASK, "VERSION": cat.VERSION,
-            "PSEUDO_MAGIC": PSEUDO_MAGIC.decode(), "PSEUDO_FLAG_UNFRAMED": PSEUDO_FLAG_UNFRAMED,
-            "PSEUDO_VERSION": PSEUDO_VERSION, "PSEUDO_SIZE_V1": PSEUDO_HEADER_V1.size,
-            "PSEUDO_SIZE_V2": PSEUDO_HEADER.size, "V1_DEVICE_MARK": V1_DEVICE_MARK,
-            "EVENT_NOTE": int(EventKind.NOTE), "EVENT_CLOSED": int(EventKind.CLOSED),
-            "EVENT_CHANNEL_CLOSED": int(EventKind.CHANNEL_CLOSED), "EVENT_DEVICE": int(EventKind.DEVICE),
-            "CHANNEL_MAIN": int(Channel.MAIN), "CHANNEL_DEVICE_STATE": int(Channel.DEVICE_STATE),
-            "STREAM_NAME": request_name(Channel.DEVICE_STATE, 0), "XEN_MMAP_BIT": XEN_MMAP_BIT,
-            "RING_PACKED_BIT": RING_PACKED_BIT,
-        },
+        "CONSTANTS": _constants(),
     }
 
 
