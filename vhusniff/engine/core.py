@@ -205,7 +205,8 @@ class Session:
 
     def plain(self, channel: Channel, side: Side) -> bool:
         """True when a whole fd-less message may bypass received(): no hooks, framed, nothing held for its
-        destination. The driver then counts it with count_plain and records and sends it itself."""
+        destination. The driver then counts it in `messages` and records and sends it itself (the proxy's fast
+        path tests the same things inline: without hooks nothing is ever held)."""
         return self.hooks is None and not self._streams[(channel, side)].unframed and not self._held
 
     def open_channel(self, channel: Channel) -> None:
@@ -258,11 +259,7 @@ class Session:
                     out.append(CloseFds(left))
                 return out
             if isinstance(frame, Frame):
-                self.messages += 1
-                if self.hooks is None:
-                    self._forward(channel, side, frame.data, frame.fds, now_ns, "", out)
-                else:
-                    self._hooked(channel, side, frame, now_ns, out)
+                self._message(channel, side, frame, now_ns, out)
             else:
                 self._stray(channel, side, frame, now_ns, out)
         if error is not None:
@@ -284,18 +281,17 @@ class Session:
     def whole(self, channel: Channel, side: Side, data: bytes, fds: list, now_ns: int) -> list:
         """A whole message the driver framed itself (framer(...).take_whole counted it): forwarded as any other."""
         out: list = []
-        if self._gone_already(channel, fds, out):
-            return out
-        self.messages += 1
-        if self.hooks is None:
-            self._forward(channel, side, data, list(fds), now_ns, "", out)
-        else:
-            self._hooked(channel, side, Frame(data, list(fds), 0), now_ns, out)
+        if not self._gone_already(channel, fds, out):
+            self._message(channel, side, Frame(data, list(fds), 0), now_ns, out)
         return out
 
-    def count_plain(self) -> None:
-        """A whole fd-less message the driver forwarded itself (see plain)."""
+    def _message(self, channel: Channel, side: Side, frame: Frame, now_ns: int, out: list) -> None:
+        """One whole message: numbered, then forwarded, or given to the hooks first."""
         self.messages += 1
+        if self.hooks is None:
+            self._forward(channel, side, frame.data, frame.fds, now_ns, "", out)
+        else:
+            self._hooked(channel, side, frame, now_ns, out)
 
     def send_failed(self, channel: Channel, to: Side, reason: str, now_ns: int) -> list:
         out: list = [Note(now_ns, channel, f"message #{self.messages} not delivered: sending to the {to.label} "
@@ -433,7 +429,7 @@ class Session:
         out.append(Note(now_ns, channel, f"{side.label} sent {len(stray.fds)} fd(s) with bytes at stream offset "
                                          f"{stray.offset} where no message begins (after message #{self.messages}); "
                                          f"fds described here and closed", True, tuple(stray.fds),
-                                             kind=EventKind.PROTOCOL_ERROR))
+                                         kind=EventKind.PROTOCOL_ERROR))
         out.append(CloseFds(list(stray.fds)))
 
     def _unframeable(self, channel: Channel, side: Side, stream: Stream, error: FramingError, chunk_fds: list,
@@ -452,8 +448,7 @@ class Session:
     def _hooked(self, channel: Channel, side: Side, frame: Frame, now_ns: int, out: list) -> None:
         hooks, tracker = self.hooks, self.tracker
         assert hooks is not None and tracker is not None, "only a session with hooks is given whole frames to hook"
-        message = tracker.decode(Record(now_ns, self.number, channel, side.direction, frame.data))
-        assert message is not None, "a message record always decodes"
+        message = tracker.decode_message(Record(now_ns, self.number, channel, side.direction, frame.data))
         flow = Flow(frame.data, list(frame.fds), self.number, channel, side.direction, self.messages,
                     message.context, message)
         hooks.run(flow)

@@ -48,6 +48,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Literal
 
+from ..proxy.routes import listening_in_table
+
 log = logging.getLogger("vhusniff.lab.peers")
 
 #: Printed by the guest's /init; everything a caller needs to judge a run starts with it.
@@ -565,16 +567,8 @@ def _is_socket(path: Path) -> bool:
 def _is_listening(path: Path) -> bool:
     """A socket is listening at `path`, by the kernel's table of Unix sockets: no connection is made (a back-end
     would take a probe connection as a client). Where that table cannot be read, a socket file will do."""
-    try:
-        table = Path("/proc/net/unix").read_text()
-    except OSError:
-        return _is_socket(path)
-    listening_flag = 0x10000     # __SO_ACCEPTCON
-    for line in table.splitlines()[1:]:
-        fields = line.split(None, 7)
-        if len(fields) == 8 and fields[7] == str(path) and int(fields[3], 16) & listening_flag:
-            return True
-    return False
+    listening = listening_in_table(path, absent=False)
+    return _is_socket(path) if listening is None else listening
 
 
 def _wait_until(condition: Callable[[], bool], timeout: float, process: LabProcess, awaited: str) -> None:

@@ -96,10 +96,11 @@ def listen_at(path: Path, mode: int) -> socket.socket:
     return listener
 
 
-def listening_in_table(path: Path) -> bool | None:
+def listening_in_table(path: Path, absent: bool | None = None) -> bool | None:
     """Whether a socket listens at `path`, by the kernel's table of Unix sockets, making no connection (QEMU
-    would take a probe of its server socket as a vhost-user client). None when the table cannot say: it names
-    sockets by the path they were bound with, which may be spelled otherwise."""
+    would take a probe of its server socket as a vhost-user client). None when the table cannot be read; when no
+    socket in it has that path, `absent` (None by default: the table names sockets by the path they were bound
+    with, which may be spelled otherwise)."""
     try:
         table = Path("/proc/net/unix").read_text()
     except OSError:
@@ -112,7 +113,7 @@ def listening_in_table(path: Path) -> bool | None:
             found = True
             if int(fields[3], 16) & _ACCEPTING:
                 return True
-    return False if found else None
+    return False if found else absent
 
 
 def socket_identity(path: Path) -> tuple[int, int, int] | None:
