@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# Installs the real peers vhusniff's lab and tests run (QEMU, qemu-storage-daemon, dpdk-testpmd,
-# tshark, busybox-static) on Debian 12, as root, then fetches and builds the guest kit.
-# Idempotent: apt is skipped when every command is already there, and the kit is cached.
+# Installs the real peers vhusniff's lab and tests run (QEMU, qemu-storage-daemon, dpdk-testpmd, virtiofsd,
+# vhost-user-gpu, tshark, busybox-static) on Debian 12, as root, then fetches and builds the guest kits and
+# unpacks QEMU 10 from bookworm-backports into the cache (not installed: the system QEMU stays 7.2).
+# Idempotent: apt is skipped when every program is already there, and the kits and QEMU 10 are cached.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 
-PACKAGES=(qemu-system-x86 qemu-system-common qemu-utils busybox-static cpio tshark dpdk-dev)
-COMMANDS=(qemu-system-x86_64 qemu-storage-daemon qemu-img busybox cpio tshark dpdk-testpmd)
+# qemu-system-common has virtiofsd, qemu-system-gui has vhost-user-gpu (and pulls libvirglrenderer1 for it).
+PACKAGES=(qemu-system-x86 qemu-system-common qemu-system-gui qemu-utils busybox-static cpio tshark dpdk-dev)
+COMMANDS=(qemu-system-x86_64 qemu-storage-daemon qemu-img busybox cpio tshark dpdk-testpmd
+          /usr/lib/qemu/virtiofsd /usr/lib/qemu/vhost-user-gpu)
 
 missing=0
 for command in "${COMMANDS[@]}"; do
@@ -21,4 +24,4 @@ if [ "$missing" -eq 1 ]; then
   apt-get install -y --no-install-recommends "${PACKAGES[@]}"
 fi
 
-"${PYTHON:-python3}" -m vhusniff.lab.peers prepare
+"${PYTHON:-python3}" -m vhusniff.lab.peers prepare --qemu10

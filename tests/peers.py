@@ -3,7 +3,7 @@
 Outside CI a test skips when its program is missing; in CI (CI=true) it fails instead, so that a broken
 install cannot pass as a green run. Import what you need:
 
-    from peers import require, kit, FakeBackend, FakeFrontend, open_fds
+    from peers import require, kit, qemu10, FakeBackend, FakeFrontend, open_fds
 """
 from __future__ import annotations
 
@@ -36,6 +36,14 @@ def require(*programs: str) -> None:
 def kit() -> lab.GuestKit:
     require("qemu-system-x86_64")
     return lab.prepare()
+
+
+@pytest.fixture(scope="session")
+def qemu10() -> lab.QemuProgram:
+    """QEMU 10 unpacked from bookworm-backports (.ci/install-deps.sh fetches it; fetching needs root)."""
+    if not (lab.qemu10_dir() / "root/usr/bin/qemu-system-x86_64").is_file() and os.geteuid() != 0 and not IN_CI:
+        pytest.skip("QEMU 10 not unpacked (run .ci/install-deps.sh)")
+    return lab.qemu10()
 
 
 def open_fds() -> set[int]:

@@ -15,7 +15,10 @@ integration-test fixture. Three parts:
 Every process object stops and reaps its process in `stop()` and works as a context manager;
 each logs to a file in the work directory given to its start function.
 
-Command line: ``python3 -m vhusniff.lab.peers prepare`` fetches and builds the kit;
+QEMU: the system's (7.2) by default, or QEMU 10 from bookworm-backports unpacked into the cache (`qemu10()`,
+`qemu_program("10")`), passed to `start_qemu(qemu=...)`.
+
+Command line: ``python3 -m vhusniff.lab.peers prepare`` fetches and builds the kit (``--qemu10``: QEMU 10 too);
 ``python3 -m vhusniff.lab.peers direct`` boots a blk guest straight against qemu-storage-daemon
 (no proxy) and prints the result and how long the boot took.
 
@@ -28,6 +31,7 @@ import atexit
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import gzip
 import hashlib
 import io
@@ -44,7 +48,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Literal
 
@@ -444,6 +448,125 @@ def _run(command: list[str], what: str, cwd: Path | None = None) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# QEMU programs: the system's (7.2 on Debian 12) and QEMU 10 unpacked from bookworm-backports
+# --------------------------------------------------------------------------------------------
+
+#: The suite that carries QEMU 10 for Debian 12; its packages are unpacked into the cache, never installed.
+QEMU10_SUITE = "bookworm-backports"
+QEMU10_PACKAGES = ("qemu-system-x86", "qemu-system-common", "qemu-system-data", "qemu-system-gui",
+                   "qemu-system-modules-opengl")
+#: The Debian archive QEMU 10 comes from; ``$VHUSNIFF_DEBIAN_MIRROR`` overrides it.
+DEFAULT_DEBIAN_MIRROR = "http://deb.debian.org/debian"
+
+
+@dataclasses.dataclass(frozen=True)
+class QemuProgram:
+    """A qemu-system-x86_64 to run: the executable, the options it needs first, and what it adds to the
+    environment (an unpacked QEMU finds its firmware through -L and its modules through QEMU_MODULE_DIR)."""
+    executable: str
+    leading_args: tuple[str, ...] = ()
+    env: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def command(self, *args: str) -> list[str]:
+        return [self.executable, *self.leading_args, *args]
+
+    def environ(self) -> dict[str, str]:
+        """The whole environment for the child process."""
+        return {**os.environ, **self.env}
+
+    @property
+    def version(self) -> str:
+        """The version QEMU reports, such as "10.0.2"."""
+        return _qemu_version(self.executable, tuple(sorted(self.env.items())))
+
+
+@functools.cache
+def _qemu_version(executable: str, env: tuple[tuple[str, str], ...]) -> str:
+    try:
+        result = subprocess.run([executable, "--version"], capture_output=True, text=True,
+                                env={**os.environ, **dict(env)}, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise LabError(f"{executable} --version: {error}") from error
+    match = re.search(r"version (\d+\.\d+(?:\.\d+)?)", result.stdout)
+    if match is None:
+        raise LabError(f"{executable} --version printed no version: {(result.stdout or result.stderr).strip()!r}")
+    return match[1]
+
+
+def system_qemu() -> QemuProgram:
+    """The installed qemu-system-x86_64 (7.2 from Debian 12's qemu-system-x86)."""
+    return QemuProgram("qemu-system-x86_64")
+
+
+def qemu10_dir(cache: Path | None = None) -> Path:
+    """Where QEMU 10 is unpacked: a `qemu10` folder in the guest kit's cache."""
+    return (Path(cache) if cache else cache_dir()) / "qemu10"
+
+
+def qemu10(cache: Path | None = None) -> QemuProgram:
+    """QEMU 10.0.2 from bookworm-backports, unpacked (not installed) into the cache on first use.
+
+    Fetching runs `apt-get update` on a private package list holding only that suite (the system's apt
+    sources are left alone), `apt-get download` of QEMU10_PACKAGES and `dpkg -x` of each; it needs root
+    or a writable apt cache, so .ci/install-deps.sh does it ahead of the tests. The program returned runs
+    with `-L` and QEMU_MODULE_DIR pointing into the unpacked tree, and `-audio none`: it probes audio
+    back-ends this machine lacks otherwise, and says so on every start."""
+    root = qemu10_dir(cache) / "root"
+    executable = root / "usr/bin/qemu-system-x86_64"
+    if not executable.is_file():
+        root.parent.mkdir(parents=True, exist_ok=True)
+        with _locked(root.parent / ".lock"):
+            if not executable.is_file():
+                _unpack_qemu10(root)
+    return QemuProgram(str(executable), ("-L", str(root / "usr/share/qemu"), "-audio", "none"),
+                       {"QEMU_MODULE_DIR": str(root / "usr/lib/x86_64-linux-gnu/qemu")})
+
+
+def vhost_user_gpu_program() -> Path:
+    """The vhost-user-gpu back-end (qemu-system-gui 7.2; QEMU 10 drives it, QEMU 7.2 refuses it under TCG)."""
+    return Path("/usr/lib/qemu/vhost-user-gpu")
+
+
+def qemu_program(choice: str | QemuProgram | None) -> QemuProgram:
+    """A QEMU by name: None, "system" or "7" (also "7.2") for the installed one, "10" for `qemu10()`,
+    else the path of a qemu-system-x86_64."""
+    if isinstance(choice, QemuProgram):
+        return choice
+    if choice in (None, "", "system", "7", "7.2"):
+        return system_qemu()
+    if choice in ("10", "10.0", "10.0.2"):
+        return qemu10()
+    path = Path(str(choice)).expanduser()
+    if not path.is_file() or not os.access(path, os.X_OK):
+        raise LabError(f"--qemu {choice}: expected 7, 10 or the path of a qemu-system-x86_64 executable")
+    return QemuProgram(str(path))
+
+
+def _unpack_qemu10(root: Path) -> None:
+    mirror = os.environ.get("VHUSNIFF_DEBIAN_MIRROR") or DEFAULT_DEBIAN_MIRROR
+    state = root.parent / "apt"
+    (state / "lists" / "partial").mkdir(parents=True, exist_ok=True)
+    sources = state / "backports.sources"
+    sources.write_text(f"Types: deb\nURIs: {mirror}\nSuites: {QEMU10_SUITE}\nComponents: main\n"
+                       "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n")
+    # A package list of our own: the system's sources and lists stay as they are.
+    apt_options = ["-o", f"Dir::Etc::SourceList={sources}", "-o", "Dir::Etc::SourceParts=/nonexistent",
+                   "-o", f"Dir::State::Lists={state / 'lists'}", "-o", f"Dir::Cache={state / 'cache'}"]
+    _run(["apt-get", *apt_options, "update"], f"apt-get update of {QEMU10_SUITE} (needs root)")
+    with tempfile.TemporaryDirectory(dir=root.parent, prefix=".download-") as scratch:
+        scratch_dir = Path(scratch)
+        wanted = [f"{package}/{QEMU10_SUITE}" for package in QEMU10_PACKAGES]
+        _run(["apt-get", *apt_options, "download", *wanted], "apt-get download of QEMU 10", cwd=scratch_dir)
+        staged = scratch_dir / "root"
+        for deb in sorted(scratch_dir.glob("*.deb")):
+            _run(["dpkg", "-x", str(deb), str(staged)], f"dpkg -x {deb.name}")
+        if not (staged / "usr/bin/qemu-system-x86_64").is_file():
+            raise LabError(f"the {QEMU10_SUITE} packages held no usr/bin/qemu-system-x86_64")
+        shutil.rmtree(root, ignore_errors=True)
+        staged.rename(root)
+
+
+# --------------------------------------------------------------------------------------------
 # Processes
 # --------------------------------------------------------------------------------------------
 
@@ -605,7 +728,7 @@ def _qemu_option_value(value: object) -> str:
 
 
 def _spawn(command: list[str], workdir: Path, log_name: str, cpu: Cpus, *, stdin=subprocess.DEVNULL,
-           capture_stdout: bool = False) -> tuple[subprocess.Popen, Path]:
+           capture_stdout: bool = False, env: Mapping[str, str] | None = None) -> tuple[subprocess.Popen, Path]:
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / f"{log_name}.log"
     command = _pinned(command, cpu)
@@ -615,7 +738,8 @@ def _spawn(command: list[str], workdir: Path, log_name: str, cpu: Cpus, *, stdin
         try:
             proc = subprocess.Popen(command, stdin=stdin,
                                     stdout=subprocess.PIPE if capture_stdout else log_file,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+                                    stderr=subprocess.STDOUT, start_new_session=True,
+                                    env=None if env is None else dict(env))
         except FileNotFoundError as error:
             raise LabError(f"{command[0]} not found: run .ci/install-deps.sh") from error
     return proc, log_path
@@ -818,8 +942,9 @@ def default_accel() -> str:
 
 def qemu_command(kit: GuestKit, chardev_path: Path | str, device: str = "blk", server: bool = False,
                  reconnect: int | None = None, extra_args: Iterable[str] = (), accel: str | None = None,
-                 net_msix: bool = False, kernel_args: Iterable[str] = ()) -> list[str]:
-    """The qemu-system-x86_64 command line `start_qemu()` runs."""
+                 net_msix: bool = False, kernel_args: Iterable[str] = (),
+                 qemu: QemuProgram | str | None = None) -> list[str]:
+    """The qemu-system-x86_64 command line `start_qemu()` runs (`qemu`: see `qemu_program`)."""
     chardev = f"socket,id=c0,path={_qemu_option_value(chardev_path)}"
     if server:
         chardev += ",server=on,wait=off"
@@ -835,8 +960,8 @@ def qemu_command(kit: GuestKit, chardev_path: Path | str, device: str = "blk", s
         device_args = ["-netdev", "vhost-user,id=n0,chardev=c0", "-device", net_device]
     else:
         raise ValueError(f"device must be 'blk' or 'net', not {device!r}")
-    return [
-        "qemu-system-x86_64", "-accel", accel or default_accel(), "-cpu", "max", "-m", str(GUEST_MEMORY_MB),
+    return qemu_program(qemu).command(
+        "-accel", accel or default_accel(), "-cpu", "max", "-m", str(GUEST_MEMORY_MB),
         "-nographic", "-no-reboot",
         # No default NIC and no VGA: their option ROMs cost about 0.4 s of a 3 s TCG boot.
         "-nic", "none", "-vga", "none",
@@ -846,14 +971,14 @@ def qemu_command(kit: GuestKit, chardev_path: Path | str, device: str = "blk", s
         "-kernel", str(kit.kernel), "-initrd", str(kit.initrd),
         "-append", " ".join(["console=ttyS0 quiet panic=-1", *kernel_args]),
         "-chardev", chardev, *device_args, *extra_args,
-    ]
+    )
 
 
 def start_qemu(workdir: Path | str, kit: GuestKit, chardev_path: Path | str, device: str = "blk",
                server: bool = False, reconnect: int | None = None, extra_args: Iterable[str] = (), *,
                cpu: Cpus = None, accel: str | None = None, name: str = "qemu", net_msix: bool = False,
                on_console_line: ConsoleCallback | None = None, socket_timeout: float = 10.0,
-               kernel_args: Iterable[str] = ()) -> Guest:
+               kernel_args: Iterable[str] = (), qemu: QemuProgram | str | None = None) -> Guest:
     """Boot the guest kit in QEMU with a vhost-user `device` ("blk" or "net") on `chardev_path`.
 
     QEMU connects to `chardev_path` (the back-end or the proxy must already listen, unless
@@ -863,14 +988,16 @@ def start_qemu(workdir: Path | str, kit: GuestKit, chardev_path: Path | str, dev
     guest driver starts the device (a real crash case). The console is logged to
     `workdir/<name>.log`, passed line by line to `on_console_line` (from a reader thread) and
     available from `Guest.console_lines()`. `kernel_args` go on the guest kernel's command line
-    (`loop_kernel_args(N)`: the disk check repeated for N seconds).
+    (`loop_kernel_args(N)`: the disk check repeated for N seconds). `qemu` picks the QEMU (`qemu_program`:
+    the system's by default, "10" for QEMU 10, or a path).
     """
     workdir, chardev_path = Path(workdir), Path(chardev_path)
+    program = qemu_program(qemu)
     command = qemu_command(kit, chardev_path, device, server, reconnect, extra_args, accel, net_msix,
-                           kernel_args)
+                           kernel_args, program)
     if server:
         _remove_stale_socket(chardev_path)
-    proc, log_path = _spawn(command, workdir, name, cpu, capture_stdout=True)
+    proc, log_path = _spawn(command, workdir, name, cpu, capture_stdout=True, env=program.environ())
     guest = Guest(name, proc, log_path, chardev_path, on_console_line)
     if server:
         _wait_until(lambda: _is_socket(chardev_path), socket_timeout, guest, f"socket {chardev_path}")
@@ -894,7 +1021,10 @@ def run_direct(workdir: Path, cpu_backend: Cpus = None, cpu_guest: Cpus = None, 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python3 -m vhusniff.lab.peers", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("prepare", help="fetch the current guest kernel and build the initramfs (cached)")
+    prepare_command = commands.add_parser("prepare", help="fetch the current guest kernel and build the "
+                                                          "initramfs (cached)")
+    prepare_command.add_argument("--qemu10", action="store_true",
+                                 help=f"also unpack QEMU 10 from {QEMU10_SUITE} into the cache")
     direct = commands.add_parser("direct", help="boot a blk guest against qemu-storage-daemon, no proxy")
     direct.add_argument("--workdir", type=Path, help="keep sockets, disk and logs here (default: a temporary dir)")
     direct.add_argument("--cpu-backend", help="taskset core list for qemu-storage-daemon")
@@ -908,8 +1038,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "prepare":
             started = time.monotonic()
             kit = prepare(refresh=True)
-            print(f"kernel  {kit.kernel}  ({kit.kernel_package})\ninitrd  {kit.initrd}\n"
-                  f"ready in {time.monotonic() - started:.1f} s")
+            print(f"kernel  {kit.kernel}  ({kit.kernel_package})\ninitrd  {kit.initrd}")
+            if args.qemu10:
+                program = qemu10()
+                print(f"qemu    {program.executable}  ({program.version})")
+            print(f"ready in {time.monotonic() - started:.1f} s")
             return 0
         echo = None if args.quiet else (lambda line: print(f"  | {line}", flush=True))
         with contextlib.ExitStack() as stack:
