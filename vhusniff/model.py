@@ -48,6 +48,7 @@ class EventKind(enum.IntEnum):
     HOOK = 10           # what a hook did that is not a message of its own
     DEVICE = 11         # the connection's device type: the note is its name (blk, net, fs, gpu, ...)
     PEER = 12           # a real peer (lab, replay target) started, exited or crashed
+    RING = 13           # a data-plane sample of one ring (vhusniff.dataplane.sample): packed in the record's data
 
 
 class FdInfo(NamedTuple):

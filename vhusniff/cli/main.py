@@ -1,4 +1,4 @@
-"""The `vhusniff` command: read, proxy, lab."""
+"""The `vhusniff` command: read, proxy, lab, rings."""
 from __future__ import annotations
 
 import argparse
@@ -246,6 +246,7 @@ DELEGATED = {
     "stats": ("cli.analysis", "main_stats", "per-request counts and response times, connections"),
     "report": ("cli.analysis", "main_report", "what a person reads first when a VM did not start"),
     "timeline": ("cli.analysis", "main_timeline", "a picture of the session over time"),
+    "rings": ("cli.rings", "main", "the rings over time: avail/used indexes, in flight, kicks and calls"),
     "expert": ("cli.analysis", "main_expert", "expert findings (Wireshark's expert info); --checks lists them"),
 }
 

@@ -6,6 +6,7 @@ import signal
 import sys
 from dataclasses import replace
 
+from ..dataplane.options import add_data_plane_arguments, data_plane_options
 from ..engine.hooks import HookError
 from ..engine.rewrites import add_hook_arguments, hooks_from_arguments
 from ..protocol import catalogue as cat
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the virtio device type behind the routes, so that feature bits and rewrites use its "
                              f"names ({', '.join(cat.DEVICE_TYPES)}): once for every route, or once per route in the "
                              "order the routes are given (forward ones first); recorded in the capture")
+    add_data_plane_arguments(parser)
     add_hook_arguments(parser)
     return parser
 
@@ -71,6 +73,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     routes = routes_from_arguments(parser, args)
+    data_plane = data_plane_options(parser, args)
     try:
         hooks = hooks_from_arguments(args)
     except HookError as error:
@@ -80,7 +83,7 @@ def main(argv=None) -> int:
     proxy = Proxy(routes, capture=args.write, hooks=hooks, on_hook_error=args.on_hook_error,
                   display=None if args.quiet else line_printer(), colour=colour, keep_records=False,
                   socket_mode=args.socket_mode, interpose_device_state=args.interpose_device_state,
-                  max_buffered=args.max_buffered)
+                  max_buffered=args.max_buffered, **data_plane)
     try:
         proxy.open()
     except (ProxyError, OSError) as error:

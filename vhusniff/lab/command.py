@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..dataplane.options import add_data_plane_arguments, data_plane_options
 from ..engine.hooks import HookError
 from ..engine.rewrites import add_hook_arguments, hooks_from_arguments
 from ..model import RecordKind
@@ -44,13 +45,15 @@ class LabRun:
 
 def run_lab(workdir: Path | str, device: str = "blk", reverse: bool = False, hooks=(), capture_path=None, *,
             msix: bool = False, display=None, on_console_line=None, on_hook_error: str = "forward",
-            timeout: float = 90.0, report=None) -> LabRun:
+            timeout: float = 90.0, report=None, data_plane: dict | None = None, kernel_args=()) -> LabRun:
     """Boot the guest kit with a vhost-user `device` ("blk" or "net") whose messages pass through the proxy.
 
     blk: qemu-storage-daemon listens, the proxy connects to it, QEMU connects to the proxy.
     net: the same with dpdk-testpmd; with `reverse` QEMU listens and testpmd (client mode) connects to the
     proxy, which connects to QEMU. `msix` gives the net device MSI-X, which makes QEMU 7.2 segfault.
     The capture (if `capture_path`) is written as the session goes and complete when this returns.
+    data_plane: the proxy's rings/rings_interval/notifications options; kernel_args go to the guest kernel
+    (`lab.loop_kernel_args(N)`: disk I/O for N seconds).
     """
     if device not in ("blk", "net"):
         raise ValueError(f"device must be 'blk' or 'net', not {device!r}")
@@ -64,6 +67,7 @@ def run_lab(workdir: Path | str, device: str = "blk", reverse: bool = False, hoo
     proxy_socket = workdir / "proxy.sock"
     qemu_socket = workdir / "qemu.sock"
     kwargs = {} if report is None else {"report": report}
+    kwargs.update(data_plane or {})
     with contextlib.ExitStack() as stack:
         def start_proxy(route: Route) -> Proxy:
             proxy = Proxy([route], capture=capture_path, hooks=hooks, on_hook_error=on_hook_error, display=display,
@@ -79,7 +83,7 @@ def run_lab(workdir: Path | str, device: str = "blk", reverse: bool = False, hoo
                 backend = stack.enter_context(lab.start_testpmd(workdir, backend_socket))
             proxy = start_proxy(Route.forward(proxy_socket, backend_socket, device))
             guest = stack.enter_context(lab.start_qemu(workdir, kit, proxy_socket, device=device, net_msix=msix,
-                                                       on_console_line=on_console_line))
+                                                       on_console_line=on_console_line, kernel_args=kernel_args))
         else:
             guest = stack.enter_context(lab.start_qemu(workdir, kit, qemu_socket, device=device, server=True,
                                                        net_msix=msix, on_console_line=on_console_line))
@@ -117,12 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workdir", type=Path, help="keep sockets, disk and logs here (default: temporary)")
     parser.add_argument("--timeout", type=float, default=90.0, help="seconds to wait for the guest (default 90)")
     parser.add_argument("--color", choices=("auto", "always", "never"), default="auto")
+    add_data_plane_arguments(parser)
     add_hook_arguments(parser)
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    data_plane = data_plane_options(parser, args)
     try:
         hooks = hooks_from_arguments(args)
     except HookError as error:
@@ -137,7 +144,8 @@ def main(argv=None) -> int:
         with contextlib.ExitStack() as stack:
             workdir = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vhusniff-lab-")))
             run = run_lab(workdir, args.device, args.reverse, hooks, capture, msix=args.msix, display=display,
-                          on_console_line=console, on_hook_error=args.on_hook_error, timeout=args.timeout)
+                          on_console_line=console, on_hook_error=args.on_hook_error, timeout=args.timeout,
+                          data_plane=data_plane)
     except (lab.LabError, ProxyError) as error:
         print(f"vhusniff lab: error: {error}", file=sys.stderr)
         return 1

@@ -51,11 +51,15 @@ from typing import Any, Protocol
 
 from ..analysis.analyzer import Analyzer, connection_report
 from ..capture.pcapng import CaptureWriter
+from ..dataplane.notify import NotificationRelay
+from ..dataplane.rings import SAMPLE_INTERVAL_DEFAULT, RingWatch
+from ..dataplane.sample import Reason, RingSample
 from ..engine.core import (
     Capture,
     CloseChannel,
     CloseConnection,
     CloseFds,
+    Fate,
     Note,
     Send,
     Session,
@@ -68,6 +72,7 @@ from ..engine.fds import describe_fd
 from ..engine.hooks import HookChain
 from ..engine.sockio import _ANCILLARY_SPACE, RECV_SIZE, received_fds, send_some
 from ..model import Channel, Direction, EventKind, Record, RecordKind
+from ..protocol.catalogue import FrontendRequest
 from ..protocol.context import ContextTracker
 from ..views.present import record_line
 from .routes import (
@@ -118,6 +123,8 @@ _MSG_CTRUNC = int(socket.MSG_CTRUNC)         # plain ints: enum operators cost m
 _CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
 _EPOLL_WRITE = select.EPOLLOUT
 _EPOLLIN = int(select.EPOLLIN)
+# The requests whose eventfd --notifications relays, and what it counts.
+_NOTIFICATION_REQUESTS = {int(FrontendRequest.SET_VRING_KICK): "kick", int(FrontendRequest.SET_VRING_CALL): "call"}
 
 
 class _Endpoint:
@@ -155,7 +162,7 @@ class _Endpoint:
 class _Connection:
     """A front-end/back-end pair and its side channels, numbered from 1 across the whole proxy."""
 
-    __slots__ = ("number", "route", "session", "channels", "closed", "started_ns", "streams")
+    __slots__ = ("number", "route", "session", "channels", "closed", "started_ns", "streams", "rings", "relays")
 
     def __init__(self, number: int, route: Route, session: Session):
         self.number = number
@@ -165,6 +172,8 @@ class _Connection:
         self.closed = False
         self.started_ns = time.time_ns()
         self.streams: list[_StreamRelay] = []      # device-state pipes being relayed
+        self.rings: RingWatch | None = None         # with rings or notifications: the data plane followed
+        self.relays: dict[tuple[int, str], NotificationRelay] = {}   # (ring, kick|call) -> its relay
 
     @property
     def messages(self) -> int:
@@ -212,13 +221,20 @@ class Proxy:
     keep_records: keep every Record in `self.records` (tests, analysis); off for long-running use.
     max_buffered: bytes that may wait in the proxy for one socket; past it the proxy stops reading from the
         side that sends them (reported once per episode) until that socket has taken half of it.
+    rings: map guest memory read-only and sample every running ring (vhusniff.dataplane) when it starts and
+        stops and every `rings_interval` seconds, as RING event records. Off, the message path is unchanged.
+    notifications: relay each ring's kick and call eventfds through the proxy's and count them (in the samples).
     """
 
     def __init__(self, routes, capture=None, hooks=(), *, on_hook_error: str = "forward", display=None,
                  colour: bool = False, on_record=None, keep_records: bool = True, socket_mode: int = 0o600,
                  interpose_device_state: bool = False, report=_stderr_report,
-                 max_buffered: int = MAX_BUFFERED_DEFAULT):
+                 max_buffered: int = MAX_BUFFERED_DEFAULT, rings: bool = False,
+                 rings_interval: float = SAMPLE_INTERVAL_DEFAULT, notifications: bool = False):
         self.routes = [r for r in routes]
+        self.rings = rings
+        self.rings_interval = rings_interval
+        self.notifications = notifications
         self.socket_mode = socket_mode
         self.interpose_device_state = interpose_device_state
         self.report = report
@@ -300,6 +316,9 @@ class Proxy:
             # A writer that packs a stream's fd-less records itself lets whole messages skip Record.
             self._stream_writer = getattr(self._writer, "stream_writer", None)
             self._plain_fast = self._hooks is None and (self._writer is None or self._stream_writer is not None)
+            if self.rings:
+                # The rings follow ring set-up messages, which carry no fds: every message goes through _execute.
+                self._plain_fast = False
         except BaseException:
             self._close_listeners()
             self._close_loop()
@@ -472,6 +491,10 @@ class Proxy:
         conn = _Connection(number, route, self._new_session(number, route))
         sockets = {route.listener_role: accepted, target_role: outgoing}
         self.connections[number] = conn
+        if self.rings or self.notifications:
+            conn.rings = RingWatch(map_memory=self.rings)
+            if self.rings:
+                self._schedule(self.rings_interval, self._ring_tick, conn)
         self._event(conn, Channel.MAIN, f"connected: {route.listener_role} via {route.listen}, "
                     f"{target_role} at {route.target}" + (f", device={route.device}" if route.device else ""),
                     kind=EventKind.CONNECTED)
@@ -740,6 +763,9 @@ class Proxy:
                 self._emit(Record(command.timestamp_ns, conn.number, command.channel, command.direction,
                                   command.data, [describe_fd(fd) for fd in command.fds] if command.fds else [],
                                   RecordKind.MESSAGE, command.note, unframed=command.unframed))
+                if conn.rings is not None and command.fate == Fate.FORWARDED:
+                    self._emit_samples(conn, conn.rings.observe(command.channel, command.direction, command.data,
+                                                                command.fds))
             elif kind is Send:
                 self._send_command(conn, command)
             elif kind is Note:
@@ -873,6 +899,8 @@ class Proxy:
         conn.closed = True
         for relay in list(conn.streams):
             self._end_stream(relay, "cut short: the connection closed")
+        if conn.rings is not None:
+            self._end_data_plane(conn)
         for channel in [c for c in conn.channels if c != Channel.MAIN] + [Channel.MAIN]:
             pair = conn.channels.get(channel)
             if pair is None:
@@ -904,6 +932,9 @@ class Proxy:
             substitute, relay = self._substitute_device_state(endpoint.peer, command.data, fds)
         elif command.interpose is not None:
             substitute = self._substitute_side_channel(conn, command.interpose, fds)
+        elif self.notifications and command.channel == Channel.MAIN and command.to == Side.BACKEND \
+                and len(command.data) >= 12 and conn.rings is not None:
+            substitute = self._substitute_notification(conn, command.data, fds)
         sent_fds = substitute if substitute is not None else fds
         try:
             owned = self._send(endpoint, command.data, sent_fds)
@@ -1191,6 +1222,79 @@ class Proxy:
         else:
             text = f"device-state stream ended after {relay.total} bytes {relay.direction.arrow}: {trouble}"
         self._event(conn, Channel.DEVICE_STATE, text, problem=problem, kind=EventKind.CHANNEL_CLOSED)
+
+    # ---- the data plane (rings, notifications) ----
+
+    def _emit_samples(self, conn: _Connection, samples: list[RingSample], now: int | None = None) -> None:
+        if not samples:
+            return
+        timestamp = time.time_ns() if now is None else now
+        for sample in samples:
+            self._emit(Record(timestamp, conn.number, Channel.MAIN, Direction.FRONTEND_TO_BACKEND, sample.pack(),
+                              [], RecordKind.EVENT, sample.note(), EventKind.RING))
+
+    def _ring_tick(self, conn: _Connection) -> None:
+        if conn.closed or conn.rings is None or self._stopping:
+            return
+        self._emit_samples(conn, conn.rings.sample_running(Reason.PERIODIC))
+        self._schedule(self.rings_interval, self._ring_tick, conn)
+
+    def _substitute_notification(self, conn: _Connection, data: bytes, fds: list[int]) -> list[int] | None:
+        """For SET_VRING_KICK / SET_VRING_CALL with an eventfd: pass on an eventfd of the proxy's and count."""
+        request = int.from_bytes(data[:4], "little")
+        kind = _NOTIFICATION_REQUESTS.get(request)
+        if kind is None or len(data) < 20:
+            return None
+        ring = int.from_bytes(data[12:20], "little") & 0xFF
+        old = conn.relays.pop((ring, kind), None)
+        if old is not None:
+            self._close_relay(old)
+        if len(fds) != 1 or describe_fd(fds[0]).kind != "eventfd":
+            return None
+        try:
+            relay = NotificationRelay(ring, kind, fds[0])
+        except OSError as error:
+            self._no_fds_for(conn, Channel.MAIN, f"{kind} eventfd of ring {ring}", error)
+            return None
+        conn.relays[(ring, kind)] = relay
+        self._poller.register(relay.source, select.EPOLLIN)
+        self._handlers[relay.source] = (self._on_notification, (conn, relay))
+        given, relay.given = relay.given, -1
+        return [given]
+
+    def _on_notification(self, target: tuple[_Connection, NotificationRelay], _mask: int) -> None:
+        conn, relay = target
+        try:
+            count = relay.pump()
+        except OSError as error:
+            self._close_relay(relay)
+            conn.relays.pop((relay.ring, relay.kind), None)
+            self._event(conn, Channel.MAIN, f"{relay.kind} relay of ring {relay.ring} failed "
+                        f"({error.strerror or error}); no longer relayed", problem=True, kind=EventKind.RESOURCE)
+            return
+        if count and conn.rings is not None:
+            if relay.kind == "kick":
+                conn.rings.count(relay.ring, kicks=count)
+            else:
+                conn.rings.count(relay.ring, calls=count)
+
+    def _close_relay(self, relay: NotificationRelay) -> None:
+        if relay.source >= 0:
+            self._handlers.pop(relay.source, None)
+            try:
+                self._poller.unregister(relay.source)
+            except (OSError, ValueError):
+                pass
+        relay.close()
+
+    def _end_data_plane(self, conn: _Connection) -> None:
+        """The connection ended: last samples, every mapping and relayed eventfd closed."""
+        assert conn.rings is not None
+        for relay in conn.relays.values():
+            relay.pump()
+            self._close_relay(relay)
+        conn.relays.clear()
+        self._emit_samples(conn, conn.rings.close())
 
     # ---- records, events, display ----
 

@@ -1,0 +1,96 @@
+"""One ring sample as it is stored: the data of an EVENT record of kind RING (capture format 2).
+
+The payload is fixed-size little-endian (RING_SAMPLE below); the record's note says the same in words, so a
+reader that does not know the kind (an older vhusniff, tshark without our dissector) still shows it.
+"""
+from __future__ import annotations
+
+import enum
+import struct
+from typing import NamedTuple
+
+SAMPLE_VERSION = 1
+# version, layout, ring, reason, flags, avail_idx, used_idx, avail_flags, used_flags, used_event, avail_event,
+# num, in_flight, reserved, base (GET_VRING_BASE's answer, NO_BASE when none), kicks, calls: 36 bytes.
+RING_SAMPLE = struct.Struct("<BBHBB9HIII")
+NO_BASE = 0xFFFFFFFF
+
+
+class Layout(enum.IntEnum):
+    SPLIT = 0
+    PACKED = 1
+
+
+class Reason(enum.IntEnum):
+    """Why the sample was taken."""
+    PERIODIC = 0       # the interval passed
+    STARTED = 1        # SET_VRING_KICK: the ring runs (addresses, size and base are known)
+    STOPPED = 2        # GET_VRING_BASE answered: the ring is stopped, `base` holds the answer
+    KICK = 3           # a kick passed (with --notifications, at most once per interval)
+    FINAL = 4          # the connection or the memory table ended: the last look before the mapping goes
+    UNMAPPED = 5       # the ring's addresses are outside every mapped region: indexes unknown
+
+
+class SampleFlag(enum.IntFlag):
+    EVENT_IDX = 0x1    # RING_EVENT_IDX negotiated: used_event/avail_event are meaningful
+    MAPPED = 0x2       # the indexes were read from guest memory (else they are 0 and unknown)
+    STOPPED = 0x4      # the ring is stopped (GET_VRING_BASE answered)
+
+
+class RingSample(NamedTuple):
+    ring: int
+    reason: Reason
+    flags: SampleFlag
+    avail_idx: int
+    used_idx: int
+    avail_flags: int = 0
+    used_flags: int = 0
+    used_event: int = 0
+    avail_event: int = 0
+    num: int = 0
+    in_flight: int = 0
+    base: int = NO_BASE
+    kicks: int = 0
+    calls: int = 0
+    layout: Layout = Layout.SPLIT
+
+    def pack(self) -> bytes:
+        return RING_SAMPLE.pack(SAMPLE_VERSION, self.layout, self.ring, self.reason, self.flags, self.avail_idx,
+                                self.used_idx, self.avail_flags, self.used_flags, self.used_event,
+                                self.avail_event, self.num, self.in_flight, 0, self.base, self.kicks, self.calls)
+
+    @property
+    def mapped(self) -> bool:
+        return bool(self.flags & SampleFlag.MAPPED)
+
+    def note(self) -> str:
+        """The sample in words: what the record's note says."""
+        text = f"ring {self.ring} {self.reason.name.lower()}: "
+        if self.mapped:
+            text += f"avail {self.avail_idx} used {self.used_idx} in flight {self.in_flight}"
+        else:
+            text += "indexes not readable (ring outside the mapped memory)"
+        text += f" kicks {self.kicks} calls {self.calls}"
+        if self.base != NO_BASE:
+            text += f" base {self.base}"
+        return text
+
+
+class SampleError(ValueError):
+    pass
+
+
+def unpack_sample(data: bytes) -> RingSample:
+    """The sample of a RING record's data; SampleError (with the reason) for data that is not one."""
+    if len(data) < RING_SAMPLE.size:
+        raise SampleError(f"ring sample of {len(data)} bytes, expected {RING_SAMPLE.size}")
+    (version, layout, ring, reason, flags, avail_idx, used_idx, avail_flags, used_flags, used_event, avail_event,
+     num, in_flight, _reserved, base, kicks, calls) = RING_SAMPLE.unpack_from(data)
+    if version != SAMPLE_VERSION:
+        raise SampleError(f"ring sample version {version}, this vhusniff reads {SAMPLE_VERSION}")
+    try:
+        layout_value, reason_value = Layout(layout), Reason(reason)
+    except ValueError as error:
+        raise SampleError(f"bad ring sample field: {error}") from None
+    return RingSample(ring, reason_value, SampleFlag(flags), avail_idx, used_idx, avail_flags, used_flags,
+                      used_event, avail_event, num, in_flight, base, kicks, calls, layout_value)
