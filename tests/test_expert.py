@@ -133,6 +133,15 @@ def backend_request(s: Script) -> Script:
     return s
 
 
+def gpu_update(width: int, height: int, pixels: int, scanout: int = 0) -> Script:
+    """A GPU socket's SCANOUT then UPDATE (the vhost-user-gpu protocol: requests from the back-end, flags 0)."""
+    s = running()
+    s.request(cat.GpuRequest.SCANOUT, {"scanout_id": scanout, "width": width, "height": height}, channel=Channel.GPU)
+    s.request(cat.GpuRequest.UPDATE, {"scanout_id": scanout, "x": 0, "y": 0, "width": width, "height": height,
+                                      "data": bytes(pixels)}, channel=Channel.GPU)
+    return s
+
+
 def stopped() -> Script:
     s = running()
     s.stop_ring()
@@ -227,6 +236,8 @@ CASES = {
     "ended-while-running": (lambda: _ended(running()), lambda: _ended(stopped())),
     "idle-connection": (lambda: _silent(seconds=11), lambda: _silent(seconds=9)),
     "reply-overdue": (lambda: _answered_after(seconds=6), lambda: _answered_after(seconds=4)),
+    "gpu-update-size": (lambda: gpu_update(4, 2, 31), lambda: gpu_update(4, 2, 32)),
+    "gpu-scanout-out-of-range": (lambda: gpu_update(4, 2, 32, scanout=16), lambda: gpu_update(4, 2, 32, scanout=15)),
     "disconnect-with-request-outstanding": (lambda: closed_while_waiting(True), lambda: closed_while_waiting(False)),
     "capture-ended-with-request-outstanding": (lambda: unanswered_at_end(False), lambda: unanswered_at_end(True)),
 }

@@ -246,7 +246,8 @@ class Analyzer:
             else:
                 transaction.outcome = "no reply expected"
             return
-        if message.flags != cat.VERSION | cat.FLAG_REPLY:
+        rule = cat.HEADER_RULES.get(record.channel)
+        if rule is not None and message.flags != rule.reply_flags:
             self._add("reply-flags", record.connection, (number,), f"{message.name} reply flags {message.flags:#x}")
         if not queue:
             self._add("unexpected-reply", record.connection, (number,), f"{message.name} reply, nothing asked")
@@ -324,7 +325,7 @@ class Analyzer:
 
     @staticmethod
     def _waiter(transaction: Transaction) -> str:
-        return "the back-end" if transaction.channel == Channel.BACKEND else "the front-end"
+        return "the back-end" if transaction.channel in cat.BACKEND_REQUEST_CHANNELS else "the front-end"
 
 
 def _seconds(ns: int) -> str:
@@ -380,7 +381,7 @@ def connection_report(analyzer: Analyzer, connection: int) -> str:
 
 def direction_for(channel: Channel, is_reply: bool) -> Direction:
     """Who sends a message: requests go F>B on the main channel and B>F on the back-end channel."""
-    frontend_sends = (channel != Channel.BACKEND) != is_reply
+    frontend_sends = (channel not in cat.BACKEND_REQUEST_CHANNELS) != is_reply
     return Direction.FRONTEND_TO_BACKEND if frontend_sends else Direction.BACKEND_TO_FRONTEND
 
 

@@ -36,7 +36,7 @@ class Severity(enum.IntEnum):
 class Check:
     id: str
     severity: Severity
-    group: str        # protocol | sequence | reply | memory | vring | malformed | lifecycle
+    group: str        # protocol | sequence | reply | memory | vring | malformed | lifecycle | gpu
     summary: str
 
 
@@ -86,6 +86,9 @@ CHECKS = MappingProxyType({check.id: check for check in (
           "a connection open a long time without a single message (a peer that hung or never spoke)"),
     Check("reply-overdue", W, "reply",
           "a request waited a long time for the reply it requires (the front-end blocks while it waits)"),
+    # The GPU socket (vhost-user-gpu protocol): its header has no version bits and its own payload limits.
+    Check("gpu-update-size", E, "gpu", "UPDATE's pixel bytes are not width x height x 4 (QEMU reads that many)"),
+    Check("gpu-scanout-out-of-range", W, "gpu", "scanout id beyond virtio-gpu's 16 scanouts (QEMU ignores it)"),
     Check("disconnect-with-request-outstanding", E, "lifecycle",
           "the connection ended while a request waited for its reply"),
     Check("capture-ended-with-request-outstanding", N, "lifecycle",
@@ -99,6 +102,8 @@ PROBLEM_CHECKS = MappingProxyType({
     "oversize": "size-over-maximum",
 })
 
+GPU_MAX_SCANOUTS = 16               # VIRTIO_GPU_MAX_SCANOUTS
+GPU_BYTES_PER_PIXEL = 4             # UPDATE's pixels are x8r8g8b8
 MAX_MEM_TABLE_REGIONS = 8            # VHOST_MEMORY_BASELINE_NREGIONS in libvhost-user and DPDK
 MAX_RING_SIZE = 32768                # virtio: queue size at most 32768
 # Vrings per reported queue: vhost-user-net reports queue pairs (rx+tx), and may add a control ring.
@@ -154,7 +159,20 @@ def check_message(state: ConnectionState, number: int, record: Record, message: 
             add("backend-message-while-suspended", f"{message.name} while every ring is stopped")
     if message.channel == Channel.MAIN and message.kind is not None:
         _check_main_request(add, state, number, message)
+    elif message.channel == Channel.GPU and message.kind is not None:
+        _check_gpu_request(add, message)
     return found
+
+
+def _check_gpu_request(add, message: Message) -> None:
+    payload = message.payload
+    if "scanout_id" in payload and payload.scanout_id >= GPU_MAX_SCANOUTS:
+        add("gpu-scanout-out-of-range", f"{message.name} scanout {payload.scanout_id}")
+    if message.request == cat.GpuRequest.UPDATE and message.kind == "gpu_update":
+        expected = payload.width * payload.height * GPU_BYTES_PER_PIXEL
+        if len(payload.data) != expected:
+            add("gpu-update-size", f"{payload.width}x{payload.height} needs {expected} pixel bytes, "
+                                   f"{len(payload.data)} sent")
 
 
 def _check_fds(add, spec: cat.RequestSpec, record: Record, message: Message) -> None:

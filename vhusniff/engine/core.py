@@ -155,8 +155,8 @@ class Stream:
     """What one side sends on one channel: its framer and whether it could still be framed."""
     __slots__ = ("framer", "unframed", "read_closed")
 
-    def __init__(self, peer: str):
-        self.framer = Framer(peer)
+    def __init__(self, peer: str, channel: Channel = Channel.MAIN):
+        self.framer = Framer.for_channel(peer, channel)     # each channel's limits (the GPU's UPDATE is large)
         self.unframed = False
         self.read_closed = False
 
@@ -213,7 +213,7 @@ class Session:
         self.channels.add(channel)
         where = f"connection {self.number}" + ("" if channel == Channel.MAIN else f" {channel.name.lower()} channel")
         for side in Side:
-            self._streams[(channel, side)] = Stream(f"{where} {side.label}")
+            self._streams[(channel, side)] = Stream(f"{where} {side.label}", channel)
             self._write_shut.discard((channel, side))
 
     # ---- events in ----

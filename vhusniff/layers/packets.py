@@ -275,9 +275,11 @@ class _VhostUserHeader(Packet):
         return "vhost-user " + self.message().summary()
 
 
-def _header_fields(names):
+def _header_fields(names, channel: Channel = Channel.MAIN):
+    """request, flags (by default what a request of the channel carries: version 1, or 0 on the GPU socket), size."""
     from scapy.fields import LEIntEnumField
-    return [LEIntEnumField("request", 1, dict(names)), _FlagsField("flags", cat.VERSION), LEIntField("size", None)]
+    return [LEIntEnumField("request", 1, dict(names)), _FlagsField("flags", cat.HEADER_RULES[channel].version),
+            LEIntField("size", None)]
 
 
 class VhostUser(_VhostUserHeader):
@@ -298,7 +300,7 @@ class VhostUserGpu(_VhostUserHeader):
     """A message on the vhost-user-gpu socket."""
     name = "vhost-user-gpu"
     channel = Channel.GPU
-    fields_desc = _header_fields(cat.SPEC_PROFILE.gpu_names)
+    fields_desc = _header_fields(cat.SPEC_PROFILE.gpu_names, Channel.GPU)
 
 
 _HEADER_CLASSES = {Channel.MAIN: VhostUser, Channel.BACKEND: VhostUserBackend, Channel.GPU: VhostUserGpu}

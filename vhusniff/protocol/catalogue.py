@@ -363,11 +363,76 @@ BACKEND_REQUESTS = MappingProxyType({spec.number: spec for spec in (
     RequestSpec(_B.MEM_WRITE, ("opaque",), ("opaque",), gate="SHMEM"),
 )})
 
-# The GPU protocol's payloads are not decoded field by field yet: they are shown as sized opaque bytes.
-GPU_REQUESTS = MappingProxyType({
-    number: RequestSpec(number, ("gpu",), ("gpu",), ALWAYS if number in (1, 3, 11) else A)
-    for number in range(1, 13)
+# ---- the vhost-user-gpu protocol (docs/interop/vhost-user-gpu.rst; QEMU hw/display/vhost-user-gpu.c and
+# contrib/vhost-user-gpu as they really talk): the back-end sends requests on the GPU_SET_SOCKET socket, QEMU
+# answers the few that want an answer. Same 12-byte header, but its flags have no version bits: requests carry 0,
+# replies exactly REPLY (0x4), and nothing else is defined (QEMU reads only the REPLY bit).
+_G = GpuRequest
+NO_REPLY = ReplyRule.ACK_IF_ASKED      # the GPU header has no NEED_REPLY bit, so "if asked" never happens here
+GPU_PROTOCOL_FEATURES = MappingProxyType({0: "EDID", 1: "DMABUF2"})   # VHOST_USER_GPU_PROTOCOL_F_*
+GPU_REQUESTS = MappingProxyType({spec.number: spec for spec in (
+    RequestSpec(_G.GET_PROTOCOL_FEATURES, ("empty",), ("gpu_protocol_features",), ALWAYS),
+    RequestSpec(_G.SET_PROTOCOL_FEATURES, ("gpu_protocol_features",), (), NO_REPLY),
+    RequestSpec(_G.GET_DISPLAY_INFO, ("empty",), ("gpu_display_info",), ALWAYS),
+    RequestSpec(_G.CURSOR_POS, ("gpu_cursor_pos",), (), NO_REPLY),
+    RequestSpec(_G.CURSOR_POS_HIDE, ("gpu_cursor_pos",), (), NO_REPLY),
+    RequestSpec(_G.CURSOR_UPDATE, ("gpu_cursor_update",), (), NO_REPLY),
+    RequestSpec(_G.SCANOUT, ("gpu_scanout",), (), NO_REPLY),
+    RequestSpec(_G.UPDATE, ("gpu_update",), (), NO_REPLY),
+    # The DMABUF fd rides with the message; a scanout being disabled (width 0) passes none.
+    RequestSpec(_G.DMABUF_SCANOUT, ("gpu_dmabuf_scanout",), (), NO_REPLY, OPT),
+    # QEMU answers (an empty DMABUF_UPDATE reply) once the display has drawn it; the back-end waits for it.
+    RequestSpec(_G.DMABUF_UPDATE, ("gpu_update",), ("empty",), ALWAYS),
+    RequestSpec(_G.GET_EDID, ("gpu_edid_request",), ("gpu_edid",), ALWAYS),
+    RequestSpec(_G.DMABUF_SCANOUT2, ("gpu_dmabuf_scanout2",), (), NO_REPLY, OPT),
+)})
+GPU_UPDATE_HEADER_SIZE = 20        # scanout_id, x, y, width, height before UPDATE's pixels
+GPU_CURSOR_UPDATE_SIZE = 12 + 8 + 64 * 64 * 4
+
+
+@dataclass(frozen=True)
+class HeaderRule:
+    """How one channel's 12-byte header reads: its version bits, the flag bits it defines, a reply's exact flags."""
+    version_mask: int        # 0: the header has no version bits
+    version: int
+    need_reply: int          # the NEED_REPLY bit, 0 when the channel has none
+    reserved: int            # bits that must be zero (0: the channel does not say)
+    reply_flags: int         # a reply's flags, exactly
+
+
+_VHOST_USER_HEADER = HeaderRule(VERSION_MASK, VERSION, FLAG_NEED_REPLY, FLAGS_RESERVED, VERSION | FLAG_REPLY)
+HEADER_RULES: Mapping[Channel, HeaderRule] = MappingProxyType({
+    Channel.MAIN: _VHOST_USER_HEADER,
+    Channel.BACKEND: _VHOST_USER_HEADER,
+    # contrib/vhost-user-gpu builds UPDATE in uninitialised memory and never sets its flags: only REPLY means
+    # anything, and QEMU looks at no other bit, so no bit is called reserved.
+    Channel.GPU: HeaderRule(0, 0, 0, 0, FLAG_REPLY),
 })
+
+# Framing limits: the largest payload a receiver accepts, per channel, and per request where one request is far
+# larger than the rest. The main and back-end channels use rust-vmm's MAX_MSG_SIZE (the largest spec payload is
+# the SHMEM config, 2,056 bytes). On the GPU socket CURSOR_UPDATE carries a 64x64 cursor (16,404 bytes) and
+# UPDATE a rectangle's pixels (4 bytes each: a 1280x800 screen is 4,096,020 bytes); QEMU's reader takes any size,
+# and a virtio-gpu resource is at most QEMU's default max_hostmem (256 MiB), so that bounds UPDATE.
+MAIN_MAX_PAYLOAD = 0x1000
+CHANNEL_MAX_PAYLOAD: Mapping[Channel, int] = MappingProxyType({
+    Channel.MAIN: MAIN_MAX_PAYLOAD,
+    Channel.BACKEND: MAIN_MAX_PAYLOAD,
+    Channel.GPU: GPU_CURSOR_UPDATE_SIZE,
+})
+REQUEST_MAX_PAYLOAD: Mapping[Channel, Mapping[int, int]] = MappingProxyType({
+    Channel.GPU: MappingProxyType({int(_G.UPDATE): GPU_UPDATE_HEADER_SIZE + (256 << 20)}),
+})
+# Requests travel front-end to back-end on the main channel; on these channels the back-end sends them.
+BACKEND_REQUEST_CHANNELS = frozenset({Channel.BACKEND, Channel.GPU})
+
+
+def max_payload(channel: Channel, request: int | None = None) -> int:
+    """The largest payload a receiver accepts on a channel (for a request, when it has its own limit)."""
+    limit = CHANNEL_MAX_PAYLOAD.get(channel, MAIN_MAX_PAYLOAD)
+    if request is not None:
+        return REQUEST_MAX_PAYLOAD.get(channel, {}).get(request, limit)
+    return limit
 
 
 @dataclass(frozen=True)
@@ -421,6 +486,8 @@ def bit_table(field: str, device_type: str | None = None, profile: Profile | Non
     """The names of a bit-set field's bits (`features`, `protocol_features`, `status`, by their last dotted part)
     for a device type and spec profile: the one place that says which table a field uses. Empty for other fields."""
     short = field.rsplit(".", 1)[-1]
+    if short == "gpu_protocol_features":
+        return GPU_PROTOCOL_FEATURES
     if short == "features":
         return feature_names(device_type)
     if short == "protocol_features":
@@ -478,3 +545,44 @@ def bit_names(value: int, names: Mapping[int, str]) -> str:
             parts.append(names.get(bit) or f"bit{bit}")
         bit += 1
     return "|".join(parts) if parts else "0"
+
+
+# ---- human labels of fields: what Wireshark's tree shows ("Guest physical address"); the dotted names stay the
+# filter fields. A label is the field's last name part in words, each abbreviation spelled out by LABEL_WORDS;
+# FIELD_LABELS names the fields whose words alone would not say what they are.
+LABEL_WORDS = MappingProxyType({
+    "addr": "address", "phys": "physical", "uaddr": "user address", "iova": "I/O virtual address", "idx": "index",
+    "num": "number of", "nregions": "number of regions", "max": "maximum", "min": "minimum", "opt": "optimal",
+    "seg": "segments", "len": "length", "buf": "buffer", "blk": "block", "cmd": "command", "perm": "permissions",
+    "exp": "exponent", "algo": "algorithms", "auth": "authentication", "aead": "AEAD", "akcipher": "asymmetric cipher",
+    "dataqueues": "data queues", "capsets": "capability sets", "subsel": "subselect", "shmid": "shared memory id",
+    "shm": "shared memory", "domid": "Xen domain id", "mmap": "mmap", "fd": "fd", "nofd": "no fd (NOFD)",
+    "rw": "read-write", "ctx": "context", "hw": "hardware", "pmodes": "display modes", "drm": "DRM",
+    "fourcc": "fourcc", "edid": "EDID", "mac": "MAC", "mtu": "MTU", "cid": "CID", "lun": "LUN", "cdb": "CDB",
+    "rss": "RSS", "uuid": "UUID", "io": "I/O", "gpu": "GPU", "mem": "memory", "h": "(bits 32-63)",
+    "l": "(bits 0-31)", "x": "x", "y": "y",
+})
+FIELD_LABELS = MappingProxyType({
+    "ack": "Reply-ack status", "fds": "File descriptors", "fd.kind": "File descriptor kind",
+    "fd.name": "File descriptor name", "fd.inode": "Inode", "fd.seals": "Memfd seals", "fd.size": "File size",
+    "pseudo.version": "Pseudo-header version", "pseudo.header_length": "Pseudo-header length",
+    "name": "Request name", "kind": "Payload kind", "size": "Payload size", "flags": "Header flags",
+    "flags.version": "Protocol version", "flags.reserved": "Reserved flag bits", "unframed": "Unframed bytes",
+    "payload": "Payload", "u64.value": "Value (u64)", "mem_slots": "Memory slots", "queue_num": "Number of queues",
+    "vring.desc": "Descriptor table address", "vring.used": "Used ring address",
+    "vring.avail": "Available ring address", "vring.log": "Used ring log address", "vring.flags.log": "Log (LOG)",
+    "vring.num": "Number (ring size, enable flag, endianness or base mode)", "vring.index": "Vring index",
+    "vring_area.index": "Vring index", "iotlb.type": "IOTLB message type", "iotlb.size": "Length",
+    "config.input.u": "Data (u)", "config.fs.tag": "Mount tag", "config.blk.capacity": "Capacity (512-byte sectors)",
+    "mem.region.userspace_addr": "Front-end virtual address", "mem.region.memory_size": "Memory size",
+    "shmem.memory_sizes": "Memory size per shmid", "device_state.phase": "Migration phase",
+    "device_state.direction": "Transfer direction", "crypto.session": "Session data",
+})
+
+
+def field_label(name: str) -> str:
+    """A field's human label, from its dotted name: `mem.region.guest_phys_addr` reads `Guest physical address`."""
+    label = FIELD_LABELS.get(name)
+    if label is None:
+        label = " ".join(LABEL_WORDS.get(word, word) for word in name.rsplit(".", 1)[-1].split("_"))
+    return label[:1].upper() + label[1:]

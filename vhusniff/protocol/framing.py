@@ -8,11 +8,15 @@ to the message whose first byte is in that chunk.
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from ..model import Channel
+from . import catalogue as cat
 from .grammar import HEADER_SIZE, MAX_PAYLOAD_SIZE
 
 _read_size = struct.Struct("<I").unpack_from
+_NO_LIMITS: Mapping[int, int] = {}
 
 
 class FramingError(Exception):
@@ -44,20 +48,35 @@ class Framer:
 
     After a FramingError the stream is unframeable; `take_rest()` hands back the unconsumed bytes so that a
     caller can still forward and record them exactly.
+
+    max_payload bounds every message; request_limits raises it for some requests (the GPU socket's UPDATE).
+    `for_channel` gives a framer with a channel's limits from the catalogue.
     """
 
-    __slots__ = ("peer", "max_payload", "_buffer", "_buffer_offset", "_pending_fds", "_pending_offset", "_messages",
-                 "_broken")
+    __slots__ = ("peer", "max_payload", "request_limits", "_buffer", "_buffer_offset", "_pending_fds",
+                 "_pending_offset", "_messages", "_broken")
 
-    def __init__(self, peer: str, max_payload: int = MAX_PAYLOAD_SIZE):
+    def __init__(self, peer: str, max_payload: int = MAX_PAYLOAD_SIZE, request_limits: Mapping[int, int] = _NO_LIMITS):
         self.peer = peer
         self.max_payload = max_payload
+        self.request_limits = request_limits
         self._buffer = bytearray()
         self._buffer_offset = 0        # stream offset of _buffer[0]
         self._pending_fds: list[int] = []     # fds received for the message that starts at _pending_offset
         self._pending_offset = -1
         self._messages = 0
         self._broken: FramingError | None = None
+
+    @classmethod
+    def for_channel(cls, peer: str, channel: Channel) -> Framer:
+        """A framer with the limits of what a receiver on `channel` accepts."""
+        return cls(peer, cat.max_payload(channel), cat.REQUEST_MAX_PAYLOAD.get(channel, _NO_LIMITS))
+
+    def _limit(self, data, position: int) -> int:
+        """The limit of the message whose header starts at `position`: its request's own, or max_payload."""
+        if not self.request_limits:
+            return self.max_payload
+        return self.request_limits.get(_read_size(data, position)[0], self.max_payload)
 
     @property
     def buffered(self) -> int:
@@ -74,7 +93,7 @@ class Framer:
         if self._buffer or self._pending_fds or len(data) < HEADER_SIZE:
             return False
         size = _read_size(data, 8)[0]
-        if HEADER_SIZE + size != len(data) or size > self.max_payload:
+        if HEADER_SIZE + size != len(data) or (size > self.max_payload and size > self._limit(data, 0)):
             return False
         self._messages += 1
         self._buffer_offset += len(data)
@@ -95,11 +114,11 @@ class Framer:
             data = bytes(data)
             while end - position >= HEADER_SIZE:
                 size = _read_size(data, position + 8)[0]
-                if size > self.max_payload:
+                if size > self.max_payload and size > self._limit(data, position):
                     self._buffer_offset = base + position
                     self._messages += len(out)
                     self._buffer += data[position:]
-                    self._fail(size, out)
+                    self._fail(size, out, self._limit(data, position))
                 total = HEADER_SIZE + size
                 if end - position < total:
                     break
@@ -115,8 +134,8 @@ class Framer:
             buffer += data
             while len(buffer) >= HEADER_SIZE:
                 size = _read_size(buffer, 8)[0]
-                if size > self.max_payload:
-                    self._fail(size, out)
+                if size > self.max_payload and size > self._limit(buffer, 0):
+                    self._fail(size, out, self._limit(buffer, 0))
                 total = HEADER_SIZE + size
                 if len(buffer) < total:
                     break
@@ -134,10 +153,9 @@ class Framer:
         self._buffer_offset += len(data)
         return frame
 
-    def _fail(self, size: int, completed: list) -> None:
+    def _fail(self, size: int, completed: list, limit: int) -> None:
         self._broken = FramingError(
-            self.peer, self._buffer_offset,
-            f"payload size {size} exceeds the maximum {self.max_payload}", self._messages + 1)
+            self.peer, self._buffer_offset, f"payload size {size} exceeds the maximum {limit}", self._messages + 1)
         # The messages this chunk completed before the bad header are not lost: they ride on the error.
         self._broken.frames = completed
         raise self._broken

@@ -35,8 +35,8 @@ from . import catalogue as cat
 from . import config as config_space
 
 HEADER_SIZE = 12
-# Framing limit: rust-vmm's MAX_MSG_SIZE. The largest spec payload is the SHMEM config (2056 bytes).
-MAX_PAYLOAD_SIZE = 0x1000
+# The main channel's framing limit (catalogue.max_payload has every channel's and request's).
+MAX_PAYLOAD_SIZE = cat.MAIN_MAX_PAYLOAD
 LARGEST_SPEC_PAYLOAD = 8 + 256 * 8
 
 # The header, as construct (the declaration) and as struct (the fast path; a test asserts they agree).
@@ -63,6 +63,28 @@ REGION_XEN = Struct(
     "xen_mmap_flags" / Int32ul * "bit 0 foreign, bit 1 grant, bit 8 map on demand",
     "domid" / Int32ul * "Xen domain id",
 )
+
+_GPU_DMABUF_SCANOUT = (
+    "scanout_id" / Int32ul * "scanout to set",
+    "x" / Int32ul * "scanout x in the DMABUF",
+    "y" / Int32ul * "scanout y in the DMABUF",
+    "width" / Int32ul * "scanout width, 0 disables it (no fd)",
+    "height" / Int32ul * "scanout height",
+    "fd_width" / Int32ul * "DMABUF width",
+    "fd_height" / Int32ul * "DMABUF height",
+    "fd_stride" / Int32ul * "DMABUF stride",
+    "fd_flags" / Int32ul * "DMABUF flags (bit 0 Y_0_TOP)",
+    "fd_drm_fourcc" / Int32ul * "DMABUF DRM fourcc",
+)
+_GPU_CTRL_HEADER = (      # struct virtio_gpu_ctrl_hdr
+    "type" / Int32ul * "virtio-gpu response type (0x1101 OK_DISPLAY_INFO, 0x1104 OK_EDID)",
+    "flags" / Int32ul * "virtio-gpu header flags",
+    "fence_id" / Int64ul * "fence id",
+    "ctx_id" / Int32ul * "3D context id",
+    "ring_idx" / Int8ul * "ring index",
+    "padding" / Bytes(3) * "zero",
+)
+GPU_PMODE = struct.Struct("<6I")     # one scanout of a display info: x, y, width, height, enabled, flags
 
 # Payload kinds: name -> (construct Struct, dotted-name prefix, one-line description).
 # A kind's fields are named `<prefix>.<field>` in the field tree, the filters and the Lua dissector.
@@ -184,7 +206,54 @@ PAYLOADS: dict[str, tuple[Struct, str, str]] = {
     # Not defined in the spec: QEMU's internal struct, whose layout changed between versions.
     "crypto_session": (Struct("session" / GreedyBytes * "QEMU-internal crypto session struct"), "crypto",
                        "crypto session (opaque, QEMU-version dependent)"),
-    "gpu": (Struct("payload" / GreedyBytes * "vhost-user-gpu payload"), "gpu", "vhost-user-gpu payload"),
+    # ---- the vhost-user-gpu socket (catalogue.GPU_REQUESTS) ----
+    "gpu_protocol_features": (_u64("gpu_protocol_features", "VHOST_USER_GPU_PROTOCOL_F_* bits (EDID, DMABUF2)"),
+                              "", "GPU protocol features"),
+    "gpu_cursor_pos": (Struct(
+        "scanout_id" / Int32ul * "scanout the cursor is on",
+        "x" / Int32ul * "cursor x",
+        "y" / Int32ul * "cursor y",
+    ), "gpu.cursor", "GPU cursor position"),
+    "gpu_cursor_update": (Struct(
+        "scanout_id" / Int32ul * "scanout the cursor is on",
+        "x" / Int32ul * "cursor x",
+        "y" / Int32ul * "cursor y",
+        "hot_x" / Int32ul * "hot spot x",
+        "hot_y" / Int32ul * "hot spot y",
+        "image" / Bytes(64 * 64 * 4) * "64x64 cursor, a8r8g8b8",
+    ), "gpu.cursor", "GPU cursor shape and position"),
+    "gpu_scanout": (Struct(
+        "scanout_id" / Int32ul * "scanout to set",
+        "width" / Int32ul * "width, 0 disables the scanout",
+        "height" / Int32ul * "height",
+    ), "gpu.scanout", "GPU scanout size"),
+    "gpu_update": (Struct(
+        "scanout_id" / Int32ul * "scanout to update",
+        "x" / Int32ul * "rectangle x",
+        "y" / Int32ul * "rectangle y",
+        "width" / Int32ul * "rectangle width",
+        "height" / Int32ul * "rectangle height",
+        "data" / GreedyBytes * "the rectangle's pixels, x8r8g8b8 (none in DMABUF_UPDATE)",
+    ), "gpu.update", "GPU display update"),
+    "gpu_dmabuf_scanout": (Struct(*_GPU_DMABUF_SCANOUT), "gpu.dmabuf", "GPU DMABUF scanout"),
+    "gpu_dmabuf_scanout2": (Struct(
+        *_GPU_DMABUF_SCANOUT,
+        "modifier" / Int64ul * "DMABUF format modifier",
+    ), "gpu.dmabuf", "GPU DMABUF scanout with modifier"),
+    "gpu_edid_request": (Struct(
+        "scanout_id" / Int32ul * "scanout whose EDID is asked",
+    ), "gpu.edid", "GPU EDID request"),
+    # virtio-gpu responses (struct virtio_gpu_resp_display_info, virtio_gpu_resp_edid), header first.
+    "gpu_display_info": (Struct(
+        *_GPU_CTRL_HEADER,
+        "pmodes" / Bytes(16 * 24) * "16 scanouts: x, y, width, height, enabled, flags (u32 each)",
+    ), "gpu.display", "GPU display info"),
+    "gpu_edid": (Struct(
+        *_GPU_CTRL_HEADER,
+        "size" / Int32ul * "EDID bytes used",
+        "reserved" / Int32ul * "padding, zero",
+        "edid" / Bytes(1024) * "EDID blob",
+    ), "gpu.edid", "GPU EDID"),
     "opaque": (Struct("payload" / GreedyBytes * "payload of a proposed request"), "", "opaque payload"),
 }
 
@@ -192,7 +261,7 @@ PAYLOADS: dict[str, tuple[Struct, str, str]] = {
 FIXED_SIZE = MappingProxyType({
     kind: (structure.sizeof() if not _variable else None)
     for kind, (structure, _prefix, _doc) in PAYLOADS.items()
-    for _variable in [kind in ("mem_table", "mem_table_xen", "config", "crypto_session", "gpu", "opaque")]
+    for _variable in [kind in ("mem_table", "mem_table_xen", "config", "crypto_session", "gpu_update", "opaque")]
 })
 
 
@@ -331,7 +400,8 @@ class Message:
 
     @property
     def need_reply(self) -> bool:
-        return bool(self.flags & cat.FLAG_NEED_REPLY)
+        rule = cat.HEADER_RULES.get(self.channel)
+        return bool(rule and self.flags & rule.need_reply)
 
     @property
     def name(self) -> str:
@@ -380,6 +450,8 @@ def value_text(message: Message, name: str, value) -> str:
         return bit_names_with_hex(value, cat.feature_names(ctx.device_type))
     if name == "protocol_features":
         return bit_names_with_hex(value, ctx.profile.protocol_features)
+    if name == "gpu_protocol_features":
+        return bit_names_with_hex(value, cat.GPU_PROTOCOL_FEATURES)
     if name == "status":
         return bit_names_with_hex(value, cat.DEVICE_STATUS)
     if isinstance(value, (bytes, bytearray)):
@@ -404,6 +476,9 @@ def payload_summary(message: Message) -> str:
         if message.request < 0:
             return message.raw.hex()
         return f"payload={len(message.payload_bytes)}B" if message.size else ""
+    gpu = _GPU_SUMMARIES.get(message.kind)
+    if gpu is not None:
+        return gpu(message.payload)
     structure = PAYLOADS[message.kind][0]
     payload = message.payload
     parts = []
@@ -437,6 +512,38 @@ def payload_summary(message: Message) -> str:
     return " ".join(parts)
 
 
+def _gpu_rect(payload) -> str:
+    return f"scanout={payload.scanout_id} {payload.width}x{payload.height}+{payload.x}+{payload.y}"
+
+
+def _gpu_display_info(payload) -> str:
+    modes = [GPU_PMODE.unpack_from(payload.pmodes, offset) for offset in range(0, len(payload.pmodes), 24)]
+    shown = [f"scanout{index}={w}x{h}+{x}+{y}" for index, (x, y, w, h, enabled, _flags) in enumerate(modes)
+             if enabled]
+    return f"type={payload.type:#x} " + (" ".join(shown) if shown else "no scanout enabled")
+
+
+def _gpu_dmabuf(payload) -> str:
+    text = (f"{_gpu_rect(payload)} fd={payload.fd_width}x{payload.fd_height} stride={payload.fd_stride} "
+            f"fourcc={payload.fd_drm_fourcc.to_bytes(4, 'little')!r} flags={payload.fd_flags:#x}")
+    return text + (f" modifier={payload.modifier:#x}" if "modifier" in payload else "")
+
+
+# One-line summaries of the GPU payloads: a rectangle as WxH+X+Y, pixels and images by their byte count.
+_GPU_SUMMARIES = {
+    "gpu_cursor_pos": lambda p: f"scanout={p.scanout_id} x={p.x} y={p.y}",
+    "gpu_cursor_update": lambda p: f"scanout={p.scanout_id} x={p.x} y={p.y} hot={p.hot_x},{p.hot_y} "
+                                   f"image={len(p.image)}B",
+    "gpu_scanout": lambda p: f"scanout={p.scanout_id} {p.width}x{p.height}" + (" (disable)" if not p.width else ""),
+    "gpu_update": lambda p: _gpu_rect(p) + (f" pixels={len(p.data)}B" if p.data else ""),
+    "gpu_dmabuf_scanout": _gpu_dmabuf,
+    "gpu_dmabuf_scanout2": _gpu_dmabuf,
+    "gpu_edid_request": lambda p: f"scanout={p.scanout_id}",
+    "gpu_display_info": _gpu_display_info,
+    "gpu_edid": lambda p: f"type={p.type:#x} edid={p.size}B",
+}
+
+
 def summarize(message: Message) -> str:
     """`SET_VRING_ADDR idx=0 desc=0x… used=… avail=…`, with `[problem-code]` marks when something is wrong."""
     text = message.name
@@ -451,6 +558,7 @@ def summarize(message: Message) -> str:
 
 
 _unpack_header = HEADER_STRUCT.unpack_from
+_MAIN_HEADER = cat.HEADER_RULES[Channel.MAIN]
 
 
 def decode(raw: bytes, channel: Channel = Channel.MAIN, ctx: DecodeContext = DEFAULT_CONTEXT) -> Message:
@@ -462,13 +570,15 @@ def decode(raw: bytes, channel: Channel = Channel.MAIN, ctx: DecodeContext = DEF
                        (Problem("truncated-header", f"{len(raw)} bytes, a header needs {HEADER_SIZE}"),), ctx)
     request, flags, size = _unpack_header(raw)
     problems: list[Problem] = []
-    if flags & cat.FLAGS_RESERVED:
-        problems.append(Problem("reserved-flags", f"reserved flag bits set: {flags & cat.FLAGS_RESERVED:#x}"))
-    if flags & cat.VERSION_MASK != cat.VERSION:
-        problems.append(Problem("bad-version", f"version {flags & cat.VERSION_MASK}, expected {cat.VERSION}"))
+    rule = cat.HEADER_RULES.get(channel, _MAIN_HEADER)
+    if flags & rule.reserved:
+        problems.append(Problem("reserved-flags", f"reserved flag bits set: {flags & rule.reserved:#x}"))
+    if flags & rule.version_mask != rule.version:
+        problems.append(Problem("bad-version", f"version {flags & rule.version_mask}, expected {rule.version}"))
     payload_length = len(raw) - HEADER_SIZE
-    if size > MAX_PAYLOAD_SIZE:
-        problems.append(Problem("oversize", f"size {size} exceeds the maximum {MAX_PAYLOAD_SIZE}"))
+    limit = MAX_PAYLOAD_SIZE if channel == Channel.MAIN else cat.max_payload(channel, request)
+    if size > limit:
+        problems.append(Problem("oversize", f"size {size} exceeds the maximum {limit}"))
     if payload_length != size:
         problems.append(Problem("size-mismatch", f"header says {size} payload bytes, {payload_length} present"))
         return Message(raw, channel, request, flags, size, None, None, tuple(problems), ctx)
@@ -538,7 +648,8 @@ def build_message(channel: Channel, request: int, payload=None, *, reply: bool =
     else:
         body = encode_payload(kind, payload or {})
     if flags is None:
-        flags = cat.VERSION | (cat.FLAG_REPLY if reply else 0) | (cat.FLAG_NEED_REPLY if need_reply else 0)
+        rule = cat.HEADER_RULES.get(channel, _MAIN_HEADER)
+        flags = rule.version | (cat.FLAG_REPLY if reply else 0) | (rule.need_reply if need_reply else 0)
     return HEADER_STRUCT.pack(request, flags, len(body)) + body
 
 

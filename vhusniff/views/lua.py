@@ -140,6 +140,12 @@ def grammar_tables() -> dict:
         "CONFIG_FIELDS": config_fields,
         "CONFIG_MESSAGES": {f"{request}:{int(is_reply)}": True for request, is_reply in cat.CONFIG_SPACE_MESSAGES},
         "REQUEST_NAMES": {int(channel): dict(names) for channel, names in channels.items()},
+        # Each channel's header rules and framing limits (the GPU socket: no version bits, large UPDATEs).
+        "HEADER_RULES": {int(channel): {"version_mask": rule.version_mask, "version": rule.version,
+                                        "reserved": rule.reserved, "max_payload": cat.max_payload(channel),
+                                        "request_max": {int(r): n for r, n in
+                                                        cat.REQUEST_MAX_PAYLOAD.get(channel, {}).items()}}
+                         for channel, rule in cat.HEADER_RULES.items()},
         "CHANNEL_NAMES": {int(c): c.name.lower() for c in Channel},
         "DIRECTION_NAMES": {int(d): d.arrow for d in Direction},
         "RECORD_KIND_NAMES": {int(k): k.name.lower() for k in RecordKind},
@@ -624,17 +630,18 @@ local function dissect_message(tvb, pinfo, tree, record, start)
   tree:add_le(pf["size"], tvb(start + 8, 4))
   local info = name .. (is_reply and " reply" or "")
   local problems = {}
-  if bit32.band(flags, C.FLAGS_RESERVED) ~= 0 then
+  local rule = HEADER_RULES[record.channel] or HEADER_RULES[C.CHANNEL_MAIN]
+  if bit32.band(flags, rule.reserved) ~= 0 then
     problems[#problems + 1] = problem(tree, flags_item, "reserved-flags",
-      string.format("reserved flag bits set: 0x%x", bit32.band(flags, C.FLAGS_RESERVED)))
+      string.format("reserved flag bits set: 0x%x", bit32.band(flags, rule.reserved)))
   end
-  if bit32.band(flags, C.VERSION_MASK) ~= C.VERSION then
+  if bit32.band(flags, rule.version_mask) ~= rule.version then
     problems[#problems + 1] = problem(tree, flags_item, "bad-version",
-      "version " .. bit32.band(flags, C.VERSION_MASK) .. ", expected " .. C.VERSION)
+      "version " .. bit32.band(flags, rule.version_mask) .. ", expected " .. rule.version)
   end
-  if size > C.MAX_PAYLOAD_SIZE then
-    problems[#problems + 1] = problem(tree, nil, "oversize",
-      "size " .. size .. " exceeds the maximum " .. C.MAX_PAYLOAD_SIZE)
+  local limit = rule.request_max[request] or rule.max_payload
+  if size > limit then
+    problems[#problems + 1] = problem(tree, nil, "oversize", "size " .. size .. " exceeds the maximum " .. limit)
   end
   local body = start + C.HEADER_SIZE
   local body_length = length - C.HEADER_SIZE

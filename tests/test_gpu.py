@@ -1,0 +1,164 @@
+"""The vhost-user-gpu socket as its own protocol: its header (no version bits: requests carry flags 0, replies
+exactly REPLY), every request of docs/interop/vhost-user-gpu.rst decoded field by field, its framing limits (an
+UPDATE carries a whole screen of pixels), its reply rules and its expert checks."""
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from vhusniff.analysis.analyzer import Analyzer, direction_for
+from vhusniff.layers.packets import PAYLOAD_LAYERS, VhostUserGpu
+from vhusniff.model import Channel, Direction, Record
+from vhusniff.protocol import catalogue as cat
+from vhusniff.protocol.framing import Framer, FramingError
+from vhusniff.protocol.grammar import DEFAULT_CONTEXT, build_message, decode, encode
+from vhusniff.protocol.replies import Expect, expectation
+
+G = cat.GpuRequest
+HEADER = struct.Struct("<III")
+REPLY = cat.FLAG_REPLY
+
+
+def gpu(request: int, payload: bytes = b"", flags: int = 0) -> bytes:
+    """A GPU-socket message as the peers write it: flags 0 on a request, 0x4 on a reply."""
+    return HEADER.pack(request, flags, len(payload)) + payload
+
+
+def display_info(*modes: tuple[int, int, int, int]) -> bytes:
+    """struct virtio_gpu_resp_display_info: the 24-byte virtio-gpu header, then 16 x {x, y, w, h, enabled, flags}."""
+    pmodes = b"".join(struct.pack("<6I", x, y, w, h, 1, 0) for x, y, w, h in modes)
+    return struct.pack("<IIQIB3x", 0x1101, 0, 0, 0, 0) + pmodes.ljust(16 * 24, b"\0")
+
+
+def edid() -> bytes:
+    blob = bytes(range(128)).ljust(1024, b"\0")
+    return struct.pack("<IIQIB3x", 0x1104, 0, 0, 0, 0) + struct.pack("<II", 128, 0) + blob
+
+
+def dmabuf_scanout(modifier: int | None = None) -> bytes:
+    body = struct.pack("<10I", 0, 0, 0, 1280, 800, 1280, 800, 5120, 0, int.from_bytes(b"XR24", "little"))
+    return body + (struct.pack("<Q", modifier) if modifier is not None else b"")
+
+
+def update(width: int, height: int, pixels: int | None = None) -> bytes:
+    count = width * height * 4 if pixels is None else pixels
+    return struct.pack("<5I", 0, 0, 0, width, height) + bytes(count)
+
+
+# Every request and reply of the spec, as vhost-user-gpu and QEMU send them, with the summary it reads as.
+MESSAGES = [
+    (gpu(G.GET_PROTOCOL_FEATURES), "GET_PROTOCOL_FEATURES"),
+    (gpu(G.GET_PROTOCOL_FEATURES, struct.pack("<Q", 3), REPLY),
+     "GET_PROTOCOL_FEATURES reply gpu_protocol_features=0x3(EDID|DMABUF2)"),
+    (gpu(G.SET_PROTOCOL_FEATURES, struct.pack("<Q", 1)), "SET_PROTOCOL_FEATURES gpu_protocol_features=0x1(EDID)"),
+    (gpu(G.GET_DISPLAY_INFO), "GET_DISPLAY_INFO"),
+    (gpu(G.GET_DISPLAY_INFO, display_info((0, 0, 1280, 800)), REPLY),
+     "GET_DISPLAY_INFO reply type=0x1101 scanout0=1280x800+0+0"),
+    (gpu(G.CURSOR_POS, struct.pack("<3I", 0, 10, 20)), "CURSOR_POS scanout=0 x=10 y=20"),
+    (gpu(G.CURSOR_POS_HIDE, struct.pack("<3I", 0, 10, 20)), "CURSOR_POS_HIDE scanout=0 x=10 y=20"),
+    (gpu(G.CURSOR_UPDATE, struct.pack("<5I", 0, 1, 2, 3, 4) + bytes(64 * 64 * 4)),
+     "CURSOR_UPDATE scanout=0 x=1 y=2 hot=3,4 image=16384B"),
+    (gpu(G.SCANOUT, struct.pack("<3I", 0, 1280, 800)), "SCANOUT scanout=0 1280x800"),
+    (gpu(G.SCANOUT, struct.pack("<3I", 0, 0, 0)), "SCANOUT scanout=0 0x0 (disable)"),
+    (gpu(G.UPDATE, update(4, 2)), "UPDATE scanout=0 4x2+0+0 pixels=32B"),
+    (gpu(G.DMABUF_SCANOUT, dmabuf_scanout()),
+     "DMABUF_SCANOUT scanout=0 1280x800+0+0 fd=1280x800 stride=5120 fourcc=b'XR24' flags=0x0"),
+    (gpu(G.DMABUF_UPDATE, update(16, 16, 0)), "DMABUF_UPDATE scanout=0 16x16+0+0"),
+    (gpu(G.DMABUF_UPDATE, b"", REPLY), "DMABUF_UPDATE reply"),
+    (gpu(G.GET_EDID, struct.pack("<I", 0)), "GET_EDID scanout=0"),
+    (gpu(G.GET_EDID, edid(), REPLY), "GET_EDID reply type=0x1104 edid=128B"),
+    (gpu(G.DMABUF_SCANOUT2, dmabuf_scanout(0x0100000000000001)),
+     "DMABUF_SCANOUT2 scanout=0 1280x800+0+0 fd=1280x800 stride=5120 fourcc=b'XR24' flags=0x0 "
+     "modifier=0x100000000000001"),
+]
+
+
+@pytest.mark.parametrize("raw,summary", MESSAGES, ids=[summary.split(" ")[0] + str(i) for i, (_, summary)
+                                                       in enumerate(MESSAGES)])
+def test_every_gpu_message_decodes_by_name_with_its_fields_and_round_trips(raw, summary):
+    message = decode(raw, Channel.GPU)
+    assert message.problems == ()            # no bad-version: the GPU header has no version bits
+    assert message.kind is not None and message.kind.startswith(("gpu_", "empty"))
+    assert message.summary() == summary
+    assert encode(message) == raw
+    view = VhostUserGpu(raw)
+    assert bytes(view) == raw and view.mysummary() == "vhost-user " + summary
+
+
+def test_the_spec_requests_are_all_known():
+    assert {int(r) for r in G if r} == set(cat.GPU_REQUESTS) == set(range(1, 13))
+
+
+def test_built_gpu_messages_carry_the_peers_flags():
+    request = build_message(Channel.GPU, G.GET_DISPLAY_INFO)
+    reply = build_message(Channel.GPU, G.GET_PROTOCOL_FEATURES, {"gpu_protocol_features": 3}, reply=True)
+    assert HEADER.unpack_from(request)[1] == 0
+    assert HEADER.unpack_from(reply)[1] == REPLY
+    assert bytes(VhostUserGpu(request=G.GET_DISPLAY_INFO)) == request
+
+
+def test_main_channel_header_rules_do_not_apply_to_the_gpu_socket():
+    # what the main channel calls version 0 and a bad reply flag word is the GPU's normal header
+    assert decode(gpu(G.SCANOUT, struct.pack("<3I", 0, 1, 1)), Channel.GPU).problems == ()
+    assert [p.code for p in decode(gpu(G.GET_PROTOCOL_FEATURES), Channel.MAIN).problems] == ["bad-version"]
+    analyzer = Analyzer()
+    for number, (raw, is_reply) in enumerate([(gpu(G.GET_DISPLAY_INFO), False),
+                                              (gpu(G.GET_DISPLAY_INFO, display_info((0, 0, 8, 8)), REPLY), True)]):
+        analyzer.feed(Record(number * 1000, 1, Channel.GPU, direction_for(Channel.GPU, is_reply), raw))
+    analyzer.finish()
+    assert [f.check for f in analyzer.findings] == []
+    assert analyzer.transactions[0].outcome == "answered"
+
+
+def test_gpu_requests_come_from_the_back_end():
+    assert direction_for(Channel.GPU, False) == Direction.BACKEND_TO_FRONTEND
+    assert direction_for(Channel.GPU, True) == Direction.FRONTEND_TO_BACKEND
+
+
+@pytest.mark.parametrize("gpu_request,expect", [
+    (G.GET_PROTOCOL_FEATURES, Expect.REPLY), (G.GET_DISPLAY_INFO, Expect.REPLY), (G.GET_EDID, Expect.REPLY),
+    (G.DMABUF_UPDATE, Expect.REPLY), (G.SET_PROTOCOL_FEATURES, Expect.NOTHING), (G.UPDATE, Expect.NOTHING),
+    (G.SCANOUT, Expect.NOTHING), (G.CURSOR_UPDATE, Expect.NOTHING)])
+def test_reply_rules_and_no_need_reply_bit(gpu_request, expect):
+    # bit 3 (NEED_REPLY on the main channel) means nothing here: contrib/vhost-user-gpu leaves UPDATE's flags as
+    # whatever the buffer held
+    message = decode(HEADER.pack(gpu_request, 0x8, 0), Channel.GPU, DEFAULT_CONTEXT)
+    assert not message.need_reply
+    assert expectation(message, 0) == expect
+
+
+def test_a_whole_screen_update_is_framed_on_the_gpu_socket_and_nowhere_else():
+    screen = gpu(G.UPDATE, update(1280, 800))
+    assert len(screen) == 12 + 4_096_020
+    framer = Framer.for_channel("connection 1 gpu channel back-end", Channel.GPU)
+    frames = []
+    for offset in range(0, len(screen), 65536):           # as recvmsg hands it over
+        frames += framer.feed(screen[offset:offset + 65536])
+    frames += framer.feed(gpu(G.SCANOUT, struct.pack("<3I", 0, 0, 0)))
+    assert [len(f.data) for f in frames] == [len(screen), 24]
+    assert Framer.for_channel("gpu", Channel.GPU).take_whole(screen)
+    message = decode(screen, Channel.GPU)
+    assert message.problems == () and message.summary() == "UPDATE scanout=0 1280x800+0+0 pixels=4096000B"
+    # a cursor is the largest other GPU payload; nothing else may be that large, on any channel
+    with pytest.raises(FramingError, match="payload size 16405 exceeds the maximum 16404"):
+        Framer.for_channel("gpu", Channel.GPU).feed(HEADER.pack(G.SCANOUT, 0, 16405))
+    with pytest.raises(FramingError, match="exceeds the maximum 4096"):
+        Framer.for_channel("main", Channel.MAIN).feed(HEADER.pack(G.UPDATE, 1, 4_096_020))
+    assert [p.code for p in decode(screen, Channel.MAIN).problems][:2] == ["bad-version", "oversize"]
+
+
+def test_expert_checks_of_the_gpu_protocol():
+    analyzer = Analyzer()
+    messages = [gpu(G.SCANOUT, struct.pack("<3I", 0, 4, 2)), gpu(G.UPDATE, update(4, 2, 31)),
+                gpu(G.CURSOR_POS, struct.pack("<3I", 16, 0, 0))]
+    for number, raw in enumerate(messages):
+        analyzer.feed(Record(number * 1000, 1, Channel.GPU, Direction.BACKEND_TO_FRONTEND, raw))
+    analyzer.finish()
+    assert [(f.check, f.number) for f in analyzer.findings] == [("gpu-update-size", 2),
+                                                                ("gpu-scanout-out-of-range", 3)]
+
+
+def test_scapy_builds_a_gpu_update_with_its_size():
+    packet = VhostUserGpu(request=G.UPDATE) / PAYLOAD_LAYERS["gpu_update"](width=2, height=1, data=bytes(8))
+    assert bytes(packet) == gpu(G.UPDATE, update(2, 1))
