@@ -26,13 +26,26 @@ from ..capture.pcapng import (
     read_capture,
     section_version_problem,
 )
-from ..model import RecordKind
+from ..model import Channel, Direction, RecordKind
+from ..protocol import catalogue as cat
+from ..protocol import config as config_space
+from ..protocol.grammar import (
+    FIXED_SIZE,
+    MAX_PAYLOAD_SIZE,
+    PAYLOADS,
+    decode,
+    flag_text,
+    payload_candidates,
+    request_name,
+    value_text,
+)
 from .present import record_line
 
 _CHUNK = READ_CHUNK                  # a block longer than this (or a damaged length) goes to the full reader
 _CACHE_LIMIT = 1 << 16                 # distinct records remembered; cleared when full, so memory stays flat
 _BLOCK = struct.Struct("<II")
 _EPB = struct.Struct("<IIIII")
+_PACKET_BLOCK = struct.Struct("<7I")     # an EPB's head: type, length, interface, time high and low, lengths
 _CONNECTION = _LENGTH = struct.Struct("<I")
 _NANOSECONDS = (10 ** 9, 10 ** 9)    # capture._ts_resolution's (multiplier, divisor) for if_tsresol 9
 _PREFIX = f"{0:>5} {0.0:10.6f} "
@@ -68,7 +81,18 @@ def _scan(source: str | BinaryIO) -> Iterator[tuple[int, bytes]]:
         interfaces = 0
         any_user0 = in_section = False
         unpack_block, unpack_epb, unpack_length = _BLOCK.unpack_from, _EPB.unpack_from, _LENGTH.unpack_from
+        unpack_packet_block = _PACKET_BLOCK.unpack_from
+        end = 0
         while True:
+            if end - position >= 28:      # the common block, checked and yielded in one step
+                block_type, total, interface, high, low, captured, _original = unpack_packet_block(buffer, position)
+                if block_type == BLOCK_EPB and position + total <= end:
+                    if total % 4 or total < _SHORTEST_EPB or captured > total - 32 or not user0.get(interface) \
+                            or unpack_length(buffer, position + total - 4)[0] != total:
+                        raise _Unusual
+                    yield (high << 32) | low, buffer[position + 28:position + 28 + captured]
+                    position += total
+                    continue
             if len(buffer) - position < 8 or len(buffer) - position < unpack_block(buffer, position)[1]:
                 if len(buffer) - position >= 8 and unpack_block(buffer, position)[1] > _CHUNK:
                     raise _Unusual
@@ -79,6 +103,7 @@ def _scan(source: str | BinaryIO) -> Iterator[tuple[int, bytes]]:
                     return
                 buffer = buffer[position:] + more
                 position = 0
+                end = len(buffer)
                 continue
             block_type, total = unpack_block(buffer, position)
             if total % 4 or total < _SHORTEST_EPB and total < MIN_BLOCK_LENGTH.get(block_type, 12) \
@@ -107,6 +132,207 @@ def _scan(source: str | BinaryIO) -> Iterator[tuple[int, bytes]]:
             position += total
 
 
+# --- per-request line formatters -------------------------------------------------------------------------------
+#
+# A distinct message misses every cache, so its line must be cheap to make from its bytes: for each (context,
+# channel, direction, request, flags, size) seen, one function that unpacks the payload with one struct and formats
+# it with one f-string, made from the grammar's layout on first use. It writes what present.record_line writes;
+# the first message of each shape is formatted both ways and a shape whose lines differ keeps the general path.
+
+# Payload kinds whose summary is the grammar's general rule (grammar.payload_summary): these compile.
+COMPILED_KINDS = frozenset({
+    "empty", "u64", "ack", "features", "protocol_features", "queue_num", "mem_slots", "status", "mtu", "session_id",
+    "vring_state", "vring_base", "vring_base_packed", "vring_addr", "vring_fd", "mem_region", "mem_region_xen", "log",
+    "iotlb", "inflight", "object", "device_state", "device_state_result", "mmap", "rarp",
+})
+_QUIET = frozenset({"padding", "reserved"})             # grammar's fields never shown in a summary
+_SHORT = {"index": "idx", "guest_phys_addr": "gpa", "memory_size": "size", "userspace_addr": "uaddr",
+          "mmap_offset": "off"}
+_WORDS = frozenset({"features", "protocol_features", "gpu_protocol_features", "status"})   # named bits
+_PLAIN = struct.Struct("<4sHHIBBBBHHB3xIII")          # pseudo-header v2 without fds or note, then the header
+_PLAIN_SIZE = _PLAIN.size
+
+
+class _Shown:
+    """What value_text reads of a message: its context."""
+    __slots__ = ("context",)
+
+    def __init__(self, context) -> None:
+        self.context = context
+
+
+def _leaves(structure, names: list[str], layout: list[str]) -> bool:
+    """Append each field's struct code (and its variable name) in wire order; False when one has none."""
+    from construct import BytesInteger, FormatField, Renamed, Struct
+    for sub in structure.subcons:
+        inner = sub
+        while isinstance(inner, Renamed):
+            inner = inner.subcon
+        if isinstance(inner, Struct):
+            if not _leaves(inner, names, layout):
+                return False
+            continue
+        if isinstance(inner, FormatField) and inner.fmtstr[0] == "<":
+            layout.append(inner.fmtstr[1:])
+        elif isinstance(inner, BytesInteger) and isinstance(inner.length, int) and sub.name in _QUIET:
+            layout.append(f"{inner.length}s")       # never shown: its bytes are skipped
+        elif type(inner).__name__ == "Bytes" and isinstance(getattr(inner, "length", None), int):
+            layout.append(f"{inner.length}s")
+        else:
+            return False
+        names.append(sub.name or "_")
+    return True
+
+
+def compile_payload_summary(kind: str, context) -> Callable[[bytes, int], str] | None:
+    """A function (packet, payload offset) -> the payload summary of a `kind` payload read in `context`, as
+    grammar.payload_summary words it; None when the kind keeps the general path."""
+    if kind not in COMPILED_KINDS:
+        return None
+    structure = PAYLOADS[kind][0]
+    names: list[str] = []
+    layout: list[str] = []
+    if not _leaves(structure, names, layout):
+        return None
+    if not names:
+        return lambda packet, offset: ""
+    variables = [f"v{index}" for index in range(len(names))]
+    position = {name: index for index, name in enumerate(names)}
+    parts: list[str] = []
+    conditional = ""
+    helpers: dict = {"_unpack": struct.Struct("<" + "".join(layout)).unpack_from, "_text": value_text,
+                     "_shown": _Shown(context), "_from_bytes": int.from_bytes}
+    for sub in structure.subcons:
+        name = sub.name
+        if name is None or name in _QUIET:
+            continue
+        if name == "region":
+            first = position["guest_phys_addr"]
+            parts.append(f"{{{{gpa={{v{first}:#x}} size={{v{first + 1}:#x}} uaddr={{v{first + 2}:#x}} "
+                         f"off={{v{first + 3}:#x}}}}}}")
+            continue
+        variable = f"v{position[name]}"
+        if name == "flags" and kind in ("vring_fd", "vring_area"):
+            if parts:
+                conditional = variable
+                break
+            return None
+        short = _SHORT.get(name, name)
+        if layout[position[name]].endswith("s"):
+            parts.append(f"{short}={{_text(_shown, {name!r}, {variable})}}")
+        elif name in _WORDS:
+            parts.append(f"{short}={{_text(_shown, {name!r}, {variable})}}")
+        else:
+            parts.append(f"{short}={{hex({variable}) if {variable} > 65535 else {variable}}}")
+    if conditional and len(parts) != sum(1 for sub in structure.subcons if sub.name not in (None, *_QUIET)) - 1:
+        return None                  # fields after the NOFD flag: keep the general rule's order
+    text = 'f"' + " ".join(parts) + '"'
+    if conditional:
+        text += f' + (" NOFD" if {conditional} & 1 else "")'
+    source = (f"def summary(packet, offset):\n"
+              f"    {', '.join(variables)}{',' if len(variables) == 1 else ''} = _unpack(packet, offset)\n"
+              f"    return {text}\n")
+    exec(compile(source, f"<summary of {kind}>", "exec"), helpers)      # noqa: S102 -- made from the grammar
+    return helpers["summary"]
+
+
+def _config_summary(context, carries_space: bool) -> Callable[[bytes, int], str | None]:
+    """A GET_CONFIG/SET_CONFIG payload's summary (its layout is variable: None when the bytes do not fit it)."""
+    unpack = _CONFIG_HEAD.unpack_from
+    device = context.device_type
+
+    def summary(packet: bytes, offset: int) -> str | None:
+        window, size, flags = unpack(packet, offset)
+        if offset + 12 + size != len(packet):
+            return None
+        text = f"offset={hex(window) if window > 65535 else window} size={hex(size) if size > 65535 else size} " \
+               f"flags={hex(flags) if flags > 65535 else flags} data={size}B"
+        if carries_space:
+            fields = config_space.summary(device, window, packet[offset + 12:])
+            if fields:
+                return f"{text} {fields}"
+        return text
+    return summary
+
+
+_CONFIG_HEAD = struct.Struct("<III")
+
+
+class _Shapes:
+    """Line heads and payload formatters per message shape, and each connection's context as a small number."""
+
+    def __init__(self, tracker) -> None:
+        self.tracker = tracker
+        self.context_ids: dict[tuple, int] = {}     # what of a DecodeContext decoding reads -> id
+        self.contexts: list = []               # id -> DecodeContext
+        self.by_connection: dict[int, int] = {}
+        self.base = self.context_id(tracker.base)
+        self.formats: dict[tuple, tuple] = {}
+        self.summaries: dict[tuple[str, int], Callable | None] = {}
+        self.wheres: dict[tuple[int, int], str] = {}
+
+    def context_id(self, context) -> int:
+        identity = (context.device_type, context.features, context.protocol_features, id(context.profile))
+        known = self.context_ids.get(identity)
+        if known is None:
+            known = self.context_ids[identity] = len(self.contexts)
+            self.contexts.append(context)
+        return known
+
+    def follow(self, connection: int) -> None:
+        """After the tracker decoded a record of `connection`: its context may have changed."""
+        self.by_connection[connection] = self.context_id(self.tracker.context_for(connection))
+
+    def where(self, connection: int, channel: int) -> str:
+        text = self.wheres.get((connection, channel))
+        if text is None:
+            where = f"c{connection}" + ("" if channel == Channel.MAIN else f"/{Channel(channel).name.lower()}")
+            text = self.wheres[connection, channel] = f"{where:<10}"
+        return text
+
+    def shape(self, key: tuple) -> tuple | None:
+        """(head, summary function) of a shape, or None: a shape the general path words (or the tracker must see)."""
+        context_id, channel, direction, request, flags, size = key
+        context = self.contexts[context_id]
+        is_reply = bool(flags & cat.FLAG_REPLY)
+        if channel == Channel.DEVICE_STATE or flags & cat.FLAGS_RESERVED or flags & cat.VERSION_MASK != cat.VERSION \
+                or size > MAX_PAYLOAD_SIZE or direction not in (0, 1):
+            return None
+        if channel == Channel.MAIN and (request == cat.FrontendRequest.GET_CONFIG and is_reply
+                                        and context.device_type is None
+                                        or not is_reply and request in cat.CONTEXT_RULES):
+            return None                        # the tracker follows what these negotiate
+        if channel > Channel.DEVICE_STATE:
+            return None
+        kind = None
+        candidates = payload_candidates(Channel(channel), request, is_reply, context)
+        if candidates[:1] == ("config",):
+            config = _config_summary(context, channel == Channel.MAIN and
+                                     config_space.carries_config_space(request, is_reply))
+            return self._head(context, channel, direction, request, flags), config
+        for candidate in candidates:
+            fixed = FIXED_SIZE[candidate]
+            if fixed is None:
+                return None                    # a variable layout might fit: only the decoder knows
+            if fixed == size:
+                kind = candidate
+                break
+        if kind is None:
+            return None
+        if (kind, context_id) not in self.summaries:
+            self.summaries[kind, context_id] = compile_payload_summary(kind, context)
+        summary = self.summaries[kind, context_id]
+        if summary is None:
+            return None
+        return self._head(context, channel, direction, request, flags), summary
+
+    @staticmethod
+    def _head(context, channel: int, direction: int, request: int, flags: int) -> str:
+        """What a line says before the payload: direction, name, flags."""
+        name = request_name(Channel(channel), request, context.profile) + (" reply" if flags & cat.FLAG_REPLY else "")
+        return f"{Direction(direction).arrow} {name:<28} {flag_text(flags):<16} "
+
+
 def fast_summary(path: str, tracker, out, colour: bool = False, follow: int | None = None, count: int = 0,
                  source: Source | None = None) -> int:
     """Write one summary line per record; returns how many were shown. Raises CaptureError like read_capture.
@@ -114,7 +340,10 @@ def fast_summary(path: str, tracker, out, colour: bool = False, follow: int | No
     cache: dict = {}
     # connection -> what of its negotiated context changes decoding; only decoding (on a miss) changes it.
     context_keys: dict[int, tuple] = {}
+    shapes = _Shapes(tracker)
+    formats, by_connection, base, where = shapes.formats, shapes.by_connection, shapes.base, shapes.where
     unpack_connection = _CONNECTION.unpack_from
+    unpack_plain = _PLAIN.unpack_from
     number = shown = done = 0          # done: records fully handled here, should the full reader take over
     first_time = None
     lines: list[str] = []
@@ -123,6 +352,29 @@ def fast_summary(path: str, tracker, out, colour: bool = False, follow: int | No
             number += 1
             if first_time is None:
                 first_time = timestamp
+            if not colour and len(packet) >= _PLAIN_SIZE:
+                (magic, version, header_length, connection, kind, channel, direction, pseudo_flags, fd_count,
+                 note_length, _event, request, flags, size) = unpack_plain(packet)
+                if magic == b"VHUS" and version == 2 and header_length == 24 and not (
+                        kind or pseudo_flags or fd_count or note_length) and len(packet) == _PLAIN_SIZE + size:
+                    shape_key = (by_connection.get(connection, base), channel, direction, request, flags, size)
+                    shape = formats.get(shape_key)
+                    if shape is None:
+                        shape = formats[shape_key] = _checked(shapes, shape_key, packet, timestamp) or _GENERAL
+                    summary = shape[1](packet, _PLAIN_SIZE) if shape else None
+                    if summary is not None:
+                        done = number
+                        if follow is not None and connection != follow:
+                            continue
+                        lines.append(f"{number:>5} {(timestamp - first_time) / 1e9:10.6f} {where(connection, channel)} "
+                                     f"{shape[0]}{summary}".rstrip() + "\n")
+                        shown += 1
+                        if len(lines) >= 4096:
+                            out.writelines(lines)
+                            lines.clear()
+                        if count and shown >= count:
+                            break
+                        continue
             connection = unpack_connection(packet, 8)[0] if len(packet) >= 12 else 0
             key = (packet, context_keys.get(connection))
             entry = cache.get(key)
@@ -132,6 +384,7 @@ def fast_summary(path: str, tracker, out, colour: bool = False, follow: int | No
                 except ValueError:
                     raise _Unusual from None
                 message = tracker.decode(record)
+                shapes.follow(record.connection)
                 context = tracker.context_for(record.connection)
                 context_keys[record.connection] = (context.features, context.protocol_features,
                                                    context.device_type)
@@ -167,3 +420,22 @@ def fast_summary(path: str, tracker, out, colour: bool = False, follow: int | No
     finally:
         out.writelines(lines)
     return shown
+
+
+_GENERAL: tuple = ()       # a shape the general path words
+
+def _checked(shapes: _Shapes, key: tuple, packet: bytes, timestamp: int) -> tuple | None:
+    """A shape's (head, summary function) once its first message reads the same both ways; else None."""
+    entry = shapes.shape(key)
+    if entry is None:
+        return None
+    try:
+        record = parse_pseudo_header(packet, timestamp, 0)
+    except ValueError:
+        return None
+    general = record_line(0, 0.0, record, decode(record.data, record.channel, shapes.contexts[key[0]]))
+    summary = entry[1](packet, _PLAIN_SIZE)
+    if summary is None:
+        return entry                 # this message's bytes do not fit the layout: the general path words it
+    compiled = f"{0:>5} {0.0:10.6f} {shapes.where(record.connection, key[1])} {entry[0]}{summary}".rstrip()
+    return entry if compiled == general else None
