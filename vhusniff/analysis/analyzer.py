@@ -6,10 +6,11 @@
     analyzer.finish()                    # end-of-capture checks (requests still waiting)
     analyzer.findings, analyzer.transactions, analyzer.state(1).format()
 
-The live proxy streams: `Analyzer(keep=False)` summarises each transaction (counts and response times per
-request, in `summary`) instead of keeping it, keeps findings per connection (at most
-FINDINGS_KEPT_PER_CONNECTION), and `forget(c)` drops an ended connection once its report is printed, so its
-memory stays flat over a long session. The offline commands keep everything (the default).
+`Analyzer(keep=False)` streams, in memory bounded by connections and outstanding requests, not by messages: it
+summarises each transaction (counts and response times per request, in `summary` and each connection's
+`responses`) instead of keeping it, keeps the first EXAMPLES_KEPT findings of each check on each connection and
+counts the rest, and `forget(c)` (the live proxy) drops an ended connection once its report is printed. The
+analysis commands stream; `Analyzer()` keeps every transaction and finding (tests, `read --expert`).
 """
 from __future__ import annotations
 
@@ -22,10 +23,12 @@ from ..protocol.context import ContextTracker
 from ..protocol.grammar import Message, request_name
 from ..protocol.replies import Expect, expectation
 from .expert import CHECKS, Finding, check_message
+from .rings import RingChecks
 from .state import ConnectionState, classify_event
 
-# Streaming (keep=False): findings kept per connection for its report; connections remembered as forgotten.
-FINDINGS_KEPT_PER_CONNECTION = 1000
+# Streaming (keep=False): findings kept per connection and check (the rest are counted); connections remembered
+# as forgotten.
+EXAMPLES_KEPT = 100
 FORGOTTEN_KEPT = 4096
 # idle-connection: QEMU speaks within milliseconds of connecting; 10 s without a message is a hang.
 IDLE_SECONDS = 10.0
@@ -75,11 +78,44 @@ class ResponseSummary:
 
 
 @dataclass
+class ResponseTimes:
+    """Service response time of one request on one connection (Wireshark's SRT): its transactions that expected
+    a reply, in integer nanoseconds so that sums are exact."""
+    replies: int = 0
+    total_ns: int = 0
+    min_ns: int = 0
+    max_ns: int = 0
+    unanswered: int = 0          # required replies that never came (missing, at disconnect, at the end)
+
+    def add_response(self, ns: int) -> None:
+        self.min_ns = ns if not self.replies else min(self.min_ns, ns)
+        self.max_ns = max(self.max_ns, ns)
+        self.replies += 1
+        self.total_ns += ns
+
+    def merge(self, other: ResponseTimes) -> None:
+        if other.replies:
+            self.min_ns = other.min_ns if not self.replies else min(self.min_ns, other.min_ns)
+            self.max_ns = max(self.max_ns, other.max_ns)
+        self.replies += other.replies
+        self.total_ns += other.total_ns
+        self.unanswered += other.unanswered
+
+
+ResponseKey = tuple[Channel, int, str]          # channel, request, name
+
+
+@dataclass
 class ConnectionAnalysis:
     state: ConnectionState
     waiting: dict[Channel, list[Transaction]] = field(default_factory=dict)   # per channel, oldest first
-    findings: list[Finding] = field(default_factory=list)     # streaming only: this connection's, the first ones
-    findings_not_kept: int = 0
+    responses: dict[ResponseKey, ResponseTimes] = field(default_factory=dict)
+    finding_counts: dict[str, int] = field(default_factory=dict)   # check -> findings raised, kept or not
+    not_kept: dict[str, int] = field(default_factory=dict)         # streaming: check -> findings only counted
+
+    @property
+    def findings_not_kept(self) -> int:
+        return sum(self.not_kept.values())
 
     def outstanding(self) -> list[Transaction]:
         return [t for queue in self.waiting.values() for t in queue if t.expect != Expect.MAYBE]
@@ -88,8 +124,9 @@ class ConnectionAnalysis:
 class Analyzer:
     """Feeds records in capture order; keeps state, transactions and findings for every connection.
 
-    keep=False streams (the live proxy): transactions are summarised in `summary`, `transactions` and
-    `findings` stay empty (`findings_for` answers per connection), and `forget` drops an ended connection."""
+    keep=False streams: transactions are summarised (`summary`, each connection's `responses`), `transactions`
+    stays empty, `findings` keeps EXAMPLES_KEPT of each check per connection, and `forget` drops an ended
+    connection (the live proxy)."""
 
     def __init__(self, device_type: str | None = None, profile: cat.Profile = cat.SPEC_PROFILE, keep: bool = True,
                  idle_seconds: float = IDLE_SECONDS, reply_seconds: float = REPLY_SECONDS):
@@ -107,6 +144,8 @@ class Analyzer:
         self.first_ns: int | None = None
         self.last_ns: int | None = None                 # the latest record's time: where the capture ends
         self.finished = False
+        self.ring_checks = RingChecks()                 # stuck-ring and friends, from the ring samples
+        self._raised: list[Finding] = []                # the findings of the record being fed
 
     # --- the API ------------------------------------------------------------------------------------------------
     def state(self, connection: int) -> ConnectionState:
@@ -116,16 +155,55 @@ class Analyzer:
         return self.state(connection).format()
 
     def findings_for(self, connection: int) -> list[Finding]:
-        if not self.keep:
-            conn = self.connections.get(connection)
-            return list(conn.findings) if conn is not None else []
+        """A connection's findings in the order they were raised (streaming: the examples kept)."""
         return [f for f in self.findings if f.connection == connection]
+
+    def finding_count(self, connection: int | None = None, minimum: int = 0) -> int:
+        """How many findings were raised (kept or not), on one connection or all, of at least `minimum` severity."""
+        return sum(count for c, conn in self.connections.items() if connection is None or c == connection
+                   for check, count in conn.finding_counts.items() if CHECKS[check].severity >= minimum)
+
+    def findings_not_kept(self, connection: int | None = None, minimum: int = 0) -> list[tuple[int, str, int]]:
+        """Streaming: (connection, check, how many) of the findings counted but not kept."""
+        return [(c, check, count) for c, conn in sorted(self.connections.items())
+                if connection is None or c == connection
+                for check, count in conn.not_kept.items() if CHECKS[check].severity >= minimum]
+
+    def responses(self, connection: int | None = None) -> dict[ResponseKey, ResponseTimes]:
+        """Service response time per request, on one connection or all, ordered by channel and request."""
+        table: dict[ResponseKey, ResponseTimes] = {}
+        for c, conn in self.connections.items():
+            if connection is not None and c != connection:
+                continue
+            for key, entry in conn.responses.items():
+                table.setdefault(key, ResponseTimes()).merge(entry)
+        return dict(sorted(table.items(), key=lambda item: item[0][:2]))
+
+    def stream(self) -> None:
+        """Keep everything no longer (the timeline, once a capture is too long to draw message by message): forget
+        the transactions, keep EXAMPLES_KEPT findings of each check per connection and count the rest."""
+        self.keep = False
+        self.transactions = []
+        kept: list[Finding] = []
+        seen: dict[tuple[int, str], int] = {}
+        for finding in self.findings:
+            key = (finding.connection, finding.check)
+            seen[key] = seen.get(key, 0) + 1
+            if seen[key] <= EXAMPLES_KEPT:
+                kept.append(finding)
+            else:
+                conn = self.connections[finding.connection]
+                conn.not_kept[finding.check] = conn.not_kept.get(finding.check, 0) + 1
+        self.findings = kept
 
     def forget(self, connection: int) -> None:
         """Streaming: drop what is known of a connection (its report was printed); its later records are
         ignored. Only the last FORGOTTEN_KEPT numbers are remembered."""
         self.connections.pop(connection, None)
         self.tracker.contexts.pop(connection, None)
+        self.ring_checks.forget(connection)
+        if any(f.connection == connection for f in self.findings):
+            self.findings = [f for f in self.findings if f.connection != connection]
         self.forgotten[connection] = None
         if len(self.forgotten) > FORGOTTEN_KEPT:
             self.forgotten.popitem(last=False)
@@ -143,68 +221,73 @@ class Analyzer:
 
         Returns the findings this record raised."""
         self.records += 1
-        if self.keep:
-            return self._feed(record, message, number)
-        if record.connection in self.forgotten:
+        if not self.keep and record.connection in self.forgotten:
             return []
-        return self._retain(self._feed(record, message, number))
+        self._feed(record, message, number)
+        return self._retain()
 
-    def _retain(self, new: list[Finding]) -> list[Finding]:
-        """Streaming: the new findings go to their connections (up to a bound), not to `findings`."""
-        if new:
-            self.findings.clear()
-            for finding in new:
-                conn = self._connection(finding.connection)
-                if len(conn.findings) < FINDINGS_KEPT_PER_CONNECTION:
-                    conn.findings.append(finding)
-                else:
-                    conn.findings_not_kept += 1
+    def _retain(self) -> list[Finding]:
+        """The findings just raised: counted per connection and check, and kept (streaming: up to EXAMPLES_KEPT
+        of each check per connection)."""
+        new = self._raised
+        if not new:
+            return new
+        self._raised = []
+        for finding in new:
+            conn = self._connection(finding.connection)
+            count = conn.finding_counts.get(finding.check, 0) + 1
+            conn.finding_counts[finding.check] = count
+            if self.keep or count <= EXAMPLES_KEPT:
+                self.findings.append(finding)
+            else:
+                conn.not_kept[finding.check] = conn.not_kept.get(finding.check, 0) + 1
         return new
 
-    def _feed(self, record: Record, message: Message | None, number: int | None) -> list[Finding]:
+    def _feed(self, record: Record, message: Message | None, number: int | None) -> None:
         number = self.records if number is None else number
         if self.first_ns is None:
             self.first_ns = record.timestamp_ns
         self.last_ns = record.timestamp_ns if self.last_ns is None else max(self.last_ns, record.timestamp_ns)
         conn = self._connection(record.connection)
         state = conn.state
-        before = len(self.findings)
         if record.kind == RecordKind.EVENT:
             self.tracker.decode(record)         # an event can set the context too (a DEVICE event)
             ending = classify_event(record) == "end" and not state.ended
             state.feed(number, record, None)
             if ending:
                 self._connection_ended(conn, number, record)
-            return self.findings[before:]
+            self._raised.extend(self.ring_checks.feed(record, number))
+            return
         if message is None:
             message = self.tracker.decode_message(record)
         if state.ended:
             self._add("traffic-after-disconnect", record.connection, (number, state.ended_number),
                       f"{message.name} after the connection ended at #{state.ended_number} ({state.ended_note})")
-        self.findings.extend(check_message(state, number, record, message))
+        self._raised.extend(check_message(state, number, record, message))
         self._match(conn, number, record, message)
         state.feed(number, record, message)
-        return self.findings[before:]
 
     def finish(self) -> list[Finding]:
         """End of the capture: requests still waiting become findings, and so do connections idle from their
         start, as of the capture's last record (offline: the capture's timestamps, no clock). Idempotent."""
-        before = len(self.findings)
         if not self.finished:
             self.finished = True
             end_ns = self.last_ns or 0
             for conn in self.connections.values():
                 if conn.state.ended:
+                    # Requests after the end (traffic-after-disconnect) that still wait were not answered either.
+                    for transaction in conn.outstanding():
+                        self._unanswered(conn, transaction)
                     continue
                 self._idle(conn, end_ns, None, "when the capture ended")
                 for transaction in conn.outstanding():
                     transaction.outcome = "outstanding at end"
+                    self._unanswered(conn, transaction)
                     self._add("capture-ended-with-request-outstanding", transaction.connection,
                               (transaction.request_number,), f"{transaction.name} still waits for its "
                                                              f"{transaction.expect}")
                     self._overdue(transaction, end_ns, "when the capture ended")
-        new = self.findings[before:]
-        return new if self.keep else self._retain(new)
+        return self._retain()
 
     def run(self, records) -> Analyzer:
         for record in records:
@@ -220,7 +303,7 @@ class Analyzer:
 
     def _add(self, check: str, connection: int, numbers: tuple[int | None, ...], text: str) -> None:
         assert check in CHECKS, check
-        self.findings.append(Finding(check, connection, tuple(n for n in numbers if n is not None), text))
+        self._raised.append(Finding(check, connection, tuple(n for n in numbers if n is not None), text))
 
     def _match(self, conn: ConnectionAnalysis, number: int, record: Record, message: Message) -> None:
         if message.request < 0:
@@ -228,7 +311,7 @@ class Analyzer:
         queue = conn.waiting.setdefault(record.channel, [])
         if not message.is_reply:
             # One request at a time per channel: a new request means the peer gave up on the old one's reply.
-            self._drop_waiting(queue, number, "missing-reply")
+            self._drop_waiting(conn, queue, number, "missing-reply")
             state = conn.state
             expect = expectation(message, state.protocol_features_acked or 0, state.profile,
                                  state.postcopy_listening)
@@ -243,6 +326,9 @@ class Analyzer:
                 self.summary[key].count += 1
             if expect != Expect.NOTHING:
                 queue.append(transaction)
+                response_key = (record.channel, message.request, transaction.name)
+                if response_key not in conn.responses:
+                    conn.responses[response_key] = ResponseTimes()
             else:
                 transaction.outcome = "no reply expected"
             return
@@ -255,6 +341,8 @@ class Analyzer:
         transaction = queue.pop(0)
         transaction.reply_number, transaction.reply_ns = number, record.timestamp_ns
         transaction.outcome = "answered"
+        conn.responses[(transaction.channel, transaction.request, transaction.name)].add_response(
+            record.timestamp_ns - transaction.request_ns)
         if transaction.expect != Expect.MAYBE and record.timestamp_ns - transaction.request_ns >= self.reply_ns:
             self._add("reply-overdue", record.connection, (number, transaction.request_number),
                       f"{message.name} reply came {_seconds(record.timestamp_ns - transaction.request_ns)} after "
@@ -278,12 +366,13 @@ class Analyzer:
             self._add("config-reply-error", record.connection, (number, transaction.request_number),
                       f"GET_CONFIG reply size {message.size}, request size {transaction.request_size}")
 
-    def _drop_waiting(self, queue: list[Transaction], number: int, check: str) -> None:
+    def _drop_waiting(self, conn: ConnectionAnalysis, queue: list[Transaction], number: int, check: str) -> None:
         for transaction in queue:
             if transaction.expect == Expect.MAYBE:
                 transaction.outcome = "no reply"
                 continue
             transaction.outcome = "missing"
+            self._unanswered(conn, transaction)
             self._add(check, transaction.connection, (transaction.request_number, number),
                       f"{transaction.name} got no {transaction.expect}; next request at #{number}")
         queue.clear()
@@ -299,6 +388,7 @@ class Analyzer:
         self._idle(conn, record.timestamp_ns, number, "when it ended")
         for transaction in conn.outstanding():
             transaction.outcome = "outstanding at disconnect"
+            self._unanswered(conn, transaction)
             self._add("disconnect-with-request-outstanding", record.connection,
                       (transaction.request_number, number),
                       f"{state.ended_note.split(';')[0]} while {self._waiter(transaction)} waited for the "
@@ -306,6 +396,11 @@ class Analyzer:
             self._overdue(transaction, record.timestamp_ns, "when the connection ended")
         for queue in conn.waiting.values():
             queue.clear()
+
+    @staticmethod
+    def _unanswered(conn: ConnectionAnalysis, transaction: Transaction) -> None:
+        """A required reply that never came, for the service response time table."""
+        conn.responses[(transaction.channel, transaction.request, transaction.name)].unanswered += 1
 
     def _idle(self, conn: ConnectionAnalysis, end_ns: int, end_number: int | None, when: str) -> None:
         """idle-connection: open at least idle_ns, from its first record to `end_ns`, without one message."""
@@ -361,13 +456,14 @@ def connection_report(analyzer: Analyzer, connection: int) -> str:
         lines.append(f"  Started: {state.connected_note}")
     lines.append(f"  Ended:   {end_summary(analyzer, connection)}")
     counts: dict[str, int] = {}
-    for finding in findings:
+    for finding in findings:            # severities in the order the report lists them
         counts[str(finding.severity)] = counts.get(str(finding.severity), 0) + 1
+    for _c, check, count in analyzer.findings_not_kept(connection):
+        counts[str(CHECKS[check].severity)] = counts.get(str(CHECKS[check].severity), 0) + count
     lines.append("  Findings: " + (", ".join(f"{n} {severity}" for severity, n in counts.items()) or "none"))
     lines += ["    " + finding.line() for finding in findings]
-    conn = analyzer.connections.get(connection)
-    if conn is not None and conn.findings_not_kept:
-        lines.append(f"    ... and {conn.findings_not_kept} more finding(s), not kept")
+    lines += [f"    ... and {count} more {check} finding(s), not kept"
+              for _c, check, count in analyzer.findings_not_kept(connection)]
     lines.append("  Negotiation")
     lines += ["    " + line for line in state.negotiation_lines()]
     lines.append("  Device start and stop")

@@ -1,11 +1,17 @@
 """`vhusniff diff A B`: compare two captures message by message (a recording and its replay, a session with and
-without a hook). Messages are paired in order within each channel; connection numbers and times are ignored."""
+without a hook). Messages are paired in order within each channel; connection numbers and times are ignored.
+
+The two captures are read side by side in one pass: a message waits only until its partner on the other side is
+read, and each channel's differences are spooled (to a temporary file once large) to be printed channel by channel,
+so memory is bounded by how far the two sides drift apart, not by their length."""
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping
+import tempfile
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping
 
-from ..capture.pcapng import read_capture, reading
+from ..capture.pcapng import ReadOutcome, read_capture, reading
 from ..capture.progress import capture_progress
 from ..model import Channel, Record, RecordKind
 from ..protocol import catalogue as cat
@@ -81,39 +87,96 @@ def _by_name(message: Message) -> dict[str, list]:
     return fields
 
 
-def _messages(records) -> dict[Channel, list[tuple[int, Record, Message]]]:
+Numbered = tuple[int, Record, Message]
+
+
+def _messages(records: Iterable[Record]) -> Iterator[Numbered]:
+    """(record number, record, message) of every message, decoded in its connection's context."""
     tracker = ContextTracker()
-    by_channel: dict[Channel, list[tuple[int, Record, Message]]] = {}
     for number, record in enumerate(records, 1):
         if record.kind == RecordKind.MESSAGE:
-            by_channel.setdefault(record.channel, []).append((number, record, tracker.decode_message(record)))
+            yield number, record, tracker.decode_message(record)
         else:
             tracker.decode(record)          # an event still counts: a DEVICE event names the device type
-    return by_channel
 
 
-def diff_records(left: list[Record], right: list[Record], ignore: frozenset[str] = frozenset()) -> list[str]:
-    """Human-readable differences; empty when the two sessions said the same things in the same order."""
-    lines: list[str] = []
-    left_by, right_by = _messages(left), _messages(right)
-    for channel in sorted(set(left_by) | set(right_by)):
-        a, b = left_by.get(channel, []), right_by.get(channel, [])
-        for (na, ra, ma), (nb, rb, mb) in zip(a, b, strict=False):
-            where = f"{channel.name.lower()} A#{na} B#{nb}"
-            if ra.direction != rb.direction or ma.request != mb.request or ma.is_reply != mb.is_reply:
-                lines.append(f"{where}: A {ra.direction.arrow} {ma.summary()}  |  B {rb.direction.arrow} "
-                             f"{mb.summary()}")
-                continue
-            name = f"{ma.name}{' reply' if ma.is_reply else ''}"
-            for difference in field_differences(ma, mb, ignore):
-                lines.append(f"{where} {name}: {difference}")
-            if "fd.kind" not in ignore and [fd.kind for fd in ra.fds] != [fd.kind for fd in rb.fds]:
-                lines.append(f"{where} {name}: fds A {[fd.kind for fd in ra.fds]}, B {[fd.kind for fd in rb.fds]}")
-        for number, record, message in a[len(b):]:
-            lines.append(f"{channel.name.lower()} A#{number}: only in A: {record.direction.arrow} {message.summary()}")
-        for number, record, message in b[len(a):]:
-            lines.append(f"{channel.name.lower()} B#{number}: only in B: {record.direction.arrow} {message.summary()}")
+def _pair_lines(channel: Channel, a: Numbered, b: Numbered, ignore: frozenset[str]) -> list[str]:
+    (na, ra, ma), (nb, rb, mb) = a, b
+    where = f"{channel.name.lower()} A#{na} B#{nb}"
+    if ra.direction != rb.direction or ma.request != mb.request or ma.is_reply != mb.is_reply:
+        return [f"{where}: A {ra.direction.arrow} {ma.summary()}  |  B {rb.direction.arrow} {mb.summary()}"]
+    name = f"{ma.name}{' reply' if ma.is_reply else ''}"
+    lines = [f"{where} {name}: {difference}" for difference in field_differences(ma, mb, ignore)]
+    if "fd.kind" not in ignore and [fd.kind for fd in ra.fds] != [fd.kind for fd in rb.fds]:
+        lines.append(f"{where} {name}: fds A {[fd.kind for fd in ra.fds]}, B {[fd.kind for fd in rb.fds]}")
     return lines
+
+
+class DiffStream:
+    """Pairs the messages of two record streams read side by side; `lines()` then gives the differences channel
+    by channel, in each channel's order, as diff_records does."""
+
+    SPOOL_BYTES = 1 << 20           # a channel's differences stay in memory up to this, then go to a file
+
+    def __init__(self, left: Iterable[Record], right: Iterable[Record], ignore: frozenset[str] = frozenset()):
+        self.ignore = ignore
+        self.sides = (_messages(left), _messages(right))
+        self.counts = [0, 0]                                # messages read from A and B
+        self.pending: dict[Channel, tuple[deque[Numbered], deque[Numbered]]] = {}
+        self.spools: dict[Channel, tempfile.SpooledTemporaryFile] = {}
+        self.differences = 0
+
+    def run(self) -> DiffStream:
+        done = [False, False]
+        while not all(done):
+            # Read from the side with fewer messages waiting for a partner (either, while neither waits).
+            waiting = [sum(len(queues[side]) for queues in self.pending.values()) for side in (0, 1)]
+            side = 0 if (waiting[0] <= waiting[1] and not done[0]) or done[1] else 1
+            item = next(self.sides[side], None)
+            if item is None:
+                done[side] = True
+                continue
+            self.counts[side] += 1
+            channel = item[1].channel
+            queues = self.pending.setdefault(channel, (deque(), deque()))
+            other = queues[1 - side]
+            if not other:
+                queues[side].append(item)
+                continue
+            partner = other.popleft()
+            a, b = (item, partner) if side == 0 else (partner, item)
+            self._write(channel, _pair_lines(channel, a, b, self.ignore))
+        for channel, (only_a, only_b) in self.pending.items():
+            self._write(channel, [f"{channel.name.lower()} A#{number}: only in A: {record.direction.arrow} "
+                                  f"{message.summary()}" for number, record, message in only_a])
+            self._write(channel, [f"{channel.name.lower()} B#{number}: only in B: {record.direction.arrow} "
+                                  f"{message.summary()}" for number, record, message in only_b])
+            only_a.clear()
+            only_b.clear()
+        return self
+
+    def _write(self, channel: Channel, lines: list[str]) -> None:
+        if not lines:
+            return
+        spool = self.spools.get(channel)
+        if spool is None:
+            spool = self.spools[channel] = tempfile.SpooledTemporaryFile(self.SPOOL_BYTES, "w+", encoding="utf-8")
+        spool.writelines(line + "\n" for line in lines)
+        self.differences += len(lines)
+
+    def lines(self) -> Iterator[str]:
+        """The differences, channel by channel (each read back once)."""
+        for channel in sorted(self.spools):
+            spool = self.spools.pop(channel)
+            spool.seek(0)
+            with spool:
+                for line in spool:
+                    yield line.rstrip("\n")
+
+
+def diff_records(left: Iterable[Record], right: Iterable[Record], ignore: frozenset[str] = frozenset()) -> list[str]:
+    """Human-readable differences; empty when the two sessions said the same things in the same order."""
+    return list(DiffStream(left, right, ignore).run().lines())
 
 
 def load_or_report(path: str, program: str = "vhusniff", progress: bool = False) -> list[Record] | None:
@@ -133,13 +196,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="a field that may differ (e.g. vring.desc for addresses, fd.kind); repeatable")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar on stderr")
     args = parser.parse_args(argv)
-    left, right = load_or_report(args.a, progress=not args.quiet), load_or_report(args.b, progress=not args.quiet)
-    if left is None or right is None:
+    outcomes: list[ReadOutcome] = []
+    # One bar (A's) while both are read side by side: B keeps pace with it.
+    left = _read_reporting(args.a, outcomes, progress=not args.quiet)
+    right = _read_reporting(args.b, outcomes, progress=False)
+    diff = DiffStream(left, right, frozenset(args.ignore)).run()
+    # Each file's error, A's first; nothing else is printed then.
+    if [outcome.report() for outcome in outcomes].count(True):
         return 2
-    lines = diff_records(left, right, frozenset(args.ignore))
-    for line in lines:
+    for line in diff.lines():
         print(line)
-    count = lambda records: sum(1 for r in records if r.kind == RecordKind.MESSAGE)
-    print(f"{count(left)} messages in A, {count(right)} in B: " +
-          ("the same" if not lines else f"{len(lines)} differences"))
-    return 0 if not lines else 1
+    print(f"{diff.counts[0]} messages in A, {diff.counts[1]} in B: " +
+          ("the same" if not diff.differences else f"{diff.differences} differences"))
+    return 0 if not diff.differences else 1
+
+
+def _read_reporting(path: str, outcomes: list[ReadOutcome], progress: bool) -> Iterator[Record]:
+    """A capture's records as they are read; a damaged or missing file ends them, its error kept in `outcomes`."""
+    with reading(path) as outcome, capture_progress(path, progress) as bar:
+        outcomes.append(outcome)
+        yield from read_capture(bar.source())

@@ -1,27 +1,41 @@
-"""`vhusniff state | stats | report | expert | timeline CAPTURE`: the analysis views of a capture."""
+"""`vhusniff state | stats | report | expert | timeline CAPTURE`: the analysis views of a capture.
+
+They stream: one pass, memory bounded by connections and outstanding requests, not by messages (the analyzer
+keeps aggregates and a bounded number of example findings, stats counts as it reads, the timeline buckets by time
+once a capture is too long to draw message by message)."""
 from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
 
-from ..analysis.analyzer import IDLE_SECONDS, REPLY_SECONDS, Analyzer, Transaction, connection_report, end_summary
+from ..analysis.analyzer import IDLE_SECONDS, REPLY_SECONDS, Analyzer, connection_report, end_summary
 from ..analysis.expert import CHECKS, Severity
 from ..capture.pcapng import ReadOutcome, read_capture, reading
 from ..capture.progress import capture_progress
-from ..model import Channel, Record, RecordKind
+from ..model import Channel, Direction, Record, RecordKind
 from ..protocol import catalogue as cat
-from ..protocol.grammar import Message
-from ..protocol.replies import Expect
-from ..views.timeline import render_html, render_svg
+from ..protocol.grammar import Message, request_name
+from ..views.timeline import Timeline, render_html
 
 EXIT_BAD_INPUT = 2
+
+
+@dataclass
+class Counter:
+    count: int = 0
+    bytes: int = 0
+    fds: int = 0
+
+
+MessageKey = tuple[int, Channel, Direction, int, bool]    # connection, channel, direction, request, reply?
 
 
 @dataclass
 class Loaded:
     analyzer: Analyzer
     outcome: ReadOutcome
-    seen: list[tuple[int, Record, Message | None]] = field(default_factory=list)
+    seen: list[tuple[int, Record, Message | None]] = field(default_factory=list)   # only with load(keep=True)
+    counts: dict[MessageKey, Counter] = field(default_factory=dict)    # messages, bytes and fds per kind
 
     @property
     def error(self) -> str:
@@ -31,19 +45,38 @@ class Loaded:
 
 def load(path: str, device: str | None = None, profile: str = "qemu-spec", at: int | None = None,
          keep: bool = False, idle_seconds: float = IDLE_SECONDS, reply_seconds: float = REPLY_SECONDS,
-         progress: bool = False) -> Loaded:
+         progress: bool = False, streaming: bool = False, timeline: Timeline | None = None) -> Loaded:
     """Analyse a capture (up to record number `at`). A damaged capture is analysed as far as it reads.
+
+    `streaming`: memory bounded by connections, not messages (Analyzer(keep=False)); else every transaction and
+    finding is kept, and with `keep` every record too. `timeline`: fed every record (it may switch the analyzer
+    to streaming once the capture is too long to draw message by message).
     `progress`: a bar on stderr while it is read, if stderr is a terminal (capture.progress)."""
-    analyzer = Analyzer(device, cat.PROFILES[profile], idle_seconds=idle_seconds, reply_seconds=reply_seconds)
+    analyzer = Analyzer(device, cat.PROFILES[profile], keep=not streaming, idle_seconds=idle_seconds,
+                        reply_seconds=reply_seconds)
+    decode, feed = analyzer.tracker.decode_message, analyzer.feed
     with reading(path) as outcome, capture_progress(path, progress) as bar:
         loaded = Loaded(analyzer, outcome)
+        counts = loaded.counts
         for number, record in enumerate(read_capture(bar.source()), 1):
             if at is not None and number > at:
                 break
-            message = analyzer.tracker.decode(record) if record.kind == RecordKind.MESSAGE else None
-            analyzer.feed(record, message, number)
+            message = None
+            if record.kind == RecordKind.MESSAGE:
+                decoded = message = decode(record)
+                key = (record.connection, record.channel, record.direction, decoded.request,
+                       bool(decoded.flags & cat.FLAG_REPLY))
+                counter = counts.get(key)
+                if counter is None:
+                    counter = counts[key] = Counter()
+                counter.count += 1
+                counter.bytes += len(record.data)
+                counter.fds += len(record.fds)
+            found = feed(record, message, number)
             if keep:
                 loaded.seen.append((number, record, message))
+            if timeline is not None and not timeline.add(number, record, message, found) and analyzer.keep:
+                analyzer.stream()           # too long to draw message by message: from now on, aggregates
     if at is None:
         analyzer.finish()
     return loaded
@@ -80,9 +113,10 @@ def add_threshold_arguments(parser: argparse.ArgumentParser) -> None:
                              "request (default: %(default)s)")
 
 
-def _load(args, at: int | None = None, keep: bool = False) -> Loaded:
-    return load(args.file, args.device, args.profile, at, keep, args.idle_seconds, args.reply_seconds,
-                progress=not args.quiet)
+def _load(args, at: int | None = None, timeline: Timeline | None = None) -> Loaded:
+    """Stream the capture; the timeline keeps what it draws message by message until it buckets by time."""
+    return load(args.file, args.device, args.profile, at, False, args.idle_seconds, args.reply_seconds,
+                progress=not args.quiet, streaming=timeline is None, timeline=timeline)
 
 
 def _connections(loaded: Loaded, only: int | None) -> list[int]:
@@ -114,68 +148,35 @@ def main_state(argv: list[str]) -> int:
 
 
 # --- stats ----------------------------------------------------------------------------------------------------------
-@dataclass
-class Counter:
-    count: int = 0
-    bytes: int = 0
-    fds: int = 0
-
-
-@dataclass
-class ResponseTimes:
-    times: list[float] = field(default_factory=list)
-    unanswered: int = 0
-
-
-MessageKey = tuple[Channel, str, int, bool, str]       # channel, direction arrow, request, reply?, name
-
-
-def message_counts(seen: list[tuple[int, Record, Message | None]]) -> dict[MessageKey, Counter]:
-    """(channel, direction, request, reply?, name) -> count, bytes, fds."""
-    counts: dict[MessageKey, Counter] = {}
-    for _number, record, message in seen:
-        if message is None:
+def message_counts(loaded: Loaded, only: int | None = None) -> dict[tuple[Channel, str, int, bool, str], Counter]:
+    """(channel, direction arrow, request, reply?, name) -> count, bytes, fds; all connections or one."""
+    profile = loaded.analyzer.profile
+    merged: dict[tuple[Channel, str, int, bool, str], Counter] = {}
+    for (connection, channel, direction, request, reply), counter in loaded.counts.items():
+        if only is not None and connection != only:
             continue
-        key = (record.channel, record.direction.arrow, message.request, message.is_reply,
-               message.name + (" reply" if message.is_reply else ""))
-        counter = counts.setdefault(key, Counter())
-        counter.count += 1
-        counter.bytes += len(record.data)
-        counter.fds += len(record.fds)
-    return dict(sorted(counts.items(), key=lambda item: (item[0][0], item[0][2], item[0][3], item[0][1])))
-
-
-def response_times(transactions: list[Transaction]) -> dict[tuple[Channel, int, str], ResponseTimes]:
-    """Service response time per request, like Wireshark's SRT: only requests that expected a reply."""
-    table: dict[tuple, ResponseTimes] = {}
-    for transaction in transactions:
-        if transaction.expect == Expect.NOTHING:
-            continue
-        entry = table.setdefault((transaction.channel, transaction.request, transaction.name), ResponseTimes())
-        if transaction.response_seconds is not None:
-            entry.times.append(transaction.response_seconds)
-        elif transaction.expect != Expect.MAYBE:
-            entry.unanswered += 1
-    return dict(sorted(table.items(), key=lambda item: item[0][:2]))
+        name = request_name(channel, request, profile) + (" reply" if reply else "")
+        total = merged.setdefault((channel, direction.arrow, request, reply, name), Counter())
+        total.count += counter.count
+        total.bytes += counter.bytes
+        total.fds += counter.fds
+    return dict(sorted(merged.items(), key=lambda item: (item[0][0], item[0][2], item[0][3], item[0][1])))
 
 
 def stats_lines(loaded: Loaded, only: int | None = None, expert: bool = False) -> list[str]:
     analyzer = loaded.analyzer
-    seen = [item for item in loaded.seen if only is None or item[1].connection == only]
     lines = ["Messages per channel, direction and request",
              f"  {'channel':<9}{'dir':<5}{'request':<34}{'count':>7}{'bytes':>9}{'fds':>6}"]
-    for (channel, arrow, _request, _reply, name), counter in message_counts(seen).items():
+    for (channel, arrow, _request, _reply, name), counter in message_counts(loaded, only).items():
         lines.append(f"  {channel.name.lower():<9}{arrow:<5}{name:<34}{counter.count:>7}{counter.bytes:>9}"
                      f"{counter.fds:>6}")
-    transactions = [t for t in analyzer.transactions if only is None or t.connection == only]
     lines += ["", "Service response time (request to reply)",
               f"  {'channel':<9}{'request':<30}{'replies':>8}{'min ms':>10}{'avg ms':>10}{'max ms':>10}"
               f"{'unanswered':>12}"]
-    for (channel, _request, name), entry in response_times(transactions).items():
-        times = entry.times
-        figures = (f"{min(times) * 1e3:>10.3f}{sum(times) / len(times) * 1e3:>10.3f}{max(times) * 1e3:>10.3f}"
-                   if times else f"{'-':>10}{'-':>10}{'-':>10}")
-        lines.append(f"  {channel.name.lower():<9}{name:<30}{len(times):>8}{figures}{entry.unanswered:>12}")
+    for (channel, _request, name), entry in analyzer.responses(only).items():
+        figures = (f"{entry.min_ns / 1e9 * 1e3:>10.3f}{entry.total_ns / 1e9 / entry.replies * 1e3:>10.3f}"
+                   f"{entry.max_ns / 1e9 * 1e3:>10.3f}" if entry.replies else f"{'-':>10}{'-':>10}{'-':>10}")
+        lines.append(f"  {channel.name.lower():<9}{name:<30}{entry.replies:>8}{figures}{entry.unanswered:>12}")
     lines += ["", "Connections", f"  {'conn':<6}{'device':<8}{'records':<12}{'messages':>9}{'duration s':>12}  ended"]
     for connection in _connections(loaded, only):
         state = analyzer.state(connection)
@@ -183,10 +184,13 @@ def stats_lines(loaded: Loaded, only: int | None = None, expert: bool = False) -
         span = f"#{state.first_number}-#{state.last_number}"
         lines.append(f"  {connection:<6}{state.device_type or '?':<8}{span:<12}{state.messages:>9}{duration:>12.3f}"
                      f"  {end_summary(analyzer, connection)}")
-    findings = [f for f in analyzer.findings if only is None or f.connection == only]
-    lines += ["", f"Findings: {len(findings)}" + ("" if expert or not findings else " (--expert lists them)")]
+    count = analyzer.finding_count(only)
+    lines += ["", f"Findings: {count}" + ("" if expert or not count else " (--expert lists them)")]
     if expert:
-        lines += ["  " + finding.line() for finding in findings]
+        lines += ["  " + finding.line() for finding in analyzer.findings
+                  if only is None or finding.connection == only]
+        lines += [f"  ... and {n} more {check} finding(s) on connection {c}, not kept"
+                  for c, check, n in analyzer.findings_not_kept(only)]
     return lines
 
 
@@ -194,7 +198,7 @@ def main_stats(argv: list[str]) -> int:
     parser = _parser("stats", "per-request counts, bytes, fds and response times; connections")
     parser.add_argument("--expert", action="store_true", help="list the expert findings too")
     args = parser.parse_args(argv)
-    loaded = _load(args, keep=True)
+    loaded = _load(args)
     if _nothing_read(loaded):
         return _finish(loaded)
     print("\n".join(stats_lines(loaded, args.connection, args.expert)))
@@ -203,10 +207,12 @@ def main_stats(argv: list[str]) -> int:
 
 # --- expert ---------------------------------------------------------------------------------------------------------
 def expert_lines(loaded: Loaded, only: int | None = None, minimum: Severity = Severity.CHAT) -> list[str]:
-    findings = [f for f in loaded.analyzer.findings
-                if (only is None or f.connection == only) and f.severity >= minimum]
-    lines = [f"{len(findings)} finding(s)"]
+    analyzer = loaded.analyzer
+    findings = [f for f in analyzer.findings if (only is None or f.connection == only) and f.severity >= minimum]
+    lines = [f"{analyzer.finding_count(only, minimum)} finding(s)"]
     lines += [f"  c{f.connection} {f.line()}" for f in sorted(findings, key=lambda f: f.number)]
+    lines += [f"  c{c} ... and {n} more {check} finding(s), not kept"
+              for c, check, n in analyzer.findings_not_kept(only, minimum)]
     return lines
 
 
@@ -245,13 +251,13 @@ def main_timeline(argv: list[str]) -> int:
     parser = _parser("timeline", "a picture of the session: lanes per channel and direction over time")
     parser.add_argument("-o", "--output", required=True, help="FILE.svg or FILE.html")
     args = parser.parse_args(argv)
-    loaded = _load(args, keep=True)
+    timeline = Timeline(args.connection)
+    loaded = _load(args, timeline=timeline)
     if _nothing_read(loaded):
         return _finish(loaded)
-    seen = [item for item in loaded.seen if args.connection is None or item[1].connection == args.connection]
-    svg = render_svg(seen, loaded.analyzer, title=args.file)
+    svg = timeline.render(loaded.analyzer, title=args.file)
     text = render_html(svg, args.file) if args.output.endswith((".html", ".htm")) else svg
     with open(args.output, "w", encoding="utf-8") as out:
         out.write(text)
-    print(f"{args.output}: {sum(1 for _n, r, _m in seen if r.kind == RecordKind.MESSAGE)} messages")
+    print(f"{args.output}: {timeline.messages} messages")
     return _finish(loaded)

@@ -5,6 +5,10 @@ times, events as vertical lines, messages with findings in red.
 Time runs left to right and only forwards, but idle gaps are compressed (log scale): a vhost-user session is
 bursts of microseconds separated by seconds of guest boot, and a linear axis would stack each burst on one pixel.
 The ruler gives the real time of the marks.
+
+A capture too long to draw message by message (more than DETAIL_LIMIT records) is drawn by time instead: each lane
+is a histogram of COLUMNS time buckets (a bar per bucket, its height the log of its message count, red for the
+findings raised in it), so the picture and the memory behind it stay bounded however long the capture.
 """
 from __future__ import annotations
 
@@ -12,9 +16,15 @@ import math
 from html import escape
 
 from ..analysis.analyzer import Analyzer, direction_for
+from ..analysis.expert import Finding
 from ..model import Channel, Direction, Record, RecordKind
 from ..protocol.grammar import Message
 from ..protocol.replies import Expect
+
+DETAIL_LIMIT = 20_000   # records drawn one by one; beyond, the timeline buckets by time
+COLUMNS = 800           # time buckets across the picture when bucketed
+COLUMN_WIDTH = 2
+BUCKET_LANE = 60        # a bucketed lane needs no room for rotated names
 
 LEFT = 190              # room for lane names
 TOP = 54
@@ -190,6 +200,168 @@ def _ruler(seen, xs, y, first_ns) -> list[str]:
         parts.append(f'<line x1="{x:.1f}" y1="{y - 4}" x2="{x:.1f}" y2="{y + 4}" stroke="#999"/>'
                      f'<text x="{x:.1f}" y="{y + 16}" class="tick" text-anchor="middle">'
                      f'{_time_text((record.timestamp_ns - first_ns) / 1e9)}</text>')
+    return parts
+
+
+class Timeline:
+    """Collects what the picture needs while the capture is read: the records themselves up to DETAIL_LIMIT, then
+    per-lane time buckets (messages and findings per bucket, events per connection) whose number stays bounded:
+    when a record falls beyond the last column, the bucket width doubles and neighbouring buckets merge."""
+
+    def __init__(self, only: int | None = None, detail_limit: int = DETAIL_LIMIT, columns: int = COLUMNS):
+        self.only = only
+        self.detail_limit = detail_limit
+        self.columns = columns
+        self.seen: list[tuple[int, Record, Message | None]] | None = []
+        self.messages = 0
+        self.origin_ns = 0
+        self.width_ns = 1
+        self.last_ns = 0
+        # (connection, channel, direction) -> bucket -> [messages, findings raised]
+        self.lanes: dict[tuple[int, Channel, Direction], dict[int, list]] = {}
+        # connection -> bucket -> [events, first note]
+        self.events: dict[int, dict[int, list]] = {}
+        self.raised: dict[int, int] = {}    # while detailed: record number -> findings raised as it was fed
+
+    @property
+    def detailed(self) -> bool:
+        return self.seen is not None
+
+    def add(self, number: int, record: Record, message: Message | None, found: list[Finding]) -> bool:
+        """One record (and the findings feeding it raised); False once the timeline buckets by time."""
+        if self.only is not None and record.connection != self.only:
+            return self.seen is not None
+        if record.kind == RecordKind.MESSAGE:
+            self.messages += 1
+        if self.seen is not None:
+            self.seen.append((number, record, message))
+            if found:
+                self.raised[number] = len(found)
+            if len(self.seen) <= self.detail_limit:
+                return True
+            self._to_buckets()
+            return False
+        self._count(record, message, len(found))
+        return False
+
+    def _to_buckets(self) -> None:
+        seen, self.seen = self.seen or [], None
+        times = [r.timestamp_ns for _n, r, _m in seen]
+        self.origin_ns = min(times)
+        self.width_ns = max(1, -(-(max(times) - self.origin_ns + 1) // self.columns))
+        for number, record, message in seen:
+            self._count(record, message, self.raised.get(number, 0))
+        self.raised = {}
+
+    def _bucket(self, timestamp_ns: int) -> int:
+        index = max(0, timestamp_ns - self.origin_ns) // self.width_ns
+        while index >= self.columns:
+            self.width_ns *= 2
+            index //= 2
+            for buckets in (*self.lanes.values(), *self.events.values()):
+                merged: dict[int, list] = {}
+                for old, entry in buckets.items():
+                    into = merged.get(old // 2)
+                    if into is None:
+                        merged[old // 2] = entry
+                    else:
+                        into[0] += entry[0]
+                        if isinstance(into[1], int):
+                            into[1] += entry[1]
+                buckets.clear()
+                buckets.update(merged)
+        return index
+
+    def _count(self, record: Record, message: Message | None, findings: int) -> None:
+        index = self._bucket(record.timestamp_ns)
+        self.last_ns = max(self.last_ns, record.timestamp_ns)
+        if record.kind != RecordKind.MESSAGE:
+            self.events.setdefault(record.connection, {}).setdefault(index, [0, record.note])[0] += 1
+            return
+        lane = self.lanes.setdefault((record.connection, record.channel, record.direction), {})
+        entry = lane.get(index)
+        if entry is None:
+            entry = lane[index] = [0, 0]
+        entry[0] += 1
+        entry[1] += findings + bool(message is not None and message.problems)
+
+    def render(self, analyzer: Analyzer, title: str = "") -> str:
+        if self.seen is not None:
+            return render_svg(self.seen, analyzer, title)
+        return _render_buckets(self, analyzer, title)
+
+
+def _render_buckets(timeline: Timeline, analyzer: Analyzer, title: str) -> str:
+    """The bucketed picture: per connection a band, per channel two lanes of bars over a linear time axis."""
+    width = LEFT + 20 + timeline.columns * COLUMN_WIDTH + 60
+    peak = max((entry[0] for lane in timeline.lanes.values() for entry in lane.values()), default=1)
+    scale = (BUCKET_LANE - 8) / math.log10(1 + peak)
+    parts: list[str] = []
+    y = TOP
+    connections = sorted({key[0] for key in timeline.lanes} | set(timeline.events))
+    for connection in connections:
+        state = analyzer.state(connection)
+        channels = sorted({key[1] for key in timeline.lanes if key[0] == connection} | {Channel.MAIN})
+        band_top = y
+        parts.append(f'<text x="8" y="{y - 10}" class="band">connection {connection} '
+                     f'({escape(state.device_type or "unknown device")}), {state.messages} messages</text>')
+        y += EVENT_STRIP
+        for channel in channels:
+            for direction in (Direction.FRONTEND_TO_BACKEND, Direction.BACKEND_TO_FRONTEND):
+                shade = "#f4f7fb" if direction == Direction.FRONTEND_TO_BACKEND else "#fbf8f2"
+                parts.append(f'<rect x="0" y="{y}" width="{width}" height="{BUCKET_LANE}" fill="{shade}"/>')
+                parts.append(f'<text x="8" y="{y + BUCKET_LANE / 2 + 4}" class="lane">{channel.name.lower()} '
+                             f'{direction.arrow}</text>')
+                lane = timeline.lanes.get((connection, channel, direction), {})
+                parts += _bars(timeline, lane, y, scale, COLOURS.get(channel, "#444"))
+                y += BUCKET_LANE
+        for index, (count, note) in sorted(timeline.events.get(connection, {}).items()):
+            x = LEFT + 20 + index * COLUMN_WIDTH
+            text = escape(note if count == 1 else f"{note} (and {count - 1} more events)")
+            parts.append(f'<g class="event"><title>{_bucket_time(timeline, index)}: {text}</title>'
+                         f'<line x1="{x:.1f}" y1="{band_top - 4}" x2="{x:.1f}" y2="{y}" stroke="#7a1f7a" '
+                         f'stroke-width="1" stroke-dasharray="5,3"/></g>')
+        y += BAND_GAP
+    ruler_y = y - BAND_GAP + 40
+    parts.append(f'<line x1="{LEFT + 20}" y1="{ruler_y}" x2="{LEFT + 20 + timeline.columns * COLUMN_WIDTH}" '
+                 f'y2="{ruler_y}" stroke="#999"/>')
+    for index in range(0, timeline.columns + 1, 100):
+        x = LEFT + 20 + index * COLUMN_WIDTH
+        seconds = index * timeline.width_ns / 1e9
+        parts.append(f'<line x1="{x}" y1="{ruler_y - 4}" x2="{x}" y2="{ruler_y + 4}" stroke="#999"/>'
+                     f'<text x="{x}" y="{ruler_y + 16}" class="tick" text-anchor="middle">'
+                     f'{_time_text(seconds)}</text>')
+    height = int(y + 40)
+    header = escape(title) if title else "vhusniff timeline"
+    header += f" ({timeline.messages:,} messages, by time: {_time_text(timeline.width_ns / 1e9)} a bar)"
+    return "\n".join([
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" font-family="DejaVu Sans, Arial, sans-serif">',
+        "<style>.band{font-size:13px;font-weight:bold}.lane{font-size:12px;fill:#333}"
+        ".tick{font-size:9px;fill:#555}</style>",
+        f'<rect x="0" y="0" width="{width}" height="{height}" fill="white"/>',
+        f'<text x="8" y="16" class="band">{header}</text>',
+        *parts,
+        "</svg>",
+    ])
+
+
+def _bucket_time(timeline: Timeline, index: int) -> str:
+    start = index * timeline.width_ns / 1e9
+    return f"{_time_text(start)} to {_time_text(start + timeline.width_ns / 1e9)}"
+
+
+def _bars(timeline: Timeline, lane: dict[int, list], top: float, scale: float, colour: str) -> list[str]:
+    parts = []
+    bottom = top + BUCKET_LANE - 4
+    for index, (count, flagged) in sorted(lane.items()):
+        x = LEFT + 20 + index * COLUMN_WIDTH
+        height = max(1.0, math.log10(1 + count) * scale)
+        tip = f"{_bucket_time(timeline, index)}: {count} messages" + (f", {flagged} findings" if flagged else "")
+        parts.append(f'<g class="bucket"><title>{tip}</title><rect x="{x}" y="{bottom - height:.1f}" '
+                     f'width="{COLUMN_WIDTH}" height="{height:.1f}" fill="{colour}"/>'
+                     + (f'<rect x="{x}" y="{bottom - height:.1f}" width="{COLUMN_WIDTH}" height="3" '
+                        f'fill="{PROBLEM}"/>' if flagged else "") + "</g>")
     return parts
 
 
