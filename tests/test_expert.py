@@ -21,7 +21,8 @@ from test_analysis import (
 
 from vhusniff.analysis.analyzer import Analyzer
 from vhusniff.analysis.expert import CHECKS, Severity
-from vhusniff.model import Channel, EventKind
+from vhusniff.dataplane.sample import Reason, RingSample, SampleFlag
+from vhusniff.model import Channel, EventKind, Record, RecordKind
 from vhusniff.protocol import catalogue as cat
 from vhusniff.protocol.grammar import HEADER_STRUCT
 
@@ -240,11 +241,30 @@ CASES = {
     "gpu-scanout-out-of-range": (lambda: gpu_update(4, 2, 32, scanout=16), lambda: gpu_update(4, 2, 32, scanout=15)),
     "disconnect-with-request-outstanding": (lambda: closed_while_waiting(True), lambda: closed_while_waiting(False)),
     "capture-ended-with-request-outstanding": (lambda: unanswered_at_end(False), lambda: unanswered_at_end(True)),
+    # Ring samples (--rings/--notifications): (seconds after the previous, avail, used, kicks, calls).
+    "stuck-ring": (lambda: _ring([(0, 12, 10, 5, 5), (1, 12, 10, 5, 5), (1.5, 12, 10, 5, 5)]),
+                   lambda: _ring([(0, 12, 10, 5, 5), (1, 12, 10, 5, 5), (0.5, 12, 10, 5, 5)])),
+    "kicks-without-progress": (lambda: _ring([(0, 10, 10, 5, 5), (1, 12, 10, 6, 5), (2.5, 12, 10, 6, 5)]),
+                               lambda: _ring([(0, 10, 10, 5, 5), (1, 12, 10, 6, 5), (0.5, 12, 10, 6, 5)])),
+    "calls-without-used-movement": (lambda: _ring([(0, 10, 10, 5, 5), (0.1, 10, 10, 5, 8)]),
+                                    lambda: _ring([(0, 10, 10, 5, 5), (0.1, 10, 10, 5, 7)])),
 }
 
 
 def _ended(s: Script) -> Script:
     s.event("front-end closed: connection closed", EventKind.CLOSED)
+    return s
+
+
+def _ring(samples: list[tuple[float, int, int, int, int]]) -> Script:
+    """A blk connection whose ring 0 is sampled as listed: (seconds after the previous, avail, used, kicks, calls)."""
+    s = Script()
+    s.connected("blk")
+    for seconds, avail, used, kicks, calls in samples:
+        sample = RingSample(0, Reason.PERIODIC, SampleFlag.MAPPED, avail, used, num=128,
+                            in_flight=(avail - used) & 0xFFFF, kicks=kicks, calls=calls)
+        s._add(Record(0, s.connection, data=sample.pack(), kind=RecordKind.EVENT, note=sample.note(),
+                      event=EventKind.RING), int(seconds * 1e9))
     return s
 
 

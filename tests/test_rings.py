@@ -9,21 +9,26 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import signal
 import struct
 import subprocess
 import sys
+import time
 
 import pytest
 
 from peers import kit, require  # noqa: F401  (kit is a fixture)
+from vhusniff.analysis.rings import STUCK_SECONDS, RingChecks
 from vhusniff.capture.pcapng import read_capture
 from vhusniff.dataplane.inflight import pending_requests
 from vhusniff.dataplane.memory import GuestMemory, map_region
 from vhusniff.dataplane.rings import RingWatch
 from vhusniff.dataplane.sample import Reason, RingSample, SampleError, SampleFlag, unpack_sample
+from vhusniff.lab import peers as lab
 from vhusniff.lab.command import run_lab
 from vhusniff.model import Channel, Direction, EventKind, RecordKind
 from vhusniff.protocol.grammar import build_message
+from vhusniff.proxy import Proxy, Route
 
 JSON_KEYS = {"connection", "ring", "time", "avail_idx", "used_idx", "in_flight", "kicks", "calls"}
 
@@ -179,3 +184,47 @@ def test_ring_samples_are_events_every_reader_shows(blk_rings_capture):
     assert shown.returncode == 0 and shown.stdout.count("ring 0 ") == len(records)
     text = vhusniff("rings", str(blk_rings_capture), "-q")
     assert text.returncode == 0 and text.stdout.startswith("connection 1 ring 0 (split, size ")
+
+
+def test_stopped_storage_daemon_during_guest_io_is_a_stuck_ring(kit, tmp_path):  # noqa: F811
+    require("qemu-storage-daemon")
+    backend_socket, proxy_socket = tmp_path / "backend.sock", tmp_path / "proxy.sock"
+    capture = tmp_path / "stuck.pcapng"
+    stopped_at: list[int] = []
+
+    def ring0(proxy) -> list[RingSample]:
+        return [unpack_sample(r.data) for r in list(proxy.records)
+                if r.kind == RecordKind.EVENT and r.event == EventKind.RING]
+
+    def stuck_long_enough(proxy) -> bool:
+        after = [r for r in list(proxy.records) if r.kind == RecordKind.EVENT and r.event == EventKind.RING
+                 and r.timestamp_ns >= stopped_at[0]]
+        stuck = [r for r in after if unpack_sample(r.data).in_flight > 0]
+        return bool(stuck) and stuck[-1].timestamp_ns - stuck[0].timestamp_ns > (STUCK_SECONDS + 0.5) * 1e9
+
+    with lab.start_storage_daemon(tmp_path, backend_socket) as backend, \
+            Proxy([Route.forward(proxy_socket, backend_socket, "blk")], capture=capture, report=None, rings=True,
+                  notifications=True, rings_interval=0.1) as proxy, \
+            lab.start_qemu(tmp_path, kit, proxy_socket, kernel_args=lab.loop_kernel_args(12)) as guest:
+        assert proxy.wait_until(lambda p: any(s.used_idx > 50 for s in ring0(p)), 90), guest.console_lines()
+        os.kill(backend.proc.pid, signal.SIGSTOP)
+        stopped_at.append(time.time_ns())
+        try:
+            assert proxy.wait_until(stuck_long_enough, 30), [s.note() for s in ring0(proxy)]
+        finally:
+            os.kill(backend.proc.pid, signal.SIGCONT)
+        result = guest.wait(90)
+        assert "rounds" in result.console and " 0 failed" in result.console, result.console
+    checks = RingChecks()
+    findings = [f for number, record in enumerate(read_capture(capture), 1) for f in checks.feed(record, number)]
+    stuck = [f for f in findings if f.check == "stuck-ring"]
+    assert len(stuck) == 1 and stuck[0].text.startswith("ring 0: "), findings
+    assert "kicks-without-progress" in {f.check for f in findings}
+    expert = vhusniff("expert", str(capture), "-q")
+    assert "stuck-ring" in expert.stdout, expert.stdout + expert.stderr
+
+
+def test_a_real_boot_gives_no_ring_finding(blk_rings_capture):
+    checks = RingChecks()
+    assert [f for number, record in enumerate(read_capture(blk_rings_capture), 1)
+            for f in checks.feed(record, number)] == []

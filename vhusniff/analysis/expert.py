@@ -93,6 +93,10 @@ CHECKS = MappingProxyType({check.id: check for check in (
           "the connection ended while a request waited for its reply"),
     Check("capture-ended-with-request-outstanding", N, "lifecycle",
           "the capture ends while a request waits for its reply"),
+    # From the ring samples of --rings/--notifications (analysis.rings).
+    Check("stuck-ring", E, "dataplane", "requests in flight and the used index still: the back-end stopped serving"),
+    Check("kicks-without-progress", W, "dataplane", "the guest kicked a stuck ring and the back-end did not act"),
+    Check("calls-without-used-movement", N, "dataplane", "calls while the used index did not move (spurious calls)"),
 )})
 
 # Decoder problem codes -> check ids.

@@ -25,7 +25,7 @@ class _RingTrack:
     calls: int = -1
     stuck_since_ns: int | None = None     # first sample of the current episode: in flight, used not moving
     stuck_number: int = 0
-    kicks_at_move: int = 0                # kicks counted when the used index last moved
+    kicks_when_idle: int = 0              # kicks counted when the ring last had nothing in flight
     reported: bool = False                # this episode's findings are out
     spurious_reported: bool = False
 
@@ -60,8 +60,9 @@ class RingChecks:
                                  f"ring {sample.ring}: {sample.calls - track.calls} calls while the used index "
                                  f"stayed at {sample.used_idx}"))
         track.used_idx, track.calls = sample.used_idx, sample.calls
-        if moved:
-            track.kicks_at_move = sample.kicks
+        if sample.in_flight == 0:
+            # Any later kick announces work that was not there yet: a kick the back-end should act on.
+            track.kicks_when_idle = sample.kicks
         if moved or sample.in_flight == 0 or sample.flags & SampleFlag.STOPPED:
             track.stuck_since_ns = None
             track.reported = False
@@ -77,10 +78,10 @@ class RingChecks:
         found.append(Finding("stuck-ring", record.connection, (number, track.stuck_number),
                              f"ring {sample.ring}: {sample.in_flight} request(s) in flight, used index stuck at "
                              f"{sample.used_idx} for {stuck_for / 1e9:.1f} s (avail {sample.avail_idx})"))
-        kicks = sample.kicks - track.kicks_at_move
+        kicks = sample.kicks - track.kicks_when_idle
         if kicks > 0:
             # The back-end was told (the kicks passed through the proxy) and did not act: not a lost kick.
             found.append(Finding("kicks-without-progress", record.connection, (number, track.stuck_number),
-                                 f"ring {sample.ring}: {kicks} kick(s) since the used index last moved, "
-                                 f"{stuck_for / 1e9:.1f} s ago or more"))
+                                 f"ring {sample.ring}: {kicks} kick(s) since it last had nothing in flight, and "
+                                 f"the used index has not moved for {stuck_for / 1e9:.1f} s"))
         return found
