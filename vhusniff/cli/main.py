@@ -241,6 +241,7 @@ DELEGATED = {
     "proxy": ("cli.proxy", "main", "intercept a live front-end/back-end pair"),
     "lab": ("lab.command", "main", "boot a throwaway real QEMU and back-end through the proxy"),
     "replay": ("replay", "main", "replay a capture against a real back-end or a real front-end"),
+    "fuzz": ("cli.fuzz", "main", "fuzz a real back-end from a seed capture, with reproducers that replay"),
     "diff": ("analysis.diff", "main", "compare two captures message by message"),
     "state": ("cli.analysis", "main_state", "negotiated session state as of any message"),
     "stats": ("cli.analysis", "main_stats", "per-request counts and response times, connections"),

@@ -10,6 +10,9 @@ from ..model import FdInfo
 PAGE = 4096
 # Fd kinds that are not memory; every other recorded kind (memfd, file, anon, ...) is replayed as a memfd.
 NOT_MAPPED = frozenset({"eventfd", "socket", "pipe"})
+# A memfd recorded under this name is made at its recorded size even where a region claims more: how a fuzzer's
+# reproducer keeps a memfd smaller than the region it is said to map.
+SHORT_MEMFD = "vhusniff-short-memfd"
 
 
 class FreshFds:
@@ -28,11 +31,13 @@ class FreshFds:
         self.regions: list[tuple[int, int, int, int]] = []   # (uaddr, size, mmap_offset, memfd)
 
     def make(self, info: FdInfo, min_size: int = 0) -> int:
+        if info.kind == "memfd" and info.name == SHORT_MEMFD:
+            min_size = 0
         key = (info.kind, info.inode, info.name if info.kind == "eventfd" else "")
         if info.inode and key in self._objects:
             fd = self._objects[key]
             if info.kind not in NOT_MAPPED and os.fstat(fd).st_size < min_size:
-                os.ftruncate(fd, min_size)
+                _grow(fd, min_size)
             return os.dup(fd)
         fd = self._create(info, min_size)
         if info.inode:
@@ -53,7 +58,8 @@ class FreshFds:
         # Not in NOT_MAPPED (memfd, regular file, anything else a peer maps): shared memory, sparse, of the
         # recorded size.
         fd = os.memfd_create(info.name or "vhusniff-replay", os.MFD_CLOEXEC)
-        os.ftruncate(fd, max(info.size, min_size, PAGE))
+        os.ftruncate(fd, max(info.size, PAGE))
+        _grow(fd, min_size)
         return fd
 
     def take_our_end(self, fd: int) -> socket.socket | None:
@@ -70,7 +76,10 @@ class FreshFds:
         """Write guest memory at a front-end address; False when no region holds it."""
         for base, size, mmap_offset, fd in self.regions:
             if base <= uaddr and uaddr + 2 <= base + size:
-                os.pwrite(fd, struct.pack("<H", value), uaddr - base + mmap_offset)
+                try:
+                    os.pwrite(fd, struct.pack("<H", value), uaddr - base + mmap_offset)
+                except (OSError, OverflowError):     # a region no memfd can be (a fuzzed size or offset)
+                    return False
                 return True
         return False
 
@@ -82,3 +91,11 @@ class FreshFds:
         self._kept, self._objects, self.regions, self._our_ends = [], {}, [], {}
 
 
+def _grow(fd: int, size: int) -> None:
+    """Grow a memfd to the size a region claims, when the kernel allows that size (a recorded or fuzzed region
+    may claim more than any file can hold: the memfd then stays as it is)."""
+    try:
+        if os.fstat(fd).st_size < size:
+            os.ftruncate(fd, size)
+    except (OSError, OverflowError):
+        pass

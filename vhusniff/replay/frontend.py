@@ -65,6 +65,7 @@ class ScriptedFrontend:
     with an ack of 0 when one is due. Each ring is placed where the recorded session left it."""
 
     side = Side.FRONTEND
+    quiet = QUIET        # after the last reply, how long to wait before closing (a subclass may not wait)
 
     def __init__(self, driver: Driver, exchanges: list[Exchange], fresh: FreshFds, result: ReplayResult, out,
                  reply_timeout: float, device: str | None):
@@ -103,13 +104,13 @@ class ScriptedFrontend:
             self.outgoing = Outgoing(exchange, f"#{exchange.number:<4} {recorded.name:<24}", recorded)
             self.driver.send(Channel.MAIN, self._rewrite(recorded, exchange), fds)
         else:
-            self.driver.after(QUIET, self.finish)
+            self.driver.after(self.quiet, self.finish)
 
     def finish(self) -> None:
         if self.over:
             return
         if self.outgoing is not None or self.injected or self.driver.busy():
-            self.driver.after(QUIET, self.finish)
+            self.driver.after(self.quiet, self.finish)
             return
         self.over = True
         self.driver.close("replay finished")
