@@ -3,17 +3,24 @@ exactly REPLY), every request of docs/interop/vhost-user-gpu.rst decoded field b
 UPDATE carries a whole screen of pixels), its reply rules and its expert checks."""
 from __future__ import annotations
 
+import io
+import os
+import socket
 import struct
+import threading
 
 import pytest
 
 from vhusniff.analysis.analyzer import Analyzer, direction_for
+from vhusniff.engine.sockio import receive_chunk, send_message
 from vhusniff.layers.packets import PAYLOAD_LAYERS, VhostUserGpu
-from vhusniff.model import Channel, Direction, Record
+from vhusniff.model import Channel, Direction, FdInfo, Record
 from vhusniff.protocol import catalogue as cat
 from vhusniff.protocol.framing import Framer, FramingError
 from vhusniff.protocol.grammar import DEFAULT_CONTEXT, build_message, decode, encode
 from vhusniff.protocol.replies import Expect, expectation
+from vhusniff.replay.backend import replay_as_backend
+from vhusniff.replay.frontend import replay_as_frontend
 
 G = cat.GpuRequest
 HEADER = struct.Struct("<III")
@@ -162,3 +169,130 @@ def test_expert_checks_of_the_gpu_protocol():
 def test_scapy_builds_a_gpu_update_with_its_size():
     packet = VhostUserGpu(request=G.UPDATE) / PAYLOAD_LAYERS["gpu_update"](width=2, height=1, data=bytes(8))
     assert bytes(packet) == gpu(G.UPDATE, update(2, 1))
+
+
+# ---- replay plays and serves the GPU socket in both roles ----------------------------------------------------
+
+def _reader(sock: socket.socket, channel: Channel):
+    """Whole messages (bytes, fds) from a blocking socket, framed as a receiver on `channel` frames them."""
+    framer, ready = Framer.for_channel("test peer", channel), []
+    while True:
+        while ready:
+            frame = ready.pop(0)
+            yield frame.data, frame.fds
+        data, fds, _truncated = receive_chunk(sock)
+        if not data:
+            return
+        ready += [frame for frame in framer.feed(data, fds) if hasattr(frame, "data")]
+
+
+SCREEN = (64, 40)
+
+
+def gpu_recording() -> list[Record]:
+    """A recorded session with a GPU socket, as the proxy records QEMU and vhost-user-gpu: the main channel's
+    negotiation and GPU_SET_SOCKET, then the back-end's GPU requests and QEMU's replies, then a last request."""
+    records: list[Record] = []
+
+    def add(channel, direction, data, fds=()):
+        records.append(Record(1_000 * (len(records) + 1), 1, channel, direction, data, list(fds)))
+
+    front, back = Direction.FRONTEND_TO_BACKEND, Direction.BACKEND_TO_FRONTEND
+    main = cat.FrontendRequest
+    add(Channel.MAIN, front, build_message(Channel.MAIN, main.GET_FEATURES))
+    add(Channel.MAIN, back, build_message(Channel.MAIN, main.GET_FEATURES, {"features": 1 << 32}, reply=True))
+    add(Channel.MAIN, front, build_message(Channel.MAIN, main.GPU_SET_SOCKET), [FdInfo("socket", 7, 0, "", 0)])
+    add(Channel.GPU, back, gpu(G.GET_PROTOCOL_FEATURES))
+    add(Channel.GPU, front, gpu(G.GET_PROTOCOL_FEATURES, struct.pack("<Q", 3), REPLY))
+    add(Channel.GPU, back, gpu(G.SET_PROTOCOL_FEATURES, struct.pack("<Q", 1)))
+    add(Channel.GPU, back, gpu(G.GET_DISPLAY_INFO))
+    add(Channel.GPU, front, gpu(G.GET_DISPLAY_INFO, display_info((0, 0, *SCREEN)), REPLY))
+    add(Channel.GPU, back, gpu(G.SCANOUT, struct.pack("<3I", 0, *SCREEN)))
+    add(Channel.GPU, back, gpu(G.UPDATE, update(*SCREEN)))
+    add(Channel.MAIN, front, build_message(Channel.MAIN, main.GET_FEATURES))
+    add(Channel.MAIN, back, build_message(Channel.MAIN, main.GET_FEATURES, {"features": 1 << 32}, reply=True))
+    return records
+
+
+def test_replay_as_backend_plays_the_recorded_gpu_requests_on_the_socket_the_front_end_passes(tmp_path):
+    """The front-end here stands in for QEMU 10 (the front-end of vhost-user-gpu): it passes a GPU socket and
+    answers on it, as QEMU does, and checks what the replayed back-end draws."""
+    path = str(tmp_path / "backend.sock")
+    out = io.StringIO()
+    status: list[int] = []
+    server = threading.Thread(target=lambda: status.append(replay_as_backend(gpu_recording(), path, out=out)))
+    server.start()
+    main = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    for _attempt in range(500):
+        if os.path.exists(path):
+            break
+        threading.Event().wait(0.01)
+    main.connect(path)
+    ours, theirs = socket.socketpair()
+    drawn = []
+    try:
+        replies = _reader(main, Channel.MAIN)
+        main.sendall(build_message(Channel.MAIN, cat.FrontendRequest.GET_FEATURES))
+        assert decode(next(replies)[0]).name == "GET_FEATURES"
+        send_message(main, build_message(Channel.MAIN, cat.FrontendRequest.GPU_SET_SOCKET), [theirs.fileno()])
+        theirs.close()
+        for data, _fds in _reader(ours, Channel.GPU):
+            message = decode(data, Channel.GPU)
+            drawn.append(message.name)
+            if message.request == G.GET_PROTOCOL_FEATURES:
+                ours.sendall(gpu(G.GET_PROTOCOL_FEATURES, struct.pack("<Q", 3), REPLY))
+            elif message.request == G.GET_DISPLAY_INFO:
+                ours.sendall(gpu(G.GET_DISPLAY_INFO, display_info((0, 0, *SCREEN)), REPLY))
+            elif message.request == G.UPDATE:
+                assert (message.payload.width, message.payload.height) == SCREEN
+                assert len(message.payload.data) == SCREEN[0] * SCREEN[1] * 4
+                break
+        main.sendall(build_message(Channel.MAIN, cat.FrontendRequest.GET_FEATURES))
+        assert decode(next(replies)[0]).name == "GET_FEATURES"
+    finally:
+        main.close()
+        ours.close()
+        server.join(timeout=60)
+    assert drawn == ["GET_PROTOCOL_FEATURES", "SET_PROTOCOL_FEATURES", "GET_DISPLAY_INFO", "SCANOUT", "UPDATE"]
+    assert status == [0], out.getvalue()
+    assert "GPU channel: 5 requests sent, 2 replies, 0 differences, 0 recorded requests not played" in out.getvalue()
+
+
+def test_replay_as_frontend_answers_the_gpu_socket_with_the_recorded_replies(tmp_path):
+    """The back-end here stands in for vhost-user-gpu: it takes the GPU socket from GPU_SET_SOCKET and asks for
+    the protocol features and the display info on it, as vhost-user-gpu does when it starts."""
+    path = str(tmp_path / "gpu-backend.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    asked: list[str] = []
+
+    def backend() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            messages = _reader(conn, Channel.MAIN)
+            for data, fds in messages:
+                message = decode(data)
+                if message.name == "GET_FEATURES":
+                    conn.sendall(build_message(Channel.MAIN, message.request, {"features": 1 << 32}, reply=True))
+                elif message.name == "GPU_SET_SOCKET":
+                    with socket.socket(fileno=fds[0]) as gpu_socket:
+                        answers = _reader(gpu_socket, Channel.GPU)
+                        for request in (G.GET_PROTOCOL_FEATURES, G.GET_DISPLAY_INFO, G.GET_EDID):
+                            gpu_socket.sendall(gpu(request, struct.pack("<I", 0) if request == G.GET_EDID else b""))
+                            asked.append(decode(next(answers)[0], Channel.GPU).summary())
+                        gpu_socket.sendall(gpu(G.SCANOUT, struct.pack("<3I", 0, *SCREEN)))
+
+    thread = threading.Thread(target=backend)
+    thread.start()
+    out = io.StringIO()
+    try:
+        result = replay_as_frontend(gpu_recording(), path, out=out)
+    finally:
+        thread.join(timeout=60)
+        listener.close()
+    assert asked == ["GET_PROTOCOL_FEATURES reply gpu_protocol_features=0x3(EDID|DMABUF2)",
+                     f"GET_DISPLAY_INFO reply type=0x1101 scanout0={SCREEN[0]}x{SCREEN[1]}+0+0",
+                     "GET_EDID reply type=0x0 edid=0B"]          # nothing recorded: the reply's size, zeroed
+    assert result.identical, result.divergences
+    assert (result.gpu_requests, result.gpu_replies) == (4, 3)

@@ -1,5 +1,6 @@
 """`replay --as backend`: a scripted back-end answers a real front-end (QEMU) from the recording and plays the
-recorded back-end-channel requests on the socket the front-end passed in SET_BACKEND_REQ_FD."""
+recorded back-end requests of the side channels: the back-end channel (the socket the front-end passed in
+SET_BACKEND_REQ_FD) and the GPU socket (GPU_SET_SOCKET: scanouts, display updates, cursor)."""
 from __future__ import annotations
 
 import os
@@ -32,6 +33,20 @@ from .recording import (
 F = cat.FrontendRequest
 
 
+SIDE_CHANNELS = (Channel.BACKEND, Channel.GPU)     # the channels whose requests the back-end sends
+_LABELS = {Channel.BACKEND: "back-end channel", Channel.GPU: "GPU channel"}
+_OPENED_BY = {Channel.BACKEND: "SET_BACKEND_REQ_FD", Channel.GPU: "GPU_SET_SOCKET"}
+
+
+@dataclass
+class SideChannelResult:
+    """What the scripted back-end sent on one side channel, and how the front-end answered."""
+    sent: int = 0                    # requests sent (recorded and injected)
+    replies: int = 0                 # the front-end's replies to them
+    differences: list[str] = field(default_factory=list)   # replies unlike the recording, or missing
+    not_played: int = 0              # recorded requests whose place in the sequence never came
+
+
 @dataclass
 class ServeResult:
     requests: int = 0
@@ -39,10 +54,8 @@ class ServeResult:
     not_recorded: list[str] = field(default_factory=list)
     failed: str = ""                 # why the session was ended by policy (unknown request with --unknown fail)
     ended: str = ""                  # how the front-end's connection ended
-    backend_sent: int = 0            # back-end-channel requests sent (recorded and injected)
-    backend_replies: int = 0         # the front-end's replies to them
-    backend_differences: list[str] = field(default_factory=list)   # replies unlike the recording, or missing
-    backend_not_played: int = 0      # recorded back-end requests whose place in the sequence never came
+    side: dict[Channel, SideChannelResult] = field(
+        default_factory=lambda: {channel: SideChannelResult() for channel in SIDE_CHANNELS})
     recorded: int = 0                # the recorded front-end requests
     never_came: list[str] = field(default_factory=list)    # recorded requests the front-end never sent
 
@@ -51,12 +64,14 @@ class ServeResult:
         """The front-end left before it sent every recorded request: the session did not go as recorded."""
         return bool(self.never_came)
 
-    def summary(self, played: bool) -> str:
+    def summary(self, played: Sequence[Channel]) -> str:
+        """One line; a side channel is counted when it had recorded requests to play (`played`) or sent any."""
         backend = ""
-        if played or self.backend_sent:
-            backend = (f"; back-end channel: {self.backend_sent} requests sent, {self.backend_replies} replies, "
-                       f"{len(self.backend_differences)} differences, {self.backend_not_played} recorded requests "
-                       f"not played")
+        for channel, counts in self.side.items():
+            if channel in played or counts.sent:
+                backend += (f"; {_LABELS[channel]}: {counts.sent} requests sent, {counts.replies} replies, "
+                            f"{len(counts.differences)} differences, {counts.not_played} recorded requests "
+                            f"not played")
         missing = ""
         if self.never_came:
             missing = (f"; {len(self.never_came)} of {self.recorded} recorded requests never came (first: "
@@ -107,14 +122,17 @@ class RingKicks:
 
 
 class BackendRequests:
-    """The scripted back-end's requests on the back-end channel, recorded or injected by a hook, one at a time:
-    when one requires a reply (the one reply rule, in the live context) the next waits until the front-end's
-    reply comes or `reply_timeout` passes; the main channel is served meanwhile (QEMU answers
-    CONFIG_CHANGE_MSG only after its GET_CONFIG). A hook's injection goes ahead of queued recorded requests."""
+    """The scripted back-end's requests on one side channel (the back-end channel or the GPU socket), recorded
+    or injected by a hook, one at a time: when one requires a reply (the one reply rule, in the live context) the
+    next waits until the front-end's reply comes or `reply_timeout` passes; the main channel is served meanwhile
+    (QEMU answers CONFIG_CHANGE_MSG only after its GET_CONFIG). A hook's injection goes ahead of queued recorded
+    requests."""
 
     def __init__(self, driver: Driver, fresh: FreshFds, result: ServeResult, recorder: Recorder, out,
-                 reply_timeout: float):
-        self.driver, self.fresh, self.result, self.recorder, self.out = driver, fresh, result, recorder, out
+                 reply_timeout: float, channel: Channel = Channel.BACKEND):
+        self.driver, self.fresh, self.recorder, self.out = driver, fresh, recorder, out
+        self.channel, self.label = channel, _LABELS[channel]
+        self.result = result.side[channel]
         self.reply_timeout = reply_timeout
         # (data, fds, recorded): a recorded request (its fresh fds are made as it goes), or a hook's injection
         # with its fds (recorded None)
@@ -133,24 +151,24 @@ class BackendRequests:
     def pump(self) -> None:
         while self.queue and self.waiting is None and not self.sending:
             data, fds, recorded = self.queue.popleft()
-            if Channel.BACKEND not in self.driver.sockets:
+            if self.channel not in self.driver.sockets:
                 close_all(fds)
-                self.result.backend_not_played += recorded is not None
-                summary = decode(data, Channel.BACKEND, self.driver.context()).summary()
-                self.recorder.report(f"back-end channel: {summary} ({_origin(recorded).strip() or 'injected'}) not "
-                                     f"sent: no back-end channel (the front-end passed no socket in "
-                                     f"SET_BACKEND_REQ_FD, or closed it)")
+                self.result.not_played += recorded is not None
+                summary = decode(data, self.channel, self.driver.context()).summary()
+                self.recorder.report(f"{self.label}: {summary[:60]} ({_origin(recorded).strip() or 'injected'}) "
+                                     f"not sent: no {self.label} (the front-end passed no socket in "
+                                     f"{_OPENED_BY[self.channel]}, or closed it)")
                 continue
             self.sending.append(recorded)
             if recorded is None:
-                self.driver.send_injected(Channel.BACKEND, data, fds)
+                self.driver.send_injected(self.channel, data, fds)
             else:
-                self.driver.send(Channel.BACKEND, data, [self.fresh.make(info) for info in recorded.request.fds])
+                self.driver.send(self.channel, data, [self.fresh.make(info) for info in recorded.request.fds])
 
     def going(self, message: Message, awaits_reply: bool) -> None:
         recorded = self.sending.popleft() if self.sending else None
-        self.result.backend_sent += 1
-        label = f"back-end channel: {_origin(recorded)}{message.summary()[:60]}"
+        self.result.sent += 1
+        label = f"{self.label}: {_origin(recorded)}{message.summary()[:60]}"
         if awaits_reply:
             self.waiting = (message, recorded, self.driver.after(self.reply_timeout, self.expire))
             say(self.out, f"{label}: sent, waiting for the front-end's reply")
@@ -164,28 +182,28 @@ class BackendRequests:
         elif side == Side.FRONTEND and (waiting := self._answered(message)) is not None:
             waiting[2].cancel()
             self.waiting = None
-            self.result.backend_replies += 1
+            self.result.replies += 1
         self.driver.soon(self.pump)
 
     def received(self, message: Message, infos: list[FdInfo]) -> None:
-        """What the front-end sent on the back-end channel: a reply, or something nothing asked for."""
+        """What the front-end sent on the side channel: a reply, or something nothing asked for."""
         waiting = self._answered(message)
         if waiting is None:
-            self._differ(f"back-end channel: the front-end sent {message.summary()}, which nothing asked for")
+            self._differ(f"{self.label}: the front-end sent {message.summary()[:60]}, which nothing asked for")
             return
         asked, recorded, timer = waiting
         timer.cancel()
         self.waiting = None
-        self.result.backend_replies += 1
+        self.result.replies += 1
         differences: list[str] = []
         if recorded is not None and recorded.reply is not None:
-            expected = decode(recorded.reply.data, Channel.BACKEND, self.driver.context())
+            expected = decode(recorded.reply.data, self.channel, self.driver.context())
             differences = reply_differences(expected, message, recorded.reply.fds, infos)
         verdict = ("(none recorded)" if recorded is None or recorded.reply is None
                    else "same" if not differences else "DIFFERS")
-        say(self.out, f"back-end channel: {_origin(recorded)}{asked.name} reply {message.summary()[:60]}: {verdict}")
+        say(self.out, f"{self.label}: {_origin(recorded)}{asked.name} reply {message.summary()[:60]}: {verdict}")
         for difference in differences:
-            self._differ(f"back-end channel {_origin(recorded)}{asked.name} reply: {difference}")
+            self._differ(f"{self.label} {_origin(recorded)}{asked.name} reply: {difference}")
         self.driver.soon(self.pump)
 
     def _answered(self, message: Message) -> tuple[Message, BackendExchange | None, Timer] | None:
@@ -201,7 +219,7 @@ class BackendRequests:
         assert self.waiting is not None, "a reply timer fired with no request waiting"
         asked, recorded, _timer = self.waiting
         self.waiting = None
-        self._differ(f"back-end channel {_origin(recorded)}{asked.name}: no reply from the front-end within "
+        self._differ(f"{self.label} {_origin(recorded)}{asked.name}: no reply from the front-end within "
                      f"{self.reply_timeout:g} s")
         self.pump()
 
@@ -211,14 +229,14 @@ class BackendRequests:
             asked, recorded, timer = self.waiting
             timer.cancel()
             self.waiting = None
-            self._differ(f"back-end channel {_origin(recorded)}{asked.name}: no reply ({why})")
+            self._differ(f"{self.label} {_origin(recorded)}{asked.name}: no reply ({why})")
         for _data, fds, _recorded in self.queue:
             close_all(fds)
-        self.result.backend_not_played += sum(1 for item in self.queue if item[2] is not None)
+        self.result.not_played += sum(1 for item in self.queue if item[2] is not None)
         self.queue.clear()
 
     def _differ(self, text: str) -> None:
-        self.result.backend_differences.append(text)
+        self.result.differences.append(text)
         self.recorder.report(text, indent="      ")
 
 
@@ -234,20 +252,24 @@ def _origin(recorded: BackendExchange | None) -> str:
 
 class ScriptedBackend:
     """The back-end side of a replayed connection: each request of the front-end gets the recorded reply (or a
-    default one, or ends the session, by `unknown_policy`); each recorded back-end-channel request goes once
-    the main-channel message recorded before it has been received (a request) or has gone (a reply)."""
+    default one, or ends the session, by `unknown_policy`); each recorded side-channel request (back-end channel,
+    GPU socket) goes once the main-channel message recorded before it has been received (a request) or has gone
+    (a reply), in recorded order on its channel."""
 
     side = Side.BACKEND
 
     def __init__(self, driver: Driver, exchanges: list[Exchange], backend_requests: Sequence[BackendExchange],
-                 unknown_policy: str, default_reply: int, recorder: Recorder, out, reply_timeout: float):
+                 unknown_policy: str, default_reply: int, recorder: Recorder, out, reply_timeout: float,
+                 gpu_requests: Sequence[BackendExchange] = ()):
         self.driver, self.exchanges, self.unknown_policy = driver, exchanges, unknown_policy
         self.default_reply, self.recorder, self.out = default_reply, recorder, out
         self.fresh = FreshFds()
         self.result = ServeResult(recorded=len(exchanges))
         self.answered: set[int] = set()        # indexes of the recorded exchanges a live request matched
-        self.to_play = deque(backend_requests)
-        self.requests = BackendRequests(driver, self.fresh, self.result, recorder, out, reply_timeout)
+        self.to_play = {Channel.BACKEND: deque(backend_requests), Channel.GPU: deque(gpu_requests)}
+        self.side_requests = {channel: BackendRequests(driver, self.fresh, self.result, recorder, out, reply_timeout,
+                                                       channel) for channel in SIDE_CHANNELS}
+        self.requests = self.side_requests[Channel.BACKEND]
         self.kicks = RingKicks(driver, recorder)
         self.held: list[int] = []            # other sockets the front-end passed: closed at the end
         self.cursor = 0
@@ -260,9 +282,9 @@ class ScriptedBackend:
 
     def deliver(self, channel: Channel, message: Message, context: DecodeContext, fds: list[int],
                 infos: list[FdInfo], awaits_reply: bool) -> None:
-        if channel == Channel.BACKEND:
+        if channel in self.side_requests:
             close_all(fds)
-            self.requests.received(message, infos)
+            self.side_requests[channel].received(message, infos)
         elif channel == Channel.MAIN:
             self._keep(message, fds, infos)
             self._answer(message, context)
@@ -307,14 +329,15 @@ class ScriptedBackend:
             self._reached((index, 1))
 
     def _reached(self, place: tuple[int, int]) -> None:
-        """The live session got to this place of the recording: play the back-end requests recorded up to it."""
-        while self.to_play and self.to_play[0].after <= place:
-            self.requests.play(self.to_play.popleft())
+        """The live session got to this place of the recording: play the side-channel requests recorded up to it."""
+        for channel, to_play in self.to_play.items():
+            while to_play and to_play[0].after <= place:
+                self.side_requests[channel].play(to_play.popleft())
 
     def going(self, channel: Channel, message: Message, context: DecodeContext, fds: list[int],
               awaits_reply: bool) -> None:
-        if channel == Channel.BACKEND:
-            self.requests.going(message, awaits_reply)
+        if channel in self.side_requests:
+            self.side_requests[channel].going(message, awaits_reply)
         elif channel == Channel.MAIN and self.replies:
             self._gone(*self.replies.popleft(), message)
 
@@ -329,15 +352,15 @@ class ScriptedBackend:
             self._reached((index, 1))
 
     def dropped(self, channel: Channel, side: Side, message: Message) -> None:
-        if channel == Channel.BACKEND:
-            self.requests.dropped(side, message)
+        if channel in self.side_requests:
+            self.side_requests[channel].dropped(side, message)
         elif channel == Channel.MAIN and side == Side.BACKEND and self.replies:
             self._gone(*self.replies.popleft(), None)
 
     def inject(self, channel: Channel, data: bytes, fds: list[int]) -> None:
-        """A hook's injection: a main-channel reply goes now, a back-end-channel request in its turn."""
-        if channel == Channel.BACKEND:
-            self.requests.inject(data, fds)
+        """A hook's injection: a main-channel reply goes now, a side-channel request in its turn."""
+        if channel in self.side_requests:
+            self.side_requests[channel].inject(data, fds)
         else:
             self.replies.append(("injected", None))
             self.driver.send_injected(channel, data, fds)
@@ -348,9 +371,9 @@ class ScriptedBackend:
         self.driver.close_side(channel)
 
     def channel_closed(self, channel: Channel) -> None:
-        if channel == Channel.BACKEND:
-            self.recorder.event("back-end channel closed", kind=EventKind.CHANNEL_CLOSED)
-            self.requests.finish("the back-end channel closed")
+        if channel in self.side_requests:
+            self.recorder.event(f"{_LABELS[channel]} closed", kind=EventKind.CHANNEL_CLOSED)
+            self.side_requests[channel].finish(f"the {_LABELS[channel]} closed")
 
     def ended(self, reason: str) -> None:
         self.result.ended = self.result.ended or reason
@@ -361,8 +384,9 @@ class ScriptedBackend:
     def close(self) -> None:
         self.result.never_came = [f"#{exchange.number} {_request_summary(exchange)}"
                                   for index, exchange in enumerate(self.exchanges) if index not in self.answered]
-        self.requests.finish("the session ended")
-        self.result.backend_not_played += len(self.to_play)
+        for channel, requests in self.side_requests.items():
+            requests.finish("the session ended")
+            self.result.side[channel].not_played += len(self.to_play[channel])
         self.fresh.close()
         close_all(self.held)
         self.kicks.close()
@@ -371,12 +395,12 @@ class ScriptedBackend:
 def serve_front_end(peer: socket.socket, exchanges: list[Exchange], unknown_policy: str, recorder: Recorder,
                     out, default_reply: int = 0, chain: HookChain | None = None, *,
                     backend_requests: Sequence[BackendExchange] = (), reply_timeout: float = REPLY_TIMEOUT,
-                    device: str | None = None) -> ServeResult:
+                    device: str | None = None, gpu_requests: Sequence[BackendExchange] = ()) -> ServeResult:
     """One front-end connection, answered from the recording until the front-end leaves."""
     session = Session(CONNECTION, chain, ContextTracker(device), scripted=Side.BACKEND, follow=True, device=device)
     driver = Driver(session, recorder, out, device)
     script = ScriptedBackend(driver, exchanges, list(backend_requests), unknown_policy, default_reply, recorder,
-                             out, reply_timeout)
+                             out, reply_timeout, list(gpu_requests))
     recorder.connected("replay --as backend: front-end connected", device)
     try:
         driver.attach(Channel.MAIN, peer)
@@ -384,7 +408,9 @@ def serve_front_end(peer: socket.socket, exchanges: list[Exchange], unknown_poli
     finally:
         script.close()
         driver.shut()
-        summary = script.result.summary(bool(backend_requests))
+        played = [channel for channel, requests in ((Channel.BACKEND, backend_requests), (Channel.GPU, gpu_requests))
+                  if requests]
+        summary = script.result.summary(played)
         recorder.event(f"replay --as backend: {summary}")
         say(out, summary)
     return script.result
@@ -399,6 +425,7 @@ def replay_as_backend(records: list, listen_path: str, connection: int | None = 
     request (each missing one is named)."""
     connection, exchanges = load_exchanges(records, connection)
     backend_requests = load_backend_requests(records, connection, exchanges)
+    gpu_requests = load_backend_requests(records, connection, exchanges, Channel.GPU)
     device = device or device_type(records, connection)          # `device`: the device type, over the recording's
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     if os.path.exists(listen_path):
@@ -406,6 +433,7 @@ def replay_as_backend(records: list, listen_path: str, connection: int | None = 
     listener.bind(listen_path)
     listener.listen(1)
     extra = f", {len(backend_requests)} back-end-channel requests" if backend_requests else ""
+    extra += f", {len(gpu_requests)} GPU-channel requests" if gpu_requests else ""
     say(out, f"replaying the back-end of connection {connection} ({len(exchanges)} recorded requests{extra}) "
              f"on {listen_path}")
     try:
@@ -414,7 +442,7 @@ def replay_as_backend(records: list, listen_path: str, connection: int | None = 
             result = serve_front_end(peer, exchanges, unknown_policy, Recorder(writer, out), out, default_reply,
                                      HookChain(list(hooks), on_hook_error, report=lambda text: say(out, text)),
                                      backend_requests=backend_requests, reply_timeout=reply_timeout,
-                                     device=device)
+                                     device=device, gpu_requests=gpu_requests)
             if result.never_came:
                 say(out, f"{len(result.never_came)} of {result.recorded} recorded requests never came: "
                          + ", ".join(result.never_came[:10])

@@ -42,6 +42,7 @@ from ..engine.core import HALF_CLOSE
 from ..engine.fds import describe_fd
 from ..engine.sockio import receive_chunk, send_message
 from ..model import Channel, Direction, EventKind, FdInfo, Record, RecordKind
+from ..protocol import catalogue as cat
 from ..protocol.grammar import DecodeContext, Message, decode
 
 CONNECTION = 1                 # a replay has one connection; captures number them from 1
@@ -308,13 +309,14 @@ class Driver:
         script = self._running()
         fds = send.fds
         if send.to == self.scripted:
-            if send.interpose == Channel.BACKEND and fds:
-                self._interpose(socket.socket(fileno=fds[0]))
+            if send.interpose in cat.BACKEND_REQUEST_CHANNELS and fds:
+                self._interpose(socket.socket(fileno=fds[0]), send.interpose)
                 fds, infos = fds[1:], infos[1:]
             self._later.append(lambda: script.deliver(send.channel, message, context, fds, infos, awaits_reply))
             return
         script.going(send.channel, message, context, fds, awaits_reply)
-        ours = script.our_end(fds[0]) if send.interpose == Channel.BACKEND and fds else None
+        side_channel = send.interpose if send.interpose in cat.BACKEND_REQUEST_CHANNELS and fds else None
+        ours = script.our_end(fds[0]) if side_channel is not None else None
         sock = self.sockets.get(send.channel)
         try:
             if sock is None:
@@ -328,13 +330,14 @@ class Driver:
             return
         finally:
             close_all(fds)
-        if ours is not None:
-            self._interpose(ours)
+        if ours is not None and side_channel is not None:
+            self._interpose(ours, side_channel)
 
-    def _interpose(self, sock: socket.socket) -> None:
-        replaced = Channel.BACKEND in self.sockets
-        self.attach(Channel.BACKEND, sock)
-        self._execute(self.session.interposed(Channel.BACKEND, replaced, time.time_ns()))
+    def _interpose(self, sock: socket.socket, channel: Channel) -> None:
+        """Read and write a side channel (back-end requests, the GPU socket) on `sock` from now on."""
+        replaced = channel in self.sockets
+        self.attach(channel, sock)
+        self._execute(self.session.interposed(channel, replaced, time.time_ns()))
 
     def _close(self, command: Command) -> None:
         script = self._running()

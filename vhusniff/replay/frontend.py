@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 
 from ..engine import Session, Side
 from ..engine.hooks import HookChain
-from ..model import Channel, FdInfo
+from ..model import Channel, FdInfo, Record
 from ..protocol import catalogue as cat
 from ..protocol.context import ContextTracker
-from ..protocol.grammar import HEADER_SIZE, DecodeContext, Message, build_message
+from ..protocol.grammar import FIXED_SIZE, HEADER_SIZE, DecodeContext, Message, build_message
 from .driver import CONNECTION, REPLY_TIMEOUT, Driver, Recorder, Timer, close_all, say
 from .fresh import FreshFds
 from .recording import (
@@ -25,6 +25,7 @@ from .recording import (
     regions,
     reply_differences,
     ring_positions,
+    side_channel_replies,
 )
 
 F = cat.FrontendRequest
@@ -38,6 +39,8 @@ class ReplayResult:
     divergences: list[str] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
     elapsed: float = 0.0
+    gpu_requests: int = 0              # the back-end's requests on the GPU socket
+    gpu_replies: int = 0               # our answers to them (recorded ones where the recording has them)
 
     @property
     def identical(self) -> bool:
@@ -62,7 +65,8 @@ class ScriptedFrontend:
     """The front-end side of a replayed connection. Like a real front-end it has one main-channel request
     outstanding at a time: the next recorded request, or a request a hook injected, goes once the reply the
     protocol requires (or the recording has) is in. It answers the back-end's requests on the back-end channel
-    with an ack of 0 when one is due. Each ring is placed where the recorded session left it."""
+    with an ack of 0 when one is due, and on the GPU socket with the recorded replies to the same request, in
+    recorded order (zeroes where none was recorded). Each ring is placed where the recorded session left it."""
 
     side = Side.FRONTEND
     quiet = QUIET        # after the last reply, how long to wait before closing (a subclass may not wait)
@@ -78,6 +82,8 @@ class ScriptedFrontend:
         self.injected: deque[tuple[Channel, bytes, list[int]]] = deque()   # a hook's messages, in order
         self.outgoing: Outgoing | None = None          # handed to the session, not yet answered
         self.over = False
+        # the recorded GPU-socket replies per request number (side_channel_replies), set by replay_as_frontend
+        self.gpu_replies: dict[int, deque[Record]] = {}
 
     def start(self) -> None:
         self.step()
@@ -143,6 +149,12 @@ class ScriptedFrontend:
     def deliver(self, channel: Channel, message: Message, context: DecodeContext, fds: list[int],
                 infos: list[FdInfo], awaits_reply: bool) -> None:
         close_all(fds)
+        if channel == Channel.GPU:
+            self.result.gpu_requests += 1
+            if awaits_reply:
+                self.result.gpu_replies += 1
+                self.driver.send(Channel.GPU, self._gpu_answer(message), [])
+            return
         if channel == Channel.BACKEND:
             if awaits_reply:
                 self.driver.send(Channel.BACKEND, build_message(Channel.BACKEND, message.request, {"ack": 0},
@@ -266,6 +278,16 @@ class ScriptedFrontend:
     def _last_number(self) -> int:
         return self.exchanges[self.next - 1].number if self.next else 0
 
+    def _gpu_answer(self, message: Message) -> bytes:
+        """The recorded reply to a GPU request (the display the recorded front-end had: its size, its EDID), the
+        next in recorded order, the last one again once they run out; zeroes of the reply's size when none."""
+        recorded = self.gpu_replies.get(message.request)
+        if recorded:
+            return (recorded.popleft() if len(recorded) > 1 else recorded[0]).data
+        spec = message.spec
+        kind = spec.reply_kinds[0] if spec is not None and spec.reply_kinds else "empty"
+        return build_message(Channel.GPU, message.request, bytes(FIXED_SIZE.get(kind) or 0), reply=True)
+
     def _rewrite(self, message: Message, exchange: Exchange) -> bytes:
         """SET_VRING_BASE starts the ring where the recorded session's next GET_VRING_BASE found it."""
         data = exchange.request.data
@@ -312,6 +334,7 @@ def replay_as_frontend(records: list, backend_path: str, connection: int | None 
                        device)
     started = time.monotonic()
     script = ScriptedFrontend(driver, exchanges, fresh, result, out, reply_timeout, device)
+    script.gpu_replies = side_channel_replies(records, connection, Channel.GPU)
     try:
         driver.attach(Channel.MAIN, sock)
         driver.run(script)
@@ -322,6 +345,8 @@ def replay_as_frontend(records: list, backend_path: str, connection: int | None 
     result.elapsed = time.monotonic() - started
     verdict = ("identical to the recording" if not result.divergences else
                f"{len(result.divergences)} divergences; first divergence: {result.divergences[0]}")
+    gpu = f", answered {result.gpu_replies} of {result.gpu_requests} GPU-socket requests" \
+        if result.gpu_requests else ""
     recorder.report(f"replayed {result.requests_sent} of {len(exchanges)} requests of connection {connection}, "
-                    f"compared {result.replies_compared} replies in {result.elapsed:.2f} s: {verdict}")
+                    f"compared {result.replies_compared} replies{gpu} in {result.elapsed:.2f} s: {verdict}")
     return result

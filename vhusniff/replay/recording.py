@@ -3,6 +3,7 @@ positions, the device type, and the answer a scripted back-end gives to a live r
 from __future__ import annotations
 
 import struct
+from collections import deque
 from dataclasses import dataclass
 
 from ..analysis.diff import field_differences
@@ -92,10 +93,11 @@ class BackendExchange:
     after: tuple[int, int] = (-1, 1)
 
 
-def load_backend_requests(records: list[Record], connection: int,
-                          exchanges: list[Exchange]) -> list[BackendExchange]:
-    """The back-end-channel requests of one connection, in recorded order, each with the front-end's reply and
-    its place after a main-channel message of `exchanges` (load_exchanges' pairs of the same connection)."""
+def load_backend_requests(records: list[Record], connection: int, exchanges: list[Exchange],
+                          channel: Channel = Channel.BACKEND) -> list[BackendExchange]:
+    """The back-end's requests on a side channel (the back-end channel, or the GPU socket) of one connection, in
+    recorded order, each with the front-end's reply and its place after a main-channel message of `exchanges`
+    (load_exchanges' pairs of the same connection)."""
     places: dict[int, tuple[int, int]] = {}
     for index, exchange in enumerate(exchanges):
         places[exchange.number] = (index, 0)
@@ -110,7 +112,7 @@ def load_backend_requests(records: list[Record], connection: int,
         if record.channel == Channel.MAIN:
             after = places.get(number, after)
             continue
-        if record.channel != Channel.BACKEND:
+        if record.channel != channel:
             continue
         flags = _flags(record.data)
         if record.direction == Direction.BACKEND_TO_FRONTEND and not flags & cat.FLAG_REPLY:
@@ -120,6 +122,17 @@ def load_backend_requests(records: list[Record], connection: int,
         elif record.direction == Direction.FRONTEND_TO_BACKEND and flags & cat.FLAG_REPLY:
             _pair_reply(waiting, record, number)
     return requests
+
+
+def side_channel_replies(records: list[Record], connection: int, channel: Channel) -> dict[int, deque[Record]]:
+    """The front-end's recorded replies on a side channel, per request number, in recorded order: what a scripted
+    front-end answers the back-end's live requests with (the GPU socket's display info, EDID, features)."""
+    replies: dict[int, deque[Record]] = {}
+    for record in records:
+        if record.kind == RecordKind.MESSAGE and record.connection == connection and record.channel == channel \
+                and record.direction == Direction.FRONTEND_TO_BACKEND and _flags(record.data) & cat.FLAG_REPLY:
+            replies.setdefault(_request_number(record.data), deque()).append(record)
+    return replies
 
 
 def regions(message: Message) -> list:
