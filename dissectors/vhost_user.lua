@@ -5,738 +5,922 @@
 local FIELDS = {
   ["ack"] = {
     ["doc"] = "REPLY_ACK status: 0 success, anything else failure",
+    ["label"] = "Reply-ack status",
     ["type"] = "uint64",
   },
   ["config.blk.blk_size"] = {
     ["doc"] = "logical block size in bytes (VIRTIO_BLK_F_BLK_SIZE)",
+    ["label"] = "Block size",
     ["type"] = "uint32",
   },
   ["config.blk.capacity"] = {
     ["doc"] = "size in 512-byte sectors",
+    ["label"] = "Capacity (512-byte sectors)",
     ["type"] = "uint64_dec",
   },
   ["config.blk.discard_sector_alignment"] = {
     ["doc"] = "discard alignment in sectors",
+    ["label"] = "Discard sector alignment",
     ["type"] = "uint32",
   },
   ["config.blk.geometry.cylinders"] = {
     ["doc"] = "cylinders",
+    ["label"] = "Cylinders",
     ["type"] = "uint16",
   },
   ["config.blk.geometry.heads"] = {
     ["doc"] = "heads",
+    ["label"] = "Heads",
     ["type"] = "uint8",
   },
   ["config.blk.geometry.sectors"] = {
     ["doc"] = "sectors per track",
+    ["label"] = "Sectors",
     ["type"] = "uint8",
   },
   ["config.blk.max_discard_sectors"] = {
     ["doc"] = "largest discard in sectors (VIRTIO_BLK_F_DISCARD)",
+    ["label"] = "Maximum discard sectors",
     ["type"] = "uint32",
   },
   ["config.blk.max_discard_seg"] = {
     ["doc"] = "discard segments per request",
+    ["label"] = "Maximum discard segments",
     ["type"] = "uint32",
   },
   ["config.blk.max_secure_erase_sectors"] = {
     ["doc"] = "largest secure erase in sectors (VIRTIO_BLK_F_SECURE_ERASE)",
+    ["label"] = "Maximum secure erase sectors",
     ["type"] = "uint32",
   },
   ["config.blk.max_secure_erase_seg"] = {
     ["doc"] = "secure erase segments per request",
+    ["label"] = "Maximum secure erase segments",
     ["type"] = "uint32",
   },
   ["config.blk.max_write_zeroes_sectors"] = {
     ["doc"] = "largest write-zeroes in sectors (VIRTIO_BLK_F_WRITE_ZEROES)",
+    ["label"] = "Maximum write zeroes sectors",
     ["type"] = "uint32",
   },
   ["config.blk.max_write_zeroes_seg"] = {
     ["doc"] = "write-zeroes segments per request",
+    ["label"] = "Maximum write zeroes segments",
     ["type"] = "uint32",
   },
   ["config.blk.num_queues"] = {
     ["doc"] = "request queues (VIRTIO_BLK_F_MQ)",
+    ["label"] = "Number of queues",
     ["type"] = "uint16",
   },
   ["config.blk.secure_erase_sector_alignment"] = {
     ["doc"] = "secure erase alignment in sectors",
+    ["label"] = "Secure erase sector alignment",
     ["type"] = "uint32",
   },
   ["config.blk.seg_max"] = {
     ["doc"] = "segments per request (VIRTIO_BLK_F_SEG_MAX)",
+    ["label"] = "Segments maximum",
     ["type"] = "uint32",
   },
   ["config.blk.size_max"] = {
     ["doc"] = "largest segment in bytes (VIRTIO_BLK_F_SIZE_MAX)",
+    ["label"] = "Size maximum",
     ["type"] = "uint32",
   },
   ["config.blk.topology.alignment_offset"] = {
     ["doc"] = "offset of the first aligned logical block",
+    ["label"] = "Alignment offset",
     ["type"] = "uint8",
   },
   ["config.blk.topology.min_io_size"] = {
     ["doc"] = "suggested minimum I/O size in blocks",
+    ["label"] = "Minimum I/O size",
     ["type"] = "uint16",
   },
   ["config.blk.topology.opt_io_size"] = {
     ["doc"] = "optimal (suggested maximum) I/O size in blocks",
+    ["label"] = "Optimal I/O size",
     ["type"] = "uint32",
   },
   ["config.blk.topology.physical_block_exp"] = {
     ["doc"] = "log2 of logical blocks per physical block",
+    ["label"] = "Physical block exponent",
     ["type"] = "uint8",
   },
   ["config.blk.write_zeroes_may_unmap"] = {
     ["doc"] = "1: write-zeroes may deallocate",
+    ["label"] = "Write zeroes may unmap",
     ["type"] = "uint8",
   },
   ["config.blk.writeback"] = {
     ["doc"] = "0 writethrough, 1 writeback (VIRTIO_BLK_F_CONFIG_WCE)",
+    ["label"] = "Writeback",
     ["type"] = "uint8",
   },
   ["config.blk.zoned.max_active_zones"] = {
     ["doc"] = "active zones limit",
+    ["label"] = "Maximum active zones",
     ["type"] = "uint32",
   },
   ["config.blk.zoned.max_append_sectors"] = {
     ["doc"] = "largest zone append in sectors",
+    ["label"] = "Maximum append sectors",
     ["type"] = "uint32",
   },
   ["config.blk.zoned.max_open_zones"] = {
     ["doc"] = "open zones limit",
+    ["label"] = "Maximum open zones",
     ["type"] = "uint32",
   },
   ["config.blk.zoned.model"] = {
     ["doc"] = "0 none, 1 host-managed, 2 host-aware",
+    ["label"] = "Model",
     ["type"] = "uint8",
   },
   ["config.blk.zoned.write_granularity"] = {
     ["doc"] = "write granularity in bytes",
+    ["label"] = "Write granularity",
     ["type"] = "uint32",
   },
   ["config.blk.zoned.zone_sectors"] = {
     ["doc"] = "zone size in sectors",
+    ["label"] = "Zone sectors",
     ["type"] = "uint32",
   },
   ["config.crypto.aead_algo"] = {
     ["doc"] = "AEAD algorithms",
+    ["label"] = "AEAD algorithms",
     ["type"] = "uint32",
   },
   ["config.crypto.akcipher_algo"] = {
     ["doc"] = "asymmetric cipher algorithms",
+    ["label"] = "Asymmetric cipher algorithms",
     ["type"] = "uint32",
   },
   ["config.crypto.cipher_algo_h"] = {
     ["doc"] = "cipher algorithms, bits 32-63",
+    ["label"] = "Cipher algorithms (bits 32-63)",
     ["type"] = "uint32",
   },
   ["config.crypto.cipher_algo_l"] = {
     ["doc"] = "cipher algorithms, bits 0-31",
+    ["label"] = "Cipher algorithms (bits 0-31)",
     ["type"] = "uint32",
   },
   ["config.crypto.crypto_services"] = {
     ["doc"] = "VIRTIO_CRYPTO_SERVICE_* bits",
+    ["label"] = "Crypto services",
     ["type"] = "uint32",
   },
   ["config.crypto.hash_algo"] = {
     ["doc"] = "hash algorithms",
+    ["label"] = "Hash algorithms",
     ["type"] = "uint32",
   },
   ["config.crypto.mac_algo_h"] = {
     ["doc"] = "MAC algorithms, bits 32-63",
+    ["label"] = "MAC algorithms (bits 32-63)",
     ["type"] = "uint32",
   },
   ["config.crypto.mac_algo_l"] = {
     ["doc"] = "MAC algorithms, bits 0-31",
+    ["label"] = "MAC algorithms (bits 0-31)",
     ["type"] = "uint32",
   },
   ["config.crypto.max_auth_key_len"] = {
     ["doc"] = "longest authentication key in bytes",
+    ["label"] = "Maximum authentication key length",
     ["type"] = "uint32",
   },
   ["config.crypto.max_cipher_key_len"] = {
     ["doc"] = "longest cipher key in bytes",
+    ["label"] = "Maximum cipher key length",
     ["type"] = "uint32",
   },
   ["config.crypto.max_dataqueues"] = {
     ["doc"] = "data queues",
+    ["label"] = "Maximum data queues",
     ["type"] = "uint32",
   },
   ["config.crypto.max_size"] = {
     ["doc"] = "largest request in bytes",
+    ["label"] = "Maximum size",
     ["type"] = "uint64_dec",
   },
   ["config.crypto.status"] = {
     ["doc"] = "bit 0 HW_READY",
+    ["label"] = "Status",
     ["type"] = "uint32",
   },
   ["config.crypto.status.hw_ready"] = {
     ["doc"] = "bit field of status",
+    ["label"] = "Hardware ready",
     ["type"] = "uint32",
   },
   ["config.flags"] = {
     ["doc"] = "0 front-end write, 1 live migration",
+    ["label"] = "Flags",
     ["type"] = "uint32",
   },
   ["config.fs.notify_buf_size"] = {
     ["doc"] = "notification buffer size in bytes (VIRTIO_FS_F_NOTIFICATION)",
+    ["label"] = "Notify buffer size",
     ["type"] = "uint32",
   },
   ["config.fs.num_request_queues"] = {
     ["doc"] = "request queues",
+    ["label"] = "Number of request queues",
     ["type"] = "uint32",
   },
   ["config.gpu.events_clear"] = {
     ["doc"] = "events the driver clears, bit 0 DISPLAY",
+    ["label"] = "Events clear",
     ["type"] = "uint32",
   },
   ["config.gpu.events_clear.display"] = {
     ["doc"] = "bit field of events_clear",
+    ["label"] = "Display",
     ["type"] = "uint32",
   },
   ["config.gpu.events_read"] = {
     ["doc"] = "pending events, bit 0 DISPLAY",
+    ["label"] = "Events read",
     ["type"] = "uint32",
   },
   ["config.gpu.events_read.display"] = {
     ["doc"] = "bit field of events_read",
+    ["label"] = "Display",
     ["type"] = "uint32",
   },
   ["config.gpu.num_capsets"] = {
     ["doc"] = "capability sets",
+    ["label"] = "Number of capability sets",
     ["type"] = "uint32",
   },
   ["config.gpu.num_scanouts"] = {
     ["doc"] = "scanouts (1 to 16)",
+    ["label"] = "Number of scanouts",
     ["type"] = "uint32",
   },
   ["config.input.select"] = {
     ["doc"] = "VIRTIO_INPUT_CFG_*: 1 id name, 2 serial, 3 devids, 0x10 prop bits, 0x11 ev bits, 0x12 abs info",
+    ["label"] = "Select",
     ["type"] = "uint8",
   },
   ["config.input.size"] = {
     ["doc"] = "bytes of u that are valid",
+    ["label"] = "Size",
     ["type"] = "uint8",
   },
   ["config.input.subsel"] = {
     ["doc"] = "event type or axis, per select",
+    ["label"] = "Subselect",
     ["type"] = "uint8",
   },
   ["config.net.duplex"] = {
     ["doc"] = "0x00 half, 0x01 full, 0xff unknown",
+    ["label"] = "Duplex",
     ["type"] = "uint8",
   },
   ["config.net.max_virtqueue_pairs"] = {
     ["doc"] = "receive/transmit queue pairs (VIRTIO_NET_F_MQ or RSS)",
+    ["label"] = "Maximum virtqueue pairs",
     ["type"] = "uint16",
   },
   ["config.net.mtu"] = {
     ["doc"] = "maximum MTU (VIRTIO_NET_F_MTU)",
+    ["label"] = "MTU",
     ["type"] = "uint16",
   },
   ["config.net.rss_max_indirection_table_length"] = {
     ["doc"] = "RSS indirection table entries",
+    ["label"] = "RSS maximum indirection table length",
     ["type"] = "uint16",
   },
   ["config.net.rss_max_key_size"] = {
     ["doc"] = "RSS hash key bytes (VIRTIO_NET_F_RSS)",
+    ["label"] = "RSS maximum key size",
     ["type"] = "uint8",
   },
   ["config.net.speed"] = {
     ["doc"] = "link speed in Mbit/s, 0xffffffff unknown (VIRTIO_NET_F_SPEED_DUPLEX)",
+    ["label"] = "Speed",
     ["type"] = "uint32",
   },
   ["config.net.status"] = {
     ["doc"] = "bit 0 LINK_UP, bit 1 ANNOUNCE (VIRTIO_NET_F_STATUS)",
+    ["label"] = "Status",
     ["type"] = "uint16",
   },
   ["config.net.status.announce"] = {
     ["doc"] = "bit field of status",
+    ["label"] = "Announce",
     ["type"] = "uint16",
   },
   ["config.net.status.link_up"] = {
     ["doc"] = "bit field of status",
+    ["label"] = "Link up",
     ["type"] = "uint16",
   },
   ["config.net.supported_hash_types"] = {
     ["doc"] = "VIRTIO_NET_HASH_TYPE_* bits",
+    ["label"] = "Supported hash types",
     ["type"] = "uint32",
   },
   ["config.offset"] = {
     ["doc"] = "offset in the device config space",
+    ["label"] = "Offset",
     ["type"] = "uint32",
   },
   ["config.scsi.cdb_size"] = {
     ["doc"] = "CDB size in bytes",
+    ["label"] = "CDB size",
     ["type"] = "uint32",
   },
   ["config.scsi.cmd_per_lun"] = {
     ["doc"] = "linked commands per LUN",
+    ["label"] = "Command per LUN",
     ["type"] = "uint32",
   },
   ["config.scsi.event_info_size"] = {
     ["doc"] = "event buffer size in bytes",
+    ["label"] = "Event info size",
     ["type"] = "uint32",
   },
   ["config.scsi.max_channel"] = {
     ["doc"] = "largest channel number",
+    ["label"] = "Maximum channel",
     ["type"] = "uint16",
   },
   ["config.scsi.max_lun"] = {
     ["doc"] = "largest LUN",
+    ["label"] = "Maximum LUN",
     ["type"] = "uint32",
   },
   ["config.scsi.max_sectors"] = {
     ["doc"] = "largest transfer in sectors",
+    ["label"] = "Maximum sectors",
     ["type"] = "uint32",
   },
   ["config.scsi.max_target"] = {
     ["doc"] = "largest target number",
+    ["label"] = "Maximum target",
     ["type"] = "uint16",
   },
   ["config.scsi.num_queues"] = {
     ["doc"] = "request queues",
+    ["label"] = "Number of queues",
     ["type"] = "uint32",
   },
   ["config.scsi.seg_max"] = {
     ["doc"] = "segments per command",
+    ["label"] = "Segments maximum",
     ["type"] = "uint32",
   },
   ["config.scsi.sense_size"] = {
     ["doc"] = "sense data size in bytes",
+    ["label"] = "Sense size",
     ["type"] = "uint32",
   },
   ["config.size"] = {
     ["doc"] = "length of data",
+    ["label"] = "Size",
     ["type"] = "uint32",
   },
   ["config.vsock.guest_cid"] = {
     ["doc"] = "the guest's context id",
+    ["label"] = "Guest CID",
     ["type"] = "uint64_dec",
   },
   ["crypto.session_id"] = {
     ["doc"] = "crypto session id",
+    ["label"] = "Session id",
     ["type"] = "uint64",
   },
   ["device_state.direction"] = {
     ["doc"] = "0 save (back-end to front-end), 1 load",
+    ["label"] = "Transfer direction",
     ["type"] = "uint32",
   },
   ["device_state.error"] = {
     ["doc"] = "0 ok",
+    ["label"] = "Error",
     ["type"] = "uint8",
   },
   ["device_state.flags"] = {
     ["doc"] = "bit 0: no fd returned",
+    ["label"] = "Flags",
     ["type"] = "uint8",
   },
   ["device_state.flags.nofd"] = {
     ["doc"] = "bit field of flags",
+    ["label"] = "No fd (NOFD)",
     ["type"] = "uint8",
   },
   ["device_state.phase"] = {
     ["doc"] = "0 stopped",
+    ["label"] = "Migration phase",
     ["type"] = "uint32",
   },
   ["device_state.reserved"] = {
     ["doc"] = "zero",
+    ["label"] = "Reserved",
     ["type"] = "uint64",
   },
   ["features"] = {
     ["doc"] = "virtio feature bits",
+    ["label"] = "Features",
     ["type"] = "uint64",
   },
   ["flags"] = {
     ["doc"] = "flags",
+    ["label"] = "Header flags",
     ["type"] = "uint32",
   },
   ["flags.need_reply"] = {
     ["doc"] = "header flag bits",
+    ["label"] = "Need reply",
     ["type"] = "uint32",
   },
   ["flags.reply"] = {
     ["doc"] = "header flag bits",
+    ["label"] = "Reply",
     ["type"] = "uint32",
   },
   ["flags.reserved"] = {
     ["doc"] = "header flag bits",
+    ["label"] = "Reserved flag bits",
     ["type"] = "uint32",
   },
   ["flags.version"] = {
     ["doc"] = "header flag bits",
+    ["label"] = "Protocol version",
     ["type"] = "uint32",
   },
   ["gpu.cursor.hot_x"] = {
     ["doc"] = "hot spot x",
+    ["label"] = "Hot x",
     ["type"] = "uint32",
   },
   ["gpu.cursor.hot_y"] = {
     ["doc"] = "hot spot y",
+    ["label"] = "Hot y",
     ["type"] = "uint32",
   },
   ["gpu.cursor.scanout_id"] = {
     ["doc"] = "scanout the cursor is on",
+    ["label"] = "Scanout id",
     ["type"] = "uint32",
   },
   ["gpu.cursor.x"] = {
     ["doc"] = "cursor x",
+    ["label"] = "X",
     ["type"] = "uint32",
   },
   ["gpu.cursor.y"] = {
     ["doc"] = "cursor y",
+    ["label"] = "Y",
     ["type"] = "uint32",
   },
   ["gpu.display.ctx_id"] = {
     ["doc"] = "3D context id",
+    ["label"] = "Context id",
     ["type"] = "uint32",
   },
   ["gpu.display.fence_id"] = {
     ["doc"] = "fence id",
+    ["label"] = "Fence id",
     ["type"] = "uint64",
   },
   ["gpu.display.flags"] = {
     ["doc"] = "virtio-gpu header flags",
+    ["label"] = "Flags",
     ["type"] = "uint32",
   },
   ["gpu.display.ring_idx"] = {
     ["doc"] = "ring index",
+    ["label"] = "Ring index",
     ["type"] = "uint8",
   },
   ["gpu.display.type"] = {
     ["doc"] = "virtio-gpu response type (0x1101 OK_DISPLAY_INFO, 0x1104 OK_EDID)",
+    ["label"] = "Type",
     ["type"] = "uint32",
   },
   ["gpu.dmabuf.fd_drm_fourcc"] = {
     ["doc"] = "DMABUF DRM fourcc",
+    ["label"] = "Fd DRM fourcc",
     ["type"] = "uint32",
   },
   ["gpu.dmabuf.fd_flags"] = {
     ["doc"] = "DMABUF flags (bit 0 Y_0_TOP)",
+    ["label"] = "Fd flags",
     ["type"] = "uint32",
   },
   ["gpu.dmabuf.fd_height"] = {
     ["doc"] = "DMABUF height",
+    ["label"] = "Fd height",
     ["type"] = "uint32",
   },
   ["gpu.dmabuf.fd_stride"] = {
     ["doc"] = "DMABUF stride",
+    ["label"] = "Fd stride",
     ["type"] = "uint32",
   },
   ["gpu.dmabuf.fd_width"] = {
     ["doc"] = "DMABUF width",
+    ["label"] = "Fd width",
     ["type"] = "uint32",
   },
   ["gpu.dmabuf.height"] = {
     ["doc"] = "scanout height",
+    ["label"] = "Height",
     ["type"] = "uint32",
   },
   ["gpu.dmabuf.modifier"] = {
     ["doc"] = "DMABUF format modifier",
+    ["label"] = "Modifier",
     ["type"] = "uint64",
   },
   ["gpu.dmabuf.scanout_id"] = {
     ["doc"] = "scanout to set",
+    ["label"] = "Scanout id",
     ["type"] = "uint32",
   },
   ["gpu.dmabuf.width"] = {
     ["doc"] = "scanout width, 0 disables it (no fd)",
+    ["label"] = "Width",
     ["type"] = "uint32",
   },
   ["gpu.dmabuf.x"] = {
     ["doc"] = "scanout x in the DMABUF",
+    ["label"] = "X",
     ["type"] = "uint32",
   },
   ["gpu.dmabuf.y"] = {
     ["doc"] = "scanout y in the DMABUF",
+    ["label"] = "Y",
     ["type"] = "uint32",
   },
   ["gpu.edid.ctx_id"] = {
     ["doc"] = "3D context id",
+    ["label"] = "Context id",
     ["type"] = "uint32",
   },
   ["gpu.edid.fence_id"] = {
     ["doc"] = "fence id",
+    ["label"] = "Fence id",
     ["type"] = "uint64",
   },
   ["gpu.edid.flags"] = {
     ["doc"] = "virtio-gpu header flags",
+    ["label"] = "Flags",
     ["type"] = "uint32",
   },
   ["gpu.edid.reserved"] = {
     ["doc"] = "padding, zero",
+    ["label"] = "Reserved",
     ["type"] = "uint32",
   },
   ["gpu.edid.ring_idx"] = {
     ["doc"] = "ring index",
+    ["label"] = "Ring index",
     ["type"] = "uint8",
   },
   ["gpu.edid.scanout_id"] = {
     ["doc"] = "scanout whose EDID is asked",
+    ["label"] = "Scanout id",
     ["type"] = "uint32",
   },
   ["gpu.edid.size"] = {
     ["doc"] = "EDID bytes used",
+    ["label"] = "Size",
     ["type"] = "uint32",
   },
   ["gpu.edid.type"] = {
     ["doc"] = "virtio-gpu response type (0x1101 OK_DISPLAY_INFO, 0x1104 OK_EDID)",
+    ["label"] = "Type",
     ["type"] = "uint32",
   },
   ["gpu.scanout.height"] = {
     ["doc"] = "height",
+    ["label"] = "Height",
     ["type"] = "uint32",
   },
   ["gpu.scanout.scanout_id"] = {
     ["doc"] = "scanout to set",
+    ["label"] = "Scanout id",
     ["type"] = "uint32",
   },
   ["gpu.scanout.width"] = {
     ["doc"] = "width, 0 disables the scanout",
+    ["label"] = "Width",
     ["type"] = "uint32",
   },
   ["gpu.update.height"] = {
     ["doc"] = "rectangle height",
+    ["label"] = "Height",
     ["type"] = "uint32",
   },
   ["gpu.update.scanout_id"] = {
     ["doc"] = "scanout to update",
+    ["label"] = "Scanout id",
     ["type"] = "uint32",
   },
   ["gpu.update.width"] = {
     ["doc"] = "rectangle width",
+    ["label"] = "Width",
     ["type"] = "uint32",
   },
   ["gpu.update.x"] = {
     ["doc"] = "rectangle x",
+    ["label"] = "X",
     ["type"] = "uint32",
   },
   ["gpu.update.y"] = {
     ["doc"] = "rectangle y",
+    ["label"] = "Y",
     ["type"] = "uint32",
   },
   ["gpu_protocol_features"] = {
     ["doc"] = "VHOST_USER_GPU_PROTOCOL_F_* bits (EDID, DMABUF2)",
+    ["label"] = "GPU protocol features",
     ["type"] = "uint64",
   },
   ["inflight.mmap_offset"] = {
     ["doc"] = "offset in the fd",
+    ["label"] = "Mmap offset",
     ["type"] = "uint64",
   },
   ["inflight.mmap_size"] = {
     ["doc"] = "size of the inflight area",
+    ["label"] = "Mmap size",
     ["type"] = "uint64",
   },
   ["inflight.num_queues"] = {
     ["doc"] = "queues covered",
+    ["label"] = "Number of queues",
     ["type"] = "uint16",
   },
   ["inflight.queue_size"] = {
     ["doc"] = "descriptors per queue",
+    ["label"] = "Queue size",
     ["type"] = "uint16",
   },
   ["iotlb.iova"] = {
     ["doc"] = "I/O virtual address",
+    ["label"] = "I/O virtual address",
     ["type"] = "uint64",
   },
   ["iotlb.perm"] = {
     ["doc"] = "0 none, 1 RO, 2 WO, 3 RW",
+    ["label"] = "Permissions",
     ["type"] = "uint8",
   },
   ["iotlb.size"] = {
     ["doc"] = "length in bytes",
+    ["label"] = "Length",
     ["type"] = "uint64",
   },
   ["iotlb.type"] = {
     ["doc"] = "1 miss, 2 update, 3 invalidate, 4 access fail",
+    ["label"] = "IOTLB message type",
     ["type"] = "uint8",
   },
   ["iotlb.uaddr"] = {
     ["doc"] = "user address (a GPA with GPA_ADDRESSES, except in back-end messages)",
+    ["label"] = "User address",
     ["type"] = "uint64",
   },
   ["log.mmap_offset"] = {
     ["doc"] = "offset of the log in the fd",
+    ["label"] = "Mmap offset",
     ["type"] = "uint64",
   },
   ["log.mmap_size"] = {
     ["doc"] = "size of the log area",
+    ["label"] = "Mmap size",
     ["type"] = "uint64",
   },
   ["mem.nregions"] = {
     ["doc"] = "number of regions that follow",
+    ["label"] = "Number of regions",
     ["type"] = "uint32",
   },
   ["mem.padding"] = {
     ["doc"] = "zero",
+    ["label"] = "Padding",
     ["type"] = "uint64",
   },
   ["mem.region.domid"] = {
     ["doc"] = "Xen domain id",
+    ["label"] = "Xen domain id",
     ["type"] = "uint32",
   },
   ["mem.region.guest_phys_addr"] = {
     ["doc"] = "guest physical address of the region",
+    ["label"] = "Guest physical address",
     ["type"] = "uint64",
   },
   ["mem.region.memory_size"] = {
     ["doc"] = "size in bytes",
+    ["label"] = "Memory size",
     ["type"] = "uint64",
   },
   ["mem.region.mmap_offset"] = {
     ["doc"] = "offset of the region in the fd's mapping",
+    ["label"] = "Mmap offset",
     ["type"] = "uint64",
   },
   ["mem.region.userspace_addr"] = {
     ["doc"] = "front-end virtual address (equals the GPA with GPA_ADDRESSES)",
+    ["label"] = "Front-end virtual address",
     ["type"] = "uint64",
   },
   ["mem.region.xen_mmap_flags"] = {
     ["doc"] = "bit 0 foreign, bit 1 grant, bit 8 map on demand",
+    ["label"] = "Xen mmap flags",
     ["type"] = "uint32",
   },
   ["mem.region.xen_mmap_flags.foreign"] = {
     ["doc"] = "bit field of xen_mmap_flags",
+    ["label"] = "Foreign",
     ["type"] = "uint32",
   },
   ["mem.region.xen_mmap_flags.grant"] = {
     ["doc"] = "bit field of xen_mmap_flags",
+    ["label"] = "Grant",
     ["type"] = "uint32",
   },
   ["mem.region.xen_mmap_flags.map_on_demand"] = {
     ["doc"] = "bit field of xen_mmap_flags",
+    ["label"] = "Map on demand",
     ["type"] = "uint32",
   },
   ["mem_slots"] = {
     ["doc"] = "memory slots the back-end supports",
+    ["label"] = "Memory slots",
     ["type"] = "uint64",
   },
   ["mtu"] = {
     ["doc"] = "MTU in bytes",
+    ["label"] = "MTU",
     ["type"] = "uint64",
   },
   ["protocol_features"] = {
     ["doc"] = "VHOST_USER_PROTOCOL_F_* bits",
+    ["label"] = "Protocol features",
     ["type"] = "uint64",
   },
   ["queue_num"] = {
     ["doc"] = "number of queues the back-end supports",
+    ["label"] = "Number of queues",
     ["type"] = "uint64",
   },
   ["request"] = {
     ["doc"] = "request",
+    ["label"] = "Request",
     ["type"] = "uint32",
   },
   ["shmem.fd_offset"] = {
     ["doc"] = "offset in the fd",
+    ["label"] = "Fd offset",
     ["type"] = "uint64",
   },
   ["shmem.flags"] = {
     ["doc"] = "bit 0: 1 read-write, 0 read-only",
+    ["label"] = "Flags",
     ["type"] = "uint64",
   },
   ["shmem.flags.rw"] = {
     ["doc"] = "bit field of flags",
+    ["label"] = "Read-write",
     ["type"] = "uint32",
   },
   ["shmem.len"] = {
     ["doc"] = "length",
+    ["label"] = "Length",
     ["type"] = "uint64",
   },
   ["shmem.memory_sizes"] = {
     ["doc"] = "size per shmid, 0 unused",
+    ["label"] = "Memory size per shmid",
     ["type"] = "uint64",
   },
   ["shmem.nregions"] = {
     ["doc"] = "regions in use",
+    ["label"] = "Number of regions",
     ["type"] = "uint32",
   },
   ["shmem.padding"] = {
     ["doc"] = "zero",
+    ["label"] = "Padding",
     ["type"] = "uint32",
   },
   ["shmem.shm_offset"] = {
     ["doc"] = "offset in the shared memory region",
+    ["label"] = "Shared memory offset",
     ["type"] = "uint64",
   },
   ["shmem.shmid"] = {
     ["doc"] = "shared memory region id",
+    ["label"] = "Shared memory id",
     ["type"] = "uint8",
   },
   ["size"] = {
     ["doc"] = "size",
+    ["label"] = "Payload size",
     ["type"] = "uint32",
   },
   ["status"] = {
     ["doc"] = "virtio device status bits",
+    ["label"] = "Status",
     ["type"] = "uint64",
   },
   ["u64.value"] = {
     ["doc"] = "a u64 whose meaning the spec leaves open",
+    ["label"] = "Value (u64)",
     ["type"] = "uint64",
   },
   ["vring.avail"] = {
     ["doc"] = "available ring address",
+    ["label"] = "Available ring address",
     ["type"] = "uint64",
   },
   ["vring.desc"] = {
     ["doc"] = "descriptor table address",
+    ["label"] = "Descriptor table address",
     ["type"] = "uint64",
   },
   ["vring.flags"] = {
     ["doc"] = "bit 0 VHOST_VRING_F_LOG",
+    ["label"] = "Flags",
     ["type"] = "uint32",
   },
   ["vring.flags.log"] = {
     ["doc"] = "bit field of flags",
+    ["label"] = "Log (LOG)",
     ["type"] = "uint32",
   },
   ["vring.flags.nofd"] = {
     ["doc"] = "bit field of flags",
+    ["label"] = "No fd (NOFD)",
     ["type"] = "uint8",
   },
   ["vring.index"] = {
     ["doc"] = "vring index",
+    ["label"] = "Vring index",
     ["type"] = "uint32",
   },
   ["vring.log"] = {
     ["doc"] = "used ring log address (guest physical)",
+    ["label"] = "Used ring log address",
     ["type"] = "uint64",
   },
   ["vring.num"] = {
     ["doc"] = "ring size, enable flag, endianness or GET_VRING_BASE mode, per request",
+    ["label"] = "Number (ring size, enable flag, endianness or base mode)",
     ["type"] = "uint32",
   },
   ["vring.reserved"] = {
     ["doc"] = "bits 16-63, zero",
+    ["label"] = "Reserved",
     ["type"] = "uint64",
   },
   ["vring.used"] = {
     ["doc"] = "used ring address",
+    ["label"] = "Used ring address",
     ["type"] = "uint64",
   },
   ["vring_area.flags"] = {
     ["doc"] = "bit 0 NOFD: no fd, de-register",
+    ["label"] = "Flags",
     ["type"] = "uint8",
   },
   ["vring_area.flags.nofd"] = {
     ["doc"] = "bit field of flags",
+    ["label"] = "No fd (NOFD)",
     ["type"] = "uint8",
   },
   ["vring_area.index"] = {
     ["doc"] = "vring index (bits 0-7 of the u64)",
+    ["label"] = "Vring index",
     ["type"] = "uint8",
   },
   ["vring_area.offset"] = {
     ["doc"] = "offset in the fd",
+    ["label"] = "Offset",
     ["type"] = "uint64",
   },
   ["vring_area.reserved"] = {
     ["doc"] = "bits 16-63, zero",
+    ["label"] = "Reserved",
     ["type"] = "uint64",
   },
   ["vring_area.size"] = {
     ["doc"] = "size of the area",
+    ["label"] = "Size",
     ["type"] = "uint64",
   },
 }
@@ -744,74 +928,92 @@ local FIELDS = {
 local BYTE_FIELDS = {
   ["config.data"] = {
     ["doc"] = "config space bytes",
+    ["label"] = "Data",
     ["type"] = "bytes",
   },
   ["config.fs.tag"] = {
     ["doc"] = "file system name, UTF-8, padded with NULs",
+    ["label"] = "Mount tag",
     ["type"] = "bytes",
   },
   ["config.input.u"] = {
     ["doc"] = "string, bitmap, absinfo or devids, per select",
+    ["label"] = "Data (u)",
     ["type"] = "bytes",
   },
   ["config.net.mac"] = {
     ["doc"] = "MAC address (VIRTIO_NET_F_MAC)",
+    ["label"] = "MAC",
     ["type"] = "bytes",
   },
   ["crypto.session"] = {
     ["doc"] = "QEMU-internal crypto session struct",
+    ["label"] = "Session data",
     ["type"] = "bytes",
   },
   ["gpu.cursor.image"] = {
     ["doc"] = "64x64 cursor, a8r8g8b8",
+    ["label"] = "Image",
     ["type"] = "bytes",
   },
   ["gpu.display.padding"] = {
     ["doc"] = "zero",
+    ["label"] = "Padding",
     ["type"] = "bytes",
   },
   ["gpu.display.pmodes"] = {
     ["doc"] = "16 scanouts: x, y, width, height, enabled, flags (u32 each)",
+    ["label"] = "Display modes",
     ["type"] = "bytes",
   },
   ["gpu.edid.edid"] = {
     ["doc"] = "EDID blob",
+    ["label"] = "EDID",
     ["type"] = "bytes",
   },
   ["gpu.edid.padding"] = {
     ["doc"] = "zero",
+    ["label"] = "Padding",
     ["type"] = "bytes",
   },
   ["gpu.update.data"] = {
     ["doc"] = "the rectangle's pixels, x8r8g8b8 (none in DMABUF_UPDATE)",
+    ["label"] = "Data",
     ["type"] = "bytes",
   },
   ["inflight.padding"] = {
     ["doc"] = "natural padding",
+    ["label"] = "Padding",
     ["type"] = "bytes",
   },
   ["iotlb.padding"] = {
     ["doc"] = "natural padding of struct vhost_iotlb_msg",
+    ["label"] = "Padding",
     ["type"] = "bytes",
   },
   ["object.uuid"] = {
     ["doc"] = "shared object UUID (first three fields big-endian)",
+    ["label"] = "UUID",
     ["type"] = "bytes",
   },
   ["payload"] = {
     ["doc"] = "payload kept as raw bytes (no layout fits)",
+    ["label"] = "Payload",
     ["type"] = "bytes",
   },
   ["rarp.mac"] = {
     ["doc"] = "guest MAC address",
+    ["label"] = "MAC",
     ["type"] = "bytes",
   },
   ["rarp.padding"] = {
     ["doc"] = "rest of the u64",
+    ["label"] = "Padding",
     ["type"] = "bytes",
   },
   ["shmem.padding"] = {
     ["doc"] = "zero",
+    ["label"] = "Padding",
     ["type"] = "bytes",
   },
 }
@@ -828,6 +1030,7 @@ local LAYOUTS = {
     {
       ["bits"] = {},
       ["name"] = "ack",
+      ["prefix"] = " ack=",
       ["short"] = "ack",
       ["width"] = 8,
     },
@@ -836,30 +1039,36 @@ local LAYOUTS = {
     {
       ["bits"] = {},
       ["name"] = "config.offset",
+      ["prefix"] = " offset=",
       ["short"] = "offset",
       ["width"] = 4,
     },
     {
       ["bits"] = {},
       ["name"] = "config.size",
+      ["prefix"] = " size=",
       ["short"] = "size",
       ["width"] = 4,
     },
     {
       ["bits"] = {},
       ["name"] = "config.flags",
+      ["prefix"] = " flags=",
       ["short"] = "flags",
       ["width"] = 4,
     },
     {
       ["bytes_from"] = "size",
       ["name"] = "config.data",
+      ["prefix"] = " data=",
       ["short"] = "data",
+      ["style"] = "config_data",
     },
   },
   ["crypto_session"] = {
     {
       ["name"] = "crypto.session",
+      ["prefix"] = " session=",
       ["rest"] = true,
       ["short"] = "session",
     },
@@ -868,12 +1077,14 @@ local LAYOUTS = {
     {
       ["bits"] = {},
       ["name"] = "device_state.direction",
+      ["prefix"] = " direction=",
       ["short"] = "direction",
       ["width"] = 4,
     },
     {
       ["bits"] = {},
       ["name"] = "device_state.phase",
+      ["prefix"] = " phase=",
       ["short"] = "phase",
       ["width"] = 4,
     },
@@ -882,6 +1093,7 @@ local LAYOUTS = {
     {
       ["bits"] = {},
       ["name"] = "device_state.error",
+      ["prefix"] = " error=",
       ["short"] = "error",
       ["width"] = 1,
     },
@@ -890,6 +1102,7 @@ local LAYOUTS = {
         {"device_state.flags.nofd", 1},
       },
       ["name"] = "device_state.flags",
+      ["prefix"] = " flags=",
       ["short"] = "flags",
       ["width"] = 1,
     },
@@ -905,7 +1118,9 @@ local LAYOUTS = {
     {
       ["bits"] = {},
       ["name"] = "features",
+      ["prefix"] = " features=",
       ["short"] = "features",
+      ["style"] = "features",
       ["width"] = 8,
     },
   },
@@ -913,18 +1128,21 @@ local LAYOUTS = {
     {
       ["bits"] = {},
       ["name"] = "gpu.cursor.scanout_id",
+      ["prefix"] = " scanout_id=",
       ["short"] = "scanout_id",
       ["width"] = 4,
     },
     {
       ["bits"] = {},
       ["name"] = "gpu.cursor.x",
+      ["prefix"] = " x=",
       ["short"] = "x",
       ["width"] = 4,
     },
     {
       ["bits"] = {},
       ["name"] = "gpu.cursor.y",
+      ["prefix"] = " y=",
       ["short"] = "y",
       ["width"] = 4,
     },
@@ -933,36 +1151,42 @@ local LAYOUTS = {
     {
       ["bits"] = {},
       ["name"] = "gpu.cursor.scanout_id",
+      ["prefix"] = " scanout_id=",
       ["short"] = "scanout_id",
       ["width"] = 4,
     },
     {
       ["bits"] = {},
       ["name"] = "gpu.cursor.x",
+      ["prefix"] = " x=",
       ["short"] = "x",
       ["width"] = 4,
     },
     {
       ["bits"] = {},
       ["name"] = "gpu.cursor.y",
+      ["prefix"] = " y=",
       ["short"] = "y",
       ["width"] = 4,
     },
     {
       ["bits"] = {},
       ["name"] = "gpu.cursor.hot_x",
+      ["prefix"] = " hot_x=",
       ["short"] = "hot_x",
       ["width"] = 4,
     },
     {
       ["bits"] = {},
       ["name"] = "gpu.cursor.hot_y",
+      ["prefix"] = " hot_y=",
       ["short"] = "hot_y",
       ["width"] = 4,
     },
     {
       ["bytes"] = 16384,
       ["name"] = "gpu.cursor.image",
+      ["prefix"] = " image=",
       ["short"] = "image",
     },
   },
@@ -970,30 +1194,35 @@ local LAYOUTS = {
     {
       ["bits"] = {},
       ["name"] = "gpu.display.type",
+      ["prefix"] = " type=",
       ["short"] = "type",
       ["width"] = 4,
     },
     {
       ["bits"] = {},
       ["name"] = "gpu.display.flags",
+      ["prefix"] = " flags=",
       ["short"] = "flags",
       ["width"] = 4,
     },
     {
       ["bits"] = {},
       ["name"] = "gpu.display.fence_id",
+      ["prefix"] = " fence_id=",
       ["short"] = "fence_id",
       ["width"] = 8,
     },
     {
       ["bits"] = {},
       ["name"] = "gpu.display.ctx_id",
+      ["prefix"] = " ctx_id=",
       ["short"] = "ctx_id",
       ["width"] = 4,
     },
     {
       ["bits"] = {},
       ["name"] = "gpu.display.ring_idx",
+      ["prefix"] = " ring_idx=",
       ["short"] = "ring_idx",
       ["width"] = 1,
     },
@@ -1005,6 +1234,7 @@ local LAYOUTS = {
     {
       ["bytes"] = 384,
       ["name"] = "gpu.display.pmodes",
+      ["prefix"] = " pmodes=",
       ["short"] = "pmodes",
     },
   },
@@ -1012,60 +1242,70 @@ local LAYOUTS = {
     {
       ["bits"] = {},
       ["name"] = "gpu.dmabuf.scanout_id",
+      ["prefix"] = " scanout_id=",
       ["short"] = "scanout_id",
       ["width"] = 4,
     },
     {
       ["bits"] = {},
       ["name"] = "gpu.dmabuf.x",
+      ["prefix"] = " x=",
       ["short"] = "x",
       ["width"] = 4,
     },
     {
       ["bits"] = {},
       ["name"] = "gpu.dmabuf.y",
+      ["prefix"] = " y=",
       ["short"] = "y",
       ["width"] = 4,
     },
     {
       ["bits"] = {},
       ["name"] = "gpu.dmabuf.width",
+      ["prefix"] = " width=",
       ["short"] = "width",
       ["width"] = 4,
     },
     {
       ["bits"] = {},
       ["name"] = "gpu.dmabuf.height",
+      ["prefix"] = " height=",
       ["short"] = "height",
       ["width"] = 4,
     },
     {
       ["bits"] = {},
       ["name"] = "gpu.dmabuf.fd_width",
+      ["prefix"] = " fd_width=",
       ["short"] = "fd_width",
       ["width"] = 4,
     },
     {
       ["bits"] = {},
       ["name"] = "gpu.dmabuf.fd_height",
+      ["prefix"] = " fd_height=",
       ["short"] = "fd_height",
       ["width"] = 4,
     },
     {
       ["bits"] = {},
       ["name"] = "gpu.dmabuf.fd_stride",
+      ["prefix"] = " fd_stride=",
       ["short"] = "fd_stride",
       ["width"] = 4,
     },
     {
       ["bits"] = {},
       ["name"] = "gpu.dmabuf.fd_flags",
+      ["prefix"] = " fd_flags=",
       ["short"] = "fd_flags",
       ["width"] = 4,
     },
     {
       ["bits"] = {},
       ["name"] = "gpu.dmabuf.fd_drm_fourcc",
+      ["prefix"] = " fd_drm_fourcc=",
       ["short"] = "fd_drm_fourcc",
       ["width"] = 4,
     },
@@ -1074,66 +1314,77 @@ local LAYOUTS = {
     {
       ["bits"] = {},
       ["name"] = "gpu.dmabuf.scanout_id",
+      ["prefix"] = " scanout_id=",
       ["short"] = "scanout_id",
       ["width"] = 4,
     },
     {
       ["bits"] = {},
       ["name"] = "gpu.dmabuf.x",
+      ["prefix"] = " x=",
       ["short"] = "x",
       ["width"] = 4,
     },
     {
       ["bits"] = {},
       ["name"] = "gpu.dmabuf.y",
+      ["prefix"] = " y=",
       ["short"] = "y",
       ["width"] = 4,
     },
     {
       ["bits"] = {},
       ["name"] = "gpu.dmabuf.width",
+      ["prefix"] = " width=",
       ["short"] = "width",
       ["width"] = 4,
     },
     {
       ["bits"] = {},
       ["name"] = "gpu.dmabuf.height",
+      ["prefix"] = " height=",
       ["short"] = "height",
       ["width"] = 4,
     },
     {
       ["bits"] = {},
       ["name"] = "gpu.dmabuf.fd_width",
+      ["prefix"] = " fd_width=",
       ["short"] = "fd_width",
       ["width"] = 4,
     },
     {
       ["bits"] = {},
       ["name"] = "gpu.dmabuf.fd_height",
+      ["prefix"] = " fd_height=",
       ["short"] = "fd_height",
       ["width"] = 4,
     },
     {
       ["bits"] = {},
       ["name"] = "gpu.dmabuf.fd_stride",
+      ["prefix"] = " fd_stride=",
       ["short"] = "fd_stride",
       ["width"] = 4,
     },
     {
       ["bits"] = {},
       ["name"] = "gpu.dmabuf.fd_flags",
+      ["prefix"] = " fd_flags=",
       ["short"] = "fd_flags",
       ["width"] = 4,
     },
     {
       ["bits"] = {},
       ["name"] = "gpu.dmabuf.fd_drm_fourcc",
+      ["prefix"] = " fd_drm_fourcc=",
       ["short"] = "fd_drm_fourcc",
       ["width"] = 4,
     },
     {
       ["bits"] = {},
       ["name"] = "gpu.dmabuf.modifier",
+      ["prefix"] = " modifier=",
       ["short"] = "modifier",
       ["width"] = 8,
     },
@@ -1142,30 +1393,35 @@ local LAYOUTS = {
     {
       ["bits"] = {},
       ["name"] = "gpu.edid.type",
+      ["prefix"] = " type=",
       ["short"] = "type",
       ["width"] = 4,
     },
     {
       ["bits"] = {},
       ["name"] = "gpu.edid.flags",
+      ["prefix"] = " flags=",
       ["short"] = "flags",
       ["width"] = 4,
     },
     {
       ["bits"] = {},
       ["name"] = "gpu.edid.fence_id",
+      ["prefix"] = " fence_id=",
       ["short"] = "fence_id",
       ["width"] = 8,
     },
     {
       ["bits"] = {},
       ["name"] = "gpu.edid.ctx_id",
+      ["prefix"] = " ctx_id=",
       ["short"] = "ctx_id",
       ["width"] = 4,
     },
     {
       ["bits"] = {},
       ["name"] = "gpu.edid.ring_idx",
+      ["prefix"] = " ring_idx=",
       ["short"] = "ring_idx",
       ["width"] = 1,
     },
@@ -1177,6 +1433,7 @@ local LAYOUTS = {
     {
       ["bits"] = {},
       ["name"] = "gpu.edid.size",
+      ["prefix"] = " size=",
       ["short"] = "size",
       ["width"] = 4,
     },
@@ -1189,6 +1446,7 @@ local LAYOUTS = {
     {
       ["bytes"] = 1024,
       ["name"] = "gpu.edid.edid",
+      ["prefix"] = " edid=",
       ["short"] = "edid",
     },
   },
@@ -1196,6 +1454,7 @@ local LAYOUTS = {
     {
       ["bits"] = {},
       ["name"] = "gpu.edid.scanout_id",
+      ["prefix"] = " scanout_id=",
       ["short"] = "scanout_id",
       ["width"] = 4,
     },
@@ -1204,6 +1463,7 @@ local LAYOUTS = {
     {
       ["bits"] = {},
       ["name"] = "gpu_protocol_features",
+      ["prefix"] = " gpu_protocol_features=",
       ["short"] = "gpu_protocol_features",
       ["width"] = 8,
     },
@@ -1212,18 +1472,21 @@ local LAYOUTS = {
     {
       ["bits"] = {},
       ["name"] = "gpu.scanout.scanout_id",
+      ["prefix"] = " scanout_id=",
       ["short"] = "scanout_id",
       ["width"] = 4,
     },
     {
       ["bits"] = {},
       ["name"] = "gpu.scanout.width",
+      ["prefix"] = " width=",
       ["short"] = "width",
       ["width"] = 4,
     },
     {
       ["bits"] = {},
       ["name"] = "gpu.scanout.height",
+      ["prefix"] = " height=",
       ["short"] = "height",
       ["width"] = 4,
     },
@@ -1232,35 +1495,41 @@ local LAYOUTS = {
     {
       ["bits"] = {},
       ["name"] = "gpu.update.scanout_id",
+      ["prefix"] = " scanout_id=",
       ["short"] = "scanout_id",
       ["width"] = 4,
     },
     {
       ["bits"] = {},
       ["name"] = "gpu.update.x",
+      ["prefix"] = " x=",
       ["short"] = "x",
       ["width"] = 4,
     },
     {
       ["bits"] = {},
       ["name"] = "gpu.update.y",
+      ["prefix"] = " y=",
       ["short"] = "y",
       ["width"] = 4,
     },
     {
       ["bits"] = {},
       ["name"] = "gpu.update.width",
+      ["prefix"] = " width=",
       ["short"] = "width",
       ["width"] = 4,
     },
     {
       ["bits"] = {},
       ["name"] = "gpu.update.height",
+      ["prefix"] = " height=",
       ["short"] = "height",
       ["width"] = 4,
     },
     {
       ["name"] = "gpu.update.data",
+      ["prefix"] = " data=",
       ["rest"] = true,
       ["short"] = "data",
     },
@@ -1269,24 +1538,28 @@ local LAYOUTS = {
     {
       ["bits"] = {},
       ["name"] = "inflight.mmap_size",
+      ["prefix"] = " mmap_size=",
       ["short"] = "mmap_size",
       ["width"] = 8,
     },
     {
       ["bits"] = {},
       ["name"] = "inflight.mmap_offset",
+      ["prefix"] = " off=",
       ["short"] = "mmap_offset",
       ["width"] = 8,
     },
     {
       ["bits"] = {},
       ["name"] = "inflight.num_queues",
+      ["prefix"] = " num_queues=",
       ["short"] = "num_queues",
       ["width"] = 2,
     },
     {
       ["bits"] = {},
       ["name"] = "inflight.queue_size",
+      ["prefix"] = " queue_size=",
       ["short"] = "queue_size",
       ["width"] = 2,
     },
@@ -1300,30 +1573,35 @@ local LAYOUTS = {
     {
       ["bits"] = {},
       ["name"] = "iotlb.iova",
+      ["prefix"] = " iova=",
       ["short"] = "iova",
       ["width"] = 8,
     },
     {
       ["bits"] = {},
       ["name"] = "iotlb.size",
+      ["prefix"] = " size=",
       ["short"] = "size",
       ["width"] = 8,
     },
     {
       ["bits"] = {},
       ["name"] = "iotlb.uaddr",
+      ["prefix"] = " uaddr=",
       ["short"] = "uaddr",
       ["width"] = 8,
     },
     {
       ["bits"] = {},
       ["name"] = "iotlb.perm",
+      ["prefix"] = " perm=",
       ["short"] = "perm",
       ["width"] = 1,
     },
     {
       ["bits"] = {},
       ["name"] = "iotlb.type",
+      ["prefix"] = " type=",
       ["short"] = "type",
       ["width"] = 1,
     },
@@ -1337,12 +1615,14 @@ local LAYOUTS = {
     {
       ["bits"] = {},
       ["name"] = "log.mmap_size",
+      ["prefix"] = " mmap_size=",
       ["short"] = "mmap_size",
       ["width"] = 8,
     },
     {
       ["bits"] = {},
       ["name"] = "log.mmap_offset",
+      ["prefix"] = " off=",
       ["short"] = "mmap_offset",
       ["width"] = 8,
     },
@@ -1356,8 +1636,11 @@ local LAYOUTS = {
     },
     {
       ["element"] = "region",
+      ["label"] = "Memory region",
       ["name"] = "mem.region",
+      ["prefix"] = " region=",
       ["short"] = "region",
+      ["style"] = "region",
     },
   },
   ["mem_region_xen"] = {
@@ -1369,14 +1652,18 @@ local LAYOUTS = {
     },
     {
       ["element"] = "region_xen",
+      ["label"] = "Memory region",
       ["name"] = "mem.region",
+      ["prefix"] = " region=",
       ["short"] = "region",
+      ["style"] = "region",
     },
   },
   ["mem_slots"] = {
     {
       ["bits"] = {},
       ["name"] = "mem_slots",
+      ["prefix"] = " mem_slots=",
       ["short"] = "mem_slots",
       ["width"] = 8,
     },
@@ -1385,6 +1672,7 @@ local LAYOUTS = {
     {
       ["bits"] = {},
       ["name"] = "mem.nregions",
+      ["prefix"] = " nregions=",
       ["short"] = "nregions",
       ["width"] = 4,
     },
@@ -1397,14 +1685,18 @@ local LAYOUTS = {
     {
       ["count_from"] = "nregions",
       ["element"] = "region",
+      ["label"] = "Memory region",
       ["name"] = "mem.region",
+      ["prefix"] = " region=",
       ["short"] = "region",
+      ["style"] = "region",
     },
   },
   ["mem_table_xen"] = {
     {
       ["bits"] = {},
       ["name"] = "mem.nregions",
+      ["prefix"] = " nregions=",
       ["short"] = "nregions",
       ["width"] = 4,
     },
@@ -1417,14 +1709,18 @@ local LAYOUTS = {
     {
       ["count_from"] = "nregions",
       ["element"] = "region_xen",
+      ["label"] = "Memory region",
       ["name"] = "mem.region",
+      ["prefix"] = " region=",
       ["short"] = "region",
+      ["style"] = "region",
     },
   },
   ["mmap"] = {
     {
       ["bits"] = {},
       ["name"] = "shmem.shmid",
+      ["prefix"] = " shmid=",
       ["short"] = "shmid",
       ["width"] = 1,
     },
@@ -1436,18 +1732,21 @@ local LAYOUTS = {
     {
       ["bits"] = {},
       ["name"] = "shmem.fd_offset",
+      ["prefix"] = " fd_offset=",
       ["short"] = "fd_offset",
       ["width"] = 8,
     },
     {
       ["bits"] = {},
       ["name"] = "shmem.shm_offset",
+      ["prefix"] = " shm_offset=",
       ["short"] = "shm_offset",
       ["width"] = 8,
     },
     {
       ["bits"] = {},
       ["name"] = "shmem.len",
+      ["prefix"] = " len=",
       ["short"] = "len",
       ["width"] = 8,
     },
@@ -1456,6 +1755,7 @@ local LAYOUTS = {
         {"shmem.flags.rw", 1},
       },
       ["name"] = "shmem.flags",
+      ["prefix"] = " flags=",
       ["short"] = "flags",
       ["width"] = 8,
     },
@@ -1464,6 +1764,7 @@ local LAYOUTS = {
     {
       ["bits"] = {},
       ["name"] = "mtu",
+      ["prefix"] = " mtu=",
       ["short"] = "mtu",
       ["width"] = 8,
     },
@@ -1472,12 +1773,14 @@ local LAYOUTS = {
     {
       ["bytes"] = 16,
       ["name"] = "object.uuid",
+      ["prefix"] = " uuid=",
       ["short"] = "uuid",
     },
   },
   ["opaque"] = {
     {
       ["name"] = "payload",
+      ["prefix"] = " payload=",
       ["rest"] = true,
       ["short"] = "payload",
     },
@@ -1486,7 +1789,9 @@ local LAYOUTS = {
     {
       ["bits"] = {},
       ["name"] = "protocol_features",
+      ["prefix"] = " protocol_features=",
       ["short"] = "protocol_features",
+      ["style"] = "protocol_features",
       ["width"] = 8,
     },
   },
@@ -1494,6 +1799,7 @@ local LAYOUTS = {
     {
       ["bits"] = {},
       ["name"] = "queue_num",
+      ["prefix"] = " queue_num=",
       ["short"] = "queue_num",
       ["width"] = 8,
     },
@@ -1502,7 +1808,9 @@ local LAYOUTS = {
     {
       ["bytes"] = 6,
       ["name"] = "rarp.mac",
+      ["prefix"] = " mac=",
       ["short"] = "mac",
+      ["style"] = "mac",
     },
     {
       ["bytes"] = 2,
@@ -1514,6 +1822,7 @@ local LAYOUTS = {
     {
       ["bits"] = {},
       ["name"] = "crypto.session_id",
+      ["prefix"] = " session_id=",
       ["short"] = "session_id",
       ["width"] = 8,
     },
@@ -1522,6 +1831,7 @@ local LAYOUTS = {
     {
       ["bits"] = {},
       ["name"] = "shmem.nregions",
+      ["prefix"] = " nregions=",
       ["short"] = "nregions",
       ["width"] = 4,
     },
@@ -1535,7 +1845,9 @@ local LAYOUTS = {
       ["bits"] = {},
       ["count"] = 256,
       ["name"] = "shmem.memory_sizes",
+      ["prefix"] = " memory_sizes=",
       ["short"] = "memory_sizes",
+      ["style"] = "sizes",
       ["width"] = 8,
     },
   },
@@ -1543,7 +1855,9 @@ local LAYOUTS = {
     {
       ["bits"] = {},
       ["name"] = "status",
+      ["prefix"] = " status=",
       ["short"] = "status",
+      ["style"] = "status",
       ["width"] = 8,
     },
   },
@@ -1551,6 +1865,7 @@ local LAYOUTS = {
     {
       ["bits"] = {},
       ["name"] = "u64.value",
+      ["prefix"] = " value=",
       ["short"] = "value",
       ["width"] = 8,
     },
@@ -1559,6 +1874,7 @@ local LAYOUTS = {
     {
       ["bits"] = {},
       ["name"] = "vring.index",
+      ["prefix"] = " idx=",
       ["short"] = "index",
       ["width"] = 4,
     },
@@ -1567,30 +1883,35 @@ local LAYOUTS = {
         {"vring.flags.log", 1},
       },
       ["name"] = "vring.flags",
+      ["prefix"] = " flags=",
       ["short"] = "flags",
       ["width"] = 4,
     },
     {
       ["bits"] = {},
       ["name"] = "vring.desc",
+      ["prefix"] = " desc=",
       ["short"] = "desc",
       ["width"] = 8,
     },
     {
       ["bits"] = {},
       ["name"] = "vring.used",
+      ["prefix"] = " used=",
       ["short"] = "used",
       ["width"] = 8,
     },
     {
       ["bits"] = {},
       ["name"] = "vring.avail",
+      ["prefix"] = " avail=",
       ["short"] = "avail",
       ["width"] = 8,
     },
     {
       ["bits"] = {},
       ["name"] = "vring.log",
+      ["prefix"] = " log=",
       ["short"] = "log",
       ["width"] = 8,
     },
@@ -1599,6 +1920,7 @@ local LAYOUTS = {
     {
       ["bits"] = {},
       ["name"] = "vring_area.index",
+      ["prefix"] = " idx=",
       ["short"] = "index",
       ["width"] = 1,
     },
@@ -1607,7 +1929,9 @@ local LAYOUTS = {
         {"vring_area.flags.nofd", 1},
       },
       ["name"] = "vring_area.flags",
+      ["prefix"] = " flags=",
       ["short"] = "flags",
+      ["style"] = "nofd",
       ["width"] = 1,
     },
     {
@@ -1619,12 +1943,14 @@ local LAYOUTS = {
     {
       ["bits"] = {},
       ["name"] = "vring_area.size",
+      ["prefix"] = " size=",
       ["short"] = "size",
       ["width"] = 8,
     },
     {
       ["bits"] = {},
       ["name"] = "vring_area.offset",
+      ["prefix"] = " offset=",
       ["short"] = "offset",
       ["width"] = 8,
     },
@@ -1633,12 +1959,14 @@ local LAYOUTS = {
     {
       ["bits"] = {},
       ["name"] = "vring.index",
+      ["prefix"] = " idx=",
       ["short"] = "index",
       ["width"] = 4,
     },
     {
       ["bits"] = {},
       ["name"] = "vring.num",
+      ["prefix"] = " num=",
       ["short"] = "num",
       ["width"] = 4,
     },
@@ -1647,12 +1975,14 @@ local LAYOUTS = {
     {
       ["bits"] = {},
       ["name"] = "vring.index",
+      ["prefix"] = " idx=",
       ["short"] = "index",
       ["width"] = 4,
     },
     {
       ["bits"] = {},
       ["name"] = "vring.num",
+      ["prefix"] = " num=",
       ["short"] = "num",
       ["width"] = 4,
     },
@@ -1661,6 +1991,7 @@ local LAYOUTS = {
     {
       ["bits"] = {},
       ["name"] = "vring.index",
+      ["prefix"] = " idx=",
       ["short"] = "index",
       ["width"] = 1,
     },
@@ -1669,7 +2000,9 @@ local LAYOUTS = {
         {"vring.flags.nofd", 1},
       },
       ["name"] = "vring.flags",
+      ["prefix"] = " flags=",
       ["short"] = "flags",
+      ["style"] = "nofd",
       ["width"] = 1,
     },
     {
@@ -1683,12 +2016,14 @@ local LAYOUTS = {
     {
       ["bits"] = {},
       ["name"] = "vring.index",
+      ["prefix"] = " idx=",
       ["short"] = "index",
       ["width"] = 4,
     },
     {
       ["bits"] = {},
       ["name"] = "vring.num",
+      ["prefix"] = " num=",
       ["short"] = "num",
       ["width"] = 4,
     },
@@ -1851,558 +2186,1070 @@ local KIND_DOC = {
 }
 
 local CANDIDATES = {
-  ["0:10:0:0:0"] = {"vring_base"},
-  ["0:10:0:0:1"] = {"vring_base_packed"},
-  ["0:10:0:1:0"] = {"vring_base"},
-  ["0:10:0:1:1"] = {"vring_base_packed"},
-  ["0:10:1:0:0"] = {"ack"},
-  ["0:10:1:0:1"] = {"ack"},
-  ["0:10:1:1:0"] = {"ack"},
-  ["0:10:1:1:1"] = {"ack"},
-  ["0:11:0:0:0"] = {"vring_state"},
-  ["0:11:0:0:1"] = {"vring_state"},
-  ["0:11:0:1:0"] = {"vring_state"},
-  ["0:11:0:1:1"] = {"vring_state"},
-  ["0:11:1:0:0"] = {"vring_base", "ack"},
-  ["0:11:1:0:1"] = {"vring_base_packed", "ack"},
-  ["0:11:1:1:0"] = {"vring_base", "ack"},
-  ["0:11:1:1:1"] = {"vring_base_packed", "ack"},
-  ["0:12:0:0:0"] = {"vring_fd"},
-  ["0:12:0:0:1"] = {"vring_fd"},
-  ["0:12:0:1:0"] = {"vring_fd"},
-  ["0:12:0:1:1"] = {"vring_fd"},
-  ["0:12:1:0:0"] = {"ack"},
-  ["0:12:1:0:1"] = {"ack"},
-  ["0:12:1:1:0"] = {"ack"},
-  ["0:12:1:1:1"] = {"ack"},
-  ["0:13:0:0:0"] = {"vring_fd"},
-  ["0:13:0:0:1"] = {"vring_fd"},
-  ["0:13:0:1:0"] = {"vring_fd"},
-  ["0:13:0:1:1"] = {"vring_fd"},
-  ["0:13:1:0:0"] = {"ack"},
-  ["0:13:1:0:1"] = {"ack"},
-  ["0:13:1:1:0"] = {"ack"},
-  ["0:13:1:1:1"] = {"ack"},
-  ["0:14:0:0:0"] = {"vring_fd"},
-  ["0:14:0:0:1"] = {"vring_fd"},
-  ["0:14:0:1:0"] = {"vring_fd"},
-  ["0:14:0:1:1"] = {"vring_fd"},
-  ["0:14:1:0:0"] = {"ack"},
-  ["0:14:1:0:1"] = {"ack"},
-  ["0:14:1:1:0"] = {"ack"},
-  ["0:14:1:1:1"] = {"ack"},
-  ["0:15:0:0:0"] = {"empty"},
-  ["0:15:0:0:1"] = {"empty"},
-  ["0:15:0:1:0"] = {"empty"},
-  ["0:15:0:1:1"] = {"empty"},
-  ["0:15:1:0:0"] = {"protocol_features", "ack"},
-  ["0:15:1:0:1"] = {"protocol_features", "ack"},
-  ["0:15:1:1:0"] = {"protocol_features", "ack"},
-  ["0:15:1:1:1"] = {"protocol_features", "ack"},
-  ["0:16:0:0:0"] = {"protocol_features"},
-  ["0:16:0:0:1"] = {"protocol_features"},
-  ["0:16:0:1:0"] = {"protocol_features"},
-  ["0:16:0:1:1"] = {"protocol_features"},
-  ["0:16:1:0:0"] = {"ack"},
-  ["0:16:1:0:1"] = {"ack"},
-  ["0:16:1:1:0"] = {"ack"},
-  ["0:16:1:1:1"] = {"ack"},
-  ["0:17:0:0:0"] = {"empty"},
-  ["0:17:0:0:1"] = {"empty"},
-  ["0:17:0:1:0"] = {"empty"},
-  ["0:17:0:1:1"] = {"empty"},
-  ["0:17:1:0:0"] = {"queue_num", "ack"},
-  ["0:17:1:0:1"] = {"queue_num", "ack"},
-  ["0:17:1:1:0"] = {"queue_num", "ack"},
-  ["0:17:1:1:1"] = {"queue_num", "ack"},
-  ["0:18:0:0:0"] = {"vring_state"},
-  ["0:18:0:0:1"] = {"vring_state"},
-  ["0:18:0:1:0"] = {"vring_state"},
-  ["0:18:0:1:1"] = {"vring_state"},
-  ["0:18:1:0:0"] = {"ack"},
-  ["0:18:1:0:1"] = {"ack"},
-  ["0:18:1:1:0"] = {"ack"},
-  ["0:18:1:1:1"] = {"ack"},
-  ["0:19:0:0:0"] = {"rarp"},
-  ["0:19:0:0:1"] = {"rarp"},
-  ["0:19:0:1:0"] = {"rarp"},
-  ["0:19:0:1:1"] = {"rarp"},
-  ["0:19:1:0:0"] = {"ack"},
-  ["0:19:1:0:1"] = {"ack"},
-  ["0:19:1:1:0"] = {"ack"},
-  ["0:19:1:1:1"] = {"ack"},
-  ["0:1:0:0:0"] = {"empty"},
-  ["0:1:0:0:1"] = {"empty"},
-  ["0:1:0:1:0"] = {"empty"},
-  ["0:1:0:1:1"] = {"empty"},
-  ["0:1:1:0:0"] = {"features", "ack"},
-  ["0:1:1:0:1"] = {"features", "ack"},
-  ["0:1:1:1:0"] = {"features", "ack"},
-  ["0:1:1:1:1"] = {"features", "ack"},
-  ["0:20:0:0:0"] = {"mtu"},
-  ["0:20:0:0:1"] = {"mtu"},
-  ["0:20:0:1:0"] = {"mtu"},
-  ["0:20:0:1:1"] = {"mtu"},
-  ["0:20:1:0:0"] = {"ack"},
-  ["0:20:1:0:1"] = {"ack"},
-  ["0:20:1:1:0"] = {"ack"},
-  ["0:20:1:1:1"] = {"ack"},
-  ["0:21:0:0:0"] = {"empty"},
-  ["0:21:0:0:1"] = {"empty"},
-  ["0:21:0:1:0"] = {"empty"},
-  ["0:21:0:1:1"] = {"empty"},
-  ["0:21:1:0:0"] = {"ack"},
-  ["0:21:1:0:1"] = {"ack"},
-  ["0:21:1:1:0"] = {"ack"},
-  ["0:21:1:1:1"] = {"ack"},
-  ["0:22:0:0:0"] = {"iotlb"},
-  ["0:22:0:0:1"] = {"iotlb"},
-  ["0:22:0:1:0"] = {"iotlb"},
-  ["0:22:0:1:1"] = {"iotlb"},
-  ["0:22:1:0:0"] = {"ack"},
-  ["0:22:1:0:1"] = {"ack"},
-  ["0:22:1:1:0"] = {"ack"},
-  ["0:22:1:1:1"] = {"ack"},
-  ["0:23:0:0:0"] = {"vring_state"},
-  ["0:23:0:0:1"] = {"vring_state"},
-  ["0:23:0:1:0"] = {"vring_state"},
-  ["0:23:0:1:1"] = {"vring_state"},
-  ["0:23:1:0:0"] = {"ack"},
-  ["0:23:1:0:1"] = {"ack"},
-  ["0:23:1:1:0"] = {"ack"},
-  ["0:23:1:1:1"] = {"ack"},
-  ["0:24:0:0:0"] = {"config"},
-  ["0:24:0:0:1"] = {"config"},
-  ["0:24:0:1:0"] = {"config"},
-  ["0:24:0:1:1"] = {"config"},
-  ["0:24:1:0:0"] = {"config", "ack"},
-  ["0:24:1:0:1"] = {"config", "ack"},
-  ["0:24:1:1:0"] = {"config", "ack"},
-  ["0:24:1:1:1"] = {"config", "ack"},
-  ["0:25:0:0:0"] = {"config"},
-  ["0:25:0:0:1"] = {"config"},
-  ["0:25:0:1:0"] = {"config"},
-  ["0:25:0:1:1"] = {"config"},
-  ["0:25:1:0:0"] = {"ack"},
-  ["0:25:1:0:1"] = {"ack"},
-  ["0:25:1:1:0"] = {"ack"},
-  ["0:25:1:1:1"] = {"ack"},
-  ["0:26:0:0:0"] = {"crypto_session"},
-  ["0:26:0:0:1"] = {"crypto_session"},
-  ["0:26:0:1:0"] = {"crypto_session"},
-  ["0:26:0:1:1"] = {"crypto_session"},
-  ["0:26:1:0:0"] = {"crypto_session", "ack"},
-  ["0:26:1:0:1"] = {"crypto_session", "ack"},
-  ["0:26:1:1:0"] = {"crypto_session", "ack"},
-  ["0:26:1:1:1"] = {"crypto_session", "ack"},
-  ["0:27:0:0:0"] = {"session_id"},
-  ["0:27:0:0:1"] = {"session_id"},
-  ["0:27:0:1:0"] = {"session_id"},
-  ["0:27:0:1:1"] = {"session_id"},
-  ["0:27:1:0:0"] = {"ack"},
-  ["0:27:1:0:1"] = {"ack"},
-  ["0:27:1:1:0"] = {"ack"},
-  ["0:27:1:1:1"] = {"ack"},
-  ["0:28:0:0:0"] = {"empty"},
-  ["0:28:0:0:1"] = {"empty"},
-  ["0:28:0:1:0"] = {"empty"},
-  ["0:28:0:1:1"] = {"empty"},
-  ["0:28:1:0:0"] = {"empty", "ack"},
-  ["0:28:1:0:1"] = {"empty", "ack"},
-  ["0:28:1:1:0"] = {"empty", "ack"},
-  ["0:28:1:1:1"] = {"empty", "ack"},
-  ["0:29:0:0:0"] = {"empty"},
-  ["0:29:0:0:1"] = {"empty"},
-  ["0:29:0:1:0"] = {"empty"},
-  ["0:29:0:1:1"] = {"empty"},
-  ["0:29:1:0:0"] = {"ack"},
-  ["0:29:1:0:1"] = {"ack"},
-  ["0:29:1:1:0"] = {"ack"},
-  ["0:29:1:1:1"] = {"ack"},
-  ["0:2:0:0:0"] = {"features"},
-  ["0:2:0:0:1"] = {"features"},
-  ["0:2:0:1:0"] = {"features"},
-  ["0:2:0:1:1"] = {"features"},
-  ["0:2:1:0:0"] = {"ack"},
-  ["0:2:1:0:1"] = {"ack"},
-  ["0:2:1:1:0"] = {"ack"},
-  ["0:2:1:1:1"] = {"ack"},
-  ["0:30:0:0:0"] = {"empty"},
-  ["0:30:0:0:1"] = {"empty"},
-  ["0:30:0:1:0"] = {"empty"},
-  ["0:30:0:1:1"] = {"empty"},
-  ["0:30:1:0:0"] = {"ack"},
-  ["0:30:1:0:1"] = {"ack"},
-  ["0:30:1:1:0"] = {"ack"},
-  ["0:30:1:1:1"] = {"ack"},
-  ["0:31:0:0:0"] = {"inflight"},
-  ["0:31:0:0:1"] = {"inflight"},
-  ["0:31:0:1:0"] = {"inflight"},
-  ["0:31:0:1:1"] = {"inflight"},
-  ["0:31:1:0:0"] = {"inflight", "ack"},
-  ["0:31:1:0:1"] = {"inflight", "ack"},
-  ["0:31:1:1:0"] = {"inflight", "ack"},
-  ["0:31:1:1:1"] = {"inflight", "ack"},
-  ["0:32:0:0:0"] = {"inflight"},
-  ["0:32:0:0:1"] = {"inflight"},
-  ["0:32:0:1:0"] = {"inflight"},
-  ["0:32:0:1:1"] = {"inflight"},
-  ["0:32:1:0:0"] = {"ack"},
-  ["0:32:1:0:1"] = {"ack"},
-  ["0:32:1:1:0"] = {"ack"},
-  ["0:32:1:1:1"] = {"ack"},
-  ["0:33:0:0:0"] = {"empty"},
-  ["0:33:0:0:1"] = {"empty"},
-  ["0:33:0:1:0"] = {"empty"},
-  ["0:33:0:1:1"] = {"empty"},
-  ["0:33:1:0:0"] = {"ack"},
-  ["0:33:1:0:1"] = {"ack"},
-  ["0:33:1:1:0"] = {"ack"},
-  ["0:33:1:1:1"] = {"ack"},
-  ["0:34:0:0:0"] = {"empty"},
-  ["0:34:0:0:1"] = {"empty"},
-  ["0:34:0:1:0"] = {"empty"},
-  ["0:34:0:1:1"] = {"empty"},
-  ["0:34:1:0:0"] = {"ack"},
-  ["0:34:1:0:1"] = {"ack"},
-  ["0:34:1:1:0"] = {"ack"},
-  ["0:34:1:1:1"] = {"ack"},
-  ["0:35:0:0:0"] = {"vring_state"},
-  ["0:35:0:0:1"] = {"vring_state"},
-  ["0:35:0:1:0"] = {"vring_state"},
-  ["0:35:0:1:1"] = {"vring_state"},
-  ["0:35:1:0:0"] = {"ack"},
-  ["0:35:1:0:1"] = {"ack"},
-  ["0:35:1:1:0"] = {"ack"},
-  ["0:35:1:1:1"] = {"ack"},
-  ["0:36:0:0:0"] = {"empty"},
-  ["0:36:0:0:1"] = {"empty"},
-  ["0:36:0:1:0"] = {"empty"},
-  ["0:36:0:1:1"] = {"empty"},
-  ["0:36:1:0:0"] = {"mem_slots", "ack"},
-  ["0:36:1:0:1"] = {"mem_slots", "ack"},
-  ["0:36:1:1:0"] = {"mem_slots", "ack"},
-  ["0:36:1:1:1"] = {"mem_slots", "ack"},
-  ["0:37:0:0:0"] = {"mem_region", "mem_region_xen"},
-  ["0:37:0:0:1"] = {"mem_region", "mem_region_xen"},
-  ["0:37:0:1:0"] = {"mem_region_xen"},
-  ["0:37:0:1:1"] = {"mem_region_xen"},
-  ["0:37:1:0:0"] = {"ack", "mem_region", "mem_region_xen"},
-  ["0:37:1:0:1"] = {"ack", "mem_region", "mem_region_xen"},
-  ["0:37:1:1:0"] = {"ack", "mem_region_xen"},
-  ["0:37:1:1:1"] = {"ack", "mem_region_xen"},
-  ["0:38:0:0:0"] = {"mem_region", "mem_region_xen"},
-  ["0:38:0:0:1"] = {"mem_region", "mem_region_xen"},
-  ["0:38:0:1:0"] = {"mem_region_xen"},
-  ["0:38:0:1:1"] = {"mem_region_xen"},
-  ["0:38:1:0:0"] = {"ack"},
-  ["0:38:1:0:1"] = {"ack"},
-  ["0:38:1:1:0"] = {"ack"},
-  ["0:38:1:1:1"] = {"ack"},
-  ["0:39:0:0:0"] = {"status"},
-  ["0:39:0:0:1"] = {"status"},
-  ["0:39:0:1:0"] = {"status"},
-  ["0:39:0:1:1"] = {"status"},
-  ["0:39:1:0:0"] = {"ack"},
-  ["0:39:1:0:1"] = {"ack"},
-  ["0:39:1:1:0"] = {"ack"},
-  ["0:39:1:1:1"] = {"ack"},
-  ["0:3:0:0:0"] = {"empty"},
-  ["0:3:0:0:1"] = {"empty"},
-  ["0:3:0:1:0"] = {"empty"},
-  ["0:3:0:1:1"] = {"empty"},
-  ["0:3:1:0:0"] = {"ack"},
-  ["0:3:1:0:1"] = {"ack"},
-  ["0:3:1:1:0"] = {"ack"},
-  ["0:3:1:1:1"] = {"ack"},
-  ["0:40:0:0:0"] = {"empty"},
-  ["0:40:0:0:1"] = {"empty"},
-  ["0:40:0:1:0"] = {"empty"},
-  ["0:40:0:1:1"] = {"empty"},
-  ["0:40:1:0:0"] = {"status", "ack"},
-  ["0:40:1:0:1"] = {"status", "ack"},
-  ["0:40:1:1:0"] = {"status", "ack"},
-  ["0:40:1:1:1"] = {"status", "ack"},
-  ["0:41:0:0:0"] = {"object"},
-  ["0:41:0:0:1"] = {"object"},
-  ["0:41:0:1:0"] = {"object"},
-  ["0:41:0:1:1"] = {"object"},
-  ["0:41:1:0:0"] = {"ack"},
-  ["0:41:1:0:1"] = {"ack"},
-  ["0:41:1:1:0"] = {"ack"},
-  ["0:41:1:1:1"] = {"ack"},
-  ["0:42:0:0:0"] = {"device_state"},
-  ["0:42:0:0:1"] = {"device_state"},
-  ["0:42:0:1:0"] = {"device_state"},
-  ["0:42:0:1:1"] = {"device_state"},
-  ["0:42:1:0:0"] = {"device_state_result", "ack"},
-  ["0:42:1:0:1"] = {"device_state_result", "ack"},
-  ["0:42:1:1:0"] = {"device_state_result", "ack"},
-  ["0:42:1:1:1"] = {"device_state_result", "ack"},
-  ["0:43:0:0:0"] = {"empty"},
-  ["0:43:0:0:1"] = {"empty"},
-  ["0:43:0:1:0"] = {"empty"},
-  ["0:43:0:1:1"] = {"empty"},
-  ["0:43:1:0:0"] = {"ack"},
-  ["0:43:1:0:1"] = {"ack"},
-  ["0:43:1:1:0"] = {"ack"},
-  ["0:43:1:1:1"] = {"ack"},
-  ["0:44:0:0:0"] = {"empty"},
-  ["0:44:0:0:1"] = {"empty"},
-  ["0:44:0:1:0"] = {"empty"},
-  ["0:44:0:1:1"] = {"empty"},
-  ["0:44:1:0:0"] = {"shmem_config", "ack"},
-  ["0:44:1:0:1"] = {"shmem_config", "ack"},
-  ["0:44:1:1:0"] = {"shmem_config", "ack"},
-  ["0:44:1:1:1"] = {"shmem_config", "ack"},
-  ["0:45:0:0:0"] = {"vring_state"},
-  ["0:45:0:0:1"] = {"vring_state"},
-  ["0:45:0:1:0"] = {"vring_state"},
-  ["0:45:0:1:1"] = {"vring_state"},
-  ["0:45:1:0:0"] = {"vring_base", "ack"},
-  ["0:45:1:0:1"] = {"vring_base_packed", "ack"},
-  ["0:45:1:1:0"] = {"vring_base", "ack"},
-  ["0:45:1:1:1"] = {"vring_base_packed", "ack"},
-  ["0:4:0:0:0"] = {"empty"},
-  ["0:4:0:0:1"] = {"empty"},
-  ["0:4:0:1:0"] = {"empty"},
-  ["0:4:0:1:1"] = {"empty"},
-  ["0:4:1:0:0"] = {"ack"},
-  ["0:4:1:0:1"] = {"ack"},
-  ["0:4:1:1:0"] = {"ack"},
-  ["0:4:1:1:1"] = {"ack"},
-  ["0:5:0:0:0"] = {"mem_table", "mem_table_xen"},
-  ["0:5:0:0:1"] = {"mem_table", "mem_table_xen"},
-  ["0:5:0:1:0"] = {"mem_table_xen"},
-  ["0:5:0:1:1"] = {"mem_table_xen"},
-  ["0:5:1:0:0"] = {"ack", "mem_table", "mem_table_xen"},
-  ["0:5:1:0:1"] = {"ack", "mem_table", "mem_table_xen"},
-  ["0:5:1:1:0"] = {"ack", "mem_table_xen"},
-  ["0:5:1:1:1"] = {"ack", "mem_table_xen"},
-  ["0:6:0:0:0"] = {"log", "u64"},
-  ["0:6:0:0:1"] = {"log", "u64"},
-  ["0:6:0:1:0"] = {"log", "u64"},
-  ["0:6:0:1:1"] = {"log", "u64"},
-  ["0:6:1:0:0"] = {"ack", "empty"},
-  ["0:6:1:0:1"] = {"ack", "empty"},
-  ["0:6:1:1:0"] = {"ack", "empty"},
-  ["0:6:1:1:1"] = {"ack", "empty"},
-  ["0:7:0:0:0"] = {"empty"},
-  ["0:7:0:0:1"] = {"empty"},
-  ["0:7:0:1:0"] = {"empty"},
-  ["0:7:0:1:1"] = {"empty"},
-  ["0:7:1:0:0"] = {"ack"},
-  ["0:7:1:0:1"] = {"ack"},
-  ["0:7:1:1:0"] = {"ack"},
-  ["0:7:1:1:1"] = {"ack"},
-  ["0:8:0:0:0"] = {"vring_state"},
-  ["0:8:0:0:1"] = {"vring_state"},
-  ["0:8:0:1:0"] = {"vring_state"},
-  ["0:8:0:1:1"] = {"vring_state"},
-  ["0:8:1:0:0"] = {"ack"},
-  ["0:8:1:0:1"] = {"ack"},
-  ["0:8:1:1:0"] = {"ack"},
-  ["0:8:1:1:1"] = {"ack"},
-  ["0:9:0:0:0"] = {"vring_addr"},
-  ["0:9:0:0:1"] = {"vring_addr"},
-  ["0:9:0:1:0"] = {"vring_addr"},
-  ["0:9:0:1:1"] = {"vring_addr"},
-  ["0:9:1:0:0"] = {"ack"},
-  ["0:9:1:0:1"] = {"ack"},
-  ["0:9:1:1:0"] = {"ack"},
-  ["0:9:1:1:1"] = {"ack"},
-  ["1:10:0:0:0"] = {"mmap"},
-  ["1:10:0:0:1"] = {"mmap"},
-  ["1:10:0:1:0"] = {"mmap"},
-  ["1:10:0:1:1"] = {"mmap"},
-  ["1:10:1:0:0"] = {"ack"},
-  ["1:10:1:0:1"] = {"ack"},
-  ["1:10:1:1:0"] = {"ack"},
-  ["1:10:1:1:1"] = {"ack"},
-  ["1:11:0:0:0"] = {"opaque"},
-  ["1:11:0:0:1"] = {"opaque"},
-  ["1:11:0:1:0"] = {"opaque"},
-  ["1:11:0:1:1"] = {"opaque"},
-  ["1:11:1:0:0"] = {"opaque", "ack"},
-  ["1:11:1:0:1"] = {"opaque", "ack"},
-  ["1:11:1:1:0"] = {"opaque", "ack"},
-  ["1:11:1:1:1"] = {"opaque", "ack"},
-  ["1:12:0:0:0"] = {"opaque"},
-  ["1:12:0:0:1"] = {"opaque"},
-  ["1:12:0:1:0"] = {"opaque"},
-  ["1:12:0:1:1"] = {"opaque"},
-  ["1:12:1:0:0"] = {"opaque", "ack"},
-  ["1:12:1:0:1"] = {"opaque", "ack"},
-  ["1:12:1:1:0"] = {"opaque", "ack"},
-  ["1:12:1:1:1"] = {"opaque", "ack"},
-  ["1:1:0:0:0"] = {"iotlb"},
-  ["1:1:0:0:1"] = {"iotlb"},
-  ["1:1:0:1:0"] = {"iotlb"},
-  ["1:1:0:1:1"] = {"iotlb"},
-  ["1:1:1:0:0"] = {"ack"},
-  ["1:1:1:0:1"] = {"ack"},
-  ["1:1:1:1:0"] = {"ack"},
-  ["1:1:1:1:1"] = {"ack"},
-  ["1:2:0:0:0"] = {"empty"},
-  ["1:2:0:0:1"] = {"empty"},
-  ["1:2:0:1:0"] = {"empty"},
-  ["1:2:0:1:1"] = {"empty"},
-  ["1:2:1:0:0"] = {"ack"},
-  ["1:2:1:0:1"] = {"ack"},
-  ["1:2:1:1:0"] = {"ack"},
-  ["1:2:1:1:1"] = {"ack"},
-  ["1:3:0:0:0"] = {"vring_area"},
-  ["1:3:0:0:1"] = {"vring_area"},
-  ["1:3:0:1:0"] = {"vring_area"},
-  ["1:3:0:1:1"] = {"vring_area"},
-  ["1:3:1:0:0"] = {"ack"},
-  ["1:3:1:0:1"] = {"ack"},
-  ["1:3:1:1:0"] = {"ack"},
-  ["1:3:1:1:1"] = {"ack"},
-  ["1:4:0:0:0"] = {"vring_state"},
-  ["1:4:0:0:1"] = {"vring_state"},
-  ["1:4:0:1:0"] = {"vring_state"},
-  ["1:4:0:1:1"] = {"vring_state"},
-  ["1:4:1:0:0"] = {"ack"},
-  ["1:4:1:0:1"] = {"ack"},
-  ["1:4:1:1:0"] = {"ack"},
-  ["1:4:1:1:1"] = {"ack"},
-  ["1:5:0:0:0"] = {"vring_state"},
-  ["1:5:0:0:1"] = {"vring_state"},
-  ["1:5:0:1:0"] = {"vring_state"},
-  ["1:5:0:1:1"] = {"vring_state"},
-  ["1:5:1:0:0"] = {"ack"},
-  ["1:5:1:0:1"] = {"ack"},
-  ["1:5:1:1:0"] = {"ack"},
-  ["1:5:1:1:1"] = {"ack"},
-  ["1:6:0:0:0"] = {"object"},
-  ["1:6:0:0:1"] = {"object"},
-  ["1:6:0:1:0"] = {"object"},
-  ["1:6:0:1:1"] = {"object"},
-  ["1:6:1:0:0"] = {"ack"},
-  ["1:6:1:0:1"] = {"ack"},
-  ["1:6:1:1:0"] = {"ack"},
-  ["1:6:1:1:1"] = {"ack"},
-  ["1:7:0:0:0"] = {"object"},
-  ["1:7:0:0:1"] = {"object"},
-  ["1:7:0:1:0"] = {"object"},
-  ["1:7:0:1:1"] = {"object"},
-  ["1:7:1:0:0"] = {"ack"},
-  ["1:7:1:0:1"] = {"ack"},
-  ["1:7:1:1:0"] = {"ack"},
-  ["1:7:1:1:1"] = {"ack"},
-  ["1:8:0:0:0"] = {"object"},
-  ["1:8:0:0:1"] = {"object"},
-  ["1:8:0:1:0"] = {"object"},
-  ["1:8:0:1:1"] = {"object"},
-  ["1:8:1:0:0"] = {"ack"},
-  ["1:8:1:0:1"] = {"ack"},
-  ["1:8:1:1:0"] = {"ack"},
-  ["1:8:1:1:1"] = {"ack"},
-  ["1:9:0:0:0"] = {"mmap"},
-  ["1:9:0:0:1"] = {"mmap"},
-  ["1:9:0:1:0"] = {"mmap"},
-  ["1:9:0:1:1"] = {"mmap"},
-  ["1:9:1:0:0"] = {"ack"},
-  ["1:9:1:0:1"] = {"ack"},
-  ["1:9:1:1:0"] = {"ack"},
-  ["1:9:1:1:1"] = {"ack"},
-  ["2:10:0:0:0"] = {"gpu_update"},
-  ["2:10:0:0:1"] = {"gpu_update"},
-  ["2:10:0:1:0"] = {"gpu_update"},
-  ["2:10:0:1:1"] = {"gpu_update"},
-  ["2:10:1:0:0"] = {"empty", "ack"},
-  ["2:10:1:0:1"] = {"empty", "ack"},
-  ["2:10:1:1:0"] = {"empty", "ack"},
-  ["2:10:1:1:1"] = {"empty", "ack"},
-  ["2:11:0:0:0"] = {"gpu_edid_request"},
-  ["2:11:0:0:1"] = {"gpu_edid_request"},
-  ["2:11:0:1:0"] = {"gpu_edid_request"},
-  ["2:11:0:1:1"] = {"gpu_edid_request"},
-  ["2:11:1:0:0"] = {"gpu_edid", "ack"},
-  ["2:11:1:0:1"] = {"gpu_edid", "ack"},
-  ["2:11:1:1:0"] = {"gpu_edid", "ack"},
-  ["2:11:1:1:1"] = {"gpu_edid", "ack"},
-  ["2:12:0:0:0"] = {"gpu_dmabuf_scanout2"},
-  ["2:12:0:0:1"] = {"gpu_dmabuf_scanout2"},
-  ["2:12:0:1:0"] = {"gpu_dmabuf_scanout2"},
-  ["2:12:0:1:1"] = {"gpu_dmabuf_scanout2"},
-  ["2:12:1:0:0"] = {"ack"},
-  ["2:12:1:0:1"] = {"ack"},
-  ["2:12:1:1:0"] = {"ack"},
-  ["2:12:1:1:1"] = {"ack"},
-  ["2:1:0:0:0"] = {"empty"},
-  ["2:1:0:0:1"] = {"empty"},
-  ["2:1:0:1:0"] = {"empty"},
-  ["2:1:0:1:1"] = {"empty"},
-  ["2:1:1:0:0"] = {"gpu_protocol_features", "ack"},
-  ["2:1:1:0:1"] = {"gpu_protocol_features", "ack"},
-  ["2:1:1:1:0"] = {"gpu_protocol_features", "ack"},
-  ["2:1:1:1:1"] = {"gpu_protocol_features", "ack"},
-  ["2:2:0:0:0"] = {"gpu_protocol_features"},
-  ["2:2:0:0:1"] = {"gpu_protocol_features"},
-  ["2:2:0:1:0"] = {"gpu_protocol_features"},
-  ["2:2:0:1:1"] = {"gpu_protocol_features"},
-  ["2:2:1:0:0"] = {"ack"},
-  ["2:2:1:0:1"] = {"ack"},
-  ["2:2:1:1:0"] = {"ack"},
-  ["2:2:1:1:1"] = {"ack"},
-  ["2:3:0:0:0"] = {"empty"},
-  ["2:3:0:0:1"] = {"empty"},
-  ["2:3:0:1:0"] = {"empty"},
-  ["2:3:0:1:1"] = {"empty"},
-  ["2:3:1:0:0"] = {"gpu_display_info", "ack"},
-  ["2:3:1:0:1"] = {"gpu_display_info", "ack"},
-  ["2:3:1:1:0"] = {"gpu_display_info", "ack"},
-  ["2:3:1:1:1"] = {"gpu_display_info", "ack"},
-  ["2:4:0:0:0"] = {"gpu_cursor_pos"},
-  ["2:4:0:0:1"] = {"gpu_cursor_pos"},
-  ["2:4:0:1:0"] = {"gpu_cursor_pos"},
-  ["2:4:0:1:1"] = {"gpu_cursor_pos"},
-  ["2:4:1:0:0"] = {"ack"},
-  ["2:4:1:0:1"] = {"ack"},
-  ["2:4:1:1:0"] = {"ack"},
-  ["2:4:1:1:1"] = {"ack"},
-  ["2:5:0:0:0"] = {"gpu_cursor_pos"},
-  ["2:5:0:0:1"] = {"gpu_cursor_pos"},
-  ["2:5:0:1:0"] = {"gpu_cursor_pos"},
-  ["2:5:0:1:1"] = {"gpu_cursor_pos"},
-  ["2:5:1:0:0"] = {"ack"},
-  ["2:5:1:0:1"] = {"ack"},
-  ["2:5:1:1:0"] = {"ack"},
-  ["2:5:1:1:1"] = {"ack"},
-  ["2:6:0:0:0"] = {"gpu_cursor_update"},
-  ["2:6:0:0:1"] = {"gpu_cursor_update"},
-  ["2:6:0:1:0"] = {"gpu_cursor_update"},
-  ["2:6:0:1:1"] = {"gpu_cursor_update"},
-  ["2:6:1:0:0"] = {"ack"},
-  ["2:6:1:0:1"] = {"ack"},
-  ["2:6:1:1:0"] = {"ack"},
-  ["2:6:1:1:1"] = {"ack"},
-  ["2:7:0:0:0"] = {"gpu_scanout"},
-  ["2:7:0:0:1"] = {"gpu_scanout"},
-  ["2:7:0:1:0"] = {"gpu_scanout"},
-  ["2:7:0:1:1"] = {"gpu_scanout"},
-  ["2:7:1:0:0"] = {"ack"},
-  ["2:7:1:0:1"] = {"ack"},
-  ["2:7:1:1:0"] = {"ack"},
-  ["2:7:1:1:1"] = {"ack"},
-  ["2:8:0:0:0"] = {"gpu_update"},
-  ["2:8:0:0:1"] = {"gpu_update"},
-  ["2:8:0:1:0"] = {"gpu_update"},
-  ["2:8:0:1:1"] = {"gpu_update"},
-  ["2:8:1:0:0"] = {"ack"},
-  ["2:8:1:0:1"] = {"ack"},
-  ["2:8:1:1:0"] = {"ack"},
-  ["2:8:1:1:1"] = {"ack"},
-  ["2:9:0:0:0"] = {"gpu_dmabuf_scanout"},
-  ["2:9:0:0:1"] = {"gpu_dmabuf_scanout"},
-  ["2:9:0:1:0"] = {"gpu_dmabuf_scanout"},
-  ["2:9:0:1:1"] = {"gpu_dmabuf_scanout"},
-  ["2:9:1:0:0"] = {"ack"},
-  ["2:9:1:0:1"] = {"ack"},
-  ["2:9:1:1:0"] = {"ack"},
-  ["2:9:1:1:1"] = {"ack"},
+  [0] = {
+    [0] = {
+      {
+        {},
+        {},
+        {},
+        {},
+      },
+      {
+        {},
+        {},
+        {},
+        {},
+      },
+    },
+    [1] = {
+      {
+        {"empty"},
+        {"empty"},
+        {"empty"},
+        {"empty"},
+      },
+      {
+        {"features", "ack"},
+        {"features", "ack"},
+        {"features", "ack"},
+        {"features", "ack"},
+      },
+    },
+    [2] = {
+      {
+        {"features"},
+        {"features"},
+        {"features"},
+        {"features"},
+      },
+      {
+        {"ack"},
+        {"ack"},
+        {"ack"},
+        {"ack"},
+      },
+    },
+    [3] = {
+      {
+        {"empty"},
+        {"empty"},
+        {"empty"},
+        {"empty"},
+      },
+      {
+        {"ack"},
+        {"ack"},
+        {"ack"},
+        {"ack"},
+      },
+    },
+    [4] = {
+      {
+        {"empty"},
+        {"empty"},
+        {"empty"},
+        {"empty"},
+      },
+      {
+        {"ack"},
+        {"ack"},
+        {"ack"},
+        {"ack"},
+      },
+    },
+    [5] = {
+      {
+        {"mem_table", "mem_table_xen"},
+        {"mem_table_xen"},
+        {"mem_table", "mem_table_xen"},
+        {"mem_table_xen"},
+      },
+      {
+        {"ack", "mem_table", "mem_table_xen"},
+        {"ack", "mem_table_xen"},
+        {"ack", "mem_table", "mem_table_xen"},
+        {"ack", "mem_table_xen"},
+      },
+    },
+    [6] = {
+      {
+        {"log", "u64"},
+        {"log", "u64"},
+        {"log", "u64"},
+        {"log", "u64"},
+      },
+      {
+        {"ack", "empty"},
+        {"ack", "empty"},
+        {"ack", "empty"},
+        {"ack", "empty"},
+      },
+    },
+    [7] = {
+      {
+        {"empty"},
+        {"empty"},
+        {"empty"},
+        {"empty"},
+      },
+      {
+        {"ack"},
+        {"ack"},
+        {"ack"},
+        {"ack"},
+      },
+    },
+    [8] = {
+      {
+        {"vring_state"},
+        {"vring_state"},
+        {"vring_state"},
+        {"vring_state"},
+      },
+      {
+        {"ack"},
+        {"ack"},
+        {"ack"},
+        {"ack"},
+      },
+    },
+    [9] = {
+      {
+        {"vring_addr"},
+        {"vring_addr"},
+        {"vring_addr"},
+        {"vring_addr"},
+      },
+      {
+        {"ack"},
+        {"ack"},
+        {"ack"},
+        {"ack"},
+      },
+    },
+    [10] = {
+      {
+        {"vring_base"},
+        {"vring_base"},
+        {"vring_base_packed"},
+        {"vring_base_packed"},
+      },
+      {
+        {"ack"},
+        {"ack"},
+        {"ack"},
+        {"ack"},
+      },
+    },
+    [11] = {
+      {
+        {"vring_state"},
+        {"vring_state"},
+        {"vring_state"},
+        {"vring_state"},
+      },
+      {
+        {"vring_base", "ack"},
+        {"vring_base", "ack"},
+        {"vring_base_packed", "ack"},
+        {"vring_base_packed", "ack"},
+      },
+    },
+    [12] = {
+      {
+        {"vring_fd"},
+        {"vring_fd"},
+        {"vring_fd"},
+        {"vring_fd"},
+      },
+      {
+        {"ack"},
+        {"ack"},
+        {"ack"},
+        {"ack"},
+      },
+    },
+    [13] = {
+      {
+        {"vring_fd"},
+        {"vring_fd"},
+        {"vring_fd"},
+        {"vring_fd"},
+      },
+      {
+        {"ack"},
+        {"ack"},
+        {"ack"},
+        {"ack"},
+      },
+    },
+    [14] = {
+      {
+        {"vring_fd"},
+        {"vring_fd"},
+        {"vring_fd"},
+        {"vring_fd"},
+      },
+      {
+        {"ack"},
+        {"ack"},
+        {"ack"},
+        {"ack"},
+      },
+    },
+    [15] = {
+      {
+        {"empty"},
+        {"empty"},
+        {"empty"},
+        {"empty"},
+      },
+      {
+        {"protocol_features", "ack"},
+        {"protocol_features", "ack"},
+        {"protocol_features", "ack"},
+        {"protocol_features", "ack"},
+      },
+    },
+    [16] = {
+      {
+        {"protocol_features"},
+        {"protocol_features"},
+        {"protocol_features"},
+        {"protocol_features"},
+      },
+      {
+        {"ack"},
+        {"ack"},
+        {"ack"},
+        {"ack"},
+      },
+    },
+    [17] = {
+      {
+        {"empty"},
+        {"empty"},
+        {"empty"},
+        {"empty"},
+      },
+      {
+        {"queue_num", "ack"},
+        {"queue_num", "ack"},
+        {"queue_num", "ack"},
+        {"queue_num", "ack"},
+      },
+    },
+    [18] = {
+      {
+        {"vring_state"},
+        {"vring_state"},
+        {"vring_state"},
+        {"vring_state"},
+      },
+      {
+        {"ack"},
+        {"ack"},
+        {"ack"},
+        {"ack"},
+      },
+    },
+    [19] = {
+      {
+        {"rarp"},
+        {"rarp"},
+        {"rarp"},
+        {"rarp"},
+      },
+      {
+        {"ack"},
+        {"ack"},
+        {"ack"},
+        {"ack"},
+      },
+    },
+    [20] = {
+      {
+        {"mtu"},
+        {"mtu"},
+        {"mtu"},
+        {"mtu"},
+      },
+      {
+        {"ack"},
+        {"ack"},
+        {"ack"},
+        {"ack"},
+      },
+    },
+    [21] = {
+      {
+        {"empty"},
+        {"empty"},
+        {"empty"},
+        {"empty"},
+      },
+      {
+        {"ack"},
+        {"ack"},
+        {"ack"},
+        {"ack"},
+      },
+    },
+    [22] = {
+      {
+        {"iotlb"},
+        {"iotlb"},
+        {"iotlb"},
+        {"iotlb"},
+      },
+      {
+        {"ack"},
+        {"ack"},
+        {"ack"},
+        {"ack"},
+      },
+    },
+    [23] = {
+      {
+        {"vring_state"},
+        {"vring_state"},
+        {"vring_state"},
+        {"vring_state"},
+      },
+      {
+        {"ack"},
+        {"ack"},
+        {"ack"},
+        {"ack"},
+      },
+    },
+    [24] = {
+      {
+        {"config"},
+        {"config"},
+        {"config"},
+        {"config"},
+      },
+      {
+        {"config", "ack"},
+        {"config", "ack"},
+        {"config", "ack"},
+        {"config", "ack"},
+      },
+    },
+    [25] = {
+      {
+        {"config"},
+        {"config"},
+        {"config"},
+        {"config"},
+      },
+      {
+        {"ack"},
+        {"ack"},
+        {"ack"},
+        {"ack"},
+      },
+    },
+    [26] = {
+      {
+        {"crypto_session"},
+        {"crypto_session"},
+        {"crypto_session"},
+        {"crypto_session"},
+      },
+      {
+        {"crypto_session", "ack"},
+        {"crypto_session", "ack"},
+        {"crypto_session", "ack"},
+        {"crypto_session", "ack"},
+      },
+    },
+    [27] = {
+      {
+        {"session_id"},
+        {"session_id"},
+        {"session_id"},
+        {"session_id"},
+      },
+      {
+        {"ack"},
+        {"ack"},
+        {"ack"},
+        {"ack"},
+      },
+    },
+    [28] = {
+      {
+        {"empty"},
+        {"empty"},
+        {"empty"},
+        {"empty"},
+      },
+      {
+        {"empty", "ack"},
+        {"empty", "ack"},
+        {"empty", "ack"},
+        {"empty", "ack"},
+      },
+    },
+    [29] = {
+      {
+        {"empty"},
+        {"empty"},
+        {"empty"},
+        {"empty"},
+      },
+      {
+        {"ack"},
+        {"ack"},
+        {"ack"},
+        {"ack"},
+      },
+    },
+    [30] = {
+      {
+        {"empty"},
+        {"empty"},
+        {"empty"},
+        {"empty"},
+      },
+      {
+        {"ack"},
+        {"ack"},
+        {"ack"},
+        {"ack"},
+      },
+    },
+    [31] = {
+      {
+        {"inflight"},
+        {"inflight"},
+        {"inflight"},
+        {"inflight"},
+      },
+      {
+        {"inflight", "ack"},
+        {"inflight", "ack"},
+        {"inflight", "ack"},
+        {"inflight", "ack"},
+      },
+    },
+    [32] = {
+      {
+        {"inflight"},
+        {"inflight"},
+        {"inflight"},
+        {"inflight"},
+      },
+      {
+        {"ack"},
+        {"ack"},
+        {"ack"},
+        {"ack"},
+      },
+    },
+    [33] = {
+      {
+        {"empty"},
+        {"empty"},
+        {"empty"},
+        {"empty"},
+      },
+      {
+        {"ack"},
+        {"ack"},
+        {"ack"},
+        {"ack"},
+      },
+    },
+    [34] = {
+      {
+        {"empty"},
+        {"empty"},
+        {"empty"},
+        {"empty"},
+      },
+      {
+        {"ack"},
+        {"ack"},
+        {"ack"},
+        {"ack"},
+      },
+    },
+    [35] = {
+      {
+        {"vring_state"},
+        {"vring_state"},
+        {"vring_state"},
+        {"vring_state"},
+      },
+      {
+        {"ack"},
+        {"ack"},
+        {"ack"},
+        {"ack"},
+      },
+    },
+    [36] = {
+      {
+        {"empty"},
+        {"empty"},
+        {"empty"},
+        {"empty"},
+      },
+      {
+        {"mem_slots", "ack"},
+        {"mem_slots", "ack"},
+        {"mem_slots", "ack"},
+        {"mem_slots", "ack"},
+      },
+    },
+    [37] = {
+      {
+        {"mem_region", "mem_region_xen"},
+        {"mem_region_xen"},
+        {"mem_region", "mem_region_xen"},
+        {"mem_region_xen"},
+      },
+      {
+        {"ack", "mem_region", "mem_region_xen"},
+        {"ack", "mem_region_xen"},
+        {"ack", "mem_region", "mem_region_xen"},
+        {"ack", "mem_region_xen"},
+      },
+    },
+    [38] = {
+      {
+        {"mem_region", "mem_region_xen"},
+        {"mem_region_xen"},
+        {"mem_region", "mem_region_xen"},
+        {"mem_region_xen"},
+      },
+      {
+        {"ack"},
+        {"ack"},
+        {"ack"},
+        {"ack"},
+      },
+    },
+    [39] = {
+      {
+        {"status"},
+        {"status"},
+        {"status"},
+        {"status"},
+      },
+      {
+        {"ack"},
+        {"ack"},
+        {"ack"},
+        {"ack"},
+      },
+    },
+    [40] = {
+      {
+        {"empty"},
+        {"empty"},
+        {"empty"},
+        {"empty"},
+      },
+      {
+        {"status", "ack"},
+        {"status", "ack"},
+        {"status", "ack"},
+        {"status", "ack"},
+      },
+    },
+    [41] = {
+      {
+        {"object"},
+        {"object"},
+        {"object"},
+        {"object"},
+      },
+      {
+        {"ack"},
+        {"ack"},
+        {"ack"},
+        {"ack"},
+      },
+    },
+    [42] = {
+      {
+        {"device_state"},
+        {"device_state"},
+        {"device_state"},
+        {"device_state"},
+      },
+      {
+        {"device_state_result", "ack"},
+        {"device_state_result", "ack"},
+        {"device_state_result", "ack"},
+        {"device_state_result", "ack"},
+      },
+    },
+    [43] = {
+      {
+        {"empty"},
+        {"empty"},
+        {"empty"},
+        {"empty"},
+      },
+      {
+        {"ack"},
+        {"ack"},
+        {"ack"},
+        {"ack"},
+      },
+    },
+    [44] = {
+      {
+        {"empty"},
+        {"empty"},
+        {"empty"},
+        {"empty"},
+      },
+      {
+        {"shmem_config", "ack"},
+        {"shmem_config", "ack"},
+        {"shmem_config", "ack"},
+        {"shmem_config", "ack"},
+      },
+    },
+    [45] = {
+      {
+        {"vring_state"},
+        {"vring_state"},
+        {"vring_state"},
+        {"vring_state"},
+      },
+      {
+        {"vring_base", "ack"},
+        {"vring_base", "ack"},
+        {"vring_base_packed", "ack"},
+        {"vring_base_packed", "ack"},
+      },
+    },
+  },
+  [1] = {
+    [0] = {
+      {
+        {},
+        {},
+        {},
+        {},
+      },
+      {
+        {},
+        {},
+        {},
+        {},
+      },
+    },
+    [1] = {
+      {
+        {"iotlb"},
+        {"iotlb"},
+        {"iotlb"},
+        {"iotlb"},
+      },
+      {
+        {"ack"},
+        {"ack"},
+        {"ack"},
+        {"ack"},
+      },
+    },
+    [2] = {
+      {
+        {"empty"},
+        {"empty"},
+        {"empty"},
+        {"empty"},
+      },
+      {
+        {"ack"},
+        {"ack"},
+        {"ack"},
+        {"ack"},
+      },
+    },
+    [3] = {
+      {
+        {"vring_area"},
+        {"vring_area"},
+        {"vring_area"},
+        {"vring_area"},
+      },
+      {
+        {"ack"},
+        {"ack"},
+        {"ack"},
+        {"ack"},
+      },
+    },
+    [4] = {
+      {
+        {"vring_state"},
+        {"vring_state"},
+        {"vring_state"},
+        {"vring_state"},
+      },
+      {
+        {"ack"},
+        {"ack"},
+        {"ack"},
+        {"ack"},
+      },
+    },
+    [5] = {
+      {
+        {"vring_state"},
+        {"vring_state"},
+        {"vring_state"},
+        {"vring_state"},
+      },
+      {
+        {"ack"},
+        {"ack"},
+        {"ack"},
+        {"ack"},
+      },
+    },
+    [6] = {
+      {
+        {"object"},
+        {"object"},
+        {"object"},
+        {"object"},
+      },
+      {
+        {"ack"},
+        {"ack"},
+        {"ack"},
+        {"ack"},
+      },
+    },
+    [7] = {
+      {
+        {"object"},
+        {"object"},
+        {"object"},
+        {"object"},
+      },
+      {
+        {"ack"},
+        {"ack"},
+        {"ack"},
+        {"ack"},
+      },
+    },
+    [8] = {
+      {
+        {"object"},
+        {"object"},
+        {"object"},
+        {"object"},
+      },
+      {
+        {"ack"},
+        {"ack"},
+        {"ack"},
+        {"ack"},
+      },
+    },
+    [9] = {
+      {
+        {"mmap"},
+        {"mmap"},
+        {"mmap"},
+        {"mmap"},
+      },
+      {
+        {"ack"},
+        {"ack"},
+        {"ack"},
+        {"ack"},
+      },
+    },
+    [10] = {
+      {
+        {"mmap"},
+        {"mmap"},
+        {"mmap"},
+        {"mmap"},
+      },
+      {
+        {"ack"},
+        {"ack"},
+        {"ack"},
+        {"ack"},
+      },
+    },
+    [11] = {
+      {
+        {"opaque"},
+        {"opaque"},
+        {"opaque"},
+        {"opaque"},
+      },
+      {
+        {"opaque", "ack"},
+        {"opaque", "ack"},
+        {"opaque", "ack"},
+        {"opaque", "ack"},
+      },
+    },
+    [12] = {
+      {
+        {"opaque"},
+        {"opaque"},
+        {"opaque"},
+        {"opaque"},
+      },
+      {
+        {"opaque", "ack"},
+        {"opaque", "ack"},
+        {"opaque", "ack"},
+        {"opaque", "ack"},
+      },
+    },
+  },
+  [2] = {
+    [0] = {
+      {
+        {},
+        {},
+        {},
+        {},
+      },
+      {
+        {},
+        {},
+        {},
+        {},
+      },
+    },
+    [1] = {
+      {
+        {"empty"},
+        {"empty"},
+        {"empty"},
+        {"empty"},
+      },
+      {
+        {"gpu_protocol_features", "ack"},
+        {"gpu_protocol_features", "ack"},
+        {"gpu_protocol_features", "ack"},
+        {"gpu_protocol_features", "ack"},
+      },
+    },
+    [2] = {
+      {
+        {"gpu_protocol_features"},
+        {"gpu_protocol_features"},
+        {"gpu_protocol_features"},
+        {"gpu_protocol_features"},
+      },
+      {
+        {"ack"},
+        {"ack"},
+        {"ack"},
+        {"ack"},
+      },
+    },
+    [3] = {
+      {
+        {"empty"},
+        {"empty"},
+        {"empty"},
+        {"empty"},
+      },
+      {
+        {"gpu_display_info", "ack"},
+        {"gpu_display_info", "ack"},
+        {"gpu_display_info", "ack"},
+        {"gpu_display_info", "ack"},
+      },
+    },
+    [4] = {
+      {
+        {"gpu_cursor_pos"},
+        {"gpu_cursor_pos"},
+        {"gpu_cursor_pos"},
+        {"gpu_cursor_pos"},
+      },
+      {
+        {"ack"},
+        {"ack"},
+        {"ack"},
+        {"ack"},
+      },
+    },
+    [5] = {
+      {
+        {"gpu_cursor_pos"},
+        {"gpu_cursor_pos"},
+        {"gpu_cursor_pos"},
+        {"gpu_cursor_pos"},
+      },
+      {
+        {"ack"},
+        {"ack"},
+        {"ack"},
+        {"ack"},
+      },
+    },
+    [6] = {
+      {
+        {"gpu_cursor_update"},
+        {"gpu_cursor_update"},
+        {"gpu_cursor_update"},
+        {"gpu_cursor_update"},
+      },
+      {
+        {"ack"},
+        {"ack"},
+        {"ack"},
+        {"ack"},
+      },
+    },
+    [7] = {
+      {
+        {"gpu_scanout"},
+        {"gpu_scanout"},
+        {"gpu_scanout"},
+        {"gpu_scanout"},
+      },
+      {
+        {"ack"},
+        {"ack"},
+        {"ack"},
+        {"ack"},
+      },
+    },
+    [8] = {
+      {
+        {"gpu_update"},
+        {"gpu_update"},
+        {"gpu_update"},
+        {"gpu_update"},
+      },
+      {
+        {"ack"},
+        {"ack"},
+        {"ack"},
+        {"ack"},
+      },
+    },
+    [9] = {
+      {
+        {"gpu_dmabuf_scanout"},
+        {"gpu_dmabuf_scanout"},
+        {"gpu_dmabuf_scanout"},
+        {"gpu_dmabuf_scanout"},
+      },
+      {
+        {"ack"},
+        {"ack"},
+        {"ack"},
+        {"ack"},
+      },
+    },
+    [10] = {
+      {
+        {"gpu_update"},
+        {"gpu_update"},
+        {"gpu_update"},
+        {"gpu_update"},
+      },
+      {
+        {"empty", "ack"},
+        {"empty", "ack"},
+        {"empty", "ack"},
+        {"empty", "ack"},
+      },
+    },
+    [11] = {
+      {
+        {"gpu_edid_request"},
+        {"gpu_edid_request"},
+        {"gpu_edid_request"},
+        {"gpu_edid_request"},
+      },
+      {
+        {"gpu_edid", "ack"},
+        {"gpu_edid", "ack"},
+        {"gpu_edid", "ack"},
+        {"gpu_edid", "ack"},
+      },
+    },
+    [12] = {
+      {
+        {"gpu_dmabuf_scanout2"},
+        {"gpu_dmabuf_scanout2"},
+        {"gpu_dmabuf_scanout2"},
+        {"gpu_dmabuf_scanout2"},
+      },
+      {
+        {"ack"},
+        {"ack"},
+        {"ack"},
+        {"ack"},
+      },
+    },
+  },
+}
+
+local ELEMENT_SIZE = {
+  ["region"] = 32,
+  ["region_xen"] = 40,
+}
+
+local KIND_EXPECTED = {
+  ["ack"] = "ack (8 bytes)",
+  ["config"] = "config (variable)",
+  ["crypto_session"] = "crypto_session (variable)",
+  ["device_state"] = "device_state (8 bytes)",
+  ["device_state_result"] = "device_state_result (8 bytes)",
+  ["empty"] = "empty (0 bytes)",
+  ["features"] = "features (8 bytes)",
+  ["gpu_cursor_pos"] = "gpu_cursor_pos (12 bytes)",
+  ["gpu_cursor_update"] = "gpu_cursor_update (16404 bytes)",
+  ["gpu_display_info"] = "gpu_display_info (408 bytes)",
+  ["gpu_dmabuf_scanout"] = "gpu_dmabuf_scanout (40 bytes)",
+  ["gpu_dmabuf_scanout2"] = "gpu_dmabuf_scanout2 (48 bytes)",
+  ["gpu_edid"] = "gpu_edid (1056 bytes)",
+  ["gpu_edid_request"] = "gpu_edid_request (4 bytes)",
+  ["gpu_protocol_features"] = "gpu_protocol_features (8 bytes)",
+  ["gpu_scanout"] = "gpu_scanout (12 bytes)",
+  ["gpu_update"] = "gpu_update (variable)",
+  ["inflight"] = "inflight (24 bytes)",
+  ["iotlb"] = "iotlb (32 bytes)",
+  ["log"] = "log (16 bytes)",
+  ["mem_region"] = "mem_region (40 bytes)",
+  ["mem_region_xen"] = "mem_region_xen (48 bytes)",
+  ["mem_slots"] = "mem_slots (8 bytes)",
+  ["mem_table"] = "mem_table (variable)",
+  ["mem_table_xen"] = "mem_table_xen (variable)",
+  ["mmap"] = "mmap (40 bytes)",
+  ["mtu"] = "mtu (8 bytes)",
+  ["object"] = "object (16 bytes)",
+  ["opaque"] = "opaque (variable)",
+  ["protocol_features"] = "protocol_features (8 bytes)",
+  ["queue_num"] = "queue_num (8 bytes)",
+  ["rarp"] = "rarp (8 bytes)",
+  ["session_id"] = "session_id (8 bytes)",
+  ["shmem_config"] = "shmem_config (2056 bytes)",
+  ["status"] = "status (8 bytes)",
+  ["u64"] = "u64 (8 bytes)",
+  ["vring_addr"] = "vring_addr (40 bytes)",
+  ["vring_area"] = "vring_area (24 bytes)",
+  ["vring_base"] = "vring_base (8 bytes)",
+  ["vring_base_packed"] = "vring_base_packed (8 bytes)",
+  ["vring_fd"] = "vring_fd (8 bytes)",
+  ["vring_state"] = "vring_state (8 bytes)",
 }
 
 local CONFIG_FIELDS = {
@@ -2413,6 +3260,7 @@ local CONFIG_FIELDS = {
       ["length"] = 8,
       ["name"] = "config.blk.capacity",
       ["offset"] = 0,
+      ["prefix"] = " capacity=",
     },
     {
       ["bits"] = {},
@@ -2455,6 +3303,7 @@ local CONFIG_FIELDS = {
       ["length"] = 4,
       ["name"] = "config.blk.blk_size",
       ["offset"] = 20,
+      ["prefix"] = " blk_size=",
     },
     {
       ["bits"] = {},
@@ -2497,6 +3346,7 @@ local CONFIG_FIELDS = {
       ["length"] = 2,
       ["name"] = "config.blk.num_queues",
       ["offset"] = 34,
+      ["prefix"] = " num_queues=",
     },
     {
       ["bits"] = {},
@@ -2613,6 +3463,7 @@ local CONFIG_FIELDS = {
       ["length"] = 4,
       ["name"] = "config.crypto.status",
       ["offset"] = 0,
+      ["prefix"] = " status=",
     },
     {
       ["bits"] = {},
@@ -2620,6 +3471,7 @@ local CONFIG_FIELDS = {
       ["length"] = 4,
       ["name"] = "config.crypto.max_dataqueues",
       ["offset"] = 4,
+      ["prefix"] = " max_dataqueues=",
     },
     {
       ["bits"] = {},
@@ -2706,6 +3558,7 @@ local CONFIG_FIELDS = {
       ["length"] = 36,
       ["name"] = "config.fs.tag",
       ["offset"] = 0,
+      ["prefix"] = " tag=",
     },
     {
       ["bits"] = {},
@@ -2713,6 +3566,7 @@ local CONFIG_FIELDS = {
       ["length"] = 4,
       ["name"] = "config.fs.num_request_queues",
       ["offset"] = 36,
+      ["prefix"] = " num_request_queues=",
     },
     {
       ["bits"] = {},
@@ -2747,6 +3601,7 @@ local CONFIG_FIELDS = {
       ["length"] = 4,
       ["name"] = "config.gpu.num_scanouts",
       ["offset"] = 8,
+      ["prefix"] = " num_scanouts=",
     },
     {
       ["bits"] = {},
@@ -2754,6 +3609,7 @@ local CONFIG_FIELDS = {
       ["length"] = 4,
       ["name"] = "config.gpu.num_capsets",
       ["offset"] = 12,
+      ["prefix"] = " num_capsets=",
     },
   },
   ["input"] = {
@@ -2763,6 +3619,7 @@ local CONFIG_FIELDS = {
       ["length"] = 1,
       ["name"] = "config.input.select",
       ["offset"] = 0,
+      ["prefix"] = " select=",
     },
     {
       ["bits"] = {},
@@ -2770,6 +3627,7 @@ local CONFIG_FIELDS = {
       ["length"] = 1,
       ["name"] = "config.input.subsel",
       ["offset"] = 1,
+      ["prefix"] = " subsel=",
     },
     {
       ["bits"] = {},
@@ -2777,6 +3635,7 @@ local CONFIG_FIELDS = {
       ["length"] = 1,
       ["name"] = "config.input.size",
       ["offset"] = 2,
+      ["prefix"] = " size=",
     },
     {
       ["bits"] = {},
@@ -2793,6 +3652,7 @@ local CONFIG_FIELDS = {
       ["length"] = 6,
       ["name"] = "config.net.mac",
       ["offset"] = 0,
+      ["prefix"] = " mac=",
     },
     {
       ["bits"] = {
@@ -2803,6 +3663,7 @@ local CONFIG_FIELDS = {
       ["length"] = 2,
       ["name"] = "config.net.status",
       ["offset"] = 6,
+      ["prefix"] = " status=",
     },
     {
       ["bits"] = {},
@@ -2810,6 +3671,7 @@ local CONFIG_FIELDS = {
       ["length"] = 2,
       ["name"] = "config.net.max_virtqueue_pairs",
       ["offset"] = 8,
+      ["prefix"] = " max_virtqueue_pairs=",
     },
     {
       ["bits"] = {},
@@ -2817,6 +3679,7 @@ local CONFIG_FIELDS = {
       ["length"] = 2,
       ["name"] = "config.net.mtu",
       ["offset"] = 10,
+      ["prefix"] = " mtu=",
     },
     {
       ["bits"] = {},
@@ -2861,6 +3724,7 @@ local CONFIG_FIELDS = {
       ["length"] = 4,
       ["name"] = "config.scsi.num_queues",
       ["offset"] = 0,
+      ["prefix"] = " num_queues=",
     },
     {
       ["bits"] = {},
@@ -2917,6 +3781,7 @@ local CONFIG_FIELDS = {
       ["length"] = 2,
       ["name"] = "config.scsi.max_target",
       ["offset"] = 30,
+      ["prefix"] = " max_target=",
     },
     {
       ["bits"] = {},
@@ -2924,6 +3789,7 @@ local CONFIG_FIELDS = {
       ["length"] = 4,
       ["name"] = "config.scsi.max_lun",
       ["offset"] = 32,
+      ["prefix"] = " max_lun=",
     },
   },
   ["vsock"] = {
@@ -2933,6 +3799,7 @@ local CONFIG_FIELDS = {
       ["length"] = 8,
       ["name"] = "config.vsock.guest_cid",
       ["offset"] = 0,
+      ["prefix"] = " guest_cid=",
     },
   },
 }
@@ -3119,86 +3986,107 @@ local FD_KIND_NAMES = {
 local RECORD_FIELDS = {
   ["channel"] = {
     ["doc"] = "main, backend, gpu or device_state",
+    ["label"] = "Channel",
     ["type"] = "string",
   },
   ["connection"] = {
     ["doc"] = "connection number, one per front-end connection",
+    ["label"] = "Connection",
     ["type"] = "uint32",
   },
   ["direction"] = {
     ["doc"] = "F>B (front-end to back-end) or B>F",
+    ["label"] = "Direction",
     ["type"] = "string",
   },
   ["event"] = {
     ["doc"] = "what an event record says happened: CONNECTED, CLOSED, HALF_CLOSED, CHANNEL_OPENED, CHANNEL_CLOSED, PROTOCOL_ERROR, TARGET_DOWN, TARGET_UP, RESOURCE, HOOK, DEVICE, PEER or NOTE",
+    ["label"] = "Event",
     ["type"] = "string",
   },
   ["fd.inode"] = {
     ["doc"] = "inode of an fd",
+    ["label"] = "Inode",
     ["type"] = "uint64",
   },
   ["fd.kind"] = {
     ["doc"] = "what an fd was: memfd, eventfd, socket, ...",
+    ["label"] = "File descriptor kind",
     ["type"] = "string",
   },
   ["fd.name"] = {
     ["doc"] = "memfd name, path, socket type or anon-inode name",
+    ["label"] = "File descriptor name",
     ["type"] = "string",
   },
   ["fd.seals"] = {
     ["doc"] = "F_GET_SEALS bits of a memfd",
+    ["label"] = "Memfd seals",
     ["type"] = "uint16",
   },
   ["fd.size"] = {
     ["doc"] = "memfd or file size, -1 unknown",
+    ["label"] = "File size",
     ["type"] = "int64",
   },
   ["fds"] = {
     ["doc"] = "number of fds passed with the message",
+    ["label"] = "File descriptors",
     ["type"] = "uint16",
   },
   ["kind"] = {
     ["doc"] = "payload kind chosen by the decoder",
+    ["label"] = "Payload kind",
     ["type"] = "string",
   },
   ["name"] = {
     ["doc"] = "request name on its channel",
+    ["label"] = "Request name",
     ["type"] = "string",
   },
   ["note"] = {
     ["doc"] = "why a record is not a well-framed message, or event text",
+    ["label"] = "Note",
     ["type"] = "string",
   },
   ["problem"] = {
     ["doc"] = "code of something wrong with the message",
+    ["label"] = "Problem",
     ["type"] = "string",
   },
   ["pseudo.header_length"] = {
     ["doc"] = "pseudo-header length in bytes",
+    ["label"] = "Pseudo-header length",
     ["type"] = "uint16",
   },
   ["pseudo.version"] = {
     ["doc"] = "pseudo-header version",
+    ["label"] = "Pseudo-header version",
     ["type"] = "uint16",
   },
   ["record_kind"] = {
     ["doc"] = "message or event",
+    ["label"] = "Record kind",
     ["type"] = "string",
   },
   ["response_in"] = {
     ["doc"] = "frame of the reply to this request",
+    ["label"] = "Response in",
     ["type"] = "response_link",
   },
   ["response_time"] = {
     ["doc"] = "time from request to reply",
+    ["label"] = "Response time",
     ["type"] = "relative_time",
   },
   ["response_to"] = {
     ["doc"] = "frame of the request this reply answers",
+    ["label"] = "Response to",
     ["type"] = "request_link",
   },
   ["unframed"] = {
     ["doc"] = "1 when the bytes are not one well-framed message",
+    ["label"] = "Unframed bytes",
     ["type"] = "uint8",
   },
 }
@@ -3230,26 +4118,25 @@ local PROTOCOL_FEATURES = {
   [23] = "GET_VRING_BASE_SKIP_DRAIN",
 }
 
-local TRANSPORT_FEATURES = {
-  [24] = "NOTIFY_ON_EMPTY",
-  [26] = "LOG_ALL",
-  [27] = "ANY_LAYOUT",
-  [28] = "RING_INDIRECT_DESC",
-  [29] = "RING_EVENT_IDX",
-  [30] = "PROTOCOL_FEATURES",
-  [32] = "VERSION_1",
-  [33] = "ACCESS_PLATFORM",
-  [34] = "RING_PACKED",
-  [35] = "IN_ORDER",
-  [36] = "ORDER_PLATFORM",
-  [37] = "SR_IOV",
-  [38] = "NOTIFICATION_DATA",
-  [39] = "NOTIF_CONFIG_DATA",
-  [40] = "RING_RESET",
-  [41] = "ADMIN_VQ",
-}
-
-local DEVICE_FEATURES = {
+local FEATURE_NAMES = {
+  [""] = {
+    [24] = "NOTIFY_ON_EMPTY",
+    [26] = "LOG_ALL",
+    [27] = "ANY_LAYOUT",
+    [28] = "RING_INDIRECT_DESC",
+    [29] = "RING_EVENT_IDX",
+    [30] = "PROTOCOL_FEATURES",
+    [32] = "VERSION_1",
+    [33] = "ACCESS_PLATFORM",
+    [34] = "RING_PACKED",
+    [35] = "IN_ORDER",
+    [36] = "ORDER_PLATFORM",
+    [37] = "SR_IOV",
+    [38] = "NOTIFICATION_DATA",
+    [39] = "NOTIF_CONFIG_DATA",
+    [40] = "RING_RESET",
+    [41] = "ADMIN_VQ",
+  },
   ["blk"] = {
     [0] = "BARRIER",
     [1] = "SIZE_MAX",
@@ -3267,6 +4154,22 @@ local DEVICE_FEATURES = {
     [15] = "LIFETIME",
     [16] = "SECURE_ERASE",
     [17] = "ZONED",
+    [24] = "NOTIFY_ON_EMPTY",
+    [26] = "LOG_ALL",
+    [27] = "ANY_LAYOUT",
+    [28] = "RING_INDIRECT_DESC",
+    [29] = "RING_EVENT_IDX",
+    [30] = "PROTOCOL_FEATURES",
+    [32] = "VERSION_1",
+    [33] = "ACCESS_PLATFORM",
+    [34] = "RING_PACKED",
+    [35] = "IN_ORDER",
+    [36] = "ORDER_PLATFORM",
+    [37] = "SR_IOV",
+    [38] = "NOTIFICATION_DATA",
+    [39] = "NOTIF_CONFIG_DATA",
+    [40] = "RING_RESET",
+    [41] = "ADMIN_VQ",
   },
   ["crypto"] = {
     [0] = "REVISION_1",
@@ -3274,9 +4177,41 @@ local DEVICE_FEATURES = {
     [2] = "HASH_STATELESS_MODE",
     [3] = "MAC_STATELESS_MODE",
     [4] = "AEAD_STATELESS_MODE",
+    [24] = "NOTIFY_ON_EMPTY",
+    [26] = "LOG_ALL",
+    [27] = "ANY_LAYOUT",
+    [28] = "RING_INDIRECT_DESC",
+    [29] = "RING_EVENT_IDX",
+    [30] = "PROTOCOL_FEATURES",
+    [32] = "VERSION_1",
+    [33] = "ACCESS_PLATFORM",
+    [34] = "RING_PACKED",
+    [35] = "IN_ORDER",
+    [36] = "ORDER_PLATFORM",
+    [37] = "SR_IOV",
+    [38] = "NOTIFICATION_DATA",
+    [39] = "NOTIF_CONFIG_DATA",
+    [40] = "RING_RESET",
+    [41] = "ADMIN_VQ",
   },
   ["fs"] = {
     [0] = "NOTIFICATION",
+    [24] = "NOTIFY_ON_EMPTY",
+    [26] = "LOG_ALL",
+    [27] = "ANY_LAYOUT",
+    [28] = "RING_INDIRECT_DESC",
+    [29] = "RING_EVENT_IDX",
+    [30] = "PROTOCOL_FEATURES",
+    [32] = "VERSION_1",
+    [33] = "ACCESS_PLATFORM",
+    [34] = "RING_PACKED",
+    [35] = "IN_ORDER",
+    [36] = "ORDER_PLATFORM",
+    [37] = "SR_IOV",
+    [38] = "NOTIFICATION_DATA",
+    [39] = "NOTIF_CONFIG_DATA",
+    [40] = "RING_RESET",
+    [41] = "ADMIN_VQ",
   },
   ["gpu"] = {
     [0] = "VIRGL",
@@ -3284,8 +4219,40 @@ local DEVICE_FEATURES = {
     [2] = "RESOURCE_UUID",
     [3] = "RESOURCE_BLOB",
     [4] = "CONTEXT_INIT",
+    [24] = "NOTIFY_ON_EMPTY",
+    [26] = "LOG_ALL",
+    [27] = "ANY_LAYOUT",
+    [28] = "RING_INDIRECT_DESC",
+    [29] = "RING_EVENT_IDX",
+    [30] = "PROTOCOL_FEATURES",
+    [32] = "VERSION_1",
+    [33] = "ACCESS_PLATFORM",
+    [34] = "RING_PACKED",
+    [35] = "IN_ORDER",
+    [36] = "ORDER_PLATFORM",
+    [37] = "SR_IOV",
+    [38] = "NOTIFICATION_DATA",
+    [39] = "NOTIF_CONFIG_DATA",
+    [40] = "RING_RESET",
+    [41] = "ADMIN_VQ",
   },
   ["input"] = {
+    [24] = "NOTIFY_ON_EMPTY",
+    [26] = "LOG_ALL",
+    [27] = "ANY_LAYOUT",
+    [28] = "RING_INDIRECT_DESC",
+    [29] = "RING_EVENT_IDX",
+    [30] = "PROTOCOL_FEATURES",
+    [32] = "VERSION_1",
+    [33] = "ACCESS_PLATFORM",
+    [34] = "RING_PACKED",
+    [35] = "IN_ORDER",
+    [36] = "ORDER_PLATFORM",
+    [37] = "SR_IOV",
+    [38] = "NOTIFICATION_DATA",
+    [39] = "NOTIF_CONFIG_DATA",
+    [40] = "RING_RESET",
+    [41] = "ADMIN_VQ",
   },
   ["net"] = {
     [0] = "CSUM",
@@ -3311,6 +4278,22 @@ local DEVICE_FEATURES = {
     [21] = "GUEST_ANNOUNCE",
     [22] = "MQ",
     [23] = "CTRL_MAC_ADDR",
+    [24] = "NOTIFY_ON_EMPTY",
+    [26] = "LOG_ALL",
+    [27] = "ANY_LAYOUT",
+    [28] = "RING_INDIRECT_DESC",
+    [29] = "RING_EVENT_IDX",
+    [30] = "PROTOCOL_FEATURES",
+    [32] = "VERSION_1",
+    [33] = "ACCESS_PLATFORM",
+    [34] = "RING_PACKED",
+    [35] = "IN_ORDER",
+    [36] = "ORDER_PLATFORM",
+    [37] = "SR_IOV",
+    [38] = "NOTIFICATION_DATA",
+    [39] = "NOTIF_CONFIG_DATA",
+    [40] = "RING_RESET",
+    [41] = "ADMIN_VQ",
     [52] = "VQ_NOTF_COAL",
     [53] = "NOTF_COAL",
     [54] = "GUEST_USO4",
@@ -3328,10 +4311,42 @@ local DEVICE_FEATURES = {
     [1] = "HOTPLUG",
     [2] = "CHANGE",
     [3] = "T10_PI",
+    [24] = "NOTIFY_ON_EMPTY",
+    [26] = "LOG_ALL",
+    [27] = "ANY_LAYOUT",
+    [28] = "RING_INDIRECT_DESC",
+    [29] = "RING_EVENT_IDX",
+    [30] = "PROTOCOL_FEATURES",
+    [32] = "VERSION_1",
+    [33] = "ACCESS_PLATFORM",
+    [34] = "RING_PACKED",
+    [35] = "IN_ORDER",
+    [36] = "ORDER_PLATFORM",
+    [37] = "SR_IOV",
+    [38] = "NOTIFICATION_DATA",
+    [39] = "NOTIF_CONFIG_DATA",
+    [40] = "RING_RESET",
+    [41] = "ADMIN_VQ",
   },
   ["vsock"] = {
     [0] = "STREAM",
     [1] = "SEQPACKET",
+    [24] = "NOTIFY_ON_EMPTY",
+    [26] = "LOG_ALL",
+    [27] = "ANY_LAYOUT",
+    [28] = "RING_INDIRECT_DESC",
+    [29] = "RING_EVENT_IDX",
+    [30] = "PROTOCOL_FEATURES",
+    [32] = "VERSION_1",
+    [33] = "ACCESS_PLATFORM",
+    [34] = "RING_PACKED",
+    [35] = "IN_ORDER",
+    [36] = "ORDER_PLATFORM",
+    [37] = "SR_IOV",
+    [38] = "NOTIFICATION_DATA",
+    [39] = "NOTIF_CONFIG_DATA",
+    [40] = "RING_RESET",
+    [41] = "ADMIN_VQ",
   },
 }
 
@@ -3346,11 +4361,17 @@ local DEVICE_STATUS = {
 
 local CONTEXT_RULES = {
   [2] = {
+    ["bit"] = 34,
     ["context_field"] = "features",
+    ["flag"] = 2,
+    ["offset"] = 0,
     ["payload_field"] = "features",
   },
   [16] = {
+    ["bit"] = 17,
     ["context_field"] = "protocol_features",
+    ["flag"] = 1,
+    ["offset"] = 0,
     ["payload_field"] = "protocol_features",
   },
   [19] = {
@@ -3395,6 +4416,7 @@ local CONSTANTS = {
   ["CHANNEL_DEVICE_STATE"] = 3,
   ["CHANNEL_MAIN"] = 0,
   ["CONFIG_HEADER_SIZE"] = 12,
+  ["ELLIPSIS"] = "…",
   ["EVENT_CHANNEL_CLOSED"] = 5,
   ["EVENT_CLOSED"] = 2,
   ["EVENT_DEVICE"] = 11,
@@ -3423,36 +4445,39 @@ local CONSTANTS = {
 
 local C = CONSTANTS
 local vhost_user = Proto("vhost_user", "vhost-user")
+local byte, format, concat = string.byte, string.format, table.concat
+local band, bor, btest = bit32.band, bit32.bor, bit32.btest
 
--- ProtoFields, all made from the generated tables.
-local pf = {}      -- name -> ProtoField
+-- ProtoFields, made once from the generated tables: the tree shows each field's label, filters use its name.
+local pf = {}        -- name -> ProtoField
 local pf_bytes = {}  -- name -> ProtoField of the bytes variant of a name
 local field_list = {}
-local function make_field(name, spec, pf)
-  local abbr = "vhost_user." .. name
-  local t = spec.type
+local function make_field(name, spec, into)
+  local abbr, label, t, doc = "vhost_user." .. name, spec.label, spec.type, spec.doc
+  local field
   if t == "uint64" then
-    pf[name] = ProtoField.uint64(abbr, name, base.HEX, nil, nil, spec.doc)
+    field = ProtoField.uint64(abbr, label, base.HEX, nil, nil, doc)
   elseif t == "uint64_dec" then
-    pf[name] = ProtoField.uint64(abbr, name, base.DEC, nil, nil, spec.doc)
+    field = ProtoField.uint64(abbr, label, base.DEC, nil, nil, doc)
   elseif t == "uint32" or t == "uint16" or t == "uint8" then
-    pf[name] = ProtoField[t](abbr, name, base.DEC, nil, nil, spec.doc)
+    field = ProtoField[t](abbr, label, base.DEC, nil, nil, doc)
   elseif t == "string" then
-    pf[name] = ProtoField.string(abbr, name, base.UNICODE, spec.doc)
+    field = ProtoField.string(abbr, label, base.UNICODE, doc)
   elseif t == "bytes" then
-    pf[name] = ProtoField.bytes(abbr, name, base.NONE, spec.doc)
+    field = ProtoField.bytes(abbr, label, base.NONE, doc)
   elseif t == "int64" then
-    pf[name] = ProtoField.int64(abbr, name, base.DEC, nil, nil, spec.doc)
+    field = ProtoField.int64(abbr, label, base.DEC, nil, nil, doc)
   elseif t == "request_link" then
-    pf[name] = ProtoField.framenum(abbr, name, base.NONE, frametype.REQUEST, nil, spec.doc)
+    field = ProtoField.framenum(abbr, label, base.NONE, frametype.REQUEST, nil, doc)
   elseif t == "response_link" then
-    pf[name] = ProtoField.framenum(abbr, name, base.NONE, frametype.RESPONSE, nil, spec.doc)
+    field = ProtoField.framenum(abbr, label, base.NONE, frametype.RESPONSE, nil, doc)
   elseif t == "relative_time" then
-    pf[name] = ProtoField.relative_time(abbr, name, spec.doc)
+    field = ProtoField.relative_time(abbr, label, doc)
   else
     error("unknown field type " .. t .. " for " .. name)
   end
-  field_list[#field_list + 1] = pf[name]
+  into[name] = field
+  field_list[#field_list + 1] = field
 end
 for name, spec in pairs(FIELDS) do make_field(name, spec, pf) end
 for name, spec in pairs(BYTE_FIELDS) do make_field(name, spec, pf_bytes) end
@@ -3468,68 +4493,210 @@ for code, levels in pairs(EXPERT_ITEMS) do
 end
 vhost_user.experts = expert_list
 
--- Per-capture state, filled on the first pass and read on every pass (Wireshark may revisit in any order).
-local state = {}
-function vhost_user.init()
-  state = {
-    contexts = {},        -- connection -> {features = UInt64, protocol_features = UInt64, device_type = name}
-    frame_context = {},   -- frame -> {xen = bool, packed = bool, device = name}
-    pending = {},         -- "connection:channel" -> {frame, request, time}
-    response_in = {},     -- request frame -> reply frame
-    response_to = {},     -- reply frame -> request frame
-    response_time = {},   -- reply frame -> NSTime
-  }
-end
-
-local function u64_bit(value, bit)
-  if value == nil then return false end
-  return value:rshift(bit):band(UInt64(1)):tonumber() == 1
-end
-
-local function bit_names(value, names)
-  local parts = {}
-  for bit = 0, 63 do
-    if u64_bit(value, bit) then parts[#parts + 1] = names[bit] or ("bit" .. bit) end
+-- Lookup tables made once, so that a packet needs no string building for what is always the same.
+local POW2, BIT_TEXT, HEX_BYTE = {}, {}, {}
+for bit = 0, 63 do BIT_TEXT[bit] = "bit" .. bit end
+for bit = 0, 31 do POW2[bit] = 2 ^ bit end
+for value = 0, 255 do HEX_BYTE[value] = format("%02x", value) end
+local BIT_SET_NAMES = {protocol_features = PROTOCOL_FEATURES, status = DEVICE_STATUS}
+local WHERE = {}       -- connection -> channel -> "c1", "c1/backend"
+local function where_text(connection, channel)
+  local by_channel = WHERE[connection]
+  if by_channel == nil then
+    by_channel = {}
+    for number, name in pairs(CHANNEL_NAMES) do
+      by_channel[number] = number == C.CHANNEL_MAIN and "c" .. connection or "c" .. connection .. "/" .. name
+    end
+    WHERE[connection] = by_channel
   end
-  if #parts == 0 then return "0" end
-  return table.concat(parts, "|")
+  return by_channel[channel]
+end
+local FLAG_TEXT = {}   -- header flags -> "0x5 REPLY" (grammar.flag_text); only flags without reserved bits are kept
+local function flag_text(flags)
+  local text = FLAG_TEXT[flags]
+  if text then return text end
+  local names = {}
+  if btest(flags, C.FLAG_REPLY) then names[#names + 1] = "REPLY" end
+  if btest(flags, C.FLAG_NEED_REPLY) then names[#names + 1] = "NEED_REPLY" end
+  local reserved = band(flags, C.FLAGS_RESERVED)
+  if reserved ~= 0 then names[#names + 1] = format("RESERVED(0x%x)", reserved) end
+  text = format("0x%x", flags) .. (#names > 0 and " " .. concat(names, "|") or "")
+  if reserved == 0 then FLAG_TEXT[flags] = text end
+  return text
+end
+
+-- The Info column: `read`'s line for the record, gathered in a reused buffer and set once per packet.
+local line, line_length = {}, 0
+local function emit(text)
+  line_length = line_length + 1
+  line[line_length] = text
+end
+
+-- Little-endian integers of the packet's bytes (`raw`, a Lua string; `at` is a 0-based offset).
+local function u16(raw, at)
+  local a, b = byte(raw, at + 1, at + 2)
+  return a + b * 256
+end
+local function u32(raw, at)
+  local a, b, c, d = byte(raw, at + 1, at + 4)
+  return a + b * 256 + c * 65536 + d * 16777216
+end
+-- An integer of 1 to 8 bytes as its low and high 32 bits (Lua numbers hold 2^53 exactly, not 2^64).
+local function uint(raw, at, width)
+  if width == 4 then return u32(raw, at), 0 end
+  if width == 8 then return u32(raw, at), u32(raw, at + 4) end
+  if width == 1 then return byte(raw, at + 1), 0 end
+  if width == 2 then return u16(raw, at), 0 end
+  if width == 6 then return u32(raw, at), u16(raw, at + 4) end
+  local value = 0
+  for index = width, 1, -1 do value = value * 256 + byte(raw, at + index) end
+  return value, 0
+end
+local function hex(lo, hi)
+  if hi == 0 then return format("0x%x", lo) end
+  return format("0x%x%08x", hi, lo)
+end
+-- grammar.value_text of an integer: hex above 0xffff
+local function number_text(lo, hi)
+  if hi == 0 and lo <= 0xFFFF then return format("%d", lo) end
+  return hex(lo, hi)
+end
+
+local names_buffer = {}   -- reused: bit_names builds no table per packet
+local function bit_names(lo, hi, names)
+  local count = 0
+  if lo ~= 0 then
+    for bit = 0, 31 do
+      if btest(lo, POW2[bit]) then
+        count = count + 1
+        names_buffer[count] = names[bit] or BIT_TEXT[bit]
+      end
+    end
+  end
+  if hi ~= 0 then
+    for bit = 0, 31 do
+      if btest(hi, POW2[bit]) then
+        count = count + 1
+        names_buffer[count] = names[bit + 32] or BIT_TEXT[bit + 32]
+      end
+    end
+  end
+  if count == 0 then return "0" end
+  return concat(names_buffer, "|", 1, count)
 end
 
 local function masked(value, mask)
   -- value and mask are Lua numbers below 2^32 (header flags, u8/u32 bit fields)
   local shift = 0
-  while bit32.band(mask, bit32.lshift(1, shift)) == 0 do shift = shift + 1 end
-  return bit32.rshift(bit32.band(value, mask), shift)
+  while band(mask, POW2[shift]) == 0 do shift = shift + 1 end
+  return band(value, mask) / POW2[shift]
 end
 
-local function read_uint(range, width)
-  if width <= 4 then return range:le_uint() end
-  return range:le_uint64()
+-- grammar.value_text of bytes: a MAC with colons, else the first 16 bytes in hex
+local function bytes_text(raw, at, length, style)
+  if length == 0 then return "''" end
+  if style == "mac" and length == 6 then
+    local a, b, c, d, e, f = byte(raw, at + 1, at + 6)
+    return format("%02x:%02x:%02x:%02x:%02x:%02x", a, b, c, d, e, f)
+  end
+  local shown = length > 16 and 16 or length
+  local parts = {byte(raw, at + 1, at + shown)}
+  for index = 1, shown do parts[index] = HEX_BYTE[parts[index]] end
+  return concat(parts) .. (length > 16 and C.ELLIPSIS or "")
 end
 
--- Does `layout` account for exactly `size` bytes at `offset`? Mirrors protocol.decode's "variable kinds must
+-- Python's repr() of a tag decoded with errors="replace": quoted, escapes for control bytes, U+FFFD for others.
+local REPR_ESCAPES = {[9] = "\\t", [10] = "\\n", [13] = "\\r", [92] = "\\\\"}
+local function python_repr(text)
+  local quote = (text:find("'", 1, true) and not text:find('"', 1, true)) and '"' or "'"
+  local parts = {byte(text, 1, -1)}
+  for index, value in ipairs(parts) do
+    if REPR_ESCAPES[value] then
+      parts[index] = REPR_ESCAPES[value]
+    elseif value == byte(quote) then
+      parts[index] = "\\" .. quote
+    elseif value >= 128 then
+      parts[index] = "\239\191\189"
+    elseif value < 32 or value == 127 then
+      parts[index] = format("\\x%02x", value)
+    else
+      parts[index] = string.char(value)
+    end
+  end
+  return quote .. concat(parts) .. quote
+end
+
+-- Per-capture state, filled on the first pass and read on every pass (Wireshark may revisit in any order).
+-- Everything is a flat map keyed by numbers: no table per packet.
+local state = {}
+function vhost_user.init()
+  state = {
+    context = {},         -- connection -> 1 + (1 Xen mmap) + (2 packed rings) negotiated so far
+    device = {},          -- connection -> device type
+    history = {},         -- connection -> {{frame, context, device}, ...}: each change, and the frame that made it
+    pending_frame = {},   -- connection * 8 + channel -> the frame of the request awaiting its reply
+    pending_request = {},
+    pending_time = {},
+    response_in = {},     -- request frame -> reply frame
+    response_to = {},     -- reply frame -> request frame
+    response_time = {},   -- reply frame -> seconds
+  }
+end
+
+-- The frame being dissected (pinfo.number, pinfo.visited), read once per packet.
+local frame_number, frame_visited = 0, false
+
+-- A connection's context changes a few times per session (the first pass records each change with the frame that
+-- made it), so a frame Wireshark dissects again, in any order, decodes in the context it had the first time.
+local function set_context(connection, context, device)
+  local history = state.history[connection]
+  if history == nil then
+    history = {}
+    state.history[connection] = history
+  end
+  history[#history + 1] = {frame_number, context, device}
+  state.context[connection], state.device[connection] = context, device
+end
+
+local function context_at(connection)
+  if not frame_visited then return state.context[connection] or 1, state.device[connection] end
+  local context, device = 1, nil
+  local history = state.history[connection]
+  if history then
+    for index = 1, #history do
+      local change = history[index]
+      if change[1] >= frame_number then break end
+      context, device = change[2], change[3]
+    end
+  end
+  return context, device
+end
+
+-- Does `layout` account for exactly the bytes up to `limit`? Mirrors protocol.decode's "variable kinds must
 -- consume every byte" rule. Returns the end offset or nil.
-local function measure(layout, tvb, offset, limit)
-  local values = {}
-  for _, entry in ipairs(layout) do
-    if entry.width then
+local measured = {}       -- reused: short name -> value of the counts and sizes a layout refers to
+local function measure(layout, raw, offset, limit)
+  for index = 1, #layout do
+    local entry = layout[index]
+    local width = entry.width
+    if width then
       local count = entry.count or 1
-      if offset + entry.width * count > limit then return nil end
-      if count == 1 and entry.width <= 4 then values[entry.short] = tvb(offset, entry.width):le_uint() end
-      offset = offset + entry.width * count
+      if offset + width * count > limit then return nil end
+      if count == 1 and width <= 4 then measured[entry.short] = uint(raw, offset, width) end
+      offset = offset + width * count
     elseif entry.bytes then
       if offset + entry.bytes > limit then return nil end
       offset = offset + entry.bytes
     elseif entry.bytes_from then
-      local length = values[entry.bytes_from]
+      local length = measured[entry.bytes_from]
       if length == nil or offset + length > limit then return nil end
       offset = offset + length
     elseif entry.rest then
       offset = limit
     elseif entry.element then
-      local count = entry.count_from and values[entry.count_from] or 1
+      local count = entry.count_from and measured[entry.count_from] or 1
       for _ = 1, count do
-        offset = measure(ELEMENTS[entry.element], tvb, offset, limit)
+        offset = measure(ELEMENTS[entry.element], raw, offset, limit)
         if offset == nil then return nil end
       end
     end
@@ -3537,57 +4704,168 @@ local function measure(layout, tvb, offset, limit)
   return offset
 end
 
-local function describe_value(name, value)
-  local short = name:match("([^.]+)$")
-  if short == "features" then
-    return bit_names(value, TRANSPORT_FEATURES)
-  elseif short == "protocol_features" then
-    return bit_names(value, PROTOCOL_FEATURES)
-  elseif short == "status" then
-    return bit_names(value, DEVICE_STATUS)
+local function choose_kind(raw, start, size, kinds)
+  for _, kind in ipairs(kinds) do
+    local fixed = FIXED_SIZE[kind]
+    if fixed ~= nil then
+      if fixed == size then return kind end
+    elseif measure(LAYOUTS[kind], raw, start, start + size) == start + size then
+      return kind
+    end
   end
   return nil
 end
 
--- Adds the fields of `layout` at `offset`; returns the end offset, or nil when a field would run past the packet
--- (every length is checked before a range is made: a range out of bounds is a Lua error in Wireshark).
-local function add_layout(tree, layout, tvb, offset, feature_names)
-  local values = {}
-  local limit = tvb:len()
+-- The device config space fields a config window {offset, size, flags, data} covers whole, in `read`'s summary.
+local function summarize_config_space(raw, body, device)
+  local fields = CONFIG_FIELDS[device]
+  if fields == nil then return end
+  local window, size = u32(raw, body), u32(raw, body + 4)
+  local data = body + 12
+  for _, field in ipairs(fields) do
+    if field.prefix and window <= field.offset and field.offset + field.length <= window + size then
+      local at, length = data + field.offset - window, field.length
+      local text
+      if not field.is_bytes then
+        local lo, hi = uint(raw, at, length)
+        text = hi == 0 and format("%d", lo) or tostring(UInt64(lo, hi))
+      elseif field.name:match("%.mac$") and length == 6 then
+        text = bytes_text(raw, at, length, "mac")
+      elseif field.name:match("%.tag$") then
+        text = python_repr(raw:sub(at + 1, at + length):gsub("%z+$", ""))
+      elseif raw:sub(at + 1, at + length):match("^%z*$") then
+        text = "0"
+      else
+        text = bytes_text(raw, at, length)
+      end
+      emit(field.prefix)
+      emit(text)
+    end
+  end
+end
+
+-- `read`'s one-line summary of a payload (grammar.payload_summary), appended to the Info column piece by piece.
+local function summarize(layout, raw, offset, limit, feature_names, config_device)
+  for index = 1, #layout do
+    local entry = layout[index]
+    local width, prefix, style = entry.width, entry.prefix, entry.style
+    if width and entry.count then
+      if style == "sizes" then
+        emit(" sizes={")
+        local first = true
+        for element = 0, entry.count - 1 do
+          local lo, hi = uint(raw, offset + element * width, width)
+          if lo ~= 0 or hi ~= 0 then
+            emit(format(first and "%d:%s" or ",%d:%s", element, hex(lo, hi)))
+            first = false
+          end
+        end
+        emit("}")
+      end
+      offset = offset + width * entry.count
+    elseif width then
+      local lo, hi = uint(raw, offset, width)
+      measured[entry.short] = lo
+      if prefix then
+        if style == "nofd" then
+          if btest(lo, 1) then emit(" NOFD") end
+        elseif style then
+          emit(prefix)
+          emit(hex(lo, hi) .. "(" .. bit_names(lo, hi, style == "features" and feature_names
+                                                      or BIT_SET_NAMES[style]) .. ")")
+        else
+          emit(prefix)
+          emit(number_text(lo, hi))
+        end
+      end
+      offset = offset + width
+    elseif entry.element then
+      local count = entry.count_from and measured[entry.count_from] or 1
+      local size = ELEMENT_SIZE[entry.element]
+      for _ = 1, count do
+        local gpa_lo, gpa_hi = uint(raw, offset, 8)
+        local size_lo, size_hi = uint(raw, offset + 8, 8)
+        local uaddr_lo, uaddr_hi = uint(raw, offset + 16, 8)
+        local off_lo, off_hi = uint(raw, offset + 24, 8)
+        emit(format(" {gpa=%s size=%s uaddr=%s off=%s}", hex(gpa_lo, gpa_hi), hex(size_lo, size_hi),
+                           hex(uaddr_lo, uaddr_hi), hex(off_lo, off_hi)))
+        offset = offset + size
+      end
+    else
+      local length = entry.bytes or (entry.bytes_from and measured[entry.bytes_from]) or (limit - offset)
+      if style == "config_data" then
+        emit(format(" data=%dB", length))
+        if config_device then summarize_config_space(raw, offset - 12, config_device) end
+      elseif prefix then
+        emit(prefix)
+        emit(bytes_text(raw, offset, length, style))
+      end
+      offset = offset + length
+    end
+  end
+end
+
+-- Adds the fields of `layout` at `offset` to the tree; returns the end offset, or nil when a field would run past
+-- the packet (every length is checked before a range is made: a range out of bounds is a Lua error in Wireshark).
+local tree_values = {}    -- reused: short name -> value of the counts and sizes a layout refers to
+local function add_layout(tree, layout, tvb, raw, offset, feature_names)
+  local limit = #raw
   for _, entry in ipairs(layout) do
-    if entry.width then
+    local width = entry.width
+    if width then
+      local names = entry.short == "features" and feature_names or BIT_SET_NAMES[entry.short]
       for _ = 1, entry.count or 1 do
-        if offset + entry.width > limit then return nil end
-        local range = tvb(offset, entry.width)
+        if offset + width > limit then return nil end
+        local range = tvb(offset, width)
         local item = tree:add_le(pf[entry.name], range)
-        local value = read_uint(range, entry.width)
-        values[entry.short] = value
-        local names = entry.short == "features" and feature_names or nil
-        local text = names and bit_names(value, names) or describe_value(entry.name, value)
-        if text then item:append_text(" (" .. text .. ")") end
+        local lo, hi = uint(raw, offset, width)
+        tree_values[entry.short] = lo
+        if names then item:append_text(" (" .. bit_names(lo, hi, names) .. ")") end
         for _, bit in ipairs(entry.bits) do
           -- every bit-field mask of the grammar lies in the low 32 bits
-          item:add(pf[bit[1]], range, masked(tvb(offset, math.min(entry.width, 4)):le_uint(), bit[2]))
+          item:add(pf[bit[1]], range, masked(lo, bit[2]))
         end
-        offset = offset + entry.width
+        offset = offset + width
       end
     elseif entry.bytes or entry.bytes_from or entry.rest then
-      local length = entry.bytes or (entry.bytes_from and values[entry.bytes_from]) or (limit - offset)
+      local length = entry.bytes or (entry.bytes_from and tree_values[entry.bytes_from]) or (limit - offset)
       if type(length) ~= "number" or length < 0 or offset + length > limit then return nil end
       tree:add(pf_bytes[entry.name], tvb(offset, length))
       offset = offset + length
     elseif entry.element then
-      local count = entry.count_from and values[entry.count_from] or 1
+      local count = entry.count_from and tree_values[entry.count_from] or 1
       for index = 1, count do
         local start = offset
-        local subtree = tree:add(vhost_user, tvb(offset, 0), entry.name .. "[" .. (index - 1) .. "]")
-        offset = add_layout(subtree, ELEMENTS[entry.element], tvb, offset, feature_names)
+        local subtree = tree:add(vhost_user, tvb(offset, 0), entry.label .. " " .. (index - 1))
+        offset = add_layout(subtree, ELEMENTS[entry.element], tvb, raw, offset, feature_names)
         if offset == nil then return nil end
         subtree:set_len(offset - start)
       end
     end
   end
   return offset
+end
+
+-- The device config space fields a config payload's window {offset, size, flags, data} covers whole.
+local function add_config_space(tree, tvb, raw, body, device)
+  local fields = CONFIG_FIELDS[device]
+  if fields == nil then return end
+  local window, size = u32(raw, body), u32(raw, body + 4)
+  local data = body + 12
+  for _, field in ipairs(fields) do
+    if window <= field.offset and field.offset + field.length <= window + size then
+      local range = tvb(data + field.offset - window, field.length)
+      if field.is_bytes then
+        tree:add(pf_bytes[field.name], range)
+      else
+        local item = tree:add_le(pf[field.name], range)
+        for _, bit in ipairs(field.bits) do
+          item:add(pf[bit[1]], range, masked(uint(raw, data + field.offset - window, math.min(field.length, 4)),
+                                             bit[2]))
+        end
+      end
+    end
+  end
 end
 
 -- A version-1 event's kind (and the device it named) from its note: compat.migrate_v1_event, from the same table.
@@ -3607,343 +4885,308 @@ local function migrate_v1_event(note, channel)
   return kind, device
 end
 
--- The pseudo-header: returns record info, or nil plus a reason.
-local function dissect_pseudo_header(tvb, tree)
-  if tvb:len() < 8 or tvb(0, 4):string() ~= C.PSEUDO_MAGIC then
+-- The pseudo-header, into `record` (reused for every packet); returns nil plus a reason when it cannot be read.
+local record = {}
+local function dissect_pseudo_header(tvb, raw, tree)
+  local length = #raw
+  if length < 8 or raw:sub(1, 4) ~= C.PSEUDO_MAGIC then
     return nil, "packet does not start with the vhusniff pseudo-header (magic VHUS)"
   end
-  local version = tvb(4, 2):le_uint()
-  local header_length = tvb(6, 2):le_uint()
-  local header_tree = tree:add(vhost_user, tvb(0, math.min(header_length, tvb:len())), "vhusniff pseudo-header")
-  header_tree:add_le(pf["pseudo.version"], tvb(4, 2))
-  header_tree:add_le(pf["pseudo.header_length"], tvb(6, 2))
+  local version, header_length = u16(raw, 4), u16(raw, 6)
+  local header_tree
+  if tree then
+    header_tree = tree:add(vhost_user, tvb(0, math.min(header_length, length)), "vhusniff pseudo-header")
+    header_tree:add_le(pf["pseudo.version"], tvb(4, 2))
+    header_tree:add_le(pf["pseudo.header_length"], tvb(6, 2))
+  end
   if version ~= 1 and version ~= C.PSEUDO_VERSION then
     return nil, "unknown pseudo-header version " .. version .. " (this dissector reads 1, " .. C.PSEUDO_VERSION .. ")"
   end
   local fixed = version == 1 and C.PSEUDO_SIZE_V1 or C.PSEUDO_SIZE_V2
-  if tvb:len() < fixed or header_length > tvb:len() then
-    return nil, "pseudo-header of " .. header_length .. " bytes in a " .. tvb:len() .. "-byte packet"
+  if length < fixed or header_length > length then
+    return nil, "pseudo-header of " .. header_length .. " bytes in a " .. length .. "-byte packet"
   end
   if header_length < fixed then
     return nil, "pseudo-header length " .. header_length .. " is shorter than its fixed part (" .. fixed .. " bytes)"
   end
-  local record = {
-    header_length = header_length,
-    connection = tvb(8, 4):le_uint(),
-    kind = tvb(12, 1):uint(),
-    channel = tvb(13, 1):uint(),
-    direction = tvb(14, 1):uint(),
-    flags = tvb(15, 1):uint(),
-    fd_count = tvb(16, 2):le_uint(),
-    note_length = tvb(18, 2):le_uint(),
-    fd_kinds = {},
-  }
-  header_tree:add_le(pf["connection"], tvb(8, 4))
-  header_tree:add(pf["record_kind"], tvb(12, 1), RECORD_KIND_NAMES[record.kind] or tostring(record.kind))
-  header_tree:add(pf["channel"], tvb(13, 1), CHANNEL_NAMES[record.channel] or tostring(record.channel))
-  header_tree:add(pf["direction"], tvb(14, 1), DIRECTION_NAMES[record.direction] or tostring(record.direction))
-  header_tree:add(pf["unframed"], tvb(15, 1), bit32.band(record.flags, C.PSEUDO_FLAG_UNFRAMED))
-  header_tree:add_le(pf["fds"], tvb(16, 2))
-  if version ~= 1 and record.kind ~= 0 then
-    record.event = tvb(20, 1):uint()
-    header_tree:add(pf["event"], tvb(20, 1), EVENT_KIND_NAMES[record.event] or tostring(record.event))
+  local kind, channel, direction = byte(raw, 13, 15)
+  record.header_length, record.fixed = header_length, fixed
+  record.connection, record.kind, record.channel, record.direction = u32(raw, 8), kind, channel, direction
+  record.flags, record.fd_count, record.note_length = byte(raw, 16), u16(raw, 16), u16(raw, 18)
+  record.event, record.device, record.note = nil, nil, nil
+  if CHANNEL_NAMES[channel] == nil or DIRECTION_NAMES[direction] == nil or RECORD_KIND_NAMES[kind] == nil then
+    return nil, "bad pseudo-header field"
+  end
+  if header_tree then
+    header_tree:add_le(pf["connection"], tvb(8, 4))
+    header_tree:add(pf["record_kind"], tvb(12, 1), RECORD_KIND_NAMES[kind])
+    header_tree:add(pf["channel"], tvb(13, 1), CHANNEL_NAMES[channel])
+    header_tree:add(pf["direction"], tvb(14, 1), DIRECTION_NAMES[direction])
+    header_tree:add(pf["unframed"], tvb(15, 1), band(record.flags, C.PSEUDO_FLAG_UNFRAMED))
+    header_tree:add_le(pf["fds"], tvb(16, 2))
+  end
+  if version ~= 1 and kind ~= 0 then
+    record.event = byte(raw, 21)
+    if header_tree then
+      header_tree:add(pf["event"], tvb(20, 1), EVENT_KIND_NAMES[record.event] or tostring(record.event))
+    end
   end
   local position = fixed
   for index = 1, record.fd_count do
     if position + 24 > header_length then return nil, "fd descriptions run past the pseudo-header" end
-    local name_length = tvb(position + 1, 1):uint()
+    local name_length = byte(raw, position + 2)
     if position + 24 + name_length > header_length then
       return nil, "fd name of " .. name_length .. " bytes runs past the pseudo-header"
     end
-    local fd_tree = header_tree:add(vhost_user, tvb(position, 24 + name_length), "fd[" .. (index - 1) .. "]")
-    local kind = FD_KIND_NAMES[tvb(position, 1):uint()] or "unknown"
-    record.fd_kinds[#record.fd_kinds + 1] = kind
-    fd_tree:add(pf["fd.kind"], tvb(position, 1), kind)
-    fd_tree:add_le(pf["fd.seals"], tvb(position + 2, 2))
-    fd_tree:add_le(pf["fd.inode"], tvb(position + 8, 8))
-    fd_tree:add_le(pf["fd.size"], tvb(position + 16, 8))
-    local text = kind
-    if name_length > 0 then
-      local name = tvb(position + 24, name_length):string(ENC_UTF_8)
-      fd_tree:add(pf["fd.name"], tvb(position + 24, name_length), name)
-      text = text .. ":" .. name
+    if header_tree then
+      local fd_tree = header_tree:add(vhost_user, tvb(position, 24 + name_length), "File descriptor " .. (index - 1))
+      local fd_kind = FD_KIND_NAMES[byte(raw, position + 1)] or "unknown"
+      fd_tree:add(pf["fd.kind"], tvb(position, 1), fd_kind)
+      fd_tree:add_le(pf["fd.seals"], tvb(position + 2, 2))
+      fd_tree:add_le(pf["fd.inode"], tvb(position + 8, 8))
+      fd_tree:add_le(pf["fd.size"], tvb(position + 16, 8))
+      local text = fd_kind
+      if name_length > 0 then
+        local name = tvb(position + 24, name_length):string(ENC_UTF_8)
+        fd_tree:add(pf["fd.name"], tvb(position + 24, name_length), name)
+        text = text .. ":" .. name
+      end
+      fd_tree:append_text(": " .. text)
     end
-    fd_tree:append_text(": " .. text)
     position = position + 24 + name_length
   end
   if position + record.note_length > header_length then return nil, "note runs past the pseudo-header" end
   if record.note_length > 0 then
-    record.note = tvb(position, record.note_length):string(ENC_UTF_8)
-    header_tree:add(pf["note"], tvb(position, record.note_length), record.note)
+    record.note = raw:sub(position + 1, position + record.note_length)
+    if header_tree then header_tree:add(pf["note"], tvb(position, record.note_length), record.note) end
   end
-  if version == 1 and record.kind ~= 0 then
-    record.event, record.device = migrate_v1_event(record.note or "", record.channel)
-    header_tree:add(pf["event"], EVENT_KIND_NAMES[record.event]):set_generated()
+  if version == 1 and kind ~= 0 then
+    record.event, record.device = migrate_v1_event(record.note or "", channel)
+    if header_tree then header_tree:add(pf["event"], EVENT_KIND_NAMES[record.event]):set_generated() end
   elseif record.event == C.EVENT_DEVICE then
     record.device = record.note
-  end
-  if CHANNEL_NAMES[record.channel] == nil or DIRECTION_NAMES[record.direction] == nil
-      or RECORD_KIND_NAMES[record.kind] == nil then
-    return nil, "bad pseudo-header field"
   end
   return record
 end
 
-local function problem(tree, item, code, text)
-  tree:add(pf["problem"], code)
-  tree:add_proto_expert_info(expert[code], code .. ": " .. text)
-  return code
-end
-
--- The negotiated context this frame decodes in (first pass: the connection's state so far).
-local function frame_context(pinfo, record)
-  local context = state.frame_context[pinfo.number]
-  if context == nil then
-    local connection = state.contexts[record.connection] or {}
-    context = {
-      xen = u64_bit(connection.protocol_features, C.XEN_MMAP_BIT),
-      packed = u64_bit(connection.features, C.RING_PACKED_BIT),
-      device = connection.device_type,
-    }
-    state.frame_context[pinfo.number] = context
-  end
-  return context
-end
-
--- A fixed-width payload field's value (UInt64), found by walking the payload kind's layout; nil if absent.
-local function payload_value(layout, tvb, offset, short)
-  for _, entry in ipairs(layout) do
-    if not entry.width or entry.count then return nil end
-    if entry.short == short then
-      if offset + entry.width > tvb:len() then return nil end
-      return tvb(offset, entry.width):le_uint64()
+-- `read`'s fds: each fd's kind, an eventfd by the kernel's id (`eventfd-id:N`) when the capture has it.
+local function append_fds(raw, position, count)
+  emit("  fds=")
+  for index = 1, count do
+    local name_length = byte(raw, position + 2)
+    local fd_kind = FD_KIND_NAMES[byte(raw, position + 1)] or "unknown"
+    if fd_kind == "eventfd" and name_length > 11 and raw:sub(position + 25, position + 35) == "eventfd-id:" then
+      fd_kind = raw:sub(position + 25, position + 24 + name_length)
     end
-    offset = offset + entry.width
-  end
-  return nil
-end
-
-local function observe_config_window(record, request, kind, tvb, start)
-  -- A GET_CONFIG reply whose window is a whole config space only one device type has tells the type.
-  if request ~= C.GET_CONFIG or kind ~= "config" then return end
-  local connection = state.contexts[record.connection] or {}
-  state.contexts[record.connection] = connection
-  if connection.device_type ~= nil then return end
-  local offset = payload_value(LAYOUTS[kind], tvb, start, "offset")
-  local size = payload_value(LAYOUTS[kind], tvb, start, "size")
-  if offset == nil or size == nil or offset ~= UInt64(0) then return end
-  local device = CONFIG_SIZE_DEVICES[size:tonumber()]
-  if device ~= nil and tvb:len() - start - C.CONFIG_HEADER_SIZE == size:tonumber() then
-    connection.device_type = device
+    if index > 1 then emit(",") end
+    emit(fd_kind)
+    position = position + 24 + name_length
   end
 end
 
-local function observe(pinfo, record, request, is_reply, kind, tvb, start)
+local problem_codes, problem_texts, problem_count = {}, {}, 0   -- this packet's problems, for the Info column
+local function problem(tree, code, text)
+  problem_count = problem_count + 1
+  problem_codes[problem_count], problem_texts[problem_count] = code, text
+  if tree then
+    tree:add(pf["problem"], code)
+    tree:add_proto_expert_info(expert[code], code .. ": " .. text)
+  end
+end
+
+local function observe(pinfo, request, is_reply, kind, raw, body)
   -- After the frame: the requests of CONTEXT_RULES change how later frames of the connection decode.
-  if pinfo.visited or record.channel ~= C.CHANNEL_MAIN or kind == nil then return end
+  if frame_visited or record.channel ~= C.CHANNEL_MAIN or kind == nil then return end
+  local connection = record.connection
   if is_reply then
-    observe_config_window(record, request, kind, tvb, start)
+    -- A GET_CONFIG reply whose window is a whole config space only one device type has tells the type.
+    if request ~= C.GET_CONFIG or kind ~= "config" or state.device[connection] ~= nil then return end
+    local window, size = u32(raw, body), u32(raw, body + 4)
+    local device = CONFIG_SIZE_DEVICES[size]
+    if window == 0 and device ~= nil and #raw - body - C.CONFIG_HEADER_SIZE == size then
+      set_context(connection, state.context[connection] or 1, device)
+    end
     return
   end
   local rule = CONTEXT_RULES[request]
   if rule == nil then return end
-  local connection = state.contexts[record.connection] or {}
-  state.contexts[record.connection] = connection
-  if rule.payload_field then
-    connection[rule.context_field] = payload_value(LAYOUTS[kind], tvb, start, rule.payload_field)
-  elseif connection[rule.context_field] == nil then
-    connection[rule.context_field] = rule.value
+  if rule.bit then
+    local at = body + rule.offset + (rule.bit >= 32 and 4 or 0)
+    if at + 4 > #raw then return end
+    local context = (state.context[connection] or 1) - 1
+    if btest(u32(raw, at), POW2[rule.bit % 32]) then
+      context = bor(context, rule.flag)
+    else
+      context = band(context, 3 - rule.flag)
+    end
+    if context + 1 ~= (state.context[connection] or 1) then
+      set_context(connection, context + 1, state.device[connection])
+    end
+  elseif state.device[connection] == nil then
+    set_context(connection, state.context[connection] or 1, rule.value)
   end
 end
 
-local function link(pinfo, tree, record, request, is_reply)
-  local key = record.connection .. ":" .. record.channel
-  if not pinfo.visited then
+local function link(pinfo, tree, request, is_reply)
+  local number = frame_number
+  if not frame_visited then
+    local key = record.connection * 8 + record.channel
     if not is_reply then
-      state.pending[key] = {frame = pinfo.number, request = request, time = pinfo.abs_ts}
-    else
-      local pending = state.pending[key]
-      if pending and pending.request == request then
-        state.response_in[pending.frame] = pinfo.number
-        state.response_to[pinfo.number] = pending.frame
-        state.response_time[pinfo.number] = pinfo.abs_ts - pending.time
-        state.pending[key] = nil
-      end
+      state.pending_frame[key], state.pending_request[key], state.pending_time[key] = number, request, pinfo.abs_ts
+    elseif state.pending_frame[key] and state.pending_request[key] == request then
+      state.response_in[state.pending_frame[key]] = number
+      state.response_to[number] = state.pending_frame[key]
+      state.response_time[number] = pinfo.abs_ts - state.pending_time[key]
+      state.pending_frame[key] = nil
     end
   end
-  if state.response_in[pinfo.number] then
-    tree:add(pf["response_in"], state.response_in[pinfo.number])
+  if tree == nil then return end
+  if state.response_in[number] then
+    tree:add(pf["response_in"], state.response_in[number])
   end
-  if state.response_to[pinfo.number] then
-    tree:add(pf["response_to"], state.response_to[pinfo.number])
-    local seconds = state.response_time[pinfo.number]
+  if state.response_to[number] then
+    tree:add(pf["response_to"], state.response_to[number])
+    local seconds = state.response_time[number]
     tree:add(pf["response_time"], NSTime(math.floor(seconds), math.floor((seconds % 1) * 1e9 + 0.5)))
   end
 end
 
--- The device config space fields a config payload's window {offset, size, flags, data} covers whole.
-local function add_config_space(tree, tvb, body, device)
-  local fields = CONFIG_FIELDS[device]
-  if fields == nil then return end
-  local window = tvb(body, 4):le_uint()
-  local size = tvb(body + 4, 4):le_uint()
-  local data = body + 12
-  for _, field in ipairs(fields) do
-    if window <= field.offset and field.offset + field.length <= window + size then
-      local range = tvb(data + field.offset - window, field.length)
-      if field.is_bytes then
-        tree:add(pf_bytes[field.name], range)
-      else
-        local item = tree:add_le(pf[field.name], range)
-        for _, bit in ipairs(field.bits) do
-          item:add(pf[bit[1]], range, masked(tvb(data + field.offset - window, math.min(field.length, 4)):le_uint(),
-                                             bit[2]))
-        end
-      end
-    end
-  end
-end
-
-local function choose_kind(tvb, start, size, kinds)
-  for _, kind in ipairs(kinds) do
-    local fixed = FIXED_SIZE[kind]
-    if fixed ~= nil then
-      if fixed == size then return kind end
-    elseif measure(LAYOUTS[kind], tvb, start, start + size) == start + size then
-      return kind
-    end
-  end
-  return nil
-end
-
-local function dissect_message(tvb, pinfo, tree, record, start)
-  local length = tvb:len() - start
-  local channel_names = REQUEST_NAMES[record.channel] or {}
-  if record.channel == C.CHANNEL_DEVICE_STATE then
+local function dissect_message(tvb, raw, pinfo, tree, start)
+  local length = #raw - start
+  local channel = record.channel
+  if channel == C.CHANNEL_DEVICE_STATE then
     -- SET_DEVICE_STATE_FD's pipe: the back-end's opaque migration stream, no vhost-user header.
-    tree:add(pf["name"], C.STREAM_NAME)
-    if length > 0 then tree:add(pf_bytes["payload"], tvb(start, length)) end
-    pinfo.cols.info:append(C.STREAM_NAME .. " " .. length .. " bytes (opaque)")
+    if tree then
+      tree:add(pf["name"], C.STREAM_NAME)
+      if length > 0 then tree:add(pf_bytes["payload"], tvb(start, length)) end
+    end
+    emit(C.STREAM_NAME)
+    emit(format("  %d bytes (opaque)", length))
     return
   end
   if length < C.HEADER_SIZE then
-    tree:add(pf["name"], C.TRUNCATED_NAME)
-    problem(tree, nil, "truncated-header", length .. " bytes, a header needs " .. C.HEADER_SIZE)
-    pinfo.cols.info:append(C.TRUNCATED_NAME)
+    if tree then tree:add(pf["name"], C.TRUNCATED_NAME) end
+    problem(tree, "truncated-header", length .. " bytes, a header needs " .. C.HEADER_SIZE)
+    emit(C.TRUNCATED_NAME .. " 0x0 " .. bytes_text(raw, start, length):gsub(C.ELLIPSIS, ""))
     return
   end
-  local request = tvb(start, 4):le_uint()
-  local flags = tvb(start + 4, 4):le_uint()
-  local size = tvb(start + 8, 4):le_uint()
-  local name = channel_names[request] or ("UNKNOWN_" .. request)
-  local is_reply = bit32.band(flags, C.FLAG_REPLY) ~= 0
-  tree:add(pf["name"], tvb(start, 4), name)
-  tree:add_le(pf["request"], tvb(start, 4)):append_text(" (" .. name .. ")")
-  local flags_item = tree:add_le(pf["flags"], tvb(start + 4, 4))
-  for _, bit in ipairs(HEADER_BITS) do
-    flags_item:add(pf[bit[1]], tvb(start + 4, 4), masked(flags, bit[2]))
+  local request, flags, size = u32(raw, start), u32(raw, start + 4), u32(raw, start + 8)
+  local name = REQUEST_NAMES[channel] and REQUEST_NAMES[channel][request] or ("UNKNOWN_" .. request)
+  local is_reply = btest(flags, C.FLAG_REPLY)
+  local flags_item
+  if tree then
+    tree:add(pf["name"], tvb(start, 4), name)
+    tree:add_le(pf["request"], tvb(start, 4)):append_text(" (" .. name .. ")")
+    flags_item = tree:add_le(pf["flags"], tvb(start + 4, 4))
+    for _, bit in ipairs(HEADER_BITS) do
+      flags_item:add(pf[bit[1]], tvb(start + 4, 4), masked(flags, bit[2]))
+    end
+    tree:add_le(pf["size"], tvb(start + 8, 4))
   end
-  tree:add_le(pf["size"], tvb(start + 8, 4))
-  local info = name .. (is_reply and " reply" or "")
-  local problems = {}
-  local rule = HEADER_RULES[record.channel] or HEADER_RULES[C.CHANNEL_MAIN]
-  if bit32.band(flags, rule.reserved) ~= 0 then
-    problems[#problems + 1] = problem(tree, flags_item, "reserved-flags",
-      string.format("reserved flag bits set: 0x%x", bit32.band(flags, rule.reserved)))
+  emit(name)
+  if is_reply then emit(" reply") end
+  emit(" ")
+  emit(flag_text(flags))
+  local rule = HEADER_RULES[channel] or HEADER_RULES[C.CHANNEL_MAIN]
+  if band(flags, rule.reserved) ~= 0 then
+    problem(tree, "reserved-flags", format("reserved flag bits set: 0x%x", band(flags, rule.reserved)))
   end
-  if bit32.band(flags, rule.version_mask) ~= rule.version then
-    problems[#problems + 1] = problem(tree, flags_item, "bad-version",
-      "version " .. bit32.band(flags, rule.version_mask) .. ", expected " .. rule.version)
+  if band(flags, rule.version_mask) ~= rule.version then
+    problem(tree, "bad-version", "version " .. band(flags, rule.version_mask) .. ", expected " .. rule.version)
   end
   local limit = rule.request_max[request] or rule.max_payload
   if size > limit then
-    problems[#problems + 1] = problem(tree, nil, "oversize", "size " .. size .. " exceeds the maximum " .. limit)
+    problem(tree, "oversize", "size " .. size .. " exceeds the maximum " .. limit)
   end
   local body = start + C.HEADER_SIZE
   local body_length = length - C.HEADER_SIZE
   local kind = nil
+  local context, device = context_at(record.connection)
   if body_length ~= size then
-    problems[#problems + 1] = problem(tree, nil, "size-mismatch",
-      "header says " .. size .. " payload bytes, " .. body_length .. " present")
+    problem(tree, "size-mismatch", "header says " .. size .. " payload bytes, " .. body_length .. " present")
   else
-    local context = frame_context(pinfo, record)
-    local key = record.channel .. ":" .. request .. ":" .. (is_reply and 1 or 0) .. ":" ..
-                (context.xen and 1 or 0) .. ":" .. (context.packed and 1 or 0)
-    local kinds = CANDIDATES[key]
-    if kinds == nil then
-      problems[#problems + 1] = problem(tree, nil, "unknown-request",
-        "request " .. request .. " is not known on the " .. (CHANNEL_NAMES[record.channel] or "?") .. " channel")
+    local by_request = CANDIDATES[channel] and CANDIDATES[channel][request]
+    local kinds = by_request and by_request[is_reply and 2 or 1][context]
+    if kinds == nil or kinds[1] == nil then
+      problem(tree, "unknown-request", "request " .. request .. " is not known on the "
+                                       .. (CHANNEL_NAMES[channel] or "?") .. " channel")
     else
-      kind = choose_kind(tvb, body, size, kinds)
+      kind = choose_kind(raw, body, size, kinds)
       if kind == nil then
-        problems[#problems + 1] = problem(tree, nil, "payload-layout",
-          size .. "-byte payload fits no layout of this message (expected " .. table.concat(kinds, " or ") .. ")")
+        local expected = {}
+        for index, candidate in ipairs(kinds) do expected[index] = KIND_EXPECTED[candidate] end
+        problem(tree, "payload-layout", size .. "-byte payload fits no layout of this message (expected "
+                                        .. concat(expected, " or ") .. ")")
       end
     end
   end
+  local feature_names = FEATURE_NAMES[device or ""] or FEATURE_NAMES[""]
+  local config_device = kind == "config" and channel == C.CHANNEL_MAIN and device
+                        and CONFIG_MESSAGES[request .. ":" .. (is_reply and 1 or 0)] and device or nil
   if kind ~= nil then
-    tree:add(pf["kind"], kind)
-    local context = frame_context(pinfo, record)
-    local feature_names = TRANSPORT_FEATURES
-    if context.device and DEVICE_FEATURES[context.device] then
-      feature_names = {}
-      for bit, bit_name in pairs(TRANSPORT_FEATURES) do feature_names[bit] = bit_name end
-      for bit, bit_name in pairs(DEVICE_FEATURES[context.device]) do feature_names[bit] = bit_name end
+    if tree then
+      tree:add(pf["kind"], kind)
+      local payload_tree = tree
+      if size > 0 then payload_tree = tree:add(vhost_user, tvb(body, size), "Payload: " .. KIND_DOC[kind]) end
+      add_layout(payload_tree, LAYOUTS[kind], tvb, raw, body, feature_names)
+      if config_device then add_config_space(payload_tree, tvb, raw, body, config_device) end
     end
-    local layout_end
-    local payload_tree = tree
-    if size > 0 then
-      payload_tree = tree:add(vhost_user, tvb(body, size), "payload: " .. KIND_DOC[kind])
-    end
-    layout_end = add_layout(payload_tree, LAYOUTS[kind], tvb, body, feature_names)
-    if layout_end == nil then
-      problems[#problems + 1] = problem(tree, nil, "payload-layout", "a field runs past the packet")
-      kind = nil
-    elseif kind == "config" and record.channel == C.CHANNEL_MAIN and context.device
-        and CONFIG_MESSAGES[request .. ":" .. (is_reply and 1 or 0)] then
-      add_config_space(payload_tree, tvb, body, context.device)
-    end
-  elseif body_length > 0 or (body_length == 0 and size == 0) then
-    tree:add(pf_bytes["payload"], tvb(body, body_length))
+    summarize(LAYOUTS[kind], raw, body, #raw, feature_names, config_device)
+  else
+    if tree and body_length >= 0 then tree:add(pf_bytes["payload"], tvb(body, body_length)) end
+    if size ~= 0 then emit(format(" payload=%dB", body_length)) end
   end
-  for _, code in ipairs(problems) do info = info .. " [" .. code .. "]" end
-  pinfo.cols.info:append(info)
-  link(pinfo, tree, record, request, is_reply)
-  observe(pinfo, record, request, is_reply, kind, tvb, body)
+  link(pinfo, tree, request, is_reply)
+  observe(pinfo, request, is_reply, kind, raw, body)
 end
 
 function vhost_user.dissector(tvb, pinfo, tree)
-  pinfo.cols.protocol = "vhost-user"
-  pinfo.cols.info:clear()
-  local root = tree:add(vhost_user, tvb())
-  local record, reason = dissect_pseudo_header(tvb, root)
-  if record == nil then
-    root:add(pf["problem"], "capture")
-    root:add_proto_expert_info(expert["capture"], reason)
-    pinfo.cols.info:set("[" .. reason .. "]")
+  local cols = pinfo.cols
+  cols.protocol = "vhost-user"
+  frame_number, frame_visited = pinfo.number, pinfo.visited
+  line_length = 0
+  -- Without a tree (tshark reading for the packet list) only the columns and the per-capture state are built.
+  local root = nil
+  if tree.text ~= nil then root = tree:add(vhost_user, tvb()) end
+  local raw = tvb:raw()
+  problem_count = 0
+  local parsed, reason = dissect_pseudo_header(tvb, raw, root)
+  if parsed == nil then
+    if root then
+      root:add(pf["problem"], "capture")
+      root:add_proto_expert_info(expert["capture"], reason)
+    end
+    cols.info = "[" .. reason .. "]"
     return
   end
-  local where = "c" .. record.connection
-  if record.channel ~= C.CHANNEL_MAIN then where = where .. "/" .. CHANNEL_NAMES[record.channel] end
-  pinfo.cols.src = record.direction == 0 and "front-end" or "back-end"
-  pinfo.cols.dst = record.direction == 0 and "back-end" or "front-end"
-  pinfo.cols.info:set(where .. " " .. DIRECTION_NAMES[record.direction] .. " ")
+  local direction = record.direction
+  cols.src = direction == 0 and "front-end" or "back-end"
+  cols.dst = direction == 0 and "back-end" or "front-end"
+  emit(where_text(record.connection, record.channel))
   if record.kind ~= 0 then
-    local note = record.note or ""
-    pinfo.cols.info:append("--- " .. note)
+    emit(" --- ")
+    if record.note then emit(record.note) end
+    cols.info = concat(line, "", 1, line_length)
     local device = record.device
-    if device and DEVICE_FEATURES[device] and not pinfo.visited then
-      local connection = state.contexts[record.connection] or {}
-      connection.device_type = device
-      state.contexts[record.connection] = connection
+    if device and device ~= "" and FEATURE_NAMES[device] and not frame_visited then
+      set_context(record.connection, state.context[record.connection] or 1, device)
     end
     return
   end
-  dissect_message(tvb, pinfo, root, record, record.header_length)
-  if record.fd_count > 0 then
-    pinfo.cols.info:append("  fds=" .. table.concat(record.fd_kinds, ","))
+  emit(" ")
+  emit(DIRECTION_NAMES[direction])
+  emit(" ")
+  dissect_message(tvb, raw, pinfo, root, record.header_length)
+  if record.fd_count > 0 then append_fds(raw, record.fixed, record.fd_count) end
+  if record.note then
+    emit("  (")
+    emit(record.note)
+    emit(")")
   end
-  if record.note then pinfo.cols.info:append("  (" .. record.note .. ")") end
+  for index = 1, problem_count do
+    emit(format("  [%s: %s]", problem_codes[index], problem_texts[index]))
+  end
+  cols.info = concat(line, "", 1, line_length)
 end
 
 DissectorTable.get("wtap_encap"):add(wtap.USER0, vhost_user)

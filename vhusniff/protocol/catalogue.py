@@ -576,7 +576,7 @@ FIELD_LABELS = MappingProxyType({
     "config.input.u": "Data (u)", "config.fs.tag": "Mount tag", "config.blk.capacity": "Capacity (512-byte sectors)",
     "mem.region.userspace_addr": "Front-end virtual address", "mem.region.memory_size": "Memory size",
     "shmem.memory_sizes": "Memory size per shmid", "device_state.phase": "Migration phase",
-    "device_state.direction": "Transfer direction", "crypto.session": "Session data",
+    "device_state.direction": "Transfer direction", "crypto.session": "Session data", "mem.region": "Memory region",
 })
 
 

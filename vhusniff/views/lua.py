@@ -9,7 +9,6 @@ tshark, and checks the expert items' severities against the expert checks.
 """
 from __future__ import annotations
 
-import itertools
 import os
 import sys
 
@@ -28,6 +27,8 @@ from ..model import Channel, Direction, EventKind, RecordKind
 from ..protocol import catalogue as cat
 from ..protocol import config as config_space
 from ..protocol.grammar import (
+    _QUIET_FIELDS,
+    _SHORT,
     FIXED_SIZE,
     HEADER_SIZE,
     MAX_PAYLOAD_SIZE,
@@ -70,9 +71,84 @@ def expert_items() -> dict[str, tuple[str, str]]:
     return items
 
 
-def _lua_layout(entries: list[dict]) -> list[dict]:
-    """Layout entries as the Lua body walks them (nested element fields live in ELEMENTS, docs in FIELDS)."""
-    return [{key: value for key, value in entry.items() if key not in ("fields", "doc")} for entry in entries]
+# Fields whose summary shows the names of their set bits, and which names (FEATURE_NAMES is per device type).
+_BIT_SET_SUMMARIES = {"features": "features", "protocol_features": "protocol_features", "status": "status"}
+
+
+def _lua_layout(entries: list[dict], kind: str = "") -> list[dict]:
+    """Layout entries as the Lua body walks them (nested element fields live in ELEMENTS, docs in FIELDS).
+
+    A top-level entry of a payload kind also says how `vhusniff read`'s summary shows it (grammar.payload_summary):
+    `prefix` (" idx="), or nothing for a quiet field, and `style` where the value is not a plain number."""
+    layout = []
+    for entry in entries:
+        lua_entry = {key: value for key, value in entry.items() if key not in ("fields", "doc")}
+        short = entry["short"]
+        if "element" in entry:
+            lua_entry["label"] = cat.field_label(entry["name"])
+        if kind and short not in _QUIET_FIELDS:
+            lua_entry["prefix"] = f" {_SHORT.get(short, short)}="
+            if short in _BIT_SET_SUMMARIES:
+                lua_entry["style"] = _BIT_SET_SUMMARIES[short]
+            elif short == "flags" and kind in ("vring_fd", "vring_area"):
+                lua_entry["style"] = "nofd"
+            elif short == "memory_sizes":
+                lua_entry["style"] = "sizes"
+            elif short == "data" and kind == "config":
+                lua_entry["style"] = "config_data"
+            elif short == "region":
+                lua_entry["style"] = "region"
+            elif short == "mac":
+                lua_entry["style"] = "mac"
+        layout.append(lua_entry)
+    return layout
+
+
+def _candidates() -> dict[int, dict[int, list[list[list[str]]]]]:
+    """channel -> request -> [request, reply] -> [context 0..3] -> payload kinds, most likely first. The context
+    index is 1 * (Xen mmap negotiated) + 2 * (packed rings negotiated), as the Lua keeps it per connection."""
+    table: dict[int, dict[int, list[list[list[str]]]]] = {}
+    for channel in (Channel.MAIN, Channel.BACKEND, Channel.GPU):
+        for request in request_names(channel):
+            table.setdefault(int(channel), {})[request] = [
+                [list(payload_candidates(channel, request, is_reply, DecodeContext(
+                    protocol_features=(context & 1) << XEN_MMAP_BIT, features=(context >> 1) << RING_PACKED_BIT)))
+                 for context in range(4)]
+                for is_reply in (False, True)]
+    return table
+
+
+def _context_rules() -> dict[int, dict]:
+    """CONTEXT_RULES for the Lua: a rule that reads a payload field says where the field lies in the request's
+    payload and which negotiated bit (and context flag) it decides."""
+    watched = {"protocol_features": (XEN_MMAP_BIT, 1), "features": (RING_PACKED_BIT, 2)}
+    rules = {}
+    for request, rule in cat.CONTEXT_RULES.items():
+        lua_rule = {key: value for key, value in vars(rule).items() if value}
+        if rule.payload_field:
+            kind = cat.FRONTEND_REQUESTS[request].request_kinds[0]
+            offset = 0
+            for entry in walk_layout(PAYLOADS[kind][0], PAYLOADS[kind][1], kind):
+                if entry["short"] == rule.payload_field:
+                    break
+                offset += entry["width"]
+            bit, flag = watched[rule.context_field]
+            lua_rule.update(offset=offset, bit=bit, flag=flag)
+        rules[int(request)] = lua_rule
+    return rules
+
+
+def _feature_names() -> dict[str, dict[int, str]]:
+    """Feature bit names per device type ("" while the type is unknown): transport bits, then the device's."""
+    names = {"": dict(cat.TRANSPORT_FEATURES)}
+    for device, device_names in cat.DEVICE_FEATURES.items():
+        names[device] = {**cat.TRANSPORT_FEATURES, **device_names}
+    return names
+
+
+def _labelled(fields: dict[str, dict]) -> dict[str, dict]:
+    """Each field with its human label (catalogue.field_label): the tree shows it, filters use the dotted name."""
+    return {name: {**spec, "label": cat.field_label(name)} for name, spec in fields.items()}
 
 
 def _constants() -> dict[str, object]:
@@ -92,7 +168,7 @@ def _constants() -> dict[str, object]:
         "EVENT_CHANNEL_CLOSED": int(EventKind.CHANNEL_CLOSED), "EVENT_DEVICE": int(EventKind.DEVICE),
         "CHANNEL_MAIN": int(Channel.MAIN), "CHANNEL_DEVICE_STATE": int(Channel.DEVICE_STATE),
         "STREAM_NAME": request_name(Channel.DEVICE_STATE, 0), "XEN_MMAP_BIT": XEN_MMAP_BIT,
-        "RING_PACKED_BIT": RING_PACKED_BIT,
+        "RING_PACKED_BIT": RING_PACKED_BIT, "ELLIPSIS": "…",
     }
 
 
@@ -111,30 +187,33 @@ def grammar_tables() -> dict:
         else:           # a bit field: masks lie in the low 32 bits
             fields[name] = {"type": _FT_BY_WIDTH[min(field.length, 4)], "doc": f"bit field of {field.short}"}
     config_fields = {device: [{"name": f.name, "offset": f.offset, "length": f.length, "is_bytes": f.is_bytes,
-                               "bits": [list(bit) for bit in f.bits]} for f in fields_of_device]
+                               "bits": [list(bit) for bit in f.bits],
+                               # how `read` summarises the field, if it does (config.summary)
+                               **({"prefix": f" {f.short}="} if f.short in config_space.SUMMARY_FIELDS.get(device, ())
+                                  else {})}
+                              for f in fields_of_device]
                      for device, fields_of_device in config_space.CONFIG_FIELDS.items()}
     header_bits = [[f"flags.{bit}", mask] for bit, mask in cat.BITFIELDS["flags"].items()]
-    layouts = {kind: _lua_layout(walk_layout(structure, prefix, kind))
+    layouts = {kind: _lua_layout(walk_layout(structure, prefix, kind), kind)
                for kind, (structure, prefix, _doc) in PAYLOADS.items()}
     elements = {"region": _lua_layout(walk_layout(REGION, "mem.region", "region")),
                 "region_xen": _lua_layout(walk_layout(REGION_XEN, "mem.region", "region_xen"))}
     channels = {channel: request_names(channel) for channel in (Channel.MAIN, Channel.BACKEND, Channel.GPU)}
-    candidates = {}
-    for channel, names in channels.items():
-        for request, is_reply, xen, packed in itertools.product(names, (False, True), (False, True), (False, True)):
-            ctx = DecodeContext(protocol_features=int(xen) << XEN_MMAP_BIT, features=int(packed) << RING_PACKED_BIT)
-            kinds = payload_candidates(channel, request, is_reply, ctx)
-            if kinds:
-                candidates[f"{int(channel)}:{request}:{int(is_reply)}:{int(xen)}:{int(packed)}"] = list(kinds)
     return {
-        "FIELDS": fields,
-        "BYTE_FIELDS": byte_fields,
+        "FIELDS": _labelled(fields),
+        "BYTE_FIELDS": _labelled(byte_fields),
         "HEADER_BITS": header_bits,
         "LAYOUTS": layouts,
         "ELEMENTS": elements,
         "FIXED_SIZE": {kind: size for kind, size in FIXED_SIZE.items() if size is not None},
         "KIND_DOC": {kind: doc for kind, (_s, _p, doc) in PAYLOADS.items()},
-        "CANDIDATES": candidates,
+        "CANDIDATES": _candidates(),
+        # Where an element's fields lie (for the summary of a memory region).
+        "ELEMENT_SIZE": {key: sum(entry["width"] for entry in walk_layout(structure, "mem.region", key))
+                         for key, structure in (("region", REGION), ("region_xen", REGION_XEN))},
+        # How a payload-layout problem names each kind it expected ("config (variable)", "u64 (8 bytes)").
+        "KIND_EXPECTED": {kind: f"{kind} ({size} bytes)" if size is not None else f"{kind} (variable)"
+                          for kind, size in FIXED_SIZE.items()},
         # Device config space (protocol/config.py): each device's fields, and the messages that carry the space
         # ("request:is_reply" on the main channel).
         "CONFIG_FIELDS": config_fields,
@@ -153,15 +232,13 @@ def grammar_tables() -> dict:
         # How a version-1 event's note gives its kind (compat.V1_EVENT_RULES): {lower-case word, kind}, in order.
         "V1_EVENT_RULES": [[word, int(kind)] for word, kind in V1_EVENT_RULES],
         "FD_KIND_NAMES": dict(enumerate(FD_KINDS)),
-        "RECORD_FIELDS": {name: {"type": spec.lua_type, "doc": spec.doc} for name, spec in RECORD_FIELDS.items()
-                          if spec.lua_type},
+        "RECORD_FIELDS": _labelled({name: {"type": spec.lua_type, "doc": spec.doc}
+                                    for name, spec in RECORD_FIELDS.items() if spec.lua_type}),
         "PROTOCOL_FEATURES": dict(cat.SPEC_PROFILE.protocol_features),
-        "TRANSPORT_FEATURES": dict(cat.TRANSPORT_FEATURES),
-        "DEVICE_FEATURES": {device: dict(names) for device, names in cat.DEVICE_FEATURES.items()},
+        "FEATURE_NAMES": _feature_names(),
         "DEVICE_STATUS": dict(cat.DEVICE_STATUS),
         # Lua keeps each connection's context in a table keyed by the DecodeContext field names.
-        "CONTEXT_RULES": {int(request): {key: value for key, value in vars(rule).items() if value}
-                          for request, rule in cat.CONTEXT_RULES.items()},
+        "CONTEXT_RULES": _context_rules(),
         # A GET_CONFIG reply whose whole window has one of these sizes tells the device type (context.py).
         "CONFIG_SIZE_DEVICES": {int(size): device for size, device in cat.CONFIG_SIZE_DEVICES.items()},
         "EXPERT_ITEMS": {code: list(levels) for code, levels in expert_items().items()},
@@ -207,36 +284,39 @@ def render() -> str:
 LUA_BODY = r'''
 local C = CONSTANTS
 local vhost_user = Proto("vhost_user", "vhost-user")
+local byte, format, concat = string.byte, string.format, table.concat
+local band, bor, btest = bit32.band, bit32.bor, bit32.btest
 
--- ProtoFields, all made from the generated tables.
-local pf = {}      -- name -> ProtoField
+-- ProtoFields, made once from the generated tables: the tree shows each field's label, filters use its name.
+local pf = {}        -- name -> ProtoField
 local pf_bytes = {}  -- name -> ProtoField of the bytes variant of a name
 local field_list = {}
-local function make_field(name, spec, pf)
-  local abbr = "vhost_user." .. name
-  local t = spec.type
+local function make_field(name, spec, into)
+  local abbr, label, t, doc = "vhost_user." .. name, spec.label, spec.type, spec.doc
+  local field
   if t == "uint64" then
-    pf[name] = ProtoField.uint64(abbr, name, base.HEX, nil, nil, spec.doc)
+    field = ProtoField.uint64(abbr, label, base.HEX, nil, nil, doc)
   elseif t == "uint64_dec" then
-    pf[name] = ProtoField.uint64(abbr, name, base.DEC, nil, nil, spec.doc)
+    field = ProtoField.uint64(abbr, label, base.DEC, nil, nil, doc)
   elseif t == "uint32" or t == "uint16" or t == "uint8" then
-    pf[name] = ProtoField[t](abbr, name, base.DEC, nil, nil, spec.doc)
+    field = ProtoField[t](abbr, label, base.DEC, nil, nil, doc)
   elseif t == "string" then
-    pf[name] = ProtoField.string(abbr, name, base.UNICODE, spec.doc)
+    field = ProtoField.string(abbr, label, base.UNICODE, doc)
   elseif t == "bytes" then
-    pf[name] = ProtoField.bytes(abbr, name, base.NONE, spec.doc)
+    field = ProtoField.bytes(abbr, label, base.NONE, doc)
   elseif t == "int64" then
-    pf[name] = ProtoField.int64(abbr, name, base.DEC, nil, nil, spec.doc)
+    field = ProtoField.int64(abbr, label, base.DEC, nil, nil, doc)
   elseif t == "request_link" then
-    pf[name] = ProtoField.framenum(abbr, name, base.NONE, frametype.REQUEST, nil, spec.doc)
+    field = ProtoField.framenum(abbr, label, base.NONE, frametype.REQUEST, nil, doc)
   elseif t == "response_link" then
-    pf[name] = ProtoField.framenum(abbr, name, base.NONE, frametype.RESPONSE, nil, spec.doc)
+    field = ProtoField.framenum(abbr, label, base.NONE, frametype.RESPONSE, nil, doc)
   elseif t == "relative_time" then
-    pf[name] = ProtoField.relative_time(abbr, name, spec.doc)
+    field = ProtoField.relative_time(abbr, label, doc)
   else
     error("unknown field type " .. t .. " for " .. name)
   end
-  field_list[#field_list + 1] = pf[name]
+  into[name] = field
+  field_list[#field_list + 1] = field
 end
 for name, spec in pairs(FIELDS) do make_field(name, spec, pf) end
 for name, spec in pairs(BYTE_FIELDS) do make_field(name, spec, pf_bytes) end
@@ -252,68 +332,210 @@ for code, levels in pairs(EXPERT_ITEMS) do
 end
 vhost_user.experts = expert_list
 
--- Per-capture state, filled on the first pass and read on every pass (Wireshark may revisit in any order).
-local state = {}
-function vhost_user.init()
-  state = {
-    contexts = {},        -- connection -> {features = UInt64, protocol_features = UInt64, device_type = name}
-    frame_context = {},   -- frame -> {xen = bool, packed = bool, device = name}
-    pending = {},         -- "connection:channel" -> {frame, request, time}
-    response_in = {},     -- request frame -> reply frame
-    response_to = {},     -- reply frame -> request frame
-    response_time = {},   -- reply frame -> NSTime
-  }
-end
-
-local function u64_bit(value, bit)
-  if value == nil then return false end
-  return value:rshift(bit):band(UInt64(1)):tonumber() == 1
-end
-
-local function bit_names(value, names)
-  local parts = {}
-  for bit = 0, 63 do
-    if u64_bit(value, bit) then parts[#parts + 1] = names[bit] or ("bit" .. bit) end
+-- Lookup tables made once, so that a packet needs no string building for what is always the same.
+local POW2, BIT_TEXT, HEX_BYTE = {}, {}, {}
+for bit = 0, 63 do BIT_TEXT[bit] = "bit" .. bit end
+for bit = 0, 31 do POW2[bit] = 2 ^ bit end
+for value = 0, 255 do HEX_BYTE[value] = format("%02x", value) end
+local BIT_SET_NAMES = {protocol_features = PROTOCOL_FEATURES, status = DEVICE_STATUS}
+local WHERE = {}       -- connection -> channel -> "c1", "c1/backend"
+local function where_text(connection, channel)
+  local by_channel = WHERE[connection]
+  if by_channel == nil then
+    by_channel = {}
+    for number, name in pairs(CHANNEL_NAMES) do
+      by_channel[number] = number == C.CHANNEL_MAIN and "c" .. connection or "c" .. connection .. "/" .. name
+    end
+    WHERE[connection] = by_channel
   end
-  if #parts == 0 then return "0" end
-  return table.concat(parts, "|")
+  return by_channel[channel]
+end
+local FLAG_TEXT = {}   -- header flags -> "0x5 REPLY" (grammar.flag_text); only flags without reserved bits are kept
+local function flag_text(flags)
+  local text = FLAG_TEXT[flags]
+  if text then return text end
+  local names = {}
+  if btest(flags, C.FLAG_REPLY) then names[#names + 1] = "REPLY" end
+  if btest(flags, C.FLAG_NEED_REPLY) then names[#names + 1] = "NEED_REPLY" end
+  local reserved = band(flags, C.FLAGS_RESERVED)
+  if reserved ~= 0 then names[#names + 1] = format("RESERVED(0x%x)", reserved) end
+  text = format("0x%x", flags) .. (#names > 0 and " " .. concat(names, "|") or "")
+  if reserved == 0 then FLAG_TEXT[flags] = text end
+  return text
+end
+
+-- The Info column: `read`'s line for the record, gathered in a reused buffer and set once per packet.
+local line, line_length = {}, 0
+local function emit(text)
+  line_length = line_length + 1
+  line[line_length] = text
+end
+
+-- Little-endian integers of the packet's bytes (`raw`, a Lua string; `at` is a 0-based offset).
+local function u16(raw, at)
+  local a, b = byte(raw, at + 1, at + 2)
+  return a + b * 256
+end
+local function u32(raw, at)
+  local a, b, c, d = byte(raw, at + 1, at + 4)
+  return a + b * 256 + c * 65536 + d * 16777216
+end
+-- An integer of 1 to 8 bytes as its low and high 32 bits (Lua numbers hold 2^53 exactly, not 2^64).
+local function uint(raw, at, width)
+  if width == 4 then return u32(raw, at), 0 end
+  if width == 8 then return u32(raw, at), u32(raw, at + 4) end
+  if width == 1 then return byte(raw, at + 1), 0 end
+  if width == 2 then return u16(raw, at), 0 end
+  if width == 6 then return u32(raw, at), u16(raw, at + 4) end
+  local value = 0
+  for index = width, 1, -1 do value = value * 256 + byte(raw, at + index) end
+  return value, 0
+end
+local function hex(lo, hi)
+  if hi == 0 then return format("0x%x", lo) end
+  return format("0x%x%08x", hi, lo)
+end
+-- grammar.value_text of an integer: hex above 0xffff
+local function number_text(lo, hi)
+  if hi == 0 and lo <= 0xFFFF then return format("%d", lo) end
+  return hex(lo, hi)
+end
+
+local names_buffer = {}   -- reused: bit_names builds no table per packet
+local function bit_names(lo, hi, names)
+  local count = 0
+  if lo ~= 0 then
+    for bit = 0, 31 do
+      if btest(lo, POW2[bit]) then
+        count = count + 1
+        names_buffer[count] = names[bit] or BIT_TEXT[bit]
+      end
+    end
+  end
+  if hi ~= 0 then
+    for bit = 0, 31 do
+      if btest(hi, POW2[bit]) then
+        count = count + 1
+        names_buffer[count] = names[bit + 32] or BIT_TEXT[bit + 32]
+      end
+    end
+  end
+  if count == 0 then return "0" end
+  return concat(names_buffer, "|", 1, count)
 end
 
 local function masked(value, mask)
   -- value and mask are Lua numbers below 2^32 (header flags, u8/u32 bit fields)
   local shift = 0
-  while bit32.band(mask, bit32.lshift(1, shift)) == 0 do shift = shift + 1 end
-  return bit32.rshift(bit32.band(value, mask), shift)
+  while band(mask, POW2[shift]) == 0 do shift = shift + 1 end
+  return band(value, mask) / POW2[shift]
 end
 
-local function read_uint(range, width)
-  if width <= 4 then return range:le_uint() end
-  return range:le_uint64()
+-- grammar.value_text of bytes: a MAC with colons, else the first 16 bytes in hex
+local function bytes_text(raw, at, length, style)
+  if length == 0 then return "''" end
+  if style == "mac" and length == 6 then
+    local a, b, c, d, e, f = byte(raw, at + 1, at + 6)
+    return format("%02x:%02x:%02x:%02x:%02x:%02x", a, b, c, d, e, f)
+  end
+  local shown = length > 16 and 16 or length
+  local parts = {byte(raw, at + 1, at + shown)}
+  for index = 1, shown do parts[index] = HEX_BYTE[parts[index]] end
+  return concat(parts) .. (length > 16 and C.ELLIPSIS or "")
 end
 
--- Does `layout` account for exactly `size` bytes at `offset`? Mirrors protocol.decode's "variable kinds must
+-- Python's repr() of a tag decoded with errors="replace": quoted, escapes for control bytes, U+FFFD for others.
+local REPR_ESCAPES = {[9] = "\\t", [10] = "\\n", [13] = "\\r", [92] = "\\\\"}
+local function python_repr(text)
+  local quote = (text:find("'", 1, true) and not text:find('"', 1, true)) and '"' or "'"
+  local parts = {byte(text, 1, -1)}
+  for index, value in ipairs(parts) do
+    if REPR_ESCAPES[value] then
+      parts[index] = REPR_ESCAPES[value]
+    elseif value == byte(quote) then
+      parts[index] = "\\" .. quote
+    elseif value >= 128 then
+      parts[index] = "\239\191\189"
+    elseif value < 32 or value == 127 then
+      parts[index] = format("\\x%02x", value)
+    else
+      parts[index] = string.char(value)
+    end
+  end
+  return quote .. concat(parts) .. quote
+end
+
+-- Per-capture state, filled on the first pass and read on every pass (Wireshark may revisit in any order).
+-- Everything is a flat map keyed by numbers: no table per packet.
+local state = {}
+function vhost_user.init()
+  state = {
+    context = {},         -- connection -> 1 + (1 Xen mmap) + (2 packed rings) negotiated so far
+    device = {},          -- connection -> device type
+    history = {},         -- connection -> {{frame, context, device}, ...}: each change, and the frame that made it
+    pending_frame = {},   -- connection * 8 + channel -> the frame of the request awaiting its reply
+    pending_request = {},
+    pending_time = {},
+    response_in = {},     -- request frame -> reply frame
+    response_to = {},     -- reply frame -> request frame
+    response_time = {},   -- reply frame -> seconds
+  }
+end
+
+-- The frame being dissected (pinfo.number, pinfo.visited), read once per packet.
+local frame_number, frame_visited = 0, false
+
+-- A connection's context changes a few times per session (the first pass records each change with the frame that
+-- made it), so a frame Wireshark dissects again, in any order, decodes in the context it had the first time.
+local function set_context(connection, context, device)
+  local history = state.history[connection]
+  if history == nil then
+    history = {}
+    state.history[connection] = history
+  end
+  history[#history + 1] = {frame_number, context, device}
+  state.context[connection], state.device[connection] = context, device
+end
+
+local function context_at(connection)
+  if not frame_visited then return state.context[connection] or 1, state.device[connection] end
+  local context, device = 1, nil
+  local history = state.history[connection]
+  if history then
+    for index = 1, #history do
+      local change = history[index]
+      if change[1] >= frame_number then break end
+      context, device = change[2], change[3]
+    end
+  end
+  return context, device
+end
+
+-- Does `layout` account for exactly the bytes up to `limit`? Mirrors protocol.decode's "variable kinds must
 -- consume every byte" rule. Returns the end offset or nil.
-local function measure(layout, tvb, offset, limit)
-  local values = {}
-  for _, entry in ipairs(layout) do
-    if entry.width then
+local measured = {}       -- reused: short name -> value of the counts and sizes a layout refers to
+local function measure(layout, raw, offset, limit)
+  for index = 1, #layout do
+    local entry = layout[index]
+    local width = entry.width
+    if width then
       local count = entry.count or 1
-      if offset + entry.width * count > limit then return nil end
-      if count == 1 and entry.width <= 4 then values[entry.short] = tvb(offset, entry.width):le_uint() end
-      offset = offset + entry.width * count
+      if offset + width * count > limit then return nil end
+      if count == 1 and width <= 4 then measured[entry.short] = uint(raw, offset, width) end
+      offset = offset + width * count
     elseif entry.bytes then
       if offset + entry.bytes > limit then return nil end
       offset = offset + entry.bytes
     elseif entry.bytes_from then
-      local length = values[entry.bytes_from]
+      local length = measured[entry.bytes_from]
       if length == nil or offset + length > limit then return nil end
       offset = offset + length
     elseif entry.rest then
       offset = limit
     elseif entry.element then
-      local count = entry.count_from and values[entry.count_from] or 1
+      local count = entry.count_from and measured[entry.count_from] or 1
       for _ = 1, count do
-        offset = measure(ELEMENTS[entry.element], tvb, offset, limit)
+        offset = measure(ELEMENTS[entry.element], raw, offset, limit)
         if offset == nil then return nil end
       end
     end
@@ -321,57 +543,168 @@ local function measure(layout, tvb, offset, limit)
   return offset
 end
 
-local function describe_value(name, value)
-  local short = name:match("([^.]+)$")
-  if short == "features" then
-    return bit_names(value, TRANSPORT_FEATURES)
-  elseif short == "protocol_features" then
-    return bit_names(value, PROTOCOL_FEATURES)
-  elseif short == "status" then
-    return bit_names(value, DEVICE_STATUS)
+local function choose_kind(raw, start, size, kinds)
+  for _, kind in ipairs(kinds) do
+    local fixed = FIXED_SIZE[kind]
+    if fixed ~= nil then
+      if fixed == size then return kind end
+    elseif measure(LAYOUTS[kind], raw, start, start + size) == start + size then
+      return kind
+    end
   end
   return nil
 end
 
--- Adds the fields of `layout` at `offset`; returns the end offset, or nil when a field would run past the packet
--- (every length is checked before a range is made: a range out of bounds is a Lua error in Wireshark).
-local function add_layout(tree, layout, tvb, offset, feature_names)
-  local values = {}
-  local limit = tvb:len()
+-- The device config space fields a config window {offset, size, flags, data} covers whole, in `read`'s summary.
+local function summarize_config_space(raw, body, device)
+  local fields = CONFIG_FIELDS[device]
+  if fields == nil then return end
+  local window, size = u32(raw, body), u32(raw, body + 4)
+  local data = body + 12
+  for _, field in ipairs(fields) do
+    if field.prefix and window <= field.offset and field.offset + field.length <= window + size then
+      local at, length = data + field.offset - window, field.length
+      local text
+      if not field.is_bytes then
+        local lo, hi = uint(raw, at, length)
+        text = hi == 0 and format("%d", lo) or tostring(UInt64(lo, hi))
+      elseif field.name:match("%.mac$") and length == 6 then
+        text = bytes_text(raw, at, length, "mac")
+      elseif field.name:match("%.tag$") then
+        text = python_repr(raw:sub(at + 1, at + length):gsub("%z+$", ""))
+      elseif raw:sub(at + 1, at + length):match("^%z*$") then
+        text = "0"
+      else
+        text = bytes_text(raw, at, length)
+      end
+      emit(field.prefix)
+      emit(text)
+    end
+  end
+end
+
+-- `read`'s one-line summary of a payload (grammar.payload_summary), appended to the Info column piece by piece.
+local function summarize(layout, raw, offset, limit, feature_names, config_device)
+  for index = 1, #layout do
+    local entry = layout[index]
+    local width, prefix, style = entry.width, entry.prefix, entry.style
+    if width and entry.count then
+      if style == "sizes" then
+        emit(" sizes={")
+        local first = true
+        for element = 0, entry.count - 1 do
+          local lo, hi = uint(raw, offset + element * width, width)
+          if lo ~= 0 or hi ~= 0 then
+            emit(format(first and "%d:%s" or ",%d:%s", element, hex(lo, hi)))
+            first = false
+          end
+        end
+        emit("}")
+      end
+      offset = offset + width * entry.count
+    elseif width then
+      local lo, hi = uint(raw, offset, width)
+      measured[entry.short] = lo
+      if prefix then
+        if style == "nofd" then
+          if btest(lo, 1) then emit(" NOFD") end
+        elseif style then
+          emit(prefix)
+          emit(hex(lo, hi) .. "(" .. bit_names(lo, hi, style == "features" and feature_names
+                                                      or BIT_SET_NAMES[style]) .. ")")
+        else
+          emit(prefix)
+          emit(number_text(lo, hi))
+        end
+      end
+      offset = offset + width
+    elseif entry.element then
+      local count = entry.count_from and measured[entry.count_from] or 1
+      local size = ELEMENT_SIZE[entry.element]
+      for _ = 1, count do
+        local gpa_lo, gpa_hi = uint(raw, offset, 8)
+        local size_lo, size_hi = uint(raw, offset + 8, 8)
+        local uaddr_lo, uaddr_hi = uint(raw, offset + 16, 8)
+        local off_lo, off_hi = uint(raw, offset + 24, 8)
+        emit(format(" {gpa=%s size=%s uaddr=%s off=%s}", hex(gpa_lo, gpa_hi), hex(size_lo, size_hi),
+                           hex(uaddr_lo, uaddr_hi), hex(off_lo, off_hi)))
+        offset = offset + size
+      end
+    else
+      local length = entry.bytes or (entry.bytes_from and measured[entry.bytes_from]) or (limit - offset)
+      if style == "config_data" then
+        emit(format(" data=%dB", length))
+        if config_device then summarize_config_space(raw, offset - 12, config_device) end
+      elseif prefix then
+        emit(prefix)
+        emit(bytes_text(raw, offset, length, style))
+      end
+      offset = offset + length
+    end
+  end
+end
+
+-- Adds the fields of `layout` at `offset` to the tree; returns the end offset, or nil when a field would run past
+-- the packet (every length is checked before a range is made: a range out of bounds is a Lua error in Wireshark).
+local tree_values = {}    -- reused: short name -> value of the counts and sizes a layout refers to
+local function add_layout(tree, layout, tvb, raw, offset, feature_names)
+  local limit = #raw
   for _, entry in ipairs(layout) do
-    if entry.width then
+    local width = entry.width
+    if width then
+      local names = entry.short == "features" and feature_names or BIT_SET_NAMES[entry.short]
       for _ = 1, entry.count or 1 do
-        if offset + entry.width > limit then return nil end
-        local range = tvb(offset, entry.width)
+        if offset + width > limit then return nil end
+        local range = tvb(offset, width)
         local item = tree:add_le(pf[entry.name], range)
-        local value = read_uint(range, entry.width)
-        values[entry.short] = value
-        local names = entry.short == "features" and feature_names or nil
-        local text = names and bit_names(value, names) or describe_value(entry.name, value)
-        if text then item:append_text(" (" .. text .. ")") end
+        local lo, hi = uint(raw, offset, width)
+        tree_values[entry.short] = lo
+        if names then item:append_text(" (" .. bit_names(lo, hi, names) .. ")") end
         for _, bit in ipairs(entry.bits) do
           -- every bit-field mask of the grammar lies in the low 32 bits
-          item:add(pf[bit[1]], range, masked(tvb(offset, math.min(entry.width, 4)):le_uint(), bit[2]))
+          item:add(pf[bit[1]], range, masked(lo, bit[2]))
         end
-        offset = offset + entry.width
+        offset = offset + width
       end
     elseif entry.bytes or entry.bytes_from or entry.rest then
-      local length = entry.bytes or (entry.bytes_from and values[entry.bytes_from]) or (limit - offset)
+      local length = entry.bytes or (entry.bytes_from and tree_values[entry.bytes_from]) or (limit - offset)
       if type(length) ~= "number" or length < 0 or offset + length > limit then return nil end
       tree:add(pf_bytes[entry.name], tvb(offset, length))
       offset = offset + length
     elseif entry.element then
-      local count = entry.count_from and values[entry.count_from] or 1
+      local count = entry.count_from and tree_values[entry.count_from] or 1
       for index = 1, count do
         local start = offset
-        local subtree = tree:add(vhost_user, tvb(offset, 0), entry.name .. "[" .. (index - 1) .. "]")
-        offset = add_layout(subtree, ELEMENTS[entry.element], tvb, offset, feature_names)
+        local subtree = tree:add(vhost_user, tvb(offset, 0), entry.label .. " " .. (index - 1))
+        offset = add_layout(subtree, ELEMENTS[entry.element], tvb, raw, offset, feature_names)
         if offset == nil then return nil end
         subtree:set_len(offset - start)
       end
     end
   end
   return offset
+end
+
+-- The device config space fields a config payload's window {offset, size, flags, data} covers whole.
+local function add_config_space(tree, tvb, raw, body, device)
+  local fields = CONFIG_FIELDS[device]
+  if fields == nil then return end
+  local window, size = u32(raw, body), u32(raw, body + 4)
+  local data = body + 12
+  for _, field in ipairs(fields) do
+    if window <= field.offset and field.offset + field.length <= window + size then
+      local range = tvb(data + field.offset - window, field.length)
+      if field.is_bytes then
+        tree:add(pf_bytes[field.name], range)
+      else
+        local item = tree:add_le(pf[field.name], range)
+        for _, bit in ipairs(field.bits) do
+          item:add(pf[bit[1]], range, masked(uint(raw, data + field.offset - window, math.min(field.length, 4)),
+                                             bit[2]))
+        end
+      end
+    end
+  end
 end
 
 -- A version-1 event's kind (and the device it named) from its note: compat.migrate_v1_event, from the same table.
@@ -391,343 +724,308 @@ local function migrate_v1_event(note, channel)
   return kind, device
 end
 
--- The pseudo-header: returns record info, or nil plus a reason.
-local function dissect_pseudo_header(tvb, tree)
-  if tvb:len() < 8 or tvb(0, 4):string() ~= C.PSEUDO_MAGIC then
+-- The pseudo-header, into `record` (reused for every packet); returns nil plus a reason when it cannot be read.
+local record = {}
+local function dissect_pseudo_header(tvb, raw, tree)
+  local length = #raw
+  if length < 8 or raw:sub(1, 4) ~= C.PSEUDO_MAGIC then
     return nil, "packet does not start with the vhusniff pseudo-header (magic VHUS)"
   end
-  local version = tvb(4, 2):le_uint()
-  local header_length = tvb(6, 2):le_uint()
-  local header_tree = tree:add(vhost_user, tvb(0, math.min(header_length, tvb:len())), "vhusniff pseudo-header")
-  header_tree:add_le(pf["pseudo.version"], tvb(4, 2))
-  header_tree:add_le(pf["pseudo.header_length"], tvb(6, 2))
+  local version, header_length = u16(raw, 4), u16(raw, 6)
+  local header_tree
+  if tree then
+    header_tree = tree:add(vhost_user, tvb(0, math.min(header_length, length)), "vhusniff pseudo-header")
+    header_tree:add_le(pf["pseudo.version"], tvb(4, 2))
+    header_tree:add_le(pf["pseudo.header_length"], tvb(6, 2))
+  end
   if version ~= 1 and version ~= C.PSEUDO_VERSION then
     return nil, "unknown pseudo-header version " .. version .. " (this dissector reads 1, " .. C.PSEUDO_VERSION .. ")"
   end
   local fixed = version == 1 and C.PSEUDO_SIZE_V1 or C.PSEUDO_SIZE_V2
-  if tvb:len() < fixed or header_length > tvb:len() then
-    return nil, "pseudo-header of " .. header_length .. " bytes in a " .. tvb:len() .. "-byte packet"
+  if length < fixed or header_length > length then
+    return nil, "pseudo-header of " .. header_length .. " bytes in a " .. length .. "-byte packet"
   end
   if header_length < fixed then
     return nil, "pseudo-header length " .. header_length .. " is shorter than its fixed part (" .. fixed .. " bytes)"
   end
-  local record = {
-    header_length = header_length,
-    connection = tvb(8, 4):le_uint(),
-    kind = tvb(12, 1):uint(),
-    channel = tvb(13, 1):uint(),
-    direction = tvb(14, 1):uint(),
-    flags = tvb(15, 1):uint(),
-    fd_count = tvb(16, 2):le_uint(),
-    note_length = tvb(18, 2):le_uint(),
-    fd_kinds = {},
-  }
-  header_tree:add_le(pf["connection"], tvb(8, 4))
-  header_tree:add(pf["record_kind"], tvb(12, 1), RECORD_KIND_NAMES[record.kind] or tostring(record.kind))
-  header_tree:add(pf["channel"], tvb(13, 1), CHANNEL_NAMES[record.channel] or tostring(record.channel))
-  header_tree:add(pf["direction"], tvb(14, 1), DIRECTION_NAMES[record.direction] or tostring(record.direction))
-  header_tree:add(pf["unframed"], tvb(15, 1), bit32.band(record.flags, C.PSEUDO_FLAG_UNFRAMED))
-  header_tree:add_le(pf["fds"], tvb(16, 2))
-  if version ~= 1 and record.kind ~= 0 then
-    record.event = tvb(20, 1):uint()
-    header_tree:add(pf["event"], tvb(20, 1), EVENT_KIND_NAMES[record.event] or tostring(record.event))
+  local kind, channel, direction = byte(raw, 13, 15)
+  record.header_length, record.fixed = header_length, fixed
+  record.connection, record.kind, record.channel, record.direction = u32(raw, 8), kind, channel, direction
+  record.flags, record.fd_count, record.note_length = byte(raw, 16), u16(raw, 16), u16(raw, 18)
+  record.event, record.device, record.note = nil, nil, nil
+  if CHANNEL_NAMES[channel] == nil or DIRECTION_NAMES[direction] == nil or RECORD_KIND_NAMES[kind] == nil then
+    return nil, "bad pseudo-header field"
+  end
+  if header_tree then
+    header_tree:add_le(pf["connection"], tvb(8, 4))
+    header_tree:add(pf["record_kind"], tvb(12, 1), RECORD_KIND_NAMES[kind])
+    header_tree:add(pf["channel"], tvb(13, 1), CHANNEL_NAMES[channel])
+    header_tree:add(pf["direction"], tvb(14, 1), DIRECTION_NAMES[direction])
+    header_tree:add(pf["unframed"], tvb(15, 1), band(record.flags, C.PSEUDO_FLAG_UNFRAMED))
+    header_tree:add_le(pf["fds"], tvb(16, 2))
+  end
+  if version ~= 1 and kind ~= 0 then
+    record.event = byte(raw, 21)
+    if header_tree then
+      header_tree:add(pf["event"], tvb(20, 1), EVENT_KIND_NAMES[record.event] or tostring(record.event))
+    end
   end
   local position = fixed
   for index = 1, record.fd_count do
     if position + 24 > header_length then return nil, "fd descriptions run past the pseudo-header" end
-    local name_length = tvb(position + 1, 1):uint()
+    local name_length = byte(raw, position + 2)
     if position + 24 + name_length > header_length then
       return nil, "fd name of " .. name_length .. " bytes runs past the pseudo-header"
     end
-    local fd_tree = header_tree:add(vhost_user, tvb(position, 24 + name_length), "fd[" .. (index - 1) .. "]")
-    local kind = FD_KIND_NAMES[tvb(position, 1):uint()] or "unknown"
-    record.fd_kinds[#record.fd_kinds + 1] = kind
-    fd_tree:add(pf["fd.kind"], tvb(position, 1), kind)
-    fd_tree:add_le(pf["fd.seals"], tvb(position + 2, 2))
-    fd_tree:add_le(pf["fd.inode"], tvb(position + 8, 8))
-    fd_tree:add_le(pf["fd.size"], tvb(position + 16, 8))
-    local text = kind
-    if name_length > 0 then
-      local name = tvb(position + 24, name_length):string(ENC_UTF_8)
-      fd_tree:add(pf["fd.name"], tvb(position + 24, name_length), name)
-      text = text .. ":" .. name
+    if header_tree then
+      local fd_tree = header_tree:add(vhost_user, tvb(position, 24 + name_length), "File descriptor " .. (index - 1))
+      local fd_kind = FD_KIND_NAMES[byte(raw, position + 1)] or "unknown"
+      fd_tree:add(pf["fd.kind"], tvb(position, 1), fd_kind)
+      fd_tree:add_le(pf["fd.seals"], tvb(position + 2, 2))
+      fd_tree:add_le(pf["fd.inode"], tvb(position + 8, 8))
+      fd_tree:add_le(pf["fd.size"], tvb(position + 16, 8))
+      local text = fd_kind
+      if name_length > 0 then
+        local name = tvb(position + 24, name_length):string(ENC_UTF_8)
+        fd_tree:add(pf["fd.name"], tvb(position + 24, name_length), name)
+        text = text .. ":" .. name
+      end
+      fd_tree:append_text(": " .. text)
     end
-    fd_tree:append_text(": " .. text)
     position = position + 24 + name_length
   end
   if position + record.note_length > header_length then return nil, "note runs past the pseudo-header" end
   if record.note_length > 0 then
-    record.note = tvb(position, record.note_length):string(ENC_UTF_8)
-    header_tree:add(pf["note"], tvb(position, record.note_length), record.note)
+    record.note = raw:sub(position + 1, position + record.note_length)
+    if header_tree then header_tree:add(pf["note"], tvb(position, record.note_length), record.note) end
   end
-  if version == 1 and record.kind ~= 0 then
-    record.event, record.device = migrate_v1_event(record.note or "", record.channel)
-    header_tree:add(pf["event"], EVENT_KIND_NAMES[record.event]):set_generated()
+  if version == 1 and kind ~= 0 then
+    record.event, record.device = migrate_v1_event(record.note or "", channel)
+    if header_tree then header_tree:add(pf["event"], EVENT_KIND_NAMES[record.event]):set_generated() end
   elseif record.event == C.EVENT_DEVICE then
     record.device = record.note
-  end
-  if CHANNEL_NAMES[record.channel] == nil or DIRECTION_NAMES[record.direction] == nil
-      or RECORD_KIND_NAMES[record.kind] == nil then
-    return nil, "bad pseudo-header field"
   end
   return record
 end
 
-local function problem(tree, item, code, text)
-  tree:add(pf["problem"], code)
-  tree:add_proto_expert_info(expert[code], code .. ": " .. text)
-  return code
-end
-
--- The negotiated context this frame decodes in (first pass: the connection's state so far).
-local function frame_context(pinfo, record)
-  local context = state.frame_context[pinfo.number]
-  if context == nil then
-    local connection = state.contexts[record.connection] or {}
-    context = {
-      xen = u64_bit(connection.protocol_features, C.XEN_MMAP_BIT),
-      packed = u64_bit(connection.features, C.RING_PACKED_BIT),
-      device = connection.device_type,
-    }
-    state.frame_context[pinfo.number] = context
-  end
-  return context
-end
-
--- A fixed-width payload field's value (UInt64), found by walking the payload kind's layout; nil if absent.
-local function payload_value(layout, tvb, offset, short)
-  for _, entry in ipairs(layout) do
-    if not entry.width or entry.count then return nil end
-    if entry.short == short then
-      if offset + entry.width > tvb:len() then return nil end
-      return tvb(offset, entry.width):le_uint64()
+-- `read`'s fds: each fd's kind, an eventfd by the kernel's id (`eventfd-id:N`) when the capture has it.
+local function append_fds(raw, position, count)
+  emit("  fds=")
+  for index = 1, count do
+    local name_length = byte(raw, position + 2)
+    local fd_kind = FD_KIND_NAMES[byte(raw, position + 1)] or "unknown"
+    if fd_kind == "eventfd" and name_length > 11 and raw:sub(position + 25, position + 35) == "eventfd-id:" then
+      fd_kind = raw:sub(position + 25, position + 24 + name_length)
     end
-    offset = offset + entry.width
-  end
-  return nil
-end
-
-local function observe_config_window(record, request, kind, tvb, start)
-  -- A GET_CONFIG reply whose window is a whole config space only one device type has tells the type.
-  if request ~= C.GET_CONFIG or kind ~= "config" then return end
-  local connection = state.contexts[record.connection] or {}
-  state.contexts[record.connection] = connection
-  if connection.device_type ~= nil then return end
-  local offset = payload_value(LAYOUTS[kind], tvb, start, "offset")
-  local size = payload_value(LAYOUTS[kind], tvb, start, "size")
-  if offset == nil or size == nil or offset ~= UInt64(0) then return end
-  local device = CONFIG_SIZE_DEVICES[size:tonumber()]
-  if device ~= nil and tvb:len() - start - C.CONFIG_HEADER_SIZE == size:tonumber() then
-    connection.device_type = device
+    if index > 1 then emit(",") end
+    emit(fd_kind)
+    position = position + 24 + name_length
   end
 end
 
-local function observe(pinfo, record, request, is_reply, kind, tvb, start)
+local problem_codes, problem_texts, problem_count = {}, {}, 0   -- this packet's problems, for the Info column
+local function problem(tree, code, text)
+  problem_count = problem_count + 1
+  problem_codes[problem_count], problem_texts[problem_count] = code, text
+  if tree then
+    tree:add(pf["problem"], code)
+    tree:add_proto_expert_info(expert[code], code .. ": " .. text)
+  end
+end
+
+local function observe(pinfo, request, is_reply, kind, raw, body)
   -- After the frame: the requests of CONTEXT_RULES change how later frames of the connection decode.
-  if pinfo.visited or record.channel ~= C.CHANNEL_MAIN or kind == nil then return end
+  if frame_visited or record.channel ~= C.CHANNEL_MAIN or kind == nil then return end
+  local connection = record.connection
   if is_reply then
-    observe_config_window(record, request, kind, tvb, start)
+    -- A GET_CONFIG reply whose window is a whole config space only one device type has tells the type.
+    if request ~= C.GET_CONFIG or kind ~= "config" or state.device[connection] ~= nil then return end
+    local window, size = u32(raw, body), u32(raw, body + 4)
+    local device = CONFIG_SIZE_DEVICES[size]
+    if window == 0 and device ~= nil and #raw - body - C.CONFIG_HEADER_SIZE == size then
+      set_context(connection, state.context[connection] or 1, device)
+    end
     return
   end
   local rule = CONTEXT_RULES[request]
   if rule == nil then return end
-  local connection = state.contexts[record.connection] or {}
-  state.contexts[record.connection] = connection
-  if rule.payload_field then
-    connection[rule.context_field] = payload_value(LAYOUTS[kind], tvb, start, rule.payload_field)
-  elseif connection[rule.context_field] == nil then
-    connection[rule.context_field] = rule.value
+  if rule.bit then
+    local at = body + rule.offset + (rule.bit >= 32 and 4 or 0)
+    if at + 4 > #raw then return end
+    local context = (state.context[connection] or 1) - 1
+    if btest(u32(raw, at), POW2[rule.bit % 32]) then
+      context = bor(context, rule.flag)
+    else
+      context = band(context, 3 - rule.flag)
+    end
+    if context + 1 ~= (state.context[connection] or 1) then
+      set_context(connection, context + 1, state.device[connection])
+    end
+  elseif state.device[connection] == nil then
+    set_context(connection, state.context[connection] or 1, rule.value)
   end
 end
 
-local function link(pinfo, tree, record, request, is_reply)
-  local key = record.connection .. ":" .. record.channel
-  if not pinfo.visited then
+local function link(pinfo, tree, request, is_reply)
+  local number = frame_number
+  if not frame_visited then
+    local key = record.connection * 8 + record.channel
     if not is_reply then
-      state.pending[key] = {frame = pinfo.number, request = request, time = pinfo.abs_ts}
-    else
-      local pending = state.pending[key]
-      if pending and pending.request == request then
-        state.response_in[pending.frame] = pinfo.number
-        state.response_to[pinfo.number] = pending.frame
-        state.response_time[pinfo.number] = pinfo.abs_ts - pending.time
-        state.pending[key] = nil
-      end
+      state.pending_frame[key], state.pending_request[key], state.pending_time[key] = number, request, pinfo.abs_ts
+    elseif state.pending_frame[key] and state.pending_request[key] == request then
+      state.response_in[state.pending_frame[key]] = number
+      state.response_to[number] = state.pending_frame[key]
+      state.response_time[number] = pinfo.abs_ts - state.pending_time[key]
+      state.pending_frame[key] = nil
     end
   end
-  if state.response_in[pinfo.number] then
-    tree:add(pf["response_in"], state.response_in[pinfo.number])
+  if tree == nil then return end
+  if state.response_in[number] then
+    tree:add(pf["response_in"], state.response_in[number])
   end
-  if state.response_to[pinfo.number] then
-    tree:add(pf["response_to"], state.response_to[pinfo.number])
-    local seconds = state.response_time[pinfo.number]
+  if state.response_to[number] then
+    tree:add(pf["response_to"], state.response_to[number])
+    local seconds = state.response_time[number]
     tree:add(pf["response_time"], NSTime(math.floor(seconds), math.floor((seconds % 1) * 1e9 + 0.5)))
   end
 end
 
--- The device config space fields a config payload's window {offset, size, flags, data} covers whole.
-local function add_config_space(tree, tvb, body, device)
-  local fields = CONFIG_FIELDS[device]
-  if fields == nil then return end
-  local window = tvb(body, 4):le_uint()
-  local size = tvb(body + 4, 4):le_uint()
-  local data = body + 12
-  for _, field in ipairs(fields) do
-    if window <= field.offset and field.offset + field.length <= window + size then
-      local range = tvb(data + field.offset - window, field.length)
-      if field.is_bytes then
-        tree:add(pf_bytes[field.name], range)
-      else
-        local item = tree:add_le(pf[field.name], range)
-        for _, bit in ipairs(field.bits) do
-          item:add(pf[bit[1]], range, masked(tvb(data + field.offset - window, math.min(field.length, 4)):le_uint(),
-                                             bit[2]))
-        end
-      end
-    end
-  end
-end
-
-local function choose_kind(tvb, start, size, kinds)
-  for _, kind in ipairs(kinds) do
-    local fixed = FIXED_SIZE[kind]
-    if fixed ~= nil then
-      if fixed == size then return kind end
-    elseif measure(LAYOUTS[kind], tvb, start, start + size) == start + size then
-      return kind
-    end
-  end
-  return nil
-end
-
-local function dissect_message(tvb, pinfo, tree, record, start)
-  local length = tvb:len() - start
-  local channel_names = REQUEST_NAMES[record.channel] or {}
-  if record.channel == C.CHANNEL_DEVICE_STATE then
+local function dissect_message(tvb, raw, pinfo, tree, start)
+  local length = #raw - start
+  local channel = record.channel
+  if channel == C.CHANNEL_DEVICE_STATE then
     -- SET_DEVICE_STATE_FD's pipe: the back-end's opaque migration stream, no vhost-user header.
-    tree:add(pf["name"], C.STREAM_NAME)
-    if length > 0 then tree:add(pf_bytes["payload"], tvb(start, length)) end
-    pinfo.cols.info:append(C.STREAM_NAME .. " " .. length .. " bytes (opaque)")
+    if tree then
+      tree:add(pf["name"], C.STREAM_NAME)
+      if length > 0 then tree:add(pf_bytes["payload"], tvb(start, length)) end
+    end
+    emit(C.STREAM_NAME)
+    emit(format("  %d bytes (opaque)", length))
     return
   end
   if length < C.HEADER_SIZE then
-    tree:add(pf["name"], C.TRUNCATED_NAME)
-    problem(tree, nil, "truncated-header", length .. " bytes, a header needs " .. C.HEADER_SIZE)
-    pinfo.cols.info:append(C.TRUNCATED_NAME)
+    if tree then tree:add(pf["name"], C.TRUNCATED_NAME) end
+    problem(tree, "truncated-header", length .. " bytes, a header needs " .. C.HEADER_SIZE)
+    emit(C.TRUNCATED_NAME .. " 0x0 " .. bytes_text(raw, start, length):gsub(C.ELLIPSIS, ""))
     return
   end
-  local request = tvb(start, 4):le_uint()
-  local flags = tvb(start + 4, 4):le_uint()
-  local size = tvb(start + 8, 4):le_uint()
-  local name = channel_names[request] or ("UNKNOWN_" .. request)
-  local is_reply = bit32.band(flags, C.FLAG_REPLY) ~= 0
-  tree:add(pf["name"], tvb(start, 4), name)
-  tree:add_le(pf["request"], tvb(start, 4)):append_text(" (" .. name .. ")")
-  local flags_item = tree:add_le(pf["flags"], tvb(start + 4, 4))
-  for _, bit in ipairs(HEADER_BITS) do
-    flags_item:add(pf[bit[1]], tvb(start + 4, 4), masked(flags, bit[2]))
+  local request, flags, size = u32(raw, start), u32(raw, start + 4), u32(raw, start + 8)
+  local name = REQUEST_NAMES[channel] and REQUEST_NAMES[channel][request] or ("UNKNOWN_" .. request)
+  local is_reply = btest(flags, C.FLAG_REPLY)
+  local flags_item
+  if tree then
+    tree:add(pf["name"], tvb(start, 4), name)
+    tree:add_le(pf["request"], tvb(start, 4)):append_text(" (" .. name .. ")")
+    flags_item = tree:add_le(pf["flags"], tvb(start + 4, 4))
+    for _, bit in ipairs(HEADER_BITS) do
+      flags_item:add(pf[bit[1]], tvb(start + 4, 4), masked(flags, bit[2]))
+    end
+    tree:add_le(pf["size"], tvb(start + 8, 4))
   end
-  tree:add_le(pf["size"], tvb(start + 8, 4))
-  local info = name .. (is_reply and " reply" or "")
-  local problems = {}
-  local rule = HEADER_RULES[record.channel] or HEADER_RULES[C.CHANNEL_MAIN]
-  if bit32.band(flags, rule.reserved) ~= 0 then
-    problems[#problems + 1] = problem(tree, flags_item, "reserved-flags",
-      string.format("reserved flag bits set: 0x%x", bit32.band(flags, rule.reserved)))
+  emit(name)
+  if is_reply then emit(" reply") end
+  emit(" ")
+  emit(flag_text(flags))
+  local rule = HEADER_RULES[channel] or HEADER_RULES[C.CHANNEL_MAIN]
+  if band(flags, rule.reserved) ~= 0 then
+    problem(tree, "reserved-flags", format("reserved flag bits set: 0x%x", band(flags, rule.reserved)))
   end
-  if bit32.band(flags, rule.version_mask) ~= rule.version then
-    problems[#problems + 1] = problem(tree, flags_item, "bad-version",
-      "version " .. bit32.band(flags, rule.version_mask) .. ", expected " .. rule.version)
+  if band(flags, rule.version_mask) ~= rule.version then
+    problem(tree, "bad-version", "version " .. band(flags, rule.version_mask) .. ", expected " .. rule.version)
   end
   local limit = rule.request_max[request] or rule.max_payload
   if size > limit then
-    problems[#problems + 1] = problem(tree, nil, "oversize", "size " .. size .. " exceeds the maximum " .. limit)
+    problem(tree, "oversize", "size " .. size .. " exceeds the maximum " .. limit)
   end
   local body = start + C.HEADER_SIZE
   local body_length = length - C.HEADER_SIZE
   local kind = nil
+  local context, device = context_at(record.connection)
   if body_length ~= size then
-    problems[#problems + 1] = problem(tree, nil, "size-mismatch",
-      "header says " .. size .. " payload bytes, " .. body_length .. " present")
+    problem(tree, "size-mismatch", "header says " .. size .. " payload bytes, " .. body_length .. " present")
   else
-    local context = frame_context(pinfo, record)
-    local key = record.channel .. ":" .. request .. ":" .. (is_reply and 1 or 0) .. ":" ..
-                (context.xen and 1 or 0) .. ":" .. (context.packed and 1 or 0)
-    local kinds = CANDIDATES[key]
-    if kinds == nil then
-      problems[#problems + 1] = problem(tree, nil, "unknown-request",
-        "request " .. request .. " is not known on the " .. (CHANNEL_NAMES[record.channel] or "?") .. " channel")
+    local by_request = CANDIDATES[channel] and CANDIDATES[channel][request]
+    local kinds = by_request and by_request[is_reply and 2 or 1][context]
+    if kinds == nil or kinds[1] == nil then
+      problem(tree, "unknown-request", "request " .. request .. " is not known on the "
+                                       .. (CHANNEL_NAMES[channel] or "?") .. " channel")
     else
-      kind = choose_kind(tvb, body, size, kinds)
+      kind = choose_kind(raw, body, size, kinds)
       if kind == nil then
-        problems[#problems + 1] = problem(tree, nil, "payload-layout",
-          size .. "-byte payload fits no layout of this message (expected " .. table.concat(kinds, " or ") .. ")")
+        local expected = {}
+        for index, candidate in ipairs(kinds) do expected[index] = KIND_EXPECTED[candidate] end
+        problem(tree, "payload-layout", size .. "-byte payload fits no layout of this message (expected "
+                                        .. concat(expected, " or ") .. ")")
       end
     end
   end
+  local feature_names = FEATURE_NAMES[device or ""] or FEATURE_NAMES[""]
+  local config_device = kind == "config" and channel == C.CHANNEL_MAIN and device
+                        and CONFIG_MESSAGES[request .. ":" .. (is_reply and 1 or 0)] and device or nil
   if kind ~= nil then
-    tree:add(pf["kind"], kind)
-    local context = frame_context(pinfo, record)
-    local feature_names = TRANSPORT_FEATURES
-    if context.device and DEVICE_FEATURES[context.device] then
-      feature_names = {}
-      for bit, bit_name in pairs(TRANSPORT_FEATURES) do feature_names[bit] = bit_name end
-      for bit, bit_name in pairs(DEVICE_FEATURES[context.device]) do feature_names[bit] = bit_name end
+    if tree then
+      tree:add(pf["kind"], kind)
+      local payload_tree = tree
+      if size > 0 then payload_tree = tree:add(vhost_user, tvb(body, size), "Payload: " .. KIND_DOC[kind]) end
+      add_layout(payload_tree, LAYOUTS[kind], tvb, raw, body, feature_names)
+      if config_device then add_config_space(payload_tree, tvb, raw, body, config_device) end
     end
-    local layout_end
-    local payload_tree = tree
-    if size > 0 then
-      payload_tree = tree:add(vhost_user, tvb(body, size), "payload: " .. KIND_DOC[kind])
-    end
-    layout_end = add_layout(payload_tree, LAYOUTS[kind], tvb, body, feature_names)
-    if layout_end == nil then
-      problems[#problems + 1] = problem(tree, nil, "payload-layout", "a field runs past the packet")
-      kind = nil
-    elseif kind == "config" and record.channel == C.CHANNEL_MAIN and context.device
-        and CONFIG_MESSAGES[request .. ":" .. (is_reply and 1 or 0)] then
-      add_config_space(payload_tree, tvb, body, context.device)
-    end
-  elseif body_length > 0 or (body_length == 0 and size == 0) then
-    tree:add(pf_bytes["payload"], tvb(body, body_length))
+    summarize(LAYOUTS[kind], raw, body, #raw, feature_names, config_device)
+  else
+    if tree and body_length >= 0 then tree:add(pf_bytes["payload"], tvb(body, body_length)) end
+    if size ~= 0 then emit(format(" payload=%dB", body_length)) end
   end
-  for _, code in ipairs(problems) do info = info .. " [" .. code .. "]" end
-  pinfo.cols.info:append(info)
-  link(pinfo, tree, record, request, is_reply)
-  observe(pinfo, record, request, is_reply, kind, tvb, body)
+  link(pinfo, tree, request, is_reply)
+  observe(pinfo, request, is_reply, kind, raw, body)
 end
 
 function vhost_user.dissector(tvb, pinfo, tree)
-  pinfo.cols.protocol = "vhost-user"
-  pinfo.cols.info:clear()
-  local root = tree:add(vhost_user, tvb())
-  local record, reason = dissect_pseudo_header(tvb, root)
-  if record == nil then
-    root:add(pf["problem"], "capture")
-    root:add_proto_expert_info(expert["capture"], reason)
-    pinfo.cols.info:set("[" .. reason .. "]")
+  local cols = pinfo.cols
+  cols.protocol = "vhost-user"
+  frame_number, frame_visited = pinfo.number, pinfo.visited
+  line_length = 0
+  -- Without a tree (tshark reading for the packet list) only the columns and the per-capture state are built.
+  local root = nil
+  if tree.text ~= nil then root = tree:add(vhost_user, tvb()) end
+  local raw = tvb:raw()
+  problem_count = 0
+  local parsed, reason = dissect_pseudo_header(tvb, raw, root)
+  if parsed == nil then
+    if root then
+      root:add(pf["problem"], "capture")
+      root:add_proto_expert_info(expert["capture"], reason)
+    end
+    cols.info = "[" .. reason .. "]"
     return
   end
-  local where = "c" .. record.connection
-  if record.channel ~= C.CHANNEL_MAIN then where = where .. "/" .. CHANNEL_NAMES[record.channel] end
-  pinfo.cols.src = record.direction == 0 and "front-end" or "back-end"
-  pinfo.cols.dst = record.direction == 0 and "back-end" or "front-end"
-  pinfo.cols.info:set(where .. " " .. DIRECTION_NAMES[record.direction] .. " ")
+  local direction = record.direction
+  cols.src = direction == 0 and "front-end" or "back-end"
+  cols.dst = direction == 0 and "back-end" or "front-end"
+  emit(where_text(record.connection, record.channel))
   if record.kind ~= 0 then
-    local note = record.note or ""
-    pinfo.cols.info:append("--- " .. note)
+    emit(" --- ")
+    if record.note then emit(record.note) end
+    cols.info = concat(line, "", 1, line_length)
     local device = record.device
-    if device and DEVICE_FEATURES[device] and not pinfo.visited then
-      local connection = state.contexts[record.connection] or {}
-      connection.device_type = device
-      state.contexts[record.connection] = connection
+    if device and device ~= "" and FEATURE_NAMES[device] and not frame_visited then
+      set_context(record.connection, state.context[record.connection] or 1, device)
     end
     return
   end
-  dissect_message(tvb, pinfo, root, record, record.header_length)
-  if record.fd_count > 0 then
-    pinfo.cols.info:append("  fds=" .. table.concat(record.fd_kinds, ","))
+  emit(" ")
+  emit(DIRECTION_NAMES[direction])
+  emit(" ")
+  dissect_message(tvb, raw, pinfo, root, record.header_length)
+  if record.fd_count > 0 then append_fds(raw, record.fixed, record.fd_count) end
+  if record.note then
+    emit("  (")
+    emit(record.note)
+    emit(")")
   end
-  if record.note then pinfo.cols.info:append("  (" .. record.note .. ")") end
+  for index = 1, problem_count do
+    emit(format("  [%s: %s]", problem_codes[index], problem_texts[index]))
+  end
+  cols.info = concat(line, "", 1, line_length)
 end
 
 DissectorTable.get("wtap_encap"):add(wtap.USER0, vhost_user)

@@ -1,0 +1,92 @@
+"""The Lua dissector's speed in tshark, against tshark without it, on a capture of distinct messages.
+
+    python3 benchmarks/bench_lua.py [--messages N] [--rounds N] [--capture FILE]
+
+Builds the distinct-message capture the read benchmarks use (benchmarks/distinct_sessions.py: reconnecting vIOMMU
+sessions, every message different), then times whole tshark processes reading it, variants interleaved, best of
+--rounds:
+  - floor:     tshark with the dissector loaded but the protocol disabled (`--disable-protocol vhost_user`): the
+               same start-up, frames read and listed, nothing dissected;
+  - dissector: `tshark -X lua_script:dissectors/vhost_user.lua -r FILE` (the packet list: columns, no tree);
+  - tree:      the same with -V (every field in the tree, printed).
+Each line gives messages per second of wall time and of CPU time (user + system of the tshark process: on a busy
+machine the wall clock also counts other processes' turns), and the ratio to the floor.
+Target (issue #16): the dissector at least 30,000 messages/s.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+DISSECTOR = os.path.join(ROOT, "dissectors", "vhost_user.lua")
+TARGET = 30_000
+
+VARIANTS = {
+    "floor": ["--disable-protocol", "vhost_user"],
+    "dissector": [],
+    "tree": ["-V"],
+}
+
+
+def run_tshark(path: str, extra: list[str]) -> tuple[float, float]:
+    """Wall and CPU seconds of one tshark process reading the whole file, its output discarded."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    with open(os.devnull, "w") as sink:
+        result = subprocess.run(["tshark", "-X", f"lua_script:{DISSECTOR}", "-r", path, *extra], stdout=sink,
+                                stderr=subprocess.PIPE, text=True, check=False)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if result.returncode != 0 or "Lua Error" in result.stderr:
+        sys.exit(f"tshark failed on {path}: {result.stderr.strip()}")
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def frames_in(path: str) -> int:
+    from vhusniff.capture.pcapng import read_capture
+    return sum(1 for _record in read_capture(path))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=100_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--capture", help="an existing capture to read instead of building one")
+    args = parser.parse_args(argv)
+    if shutil.which("tshark") is None:
+        sys.exit("tshark is not installed")
+    with tempfile.TemporaryDirectory() as scratch:
+        path = args.capture
+        if path is None:
+            from distinct_sessions import build_distinct_capture
+            path = os.path.join(scratch, "distinct.pcapng")
+            print("capture:", build_distinct_capture(path, args.messages))
+        frames = frames_in(path)
+        best: dict[str, tuple[float, float]] = {}
+        for _round in range(args.rounds):
+            for name, extra in VARIANTS.items():
+                wall, cpu = run_tshark(path, extra)
+                old_wall, old_cpu = best.get(name, (wall, cpu))
+                best[name] = (min(wall, old_wall), min(cpu, old_cpu))
+    floor_wall, floor_cpu = best["floor"]
+    print(f"{frames:,} frames, best of {args.rounds} rounds, variants interleaved")
+    for name, (wall, cpu) in best.items():
+        print(f"  {name:<10} {frames / wall:>10,.0f} frames/s wall ({wall:6.2f} s, x{wall / floor_wall:5.1f} floor)"
+              f"   {frames / cpu:>10,.0f} frames/s CPU ({cpu:6.2f} s, x{cpu / floor_cpu:5.1f} floor)")
+    wall, cpu = best["dissector"]
+    verdict = "met" if frames / wall >= TARGET else "missed on the wall clock"
+    print(f"target {TARGET:,} messages/s for the dissector: {verdict}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
