@@ -228,3 +228,57 @@ def test_a_real_boot_gives_no_ring_finding(blk_rings_capture):
     checks = RingChecks()
     assert [f for number, record in enumerate(read_capture(blk_rings_capture), 1)
             for f in checks.feed(record, number)] == []
+
+
+def test_mappings_and_relayed_eventfds_go_with_their_connections(tmp_path):
+    """Many connections, each with a memory table, an added and a removed region, and relayed kick/call fds:
+    afterwards the proxy holds no fd and no mapping more than before. (Fake peers: a real front-end costs
+    seconds per connection, and this needs dozens; the real-guest tests above cover the behaviour.)"""
+    from peers import FakeBackend, FakeFrontend, open_fds
+
+    def region_maps() -> int:
+        with open("/proc/self/maps") as maps:
+            return sum("memfd:vhusniff-leak-test" in line for line in maps)
+
+    def connection(proxy: Proxy) -> int:
+        number = proxy.connections_total + 1
+        client = FakeFrontend(tmp_path / "proxy.sock")
+        table, added = os.memfd_create("vhusniff-leak-test"), os.memfd_create("vhusniff-leak-test")
+        kick, call = os.eventfd(0), os.eventfd(0)
+        for fd, size in ((table, 0x10000), (added, 0x1000)):
+            os.ftruncate(fd, size)
+        region = dict(guest_phys_addr=PHYS_BASE, memory_size=0x10000, userspace_addr=GUEST_BASE, mmap_offset=0)
+        extra = dict(guest_phys_addr=0x900000, memory_size=0x1000, userspace_addr=0x7E0000000000, mmap_offset=0)
+        client.send(build_message(Channel.MAIN, 5, dict(nregions=1, padding=0, region=[region])), [table])
+        client.send(build_message(Channel.MAIN, 37, dict(padding=0, region=extra)), [added])
+        client.send(build_message(Channel.MAIN, 8, dict(index=0, num=NUM)))
+        client.send(build_message(Channel.MAIN, 9, dict(index=0, flags=0, desc=GUEST_BASE + DESC,
+                                                        used=GUEST_BASE + USED, avail=GUEST_BASE + AVAIL, log=0)))
+        client.send(build_message(Channel.MAIN, 13, dict(index=0, flags=0, reserved=0)), [call])
+        client.send(build_message(Channel.MAIN, 12, dict(index=0, flags=0, reserved=0)), [kick])
+        os.eventfd_write(kick, 1)
+        assert proxy.wait_until(lambda p: any(unpack_sample(r.data).kicks == 1 for r in list(p.records)
+                                              if r.event == EventKind.RING and r.kind == RecordKind.EVENT
+                                              and r.connection == number), 10)
+        mapped = region_maps()
+        client.send(build_message(Channel.MAIN, 38, dict(padding=0, region=extra)))
+        client.ask(1)         # GET_FEATURES: answered once everything before it has passed
+        unmapped_one = region_maps()
+        for fd in (table, added, kick, call):
+            os.close(fd)
+        client.close()
+        assert proxy.wait_until(lambda p: p.active_connections == 0, 10)
+        proxy.records.clear()
+        assert (mapped, unmapped_one) == (2, 1)
+        return mapped
+
+    with FakeBackend(tmp_path / "backend.sock") as backend, \
+            Proxy([Route.forward(tmp_path / "proxy.sock", backend.path, "blk")], report=None, rings=True,
+                  notifications=True, rings_interval=0.01) as proxy:
+        connection(proxy)                         # the first one opens what stays (listeners, epoll, ...)
+        fds_before, maps_before = open_fds(), region_maps()
+        for _ in range(40):
+            connection(proxy)
+        assert proxy.connections_total == 41
+        assert region_maps() == maps_before == 0
+        assert open_fds() == fds_before

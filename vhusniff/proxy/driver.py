@@ -1291,8 +1291,7 @@ class Proxy:
         """The connection ended: last samples, every mapping and relayed eventfd closed."""
         assert conn.rings is not None
         for relay in conn.relays.values():
-            relay.pump()
-            self._close_relay(relay)
+            self._close_relay(relay)      # not pumped: the front-end's fd may be blocking, and nothing waits
         conn.relays.clear()
         self._emit_samples(conn, conn.rings.close())
 
