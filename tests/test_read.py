@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from vhusniff.capture.pcapng import enhanced_packet_block, file_header
 from vhusniff.cli.main import main
-from vhusniff.model import Channel, Direction, Record
+from vhusniff.model import Channel, Direction, Record, RecordKind
 from vhusniff.protocol.grammar import build_message
 from vhusniff.views.fast import COMPILED_KINDS, compile_payload_summary
 
@@ -408,3 +408,35 @@ def test_distinct_messages_read_the_same_through_the_compiled_lines_and_the_gene
     general = capsys.readouterr().out
     assert fast == general and len(fast.splitlines()) > 3000
     assert "IOTLB_MSG" in fast and "GET_CONFIG reply" in fast and "capacity=" in fast
+
+
+@pytest.mark.parametrize("text", [
+    "request == SET_VRING_ADDR && vring.index == 1", "iotlb.iova > 0x10000000000 && iotlb.type == 2",
+    "flags.need_reply", "config.blk.capacity", "config.size == 24", "connection == 2 || event", "vring.flags.nofd == 0",
+    "features & ACCESS_PLATFORM", 'name contains "CONFIG"', "frame.number in {1..100}", "!iotlb", "vring.reserved",
+    "mem.region && mem.region.memory_size > 0", "fds > 0 || iotlb.perm == 2",
+    "request in {22 24} && !(direction == B>F)",
+])
+def test_filtered_lines_of_distinct_messages_match_the_general_path(tmp_path, text):
+    """read -Y's fast path (fields read straight from the bytes, only those the filter names) against the
+    general path's decode and matching, line for line and in the count of hidden events."""
+    import io
+
+    from vhusniff.protocol.context import ContextTracker
+    from vhusniff.views.fast import fast_lines, general_messages
+    from vhusniff.views.filters import compile_filter
+    from vhusniff.views.present import record_line
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from distinct_capture import build_distinct_capture
+    path = str(tmp_path / "distinct.pcapng")
+    build_distinct_capture(path, 1500)
+    display_filter = compile_filter(text)
+    fast = io.StringIO()
+    _shown, hidden = fast_lines(path, ContextTracker(), fast, display_filter=display_filter)
+    general, general_hidden = [], 0
+    for number, relative, record, message in general_messages(path, ContextTracker()):
+        if display_filter.matches(message, record, number):
+            general.append(record_line(number, relative, record, message) + "\n")
+        else:
+            general_hidden += record.kind == RecordKind.EVENT
+    assert fast.getvalue() == "".join(general) and general and hidden == general_hidden

@@ -15,7 +15,7 @@ from ..model import RecordKind
 from ..protocol import catalogue as cat
 from ..protocol.context import ContextTracker
 from ..protocol.grammar import iter_fields
-from ..views.fast import fast_summary, general_messages
+from ..views.fast import fast_lines, general_messages
 from ..views.filters import RECORD_FIELDS, FilterError, compile_filter
 from ..views.present import field_tree, hexdump, record_line
 from .analysis import add_threshold_arguments
@@ -173,10 +173,12 @@ def command_read(args) -> int:
     # the same screen would cut through them. Redirected or piped, the bar shows how far the file is read.
     show_bar = not (args.quiet or out.isatty())
     with reading(args.file) as outcome, capture_progress(args.file, show_bar) as progress:
-        if args.T == "text" and not (args.verbose or args.hex or display_filter or expert):
-            fast_summary(args.file, tracker, out, colour, args.follow, args.count, source=progress.source)
-            return 0
-        for number, relative, record, message in general_messages(args.file, tracker, source=progress.source):
+        records = general_messages(args.file, tracker, source=progress.source)
+        if args.T == "text" and not (args.verbose or args.hex or expert):      # lines only: the fast path
+            _shown, hidden_events = fast_lines(args.file, tracker, out, colour, args.follow, args.count,
+                                               progress.source, display_filter)
+            records = iter(())
+        for number, relative, record, message in records:
             if expert:
                 expert.feed(number, record, message)
                 expert.release()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import struct
 from collections.abc import Callable, Iterator
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from ..capture.pcapng import (
     BLOCK_EPB,
@@ -33,12 +33,14 @@ from ..protocol.grammar import (
     FIXED_SIZE,
     MAX_PAYLOAD_SIZE,
     PAYLOADS,
+    REGION_XEN,
     decode,
     flag_text,
     payload_candidates,
     request_name,
     value_text,
 )
+from .filters import DEVICE_TYPE_FIELD, RECORD_FIELDS, DisplayFilter, field_values
 from .present import record_line
 
 _CHUNK = READ_CHUNK                  # a block longer than this (or a damaged length) goes to the full reader
@@ -261,8 +263,9 @@ _CONFIG_HEAD = struct.Struct("<III")
 class _Shapes:
     """Line heads and payload formatters per message shape, and each connection's context as a small number."""
 
-    def __init__(self, tracker) -> None:
+    def __init__(self, tracker, with_fields: bool = False) -> None:
         self.tracker = tracker
+        self.with_fields = with_fields         # a display filter reads the shapes' fields
         self.context_ids: dict[tuple, int] = {}     # what of a DecodeContext decoding reads -> id
         self.contexts: list = []               # id -> DecodeContext
         self.by_connection: dict[int, int] = {}
@@ -337,14 +340,22 @@ def fast_summary(path: str, tracker, out, colour: bool = False, follow: int | No
                  source: Source | None = None) -> int:
     """Write one summary line per record; returns how many were shown. Raises CaptureError like read_capture.
     `source` (capture.progress) gives what to read instead of the path, each time from the start."""
+    return fast_lines(path, tracker, out, colour, follow, count, source)[0]
+
+
+def fast_lines(path: str, tracker, out, colour: bool = False, follow: int | None = None, count: int = 0,
+               source: Source | None = None, display_filter: DisplayFilter | None = None) -> tuple[int, int]:
+    """One summary line per record the display filter lets through; returns (lines shown, event records the
+    filter hid). Raises CaptureError like read_capture."""
     cache: dict = {}
     # connection -> what of its negotiated context changes decoding; only decoding (on a miss) changes it.
     context_keys: dict[int, tuple] = {}
-    shapes = _Shapes(tracker)
+    shapes = _Shapes(tracker, with_fields=display_filter is not None)
     formats, by_connection, base, where = shapes.formats, shapes.by_connection, shapes.base, shapes.where
+    matches = display_filter.matches_fields if display_filter is not None else None
     unpack_connection = _CONNECTION.unpack_from
     unpack_plain = _PLAIN.unpack_from
-    number = shown = done = 0          # done: records fully handled here, should the full reader take over
+    number = shown = done = hidden = 0     # done: records fully handled here, should the full reader take over
     first_time = None
     lines: list[str] = []
     try:
@@ -366,6 +377,8 @@ def fast_summary(path: str, tracker, out, colour: bool = False, follow: int | No
                         done = number
                         if follow is not None and connection != follow:
                             continue
+                        if matches is not None and not matches(shape[2].getter(packet, number, connection)):
+                            continue
                         lines.append(f"{number:>5} {(timestamp - first_time) / 1e9:10.6f} {where(connection, channel)} "
                                      f"{shape[0]}{summary}".rstrip() + "\n")
                         shown += 1
@@ -377,7 +390,7 @@ def fast_summary(path: str, tracker, out, colour: bool = False, follow: int | No
                         continue
             connection = unpack_connection(packet, 8)[0] if len(packet) >= 12 else 0
             key = (packet, context_keys.get(connection))
-            entry = cache.get(key)
+            entry = cache.get(key) if display_filter is None else None
             if entry is None:
                 try:
                     record = parse_pseudo_header(packet, timestamp, 0)
@@ -388,11 +401,19 @@ def fast_summary(path: str, tracker, out, colour: bool = False, follow: int | No
                 context = tracker.context_for(record.connection)
                 context_keys[record.connection] = (context.features, context.protocol_features,
                                                    context.device_type)
+                if display_filter is not None:
+                    done = number
+                    if follow is not None and connection != follow:
+                        continue
+                    if not display_filter.matches(message, record, number):
+                        hidden += record.kind == RecordKind.EVENT
+                        continue
                 line = record_line(0, 0.0, record, message, colour)
                 split = line.index(_PREFIX)
                 entry = (line[:split], line[split + len(_PREFIX):])
                 # Records that change the session's context are decoded every time (the tracker must see them).
-                if record.kind == RecordKind.MESSAGE and key[1] == context_keys[record.connection]:
+                if record.kind == RecordKind.MESSAGE and key[1] == context_keys[record.connection] \
+                        and display_filter is None:
                     if len(cache) >= _CACHE_LIMIT:
                         cache.clear()
                     cache[key] = entry
@@ -413,19 +434,23 @@ def fast_summary(path: str, tracker, out, colour: bool = False, follow: int | No
         for number, relative, record, message in general_messages(path, tracker, skip=done, source=source):
             if follow is not None and record.connection != follow:
                 continue
+            if display_filter is not None and not display_filter.matches(message, record, number):
+                hidden += record.kind == RecordKind.EVENT
+                continue
             lines.append(record_line(number, relative, record, message, colour) + "\n")
             shown += 1
             if count and shown >= count:
                 break
     finally:
         out.writelines(lines)
-    return shown
+    return shown, hidden
 
 
 _GENERAL: tuple = ()       # a shape the general path words
 
+
 def _checked(shapes: _Shapes, key: tuple, packet: bytes, timestamp: int) -> tuple | None:
-    """A shape's (head, summary function) once its first message reads the same both ways; else None."""
+    """A shape's (head, summary function, fields) once its first message reads the same both ways; else None."""
     entry = shapes.shape(key)
     if entry is None:
         return None
@@ -433,9 +458,158 @@ def _checked(shapes: _Shapes, key: tuple, packet: bytes, timestamp: int) -> tupl
         record = parse_pseudo_header(packet, timestamp, 0)
     except ValueError:
         return None
-    general = record_line(0, 0.0, record, decode(record.data, record.channel, shapes.contexts[key[0]]))
+    message = decode(record.data, record.channel, shapes.contexts[key[0]])
+    general = record_line(0, 0.0, record, message)
     summary = entry[1](packet, _PLAIN_SIZE)
     if summary is None:
-        return entry                 # this message's bytes do not fit the layout: the general path words it
+        return None                  # this message's bytes do not fit the layout: the general path words it
     compiled = f"{0:>5} {0.0:10.6f} {shapes.where(record.connection, key[1])} {entry[0]}{summary}".rstrip()
-    return entry if compiled == general else None
+    if compiled != general:
+        return None
+    if not shapes.with_fields:
+        return entry
+    fields = _ShapeFields(message, record, shapes.contexts[key[0]])
+    return (*entry, fields) if fields.agrees(packet, message, record) else None
+
+
+class _ShapeFields:
+    """What a display filter reads of a plain message of one shape: the record's fields and the header's are the
+    shape's own; the payload is unpacked when the filter first names a field of it, and only the fields named
+    are made (compiled from the grammar's layout; a layout without one is decoded whole)."""
+
+    def __init__(self, message, record, context) -> None:
+        self.context = context
+        self.channel = record.channel
+        self.records = {name: spec.value(message, record, 0) for name, spec in RECORD_FIELDS.items()
+                        if spec.value is not None and name not in _PER_RECORD}
+        header = field_values(message)
+        self.header = {name: header[name] for name in _HEADER_FIELDS if name in header}
+        self.layout = PayloadLayout.of(message.kind) if message.kind in COMPILED_KINDS else None
+        # Without a layout the payload is decoded whole, but only for a name it may have (config.*, gpu.*, ...).
+        prefix = PAYLOADS[message.kind][1] if message.kind else ""
+        self.namespace = prefix + "." if prefix else ""
+
+    def payload_fields(self, packet: bytes) -> dict[str, list]:
+        """Every payload field of one message (for a group name, and to check a shape's first message)."""
+        if self.layout is not None:
+            return self.layout.fields(packet, _PLAIN_SIZE)
+        fields = field_values(decode(packet[24:], self.channel, self.context))
+        return {name: values for name, values in fields.items() if name not in self.header}
+
+    def agrees(self, packet: bytes, message, record) -> bool:
+        """Whether this message's fields read here as the general path reads them (the shape's first one)."""
+        general = field_values(message)
+        mine = {**self.header, **self.payload_fields(packet)}
+        return mine == general and all(spec.value is not None and spec.value(message, record, 0) == self.records[name]
+                                       for name, spec in RECORD_FIELDS.items() if name in self.records)
+
+    def getter(self, packet: bytes, number: int, connection: int) -> Callable[[str], Any]:
+        records, header, layout = self.records, self.header, self.layout
+        values: tuple | None = None
+        everything: dict[str, list] | None = None
+
+        def get(name: str):
+            nonlocal values, everything
+            found = records.get(name)
+            if found is not None:
+                return found
+            if name == "connection":
+                return [connection]
+            if name == "frame.number":
+                return [number]
+            if name is DEVICE_TYPE_FIELD:
+                return self.context.device_type
+            found = header.get(name)
+            if found is not None:
+                return found
+            if layout is not None and not name.endswith("."):
+                if values is None:
+                    values = layout.unpack(packet, _PLAIN_SIZE)
+                return layout.field(values, name)
+            if everything is None:
+                if not name.endswith(".") and not name.startswith(self.namespace):
+                    return []
+                everything = {**header, **self.payload_fields(packet)}
+            if name.endswith("."):
+                return [v for field, found in everything.items() if field.startswith(name) for v in found]
+            return everything.get(name, [])
+        return get
+
+
+_PER_RECORD = frozenset({"connection", "frame.number", "source"})
+_HEADER_FIELDS = ("request", "flags", *(f"flags.{bit}" for bit in cat.BITFIELDS["flags"]), "size")
+
+
+class PayloadLayout:
+    """A fixed payload kind's fields by dotted name (as filters.field_values has them) straight from its bytes:
+    one struct for the whole payload, and per name where its value is (and, for a bit field, its mask)."""
+
+    _known: dict[str, PayloadLayout | None] = {}
+
+    def __init__(self, kind: str, entries: list, layout: list[str]) -> None:
+        self.kind = kind
+        self.unpack = struct.Struct("<" + "".join(layout)).unpack_from
+        # name -> (index in the unpacked tuple, bytes read as a little-endian integer, mask, shift)
+        self.places: dict[str, tuple[int, bool, int, int]] = {}
+        for name, index, integer_bytes, bits in entries:
+            self.places[name] = (index, integer_bytes, -1, 0)
+            for bit_name, mask, shift in bits:
+                self.places[bit_name] = (index, integer_bytes, mask, shift)
+
+    @classmethod
+    def of(cls, kind: str) -> PayloadLayout | None:
+        """The layout of a kind (None when it has no struct layout), made once."""
+        if kind not in cls._known:
+            structure, prefix, _doc = PAYLOADS[kind]
+            entries: list[tuple[str, int, bool, tuple]] = []
+            layout: list[str] = []
+            cls._known[kind] = cls(kind, entries, layout) if _field_leaves(structure, prefix, kind, entries,
+                                                                           layout) else None
+        return cls._known[kind]
+
+    def field(self, values: tuple, name: str) -> list:
+        place = self.places.get(name)
+        if place is None:
+            return []
+        index, integer_bytes, mask, shift = place
+        value = values[index]
+        if integer_bytes:
+            value = int.from_bytes(value, "little")
+        return [value if mask == -1 else (value & mask) >> shift]
+
+    def fields(self, packet: bytes, offset: int) -> dict[str, list]:
+        values = self.unpack(packet, offset)
+        return {name: self.field(values, name) for name in self.places}
+
+
+def _field_leaves(structure, prefix: str, kind_key: str, entries: list, layout: list[str]) -> bool:
+    """(dotted name, index, bytes read as an integer, bit fields) of each field in wire order, and its struct code."""
+    from construct import BytesInteger, FormatField, Renamed, Struct
+    for sub in structure.subcons:
+        inner = sub
+        while isinstance(inner, Renamed):
+            inner = inner.subcon
+        dotted = f"{prefix}.{sub.name}" if prefix else str(sub.name)
+        if isinstance(inner, Struct):
+            if not _field_leaves(inner, dotted, "region_xen" if inner is REGION_XEN else "region", entries,
+                                 layout):
+                return False
+            continue
+        if isinstance(inner, FormatField) and inner.fmtstr[0] == "<":
+            layout.append(inner.fmtstr[1:])
+            integer_bytes = False
+        elif isinstance(inner, BytesInteger) and isinstance(inner.length, int) and inner.swapped \
+                and not inner.signed:
+            layout.append(f"{inner.length}s")
+            integer_bytes = True
+        elif type(inner).__name__ == "Bytes" and isinstance(getattr(inner, "length", None), int):
+            layout.append(f"{inner.length}s")
+            integer_bytes = False
+        else:
+            return False
+        if sub.name is None:
+            continue
+        bits = tuple((f"{dotted}.{bit}", mask, (mask & -mask).bit_length() - 1)
+                     for bit, mask in cat.BITFIELDS.get(f"{kind_key}.{sub.name}", {}).items())
+        entries.append((dotted, len(layout) - 1, integer_bytes, bits))
+    return True

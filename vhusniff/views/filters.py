@@ -249,6 +249,7 @@ def _request_pairs(word: str) -> set[tuple[int, int]]:
 
 # The value `get` returns for this key is the message's device type (what device-specific bit names mean).
 _DEVICE_TYPE = "\0device_type"
+DEVICE_TYPE_FIELD: Final = _DEVICE_TYPE
 
 
 class _Unresolved(enum.Enum):
@@ -596,6 +597,11 @@ class DisplayFilter:
         self.text = text
         self._predicate = predicate
 
+    def matches_fields(self, get: Callable[[str], Any]) -> bool:
+        """Whether a record matches, its fields served by `get(name) -> values` (DEVICE_TYPE_FIELD: the message's
+        device type): a reader that has the fields without a Message (views.fast) asks only for those named."""
+        return bool(self._predicate(get))
+
     def matches(self, message, record, number: int) -> bool:
         grammar: dict[str, list] | None = None
 
@@ -640,4 +646,4 @@ def compile_filter(text: str) -> DisplayFilter:
 
 
 __all__ = ["compile_filter", "FilterError", "DisplayFilter", "RECORD_FIELDS", "grammar_fields", "walk_layout",
-           "field_values"]
+           "field_values", "DEVICE_TYPE_FIELD"]
