@@ -8,9 +8,11 @@ cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 
 # qemu-system-common has virtiofsd, qemu-system-gui has vhost-user-gpu (and pulls libvirglrenderer1 for it).
-PACKAGES=(qemu-system-x86 qemu-system-common qemu-system-gui qemu-utils busybox-static cpio tshark dpdk-dev)
+# wireshark-qt, xvfb, xdotool, x11-apps (xwd) and imagemagick: the dissector checked in the real Wireshark GUI.
+PACKAGES=(qemu-system-x86 qemu-system-common qemu-system-gui qemu-utils busybox-static cpio tshark dpdk-dev
+          wireshark-qt xvfb xdotool x11-apps imagemagick)
 COMMANDS=(qemu-system-x86_64 qemu-storage-daemon qemu-img busybox cpio tshark dpdk-testpmd
-          /usr/lib/qemu/virtiofsd /usr/lib/qemu/vhost-user-gpu)
+          /usr/lib/qemu/virtiofsd /usr/lib/qemu/vhost-user-gpu wireshark Xvfb xdotool xwd import)
 
 missing=0
 for command in "${COMMANDS[@]}"; do
