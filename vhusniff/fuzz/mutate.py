@@ -68,6 +68,11 @@ class Mutation:
     record: Record | None = None   # insert: the request inserted
     fd: FdInfo | None = None       # fd: the replacement (None: the fd is removed)
 
+    @property
+    def lies_about_size(self) -> bool:
+        """The header's size says less than the payload: the stream is out of step from here on."""
+        return self.family == "header" and self.offset == 8
+
     def apply(self, requests: list[Record]) -> list[Record]:
         if not 0 <= self.index < len(requests):
             return requests
