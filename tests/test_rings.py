@@ -118,16 +118,21 @@ def test_region_past_its_fds_end_is_not_mapped(split_ring):
 
 
 def test_watch_samples_a_split_ring_set_up_by_messages(split_ring):
-    watch = RingWatch()
+    watch = RingWatch(device="blk")
     samples = []
     for data, fds in split_ring.messages():
         samples += watch.observe(Channel.MAIN, Direction.FRONTEND_TO_BACKEND, data, fds)
     assert [(s.ring, s.reason, s.avail_idx, s.used_idx) for s in samples] == [(0, Reason.STARTED, 0, 0)]
-    split_ring.post_blk(0, 0, 1, 2048, 4096)
-    split_ring.post_blk(1, 3, 0, 8, 512)
+    split_ring.post_blk(3, 0, 1, 2048, 4096)
+    split_ring.post_blk(4, 3, 0, 8, 512)
     split_ring.set_indexes(avail=5, used=3)
     running = watch.sample_running()
     assert [(s.avail_idx, s.used_idx, s.in_flight, s.num, s.mapped) for s in running] == [(5, 3, 2, NUM, True)]
+    assert running[0].pending == (
+        "head 0: 3 desc, 16 B out, 4097 B in blk.type=OUT blk.sector=2048 blk.length=4096",
+        "head 3: 3 desc, 16 B out, 513 B in blk.type=IN blk.sector=8 blk.length=512")
+    assert unpack_sample(running[0].pack()) == running[0]
+    assert running[0].note().endswith("; in flight: " + " | ".join(running[0].pending))
     reply = build_message(Channel.MAIN, 11, dict(index=0, num=5), reply=True)
     stopped = watch.observe(Channel.MAIN, Direction.BACKEND_TO_FRONTEND, reply, [])
     assert [(s.reason, s.base, bool(s.flags & SampleFlag.STOPPED)) for s in stopped] == [(Reason.STOPPED, 5, True)]
@@ -219,9 +224,17 @@ def test_stopped_storage_daemon_during_guest_io_is_a_stuck_ring(kit, tmp_path): 
     findings = [f for number, record in enumerate(read_capture(capture), 1) for f in checks.feed(record, number)]
     stuck = [f for f in findings if f.check == "stuck-ring"]
     assert len(stuck) == 1 and stuck[0].text.startswith("ring 0: "), findings
+    # What the stopped daemon left in flight, decoded from guest memory: the guest's 1 KiB-block reads and writes.
+    held = [request for sample in ring0_samples(capture) for request in sample.pending]
+    assert held and all(" blk.type=" in request and " blk.sector=" in request for request in held), held
     assert "kicks-without-progress" in {f.check for f in findings}
     expert = vhusniff("expert", str(capture), "-q")
     assert "stuck-ring" in expert.stdout, expert.stdout + expert.stderr
+
+
+def ring0_samples(capture) -> list[RingSample]:
+    return [unpack_sample(r.data) for r in read_capture(capture) if r.kind == RecordKind.EVENT
+            and r.event == EventKind.RING and unpack_sample(r.data).ring == 0]
 
 
 def test_a_real_boot_gives_no_ring_finding(blk_rings_capture):

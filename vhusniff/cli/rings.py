@@ -55,6 +55,7 @@ def load_samples(path: str, connection: int | None, ring: int | None, progress: 
                 "calls": sample.calls, "reason": sample.reason.name.lower(), "mapped": sample.mapped,
                 "stopped": bool(sample.flags & SampleFlag.STOPPED), "layout": sample.layout.name.lower(),
                 "num": sample.num, "base": None if sample.base == NO_BASE else sample.base,
+                "pending": list(sample.pending),
             })
     return samples, problems, outcome
 
@@ -73,6 +74,7 @@ def text_lines(samples: list[dict]) -> list[str]:
             base = f"  base {s['base']}" if s["base"] is not None else ""
             lines.append(f"  {s['time']:11.6f} {s['frame']:>7} {s['reason']:<9} {avail:>6} {used:>6} {flight:>6} "
                          f"{s['kicks']:>8} {s['calls']:>8}{base}")
+            lines.extend(f"{'':>30}in flight: {request}" for request in s["pending"])
     return lines
 
 

@@ -103,15 +103,17 @@ def decode_header(memory: GuestMemory, segments, device: str | None) -> dict:
 
 
 def pending_requests(memory: GuestMemory, num: int, desc: int, avail: int, used: int,
-                     device: str | None) -> list[Pending]:
-    """Every chain posted and not yet used on a split ring (avail ring entries from used idx to avail idx)."""
+                     device: str | None, limit: int | None = None) -> list[Pending]:
+    """The chains posted and not yet used on a split ring (avail ring entries from used idx to avail idx), the
+    oldest first; at most `limit` of them."""
     heads = memory.unpack(struct.Struct("<HH"), avail)
     used_head = memory.unpack(struct.Struct("<HH"), used)
     if heads is None or used_head is None:
         return []
     avail_idx, used_idx = heads[1], used_head[1]
     pending = []
-    for position in range(used_idx, used_idx + ((avail_idx - used_idx) & 0xFFFF)):
+    count = min(((avail_idx - used_idx) & 0xFFFF), num if limit is None else min(limit, num))
+    for position in range(used_idx, used_idx + count):
         entry = memory.unpack(_U16, avail + 4 + 2 * (position % num))
         if entry is None:
             break

@@ -16,7 +16,7 @@ from ..protocol import catalogue as cat
 from ..protocol.grammar import DecodeContext, decode
 from .inflight import Pending, pending_requests
 from .memory import GuestMemory, map_region
-from .sample import NO_BASE, Layout, Reason, RingSample, SampleFlag
+from .sample import NO_BASE, PENDING_SHOWN, Layout, Reason, RingSample, SampleFlag
 
 F = cat.FrontendRequest
 _HEADER = struct.Struct("<III")
@@ -50,10 +50,12 @@ class Ring:
 
 
 class RingWatch:
-    """One connection's memory and rings. `map_memory` off: only notification counts (no mapping at all)."""
+    """One connection's memory and rings. `map_memory` off: only notification counts (no mapping at all).
+    `device` (blk, net, fs, ...) says how the requests in flight are decoded."""
 
-    def __init__(self, map_memory: bool = True) -> None:
+    def __init__(self, map_memory: bool = True, device: str | None = None) -> None:
         self.map_memory = map_memory
+        self.device = device
         self.memory = GuestMemory()
         self.rings: dict[int, Ring] = {}
         self.features = 0
@@ -167,9 +169,15 @@ class RingWatch:
         if flags & SampleFlag.EVENT_IDX:
             used_event = (self.memory.unpack(_U16, ring.avail + 4 + 2 * ring.num) or (0,))[0]
             avail_event = (self.memory.unpack(_U16, ring.used + 4 + 8 * ring.num) or (0,))[0]
+        in_flight = (avail_idx - used_idx) & 0xFFFF
+        pending: tuple[str, ...] = ()
+        if in_flight and in_flight <= ring.num:
+            shown = pending_requests(self.memory, ring.num, ring.desc, ring.avail, ring.used, self.device,
+                                     PENDING_SHOWN)
+            pending = tuple(request.summary() for request in shown)
         return unread._replace(flags=flags | SampleFlag.MAPPED, avail_idx=avail_idx, used_idx=used_idx,
                                avail_flags=avail_flags, used_flags=used_flags, used_event=used_event,
-                               avail_event=avail_event, in_flight=(avail_idx - used_idx) & 0xFFFF)
+                               avail_event=avail_event, in_flight=in_flight, pending=pending)
 
     def _sample_packed(self, ring: Ring, unread: RingSample) -> RingSample:
         """A packed ring keeps no indexes in memory: count the descriptors made available and not yet used
@@ -186,12 +194,12 @@ class RingWatch:
         return unread._replace(flags=unread.flags | SampleFlag.MAPPED, avail_flags=driver[1], used_flags=device[1],
                                used_event=driver[0], avail_event=device[0], in_flight=pending)
 
-    def in_flight(self, index: int, device: str | None) -> list[Pending]:
-        """The requests posted on a split ring and not yet used, decoded (read-only) for `device`."""
+    def in_flight(self, index: int) -> list[Pending]:
+        """Every request posted on a split ring and not yet used, decoded (read-only) for the device."""
         ring = self.rings.get(index)
         if ring is None or not ring.num or self.packed:
             return []
-        return pending_requests(self.memory, ring.num, ring.desc, ring.avail, ring.used, device)
+        return pending_requests(self.memory, ring.num, ring.desc, ring.avail, ring.used, self.device)
 
     def close(self) -> list[RingSample]:
         """The last look at every running ring, then every mapping dropped."""

@@ -11,9 +11,12 @@ from typing import NamedTuple
 
 SAMPLE_VERSION = 1
 # version, layout, ring, reason, flags, avail_idx, used_idx, avail_flags, used_flags, used_event, avail_event,
-# num, in_flight, reserved, base (GET_VRING_BASE's answer, NO_BASE when none), kicks, calls: 36 bytes.
+# num, in_flight, reserved, base (GET_VRING_BASE's answer, NO_BASE when none), kicks, calls: 36 bytes. Then,
+# optionally, the requests in flight as UTF-8 text, one line each (vhusniff.dataplane.inflight.Pending.summary).
 RING_SAMPLE = struct.Struct("<BBHBB9HIII")
 NO_BASE = 0xFFFFFFFF
+# Requests in flight decoded into one sample, the oldest first; the count says how many there are in all.
+PENDING_SHOWN = 8
 
 
 class Layout(enum.IntEnum):
@@ -53,11 +56,13 @@ class RingSample(NamedTuple):
     kicks: int = 0
     calls: int = 0
     layout: Layout = Layout.SPLIT
+    pending: tuple[str, ...] = ()      # the requests in flight, decoded, one line each (at most PENDING_SHOWN)
 
     def pack(self) -> bytes:
-        return RING_SAMPLE.pack(SAMPLE_VERSION, self.layout, self.ring, self.reason, self.flags, self.avail_idx,
-                                self.used_idx, self.avail_flags, self.used_flags, self.used_event,
-                                self.avail_event, self.num, self.in_flight, 0, self.base, self.kicks, self.calls)
+        fixed = RING_SAMPLE.pack(SAMPLE_VERSION, self.layout, self.ring, self.reason, self.flags, self.avail_idx,
+                                 self.used_idx, self.avail_flags, self.used_flags, self.used_event,
+                                 self.avail_event, self.num, self.in_flight, 0, self.base, self.kicks, self.calls)
+        return fixed + "\n".join(self.pending).encode() if self.pending else fixed
 
     @property
     def mapped(self) -> bool:
@@ -73,6 +78,8 @@ class RingSample(NamedTuple):
         text += f" kicks {self.kicks} calls {self.calls}"
         if self.base != NO_BASE:
             text += f" base {self.base}"
+        if self.pending:
+            text += "; in flight: " + " | ".join(self.pending)
         return text
 
 
@@ -92,5 +99,7 @@ def unpack_sample(data: bytes) -> RingSample:
         layout_value, reason_value = Layout(layout), Reason(reason)
     except ValueError as error:
         raise SampleError(f"bad ring sample field: {error}") from None
+    tail = data[RING_SAMPLE.size:]
+    pending = tuple(tail.decode("utf-8", "replace").split("\n")) if tail else ()
     return RingSample(ring, reason_value, SampleFlag(flags), avail_idx, used_idx, avail_flags, used_flags,
-                      used_event, avail_event, num, in_flight, base, kicks, calls, layout_value)
+                      used_event, avail_event, num, in_flight, base, kicks, calls, layout_value, pending)
