@@ -297,9 +297,10 @@ class Analyzer:
 
     # --- matching -----------------------------------------------------------------------------------------------
     def _connection(self, connection: int) -> ConnectionAnalysis:
-        if connection not in self.connections:
-            self.connections[connection] = ConnectionAnalysis(ConnectionState(connection, self.profile))
-        return self.connections[connection]
+        conn = self.connections.get(connection)
+        if conn is None:
+            conn = self.connections[connection] = ConnectionAnalysis(ConnectionState(connection, self.profile))
+        return conn
 
     def _add(self, check: str, connection: int, numbers: tuple[int | None, ...], text: str) -> None:
         assert check in CHECKS, check
@@ -308,25 +309,32 @@ class Analyzer:
     def _match(self, conn: ConnectionAnalysis, number: int, record: Record, message: Message) -> None:
         if message.request < 0:
             return
-        queue = conn.waiting.setdefault(record.channel, [])
-        if not message.is_reply:
+        queue = conn.waiting.get(record.channel)
+        if queue is None:
+            queue = conn.waiting[record.channel] = []
+        if not message.flags & cat.FLAG_REPLY:
             # One request at a time per channel: a new request means the peer gave up on the old one's reply.
-            self._drop_waiting(conn, queue, number, "missing-reply")
+            if queue:
+                self._drop_waiting(conn, queue, number, "missing-reply")
             state = conn.state
             expect = expectation(message, state.protocol_features_acked or 0, state.profile,
                                  state.postcopy_listening)
-            transaction = Transaction(record.connection, record.channel, message.request, message.name, number,
+            name = message.name
+            if not self.keep:
+                key = (record.channel, name)
+                summary = self.summary.get(key)
+                if summary is None:
+                    summary = self.summary[key] = ResponseSummary()
+                summary.count += 1
+                if expect == Expect.NOTHING:
+                    return              # streaming: nothing waits, nothing is kept
+            transaction = Transaction(record.connection, record.channel, message.request, name, number,
                                       record.timestamp_ns, expect, message.size)
             if self.keep:
                 self.transactions.append(transaction)
-            else:
-                key = (record.channel, message.name)
-                if key not in self.summary:
-                    self.summary[key] = ResponseSummary()
-                self.summary[key].count += 1
             if expect != Expect.NOTHING:
                 queue.append(transaction)
-                response_key = (record.channel, message.request, transaction.name)
+                response_key = (record.channel, message.request, name)
                 if response_key not in conn.responses:
                     conn.responses[response_key] = ResponseTimes()
             else:

@@ -102,6 +102,9 @@ def _messages(records: Iterable[Record]) -> Iterator[Numbered]:
 
 def _pair_lines(channel: Channel, a: Numbered, b: Numbered, ignore: frozenset[str]) -> list[str]:
     (na, ra, ma), (nb, rb, mb) = a, b
+    if ra.data == rb.data and ra.direction == rb.direction and ma.context == mb.context and \
+            [fd.kind for fd in ra.fds] == [fd.kind for fd in rb.fds]:
+        return []           # the same bytes read in the same context: every field alike, nothing to compare
     where = f"{channel.name.lower()} A#{na} B#{nb}"
     if ra.direction != rb.direction or ma.request != mb.request or ma.is_reply != mb.is_reply:
         return [f"{where}: A {ra.direction.arrow} {ma.summary()}  |  B {rb.direction.arrow} {mb.summary()}"]
