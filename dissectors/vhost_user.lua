@@ -1465,6 +1465,7 @@ local LAYOUTS = {
       ["name"] = "gpu_protocol_features",
       ["prefix"] = " gpu_protocol_features=",
       ["short"] = "gpu_protocol_features",
+      ["style"] = "gpu_protocol_features",
       ["width"] = 8,
     },
   },
@@ -4118,6 +4119,11 @@ local PROTOCOL_FEATURES = {
   [23] = "GET_VRING_BASE_SKIP_DRAIN",
 }
 
+local GPU_PROTOCOL_FEATURES = {
+  [0] = "EDID",
+  [1] = "DMABUF2",
+}
+
 local FEATURE_NAMES = {
   [""] = {
     [24] = "NOTIFY_ON_EMPTY",
@@ -4498,7 +4504,8 @@ local POW2, BIT_TEXT, HEX_BYTE = {}, {}, {}
 for bit = 0, 63 do BIT_TEXT[bit] = "bit" .. bit end
 for bit = 0, 31 do POW2[bit] = 2 ^ bit end
 for value = 0, 255 do HEX_BYTE[value] = format("%02x", value) end
-local BIT_SET_NAMES = {protocol_features = PROTOCOL_FEATURES, status = DEVICE_STATUS}
+local BIT_SET_NAMES = {protocol_features = PROTOCOL_FEATURES, status = DEVICE_STATUS,
+                       gpu_protocol_features = GPU_PROTOCOL_FEATURES}
 local WHERE = {}       -- connection -> channel -> "c1", "c1/backend"
 local function where_text(connection, channel)
   local by_channel = WHERE[connection]
@@ -4744,8 +4751,93 @@ local function summarize_config_space(raw, body, device)
   end
 end
 
+-- Python's repr() of bytes (b'XR24'), as `read` shows a DRM fourcc.
+local function bytes_repr(text)
+  local quote = (text:find("'", 1, true) and not text:find('"', 1, true)) and '"' or "'"
+  local parts = {byte(text, 1, -1)}
+  for index, value in ipairs(parts) do
+    if REPR_ESCAPES[value] then
+      parts[index] = REPR_ESCAPES[value]
+    elseif value == byte(quote) then
+      parts[index] = "\\" .. quote
+    elseif value < 32 or value >= 127 then
+      parts[index] = format("\\x%02x", value)
+    else
+      parts[index] = string.char(value)
+    end
+  end
+  return "b" .. quote .. concat(parts) .. quote
+end
+
+-- Where each field of a payload kind lies, up to its first field of variable size: kind -> short name -> offset.
+local FIELD_OFFSETS = {}
+for kind, layout in pairs(LAYOUTS) do
+  local offsets, offset = {}, 0
+  for _, entry in ipairs(layout) do
+    if offsets[entry.short] == nil then offsets[entry.short] = offset end
+    local length = entry.width and entry.width * (entry.count or 1) or entry.bytes
+    if length == nil then break end
+    offset = offset + length
+  end
+  FIELD_OFFSETS[kind] = offsets
+end
+
+-- The GPU payloads' summaries (grammar._GPU_SUMMARIES): a rectangle as WxH+X+Y, pixels and images by size.
+local function gpu_rect(raw, base, at)
+  return format("scanout=%d %dx%d+%d+%d", u32(raw, base + at.scanout_id), u32(raw, base + at.width),
+                u32(raw, base + at.height), u32(raw, base + at.x), u32(raw, base + at.y))
+end
+local function gpu_dmabuf(raw, base, at)
+  emit(" " .. gpu_rect(raw, base, at))
+  local fourcc = base + at.fd_drm_fourcc
+  emit(format(" fd=%dx%d stride=%d fourcc=%s flags=0x%x", u32(raw, base + at.fd_width),
+              u32(raw, base + at.fd_height), u32(raw, base + at.fd_stride), bytes_repr(raw:sub(fourcc + 1, fourcc + 4)),
+              u32(raw, base + at.fd_flags)))
+  if at.modifier then emit(" modifier=" .. hex(uint(raw, base + at.modifier, 8))) end
+end
+local GPU_SUMMARIES = {
+  gpu_cursor_pos = function(raw, base, at)
+    emit(format(" scanout=%d x=%d y=%d", u32(raw, base + at.scanout_id), u32(raw, base + at.x), u32(raw, base + at.y)))
+  end,
+  gpu_cursor_update = function(raw, base, at, limit)
+    emit(format(" scanout=%d x=%d y=%d hot=%d,%d image=%dB", u32(raw, base + at.scanout_id), u32(raw, base + at.x),
+                u32(raw, base + at.y), u32(raw, base + at.hot_x), u32(raw, base + at.hot_y), limit - base - at.image))
+  end,
+  gpu_scanout = function(raw, base, at)
+    local width = u32(raw, base + at.width)
+    emit(format(" scanout=%d %dx%d", u32(raw, base + at.scanout_id), width, u32(raw, base + at.height)))
+    if width == 0 then emit(" (disable)") end
+  end,
+  gpu_update = function(raw, base, at, limit)
+    emit(" " .. gpu_rect(raw, base, at))
+    if limit > base + at.data then emit(format(" pixels=%dB", limit - base - at.data)) end
+  end,
+  gpu_dmabuf_scanout = gpu_dmabuf,
+  gpu_dmabuf_scanout2 = gpu_dmabuf,
+  gpu_edid_request = function(raw, base, at) emit(format(" scanout=%d", u32(raw, base + at.scanout_id))) end,
+  gpu_display_info = function(raw, base, at, limit)
+    emit(format(" type=0x%x", u32(raw, base + at.type)))
+    local shown = false
+    local index = 0
+    for mode = base + at.pmodes, limit - 24, 24 do
+      if u32(raw, mode + 16) ~= 0 then     -- x, y, width, height, enabled, flags
+        emit(format(" scanout%d=%dx%d+%d+%d", index, u32(raw, mode + 8), u32(raw, mode + 12), u32(raw, mode),
+                    u32(raw, mode + 4)))
+        shown = true
+      end
+      index = index + 1
+    end
+    if not shown then emit(" no scanout enabled") end
+  end,
+  gpu_edid = function(raw, base, at)
+    emit(format(" type=0x%x edid=%dB", u32(raw, base + at.type), u32(raw, base + at.size)))
+  end,
+}
+
 -- `read`'s one-line summary of a payload (grammar.payload_summary), appended to the Info column piece by piece.
-local function summarize(layout, raw, offset, limit, feature_names, config_device)
+local function summarize(layout, raw, offset, limit, feature_names, config_device, kind)
+  local gpu = GPU_SUMMARIES[kind]
+  if gpu then return gpu(raw, offset, FIELD_OFFSETS[kind], limit) end
   for index = 1, #layout do
     local entry = layout[index]
     local width, prefix, style = entry.width, entry.prefix, entry.style
@@ -5131,7 +5223,7 @@ local function dissect_message(tvb, raw, pinfo, tree, start)
       add_layout(payload_tree, LAYOUTS[kind], tvb, raw, body, feature_names)
       if config_device then add_config_space(payload_tree, tvb, raw, body, config_device) end
     end
-    summarize(LAYOUTS[kind], raw, body, #raw, feature_names, config_device)
+    summarize(LAYOUTS[kind], raw, body, #raw, feature_names, config_device, kind)
   else
     if tree and body_length >= 0 then tree:add(pf_bytes["payload"], tvb(body, body_length)) end
     if size ~= 0 then emit(format(" payload=%dB", body_length)) end
