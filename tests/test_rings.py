@@ -191,6 +191,15 @@ def test_ring_samples_are_events_every_reader_shows(blk_rings_capture):
     assert text.returncode == 0 and text.stdout.startswith("connection 1 ring 0 (split, size ")
 
 
+def test_timeline_draws_the_rings_in_a_lane_not_as_event_lines(blk_rings_capture, tmp_path):
+    picture = tmp_path / "rings.svg"
+    assert vhusniff("timeline", str(blk_rings_capture), "-o", str(picture), "-q").returncode == 0
+    svg = picture.read_text()
+    assert "rings (used, avail)" in svg and svg.count('class="ring" data-ring="0"') == 2
+    events = [r for r in read_capture(blk_rings_capture) if r.kind == RecordKind.EVENT]
+    assert svg.count('<g class="event"') == sum(r.event != EventKind.RING for r in events)
+
+
 def test_stopped_storage_daemon_during_guest_io_is_a_stuck_ring(kit, tmp_path):  # noqa: F811
     require("qemu-storage-daemon")
     backend_socket, proxy_socket = tmp_path / "backend.sock", tmp_path / "proxy.sock"
@@ -230,6 +239,11 @@ def test_stopped_storage_daemon_during_guest_io_is_a_stuck_ring(kit, tmp_path): 
     assert "kicks-without-progress" in {f.check for f in findings}
     expert = vhusniff("expert", str(capture), "-q")
     assert "stuck-ring" in expert.stdout, expert.stdout + expert.stderr
+    picture = tmp_path / "stuck.svg"
+    assert vhusniff("timeline", str(capture), "-o", str(picture), "-q").returncode == 0
+    svg = picture.read_text()
+    assert svg.count('class="ring" data-ring="0"') == 2       # used and avail
+    assert "stuck-ring: ring 0: " in svg and 'fill="#d62728"><title>#' in svg
 
 
 def ring0_samples(capture) -> list[RingSample]:

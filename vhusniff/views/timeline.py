@@ -9,6 +9,9 @@ The ruler gives the real time of the marks.
 A capture too long to draw message by message (more than DETAIL_LIMIT records) is drawn by time instead: each lane
 is a histogram of COLUMNS time buckets (a bar per bucket, its height the log of its message count, red for the
 findings raised in it), so the picture and the memory behind it stay bounded however long the capture.
+
+Ring samples (`--rings`) get a lane of their own under each connection's channels: per ring, the used index
+(solid) and the avail index (dashed), unwrapped, over the same time axis; a sample with a ring finding is a red dot.
 """
 from __future__ import annotations
 
@@ -17,7 +20,8 @@ from html import escape
 
 from ..analysis.analyzer import Analyzer, direction_for
 from ..analysis.expert import Finding
-from ..model import Channel, Direction, Record, RecordKind
+from ..dataplane.sample import RingSample, SampleError, unpack_sample
+from ..model import Channel, Direction, EventKind, Record, RecordKind
 from ..protocol.grammar import Message
 from ..protocol.replies import Expect
 
@@ -34,6 +38,8 @@ BAND_GAP = 70
 COLOURS = {Channel.MAIN: "#1f6fb2", Channel.BACKEND: "#b26b1f", Channel.GPU: "#5a8f29",
            Channel.DEVICE_STATE: "#7b4fa8"}
 PROBLEM = "#d62728"
+RING_LANE = 110         # height of a connection's ring lane
+RING_COLOURS = ("#2a9d8f", "#e76f51", "#264653", "#e9c46a", "#8d5fd3", "#6a994e")
 
 
 def _x_positions(seen) -> dict[int, float]:
@@ -86,6 +92,10 @@ def render_svg(seen: list[tuple[int, Record, Message | None]], analyzer: Analyze
                 parts.append(f'<text x="8" y="{y + LANE / 2 + 4}" class="lane">{channel.name.lower()} '
                              f'{direction.arrow}</text>')
                 y += LANE
+        samples = _ring_samples(items)
+        if samples:
+            parts += _ring_lane(samples, xs, y, width, flagged)
+            y += RING_LANE
         band_bottom = y
         parts += _events(items, xs, band_top, band_bottom, first_ns)
         parts += _arrows(analyzer, connection, xs, lane_y)
@@ -170,9 +180,68 @@ def _arrows(analyzer: Analyzer, connection: int, xs, lane_y) -> list[str]:
     return parts
 
 
+def _ring_samples(items) -> dict[int, list[tuple[int, RingSample]]]:
+    """ring -> [(record number, sample)] of the readable, mapped samples among `items`."""
+    rings: dict[int, list[tuple[int, RingSample]]] = {}
+    for number, record, _message in items:
+        if record.kind != RecordKind.EVENT or record.event != EventKind.RING:
+            continue
+        try:
+            sample = unpack_sample(record.data)
+        except SampleError:
+            continue
+        if sample.mapped:
+            rings.setdefault(sample.ring, []).append((number, sample))
+    return rings
+
+
+def _unwrapped(values: list[int]) -> list[int]:
+    """Free-running 16-bit indexes as counts that only grow (a ring restarted at a lower index starts over)."""
+    out, total, previous = [], 0, None
+    for value in values:
+        if previous is not None:
+            total += (value - previous) & 0xFFFF
+        out.append(total)
+        previous = value
+    return out
+
+
+def _ring_lane(rings: dict[int, list[tuple[int, RingSample]]], xs, top: float, width: int, flagged) -> list[str]:
+    parts = [f'<rect x="0" y="{top}" width="{width}" height="{RING_LANE}" fill="#f3faf7"/>',
+             f'<text x="8" y="{top + RING_LANE / 2 + 4}" class="lane">rings (used, avail)</text>']
+    series = {ring: (_unwrapped([s.used_idx for _n, s in samples]), _unwrapped([s.avail_idx for _n, s in samples]))
+              for ring, samples in rings.items()}
+    peak = max((max(avail, default=0) for _used, avail in series.values()), default=0) or 1
+    bottom = top + RING_LANE - 8
+
+    def y_of(count: int) -> float:
+        return bottom - (RING_LANE - 20) * count / peak
+
+    for position, (ring, samples) in enumerate(sorted(rings.items())):
+        colour = RING_COLOURS[position % len(RING_COLOURS)]
+        used, avail = series[ring]
+        last = samples[-1][1]
+        tip = f"ring {ring}: {used[-1]} used, {avail[-1]} made available, {last.kicks} kicks, {last.calls} calls"
+        for counts, dash in ((used, ""), (avail, ' stroke-dasharray="4,3"')):
+            points = " ".join(f"{xs[number]:.1f},{y_of(count):.1f}" for (number, _s), count in zip(samples, counts,
+                                                                                                  strict=True))
+            parts.append(f'<polyline class="ring" data-ring="{ring}" points="{points}" fill="none" '
+                         f'stroke="{colour}" stroke-width="1.6"{dash}><title>{escape(tip)}</title></polyline>')
+        parts.append(f'<text x="{max(xs[samples[-1][0]], LEFT) + 6:.1f}" y="{y_of(used[-1]) + 4:.1f}" class="name" '
+                     f'style="fill:{colour}">ring {ring}</text>')
+        for (number, _sample), count in zip(samples, used, strict=True):
+            for finding in flagged.get(number, []):
+                parts.append(f'<circle cx="{xs[number]:.1f}" cy="{y_of(count):.1f}" r="4" fill="{PROBLEM}">'
+                             f'<title>#{number} [{finding.severity}] {finding.check}: {escape(finding.text)}'
+                             f'</title></circle>')
+    return parts
+
+
 def _events(items, xs, top, bottom, first_ns) -> list[str]:
     parts = []
-    events = [(number, record) for number, record, _message in items if record.kind == RecordKind.EVENT]
+    # Ring samples are drawn in the ring lane, not as event lines.
+    events = [(number, record) for number, record, _message in items if record.kind == RecordKind.EVENT
+              and record.event != EventKind.RING]
     for position, (number, record) in enumerate(events):
         x = xs[number]
         # A note gets the room up to the next event (about 6 px a character), the whole text stays in the tooltip.
@@ -276,7 +345,8 @@ class Timeline:
         index = self._bucket(record.timestamp_ns)
         self.last_ns = max(self.last_ns, record.timestamp_ns)
         if record.kind != RecordKind.MESSAGE:
-            self.events.setdefault(record.connection, {}).setdefault(index, [0, record.note])[0] += 1
+            if record.event != EventKind.RING:       # samples are not event lines (the ring lane draws them)
+                self.events.setdefault(record.connection, {}).setdefault(index, [0, record.note])[0] += 1
             return
         lane = self.lanes.setdefault((record.connection, record.channel, record.direction), {})
         entry = lane.get(index)
