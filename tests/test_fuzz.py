@@ -255,3 +255,28 @@ def test_a_bounded_campaign_against_qemu_storage_daemon_has_no_false_crash(tmp_p
         if crash["reproduced"]:
             death, done = replay_reproducer(crash["reproducer"], template, tmp_path / f"replay{number}")
             assert death is not None and death.reason == crash["reason"], (crash["signature"], done.stdout)
+
+
+# ---- a real QEMU 7.2, fuzzed as a malicious back-end ----
+
+QEMU = ("qemu-system-x86_64 -S -display none -nodefaults -qmp stdio -machine q35,memory-backend=mem -m 256M "
+        "-object memory-backend-memfd,id=mem,size=256M,share=on -chardev socket,id=c0,path={socket} "
+        "-device vhost-user-blk-pci,chardev=c0")
+QUIT = '{"execute":"qmp_capabilities"}{"execute":"quit"}'
+
+
+def test_fuzzing_qemu_as_a_back_end_answers_each_device_start_from_mutated_replies(tmp_path):
+    require("qemu-system-x86_64")
+    out = tmp_path / "out"
+    before = open_fds()
+    fuzz_main(["--as", "backend", str(SEED), "--target", QEMU, "--stdin", QUIT, "--executions", "12",
+               "--duration", "60", "--seed", "3", "--out", str(out), "-q"])
+    assert open_fds() == before and not processes_naming(str(out)) and not (out / "target.sock").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    executions = [json.loads(line) for line in (out / "executions.jsonl").read_text().splitlines()]
+    assert summary["role"] == "backend" and summary["executions"] == len(executions) == 12
+    # QEMU took some mutated handshakes whole (it quit by itself) and refused others (it said why, and
+    # reconnected or exited): both are behaviours, neither a crash.
+    assert summary["outcomes"].get("ok", 0) >= 1 and summary["outcomes"].get("refused", 0) >= 1, summary["outcomes"]
+    assert all(crash["reason"].startswith("SIG") for crash in summary["crashes"])
+    assert "vhost-user-blk-pci" in (out / "target.log").read_text()

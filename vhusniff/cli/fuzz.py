@@ -11,6 +11,12 @@ by delta debugging and written as DIR/crashes/NNN-REASON-REQUEST.pcapng, which
 `vhusniff replay --as frontend FILE --backend SOCKET` plays to the same crash. DIR/executions.jsonl holds every
 execution, DIR/summary.json the figures, DIR/target.log the target's output.
 
+    vhusniff fuzz --as backend SEED.pcapng --target 'qemu-system-x86_64 ... -chardev socket,path={socket},...'
+
+As a back-end, the fuzzer listens at {socket}, starts the front-end for each execution and answers it from the
+seed's recorded replies and back-end-channel requests, a few of them mutated; `vhusniff replay --as backend
+FILE --listen SOCKET` plays a reproducer.
+
 Exit status: 0 when no crash was found, 1 when one was, 2 on bad input or a target that cannot start.
 """
 from __future__ import annotations
@@ -23,7 +29,9 @@ from pathlib import Path
 from ..analysis.diff import load_or_report
 from ..fuzz.campaign import Campaign, Options, Status
 from ..fuzz.mutate import load_seed
+from ..fuzz.reverse import BackendCampaign, ConnectingTarget, load_backend_seed
 from ..fuzz.target import Target, TargetError
+from ..model import Record
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,18 +39,24 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("seed", metavar="SEED.pcapng", help="a capture of a valid session to start from")
     parser.add_argument("--as", dest="role", choices=("frontend", "backend"), required=True,
-                        help="the role the fuzzer plays: frontend fuzzes a back-end (backend: not yet)")
+                        help="the role the fuzzer plays: frontend fuzzes a back-end, backend fuzzes a front-end")
     parser.add_argument("--target", required=True, metavar="COMMAND",
-                        help="the back-end's command line, with {socket} where its socket path goes")
+                        help="the target's command line, with {socket} where its socket path goes (a back-end "
+                             "listens there; a front-end connects there to the fuzzer)")
     parser.add_argument("--duration", type=float, default=60.0, metavar="S", help="seconds (default: %(default)s)")
     parser.add_argument("--out", required=True, metavar="DIR", help="where crashes, logs and the summary go")
     parser.add_argument("--executions", type=int, metavar="N", help="stop after N executions")
     parser.add_argument("--crashes", type=int, metavar="N", help="stop once N distinct crashes are found")
     parser.add_argument("--seed", dest="rng_seed", type=int, default=0, metavar="N",
                         help="random seed: the same seed, target and capture draw the same cases (default: 0)")
-    parser.add_argument("--timeout", type=float, default=1.0, metavar="S",
-                        help="seconds to wait for a reply the protocol requires before calling it a hang "
-                             "(default: %(default)s)")
+    parser.add_argument("--timeout", type=float, metavar="S",
+                        help="--as frontend: seconds to wait for a reply the protocol requires before calling it a "
+                             "hang (default: 1); --as backend: seconds the front-end has to end by itself (default: "
+                             "10)")
+    parser.add_argument("--stdin", default="", metavar="TEXT",
+                        help="--as backend: text written to the front-end's input once started (QEMU with -qmp "
+                             "stdio: '{\"execute\":\"qmp_capabilities\"}{\"execute\":\"quit\"}' quits once its devices "
+                             "are set up)")
     parser.add_argument("--mutations", type=int, default=3, metavar="N",
                         help="at most N mutations per execution (default: %(default)s)")
     parser.add_argument("--prefix", type=int, default=1, metavar="N",
@@ -54,24 +68,27 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds the target has to start listening (default: %(default)s)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no status line and no crash lines")
     args = parser.parse_args(argv)
-    if args.role == "backend":
-        print("vhusniff fuzz: --as backend (fuzzing a front-end) is not built yet; --as frontend fuzzes a back-end",
-              file=sys.stderr)
-        return 2
+    if args.timeout is None:
+        args.timeout = 1.0 if args.role == "frontend" else 10.0
     if args.mutations < 1 or args.duration <= 0 or args.timeout <= 0:
         parser.error("--mutations, --duration and --timeout must be positive")
     records = load_or_report(args.seed, "vhusniff fuzz", progress=not args.quiet)
     if records is None:
         return 2
+    recording: list[Record] = []
     try:
-        seed = load_seed(args.seed, records, args.connection)
+        if args.role == "frontend":
+            seed = load_seed(args.seed, records, args.connection)
+        else:
+            seed, recording = load_backend_seed(args.seed, records, args.connection)
     except ValueError as error:
         print(f"vhusniff fuzz: {args.seed}: {error}", file=sys.stderr)
         return 2
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        target = Target(args.target, out_dir, args.start_timeout)
+        target = Target(args.target, out_dir, args.start_timeout) if args.role == "frontend" else \
+            ConnectingTarget(args.target, out_dir, args.start_timeout, args.stdin)
     except TargetError as error:
         print(f"vhusniff fuzz: {error}", file=sys.stderr)
         return 2
@@ -88,7 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM stops the campaign as SIGINT does: the target is stopped and the summary written.
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        campaign = Campaign(seed, target, out_dir, options, status, say)
+        if isinstance(target, ConnectingTarget):
+            campaign: Campaign = BackendCampaign(seed, recording, target, out_dir, options, status, say)
+        else:
+            campaign = Campaign(seed, target, out_dir, options, status, say)
         try:
             summary = campaign.run()
         except TargetError as error:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from ..model import Record
 from .mutate import Mutation, Mutator, Seed, apply_all, case_records
 from .target import Execution, Target, execute
 from .triage import Crash, Crashes, crash_key, last_request, minimise, report_head, write_reproducer
@@ -67,6 +68,8 @@ class Status:
 class Campaign:
     """Fuzz the back-end `target` from `seed` as a front-end, writing into `out_dir`."""
 
+    role = "frontend"                # the role the fuzzer plays
+
     def __init__(self, seed: Seed, target: Target, out_dir: Path, options: Options, status: Status | None = None,
                  say=None):
         self.seed, self.target, self.out_dir, self.options = seed, target, Path(out_dir), options
@@ -97,12 +100,13 @@ class Campaign:
         except KeyboardInterrupt:
             self.interrupted = True
         finally:
+            # Also when the target cannot be started again: what was found so far is written.
             self.elapsed = time.monotonic() - self.started
             self.status.clear()
             self.target.stop()
             self._log.close()
-        summary = self.summary()
-        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            summary = self.summary()
+            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
 
     def done(self) -> bool:
@@ -136,6 +140,14 @@ class Campaign:
         tail = self.rng.choice(TAILS)
         return length if tail is None else min(length, last + 1 + tail)
 
+    def records_for(self, mutations: list[Mutation], keep: int) -> list[Record]:
+        """The recording a case plays, as a reproducer holds it."""
+        return case_records(self.seed, mutations, keep)
+
+    def last_of(self, mutations: list[Mutation], keep: int) -> str:
+        """The name of the last message a case changes or plays, for its crash signature."""
+        return last_request(self.seed, mutations, keep)
+
     def play(self, mutations: list[Mutation], keep: int) -> Execution:
         """One case against the target, started first if it is not running; stopped after a crash or hang so
         that the next case finds it fresh."""
@@ -144,8 +156,8 @@ class Campaign:
         timeout = self.options.reply_timeout
         if any(mutation.lies_about_size for mutation in mutations):
             timeout = min(timeout, SIZE_LIE_TIMEOUT)
-        execution = execute(case_records(self.seed, mutations, keep), self.target, self.seed.device, timeout)
-        if execution.outcome in ("crash", "hang", "unreachable"):
+        execution = execute(self.records_for(mutations, keep), self.target, self.seed.device, timeout)
+        if execution.outcome in ("crash", "exited", "hang", "unreachable"):
             self.target.stop()
         return execution
 
@@ -156,7 +168,7 @@ class Campaign:
         key = crash_key(execution.death)
         # Told apart before minimisation also by the last request a mutation touched: a crash with no output
         # (a plain SIGSEGV) may be several bugs.
-        hint = (*key, last_request(self.seed, mutations, max(mutation.index for mutation in mutations) + 1))
+        hint = (*key, self.last_of(mutations, max(mutation.index for mutation in mutations) + 1))
         known = self.crashes.by_key.get(hint)
         if known is None and key[1]:
             # What the target said tells this crash apart well enough: the same words are the same bug.
@@ -181,7 +193,7 @@ class Campaign:
             small, small_keep = minimise(mutations, keep, crashes)
         crash = Crash(len(self.crashes.found) + 1, execution.death, small,
                       small_keep, self.executions, found_after, len(mutations), keep, reproduced)
-        crash.last_request = last_request(self.seed, small, small_keep)
+        crash.last_request = self.last_of(small, small_keep)
         same = next((found for found in self.crashes.found if found.signature == crash.signature), None)
         if same is not None:
             same.hits += 1
@@ -190,7 +202,7 @@ class Campaign:
             return
         name = f"{crash.number:03d}-{_slug(crash.reason)}-{_slug(crash.last_request)}.pcapng"
         path = self.out_dir / "crashes" / name
-        write_reproducer(path, self.seed, crash)
+        write_reproducer(path, self.records_for(small, small_keep), crash)
         crash.reproducer = str(path)
         self.crashes.found.append(crash)
         self.crashes.by_key[hint] = crash
@@ -214,7 +226,7 @@ class Campaign:
 
     def summary(self) -> dict:
         return {
-            "role": "frontend",
+            "role": self.role,
             "seed": self.seed.path,
             "target": self.target.template,
             "rng_seed": self.options.rng_seed,

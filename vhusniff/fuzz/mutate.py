@@ -261,8 +261,8 @@ def edge_values(field: IntegerField) -> list[int]:
 class Mutator:
     """Draws mutations for a seed; `rng` makes a campaign repeatable from its --seed."""
 
-    FAMILIES = (("field", 10), ("header", 2), ("length", 2), ("drop", 2), ("duplicate", 3), ("swap", 2),
-                ("insert", 3), ("fd", 5))
+    FAMILIES: tuple[tuple[str, int], ...] = (("field", 10), ("header", 2), ("length", 2), ("drop", 2),
+                                             ("duplicate", 3), ("swap", 2), ("insert", 3), ("fd", 5))
 
     def __init__(self, seed: Seed, rng: random.Random, first: int = 1):
         self.seed, self.rng = seed, rng

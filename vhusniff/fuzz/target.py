@@ -97,7 +97,9 @@ class Target:
             log.write(f"$ {shlex.join(command)}\n".encode())
             log.flush()
             try:
-                self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                # Its standard input stays open (a pipe we hold) until it is stopped: dpdk-testpmd quits when
+                # its input ends.
+                self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=log, stderr=log,
                                              start_new_session=True)
             except OSError as error:
                 raise TargetError(f"cannot start the target {command[0]}: {error.strerror}") from error
@@ -206,8 +208,17 @@ class Target:
 
     def stop(self) -> None:
         """Stop the target and everything it started (its process group), and remove its socket."""
+        self.stop_process()
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+
+    def stop_process(self) -> None:
+        """Stop the target and everything it started (its process group)."""
         proc, self.proc = self.proc, None
         if proc is not None:
+            if proc.stdin is not None:
+                with contextlib.suppress(OSError):
+                    proc.stdin.close()
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(proc.pid, signal.SIGTERM)
@@ -217,12 +228,38 @@ class Target:
                     with contextlib.suppress(ProcessLookupError, PermissionError):
                         os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
-            else:
-                # The leader is gone; whatever it started goes with it.
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(FileNotFoundError):
-            self.socket_path.unlink()
+            _wait_for_group(proc.pid)
+
+
+def _wait_for_group(group: int) -> None:
+    """Wait until nothing of the target's process group is left (the leader may be a shell whose children take
+    their time over SIGTERM), killing what is still there after EXIT_WAIT."""
+    deadline = time.monotonic() + EXIT_WAIT
+    while _group_alive(group):
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(group, signal.SIGKILL)
+            deadline = time.monotonic() + EXIT_WAIT
+        time.sleep(0.01)    # polling for the group's end: there is no fd to wait on for processes not ours
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # Zombies count as gone: they are only waiting to be reaped.
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_bytes().rsplit(b")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[2]) == group and fields[0] not in (b"Z", b"X"):
+                return True
+    return False
 
 
 def _last_lines(output: str, count: int = 3) -> str:
@@ -282,7 +319,7 @@ class FuzzFrontend(ScriptedFrontend):
 @dataclass
 class Execution:
     """What one case did to the target."""
-    outcome: str                      # ok | refused | hang | crash | unreachable | stuck (ours, not the target's)
+    outcome: str                      # ok | refused | hang | crash | exited | unreachable | stuck (ours)
     sent: int                         # requests sent
     last: str                         # the last request sent (its name), "" when none
     replies: int
@@ -335,7 +372,9 @@ def execute(records: list[Record], target: Target, device: str | None, reply_tim
         death = target.death(0)
         outcome = "ok"
     if death is not None:
-        outcome = "crash"
+        # A death by a signal or a crash report is a crash; an exit of its own accord is the target's choice.
+        outcome = "exited" if death.returncode is not None and death.returncode >= 0 and \
+            not CRASH_REPORT.search(death.report) else "crash"
     return Execution(outcome, sent, last_name, result.replies_compared, death, divergence,
                      time.monotonic() - started)
 

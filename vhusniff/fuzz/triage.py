@@ -9,7 +9,7 @@ from pathlib import Path
 from ..capture.pcapng import CaptureWriter
 from ..model import EventKind, Record, RecordKind
 from ..protocol.grammar import decode
-from .mutate import Mutation, Seed, apply_all, case_records
+from .mutate import Mutation, Seed, apply_all
 from .target import Death
 
 _NUMBERS = re.compile(r"0x[0-9a-fA-F]+|\d+")
@@ -116,18 +116,17 @@ def _shortest(mutations: list[Mutation], keep: int, crashes: Callable[[list[Muta
     return high
 
 
-def write_reproducer(path: Path, seed: Seed, crash: Crash) -> None:
-    """The case as a capture: `vhusniff replay --as frontend PATH --backend SOCKET` plays it to the crash."""
-    records = case_records(seed, crash.mutations, crash.keep)
-    events = [record for record in records if record.kind == RecordKind.EVENT]
-    messages = [record for record in records if record.kind == RecordKind.MESSAGE]
-    when = messages[0].timestamp_ns - 1 if messages else seed.start_ns
+def write_reproducer(path: Path, records: list[Record], crash: Crash) -> None:
+    """A case's records as a capture, with notes saying what crashed and how the seed was changed: `vhusniff
+    replay --as frontend|backend PATH ...` plays it to the crash."""
+    lead = next((number for number, record in enumerate(records) if record.kind != RecordKind.EVENT), len(records))
+    first = records[lead] if lead < len(records) else records[-1]
     notes = [f"fuzz crash {crash.number}: {crash.signature}"] + [f"mutation: {m.text}" for m in crash.mutations]
-    notes_records = [Record(when, seed.connection, kind=RecordKind.EVENT, event=EventKind.NOTE, note=text)
-                     for text in notes]
+    note_records = [Record(first.timestamp_ns - 1, first.connection, kind=RecordKind.EVENT, event=EventKind.NOTE,
+                           note=text) for text in notes]
     writer = CaptureWriter(path)
     try:
-        for record in [*events, *notes_records, *messages]:
+        for record in [*records[:lead], *note_records, *records[lead:]]:
             writer.write(record)
     finally:
         writer.close()
