@@ -16,8 +16,11 @@ from hypothesis import strategies as st
 from vhusniff.capture.pcapng import enhanced_packet_block, file_header
 from vhusniff.cli.main import main
 from vhusniff.model import Channel, Direction, Record, RecordKind
+from vhusniff.protocol.context import ContextTracker
 from vhusniff.protocol.grammar import build_message
-from vhusniff.views.fast import COMPILED_KINDS, compile_payload_summary
+from vhusniff.views.fast import COMPILED_KINDS, compile_payload_summary, fast_lines, general_messages
+from vhusniff.views.filters import compile_filter
+from vhusniff.views.present import record_detail, record_line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOOD = 6
@@ -396,18 +399,23 @@ def test_each_compiled_payload_summary_words_a_payload_as_the_grammar_does(kind,
     assert summary is not None and summary(b"padding!" + raw, 8 + 12) == payload_summary(message)
 
 
-def test_distinct_messages_read_the_same_through_the_compiled_lines_and_the_general_path(tmp_path, capsys):
-    """Every line of a distinct-message capture (vIOMMU traffic, config windows, fds, events), both ways."""
+@pytest.mark.parametrize("options", [[], ["-V"], ["-x"], ["-V", "-x"]])
+def test_distinct_messages_read_the_same_through_the_compiled_lines_and_the_general_path(tmp_path, capsys,
+                                                                                        options):
+    """Every line (and field tree, and hex dump) of a distinct-message capture (vIOMMU traffic, config windows,
+    fds, events), both ways."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     from distinct_capture import build_distinct_capture
     path = str(tmp_path / "distinct.pcapng")
     build_distinct_capture(path, 3000)
-    main(["read", path])
+    main(["read", path, *options])
     fast = capsys.readouterr().out
-    main(["read", path, "-Y", "frame.number || event"])     # a filter takes the general path
-    general = capsys.readouterr().out
+    general = "".join(record_line(number, relative, record, message) + "\n" +
+                      record_detail(record, message, "-V" in options, "-x" in options)
+                      for number, relative, record, message in general_messages(path, ContextTracker()))
     assert fast == general and len(fast.splitlines()) > 3000
     assert "IOTLB_MSG" in fast and "GET_CONFIG reply" in fast and "capacity=" in fast
+    assert ("iotlb.iova: 0x" in fast) == ("-V" in options)
 
 
 @pytest.mark.parametrize("text", [
@@ -421,11 +429,6 @@ def test_filtered_lines_of_distinct_messages_match_the_general_path(tmp_path, te
     """read -Y's fast path (fields read straight from the bytes, only those the filter names) against the
     general path's decode and matching, line for line and in the count of hidden events."""
     import io
-
-    from vhusniff.protocol.context import ContextTracker
-    from vhusniff.views.fast import fast_lines, general_messages
-    from vhusniff.views.filters import compile_filter
-    from vhusniff.views.present import record_line
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     from distinct_capture import build_distinct_capture
     path = str(tmp_path / "distinct.pcapng")

@@ -17,7 +17,7 @@ from ..protocol.context import ContextTracker
 from ..protocol.grammar import iter_fields
 from ..views.fast import fast_lines, general_messages
 from ..views.filters import RECORD_FIELDS, FilterError, compile_filter
-from ..views.present import field_tree, hexdump, record_line
+from ..views.present import record_detail, record_line
 from .analysis import add_threshold_arguments
 
 EXIT_BAD_INPUT = 2
@@ -119,16 +119,11 @@ class _Output:
     def _text(self, number: int, relative: float, record, message) -> None:
         args = self.args
         line = record_line(number, relative, record, message, self.colour) + "\n"
-        rest = []
-        if message is not None and args.verbose:
-            rest.append("\n".join(field_tree(message)) + "\n")
-            rest += [f"  fd[{index}]: {fd.summary()}\n" for index, fd in enumerate(record.fds)]
-        if args.hex:
-            rest.append("\n".join(hexdump(record.data)) + "\n\n")
+        rest = record_detail(record, message, args.verbose, args.hex)
         if self.expert:
-            self.expert.hold(number, line, "".join(rest))
+            self.expert.hold(number, line, rest)
         else:
-            self.out.write(line + "".join(rest))
+            self.out.write(line + rest)
 
     def _structured(self, number: int, relative: float, record, request: str | None, event: str | None,
                     summary: str, problems: list[str], fields: dict) -> None:
@@ -174,9 +169,9 @@ def command_read(args) -> int:
     show_bar = not (args.quiet or out.isatty())
     with reading(args.file) as outcome, capture_progress(args.file, show_bar) as progress:
         records = general_messages(args.file, tracker, source=progress.source)
-        if args.T == "text" and not (args.verbose or args.hex or expert):      # lines only: the fast path
+        if args.T == "text" and not expert:      # text without findings: the fast path
             _shown, hidden_events = fast_lines(args.file, tracker, out, colour, args.follow, args.count,
-                                               progress.source, display_filter)
+                                               progress.source, display_filter, args.verbose, args.hex)
             records = iter(())
         for number, relative, record, message in records:
             if expert:

@@ -41,7 +41,7 @@ from ..protocol.grammar import (
     value_text,
 )
 from .filters import DEVICE_TYPE_FIELD, RECORD_FIELDS, DisplayFilter, field_values
-from .present import record_line
+from .present import field_tree, hexdump, record_detail, record_line
 
 _CHUNK = READ_CHUNK                  # a block longer than this (or a damaged length) goes to the full reader
 _CACHE_LIMIT = 1 << 16                 # distinct records remembered; cleared when full, so memory stays flat
@@ -263,9 +263,10 @@ _CONFIG_HEAD = struct.Struct("<III")
 class _Shapes:
     """Line heads and payload formatters per message shape, and each connection's context as a small number."""
 
-    def __init__(self, tracker, with_fields: bool = False) -> None:
+    def __init__(self, tracker, with_fields: bool = False, with_tree: bool = False) -> None:
         self.tracker = tracker
         self.with_fields = with_fields         # a display filter reads the shapes' fields
+        self.with_tree = with_tree             # -V shows their field trees
         self.context_ids: dict[tuple, int] = {}     # what of a DecodeContext decoding reads -> id
         self.contexts: list = []               # id -> DecodeContext
         self.by_connection: dict[int, int] = {}
@@ -344,13 +345,15 @@ def fast_summary(path: str, tracker, out, colour: bool = False, follow: int | No
 
 
 def fast_lines(path: str, tracker, out, colour: bool = False, follow: int | None = None, count: int = 0,
-               source: Source | None = None, display_filter: DisplayFilter | None = None) -> tuple[int, int]:
-    """One summary line per record the display filter lets through; returns (lines shown, event records the
-    filter hid). Raises CaptureError like read_capture."""
+               source: Source | None = None, display_filter: DisplayFilter | None = None, verbose: bool = False,
+               hex_dump: bool = False) -> tuple[int, int]:
+    """One summary line per record the display filter lets through, with its field tree (-V) and hex dump (-x)
+    when asked; returns (records shown, event records the filter hid). Raises CaptureError like read_capture."""
+    detail = verbose or hex_dump
     cache: dict = {}
     # connection -> what of its negotiated context changes decoding; only decoding (on a miss) changes it.
     context_keys: dict[int, tuple] = {}
-    shapes = _Shapes(tracker, with_fields=display_filter is not None)
+    shapes = _Shapes(tracker, with_fields=display_filter is not None, with_tree=verbose)
     formats, by_connection, base, where = shapes.formats, shapes.by_connection, shapes.base, shapes.where
     matches = display_filter.matches_fields if display_filter is not None else None
     unpack_connection = _CONNECTION.unpack_from
@@ -381,6 +384,11 @@ def fast_lines(path: str, tracker, out, colour: bool = False, follow: int | None
                             continue
                         lines.append(f"{number:>5} {(timestamp - first_time) / 1e9:10.6f} {where(connection, channel)} "
                                      f"{shape[0]}{summary}".rstrip() + "\n")
+                        if detail:
+                            if verbose:
+                                lines.append(shape[3][0] + shape[3][1](packet, _PLAIN_SIZE))
+                            if hex_dump:
+                                lines.append("\n".join(hexdump(packet[_PLAIN_SIZE - 12:])) + "\n\n")
                         shown += 1
                         if len(lines) >= 4096:
                             out.writelines(lines)
@@ -390,7 +398,7 @@ def fast_lines(path: str, tracker, out, colour: bool = False, follow: int | None
                         continue
             connection = unpack_connection(packet, 8)[0] if len(packet) >= 12 else 0
             key = (packet, context_keys.get(connection))
-            entry = cache.get(key) if display_filter is None else None
+            entry = cache.get(key) if display_filter is None and not detail else None
             if entry is None:
                 try:
                     record = parse_pseudo_header(packet, timestamp, 0)
@@ -401,13 +409,22 @@ def fast_lines(path: str, tracker, out, colour: bool = False, follow: int | None
                 context = tracker.context_for(record.connection)
                 context_keys[record.connection] = (context.features, context.protocol_features,
                                                    context.device_type)
-                if display_filter is not None:
+                if display_filter is not None or detail:
                     done = number
                     if follow is not None and connection != follow:
                         continue
-                    if not display_filter.matches(message, record, number):
+                    if display_filter is not None and not display_filter.matches(message, record, number):
                         hidden += record.kind == RecordKind.EVENT
                         continue
+                    lines.append(f"{record_line(number, (timestamp - first_time) / 1e9, record, message, colour)}\n"
+                                 f"{record_detail(record, message, verbose, hex_dump)}")
+                    shown += 1
+                    if len(lines) >= 4096:
+                        out.writelines(lines)
+                        lines.clear()
+                    if count and shown >= count:
+                        break
+                    continue
                 line = record_line(0, 0.0, record, message, colour)
                 split = line.index(_PREFIX)
                 entry = (line[:split], line[split + len(_PREFIX):])
@@ -437,7 +454,8 @@ def fast_lines(path: str, tracker, out, colour: bool = False, follow: int | None
             if display_filter is not None and not display_filter.matches(message, record, number):
                 hidden += record.kind == RecordKind.EVENT
                 continue
-            lines.append(record_line(number, relative, record, message, colour) + "\n")
+            lines.append(record_line(number, relative, record, message, colour) + "\n" +
+                         record_detail(record, message, verbose, hex_dump))
             shown += 1
             if count and shown >= count:
                 break
@@ -450,7 +468,8 @@ _GENERAL: tuple = ()       # a shape the general path words
 
 
 def _checked(shapes: _Shapes, key: tuple, packet: bytes, timestamp: int) -> tuple | None:
-    """A shape's (head, summary function, fields) once its first message reads the same both ways; else None."""
+    """A shape's (head, summary function, fields, field tree function) once its first message reads the same
+    both ways; else None. Fields and tree are made only when the read wants them (a filter, -V)."""
     entry = shapes.shape(key)
     if entry is None:
         return None
@@ -458,7 +477,8 @@ def _checked(shapes: _Shapes, key: tuple, packet: bytes, timestamp: int) -> tupl
         record = parse_pseudo_header(packet, timestamp, 0)
     except ValueError:
         return None
-    message = decode(record.data, record.channel, shapes.contexts[key[0]])
+    context = shapes.contexts[key[0]]
+    message = decode(record.data, record.channel, context)
     general = record_line(0, 0.0, record, message)
     summary = entry[1](packet, _PLAIN_SIZE)
     if summary is None:
@@ -466,10 +486,22 @@ def _checked(shapes: _Shapes, key: tuple, packet: bytes, timestamp: int) -> tupl
     compiled = f"{0:>5} {0.0:10.6f} {shapes.where(record.connection, key[1])} {entry[0]}{summary}".rstrip()
     if compiled != general:
         return None
-    if not shapes.with_fields:
-        return entry
-    fields = _ShapeFields(message, record, shapes.contexts[key[0]])
-    return (*entry, fields) if fields.agrees(packet, message, record) else None
+    fields = tree = None
+    if shapes.with_fields:
+        fields = _ShapeFields(message, record, context)
+        if not fields.agrees(packet, message, record):
+            return None
+    if shapes.with_tree:
+        lines = field_tree(message)
+        head = 1 + (1 if message.kind else 0) + len(_HEADER_FIELDS)
+        payload_tree = compile_field_tree(message.kind, context) if message.kind else None
+        if payload_tree is None:
+            return None
+        top = "\n".join(lines[:head]) + "\n"
+        if top + payload_tree(packet, _PLAIN_SIZE) != "\n".join(lines) + "\n":
+            return None
+        tree = (top, payload_tree)
+    return (*entry, fields, tree)
 
 
 class _ShapeFields:
@@ -580,6 +612,42 @@ class PayloadLayout:
     def fields(self, packet: bytes, offset: int) -> dict[str, list]:
         values = self.unpack(packet, offset)
         return {name: self.field(values, name) for name in self.places}
+
+
+def compile_field_tree(kind: str, context) -> Callable[[bytes, int], str] | None:
+    """A function (packet, payload offset) -> the payload's lines of present.field_tree (-V), each ending in a
+    newline, for a fixed `kind` read in `context`; None when the kind has no struct layout."""
+    if kind not in COMPILED_KINDS:
+        return None
+    structure, prefix, _doc = PAYLOADS[kind]
+    entries: list[tuple[str, int, bool, tuple]] = []
+    layout: list[str] = []
+    if not _field_leaves(structure, prefix, kind, entries, layout):
+        return None
+    if not entries:
+        return lambda packet, offset: ""
+    helpers: dict = {"_unpack": struct.Struct("<" + "".join(layout)).unpack_from, "_text": value_text,
+                     "_shown": _Shown(context), "_from_bytes": int.from_bytes}
+    variables = [f"v{index}" for index in range(len(layout))]
+    body = [f"    {', '.join(variables)}{',' if len(variables) == 1 else ''} = _unpack(packet, offset)"]
+    lines = []
+    for dotted, index, integer_bytes, bits in entries:
+        variable = f"v{index}"
+        if integer_bytes:
+            body.append(f"    {variable} = _from_bytes({variable}, 'little')")
+        short = dotted.rsplit(".", 1)[-1]
+        indent = "  " + "  " * dotted.count(".")
+        if layout[index].endswith("s") and not integer_bytes or short in _WORDS:
+            lines.append(f"{indent}{dotted}: {{_text(_shown, {short!r}, {variable})}}")
+        else:
+            lines.append(f"{indent}{dotted}: {{hex({variable}) if {variable} > 65535 else {variable}}}")
+        for bit_name, mask, shift in bits:
+            bit = f"(({variable} & {mask}) >> {shift})"
+            lines.append(f"{'  ' + '  ' * bit_name.count('.')}{bit_name}: {{hex({bit}) if {bit} > 65535 else {bit}}}")
+    body.append("    return f" + repr("\n".join(lines) + "\n"))
+    source = "def tree(packet, offset):\n" + "\n".join(body) + "\n"
+    exec(compile(source, f"<field tree of {kind}>", "exec"), helpers)      # noqa: S102 -- made from the grammar
+    return helpers["tree"]
 
 
 def _field_leaves(structure, prefix: str, kind_key: str, entries: list, layout: list[str]) -> bool:

@@ -47,7 +47,18 @@ def hexdump(data: bytes, indent: str = "  ") -> list[str]:
     return lines
 
 
-__all__ = ["field_tree", "hexdump", "line_printer", "record_line"]
+def record_detail(record, message: Message | None, verbose: bool, hex_dump: bool) -> str:
+    """What -V and -x add under a record's line: the field tree and the fds, the hex dump ("" for neither)."""
+    rest = ""
+    if message is not None and verbose:
+        rest += "\n".join(field_tree(message)) + "\n"
+        rest += "".join(f"  fd[{index}]: {fd.summary()}\n" for index, fd in enumerate(record.fds))
+    if hex_dump:
+        rest += "\n".join(hexdump(record.data)) + "\n\n"
+    return rest
+
+
+__all__ = ["field_tree", "hexdump", "line_printer", "record_detail", "record_line"]
 
 
 _COLOURS = {"F>B": "\033[36m", "B>F": "\033[33m", "problem": "\033[31;1m", "event": "\033[35m", "reset": "\033[0m"}
