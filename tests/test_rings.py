@@ -162,10 +162,25 @@ def blk_rings_capture(kit, tmp_path_factory):  # noqa: F811
     require("qemu-storage-daemon")
     workdir = tmp_path_factory.mktemp("rings-blk")
     capture = workdir / "rings.pcapng"
-    run = run_lab(workdir, "blk", capture_path=capture, report=lambda text: None,
+    run = run_lab(workdir, "blk", capture_path=capture, report=lambda text: None, display=LIVE_LINES.append,
                   data_plane=dict(rings=True, notifications=True, rings_interval=0.05))
     assert run.ok, run.result.console
     return capture
+
+
+LIVE_LINES: list[str] = []        # what the proxy's live display showed during the shared boot
+
+
+def test_live_display_shows_the_rings_when_they_move(blk_rings_capture):
+    shown = [line for line in LIVE_LINES if " --- ring 0 " in line]
+    recorded = [unpack_sample(r.data) for r in read_capture(blk_rings_capture)
+                if r.kind == RecordKind.EVENT and r.event == EventKind.RING]
+    assert any(" ring 0 periodic: avail " in line for line in shown)
+    # Every start, stop and moving sample is shown; an idle ring's repeats are only recorded.
+    moving = [s for s in recorded if s.reason.name != "PERIODIC"] + \
+        [b for a, b in zip(recorded, recorded[1:], strict=False) if b.reason.name == "PERIODIC"
+         and (a.avail_idx, a.used_idx, a.kicks, a.calls) != (b.avail_idx, b.used_idx, b.kicks, b.calls)]
+    assert len(moving) <= len(shown) < len(recorded)
 
 
 def test_blk_guest_ring0_used_index_advances_and_kicks_are_counted(blk_rings_capture):
@@ -308,4 +323,8 @@ def test_mappings_and_relayed_eventfds_go_with_their_connections(tmp_path):
             connection(proxy)
         assert proxy.connections_total == 41
         assert region_maps() == maps_before == 0
-        assert open_fds() == fds_before
+
+        def targets(fds) -> dict[int, str]:
+            return {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in fds if os.path.exists(f"/proc/self/fd/{fd}")}
+        # The fake back-end (in this process) closes its end of each connection from its own thread: wait for it.
+        assert proxy.wait_until(lambda p: open_fds() == fds_before, 10), targets(open_fds() ^ fds_before)

@@ -60,6 +60,7 @@ class RingWatch:
         self.rings: dict[int, Ring] = {}
         self.features = 0
         self.problems: list[str] = []      # regions that could not be mapped, as words
+        self._shown: dict[int, tuple] = {}  # ring -> what its last sample said that news() was asked about
 
     # ---- following the messages ----
 
@@ -200,6 +201,13 @@ class RingWatch:
         if ring is None or not ring.num or self.packed:
             return []
         return pending_requests(self.memory, ring.num, ring.desc, ring.avail, ring.used, self.device)
+
+    def news(self, sample: RingSample) -> bool:
+        """Whether the sample says something the previous one asked about did not (indexes, counts)."""
+        said = (sample.avail_idx, sample.used_idx, sample.in_flight, sample.kicks, sample.calls, sample.flags)
+        new = self._shown.get(sample.ring) != said
+        self._shown[sample.ring] = said
+        return new
 
     def close(self) -> list[RingSample]:
         """The last look at every running ring, then every mapping dropped."""

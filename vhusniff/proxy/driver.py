@@ -1229,9 +1229,15 @@ class Proxy:
         if not samples:
             return
         timestamp = time.time_ns() if now is None else now
+        watch = conn.rings
         for sample in samples:
-            self._emit(Record(timestamp, conn.number, Channel.MAIN, Direction.FRONTEND_TO_BACKEND, sample.pack(),
-                              [], RecordKind.EVENT, sample.note(), EventKind.RING))
+            record = Record(timestamp, conn.number, Channel.MAIN, Direction.FRONTEND_TO_BACKEND, sample.pack(), [],
+                            RecordKind.EVENT, sample.note(), EventKind.RING)
+            if self._writer is not None:
+                self._writer.write(record)
+            # The live display shows a periodic sample only when the ring moved: an idle ring is one line, not five
+            # a second. The capture keeps them all.
+            self._observe(record, show=sample.reason != Reason.PERIODIC or watch is None or watch.news(sample))
 
     def _ring_tick(self, conn: _Connection) -> None:
         if conn.closed or conn.rings is None or self._stopping:
@@ -1302,10 +1308,10 @@ class Proxy:
             self._writer.write(record)
         self._observe(record)
 
-    def _observe(self, record: Record) -> None:
+    def _observe(self, record: Record, show: bool = True) -> None:
         if self.keep_records:
             self.records.append(record)
-        if self._display is not None:
+        if self._display is not None and show:
             self._display_backlog.append(record)
             if len(self._display_backlog) > DISPLAY_BACKLOG_KEPT:
                 # Traffic that never lets the loop idle: show as it goes, so the backlog (memory) stays bounded.
