@@ -36,11 +36,13 @@ import gzip
 import hashlib
 import io
 import itertools
+import json
 import logging
 import lzma
 import os
 import re
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -69,9 +71,24 @@ _ROUND_REPORT = re.compile(re.escape(GUEST_MARK) + r" round (\d+) (ok|FAILED.*)$
 
 #: Kernel metapackage whose dependency names the current cloud kernel (the ABI version moves).
 KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
-#: Loaded by /init in this order: each needs the ones before it.
+#: Loaded by /init in this order: each needs the ones before it (fuse and virtiofs: the virtio-fs guest).
 GUEST_MODULES = ("virtio_ring", "virtio", "virtio_pci_legacy_dev", "virtio_pci_modern_dev", "virtio_pci",
-                 "virtio_blk", "failover", "net_failover", "virtio_net")
+                 "virtio_blk", "failover", "net_failover", "virtio_net", "fuse", "virtiofs")
+#: The cloud kernel has no DRM; the GPU guest boots the generic kernel, named by this metapackage.
+GPU_KERNEL_METAPACKAGE = "linux-image-amd64"
+#: What the GPU guest loads; the modules these depend on (drm, drm_kms_helper, ...) are added before them, in
+#: the order each module's own `depends=` (its .modinfo section) asks for.
+GPU_GUEST_MODULES = ("virtio_ring", "virtio", "virtio_pci_legacy_dev", "virtio_pci_modern_dev", "virtio_pci",
+                     "virtio_gpu")
+#: The virtio-fs guest mounts this tag, writes FS_FILE_NAME with a fresh pattern, remounts and reads it back.
+FS_TAG = "vhusniff"
+FS_FILE_NAME = "vhusniff-guest-file"
+#: The GPU guest fills its framebuffer with horizontal bands of these colours (RGB), top to bottom.
+GPU_PATTERN = ((255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255))
+FS_IO_OK = f"{GUEST_MARK} fs-io ok"
+#: `VHUSNIFF-GUEST: gpu-drawn WIDTHxHEIGHT`: the pattern is in the framebuffer; the guest then waits for a line
+#: on its console (`Guest.send_console`) before it goes on, so that the host can look at the screen.
+GPU_DRAWN_PREFIX = f"{GUEST_MARK} gpu-drawn"
 #: Where in /dev/vda the guest writes its test pattern; non-zero so that requests carry a real offset.
 PATTERN_OFFSET_MIB = 4
 GUEST_MEMORY_MB = 256
@@ -100,6 +117,23 @@ class GuestKit:
     kernel: Path
     initrd: Path
     kernel_package: str
+    #: The modules /init loads, in order.
+    modules: tuple[str, ...] = GUEST_MODULES
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelFlavour:
+    """Which Debian kernel a kit boots and which of its modules /init loads."""
+    name: str
+    metapackage: str
+    #: Loaded in this order, after any module they depend on that is not listed (see `module_load_order`).
+    modules: tuple[str, ...]
+    #: Below the cache folder; the cloud kit sits at its top.
+    subdirectory: str
+
+
+CLOUD = KernelFlavour("cloud", KERNEL_METAPACKAGE, GUEST_MODULES, "")
+GENERIC = KernelFlavour("generic", GPU_KERNEL_METAPACKAGE, GPU_GUEST_MODULES, "generic")
 
 
 def cache_dir() -> Path:
@@ -171,6 +205,56 @@ blk_io_rounds() {{
     echo "{GUEST_MARK} rounds $passed ok $failed failed"
 }}
 
+virtio_device_present() {{
+    grep -qx "$1" /sys/bus/virtio/devices/*/device 2>/dev/null
+}}
+
+fs_io_check() {{
+    mkdir -p /mnt
+    if ! mount -t virtiofs {FS_TAG} /mnt 2>/tmp/mount.err; then
+        echo "{GUEST_MARK} fs-io FAILED mount: $(head -n 1 /tmp/mount.err)"; return 1
+    fi
+    dd if=/dev/urandom of=/tmp/fs-pattern bs=1024 count=1024 2>/dev/null
+    echo "VHUSNIFF-PATTERN $(cat /proc/sys/kernel/random/uuid)" | dd of=/tmp/fs-pattern conv=notrunc 2>/dev/null
+    if ! cp /tmp/fs-pattern /mnt/{FS_FILE_NAME} || ! sync; then
+        echo "{GUEST_MARK} fs-io FAILED write"; umount /mnt; return 1
+    fi
+    # A fresh mount has nothing cached: the read-back comes from the back-end.
+    umount /mnt && mount -t virtiofs {FS_TAG} /mnt
+    if ! cmp -s /tmp/fs-pattern /mnt/{FS_FILE_NAME}; then
+        echo "{GUEST_MARK} fs-io FAILED read-back differs from what was written"; umount /mnt; return 1
+    fi
+    umount /mnt
+    echo "{FS_IO_OK}"
+}}
+
+# Fill file $1 with $2 bytes of one pixel ($3, a printf format of its 4 bytes), doubling it up from one pixel.
+repeat_pixel() {{
+    printf "$3" > "$1"
+    while [ "$(wc -c < "$1")" -lt "$2" ]; do
+        cat "$1" "$1" > "$1.twice" && mv "$1.twice" "$1"
+    done
+    head -c "$2" "$1" > "$1.cut" && mv "$1.cut" "$1"
+}}
+
+gpu_draw() {{
+    waited=0
+    while [ ! -e /dev/fb0 ] && [ "$waited" -lt 100 ]; do usleep 100000; waited=$((waited + 1)); done
+    if [ ! -e /dev/fb0 ]; then echo "{GUEST_MARK} gpu-draw FAILED no /dev/fb0"; return 1; fi
+    # The text console would draw its cursor over the pattern.
+    for console in /sys/class/vtconsole/vtcon*/bind; do echo 0 > "$console"; done 2>/dev/null
+    size=$(cat /sys/class/graphics/fb0/virtual_size); width=${{size%,*}}; height=${{size#*,}}
+    stride=$(cat /sys/class/graphics/fb0/stride)
+    band_bytes=$(( stride * (height / {band_count}) ))
+    band=0
+    for pixel in {band_pixels}; do
+        repeat_pixel /tmp/band$band "$band_bytes" "$pixel"; band=$((band + 1))
+    done
+    if ! cat /tmp/band* > /dev/fb0; then echo "{GUEST_MARK} gpu-draw FAILED write"; return 1; fi
+    echo "{GPU_DRAWN_PREFIX} ${{width}}x${{height}}"
+    read -t 120 reply
+}}
+
 net_io_check() {{
     if ! ip link set eth0 up || ! ip addr add 192.0.2.1/24 dev eth0; then
         echo "{GUEST_MARK} net-io FAILED link up"; return 1
@@ -202,36 +286,86 @@ fi
 if [ -e /sys/class/net/eth0 ]; then
     net_io_check
 fi
+if virtio_device_present 0x001a; then
+    fs_io_check
+fi
+if virtio_device_present 0x0010; then
+    gpu_draw
+fi
 echo "{GUEST_DONE}"
 poweroff -f
 """
 
 
-def guest_init_script() -> str:
-    """The initramfs's /init: load virtio, check I/O on /dev/vda and eth0, say how it went, power off.
+def guest_init_script(modules: Sequence[str] = GUEST_MODULES) -> str:
+    """The initramfs's /init: load `modules`, check I/O on each device there is (/dev/vda, eth0, a virtio-fs
+    mount, a framebuffer to draw GPU_PATTERN on), say how it went, power off.
 
     With `loop_kernel_args(N)` on the kernel command line the disk check is repeated for N seconds instead,
     one `round K ok` or `round K FAILED ...` line each, then `rounds OK ok FAILED failed`."""
-    return _GUEST_INIT.format(modules=" ".join(GUEST_MODULES), pattern_offset_kib=PATTERN_OFFSET_MIB * 1024,
+    # XRGB8888 in memory, little-endian: blue, green, red, unused.
+    band_pixels = " ".join("'" + "".join(f"\\{byte:03o}" for byte in (blue, green, red, 0)) + "'"
+                           for red, green, blue in GPU_PATTERN)
+    return _GUEST_INIT.format(modules=" ".join(modules), pattern_offset_kib=PATTERN_OFFSET_MIB * 1024,
                               GUEST_MARK=GUEST_MARK, BLK_IO_OK=BLK_IO_OK, NET_IO_OK_PREFIX=NET_IO_OK_PREFIX,
                               GUEST_DONE=GUEST_DONE, LOOP_MODE_PARAMETER=LOOP_MODE_PARAMETER,
-                              LOOP_SECONDS_PARAMETER=LOOP_SECONDS_PARAMETER)
+                              LOOP_SECONDS_PARAMETER=LOOP_SECONDS_PARAMETER, FS_TAG=FS_TAG,
+                              FS_FILE_NAME=FS_FILE_NAME, FS_IO_OK=FS_IO_OK, GPU_DRAWN_PREFIX=GPU_DRAWN_PREFIX,
+                              band_count=len(GPU_PATTERN), band_pixels=band_pixels)
 
 
-def prepare(cache: Path | None = None, refresh: bool = False) -> GuestKit:
-    """Return the guest kit, fetching the cloud kernel and building the initramfs if the cache lacks them.
+def prepare(cache: Path | None = None, refresh: bool = False, flavour: KernelFlavour = CLOUD) -> GuestKit:
+    """Return the guest kit, fetching the kernel and building the initramfs if the cache lacks them.
 
-    A cached kernel is used as it is unless `refresh`, which asks apt for the current cloud kernel
+    `flavour` is CLOUD (blk, net, fs) or GENERIC (the GPU guest: the cloud kernel has no DRM).
+    A cached kernel is used as it is unless `refresh`, which asks apt for the current kernel
     (its version moves) and fetches it if it is new. Fetching needs `apt-cache`, `apt-get download`
     and `dpkg -x`, not root; when it fails, a cached kernel is used if there is one. The initramfs
     is rebuilt whenever its content (init script, busybox, modules) changes.
     """
-    cache = Path(cache) if cache else cache_dir()
+    cache = (Path(cache) if cache else cache_dir()) / flavour.subdirectory
     cache.mkdir(parents=True, exist_ok=True)
     with _locked(cache / ".lock"):
-        kernel_dir = _fetch_kernel(cache) if refresh else _newest_cached_kernel(cache) or _fetch_kernel(cache)
-        initrd = _build_initramfs(cache, kernel_dir)
-    return GuestKit(kernel=kernel_dir / "vmlinuz", initrd=initrd, kernel_package=kernel_dir.name[len("kernel-"):])
+        cached = None if refresh else _newest_cached_kernel(cache, flavour)
+        kernel_dir = cached or _fetch_kernel(cache, flavour)
+        modules = _cached_load_order(kernel_dir)
+        initrd = _build_initramfs(cache, kernel_dir, modules)
+    return GuestKit(kernel=kernel_dir / "vmlinuz", initrd=initrd, kernel_package=kernel_dir.name[len("kernel-"):],
+                    modules=modules)
+
+
+def prepare_gpu(cache: Path | None = None, refresh: bool = False) -> GuestKit:
+    """The GPU guest's kit: the generic kernel, with virtio_gpu and the DRM modules it needs."""
+    return prepare(cache, refresh, GENERIC)
+
+
+def module_depends(module: bytes) -> list[str]:
+    """The modules a kernel module needs loaded first: the `depends=` entry of its .modinfo strings."""
+    found = re.search(rb"(?:^|\x00)depends=([^\x00]*)\x00", module)
+    return [name for name in found[1].decode().split(",") if name] if found else []
+
+
+def module_load_order(modules: Mapping[str, bytes], wanted: Sequence[str]) -> list[str]:
+    """`wanted` in order, each preceded by what it depends on (transitively) that is not loaded yet.
+
+    `modules` maps names to module bytes (a name may be spelled with - or _)."""
+    order: list[str] = []
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        canonical = name.replace("-", "_")
+        if canonical in order:
+            return
+        if canonical in path:
+            raise LabError(f"module dependency cycle: {' -> '.join((*path, canonical))}")
+        if canonical not in modules:
+            raise LabError(f"module {canonical} (needed by {path[-1] if path else 'the guest'}) not found")
+        for dependency in module_depends(modules[canonical]):
+            visit(dependency, (*path, canonical))
+        order.append(canonical)
+
+    for name in wanted:
+        visit(name, ())
+    return order
 
 
 @contextlib.contextmanager
@@ -245,53 +379,69 @@ def _locked(lock_path: Path) -> Iterator[None]:
             fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
-def _fetch_kernel(cache: Path) -> Path:
+def _fetch_kernel(cache: Path, flavour: KernelFlavour) -> Path:
     try:
-        package = _resolve_kernel_package()
+        package = _resolve_kernel_package(flavour.metapackage)
     except LabError as error:
-        return _cached_kernel_or_raise(cache, error)
+        return _cached_kernel_or_raise(cache, flavour, error)
     kernel_dir = cache / f"kernel-{package}"
-    if (kernel_dir / "vmlinuz").is_file():
+    if _kernel_dir_serves(kernel_dir, flavour):
         return kernel_dir
     try:
-        _download_kernel(package, kernel_dir)
+        _download_kernel(package, kernel_dir, flavour)
     except LabError as error:
-        return _cached_kernel_or_raise(cache, error)
+        return _cached_kernel_or_raise(cache, flavour, error)
     for stale in cache.glob("kernel-*"):
         if stale != kernel_dir:
             shutil.rmtree(stale, ignore_errors=True)
     return kernel_dir
 
 
-def _newest_cached_kernel(cache: Path) -> Path | None:
-    cached = sorted((d for d in cache.glob("kernel-*") if (d / "vmlinuz").is_file()),
+_LOAD_ORDER_FILE = "load-order"
+
+
+def _cached_load_order(kernel_dir: Path) -> tuple[str, ...]:
+    return tuple((kernel_dir / "modules" / _LOAD_ORDER_FILE).read_text().split())
+
+
+def _kernel_dir_serves(kernel_dir: Path, flavour: KernelFlavour) -> bool:
+    """The unpacked kernel is there with every module the flavour loads (a kit from before a module was added
+    to the list is fetched again)."""
+    try:
+        return (kernel_dir / "vmlinuz").is_file() and set(flavour.modules) <= set(_cached_load_order(kernel_dir))
+    except OSError:
+        return False
+
+
+def _newest_cached_kernel(cache: Path, flavour: KernelFlavour) -> Path | None:
+    cached = sorted((d for d in cache.glob("kernel-*") if _kernel_dir_serves(d, flavour)),
                     key=lambda d: d.stat().st_mtime)
     return cached[-1] if cached else None
 
 
-def _cached_kernel_or_raise(cache: Path, error: LabError) -> Path:
-    cached = _newest_cached_kernel(cache)
+def _cached_kernel_or_raise(cache: Path, flavour: KernelFlavour, error: LabError) -> Path:
+    cached = _newest_cached_kernel(cache, flavour)
     if cached is None:
         raise error
     log.warning("%s; using the cached %s", error, cached.name)
     return cached
 
 
-def _resolve_kernel_package() -> str:
-    package = _kernel_package_from_apt_cache()
+def _resolve_kernel_package(metapackage: str) -> str:
+    package = _kernel_package_from_apt_cache(metapackage)
     if package is None and os.geteuid() == 0:
         # A fresh machine (or container) may have no package lists yet.
         _run(["apt-get", "update"], "apt-get update")
-        package = _kernel_package_from_apt_cache()
+        package = _kernel_package_from_apt_cache(metapackage)
     if package is None:
-        raise LabError(f"apt-cache does not know {KERNEL_METAPACKAGE}; run `apt-get update` (as root) first")
+        raise LabError(f"apt-cache does not know {metapackage}; run `apt-get update` (as root) first")
     return package
 
 
-def _kernel_package_from_apt_cache() -> str | None:
+def _kernel_package_from_apt_cache(metapackage: str) -> str | None:
     if shutil.which("apt-cache") is None:
         raise LabError("apt-cache not found: the guest kernel comes from Debian's archive")
-    result = subprocess.run(["apt-cache", "depends", KERNEL_METAPACKAGE], capture_output=True, text=True)
+    result = subprocess.run(["apt-cache", "depends", metapackage], capture_output=True, text=True)
     for line in result.stdout.splitlines():
         kind, _, name = line.strip().lstrip("|").partition(":")
         if kind == "Depends" and name.strip().startswith("linux-image-"):
@@ -299,7 +449,7 @@ def _kernel_package_from_apt_cache() -> str | None:
     return None
 
 
-def _download_kernel(package: str, kernel_dir: Path) -> None:
+def _download_kernel(package: str, kernel_dir: Path, flavour: KernelFlavour) -> None:
     """Keep only what the guest needs: the image and the modules /init loads (15 of 106 MB)."""
     with tempfile.TemporaryDirectory(dir=kernel_dir.parent, prefix=".download-") as scratch:
         scratch_dir = Path(scratch)
@@ -315,8 +465,18 @@ def _download_kernel(package: str, kernel_dir: Path) -> None:
         if not images:
             raise LabError(f"{package} has no boot/vmlinuz-*")
         shutil.copyfile(images[0], staged / "vmlinuz")
-        for module in GUEST_MODULES:
-            (staged / "modules" / f"{module}.ko").write_bytes(_read_module(unpacked, module))
+        loaded: dict[str, bytes] = {}
+        pending = list(flavour.modules)
+        while pending:
+            module = pending.pop().replace("-", "_")
+            if module not in loaded:
+                loaded[module] = _read_module(unpacked, module)
+                pending.extend(module_depends(loaded[module]))
+        order = module_load_order(loaded, flavour.modules)
+        for module in order:
+            (staged / "modules" / f"{module}.ko").write_bytes(loaded[module])
+        (staged / "modules" / _LOAD_ORDER_FILE).write_text("\n".join(order) + "\n")
+        shutil.rmtree(kernel_dir, ignore_errors=True)
         staged.rename(kernel_dir)
 
 
@@ -342,10 +502,10 @@ def _read_module(root: Path, module: str) -> bytes:
     raise LabError(f"module {module} not found in the kernel package")
 
 
-def _build_initramfs(cache: Path, kernel_dir: Path) -> Path:
+def _build_initramfs(cache: Path, kernel_dir: Path, load_order: Sequence[str]) -> Path:
     busybox = _static_busybox()
-    init = guest_init_script().encode()
-    modules = [(m, (kernel_dir / "modules" / f"{m}.ko").read_bytes()) for m in GUEST_MODULES]
+    init = guest_init_script(load_order).encode()
+    modules = [(m, (kernel_dir / "modules" / f"{m}.ko").read_bytes()) for m in load_order]
     digest = hashlib.sha256()
     for part in (init, busybox.read_bytes(), kernel_dir.name.encode(), *(data for _, data in modules)):
         digest.update(hashlib.sha256(part).digest())
@@ -509,8 +669,9 @@ def qemu10(cache: Path | None = None) -> QemuProgram:
     Fetching runs `apt-get update` on a private package list holding only that suite (the system's apt
     sources are left alone), `apt-get download` of QEMU10_PACKAGES and `dpkg -x` of each; it needs root
     or a writable apt cache, so .ci/install-deps.sh does it ahead of the tests. The program returned runs
-    with `-L` and QEMU_MODULE_DIR pointing into the unpacked tree, and `-audio none`: it probes audio
-    back-ends this machine lacks otherwise, and says so on every start."""
+    with `-L` and QEMU_MODULE_DIR pointing into the unpacked tree; with `-audio none`, else it probes audio
+    back-ends this machine lacks and says so on every start; and with `-nodefaults` (the serial console added
+    back), else SeaBIOS spends about 30 s under TCG on q35's default CD-ROM before it boots the kernel."""
     root = qemu10_dir(cache) / "root"
     executable = root / "usr/bin/qemu-system-x86_64"
     if not executable.is_file():
@@ -518,7 +679,8 @@ def qemu10(cache: Path | None = None) -> QemuProgram:
         with _locked(root.parent / ".lock"):
             if not executable.is_file():
                 _unpack_qemu10(root)
-    return QemuProgram(str(executable), ("-L", str(root / "usr/share/qemu"), "-audio", "none"),
+    return QemuProgram(str(executable), ("-L", str(root / "usr/share/qemu"), "-audio", "none", "-nodefaults",
+                                         "-serial", "mon:stdio"),
                        {"QEMU_MODULE_DIR": str(root / "usr/lib/x86_64-linux-gnu/qemu")})
 
 
@@ -639,10 +801,11 @@ class Backend(LabProcess):
     """A vhost-user back-end (qemu-storage-daemon or dpdk-testpmd) serving `socket_path`."""
 
     def __init__(self, name: str, proc: subprocess.Popen, log_path: Path, socket_path: Path,
-                 disk_path: Path | None = None) -> None:
+                 disk_path: Path | None = None, shared_dir: Path | None = None) -> None:
         super().__init__(name, proc, log_path)
         self.socket_path = socket_path
         self.disk_path = disk_path
+        self.shared_dir = shared_dir
 
     def wait_for_socket(self, timeout: float = 10.0) -> None:
         """Return once someone listens at `socket_path` (a stale socket file there does not count); stop the
@@ -778,10 +941,24 @@ def start_storage_daemon(workdir: Path | str, socket_path: Path | str, size_mb: 
 _testpmd_instances = itertools.count()
 
 
+#: DPDK's vhost library logs "read message VHOST_USER_<NAME>" for each front-end message at this level.
+TESTPMD_MESSAGE_LOG = "--log-level=lib.vhost.config:debug"
+_TESTPMD_READ_MESSAGE = re.compile(r"read message (VHOST_USER_\w+)")
+
+
+def testpmd_messages_read(log: str) -> list[str]:
+    """The front-end requests dpdk-testpmd says it read, in order, by DPDK's names without VHOST_USER_
+    (DPDK 22.11 still says SET_SLAVE_REQ_FD for SET_BACKEND_REQ_FD)."""
+    return [match[1][len("VHOST_USER_"):] for match in _TESTPMD_READ_MESSAGE.finditer(log)]
+
+
 def start_testpmd(workdir: Path | str, socket_path: Path | str, client_mode: bool = False,
                   prefix: str | None = None, *, cpu: Cpus = None, name: str | None = None,
-                  timeout: float = 15.0) -> Testpmd:
+                  timeout: float = 15.0, queues: int = 1) -> Testpmd:
     """Start dpdk-testpmd as a vhost-user-net back-end (net_vhost PMD) on `socket_path`.
+
+    `queues` queue pairs (testpmd's --rxq and --txq too). It logs every front-end message it reads
+    (`testpmd_messages_read`: an independent record to check a capture against).
 
     By default it listens, and this returns once the socket exists. With `client_mode` it
     connects to a socket someone else listens on (retrying until it can) and this returns once
@@ -791,9 +968,10 @@ def start_testpmd(workdir: Path | str, socket_path: Path | str, client_mode: boo
     workdir, socket_path = Path(workdir), Path(socket_path)
     prefix = prefix or f"vhusniff-{os.getpid()}-{next(_testpmd_instances)}"
     name = name or f"testpmd-{prefix}"
-    vdev = f"net_vhost0,iface={socket_path},queues=1" + (",client=1" if client_mode else "")
+    vdev = f"net_vhost0,iface={socket_path},queues={int(queues)}" + (",client=1" if client_mode else "")
     command = ["dpdk-testpmd", "--no-huge", "-m", "1024", "--no-pci", "--file-prefix", prefix,
-               "--vdev", vdev, "--", "--total-num-mbufs=4096"]
+               TESTPMD_MESSAGE_LOG, "--vdev", vdev, "--", "--total-num-mbufs=4096",
+               f"--rxq={int(queues)}", f"--txq={int(queues)}"]
     if not client_mode:
         _remove_stale_socket(socket_path)
     proc, log_path = _spawn(command, workdir, name, cpu, stdin=subprocess.PIPE)
@@ -803,6 +981,38 @@ def start_testpmd(workdir: Path | str, socket_path: Path | str, client_mode: boo
     else:
         testpmd.wait_for_socket(timeout)
     return testpmd
+
+
+VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
+
+
+def start_virtiofsd(workdir: Path | str, socket_path: Path | str, shared_dir: Path | str | None = None, *,
+                    cpu: Cpus = None, name: str = "virtiofsd", timeout: float = 10.0) -> Backend:
+    """Start C virtiofsd (qemu-system-common 7.2) sharing `shared_dir` (default: a fresh `workdir/shared`) as
+    a vhost-user-fs back-end on `socket_path`; return once it listens. It serves one connection and exits when
+    that ends. `Backend.shared_dir` is the shared folder."""
+    workdir, socket_path = Path(workdir), Path(socket_path)
+    shared = (Path(shared_dir) if shared_dir else workdir / "shared").resolve()   # it chroots there: no relative path
+    shared.mkdir(parents=True, exist_ok=True)
+    _remove_stale_socket(socket_path)
+    # chroot, not namespaces: namespace sandboxing needs privileges a container may not give.
+    command = [VIRTIOFSD, f"--socket-path={socket_path}", "-o", f"source={shared}", "-o", "sandbox=chroot",
+               "-o", "cache=auto"]
+    proc, log_path = _spawn(command, workdir, name, cpu)
+    backend = Backend(name, proc, log_path, socket_path, shared_dir=shared)
+    backend.wait_for_socket(timeout)
+    return backend
+
+
+def start_vhost_user_gpu(workdir: Path | str, socket_path: Path | str, *, cpu: Cpus = None,
+                         name: str = "vhost-user-gpu", timeout: float = 10.0) -> Backend:
+    """Start vhost-user-gpu (qemu-system-gui 7.2, 2D: no virgl) on `socket_path`; return once it listens."""
+    workdir, socket_path = Path(workdir), Path(socket_path)
+    _remove_stale_socket(socket_path)
+    proc, log_path = _spawn([str(vhost_user_gpu_program()), f"--socket-path={socket_path}"], workdir, name, cpu)
+    backend = Backend(name, proc, log_path, socket_path)
+    backend.wait_for_socket(timeout)
+    return backend
 
 
 @dataclasses.dataclass(frozen=True)
@@ -826,6 +1036,16 @@ class GuestResult:
         return guest_reports(self.console.splitlines())
 
     @property
+    def fs_io_ok(self) -> bool:
+        """The guest mounted the virtio-fs tag, wrote a file, remounted and read the same bytes back."""
+        return FS_IO_OK in self.guest_lines
+
+    @property
+    def gpu_drawn(self) -> tuple[int, int] | None:
+        """The framebuffer size the guest drew GPU_PATTERN on, if it did."""
+        return gpu_drawn_size(self.guest_lines)
+
+    @property
     def rounds(self) -> list[tuple[int, bool]]:
         """The loop mode's rounds (`loop_kernel_args`): (round number, passed), in order."""
         found = (_ROUND_REPORT.match(line) for line in self.guest_lines)
@@ -837,6 +1057,15 @@ class GuestResult:
         return self.exit_code == 0 and self.done
 
 
+def gpu_drawn_size(guest_lines: Iterable[str]) -> tuple[int, int] | None:
+    """(width, height) from the guest's `gpu-drawn WxH` line, or None."""
+    for line in guest_lines:
+        if line.startswith(GPU_DRAWN_PREFIX):
+            width, _, height = line[len(GPU_DRAWN_PREFIX):].strip().partition("x")
+            return int(width), int(height)
+    return None
+
+
 def guest_reports(console_lines: Iterable[str]) -> list[str]:
     """The `VHUSNIFF-GUEST: ...` lines, cut loose from any console output glued in front of them."""
     return [line[line.index(GUEST_MARK):].rstrip() for line in console_lines if GUEST_MARK in line]
@@ -846,9 +1075,11 @@ class Guest(LabProcess):
     """A running QEMU guest whose console (QEMU's stdout and stderr) is read line by line."""
 
     def __init__(self, name: str, proc: subprocess.Popen, log_path: Path, chardev_path: Path,
-                 on_console_line: ConsoleCallback | None) -> None:
+                 on_console_line: ConsoleCallback | None, qmp_path: Path | None = None) -> None:
         super().__init__(name, proc, log_path)
         self.chardev_path = chardev_path
+        #: QEMU's QMP socket, if it was started with one (the GPU guest: `screendump`).
+        self.qmp_path = qmp_path
         assert proc.stdout is not None, "start_qemu spawns QEMU with its stdout piped: the console is read there"
         self._console: IO[bytes] = proc.stdout
         self.started_at = time.monotonic()
@@ -910,6 +1141,24 @@ class Guest(LabProcess):
                                      f"{self.log_path}:\n{self.log_tail()}")
                 self._new_line.wait(left)
 
+    def send_console(self, text: str) -> None:
+        """Type `text` on the guest's serial console (QEMU started with console input: the GPU guest)."""
+        if self.proc.stdin is None:
+            raise LabError(f"{self.name} was started without console input")
+        self.proc.stdin.write(text.encode())
+        self.proc.stdin.flush()
+
+    def qmp(self, command: str, timeout: float = 30.0, **arguments: object) -> object:
+        """Run one QMP command on this QEMU and return its "return" value; LabError if QEMU answers an error."""
+        if self.qmp_path is None:
+            raise LabError(f"{self.name} was started without a QMP socket")
+        return qmp_command(self.qmp_path, command, timeout, **arguments)
+
+    def screendump(self, path: Path | str) -> Screen:
+        """The guest's screen now, through QMP `screendump` (PPM), read back as a `Screen`."""
+        self.qmp("screendump", filename=str(path))
+        return Screen.from_ppm(Path(path).read_bytes())
+
     def console_text(self) -> str:
         """The console so far."""
         with self._new_line:
@@ -935,6 +1184,10 @@ class Guest(LabProcess):
         super()._release()
 
 
+#: The vhost-user devices the lab boots.
+DEVICES = ("blk", "net", "fs", "gpu")
+
+
 def default_accel() -> str:
     """``$VHUSNIFF_ACCEL`` or TCG: /dev/kvm can exist where nested KVM still fails, so KVM is opt-in."""
     return os.environ.get("VHUSNIFF_ACCEL") or "tcg"
@@ -943,23 +1196,34 @@ def default_accel() -> str:
 def qemu_command(kit: GuestKit, chardev_path: Path | str, device: str = "blk", server: bool = False,
                  reconnect: int | None = None, extra_args: Iterable[str] = (), accel: str | None = None,
                  net_msix: bool = False, kernel_args: Iterable[str] = (),
-                 qemu: QemuProgram | str | None = None) -> list[str]:
+                 qemu: QemuProgram | str | None = None, queues: int = 1,
+                 qmp_path: Path | str | None = None) -> list[str]:
     """The qemu-system-x86_64 command line `start_qemu()` runs (`qemu`: see `qemu_program`)."""
     chardev = f"socket,id=c0,path={_qemu_option_value(chardev_path)}"
     if server:
         chardev += ",server=on,wait=off"
     if reconnect is not None:
         chardev += f",reconnect={int(reconnect)}"
+    queues = int(queues)
     if device == "blk":
-        device_args = ["-device", "vhost-user-blk-pci,chardev=c0,num-queues=1"]
+        device_args = ["-device", f"vhost-user-blk-pci,chardev=c0,num-queues={queues}"]
     elif device == "net":
         # QEMU 7.2 segfaults in vhost_net_start (msix_set_vector_notifiers) when the guest driver starts
         # a vhost-user-net device with MSI-X; with legacy interrupts (vectors=0) the guest runs fine.
         # romfile= drops the iPXE option ROM, which only costs boot time here.
         net_device = "virtio-net-pci,netdev=n0,romfile=" + ("" if net_msix else ",vectors=0")
-        device_args = ["-netdev", "vhost-user,id=n0,chardev=c0", "-device", net_device]
+        if queues > 1:
+            net_device += ",mq=on"
+        device_args = ["-netdev", f"vhost-user,id=n0,chardev=c0,queues={queues}", "-device", net_device]
+    elif device == "fs":
+        device_args = ["-device", f"vhost-user-fs-pci,chardev=c0,tag={FS_TAG},num-request-queues={queues}"]
+    elif device == "gpu":
+        # No EDID: the guest then takes the device's default mode. Only QEMU 8 and later run it under TCG.
+        device_args = ["-device", "vhost-user-gpu-pci,chardev=c0,edid=off"]
     else:
-        raise ValueError(f"device must be 'blk' or 'net', not {device!r}")
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
+    if qmp_path is not None:
+        device_args += ["-qmp", f"unix:{_qemu_option_value(qmp_path)},server=on,wait=off"]
     return qemu_program(qemu).command(
         "-accel", accel or default_accel(), "-cpu", "max", "-m", str(GUEST_MEMORY_MB),
         "-nographic", "-no-reboot",
@@ -978,7 +1242,8 @@ def start_qemu(workdir: Path | str, kit: GuestKit, chardev_path: Path | str, dev
                server: bool = False, reconnect: int | None = None, extra_args: Iterable[str] = (), *,
                cpu: Cpus = None, accel: str | None = None, name: str = "qemu", net_msix: bool = False,
                on_console_line: ConsoleCallback | None = None, socket_timeout: float = 10.0,
-               kernel_args: Iterable[str] = (), qemu: QemuProgram | str | None = None) -> Guest:
+               kernel_args: Iterable[str] = (), qemu: QemuProgram | str | None = None, queues: int = 1,
+               qmp_path: Path | str | None = None) -> Guest:
     """Boot the guest kit in QEMU with a vhost-user `device` ("blk" or "net") on `chardev_path`.
 
     QEMU connects to `chardev_path` (the back-end or the proxy must already listen, unless
@@ -989,19 +1254,104 @@ def start_qemu(workdir: Path | str, kit: GuestKit, chardev_path: Path | str, dev
     `workdir/<name>.log`, passed line by line to `on_console_line` (from a reader thread) and
     available from `Guest.console_lines()`. `kernel_args` go on the guest kernel's command line
     (`loop_kernel_args(N)`: the disk check repeated for N seconds). `qemu` picks the QEMU (`qemu_program`:
-    the system's by default, "10" for QEMU 10, or a path).
+    the system's by default, "10" for QEMU 10, or a path). `queues`: the device's queues (net: queue pairs;
+    fs: request queues). A "gpu" guest (`prepare_gpu()`'s kit, QEMU 10) gets a QMP socket at `qmp_path`
+    (default `workdir/<name>-qmp.sock`) and console input: it draws, then waits for a line (`send_console`).
     """
     workdir, chardev_path = Path(workdir), Path(chardev_path)
     program = qemu_program(qemu)
+    if device == "gpu" and qmp_path is None:
+        qmp_path = workdir / f"{name}-qmp.sock"
     command = qemu_command(kit, chardev_path, device, server, reconnect, extra_args, accel, net_msix,
-                           kernel_args, program)
+                           kernel_args, program, queues, qmp_path)
     if server:
         _remove_stale_socket(chardev_path)
-    proc, log_path = _spawn(command, workdir, name, cpu, capture_stdout=True, env=program.environ())
-    guest = Guest(name, proc, log_path, chardev_path, on_console_line)
+    stdin = subprocess.PIPE if device == "gpu" else subprocess.DEVNULL
+    proc, log_path = _spawn(command, workdir, name, cpu, capture_stdout=True, env=program.environ(), stdin=stdin)
+    guest = Guest(name, proc, log_path, chardev_path, on_console_line, Path(qmp_path) if qmp_path else None)
     if server:
         _wait_until(lambda: _is_socket(chardev_path), socket_timeout, guest, f"socket {chardev_path}")
     return guest
+
+
+# --------------------------------------------------------------------------------------------
+# The GPU guest's screen: QMP and the pattern check
+# --------------------------------------------------------------------------------------------
+
+def qmp_command(qmp_path: Path | str, command: str, timeout: float = 30.0, **arguments: object) -> object:
+    """Connect to QEMU's QMP socket, run one command and return its "return" value (events are skipped)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+            connection.settimeout(timeout)
+            connection.connect(str(qmp_path))
+            stream = connection.makefile("rwb")
+            replies = (json.loads(line) for line in stream)
+            next(replies)                                    # the greeting
+            for execute, args in (("qmp_capabilities", {}), (command, arguments)):
+                stream.write(json.dumps({"execute": execute, "arguments": args}).encode() + b"\n")
+                stream.flush()
+                reply = next(reply for reply in replies if "event" not in reply)
+                if "error" in reply:
+                    raise LabError(f"QMP {execute} on {qmp_path}: {reply['error'].get('desc', reply['error'])}")
+            return reply.get("return")
+    except (OSError, StopIteration, ValueError) as error:
+        raise LabError(f"QMP {command} on {qmp_path}: {error or 'connection closed'}") from error
+
+
+@dataclasses.dataclass(frozen=True)
+class Screen:
+    """A screen image: width, height and RGB bytes, row by row."""
+    width: int
+    height: int
+    rgb: bytes
+
+    @classmethod
+    def from_ppm(cls, data: bytes) -> Screen:
+        """Read a binary PPM (P6, maxval 255), as QEMU's screendump writes it."""
+        fields = re.match(rb"P6\s+(\d+)\s+(\d+)\s+255\s", data)
+        if fields is None:
+            raise LabError(f"not a binary PPM with 8-bit samples: {data[:16]!r}")
+        width, height = int(fields[1]), int(fields[2])
+        rgb = data[fields.end():fields.end() + width * height * 3]
+        if len(rgb) != width * height * 3:
+            raise LabError(f"PPM {width}x{height} holds {len(rgb)} of {width * height * 3} pixel bytes")
+        return cls(width, height, rgb)
+
+    def pixel(self, x: int, y: int) -> tuple[int, int, int]:
+        offset = (y * self.width + x) * 3
+        return self.rgb[offset], self.rgb[offset + 1], self.rgb[offset + 2]
+
+    def pattern_match(self, pattern: Sequence[tuple[int, int, int]] = GPU_PATTERN) -> float:
+        """The share of pixels in the pattern's bands (the screen's height split in len(pattern) bands, top to
+        bottom) that have their band's colour: 1.0 is the whole pattern, exactly."""
+        band_height = self.height // len(pattern)
+        if band_height == 0:
+            return 0.0
+        matching = 0
+        row_bytes = self.width * 3
+        for band, colour in enumerate(pattern):
+            expected_row = bytes(colour) * self.width
+            for y in range(band * band_height, (band + 1) * band_height):
+                row = self.rgb[y * row_bytes:(y + 1) * row_bytes]
+                if row == expected_row:
+                    matching += self.width
+                else:
+                    matching += sum(1 for x in range(0, row_bytes, 3) if row[x:x + 3] == expected_row[x:x + 3])
+        return matching / (band_height * len(pattern) * self.width)
+
+
+def wait_for_pattern(guest: Guest, workdir: Path | str, timeout: float = 30.0,
+                     pattern: Sequence[tuple[int, int, int]] = GPU_PATTERN) -> tuple[Screen, float]:
+    """Take screendumps until the screen shows `pattern` exactly (the guest's framebuffer writes reach the
+    screen through the GPU back-end a little later) or `timeout` passes; return the last screen and its match."""
+    deadline = time.monotonic() + timeout
+    path = Path(workdir) / f"{guest.name}-screen.ppm"
+    while True:
+        screen = guest.screendump(path)
+        match = screen.pattern_match(pattern)
+        if match == 1.0 or time.monotonic() > deadline or not guest.running:
+            return screen, match
+        time.sleep(0.2)
 
 
 # --------------------------------------------------------------------------------------------
