@@ -2,19 +2,22 @@
 over a stated type; and how it was decided, where a person reads it."""
 from __future__ import annotations
 
+import struct
 import subprocess
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
-from peers import FakeFrontend
+from peers import FakeFrontend, kit, require  # noqa: F401  (kit: a pytest fixture)
 from vhusniff.analysis.state import ConnectionState
 from vhusniff.capture.pcapng import read_capture
+from vhusniff.lab import peers as lab
 from vhusniff.model import Channel, Direction, EventKind, Record, RecordKind
 from vhusniff.protocol import catalogue as cat
-from vhusniff.protocol.context import ContextTracker
+from vhusniff.protocol.context import ContextTracker, infer_device_type
 from vhusniff.protocol.grammar import build_message
+from vhusniff.proxy import Proxy, Route
 
 REPO = Path(__file__).resolve().parent.parent
 BLK = REPO / "captures" / "qemu-blk-boot.pcapng"
@@ -132,3 +135,53 @@ def test_replay_rejects_an_unknown_device_type():
                           "--listen", "/nonexistent/x.sock", "--device", "floppy"], cwd=REPO, capture_output=True,
                          text=True, timeout=30)
     assert run.returncode == 2 and "invalid choice" in run.stderr and "Traceback" not in run.stderr
+
+
+# ---- the live proxy records the type it infers, and how ------------------------------------------------------
+
+def test_one_message_inference_agrees_with_the_context_tracker():
+    """The proxy looks at single messages (infer_device_type); reading a capture follows the ContextTracker:
+    both use the catalogue's rules, and say the same."""
+    cases = [build_message(Channel.MAIN, request) if request != F.NET_SET_MTU else
+             build_message(Channel.MAIN, request, {"mtu": 1500}) for request in (F.NET_SET_MTU, F.GPU_SET_SOCKET)]
+    cases += [_config_reply(size).data for size in (57, 60, 16, 8)]
+    cases += [build_message(Channel.MAIN, F.GET_CONFIG, {"offset": 4, "size": 57, "flags": 0, "data": bytes(57)},
+                            reply=True), build_message(Channel.MAIN, F.GET_FEATURES)]
+    for data in cases:
+        direction = B2F if data[4] & cat.FLAG_REPLY else Direction.FRONTEND_TO_BACKEND
+        tracker, _state = _fed([_message(data, direction)])
+        found = infer_device_type(Channel.MAIN, data)
+        assert (found[0] if found else None) == tracker.context_for(1).device_type, data[:12].hex()
+        assert infer_device_type(Channel.BACKEND, data) is None
+
+
+def test_a_proxy_without_device_records_the_type_a_real_qemu_boot_tells_and_how(kit, tmp_path):
+    require("qemu-storage-daemon")
+    backend_socket, proxy_socket, capture = tmp_path / "backend.sock", tmp_path / "proxy.sock", tmp_path / "c.pcapng"
+    with lab.start_storage_daemon(tmp_path, backend_socket):
+        proxy = Proxy([Route.forward(proxy_socket, backend_socket, None)], capture=capture,
+                      report=lambda text: None).start()
+        try:
+            with lab.start_qemu(tmp_path, kit, proxy_socket, device="blk") as guest:
+                result = guest.wait(180)
+            assert proxy.wait_until(lambda p: p.connections_total > 0 and p.active_connections == 0, 30)
+        finally:
+            proxy.stop()
+    assert result.blk_io_ok, result.console
+    records = list(read_capture(capture))
+    devices = [n for n, r in enumerate(records) if r.kind == RecordKind.EVENT and r.event == EventKind.DEVICE]
+    assert [records[n].note for n in devices] == ["blk"]
+    how = records[devices[0] - 1].note
+    config = [n for n, r in enumerate(records[:devices[0]]) if r.kind == RecordKind.MESSAGE and
+              r.data[:4] == struct.pack("<I", F.GET_CONFIG) and r.direction == B2F]
+    assert config
+    number = len([r for r in records[:config[-1] + 1] if r.kind == RecordKind.MESSAGE])   # messages from 1
+    assert how == f"device type blk inferred from GET_CONFIG size 57 (message #{number})"   # QEMU 7.2 reads 57
+    # every SET_FEATURES comes after the DEVICE event, and reads with blk's bit names
+    features = [n for n, r in enumerate(records) if r.kind == RecordKind.MESSAGE and r.data[:4] == struct.pack(
+        "<I", F.SET_FEATURES)]
+    assert features and min(features) > devices[0]
+    tracker = ContextTracker()
+    summaries = [m.summary() for m in map(tracker.decode, records) if m is not None and m.request == F.SET_FEATURES]
+    assert summaries and all("SEG_MAX" in summary for summary in summaries), summaries   # blk bit 2, not bit2
+    assert tracker.context_for(records[0].connection).device_source == "stated by the capture"

@@ -2,11 +2,36 @@
 meant it (Xen regions, packed-ring bases, feature names for the device type)."""
 from __future__ import annotations
 
+import struct
 from dataclasses import replace
 
 from ..model import Channel, EventKind, Record, RecordKind
 from . import catalogue as cat
-from .grammar import DEFAULT_CONTEXT, DecodeContext, Message, decode
+from .grammar import DEFAULT_CONTEXT, HEADER_SIZE, HEADER_STRUCT, DecodeContext, Message, decode
+
+# The front-end requests that tell the device type by being sent at all (CONTEXT_RULES' value rules).
+_DEVICE_REQUESTS = {int(request): (rule.value, cat.FrontendRequest(request).name)
+                    for request, rule in cat.CONTEXT_RULES.items()
+                    if rule.context_field == "device_type" and rule.value}
+_CONFIG_WINDOW = struct.Struct("<II")          # a config payload's offset and size
+
+
+def infer_device_type(channel: Channel, data: bytes) -> tuple[str, str] | None:
+    """(device type, what told it) when one message's bytes tell the device type by the rules the ContextTracker
+    follows (NET_SET_MTU, GPU_SET_SOCKET, ..., a whole config space only one device type has); else None. Reads
+    the header only, and a GET_CONFIG reply's window: cheap enough for a proxy's every message."""
+    if channel != Channel.MAIN or len(data) < HEADER_SIZE:
+        return None
+    request, flags, size = HEADER_STRUCT.unpack_from(data)
+    if not flags & cat.FLAG_REPLY:
+        return _DEVICE_REQUESTS.get(request)
+    if request != cat.FrontendRequest.GET_CONFIG or size < 12 or len(data) != HEADER_SIZE + size:
+        return None
+    offset, window = _CONFIG_WINDOW.unpack_from(data, HEADER_SIZE)
+    device = cat.CONFIG_SIZE_DEVICES.get(window)
+    if device is None or offset != 0 or size != 12 + window:
+        return None
+    return device, f"GET_CONFIG size {window}"
 
 
 class ContextTracker:

@@ -73,7 +73,7 @@ from ..engine.hooks import HookChain
 from ..engine.sockio import _ANCILLARY_SPACE, RECV_SIZE, received_fds, send_some
 from ..model import Channel, Direction, EventKind, Record, RecordKind
 from ..protocol.catalogue import FrontendRequest
-from ..protocol.context import ContextTracker
+from ..protocol.context import ContextTracker, infer_device_type
 from ..views.present import record_line
 from .routes import (
     BACKEND,
@@ -162,7 +162,8 @@ class _Endpoint:
 class _Connection:
     """A front-end/back-end pair and its side channels, numbered from 1 across the whole proxy."""
 
-    __slots__ = ("number", "route", "session", "channels", "closed", "started_ns", "streams", "rings", "relays")
+    __slots__ = ("number", "route", "session", "channels", "closed", "started_ns", "streams", "rings", "relays",
+                 "device_unknown")
 
     def __init__(self, number: int, route: Route, session: Session):
         self.number = number
@@ -174,6 +175,8 @@ class _Connection:
         self.streams: list[_StreamRelay] = []      # device-state pipes being relayed
         self.rings: RingWatch | None = None         # with rings or notifications: the data plane followed
         self.relays: dict[tuple[int, str], NotificationRelay] = {}   # (ring, kick|call) -> its relay
+        # no --device for the route and none inferred yet: each main-channel message is looked at until one tells
+        self.device_unknown = not route.device
 
     @property
     def messages(self) -> int:
@@ -718,6 +721,8 @@ class Proxy:
         conn.session.messages += 1
         if endpoint.write_plain is not None:
             endpoint.write_plain(timestamp, data)
+        if conn.device_unknown:
+            self._infer_device(conn, endpoint.channel, data)
         if self._observed_always or self._waiters:
             self._observe(Record(timestamp, conn.number, endpoint.channel, endpoint.direction, data))
         try:
@@ -766,6 +771,8 @@ class Proxy:
                 if conn.rings is not None and command.fate == Fate.FORWARDED:
                     self._emit_samples(conn, conn.rings.observe(command.channel, command.direction, command.data,
                                                                 command.fds))
+                if conn.device_unknown and not command.unframed:
+                    self._infer_device(conn, command.channel, command.data)
             elif kind is Send:
                 self._send_command(conn, command)
             elif kind is Note:
@@ -791,6 +798,16 @@ class Proxy:
                 self._teardown(conn)
             elif kind is Wake:
                 self._schedule(command.seconds, self._wake, conn, command.token)
+
+    def _infer_device(self, conn: _Connection, channel: Channel, data: bytes) -> None:
+        """Nobody stated the device type: record it (a DEVICE event), and how it was decided, once a message
+        tells it (the rules of protocol.context, the same that reading the capture follows)."""
+        found = infer_device_type(channel, data)
+        if found is not None:
+            conn.device_unknown = False
+            device, how = found
+            self._event(conn, Channel.MAIN, f"device type {device} inferred from {how} (message #{conn.messages})")
+            self._event(conn, Channel.MAIN, device, kind=EventKind.DEVICE)
 
     def _wake(self, conn: _Connection, token) -> None:
         if not conn.closed:
