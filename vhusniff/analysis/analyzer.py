@@ -146,6 +146,7 @@ class Analyzer:
         self.finished = False
         self.ring_checks = RingChecks()                 # stuck-ring and friends, from the ring samples
         self._raised: list[Finding] = []                # the findings of the record being fed
+        self._names: dict[tuple[Channel, int, int], str] = {}
 
     # --- the API ------------------------------------------------------------------------------------------------
     def state(self, connection: int) -> ConnectionState:
@@ -224,14 +225,14 @@ class Analyzer:
         if not self.keep and record.connection in self.forgotten:
             return []
         self._feed(record, message, number)
-        return self._retain()
+        return self._retain() if self._raised else []
 
     def _retain(self) -> list[Finding]:
         """The findings just raised: counted per connection and check, and kept (streaming: up to EXAMPLES_KEPT
         of each check per connection)."""
         new = self._raised
         if not new:
-            return new
+            return []
         self._raised = []
         for finding in new:
             conn = self._connection(finding.connection)
@@ -302,6 +303,14 @@ class Analyzer:
             conn = self.connections[connection] = ConnectionAnalysis(ConnectionState(connection, self.profile))
         return conn
 
+    def _name(self, message: Message) -> str:
+        """message.name, looked up once per request (and profile) rather than once per message."""
+        key = (message.channel, message.request, id(message.context.profile))
+        name = self._names.get(key)
+        if name is None:
+            name = self._names[key] = message.name
+        return name
+
     def _add(self, check: str, connection: int, numbers: tuple[int | None, ...], text: str) -> None:
         assert check in CHECKS, check
         self._raised.append(Finding(check, connection, tuple(n for n in numbers if n is not None), text))
@@ -319,7 +328,7 @@ class Analyzer:
             state = conn.state
             expect = expectation(message, state.protocol_features_acked or 0, state.profile,
                                  state.postcopy_listening)
-            name = message.name
+            name = self._name(message)
             if not self.keep:
                 key = (record.channel, name)
                 summary = self.summary.get(key)

@@ -146,7 +146,7 @@ def check_message(state: ConnectionState, number: int, record: Record, message: 
 
     for problem in message.problems:
         add(PROBLEM_CHECKS.get(problem.code, "payload-layout"), f"{message.name}: {problem.text}")
-    if message.is_reply or message.request < 0:
+    if message.flags & cat.FLAG_REPLY or message.request < 0:
         return found
     spec = request_table(message.channel).get(message.request)
     if spec is not None:
@@ -179,6 +179,10 @@ def _check_gpu_request(add, message: Message) -> None:
                                    f"{len(payload.data)} sent")
 
 
+_FD_COUNTS: MappingProxyType[cat.FdRule, tuple[int, ...]] = MappingProxyType({
+    cat.FdRule.NONE: (0,), cat.FdRule.ONE: (1,), cat.FdRule.OPTIONAL: (0, 1)})     # fds a fixed fd rule allows
+
+
 def _check_fds(add, spec: cat.RequestSpec, record: Record, message: Message) -> None:
     count, rule = len(record.fds), spec.request_fds
     if message.request == F.ADD_MEM_REG and message.channel == Channel.MAIN:
@@ -194,7 +198,7 @@ def _check_fds(add, spec: cat.RequestSpec, record: Record, message: Message) -> 
     elif rule == cat.FdRule.PER_REGION and message.kind and message.kind.startswith("mem_table"):
         expected = (message.payload.nregions,)
     else:
-        expected = {cat.FdRule.NONE: (0,), cat.FdRule.ONE: (1,), cat.FdRule.OPTIONAL: (0, 1)}.get(rule)
+        expected = _FD_COUNTS.get(rule)
     if expected is not None and count not in expected:
         add("fd-count", f"{message.name} with {count} fd(s), expected {' or '.join(map(str, expected))}")
 

@@ -122,7 +122,7 @@ class ConnectionState:
     ended_number: int | None = None
     ended_note: str = ""
     history: list[tuple[int, str]] = field(default_factory=list)   # milestones for the report
-    last_request: tuple[int, str] | None = None
+    last_request_message: tuple[int, Message] | None = None    # named only when asked (last_request)
     history_not_kept: int = 0
     recent: deque[tuple[int, int]] = field(default_factory=lambda: deque(maxlen=RECENT_KEPT))  # (ordinal, record)
 
@@ -155,6 +155,14 @@ class ConnectionState:
         return any(v.ever_started for v in self.vrings.values()) and not any(v.started for v in self.vrings.values())
 
     @property
+    def last_request(self) -> tuple[int, str] | None:
+        """(record number, name) of the connection's last request."""
+        if self.last_request_message is None:
+            return None
+        number, message = self.last_request_message
+        return number, message.name
+
+    @property
     def ended(self) -> bool:
         return self.ended_number is not None
 
@@ -180,14 +188,17 @@ class ConnectionState:
             return
         self.messages += 1
         self.recent.append((self.messages, number))
-        if message is not None and not message.is_reply and message.channel != Channel.DEVICE_STATE:
-            self.last_request = (number, message.name)       # a migration-stream chunk is not a request
-        if message is None or message.kind is None or message.channel != Channel.MAIN:
+        if message is None:
+            return
+        reply = message.flags & cat.FLAG_REPLY
+        if not reply and message.channel != Channel.DEVICE_STATE:
+            self.last_request_message = (number, message)       # a migration-stream chunk is not a request
+        if message.kind is None or message.channel != Channel.MAIN:
             return
         if message.context.device_type:
             self.device_type = message.context.device_type
             self.device_source = message.context.device_source
-        if message.is_reply:
+        if reply:
             self._reply(number, message)
         elif record.direction == Direction.FRONTEND_TO_BACKEND:
             self._request(number, record, message)
