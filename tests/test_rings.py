@@ -26,7 +26,7 @@ from vhusniff.dataplane.rings import RingWatch
 from vhusniff.dataplane.sample import Reason, RingSample, SampleError, SampleFlag, unpack_sample
 from vhusniff.lab import peers as lab
 from vhusniff.lab.command import run_lab
-from vhusniff.model import Channel, Direction, EventKind, RecordKind
+from vhusniff.model import Channel, Direction, EventKind, Record, RecordKind
 from vhusniff.protocol.grammar import build_message
 from vhusniff.proxy import Proxy, Route
 
@@ -328,3 +328,37 @@ def test_mappings_and_relayed_eventfds_go_with_their_connections(tmp_path):
             return {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in fds if os.path.exists(f"/proc/self/fd/{fd}")}
         # The fake back-end (in this process) closes its end of each connection from its own thread: wait for it.
         assert proxy.wait_until(lambda p: open_fds() == fds_before, 10), targets(open_fds() ^ fds_before)
+
+
+def test_receive_buffers_waiting_for_packets_are_not_a_stuck_ring():
+    def sample(flags: SampleFlag) -> Record:
+        ring = RingSample(0, Reason.PERIODIC, SampleFlag.MAPPED | flags, 256, 3, num=256, in_flight=253)
+        return Record(0, 1, data=ring.pack(), kind=RecordKind.EVENT, note=ring.note(), event=EventKind.RING)
+
+    for flags, expected in ((SampleFlag.RECEIVE_BUFFERS, []), (SampleFlag(0), ["stuck-ring"])):
+        checks = RingChecks()
+        found = []
+        for number, seconds in enumerate((0, 1, 2, 3), 1):
+            record = sample(flags)
+            record.timestamp_ns = int(seconds * 1e9)
+            found += checks.feed(record, number)
+        assert [f.check for f in found] == expected
+
+
+def test_net_guest_rings_advance_with_its_packets(kit, tmp_path):  # noqa: F811
+    require("dpdk-testpmd")
+    capture = tmp_path / "net.pcapng"
+    run = run_lab(tmp_path, "net", capture_path=capture, report=lambda text: None,
+                  data_plane=dict(rings=True, notifications=True, rings_interval=0.05))
+    assert run.ok, run.result.console
+    samples = [unpack_sample(r.data) for r in read_capture(capture)
+               if r.kind == RecordKind.EVENT and r.event == EventKind.RING]
+    receive = [s for s in samples if s.ring == 0 and s.mapped]
+    transmit = [s for s in samples if s.ring == 1 and s.mapped]
+    # The guest's ARP requests go out on ring 1 and testpmd echoes them back into ring 0's buffers.
+    assert max(s.used_idx for s in transmit) > 0 and transmit[-1].kicks > 0
+    assert max(s.used_idx for s in receive) > 0 and receive[-1].calls > 0
+    # Ring 0 holds the guest's empty receive buffers: in flight, flagged as such, and no finding.
+    assert any(s.in_flight > 100 and s.flags & SampleFlag.RECEIVE_BUFFERS for s in receive)
+    expert = vhusniff("expert", str(capture), "-q")
+    assert expert.stdout.startswith("0 finding(s)"), expert.stdout

@@ -2,7 +2,8 @@
 kicks the back-end does not act on, and calls with nothing new in the used ring.
 
 Judged from the samples' own timestamps, so a capture gives the same findings offline as live. Real QEMU 7.2
-sessions with qemu-storage-daemon give none; `kill -STOP` of the daemon during guest I/O gives stuck-ring.
+sessions with qemu-storage-daemon and dpdk-testpmd give none (a net receive ring full of empty buffers is not
+stuck); `kill -STOP` of the daemon during guest I/O gives stuck-ring.
 """
 from __future__ import annotations
 
@@ -63,10 +64,12 @@ class RingChecks:
         if sample.in_flight == 0:
             # Any later kick announces work that was not there yet: a kick the back-end should act on.
             track.kicks_when_idle = sample.kicks
-        if moved or sample.in_flight == 0 or sample.flags & SampleFlag.STOPPED:
+        # Buffers waiting to be filled (a net receive ring) wait as long as nothing arrives: not a stuck ring.
+        waiting = sample.in_flight and not sample.flags & (SampleFlag.STOPPED | SampleFlag.RECEIVE_BUFFERS)
+        if moved or not waiting:
             track.stuck_since_ns = None
             track.reported = False
-            if sample.in_flight == 0 or sample.flags & SampleFlag.STOPPED:
+            if not waiting:
                 return found
         if track.stuck_since_ns is None:
             track.stuck_since_ns, track.stuck_number = record.timestamp_ns, number

@@ -176,6 +176,8 @@ class RingWatch:
             shown = pending_requests(self.memory, ring.num, ring.desc, ring.avail, ring.used, self.device,
                                      PENDING_SHOWN)
             pending = tuple(request.summary() for request in shown)
+            if shown and all(request.readable == 0 and not request.problem for request in shown):
+                flags |= SampleFlag.RECEIVE_BUFFERS
         return unread._replace(flags=flags | SampleFlag.MAPPED, avail_idx=avail_idx, used_idx=used_idx,
                                avail_flags=avail_flags, used_flags=used_flags, used_event=used_event,
                                avail_event=avail_event, in_flight=in_flight, pending=pending)

@@ -38,6 +38,9 @@ class SampleFlag(enum.IntFlag):
     EVENT_IDX = 0x1    # RING_EVENT_IDX negotiated: used_event/avail_event are meaningful
     MAPPED = 0x2       # the indexes were read from guest memory (else they are 0 and unknown)
     STOPPED = 0x4      # the ring is stopped (GET_VRING_BASE answered)
+    # What is in flight are buffers for the device to fill (every descriptor device-writable: a net receive ring,
+    # an event queue): waiting there is normal, they are not requests.
+    RECEIVE_BUFFERS = 0x8
 
 
 class RingSample(NamedTuple):
