@@ -362,3 +362,12 @@ def test_net_guest_rings_advance_with_its_packets(kit, tmp_path):  # noqa: F811
     assert any(s.in_flight > 100 and s.flags & SampleFlag.RECEIVE_BUFFERS for s in receive)
     expert = vhusniff("expert", str(capture), "-q")
     assert expert.stdout.startswith("0 finding(s)"), expert.stdout
+
+
+def test_display_filters_know_the_ring_fields(blk_rings_capture):
+    done = vhusniff("read", str(blk_rings_capture), "-q", "-Y", "ring.index == 0 && ring.used_idx > 100",
+                    "-T", "fields", "-e", "ring.used_idx", "-e", "ring.kicks", "-e", "ring.reason")
+    assert done.returncode == 0, done.stderr
+    rows = [line.split("\t") for line in done.stdout.splitlines()]
+    assert rows and all(int(used) > 100 and int(kicks) > 0 and reason in {"PERIODIC", "STOPPED", "FINAL"}
+                        for used, kicks, reason in rows), rows

@@ -175,9 +175,10 @@ class RingWatch:
         if in_flight and in_flight <= ring.num:
             shown = pending_requests(self.memory, ring.num, ring.desc, ring.avail, ring.used, self.device,
                                      PENDING_SHOWN)
-            pending = tuple(request.summary() for request in shown)
             if shown and all(request.readable == 0 and not request.problem for request in shown):
-                flags |= SampleFlag.RECEIVE_BUFFERS
+                flags |= SampleFlag.RECEIVE_BUFFERS      # alike and uneventful: counted, not listed
+            else:
+                pending = tuple(request.summary() for request in shown)
         return unread._replace(flags=flags | SampleFlag.MAPPED, avail_idx=avail_idx, used_idx=used_idx,
                                avail_flags=avail_flags, used_flags=used_flags, used_event=used_event,
                                avail_event=avail_event, in_flight=in_flight, pending=pending)

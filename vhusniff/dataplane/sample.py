@@ -76,6 +76,8 @@ class RingSample(NamedTuple):
         text = f"ring {self.ring} {self.reason.name.lower()}: "
         if self.mapped:
             text += f"avail {self.avail_idx} used {self.used_idx} in flight {self.in_flight}"
+            if self.flags & SampleFlag.RECEIVE_BUFFERS:
+                text += " (receive buffers)"
         else:
             text += "indexes not readable (ring outside the mapped memory)"
         text += f" kicks {self.kicks} calls {self.calls}"

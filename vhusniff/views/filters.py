@@ -21,7 +21,8 @@ from typing import Any, Final
 
 from construct import Array, Bytes, BytesInteger, FormatField, GreedyBytes, Renamed, Struct
 
-from ..model import Channel, RecordKind
+from ..dataplane.sample import RingSample, SampleError, unpack_sample
+from ..model import Channel, EventKind, RecordKind
 from ..protocol import catalogue as cat
 from ..protocol import config as config_space
 from ..protocol.grammar import HEADER, PAYLOADS, REGION_XEN, iter_fields, request_names
@@ -69,12 +70,40 @@ RECORD_FIELDS = {
                         lambda m, r, n: [m.kind] if m and m.kind else []),
     "problem": RecordField("code of something wrong with the message", "string",
                            lambda m, r, n: [p.code for p in m.problems] if m else []),
+    # Ring samples (--rings, --notifications): filter fields only, the dissector shows the sample's note.
+    "ring.index": RecordField("the ring a RING event samples", None, lambda m, r, n: _ring_values(r, "ring")),
+    "ring.avail_idx": RecordField("the avail index the driver had published", None,
+                                  lambda m, r, n: _ring_values(r, "avail_idx")),
+    "ring.used_idx": RecordField("the used index the device had published", None,
+                                 lambda m, r, n: _ring_values(r, "used_idx")),
+    "ring.in_flight": RecordField("requests made available and not yet used", None,
+                                  lambda m, r, n: _ring_values(r, "in_flight")),
+    "ring.kicks": RecordField("kicks counted on the ring so far (--notifications)", None,
+                              lambda m, r, n: _ring_values(r, "kicks")),
+    "ring.calls": RecordField("calls counted on the ring so far (--notifications)", None,
+                              lambda m, r, n: _ring_values(r, "calls")),
+    "ring.reason": RecordField("why the sample was taken: PERIODIC, STARTED, STOPPED, FINAL, UNMAPPED", None,
+                               lambda m, r, n: [sample.reason.name] if (sample := _ring_sample(r)) else []),
     "pseudo.version": RecordField("pseudo-header version", "uint16", None),
     "pseudo.header_length": RecordField("pseudo-header length in bytes", "uint16", None),
     "response_in": RecordField("frame of the reply to this request", "response_link", None),
     "response_to": RecordField("frame of the request this reply answers", "request_link", None),
     "response_time": RecordField("time from request to reply", "relative_time", None),
 }
+
+
+def _ring_sample(record) -> RingSample | None:
+    if record.kind != RecordKind.EVENT or record.event != EventKind.RING:
+        return None
+    try:
+        return unpack_sample(record.data)
+    except SampleError:
+        return None
+
+
+def _ring_values(record, name: str) -> list:
+    sample = _ring_sample(record)
+    return [getattr(sample, name)] if sample is not None else []
 
 
 def _strip(subcon):
