@@ -201,7 +201,7 @@ class Campaign:
             self.say(f"  the same crash as {same.number}: {same.signature}")
             return
         name = f"{crash.number:03d}-{_slug(crash.reason)}-{_slug(crash.last_request)}.pcapng"
-        path = self.out_dir / "crashes" / name
+        path = (self.out_dir / "crashes" / name).resolve()
         write_reproducer(path, self.records_for(small, small_keep), crash)
         crash.reproducer = str(path)
         self.crashes.found.append(crash)

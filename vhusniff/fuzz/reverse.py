@@ -193,8 +193,10 @@ def serve(records: list[Record], target: ConnectingTarget, device: str | None, t
         else:
             outcome = "ok" if death.returncode == 0 else "refused"
             death = None
-    return Execution(outcome, result.replies, "", result.requests, death, result.ended or result.failed,
-                     time.monotonic() - started)
+    # What the front-end said (QEMU names what it refused) tells its behaviours apart better than our side can.
+    said = [line for line in target.output_since_mark().splitlines() if line.strip() and not line.startswith("{")]
+    return Execution(outcome, result.replies, f"{result.requests} requests", result.requests, death,
+                     said[-1] if said else result.ended or result.failed, time.monotonic() - started)
 
 
 class BackendCampaign(Campaign):
