@@ -5,8 +5,10 @@
 The captures (benchmarks/distinct_sessions.py) hold reconnecting vIOMMU sessions in which every request is distinct
 (IOTLB updates and misses, SET_VRING_ADDR with moving rings, config windows), with a misaligned ring address now and
 then: findings that grow with the capture. Each measurement runs in its own process (pinned to one core), so that
-its peak RSS (ru_maxrss) and CPU time are its own (msg/s is printed by wall time and, for a machine shared with
-other work, by CPU time):
+its peak RSS and CPU time are its own (msg/s is printed by wall time and, for a machine shared with other work, by
+CPU time). The parent imports nothing of vhusniff and builds the captures in a child too, so that the ru_maxrss a
+child inherits from its parent at fork stays below what the child itself uses; VmHWM (the child's own high-water
+mark after exec) is printed beside it:
   - floor:    a plain scan of the file with struct (block, packet and vhost-user headers), in the same run;
   - stats, expert, report, `state --at` (the middle record), timeline (an SVG), diff (the capture against itself:
     two files read, its msg/s counts the messages of one).
@@ -72,6 +74,11 @@ def child(what: str, path: str, records: int) -> None:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     cpu_start = usage.ru_utime + usage.ru_stime
     start = time.perf_counter()
+    if what == "build":
+        from distinct_sessions import build_distinct_capture
+        description = build_distinct_capture(path, records)
+        print(json.dumps({"description": description, **_records(path)}))
+        return
     if what == "floor":
         measure_floor(path)
         extra = {}
@@ -91,7 +98,20 @@ def child(what: str, path: str, records: int) -> None:
     seconds = time.perf_counter() - start
     usage = resource.getrusage(resource.RUSAGE_SELF)
     cpu = usage.ru_utime + usage.ru_stime - cpu_start
-    print(json.dumps({"seconds": seconds, "cpu": cpu, "peak_kib": usage.ru_maxrss, **extra}))
+    print(json.dumps({"seconds": seconds, "cpu": cpu, "peak_kib": usage.ru_maxrss, "hwm_kib": _high_water_kib(),
+                      **extra}))
+
+
+def _high_water_kib() -> int:
+    """This process's own peak RSS since exec (VmHWM), in KiB; 0 where /proc does not say."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 def run_child(what: str, path: str, records: int) -> dict:
@@ -102,15 +122,15 @@ def run_child(what: str, path: str, records: int) -> dict:
     return json.loads(output.strip().splitlines()[-1])
 
 
-def _records(path: str) -> tuple[int, int]:
-    """(records, messages) in the capture."""
+def _records(path: str) -> dict[str, int]:
+    """How many records and messages the capture holds."""
     from vhusniff.capture.pcapng import read_capture
     from vhusniff.model import RecordKind
     records = messages = 0
     for record in read_capture(path):
         records += 1
         messages += record.kind == RecordKind.MESSAGE
-    return records, messages
+    return {"records": records, "messages": messages}
 
 
 def main() -> int:
@@ -123,39 +143,40 @@ def main() -> int:
     if args.child:
         child(args.child[0], args.child[1], int(args.child[2]))
         return 0
-    from distinct_sessions import build_distinct_capture
     commands = [what for what in args.only.split(",") if what in COMMANDS]
     sizes = (("small", args.small), ("large", args.messages))
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as directory:
         for label, messages in sizes:
             path = os.path.join(directory, f"{label}.pcapng")
-            print(f"{label}: {build_distinct_capture(path, messages)}, {os.path.getsize(path) / 1e6:.0f} MB",
-                  flush=True)
-            records, counted = _records(path)
+            built = run_child("build", path, messages)
+            print(f"{label}: {built['description']}, {os.path.getsize(path) / 1e6:.0f} MB", flush=True)
+            records, counted = built["records"], built["messages"]
             results[label] = {"messages": counted, "floor": run_child("floor", path, records)}
             for what in commands:
                 results[label][what] = run_child(what, path, records)
                 result = results[label][what]
                 print(f"  {what:<9}{result['seconds']:>8.1f} s {counted / result['seconds']:>10,.0f} msg/s "
-                      f"({counted / result['cpu']:,.0f} by CPU time)  peak {result['peak_kib'] / 1024:>6.1f} MiB",
+                      f"({counted / result['cpu']:,.0f} by CPU time)  peak {result['peak_kib'] / 1024:>6.1f} MiB "
+                      f"(VmHWM {result['hwm_kib'] / 1024:.1f})",
                       flush=True)
     failed = []
     print(f"\n{'':<10}{'':>10}{'wall s':>9}{'msg/s':>10}{'x floor':>9}{'CPU s':>8}{'msg/s':>10}{'x floor':>9}"
-          f"{'peak MiB':>10}")
+          f"{'peak MiB':>10}{'VmHWM':>8}")
     for label, messages in sizes:
         floor = results[label]["floor"]
         counted = results[label]["messages"]
         floor_rate, floor_cpu_rate = counted / floor["seconds"], counted / floor["cpu"]
         print(f"{'floor':<10}{messages:>10,}{floor['seconds']:>9.2f}{floor_rate:>10,.0f}{1:>9.2f}"
-              f"{floor['cpu']:>8.2f}{floor_cpu_rate:>10,.0f}{1:>9.2f}{floor['peak_kib'] / 1024:>10.1f}")
+              f"{floor['cpu']:>8.2f}{floor_cpu_rate:>10,.0f}{1:>9.2f}{floor['peak_kib'] / 1024:>10.1f}"
+              f"{floor['hwm_kib'] / 1024:>8.1f}")
         for what in commands:
             result = results[label][what]
             rate, cpu_rate = counted / result["seconds"], counted / result["cpu"]
             svg = f"  SVG {result['svg_bytes'] / 1e6:.1f} MB" if "svg_bytes" in result else ""
             print(f"{what:<10}{messages:>10,}{result['seconds']:>9.2f}{rate:>10,.0f}{rate / floor_rate:>9.3f}"
                   f"{result['cpu']:>8.2f}{cpu_rate:>10,.0f}{cpu_rate / floor_cpu_rate:>9.3f}"
-                  f"{result['peak_kib'] / 1024:>10.1f}{svg}")
+                  f"{result['peak_kib'] / 1024:>10.1f}{result['hwm_kib'] / 1024:>8.1f}{svg}")
     for what in commands:
         small, large = results["small"][what], results["large"][what]
         growth = large["peak_kib"] / small["peak_kib"]

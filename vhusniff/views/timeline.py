@@ -387,7 +387,7 @@ def _render_buckets(timeline: Timeline, analyzer: Analyzer, title: str) -> str:
                 y += BUCKET_LANE
         for index, (count, note) in sorted(timeline.events.get(connection, {}).items()):
             x = LEFT + 20 + index * COLUMN_WIDTH
-            text = escape(note if count == 1 else f"{note} (and {count - 1} more events)")
+            text = escape(note if count == 1 else f"{note} (and {count - 1} more event(s))")
             parts.append(f'<g class="event"><title>{_bucket_time(timeline, index)}: {text}</title>'
                          f'<line x1="{x:.1f}" y1="{band_top - 4}" x2="{x:.1f}" y2="{y}" stroke="#7a1f7a" '
                          f'stroke-width="1" stroke-dasharray="5,3"/></g>')
@@ -427,7 +427,7 @@ def _bars(timeline: Timeline, lane: dict[int, list], top: float, scale: float, c
     for index, (count, flagged) in sorted(lane.items()):
         x = LEFT + 20 + index * COLUMN_WIDTH
         height = max(1.0, math.log10(1 + count) * scale)
-        tip = f"{_bucket_time(timeline, index)}: {count} messages" + (f", {flagged} findings" if flagged else "")
+        tip = f"{_bucket_time(timeline, index)}: {count} messages" + (f", {flagged} finding(s)" if flagged else "")
         parts.append(f'<g class="bucket"><title>{tip}</title><rect x="{x}" y="{bottom - height:.1f}" '
                      f'width="{COLUMN_WIDTH}" height="{height:.1f}" fill="{colour}"/>'
                      + (f'<rect x="{x}" y="{bottom - height:.1f}" width="{COLUMN_WIDTH}" height="3" '
