@@ -26,4 +26,4 @@ if [ "$missing" -eq 1 ]; then
   apt-get install -y --no-install-recommends "${PACKAGES[@]}"
 fi
 
-"${PYTHON:-python3}" -m vhusniff.lab.peers prepare --qemu10
+"${PYTHON:-python3}" -m vhusniff.lab.peers prepare --qemu10 --gpu-kit

@@ -64,7 +64,8 @@ class LabRun:
 def run_lab(workdir: Path | str, device: str = "blk", reverse: bool = False, hooks=(), capture_path=None, *,
             msix: bool = False, display=None, on_console_line=None, on_hook_error: str = "forward",
             timeout: float = 90.0, report=None, data_plane: dict | None = None, kernel_args=(),
-            qemu: lab.QemuProgram | str | None = None, queues: int = 1) -> LabRun:
+            qemu: lab.QemuProgram | str | None = None, queues: int = 1,
+            screen: tuple[int, int] | None = None) -> LabRun:
     """Boot the guest kit with a vhost-user `device` (lab.DEVICES) whose messages pass through the proxy.
 
     blk: qemu-storage-daemon listens, the proxy connects to it, QEMU connects to the proxy.
@@ -72,7 +73,8 @@ def run_lab(workdir: Path | str, device: str = "blk", reverse: bool = False, hoo
     proxy, which connects to QEMU. `msix` gives the net device MSI-X, which makes QEMU 7.2 segfault.
     fs: virtiofsd; the guest mounts its tag, writes a file and reads it back after a remount.
     gpu: vhost-user-gpu and QEMU 10 (unless `qemu` says otherwise: 7.2 refuses it under TCG) booting the generic
-    kernel; the guest draws lab.GPU_PATTERN and waits while screendumps are taken until one shows it.
+    kernel; the guest draws lab.GPU_PATTERN and waits while screendumps are taken until one shows it. `screen`:
+    its display size (width, height), QEMU's 1280x800 when None.
     `qemu`: lab.qemu_program's choice (the system's 7.2 by default, "10", or a path). `queues`: blk queues,
     net queue pairs, fs request queues.
     The capture (if `capture_path`) is written as the session goes and complete when this returns.
@@ -86,6 +88,8 @@ def run_lab(workdir: Path | str, device: str = "blk", reverse: bool = False, hoo
                            "use --device net (dpdk-testpmd client mode)")
     if queues < 1 or (queues > 1 and device == "gpu"):
         raise lab.LabError(f"--queues {queues}: expected 1 or more, and 1 for gpu")
+    if screen is not None and device != "gpu":
+        raise lab.LabError("--screen is for --device gpu")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if device == "gpu":
@@ -108,7 +112,7 @@ def run_lab(workdir: Path | str, device: str = "blk", reverse: bool = False, hoo
             return proxy
 
         guest_options = {"device": device, "net_msix": msix, "on_console_line": on_console_line, "qemu": program,
-                         "queues": queues}
+                         "queues": queues, "screen": screen}
         if not reverse:
             backend = stack.enter_context(_start_backend(workdir, device, backend_socket, queues))
             proxy = start_proxy(Route.forward(proxy_socket, backend_socket, device))
@@ -118,14 +122,14 @@ def run_lab(workdir: Path | str, device: str = "blk", reverse: bool = False, hoo
             guest = stack.enter_context(lab.start_qemu(workdir, kit, qemu_socket, server=True, **guest_options))
             proxy = start_proxy(Route.reverse(proxy_socket, qemu_socket, device))
             backend = stack.enter_context(lab.start_testpmd(workdir, proxy_socket, client_mode=True, queues=queues))
-        screen, pattern_match = (_look_at_screen(guest, workdir, timeout) if device == "gpu" else (None, 0.0))
+        shown, pattern_match = (_look_at_screen(guest, workdir, timeout) if device == "gpu" else (None, 0.0))
         result = guest.wait(timeout)
         # QEMU's exit closes its socket; the proxy passes the close on and records both sides going.
         proxy.wait_until(lambda p: p.connections_total > 0 and p.active_connections == 0, 10)
         backend.stop()
         proxy.stop()
     return LabRun(result, Path(capture_path) if capture_path else None, list(proxy.records), list(proxy.problems),
-                  proxy.connections_total, backend.log_text(), device, program.version, screen, pattern_match,
+                  proxy.connections_total, backend.log_text(), device, program.version, shown, pattern_match,
                   backend.shared_dir)
 
 
@@ -163,6 +167,13 @@ def record_boot(workdir: Path | str, device: str = "blk", reverse: bool = False,
     return run.result, capture
 
 
+def _screen_size(text: str) -> tuple[int, int]:
+    width, separator, height = text.lower().partition("x")
+    if not (separator and width.isdigit() and height.isdigit() and int(width) > 0 and int(height) > 0):
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 640x400, not {text!r}")
+    return int(width), int(height)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vhusniff lab", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=lab.DEVICES, default="blk",
@@ -173,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "or the path of a qemu-system-x86_64")
     parser.add_argument("--queues", type=int, default=1,
                         help="blk queues, net queue pairs, fs request queues (default 1)")
+    parser.add_argument("--screen", type=_screen_size, metavar="WIDTHxHEIGHT",
+                        help="gpu: the display size (default QEMU's, 1280x800)")
     parser.add_argument("--reverse", action="store_true",
                         help="QEMU listens (server=on) and the back-end connects (net only)")
     parser.add_argument("--msix", action="store_true", help="net: give the NIC MSI-X (QEMU 7.2 then segfaults)")
@@ -207,7 +220,7 @@ def main(argv=None) -> int:
             workdir = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vhusniff-lab-")))
             run = run_lab(workdir, args.device, args.reverse, hooks, capture, msix=args.msix, display=display,
                           on_console_line=console, on_hook_error=args.on_hook_error, timeout=args.timeout,
-                          data_plane=data_plane, qemu=args.qemu, queues=args.queues)
+                          data_plane=data_plane, qemu=args.qemu, queues=args.queues, screen=args.screen)
     except (lab.LabError, ProxyError) as error:
         print(f"vhusniff lab: error: {error}", file=sys.stderr)
         return 1

@@ -18,7 +18,8 @@ each logs to a file in the work directory given to its start function.
 QEMU: the system's (7.2) by default, or QEMU 10 from bookworm-backports unpacked into the cache (`qemu10()`,
 `qemu_program("10")`), passed to `start_qemu(qemu=...)`.
 
-Command line: ``python3 -m vhusniff.lab.peers prepare`` fetches and builds the kit (``--qemu10``: QEMU 10 too);
+Command line: ``python3 -m vhusniff.lab.peers prepare`` fetches and builds the kit (``--qemu10``: QEMU 10 too;
+``--gpu-kit``: the GPU guest's kit too);
 ``python3 -m vhusniff.lab.peers direct`` boots a blk guest straight against qemu-storage-daemon
 (no proxy) and prints the result and how long the boot took.
 
@@ -1197,7 +1198,7 @@ def qemu_command(kit: GuestKit, chardev_path: Path | str, device: str = "blk", s
                  reconnect: int | None = None, extra_args: Iterable[str] = (), accel: str | None = None,
                  net_msix: bool = False, kernel_args: Iterable[str] = (),
                  qemu: QemuProgram | str | None = None, queues: int = 1,
-                 qmp_path: Path | str | None = None) -> list[str]:
+                 qmp_path: Path | str | None = None, screen: tuple[int, int] | None = None) -> list[str]:
     """The qemu-system-x86_64 command line `start_qemu()` runs (`qemu`: see `qemu_program`)."""
     chardev = f"socket,id=c0,path={_qemu_option_value(chardev_path)}"
     if server:
@@ -1219,7 +1220,10 @@ def qemu_command(kit: GuestKit, chardev_path: Path | str, device: str = "blk", s
         device_args = ["-device", f"vhost-user-fs-pci,chardev=c0,tag={FS_TAG},num-request-queues={queues}"]
     elif device == "gpu":
         # No EDID: the guest then takes the device's default mode. Only QEMU 8 and later run it under TCG.
-        device_args = ["-device", "vhost-user-gpu-pci,chardev=c0,edid=off"]
+        gpu_device = "vhost-user-gpu-pci,chardev=c0,edid=off"
+        if screen is not None:
+            gpu_device += f",xres={int(screen[0])},yres={int(screen[1])}"
+        device_args = ["-device", gpu_device]
     else:
         raise ValueError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
     if qmp_path is not None:
@@ -1243,7 +1247,7 @@ def start_qemu(workdir: Path | str, kit: GuestKit, chardev_path: Path | str, dev
                cpu: Cpus = None, accel: str | None = None, name: str = "qemu", net_msix: bool = False,
                on_console_line: ConsoleCallback | None = None, socket_timeout: float = 10.0,
                kernel_args: Iterable[str] = (), qemu: QemuProgram | str | None = None, queues: int = 1,
-               qmp_path: Path | str | None = None) -> Guest:
+               qmp_path: Path | str | None = None, screen: tuple[int, int] | None = None) -> Guest:
     """Boot the guest kit in QEMU with a vhost-user `device` ("blk" or "net") on `chardev_path`.
 
     QEMU connects to `chardev_path` (the back-end or the proxy must already listen, unless
@@ -1256,14 +1260,15 @@ def start_qemu(workdir: Path | str, kit: GuestKit, chardev_path: Path | str, dev
     (`loop_kernel_args(N)`: the disk check repeated for N seconds). `qemu` picks the QEMU (`qemu_program`:
     the system's by default, "10" for QEMU 10, or a path). `queues`: the device's queues (net: queue pairs;
     fs: request queues). A "gpu" guest (`prepare_gpu()`'s kit, QEMU 10) gets a QMP socket at `qmp_path`
-    (default `workdir/<name>-qmp.sock`) and console input: it draws, then waits for a line (`send_console`).
+    (default `workdir/<name>-qmp.sock`) and console input: it draws, then waits for a line (`send_console`);
+    `screen` (width, height) is its display mode, QEMU's default (1280x800) when None.
     """
     workdir, chardev_path = Path(workdir), Path(chardev_path)
     program = qemu_program(qemu)
     if device == "gpu" and qmp_path is None:
         qmp_path = workdir / f"{name}-qmp.sock"
     command = qemu_command(kit, chardev_path, device, server, reconnect, extra_args, accel, net_msix,
-                           kernel_args, program, queues, qmp_path)
+                           kernel_args, program, queues, qmp_path, screen)
     if server:
         _remove_stale_socket(chardev_path)
     stdin = subprocess.PIPE if device == "gpu" else subprocess.DEVNULL
@@ -1375,6 +1380,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                           "initramfs (cached)")
     prepare_command.add_argument("--qemu10", action="store_true",
                                  help=f"also unpack QEMU 10 from {QEMU10_SUITE} into the cache")
+    prepare_command.add_argument("--gpu-kit", action="store_true",
+                                 help="also build the GPU guest's kit (the generic kernel, with virtio_gpu)")
     direct = commands.add_parser("direct", help="boot a blk guest against qemu-storage-daemon, no proxy")
     direct.add_argument("--workdir", type=Path, help="keep sockets, disk and logs here (default: a temporary dir)")
     direct.add_argument("--cpu-backend", help="taskset core list for qemu-storage-daemon")
@@ -1389,6 +1396,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             started = time.monotonic()
             kit = prepare(refresh=True)
             print(f"kernel  {kit.kernel}  ({kit.kernel_package})\ninitrd  {kit.initrd}")
+            if args.gpu_kit:
+                gpu_kit = prepare_gpu(refresh=True)
+                print(f"gpu     {gpu_kit.kernel}  ({gpu_kit.kernel_package})\n        {gpu_kit.initrd}")
             if args.qemu10:
                 program = qemu10()
                 print(f"qemu    {program.executable}  ({program.version})")
