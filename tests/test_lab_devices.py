@@ -17,13 +17,14 @@ from vhusniff.lab.command import LabRun, build_parser, run_lab
 from vhusniff.model import Channel, Direction, RecordKind
 from vhusniff.protocol import catalogue as cat
 
-#: name -> (device, QEMU, queues, programs it needs)
+#: name -> (device, QEMU, queues, programs it needs, MSI-X for net)
 RUNS = {
-    "blk-qemu10": ("blk", "10", 1, ("qemu-storage-daemon",)),
-    "net-qemu10": ("net", "10", 1, ("dpdk-testpmd",)),
-    "net-2-queues": ("net", None, 2, ("dpdk-testpmd",)),
-    "fs": ("fs", None, 1, (lab.VIRTIOFSD,)),
-    "gpu": ("gpu", "10", 1, (str(lab.vhost_user_gpu_program()),)),
+    "blk-qemu10": ("blk", "10", 1, ("qemu-storage-daemon",), False),
+    "net-qemu10": ("net", "10", 1, ("dpdk-testpmd",), False),
+    "net-msix-qemu10": ("net", "10", 1, ("dpdk-testpmd",), True),
+    "net-2-queues": ("net", None, 2, ("dpdk-testpmd",), False),
+    "fs": ("fs", None, 1, (lab.VIRTIOFSD,), False),
+    "gpu": ("gpu", "10", 1, (str(lab.vhost_user_gpu_program()),), False),
 }
 #: Requests that always have a reply on the main channel (the others reply only when asked, with NEED_REPLY).
 ALWAYS_REPLY = {number for number, spec in cat.FRONTEND_REQUESTS.items() if spec.reply_rule == cat.ReplyRule.ALWAYS}
@@ -39,12 +40,12 @@ def lab_runs(kit, qemu10, tmp_path_factory) -> dict[str, Future]:
     lab.prepare_gpu()                      # fetched once, before the threads would race for it
     pool = ThreadPoolExecutor(max_workers=3, thread_name_prefix="lab-run")
     runs: dict[str, Future] = {}
-    for name, (device, qemu, queues, programs) in RUNS.items():
+    for name, (device, qemu, queues, programs, msix) in RUNS.items():
         if _missing(programs) and not IN_CI:
             continue
         workdir = tmp_path_factory.mktemp(name)
         runs[name] = pool.submit(run_lab, workdir, device, capture_path=workdir / f"{name}.pcapng",
-                                 report=lambda text: None, qemu=qemu, queues=queues, timeout=240)
+                                 report=lambda text: None, qemu=qemu, queues=queues, msix=msix, timeout=240)
     yield runs
     pool.shutdown(wait=True)
 
@@ -116,6 +117,15 @@ def test_qemu10_net_guest_through_the_proxy_matches_dpdks_own_log(lab_runs):
     assert run.qemu_version.startswith("10.")
     assert requests_by_name(run) == dpdk_names_in_catalogue_spelling(run.backend_log)
     assert_every_reply_answers_a_request(run)
+
+
+def test_qemu10_net_with_msix_does_not_crash_where_qemu_7_2_does(lab_runs):
+    """QEMU 7.2 segfaults as the guest driver starts an MSI-X vhost-user-net device (test_proxy keeps that
+    case); QEMU 10 runs it, and the guest's packets come back."""
+    run = finished(lab_runs, "net-msix-qemu10")
+    assert run.result.exit_code == 0 and run.result.net_io_ok
+    assert "vectors=0" not in (run.capture.parent / "qemu.log").read_text().splitlines()[0]
+    assert requests_by_name(run) == dpdk_names_in_catalogue_spelling(run.backend_log)
 
 
 # ---------------------------------------------------------------- DPDK multiqueue

@@ -6,11 +6,15 @@ integration-test fixture. Three parts:
 * the guest kit: a Debian cloud kernel fetched with `apt-get download` and unpacked with
   `dpkg -x`, and a busybox initramfs whose /init loads the virtio modules, writes a known
   pattern to /dev/vda, drops the page cache and reads it back, sends packets on eth0 if there
-  is one, and powers off, printing `VHUSNIFF-GUEST: ...` lines on the serial console
-  (`prepare()`, cached in ``$VHUSNIFF_CACHE`` or ``~/.cache/vhusniff/guest``);
-* back-ends: `start_storage_daemon()` (qemu-storage-daemon, vhost-user-blk) and
-  `start_testpmd()` (dpdk-testpmd's net_vhost, vhost-user-net);
-* the front-end: `start_qemu()`, which boots the kit under TCG and streams its console.
+  is one, writes and reads back a file on a virtio-fs mount if there is one, and powers off,
+  printing `VHUSNIFF-GUEST: ...` lines on the serial console (`prepare()`, cached in
+  ``$VHUSNIFF_CACHE`` or ``~/.cache/vhusniff/guest``); the GPU guest's kit (`prepare_gpu()`) boots
+  the generic kernel instead (the cloud one has no DRM) and draws GPU_PATTERN on its framebuffer;
+* back-ends: `start_storage_daemon()` (qemu-storage-daemon, vhost-user-blk),
+  `start_testpmd()` (dpdk-testpmd's net_vhost, vhost-user-net), `start_virtiofsd()` (C virtiofsd,
+  vhost-user-fs) and `start_vhost_user_gpu()` (vhost-user-gpu);
+* the front-end: `start_qemu()`, which boots the kit under TCG and streams its console (and, for
+  the GPU guest, answers QMP: `Guest.screendump()`, `wait_for_pattern()`).
 
 Every process object stops and reaps its process in `stop()` and works as a context manager;
 each logs to a file in the work directory given to its start function.
