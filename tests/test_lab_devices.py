@@ -16,6 +16,7 @@ from vhusniff.lab import peers as lab
 from vhusniff.lab.command import LabRun, build_parser, run_lab
 from vhusniff.model import Channel, Direction, RecordKind
 from vhusniff.protocol import catalogue as cat
+from vhusniff.proxy import Proxy, Route
 
 #: name -> (device, QEMU, queues, programs it needs, MSI-X for net)
 RUNS = {
@@ -139,6 +140,27 @@ def test_net_with_two_queue_pairs_matches_dpdks_own_log_in_order(lab_runs):
     rings = {struct.unpack_from("<I", record.data, 12)[0] for record in main_channel(run, Direction.FRONTEND_TO_BACKEND)
              if struct.unpack_from("<I", record.data)[0] == cat.FrontendRequest.SET_VRING_NUM}
     assert rings == {0, 1, 2, 3}
+
+
+def test_dpdk_virtio_user_with_two_queue_pairs_through_the_proxy_matches_dpdks_own_log(tmp_path):
+    """DPDK on both sides (virtio-user front-end, vhost back-end), no guest: another front-end's message mix."""
+    require("dpdk-testpmd")
+    backend_socket, proxy_socket, capture = tmp_path / "backend.sock", tmp_path / "proxy.sock", tmp_path / "s.pcapng"
+    with lab.start_testpmd(tmp_path, backend_socket, queues=2) as backend:
+        proxy = Proxy([Route.forward(proxy_socket, backend_socket, "net")], capture=capture, report=lambda text: None)
+        proxy.start()
+        try:
+            frontend = lab.start_testpmd_frontend(tmp_path, proxy_socket, queues=2)
+            assert frontend.stop() == 0, frontend.log_tail()
+            assert proxy.wait_until(lambda p: p.connections_total == 1 and p.active_connections == 0, 30)
+        finally:
+            proxy.stop()
+        backend_log = backend.log_text()
+    run = LabRun(lab.GuestResult(0, False, False, True, "", 0.0), capture)
+    dpdk_read = dpdk_names_in_catalogue_spelling(backend_log)
+    assert len(dpdk_read) > 30 and "SET_STATUS" in dpdk_read, backend_log[-2000:]
+    assert requests_by_name(run) == dpdk_read
+    assert_every_reply_answers_a_request(run)
 
 
 def test_testpmd_message_log_reading():
