@@ -22,6 +22,7 @@ from vhusniff.analysis.rings import STUCK_SECONDS, RingChecks
 from vhusniff.capture.pcapng import read_capture
 from vhusniff.dataplane.inflight import pending_requests
 from vhusniff.dataplane.memory import GuestMemory, map_region
+from vhusniff.dataplane.notify import RELAYED_MAX, NotificationRelay
 from vhusniff.dataplane.rings import RingWatch
 from vhusniff.dataplane.sample import Reason, RingSample, SampleError, SampleFlag, unpack_sample
 from vhusniff.lab import peers as lab
@@ -371,3 +372,18 @@ def test_display_filters_know_the_ring_fields(blk_rings_capture):
     rows = [line.split("\t") for line in done.stdout.splitlines()]
     assert rows and all(int(used) > 100 and int(kicks) > 0 and reason in {"PERIODIC", "STOPPED", "FINAL"}
                         for used, kicks, reason in rows), rows
+
+
+def test_a_huge_eventfd_value_is_relayed_capped_and_counted_without_harm():
+    frontend_call = os.eventfd(0)           # blocking, as a front-end's may be: the relay must never fill it
+    relay = NotificationRelay(0, "call", frontend_call)
+    try:
+        os.eventfd_write(relay.given, 0xFFFFFFFFFFFFFFFE)     # the back-end writes the largest value there is
+        assert relay.pump() == 0xFFFFFFFFFFFFFFFE
+        assert os.eventfd_read(frontend_call) == RELAYED_MAX
+        sample = RingSample(0, Reason.PERIODIC, SampleFlag(0), 0, 0, calls=relay.count)
+        assert unpack_sample(sample.pack()).calls == relay.count & 0xFFFFFFFF
+    finally:
+        relay.close()
+        os.close(relay.given)
+        os.close(frontend_call)

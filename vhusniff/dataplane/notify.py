@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 
+RELAYED_MAX = 1 << 32      # the most one relay passes on at once
+
 
 class NotificationRelay:
     """One interposed kick or call eventfd of one ring. `given` is the fd to pass on (the caller sends and
@@ -48,7 +50,9 @@ class NotificationRelay:
         except BlockingIOError:
             return 0
         try:
-            os.eventfd_write(self.sink, value)
+            # At most RELAYED_MAX at once: a peer's huge value must not fill a blocking sink's counter (its write
+            # would block the proxy); its reader is woken all the same.
+            os.eventfd_write(self.sink, min(value, RELAYED_MAX))
         except BlockingIOError:
             pass       # the counter is at its maximum: the reader is woken anyway
         self.count += value

@@ -15,6 +15,7 @@ SAMPLE_VERSION = 1
 # optionally, the requests in flight as UTF-8 text, one line each (vhusniff.dataplane.inflight.Pending.summary).
 RING_SAMPLE = struct.Struct("<BBHBB9HIII")
 NO_BASE = 0xFFFFFFFF
+_U32 = 0xFFFFFFFF          # kicks and calls are stored modulo 2**32 (a peer may write any eventfd value)
 # Requests in flight decoded into one sample, the oldest first; the count says how many there are in all.
 PENDING_SHOWN = 8
 
@@ -64,7 +65,8 @@ class RingSample(NamedTuple):
     def pack(self) -> bytes:
         fixed = RING_SAMPLE.pack(SAMPLE_VERSION, self.layout, self.ring, self.reason, self.flags, self.avail_idx,
                                  self.used_idx, self.avail_flags, self.used_flags, self.used_event,
-                                 self.avail_event, self.num, self.in_flight, 0, self.base, self.kicks, self.calls)
+                                 self.avail_event, self.num, self.in_flight, 0, self.base, self.kicks & _U32,
+                                 self.calls & _U32)
         return fixed + "\n".join(self.pending).encode() if self.pending else fixed
 
     @property
