@@ -14,6 +14,7 @@ from peers import IN_CI, kit, qemu10, require  # noqa: F401  (kit and qemu10 are
 from vhusniff.capture.pcapng import read_capture
 from vhusniff.lab import peers as lab
 from vhusniff.lab.command import LabRun, build_parser, run_lab
+from vhusniff.lab.command import main as lab_main
 from vhusniff.model import Channel, Direction, RecordKind
 from vhusniff.protocol import catalogue as cat
 from vhusniff.proxy import Proxy, Route
@@ -98,6 +99,20 @@ def test_lab_command_line_takes_a_qemu_a_device_and_queues():
     args = build_parser().parse_args(["--device", "fs", "--qemu", "10", "--queues", "2"])
     assert (args.device, args.qemu, args.queues) == ("fs", "10", 2)
     assert set(lab.DEVICES) == {"blk", "net", "fs", "gpu"}
+
+
+def test_lab_command_line_refuses_what_cannot_run_with_a_clear_error(capsys, tmp_path):
+    capture = str(tmp_path / "never.pcapng")
+    assert lab_main(["--device", "fs", "--reverse", "-q", "-w", capture]) == 1
+    assert "the fs back-end only listens" in capsys.readouterr().err
+    assert lab_main(["--device", "blk", "--screen", "64x48", "-q", "-w", capture]) == 1
+    assert "--screen is for --device gpu" in capsys.readouterr().err
+    assert lab_main(["--device", "gpu", "--queues", "2", "-q", "-w", capture]) == 1
+    assert "1 for gpu" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--screen", "64"])
+    assert "expected WIDTHxHEIGHT" in capsys.readouterr().err
+    assert not Path(capture).exists()
 
 
 def test_qemu10_blk_guest_through_the_proxy(lab_runs):

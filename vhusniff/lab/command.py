@@ -153,7 +153,7 @@ def _look_at_screen(guest: lab.Guest, workdir: Path, timeout: float) -> tuple[la
     if lab.gpu_drawn_size(lab.guest_reports(guest.console_text().splitlines())) is None:
         return None, 0.0
     try:
-        return lab.wait_for_pattern(guest, workdir)
+        return lab.wait_for_pattern(guest, workdir, timeout=max(60.0, timeout / 2))
     finally:
         guest.send_console("\n")          # the guest waits for a line before it powers off
 
