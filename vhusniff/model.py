@@ -88,3 +88,5 @@ class Record:
     unframed: bool = False       # a MESSAGE record's bytes are not one well-framed message (an unframeable rest)
     device: str = ""             # a version-1 event's `device=NAME` (compat.migrate_v1_event); format 2 says it
                                  # with a DEVICE event instead
+    source: str = ""             # where it was captured (host, proxy instance, route): its interface's description
+                                 # (capture.pcapng.capture_source); a reader keys connections by source and number

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import heapq
 import io
 import os
+import socket
 import stat
 import struct
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from typing import BinaryIO
 
 from ..model import Channel, Direction, EventKind, FdInfo, Record, RecordKind
@@ -92,13 +95,42 @@ def _block(block_type: int, body: bytes) -> bytes:
     return _BLOCK_HEAD.pack(block_type, total) + body + struct.pack("<I", total)
 
 
-def file_header(application: str = "vhusniff") -> bytes:
-    """The Section Header Block and the one Interface Description Block every capture starts with."""
-    shb_options = _option(4, f"{application} {__version__}".encode()) + _option(0, b"")
+# Where a capture was made, in its interface's if_description (and its section's shb_hardware): mergecap keeps
+# interfaces whose descriptions differ apart, so a merged capture still says which source each packet came from.
+OPTION_SHB_HARDWARE = 2
+OPTION_IF_NAME = 2
+OPTION_IF_DESCRIPTION = 3
+OPTION_IF_TSRESOL = 9
+SOURCE_PREFIX = "vhusniff source: "
+_INSTANCE_START = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())     # this process's start, near enough
+
+
+def capture_source(route: str = "") -> str:
+    """This process as a capture's source: `host=NAME pid=N start=UTC-TIME`, then `route=...` when the writer
+    serves one route (a proxy route's listening path and target, a replay's peer). Host, pid and start tell
+    proxy instances apart: a pid alone is reused."""
+    text = f"host={socket.gethostname()} pid={os.getpid()} start={_INSTANCE_START}"
+    return f"{text} route={route}" if route else text
+
+
+def file_header(application: str = "vhusniff", source: str = "") -> bytes:
+    """The Section Header Block and the one Interface Description Block every capture starts with; `source`
+    (capture_source) goes into the interface's description and the section's hardware option."""
+    described = (SOURCE_PREFIX + source).encode("utf-8", "replace") if source else b""
+    shb_options = (_option(OPTION_SHB_HARDWARE, described) if described else b"") + \
+        _option(4, f"{application} {__version__}".encode()) + _option(0, b"")
     shb = _block(BLOCK_SHB, struct.pack("<IHHq", BYTE_ORDER_MAGIC, 1, 0, -1) + shb_options)
-    idb_options = _option(2, b"vhusniff") + _option(9, bytes([9])) + _option(0, b"")
+    idb_options = _option(OPTION_IF_NAME, b"vhusniff") + \
+        (_option(OPTION_IF_DESCRIPTION, described) if described else b"") + \
+        _option(OPTION_IF_TSRESOL, bytes([9])) + _option(0, b"")
     idb = _block(BLOCK_IDB, struct.pack("<HHI", LINKTYPE_USER0, 0, 0) + idb_options)
     return shb + idb
+
+
+def interface_source(description: bytes) -> str:
+    """The source an interface description names ("" when it is not a vhusniff source)."""
+    text = description.decode("utf-8", "replace")
+    return text[len(SOURCE_PREFIX):] if text.startswith(SOURCE_PREFIX) else ""
 
 
 @functools.lru_cache(maxsize=1024)     # the same fds pass again and again (every eventfd shares one inode)
@@ -162,7 +194,9 @@ class CaptureWriter:
     """Writes records as pcapng. With flush_each every record reaches the kernel before write() returns, so a
     `kill -9` of the writer leaves a capture readable up to the last record written."""
 
-    def __init__(self, target: str | os.PathLike | BinaryIO, flush_each: bool = False):
+    def __init__(self, target: str | os.PathLike | BinaryIO, flush_each: bool = False, source: str = ""):
+        """`source` says where the capture is made (capture_source(route), what the proxy and replay write);
+        a capture without one reads as one source."""
         if isinstance(target, (str, os.PathLike)):
             self.path = os.fspath(target)
             # Flushing each record: unbuffered, so one write() is one system call and nothing waits in user space.
@@ -176,7 +210,8 @@ class CaptureWriter:
         # An unbuffered file (ours, when flushing each record) has nothing to flush: one write() is the flush.
         self._flush_buffer = flush_each and not isinstance(self._file, io.RawIOBase)
         self.records = 0
-        self._file.write(file_header())
+        self.source = source
+        self._file.write(file_header(source=self.source))
         self._file.flush()
 
     def write(self, record: Record) -> None:
@@ -299,13 +334,53 @@ PSEUDO_HEADER_PARSERS = {1: _parse_v1, 2: _parse_v2}
 
 
 def read_capture(source: str | os.PathLike | BinaryIO) -> Iterator[Record]:
-    """Yield the records of a capture, streaming; raise CaptureError at the first damage, after the good part."""
+    """Yield the records of a capture, streaming; raise CaptureError at the first damage, after the good part.
+    Each record carries its source; connection numbers are unique across sources (distinct_connections)."""
+    yield from distinct_connections(_records_of(source))
+
+
+def read_captures(paths: Iterable[str | os.PathLike]) -> Iterator[Record]:
+    """The records of several captures merged by time (as mergecap merges them), connection numbers unique
+    across sources. A capture that does not name its source (an older vhusniff's) is known by its file name."""
+    streams = [_named_by_file(_records_of(path), os.fspath(path)) for path in paths]
+    yield from distinct_connections(heapq.merge(*streams, key=lambda record: record.timestamp_ns))
+
+
+def _records_of(source: str | os.PathLike | BinaryIO) -> Iterator[Record]:
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         with open(path, "rb") as stream:
             yield from _read_stream(stream, path)
     else:
         yield from _read_stream(source, getattr(source, "name", "<stream>"))
+
+
+def _named_by_file(records: Iterator[Record], path: str) -> Iterator[Record]:
+    for record in records:
+        if not record.source:
+            record.source = f"file={path}"
+        yield record
+
+
+def distinct_connections(records: Iterable[Record]) -> Iterator[Record]:
+    """Records with connection numbers unique across sources, as tshark numbers tcp.stream: a (source, number)
+    pair keeps its number unless it is given already, and then takes the next number above all those given.
+    A capture of one source keeps every number it has."""
+    given: dict[tuple[str, int], int] = {}
+    holder: dict[int, str] = {}          # number -> the source it was given to
+    highest = 0
+    for record in records:
+        key = (record.source, record.connection)
+        number = given.get(key)
+        if number is None:
+            number = record.connection
+            if number in holder:          # another source's, or this source's given to a renumbered one
+                number = highest + 1
+            holder[number] = record.source
+            given[key] = number
+            highest = max(highest, number)
+        record.connection = number
+        yield record
 
 
 class ReadOutcome:
@@ -384,16 +459,24 @@ def _read_exactly(stream: BinaryIO, count: int) -> bytes:
 class _Section:
     """What a section header and its interface blocks said: byte order, link types, time resolutions."""
 
-    def __init__(self, endian: str) -> None:
+    def __init__(self, endian: str, number: int = 0) -> None:
         self.endian = endian
+        self.number = number                                 # sections before this one in the file
         self.link_types: dict[int, int] = {}
         self.resolution: dict[int, tuple[int, int]] = {}     # interface -> (multiplier to ns, divisor)
+        self.sources: dict[int, str] = {}                    # interface -> its source ("" unnamed)
 
     def add_interface(self, body: bytes, total: int) -> int:
         link_type = struct.unpack_from(self.endian + "H", body)[0]
         interface = len(self.link_types)
         self.link_types[interface] = link_type
         self.resolution[interface] = _ts_resolution(body, 8, total - 12, self.endian)
+        described = _option_value(body, 8, total - 12, self.endian, OPTION_IF_DESCRIPTION)
+        source = interface_source(described) if described is not None else ""
+        if not source and (self.number or interface):
+            # several unnamed interfaces (mergecap -I none, concatenated files): told apart by position
+            source = f"section={self.number} interface={interface}"
+        self.sources[interface] = source
         return link_type
 
 
@@ -412,7 +495,7 @@ def _read_stream(stream: BinaryIO, path: str) -> Iterator[Record]:
         block_type = struct.unpack("<I", head[:4])[0]
         if block_type == BLOCK_SHB:
             endian, total = _read_section_header(stream, head, path, offset)
-            section = _Section(endian)
+            section = _Section(endian, 0 if section is None else section.number + 1)
             offset += total
             continue
         if section is None:
@@ -496,9 +579,11 @@ def _packet_record(body: bytes, total: int, section: _Section, path: str, offset
     multiplier, divisor = section.resolution[interface]
     timestamp = ((ts_high << 32) | ts_low) * multiplier // divisor
     try:
-        return parse_pseudo_header(packet, timestamp, epb_flags)
+        record = parse_pseudo_header(packet, timestamp, epb_flags)
     except ValueError as error:
         raise CaptureError(path, offset, str(error)) from None
+    record.source = section.sources[interface]
+    return record
 
 
 
@@ -510,6 +595,13 @@ def _options(body: bytes, start: int, end: int, endian: str):
             return
         yield code, body[position + 4:position + 4 + length]
         position += 4 + length + _pad4(length)
+
+
+def _option_value(body: bytes, start: int, end: int, endian: str, wanted: int) -> bytes | None:
+    for code, value in _options(body, start, end, endian):
+        if code == wanted:
+            return value
+    return None
 
 
 def _epb_flags(body: bytes, start: int, end: int, endian: str) -> int:
@@ -530,5 +622,6 @@ def _ts_resolution(body: bytes, start: int, end: int, endian: str) -> tuple[int,
     return (1000, 1)   # pcapng's default: microseconds
 
 
-__all__ = ["CaptureError", "CaptureWriter", "ReadOutcome", "read_capture", "reading", "write_capture", "file_header",
+__all__ = ["CaptureError", "CaptureWriter", "ReadOutcome", "read_capture", "read_captures", "reading", "write_capture",
+           "file_header", "capture_source", "distinct_connections", "interface_source",
            "enhanced_packet_block", "parse_pseudo_header", "LINKTYPE_USER0", "FD_KINDS", "PSEUDO_VERSION"]

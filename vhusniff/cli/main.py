@@ -42,7 +42,8 @@ def message_fields(number: int, relative: float, record, message) -> dict[str, l
     """Every field of a message by dotted name (multi-valued where an array repeats it), plus frame fields."""
     fields: dict[str, list] = {
         "frame.number": [number], "frame.time_relative": [round(relative, 9)],
-        "connection": [record.connection], "channel": [record.channel.name.lower()],
+        "connection": [record.connection], "source": [record.source] if record.source else [],
+        "channel": [record.channel.name.lower()],
         "direction": [record.direction.arrow], "name": [message.name],
         "fds": [len(record.fds)], "fd.kind": [fd.kind for fd in record.fds],
         "problem": [p.code for p in message.problems], "kind": [message.kind or ""],
@@ -131,8 +132,8 @@ class _Output:
             self.out.write("\t".join(",".join(str(v) for v in fields.get(name, ())) for name in self.args.e) + "\n")
             return
         entry: dict[str, object] = {"number": number, "time": relative, "connection": record.connection,
-                                    "channel": record.channel.name.lower(), "direction": record.direction.arrow,
-                                    "request": request}
+                                    "source": record.source, "channel": record.channel.name.lower(),
+                                    "direction": record.direction.arrow, "request": request}
         if event is not None:
             entry["event"] = event
         entry.update({"summary": summary, "fds": [fd._asdict() for fd in record.fds], "problems": problems,
@@ -166,11 +167,15 @@ def command_read(args) -> int:
     hidden_events = 0            # event records the display filter did not let through
     # The messages stream to stdout as they are read: on the terminal itself they show the progress, and a bar on
     # the same screen would cut through them. Redirected or piped, the bar shows how far the file is read.
-    show_bar = not (args.quiet or out.isatty())
-    with reading(args.file) as outcome, capture_progress(args.file, show_bar) as progress:
-        records = general_messages(args.file, tracker, source=progress.source)
-        if args.T == "text" and not expert:      # text without findings: the fast path
-            _shown, hidden_events = fast_lines(args.file, tracker, out, colour, args.follow, args.count,
+    show_bar = not (args.quiet or out.isatty()) and len(args.file) == 1
+    path = args.file[0]
+    with reading(path) as outcome, capture_progress(path, show_bar) as progress:
+        if len(args.file) > 1:       # several captures, merged by time: the general path numbers connections
+            records = general_messages(args.file, tracker)
+        else:
+            records = general_messages(path, tracker, source=progress.source)
+        if args.T == "text" and not expert and len(args.file) == 1:      # text without findings: the fast path
+            _shown, hidden_events = fast_lines(path, tracker, out, colour, args.follow, args.count,
                                                progress.source, display_filter, args.verbose, args.hex)
             records = iter(())
         for number, relative, record, message in records:
@@ -212,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     read = commands.add_parser("read", help="show a capture, one line per message, like tshark")
-    read.add_argument("file")
+    read.add_argument("file", nargs="+", help="a capture; several are read merged by time, as mergecap merges them")
     read.add_argument("-V", dest="verbose", action="store_true", help="full field tree")
     read.add_argument("-x", dest="hex", action="store_true", help="hex dump of each message")
     read.add_argument("-c", dest="count", type=int, default=0, help="stop after N shown messages")

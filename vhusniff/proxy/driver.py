@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..analysis.analyzer import Analyzer, connection_report
-from ..capture.pcapng import CaptureWriter
+from ..capture.pcapng import CaptureWriter, capture_source
 from ..dataplane.notify import NotificationRelay
 from ..dataplane.rings import SAMPLE_INTERVAL_DEFAULT, RingWatch
 from ..dataplane.sample import Reason, RingSample
@@ -313,7 +313,8 @@ class Proxy:
             for route in self.routes:
                 self._watch_listener(listen_at(route.listen, self.socket_mode), route)
             if isinstance(self._capture_target, (str, os.PathLike)):
-                self._writer = CaptureWriter(self._capture_target, flush_each=True)
+                routes = " ".join(f"{route.listen}->{route.target}" for route in self.routes)
+                self._writer = CaptureWriter(self._capture_target, flush_each=True, source=capture_source(routes))
             elif self._capture_target is not None:
                 self._writer = self._capture_target
             # A writer that packs a stream's fd-less records itself lets whole messages skip Record.

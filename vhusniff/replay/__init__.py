@@ -38,7 +38,7 @@ import argparse
 import sys
 
 from ..analysis.diff import load_or_report
-from ..capture.pcapng import CaptureWriter
+from ..capture.pcapng import CaptureWriter, capture_source
 from ..engine.hooks import HookError
 from ..engine.rewrites import add_hook_arguments, hooks_from_arguments
 from ..protocol import catalogue as cat
@@ -100,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vhusniff replay: {error}", file=sys.stderr)
         return 2
     # Every record reaches the file at once: a replay stopped by a signal leaves a readable capture.
-    writer = CaptureWriter(args.write, flush_each=True) if args.write else None
+    peer = args.backend if args.role == "frontend" else args.listen
+    writer = CaptureWriter(args.write, flush_each=True, source=capture_source(f"replay-as-{args.role}->{peer}")) \
+        if args.write else None
     try:
         if args.role == "frontend":
             result = replay_as_frontend(records, args.backend, args.connection, writer, reply_timeout=args.timeout,

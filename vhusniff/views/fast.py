@@ -20,10 +20,14 @@ from ..capture.pcapng import (
     BYTE_ORDER_MAGIC,
     LINKTYPE_USER0,
     MIN_BLOCK_LENGTH,
+    OPTION_IF_DESCRIPTION,
     READ_CHUNK,
+    _option_value,
     _ts_resolution,
+    interface_source,
     parse_pseudo_header,
     read_capture,
+    read_captures,
     section_version_problem,
 )
 from ..model import Channel, Direction, RecordKind
@@ -62,10 +66,15 @@ class _Unusual(Exception):
 Source = Callable[[], "str | BinaryIO"]     # where to read the capture from, from its start (capture.progress)
 
 
-def general_messages(path: str, tracker, skip: int = 0, source: Source | None = None) -> Iterator[tuple]:
-    """(number, relative seconds, record, message or None) for every record, from read_capture."""
+def general_messages(path: str | list[str], tracker, skip: int = 0, source: Source | None = None) -> Iterator[tuple]:
+    """(number, relative seconds, record, message or None) for every record, from read_capture (of several
+    captures: read_captures, merged by time)."""
     first_time = None
-    for number, record in enumerate(read_capture(source() if source else path), start=1):
+    if isinstance(path, list) and len(path) > 1:
+        records = read_captures(path)
+    else:
+        records = read_capture(source() if source else path if isinstance(path, str) else path[0])
+    for number, record in enumerate(records, start=1):
         if first_time is None:
             first_time = record.timestamp_ns
         if number <= skip:
@@ -73,8 +82,10 @@ def general_messages(path: str, tracker, skip: int = 0, source: Source | None = 
         yield number, (record.timestamp_ns - first_time) / 1e9, record, tracker.decode(record)
 
 
-def _scan(source: str | BinaryIO) -> Iterator[tuple[int, bytes]]:
-    """(timestamp ns, packet bytes) of each vhost-user EPB, for files as vhusniff writes them."""
+def _scan(source: str | BinaryIO, sources: list[str] | None = None) -> Iterator[tuple[int, bytes]]:
+    """(timestamp ns, packet bytes) of each vhost-user EPB, for files as vhusniff writes them: of one source,
+    which is put in `sources` (a capture of several goes to the full reader, which numbers their connections)."""
+    sources = [] if sources is None else sources
     opened = open(source, "rb") if isinstance(source, str) else contextlib.nullcontext(source)
     with opened as stream:
         buffer = b""
@@ -82,6 +93,7 @@ def _scan(source: str | BinaryIO) -> Iterator[tuple[int, bytes]]:
         user0: dict[int, bool] = {}
         interfaces = 0
         any_user0 = in_section = False
+        sections = 0
         unpack_block, unpack_epb, unpack_length = _BLOCK.unpack_from, _EPB.unpack_from, _LENGTH.unpack_from
         unpack_packet_block = _PACKET_BLOCK.unpack_from
         end = 0
@@ -122,12 +134,19 @@ def _scan(source: str | BinaryIO) -> Iterator[tuple[int, bytes]]:
                         or section_version_problem(struct.unpack_from("<H", buffer, position + 12)[0]):
                     raise _Unusual
                 user0, interfaces, in_section = {}, 0, True
+                sections += 1
             elif block_type == BLOCK_IDB:
                 if not in_section:
                     raise _Unusual
                 link_type = struct.unpack_from("<H", buffer, position + 8)[0]
                 if _ts_resolution(buffer, position + 16, position + total - 4, "<") != _NANOSECONDS:
                     raise _Unusual
+                if link_type == LINKTYPE_USER0:
+                    described = _option_value(buffer, position + 16, position + total - 4, "<", OPTION_IF_DESCRIPTION)
+                    named = interface_source(described) if described is not None else ""
+                    if sources and sources[0] != named or not named and (interfaces or sections > 1):
+                        raise _Unusual
+                    sources[:] = [named]
                 user0[interfaces] = link_type == LINKTYPE_USER0
                 any_user0 = any_user0 or link_type == LINKTYPE_USER0
                 interfaces += 1
@@ -267,6 +286,7 @@ class _Shapes:
         self.tracker = tracker
         self.with_fields = with_fields         # a display filter reads the shapes' fields
         self.with_tree = with_tree             # -V shows their field trees
+        self.sources: list[str] = []           # the capture's one source, once its interface is read
         self.context_ids: dict[tuple, int] = {}     # what of a DecodeContext decoding reads -> id
         self.contexts: list = []               # id -> DecodeContext
         self.by_connection: dict[int, int] = {}
@@ -274,6 +294,13 @@ class _Shapes:
         self.formats: dict[tuple, tuple] = {}
         self.summaries: dict[tuple[str, int], Callable | None] = {}
         self.wheres: dict[tuple[int, int], str] = {}
+
+    def source(self) -> str:
+        return self.sources[0] if self.sources else ""
+
+    def source_line(self) -> str:
+        """What -V says of a message's source (as present.record_detail says it)."""
+        return f"  source: {self.sources[0]}\n" if self.sources and self.sources[0] else ""
 
     def context_id(self, context) -> int:
         identity = (context.device_type, context.features, context.protocol_features, id(context.profile))
@@ -362,7 +389,7 @@ def fast_lines(path: str, tracker, out, colour: bool = False, follow: int | None
     first_time = None
     lines: list[str] = []
     try:
-        for timestamp, packet in _scan(source() if source else path):
+        for timestamp, packet in _scan(source() if source else path, shapes.sources):
             number += 1
             if first_time is None:
                 first_time = timestamp
@@ -386,7 +413,7 @@ def fast_lines(path: str, tracker, out, colour: bool = False, follow: int | None
                                      f"{shape[0]}{summary}".rstrip() + "\n")
                         if detail:
                             if verbose:
-                                lines.append(shape[3][0] + shape[3][1](packet, _PLAIN_SIZE))
+                                lines.append(shape[3][0] + shape[3][1](packet, _PLAIN_SIZE) + shapes.source_line())
                             if hex_dump:
                                 lines.append("\n".join(hexdump(packet[_PLAIN_SIZE - 12:])) + "\n\n")
                         shown += 1
@@ -404,6 +431,7 @@ def fast_lines(path: str, tracker, out, colour: bool = False, follow: int | None
                     record = parse_pseudo_header(packet, timestamp, 0)
                 except ValueError:
                     raise _Unusual from None
+                record.source = shapes.source()
                 message = tracker.decode(record)
                 shapes.follow(record.connection)
                 context = tracker.context_for(record.connection)
@@ -477,6 +505,7 @@ def _checked(shapes: _Shapes, key: tuple, packet: bytes, timestamp: int) -> tupl
         record = parse_pseudo_header(packet, timestamp, 0)
     except ValueError:
         return None
+    record.source = shapes.source()
     context = shapes.contexts[key[0]]
     message = decode(record.data, record.channel, context)
     general = record_line(0, 0.0, record, message)
@@ -568,7 +597,7 @@ class _ShapeFields:
         return get
 
 
-_PER_RECORD = frozenset({"connection", "frame.number", "source"})
+_PER_RECORD = frozenset({"connection", "frame.number"})
 _HEADER_FIELDS = ("request", "flags", *(f"flags.{bit}" for bit in cat.BITFIELDS["flags"]), "size")
 
 

@@ -43,8 +43,11 @@ class RecordField:
 RECORD_FIELDS = {
     "frame.number": RecordField("position of the record in the capture, from 1", None,
                                 lambda m, r, n: [n]),
-    "connection": RecordField("connection number, one per front-end connection", "uint32",
-                              lambda m, r, n: [r.connection]),
+    "connection": RecordField("connection number, one per front-end connection (unique across the sources of a "
+                              "merged capture)", "uint32", lambda m, r, n: [r.connection]),
+    # Not in the dissector yet (lua_type None): it reads the source from the interface's description.
+    "source": RecordField("where the record was captured: host=NAME pid=N start=TIME [route=...]", None,
+                          lambda m, r, n: [r.source] if r.source else []),
     "channel": RecordField("main, backend, gpu or device_state", "string",
                            lambda m, r, n: [r.channel.name.lower()]),
     "direction": RecordField("F>B (front-end to back-end) or B>F", "string", lambda m, r, n: [r.direction.arrow]),

@@ -53,6 +53,8 @@ def record_detail(record, message: Message | None, verbose: bool, hex_dump: bool
     if message is not None and verbose:
         rest += "\n".join(field_tree(message)) + "\n"
         rest += "".join(f"  fd[{index}]: {fd.summary()}\n" for index, fd in enumerate(record.fds))
+        if record.source:
+            rest += f"  source: {record.source}\n"
     if hex_dump:
         rest += "\n".join(hexdump(record.data)) + "\n\n"
     return rest

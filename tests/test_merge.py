@@ -1,0 +1,151 @@
+"""Captures from many hosts: each capture names its source, and a merged capture (mergecap, or several files given
+to `vhusniff read`) reads as the separate connections it holds."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+
+import pytest
+
+from peers import kit, require  # noqa: F401  (kit is a fixture)
+from vhusniff.capture.pcapng import CaptureWriter, capture_source, distinct_connections, read_capture, read_captures
+from vhusniff.cli.main import main
+from vhusniff.model import Channel, Direction, EventKind, Record, RecordKind
+from vhusniff.protocol.grammar import build_message
+
+
+def _session(writer: CaptureWriter, start_ns: int, connections=(1,)) -> None:
+    """A short real-looking session per connection: connect, GET_FEATURES and its reply, close."""
+    for connection in connections:
+        start_ns += 10_000
+        writer.write(Record(start_ns, connection, kind=RecordKind.EVENT, event=EventKind.CONNECTED, note="connected"))
+        writer.write(Record(start_ns + 1000, connection, data=build_message(Channel.MAIN, 1)))
+        writer.write(Record(start_ns + 2000, connection, direction=Direction.BACKEND_TO_FRONTEND,
+                            data=build_message(Channel.MAIN, 1, dict(features=1 << 32), reply=True)))
+        writer.write(Record(start_ns + 3000, connection, kind=RecordKind.EVENT, event=EventKind.CLOSED, note="closed"))
+
+
+def _two_hosts(tmp_path, named: bool = True):
+    paths = []
+    for index, host in enumerate(("host-a", "host-b")):
+        path = tmp_path / f"{host}.pcapng"
+        with CaptureWriter(path, source=f"host={host} pid=7 start=2026-01-01T00:00:00Z" if named else "") as writer:
+            _session(writer, 1_000_000 + 500 * index, connections=(1, 2))
+        paths.append(path)
+    return paths
+
+
+def _mergecap(tmp_path, paths, *options: str):
+    require("mergecap")
+    merged = tmp_path / "merged.pcapng"
+    subprocess.run(["mergecap", *options, "-w", str(merged), *map(str, paths)], check=True, capture_output=True)
+    return merged
+
+
+def test_a_capture_names_its_source_and_a_reader_gives_it_to_every_record(tmp_path):
+    path = tmp_path / "c.pcapng"
+    source = capture_source("/run/proxy.sock->/run/backend.sock")
+    assert re.fullmatch(r"host=\S+ pid=\d+ start=\S+Z route=/run/proxy.sock->/run/backend.sock", source)
+    with CaptureWriter(path, source=source) as writer:
+        _session(writer, 1000, connections=(3, 5))
+    records = list(read_capture(path))
+    assert {record.source for record in records} == {source}
+    assert [record.connection for record in records] == [3] * 4 + [5] * 4      # one source: numbers kept
+
+
+def test_tshark_sees_the_source_as_the_interface_description(tmp_path):
+    require("tshark")
+    path = tmp_path / "c.pcapng"
+    with CaptureWriter(path, source="host=h pid=1 start=s") as writer:
+        _session(writer, 1000)
+    shown = subprocess.run(["tshark", "-r", str(path), "-T", "fields", "-e", "frame.interface_description"],
+                           capture_output=True, text=True, check=True).stdout.split("\n")
+    assert shown[0] == "vhusniff source: host=h pid=1 start=s"
+
+
+def test_connection_numbers_stay_unique_across_sources():
+    def record(source, connection):
+        return Record(0, connection, source=source)
+    records = [record("a", 1), record("b", 1), record("a", 2), record("b", 2), record("a", 1), record("c", 9)]
+    assert [r.connection for r in distinct_connections(records)] == [1, 2, 3, 4, 1, 9]
+
+
+def test_a_mergecap_of_two_hosts_reads_as_their_four_connections(tmp_path, capsys):
+    merged = _mergecap(tmp_path, _two_hosts(tmp_path))
+    records = list(read_capture(merged))
+    pairs = {(record.source.split()[0], record.connection) for record in records}
+    # numbered as they appear, as tshark numbers tcp.stream: host-a's 1, host-b's 1, host-a's 2, host-b's 2
+    assert pairs == {("host=host-a", 1), ("host=host-b", 2), ("host=host-a", 3), ("host=host-b", 4)}
+    assert main(["read", str(merged), "-Y", 'source contains "host-b" && request == GET_FEATURES']) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[2] for line in lines] == ["c2", "c2", "c4", "c4"]
+
+
+def test_several_files_read_as_mergecap_merges_them(tmp_path, capsys):
+    paths = _two_hosts(tmp_path)
+    merged = _mergecap(tmp_path, paths)
+    for options in ([], ["-V"], ["-T", "json"]):
+        assert main(["read", str(merged), *options]) == 0
+        from_merged = capsys.readouterr().out
+        assert main(["read", *map(str, paths), *options]) == 0
+        assert capsys.readouterr().out == from_merged
+    json_records = json.loads(from_merged)
+    assert [entry["time"] for entry in json_records] == sorted(entry["time"] for entry in json_records)
+    assert {entry["source"].split()[0] for entry in json_records} == {"host=host-a", "host=host-b"}
+
+
+def test_captures_that_name_no_source_are_told_apart_by_file_or_interface(tmp_path):
+    paths = _two_hosts(tmp_path, named=False)
+    by_file = {(record.source, record.connection) for record in read_captures(paths)}
+    assert len(by_file) == 4 and all(source.startswith("file=") for source, _number in by_file)
+    kept_apart = _mergecap(tmp_path, paths, "-I", "none")       # one interface per file, both unnamed
+    assert len({record.connection for record in read_capture(kept_apart)}) == 4
+
+
+@pytest.fixture(scope="module")
+def two_lab_captures(kit, tmp_path_factory):  # noqa: F811  (kit is a fixture)
+    """Two real boots (QEMU 7.2, qemu-storage-daemon) through two proxies: two blk lab captures."""
+    require("qemu-storage-daemon")
+    from vhusniff.lab.command import record_boot
+    captures = []
+    for name in ("first", "second"):
+        result, capture = record_boot(tmp_path_factory.mktemp(name), "blk")
+        assert result.blk_io_ok, result.console
+        captures.append(capture)
+    return captures
+
+
+def _run(argv: list[str], capsys) -> str:
+    from vhusniff.cli.main import _dispatch
+    _dispatch(argv)
+    return capsys.readouterr().out
+
+
+def _findings(text: str) -> int:
+    return int(re.search(r"^(\d+) finding\(s\)", text, re.MULTILINE).group(1))
+
+
+def test_a_mergecap_of_two_real_lab_captures_reads_as_their_connections(two_lab_captures, tmp_path, capsys):
+    merged = _mergecap(tmp_path, two_lab_captures)
+    singles = [list(read_capture(path)) for path in two_lab_captures]
+    alone = [{record.connection for record in records} for records in singles]
+    assert alone[0] == alone[1] == {1}, "each lab capture holds connection 1"
+    records = list(read_capture(merged))
+    assert len(records) == sum(len(records) for records in singles)
+    sources = {record.connection: record.source for record in records}
+    assert sorted(sources) == [1, 2] and len(set(sources.values())) == 2
+    assert all(" route=" in source for source in sources.values())
+    for source, single in zip(sorted(set(sources.values()), key=lambda s: [r.source for r in records].index(s)),
+                              singles, strict=True):
+        assert [r.data for r in records if r.source == source] == [r.data for r in single]
+    # the analysis: two connections, each as it reads alone, and exactly the findings the captures have alone
+    report = _run(["report", str(merged)], capsys)
+    assert re.findall(r"^Connection (\d+)", report, re.MULTILINE) == ["1", "2"], report
+    alone_reports = [_run(["report", str(path)], capsys) for path in two_lab_captures]
+    assert all("Findings: none" in text for text in alone_reports) == (report.count("Findings: none") == 2)
+    assert _findings(_run(["expert", str(merged)], capsys)) == \
+        sum(_findings(_run(["expert", str(path)], capsys)) for path in two_lab_captures)
+    # the same through `vhusniff read A B`
+    from_merged = _run(["read", str(merged)], capsys)
+    assert _run(["read", *map(str, two_lab_captures)], capsys) == from_merged and " c2 " in from_merged
