@@ -80,6 +80,9 @@ def test_a_mergecap_of_two_hosts_reads_as_their_four_connections(tmp_path, capsy
     assert main(["read", str(merged), "-Y", 'source contains "host-b" && request == GET_FEATURES']) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[2] for line in lines] == ["c2", "c2", "c4", "c4"]
+    report = _run(["report", str(merged)], capsys)
+    named = re.findall(r"^Connection (\d+) .*\n  Source:  host=(\S+)", report, re.MULTILINE)
+    assert named == [("1", "host-a"), ("2", "host-b"), ("3", "host-a"), ("4", "host-b")], report
 
 
 def test_several_files_read_as_mergecap_merges_them(tmp_path, capsys):
@@ -142,6 +145,8 @@ def test_a_mergecap_of_two_real_lab_captures_reads_as_their_connections(two_lab_
     # the analysis: two connections, each as it reads alone, and exactly the findings the captures have alone
     report = _run(["report", str(merged)], capsys)
     assert re.findall(r"^Connection (\d+)", report, re.MULTILINE) == ["1", "2"], report
+    assert [source for source in re.findall(r"^  Source:  (.*)$", report, re.MULTILINE)] == \
+        [sources[1], sources[2]]
     alone_reports = [_run(["report", str(path)], capsys) for path in two_lab_captures]
     assert all("Findings: none" in text for text in alone_reports) == (report.count("Findings: none") == 2)
     assert _findings(_run(["expert", str(merged)], capsys)) == \

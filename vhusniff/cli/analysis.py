@@ -36,6 +36,7 @@ class Loaded:
     outcome: ReadOutcome
     seen: list[tuple[int, Record, Message | None]] = field(default_factory=list)   # only with load(keep=True)
     counts: dict[MessageKey, Counter] = field(default_factory=dict)    # messages, bytes and fds per kind
+    sources: dict[int, str] = field(default_factory=dict)    # connection -> where it was captured (Record.source)
 
     @property
     def error(self) -> str:
@@ -57,10 +58,12 @@ def load(path: str, device: str | None = None, profile: str = "qemu-spec", at: i
     decode, feed = analyzer.tracker.decode_message, analyzer.feed
     with reading(path) as outcome, capture_progress(path, progress) as bar:
         loaded = Loaded(analyzer, outcome)
-        counts = loaded.counts
+        counts, sources = loaded.counts, loaded.sources
         for number, record in enumerate(read_capture(bar.source()), 1):
             if at is not None and number > at:
                 break
+            if record.source and record.connection not in sources:
+                sources[record.connection] = record.source
             message = None
             if record.kind == RecordKind.MESSAGE:
                 decoded = message = decode(record)
@@ -242,8 +245,17 @@ def main_report(argv: list[str]) -> int:
     connections = _connections(loaded, args.connection)
     if not connections:
         print("no connections in the capture")
-    print("\n\n".join(connection_report(loaded.analyzer, c) for c in connections))
+    print("\n\n".join(_with_source(connection_report(loaded.analyzer, c), loaded.sources.get(c))
+                      for c in connections))
     return _finish(loaded)
+
+
+def _with_source(report: str, source: str | None) -> str:
+    """A connection's report with where it was captured under its first line (a merged capture holds several)."""
+    if not source:
+        return report
+    first, _newline, rest = report.partition("\n")
+    return f"{first}\n  Source:  {source}\n{rest}" if rest else f"{first}\n  Source:  {source}"
 
 
 # --- timeline -------------------------------------------------------------------------------------------------------
