@@ -21,7 +21,7 @@ from vhusniff.proxy import Proxy, Route
 
 #: name -> (device, QEMU, queues, programs it needs, MSI-X for net)
 RUNS = {
-    "blk-qemu10": ("blk", "10", 1, ("qemu-storage-daemon",), False),
+    "blk-4-queues-qemu10": ("blk", "10", 4, ("qemu-storage-daemon",), False),
     "net-qemu10": ("net", "10", 1, ("dpdk-testpmd",), False),
     "net-msix-qemu10": ("net", "10", 1, ("dpdk-testpmd",), True),
     "net-2-queues": ("net", None, 2, ("dpdk-testpmd",), False),
@@ -115,14 +115,18 @@ def test_lab_command_line_refuses_what_cannot_run_with_a_clear_error(capsys, tmp
     assert not Path(capture).exists()
 
 
-def test_qemu10_blk_guest_through_the_proxy(lab_runs):
-    run = finished(lab_runs, "blk-qemu10")
+def test_qemu10_blk_guest_with_four_queues_through_the_proxy(lab_runs):
+    run = finished(lab_runs, "blk-4-queues-qemu10")
     assert run.qemu_version.startswith("10.")
     assert "failed to open module" not in run.result.console, "QEMU 10 loads its own modules, quietly"
     names = requests_by_name(run)
     assert {"GET_FEATURES", "SET_VRING_KICK", "GET_CONFIG"} <= set(names), names
     assert {"SET_MEM_TABLE", "ADD_MEM_REG"} & set(names), "guest memory was given to the back-end"
     assert_every_reply_answers_a_request(run)
+    replies = main_channel(run, Direction.BACKEND_TO_FRONTEND)
+    queue_num = [struct.unpack_from("<Q", reply.data, 12)[0] for reply in replies
+                 if struct.unpack_from("<I", reply.data)[0] == cat.FrontendRequest.GET_QUEUE_NUM]
+    assert queue_num == [4], "qemu-storage-daemon exports the four queues QEMU's device has"
     disk = (run.capture.parent / "storage-daemon.img").read_bytes()
     offset = lab.PATTERN_OFFSET_MIB << 20
     assert disk[offset:offset + 16] == b"VHUSNIFF-PATTERN", "the guest's write reached the back-end's disk"

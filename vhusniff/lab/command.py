@@ -135,7 +135,7 @@ def run_lab(workdir: Path | str, device: str = "blk", reverse: bool = False, hoo
 
 def _start_backend(workdir: Path, device: str, socket_path: Path, queues: int) -> lab.Backend:
     if device == "blk":
-        return lab.start_storage_daemon(workdir, socket_path)
+        return lab.start_storage_daemon(workdir, socket_path, queues=queues)
     if device == "net":
         return lab.start_testpmd(workdir, socket_path, queues=queues)
     if device == "fs":

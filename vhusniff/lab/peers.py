@@ -915,8 +915,9 @@ def _spawn(command: list[str], workdir: Path, log_name: str, cpu: Cpus, *, stdin
 
 def start_storage_daemon(workdir: Path | str, socket_path: Path | str, size_mb: int = 64, *,
                          cpu: Cpus = None, name: str = "storage-daemon", timeout: float = 10.0,
-                         disk_path: Path | str | None = None, remove_stale_socket: bool = True) -> Backend:
-    """Start qemu-storage-daemon exporting a raw disk as a writable vhost-user-blk device.
+                         disk_path: Path | str | None = None, remove_stale_socket: bool = True,
+                         queues: int = 1) -> Backend:
+    """Start qemu-storage-daemon exporting a raw disk as a writable vhost-user-blk device with `queues` queues.
 
     The daemon listens on `socket_path`; this returns once it listens there. The disk is `disk_path` as it
     is (a restarted daemon serving the same disk), else a fresh `workdir/<name>.img` of `size_mb` MiB (at
@@ -934,7 +935,7 @@ def start_storage_daemon(workdir: Path | str, socket_path: Path | str, size_mb: 
     command = [
         "qemu-storage-daemon",
         "--blockdev", f"driver=file,node-name=disk0,filename={_qemu_option_value(disk_path)}",
-        "--export", "type=vhost-user-blk,id=export0,node-name=disk0,writable=on,"
+        "--export", f"type=vhost-user-blk,id=export0,node-name=disk0,writable=on,num-queues={int(queues)},"
                     f"addr.type=unix,addr.path={_qemu_option_value(socket_path)}",
     ]
     proc, log_path = _spawn(command, workdir, name, cpu)
