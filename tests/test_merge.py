@@ -85,6 +85,17 @@ def test_a_mergecap_of_two_hosts_reads_as_their_four_connections(tmp_path, capsy
     assert named == [("1", "host-a"), ("2", "host-b"), ("3", "host-a"), ("4", "host-b")], report
 
 
+def test_scapy_keys_a_merged_capture_by_source_and_number(tmp_path):
+    from vhusniff.layers.packets import VhostUser, VhusniffRecord
+    from vhusniff.layers.pcap import read_packets
+    merged = _mergecap(tmp_path, _two_hosts(tmp_path))
+    packets = read_packets(merged)
+    keyed = [(packet.sniffed_on.split()[0], packet[VhusniffRecord].connection) for packet in packets]
+    assert keyed == [(f"host={record.source.split()[0][5:]}", record.connection) for record in read_capture(merged)]
+    assert sorted(set(keyed)) == [("host=host-a", 1), ("host=host-a", 3), ("host=host-b", 2), ("host=host-b", 4)]
+    assert sum(VhostUser in packet for packet in packets) == 8
+
+
 def test_several_files_read_as_mergecap_merges_them(tmp_path, capsys):
     paths = _two_hosts(tmp_path)
     merged = _mergecap(tmp_path, paths)

@@ -73,3 +73,25 @@ def install() -> None:
         register()
     elif not any(isinstance(finder, _RegisterAfterImport) for finder in sys.meta_path):
         sys.meta_path.insert(0, _RegisterAfterImport())
+
+
+def read_packets(path):
+    """scapy's packets of a capture (rdpcap) with connections keyed as every vhusniff reader keys them: by source
+    and number. Each vhusniff record's `connection` field is the number `vhusniff read` shows (unique across the
+    sources of a merged capture; a capture of one source keeps its numbers) and `packet.sniffed_on` is its
+    source (capture.pcapng.capture_source), which scapy alone cannot see: it sits in the interface description."""
+    from scapy.utils import rdpcap
+
+    from ..capture.pcapng import read_capture
+    from .packets import VhusniffRecord
+    register()
+    packets = rdpcap(str(path))
+    records = read_capture(path)
+    for packet in packets:
+        if VhusniffRecord not in packet:
+            continue
+        record = next(records)
+        packet[VhusniffRecord].connection = record.connection
+        if record.source:
+            packet.sniffed_on = record.source
+    return packets
