@@ -419,3 +419,21 @@ def test_fuse_requests_held_by_a_stopped_virtiofsd_are_decoded(kit, tmp_path):  
     held = [request for request in pending(proxy) if "fuse.opcode=" in request]
     # The mount's INIT as a rule; a later request of the mount if INIT slipped through before the stop.
     assert held and all(re.search(r"fuse\.opcode=[A-Z_]+ fuse\.unique=\d+ fuse\.nodeid=\d+", r) for r in held), held
+
+
+def test_rings_names_a_bad_sample_by_file_and_record_and_shows_the_rest(tmp_path):
+    from vhusniff.capture.pcapng import write_capture
+    good = RingSample(0, Reason.PERIODIC, SampleFlag.MAPPED, 9, 7, num=128, in_flight=2, kicks=3, calls=2)
+    capture = tmp_path / "damaged.pcapng"
+    write_capture(capture, [Record(1_000_000_000, 1, data=good.pack(), kind=RecordKind.EVENT, note=good.note(),
+                                   event=EventKind.RING),
+                            Record(1_100_000_000, 1, data=b"\x01\x00\x00\x00", kind=RecordKind.EVENT, note="cut",
+                                   event=EventKind.RING)])
+    done = vhusniff("rings", str(capture), "-T", "json", "-q")
+    assert done.returncode == 2
+    assert json.loads(done.stdout) == [dict(frame=1, connection=1, ring=0, time=0.0, avail_idx=9, used_idx=7,
+                                            in_flight=2, kicks=3, calls=2, reason="periodic", mapped=True,
+                                            stopped=False, layout="split", num=128, base=None, pending=[])]
+    assert done.stderr == f"vhusniff rings: {capture}: record 2: ring sample of 4 bytes, expected 36\n"
+    missing = vhusniff("rings", str(tmp_path / "nothing.pcapng"))
+    assert missing.returncode == 2 and "nothing.pcapng" in missing.stderr and "Traceback" not in missing.stderr
