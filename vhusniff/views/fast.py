@@ -279,6 +279,33 @@ def _config_summary(context, carries_space: bool) -> Callable[[bytes, int], str 
 _CONFIG_HEAD = struct.Struct("<III")
 
 
+def channel_carries_space(message) -> bool:
+    """Whether a config payload's data is device config space (grammar.carries_config_space)."""
+    return message.channel == Channel.MAIN and config_space.carries_config_space(message.request, message.is_reply)
+
+
+def _config_tree(context, carries_space: bool) -> Callable[[bytes, int], str | None]:
+    """A GET_CONFIG/SET_CONFIG payload's lines of present.field_tree (None when the bytes do not fit it)."""
+    unpack = _CONFIG_HEAD.unpack_from
+    device = context.device_type
+    shown: Any = _Shown(context)       # what value_text reads of a Message
+
+    def tree(packet: bytes, offset: int) -> str | None:
+        window, size, flags = unpack(packet, offset)
+        if offset + 12 + size != len(packet):
+            return None
+        data = packet[offset + 12:]
+        text = f"    config.offset: {hex(window) if window > 65535 else window}\n" \
+               f"    config.size: {hex(size) if size > 65535 else size}\n" \
+               f"    config.flags: {hex(flags) if flags > 65535 else flags}\n" \
+               f"    config.data: {value_text(shown, 'data', data)}\n"
+        if carries_space:
+            text += "".join(f"{'  ' + '  ' * name.count('.')}{name}: {config_space.value_text(name, value)}\n"
+                            for name, value in config_space.decode_space(device, window, data))
+        return text
+    return tree
+
+
 class _Shapes:
     """Line heads and payload formatters per message shape, and each connection's context as a small number."""
 
@@ -403,7 +430,8 @@ def fast_lines(path: str, tracker, out, colour: bool = False, follow: int | None
                     if shape is None:
                         shape = formats[shape_key] = _checked(shapes, shape_key, packet, timestamp) or _GENERAL
                     summary = shape[1](packet, _PLAIN_SIZE) if shape else None
-                    if summary is not None:
+                    tree = shape[3][1](packet, _PLAIN_SIZE) if verbose and summary is not None else ""
+                    if summary is not None and tree is not None:
                         done = number
                         if follow is not None and connection != follow:
                             continue
@@ -413,7 +441,7 @@ def fast_lines(path: str, tracker, out, colour: bool = False, follow: int | None
                                      f"{shape[0]}{summary}".rstrip() + "\n")
                         if detail:
                             if verbose:
-                                lines.append(shape[3][0] + shape[3][1](packet, _PLAIN_SIZE) + shapes.source_line())
+                                lines.append(shape[3][0] + tree + shapes.source_line())
                             if hex_dump:
                                 lines.append("\n".join(hexdump(packet[_PLAIN_SIZE - 12:])) + "\n\n")
                         shown += 1
@@ -523,11 +551,15 @@ def _checked(shapes: _Shapes, key: tuple, packet: bytes, timestamp: int) -> tupl
     if shapes.with_tree:
         lines = field_tree(message)
         head = 1 + (1 if message.kind else 0) + len(_HEADER_FIELDS)
-        payload_tree = compile_field_tree(message.kind, context) if message.kind else None
+        payload_tree: Callable[[bytes, int], str | None] | None
+        if message.kind == "config":
+            payload_tree = _config_tree(context, channel_carries_space(message))
+        else:
+            payload_tree = compile_field_tree(message.kind, context) if message.kind else None
         if payload_tree is None:
             return None
         top = "\n".join(lines[:head]) + "\n"
-        if top + payload_tree(packet, _PLAIN_SIZE) != "\n".join(lines) + "\n":
+        if top + (payload_tree(packet, _PLAIN_SIZE) or "") != "\n".join(lines) + "\n":
             return None
         tree = (top, payload_tree)
     return (*entry, fields, tree)
