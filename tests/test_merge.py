@@ -165,3 +165,23 @@ def test_a_mergecap_of_two_real_lab_captures_reads_as_their_connections(two_lab_
     # the same through `vhusniff read A B`
     from_merged = _run(["read", str(merged)], capsys)
     assert _run(["read", *map(str, two_lab_captures)], capsys) == from_merged and " c2 " in from_merged
+
+
+@pytest.mark.parametrize("text", ['source contains "host-a"', '!(source contains "host-a")', "source && size == 8"])
+def test_a_single_source_capture_reads_its_source_alike_on_the_fast_and_the_general_path(tmp_path, text):
+    import io
+
+    from vhusniff.protocol.context import ContextTracker
+    from vhusniff.views.fast import fast_lines, general_messages
+    from vhusniff.views.filters import compile_filter
+    from vhusniff.views.present import record_detail, record_line
+    path = _two_hosts(tmp_path)[0]
+    display_filter = compile_filter(text)
+    fast = io.StringIO()
+    fast_lines(str(path), ContextTracker(), fast, display_filter=display_filter, verbose=True)
+    general = "".join(record_line(number, relative, record, message) + "\n" +
+                      record_detail(record, message, True, False)
+                      for number, relative, record, message in general_messages(str(path), ContextTracker())
+                      if display_filter.matches(message, record, number))
+    assert fast.getvalue() == general
+    assert ("  source: host=host-a" in general) == (not text.startswith("!"))

@@ -314,6 +314,7 @@ class _Shapes:
         self.with_fields = with_fields         # a display filter reads the shapes' fields
         self.with_tree = with_tree             # -V shows their field trees
         self.sources: list[str] = []           # the capture's one source, once its interface is read
+        self.display_filter: DisplayFilter | None = None
         self.context_ids: dict[tuple, int] = {}     # what of a DecodeContext decoding reads -> id
         self.contexts: list = []               # id -> DecodeContext
         self.by_connection: dict[int, int] = {}
@@ -408,6 +409,7 @@ def fast_lines(path: str, tracker, out, colour: bool = False, follow: int | None
     # connection -> what of its negotiated context changes decoding; only decoding (on a miss) changes it.
     context_keys: dict[int, tuple] = {}
     shapes = _Shapes(tracker, with_fields=display_filter is not None, with_tree=verbose)
+    shapes.display_filter = display_filter
     formats, by_connection, base, where = shapes.formats, shapes.by_connection, shapes.base, shapes.where
     matches = display_filter.matches_fields if display_filter is not None else None
     unpack_connection = _CONNECTION.unpack_from
@@ -435,8 +437,12 @@ def fast_lines(path: str, tracker, out, colour: bool = False, follow: int | None
                         done = number
                         if follow is not None and connection != follow:
                             continue
-                        if matches is not None and not matches(shape[2].getter(packet, number, connection)):
-                            continue
+                        if matches is not None:
+                            verdict = shape[2].constant
+                            if verdict is None:
+                                verdict = matches(shape[2].getter(packet, number, connection))
+                            if not verdict:
+                                continue
                         lines.append(f"{number:>5} {(timestamp - first_time) / 1e9:10.6f} {where(connection, channel)} "
                                      f"{shape[0]}{summary}".rstrip() + "\n")
                         if detail:
@@ -548,6 +554,8 @@ def _checked(shapes: _Shapes, key: tuple, packet: bytes, timestamp: int) -> tupl
         fields = _ShapeFields(message, record, context)
         if not fields.agrees(packet, message, record):
             return None
+        if shapes.display_filter is not None:
+            fields.constant = fields.verdict(shapes.display_filter)
     if shapes.with_tree:
         lines = field_tree(message)
         head = 1 + (1 if message.kind else 0) + len(_HEADER_FIELDS)
@@ -565,6 +573,10 @@ def _checked(shapes: _Shapes, key: tuple, packet: bytes, timestamp: int) -> tupl
     return (*entry, fields, tree)
 
 
+class _PerMessage(Exception):
+    """A filter asked for a field that differs from message to message of a shape."""
+
+
 class _ShapeFields:
     """What a display filter reads of a plain message of one shape: the record's fields and the header's are the
     shape's own; the payload is unpacked when the filter first names a field of it, and only the fields named
@@ -578,6 +590,7 @@ class _ShapeFields:
         header = field_values(message)
         self.header = {name: header[name] for name in _HEADER_FIELDS if name in header}
         self.layout = PayloadLayout.of(message.kind) if message.kind in COMPILED_KINDS else None
+        self.constant: bool | None = None      # the filter's verdict for the whole shape, when it has one
         # Without a layout the payload is decoded whole, but only for a name it may have (config.*, gpu.*, ...).
         prefix = PAYLOADS[message.kind][1] if message.kind else ""
         self.namespace = prefix + "." if prefix else ""
@@ -595,6 +608,25 @@ class _ShapeFields:
         mine = {**self.header, **self.payload_fields(packet)}
         return mine == general and all(spec.value is not None and spec.value(message, record, 0) == self.records[name]
                                        for name, spec in RECORD_FIELDS.items() if name in self.records)
+
+    def verdict(self, display_filter: DisplayFilter) -> bool | None:
+        """The filter's verdict on every message of this shape when it reads only the shape's own fields
+        (`request == SET_VRING_ADDR && ...` on any other request); None when it depends on the message."""
+        records, header = self.records, self.header
+
+        def get(name: str):
+            found = records.get(name)
+            if found is None:
+                found = header.get(name)
+            if found is not None:
+                return found
+            if name is DEVICE_TYPE_FIELD:
+                return self.context.device_type
+            raise _PerMessage
+        try:
+            return display_filter.matches_fields(get)
+        except _PerMessage:
+            return None
 
     def getter(self, packet: bytes, number: int, connection: int) -> Callable[[str], Any]:
         records, header, layout = self.records, self.header, self.layout
