@@ -1284,8 +1284,9 @@ def start_qemu(workdir: Path | str, kit: GuestKit, chardev_path: Path | str, dev
     (`loop_kernel_args(N)`: the disk check repeated for N seconds). `qemu` picks the QEMU (`qemu_program`:
     the system's by default, "10" for QEMU 10, or a path). `queues`: the device's queues (net: queue pairs;
     fs: request queues). A "gpu" guest (`prepare_gpu()`'s kit, QEMU 10) gets a QMP socket at `qmp_path`
-    (default `workdir/<name>-qmp.sock`) and console input: it draws, then waits for a line (`send_console`);
-    `screen` (width, height) is its display mode, QEMU's default (1280x800) when None.
+    (default `workdir/<name>-qmp.sock`; this returns once QEMU listens there) and console input: it draws, then
+    waits for a line (`send_console`); `screen` (width, height) is its display mode, QEMU's default (1280x800)
+    when None.
     """
     workdir, chardev_path = Path(workdir), Path(chardev_path)
     program = qemu_program(qemu)
@@ -1295,11 +1296,17 @@ def start_qemu(workdir: Path | str, kit: GuestKit, chardev_path: Path | str, dev
                            kernel_args, program, queues, qmp_path, screen)
     if server:
         _remove_stale_socket(chardev_path)
+    if qmp_path is not None:
+        _remove_stale_socket(Path(qmp_path))
     stdin = subprocess.PIPE if device == "gpu" else subprocess.DEVNULL
     proc, log_path = _spawn(command, workdir, name, cpu, capture_stdout=True, env=program.environ(), stdin=stdin)
     guest = Guest(name, proc, log_path, chardev_path, on_console_line, Path(qmp_path) if qmp_path else None)
     if server:
         _wait_until(lambda: _is_socket(chardev_path), socket_timeout, guest, f"socket {chardev_path}")
+    if qmp_path is not None:
+        # So that QMP commands (screendump) work as soon as this returns.
+        qmp_socket = Path(qmp_path)
+        _wait_until(lambda: _is_listening(qmp_socket), socket_timeout, guest, f"QMP socket {qmp_socket}")
     return guest
 
 
