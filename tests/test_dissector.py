@@ -522,15 +522,16 @@ def read_lines(path: str) -> dict[int, str]:
     return {int(line.split()[0]): " ".join(line.split()[2:]) for line in result.stdout.splitlines()}
 
 
-def tshark_info(path: str, tree: bool) -> dict[int, str]:
+def tshark_info(path: str, tree: bool, sources: bool = False) -> dict[int, str]:
     """Frame number -> the Info column, blanks collapsed: without a tree (the packet list, as plain `tshark -r`
     reads) or with one (-T fields builds it)."""
     if tree:
         command = ["-T", "fields", "-e", "frame.number", "-e", "_ws.col.Info"]
     else:
         command = ["-o", 'gui.column.format:"No.","%m","Info","%i"']
+    environment = dict(os.environ, VHUSNIFF_SOURCES="1" if sources else "")
     result = subprocess.run([TSHARK, "-X", f"lua_script:{DISSECTOR_PATH}", "-r", path, *command],
-                            capture_output=True, text=True, errors="replace", timeout=120)
+                            capture_output=True, text=True, errors="replace", timeout=120, env=environment)
     assert result.returncode == 0 and "Lua Error" not in result.stdout, result.stderr
     return {int(line.split()[0]): " ".join(line.split()[1:]) for line in result.stdout.splitlines() if line.strip()}
 
@@ -592,3 +593,49 @@ def test_the_tree_shows_human_labels_and_filters_keep_the_dotted_names():
     assert "Front-end virtual address: 0x00007fa0dffff000" in result.stdout
     assert "Need reply: 1" in result.stdout and "Memory region 0" in result.stdout
     assert "guest_phys_addr" not in result.stdout
+
+
+def merged_capture(tmp_path) -> str:
+    """mergecap of two hosts' captures, each with connections 1 and 2, interleaved in time."""
+    paths = []
+    for index, host in enumerate(("host-a", "host-b")):
+        path = str(tmp_path / f"{host}.pcapng")
+        with CaptureWriter(path, source=f"host={host} pid=7 start=2026-01-01T00:00:00Z") as writer:
+            for connection in (1, 2):
+                start = 1_000_000 + 500 * index + 10_000 * connection
+                writer.write(Record(start, connection, kind=RecordKind.EVENT, event=EventKind.CONNECTED,
+                                    note="connected"))
+                writer.write(Record(start + 1000, connection, data=build_message(Channel.MAIN, 1)))
+                writer.write(Record(start + 2000, connection, direction=Direction.BACKEND_TO_FRONTEND,
+                                    data=build_message(Channel.MAIN, 1, dict(features=1 << 32), reply=True)))
+        paths.append(path)
+    merged = str(tmp_path / "merged.pcapng")
+    subprocess.run(["mergecap", "-w", merged, *paths], check=True, capture_output=True, timeout=60)
+    return merged
+
+
+@needs_tshark
+def test_a_merged_capture_reads_in_tshark_as_the_connections_read_shows(tmp_path):
+    """Told about capture sources (as the Wireshark GUI always is), the dissector keys connections by source and
+    number and numbers them as `vhusniff read` does: host-a's 1, host-b's 1 (shown 2), host-a's 2 (3), ..."""
+    merged = merged_capture(tmp_path)
+    expected = read_lines(merged)
+    assert sorted({line.split()[0] for line in expected.values()}) == ["c1", "c2", "c3", "c4"]
+    assert tshark_info(merged, tree=False, sources=True) == expected
+    assert tshark_info(merged, tree=True, sources=True) == expected
+    result = subprocess.run([TSHARK, "-X", f"lua_script:{DISSECTOR_PATH}", "-r", merged, "-2", "-T", "fields",
+                             "-e", "vhost_user.connection", "-e", "vhost_user.response_to"],
+                            capture_output=True, text=True, timeout=60, env=dict(os.environ, VHUSNIFF_SOURCES="1"))
+    rows = [line.split("\t") for line in result.stdout.splitlines()]
+    assert [int(connection) for connection, _request in rows] == [int(expected[number].split()[0][1:])
+                                                                  for number in sorted(expected)]
+    # tshark -2's first pass has no fields, so the second one does its work and links replies as one pass does
+    linked = {number: int(request) for number, (_connection, request) in enumerate(rows, start=1) if request}
+    assert linked == {number: number - 2 for number, line in expected.items() if " reply " in line}
+
+
+@needs_tshark
+def test_tshark_not_told_about_sources_warns_when_a_connection_connects_while_open(tmp_path):
+    info = tshark_info(merged_capture(tmp_path), tree=False)
+    warned = [number for number, line in info.items() if "connects while open: a merged capture?" in line]
+    assert warned == [2, 8], info       # host-b's connections 1 and 2, while host-a's are open

@@ -22,6 +22,7 @@ from ..capture.pcapng import (
     PSEUDO_HEADER_V1,
     PSEUDO_MAGIC,
     PSEUDO_VERSION,
+    SOURCE_PREFIX,
 )
 from ..model import Channel, Direction, EventKind, RecordKind
 from ..protocol import catalogue as cat
@@ -62,12 +63,16 @@ EXPERT_GROUPS = {
 }
 # Not a decoder problem: a record whose pseudo-header vhusniff cannot read (read_capture stops there).
 CAPTURE_EXPERT_ITEM = ("MALFORMED", "ERROR")
+# Not a decoder problem either: a connection that connects while open, in tshark not told about capture sources
+# (a merged capture, whose connection numbers restart in each source).
+MERGED_EXPERT_ITEM = ("SEQUENCE", "WARN")
 
 
 def expert_items() -> dict[str, tuple[str, str]]:
     """code -> (Wireshark group, Wireshark severity) for every expert item of the dissector."""
     items = {code: (EXPERT_GROUPS[code], CHECKS[check].severity.name) for code, check in PROBLEM_CHECKS.items()}
     items["capture"] = CAPTURE_EXPERT_ITEM
+    items["merged-capture"] = MERGED_EXPERT_ITEM
     return items
 
 
@@ -166,10 +171,11 @@ def _constants() -> dict[str, object]:
         "PSEUDO_VERSION": PSEUDO_VERSION, "PSEUDO_SIZE_V1": PSEUDO_HEADER_V1.size,
         "PSEUDO_SIZE_V2": PSEUDO_HEADER.size, "V1_DEVICE_MARK": V1_DEVICE_MARK,
         "EVENT_NOTE": int(EventKind.NOTE), "EVENT_CLOSED": int(EventKind.CLOSED),
+        "EVENT_CONNECTED": int(EventKind.CONNECTED),
         "EVENT_CHANNEL_CLOSED": int(EventKind.CHANNEL_CLOSED), "EVENT_DEVICE": int(EventKind.DEVICE),
         "CHANNEL_MAIN": int(Channel.MAIN), "CHANNEL_DEVICE_STATE": int(Channel.DEVICE_STATE),
         "STREAM_NAME": request_name(Channel.DEVICE_STATE, 0), "XEN_MMAP_BIT": XEN_MMAP_BIT,
-        "RING_PACKED_BIT": RING_PACKED_BIT, "ELLIPSIS": "…",
+        "RING_PACKED_BIT": RING_PACKED_BIT, "ELLIPSIS": "…", "SOURCE_PREFIX": SOURCE_PREFIX,
     }
 
 
@@ -471,11 +477,16 @@ end
 -- Per-capture state, filled on the first pass and read on every pass (Wireshark may revisit in any order).
 -- Everything is a flat map keyed by numbers: no table per packet.
 local state = {}
-function vhost_user.init()
+local function reset_state()
   state = {
     context = {},         -- connection -> 1 + (1 Xen mmap) + (2 packed rings) negotiated so far
     device = {},          -- connection -> device type
     history = {},         -- connection -> {{frame, context, device}, ...}: each change, and the frame that made it
+    open = {},            -- connection -> true between its CONNECTED and CLOSED events
+    reconnected = {},     -- frame -> true: a CONNECTED event of a connection already open
+    given = {},           -- source -> connection number in the capture -> connection number shown
+    holder = {},          -- connection number shown -> its source
+    highest = 0,
     pending_frame = {},   -- connection * 8 + channel -> the frame of the request awaiting its reply
     pending_request = {},
     pending_time = {},
@@ -484,9 +495,62 @@ function vhost_user.init()
     response_time = {},   -- reply frame -> seconds
   }
 end
+vhost_user.init = reset_state
 
 -- The frame being dissected (pinfo.number, pinfo.visited), read once per packet.
 local frame_number, frame_visited = 0, false
+
+-- Merged captures (mergecap of captures from several hosts or proxies): each capture's interface description
+-- names its source, and connection numbers restart at 1 in each. Connections are then keyed by source and number
+-- and numbered as `vhusniff read` numbers them (capture.pcapng.distinct_connections). Wireshark's Lua sees a
+-- frame's interface only through a field extractor, and any field extractor makes Wireshark build a tree for every
+-- packet (about five times the CPU when tshark only lists packets), so this is on in the Wireshark GUI (which
+-- builds those trees anyway, for its colouring rules) and in tshark when VHUSNIFF_SOURCES=1 is set.
+local interface_field, description_field
+if gui_enabled() or os.getenv("VHUSNIFF_SOURCES") == "1" then
+  interface_field = Field.new("frame.interface_id")
+  description_field = Field.new("frame.interface_description")
+end
+local SOURCE_BY_INTERFACE = {}   -- interface id -> source ("" when the interface names none)
+
+local function frame_source()
+  local interface = interface_field()
+  if interface == nil then return nil end      -- a pass without fields (tshark -2's first pass)
+  local id = interface.value
+  local source = SOURCE_BY_INTERFACE[id]
+  if source == nil then
+    local description = description_field()
+    local text = description and description.value or ""
+    if text:sub(1, #C.SOURCE_PREFIX) == C.SOURCE_PREFIX then
+      source = text:sub(#C.SOURCE_PREFIX + 1)
+    elseif id ~= 0 then        -- several unnamed interfaces (mergecap -I none): told apart by position
+      source = "section=0 interface=" .. id
+    else
+      source = ""
+    end
+    SOURCE_BY_INTERFACE[id] = source
+  end
+  return source
+end
+
+-- A (source, number) pair keeps its number unless that number is given already; then it takes the next number
+-- above all those given. A capture of one source keeps every number it has.
+local function distinct_connection(source, number)
+  local given = state.given[source]
+  if given == nil then
+    given = {}
+    state.given[source] = given
+  end
+  local distinct = given[number]
+  if distinct == nil then
+    distinct = number
+    if state.holder[distinct] ~= nil then distinct = state.highest + 1 end
+    state.holder[distinct] = source
+    given[number] = distinct
+    if distinct > state.highest then state.highest = distinct end
+  end
+  return distinct
+end
 
 -- A connection's context changes a few times per session (the first pass records each change with the frame that
 -- made it), so a frame Wireshark dissects again, in any order, decodes in the context it had the first time.
@@ -839,13 +903,26 @@ local function dissect_pseudo_header(tvb, raw, tree)
   local kind, channel, direction = byte(raw, 13, 15)
   record.header_length, record.fixed = header_length, fixed
   record.connection, record.kind, record.channel, record.direction = u32(raw, 8), kind, channel, direction
+  if interface_field then
+    local source = frame_source()
+    if source == nil then
+      state.sourceless = true      -- the next pass, which has the sources, does this pass's work again
+    else
+      if state.sourceless then
+        reset_state()
+        state.redone = true
+      end
+      if state.redone then frame_visited = false end
+      record.connection = distinct_connection(source, record.connection)
+    end
+  end
   record.flags, record.fd_count, record.note_length = byte(raw, 16), u16(raw, 16), u16(raw, 18)
   record.event, record.device, record.note = nil, nil, nil
   if CHANNEL_NAMES[channel] == nil or DIRECTION_NAMES[direction] == nil or RECORD_KIND_NAMES[kind] == nil then
     return nil, "bad pseudo-header field"
   end
   if header_tree then
-    header_tree:add_le(pf["connection"], tvb(8, 4))
+    header_tree:add(pf["connection"], tvb(8, 4), record.connection)
     header_tree:add(pf["record_kind"], tvb(12, 1), RECORD_KIND_NAMES[kind])
     header_tree:add(pf["channel"], tvb(13, 1), CHANNEL_NAMES[channel])
     header_tree:add(pf["direction"], tvb(14, 1), DIRECTION_NAMES[direction])
@@ -1093,6 +1170,22 @@ function vhost_user.dissector(tvb, pinfo, tree)
   if record.kind ~= 0 then
     emit(" --- ")
     if record.note then emit(record.note) end
+    local connection = record.connection
+    if not frame_visited and not interface_field then
+      -- Connected while open: numbers restarting in a merged capture, which tshark reads apart when told to.
+      if record.event == C.EVENT_CONNECTED then
+        if state.open[connection] then state.reconnected[frame_number] = true end
+        state.open[connection] = true
+      elseif record.event == C.EVENT_CLOSED then
+        state.open[connection] = nil
+      end
+    end
+    if state.reconnected[frame_number] then
+      local text = "connection " .. connection .. " connects while open: a merged capture? "
+                   .. "VHUSNIFF_SOURCES=1 keys connections by capture source"
+      emit("  [" .. text .. "]")
+      if root then root:add_proto_expert_info(expert["merged-capture"], text) end
+    end
     cols.info = concat(line, "", 1, line_length)
     local device = record.device
     if device and device ~= "" and FEATURE_NAMES[device] and not frame_visited then
