@@ -1,7 +1,7 @@
 """A vhost-user-blk back-end with three planted bugs, for the fuzzer's tests: `python3 planted_backend.py SOCKET`.
 
 It serves one front-end connection after another on SOCKET, answers what the protocol requires (the values a
-real qemu-storage-daemon gives), and dies by SIGABRT, after one line on stderr naming the bug, on:
+real qemu-storage-daemon gives), and dies by SIGABRT, after an assertion's line on stderr naming the bug, on:
 
 1. a field value: SET_VRING_NUM with a ring size above virtio's 32768;
 2. a state: GET_VRING_BASE for a ring that is not running (no SET_VRING_KICK since it was last stopped);
@@ -36,8 +36,9 @@ VALUES = {F.GET_FEATURES: 0x175007E46, F.GET_PROTOCOL_FEATURES: 0x8F2B, F.GET_QU
           F.GET_MAX_MEM_SLOTS: 32}
 
 
-def planted_bug(text: str) -> None:
-    print(f"planted bug: {text}", file=sys.stderr, flush=True)
+def planted_bug(text: str, condition: str) -> None:
+    """Die as a C assert() does: its message, then SIGABRT."""
+    print(f"planted_backend.py: planted bug: {text}: Assertion `{condition}' failed.", file=sys.stderr, flush=True)
     os.abort()
 
 
@@ -65,17 +66,18 @@ class Connection:
         if message.kind is None:
             return
         if message.request == F.SET_VRING_NUM and message.payload.num > MAX_RING_SIZE:
-            planted_bug(f"SET_VRING_NUM ring size {message.payload.num} taken as it is")
+            planted_bug(f"SET_VRING_NUM ring size {message.payload.num} taken as it is", "num <= 32768")
         if message.request == F.SET_VRING_KICK:
             self.running.add(message.payload.index)
         if message.request == F.GET_VRING_BASE:
             if message.payload.index not in self.running:
-                planted_bug(f"GET_VRING_BASE stopped ring {message.payload.index}, which was not running")
+                planted_bug(f"GET_VRING_BASE stopped ring {message.payload.index}, which was not running",
+                            "ring->running")
             self.running.discard(message.payload.index)
         for region, fd in zip(regions(message), fds, strict=False):
             if os.fstat(fd).st_size < region.mmap_offset + region.memory_size:
                 planted_bug(f"memory region of {region.memory_size:#x} bytes mapped from a memfd of "
-                            f"{os.fstat(fd).st_size:#x}")
+                            f"{os.fstat(fd).st_size:#x}", "region->mmap_offset + region->size <= fd_size")
 
     def answer(self, message: Message) -> bytes | None:
         context = self.tracker.context_for(1)

@@ -55,7 +55,9 @@ class TargetError(Exception):
 class Death:
     """How a target ended: `returncode` as subprocess reports it (negative: the signal)."""
     returncode: int | None
-    report: str = ""           # the crash report lines of its output, if any
+    report: str = ""           # the crash report lines of its output (sanitizer, assertion, abort), if any
+    output: str = ""           # its last lines, for a person: a target's ordinary log lines vary too much to
+                               # tell crashes apart by
 
     @property
     def reason(self) -> str:
@@ -166,9 +168,9 @@ class Target:
         if report and self.proc.poll() is None:
             self._wait_for_exit(EXIT_WAIT)    # an assertion's abort follows its report (a core dump takes time)
         if self.proc.poll() is not None:
-            return Death(self.proc.returncode, report or _last_lines(output))
+            return Death(self.proc.returncode, report, _last_lines(output))
         if report:
-            return Death(None, report)
+            return Death(None, report, _last_lines(output))
         return None
 
     def _wait_for_exit(self, seconds: float) -> None:
@@ -337,8 +339,11 @@ def execute(records: list[Record], target: Target, device: str | None, reply_tim
     try:
         sock = target.connect()
     except OSError as error:
+        # Whatever ended the target came before this case reached it (after the last case's closing reply, or a
+        # back-end that serves one connection and exits): not this case's crash.
         death = target.death(EXIT_WAIT)
-        return Execution("crash" if death else "unreachable", 0, "", 0, death, f"cannot connect: {error.strerror}")
+        how = f"; the target had ended ({death.reason})" if death is not None else ""
+        return Execution("unreachable", 0, "", 0, None, f"cannot connect: {error.strerror}{how}")
     out = io.StringIO()
     result = ReplayResult()
     session = Session(CONNECTION, None, ContextTracker(device), scripted=Side.FRONTEND, follow=True,

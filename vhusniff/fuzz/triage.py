@@ -58,7 +58,8 @@ class Crash:
 
     def to_json(self) -> dict:
         return {"number": self.number, "signature": self.signature, "reason": self.reason,
-                "last_request": self.last_request, "report": self.report, "reproducer": self.reproducer,
+                "last_request": self.last_request, "report": self.report, "output": self.death.output,
+                "reproducer": self.reproducer,
                 "mutations": [mutation.text for mutation in self.mutations], "requests_played": self.keep,
                 "minimised_from": {"mutations": self.original_mutations, "requests": self.original_keep},
                 "reproduced": self.reproduced, "found_at_execution": self.found_at,
