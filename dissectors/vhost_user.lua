@@ -3040,10 +3040,10 @@ local CANDIDATES = {
         {"empty"},
       },
       {
-        {"gpu_protocol_features", "ack"},
-        {"gpu_protocol_features", "ack"},
-        {"gpu_protocol_features", "ack"},
-        {"gpu_protocol_features", "ack"},
+        {"gpu_protocol_features"},
+        {"gpu_protocol_features"},
+        {"gpu_protocol_features"},
+        {"gpu_protocol_features"},
       },
     },
     [2] = {
@@ -3054,10 +3054,10 @@ local CANDIDATES = {
         {"gpu_protocol_features"},
       },
       {
-        {"ack"},
-        {"ack"},
-        {"ack"},
-        {"ack"},
+        {},
+        {},
+        {},
+        {},
       },
     },
     [3] = {
@@ -3068,10 +3068,10 @@ local CANDIDATES = {
         {"empty"},
       },
       {
-        {"gpu_display_info", "ack"},
-        {"gpu_display_info", "ack"},
-        {"gpu_display_info", "ack"},
-        {"gpu_display_info", "ack"},
+        {"gpu_display_info"},
+        {"gpu_display_info"},
+        {"gpu_display_info"},
+        {"gpu_display_info"},
       },
     },
     [4] = {
@@ -3082,10 +3082,10 @@ local CANDIDATES = {
         {"gpu_cursor_pos"},
       },
       {
-        {"ack"},
-        {"ack"},
-        {"ack"},
-        {"ack"},
+        {},
+        {},
+        {},
+        {},
       },
     },
     [5] = {
@@ -3096,10 +3096,10 @@ local CANDIDATES = {
         {"gpu_cursor_pos"},
       },
       {
-        {"ack"},
-        {"ack"},
-        {"ack"},
-        {"ack"},
+        {},
+        {},
+        {},
+        {},
       },
     },
     [6] = {
@@ -3110,10 +3110,10 @@ local CANDIDATES = {
         {"gpu_cursor_update"},
       },
       {
-        {"ack"},
-        {"ack"},
-        {"ack"},
-        {"ack"},
+        {},
+        {},
+        {},
+        {},
       },
     },
     [7] = {
@@ -3124,10 +3124,10 @@ local CANDIDATES = {
         {"gpu_scanout"},
       },
       {
-        {"ack"},
-        {"ack"},
-        {"ack"},
-        {"ack"},
+        {},
+        {},
+        {},
+        {},
       },
     },
     [8] = {
@@ -3138,10 +3138,10 @@ local CANDIDATES = {
         {"gpu_update"},
       },
       {
-        {"ack"},
-        {"ack"},
-        {"ack"},
-        {"ack"},
+        {},
+        {},
+        {},
+        {},
       },
     },
     [9] = {
@@ -3152,10 +3152,10 @@ local CANDIDATES = {
         {"gpu_dmabuf_scanout"},
       },
       {
-        {"ack"},
-        {"ack"},
-        {"ack"},
-        {"ack"},
+        {},
+        {},
+        {},
+        {},
       },
     },
     [10] = {
@@ -3166,10 +3166,10 @@ local CANDIDATES = {
         {"gpu_update"},
       },
       {
-        {"empty", "ack"},
-        {"empty", "ack"},
-        {"empty", "ack"},
-        {"empty", "ack"},
+        {"empty"},
+        {"empty"},
+        {"empty"},
+        {"empty"},
       },
     },
     [11] = {
@@ -3180,10 +3180,10 @@ local CANDIDATES = {
         {"gpu_edid_request"},
       },
       {
-        {"gpu_edid", "ack"},
-        {"gpu_edid", "ack"},
-        {"gpu_edid", "ack"},
-        {"gpu_edid", "ack"},
+        {"gpu_edid"},
+        {"gpu_edid"},
+        {"gpu_edid"},
+        {"gpu_edid"},
       },
     },
     [12] = {
@@ -3194,10 +3194,10 @@ local CANDIDATES = {
         {"gpu_dmabuf_scanout2"},
       },
       {
-        {"ack"},
-        {"ack"},
-        {"ack"},
-        {"ack"},
+        {},
+        {},
+        {},
+        {},
       },
     },
   },
@@ -3894,6 +3894,7 @@ local REQUEST_NAMES = {
 local HEADER_RULES = {
   [0] = {
     ["max_payload"] = 4096,
+    ["replied"] = false,
     ["request_max"] = {
     },
     ["reserved"] = 4294967280,
@@ -3902,6 +3903,7 @@ local HEADER_RULES = {
   },
   [1] = {
     ["max_payload"] = 4096,
+    ["replied"] = false,
     ["request_max"] = {
     },
     ["reserved"] = 4294967280,
@@ -3910,6 +3912,12 @@ local HEADER_RULES = {
   },
   [2] = {
     ["max_payload"] = 16404,
+    ["replied"] = {
+      [1] = true,
+      [3] = true,
+      [10] = true,
+      [11] = true,
+    },
     ["request_max"] = {
       [8] = 268435476,
     },
@@ -5239,6 +5247,8 @@ local function dissect_message(tvb, raw, pinfo, tree, start)
   local request, flags, size = u32(raw, start), u32(raw, start + 4), u32(raw, start + 8)
   local name = REQUEST_NAMES[channel] and REQUEST_NAMES[channel][request] or ("UNKNOWN_" .. request)
   local is_reply = btest(flags, C.FLAG_REPLY)
+  local replied = HEADER_RULES[channel] and HEADER_RULES[channel].replied
+  if is_reply and replied and not replied[request] then is_reply = false end   -- GPU: only answered requests
   local flags_item
   if tree then
     tree:add(pf["name"], tvb(start, 4), name)

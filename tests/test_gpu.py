@@ -8,14 +8,20 @@ import os
 import socket
 import struct
 import threading
+import time
+from pathlib import Path
 
 import pytest
 
+from peers import qemu10, require  # noqa: F401  (qemu10: a pytest fixture)
 from vhusniff.analysis.analyzer import Analyzer, direction_for
+from vhusniff.capture.pcapng import read_capture
 from vhusniff.engine.sockio import receive_chunk, send_message
+from vhusniff.lab import peers as lab
 from vhusniff.layers.packets import PAYLOAD_LAYERS, VhostUserGpu
-from vhusniff.model import Channel, Direction, FdInfo, Record
+from vhusniff.model import Channel, Direction, FdInfo, Record, RecordKind
 from vhusniff.protocol import catalogue as cat
+from vhusniff.protocol.context import ContextTracker
 from vhusniff.protocol.framing import Framer, FramingError
 from vhusniff.protocol.grammar import DEFAULT_CONTEXT, build_message, decode, encode
 from vhusniff.protocol.replies import Expect, expectation
@@ -296,3 +302,101 @@ def test_replay_as_frontend_answers_the_gpu_socket_with_the_recorded_replies(tmp
                      "GET_EDID reply type=0x0 edid=0B"]          # nothing recorded: the reply's size, zeroed
     assert result.identical, result.divergences
     assert (result.gpu_requests, result.gpu_replies) == (4, 3)
+
+
+def test_a_request_nothing_answers_is_a_request_whatever_its_reply_bit():
+    """contrib/vhost-user-gpu writes UPDATE into uninitialised memory and never sets its flags: a real session has
+    small UPDATEs with flags 0x5. QEMU reads no bit of a request's flags, so neither does the decoder, the analysis
+    or the dissector: only GET_PROTOCOL_FEATURES, GET_DISPLAY_INFO, DMABUF_UPDATE and GET_EDID have replies."""
+    raw = gpu(G.UPDATE, update(8, 16), flags=0x5)
+    message = decode(raw, Channel.GPU)
+    assert not message.is_reply and message.problems == ()
+    assert message.summary() == "UPDATE scanout=0 8x16+0+0 pixels=512B"
+    analyzer = Analyzer()
+    analyzer.feed(Record(1000, 1, Channel.GPU, Direction.BACKEND_TO_FRONTEND, raw))
+    analyzer.finish()
+    assert analyzer.findings == []
+    assert decode(gpu(G.GET_DISPLAY_INFO, display_info((0, 0, 8, 8)), REPLY), Channel.GPU).is_reply
+
+
+# ---- the real session: QEMU 10 and vhost-user-gpu ------------------------------------------------------------
+
+REAL = Path(__file__).resolve().parent.parent / "captures" / "qemu10-vhost-user-gpu.pcapng"
+
+
+def test_every_gpu_message_of_the_real_session_decodes_by_name_without_main_channel_findings():
+    records = list(read_capture(REAL))
+    tracker = ContextTracker()
+    gpu_messages = []
+    for record in records:
+        message = tracker.decode(record)
+        if message is not None and record.channel == Channel.GPU:
+            gpu_messages.append(message)
+            assert message.name in G.__members__ and message.kind is not None and message.problems == (), \
+                message.summary()
+            assert not record.unframed and encode(message) == record.data
+    names = {m.name for m in gpu_messages}
+    assert {"GET_PROTOCOL_FEATURES", "SET_PROTOCOL_FEATURES", "GET_DISPLAY_INFO", "SCANOUT", "UPDATE"} <= names
+    # contrib/vhost-user-gpu's uninitialised UPDATE flags: a request all the same
+    assert any(m.flags & REPLY and m.name == "UPDATE" and not m.is_reply for m in gpu_messages)
+    analyzer = Analyzer()
+    for record in records:
+        analyzer.feed(record)
+    analyzer.finish()
+    gpu_numbers = {n for n, r in enumerate(records, 1) if r.channel == Channel.GPU}
+    assert [f.line() for f in analyzer.findings if f.number in gpu_numbers] == []
+
+
+def _recorded_scanout(records: list[Record]) -> tuple[int, int]:
+    scanouts = [decode(r.data, Channel.GPU) for r in records if r.channel == Channel.GPU and r.data[:4] ==
+                struct.pack("<I", G.SCANOUT)]
+    return scanouts[-1].payload.width, scanouts[-1].payload.height
+
+
+def test_replay_as_backend_draws_the_recorded_scanout_in_a_real_qemu_10(qemu10, tmp_path):
+    """No vhost-user-gpu runs: replay answers QEMU 10 from the recording and plays the recorded GPU requests on
+    the socket QEMU passes in GPU_SET_SOCKET. QEMU's display starts at its console's 640x480 and takes the
+    recorded scanout's size once replay plays SCANOUT, as QMP screendumps show; QEMU's replies on the GPU socket
+    are the recorded ones (its display mode is the recorded session's)."""
+    records = list(read_capture(REAL))
+    recorded = _recorded_scanout(records)
+    path, out, status = tmp_path / "replay.sock", io.StringIO(), []
+    server = threading.Thread(target=lambda: status.append(replay_as_backend(records, str(path), out=out)))
+    server.start()
+    sizes: list[tuple[int, int]] = []
+    try:
+        deadline = time.monotonic() + 30
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with lab.start_qemu(tmp_path, lab.prepare_gpu(), path, device="gpu", qemu=qemu10, screen=recorded) as guest:
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline and guest.running and recorded not in sizes:
+                try:
+                    screen = guest.screendump(tmp_path / "screen.ppm")
+                    sizes.append((screen.width, screen.height))
+                except lab.LabError:          # the QMP socket is not there yet
+                    pass
+                time.sleep(0.5)
+    finally:
+        if server.is_alive() and path.exists():      # QEMU never connected: let replay's accept return
+            with socket.socket(socket.AF_UNIX) as unblock:
+                unblock.connect(str(path))
+        server.join(timeout=120)
+    assert sizes and sizes[0] != recorded and sizes[-1] == recorded, (sizes, out.getvalue()[-3000:])
+    requests = sum(1 for r in records if r.channel == Channel.GPU and r.kind == RecordKind.MESSAGE and
+                   not decode(r.data, Channel.GPU).is_reply)
+    played = f"GPU channel: {requests} requests sent, 2 replies, 0 differences, 0 recorded requests not played"
+    assert played in out.getvalue(), out.getvalue()[-3000:]
+
+
+def test_replay_as_frontend_drives_a_real_vhost_user_gpu(tmp_path):
+    """replay plays QEMU's side of the recording to vhost-user-gpu, the GPU socket included: vhost-user-gpu asks
+    for the protocol features on it and gets the recorded answer."""
+    require(str(lab.vhost_user_gpu_program()))
+    records = list(read_capture(REAL))
+    socket_path, out = tmp_path / "gpu.sock", io.StringIO()
+    with lab.start_vhost_user_gpu(tmp_path, socket_path):
+        result = replay_as_frontend(records, str(socket_path), out=out)
+    assert result.gpu_requests >= 2 and result.gpu_replies >= 1, out.getvalue()
+    assert not [d for d in result.divergences if "gpu" in d.lower()], result.divergences
+    assert result.requests_sent > 20, out.getvalue()

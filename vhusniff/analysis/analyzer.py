@@ -321,7 +321,7 @@ class Analyzer:
         queue = conn.waiting.get(record.channel)
         if queue is None:
             queue = conn.waiting[record.channel] = []
-        if not message.flags & cat.FLAG_REPLY:
+        if not message.is_reply:
             # One request at a time per channel: a new request means the peer gave up on the old one's reply.
             if queue:
                 self._drop_waiting(conn, queue, number, "missing-reply")

@@ -146,7 +146,7 @@ def check_message(state: ConnectionState, number: int, record: Record, message: 
 
     for problem in message.problems:
         add(PROBLEM_CHECKS.get(problem.code, "payload-layout"), f"{message.name}: {problem.text}")
-    if message.flags & cat.FLAG_REPLY or message.request < 0:
+    if message.is_reply or message.request < 0:
         return found
     spec = request_table(message.channel).get(message.request)
     if spec is not None:

@@ -190,7 +190,7 @@ class ConnectionState:
         self.recent.append((self.messages, number))
         if message is None:
             return
-        reply = message.flags & cat.FLAG_REPLY
+        reply = message.is_reply
         if not reply and message.channel != Channel.DEVICE_STATE:
             self.last_request_message = (number, message)       # a migration-stream chunk is not a request
         if message.kind is None or message.channel != Channel.MAIN:

@@ -398,15 +398,20 @@ class HeaderRule:
     need_reply: int          # the NEED_REPLY bit, 0 when the channel has none
     reserved: int            # bits that must be zero (0: the channel does not say)
     reply_flags: int         # a reply's flags, exactly
+    # The requests that get replies, when only those can be replies (the REPLY bit of another is not one); None:
+    # any request may be answered (REPLY_ACK).
+    replied: frozenset[int] | None = None
 
 
 _VHOST_USER_HEADER = HeaderRule(VERSION_MASK, VERSION, FLAG_NEED_REPLY, FLAGS_RESERVED, VERSION | FLAG_REPLY)
 HEADER_RULES: Mapping[Channel, HeaderRule] = MappingProxyType({
     Channel.MAIN: _VHOST_USER_HEADER,
     Channel.BACKEND: _VHOST_USER_HEADER,
-    # contrib/vhost-user-gpu builds UPDATE in uninitialised memory and never sets its flags: only REPLY means
-    # anything, and QEMU looks at no other bit, so no bit is called reserved.
-    Channel.GPU: HeaderRule(0, 0, 0, 0, FLAG_REPLY),
+    # contrib/vhost-user-gpu builds UPDATE in uninitialised memory and never sets its flags (a real session has
+    # small UPDATEs with flags 0x5), and QEMU looks at no bit of a request's flags: so no bit is called reserved,
+    # and only a request QEMU answers can be a reply.
+    Channel.GPU: HeaderRule(0, 0, 0, 0, FLAG_REPLY,
+                            frozenset(number for number, spec in GPU_REQUESTS.items() if spec.reply_kinds)),
 })
 
 # Framing limits: the largest payload a receiver accepts, per channel, and per request where one request is far

@@ -323,6 +323,18 @@ def request_table(channel: Channel):
     return _REQUEST_TABLES.get(channel, {})
 
 
+_GPU_REPLIED = cat.HEADER_RULES[Channel.GPU].replied or frozenset()
+
+
+def is_reply_flag(channel: Channel, request: int, flags: int) -> bool:
+    """Whether a message with these header fields is a reply: its REPLY bit, on a channel where only some requests
+    are answered (the GPU socket) only for those."""
+    if not flags & cat.FLAG_REPLY:
+        return False
+    rule = cat.HEADER_RULES.get(channel)
+    return rule is None or rule.replied is None or request in rule.replied
+
+
 # SET_DEVICE_STATE_FD's pipe carries the back-end's opaque migration stream, not vhost-user messages.
 STREAM_NAME = "DEVICE_STATE_STREAM"
 STREAM_REQUEST = -2
@@ -369,8 +381,8 @@ def _candidates(channel: Channel, request: int, is_reply: bool, xen_mmap: bool, 
         kinds = kinds + tuple(k + "_xen" for k in kinds if k in ("mem_table", "mem_region"))
     if packed_ring:
         kinds = tuple("vring_base_packed" if k == "vring_base" else k for k in kinds)
-    if is_reply and "ack" not in kinds:
-        # REPLY_ACK: any request may be answered with a u64 when NEED_REPLY was set.
+    if is_reply and "ack" not in kinds and channel != Channel.GPU:
+        # REPLY_ACK: any request may be answered with a u64 when NEED_REPLY was set (the GPU socket has no acks).
         kinds = kinds + ("ack",)
     return kinds
 
@@ -378,7 +390,7 @@ def _candidates(channel: Channel, request: int, is_reply: bool, xen_mmap: bool, 
 class Message:
     """One decoded vhost-user message: the exact bytes, the header, the payload (or raw bytes) and problems."""
 
-    __slots__ = ("raw", "channel", "request", "flags", "size", "kind", "payload", "problems", "context")
+    __slots__ = ("raw", "channel", "request", "flags", "size", "kind", "payload", "problems", "context", "is_reply")
 
     def __init__(self, raw: bytes, channel: Channel, request: int, flags: int, size: int, kind: str | None,
                  payload: Container | None, problems: tuple[Problem, ...], context: DecodeContext):
@@ -393,10 +405,8 @@ class Message:
         self.payload: Any = payload
         self.problems = problems
         self.context = context
-
-    @property
-    def is_reply(self) -> bool:
-        return bool(self.flags & cat.FLAG_REPLY)
+        # the REPLY bit, except on the GPU socket for a request nothing answers (there it is uninitialised memory)
+        self.is_reply = bool(flags & cat.FLAG_REPLY) and (channel != Channel.GPU or request in _GPU_REPLIED)
 
     @property
     def need_reply(self) -> bool:
@@ -582,7 +592,7 @@ def decode(raw: bytes, channel: Channel = Channel.MAIN, ctx: DecodeContext = DEF
     if payload_length != size:
         problems.append(Problem("size-mismatch", f"header says {size} payload bytes, {payload_length} present"))
         return Message(raw, channel, request, flags, size, None, None, tuple(problems), ctx)
-    is_reply = bool(flags & cat.FLAG_REPLY)
+    is_reply = bool(flags & cat.FLAG_REPLY) and is_reply_flag(channel, request, flags)
     kinds = payload_candidates(channel, request, is_reply, ctx)
     if not kinds:
         problems.append(Problem("unknown-request", f"request {request} is not known on the {channel.name.lower()}"

@@ -10,7 +10,7 @@ from ..analysis.diff import field_differences
 from ..model import Channel, Direction, FdInfo, Record, RecordKind
 from ..protocol import catalogue as cat
 from ..protocol.context import ContextTracker
-from ..protocol.grammar import HEADER_SIZE, PAYLOADS, DecodeContext, Message, build_message, decode
+from ..protocol.grammar import HEADER_SIZE, PAYLOADS, DecodeContext, Message, build_message, decode, is_reply_flag
 from ..protocol.replies import reply_required
 from .fresh import FreshFds
 
@@ -114,12 +114,12 @@ def load_backend_requests(records: list[Record], connection: int, exchanges: lis
             continue
         if record.channel != channel:
             continue
-        flags = _flags(record.data)
-        if record.direction == Direction.BACKEND_TO_FRONTEND and not flags & cat.FLAG_REPLY:
+        is_reply = is_reply_flag(channel, _request_number(record.data), _flags(record.data))
+        if record.direction == Direction.BACKEND_TO_FRONTEND and not is_reply:
             request = BackendExchange(number, record, after=after)
             requests.append(request)
             waiting.append(request)
-        elif record.direction == Direction.FRONTEND_TO_BACKEND and flags & cat.FLAG_REPLY:
+        elif record.direction == Direction.FRONTEND_TO_BACKEND and is_reply:
             _pair_reply(waiting, record, number)
     return requests
 
@@ -130,7 +130,8 @@ def side_channel_replies(records: list[Record], connection: int, channel: Channe
     replies: dict[int, deque[Record]] = {}
     for record in records:
         if record.kind == RecordKind.MESSAGE and record.connection == connection and record.channel == channel \
-                and record.direction == Direction.FRONTEND_TO_BACKEND and _flags(record.data) & cat.FLAG_REPLY:
+                and record.direction == Direction.FRONTEND_TO_BACKEND \
+                and is_reply_flag(channel, _request_number(record.data), _flags(record.data)):
             replies.setdefault(_request_number(record.data), deque()).append(record)
     return replies
 

@@ -229,6 +229,9 @@ def grammar_tables() -> dict:
         # Each channel's header rules and framing limits (the GPU socket: no version bits, large UPDATEs).
         "HEADER_RULES": {int(channel): {"version_mask": rule.version_mask, "version": rule.version,
                                         "reserved": rule.reserved, "max_payload": cat.max_payload(channel),
+                                        # requests that can be replies; false: any (REPLY_ACK)
+                                        "replied": {int(r): True for r in rule.replied}
+                                        if rule.replied is not None else False,
                                         "request_max": {int(r): n for r, n in
                                                         cat.REQUEST_MAX_PAYLOAD.get(channel, {}).items()}}
                          for channel, rule in cat.HEADER_RULES.items()},
@@ -1077,6 +1080,8 @@ local function dissect_message(tvb, raw, pinfo, tree, start)
   local request, flags, size = u32(raw, start), u32(raw, start + 4), u32(raw, start + 8)
   local name = REQUEST_NAMES[channel] and REQUEST_NAMES[channel][request] or ("UNKNOWN_" .. request)
   local is_reply = btest(flags, C.FLAG_REPLY)
+  local replied = HEADER_RULES[channel] and HEADER_RULES[channel].replied
+  if is_reply and replied and not replied[request] then is_reply = false end   -- GPU: only answered requests
   local flags_item
   if tree then
     tree:add(pf["name"], tvb(start, 4), name)
