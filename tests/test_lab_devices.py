@@ -217,6 +217,9 @@ def test_gpu_guest_draws_its_pattern_and_the_screendump_shows_it(lab_runs):
     width, height = run.result.gpu_drawn
     assert pixels_sent >= width * height * 4, "the framebuffer's pixels crossed the GPU socket through the proxy"
     assert any(record.direction == Direction.FRONTEND_TO_BACKEND for record in gpu), "QEMU answered on it too"
+    # the GPU socket is framed with its own limits: a full-screen UPDATE (4 MB at 1280x800) is one whole message
+    assert not [record for record in gpu if record.unframed]
+    assert max(len(record.data) for record in gpu) == 12 + 20 + width * height * 4
 
 
 def test_gpu_kit_loads_virtio_gpu_after_what_it_depends_on():
