@@ -216,7 +216,7 @@ def compile_payload_summary(kind: str, context) -> Callable[[bytes, int], str] |
     if not _leaves(structure, names, layout):
         return None
     if not names:
-        return lambda packet, offset: ""
+        return _NO_SUMMARY
     variables = [f"v{index}" for index in range(len(names))]
     position = {name: index for index, name in enumerate(names)}
     parts: list[str] = []
@@ -306,6 +306,11 @@ def _config_tree(context, carries_space: bool) -> Callable[[bytes, int], str | N
     return tree
 
 
+def _NO_SUMMARY(packet: bytes, offset: int) -> str:      # noqa: N802 -- a constant, compared by identity
+    """The summary of a payload with no fields: nothing (the line's head is stripped instead)."""
+    return ""
+
+
 class _Shapes:
     """Line heads and payload formatters per message shape, and each connection's context as a small number."""
 
@@ -383,7 +388,8 @@ class _Shapes:
         summary = self.summaries[kind, context_id]
         if summary is None:
             return None
-        return self._head(context, channel, direction, request, flags), summary
+        head = self._head(context, channel, direction, request, flags)
+        return (head.rstrip(), summary) if summary is _NO_SUMMARY else (head, summary)
 
     @staticmethod
     def _head(context, channel: int, direction: int, request: int, flags: int) -> str:
@@ -443,8 +449,9 @@ def fast_lines(path: str, tracker, out, colour: bool = False, follow: int | None
                                 verdict = matches(shape[2].getter(packet, number, connection))
                             if not verdict:
                                 continue
+                        # a summary never ends in blanks, and a shape without one has its head stripped
                         lines.append(f"{number:>5} {(timestamp - first_time) / 1e9:10.6f} {where(connection, channel)} "
-                                     f"{shape[0]}{summary}".rstrip() + "\n")
+                                     f"{shape[0]}{summary}\n")
                         if detail:
                             if verbose:
                                 lines.append(shape[3][0] + tree + shapes.source_line())
@@ -546,7 +553,7 @@ def _checked(shapes: _Shapes, key: tuple, packet: bytes, timestamp: int) -> tupl
     summary = entry[1](packet, _PLAIN_SIZE)
     if summary is None:
         return None                  # this message's bytes do not fit the layout: the general path words it
-    compiled = f"{0:>5} {0.0:10.6f} {shapes.where(record.connection, key[1])} {entry[0]}{summary}".rstrip()
+    compiled = f"{0:>5} {0.0:10.6f} {shapes.where(record.connection, key[1])} {entry[0]}{summary}"
     if compiled != general:
         return None
     fields = tree = None
