@@ -67,8 +67,7 @@ def load(path: str, device: str | None = None, profile: str = "qemu-spec", at: i
             message = None
             if record.kind == RecordKind.MESSAGE:
                 decoded = message = decode(record)
-                key = (record.connection, record.channel, record.direction, decoded.request,
-                       bool(decoded.flags & cat.FLAG_REPLY))
+                key = (record.connection, record.channel, record.direction, decoded.request, decoded.is_reply)
                 counter = counts.get(key)
                 if counter is None:
                     counter = counts[key] = Counter()
