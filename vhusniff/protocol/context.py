@@ -14,6 +14,9 @@ _DEVICE_REQUESTS = {int(request): (rule.value, cat.FrontendRequest(request).name
                     for request, rule in cat.CONTEXT_RULES.items()
                     if rule.context_field == "device_type" and rule.value}
 _CONFIG_WINDOW = struct.Struct("<II")          # a config payload's offset and size
+# The low bytes of the requests that can tell it: a proxy tests a message's first byte against these before it
+# calls infer_device_type, so that a session that never tells costs one set lookup per message.
+DEVICE_HINTS = frozenset({*_DEVICE_REQUESTS, int(cat.FrontendRequest.GET_CONFIG)})
 
 
 def infer_device_type(channel: Channel, data: bytes) -> tuple[str, str] | None:

@@ -73,7 +73,7 @@ from ..engine.hooks import HookChain
 from ..engine.sockio import _ANCILLARY_SPACE, RECV_SIZE, received_fds, send_some
 from ..model import Channel, Direction, EventKind, Record, RecordKind
 from ..protocol.catalogue import FrontendRequest
-from ..protocol.context import ContextTracker, infer_device_type
+from ..protocol.context import DEVICE_HINTS, ContextTracker, infer_device_type
 from ..views.present import record_line
 from .routes import (
     BACKEND,
@@ -722,7 +722,7 @@ class Proxy:
         conn.session.messages += 1
         if endpoint.write_plain is not None:
             endpoint.write_plain(timestamp, data)
-        if conn.device_unknown:
+        if conn.device_unknown and data[0] in DEVICE_HINTS:
             self._infer_device(conn, endpoint.channel, data)
         if self._observed_always or self._waiters:
             self._observe(Record(timestamp, conn.number, endpoint.channel, endpoint.direction, data))
