@@ -14,7 +14,7 @@ import pytest
 from vhusniff.analysis.analyzer import EXAMPLES_KEPT, connection_report
 from vhusniff.analysis.diff import DiffStream
 from vhusniff.capture.pcapng import read_capture, write_capture
-from vhusniff.cli.analysis import expert_lines, load, stats_lines
+from vhusniff.cli.analysis import expert_lines, load, message_counts, stats_lines
 from vhusniff.model import Channel, Direction, EventKind, Record, RecordKind
 from vhusniff.protocol.grammar import build_message
 from vhusniff.protocol.replies import Expect
@@ -133,6 +133,20 @@ def _old_response_rows(loaded) -> list[tuple]:
             for key, (times, unanswered) in sorted(table.items(), key=lambda item: item[0][:2])]
 
 
+def _old_message_rows(loaded) -> list[tuple]:
+    """The message table as stats counted it from every kept record, before it counted as it read."""
+    counts: dict[tuple, list[int]] = {}
+    for _number, record, message in loaded.seen:
+        if message is None:
+            continue
+        key = (record.channel, record.direction.arrow, message.request, message.is_reply,
+               message.name + (" reply" if message.is_reply else ""))
+        entry = counts.setdefault(key, [0, 0, 0])
+        entry[0], entry[1], entry[2] = entry[0] + 1, entry[1] + len(record.data), entry[2] + len(record.fds)
+    return [(*key, *entry) for key, entry in sorted(counts.items(), key=lambda i: (i[0][0], i[0][2], i[0][3],
+                                                                                  i[0][1]))]
+
+
 @pytest.mark.parametrize("path", CAPTURES, ids=os.path.basename)
 def test_streaming_gives_what_keeping_everything_gave_on_real_captures(path):
     kept, streamed = load(path, keep=True), load(path, streaming=True)
@@ -146,6 +160,7 @@ def test_streaming_gives_what_keeping_everything_gave_on_real_captures(path):
              f"{entry.total_ns / 1e9 / entry.replies * 1e3:.3f}" if entry.replies else "-", entry.unanswered)
             for (channel, _request, name), entry in streamed.analyzer.responses().items()]
     assert rows == _old_response_rows(kept)
+    assert [(*key, c.count, c.bytes, c.fds) for key, c in message_counts(streamed).items()] == _old_message_rows(kept)
     # The timeline of a capture it can draw message by message is the picture drawn from every record.
     timeline = Timeline()
     drawn = load(path, timeline=timeline)
