@@ -28,6 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 DISSECTOR = os.path.join(ROOT, "dissectors", "vhost_user.lua")
+BOOT_CAPTURE = os.path.join(ROOT, "captures", "qemu-blk-boot.pcapng")
 TARGET = 30_000
 
 VARIANTS = {
@@ -37,12 +38,12 @@ VARIANTS = {
 }
 
 
-def run_tshark(path: str, extra: list[str]) -> tuple[float, float]:
+def run_tshark(dissector: str, path: str, extra: list[str]) -> tuple[float, float]:
     """Wall and CPU seconds of one tshark process reading the whole file, its output discarded."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     with open(os.devnull, "w") as sink:
-        result = subprocess.run(["tshark", "-X", f"lua_script:{DISSECTOR}", "-r", path, *extra], stdout=sink,
+        result = subprocess.run(["tshark", "-X", f"lua_script:{dissector}", "-r", path, *extra], stdout=sink,
                                 stderr=subprocess.PIPE, text=True, check=False)
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -65,6 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("tshark") is None:
         sys.exit("tshark is not installed")
     with tempfile.TemporaryDirectory() as scratch:
+        # a copy, so that regenerating the checked-in dissector meanwhile cannot change what is measured
+        dissector = shutil.copy(DISSECTOR, os.path.join(scratch, "vhost_user.lua"))
+        check = subprocess.run(["tshark", "-X", f"lua_script:{dissector}", "-r", BOOT_CAPTURE, "-c", "3"],
+                               capture_output=True, text=True, check=False)
+        if "vhost-user" not in check.stdout:
+            sys.exit(f"the dissector did not load: {check.stderr.strip()}")
         path = args.capture
         if path is None:
             from distinct_sessions import build_distinct_capture
@@ -74,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         best: dict[str, tuple[float, float]] = {}
         for _round in range(args.rounds):
             for name, extra in VARIANTS.items():
-                wall, cpu = run_tshark(path, extra)
+                wall, cpu = run_tshark(dissector, path, extra)
                 old_wall, old_cpu = best.get(name, (wall, cpu))
                 best[name] = (min(wall, old_wall), min(cpu, old_cpu))
     floor_wall, floor_cpu = best["floor"]

@@ -1,11 +1,17 @@
 """The Wireshark dissector, generated from the grammar: `python3 -m vhusniff.views.lua > dissectors/vhost_user.lua`.
 
-The output is data tables (request names, payload candidates, layouts, bit fields, feature names, record
-fields, expert items), all derived from protocol.py, catalogue.py, capture.py, expert.py (the expert items'
-severities) and filters.RECORD_FIELDS, followed by the fixed Lua body below (LUA_BODY). Nothing in the Lua
-declares a field by hand: each ProtoField is made from the FIELDS table. tests/test_dissector.py fails when the
-checked-in file differs from this output, cross-checks every field against `protocol.iter_fields` with real
-tshark, and checks the expert items' severities against the expert checks.
+The output is data tables (request names, payload candidates, layouts with how `read` summarises each field, bit
+fields, feature names, record fields, expert items), all derived from the grammar, the catalogue (with each
+field's human label, catalogue.field_label), capture.pcapng, expert.py (the expert items' severities) and
+filters.RECORD_FIELDS, followed by the fixed Lua body below (LUA_BODY). Nothing in the Lua declares a field by
+hand: each ProtoField is made once from the FIELDS table, labelled for the tree and named for filters.
+
+Per packet the body reads integers from one raw string, builds the tree only when Wireshark passes one, keeps
+the per-capture state in flat maps (a connection's context as a short change history) and gathers the Info
+column (`vhusniff read`'s line) in a reused buffer: no table or string is built per field. benchmarks/bench_lua.py
+measures it. tests/test_dissector.py fails when the checked-in file differs from this output, cross-checks every
+field against `protocol.iter_fields` and the Info column against `vhusniff read` with real tshark, and checks the
+expert items' severities against the expert checks; tests/test_wireshark_gui.py opens it in the Wireshark GUI.
 """
 from __future__ import annotations
 
