@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up everything vhusniff needs on a fresh Debian/Ubuntu machine (as root, or with sudo):
-# the Python package with its test extras, the real peers (QEMU, qemu-storage-daemon, dpdk-testpmd, tshark)
-# and the guest kit (a Debian cloud kernel and a busybox initramfs, cached under ~/.cache/vhusniff).
+# the Python package with its test extras, the real peers (QEMU, qemu-storage-daemon, dpdk-testpmd, virtiofsd,
+# vhost-user-gpu, tshark), the guest kits (Debian's cloud kernel, its generic kernel for the GPU guest, busybox
+# initramfs) and QEMU 10 from bookworm-backports, unpacked beside them, all cached under ~/.cache/vhusniff.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SUDO=""
