@@ -215,14 +215,23 @@ def test_sigint_stops_the_campaign_and_its_target_and_writes_the_summary(tmp_pat
     campaign = subprocess.Popen([sys.executable, "-m", "vhusniff.cli.main", "fuzz", "--as", "frontend", str(SEED),
                                  "--target", PLANTED, "--duration", "120", "--out", str(out), "--seed", "2"],
                                 cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log = out / "executions.jsonl"
+    log, target = out / "executions.jsonl", str(out / "target.sock")
     deadline = time.monotonic() + 60
-    while not (log.exists() and len(log.read_text().splitlines()) >= 5) and time.monotonic() < deadline:
-        assert campaign.poll() is None, campaign.communicate()
-        time.sleep(0.05)     # polling a condition (the campaign's own log), with a deadline
-    assert processes_naming(str(out / "target.sock")), "the target runs during the campaign"
-    campaign.send_signal(signal.SIGINT)
-    stdout, stderr = campaign.communicate(timeout=60)
+    try:
+        # Polling conditions (the campaign's own log, a target process: it is restarted after each crash), with
+        # a deadline.
+        while not (log.exists() and len(log.read_text().splitlines()) >= 5 and processes_naming(target)):
+            assert campaign.poll() is None and time.monotonic() < deadline, "the campaign runs, with its target"
+            time.sleep(0.05)
+        campaign.send_signal(signal.SIGINT)
+        stdout, stderr = campaign.communicate(timeout=60)
+    finally:
+        if campaign.poll() is None:
+            campaign.kill()
+            campaign.communicate()
+        for stream in (campaign.stdout, campaign.stderr):
+            if stream is not None:
+                stream.close()
     assert campaign.returncode in (0, 1) and "Traceback" not in stderr, stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["interrupted"] and summary["executions"] >= 5 and "executions in" in stdout
