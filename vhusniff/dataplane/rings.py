@@ -13,14 +13,12 @@ from dataclasses import dataclass
 
 from ..model import Channel, Direction
 from ..protocol import catalogue as cat
-from ..protocol.grammar import DecodeContext, decode
+from ..protocol.grammar import HEADER_STRUCT, DecodeContext, decode
 from .inflight import Pending, pending_requests
 from .memory import GuestMemory, map_region
 from .sample import NO_BASE, PENDING_SHOWN, Layout, Reason, RingSample, SampleFlag
 
 F = cat.FrontendRequest
-_HEADER = struct.Struct("<III")
-_REPLY_FLAG = 0x4
 _U16 = struct.Struct("<H")
 _RING_HEAD = struct.Struct("<HH")           # a split ring's avail or used area begins flags, idx
 _PACKED_DESC = struct.Struct("<QIHH")       # addr, len, id, flags
@@ -66,12 +64,12 @@ class RingWatch:
 
     def observe(self, channel: Channel, direction: Direction, data: bytes, fds: list[int]) -> list[RingSample]:
         """Follow one forwarded message; the samples it calls for (a ring started or stopped)."""
-        if channel != Channel.MAIN or len(data) < _HEADER.size:
+        if channel != Channel.MAIN or len(data) < HEADER_STRUCT.size:
             return []
-        request, flags, _size = _HEADER.unpack_from(data)
+        request, flags, _size = HEADER_STRUCT.unpack_from(data)
         if request not in FOLLOWED:
             return []
-        is_reply = bool(flags & _REPLY_FLAG)
+        is_reply = bool(flags & cat.FLAG_REPLY)
         if is_reply != (direction == Direction.BACKEND_TO_FRONTEND):
             return []
         message = decode(data, Channel.MAIN, DecodeContext(features=self.features))
