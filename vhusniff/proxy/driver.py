@@ -74,6 +74,7 @@ from ..engine.sockio import _ANCILLARY_SPACE, RECV_SIZE, received_fds, send_some
 from ..model import Channel, Direction, EventKind, Record, RecordKind
 from ..protocol.catalogue import FrontendRequest
 from ..protocol.context import DEVICE_HINTS, ContextTracker, infer_device_type
+from ..protocol.grammar import decode
 from ..views.present import record_line
 from .routes import (
     BACKEND,
@@ -1265,11 +1266,13 @@ class Proxy:
 
     def _substitute_notification(self, conn: _Connection, data: bytes, fds: list[int]) -> list[int] | None:
         """For SET_VRING_KICK / SET_VRING_CALL with an eventfd: pass on an eventfd of the proxy's and count."""
-        request = int.from_bytes(data[:4], "little")
-        kind = _NOTIFICATION_REQUESTS.get(request)
-        if kind is None or len(data) < 20:
+        kind = _NOTIFICATION_REQUESTS.get(int.from_bytes(data[:4], "little"))
+        if kind is None:
             return None
-        ring = int.from_bytes(data[12:20], "little") & 0xFF
+        message = decode(data)
+        if message.kind != "vring_fd" or message.problems:
+            return None
+        ring = message.payload.index
         old = conn.relays.pop((ring, kind), None)
         if old is not None:
             self._close_relay(old)
