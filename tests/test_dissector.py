@@ -546,9 +546,7 @@ def _is_config_ack(record: Record) -> bool:
 
 
 @needs_tshark
-@pytest.mark.parametrize("path", SHIPPED_CAPTURES + ["grammar-but-config-acks", pytest.param("grammar", marks=[
-    pytest.mark.xfail(reason="`vhusniff read` stops at the grammar capture's 8-byte GET_CONFIG reply (a REPLY_ACK): "
-                             "views/fast.py reads it as a config window")])])
+@pytest.mark.parametrize("path", SHIPPED_CAPTURES + ["grammar-but-config-acks", "grammar"])
 def test_info_column_is_the_line_vhusniff_read_prints(path, grammar_capture, tmp_path):
     """Info matches `read`'s line field for field (payload summaries of every kind, GPU ones too, fds as
     eventfd-id:N, problems with their text), with a tree and without one (the fast path)."""

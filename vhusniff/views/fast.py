@@ -370,6 +370,9 @@ class _Shapes:
             return None
         kind = None
         candidates = payload_candidates(Channel(channel), request, is_reply, context)
+        if size < _CONFIG_HEAD.size:
+            # A config window needs its 12-byte head: an 8-byte GET_CONFIG/SET_CONFIG reply is a REPLY_ACK.
+            candidates = tuple(candidate for candidate in candidates if candidate != "config")
         if candidates[:1] == ("config",):
             config = _config_summary(context, channel == Channel.MAIN and
                                      config_space.carries_config_space(request, is_reply))
