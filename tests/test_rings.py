@@ -437,3 +437,20 @@ def test_rings_names_a_bad_sample_by_file_and_record_and_shows_the_rest(tmp_path
     assert done.stderr == f"vhusniff rings: {capture}: record 2: ring sample of 4 bytes, expected 36\n"
     missing = vhusniff("rings", str(tmp_path / "nothing.pcapng"))
     assert missing.returncode == 2 and "nothing.pcapng" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_packed_ring_in_flight_is_counted_from_the_descriptor_flags(split_ring):
+    watch = RingWatch()
+    features = build_message(Channel.MAIN, 2, dict(features=1 << 34 | 1 << 32))        # RING_PACKED, VERSION_1
+    watch.observe(Channel.MAIN, Direction.FRONTEND_TO_BACKEND, features, [])
+    for data, fds in split_ring.messages():
+        watch.observe(Channel.MAIN, Direction.FRONTEND_TO_BACKEND, data, fds)
+    avail, used = 1 << 7, 1 << 15
+    # Three made available in the first lap (AVAIL=1, USED=0), one of them used since (AVAIL=USED=1).
+    for slot, flags in enumerate((avail | used, avail, avail)):
+        struct.pack_into("<QIHH", split_ring.view, DESC + 16 * slot, PHYS_BASE + DATA, 16, slot, flags)
+    struct.pack_into("<HH", split_ring.view, AVAIL, 0, 1)         # driver event: off_wrap 0, flags DISABLE
+    [sample] = watch.sample_running()
+    assert (sample.layout.name, sample.in_flight, sample.mapped, sample.avail_flags) == ("PACKED", 2, True, 1)
+    assert unpack_sample(sample.pack()) == sample
+    watch.close()
