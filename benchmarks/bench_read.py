@@ -91,8 +91,8 @@ def _command(arguments: list[str]) -> int:
 
 
 def _records(path: str) -> int:
-    from vhusniff.views.fast import _scan
-    return sum(1 for _ in _scan(path))
+    from vhusniff.capture.scan import scan
+    return sum(1 for _ in scan(path))
 
 
 MEASURES = {

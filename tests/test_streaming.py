@@ -208,3 +208,89 @@ def test_diff_reads_both_sides_at_once_and_says_what_whole_lists_said(tmp_path):
     assert diff.counts == [sum(r.kind == RecordKind.MESSAGE for r in side) for side in (records, changed)]
     same = DiffStream(read_capture(_distinct(tmp_path, 3_000, 1_000)), records).run()
     assert list(same.lines()) == [] and same.differences == 0
+
+
+def _message_fields(message) -> tuple:
+    return (message.raw, message.channel, message.request, message.flags, message.size, message.kind,
+            message.payload, message.problems, message.context, message.is_reply, message.name, message.summary())
+
+
+def _with_payload_bytes_turned(record: Record) -> Record:
+    """The same header with the payload's bytes reversed: other values in the same shape."""
+    data = record.data[:8] + record.data[8:][::-1] if len(record.data) > 8 else record.data
+    return Record(record.timestamp_ns, record.connection, record.channel, record.direction, data, record.fds,
+                  record.kind, record.note, record.event)
+
+
+@pytest.mark.parametrize("which", ["grammar", "distinct", *CAPTURES], ids=os.path.basename)
+def test_shape_decoder_decodes_every_message_as_the_grammar_does(which, tmp_path):
+    """The analysis decodes by shape (protocol.shapes): every message of every kind, malformed ones, config
+    windows of every device, the same shapes with other payload bytes, read the same as grammar.decode reads them."""
+    from test_dissector import grammar_records
+
+    from vhusniff.protocol.context import ContextTracker
+    from vhusniff.protocol.shapes import LazyMessage, ShapeDecoder
+    if which == "grammar":
+        records = grammar_records()
+    elif which == "distinct":
+        records = list(_generator().distinct_records(3_000, 1_000))
+    else:
+        records = list(read_capture(which))
+    records = records + [_with_payload_bytes_turned(r) for r in records] + records
+    general, shaped = ContextTracker(), ContextTracker()
+    shaped.decoder = ShapeDecoder().decode
+    lazy = 0
+    for number, record in enumerate(records, 1):
+        expected, got = general.decode(record), shaped.decode(record)
+        if expected is None or got is None:
+            assert expected is got is None
+            continue
+        lazy += isinstance(got, LazyMessage)
+        assert _message_fields(got) == _message_fields(expected), number
+    # Settled shapes are per context object: a capture's every negotiation step starts its shapes over.
+    assert lazy > (len(records) // 2 if which == "distinct" else 0), lazy
+
+
+@pytest.mark.parametrize("path", CAPTURES, ids=os.path.basename)
+def test_scanner_reads_the_records_read_capture_reads(path, tmp_path):
+    """capture.scan: the same records (sources too), and at damage the same error after the same records."""
+    from vhusniff.capture.pcapng import CaptureError
+    from vhusniff.capture.scan import scan_records
+    assert list(scan_records(lambda: path)) == list(read_capture(path))
+    with open(path, "rb") as whole:
+        data = whole.read()
+    cut = str(tmp_path / "cut.pcapng")
+    with open(cut, "wb") as out:
+        out.write(data[:len(data) * 2 // 3])
+    outcomes = []
+    for reader in (lambda: scan_records(lambda: cut), lambda: read_capture(cut)):
+        records: list[Record] = []
+        try:
+            for record in reader():
+                records.append(record)
+        except CaptureError as error:
+            outcomes.append((records, str(error)))
+        else:
+            outcomes.append((records, ""))
+    assert outcomes[0] == outcomes[1]
+
+
+@pytest.mark.parametrize("path", CAPTURES[:3] + ["distinct"], ids=os.path.basename)
+def test_analysis_by_shape_says_what_the_grammar_decoder_says(path, tmp_path, monkeypatch):
+    """The analysis commands' words are the same with every message decoded by grammar.decode."""
+    import vhusniff.cli.analysis as analysis
+    from vhusniff.protocol.grammar import decode as grammar_decode
+    if path == "distinct":
+        path = _distinct(tmp_path, 4_000, 1_000)
+
+    def words() -> list[str]:
+        loaded = load(path, streaming=True)
+        lines = stats_lines(loaded, expert=True) + expert_lines(loaded)
+        return lines + [connection_report(loaded.analyzer, c) for c in loaded.analyzer.connections]
+
+    shaped = words()
+
+    class GrammarDecoder:
+        decode = staticmethod(grammar_decode)
+    monkeypatch.setattr(analysis, "ShapeDecoder", GrammarDecoder)
+    assert words() == shaped

@@ -30,6 +30,9 @@ from .state import ConnectionState, classify_event
 # as forgotten.
 EXAMPLES_KEPT = 100
 FORGOTTEN_KEPT = 4096
+# Per-request lookups remembered (reply rules), forgotten all at once beyond this: a fuzzed capture's every
+# request number keeps it bounded.
+KINDS_KEPT = 4096
 # idle-connection: QEMU speaks within milliseconds of connecting; 10 s without a message is a hang.
 IDLE_SECONDS = 10.0
 # reply-overdue: real back-ends answer in milliseconds (dpdk-testpmd's first GET_FEATURES, while it starts its
@@ -147,6 +150,8 @@ class Analyzer:
         self.ring_checks = RingChecks()                 # stuck-ring and friends, from the ring samples
         self._raised: list[Finding] = []                # the findings of the record being fed
         self._names: dict[tuple[Channel, int, int], str] = {}
+        # (channel, request, flags, acked protocol features, postcopy listening) -> what a request waits for
+        self._expectations: dict[tuple, str] = {}
 
     # --- the API ------------------------------------------------------------------------------------------------
     def state(self, connection: int) -> ConnectionState:
@@ -326,8 +331,14 @@ class Analyzer:
             if queue:
                 self._drop_waiting(conn, queue, number, "missing-reply")
             state = conn.state
-            expect = expectation(message, state.protocol_features_acked or 0, state.profile,
-                                 state.postcopy_listening)
+            acked = state.protocol_features_acked or 0
+            rules = (message.channel, message.request, message.flags, acked, state.postcopy_listening)
+            expect = self._expectations.get(rules)      # the reply rules read nothing else of a message
+            if expect is None:
+                if len(self._expectations) >= KINDS_KEPT:
+                    self._expectations.clear()
+                expect = self._expectations[rules] = expectation(message, acked, state.profile,
+                                                               state.postcopy_listening)
             name = self._name(message)
             if not self.keep:
                 key = (record.channel, name)

@@ -204,15 +204,15 @@ def _check_fds(add, spec: cat.RequestSpec, record: Record, message: Message) -> 
 
 
 def _check_main_request(add, state: ConnectionState, number: int, message: Message) -> None:
-    payload, request, kind = message.payload, message.request, message.kind
+    request, kind = message.request, message.kind     # the payload is read only where a check needs it
     assert kind is not None         # check_message calls this only for a decoded payload
     if request == F.SET_FEATURES and state.features_offered is not None:
-        extra = payload.features & ~state.features_offered
+        extra = message.payload.features & ~state.features_offered
         if extra:
             add("features-not-offered",
                 f"bits {cat.bit_names(extra, cat.feature_names(state.device_type))} acked, not offered")
     elif request == F.SET_PROTOCOL_FEATURES:
-        acked = payload.protocol_features
+        acked = message.payload.protocol_features
         if state.protocol_features_offered is not None and acked & ~state.protocol_features_offered:
             extra = acked & ~state.protocol_features_offered
             add("protocol-features-not-offered", f"bits {cat.bit_names(extra, state.profile.protocol_features)} "
@@ -221,19 +221,19 @@ def _check_main_request(add, state: ConnectionState, number: int, message: Messa
         if acked >> bit("INBAND_NOTIFICATIONS") & 1 and \
                 not (acked >> bit("BACKEND_REQ") & 1 and acked >> bit("REPLY_ACK") & 1):
             add("inband-without-prerequisites", "INBAND_NOTIFICATIONS needs BACKEND_REQ and REPLY_ACK")
-    elif request == F.SET_STATUS and payload.status & FAILED_STATUS_MASK:
-        add("device-status-failed", f"status {cat.bit_names(payload.status, cat.DEVICE_STATUS)}")
+    elif request == F.SET_STATUS and message.payload.status & FAILED_STATUS_MASK:
+        add("device-status-failed", f"status {cat.bit_names(message.payload.status, cat.DEVICE_STATUS)}")
     elif request == F.SET_MEM_TABLE and kind.startswith("mem_table"):
-        if payload.nregions > MAX_MEM_TABLE_REGIONS:
-            add("mem-table-too-many-regions", f"{payload.nregions} regions")
-        regions = list(payload.region)
+        if message.payload.nregions > MAX_MEM_TABLE_REGIONS:
+            add("mem-table-too-many-regions", f"{message.payload.nregions} regions")
+        regions = list(message.payload.region)
         for i, a in enumerate(regions):
             for b in regions[i + 1:]:
                 if _overlap(a.guest_phys_addr, a.memory_size, b.guest_phys_addr, b.memory_size):
                     add("memory-regions-overlap", f"gpa {a.guest_phys_addr:#x}+{a.memory_size:#x} overlaps "
                                                   f"{b.guest_phys_addr:#x}+{b.memory_size:#x}")
     elif request == F.ADD_MEM_REG and kind.startswith("mem_region"):
-        r = payload.region
+        r = message.payload.region
         others = [old for old in state.regions if not old.same_region(r)]
         for old in others:
             if _overlap(r.guest_phys_addr, r.memory_size, old.guest_phys_addr, old.memory_size):
@@ -242,7 +242,7 @@ def _check_main_request(add, state: ConnectionState, number: int, message: Messa
         if state.max_mem_slots is not None and len(others) + 1 > state.max_mem_slots:
             add("mem-slots-exceeded", f"{len(others) + 1} slots in use, the back-end allows {state.max_mem_slots}")
     elif request == F.REM_MEM_REG and kind.startswith("mem_region"):
-        r = payload.region
+        r = message.payload.region
         if not any(old.same_region(r) for old in state.regions):
             add("rem-mem-reg-unknown", f"no region gpa={r.guest_phys_addr:#x} size={r.memory_size:#x}")
     index = _vring_index(message)
@@ -254,15 +254,16 @@ def _check_main_request(add, state: ConnectionState, number: int, message: Messa
     vring = state.vrings.get(index)
     if request == F.SET_VRING_ADDR:
         alignment = PACKED_ALIGNMENT if state.packed_ring else SPLIT_ALIGNMENT
+        payload = message.payload
         wrong = [f"{part}={payload[part]:#x}" for part, align in alignment.items() if payload[part] % align]
         if wrong:
             add("vring-addr-misaligned", f"idx={index} " + " ".join(wrong))
     elif request == F.SET_VRING_NUM:
-        num = payload.num
+        num = message.payload.num
         if num == 0 or num > MAX_RING_SIZE or (not state.packed_ring and num & (num - 1)):
             add("vring-num-invalid", f"idx={index} num={num}")
-    elif request == F.SET_VRING_BASE and not state.packed_ring and payload.num >> 16:
-        add("vring-base-high-bits", f"idx={index} num={payload.num:#x}")
+    elif request == F.SET_VRING_BASE and not state.packed_ring and message.payload.num >> 16:
+        add("vring-base-high-bits", f"idx={index} num={message.payload.num:#x}")
     # SET_VRING_ENABLE before the ring is set up is no finding: the spec makes enabling independent of
     # starting (a ring runs once it is enabled AND started), and QEMU net enables its rings whenever the guest
     # driver sets the queue pairs, before the device starts, on every multiqueue boot.

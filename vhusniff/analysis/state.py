@@ -227,88 +227,90 @@ class ConnectionState:
             self._milestone((number, f"connection ended: {note}"))
 
     def _reply(self, number: int, message: Message) -> None:
-        payload, request = message.payload, message.request
+        request = message.request
         if message.kind == "features" and request == F.GET_FEATURES:
-            self.features_offered = payload.features
+            self.features_offered = message.payload.features
         elif message.kind == "protocol_features" and request == F.GET_PROTOCOL_FEATURES:
-            self.protocol_features_offered = payload.protocol_features
+            self.protocol_features_offered = message.payload.protocol_features
         elif message.kind == "queue_num":
-            self.queue_num = payload.queue_num
+            self.queue_num = message.payload.queue_num
         elif message.kind == "mem_slots":
-            self.max_mem_slots = payload.mem_slots
+            self.max_mem_slots = message.payload.mem_slots
         elif message.kind in ("vring_base", "vring_base_packed") and request == F.GET_VRING_BASE:
-            self.vring(payload.index).base = payload.num
+            self.vring(message.payload.index).base = message.payload.num
         elif message.kind == "status" and request == F.GET_STATUS:
-            self.status = payload.status
+            self.status = message.payload.status
 
     def _request(self, number: int, record: Record, message: Message) -> None:
-        payload, request, kind = message.payload, message.request, message.kind
+        request, kind = message.request, message.kind     # the payload is read only where a request needs it
         assert kind is not None         # feed calls this only for a decoded payload
         fd = record.fds[0] if record.fds else None
         if request == F.SET_FEATURES:
-            if payload.features != self.features_acked:
-                self._milestone((number, f"features acked {payload.features:#x}"))
-            self.features_acked = payload.features
+            if message.payload.features != self.features_acked:
+                self._milestone((number, f"features acked {message.payload.features:#x}"))
+            self.features_acked = message.payload.features
         elif request == F.SET_PROTOCOL_FEATURES:
-            self.protocol_features_acked = payload.protocol_features
+            self.protocol_features_acked = message.payload.protocol_features
         elif request == F.SET_OWNER:
             self.owner_set = True
         elif request == F.RESET_OWNER:
             self.owner_set = False
         elif request == F.SET_MEM_TABLE and kind.startswith("mem_table"):
-            if payload.nregions == 0 and self.postcopy_listening:
+            if message.payload.nregions == 0 and self.postcopy_listening:
                 return          # QEMU's empty table acknowledging the back-end's postcopy bases
             self.memory_mode = "table"
             self.regions = [MemoryRegion(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset,
                                          record.fds[i] if i < len(record.fds) else None, number)
-                            for i, r in enumerate(payload.region)]
+                            for i, r in enumerate(message.payload.region)]
             self._milestone((number, f"memory table: {len(self.regions)} region(s)"))
         elif request == F.ADD_MEM_REG and kind.startswith("mem_region"):
-            r = payload.region
+            r = message.payload.region
             region = MemoryRegion(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset, fd, number)
             self.memory_mode = "slots"
             self.regions = [old for old in self.regions if not old.same_region(region)] + [region]
             self._milestone((number, f"memory region added gpa={region.guest_phys_addr:#x} "
                                          f"size={region.memory_size:#x}"))
         elif request == F.REM_MEM_REG and kind.startswith("mem_region"):
-            r = payload.region
+            r = message.payload.region
             gone = MemoryRegion(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset, None, number)
             self.regions = [old for old in self.regions if not old.same_region(gone)]
             self._milestone((number, f"memory region removed gpa={gone.guest_phys_addr:#x}"))
         elif request == F.SET_LOG_FD:
             self.log_fd = fd
         elif request == F.SET_VRING_NUM:
-            self.vring(payload.index).num = payload.num
+            self.vring(message.payload.index).num = message.payload.num
         elif request == F.SET_VRING_ADDR:
+            payload = message.payload
             vring = self.vring(payload.index)
             vring.desc, vring.used, vring.avail, vring.log = payload.desc, payload.used, payload.avail, payload.log
             vring.addr_flags = payload.flags
         elif request == F.SET_VRING_BASE:
-            self.vring(payload.index).base = payload.num
+            self.vring(message.payload.index).base = message.payload.num
         elif request in (F.SET_VRING_KICK, F.SET_VRING_CALL, F.SET_VRING_ERR):
-            vring = self.vring(payload.index)
-            slot = NOFD if payload.flags & 1 else fd
+            vring = self.vring(message.payload.index)
+            slot = NOFD if message.payload.flags & 1 else fd
             slot_names: dict[int, str] = {F.SET_VRING_KICK: "kick", F.SET_VRING_CALL: "call", F.SET_VRING_ERR: "err"}
             slot_name = slot_names[request]
             setattr(vring, slot_name, slot)
             if request == F.SET_VRING_KICK:
                 self._start(number, vring, "SET_VRING_KICK")
         elif request == F.VRING_KICK:
-            self._start(number, self.vring(payload.index), "VRING_KICK")
+            self._start(number, self.vring(message.payload.index), "VRING_KICK")
         elif request == F.GET_VRING_BASE:
-            vring = self.vring(payload.index)
+            vring = self.vring(message.payload.index)
             if vring.started:
                 vring.started = False
                 self._milestone((number, f"ring {vring.index} stopped (GET_VRING_BASE)"
                                              + (", device suspended" if self.suspended else "")))
         elif request == F.SET_VRING_ENABLE:
-            self.vring(payload.index).enabled = bool(payload.num)
-            self._milestone((number, f"ring {payload.index} {'enabled' if payload.num else 'disabled'}"))
+            index, enabled = message.payload.index, message.payload.num
+            self.vring(index).enabled = bool(enabled)
+            self._milestone((number, f"ring {index} {'enabled' if enabled else 'disabled'}"))
         elif request == F.SET_BACKEND_REQ_FD:
             self.backend_channel, self.backend_channel_number = fd, number
         elif request == F.SET_STATUS:
-            self.status = payload.status
-            self._milestone((number, f"status {cat.bit_names(payload.status, cat.DEVICE_STATUS)}"))
+            self.status = message.payload.status
+            self._milestone((number, f"status {cat.bit_names(message.payload.status, cat.DEVICE_STATUS)}"))
         elif request == F.POSTCOPY_LISTEN:
             self.postcopy_listening = True
         elif request == F.POSTCOPY_END:

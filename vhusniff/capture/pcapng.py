@@ -270,6 +270,13 @@ def write_capture(path: str | os.PathLike, records) -> int:
 
 def parse_pseudo_header(packet: bytes, timestamp_ns: int, epb_flags: int) -> Record:
     """A Record from one EPB's packet data. Raises ValueError (with the reason) for a bad pseudo-header."""
+    if len(packet) >= _PLAIN_SIZE:
+        # Most records are messages without fds or a note: their header alone makes the record.
+        magic, version, length, connection, kind, channel, direction, flags, fds, note, _event = _plain(packet)
+        if length == _PLAIN_SIZE and version == 2 and not (kind or fds or note) and magic == PSEUDO_MAGIC \
+                and channel in _CHANNELS and direction in _DIRECTIONS:
+            return Record(timestamp_ns, connection, _CHANNELS[channel], _DIRECTIONS[direction], packet[_PLAIN_SIZE:],
+                          [], RecordKind.MESSAGE, "", EventKind.NOTE, bool(flags & PSEUDO_FLAG_UNFRAMED))
     if len(packet) < 8 or packet[:4] != PSEUDO_MAGIC:
         raise ValueError("packet does not start with the vhusniff pseudo-header (magic VHUS)")
     version, header_length = struct.unpack_from("<HH", packet, 4)
@@ -278,6 +285,12 @@ def parse_pseudo_header(packet: bytes, timestamp_ns: int, epb_flags: int) -> Rec
         raise ValueError(f"unknown pseudo-header version {version} (this vhusniff reads "
                          f"{', '.join(map(str, sorted(PSEUDO_HEADER_PARSERS)))})")
     return parser(packet, header_length, timestamp_ns, epb_flags)
+
+
+_plain = PSEUDO_HEADER.unpack_from
+_PLAIN_SIZE = PSEUDO_HEADER.size
+_CHANNELS = {int(channel): channel for channel in Channel}
+_DIRECTIONS = {int(direction): direction for direction in Direction}
 
 
 def _parse_v1(packet: bytes, header_length: int, timestamp_ns: int, epb_flags: int) -> Record:

@@ -10,11 +10,13 @@ from dataclasses import dataclass, field
 
 from ..analysis.analyzer import IDLE_SECONDS, REPLY_SECONDS, Analyzer, connection_report, end_summary
 from ..analysis.expert import CHECKS, Severity
-from ..capture.pcapng import ReadOutcome, read_capture, reading
+from ..capture.pcapng import ReadOutcome, reading
 from ..capture.progress import capture_progress
+from ..capture.scan import scan_records
 from ..model import Channel, Direction, Record, RecordKind
 from ..protocol import catalogue as cat
 from ..protocol.grammar import Message, request_name
+from ..protocol.shapes import ShapeDecoder
 from ..views.timeline import Timeline, render_html
 
 EXIT_BAD_INPUT = 2
@@ -55,11 +57,12 @@ def load(path: str, device: str | None = None, profile: str = "qemu-spec", at: i
     `progress`: a bar on stderr while it is read, if stderr is a terminal (capture.progress)."""
     analyzer = Analyzer(device, cat.PROFILES[profile], keep=not streaming, idle_seconds=idle_seconds,
                         reply_seconds=reply_seconds)
+    analyzer.tracker.decoder = ShapeDecoder().decode
     decode, feed = analyzer.tracker.decode_message, analyzer.feed
     with reading(path) as outcome, capture_progress(path, progress) as bar:
         loaded = Loaded(analyzer, outcome)
         counts, sources = loaded.counts, loaded.sources
-        for number, record in enumerate(read_capture(bar.source()), 1):
+        for number, record in enumerate(scan_records(bar.source), 1):
             if at is not None and number > at:
                 break
             if record.source and record.connection not in sources:

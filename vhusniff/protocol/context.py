@@ -3,6 +3,7 @@ meant it (Xen regions, packed-ring bases, feature names for the device type)."""
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import replace
 
 from ..model import Channel, EventKind, Record, RecordKind
@@ -46,6 +47,8 @@ class ContextTracker:
                             device_source=device_source if device_type else "")
         self.forced_device = device_type
         self.contexts: dict[int, DecodeContext] = {}
+        # grammar.decode, or a ShapeDecoder's decode (protocol.shapes) for speed
+        self.decoder: Callable[[bytes, Channel, DecodeContext], Message] = decode
 
     def context_for(self, connection: int) -> DecodeContext:
         return self.contexts.get(connection, self.base)
@@ -60,11 +63,11 @@ class ContextTracker:
     def decode_message(self, record: Record) -> Message:
         """A message record's message, decoded in its connection's context (for a caller that knows the kind)."""
         ctx = self.context_for(record.connection)
-        message = decode(record.data, record.channel, ctx)
+        message = self.decoder(record.data, record.channel, ctx)
         self.observe(record.connection, message, ctx)
         if self.context_for(record.connection).device_type != ctx.device_type:
             # the message that told the device type reads as that device's (a GET_CONFIG window: its config)
-            message = decode(record.data, record.channel, self.context_for(record.connection))
+            message = self.decoder(record.data, record.channel, self.context_for(record.connection))
         return message
 
     def _observe_event(self, record: Record) -> None:

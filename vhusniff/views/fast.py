@@ -8,28 +8,12 @@ same record, so errors and their offsets have one source.
 """
 from __future__ import annotations
 
-import contextlib
 import struct
 from collections.abc import Callable, Iterator
-from typing import Any, BinaryIO
+from typing import Any
 
-from ..capture.pcapng import (
-    BLOCK_EPB,
-    BLOCK_IDB,
-    BLOCK_SHB,
-    BYTE_ORDER_MAGIC,
-    LINKTYPE_USER0,
-    MIN_BLOCK_LENGTH,
-    OPTION_IF_DESCRIPTION,
-    READ_CHUNK,
-    _option_value,
-    _ts_resolution,
-    interface_source,
-    parse_pseudo_header,
-    read_capture,
-    read_captures,
-    section_version_problem,
-)
+from ..capture.pcapng import parse_pseudo_header, read_capture, read_captures
+from ..capture.scan import Source, Unusual, scan
 from ..model import Channel, Direction, RecordKind
 from ..protocol import catalogue as cat
 from ..protocol import config as config_space
@@ -47,23 +31,9 @@ from ..protocol.grammar import (
 from .filters import DEVICE_TYPE_FIELD, RECORD_FIELDS, DisplayFilter, field_values
 from .present import field_tree, hexdump, record_detail, record_line
 
-_CHUNK = READ_CHUNK                  # a block longer than this (or a damaged length) goes to the full reader
 _CACHE_LIMIT = 1 << 16                 # distinct records remembered; cleared when full, so memory stays flat
-_BLOCK = struct.Struct("<II")
-_EPB = struct.Struct("<IIIII")
-_PACKET_BLOCK = struct.Struct("<7I")     # an EPB's head: type, length, interface, time high and low, lengths
-_CONNECTION = _LENGTH = struct.Struct("<I")
-_NANOSECONDS = (10 ** 9, 10 ** 9)    # capture._ts_resolution's (multiplier, divisor) for if_tsresol 9
+_CONNECTION = struct.Struct("<I")
 _PREFIX = f"{0:>5} {0.0:10.6f} "
-_LITTLE_ENDIAN_MAGIC = struct.pack("<I", BYTE_ORDER_MAGIC)
-_SHORTEST_EPB = MIN_BLOCK_LENGTH[BLOCK_EPB]
-
-
-class _Unusual(Exception):
-    """The fast scanner met something only the full reader handles."""
-
-
-Source = Callable[[], "str | BinaryIO"]     # where to read the capture from, from its start (capture.progress)
 
 
 def general_messages(path: str | list[str], tracker, skip: int = 0, source: Source | None = None) -> Iterator[tuple]:
@@ -80,77 +50,6 @@ def general_messages(path: str | list[str], tracker, skip: int = 0, source: Sour
         if number <= skip:
             continue
         yield number, (record.timestamp_ns - first_time) / 1e9, record, tracker.decode(record)
-
-
-def _scan(source: str | BinaryIO, sources: list[str] | None = None) -> Iterator[tuple[int, bytes]]:
-    """(timestamp ns, packet bytes) of each vhost-user EPB, for files as vhusniff writes them: of one source,
-    which is put in `sources` (a capture of several goes to the full reader, which numbers their connections)."""
-    sources = [] if sources is None else sources
-    opened = open(source, "rb") if isinstance(source, str) else contextlib.nullcontext(source)
-    with opened as stream:
-        buffer = b""
-        position = 0
-        user0: dict[int, bool] = {}
-        interfaces = 0
-        any_user0 = in_section = False
-        sections = 0
-        unpack_block, unpack_epb, unpack_length = _BLOCK.unpack_from, _EPB.unpack_from, _LENGTH.unpack_from
-        unpack_packet_block = _PACKET_BLOCK.unpack_from
-        end = 0
-        while True:
-            if end - position >= 28:      # the common block, checked and yielded in one step
-                block_type, total, interface, high, low, captured, _original = unpack_packet_block(buffer, position)
-                if block_type == BLOCK_EPB and position + total <= end:
-                    if total % 4 or total < _SHORTEST_EPB or captured > total - 32 or not user0.get(interface) \
-                            or unpack_length(buffer, position + total - 4)[0] != total:
-                        raise _Unusual
-                    yield (high << 32) | low, buffer[position + 28:position + 28 + captured]
-                    position += total
-                    continue
-            if len(buffer) - position < 8 or len(buffer) - position < unpack_block(buffer, position)[1]:
-                if len(buffer) - position >= 8 and unpack_block(buffer, position)[1] > _CHUNK:
-                    raise _Unusual
-                more = stream.read(_CHUNK)
-                if not more:
-                    if position != len(buffer) or not any_user0:
-                        raise _Unusual
-                    return
-                buffer = buffer[position:] + more
-                position = 0
-                end = len(buffer)
-                continue
-            block_type, total = unpack_block(buffer, position)
-            if total % 4 or total < _SHORTEST_EPB and total < MIN_BLOCK_LENGTH.get(block_type, 12) \
-                    or (not user0 and block_type not in (BLOCK_SHB, BLOCK_IDB)) \
-                    or unpack_length(buffer, position + total - 4)[0] != total:
-                raise _Unusual
-            if block_type == BLOCK_EPB:
-                interface, high, low, captured, _original = unpack_epb(buffer, position + 8)
-                if not user0.get(interface) or captured > total - 32:
-                    raise _Unusual
-                yield (high << 32) | low, buffer[position + 28:position + 28 + captured]
-            elif block_type == BLOCK_SHB:
-                if buffer[position + 8:position + 12] != _LITTLE_ENDIAN_MAGIC \
-                        or section_version_problem(struct.unpack_from("<H", buffer, position + 12)[0]):
-                    raise _Unusual
-                user0, interfaces, in_section = {}, 0, True
-                sections += 1
-            elif block_type == BLOCK_IDB:
-                if not in_section:
-                    raise _Unusual
-                link_type = struct.unpack_from("<H", buffer, position + 8)[0]
-                if _ts_resolution(buffer, position + 16, position + total - 4, "<") != _NANOSECONDS:
-                    raise _Unusual
-                if link_type == LINKTYPE_USER0:
-                    described = _option_value(buffer, position + 16, position + total - 4, "<", OPTION_IF_DESCRIPTION)
-                    named = interface_source(described) if described is not None else ""
-                    if sources and sources[0] != named or not named and (interfaces or sections > 1):
-                        raise _Unusual
-                    sources[:] = [named]
-                user0[interfaces] = link_type == LINKTYPE_USER0
-                any_user0 = any_user0 or link_type == LINKTYPE_USER0
-                interfaces += 1
-            position += total
 
 
 # --- per-request line formatters -------------------------------------------------------------------------------
@@ -427,7 +326,7 @@ def fast_lines(path: str, tracker, out, colour: bool = False, follow: int | None
     first_time = None
     lines: list[str] = []
     try:
-        for timestamp, packet in _scan(source() if source else path, shapes.sources):
+        for timestamp, packet in scan(source() if source else path, shapes.sources):
             number += 1
             if first_time is None:
                 first_time = timestamp
@@ -474,7 +373,7 @@ def fast_lines(path: str, tracker, out, colour: bool = False, follow: int | None
                 try:
                     record = parse_pseudo_header(packet, timestamp, 0)
                 except ValueError:
-                    raise _Unusual from None
+                    raise Unusual from None
                 record.source = shapes.source()
                 message = tracker.decode(record)
                 shapes.follow(record.connection)
@@ -516,7 +415,7 @@ def fast_lines(path: str, tracker, out, colour: bool = False, follow: int | None
                 lines.clear()
             if count and shown >= count:
                 break
-    except _Unusual:
+    except Unusual:
         out.writelines(lines)
         lines.clear()
         # Hand over at the same record: the full reader shows the rest, or says exactly what is wrong where.

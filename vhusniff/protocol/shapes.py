@@ -1,0 +1,158 @@
+"""Decoding by message shape: what grammar.decode finds out from a message's header alone, found out once.
+
+A shape is (context, channel, request, flags, size). For a shape whose payload kind the header settles (every
+candidate before it has another fixed size, and its layout is plain struct fields, which read any bytes of that
+size), the kind and the problems are the shape's, and the payload is parsed only when something reads it. A
+config window (GET_CONFIG, SET_CONFIG) is settled by its own size field: 12 + size bytes read and build back
+exactly. Every other message is decoded by grammar.decode. The first message of each shape is decoded both ways
+and a shape whose messages differ keeps grammar.decode.
+
+    decoder = ShapeDecoder()
+    message = decoder.decode(raw, channel, context)      # as grammar.decode(raw, channel, context)
+"""
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from construct import BytesInteger, FormatField, Renamed, Struct
+
+from ..model import Channel
+from .grammar import _PARSERS as PARSERS  # the parsers grammar.decode itself uses, so payloads are the same objects
+from .grammar import FIXED_SIZE, HEADER_SIZE, PAYLOADS, DecodeContext, Message, decode, payload_candidates
+
+_HEADER = struct.Struct("<III")
+_CONFIG_SIZE = struct.Struct("<I")          # a config window's size field, after its offset
+_CONFIG_HEAD = 12                           # offset, size, flags
+_PAYLOAD_SLOT: Any = Message.__dict__["payload"]     # Message's own slot, under LazyMessage's property
+
+
+def _plain_struct(structure) -> bool:
+    """Whether every field of a construct Struct is a fixed struct field (any bytes of its size parse)."""
+    for sub in structure.subcons:
+        inner = sub
+        while isinstance(inner, Renamed):
+            inner = inner.subcon
+        if isinstance(inner, Struct):
+            if not _plain_struct(inner):
+                return False
+        elif not (isinstance(inner, FormatField) or isinstance(inner, BytesInteger) and isinstance(inner.length, int)
+                  or type(inner).__name__ == "Bytes" and isinstance(getattr(inner, "length", None), int)):
+            return False
+    return True
+
+
+# Fixed payload kinds whose every field is a struct field: the header's size settles them.
+PLAIN_KINDS = frozenset(kind for kind, (structure, _prefix, _doc) in PAYLOADS.items()
+                        if FIXED_SIZE[kind] is not None and _plain_struct(structure))
+
+
+class LazyMessage(Message):
+    """A Message whose payload is parsed when first read (by the same parser grammar.decode uses)."""
+
+    __slots__ = ("_parse",)
+
+    def __init__(self, raw: bytes, channel: Channel, request: int, flags: int, size: int, kind: str,
+                 parse: Callable[[bytes], Any], problems: tuple, context: DecodeContext, is_reply: bool) -> None:
+        self.raw = raw
+        self.channel = channel
+        self.request = request
+        self.flags = flags
+        self.size = size
+        self.kind = kind
+        self._parse = parse
+        self.problems = problems
+        self.context = context
+        self.is_reply = is_reply
+
+    def _payload(self) -> Any:
+        try:
+            return _PAYLOAD_SLOT.__get__(self, Message)
+        except AttributeError:
+            value = self._parse(self.raw[HEADER_SIZE:])
+            _PAYLOAD_SLOT.__set__(self, value)
+            return value
+
+    def _set_payload(self, value: Any) -> None:
+        _PAYLOAD_SLOT.__set__(self, value)
+
+    payload = property(_payload, _set_payload)     # Message's slot, read lazily
+
+
+_GENERAL = None         # a shape grammar.decode decodes
+
+
+class _Shape:
+    __slots__ = ("context", "kind", "parse", "problems", "is_reply", "config")
+
+    def __init__(self, context: DecodeContext, message: Message, config: bool) -> None:
+        self.context = context              # held, so that its id (in the key) is not reused
+        assert message.kind is not None         # _settle makes shapes of decoded payloads only
+        self.kind: str = message.kind
+        self.parse: Callable[[bytes], Any] = PARSERS[message.kind]
+        self.problems = message.problems
+        self.is_reply = message.is_reply
+        self.config = config                # a config window: settled per message by its size field
+
+
+class ShapeDecoder:
+    """grammar.decode, settled once per shape where the header settles it (see the module's words)."""
+
+    SHAPES_KEPT = 1 << 14          # distinct shapes remembered; forgotten all at once when full (memory stays flat)
+
+    def __init__(self) -> None:
+        self.shapes: dict[tuple, _Shape | None] = {}
+
+    def decode(self, raw: bytes, channel: Channel, context: DecodeContext) -> Message:
+        if len(raw) < HEADER_SIZE:
+            return decode(raw, channel, context)
+        request, flags, size = _HEADER.unpack_from(raw)
+        if len(raw) - HEADER_SIZE != size:
+            return decode(raw, channel, context)
+        key = (channel, request, flags, size, id(context))
+        shape = self.shapes.get(key)
+        if shape is None or shape.context is not context:
+            if shape is None and key in self.shapes:
+                return decode(raw, channel, context)
+            message = decode(raw, channel, context)
+            if len(self.shapes) >= self.SHAPES_KEPT:
+                self.shapes.clear()
+            self.shapes[key] = self._settle(raw, channel, context, message)
+            return message
+        if shape.config and _CONFIG_HEAD + _CONFIG_SIZE.unpack_from(raw, HEADER_SIZE + 4)[0] != size:
+            return decode(raw, channel, context)        # not a whole window: the grammar words what it is
+        return LazyMessage(raw, channel, request, flags, size, shape.kind, shape.parse, shape.problems, context,
+                           shape.is_reply)
+
+    @staticmethod
+    def _settle(raw: bytes, channel: Channel, context: DecodeContext, message: Message) -> _Shape | None:
+        """The shape of a message grammar.decode decoded, or None when its header does not settle its kind."""
+        kind = message.kind
+        if kind is None or channel == Channel.DEVICE_STATE:
+            return _GENERAL
+        candidates = payload_candidates(channel, message.request, message.is_reply, context)
+        if kind not in candidates:
+            return _GENERAL
+        config = kind == "config"
+        if config:
+            if candidates[0] != "config" or message.size < _CONFIG_HEAD or \
+                    _CONFIG_HEAD + message.payload.size != message.size:
+                return _GENERAL
+        else:
+            if kind not in PLAIN_KINDS:
+                return _GENERAL
+            for before in candidates[:candidates.index(kind)]:
+                if before == "config" and message.size < _CONFIG_HEAD:
+                    continue            # a window needs its head: an 8-byte GET_CONFIG reply is a REPLY_ACK
+                if FIXED_SIZE[before] is None or FIXED_SIZE[before] == message.size:
+                    return _GENERAL     # a variable layout (or another of this size) might fit other bytes
+        shape = _Shape(context, message, config)
+        again = LazyMessage(raw, channel, message.request, message.flags, message.size, kind, shape.parse,
+                            shape.problems, context, shape.is_reply)
+        if again.payload != message.payload or again.is_reply != message.is_reply:
+            return _GENERAL
+        return shape
+
+
+__all__ = ["LazyMessage", "PLAIN_KINDS", "ShapeDecoder"]
