@@ -256,14 +256,19 @@ def test_a_bounded_campaign_against_qemu_storage_daemon_has_no_false_crash(tmp_p
     assert summary["executions"] > 50 and summary["distinct_behaviours"] >= 5, summary["outcomes"]
     assert summary["outcomes"].get("ok", 0) > 0, "most cases are taken: the handshake prefix works"
     # No false crash: the daemon died by a signal each time (a refusal is not a crash), and each crash that came
-    # again when its case was played again is replayed by `vhusniff replay` to the same death of a fresh daemon.
-    # (qemu-storage-daemon 7.2 does crash: a vring index out of range corrupts its heap, so some crashes are
-    # not reproducible: they are reported as such.)
+    # again when its minimised case was played again is replayed by `vhusniff replay` to the same death of a
+    # fresh daemon. (qemu-storage-daemon 7.2 does crash: a vring index out of range may corrupt its heap, and
+    # such a crash comes only sometimes: up to three replays, as the campaign tries three times.)
     for number, crash in enumerate(summary["crashes"]):
         assert crash["reason"].startswith("SIG"), crash
         if crash["reproduced"]:
-            death, done = replay_reproducer(crash["reproducer"], template, tmp_path / f"replay{number}")
-            assert death is not None and death.reason == crash["reason"], (crash["signature"], done.stdout)
+            reasons = []
+            for attempt in range(3):
+                death, done = replay_reproducer(crash["reproducer"], template, tmp_path / f"replay{number}-{attempt}")
+                reasons.append(death.reason if death is not None else done.stdout)
+                if reasons[-1] == crash["reason"]:
+                    break
+            assert crash["reason"] in reasons, (crash["signature"], reasons)
 
 
 # ---- a real QEMU 7.2, fuzzed as a malicious back-end ----

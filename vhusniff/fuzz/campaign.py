@@ -191,6 +191,9 @@ class Campaign:
         small, small_keep = mutations, keep
         if reproduced and self.options.minimise:
             small, small_keep = minimise(mutations, keep, crashes)
+            # A crash that comes only sometimes (heap corruption) may have been minimised on a lucky run: the
+            # minimised case must crash again to count as reproduced.
+            reproduced = any(crashes(small, small_keep) for _attempt in range(REPRODUCE_ATTEMPTS))
         crash = Crash(len(self.crashes.found) + 1, execution.death, small,
                       small_keep, self.executions, found_after, len(mutations), keep, reproduced)
         crash.last_request = self.last_of(small, small_keep)
