@@ -12,7 +12,10 @@ so the script closes as soon as that reply is in. How it ended says what the tar
 - ok: every reply the protocol requires came (the back-end took the case, whatever it answered);
 - refused: the back-end closed the connection and still listens (a clean refusal);
 - hang: a required reply did not come within the timeout;
-- crash: the process died (by a signal, or it exited), or its output holds a sanitizer or abort report.
+- crash: the process died by a signal, or its output holds a sanitizer, assertion or abort report;
+- exited: it exited of its own accord (some back-ends serve one connection and quit);
+- stuck: a header size lie left part of a request in the session's framer (ours, not the target's doing);
+- unreachable: the next case could not connect (whatever ended the target came before it).
 """
 from __future__ import annotations
 
