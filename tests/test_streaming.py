@@ -211,8 +211,11 @@ def test_diff_reads_both_sides_at_once_and_says_what_whole_lists_said(tmp_path):
 
 
 def _message_fields(message) -> tuple:
+    from vhusniff.views.filters import field_values
+    payload = message.payload
     return (message.raw, message.channel, message.request, message.flags, message.size, message.kind,
-            message.payload, message.problems, message.context, message.is_reply, message.name, message.summary())
+            payload, [k for k in payload or () if not k.startswith("_")], message.problems, message.context,
+            message.is_reply, message.name, message.summary(), field_values(message))
 
 
 def _with_payload_bytes_turned(record: Record) -> Record:

@@ -251,10 +251,12 @@ class Analyzer:
 
     def _feed(self, record: Record, message: Message | None, number: int | None) -> None:
         number = self.records if number is None else number
+        timestamp = record.timestamp_ns
         if self.first_ns is None:
-            self.first_ns = record.timestamp_ns
-        self.last_ns = record.timestamp_ns if self.last_ns is None else max(self.last_ns, record.timestamp_ns)
-        conn = self._connection(record.connection)
+            self.first_ns = timestamp
+        if self.last_ns is None or timestamp > self.last_ns:
+            self.last_ns = timestamp
+        conn = self.connections.get(record.connection) or self._connection(record.connection)
         state = conn.state
         if record.kind == RecordKind.EVENT:
             self.tracker.decode(record)         # an event can set the context too (a DEVICE event)
@@ -360,36 +362,35 @@ class Analyzer:
             else:
                 transaction.outcome = "no reply expected"
             return
-        rule = cat.HEADER_RULES.get(record.channel)
+        rule = _HEADER_RULES.get(record.channel)
         if rule is not None and message.flags != rule.reply_flags:
             self._add("reply-flags", record.connection, (number,), f"{message.name} reply flags {message.flags:#x}")
         if not queue:
             self._add("unexpected-reply", record.connection, (number,), f"{message.name} reply, nothing asked")
             return
         transaction = queue.pop(0)
-        transaction.reply_number, transaction.reply_ns = number, record.timestamp_ns
+        reply_ns = record.timestamp_ns
+        transaction.reply_number, transaction.reply_ns = number, reply_ns
         transaction.outcome = "answered"
-        conn.responses[(transaction.channel, transaction.request, transaction.name)].add_response(
-            record.timestamp_ns - transaction.request_ns)
-        if transaction.expect != Expect.MAYBE and record.timestamp_ns - transaction.request_ns >= self.reply_ns:
+        waited = reply_ns - transaction.request_ns
+        conn.responses[(transaction.channel, transaction.request, transaction.name)].add_response(waited)
+        if waited >= self.reply_ns and transaction.expect != Expect.MAYBE:
             self._add("reply-overdue", record.connection, (number, transaction.request_number),
-                      f"{message.name} reply came {_seconds(record.timestamp_ns - transaction.request_ns)} after "
-                      f"its request (#{transaction.request_number})")
+                      f"{message.name} reply came {_seconds(waited)} after its request "
+                      f"(#{transaction.request_number})")
         if not self.keep:
             summary = self.summary.get((transaction.channel, transaction.name))
-            seconds = transaction.response_seconds
-            assert seconds is not None          # its reply_ns was set just above
             if summary is not None:
-                summary.add_response(seconds)
+                summary.add_response(waited / 1e9)      # Transaction.response_seconds
         if transaction.request != message.request:
             self._add("reply-mismatch", record.connection, (number, transaction.request_number),
                       f"{message.name} reply while {transaction.name} (#{transaction.request_number}) waited")
             return
-        if message.kind == "ack" and message.payload.ack != 0 and \
-                transaction.expect in (Expect.ACK, Expect.MAYBE):
+        if message.kind == "ack" and transaction.expect in (Expect.ACK, Expect.MAYBE) and \
+                message.payload.ack != 0:
             self._add("ack-nonzero", record.connection, (number, transaction.request_number),
                       f"{message.name} failed: ack {message.payload.ack:#x}")
-        if message.request == cat.FrontendRequest.GET_CONFIG and message.channel == Channel.MAIN and \
+        if message.request == _GET_CONFIG and message.channel == Channel.MAIN and \
                 message.size != transaction.request_size:
             self._add("config-reply-error", record.connection, (number, transaction.request_number),
                       f"GET_CONFIG reply size {message.size}, request size {transaction.request_size}")
@@ -449,6 +450,10 @@ class Analyzer:
     @staticmethod
     def _waiter(transaction: Transaction) -> str:
         return "the back-end" if transaction.channel in cat.BACKEND_REQUEST_CHANNELS else "the front-end"
+
+
+_HEADER_RULES = dict(cat.HEADER_RULES)         # a plain dict: looked up for every reply
+_GET_CONFIG = int(cat.FrontendRequest.GET_CONFIG)
 
 
 def _seconds(ns: int) -> str:

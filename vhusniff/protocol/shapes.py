@@ -16,7 +16,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from construct import BytesInteger, FormatField, Renamed, Struct
+from construct import BytesInteger, Container, FormatField, Renamed, Struct
 
 from ..model import Channel
 from .grammar import _PARSERS as PARSERS  # the parsers grammar.decode itself uses, so payloads are the same objects
@@ -46,6 +46,63 @@ def _plain_struct(structure) -> bool:
 # Fixed payload kinds whose every field is a struct field: the header's size settles them.
 PLAIN_KINDS = frozenset(kind for kind, (structure, _prefix, _doc) in PAYLOADS.items()
                         if FIXED_SIZE[kind] is not None and _plain_struct(structure))
+
+
+def _fields(structure, layout: list[str], variables: list[str]) -> str | None:
+    """The Container(...) expression of a Struct read as one struct `layout` (appended to), or None when a
+    field reads otherwise (a signed or big-endian byte integer)."""
+    parts = []
+    for sub in structure.subcons:
+        inner = sub
+        while isinstance(inner, Renamed):
+            inner = inner.subcon
+        if isinstance(inner, Struct):
+            nested = _fields(inner, layout, variables)
+            if nested is None:
+                return None
+            value = nested
+        else:
+            variable = f"v{len(layout)}"
+            if isinstance(inner, FormatField) and inner.fmtstr[0] == "<":
+                layout.append(inner.fmtstr[1:])
+                value = variable
+            elif isinstance(inner, BytesInteger) and inner.swapped and not inner.signed:
+                layout.append(f"{inner.length}s")
+                value = f"_from_bytes({variable}, 'little')"
+            elif type(inner).__name__ == "Bytes":
+                layout.append(f"{inner.length}s")
+                value = variable
+            else:
+                return None
+            variables.append(variable)
+        if sub.name is not None:
+            parts.append(f"{sub.name}={value}")
+    return f"_Container({', '.join(parts)})"
+
+
+def compile_parser(kind: str) -> Callable[[bytes], Any] | None:
+    """A function body -> the Container of a plain `kind` (as its construct parser makes it, with one struct
+    unpack instead of one read per field); None when the kind is not plain."""
+    if kind not in PLAIN_KINDS:
+        return None
+    layout: list[str] = []
+    variables: list[str] = []
+    expression = _fields(PAYLOADS[kind][0], layout, variables)
+    if expression is None:
+        return None
+    if not variables:
+        return lambda body: Container()
+    helpers: dict = {"_unpack": struct.Struct("<" + "".join(layout)).unpack_from, "_Container": Container,
+                     "_from_bytes": int.from_bytes}
+    source = (f"def parse(body):\n"
+              f"    {', '.join(variables)}{',' if len(variables) == 1 else ''} = _unpack(body)\n"
+              f"    return {expression}\n")
+    exec(compile(source, f"<parser of {kind}>", "exec"), helpers)      # noqa: S102 -- made from the grammar
+    return helpers["parse"]
+
+
+# kind -> the fastest parser that makes grammar.decode's payload: compiled here, else grammar's own.
+_FAST_PARSERS = {kind: compile_parser(kind) or PARSERS[kind] for kind in PAYLOADS}
 
 
 class LazyMessage(Message):
@@ -90,7 +147,7 @@ class _Shape:
         self.context = context              # held, so that its id (in the key) is not reused
         assert message.kind is not None         # _settle makes shapes of decoded payloads only
         self.kind: str = message.kind
-        self.parse: Callable[[bytes], Any] = PARSERS[message.kind]
+        self.parse: Callable[[bytes], Any] = _FAST_PARSERS[message.kind]
         self.problems = message.problems
         self.is_reply = message.is_reply
         self.config = config                # a config window: settled per message by its size field
@@ -155,4 +212,4 @@ class ShapeDecoder:
         return shape
 
 
-__all__ = ["LazyMessage", "PLAIN_KINDS", "ShapeDecoder"]
+__all__ = ["LazyMessage", "PLAIN_KINDS", "ShapeDecoder", "compile_parser"]
