@@ -13,10 +13,12 @@ from collections.abc import Iterable, Iterator, Mapping
 
 from ..capture.pcapng import ReadOutcome, read_capture, reading
 from ..capture.progress import capture_progress
+from ..capture.scan import scan_records
 from ..model import Channel, Record, RecordKind
 from ..protocol import catalogue as cat
 from ..protocol.context import ContextTracker
 from ..protocol.grammar import Message, iter_fields
+from ..protocol.shapes import ShapeDecoder
 
 
 def describe_difference(value_a, value_b, labels: tuple[str, str] = ("A", "B")) -> str:
@@ -93,6 +95,7 @@ Numbered = tuple[int, Record, Message]
 def _messages(records: Iterable[Record]) -> Iterator[Numbered]:
     """(record number, record, message) of every message, decoded in its connection's context."""
     tracker = ContextTracker()
+    tracker.decoder = ShapeDecoder().decode
     for number, record in enumerate(records, 1):
         if record.kind == RecordKind.MESSAGE:
             yield number, record, tracker.decode_message(record)
@@ -128,12 +131,13 @@ class DiffStream:
         self.pending: dict[Channel, tuple[deque[Numbered], deque[Numbered]]] = {}
         self.spools: dict[Channel, tempfile.SpooledTemporaryFile] = {}
         self.differences = 0
+        self.waiting = [0, 0]                               # messages of A and B waiting for a partner
 
     def run(self) -> DiffStream:
         done = [False, False]
         while not all(done):
             # Read from the side with fewer messages waiting for a partner (either, while neither waits).
-            waiting = [sum(len(queues[side]) for queues in self.pending.values()) for side in (0, 1)]
+            waiting = self.waiting
             side = 0 if (waiting[0] <= waiting[1] and not done[0]) or done[1] else 1
             item = next(self.sides[side], None)
             if item is None:
@@ -145,8 +149,10 @@ class DiffStream:
             other = queues[1 - side]
             if not other:
                 queues[side].append(item)
+                waiting[side] += 1
                 continue
             partner = other.popleft()
+            waiting[1 - side] -= 1
             a, b = (item, partner) if side == 0 else (partner, item)
             self._write(channel, _pair_lines(channel, a, b, self.ignore))
         for channel, (only_a, only_b) in self.pending.items():
@@ -218,4 +224,4 @@ def _read_reporting(path: str, outcomes: list[ReadOutcome], progress: bool) -> I
     """A capture's records as they are read; a damaged or missing file ends them, its error kept in `outcomes`."""
     with reading(path) as outcome, capture_progress(path, progress) as bar:
         outcomes.append(outcome)
-        yield from read_capture(bar.source())
+        yield from scan_records(bar.source)

@@ -150,8 +150,9 @@ def check_message(state: ConnectionState, number: int, record: Record, message: 
         return found
     spec = request_table(message.channel).get(message.request)
     if spec is not None:
-        _check_fds(add, spec, record, message)
-        if not state.gate_open(spec.gate):
+        if record.fds or spec.request_fds != cat.FdRule.NONE or message.request == F.ADD_MEM_REG:
+            _check_fds(add, spec, record, message)      # (no fd where none belongs is right, and common)
+        if spec.gate and not state.gate_open(spec.gate):
             add("gate-not-negotiated", f"{message.name} needs {spec.gate}, not negotiated yet")
     if message.need_reply and not state.protocol_feature("REPLY_ACK") and (spec is None or
                                                                           spec.reply_rule != cat.ReplyRule.ALWAYS):
