@@ -433,7 +433,8 @@ def test_rings_names_a_bad_sample_by_file_and_record_and_shows_the_rest(tmp_path
     assert done.returncode == 2
     assert json.loads(done.stdout) == [dict(frame=1, connection=1, ring=0, time=0.0, avail_idx=9, used_idx=7,
                                             in_flight=2, kicks=3, calls=2, reason="periodic", mapped=True,
-                                            stopped=False, layout="split", num=128, base=None, pending=[])]
+                                            stopped=False, layout="split", num=128, base=None, pending=[],
+                                            findings=[])]
     assert done.stderr == f"vhusniff rings: {capture}: record 2: ring sample of 4 bytes, expected 36\n"
     missing = vhusniff("rings", str(tmp_path / "nothing.pcapng"))
     assert missing.returncode == 2 and "nothing.pcapng" in missing.stderr and "Traceback" not in missing.stderr
@@ -454,3 +455,58 @@ def test_packed_ring_in_flight_is_counted_from_the_descriptor_flags(split_ring):
     assert (sample.layout.name, sample.in_flight, sample.mapped, sample.avail_flags) == ("PACKED", 2, True, 1)
     assert unpack_sample(sample.pack()) == sample
     watch.close()
+
+
+def _stuck_capture(path, seconds: int = 4):
+    """Ring 0 with two requests in flight and its used index still, sampled each second for `seconds` seconds."""
+    from vhusniff.capture.pcapng import write_capture
+    records = []
+    for second in range(seconds + 1):
+        sample = RingSample(0, Reason.PERIODIC, SampleFlag.MAPPED, 12, 10, num=128, in_flight=2, kicks=second)
+        records.append(Record(1_000_000_000 * (second + 1), 1, data=sample.pack(), kind=RecordKind.EVENT,
+                              note=sample.note(), event=EventKind.RING))
+    write_capture(path, records)
+
+
+def test_stuck_after_sets_the_stuck_ring_threshold_everywhere(tmp_path):
+    capture = tmp_path / "stuck.pcapng"
+    _stuck_capture(capture, seconds=4)          # still for 4 s: stuck by the default 2 s, not by 6 s
+    for command in ("expert", "report"):
+        default, patient = vhusniff(command, str(capture), "-q"), vhusniff(command, str(capture), "-q",
+                                                                           "--stuck-after", "6")
+        assert default.returncode == 0 and "stuck-ring" in default.stdout, default.stdout + default.stderr
+        assert patient.returncode == 0 and "stuck-ring" not in patient.stdout, patient.stdout
+    samples = json.loads(vhusniff("rings", str(capture), "-T", "json", "-q", "--stuck-after", "3").stdout)
+    # Stuck since the first sample (1 s): the sample at 4 s is the first 3 s on.
+    assert [s["time"] for s in samples if any(f.startswith("stuck-ring: ") for f in s["findings"])] == [3.0]
+    text = vhusniff("rings", str(capture), "-q", "--stuck-after", "1.5").stdout
+    assert "finding stuck-ring: ring 0: 2 request(s) in flight, used index stuck at 10 for 2.0 s" in text, text
+    for bad in ("0", "-1", "soon"):
+        refused = vhusniff("expert", str(capture), "--stuck-after", bad)
+        assert refused.returncode == 2 and "--stuck-after" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_bucketed_timeline_keeps_the_ring_lane(tmp_path):
+    from vhusniff.analysis.analyzer import Analyzer
+    from vhusniff.views.timeline import Timeline
+    analyzer, timeline = Analyzer(), Timeline(detail_limit=50, columns=40)
+    # 300 samples over 300 s (the bucket width doubles as they come): ring 0 moves 1000 a second through the
+    # 16-bit wrap, ring 1 stops moving with requests in flight for its last 100 s (a stuck ring).
+    for number in range(1, 301):
+        for ring in (0, 1):
+            used = (number * 1000) & 0xFFFF if ring == 0 else min(number, 200)
+            sample = RingSample(ring, Reason.PERIODIC, SampleFlag.MAPPED, (used + 2) & 0xFFFF, used, num=256,
+                                in_flight=2, kicks=number, calls=number)
+            record = Record(number * 1_000_000_000, 1, data=sample.pack(), kind=RecordKind.EVENT,
+                            note=sample.note(), event=EventKind.RING)
+            timeline.add(2 * number + ring, record, None, analyzer.feed(record, None, 2 * number + ring))
+    assert not timeline.detailed
+    svg = timeline.render(analyzer)
+    assert "rings (used, avail)" in svg and '<g class="event"' not in svg
+    assert svg.count('class="ring" data-ring="0"') == 2 and svg.count('class="ring" data-ring="1"') == 2
+    assert "ring 0: 299000 used, 299000 made available, 300 kicks, 300 calls" in svg   # unwrapped past 65535
+    # Ring 1's stuck-ring and kicks-without-progress, raised by one sample: one red dot saying two.
+    assert svg.count('fill="#d62728"><title>') == 1 and ": ring 1, 2 finding(s)</title>" in svg
+    buckets = timeline.rings[(1, 0)]
+    assert len(buckets) <= 40 and [entry[0] for _i, entry in sorted(buckets.items())] == \
+        sorted(entry[0] for entry in buckets.values())

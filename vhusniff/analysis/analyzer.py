@@ -23,7 +23,7 @@ from ..protocol.context import ContextTracker
 from ..protocol.grammar import Message, request_name
 from ..protocol.replies import Expect, expectation
 from .expert import CHECKS, Finding, check_message
-from .rings import RingChecks
+from .rings import STUCK_SECONDS, RingChecks
 from .state import ConnectionState, classify_event
 
 # Streaming (keep=False): findings kept per connection and check (the rest are counted); connections remembered
@@ -132,7 +132,8 @@ class Analyzer:
     connection (the live proxy)."""
 
     def __init__(self, device_type: str | None = None, profile: cat.Profile = cat.SPEC_PROFILE, keep: bool = True,
-                 idle_seconds: float = IDLE_SECONDS, reply_seconds: float = REPLY_SECONDS):
+                 idle_seconds: float = IDLE_SECONDS, reply_seconds: float = REPLY_SECONDS,
+                 stuck_seconds: float = STUCK_SECONDS):
         self.tracker = ContextTracker(device_type, profile)
         self.idle_ns = int(idle_seconds * 1e9)          # idle-connection: open this long without a message
         self.reply_ns = int(reply_seconds * 1e9)        # reply-overdue: a required reply this late or still missing
@@ -147,7 +148,7 @@ class Analyzer:
         self.first_ns: int | None = None
         self.last_ns: int | None = None                 # the latest record's time: where the capture ends
         self.finished = False
-        self.ring_checks = RingChecks()                 # stuck-ring and friends, from the ring samples
+        self.ring_checks = RingChecks(stuck_seconds)    # stuck-ring and friends, from the ring samples
         self._raised: list[Finding] = []                # the findings of the record being fed
         self._names: dict[tuple[Channel, int, int], str] = {}
         # (channel, request, flags, acked protocol features, postcopy listening) -> what a request waits for

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from ..analysis.analyzer import IDLE_SECONDS, REPLY_SECONDS, Analyzer, connection_report, end_summary
 from ..analysis.expert import CHECKS, Severity
+from ..analysis.rings import STUCK_SECONDS
 from ..capture.pcapng import ReadOutcome, reading
 from ..capture.progress import capture_progress
 from ..capture.scan import scan_records
@@ -48,7 +49,8 @@ class Loaded:
 
 def load(path: str, device: str | None = None, profile: str = "qemu-spec", at: int | None = None,
          keep: bool = False, idle_seconds: float = IDLE_SECONDS, reply_seconds: float = REPLY_SECONDS,
-         progress: bool = False, streaming: bool = False, timeline: Timeline | None = None) -> Loaded:
+         progress: bool = False, streaming: bool = False, timeline: Timeline | None = None,
+         stuck_seconds: float = STUCK_SECONDS) -> Loaded:
     """Analyse a capture (up to record number `at`). A damaged capture is analysed as far as it reads.
 
     `streaming`: memory bounded by connections, not messages (Analyzer(keep=False)); else every transaction and
@@ -56,7 +58,7 @@ def load(path: str, device: str | None = None, profile: str = "qemu-spec", at: i
     to streaming once the capture is too long to draw message by message).
     `progress`: a bar on stderr while it is read, if stderr is a terminal (capture.progress)."""
     analyzer = Analyzer(device, cat.PROFILES[profile], keep=not streaming, idle_seconds=idle_seconds,
-                        reply_seconds=reply_seconds)
+                        reply_seconds=reply_seconds, stuck_seconds=stuck_seconds)
     analyzer.tracker.decoder = ShapeDecoder().decode
     decode, feed = analyzer.tracker.decode_message, analyzer.feed
     with reading(path) as outcome, capture_progress(path, progress) as bar:
@@ -116,12 +118,20 @@ def add_threshold_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reply-seconds", type=seconds_value, default=REPLY_SECONDS, metavar="S",
                         help="reply-overdue: a required reply this late, or still missing this long after its "
                              "request (default: %(default)s)")
+    add_stuck_argument(parser)
+
+
+def add_stuck_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--stuck-after", type=seconds_value, default=STUCK_SECONDS, metavar="S",
+                        help="stuck-ring: requests in flight and the used index still this long "
+                             "(default: %(default)s)")
 
 
 def _load(args, at: int | None = None, timeline: Timeline | None = None) -> Loaded:
     """Stream the capture; the timeline keeps what it draws message by message until it buckets by time."""
     return load(args.file, args.device, args.profile, at, False, args.idle_seconds, args.reply_seconds,
-                progress=not args.quiet, streaming=timeline is None, timeline=timeline)
+                progress=not args.quiet, streaming=timeline is None, timeline=timeline,
+                stuck_seconds=args.stuck_after)
 
 
 def _connections(loaded: Loaded, only: int | None) -> list[int]:

@@ -159,7 +159,7 @@ def command_read(args) -> int:
     expert = None
     if args.expert and args.T == "text":
         expert = _ExpertLines(Analyzer(args.device, profile, idle_seconds=args.idle_seconds,
-                                       reply_seconds=args.reply_seconds), sys.stdout)
+                                       reply_seconds=args.reply_seconds, stuck_seconds=args.stuck_after), sys.stdout)
     tracker = expert.analyzer.tracker if expert else ContextTracker(args.device, profile)
     out = sys.stdout
     output = _Output(args, out, colour, expert)

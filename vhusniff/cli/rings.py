@@ -2,7 +2,8 @@
 
 Text: one table per connection and ring (time, why sampled, avail and used indexes, in flight, kicks, calls).
 `-T json`: a list of samples, each with connection, ring, time, avail_idx, used_idx, in_flight, kicks and calls
-(that option and those keys are the interface), plus frame, reason, mapped, stopped, base and num.
+(that option and those keys are the interface), plus frame, reason, mapped, stopped, base, num, pending and
+findings (the ring checks a sample raised: stuck-ring after `--stuck-after` seconds, ...).
 """
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import argparse
 import json
 import sys
 
+from ..analysis.rings import STUCK_SECONDS, RingChecks
 from ..capture.pcapng import read_capture, reading
 from ..capture.progress import capture_progress
 from ..dataplane.sample import NO_BASE, SampleError, SampleFlag, unpack_sample
 from ..model import EventKind, RecordKind
+from .analysis import add_stuck_argument
 
 EXIT_BAD_INPUT = 2
 
@@ -24,12 +27,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-T", choices=("text", "json"), default="text", help="output format")
     parser.add_argument("--connection", "-C", type=int, metavar="C", help="only this connection")
     parser.add_argument("--ring", type=int, metavar="N", help="only this ring")
+    add_stuck_argument(parser)
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar on stderr")
     return parser
 
 
-def load_samples(path: str, connection: int | None, ring: int | None, progress: bool):
+def load_samples(path: str, connection: int | None, ring: int | None, progress: bool,
+                 stuck_seconds: float = STUCK_SECONDS):
     """(samples as dicts, problems, the reading outcome)."""
+    checks = RingChecks(stuck_seconds)
     samples: list[dict] = []
     problems: list[str] = []
     first_ns = None
@@ -46,6 +52,7 @@ def load_samples(path: str, connection: int | None, ring: int | None, progress: 
             except SampleError as error:
                 problems.append(f"{path}: record {number}: {error}")
                 continue
+            findings = checks.feed(record, number)
             if ring is not None and sample.ring != ring:
                 continue
             samples.append({
@@ -55,7 +62,7 @@ def load_samples(path: str, connection: int | None, ring: int | None, progress: 
                 "calls": sample.calls, "reason": sample.reason.name.lower(), "mapped": sample.mapped,
                 "stopped": bool(sample.flags & SampleFlag.STOPPED), "layout": sample.layout.name.lower(),
                 "num": sample.num, "base": None if sample.base == NO_BASE else sample.base,
-                "pending": list(sample.pending),
+                "pending": list(sample.pending), "findings": [f"{f.check}: {f.text}" for f in findings],
             })
     return samples, problems, outcome
 
@@ -75,12 +82,14 @@ def text_lines(samples: list[dict]) -> list[str]:
             lines.append(f"  {s['time']:11.6f} {s['frame']:>7} {s['reason']:<9} {avail:>6} {used:>6} {flight:>6} "
                          f"{s['kicks']:>8} {s['calls']:>8}{base}")
             lines.extend(f"{'':>30}in flight: {request}" for request in s["pending"])
+            lines.extend(f"{'':>30}finding {finding}" for finding in s["findings"])
     return lines
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    samples, problems, outcome = load_samples(args.file, args.connection, args.ring, not args.quiet)
+    samples, problems, outcome = load_samples(args.file, args.connection, args.ring, not args.quiet,
+                                              args.stuck_after)
     if args.T == "json":
         json.dump(samples, sys.stdout, indent=1)
         sys.stdout.write("\n")

@@ -12,6 +12,7 @@ findings raised in it), so the picture and the memory behind it stay bounded how
 
 Ring samples (`--rings`) get a lane of their own under each connection's channels: per ring, the used index
 (solid) and the avail index (dashed), unwrapped, over the same time axis; a sample with a ring finding is a red dot.
+Bucketed, the lane keeps per ring and bucket the indexes of its last sample and the findings raised in it.
 """
 from __future__ import annotations
 
@@ -291,6 +292,10 @@ class Timeline:
         # connection -> bucket -> [events, first note]
         self.events: dict[int, dict[int, list]] = {}
         self.raised: dict[int, int] = {}    # while detailed: record number -> findings raised as it was fed
+        # (connection, ring) -> bucket -> [used, avail (unwrapped, as of the bucket's last sample), findings, kicks,
+        # calls]; and the unwrapping's state: (connection, ring) -> [last used_idx, last avail_idx, used, avail]
+        self.rings: dict[tuple[int, int], dict[int, list]] = {}
+        self._ring_counts: dict[tuple[int, int], list[int]] = {}
 
     @property
     def detailed(self) -> bool:
@@ -339,13 +344,24 @@ class Timeline:
                             into[1] += entry[1]
                 buckets.clear()
                 buckets.update(merged)
+            for buckets in self.rings.values():
+                kept: dict[int, list] = {}
+                for old, entry in sorted(buckets.items()):
+                    into = kept.get(old // 2)
+                    if into is not None:        # the later bucket's indexes stand, the findings add up
+                        entry[2] += into[2]
+                    kept[old // 2] = entry
+                buckets.clear()
+                buckets.update(kept)
         return index
 
     def _count(self, record: Record, message: Message | None, findings: int) -> None:
         index = self._bucket(record.timestamp_ns)
         self.last_ns = max(self.last_ns, record.timestamp_ns)
         if record.kind != RecordKind.MESSAGE:
-            if record.event != EventKind.RING:       # samples are not event lines (the ring lane draws them)
+            if record.event == EventKind.RING:       # samples are not event lines (the ring lane draws them)
+                self._count_ring(record, index, findings)
+            else:
                 self.events.setdefault(record.connection, {}).setdefault(index, [0, record.note])[0] += 1
             return
         lane = self.lanes.setdefault((record.connection, record.channel, record.direction), {})
@@ -354,6 +370,25 @@ class Timeline:
             entry = lane[index] = [0, 0]
         entry[0] += 1
         entry[1] += findings + bool(message is not None and message.problems)
+
+    def _count_ring(self, record: Record, index: int, findings: int) -> None:
+        try:
+            sample = unpack_sample(record.data)
+        except SampleError:
+            return
+        if not sample.mapped:
+            return
+        key = (record.connection, sample.ring)
+        counts = self._ring_counts.get(key)
+        if counts is None:
+            counts = self._ring_counts[key] = [sample.used_idx, sample.avail_idx, 0, 0]
+        # As _unwrapped: free-running 16-bit indexes as counts that only grow.
+        counts[2] += (sample.used_idx - counts[0]) & 0xFFFF
+        counts[3] += (sample.avail_idx - counts[1]) & 0xFFFF
+        counts[0], counts[1] = sample.used_idx, sample.avail_idx
+        buckets = self.rings.setdefault(key, {})
+        raised = buckets[index][2] if index in buckets else 0
+        buckets[index] = [counts[2], counts[3], raised + findings, sample.kicks, sample.calls]
 
     def render(self, analyzer: Analyzer, title: str = "") -> str:
         if self.seen is not None:
@@ -368,7 +403,7 @@ def _render_buckets(timeline: Timeline, analyzer: Analyzer, title: str) -> str:
     scale = (BUCKET_LANE - 8) / math.log10(1 + peak)
     parts: list[str] = []
     y = TOP
-    connections = sorted({key[0] for key in timeline.lanes} | set(timeline.events))
+    connections = sorted({key[0] for key in timeline.lanes} | set(timeline.events) | {key[0] for key in timeline.rings})
     for connection in connections:
         state = analyzer.state(connection)
         channels = sorted({key[1] for key in timeline.lanes if key[0] == connection} | {Channel.MAIN})
@@ -385,6 +420,10 @@ def _render_buckets(timeline: Timeline, analyzer: Analyzer, title: str) -> str:
                 lane = timeline.lanes.get((connection, channel, direction), {})
                 parts += _bars(timeline, lane, y, scale, COLOURS.get(channel, "#444"))
                 y += BUCKET_LANE
+        rings = {ring: buckets for (owner, ring), buckets in timeline.rings.items() if owner == connection}
+        if rings:
+            parts += _bucketed_ring_lane(timeline, rings, y, width)
+            y += RING_LANE
         for index, (count, note) in sorted(timeline.events.get(connection, {}).items()):
             x = LEFT + 20 + index * COLUMN_WIDTH
             text = escape(note if count == 1 else f"{note} (and {count - 1} more event(s))")
@@ -408,7 +447,7 @@ def _render_buckets(timeline: Timeline, analyzer: Analyzer, title: str) -> str:
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
         f'viewBox="0 0 {width} {height}" font-family="DejaVu Sans, Arial, sans-serif">',
         "<style>.band{font-size:13px;font-weight:bold}.lane{font-size:12px;fill:#333}"
-        ".tick{font-size:9px;fill:#555}</style>",
+        ".tick{font-size:9px;fill:#555}.name{font-size:10px;fill:#222}</style>",
         f'<rect x="0" y="0" width="{width}" height="{height}" fill="white"/>',
         f'<text x="8" y="16" class="band">{header}</text>',
         *parts,
@@ -432,6 +471,37 @@ def _bars(timeline: Timeline, lane: dict[int, list], top: float, scale: float, c
                      f'width="{COLUMN_WIDTH}" height="{height:.1f}" fill="{colour}"/>'
                      + (f'<rect x="{x}" y="{bottom - height:.1f}" width="{COLUMN_WIDTH}" height="3" '
                         f'fill="{PROBLEM}"/>' if flagged else "") + "</g>")
+    return parts
+
+
+def _bucketed_ring_lane(timeline: Timeline, rings: dict[int, dict[int, list]], top: float, width: int) -> list[str]:
+    """The ring lane by time: per ring the used (solid) and avail (dashed) counts at each bucket's last sample,
+    a red dot where a bucket's samples raised a finding."""
+    parts = [f'<rect x="0" y="{top}" width="{width}" height="{RING_LANE}" fill="#f3faf7"/>',
+             f'<text x="8" y="{top + RING_LANE / 2 + 4}" class="lane">rings (used, avail)</text>']
+    peak = max((entry[1] for buckets in rings.values() for entry in buckets.values()), default=0) or 1
+    bottom = top + RING_LANE - 8
+
+    def y_of(count: int) -> float:
+        return bottom - (RING_LANE - 20) * count / peak
+
+    for position, (ring, buckets) in enumerate(sorted(rings.items())):
+        colour = RING_COLOURS[position % len(RING_COLOURS)]
+        columns = sorted(buckets.items())
+        used, avail, _found, kicks, calls = columns[-1][1]
+        tip = f"ring {ring}: {used} used, {avail} made available, {kicks} kicks, {calls} calls"
+        for field, dash in ((0, ""), (1, ' stroke-dasharray="4,3"')):
+            points = " ".join(f"{LEFT + 20 + index * COLUMN_WIDTH + 1},{y_of(entry[field]):.1f}"
+                              for index, entry in columns)
+            parts.append(f'<polyline class="ring" data-ring="{ring}" points="{points}" fill="none" '
+                         f'stroke="{colour}" stroke-width="1.6"{dash}><title>{escape(tip)}</title></polyline>')
+        parts.append(f'<text x="{LEFT + 20 + columns[-1][0] * COLUMN_WIDTH + 6}" y="{y_of(used) + 4:.1f}" '
+                     f'class="name" style="fill:{colour}">ring {ring}</text>')
+        for index, entry in columns:
+            if entry[2]:
+                parts.append(f'<circle cx="{LEFT + 20 + index * COLUMN_WIDTH + 1}" cy="{y_of(entry[0]):.1f}" r="4" '
+                             f'fill="{PROBLEM}"><title>{_bucket_time(timeline, index)}: ring {ring}, '
+                             f'{entry[2]} finding(s)</title></circle>')
     return parts
 
 
