@@ -33,14 +33,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..engine import Session, Side
-from ..model import Channel, Record
+from ..model import Channel, FdInfo, Record
 from ..protocol.context import ContextTracker
-from ..protocol.grammar import HEADER_SIZE, decode
+from ..protocol.grammar import HEADER_SIZE, DecodeContext, Message, decode
 from ..proxy.routes import listening_in_table
 from ..replay.driver import CONNECTION, Driver, Recorder
 from ..replay.fresh import FreshFds
 from ..replay.frontend import Outgoing, ReplayResult, ScriptedFrontend
-from ..replay.recording import load_exchanges
+from ..replay.recording import Exchange, decode_recorded, load_exchanges
 from .mutate import BARRIER
 
 # What a crashing process writes: sanitizers, glibc's and assert()'s aborts, Rust panics.
@@ -48,6 +48,29 @@ CRASH_REPORT = re.compile(r"ERROR: AddressSanitizer|ERROR: LeakSanitizer|runtime
                           r"Assertion .* failed|stack smashing detected|double free|corrupted|panicked at")
 PF_EXITING = 0x4         # /proc/PID/stat flags: the process is exiting (include/linux/sched.h)
 EXIT_WAIT = 5.0          # a target that stopped listening has this long to finish dying
+
+
+class RememberingDecoder:
+    """grammar.decode, remembering what it decoded: every case plays the seed's requests and gets the same replies,
+    so most of a campaign's messages were decoded before, in the same context (the same negotiated values and
+    profile). Messages are read, never changed, by replay and the core, so one decoded message serves every case."""
+
+    KEPT = 1 << 14            # messages remembered; forgotten all at once when full (memory stays flat)
+    LARGEST = 4096            # a longer message (a fuzzed size) is decoded each time, not kept
+
+    def __init__(self) -> None:
+        self.messages: dict[tuple, Message] = {}
+
+    def decode(self, raw: bytes, channel: Channel, context: DecodeContext) -> Message:
+        if len(raw) > self.LARGEST:
+            return decode(raw, channel, context)
+        key = (raw, channel, context.device_type, context.features, context.protocol_features, id(context.profile))
+        message = self.messages.get(key)
+        if message is None:
+            if len(self.messages) >= self.KEPT:
+                self.messages.clear()
+            message = self.messages[key] = decode(raw, channel, context)
+        return message
 
 
 class TargetError(Exception):
@@ -86,6 +109,7 @@ class Target:
         self.log_path = self.workdir / "target.log"
         self.start_timeout = start_timeout
         self.proc: subprocess.Popen | None = None
+        self.decoder = RememberingDecoder()       # shared by this target's executions
         self.starts = 0
         self._mark = 0
 
@@ -117,7 +141,7 @@ class Target:
                 self.stop()
                 raise TargetError(f"the target {what}: {shlex.join(command)}; its log {self.log_path}:\n"
                                   + "\n".join(self.log_text().splitlines()[-10:]))
-            self._wait_for_exit(0.01)       # waits on the process: returns at once if it dies
+            self._wait_for_exit(0.002)      # waits on the process: returns at once if it dies
         self.mark()
 
     def listening(self) -> bool:
@@ -311,6 +335,16 @@ class FuzzFrontend(ScriptedFrontend):
         self.hung = True
         super().timed_out()
 
+    def _compare(self, outgoing: Outgoing, exchange: Exchange, replayed: Message, infos: list[FdInfo]) -> None:
+        # A reply of the recorded bytes and fd count has no differences: the field by field comparison, the
+        # costliest step of a case, is only for replies that differ.
+        recorded = exchange.reply
+        if recorded is None or recorded.data != replayed.raw or len(recorded.fds) != len(infos):
+            super()._compare(outgoing, exchange, replayed, infos)
+            return
+        decode_recorded(self.recorded_tracker, recorded)        # the recorded tracker follows every reply
+        self.result.replies_compared += 1
+
     def peer_closed(self, channel: Channel) -> None:
         self.backend_closed = True
         super().peer_closed(channel)
@@ -349,10 +383,11 @@ def execute(records: list[Record], target: Target, device: str | None, reply_tim
         return Execution("unreachable", 0, "", 0, None, f"cannot connect: {error.strerror}{how}")
     out = io.StringIO()
     result = ReplayResult()
-    session = Session(CONNECTION, None, ContextTracker(device), scripted=Side.FRONTEND, follow=True,
-                      device=device)
+    session = Session(CONNECTION, None, ContextTracker(device), scripted=Side.FRONTEND, follow=True, device=device)
+    assert session.followed is not None, "a session built to follow has its tracker"
+    session.followed.decoder = target.decoder.decode
     driver, fresh = Driver(session, Recorder(None, out), out, device), FreshFds()
-    script = FuzzFrontend(driver, exchanges, fresh, result, out, reply_timeout, device,
+    script = FuzzFrontend(driver, exchanges, fresh, result, out, reply_timeout, device, target.decoder.decode,
                           case_timeout=reply_timeout * 4)
     try:
         driver.attach(Channel.MAIN, sock)

@@ -14,7 +14,7 @@ from ..engine.hooks import HookChain
 from ..model import Channel, FdInfo, Record
 from ..protocol import catalogue as cat
 from ..protocol.context import ContextTracker
-from ..protocol.grammar import FIXED_SIZE, HEADER_SIZE, DecodeContext, Message, build_message
+from ..protocol.grammar import FIXED_SIZE, HEADER_SIZE, DecodeContext, Message, build_message, decode
 from .driver import CONNECTION, REPLY_TIMEOUT, Driver, Recorder, Timer, close_all, say
 from .fresh import FreshFds
 from .recording import (
@@ -72,11 +72,12 @@ class ScriptedFrontend:
     quiet = QUIET        # after the last reply, how long to wait before closing (a subclass may not wait)
 
     def __init__(self, driver: Driver, exchanges: list[Exchange], fresh: FreshFds, result: ReplayResult, out,
-                 reply_timeout: float, device: str | None):
+                 reply_timeout: float, device: str | None, decoder=decode):
         self.driver, self.exchanges, self.fresh, self.result, self.out = driver, exchanges, fresh, result, out
         self.reply_timeout = reply_timeout
         self.recorded_tracker = ContextTracker(device)
-        self.positions = ring_positions(exchanges)
+        self.recorded_tracker.decoder = decoder       # a fuzzer's decodes the same recorded requests every time
+        self.positions = ring_positions(exchanges, decoder)
         self.pending_ring: dict[int, int] = {}
         self.next = 0                                  # index of the next recorded exchange
         self.injected: deque[tuple[Channel, bytes, list[int]]] = deque()   # a hook's messages, in order

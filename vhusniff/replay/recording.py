@@ -144,11 +144,13 @@ def regions(message: Message) -> list:
     return list(regions) if isinstance(regions, list) else [regions]
 
 
-def ring_positions(exchanges: list[Exchange]) -> dict[int, int]:
-    """For each SET_VRING_BASE (by record number), the base its ring's next GET_VRING_BASE reported."""
+def ring_positions(exchanges: list[Exchange], decoder=decode) -> dict[int, int]:
+    """For each SET_VRING_BASE (by record number), the base its ring's next GET_VRING_BASE reported (`decoder`:
+    grammar.decode, or one that remembers, for a caller that reads the same requests many times)."""
     positions: dict[int, int] = {}
     open_start: dict[int, int] = {}
     tracker = ContextTracker()
+    tracker.decoder = decoder
     for exchange in exchanges:
         message = decode_recorded(tracker, exchange.request)
         if message.kind is None:
@@ -156,7 +158,7 @@ def ring_positions(exchanges: list[Exchange]) -> dict[int, int]:
         if message.request == F.SET_VRING_BASE:
             open_start[message.payload.index] = exchange.number
         elif message.request == F.GET_VRING_BASE and exchange.reply is not None:
-            reply = decode(exchange.reply.data, Channel.MAIN, message.context)
+            reply = decoder(exchange.reply.data, Channel.MAIN, message.context)
             start = open_start.pop(message.payload.index, None)
             if start is not None and reply.kind and reply.kind.startswith("vring_base"):
                 positions[start] = reply.payload.num
