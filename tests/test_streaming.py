@@ -289,6 +289,10 @@ def test_analysis_by_shape_says_what_the_grammar_decoder_says(path, tmp_path, mo
     def words() -> list[str]:
         loaded = load(path, streaming=True)
         lines = stats_lines(loaded, expert=True) + expert_lines(loaded)
+        # `state` follows the state alone (no matching, no checks): the same state
+        state_only = load(path, streaming=True, checks=False).analyzer
+        assert [state_only.format_state(c) for c in state_only.connections] == \
+            [loaded.analyzer.format_state(c) for c in loaded.analyzer.connections]
         return lines + [connection_report(loaded.analyzer, c) for c in loaded.analyzer.connections]
 
     shaped = words()

@@ -151,6 +151,7 @@ class Analyzer:
         self.ring_checks = RingChecks(stuck_seconds)    # stuck-ring and friends, from the ring samples
         self._raised: list[Finding] = []                # the findings of the record being fed
         self._names: dict[tuple[Channel, int, int], str] = {}
+        self.checks = True              # False: the state alone (`vhusniff state`), no matching, no findings
         # (channel, request, flags, acked protocol features, postcopy listening) -> what a request waits for
         self._expectations: dict[tuple, str] = {}
 
@@ -272,8 +273,9 @@ class Analyzer:
         if state.ended:
             self._add("traffic-after-disconnect", record.connection, (number, state.ended_number),
                       f"{message.name} after the connection ended at #{state.ended_number} ({state.ended_note})")
-        self._raised.extend(check_message(state, number, record, message))
-        self._match(conn, number, record, message)
+        if self.checks:
+            self._raised.extend(check_message(state, number, record, message))
+            self._match(conn, number, record, message)
         state.feed(number, record, message)
 
     def finish(self) -> list[Finding]:

@@ -50,16 +50,18 @@ class Loaded:
 def load(path: str, device: str | None = None, profile: str = "qemu-spec", at: int | None = None,
          keep: bool = False, idle_seconds: float = IDLE_SECONDS, reply_seconds: float = REPLY_SECONDS,
          progress: bool = False, streaming: bool = False, timeline: Timeline | None = None,
-         stuck_seconds: float = STUCK_SECONDS) -> Loaded:
+         stuck_seconds: float = STUCK_SECONDS, checks: bool = True) -> Loaded:
     """Analyse a capture (up to record number `at`). A damaged capture is analysed as far as it reads.
 
     `streaming`: memory bounded by connections, not messages (Analyzer(keep=False)); else every transaction and
     finding is kept, and with `keep` every record too. `timeline`: fed every record (it may switch the analyzer
     to streaming once the capture is too long to draw message by message).
-    `progress`: a bar on stderr while it is read, if stderr is a terminal (capture.progress)."""
+    `progress`: a bar on stderr while it is read, if stderr is a terminal (capture.progress).
+    `checks`: False follows the state alone (`state` shows nothing else): no request/reply matching, no checks."""
     analyzer = Analyzer(device, cat.PROFILES[profile], keep=not streaming, idle_seconds=idle_seconds,
                         reply_seconds=reply_seconds, stuck_seconds=stuck_seconds)
     analyzer.tracker.decoder = ShapeDecoder().decode
+    analyzer.checks = checks
     decode, feed = analyzer.tracker.decode_message, analyzer.feed
     with reading(path) as outcome, capture_progress(path, progress) as bar:
         loaded = Loaded(analyzer, outcome)
@@ -127,11 +129,11 @@ def add_stuck_argument(parser: argparse.ArgumentParser) -> None:
                              "(default: %(default)s)")
 
 
-def _load(args, at: int | None = None, timeline: Timeline | None = None) -> Loaded:
+def _load(args, at: int | None = None, timeline: Timeline | None = None, checks: bool = True) -> Loaded:
     """Stream the capture; the timeline keeps what it draws message by message until it buckets by time."""
     return load(args.file, args.device, args.profile, at, False, args.idle_seconds, args.reply_seconds,
-                progress=not args.quiet, streaming=timeline is None, timeline=timeline,
-                stuck_seconds=args.stuck_after)
+                progress=not args.quiet, streaming=timeline is None, timeline=timeline, stuck_seconds=args.stuck_after,
+                checks=checks)
 
 
 def _connections(loaded: Loaded, only: int | None) -> list[int]:
@@ -152,7 +154,7 @@ def main_state(argv: list[str]) -> int:
     parser = _parser("state", "negotiated session state as of any message")
     parser.add_argument("--at", type=int, metavar="N", help="as of record number N (from 1; default: the end)")
     args = parser.parse_args(argv)
-    loaded = _load(args, args.at)
+    loaded = _load(args, args.at, checks=False)
     if _nothing_read(loaded):
         return _finish(loaded)
     if args.at is not None:
