@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import resource
-import struct
 import subprocess
 import sys
 import tempfile
@@ -30,33 +29,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from struct_floor import measure_floor  # noqa: E402
+
 COMMANDS = ("stats", "expert", "report", "state", "timeline", "diff")
 PEAK_TARGET_MIB = 150
 RATE_TARGET = 200_000
-
-
-def measure_floor(path: str) -> int:
-    """Every EPB's block header, packet fields, pseudo-header and vhost-user header unpacked; nothing else."""
-    block, epb = struct.Struct("<II").unpack_from, struct.Struct("<IIIII").unpack_from
-    pseudo, header = struct.Struct("<4sHHIBBBBHH").unpack_from, struct.Struct("<III").unpack_from
-    count = 0
-    with open(path, "rb") as stream:
-        buffer, position = b"", 0
-        while True:
-            if len(buffer) - position < 8 or len(buffer) - position < block(buffer, position)[1]:
-                more = stream.read(1 << 20)
-                if not more:
-                    return count
-                buffer, position = buffer[position:] + more, 0
-                continue
-            block_type, total = block(buffer, position)
-            if block_type == 6:
-                _interface, _high, _low, captured, _original = epb(buffer, position + 8)
-                fields = pseudo(buffer, position + 28)
-                if captured >= fields[2] + 12:
-                    header(buffer, position + 28 + fields[2])
-                count += 1
-            position += total
 
 
 def _arguments(what: str, path: str, records: int, directory: str) -> list[str]:

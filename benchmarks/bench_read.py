@@ -20,7 +20,6 @@ import itertools
 import json
 import os
 import resource
-import struct
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from struct_floor import measure_floor  # noqa: E402
 
 FILTER = "request == SET_VRING_ADDR && vring.index == 1"
 TARGETS = {"read": 200_000, "filter": 150_000, "verbose": 50_000}
@@ -50,30 +50,6 @@ def build_capture(path: str, messages: int, distinct: bool) -> str:
             writer.write(Record(1_700_000_000_000_000_000 + number * 1000, 1 + number // len(mix) % 4, channel,
                                 direction, raw))
     return f"{source}, cycled over four connections"
-
-
-def measure_floor(path: str) -> int:
-    """Struct floor: every EPB's block header, EPB fields, pseudo-header and vhost-user header unpacked."""
-    block, epb = struct.Struct("<II").unpack_from, struct.Struct("<IIIII").unpack_from
-    pseudo, header = struct.Struct("<4sHHIBBBBHH").unpack_from, struct.Struct("<III").unpack_from
-    count = 0
-    with open(path, "rb") as stream:
-        buffer, position = b"", 0
-        while True:
-            if len(buffer) - position < 8 or len(buffer) - position < block(buffer, position)[1]:
-                more = stream.read(1 << 20)
-                if not more:
-                    return count
-                buffer, position = buffer[position:] + more, 0
-                continue
-            block_type, total = block(buffer, position)
-            if block_type == 6:
-                _interface, _high, _low, captured, _original = epb(buffer, position + 8)
-                fields = pseudo(buffer, position + 28)
-                if captured >= fields[2] + 12:
-                    header(buffer, position + 28 + fields[2])
-                count += 1
-            position += total
 
 
 def _command(arguments: list[str]) -> int:
