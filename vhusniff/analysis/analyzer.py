@@ -260,7 +260,7 @@ class Analyzer:
             self.last_ns = timestamp
         conn = self.connections.get(record.connection) or self._connection(record.connection)
         state = conn.state
-        if record.kind == RecordKind.EVENT:
+        if record.kind == _EVENT:
             self.tracker.decode(record)         # an event can set the context too (a DEVICE event)
             ending = classify_event(record) == "end" and not state.ended
             state.feed(number, record, None)
@@ -457,6 +457,7 @@ class Analyzer:
 
 _HEADER_RULES = dict(cat.HEADER_RULES)         # a plain dict: looked up for every reply
 _GET_CONFIG = int(cat.FrontendRequest.GET_CONFIG)
+_EVENT = RecordKind.EVENT
 
 
 def _seconds(ns: int) -> str:

@@ -14,9 +14,11 @@ from types import MappingProxyType
 from ..model import Channel, Direction, Record
 from ..protocol import catalogue as cat
 from ..protocol.grammar import Message, request_table
-from .state import ConnectionState
+from .state import ConnectionState, F
 
-F = cat.FrontendRequest
+# Compared for every message: looked up once (an enum member's lookup costs several times a global's).
+_MAIN, _BACKEND, _GPU, _BACKEND_SENDS = Channel.MAIN, Channel.BACKEND, Channel.GPU, Direction.BACKEND_TO_FRONTEND
+_NO_FDS, _ALWAYS = cat.FdRule.NONE, cat.ReplyRule.ALWAYS
 # Status bits that say the device failed: DEVICE_NEEDS_RESET and FAILED, by their names in the status table.
 FAILED_STATUS_MASK = sum(1 << bit for bit, name in cat.DEVICE_STATUS.items()
                          if name in ("DEVICE_NEEDS_RESET", "FAILED"))
@@ -150,21 +152,21 @@ def check_message(state: ConnectionState, number: int, record: Record, message: 
         return found
     spec = request_table(message.channel).get(message.request)
     if spec is not None:
-        if record.fds or spec.request_fds != cat.FdRule.NONE or message.request == F.ADD_MEM_REG:
+        if record.fds or spec.request_fds != _NO_FDS or message.request == F.ADD_MEM_REG:
             _check_fds(add, spec, record, message)      # (no fd where none belongs is right, and common)
         if spec.gate and not state.gate_open(spec.gate):
             add("gate-not-negotiated", f"{message.name} needs {spec.gate}, not negotiated yet")
     if message.need_reply and not state.protocol_feature("REPLY_ACK") and (spec is None or
-                                                                          spec.reply_rule != cat.ReplyRule.ALWAYS):
+                                                                          spec.reply_rule != _ALWAYS):
         add("need-reply-without-reply-ack", f"{message.name} asks for an ack, REPLY_ACK not negotiated")
-    if message.channel == Channel.BACKEND and record.direction == Direction.BACKEND_TO_FRONTEND:
+    if message.channel == _BACKEND and record.direction == _BACKEND_SENDS:
         if state.backend_channel is None:
             add("backend-channel-unset", f"{message.name} on a back-end channel never set up")
         if state.suspended:
             add("backend-message-while-suspended", f"{message.name} while every ring is stopped")
-    if message.channel == Channel.MAIN and message.kind is not None:
+    if message.channel == _MAIN and message.kind is not None:
         _check_main_request(add, state, number, message)
-    elif message.channel == Channel.GPU and message.kind is not None:
+    elif message.channel == _GPU and message.kind is not None:
         _check_gpu_request(add, message)
     return found
 

@@ -9,13 +9,18 @@ from __future__ import annotations
 import re
 from collections import deque
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 from ..model import Channel, Direction, EventKind, FdInfo, Record, RecordKind
 from ..protocol import catalogue as cat
 from ..protocol.grammar import Message
 from ..protocol.replies import protocol_feature_set
 
-F = cat.FrontendRequest
+# The front-end requests as plain ints: compared for every message, and an enum member's lookup costs several
+# times a plain attribute's.
+F = SimpleNamespace(**{request.name: int(request) for request in cat.FrontendRequest})
+_EVENT, _MAIN, _DEVICE_STATE = RecordKind.EVENT, Channel.MAIN, Channel.DEVICE_STATE
+_FRONTEND_SENDS = Direction.FRONTEND_TO_BACKEND
 NOFD = "NOFD"               # a vring fd slot set explicitly to "no fd, poll instead"
 # GET_FEATURES bit 30 offers protocol features; the same bit acked in SET_FEATURES negotiates them.
 PROTOCOL_FEATURES_BIT = 30
@@ -183,7 +188,7 @@ class ConnectionState:
         if self.first_number is None:
             self.first_number, self.first_ns = number, record.timestamp_ns
         self.last_number, self.last_ns = number, record.timestamp_ns
-        if record.kind == RecordKind.EVENT:
+        if record.kind == _EVENT:
             self._event(number, record)
             return
         self.messages += 1
@@ -191,16 +196,16 @@ class ConnectionState:
         if message is None:
             return
         reply = message.is_reply
-        if not reply and message.channel != Channel.DEVICE_STATE:
+        if not reply and message.channel != _DEVICE_STATE:
             self.last_request_message = (number, message)       # a migration-stream chunk is not a request
-        if message.kind is None or message.channel != Channel.MAIN:
+        if message.kind is None or message.channel != _MAIN:
             return
         if message.context.device_type:
             self.device_type = message.context.device_type
             self.device_source = message.context.device_source
         if reply:
             self._reply(number, message)
-        elif record.direction == Direction.FRONTEND_TO_BACKEND:
+        elif record.direction == _FRONTEND_SENDS:
             self._request(number, record, message)
 
     def in_record_numbers(self, text: str) -> str:

@@ -63,6 +63,7 @@ def load(path: str, device: str | None = None, profile: str = "qemu-spec", at: i
     analyzer.tracker.decoder = ShapeDecoder().decode
     analyzer.checks = checks
     decode, feed = analyzer.tracker.decode_message, analyzer.feed
+    message_kind = RecordKind.MESSAGE
     with reading(path) as outcome, capture_progress(path, progress) as bar:
         loaded = Loaded(analyzer, outcome)
         counts, sources = loaded.counts, loaded.sources
@@ -72,7 +73,7 @@ def load(path: str, device: str | None = None, profile: str = "qemu-spec", at: i
             if record.source and record.connection not in sources:
                 sources[record.connection] = record.source
             message = None
-            if record.kind == RecordKind.MESSAGE:
+            if record.kind == message_kind:
                 decoded = message = decode(record)
                 key = (record.connection, record.channel, record.direction, decoded.request, decoded.is_reply)
                 counter = counts.get(key)
