@@ -4093,6 +4093,81 @@ local RECORD_FIELDS = {
     ["label"] = "Response to",
     ["type"] = "request_link",
   },
+  ["ring.avail_event"] = {
+    ["doc"] = "avail_event, when RING_EVENT_IDX is negotiated",
+    ["label"] = "Avail event",
+    ["type"] = "uint16",
+  },
+  ["ring.avail_flags"] = {
+    ["doc"] = "the avail ring's flags (packed: the driver event area's flags)",
+    ["label"] = "Avail flags",
+    ["type"] = "uint16",
+  },
+  ["ring.avail_idx"] = {
+    ["doc"] = "the avail index the driver had published (split rings)",
+    ["label"] = "Avail index",
+    ["type"] = "uint16",
+  },
+  ["ring.base"] = {
+    ["doc"] = "GET_VRING_BASE's answer, once the ring is stopped",
+    ["label"] = "Base when stopped",
+    ["type"] = "uint32",
+  },
+  ["ring.calls"] = {
+    ["doc"] = "calls counted on the ring so far (--notifications)",
+    ["label"] = "Calls",
+    ["type"] = "uint32",
+  },
+  ["ring.in_flight"] = {
+    ["doc"] = "requests made available and not yet used",
+    ["label"] = "In flight",
+    ["type"] = "uint16",
+  },
+  ["ring.index"] = {
+    ["doc"] = "the ring a RING event samples",
+    ["label"] = "Ring",
+    ["type"] = "uint16",
+  },
+  ["ring.kicks"] = {
+    ["doc"] = "kicks counted on the ring so far (--notifications)",
+    ["label"] = "Kicks",
+    ["type"] = "uint32",
+  },
+  ["ring.layout"] = {
+    ["doc"] = "the ring's layout: SPLIT or PACKED",
+    ["label"] = "Ring layout",
+    ["type"] = "string",
+  },
+  ["ring.num"] = {
+    ["doc"] = "the ring's size (SET_VRING_NUM)",
+    ["label"] = "Ring size",
+    ["type"] = "uint16",
+  },
+  ["ring.pending"] = {
+    ["doc"] = "a request in flight, decoded from guest memory (one per request shown)",
+    ["label"] = "Request in flight",
+    ["type"] = "string",
+  },
+  ["ring.reason"] = {
+    ["doc"] = "why the sample was taken: PERIODIC, STARTED, STOPPED, KICK, FINAL, UNMAPPED",
+    ["label"] = "Sampled because",
+    ["type"] = "string",
+  },
+  ["ring.used_event"] = {
+    ["doc"] = "used_event, when RING_EVENT_IDX is negotiated",
+    ["label"] = "Used event",
+    ["type"] = "uint16",
+  },
+  ["ring.used_flags"] = {
+    ["doc"] = "the used ring's flags (packed: the device event area's flags)",
+    ["label"] = "Used flags",
+    ["type"] = "uint16",
+  },
+  ["ring.used_idx"] = {
+    ["doc"] = "the used index the device had published (split rings)",
+    ["label"] = "Used index",
+    ["type"] = "uint16",
+  },
   ["unframed"] = {
     ["doc"] = "1 when the bytes are not one well-framed message",
     ["label"] = "Unframed bytes",
@@ -4427,6 +4502,92 @@ local EXPERT_ITEMS = {
   ["unknown-request"] = {"UNDECODED", "WARN"},
 }
 
+local RING_SAMPLE_FIELDS = {
+  {
+    ["name"] = "ring.layout",
+    ["names"] = {
+      [0] = "SPLIT",
+      [1] = "PACKED",
+    },
+    ["offset"] = 1,
+    ["width"] = 1,
+  },
+  {
+    ["name"] = "ring.index",
+    ["offset"] = 2,
+    ["width"] = 2,
+  },
+  {
+    ["name"] = "ring.reason",
+    ["names"] = {
+      [0] = "PERIODIC",
+      [1] = "STARTED",
+      [2] = "STOPPED",
+      [3] = "KICK",
+      [4] = "FINAL",
+      [5] = "UNMAPPED",
+    },
+    ["offset"] = 4,
+    ["width"] = 1,
+  },
+  {
+    ["name"] = "ring.avail_idx",
+    ["offset"] = 6,
+    ["width"] = 2,
+  },
+  {
+    ["name"] = "ring.used_idx",
+    ["offset"] = 8,
+    ["width"] = 2,
+  },
+  {
+    ["name"] = "ring.avail_flags",
+    ["offset"] = 10,
+    ["width"] = 2,
+  },
+  {
+    ["name"] = "ring.used_flags",
+    ["offset"] = 12,
+    ["width"] = 2,
+  },
+  {
+    ["name"] = "ring.used_event",
+    ["offset"] = 14,
+    ["width"] = 2,
+  },
+  {
+    ["name"] = "ring.avail_event",
+    ["offset"] = 16,
+    ["width"] = 2,
+  },
+  {
+    ["name"] = "ring.num",
+    ["offset"] = 18,
+    ["width"] = 2,
+  },
+  {
+    ["name"] = "ring.in_flight",
+    ["offset"] = 20,
+    ["width"] = 2,
+  },
+  {
+    ["absent"] = 4294967295,
+    ["name"] = "ring.base",
+    ["offset"] = 24,
+    ["width"] = 4,
+  },
+  {
+    ["name"] = "ring.kicks",
+    ["offset"] = 28,
+    ["width"] = 4,
+  },
+  {
+    ["name"] = "ring.calls",
+    ["offset"] = 32,
+    ["width"] = 4,
+  },
+}
+
 local CONSTANTS = {
   ["CHANNEL_DEVICE_STATE"] = 3,
   ["CHANNEL_MAIN"] = 0,
@@ -4437,6 +4598,7 @@ local CONSTANTS = {
   ["EVENT_CONNECTED"] = 1,
   ["EVENT_DEVICE"] = 11,
   ["EVENT_NOTE"] = 0,
+  ["EVENT_RING"] = 13,
   ["FLAGS_RESERVED"] = 4294967280,
   ["FLAG_NEED_REPLY"] = 8,
   ["FLAG_REPLY"] = 4,
@@ -4444,12 +4606,15 @@ local CONSTANTS = {
   ["HEADER_SIZE"] = 12,
   ["LINKTYPE"] = 147,
   ["MAX_PAYLOAD_SIZE"] = 4096,
+  ["NO_BASE"] = 4294967295,
   ["PSEUDO_FLAG_UNFRAMED"] = 1,
   ["PSEUDO_MAGIC"] = "VHUS",
   ["PSEUDO_SIZE_V1"] = 20,
   ["PSEUDO_SIZE_V2"] = 24,
   ["PSEUDO_VERSION"] = 2,
   ["RING_PACKED_BIT"] = 34,
+  ["RING_SAMPLE_SIZE"] = 36,
+  ["RING_SAMPLE_VERSION"] = 1,
   ["SOURCE_PREFIX"] = "vhusniff source: ",
   ["STREAM_NAME"] = "DEVICE_STATE_STREAM",
   ["TRUNCATED_NAME"] = "(truncated header)",
@@ -5316,6 +5481,28 @@ local function dissect_message(tvb, raw, pinfo, tree, start)
   observe(pinfo, request, is_reply, kind, raw, body)
 end
 
+-- A RING event's data (`--rings`): the sample's fields under a subtree, the requests in flight one line each.
+local function add_ring_sample(tree, tvb, raw, at)
+  local length = #raw - at
+  if length < C.RING_SAMPLE_SIZE or byte(raw, at + 1) ~= C.RING_SAMPLE_VERSION then return end
+  local sample_tree = tree:add(vhost_user, tvb(at, length), "Ring sample")
+  for _, field in ipairs(RING_SAMPLE_FIELDS) do
+    local offset = at + field.offset
+    if field.names then
+      local value = byte(raw, offset + 1)
+      sample_tree:add(pf[field.name], tvb(offset, field.width), field.names[value] or tostring(value))
+    elseif not (field.absent and u32(raw, offset) == field.absent) then
+      sample_tree:add_le(pf[field.name], tvb(offset, field.width))
+    end
+  end
+  local position = at + C.RING_SAMPLE_SIZE
+  while position < #raw do
+    local stop = string.find(raw, "\n", position + 1, true) or (#raw + 1)
+    sample_tree:add(pf["ring.pending"], tvb(position, stop - 1 - position), raw:sub(position + 1, stop - 1))
+    position = stop
+  end
+end
+
 function vhost_user.dissector(tvb, pinfo, tree)
   local cols = pinfo.cols
   cols.protocol = "vhost-user"
@@ -5359,6 +5546,7 @@ function vhost_user.dissector(tvb, pinfo, tree)
       if root then root:add_proto_expert_info(expert["merged-capture"], text) end
     end
     cols.info = concat(line, "", 1, line_length)
+    if root and record.event == C.EVENT_RING then add_ring_sample(root, tvb, raw, record.header_length) end
     local device = record.device
     if device and device ~= "" and FEATURE_NAMES[device] and not frame_visited then
       set_context(record.connection, state.context[record.connection] or 1, device)

@@ -510,3 +510,63 @@ def test_bucketed_timeline_keeps_the_ring_lane(tmp_path):
     buckets = timeline.rings[(1, 0)]
     assert len(buckets) <= 40 and [entry[0] for _i, entry in sorted(buckets.items())] == \
         sorted(entry[0] for entry in buckets.values())
+
+
+def _tshark_fields(capture, display_filter: str, names: list[str]) -> list[list[str]]:
+    from vhusniff.views.lua import DISSECTOR_PATH
+    done = subprocess.run(["tshark", "-X", f"lua_script:{DISSECTOR_PATH}", "-r", str(capture), "-Y", display_filter,
+                           "-T", "fields", "-E", "occurrence=a", "-E", "aggregator=|",
+                           *[arg for name in names for arg in ("-e", f"vhost_user.{name}")]],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return [line.split("\t") for line in done.stdout.splitlines()]
+
+
+RING_FIELD_NAMES = ["ring.index", "ring.layout", "ring.reason", "ring.avail_idx", "ring.used_idx", "ring.avail_flags",
+                    "ring.used_flags", "ring.used_event", "ring.avail_event", "ring.num", "ring.in_flight",
+                    "ring.base", "ring.kicks", "ring.calls", "ring.pending"]
+
+
+def test_ring_samples_read_field_by_field_in_tshark_and_scapy(tmp_path):
+    require("tshark")
+    from vhusniff.capture.pcapng import write_capture
+    from vhusniff.dataplane.sample import Layout
+    from vhusniff.layers.packets import VhusniffRingSample
+    from vhusniff.layers.pcap import read_packets
+    stopped = RingSample(2, Reason.STOPPED, SampleFlag.MAPPED | SampleFlag.STOPPED, 70, 65, num=256, in_flight=5,
+                         base=70, kicks=9, calls=8, layout=Layout.PACKED, avail_flags=1,
+                         pending=("head 0: 3 desc, 16 B out, 513 B in blk.type=IN", "head 3: 1 desc, 0 B out, 0 B in"))
+    periodic = RingSample(0, Reason.PERIODIC, SampleFlag.MAPPED | SampleFlag.EVENT_IDX, 7, 5, used_flags=1,
+                          used_event=6, avail_event=7, num=128, in_flight=2, kicks=70000, calls=2**32 - 1)
+    capture = tmp_path / "samples.pcapng"
+    write_capture(capture, [Record(1000 * n, 1, data=s.pack(), kind=RecordKind.EVENT, note=s.note(),
+                                   event=EventKind.RING) for n, s in enumerate((stopped, periodic), 1)])
+    rows = _tshark_fields(capture, "vhost_user.ring.index", RING_FIELD_NAMES)
+    assert rows == [
+        ["2", "PACKED", "STOPPED", "70", "65", "1", "0", "0", "0", "256", "5", "70", "9", "8",
+         "head 0: 3 desc, 16 B out, 513 B in blk.type=IN|head 3: 1 desc, 0 B out, 0 B in"],
+        ["0", "SPLIT", "PERIODIC", "7", "5", "0", "1", "6", "7", "128", "2", "", "70000", "4294967295", ""]]
+    # The same names filter in both tools.
+    assert _tshark_fields(capture, 'vhost_user.ring.layout == "PACKED" && vhost_user.ring.base == 70',
+                          ["ring.index"]) == [["2"]]
+    read = vhusniff("read", str(capture), "-q", "-Y", "ring.layout == PACKED && ring.base == 70", "-T", "fields",
+                    "-e", "ring.index", "-e", "ring.pending")
+    assert read.stdout.splitlines() == ["2\t" + ",".join(stopped.pending)], read.stdout + read.stderr
+    # scapy: the record layer carries the sample as a layer of its own.
+    layers = [packet[VhusniffRingSample] for packet in read_packets(str(capture))]
+    assert [(s.ring, s.layout, s.reason, s.avail_idx, s.used_idx, s.in_flight, s.base, s.kicks, s.calls)
+            for s in layers] == [(2, 1, 2, 70, 65, 5, 70, 9, 8), (0, 0, 0, 7, 5, 2, 0xFFFFFFFF, 70000, 2**32 - 1)]
+    assert layers[0].pending.decode().split("\n") == list(stopped.pending)
+    assert layers[1].sprintf("%layout% %reason% %flags%") == "SPLIT PERIODIC EVENT_IDX+MAPPED"
+    assert bytes(layers[0]) == stopped.pack()
+
+
+def test_tshark_reads_a_real_guests_ring_samples_as_vhusniff_does(blk_rings_capture):
+    require("tshark")
+    names = ["ring.index", "ring.reason", "ring.avail_idx", "ring.used_idx", "ring.in_flight", "ring.kicks",
+             "ring.calls", "ring.num"]
+    tshark = _tshark_fields(blk_rings_capture, "vhost_user.ring.used_idx > 0", names)
+    read = vhusniff("read", str(blk_rings_capture), "-q", "-Y", "ring.used_idx > 0", "-T", "fields",
+                    *[arg for name in names for arg in ("-e", name)])
+    assert read.returncode == 0, read.stderr
+    assert len(tshark) > 10 and tshark == [line.split("\t") for line in read.stdout.splitlines()]

@@ -10,10 +10,19 @@ import struct
 from typing import NamedTuple
 
 SAMPLE_VERSION = 1
-# version, layout, ring, reason, flags, avail_idx, used_idx, avail_flags, used_flags, used_event, avail_event,
-# num, in_flight, reserved, base (GET_VRING_BASE's answer, NO_BASE when none), kicks, calls: 36 bytes. Then,
-# optionally, the requests in flight as UTF-8 text, one line each (vhusniff.dataplane.inflight.Pending.summary).
-RING_SAMPLE = struct.Struct("<BBHBB9HIII")
+# The fixed part, in order: (RingSample attribute or stored-only word, struct code, display-filter name or "" when
+# no filter shows it). base is GET_VRING_BASE's answer (NO_BASE when none). 36 bytes; then, optionally, the
+# requests in flight as UTF-8 text, one line each (vhusniff.dataplane.inflight.Pending.summary). The dissector
+# and the scapy layer read the layout from here.
+SAMPLE_FIELDS: tuple[tuple[str, str, str], ...] = (
+    ("version", "B", ""), ("layout", "B", "ring.layout"), ("ring", "H", "ring.index"), ("reason", "B", "ring.reason"),
+    ("flags", "B", ""), ("avail_idx", "H", "ring.avail_idx"), ("used_idx", "H", "ring.used_idx"),
+    ("avail_flags", "H", "ring.avail_flags"), ("used_flags", "H", "ring.used_flags"),
+    ("used_event", "H", "ring.used_event"), ("avail_event", "H", "ring.avail_event"),
+    ("num", "H", "ring.num"), ("in_flight", "H", "ring.in_flight"), ("reserved", "H", ""),
+    ("base", "I", "ring.base"), ("kicks", "I", "ring.kicks"), ("calls", "I", "ring.calls"),
+)
+RING_SAMPLE = struct.Struct("<" + "".join(code for _name, code, _filter in SAMPLE_FIELDS))
 NO_BASE = 0xFFFFFFFF
 _U32 = 0xFFFFFFFF          # kicks and calls are stored modulo 2**32 (a peer may write any eventfd value)
 # Requests in flight decoded into one sample, the oldest first; the count says how many there are in all.
@@ -88,6 +97,16 @@ class RingSample(NamedTuple):
         if self.pending:
             text += "; in flight: " + " | ".join(self.pending)
         return text
+
+
+def sample_offsets() -> list[tuple[str, int, int, str]]:
+    """(attribute, offset, width, filter name) of each field of the fixed part."""
+    out, offset = [], 0
+    for name, code, filter_name in SAMPLE_FIELDS:
+        width = struct.calcsize("<" + code)
+        out.append((name, offset, width, filter_name))
+        offset += width
+    return out
 
 
 class SampleError(ValueError):

@@ -19,6 +19,7 @@ from scapy.fields import (
     Field,
     FieldLenField,
     FieldListField,
+    FlagsField,
     LEIntField,
     LELongField,
     LEShortField,
@@ -32,12 +33,14 @@ from scapy.fields import (
 from scapy.packet import Packet, Raw
 
 from ..capture.pcapng import FD_KINDS, LINKTYPE_USER0, PSEUDO_MAGIC, PSEUDO_VERSION
+from ..dataplane.sample import SAMPLE_FIELDS, SAMPLE_VERSION, Layout, Reason, SampleFlag
 from ..model import Channel, Direction, EventKind, RecordKind
 from ..protocol import catalogue as cat
 from ..protocol import config as config_space
 from ..protocol.grammar import DEFAULT_CONTEXT, HEADER_SIZE, PAYLOADS, DecodeContext, decode, flag_text
 
-__all__ = ["VhostUser", "VhostUserBackend", "VhostUserGpu", "VhusniffRecord", "PAYLOAD_LAYERS", "header_class_for"]
+__all__ = ["VhostUser", "VhostUserBackend", "VhostUserGpu", "VhusniffRecord", "VhusniffRingSample", "PAYLOAD_LAYERS",
+           "header_class_for"]
 
 
 class LEUnsignedField(Field):
@@ -330,6 +333,28 @@ class VhusniffFd(Packet):
     def extract_padding(self, s):
         return b"", s
 
+def _ring_sample_field(name: str, code: str) -> Field:
+    enums = {"layout": {int(k): k.name for k in Layout}, "reason": {int(k): k.name for k in Reason}}
+    if name in enums:
+        return ByteEnumField(name, 0, enums[name])
+    if name == "flags":
+        return FlagsField(name, 0, 8, [flag.name or "" for flag in SampleFlag])
+    if name == "version":
+        return ByteField(name, SAMPLE_VERSION)
+    return {"B": ByteField, "H": LEShortField, "I": LEIntField}[code](name, 0)
+
+
+class VhusniffRingSample(Packet):
+    """A RING event's data (`--rings`): one ring sample, its fields those of dataplane.sample (the layout declared
+    there), then the requests in flight as text, one line each."""
+    name = "vhusniff ring sample"
+    fields_desc = [*(_ring_sample_field(name, code) for name, code, _filter in SAMPLE_FIELDS),
+                   StrField("pending", b"")]
+
+    def mysummary(self):
+        return self.sprintf("ring %ring% %reason%: avail %avail_idx% used %used_idx% in flight %in_flight%")
+
+
 class VhusniffRecord(Packet):
     name = "vhusniff record"
     fields_desc = [
@@ -357,6 +382,8 @@ class VhusniffRecord(Packet):
         return pkt + pay
 
     def guess_payload_class(self, payload):
+        if self.kind == RecordKind.EVENT and self.version >= 2 and self.event == EventKind.RING:
+            return VhusniffRingSample
         if self.kind != RecordKind.MESSAGE or self.version not in _VERSIONS or len(payload) < HEADER_SIZE \
                 or self.channel not in _HEADERED_CHANNELS:
             return Raw             # events, and the device-state pipe's opaque stream, have no vhost-user header

@@ -582,6 +582,8 @@ FIELD_LABELS = MappingProxyType({
     "mem.region.userspace_addr": "Front-end virtual address", "mem.region.memory_size": "Memory size",
     "shmem.memory_sizes": "Memory size per shmid", "device_state.phase": "Migration phase",
     "device_state.direction": "Transfer direction", "crypto.session": "Session data", "mem.region": "Memory region",
+    "ring.index": "Ring", "ring.layout": "Ring layout", "ring.reason": "Sampled because", "ring.num": "Ring size",
+    "ring.base": "Base when stopped", "ring.pending": "Request in flight",
 })
 
 

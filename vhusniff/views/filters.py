@@ -21,7 +21,7 @@ from typing import Any, Final
 
 from construct import Array, Bytes, BytesInteger, FormatField, GreedyBytes, Renamed, Struct
 
-from ..dataplane.sample import RingSample, SampleError, unpack_sample
+from ..dataplane.sample import NO_BASE, RingSample, SampleError, unpack_sample
 from ..model import Channel, EventKind, RecordKind
 from ..protocol import catalogue as cat
 from ..protocol import config as config_space
@@ -38,6 +38,32 @@ class RecordField:
     doc: str
     lua_type: str | None                             # ProtoField type in the dissector; None: Wireshark has it
     value: Callable[[Any, Any, int], list] | None    # (message, record, number) -> values; None: Lua only
+
+
+def _ring_sample(record) -> RingSample | None:
+    if record.kind != RecordKind.EVENT or record.event != EventKind.RING:
+        return None
+    try:
+        return unpack_sample(record.data)
+    except SampleError:
+        return None
+
+
+def _ring_getter(filter_name: str) -> Callable[[Any, Any, int], list]:
+    """The values of a ring.* field: the sample's attribute (enums by name, no base before the ring stopped)."""
+    attribute = {"ring.index": "ring"}.get(filter_name, filter_name.removeprefix("ring."))
+
+    def values(message, record, number) -> list:
+        sample = _ring_sample(record)
+        if sample is None:
+            return []
+        value = getattr(sample, attribute)
+        if attribute == "pending":
+            return list(value)
+        if attribute == "base" and value == NO_BASE:
+            return []
+        return [value.name] if isinstance(value, enum.Enum) else [value]
+    return values
 
 
 RECORD_FIELDS = {
@@ -73,40 +99,31 @@ RECORD_FIELDS = {
                         lambda m, r, n: [m.kind] if m and m.kind else []),
     "problem": RecordField("code of something wrong with the message", "string",
                            lambda m, r, n: [p.code for p in m.problems] if m else []),
-    # Ring samples (--rings, --notifications): filter fields only, the dissector shows the sample's note.
-    "ring.index": RecordField("the ring a RING event samples", None, lambda m, r, n: _ring_values(r, "ring")),
-    "ring.avail_idx": RecordField("the avail index the driver had published", None,
-                                  lambda m, r, n: _ring_values(r, "avail_idx")),
-    "ring.used_idx": RecordField("the used index the device had published", None,
-                                 lambda m, r, n: _ring_values(r, "used_idx")),
-    "ring.in_flight": RecordField("requests made available and not yet used", None,
-                                  lambda m, r, n: _ring_values(r, "in_flight")),
-    "ring.kicks": RecordField("kicks counted on the ring so far (--notifications)", None,
-                              lambda m, r, n: _ring_values(r, "kicks")),
-    "ring.calls": RecordField("calls counted on the ring so far (--notifications)", None,
-                              lambda m, r, n: _ring_values(r, "calls")),
-    "ring.reason": RecordField("why the sample was taken: PERIODIC, STARTED, STOPPED, FINAL, UNMAPPED", None,
-                               lambda m, r, n: [sample.reason.name] if (sample := _ring_sample(r)) else []),
+    # Ring samples (--rings, --notifications): the fields of a RING event's sample (dataplane.sample), in the
+    # dissector too (a "Ring sample" subtree).
+    **{name: RecordField(doc, lua_type, _ring_getter(name)) for name, (doc, lua_type) in {
+        "ring.index": ("the ring a RING event samples", "uint16"),
+        "ring.layout": ("the ring's layout: SPLIT or PACKED", "string"),
+        "ring.reason": ("why the sample was taken: PERIODIC, STARTED, STOPPED, KICK, FINAL, UNMAPPED", "string"),
+        "ring.avail_idx": ("the avail index the driver had published (split rings)", "uint16"),
+        "ring.used_idx": ("the used index the device had published (split rings)", "uint16"),
+        "ring.avail_flags": ("the avail ring's flags (packed: the driver event area's flags)", "uint16"),
+        "ring.used_flags": ("the used ring's flags (packed: the device event area's flags)", "uint16"),
+        "ring.used_event": ("used_event, when RING_EVENT_IDX is negotiated", "uint16"),
+        "ring.avail_event": ("avail_event, when RING_EVENT_IDX is negotiated", "uint16"),
+        "ring.num": ("the ring's size (SET_VRING_NUM)", "uint16"),
+        "ring.in_flight": ("requests made available and not yet used", "uint16"),
+        "ring.base": ("GET_VRING_BASE's answer, once the ring is stopped", "uint32"),
+        "ring.kicks": ("kicks counted on the ring so far (--notifications)", "uint32"),
+        "ring.calls": ("calls counted on the ring so far (--notifications)", "uint32"),
+        "ring.pending": ("a request in flight, decoded from guest memory (one per request shown)", "string"),
+    }.items()},
     "pseudo.version": RecordField("pseudo-header version", "uint16", None),
     "pseudo.header_length": RecordField("pseudo-header length in bytes", "uint16", None),
     "response_in": RecordField("frame of the reply to this request", "response_link", None),
     "response_to": RecordField("frame of the request this reply answers", "request_link", None),
     "response_time": RecordField("time from request to reply", "relative_time", None),
 }
-
-
-def _ring_sample(record) -> RingSample | None:
-    if record.kind != RecordKind.EVENT or record.event != EventKind.RING:
-        return None
-    try:
-        return unpack_sample(record.data)
-    except SampleError:
-        return None
-
-
-def _ring_values(record, name: str) -> list:
-    sample = _ring_sample(record)
-    return [getattr(sample, name)] if sample is not None else []
 
 
 def _strip(subcon):

@@ -30,6 +30,7 @@ from ..capture.pcapng import (
     PSEUDO_VERSION,
     SOURCE_PREFIX,
 )
+from ..dataplane.sample import NO_BASE, SAMPLE_VERSION, Layout, Reason, sample_offsets
 from ..model import Channel, Direction, EventKind, RecordKind
 from ..protocol import catalogue as cat
 from ..protocol import config as config_space
@@ -182,7 +183,19 @@ def _constants() -> dict[str, object]:
         "CHANNEL_MAIN": int(Channel.MAIN), "CHANNEL_DEVICE_STATE": int(Channel.DEVICE_STATE),
         "STREAM_NAME": request_name(Channel.DEVICE_STATE, 0), "XEN_MMAP_BIT": XEN_MMAP_BIT,
         "RING_PACKED_BIT": RING_PACKED_BIT, "ELLIPSIS": "…", "SOURCE_PREFIX": SOURCE_PREFIX,
+        "EVENT_RING": int(EventKind.RING), "RING_SAMPLE_VERSION": SAMPLE_VERSION,
+        "RING_SAMPLE_SIZE": sum(width for _name, _offset, width, _filter in sample_offsets()), "NO_BASE": NO_BASE,
     }
+
+
+def _ring_sample_fields() -> list[dict]:
+    """The fixed part of a RING event's sample (dataplane.sample), the fields a filter names: where each lies, and
+    the names of an enumerated one."""
+    names = {"layout": {int(k): k.name for k in Layout}, "reason": {int(k): k.name for k in Reason}}
+    return [{"name": filter_name, "offset": offset, "width": width,
+             **({"names": names[attribute]} if attribute in names else {}),
+             **({"absent": NO_BASE} if attribute == "base" else {})}
+            for attribute, offset, width, filter_name in sample_offsets() if filter_name]
 
 
 def grammar_tables() -> dict:
@@ -259,6 +272,7 @@ def grammar_tables() -> dict:
         # A GET_CONFIG reply whose whole window has one of these sizes tells the device type (context.py).
         "CONFIG_SIZE_DEVICES": {int(size): device for size, device in cat.CONFIG_SIZE_DEVICES.items()},
         "EXPERT_ITEMS": {code: list(levels) for code, levels in expert_items().items()},
+        "RING_SAMPLE_FIELDS": _ring_sample_fields(),
         "CONSTANTS": _constants(),
     }
 
@@ -1155,6 +1169,28 @@ local function dissect_message(tvb, raw, pinfo, tree, start)
   observe(pinfo, request, is_reply, kind, raw, body)
 end
 
+-- A RING event's data (`--rings`): the sample's fields under a subtree, the requests in flight one line each.
+local function add_ring_sample(tree, tvb, raw, at)
+  local length = #raw - at
+  if length < C.RING_SAMPLE_SIZE or byte(raw, at + 1) ~= C.RING_SAMPLE_VERSION then return end
+  local sample_tree = tree:add(vhost_user, tvb(at, length), "Ring sample")
+  for _, field in ipairs(RING_SAMPLE_FIELDS) do
+    local offset = at + field.offset
+    if field.names then
+      local value = byte(raw, offset + 1)
+      sample_tree:add(pf[field.name], tvb(offset, field.width), field.names[value] or tostring(value))
+    elseif not (field.absent and u32(raw, offset) == field.absent) then
+      sample_tree:add_le(pf[field.name], tvb(offset, field.width))
+    end
+  end
+  local position = at + C.RING_SAMPLE_SIZE
+  while position < #raw do
+    local stop = string.find(raw, "\n", position + 1, true) or (#raw + 1)
+    sample_tree:add(pf["ring.pending"], tvb(position, stop - 1 - position), raw:sub(position + 1, stop - 1))
+    position = stop
+  end
+end
+
 function vhost_user.dissector(tvb, pinfo, tree)
   local cols = pinfo.cols
   cols.protocol = "vhost-user"
@@ -1198,6 +1234,7 @@ function vhost_user.dissector(tvb, pinfo, tree)
       if root then root:add_proto_expert_info(expert["merged-capture"], text) end
     end
     cols.info = concat(line, "", 1, line_length)
+    if root and record.event == C.EVENT_RING then add_ring_sample(root, tvb, raw, record.header_length) end
     local device = record.device
     if device and device ~= "" and FEATURE_NAMES[device] and not frame_visited then
       set_context(record.connection, state.context[record.connection] or 1, device)
