@@ -9,6 +9,8 @@ real qemu-storage-daemon gives), and dies by SIGABRT, after an assertion's line 
    the region would be a SIGBUS).
 
 Anything else it cannot frame or decode ends that connection, as a careful back-end refuses, never the process.
+`python3 planted_backend.py SOCKET RECEIVED` also appends every byte it receives to the file RECEIVED, so that a
+test can check what went on the wire.
 """
 from __future__ import annotations
 
@@ -89,7 +91,7 @@ class Connection:
         return default_answer(message, context)
 
 
-def serve(client: socket.socket) -> None:
+def serve(client: socket.socket, received: str | None = None) -> None:
     connection, framer = Connection(client), Framer("planted back-end")
     with client:
         while True:
@@ -99,6 +101,9 @@ def serve(client: socket.socket) -> None:
                 return
             if not data:
                 return
+            if received is not None:
+                with open(received, "ab") as log:
+                    log.write(data)
             try:
                 for frame in framer.feed(data, fds):
                     if not isinstance(frame, Frame):
@@ -108,14 +113,14 @@ def serve(client: socket.socket) -> None:
                 return
 
 
-def main(path: str) -> None:
+def main(path: str, received: str | None = None) -> None:
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(path)
     server.listen(16)
     while True:
         client, _address = server.accept()
-        serve(client)
+        serve(client, received)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)

@@ -33,11 +33,11 @@ from vhusniff.fuzz.mutate import (
     integer_fields,
     load_seed,
 )
-from vhusniff.fuzz.target import EXIT_WAIT, Target
+from vhusniff.fuzz.target import EXIT_WAIT, Target, execute
 from vhusniff.fuzz.triage import ddmin, report_head
 from vhusniff.model import FdInfo, RecordKind
 from vhusniff.protocol import catalogue as cat
-from vhusniff.protocol.grammar import HEADER_SIZE, decode
+from vhusniff.protocol.grammar import HEADER_SIZE, HEADER_STRUCT, decode
 from vhusniff.replay.fresh import PAGE, SHORT_MEMFD, FreshFds
 
 REPO = Path(__file__).resolve().parent.parent
@@ -120,6 +120,63 @@ def test_every_family_is_drawn_and_every_case_ends_with_a_request_that_must_be_a
     messages = [record for record in records if record.kind == RecordKind.MESSAGE]
     assert messages[-2].data == BARRIER and decode(messages[-2].data).request == F.GET_FEATURES
     assert decode(messages[-1].data).is_reply, "the closing GET_FEATURES keeps the seed's reply to compare"
+
+
+def test_header_lies_include_a_size_beyond_the_payload_and_the_reply_bit_on_a_request(seed):
+    mutations = [mutation for mutation in Mutator(seed, random.Random(3)).draw(600) if mutation.family == "header"]
+    sizes = [(mutation.value, len(seed.requests[mutation.index].data) - HEADER_SIZE) for mutation in mutations
+             if mutation.offset == 8]
+    assert any(size > payload for size, payload in sizes) and any(size < payload for size, payload in sizes)
+    reply_bit = [mutation for mutation in mutations if mutation.offset == 4 and mutation.value & cat.FLAG_REPLY]
+    assert reply_bit and all(mutation.lies_about_size for mutation in mutations if mutation.offset == 8)
+    assert "the REPLY bit on a request" in reply_bit[0].text
+
+
+def played_on_the_wire(seed, mutations: list[Mutation], keep: int, workdir: Path, reply_timeout: float = 5.0):
+    """Play a case against the planted back-end, which writes down every byte it receives: (the execution, the
+    bytes it received)."""
+    received = workdir / "received.bin"
+    target = Target(f"{PLANTED} {received}", workdir)
+    target.start()
+    try:
+        execution = execute(case_records(seed, mutations, keep), target, seed.device, reply_timeout)
+    finally:
+        target.stop()
+    return execution, received.read_bytes()
+
+
+def test_a_request_whose_flags_claim_a_reply_is_still_sent_as_it_is(seed, tmp_path):
+    index = seed.names.index("SET_VRING_NUM")
+    flags = HEADER_STRUCT.unpack_from(seed.requests[index].data)[1]
+    lie = Mutation("header", index, "REPLY bit", offset=4, value=flags | cat.FLAG_REPLY)
+    lied = apply_all(seed.requests, [lie])[index].data
+    execution, received = played_on_the_wire(seed, [lie], index + 1, tmp_path)
+    assert lied in received and HEADER_STRUCT.unpack_from(lied)[1] & cat.FLAG_REPLY
+    assert execution.sent == index + 2 and execution.outcome not in ("stuck", "hang"), execution
+
+
+def test_a_size_beyond_the_payload_takes_the_next_request_as_its_rest(seed, tmp_path):
+    """The header claims the next request as the rest of its payload: both go out back to back, the closing
+    GET_FEATURES is a message of its own again, and its reply ends the case."""
+    index = seed.names.index("SET_VRING_NUM")
+    request, following = seed.requests[index].data, seed.requests[index + 1].data
+    lie = Mutation("header", index, "size", offset=8, value=len(request) - HEADER_SIZE + len(following))
+    lied = apply_all(seed.requests, [lie])[index].data
+    execution, received = played_on_the_wire(seed, [lie], index + 2, tmp_path)
+    assert lied + following + BARRIER in received, received[-64:].hex()
+    assert execution.outcome == "ok" and execution.sent == index + 3, execution
+
+
+def test_a_size_no_request_can_supply_ends_the_case_at_once_as_stuck(seed, tmp_path):
+    """64 bytes more than the rest of the case holds: the back-end waits for bytes that never come, and the case
+    ends as soon as everything is sent, not after the reply timeout; the target then serves a new connection."""
+    index = seed.names.index("SET_VRING_NUM")
+    request = seed.requests[index].data
+    lie = Mutation("header", index, "size", offset=8, value=len(request) - HEADER_SIZE + len(BARRIER) + 64)
+    lied = apply_all(seed.requests, [lie])[index].data
+    execution, received = played_on_the_wire(seed, [lie], index + 1, tmp_path, reply_timeout=60.0)
+    assert lied + BARRIER + BARRIER in received, "the case's closing GET_FEATURES, then the next connection's"
+    assert execution.outcome == "stuck" and execution.death is None and execution.elapsed < 30, execution
 
 
 def test_a_reproducer_memfd_smaller_than_its_region_stays_small_in_replay():

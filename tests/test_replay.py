@@ -25,7 +25,7 @@ from peers import IN_CI, FakeFrontend, kit, open_fds, require  # noqa: F401  (ki
 from vhusniff.capture.pcapng import read_capture
 from vhusniff.engine.rewrites import DisconnectAt, MaskProtocolFeatures
 from vhusniff.lab import peers as lab
-from vhusniff.model import Channel, Direction, RecordKind
+from vhusniff.model import Channel, Direction, Record, RecordKind
 from vhusniff.protocol import catalogue as cat
 from vhusniff.protocol.context import ContextTracker
 from vhusniff.protocol.grammar import build_message, decode
@@ -730,3 +730,18 @@ def test_backend_replay_names_the_recorded_requests_that_never_came_and_exits_1(
     assert f"{missing} of {len(exchanges)} recorded requests never came: #{exchanges[len(first)].number} " in output, \
         output
     assert replay.returncode == 1, output
+
+
+def test_a_front_end_request_whose_flags_claim_a_reply_is_a_request_with_no_recorded_reply():
+    """The main channel's front-end sends only requests: one with the REPLY bit (a fuzzer's header lie) is played as
+    it is, and the recorded reply pairs with the real request after it."""
+    lie = build_message(Channel.MAIN, cat.FrontendRequest.GET_FEATURES)
+    lie = lie[:4] + struct.pack("<I", cat.VERSION | cat.FLAG_REPLY) + lie[8:]
+    request = build_message(Channel.MAIN, cat.FrontendRequest.GET_FEATURES)
+    reply = build_message(Channel.MAIN, cat.FrontendRequest.GET_FEATURES, struct.pack("<Q", 1), reply=True)
+    records = [Record(n, 1, Channel.MAIN, direction, data) for n, (direction, data) in enumerate(
+        [(Direction.FRONTEND_TO_BACKEND, lie), (Direction.FRONTEND_TO_BACKEND, request),
+         (Direction.BACKEND_TO_FRONTEND, reply)], 1)]
+    _connection, exchanges = load_exchanges(records, None)
+    assert [exchange.request.data for exchange in exchanges] == [lie, request]
+    assert exchanges[0].reply is None and exchanges[1].reply is not None and exchanges[1].reply.data == reply

@@ -6,10 +6,10 @@ are the seed's valid prefix; replay's scripted front-end plays the case as it pl
 written as a capture replays to the same behaviour.
 
 Families (the issue's): a field set to an edge value of its type (the grammar's payload layouts give each
-integer field its offset and width), header lies (the size, the version bits, reserved and NEED_REPLY flag
-bits, a payload cut short or grown with the size fixed up), sequences (drop, duplicate, swap, insert a request
-of another kind or from another state), and fds (missing, extra, of the wrong kind, a memfd smaller than the
-region it is said to map).
+integer field its offset and width), header lies (a size below or above the payload's, the version bits, the
+REPLY bit on a request, reserved and NEED_REPLY flag bits, a payload cut short or grown with the size fixed
+up), sequences (drop, duplicate, swap, insert a request of another kind or from another state), and fds
+(missing, extra, of the wrong kind, a memfd smaller than the region it is said to map).
 """
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ class Mutation:
 
     @property
     def lies_about_size(self) -> bool:
-        """The header's size says less than the payload: the stream is out of step from here on."""
+        """The header's size is not the payload's: the stream is out of step from here on."""
         return self.family == "header" and self.offset == 8
 
     def apply(self, requests: list[Record]) -> list[Record]:
@@ -298,14 +298,17 @@ class Mutator:
         index = self._index()
         request, flags, size = HEADER_STRUCT.unpack_from(self.seed.requests[index].data)
         if self.rng.random() < 0.5:
-            # Only shorter: a longer size would hold the message in the session's framer for bytes that never come.
-            value = self.rng.choice([0, max(size - 1, 0), size // 2])
+            # Longer than the payload too: the back-end then reads the next requests (or the closing GET_FEATURES)
+            # as the rest of this one.
+            value = self.rng.choice([0, max(size - 1, 0), size // 2, size + 1, size + 8, size + HEADER_SIZE,
+                                     size + 4096])
             return Mutation("header", index, f"{self._label(index)}: header size {value} (payload {size})",
                             offset=8, value=value)
         value = self.rng.choice([flags & ~cat.VERSION_MASK, (flags & ~cat.VERSION_MASK) | 2,
-                                 flags | cat.VERSION_MASK, flags ^ cat.FLAG_NEED_REPLY, flags | 0x10,
-                                 flags | 0x80000000])
-        return Mutation("header", index, f"{self._label(index)}: flags {value:#x}", offset=4, value=value)
+                                 flags | cat.VERSION_MASK, flags ^ cat.FLAG_NEED_REPLY, flags | cat.FLAG_REPLY,
+                                 flags | 0x10, flags | 0x80000000])
+        what = " (the REPLY bit on a request)" if value & ~flags & cat.FLAG_REPLY else ""
+        return Mutation("header", index, f"{self._label(index)}: flags {value:#x}{what}", offset=4, value=value)
 
     def _length(self) -> Mutation:
         index = self._index()

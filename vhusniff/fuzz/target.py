@@ -14,7 +14,8 @@ so the script closes as soon as that reply is in. How it ended says what the tar
 - hang: a required reply did not come within the timeout;
 - crash: the process died by a signal, or its output holds a sanitizer, assertion or abort report;
 - exited: it exited of its own accord (some back-ends serve one connection and quit);
-- stuck: a header size lie left part of a request in the session's framer (ours, not the target's doing);
+- stuck: a header size lie left part of a request in the session's framer (ours, not the target's doing), or
+  promised more bytes than the rest of the case holds (the target waits for them; the case ends at once);
 - unreachable: the next case could not connect (whatever ended the target came before it).
 """
 from __future__ import annotations
@@ -335,6 +336,11 @@ class FuzzFrontend(ScriptedFrontend):
         self.hung = True
         super().timed_out()
 
+    def _settle(self) -> None:
+        if not self.over and self.bytes_framed < self.bytes_sent:
+            self.stuck = True              # a header promised bytes that no request of the case supplies
+        super()._settle()
+
     def _compare(self, outgoing: Outgoing, exchange: Exchange, replayed: Message, infos: list[FdInfo]) -> None:
         # A reply of the recorded bytes and fd count has no differences: the field by field comparison, the
         # costliest step of a case, is only for replies that differ.
@@ -403,10 +409,11 @@ def execute(records: list[Record], target: Target, device: str | None, reply_tim
     if script.hung:
         outcome = "hang"
         death = target.death(0)
-    elif script.stuck:
-        # The case stopped before its closing request: ask again on a new connection, which the target takes
+    elif script.stuck or (script.out_of_step and not script.backend_closed):
+        # The case stopped before its closing request, or no reply tells that the target read the whole stream
+        # (a header promised more than its message held): ask again on a new connection, which the target takes
         # once it has read the rest of this one.
-        outcome = "stuck"
+        outcome = "stuck" if script.stuck else "ok"
         death = target.death(0 if target.answers(BARRIER, reply_timeout) else EXIT_WAIT)
     elif script.backend_closed:
         death = target.death(EXIT_WAIT if target.dying() else 0)

@@ -14,7 +14,15 @@ from ..engine.hooks import HookChain
 from ..model import Channel, FdInfo, Record
 from ..protocol import catalogue as cat
 from ..protocol.context import ContextTracker
-from ..protocol.grammar import FIXED_SIZE, HEADER_SIZE, DecodeContext, Message, build_message, decode
+from ..protocol.grammar import (
+    FIXED_SIZE,
+    HEADER_SIZE,
+    HEADER_STRUCT,
+    DecodeContext,
+    Message,
+    build_message,
+    decode,
+)
 from .driver import CONNECTION, REPLY_TIMEOUT, Driver, Recorder, Timer, close_all, say
 from .fresh import FreshFds
 from .recording import (
@@ -83,6 +91,13 @@ class ScriptedFrontend:
         self.injected: deque[tuple[Channel, bytes, list[int]]] = deque()   # a hook's messages, in order
         self.outgoing: Outgoing | None = None          # handed to the session, not yet answered
         self.over = False
+        # Once a request's header promised more bytes than it carries, the back-end frames what follows otherwise
+        # than the recording: requests go back to back, and replies are counted, not paired (see _out_of_step).
+        self.out_of_step = False
+        self.bytes_sent = 0                            # main-channel bytes the script sent, since it went out of step
+        self.bytes_framed = 0                          # of those, the bytes the session framed into messages
+        self.replies_owed = 0                          # replies the protocol requires to the messages so framed
+        self.settle_timer: Timer | None = None
         # the recorded GPU-socket replies per request number (side_channel_replies), set by replay_as_frontend
         self.gpu_replies: dict[int, deque[Record]] = {}
 
@@ -108,10 +123,66 @@ class ScriptedFrontend:
             sizes = [region.mmap_offset + region.memory_size for region in regions(recorded)]
             fds = [self.fresh.make(info, sizes[i] if i < len(sizes) else 0)
                    for i, info in enumerate(exchange.request.fds)]
+            data = self._rewrite(recorded, exchange)
+            if self.out_of_step or promised_beyond(data):
+                self._send_out_of_step(exchange, recorded, data, fds)
+                return
             self.outgoing = Outgoing(exchange, f"#{exchange.number:<4} {recorded.name:<24}", recorded)
-            self.driver.send(Channel.MAIN, self._rewrite(recorded, exchange), fds)
+            self.driver.send(Channel.MAIN, data, fds)
+        elif self.out_of_step:
+            self.driver.after(0, self._settle)
         else:
             self.driver.after(self.quiet, self.finish)
+
+    # ---- a header that promised more than its message carries ----
+
+    def _send_out_of_step(self, exchange: Exchange, recorded: Message, data: bytes, fds: list[int]) -> None:
+        """Send a request as it is and go on at once: the first one promised more bytes than it carries, so the
+        back-end reads the next requests' bytes as its payload (as the session's framer does), and no reply can
+        be told to answer one request of ours."""
+        if not self.out_of_step:
+            self.out_of_step = True
+            promised = HEADER_STRUCT.unpack_from(data)[2]
+            self.diverge(f"message #{exchange.number} {recorded.name}: its header promises {promised} payload "
+                         f"bytes, it carries {len(data) - HEADER_SIZE}: the back-end reads the next requests as "
+                         f"its payload")
+        self.result.requests_sent += 1
+        self.result.log.append(f"#{exchange.number:<4} {recorded.name:<24} sent out of step")
+        self.bytes_sent += len(data)
+        self.driver.send(Channel.MAIN, data, fds)
+        self.driver.soon(self.step)
+
+    def _going_out_of_step(self, message: Message, awaits_reply: bool) -> None:
+        """A message as the session framed it from our bytes out of step: the back-end owes it a reply if the
+        protocol requires one."""
+        self.bytes_framed += len(message.raw)
+        if awaits_reply:
+            self.replies_owed += 1
+
+    def _settle(self) -> None:
+        """Everything is sent out of step. Bytes left unframed are a message the back-end waits for and never gets:
+        the script ends here rather than wait for a reply that cannot come. Else it waits for the replies owed."""
+        if self.over:
+            return
+        if self.bytes_framed < self.bytes_sent:
+            text = (f"the last {self.bytes_sent - self.bytes_framed} bytes sent do not make a whole message: the "
+                    f"back-end waits for the rest of it, which no request of the recording supplies")
+            # Closing our side hands the session's framer's partial message to the back-end as it is (a front-end
+            # that stopped mid-message); the connection ends once that is sent.
+            self.driver.close_side(Channel.MAIN)
+            self.driver.after(0, lambda: None if self.over else self.stop(text))
+        elif self.replies_owed <= 0:
+            self.finish()
+        else:
+            self.settle_timer = self.driver.after(self.reply_timeout, self.timed_out)
+
+    def _reply_out_of_step(self, message: Message) -> None:
+        if message.is_reply:
+            self.replies_owed -= 1
+        if self.replies_owed <= 0 and self.settle_timer is not None:
+            self.settle_timer.cancel()
+            self.settle_timer = None
+            self.finish()
 
     def finish(self) -> None:
         if self.over:
@@ -127,6 +198,9 @@ class ScriptedFrontend:
     def going(self, channel: Channel, message: Message, context: DecodeContext, fds: list[int],
               awaits_reply: bool) -> None:
         """Our message leaves for the back-end now, hooks applied: place memory and rings first."""
+        if channel == Channel.MAIN and self.out_of_step:
+            self._going_out_of_step(message, awaits_reply)
+            return
         outgoing = self.outgoing
         if channel != Channel.MAIN or outgoing is None or outgoing.timer is not None:
             return
@@ -163,6 +237,9 @@ class ScriptedFrontend:
             return
         outgoing = self.outgoing
         if channel != Channel.MAIN or self.over:
+            return
+        if self.out_of_step:
+            self._reply_out_of_step(message)
             return
         if outgoing is None or outgoing.timer is None:
             self.diverge(f"after message #{self._last_number()}: the back-end sent {message.summary()}, which "
@@ -213,6 +290,10 @@ class ScriptedFrontend:
         self.driver.soon(self.step)
 
     def timed_out(self) -> None:
+        if self.out_of_step and self.outgoing is None:
+            self.stop(f"no reply (timeout; waited up to {self.reply_timeout:g} s for {self.replies_owed} replies the "
+                      f"protocol requires to the messages the back-end read out of step)")
+            return
         if self.driver.holding_for(Side.FRONTEND):          # a hook's delay is not the back-end's slowness
             # The timer is cancelled whenever its request stops waiting, so one waits while it fires.
             assert self.outgoing is not None, "a reply timer fired with no request waiting"
@@ -292,7 +373,8 @@ class ScriptedFrontend:
     def _rewrite(self, message: Message, exchange: Exchange) -> bytes:
         """SET_VRING_BASE starts the ring where the recorded session's next GET_VRING_BASE found it."""
         data = exchange.request.data
-        if message.kind is None or message.request != F.SET_VRING_BASE or exchange.number not in self.positions:
+        if message.kind is None or message.is_reply or message.request != F.SET_VRING_BASE or \
+                exchange.number not in self.positions:
             return data
         index, position = message.payload.index, self.positions[exchange.number]
         self.pending_ring[index] = position
@@ -301,13 +383,18 @@ class ScriptedFrontend:
     def _place_ring(self, message: Message) -> None:
         """Before SET_VRING_ADDR goes out, set the ring's avail and used idx in our memory to its base, so that
         the back-end (libvhost-user reads used->idx here) sees nothing pending."""
-        if message.kind is None or message.request != F.SET_VRING_ADDR or \
+        if message.kind is None or message.is_reply or message.request != F.SET_VRING_ADDR or \
                 message.payload.index not in self.pending_ring:
             return
         position = self.pending_ring.pop(message.payload.index) & 0xFFFF
         # Both rings start with flags:u16, then idx:u16.
         self.fresh.write_u16(message.payload.avail + 2, position)
         self.fresh.write_u16(message.payload.used + 2, position)
+
+
+def promised_beyond(data: bytes) -> bool:
+    """Whether a message's header promises more payload than the message carries."""
+    return len(data) >= HEADER_SIZE and HEADER_STRUCT.unpack_from(data)[2] > len(data) - HEADER_SIZE
 
 
 def replay_as_frontend(records: list, backend_path: str, connection: int | None = None, writer=None,

@@ -59,11 +59,14 @@ def load_exchanges(records: list[Record], connection: int | None) -> tuple[int, 
         if record.connection != connection:
             continue
         flags = _flags(record.data)
-        if record.direction == Direction.FRONTEND_TO_BACKEND and not flags & cat.FLAG_REPLY:
+        if record.direction == Direction.FRONTEND_TO_BACKEND:
+            # On the main channel the front-end only sends requests: one whose flags claim a reply (a fuzzer's
+            # header lie) is still a request, played as it is; no recorded reply is paired with it.
             exchange = Exchange(number, record)
             exchanges.append(exchange)
-            waiting.append(exchange)
-        elif record.direction == Direction.BACKEND_TO_FRONTEND and flags & cat.FLAG_REPLY:
+            if not flags & cat.FLAG_REPLY:
+                waiting.append(exchange)
+        elif flags & cat.FLAG_REPLY:
             _pair_reply(waiting, record, number)
     if not exchanges:
         raise ValueError(f"connection {connection} holds no front-end request")
@@ -138,7 +141,8 @@ def side_channel_replies(records: list[Record], connection: int, channel: Channe
 
 def regions(message: Message) -> list:
     """The memory regions a SET_MEM_TABLE or ADD_MEM_REG describes."""
-    if message.kind is None or message.request not in (F.ADD_MEM_REG, F.SET_MEM_TABLE):
+    # A request whose flags claim a reply (a fuzzer's header lie) decodes as a reply: no region in it.
+    if message.kind is None or message.is_reply or message.request not in (F.ADD_MEM_REG, F.SET_MEM_TABLE):
         return []
     regions = message.payload.region
     return list(regions) if isinstance(regions, list) else [regions]
@@ -153,7 +157,7 @@ def ring_positions(exchanges: list[Exchange], decoder=decode) -> dict[int, int]:
     tracker.decoder = decoder
     for exchange in exchanges:
         message = decode_recorded(tracker, exchange.request)
-        if message.kind is None:
+        if message.kind is None or message.is_reply:        # a header lie: no ring in it
             continue
         if message.request == F.SET_VRING_BASE:
             open_start[message.payload.index] = exchange.number
