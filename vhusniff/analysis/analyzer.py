@@ -40,7 +40,7 @@ IDLE_SECONDS = 10.0
 REPLY_SECONDS = 5.0
 
 
-@dataclass
+@dataclass(slots=True)
 class Transaction:
     """One request and, if it came, its reply (Wireshark's response_in / response_to)."""
     connection: int
@@ -54,6 +54,10 @@ class Transaction:
     reply_number: int | None = None
     reply_ns: int | None = None
     outcome: str = "outstanding"   # answered | missing | outstanding at disconnect | outstanding at end
+    # Where its response time goes (its connection's entry for its request, and streaming's summary), found
+    # when it is asked rather than again when it is answered.
+    times: ResponseTimes | None = field(default=None, repr=False, compare=False)
+    summary: ResponseSummary | None = field(default=None, repr=False, compare=False)
 
     @property
     def response_seconds(self) -> float | None:
@@ -344,7 +348,9 @@ class Analyzer:
                     self._expectations.clear()
                 expect = self._expectations[rules] = expectation(message, acked, state.profile,
                                                                state.postcopy_listening)
-            name = self._name(message)
+            name = self._names.get((message.channel, message.request, id(message.context.profile))) or \
+                self._name(message)
+            summary = None
             if not self.keep:
                 key = (record.channel, name)
                 summary = self.summary.get(key)
@@ -354,14 +360,16 @@ class Analyzer:
                 if expect == Expect.NOTHING:
                     return              # streaming: nothing waits, nothing is kept
             transaction = Transaction(record.connection, record.channel, message.request, name, number,
-                                      record.timestamp_ns, expect, message.size)
+                                      record.timestamp_ns, expect, message.size, summary=summary)
             if self.keep:
                 self.transactions.append(transaction)
             if expect != Expect.NOTHING:
                 queue.append(transaction)
                 response_key = (record.channel, message.request, name)
-                if response_key not in conn.responses:
-                    conn.responses[response_key] = ResponseTimes()
+                times = conn.responses.get(response_key)
+                if times is None:
+                    times = conn.responses[response_key] = ResponseTimes()
+                transaction.times = times
             else:
                 transaction.outcome = "no reply expected"
             return
@@ -376,15 +384,15 @@ class Analyzer:
         transaction.reply_number, transaction.reply_ns = number, reply_ns
         transaction.outcome = "answered"
         waited = reply_ns - transaction.request_ns
-        conn.responses[(transaction.channel, transaction.request, transaction.name)].add_response(waited)
+        times = transaction.times
+        assert times is not None            # every transaction that waits has its entry
+        times.add_response(waited)
         if waited >= self.reply_ns and transaction.expect != Expect.MAYBE:
             self._add("reply-overdue", record.connection, (number, transaction.request_number),
                       f"{message.name} reply came {_seconds(waited)} after its request "
                       f"(#{transaction.request_number})")
-        if not self.keep:
-            summary = self.summary.get((transaction.channel, transaction.name))
-            if summary is not None:
-                summary.add_response(waited / 1e9)      # Transaction.response_seconds
+        if transaction.summary is not None:         # streaming
+            transaction.summary.add_response(waited / 1e9)      # Transaction.response_seconds
         if transaction.request != message.request:
             self._add("reply-mismatch", record.connection, (number, transaction.request_number),
                       f"{message.name} reply while {transaction.name} (#{transaction.request_number}) waited")
