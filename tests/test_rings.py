@@ -570,3 +570,78 @@ def test_tshark_reads_a_real_guests_ring_samples_as_vhusniff_does(blk_rings_capt
                     *[arg for name in names for arg in ("-e", name)])
     assert read.returncode == 0, read.stderr
     assert len(tshark) > 10 and tshark == [line.split("\t") for line in read.stdout.splitlines()]
+
+
+def test_packed_ring_positions_count_through_the_wrap_counters(split_ring):
+    watch = RingWatch()
+    features = build_message(Channel.MAIN, 2, dict(features=1 << 34 | 1 << 32))        # RING_PACKED, VERSION_1
+    watch.observe(Channel.MAIN, Direction.FRONTEND_TO_BACKEND, features, [])
+    for data, fds in split_ring.messages():
+        watch.observe(Channel.MAIN, Direction.FRONTEND_TO_BACKEND, data, fds)
+    avail, used = 1 << 7, 1 << 15
+
+    def lay(*slots: tuple[int, int]):
+        """Each slot's (AVAIL, USED) bits, slot 0 first; the rest of the ring stays as it was."""
+        for slot, (a, u) in enumerate(slots):
+            struct.pack_into("<QIHH", split_ring.view, DESC + 16 * slot, PHYS_BASE + DATA, 16, slot,
+                             avail * a | used * u)
+
+    def sampled() -> tuple[int, int, int]:
+        [sample] = watch.sample_running()
+        assert sample.layout.name == "PACKED" and sample.mapped
+        return sample.avail_idx, sample.used_idx, sample.in_flight
+
+    assert sampled() == (0, 0, 0)                                 # all zero: the first lap, nothing written
+    lay((1, 0), (1, 0), (1, 0))                                   # the driver makes 3 available (wrap 1)
+    assert sampled() == (3, 0, 3)
+    lay((1, 1), (1, 1))                                           # the device uses 2
+    assert sampled() == (3, 2, 1)
+    lay((0, 1), (0, 1), (1, 0), (1, 0), (1, 0), (1, 0), (1, 0), (1, 0))   # 7 more: past the end, wrap 0
+    assert sampled() == (10, 2, 8)
+    lay((0, 0), (0, 0), (1, 1), (1, 1), (1, 1), (1, 1), (1, 1), (1, 1))   # the device catches up, over the end
+    assert sampled() == (10, 10, 0)
+    lay((1, 0), (1, 0), (0, 1), (0, 1), (0, 1), (0, 1), (0, 1), (0, 1))   # a whole lap more: the third, wrap 1
+    assert sampled() == (18, 10, 8)
+    watch.close()
+
+
+def test_packed_rings_of_dpdk_virtio_user_advance_through_their_wrap_counters(tmp_path):
+    """testpmd's virtio-user with packed_vq=1 sends a first burst (--tx-first) through the proxy to testpmd's vhost
+    PMD; each side forwards what it receives back out (io), so both packed rings go round many times. A packed ring
+    keeps no indexes, so the counts come from the descriptors' AVAIL/USED bits; when the port stops, where the
+    device's count says it is must be where the back-end says it is (GET_VRING_BASE: bits 0-14 the position, bit 15
+    the wrap counter)."""
+    require("dpdk-testpmd")
+    backend_socket, proxy_socket = tmp_path / "backend.sock", tmp_path / "proxy.sock"
+    capture = tmp_path / "packed.pcapng"
+
+    def samples(records) -> list[RingSample]:
+        return [unpack_sample(r.data) for r in list(records) if r.kind == RecordKind.EVENT
+                and r.event == EventKind.RING]
+
+    def gone_round(proxy, laps: int = 3) -> bool:
+        moved: dict[int, int] = {}
+        for ring in (0, 1):
+            counts = [s.used_idx for s in samples(proxy.records) if s.ring == ring and s.mapped]
+            moved[ring] = sum((b - a) & 0xFFFF for a, b in zip(counts, counts[1:], strict=False))
+        num = max((s.num for s in samples(proxy.records)), default=0)
+        return num > 0 and min(moved.values()) > laps * num
+
+    with lab.start_testpmd(tmp_path, backend_socket) as backend, \
+            Proxy([Route.forward(proxy_socket, backend_socket, "net")], capture=capture, report=None, rings=True,
+                  rings_interval=0.05) as proxy:
+        # in_order=0: each buffer gets a used descriptor of its own (in order, a device may write one per batch).
+        with lab.start_testpmd_frontend(tmp_path, proxy_socket, vdev_options=",packed_vq=1,in_order=0",
+                                        testpmd_args=("--tx-first",)) as frontend:
+            assert proxy.wait_until(gone_round, 60), ([s.note() for s in samples(proxy.records)][-6:],
+                                                      frontend.log_text()[-2000:], backend.log_text()[-2000:])
+        assert proxy.wait_until(lambda p: p.active_connections == 0, 30)
+    recorded = samples(read_capture(capture))
+    assert recorded and {s.layout.name for s in recorded} == {"PACKED"}
+    stopped = {s.ring: s for s in recorded if s.reason == Reason.STOPPED}
+    assert set(stopped) == {0, 1}, [s.note() for s in recorded if s.reason != Reason.PERIODIC]
+    for ring, sample in stopped.items():
+        slot, wrap = sample.base & 0x7FFF, sample.base >> 15 & 1
+        # Positions run over two laps (one per wrap counter value); the count is kept modulo 2**16, a multiple.
+        assert sample.used_idx % (2 * sample.num) == (0 if wrap else sample.num) + slot, (ring, sample.note())
+        assert sample.avail_idx != sample.used_idx or sample.in_flight == 0

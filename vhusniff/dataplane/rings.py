@@ -45,6 +45,9 @@ class Ring:
     running: bool = False
     kicks: int = 0
     calls: int = 0
+    # A packed ring's driver and device positions as last sampled: (lap parity * num + slot, count so far).
+    packed_avail: tuple[int, int] | None = None
+    packed_used: tuple[int, int] | None = None
 
 
 class RingWatch:
@@ -92,10 +95,12 @@ class RingWatch:
         elif request == F.REM_MEM_REG and message.kind.startswith("mem_region"):
             self.memory.remove(payload.region.guest_phys_addr, payload.region.memory_size)
         elif request == F.SET_VRING_NUM:
-            self.ring(payload.index).num = payload.num
+            ring = self.ring(payload.index)
+            ring.num, ring.packed_avail, ring.packed_used = payload.num, None, None
         elif request == F.SET_VRING_ADDR:
             ring = self.ring(payload.index)
             ring.desc, ring.avail, ring.used = payload.desc, payload.avail, payload.used
+            ring.packed_avail = ring.packed_used = None        # a new ring: its counts start again
         elif request == F.SET_VRING_BASE:
             self.ring(payload.index).base = payload.num
         elif request == F.SET_VRING_KICK and not payload.flags & 1:     # flags bit 0: NOFD (u64 bit 8)
@@ -182,19 +187,27 @@ class RingWatch:
                                avail_event=avail_event, in_flight=in_flight, pending=pending)
 
     def _sample_packed(self, ring: Ring, unread: RingSample) -> RingSample:
-        """A packed ring keeps no indexes in memory: count the descriptors made available and not yet used
-        (AVAIL bit != USED bit); the event areas' flags stand in for the split ring's."""
-        pending = 0
-        for position in range(ring.num):
-            entry = self.memory.unpack(_PACKED_DESC, ring.desc + 16 * position)
-            if entry is None:
-                return unread._replace(reason=Reason.UNMAPPED if unread.reason == Reason.PERIODIC else unread.reason)
-            descriptor_flags = entry[3]
-            pending += bool(descriptor_flags & _PACKED_AVAIL) != bool(descriptor_flags & _PACKED_USED)
+        """A packed ring keeps no indexes in memory. In flight: the descriptors made available and not yet used
+        (AVAIL bit != USED bit). avail_idx and used_idx: the descriptors the driver made available and the device
+        used so far, free-running like a split ring's indexes, from where the driver's and the device's positions
+        (and wrap counters) lie in the descriptors' AVAIL and USED bits (_packed_position). Exact while a buffer
+        is one descriptor (a device writes one used descriptor for a chain: its tail counts as in flight until
+        the driver's next lap) and the ring moves less than a lap between two samples. The event areas' flags
+        stand in for the split ring's."""
+        table = self.memory.read(ring.desc, 16 * ring.num)
+        if table is None:
+            return unread._replace(reason=Reason.UNMAPPED if unread.reason == Reason.PERIODIC else unread.reason)
+        flags = [entry[3] for entry in _PACKED_DESC.iter_unpack(table)]
+        avail_bits = [bool(f & _PACKED_AVAIL) for f in flags]
+        used_bits = [bool(f & _PACKED_USED) for f in flags]
+        pending = sum(a != u for a, u in zip(avail_bits, used_bits, strict=True))
+        ring.packed_avail = _advance(ring.packed_avail, _packed_position(avail_bits), ring.num)
+        ring.packed_used = _advance(ring.packed_used, _packed_position(used_bits), ring.num)
         driver = self.memory.unpack(_RING_HEAD, ring.avail) or (0, 0)      # off_wrap, flags
         device = self.memory.unpack(_RING_HEAD, ring.used) or (0, 0)
         return unread._replace(flags=unread.flags | SampleFlag.MAPPED, avail_flags=driver[1], used_flags=device[1],
-                               used_event=driver[0], avail_event=device[0], in_flight=pending)
+                               used_event=driver[0], avail_event=device[0], in_flight=pending,
+                               avail_idx=ring.packed_avail[1] & 0xFFFF, used_idx=ring.packed_used[1] & 0xFFFF)
 
     def in_flight(self, index: int) -> list[Pending]:
         """Every request posted on a split ring and not yet used, decoded (read-only) for the device."""
@@ -215,3 +228,26 @@ class RingWatch:
         final = self.sample_running(Reason.FINAL)
         self.memory.close()
         return final
+
+
+def _packed_position(bits: list[bool]) -> int:
+    """Where a packed ring's driver (AVAIL bits) or device (USED bits) is, as lap parity * len(bits) + slot.
+
+    Each writes the descriptors in order, setting the bit to its wrap counter (1 on the first lap): the slots
+    before its position hold this lap's value, the rest the last lap's. All alike: it is at slot 0 of the lap
+    after the one that wrote them (all 0 at the start: the first lap, nothing written)."""
+    first = bits[0]
+    slot = next((position for position, bit in enumerate(bits) if bit != first), None)
+    if slot is None:
+        wrap, slot = not first, 0
+    else:
+        wrap = first
+    return (0 if wrap else len(bits)) + slot
+
+
+def _advance(last: tuple[int, int] | None, position: int, num: int) -> tuple[int, int]:
+    """(position, count so far) after the ring's position moved to `position` (at most a lap ahead: two laps
+    of positions, one per wrap counter value, tell how far)."""
+    if last is None:
+        return position, position
+    return position, last[1] + (position - last[0]) % (2 * num)

@@ -991,17 +991,21 @@ def start_testpmd(workdir: Path | str, socket_path: Path | str, client_mode: boo
 
 def start_testpmd_frontend(workdir: Path | str, socket_path: Path | str, queues: int = 1,
                            prefix: str | None = None, *, cpu: Cpus = None, name: str | None = None,
-                           timeout: float = 30.0) -> Testpmd:
+                           timeout: float = 30.0, vdev_options: str = "",
+                           testpmd_args: tuple[str, ...] = ()) -> Testpmd:
     """Start dpdk-testpmd as a vhost-user front-end (virtio-user PMD) on the listening `socket_path`, with
     `queues` queue pairs; return once its port is started (a whole session's set-up has been sent). `stop()`
-    (closing its input) makes it stop the port, which ends the session, and exit. No guest is needed."""
+    (closing its input) makes it stop the port, which ends the session, and exit. No guest is needed.
+    `vdev_options`: more virtio-user options (",packed_vq=1" for packed rings); `testpmd_args`: more of testpmd's
+    own (a forwarding mode, --tx-first)."""
     workdir, socket_path = Path(workdir), Path(socket_path)
     prefix = prefix or f"vhusniff-{os.getpid()}-{next(_testpmd_instances)}"
     name = name or f"testpmd-frontend-{prefix}"
     # Line-buffered: "Press enter to exit" would otherwise wait in testpmd's stdio buffer until it exits.
     command = ["stdbuf", "-oL", "dpdk-testpmd", "--no-huge", "-m", "1024", "--no-pci", "--single-file-segments",
-               "--file-prefix", prefix, "--vdev", f"net_virtio_user0,path={socket_path},queues={int(queues)}",
-               "--", "--total-num-mbufs=4096", f"--rxq={int(queues)}", f"--txq={int(queues)}"]
+               "--file-prefix", prefix, "--vdev",
+               f"net_virtio_user0,path={socket_path},queues={int(queues)}{vdev_options}",
+               "--", "--total-num-mbufs=4096", f"--rxq={int(queues)}", f"--txq={int(queues)}", *testpmd_args]
     proc, log_path = _spawn(command, workdir, name, cpu, stdin=subprocess.PIPE)
     frontend = Testpmd(name, proc, log_path, socket_path, prefix)
     frontend.wait_for_log("Press enter to exit", timeout)
