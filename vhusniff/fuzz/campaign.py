@@ -156,7 +156,8 @@ class Campaign:
         timeout = self.options.reply_timeout
         if any(mutation.lies_about_size for mutation in mutations):
             timeout = min(timeout, SIZE_LIE_TIMEOUT)
-        execution = execute(self.records_for(mutations, keep), self.target, self.seed.device, timeout)
+        execution = execute(case_records(self.seed, mutations, keep, stamped=False), self.target, self.seed.device,
+                            timeout)
         if execution.outcome in ("crash", "exited", "hang", "unreachable"):
             self.target.stop()
         return execution

@@ -121,9 +121,11 @@ def apply_all(requests: list[Record], mutations: list[Mutation]) -> list[Record]
     return requests
 
 
-def case_records(seed: Seed, mutations: list[Mutation], keep: int | None = None) -> list[Record]:
+def case_records(seed: Seed, mutations: list[Mutation], keep: int | None = None, stamped: bool = True) -> list[Record]:
     """The records a case plays (the seed's connection events first, the barrier last): what a reproducer
-    holds. `keep`: how many requests of the mutated list are played (all by default)."""
+    holds. `keep`: how many requests of the mutated list are played (all by default). `stamped`: each record
+    copied with a time in the case's order, as a capture needs; playing needs only the order, so a campaign
+    plays the seed's own records, not copies."""
     requests = apply_all(seed.requests, mutations)
     if keep is not None:
         requests = requests[:keep]
@@ -133,6 +135,8 @@ def case_records(seed: Seed, mutations: list[Mutation], keep: int | None = None)
         reply = seed.replies.get(id(record))       # an unchanged request keeps its recorded reply to compare
         if reply is not None:
             played.append(reply)
+    if not stamped:
+        return [*seed.events, *played]
     return [*seed.events, *(dataclasses.replace(record, timestamp_ns=seed.start_ns + number * 1000)
                             for number, record in enumerate(played, 1))]
 

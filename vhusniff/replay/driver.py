@@ -145,6 +145,10 @@ class Driver:
         self._later: deque[Callable[[], None]] = deque()   # calls to the script after the current commands
         # (message, context, fd descriptions, whether it awaits a reply) of the last Capture
         self._last: tuple[Message, DecodeContext, list[FdInfo], bool] | None = None
+        # Bytes for the real peer not sent yet, per channel: messages without fds go in one send when the loop would
+        # wait (or before a message with fds, or a close), as a peer writes them back to back. One send a message
+        # would wake the real peer once a message, each wake-up costing a context switch on a loaded machine.
+        self._outbox: dict[Channel, bytearray] = {}
         self.finished = False
 
     # ---- for the script ----
@@ -213,6 +217,10 @@ class Driver:
         script.start()
         self._drain()
         while not self.finished:
+            if self._outbox:
+                self._flush_all()
+                self._drain()
+                continue
             timeout = None
             if self._timers:
                 timeout = max(0.0, self._timers[0][0] - time.monotonic())
@@ -289,7 +297,11 @@ class Driver:
                 self._close(command)
 
     def _capture(self, capture: Capture) -> None:
-        infos = [describe_fd(fd) for fd in capture.fds]
+        # The script's own fds are described for the recording only (the /proc reads cost a fuzzer's every case);
+        # the real peer's are handed to the script with their descriptions.
+        described = capture.fds if self.recorder.writer is not None or capture.direction != self.scripted.direction \
+            else ()
+        infos = [describe_fd(fd) for fd in described]
         # A forwarded message comes decoded by the core, which follows the negotiation; others did not travel.
         message = capture.message or decode(capture.data, capture.channel, self.context())
         context = message.context
@@ -318,6 +330,12 @@ class Driver:
         side_channel = send.interpose if send.interpose in cat.BACKEND_REQUEST_CHANNELS and fds else None
         ours = script.our_end(fds[0]) if side_channel is not None else None
         sock = self.sockets.get(send.channel)
+        if sock is not None and not fds:
+            self._outbox.setdefault(send.channel, bytearray()).extend(send.data)
+            return
+        # fds ride on the first byte of a send: what waits goes first, so that they stay with their own message
+        self._flush(send.channel)
+        sock = self.sockets.get(send.channel)
         try:
             if sock is None:
                 raise OSError(f"no {send.channel.name.lower()} channel socket")
@@ -333,6 +351,21 @@ class Driver:
         if ours is not None and side_channel is not None:
             self._interpose(ours, side_channel)
 
+    def _flush(self, channel: Channel) -> None:
+        """Send what waits for the real peer on `channel`."""
+        pending = self._outbox.pop(channel, None)
+        sock = self.sockets.get(channel)
+        if not pending or sock is None:
+            return
+        try:
+            send_message(sock, bytes(pending))
+        except OSError as error:
+            self._execute(self.session.send_failed(channel, self.real, error.strerror or str(error), time.time_ns()))
+
+    def _flush_all(self) -> None:
+        for channel in list(self._outbox):
+            self._flush(channel)
+
     def _interpose(self, sock: socket.socket, channel: Channel) -> None:
         """Read and write a side channel (back-end requests, the GPU socket) on `sock` from now on."""
         replaced = channel in self.sockets
@@ -347,6 +380,7 @@ class Driver:
                 self.unwatch(sock)
         elif type(command) is ShutWrite:
             if command.side == self.real:
+                self._flush(command.channel)
                 try:
                     self.sockets[command.channel].shutdown(socket.SHUT_WR)
                 except (KeyError, OSError):
@@ -354,12 +388,14 @@ class Driver:
             else:
                 self._later.append(lambda: script.peer_closed(command.channel))
         elif type(command) is CloseChannel:
+            self._flush(command.channel)
             sock = self.sockets.pop(command.channel, None)
             if sock is not None:
                 self.unwatch(sock)
                 sock.close()
             self._later.append(lambda: script.channel_closed(command.channel))
         elif type(command) is CloseConnection:
+            self._flush_all()
             self.finished = True
             for sock in self.sockets.values():
                 self.unwatch(sock)
