@@ -4490,6 +4490,19 @@ local CONFIG_SIZE_DEVICES = {
   [60] = "blk",
 }
 
+local DEVICE_UNDEFINED_FEATURES = {
+  ["blk"] = {16515336, 4294705152},
+  ["crypto"] = {16777184, 4294705152},
+  ["fs"] = {16777214, 4294705152},
+  ["gpu"] = {16777184, 4294705152},
+  ["input"] = {16777215, 4294705152},
+  ["net"] = {16, 67895296},
+  ["scsi"] = {16777200, 4294705152},
+  ["vsock"] = {16777212, 4294705152},
+}
+
+local DEVICE_SPECIFIC_FEATURES = {16777215, 4294705152}
+
 local EXPERT_ITEMS = {
   ["bad-version"] = {"PROTOCOL", "ERROR"},
   ["capture"] = {"MALFORMED", "ERROR"},
@@ -4603,6 +4616,7 @@ local CONSTANTS = {
   ["FLAG_NEED_REPLY"] = 8,
   ["FLAG_REPLY"] = 4,
   ["GET_CONFIG"] = 24,
+  ["GET_FEATURES"] = 1,
   ["HEADER_SIZE"] = 12,
   ["LINKTYPE"] = 147,
   ["MAX_PAYLOAD_SIZE"] = 4096,
@@ -5333,18 +5347,34 @@ local function problem(tree, code, text)
   end
 end
 
+-- The device type a main-channel reply's bytes tell (protocol.context.infer_device_type), or nil: a GET_FEATURES
+-- reply whose device-specific bits one device type alone defines (two types fitting tell nothing), a GET_CONFIG
+-- reply whose window is a whole config space only one device type has. Read again whenever the frame is: the
+-- reply that tells the type reads as that device's, as in `read`.
+local function reply_tells_device(request, kind, raw, body)
+  if request == C.GET_FEATURES and kind == "features" then
+    local low, high = u32(raw, body), u32(raw, body + 4)
+    if band(low, DEVICE_SPECIFIC_FEATURES[1]) == 0 and band(high, DEVICE_SPECIFIC_FEATURES[2]) == 0 then return nil end
+    local fitting, count = nil, 0
+    for device, undefined in pairs(DEVICE_UNDEFINED_FEATURES) do
+      if band(low, undefined[1]) == 0 and band(high, undefined[2]) == 0 then fitting, count = device, count + 1 end
+    end
+    return count == 1 and fitting or nil
+  end
+  if request ~= C.GET_CONFIG or kind ~= "config" then return nil end
+  local window, size = u32(raw, body), u32(raw, body + 4)
+  local device = CONFIG_SIZE_DEVICES[size]
+  if window == 0 and device ~= nil and #raw - body - C.CONFIG_HEADER_SIZE == size then return device end
+  return nil
+end
+
 local function observe(pinfo, request, is_reply, kind, raw, body)
   -- After the frame: the requests of CONTEXT_RULES change how later frames of the connection decode.
   if frame_visited or record.channel ~= C.CHANNEL_MAIN or kind == nil then return end
   local connection = record.connection
   if is_reply then
-    -- A GET_CONFIG reply whose window is a whole config space only one device type has tells the type.
-    if request ~= C.GET_CONFIG or kind ~= "config" or state.device[connection] ~= nil then return end
-    local window, size = u32(raw, body), u32(raw, body + 4)
-    local device = CONFIG_SIZE_DEVICES[size]
-    if window == 0 and device ~= nil and #raw - body - C.CONFIG_HEADER_SIZE == size then
-      set_context(connection, state.context[connection] or 1, device)
-    end
+    local device = state.device[connection] == nil and reply_tells_device(request, kind, raw, body) or nil
+    if device then set_context(connection, state.context[connection] or 1, device) end
     return
   end
   local rule = CONTEXT_RULES[request]
@@ -5460,6 +5490,9 @@ local function dissect_message(tvb, raw, pinfo, tree, start)
                                         .. concat(expected, " or ") .. ")")
       end
     end
+  end
+  if is_reply and device == nil and kind ~= nil and channel == C.CHANNEL_MAIN then
+    device = reply_tells_device(request, kind, raw, body)
   end
   local feature_names = FEATURE_NAMES[device or ""] or FEATURE_NAMES[""]
   local config_device = kind == "config" and channel == C.CHANNEL_MAIN and device

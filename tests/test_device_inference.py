@@ -9,15 +9,18 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
 from peers import FakeFrontend, kit, require  # noqa: F401  (kit: a pytest fixture)
 from vhusniff.analysis.state import ConnectionState
 from vhusniff.capture.pcapng import read_capture
 from vhusniff.lab import peers as lab
 from vhusniff.model import Channel, Direction, EventKind, Record, RecordKind
 from vhusniff.protocol import catalogue as cat
-from vhusniff.protocol.context import ContextTracker, infer_device_type
+from vhusniff.protocol.context import ContextTracker, device_from_offered_features, infer_device_type
 from vhusniff.protocol.grammar import build_message
 from vhusniff.proxy import Proxy, Route
+from vhusniff.replay.recording import device_type as replay_device_type
 
 REPO = Path(__file__).resolve().parent.parent
 BLK = REPO / "captures" / "qemu-blk-boot.pcapng"
@@ -95,12 +98,106 @@ def test_a_partial_or_ambiguous_config_window_infers_nothing():
         assert state.negotiation_lines()[0].startswith("device: unknown")
 
 
-def test_the_dpdk_net_capture_shows_nothing_unambiguous_and_device_net_names_its_bits():
-    """DPDK virtio-user sends no NET_SET_MTU, SEND_RARP or GET_CONFIG: the type stays unknown unless stated."""
-    tracker, state = _fed(list(read_capture(DPDK)))
-    assert tracker.context_for(1).device_type is None
-    tracker, state = _fed(list(read_capture(DPDK)), "net")
+# ---- inference from the device-specific feature bits a back-end offers --------------------------------------
+
+NET_BY_BITS = "offered feature bits 8,18,21,22, which only net defines"      # testpmd's GUEST_TSO6, CTRL_RX, ...
+
+
+def _without_device(path: Path) -> list[Record]:
+    """A capture's records as if nobody had stated the device type (no DEVICE event, no version-1 device note)."""
+    return [replace(r, device="") for r in read_capture(path) if r.event != EventKind.DEVICE]
+
+
+def _features_reply(features: int) -> Record:
+    return _message(build_message(Channel.MAIN, F.GET_FEATURES, {"features": features}, reply=True), B2F)
+
+
+@pytest.mark.parametrize("name", ["dpdk-virtio-user.pcapng", "dpdk-virtio-user-2-queues.pcapng",
+                                  "qemu-testpmd-2-queues.pcapng", "qemu-testpmd-crash.pcapng",
+                                  "qemu10-testpmd-net.pcapng"])
+def test_real_net_sessions_without_their_device_event_infer_net_from_the_offered_feature_bits(name):
+    """DPDK's vhost back-end offers net bits no other device type defines: read and replay both say net."""
+    records = _without_device(REPO / "captures" / name)
+    assert not any(r.event == EventKind.DEVICE for r in records)
+    tracker, state = _fed(records)
+    connection = next(r.connection for r in records if r.kind == RecordKind.MESSAGE)
+    assert tracker.context_for(connection).device_type == "net"
+    assert state.negotiation_lines()[0] == f"device: net (inferred from {NET_BY_BITS})"
+    assert "MRG_RXBUF" in state.negotiation_lines()[1]        # offered features named as net's
+    assert replay_device_type(records, connection) == "net"
+
+
+@pytest.mark.parametrize("name", ["qemu-blk-boot.pcapng", "qemu-virtiofsd.pcapng"])
+def test_real_sessions_whose_offered_bits_two_types_define_infer_nothing_from_them(name):
+    """qemu-storage-daemon offers only blk bits net defines too (the blk type comes from GET_CONFIG's size, later);
+    C virtiofsd offers no device bit at all: no guess from the features."""
+    records = _without_device(REPO / "captures" / name)
+    offers = [r for r in records if r.kind == RecordKind.MESSAGE and r.direction == B2F and
+              r.data[:4] == struct.pack("<I", F.GET_FEATURES)]
+    assert offers
+    assert all(infer_device_type(Channel.MAIN, r.data) is None for r in offers)
+    tracker, state = _fed(records)
+    assert "feature bits" not in state.negotiation_lines()[0]
+
+
+def test_offered_bits_tell_the_one_type_that_defines_them_all_and_never_guess_between_two():
+    net_only, blk_only = 1 << 22, 1 << 4 | 1 << 16       # MQ at 22 is net's; GEOMETRY+SECURE_ERASE only blk has both
+    assert device_from_offered_features(net_only | 1 << 32) == ("net",
+                                                                "offered feature bits 22, which only net defines")
+    assert device_from_offered_features(blk_only) == ("blk",
+                                                      "offered feature bits 4,16, which together only blk defines")
+    assert device_from_offered_features(1 << 60) == ("net", "offered feature bits 60, which only net defines")   # RSS
+    for ambiguous in (0x175007E46,      # qemu-storage-daemon's blk offer: every bit is net's too
+                      1 << 0 | 1 << 1,  # net, blk, scsi, gpu, vsock, crypto all define bits 0 and 1
+                      1 << 32 | 1 << 30,  # transport bits only
+                      1 << 4 | 1 << 18):  # no type defines both (GEOMETRY is blk's, CTRL_RX net's)
+        assert device_from_offered_features(ambiguous) is None, hex(ambiguous)
+    tracker, state = _fed([_features_reply(blk_only)])
+    assert state.negotiation_lines()[0] == "device: blk (inferred from offered feature bits 4,16, which together " \
+                                           "only blk defines)"
+
+
+def test_the_features_reply_that_tells_the_type_reads_with_that_device_s_bit_names():
+    tracker = ContextTracker()
+    message = tracker.decode(_features_reply(1 << 15 | 1 << 22))
+    assert message is not None and "MRG_RXBUF|MQ" in message.summary()
+
+
+def test_a_stated_type_is_never_overridden_by_offered_feature_bits():
+    tracker, state = _fed([_device_event("blk"), _features_reply(1 << 22)])
+    assert tracker.context_for(1).device_type == "blk"
+    tracker, state = _fed([_features_reply(1 << 22)], "blk")
+    assert state.negotiation_lines()[0] == "device: blk (stated by --device)"
+
+
+def test_a_proxy_without_device_between_dpdk_virtio_user_and_testpmd_records_net_from_the_feature_bits(tmp_path):
+    """No --device: the live proxy decides net from testpmd's GET_FEATURES reply, records how, and the capture
+    reads with net's bit names; it is the same decision reading gives without the DEVICE event."""
+    require("dpdk-testpmd")
+    backend_socket, proxy_socket, capture = tmp_path / "backend.sock", tmp_path / "proxy.sock", tmp_path / "c.pcapng"
+    with lab.start_testpmd(tmp_path, backend_socket):
+        proxy = Proxy([Route.forward(proxy_socket, backend_socket, None)], capture=capture,
+                      report=lambda text: None).start()
+        try:
+            frontend = lab.start_testpmd_frontend(tmp_path, proxy_socket)
+            assert frontend.stop() == 0, frontend.log_tail()
+            assert proxy.wait_until(lambda p: p.connections_total == 1 and p.active_connections == 0, 30)
+        finally:
+            proxy.stop()
+    records = list(read_capture(capture))
+    devices = [n for n, r in enumerate(records) if r.kind == RecordKind.EVENT and r.event == EventKind.DEVICE]
+    assert [records[n].note for n in devices] == ["net"]
+    offer = next(n for n, r in enumerate(records) if r.kind == RecordKind.MESSAGE and r.direction == B2F and
+                 r.data[:4] == struct.pack("<I", F.GET_FEATURES))
+    number = len([r for r in records[:offer + 1] if r.kind == RecordKind.MESSAGE])     # messages from 1
+    assert records[devices[0] - 1].note == f"device type net inferred from {NET_BY_BITS} (message #{number})"
+    assert devices[0] > offer and all(not (r.kind == RecordKind.MESSAGE and r.data[:4] == struct.pack(
+        "<I", F.SET_FEATURES)) for r in records[:devices[0]])
+    _, state = _fed(records)
+    assert state.negotiation_lines()[0] == "device: net (stated by the capture)"
     assert "MRG_RXBUF" in state.negotiation_lines()[2]
+    _, state = _fed(_without_device(capture))
+    assert state.negotiation_lines()[0] == f"device: net (inferred from {NET_BY_BITS})"
 
 
 def test_backend_replay_device_option_names_the_device_in_its_capture(tmp_path):
@@ -145,6 +242,7 @@ def test_one_message_inference_agrees_with_the_context_tracker():
     cases = [build_message(Channel.MAIN, request) if request != F.NET_SET_MTU else
              build_message(Channel.MAIN, request, {"mtu": 1500}) for request in (F.NET_SET_MTU, F.GPU_SET_SOCKET)]
     cases += [_config_reply(size).data for size in (57, 60, 16, 8)]
+    cases += [_features_reply(features).data for features in (0xD7C66E7CB, 0x175007E46, 1 << 4 | 1 << 16, 1 << 30)]
     cases += [build_message(Channel.MAIN, F.GET_CONFIG, {"offset": 4, "size": 57, "flags": 0, "data": bytes(57)},
                             reply=True), build_message(Channel.MAIN, F.GET_FEATURES)]
     for data in cases:

@@ -427,8 +427,9 @@ def tshark_feature_names(path: str, two_pass: bool = False) -> dict[int, list[tu
 
 def net_set_mtu_session(path: str) -> None:
     """Connection 1 names no device until NET_SET_MTU says net; connection 2 is noted blk, and its NET_SET_MTU
-    must not change that. The feature bits mean different things for net, blk and an unknown device."""
-    features = 1 << 0 | 1 << 5 | 1 << 12 | 1 << 22 | 1 << 30 | 1 << 32
+    must not change that. The feature bits mean different things for net, blk and an unknown device (and both
+    net and blk define them, so the offer alone tells neither)."""
+    features = 1 << 0 | 1 << 5 | 1 << 12 | 1 << 30 | 1 << 32
     F, B = Direction.FRONTEND_TO_BACKEND, Direction.BACKEND_TO_FRONTEND
     main = Channel.MAIN
     with CaptureWriter(path) as writer:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 
 import pytest
 from test_analysis import (
@@ -21,6 +22,7 @@ from test_analysis import (
 
 from vhusniff.analysis.analyzer import Analyzer
 from vhusniff.analysis.expert import CHECKS, Severity
+from vhusniff.cli.main import main
 from vhusniff.dataplane.sample import Reason, RingSample, SampleFlag
 from vhusniff.model import Channel, EventKind, Record, RecordKind
 from vhusniff.protocol import catalogue as cat
@@ -191,6 +193,7 @@ def missing_ack(acked: bool) -> Script:
 CASES = {
     "gate-not-negotiated": (lambda: get_status(opened()), lambda: get_status(with_status())),
     "features-not-offered": (lambda: set_features(BLK_ACKED | 1 << 35), lambda: set_features(BLK_ACKED)),
+    "transport-feature-not-offered": (lambda: set_features(BLK_ACKED | 1 << 40), lambda: set_features(BLK_ACKED)),
     "protocol-features-not-offered": (lambda: opened(acked=QEMU_PROTOCOL | STATUS),
                                       lambda: opened(acked=QEMU_PROTOCOL & ~(1 << 1))),
     "fd-count": (lambda: set_owner(fds=[eventfd()]), lambda: set_owner()),
@@ -389,3 +392,25 @@ def test_decoder_problems_are_findings_and_catalogue_names_every_gate():
     gates = {spec.gate for table in (cat.FRONTEND_REQUESTS, cat.BACKEND_REQUESTS) for spec in table.values()}
     assert all(g in ("", "PROTOCOL_FEATURES", "IOMMU") or cat.SPEC_PROFILE.protocol_feature_bit(g) is not None
                for g in gates)
+
+
+def test_an_unoffered_device_bit_stays_an_error_beside_a_transport_bit_the_front_end_provides():
+    """RING_RESET (40) acked unoffered is QEMU's transport's own (a note); IN_ORDER (35) or a device bit is not."""
+    found = {f.check: f for f in findings(set_features(BLK_ACKED | 1 << 40 | 1 << 35 | 1 << 4))}
+    assert set(found) == {"features-not-offered", "transport-feature-not-offered"}
+    assert found["features-not-offered"].severity == Severity.ERROR
+    assert "GEOMETRY|IN_ORDER acked" in found["features-not-offered"].text
+    assert found["transport-feature-not-offered"].severity == Severity.NOTE
+    assert "RING_RESET acked" in found["transport-feature-not-offered"].text
+    assert "QEMU's transport" in found["transport-feature-not-offered"].text
+
+
+SHIPPED_CAPTURES = sorted((Path(__file__).resolve().parent.parent / "captures").glob("*.pcapng"))
+
+
+@pytest.mark.parametrize("path", SHIPPED_CAPTURES, ids=lambda path: path.name)
+def test_every_shipped_real_capture_gives_no_warn_or_error(path, capsys):
+    """Real sessions of real peers, all of which worked: `vhusniff expert` finds nothing at warn or above."""
+    assert main(["expert", str(path), "--min", "warn"]) == 0
+    out = capsys.readouterr().out
+    assert out.rstrip().endswith("0 finding(s)"), out

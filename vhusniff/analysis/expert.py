@@ -47,6 +47,10 @@ CHECKS = MappingProxyType({check.id: check for check in (
     # id, severity, group, one-line explanation
     Check("gate-not-negotiated", W, "sequence", "request sent before the feature that gates it was negotiated"),
     Check("features-not-offered", E, "protocol", "SET_FEATURES acks virtio feature bits the back-end did not offer"),
+    # QEMU's virtio-pci offers the guest RING_RESET itself and passes the guest's ack on (QEMU 10 to vhost-user-gpu).
+    Check("transport-feature-not-offered", N, "protocol",
+          "SET_FEATURES acks a transport bit the back-end did not offer, which the front-end's own transport "
+          "offers (QEMU's virtio-pci offers RING_RESET itself)"),
     Check("protocol-features-not-offered", E, "protocol",
           "SET_PROTOCOL_FEATURES acks protocol feature bits the back-end did not offer"),
     Check("fd-count", E, "protocol", "the number of fds does not fit the message (catalogue fd rule)"),
@@ -108,6 +112,8 @@ PROBLEM_CHECKS = MappingProxyType({
     "oversize": "size-over-maximum",
 })
 
+# Transport bits the front-end's transport provides whatever the back-end offers (catalogue).
+FRONTEND_TRANSPORT_MASK = sum(1 << bit for bit in cat.FRONTEND_TRANSPORT_FEATURES)
 GPU_MAX_SCANOUTS = 16               # VIRTIO_GPU_MAX_SCANOUTS
 GPU_BYTES_PER_PIXEL = 4             # UPDATE's pixels are x8r8g8b8
 MAX_MEM_TABLE_REGIONS = 8            # VHOST_MEMORY_BASELINE_NREGIONS in libvhost-user and DPDK
@@ -211,9 +217,14 @@ def _check_main_request(add, state: ConnectionState, number: int, message: Messa
     assert kind is not None         # check_message calls this only for a decoded payload
     if request == F.SET_FEATURES and state.features_offered is not None:
         extra = message.payload.features & ~state.features_offered
-        if extra:
+        transport = extra & FRONTEND_TRANSPORT_MASK
+        if extra & ~transport:
             add("features-not-offered",
-                f"bits {cat.bit_names(extra, cat.feature_names(state.device_type))} acked, not offered")
+                f"bits {cat.bit_names(extra & ~transport, cat.feature_names(state.device_type))} acked, not offered")
+        if transport:
+            add("transport-feature-not-offered",
+                f"bits {cat.bit_names(transport, cat.TRANSPORT_FEATURES)} acked, not offered: QEMU's transport offers "
+                f"them to the guest itself")
     elif request == F.SET_PROTOCOL_FEATURES:
         acked = message.payload.protocol_features
         if state.protocol_features_offered is not None and acked & ~state.protocol_features_offered:

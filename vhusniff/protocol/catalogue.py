@@ -190,6 +190,18 @@ DEVICE_FEATURES = MappingProxyType({
     }),
 })
 DEVICE_TYPES = tuple(DEVICE_FEATURES)
+# The device-specific bits of the 64-bit features word (VIRTIO 1.2 §6: bits 0-23 and 50-127).
+DEVICE_SPECIFIC_FEATURES_MASK = (1 << 24) - 1 | ((1 << 64) - 1) ^ ((1 << 50) - 1)
+# The device-specific bits each device type defines, as a mask of DEVICE_FEATURES' bits: a back-end offering a bit
+# outside a type's mask is not of that type (protocol.context infers the type from a GET_FEATURES reply so).
+DEVICE_DEFINED_FEATURES: Mapping[str, int] = MappingProxyType({
+    device: sum(1 << bit for bit in names) for device, names in DEVICE_FEATURES.items()})
+
+# Transport bits a front-end's own virtio transport offers the guest whatever the back-end offered, and may pass
+# on in SET_FEATURES: QEMU's virtio-pci offers RING_RESET (its queue_reset property) and resets a ring itself
+# (stopping it with GET_VRING_BASE, starting it again), so QEMU 10's vhost-user-gpu front-end acks bit 40 to a
+# back-end that never offered it, and the session works. A device bit acked unoffered stays an error.
+FRONTEND_TRANSPORT_FEATURES = frozenset(bit for bit, name in TRANSPORT_FEATURES.items() if name in ("RING_RESET",))
 
 DEVICE_STATUS = MappingProxyType({
     0: "ACKNOWLEDGE", 1: "DRIVER", 2: "DRIVER_OK", 3: "FEATURES_OK", 6: "DEVICE_NEEDS_RESET", 7: "FAILED",

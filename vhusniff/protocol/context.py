@@ -15,27 +15,62 @@ _DEVICE_REQUESTS = {int(request): (rule.value, cat.FrontendRequest(request).name
                     for request, rule in cat.CONTEXT_RULES.items()
                     if rule.context_field == "device_type" and rule.value}
 _CONFIG_WINDOW = struct.Struct("<II")          # a config payload's offset and size
+_FEATURES = struct.Struct("<Q")
+# The replies that may tell it (infer_device_type), while it is still unknown.
+DEVICE_TELLING_REPLIES = frozenset({int(cat.FrontendRequest.GET_CONFIG), int(cat.FrontendRequest.GET_FEATURES)})
 # The low bytes of the requests that can tell it: a proxy tests a message's first byte against these before it
 # calls infer_device_type, so that a session that never tells costs one set lookup per message.
-DEVICE_HINTS = frozenset({*_DEVICE_REQUESTS, int(cat.FrontendRequest.GET_CONFIG)})
+DEVICE_HINTS = frozenset({*_DEVICE_REQUESTS, *DEVICE_TELLING_REPLIES})
+
+
+def device_from_offered_features(features: int) -> tuple[str, str] | None:
+    """(device type, what told it) when the device-specific bits a back-end offers are all defined by one device
+    type only (DPDK's net offers GUEST_TSO6, CTRL_RX, GUEST_ANNOUNCE, MQ: bits no blk, fs or gpu defines); None
+    while two types or more remain (qemu-storage-daemon's blk offers only bits net defines too), or none does."""
+    offered = features & cat.DEVICE_SPECIFIC_FEATURES_MASK
+    if not offered:
+        return None
+    fitting = [device for device, defined in cat.DEVICE_DEFINED_FEATURES.items() if not offered & ~defined]
+    if len(fitting) != 1:
+        return None
+    device = fitting[0]
+    others = 0
+    for other, defined in cat.DEVICE_DEFINED_FEATURES.items():
+        if other != device:
+            others |= defined
+    # name the bits that told it: those no other type defines, or all of them when only their combination does
+    told, which = (offered & ~others, "which only") if offered & ~others else (offered, "which together only")
+    bits = ",".join(str(bit) for bit in range(64) if told >> bit & 1)
+    return device, f"offered feature bits {bits}, {which} {device} defines"
+
+
+def device_from_config_window(offset: int, size: int, length: int) -> tuple[str, str] | None:
+    """(device type, what told it) when a GET_CONFIG reply's window (offset, size, and the bytes it carries) is
+    a whole config space only one device type's front-end reads."""
+    device = cat.CONFIG_SIZE_DEVICES.get(size)
+    if device is None or offset != 0 or length != size:
+        return None
+    return device, f"GET_CONFIG size {size}"
 
 
 def infer_device_type(channel: Channel, data: bytes) -> tuple[str, str] | None:
     """(device type, what told it) when one message's bytes tell the device type by the rules the ContextTracker
-    follows (NET_SET_MTU, GPU_SET_SOCKET, ..., a whole config space only one device type has); else None. Reads
-    the header only, and a GET_CONFIG reply's window: cheap enough for a proxy's every message."""
+    follows (NET_SET_MTU, GPU_SET_SOCKET, ..., a whole config space only one device type has, device feature bits
+    only one device type defines); else None. Reads the header only, and a GET_CONFIG or GET_FEATURES reply's
+    payload: cheap enough for a proxy's every message."""
     if channel != Channel.MAIN or len(data) < HEADER_SIZE:
         return None
     request, flags, size = HEADER_STRUCT.unpack_from(data)
     if not flags & cat.FLAG_REPLY:
         return _DEVICE_REQUESTS.get(request)
-    if request != cat.FrontendRequest.GET_CONFIG or size < 12 or len(data) != HEADER_SIZE + size:
+    if len(data) != HEADER_SIZE + size:
+        return None
+    if request == cat.FrontendRequest.GET_FEATURES and size == _FEATURES.size:
+        return device_from_offered_features(_FEATURES.unpack_from(data, HEADER_SIZE)[0])
+    if request != cat.FrontendRequest.GET_CONFIG or size < 12:
         return None
     offset, window = _CONFIG_WINDOW.unpack_from(data, HEADER_SIZE)
-    device = cat.CONFIG_SIZE_DEVICES.get(window)
-    if device is None or offset != 0 or size != 12 + window:
-        return None
-    return device, f"GET_CONFIG size {window}"
+    return device_from_config_window(offset, window, size - 12)
 
 
 class ContextTracker:
@@ -85,7 +120,8 @@ class ContextTracker:
         if message.channel != Channel.MAIN or message.kind is None:
             return
         if message.is_reply:
-            self._observe_config_window(connection, message, ctx)
+            if ctx.device_type is None and message.request in DEVICE_TELLING_REPLIES:
+                self._observe_telling_reply(connection, message, ctx)
             return
         rule = cat.CONTEXT_RULES.get(message.request)
         if rule is None:
@@ -99,15 +135,13 @@ class ContextTracker:
                 ctx = replace(ctx, device_source=f"inferred from {message.name}")
             self.contexts[connection] = ctx
 
-    def _observe_config_window(self, connection: int, message: Message, ctx: DecodeContext) -> None:
-        """A GET_CONFIG reply whose window is a whole config space only one device type has tells the type."""
-        if ctx.device_type is not None or message.request != cat.FrontendRequest.GET_CONFIG or \
-                message.kind != "config" or message.payload.offset != 0:
-            return
-        device = cat.CONFIG_SIZE_DEVICES.get(message.payload.size)
-        if device is not None and len(message.payload.data) == message.payload.size:
-            self.contexts[connection] = replace(ctx, device_type=device,
-                                                device_source=f"inferred from GET_CONFIG size {message.payload.size}")
+    def _observe_telling_reply(self, connection: int, message: Message, ctx: DecodeContext) -> None:
+        """A GET_CONFIG reply whose window is a whole config space only one device type has, or a GET_FEATURES
+        reply whose device bits only one type defines, tells the type (by the proxy's own rule, on the bytes)."""
+        found = infer_device_type(message.channel, message.raw)
+        if found is not None:
+            device, how = found
+            self.contexts[connection] = replace(ctx, device_type=device, device_source=f"inferred from {how}")
 
 
 def _with_field(ctx: DecodeContext, name: str, value: object) -> DecodeContext:

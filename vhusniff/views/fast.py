@@ -17,6 +17,7 @@ from ..capture.scan import Source, Unusual, scan
 from ..model import Channel, Direction, RecordKind
 from ..protocol import catalogue as cat
 from ..protocol import config as config_space
+from ..protocol.context import DEVICE_TELLING_REPLIES
 from ..protocol.grammar import (
     FIXED_SIZE,
     MAX_PAYLOAD_SIZE,
@@ -261,8 +262,7 @@ class _Shapes:
         if channel == Channel.DEVICE_STATE or flags & cat.FLAGS_RESERVED or flags & cat.VERSION_MASK != cat.VERSION \
                 or size > MAX_PAYLOAD_SIZE or direction not in (0, 1):
             return None
-        if channel == Channel.MAIN and (request == cat.FrontendRequest.GET_CONFIG and is_reply
-                                        and context.device_type is None
+        if channel == Channel.MAIN and (is_reply and request in DEVICE_TELLING_REPLIES and context.device_type is None
                                         or not is_reply and request in cat.CONTEXT_RULES):
             return None                        # the tracker follows what these negotiate
         if channel > Channel.DEVICE_STATE:

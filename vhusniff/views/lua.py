@@ -169,7 +169,7 @@ def _constants() -> dict[str, object]:
     return {
         "HEADER_SIZE": HEADER_SIZE, "TRUNCATED_NAME": request_name(Channel.MAIN, -1),
         # offset, size and flags come before a config message's data
-        "GET_CONFIG": int(cat.FrontendRequest.GET_CONFIG),
+        "GET_CONFIG": int(cat.FrontendRequest.GET_CONFIG), "GET_FEATURES": int(cat.FrontendRequest.GET_FEATURES),
         "CONFIG_HEADER_SIZE": sum(sub.sizeof() for sub in PAYLOADS["config"][0].subcons[:3]),
         "MAX_PAYLOAD_SIZE": MAX_PAYLOAD_SIZE, "LINKTYPE": LINKTYPE_USER0,
         "FLAG_REPLY": cat.FLAG_REPLY, "FLAG_NEED_REPLY": cat.FLAG_NEED_REPLY,
@@ -271,6 +271,12 @@ def grammar_tables() -> dict:
         "CONTEXT_RULES": _context_rules(),
         # A GET_CONFIG reply whose whole window has one of these sizes tells the device type (context.py).
         "CONFIG_SIZE_DEVICES": {int(size): device for size, device in cat.CONFIG_SIZE_DEVICES.items()},
+        # A GET_FEATURES reply whose device-specific bits one device type alone defines tells it (context.py):
+        # per type, the device bits it does not define, as the features' low and high 32-bit words.
+        "DEVICE_UNDEFINED_FEATURES": {device: [(cat.DEVICE_SPECIFIC_FEATURES_MASK & ~defined) >> shift & 0xFFFFFFFF
+                                               for shift in (0, 32)]
+                                      for device, defined in cat.DEVICE_DEFINED_FEATURES.items()},
+        "DEVICE_SPECIFIC_FEATURES": [cat.DEVICE_SPECIFIC_FEATURES_MASK >> shift & 0xFFFFFFFF for shift in (0, 32)],
         "EXPERT_ITEMS": {code: list(levels) for code, levels in expert_items().items()},
         "RING_SAMPLE_FIELDS": _ring_sample_fields(),
         "CONSTANTS": _constants(),
@@ -1021,18 +1027,34 @@ local function problem(tree, code, text)
   end
 end
 
+-- The device type a main-channel reply's bytes tell (protocol.context.infer_device_type), or nil: a GET_FEATURES
+-- reply whose device-specific bits one device type alone defines (two types fitting tell nothing), a GET_CONFIG
+-- reply whose window is a whole config space only one device type has. Read again whenever the frame is: the
+-- reply that tells the type reads as that device's, as in `read`.
+local function reply_tells_device(request, kind, raw, body)
+  if request == C.GET_FEATURES and kind == "features" then
+    local low, high = u32(raw, body), u32(raw, body + 4)
+    if band(low, DEVICE_SPECIFIC_FEATURES[1]) == 0 and band(high, DEVICE_SPECIFIC_FEATURES[2]) == 0 then return nil end
+    local fitting, count = nil, 0
+    for device, undefined in pairs(DEVICE_UNDEFINED_FEATURES) do
+      if band(low, undefined[1]) == 0 and band(high, undefined[2]) == 0 then fitting, count = device, count + 1 end
+    end
+    return count == 1 and fitting or nil
+  end
+  if request ~= C.GET_CONFIG or kind ~= "config" then return nil end
+  local window, size = u32(raw, body), u32(raw, body + 4)
+  local device = CONFIG_SIZE_DEVICES[size]
+  if window == 0 and device ~= nil and #raw - body - C.CONFIG_HEADER_SIZE == size then return device end
+  return nil
+end
+
 local function observe(pinfo, request, is_reply, kind, raw, body)
   -- After the frame: the requests of CONTEXT_RULES change how later frames of the connection decode.
   if frame_visited or record.channel ~= C.CHANNEL_MAIN or kind == nil then return end
   local connection = record.connection
   if is_reply then
-    -- A GET_CONFIG reply whose window is a whole config space only one device type has tells the type.
-    if request ~= C.GET_CONFIG or kind ~= "config" or state.device[connection] ~= nil then return end
-    local window, size = u32(raw, body), u32(raw, body + 4)
-    local device = CONFIG_SIZE_DEVICES[size]
-    if window == 0 and device ~= nil and #raw - body - C.CONFIG_HEADER_SIZE == size then
-      set_context(connection, state.context[connection] or 1, device)
-    end
+    local device = state.device[connection] == nil and reply_tells_device(request, kind, raw, body) or nil
+    if device then set_context(connection, state.context[connection] or 1, device) end
     return
   end
   local rule = CONTEXT_RULES[request]
@@ -1148,6 +1170,9 @@ local function dissect_message(tvb, raw, pinfo, tree, start)
                                         .. concat(expected, " or ") .. ")")
       end
     end
+  end
+  if is_reply and device == nil and kind ~= nil and channel == C.CHANNEL_MAIN then
+    device = reply_tells_device(request, kind, raw, body)
   end
   local feature_names = FEATURE_NAMES[device or ""] or FEATURE_NAMES[""]
   local config_device = kind == "config" and channel == C.CHANNEL_MAIN and device
