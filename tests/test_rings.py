@@ -645,3 +645,42 @@ def test_packed_rings_of_dpdk_virtio_user_advance_through_their_wrap_counters(tm
         # Positions run over two laps (one per wrap counter value); the count is kept modulo 2**16, a multiple.
         assert sample.used_idx % (2 * sample.num) == (0 if wrap else sample.num) + slot, (ring, sample.note())
         assert sample.avail_idx != sample.used_idx or sample.in_flight == 0
+
+
+def test_packed_ring_requests_in_flight_are_decoded_chains_and_indirect_tables(split_ring):
+    watch = RingWatch(device="blk")
+    features = build_message(Channel.MAIN, 2, dict(features=1 << 34 | 1 << 32))        # RING_PACKED, VERSION_1
+    watch.observe(Channel.MAIN, Direction.FRONTEND_TO_BACKEND, features, [])
+    for data, fds in split_ring.messages():
+        watch.observe(Channel.MAIN, Direction.FRONTEND_TO_BACKEND, data, fds)
+    available, next_, write, indirect = 1 << 7, 1, 2, 4
+
+    def blk_chain(header_at: int, kind: int, sector: int, length: int) -> list[tuple[int, int, int]]:
+        """(guest-physical address, length, flags) of a virtio-blk request: header, data, status byte."""
+        struct.pack_into("<IIQ", split_ring.view, header_at, kind, 0, sector)
+        return [(PHYS_BASE + header_at, 16, 0), (PHYS_BASE + header_at + 16, length, write),
+                (PHYS_BASE + header_at + 0xF0, 1, write)]
+
+    def put(at: int, slot: int, addr: int, length: int, buffer_id: int, flags: int) -> None:
+        struct.pack_into("<QIHH", split_ring.view, at + 16 * slot, addr, length, buffer_id, flags)
+
+    # Slots 0-2: a chain (NEXT on all but the last, the buffer id in the last); slots 3-5 another.
+    for first, (buffer_id, request) in ((0, (5, blk_chain(DATA, 1, 2048, 4096))),
+                                        (3, (9, blk_chain(DATA + 0x100, 0, 8, 512)))):
+        for position, (addr, length, flags) in enumerate(request):
+            last = position == len(request) - 1
+            put(DESC, first + position, addr, length, buffer_id if last else 0,
+                available | flags | (0 if last else next_))
+    # Slot 6: one descriptor pointing to an indirect table of three.
+    table = DATA + 0x800
+    for position, (addr, length, flags) in enumerate(blk_chain(DATA + 0x200, 4, 0, 0)):
+        put(table, position, addr, length, 0, flags)
+    put(DESC, 6, PHYS_BASE + table, 48, 11, available | indirect)
+    [sample] = watch.sample_running()
+    assert (sample.avail_idx, sample.used_idx, sample.in_flight) == (7, 0, 7)
+    assert sample.pending == (
+        "head 5: 3 desc, 16 B out, 4097 B in blk.type=OUT blk.sector=2048 blk.length=4096",
+        "head 9: 3 desc, 16 B out, 513 B in blk.type=IN blk.sector=8 blk.length=512",
+        "head 11: 3 desc, 16 B out, 1 B in blk.type=FLUSH blk.sector=0 blk.length=0")
+    assert [request.head for request in watch.in_flight(0)] == [5, 9, 11]
+    watch.close()

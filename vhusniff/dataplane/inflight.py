@@ -1,5 +1,7 @@
-"""What is in flight on a split ring: the descriptor chains posted (avail) and not yet used, decoded read-only.
+"""What is in flight on a ring: the descriptor chains posted (avail) and not yet used, decoded read-only.
 
+Split rings: the avail ring's entries from the used index to the avail index. Packed rings: the descriptors from
+the device's position on whose AVAIL and USED bits differ.
 For each pending head the chain is walked (indirect tables too, at most `num` descriptors) and the request
 header the device type puts in its first device-readable bytes is decoded: virtio-blk's request header (type,
 sector, data length), virtio-net's header, or FUSE's opcode and unique id (virtio-fs).
@@ -13,6 +15,8 @@ from typing import NamedTuple
 from .memory import GuestMemory
 
 _DESC = struct.Struct("<QIHH")            # addr (guest-physical), len, flags, next
+_PACKED_DESC = struct.Struct("<QIHH")     # addr (guest-physical), len, buffer id, flags
+_PACKED_AVAIL, _PACKED_USED = 1 << 7, 1 << 15
 _NEXT, _WRITE, _INDIRECT = 1, 2, 4
 _U16 = struct.Struct("<H")
 _BLK_HEADER = struct.Struct("<IIQ")       # type, reserved (ioprio), sector
@@ -121,4 +125,51 @@ def pending_requests(memory: GuestMemory, num: int, desc: int, avail: int, used:
         pending.append(Pending(entry[0], len(segments), sum(s[1] for s in segments if not s[2]),
                                sum(s[1] for s in segments if s[2]), decode_header(memory, segments, device),
                                problem))
+    return pending
+
+
+def _packed_in_flight(flags: int) -> bool:
+    return bool(flags & _PACKED_AVAIL) != bool(flags & _PACKED_USED)
+
+
+def pending_packed(memory: GuestMemory, num: int, desc: int, start: int, device: str | None,
+                   limit: int | None = None) -> list[Pending]:
+    """The buffers made available and not yet used on a packed ring, from slot `start` (the device's position:
+    the oldest first) round the ring once; at most `limit` of them. A buffer is a chain of descriptors (NEXT) or
+    one indirect table; its id is in its last descriptor."""
+    pending: list[Pending] = []
+    slot, walked = start % num if num else 0, 0
+    while walked < num and (limit is None or len(pending) < limit):
+        entry = memory.unpack(_PACKED_DESC, desc + 16 * slot)
+        if entry is None:
+            break
+        if not _packed_in_flight(entry[3]):
+            slot, walked = (slot + 1) % num, walked + 1
+            continue
+        segments: list[tuple[int, int, bool]] = []
+        problem = ""
+        while True:
+            addr, length, buffer_id, flags = entry
+            if flags & _INDIRECT:
+                for position in range(length // 16):
+                    inner = memory.unpack(_PACKED_DESC, addr + 16 * position, physical=True)
+                    if inner is None:
+                        problem = f"indirect descriptor {position} not in mapped memory"
+                        break
+                    segments.append((inner[0], inner[1], bool(inner[3] & _WRITE)))
+            else:
+                segments.append((addr, length, bool(flags & _WRITE)))
+            slot, walked = (slot + 1) % num, walked + 1
+            if not flags & _NEXT or flags & _INDIRECT or problem:
+                break
+            if walked >= num:
+                problem = "descriptor chain runs round the ring"
+                break
+            following = memory.unpack(_PACKED_DESC, desc + 16 * slot)
+            if following is None:
+                problem = f"descriptor {slot} not in mapped memory"
+                break
+            entry = following
+        pending.append(Pending(buffer_id, len(segments), sum(s[1] for s in segments if not s[2]),
+                               sum(s[1] for s in segments if s[2]), decode_header(memory, segments, device), problem))
     return pending

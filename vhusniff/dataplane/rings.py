@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from ..model import Channel, Direction
 from ..protocol import catalogue as cat
 from ..protocol.grammar import HEADER_STRUCT, DecodeContext, decode
-from .inflight import Pending, pending_requests
+from .inflight import Pending, pending_packed, pending_requests
 from .memory import GuestMemory, map_region
 from .sample import NO_BASE, PENDING_SHOWN, Layout, Reason, RingSample, SampleFlag
 
@@ -178,10 +178,7 @@ class RingWatch:
         if in_flight and in_flight <= ring.num:
             shown = pending_requests(self.memory, ring.num, ring.desc, ring.avail, ring.used, self.device,
                                      PENDING_SHOWN)
-            if shown and all(request.readable == 0 and not request.problem for request in shown):
-                flags |= SampleFlag.RECEIVE_BUFFERS      # alike and uneventful: counted, not listed
-            else:
-                pending = tuple(request.summary() for request in shown)
+            flags, pending = _listed(shown, flags)
         return unread._replace(flags=flags | SampleFlag.MAPPED, avail_idx=avail_idx, used_idx=used_idx,
                                avail_flags=avail_flags, used_flags=used_flags, used_event=used_event,
                                avail_event=avail_event, in_flight=in_flight, pending=pending)
@@ -197,23 +194,31 @@ class RingWatch:
         table = self.memory.read(ring.desc, 16 * ring.num)
         if table is None:
             return unread._replace(reason=Reason.UNMAPPED if unread.reason == Reason.PERIODIC else unread.reason)
-        flags = [entry[3] for entry in _PACKED_DESC.iter_unpack(table)]
-        avail_bits = [bool(f & _PACKED_AVAIL) for f in flags]
-        used_bits = [bool(f & _PACKED_USED) for f in flags]
+        descriptor_flags = [entry[3] for entry in _PACKED_DESC.iter_unpack(table)]
+        avail_bits = [bool(f & _PACKED_AVAIL) for f in descriptor_flags]
+        used_bits = [bool(f & _PACKED_USED) for f in descriptor_flags]
         pending = sum(a != u for a, u in zip(avail_bits, used_bits, strict=True))
         ring.packed_avail = _advance(ring.packed_avail, _packed_position(avail_bits), ring.num)
         ring.packed_used = _advance(ring.packed_used, _packed_position(used_bits), ring.num)
+        flags: SampleFlag = unread.flags
+        shown: tuple[str, ...] = ()
+        if pending:
+            flags, shown = _listed(pending_packed(self.memory, ring.num, ring.desc, ring.packed_used[0], self.device,
+                                                  PENDING_SHOWN), flags)
         driver = self.memory.unpack(_RING_HEAD, ring.avail) or (0, 0)      # off_wrap, flags
         device = self.memory.unpack(_RING_HEAD, ring.used) or (0, 0)
-        return unread._replace(flags=unread.flags | SampleFlag.MAPPED, avail_flags=driver[1], used_flags=device[1],
-                               used_event=driver[0], avail_event=device[0], in_flight=pending,
+        return unread._replace(flags=flags | SampleFlag.MAPPED, avail_flags=driver[1], used_flags=device[1],
+                               used_event=driver[0], avail_event=device[0], in_flight=pending, pending=shown,
                                avail_idx=ring.packed_avail[1] & 0xFFFF, used_idx=ring.packed_used[1] & 0xFFFF)
 
     def in_flight(self, index: int) -> list[Pending]:
-        """Every request posted on a split ring and not yet used, decoded (read-only) for the device."""
+        """Every request posted on the ring and not yet used, decoded (read-only) for the device."""
         ring = self.rings.get(index)
-        if ring is None or not ring.num or self.packed:
+        if ring is None or not ring.num:
             return []
+        if self.packed:
+            start = ring.packed_used[0] if ring.packed_used else 0
+            return pending_packed(self.memory, ring.num, ring.desc, start, self.device)
         return pending_requests(self.memory, ring.num, ring.desc, ring.avail, ring.used, self.device)
 
     def news(self, sample: RingSample) -> bool:
@@ -251,3 +256,11 @@ def _advance(last: tuple[int, int] | None, position: int, num: int) -> tuple[int
     if last is None:
         return position, position
     return position, last[1] + (position - last[0]) % (2 * num)
+
+
+def _listed(shown: list[Pending], flags: SampleFlag) -> tuple[SampleFlag, tuple[str, ...]]:
+    """(flags, lines) of the requests in flight shown in a sample: buffers waiting to be filled (every one
+    device-writable, none with a problem) are alike and uneventful: flagged and counted, not listed."""
+    if shown and all(request.readable == 0 and not request.problem for request in shown):
+        return flags | SampleFlag.RECEIVE_BUFFERS, ()
+    return flags, tuple(request.summary() for request in shown)
