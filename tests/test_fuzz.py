@@ -179,6 +179,23 @@ def test_a_size_no_request_can_supply_ends_the_case_at_once_as_stuck(seed, tmp_p
     assert execution.outcome == "stuck" and execution.death is None and execution.elapsed < 30, execution
 
 
+def test_a_restart_takes_the_spare_that_is_already_up_and_stop_ends_both(tmp_path):
+    target = Target(PLANTED, tmp_path, keep_spare=True)
+    try:
+        target.start()
+        first, spare = target.proc, target.spare
+        assert first is not None and spare is not None and target.answers(BARRIER, 5.0)
+        os.kill(first.pid, signal.SIGKILL)
+        target.start()
+        assert target.proc is spare and target.spare is not None and target.spare is not spare
+        assert target.answers(BARRIER, 5.0) and target.starts == 2
+        pids = [spare.pid, target.spare.pid]
+    finally:
+        target.stop()
+    assert not processes_naming(str(tmp_path)) and all(not Path(f"/proc/{pid}/cmdline").exists() for pid in pids)
+    assert not list(tmp_path.glob("*.sock"))
+
+
 def test_a_reproducer_memfd_smaller_than_its_region_stays_small_in_replay():
     fresh = FreshFds()
     try:

@@ -73,6 +73,7 @@ class Campaign:
     def __init__(self, seed: Seed, target: Target, out_dir: Path, options: Options, status: Status | None = None,
                  say=None):
         self.seed, self.target, self.out_dir, self.options = seed, target, Path(out_dir), options
+        target.keep_spare = True       # a restart after a crash takes a process that is already up
         self.status = status or Status(sys.stderr, enabled=False)
         self.say = say or (lambda text: None)
         self.rng = random.Random(options.rng_seed)

@@ -99,40 +99,51 @@ class Death:
 
 
 class Target:
-    """A back-end process from a command template holding `{socket}`."""
+    """A back-end process from a command template holding `{socket}`.
 
-    def __init__(self, template: str, workdir: Path, start_timeout: float = 10.0):
+    With `keep_spare`, a second process is started beside the one in use, on a socket of its own, so that a
+    restart after a crash takes a process that has already come up (a campaign restarts its target after every
+    crash and hang: the start-up, not the fuzzing, was most of a restart)."""
+
+    SLOTS = (("target.sock", "target.log"), ("target-2.sock", "target-2.log"))   # the one in use, and the spare's
+
+    def __init__(self, template: str, workdir: Path, start_timeout: float = 10.0, keep_spare: bool = False):
         if "{socket}" not in template:
             raise TargetError(f"the target command has no {{socket}} to put the socket path in: {template}")
         self.template = template
         self.workdir = Path(workdir)
-        self.socket_path = self.workdir / "target.sock"
-        self.log_path = self.workdir / "target.log"
+        self.slot = 0
+        self.socket_path = self.workdir / self.SLOTS[0][0]
+        self.log_path = self.workdir / self.SLOTS[0][1]
         self.start_timeout = start_timeout
+        self.keep_spare = keep_spare
         self.proc: subprocess.Popen | None = None
+        self.spare: subprocess.Popen | None = None     # started in the other slot, not yet in use
         self.decoder = RememberingDecoder()       # shared by this target's executions
         self.starts = 0
         self._mark = 0
 
-    def command(self) -> list[str]:
-        return [word.replace("{socket}", str(self.socket_path)) for word in shlex.split(self.template)]
+    def command(self, socket_path: Path | None = None) -> list[str]:
+        path = str(socket_path or self.socket_path)
+        return [word.replace("{socket}", path) for word in shlex.split(self.template)]
 
     def start(self) -> None:
-        self.stop()
+        self.stop_process()
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
-        command = self.command()
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            log.write(f"$ {shlex.join(command)}\n".encode())
-            log.flush()
-            try:
-                # Its standard input stays open (a pipe we hold) until it is stopped: dpdk-testpmd quits when
-                # its input ends.
-                self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=log, stderr=log,
-                                             start_new_session=True)
-            except OSError as error:
-                raise TargetError(f"cannot start the target {command[0]}: {error.strerror}") from error
+        if self.spare is not None and self.spare.poll() is not None:
+            # The spare could not run beside the other (a lock, a port, a shared file): no spares from now on.
+            self.keep_spare = False
+            _end(self.spare)
+            self.spare = None
+        if self.spare is not None:
+            self.proc, self.spare = self.spare, None
+            self.slot = 1 - self.slot
+        else:
+            self.stop()
+            self.proc = self._launch(self.slot)
+        self.socket_path = self.workdir / self.SLOTS[self.slot][0]
+        self.log_path = self.workdir / self.SLOTS[self.slot][1]
         self.starts += 1
         deadline = time.monotonic() + self.start_timeout
         while not self.listening():
@@ -140,10 +151,30 @@ class Target:
                 what = (f"exited with {self.proc.returncode}" if self.proc.returncode is not None else
                         f"did not listen at {self.socket_path} within {self.start_timeout:g} s")
                 self.stop()
-                raise TargetError(f"the target {what}: {shlex.join(command)}; its log {self.log_path}:\n"
+                raise TargetError(f"the target {what}: {shlex.join(self.command())}; its log {self.log_path}:\n"
                                   + "\n".join(self.log_text().splitlines()[-10:]))
             self._wait_for_exit(0.002)      # waits on the process: returns at once if it dies
+        if self.keep_spare:
+            self.spare = self._launch(1 - self.slot)
         self.mark()
+
+    def _launch(self, slot: int) -> subprocess.Popen:
+        """Start the command on the socket of `slot`, its output appended to that slot's log."""
+        socket_path, log_path = self.workdir / self.SLOTS[slot][0], self.workdir / self.SLOTS[slot][1]
+        with contextlib.suppress(FileNotFoundError):
+            socket_path.unlink()
+        command = self.command(socket_path)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as log:
+            log.write(f"$ {shlex.join(command)}\n".encode())
+            log.flush()
+            try:
+                # Its standard input stays open (a pipe we hold) until it is stopped: dpdk-testpmd quits when
+                # its input ends.
+                return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=log, stderr=log,
+                                        start_new_session=True)
+            except OSError as error:
+                raise TargetError(f"cannot start the target {command[0]}: {error.strerror}") from error
 
     def listening(self) -> bool:
         # The table names a socket by the path it was bound to, even once the file is gone: both must hold.
@@ -237,28 +268,38 @@ class Target:
             return ""
 
     def stop(self) -> None:
-        """Stop the target and everything it started (its process group), and remove its socket."""
+        """Stop the target and everything it started (its process group), the spare too, and remove their
+        sockets."""
         self.stop_process()
-        with contextlib.suppress(FileNotFoundError):
-            self.socket_path.unlink()
+        spare, self.spare = self.spare, None
+        _end(spare)
+        for socket_name, _log in self.SLOTS:
+            with contextlib.suppress(FileNotFoundError):
+                (self.workdir / socket_name).unlink()
 
     def stop_process(self) -> None:
         """Stop the target and everything it started (its process group)."""
         proc, self.proc = self.proc, None
-        if proc is not None:
-            if proc.stdin is not None:
-                with contextlib.suppress(OSError):
-                    proc.stdin.close()
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(EXIT_WAIT)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-            _wait_for_group(proc.pid)
+        _end(proc)
+
+
+def _end(proc: subprocess.Popen | None) -> None:
+    """Stop a started process and its process group."""
+    if proc is None:
+        return
+    if proc.stdin is not None:
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(EXIT_WAIT)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    _wait_for_group(proc.pid)
 
 
 def _wait_for_group(group: int) -> None:
