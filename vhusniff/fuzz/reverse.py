@@ -30,6 +30,7 @@ from pathlib import Path
 from ..model import Channel, Direction, Record, RecordKind
 from ..protocol import catalogue as cat
 from ..protocol.context import ContextTracker
+from ..protocol.grammar import HEADER_SIZE
 from ..replay.backend import serve_front_end
 from ..replay.driver import Recorder
 from ..replay.recording import load_backend_requests, load_exchanges
@@ -78,10 +79,17 @@ class BackendMutator(Mutator):
 
     def _header(self) -> Mutation:
         mutation = super()._header()
-        if mutation.offset == 4:          # flags: never the REPLY bit (replay pairs a reply by it)
-            value = mutation.value | (cat.FLAG_REPLY if self.seed.messages[mutation.index].is_reply else 0)
+        index = mutation.index
+        if mutation.offset == 4:          # flags: the REPLY bit stays as it was (replay pairs a reply by it)
+            reply_bit = cat.FLAG_REPLY if self.seed.messages[index].is_reply else 0
+            value = mutation.value & ~cat.FLAG_REPLY | reply_bit
+            mutation = dataclasses.replace(mutation, value=value, text=f"{self._label(index)}: flags {value:#x}")
+        elif mutation.value > len(self.seed.requests[index].data) - HEADER_SIZE:
+            # Only shorter: the scripted back-end's session would hold a longer one for bytes it never sends.
+            size = len(self.seed.requests[index].data) - HEADER_SIZE
+            value = self.rng.choice([0, max(size - 1, 0), size // 2])
             mutation = dataclasses.replace(mutation, value=value,
-                                           text=mutation.text.rsplit(" ", 1)[0] + f" {value:#x}")
+                                           text=f"{self._label(index)}: header size {value} (payload {size})")
         return mutation
 
 
