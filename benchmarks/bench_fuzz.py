@@ -74,11 +74,13 @@ def main() -> int:
             requests = sum(1 for record in case if record.kind == RecordKind.MESSAGE and
                            record.direction == Direction.FRONTEND_TO_BACKEND)
             floor_rate = floor(case, target, args.executions)
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             for _ in range(args.executions):
                 outcome = execute(case, target, seed.device, 1.0).outcome
                 assert outcome == "ok", f"the unmutated seed must be taken whole, not {outcome}"
             replay_rate = args.executions / (time.perf_counter() - started)
+            # the fuzzer's own CPU an execution: what a loaded machine's other work does not change
+            replay_cpu = (time.process_time() - cpu) / args.executions
         finally:
             target.stop()
         campaign_target = Target(template, Path(work) / "campaign")
@@ -87,7 +89,8 @@ def main() -> int:
     rate = summary["executions_per_second"]
     print(f"unmutated seed: {requests} requests an execution")
     print(f"floor (plain sockets)    {floor_rate:8.1f} executions/s")
-    print(f"replay engine            {replay_rate:8.1f} executions/s   {replay_rate / floor_rate:.2f}x the floor")
+    print(f"replay engine            {replay_rate:8.1f} executions/s   {replay_rate / floor_rate:.2f}x the floor "
+          f"({replay_cpu * 1000:.2f} ms of the fuzzer's CPU an execution)")
     print(f"campaign                 {rate:8.1f} executions/s   {rate / floor_rate:.2f}x the floor "
           f"({summary['executions']} executions + {summary['triage_executions']} for triage in "
           f"{summary['seconds']} s, target started {summary['target_starts']} times, "
