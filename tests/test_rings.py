@@ -605,12 +605,14 @@ def test_packed_ring_positions_count_through_the_wrap_counters(split_ring):
     watch.close()
 
 
-def test_packed_rings_of_dpdk_virtio_user_advance_through_their_wrap_counters(tmp_path):
+@pytest.mark.parametrize("in_order", ["1", "0"])
+def test_packed_rings_of_dpdk_virtio_user_advance_through_their_wrap_counters(tmp_path, in_order):
     """testpmd's virtio-user with packed_vq=1 sends a first burst (--tx-first) through the proxy to testpmd's vhost
     PMD; each side forwards what it receives back out (io), so both packed rings go round many times. A packed ring
     keeps no indexes, so the counts come from the descriptors' AVAIL/USED bits; when the port stops, where the
     device's count says it is must be where the back-end says it is (GET_VRING_BASE: bits 0-14 the position, bit 15
-    the wrap counter)."""
+    the wrap counter). With IN_ORDER (virtio-user's default) the device writes one used descriptor per batch;
+    without it, one per buffer."""
     require("dpdk-testpmd")
     backend_socket, proxy_socket = tmp_path / "backend.sock", tmp_path / "proxy.sock"
     capture = tmp_path / "packed.pcapng"
@@ -630,14 +632,16 @@ def test_packed_rings_of_dpdk_virtio_user_advance_through_their_wrap_counters(tm
     with lab.start_testpmd(tmp_path, backend_socket) as backend, \
             Proxy([Route.forward(proxy_socket, backend_socket, "net")], capture=capture, report=None, rings=True,
                   rings_interval=0.05) as proxy:
-        # in_order=0: each buffer gets a used descriptor of its own (in order, a device may write one per batch).
-        with lab.start_testpmd_frontend(tmp_path, proxy_socket, vdev_options=",packed_vq=1,in_order=0",
+        with lab.start_testpmd_frontend(tmp_path, proxy_socket, vdev_options=f",packed_vq=1,in_order={in_order}",
                                         testpmd_args=("--tx-first",)) as frontend:
             assert proxy.wait_until(gone_round, 60), ([s.note() for s in samples(proxy.records)][-6:],
                                                       frontend.log_text()[-2000:], backend.log_text()[-2000:])
         assert proxy.wait_until(lambda p: p.active_connections == 0, 30)
     recorded = samples(read_capture(capture))
     assert recorded and {s.layout.name for s in recorded} == {"PACKED"}
+    acked = [r for r in read_capture(capture) if r.kind == RecordKind.MESSAGE and r.data[:4] == b"\x02\0\0\0"
+             and r.direction == Direction.FRONTEND_TO_BACKEND]
+    assert [bool(struct.unpack_from("<Q", r.data, 12)[0] >> 35 & 1) for r in acked] == [in_order == "1"]
     stopped = {s.ring: s for s in recorded if s.reason == Reason.STOPPED}
     assert set(stopped) == {0, 1}, [s.note() for s in recorded if s.reason != Reason.PERIODIC]
     for ring, sample in stopped.items():

@@ -133,13 +133,15 @@ def _packed_in_flight(flags: int) -> bool:
 
 
 def pending_packed(memory: GuestMemory, num: int, desc: int, start: int, device: str | None,
-                   limit: int | None = None) -> list[Pending]:
+                   limit: int | None = None, slots: int | None = None) -> list[Pending]:
     """The buffers made available and not yet used on a packed ring, from slot `start` (the device's position:
-    the oldest first) round the ring once; at most `limit` of them. A buffer is a chain of descriptors (NEXT) or
-    one indirect table; its id is in its last descriptor."""
+    the oldest first) over `slots` slots (what lies up to the driver's position; default: once round the ring);
+    at most `limit` of them. A buffer is a chain of descriptors (NEXT) or one indirect table; its id is in its
+    last descriptor."""
     pending: list[Pending] = []
     slot, walked = start % num if num else 0, 0
-    while walked < num and (limit is None or len(pending) < limit):
+    span = num if slots is None else min(slots, num)
+    while walked < span and (limit is None or len(pending) < limit):
         entry = memory.unpack(_PACKED_DESC, desc + 16 * slot)
         if entry is None:
             break

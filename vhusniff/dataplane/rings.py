@@ -25,6 +25,8 @@ _PACKED_DESC = struct.Struct("<QIHH")       # addr, len, id, flags
 _PACKED_AVAIL, _PACKED_USED = 1 << 7, 1 << 15
 EVENT_IDX_BIT = next(bit for bit, name in cat.TRANSPORT_FEATURES.items() if name == "RING_EVENT_IDX")
 RING_PACKED_BIT = next(bit for bit, name in cat.TRANSPORT_FEATURES.items() if name == "RING_PACKED")
+IN_ORDER_BIT = next(bit for bit, name in cat.TRANSPORT_FEATURES.items() if name == "IN_ORDER")
+_PACKED_NEXT = 1
 # Seconds between two samples of the running rings, unless told.
 SAMPLE_INTERVAL_DEFAULT = 0.2
 # The requests this module follows: anything else passes without being decoded.
@@ -184,27 +186,34 @@ class RingWatch:
                                avail_event=avail_event, in_flight=in_flight, pending=pending)
 
     def _sample_packed(self, ring: Ring, unread: RingSample) -> RingSample:
-        """A packed ring keeps no indexes in memory. In flight: the descriptors made available and not yet used
-        (AVAIL bit != USED bit). avail_idx and used_idx: the descriptors the driver made available and the device
-        used so far, free-running like a split ring's indexes, from where the driver's and the device's positions
-        (and wrap counters) lie in the descriptors' AVAIL and USED bits (_packed_position). Exact while a buffer
-        is one descriptor (a device writes one used descriptor for a chain: its tail counts as in flight until
-        the driver's next lap) and the ring moves less than a lap between two samples. The event areas' flags
-        stand in for the split ring's."""
+        """A packed ring keeps no indexes in memory. avail_idx and used_idx: the descriptors the driver made
+        available and the device used so far, free-running like a split ring's indexes; in flight, the difference.
+        The driver's position (and wrap counter) is where the descriptors' AVAIL bits change (_packed_position);
+        the device's is followed from its last one over the used descriptors it wrote since (_walk_used: a chain's
+        tail, and with IN_ORDER a batch's other buffers, get no used descriptor of their own). Exact while the ring
+        moves less than a lap between two samples. The event areas' flags stand in for the split ring's."""
         table = self.memory.read(ring.desc, 16 * ring.num)
         if table is None:
             return unread._replace(reason=Reason.UNMAPPED if unread.reason == Reason.PERIODIC else unread.reason)
-        descriptor_flags = [entry[3] for entry in _PACKED_DESC.iter_unpack(table)]
-        avail_bits = [bool(f & _PACKED_AVAIL) for f in descriptor_flags]
-        used_bits = [bool(f & _PACKED_USED) for f in descriptor_flags]
-        pending = sum(a != u for a, u in zip(avail_bits, used_bits, strict=True))
-        ring.packed_avail = _advance(ring.packed_avail, _packed_position(avail_bits), ring.num)
-        ring.packed_used = _advance(ring.packed_used, _packed_position(used_bits), ring.num)
+        entries = list(_PACKED_DESC.iter_unpack(table))
+        avail_bits = [bool(entry[3] & _PACKED_AVAIL) for entry in entries]
+        driver_at = _packed_position(avail_bits)
+        device_at = None
+        if ring.packed_used is not None:
+            device_at = _walk_used(entries, ring.packed_used[0], driver_at, bool(self.features >> IN_ORDER_BIT & 1))
+        if device_at is None or (driver_at - device_at) % (2 * ring.num) > ring.num:
+            # The first look, or the device went round more than a lap since the last: where the USED bits change.
+            device_at = _packed_position([bool(entry[3] & _PACKED_USED) for entry in entries])
+        ring.packed_avail = _advance(ring.packed_avail, driver_at, ring.num)
+        ring.packed_used = _advance(ring.packed_used, device_at, ring.num)
+        pending = (driver_at - device_at) % (2 * ring.num)
+        if pending > ring.num:      # the two positions disagree (a lap passed between samples): count the bits
+            pending = sum(bool(entry[3] & _PACKED_AVAIL) != bool(entry[3] & _PACKED_USED) for entry in entries)
         flags: SampleFlag = unread.flags
         shown: tuple[str, ...] = ()
         if pending:
-            flags, shown = _listed(pending_packed(self.memory, ring.num, ring.desc, ring.packed_used[0], self.device,
-                                                  PENDING_SHOWN), flags)
+            flags, shown = _listed(pending_packed(self.memory, ring.num, ring.desc, device_at, self.device,
+                                                  PENDING_SHOWN, pending), flags)
         driver = self.memory.unpack(_RING_HEAD, ring.avail) or (0, 0)      # off_wrap, flags
         device = self.memory.unpack(_RING_HEAD, ring.used) or (0, 0)
         return unread._replace(flags=flags | SampleFlag.MAPPED, avail_flags=driver[1], used_flags=device[1],
@@ -264,3 +273,44 @@ def _listed(shown: list[Pending], flags: SampleFlag) -> tuple[SampleFlag, tuple[
     if shown and all(request.readable == 0 and not request.problem for request in shown):
         return flags | SampleFlag.RECEIVE_BUFFERS, ()
     return flags, tuple(request.summary() for request in shown)
+
+
+def _walk_used(entries: list[tuple], start: int, driver_at: int, in_order: bool) -> int:
+    """The device's position on a packed ring (lap parity * num + slot): after the last used descriptor (AVAIL ==
+    USED == the wrap counter of its lap) it wrote between its last known position `start` and the driver's.
+
+    A used descriptor sits where its buffer began and names it by its id; the slots after it that the driver wrote
+    (AVAIL = wrap, USED != wrap) and the device did not overwrite belong to it up to the descriptor with that id
+    and no NEXT: a chain's tail, and with IN_ORDER the other buffers of the batch it stands for. The last used
+    descriptor, not a walk over them, so that a look taken while both sides write cannot leave it behind."""
+    num = len(entries)
+    laps = 2 * num
+    room = (driver_at - start) % laps
+
+    def bits(position: int) -> tuple[bool, bool, bool]:
+        flags = entries[position % num][3]
+        return bool(flags & _PACKED_AVAIL), bool(flags & _PACKED_USED), position < num
+
+    last = None
+    for offset in range(room):
+        avail, used, wrap = bits((start + offset) % laps)
+        if avail == used == wrap:
+            last = offset
+    if last is None:
+        return start
+    used_id = entries[(start + last) % num][2]
+    step = 1
+    for offset in range(last + 1, room):
+        position = (start + offset) % laps
+        avail, used, wrap = bits(position)
+        if avail != wrap or used == wrap:
+            break                   # not a descriptor the driver made available in this lap
+        buffer_id, flags = entries[position % num][2], entries[position % num][3]
+        if flags & _PACKED_NEXT:
+            continue                # a chain goes on
+        if buffer_id == used_id:
+            step = offset - last + 1
+            break
+        if not in_order:
+            break                   # another buffer: the used one was a single descriptor
+    return (start + last + step) % laps
