@@ -273,10 +273,11 @@ def parse_pseudo_header(packet: bytes, timestamp_ns: int, epb_flags: int) -> Rec
     if len(packet) >= _PLAIN_SIZE:
         # Most records are messages without fds or a note: their header alone makes the record.
         magic, version, length, connection, kind, channel, direction, flags, fds, note, _event = _plain(packet)
+        channel_value, direction_value = _CHANNELS.get(channel), _DIRECTIONS.get(direction)
         if length == _PLAIN_SIZE and version == 2 and not (kind or fds or note) and magic == PSEUDO_MAGIC \
-                and channel in _CHANNELS and direction in _DIRECTIONS:
-            return Record(timestamp_ns, connection, _CHANNELS[channel], _DIRECTIONS[direction], packet[_PLAIN_SIZE:],
-                          [], RecordKind.MESSAGE, "", EventKind.NOTE, bool(flags & PSEUDO_FLAG_UNFRAMED))
+                and channel_value is not None and direction_value is not None:
+            return Record(timestamp_ns, connection, channel_value, direction_value, packet[_PLAIN_SIZE:], [],
+                          _MESSAGE, "", _NOTE, bool(flags & PSEUDO_FLAG_UNFRAMED))
     if len(packet) < 8 or packet[:4] != PSEUDO_MAGIC:
         raise ValueError("packet does not start with the vhusniff pseudo-header (magic VHUS)")
     version, header_length = struct.unpack_from("<HH", packet, 4)
@@ -291,6 +292,7 @@ _plain = PSEUDO_HEADER.unpack_from
 _PLAIN_SIZE = PSEUDO_HEADER.size
 _CHANNELS = {int(channel): channel for channel in Channel}
 _DIRECTIONS = {int(direction): direction for direction in Direction}
+_MESSAGE, _NOTE = RecordKind.MESSAGE, EventKind.NOTE
 
 
 def _parse_v1(packet: bytes, header_length: int, timestamp_ns: int, epb_flags: int) -> Record:

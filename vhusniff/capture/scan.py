@@ -132,7 +132,8 @@ def scan_records(source: Source) -> Iterator[Record]:
                 record = parse_pseudo_header(packet, timestamp, 0)
             except ValueError:
                 raise Unusual from None
-            record.source = sources[0] if sources else ""
+            if sources and sources[0]:
+                record.source = sources[0]
             done += 1
             yield record
     except Unusual:
