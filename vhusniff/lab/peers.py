@@ -975,7 +975,8 @@ def start_testpmd(workdir: Path | str, socket_path: Path | str, client_mode: boo
     prefix = prefix or f"vhusniff-{os.getpid()}-{next(_testpmd_instances)}"
     name = name or f"testpmd-{prefix}"
     vdev = f"net_vhost0,iface={socket_path},queues={int(queues)}" + (",client=1" if client_mode else "")
-    command = ["dpdk-testpmd", "--no-huge", "-m", "1024", "--no-pci", "--file-prefix", prefix,
+    # Line-buffered: in client mode "Press enter to exit" would otherwise wait in stdio's buffer until it exits.
+    command = ["stdbuf", "-oL", "dpdk-testpmd", "--no-huge", "-m", "1024", "--no-pci", "--file-prefix", prefix,
                TESTPMD_MESSAGE_LOG, "--vdev", vdev, "--", "--total-num-mbufs=4096",
                f"--rxq={int(queues)}", f"--txq={int(queues)}"]
     if not client_mode:
