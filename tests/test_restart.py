@@ -69,7 +69,9 @@ def _assert_every_round_passed(result):
     rounds = result.rounds
     assert result.clean_exit, result.console
     assert "vhost_backend_init failed" not in result.console, result.console
-    assert len(rounds) >= 6 and all(passed for _number, passed in rounds), result.guest_lines
+    # The daemon dies after round 3 and the disk blocks until it is back, so round 5 is I/O after the restart
+    # (how many more fit in the loop's time depends on the machine's load).
+    assert len(rounds) >= 5 and all(passed for _number, passed in rounds), result.guest_lines
     assert [number for number, _passed in rounds] == list(range(1, len(rounds) + 1))
     assert f"{lab.GUEST_MARK} rounds {len(rounds)} ok 0 failed" in result.guest_lines
 
