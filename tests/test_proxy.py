@@ -467,13 +467,16 @@ def test_device_state_relay_is_cut_and_closed_when_the_connection_closes(tmp_pat
     _wait_for(lambda: open_fds() == before)     # no fd leaked (the fakes close theirs from their threads)
 
 
+HOOK_DELAY = 1.2
+
+
 def test_hooks_drop_modify_and_delay_without_blocking_others(tmp_path):
     from vhusniff.engine.rewrites import DropRequest
 
     class DelayFirstConnection:
         def message(self, flow):
             if flow.connection == 1 and flow.direction == Direction.BACKEND_TO_FRONTEND:
-                flow.delay(0.6)
+                flow.delay(HOOK_DELAY)
 
     class ChangeQueueCount:
         def message(self, flow):
@@ -495,7 +498,8 @@ def test_hooks_drop_modify_and_delay_without_blocking_others(tmp_path):
         slow.close(), fast.close()
         assert proxy.wait_until(lambda p: p.active_connections == 0)
         proxy.stop()
-    assert fast_done < 0.4 <= 0.6 <= slow_done
+    # Not blocked: the other connection is answered well before the delay ends, even on a busy machine.
+    assert fast_done < HOOK_DELAY / 2 and HOOK_DELAY <= slow_done
     assert SET_OWNER not in [struct.unpack_from("<I", f.data)[0] for f in fake.frames]
     notes = {r.note for r in messages(proxy.records)}
     assert {"dropped by hook (not forwarded)", "modified by hook", "delayed by hook"} <= notes
