@@ -160,7 +160,7 @@ class Campaign:
         execution = execute(case_records(self.seed, mutations, keep, stamped=False), self.target, self.seed.device,
                             timeout)
         if execution.outcome in ("crash", "exited", "hang", "unreachable"):
-            self.target.stop()
+            self.target.stop_process()        # its spare stays, to be taken by the next start
         return execution
 
     # ---- triage ----
