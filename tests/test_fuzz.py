@@ -272,6 +272,8 @@ def test_the_fuzzer_finds_all_three_planted_bugs_in_bounded_time(planted_campaig
     assert summary["distinct_behaviours"] >= 2 and summary["executions_per_second"] > 0
     assert after == before, "no fd of the campaign is left open"
     assert not processes_naming(str(out)) and not (out / "target.sock").exists()
+    launches = sum(line.startswith("$ ") for log in out.glob("target*.log") for line in log.read_text().splitlines())
+    assert summary["target_starts"] > 1 and launches <= summary["target_starts"] + 1, "a restart takes the spare"
 
 
 def test_each_planted_reproducer_replays_to_its_bug(planted_campaign, tmp_path):
