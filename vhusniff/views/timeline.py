@@ -82,8 +82,7 @@ def render_svg(seen: list[tuple[int, Record, Message | None]], analyzer: Analyze
         channels = sorted({r.channel for _n, r, _m in items if r.kind == RecordKind.MESSAGE} | {Channel.MAIN})
         state = analyzer.state(connection)
         band_top = y
-        parts.append(f'<text x="8" y="{y - 10}" class="band">connection {connection} '
-                     f'({escape(state.device_type or "unknown device")}), {state.messages} messages</text>')
+        parts.append(_band_heading(y, connection, state))
         y += EVENT_STRIP
         for channel in channels:
             for direction in (Direction.FRONTEND_TO_BACKEND, Direction.BACKEND_TO_FRONTEND):
@@ -105,19 +104,7 @@ def render_svg(seen: list[tuple[int, Record, Message | None]], analyzer: Analyze
     parts += _ruler(seen, xs, y - BAND_GAP + 40, first_ns)
     height = int(y + 40)
     header = escape(title) if title else "vhusniff timeline"
-    return "\n".join([
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" font-family="DejaVu Sans, Arial, sans-serif">',
-        "<style>.band{font-size:13px;font-weight:bold}.lane{font-size:12px;fill:#333}"
-        ".name{font-size:10px;fill:#222}.rt{font-size:9px;fill:#555}.tick{font-size:9px;fill:#555}"
-        ".note{font-size:10px;fill:#7a1f7a}</style>",
-        '<defs><marker id="arrow" viewBox="0 0 8 8" refX="7" refY="4" markerWidth="6" markerHeight="6" '
-        'orient="auto"><path d="M0,0 L8,4 L0,8 z" fill="#777"/></marker></defs>',
-        f'<rect x="0" y="0" width="{width}" height="{height}" fill="white"/>',
-        f'<text x="8" y="16" class="band">{header}</text>',
-        *parts,
-        "</svg>",
-    ])
+    return _svg_document(width, height, header, parts, arrows=True)
 
 
 def _mark_y(lane_top: float, direction: Direction) -> float:
@@ -408,8 +395,7 @@ def _render_buckets(timeline: Timeline, analyzer: Analyzer, title: str) -> str:
         state = analyzer.state(connection)
         channels = sorted({key[1] for key in timeline.lanes if key[0] == connection} | {Channel.MAIN})
         band_top = y
-        parts.append(f'<text x="8" y="{y - 10}" class="band">connection {connection} '
-                     f'({escape(state.device_type or "unknown device")}), {state.messages} messages</text>')
+        parts.append(_band_heading(y, connection, state))
         y += EVENT_STRIP
         for channel in channels:
             for direction in (Direction.FRONTEND_TO_BACKEND, Direction.BACKEND_TO_FRONTEND):
@@ -443,16 +429,7 @@ def _render_buckets(timeline: Timeline, analyzer: Analyzer, title: str) -> str:
     height = int(y + 40)
     header = escape(title) if title else "vhusniff timeline"
     header += f" ({timeline.messages:,} messages, by time: {_time_text(timeline.width_ns / 1e9)} a bar)"
-    return "\n".join([
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" font-family="DejaVu Sans, Arial, sans-serif">',
-        "<style>.band{font-size:13px;font-weight:bold}.lane{font-size:12px;fill:#333}"
-        ".tick{font-size:9px;fill:#555}.name{font-size:10px;fill:#222}</style>",
-        f'<rect x="0" y="0" width="{width}" height="{height}" fill="white"/>',
-        f'<text x="8" y="16" class="band">{header}</text>',
-        *parts,
-        "</svg>",
-    ])
+    return _svg_document(width, height, header, parts)
 
 
 def _bucket_time(timeline: Timeline, index: int) -> str:
@@ -503,6 +480,28 @@ def _bucketed_ring_lane(timeline: Timeline, rings: dict[int, dict[int, list]], t
                              f'fill="{PROBLEM}"><title>{_bucket_time(timeline, index)}: ring {ring}, '
                              f'{entry[2]} finding(s)</title></circle>')
     return parts
+
+
+def _band_heading(y: float, connection: int, state) -> str:
+    return (f'<text x="8" y="{y - 10}" class="band">connection {connection} '
+            f'({escape(state.device_type or "unknown device")}), {state.messages} messages</text>')
+
+
+def _svg_document(width: int, height: float, header: str, parts: list[str], arrows: bool = False) -> str:
+    """The SVG around a picture's parts: its styles, the arrow head message arrows use, a white page, the title."""
+    return "\n".join([
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" font-family="DejaVu Sans, Arial, sans-serif">',
+        "<style>.band{font-size:13px;font-weight:bold}.lane{font-size:12px;fill:#333}"
+        ".name{font-size:10px;fill:#222}.rt{font-size:9px;fill:#555}.tick{font-size:9px;fill:#555}"
+        ".note{font-size:10px;fill:#7a1f7a}</style>",
+        *(['<defs><marker id="arrow" viewBox="0 0 8 8" refX="7" refY="4" markerWidth="6" markerHeight="6" '
+           'orient="auto"><path d="M0,0 L8,4 L0,8 z" fill="#777"/></marker></defs>'] if arrows else []),
+        f'<rect x="0" y="0" width="{width}" height="{height}" fill="white"/>',
+        f'<text x="8" y="16" class="band">{header}</text>',
+        *parts,
+        "</svg>",
+    ])
 
 
 def render_html(svg: str, title: str = "") -> str:
