@@ -228,8 +228,13 @@ def test_status_line_is_drawn_on_a_terminal_only():
     shown.show("12 executions", force=True)
     shown.clear()
     Status(piped).show("12 executions", force=True)
-    assert terminal.getvalue().startswith("\r12 executions") and terminal.getvalue().endswith("\r")
+    assert "12 executions" in terminal.getvalue() and terminal.getvalue().endswith("\r")
     assert piped.getvalue() == ""
+    timed = io.StringIO()
+    bar = Status(timed, enabled=True, seconds=60)
+    bar.show("3 executions", force=True)
+    bar.clear()
+    assert "3 executions" in timed.getvalue() and timed.getvalue().endswith("\r")
 
 
 def test_bad_input_is_one_clear_line(tmp_path, capsys):

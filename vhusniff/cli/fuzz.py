@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     options = Options(duration=args.duration, max_executions=args.executions, rng_seed=args.rng_seed,
                       reply_timeout=args.timeout, max_mutations=args.mutations, prefix=args.prefix,
                       minimise=args.minimise, max_crashes=args.crashes)
-    status = Status(sys.stderr, enabled=False if args.quiet else None)
+    status = Status(sys.stderr, enabled=False if args.quiet else None, seconds=args.duration)
 
     def say(text: str) -> None:
         if not args.quiet:

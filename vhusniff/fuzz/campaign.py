@@ -2,7 +2,8 @@
 
 Every execution is one line of DIR/executions.jsonl (its mutations and outcome); each distinct crash is
 minimised and written as DIR/crashes/NNN-REASON-REQUEST.pcapng; DIR/summary.json holds the figures. On a
-terminal, one status line is redrawn as the campaign goes; nothing is drawn when the output is not a terminal.
+terminal, a progress bar (tqdm) with the campaign's figures is redrawn as it goes; nothing is drawn when the
+output is not a terminal.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
+
+from tqdm import tqdm
 
 from ..model import Record
 from .mutate import Mutation, Mutator, Seed, apply_all, case_records
@@ -41,28 +44,36 @@ class Options:
 
 
 class Status:
-    """One line on a terminal, redrawn in place; nothing at all when `stream` is not a terminal."""
+    """A progress bar (tqdm) over the campaign's time with its figures beside it, redrawn in place on a
+    terminal; nothing at all when `stream` is not a terminal."""
 
-    def __init__(self, stream: TextIO, enabled: bool | None = None):
+    def __init__(self, stream: TextIO, enabled: bool | None = None, seconds: float | None = None):
         self.stream = stream
         self.enabled = stream.isatty() if enabled is None else enabled
+        self.seconds = seconds                 # the campaign's duration: the bar's length
+        self._started = time.monotonic()
+        self._bar: tqdm | None = None
         self._drawn = 0.0
-        self._width = 0
 
     def show(self, text: str, force: bool = False) -> None:
-        now = time.monotonic()
-        if not self.enabled or (not force and now - self._drawn < STATUS_INTERVAL):
+        if not self.enabled:
             return
-        self._drawn = now
-        self.stream.write("\r" + text.ljust(self._width))
-        self.stream.flush()
-        self._width = len(text)
+        if self._bar is None:
+            self._bar = tqdm(total=self.seconds, file=self.stream, leave=False, dynamic_ncols=True,
+                             mininterval=STATUS_INTERVAL, bar_format="{bar:20} {desc}" if self.seconds
+                             else "{desc}")
+        elapsed = time.monotonic() - self._started
+        self._bar.n = min(elapsed, self.seconds) if self.seconds else elapsed
+        self._bar.set_description_str(text, refresh=False)
+        if force or elapsed - self._drawn >= STATUS_INTERVAL:
+            self._drawn = elapsed
+            self._bar.refresh()
 
     def clear(self) -> None:
-        if self.enabled and self._width:
-            self.stream.write("\r" + " " * self._width + "\r")
-            self.stream.flush()
-            self._width = 0
+        """Take the bar off the screen (before a line of text, and at the end); the next show draws it again."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
 
 class Campaign:
