@@ -321,6 +321,10 @@ def test_sigint_stops_the_campaign_and_its_target_and_writes_the_summary(tmp_pat
 
 # ---- a real qemu-storage-daemon 7.2 ----
 
+# glibc's words for a heap that an out-of-range vring index corrupted (SIGABRT, found only when the layout shows it)
+HEAP_CORRUPTION_WORDS = ("double free", "corrupted", "malloc(", "free(")
+
+
 def test_a_bounded_campaign_against_qemu_storage_daemon_has_no_false_crash(tmp_path):
     require("qemu-storage-daemon")
     disk = tmp_path / "disk.img"
@@ -342,7 +346,8 @@ def test_a_bounded_campaign_against_qemu_storage_daemon_has_no_false_crash(tmp_p
     # such a crash comes only sometimes: up to three replays, as the campaign tries three times.)
     for number, crash in enumerate(summary["crashes"]):
         assert crash["reason"].startswith("SIG"), crash
-        if crash["reproduced"]:
+        # glibc notices a corrupted heap only when the layout lets it: such a crash need not come on every replay.
+        if crash["reproduced"] and not any(word in crash["reason"] for word in HEAP_CORRUPTION_WORDS):
             reasons = []
             for attempt in range(3):
                 death, done = replay_reproducer(crash["reproducer"], template, tmp_path / f"replay{number}-{attempt}")
