@@ -38,7 +38,7 @@ from vhusniff.fuzz.triage import ddmin, report_head
 from vhusniff.model import FdInfo, RecordKind
 from vhusniff.protocol import catalogue as cat
 from vhusniff.protocol.grammar import HEADER_SIZE, HEADER_STRUCT, decode
-from vhusniff.replay.fresh import PAGE, SHORT_MEMFD, FreshFds
+from vhusniff.replay.fresh import DEAD_EVENTFD, PAGE, SHORT_MEMFD, FreshFds
 
 REPO = Path(__file__).resolve().parent.parent
 SEED = REPO / "captures" / "qemu-blk-boot.pcapng"
@@ -115,6 +115,7 @@ def test_every_family_is_drawn_and_every_case_ends_with_a_request_that_must_be_a
     assert {mutation.family for mutation in mutations} == {"field", "header", "length", "drop", "duplicate",
                                                            "swap", "insert", "fd"}
     assert any(mutation.fd is not None and mutation.fd.name == SHORT_MEMFD for mutation in mutations)
+    assert any(mutation.fd is not None and mutation.fd.name == DEAD_EVENTFD for mutation in mutations)
     assert all(mutation.index >= 1 for mutation in mutations), "the first request is the prefix, never mutated"
     records = case_records(seed, mutations[:3])
     messages = [record for record in records if record.kind == RecordKind.MESSAGE]
@@ -204,6 +205,20 @@ def test_a_reproducer_memfd_smaller_than_its_region_stays_small_in_replay():
         huge = fresh.make(FdInfo("memfd", 0, PAGE, "memory"), min_size=2 ** 64 + 5)   # a fuzzed size: no traceback
         assert (os.fstat(short).st_size, os.fstat(usual).st_size, os.fstat(huge).st_size) == (PAGE, 1 << 28, PAGE)
         for fd in (short, usual, huge):
+            os.close(fd)
+    finally:
+        fresh.close()
+
+
+def test_a_dead_eventfd_in_a_reproducer_cannot_be_signalled_by_the_back_end():
+    fresh = FreshFds()
+    try:
+        dead = fresh.make(FdInfo("eventfd", 0, -1, DEAD_EVENTFD))
+        usual = fresh.make(FdInfo("eventfd", 0, -1, ""))
+        os.eventfd_write(usual, 1)
+        with pytest.raises(BlockingIOError):
+            os.eventfd_write(dead, 1)          # what a back-end's kick or call on it meets
+        for fd in (dead, usual):
             os.close(fd)
     finally:
         fresh.close()

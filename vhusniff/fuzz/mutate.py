@@ -34,7 +34,7 @@ from ..protocol.grammar import (
     build_message,
     decode,
 )
-from ..replay.fresh import PAGE, SHORT_MEMFD
+from ..replay.fresh import DEAD_EVENTFD, PAGE, SHORT_MEMFD
 from ..replay.recording import load_exchanges
 
 F = cat.FrontendRequest
@@ -364,6 +364,9 @@ class Mutator:
             info = FdInfo("memfd", 0, PAGE, SHORT_MEMFD)
             return Mutation("fd", index, f"{self._label(index)}: fd {which} a memfd of {PAGE} bytes, smaller than "
                             f"its region", value=which, fd=info)
+        if fds and fds[0].kind == "eventfd" and choice < 0.3:
+            return Mutation("fd", index, f"{self._label(index)}: fd 0 an eventfd no one can signal (its counter at "
+                            f"the maximum)", value=0, fd=FdInfo("eventfd", 0, -1, DEAD_EVENTFD))
         if fds and choice < 0.6:
             which = self.rng.randrange(len(fds))
             return Mutation("fd", index, f"{self._label(index)}: fd {which} missing", value=which)

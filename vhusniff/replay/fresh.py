@@ -13,6 +13,10 @@ NOT_MAPPED = frozenset({"eventfd", "socket", "pipe"})
 # A memfd recorded under this name is made at its recorded size even where a region claims more: how a fuzzer's
 # reproducer keeps a memfd smaller than the region it is said to map.
 SHORT_MEMFD = "vhusniff-short-memfd"
+# An eventfd recorded under this name is made with its counter at the maximum, so that no one can signal it again:
+# a write blocks, or fails with EAGAIN on a non-blocking fd. How a fuzzer hands a back-end a dead kick or call fd.
+DEAD_EVENTFD = "vhusniff-dead-eventfd"
+EVENTFD_MAX = 0xFFFFFFFFFFFFFFFE        # the largest value an eventfd's counter holds
 
 
 class FreshFds:
@@ -46,7 +50,10 @@ class FreshFds:
 
     def _create(self, info: FdInfo, min_size: int) -> int:
         if info.kind == "eventfd":
-            return os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            if info.name == DEAD_EVENTFD:
+                os.eventfd_write(fd, EVENTFD_MAX)
+            return fd
         if info.kind == "socket":
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             self._our_ends[os.fstat(theirs.fileno()).st_ino] = ours
