@@ -137,6 +137,8 @@ def test_backend_that_never_reads_is_met_with_back_pressure_and_gets_every_byte_
             pauses = [n for n in _events(events) if "is not taking what the front-end sends" in n]
             assert len(pauses) == 1, _events(events)
             assert "back-end" in pauses[0] and events[-1].connection == 1
+            # A pause is recorded at once and told on stderr once it lasts (a short one is flow control).
+            _poll(lambda: any("has taken nothing" in p for p in proxy.problems), what="the lasting stall told")
             # Meanwhile another connection is served as usual.
             healthy = FakeFrontend(tmp_path / "b.sock")
             for _ in range(20):
@@ -151,6 +153,8 @@ def test_backend_that_never_reads_is_met_with_back_pressure_and_gets_every_byte_
             paused = sum("is not taking" in n for n in notes)
             resumed = sum("took the backlog" in n for n in notes)
             assert paused >= 1 and resumed == paused, notes      # every episode reported once, and its end
+            stalls = sum("has taken nothing" in p for p in proxy.problems)
+            assert 1 <= stalls <= paused, list(proxy.problems)
             assert proxy.buffered_peak <= limit + RECV_SIZE
             flooder.close()
             backend.close()

@@ -98,6 +98,8 @@ class RecordSink(Protocol):
 
 
 # Bytes waiting in the proxy for one socket before it stops reading from the side that sends them.
+# A back-pressure pause that lasts this long is told on stderr (every pause is recorded as an event).
+STALL_REPORT_SECONDS = 1.0
 MAX_BUFFERED_DEFAULT = 4 << 20
 # After a connection closes, how long what its peer had not taken yet may still go out (from the loop).
 LINGER_SECONDS = 5.0
@@ -1019,10 +1021,20 @@ class Proxy:
         source.paused = True
         source.paused_at = time.monotonic()
         self._rearm(source)
+        # Recorded at once; told on stderr only if it lasts: a GPU's 4 MB UPDATE pauses its sender for a moment
+        # as a full socket buffer would, which is flow control, not a problem.
         self._event(source.conn, source.channel, f"the {destination.side} is not taking what the {source.side} "
                     f"sends: {destination.buffered} bytes wait in the proxy (limit {self.max_buffered}); not "
-                    f"reading from the {source.side} until the {destination.side} takes them", problem=True,
+                    f"reading from the {source.side} until the {destination.side} takes them",
                     kind=EventKind.RESOURCE)
+        self._schedule(STALL_REPORT_SECONDS, self._report_stall, source, source.paused_at)
+
+    def _report_stall(self, source: _Endpoint, paused_at: float) -> None:
+        if source.paused and source.paused_at == paused_at and not source.closed and not source.conn.closed:
+            destination = source.peer
+            self._report_only(f"connection {source.conn.number}: the {destination.side} has taken nothing for "
+                              f"{STALL_REPORT_SECONDS:g} s: {destination.buffered} bytes wait in the proxy; the "
+                              f"{source.side} is not read from until it does")
 
     def _resume_reading(self, source: _Endpoint) -> None:
         destination = source.peer
