@@ -395,3 +395,58 @@ def test_fuzzing_qemu_as_a_back_end_answers_each_device_start_from_mutated_repli
     assert summary["outcomes"].get("ok", 0) >= 1 and summary["outcomes"].get("refused", 0) >= 1, summary["outcomes"]
     assert all(crash["reason"].startswith("SIG") for crash in summary["crashes"])
     assert "vhost-user-blk-pci" in (out / "target.log").read_text()
+
+
+# ---- a planted-bug front-end, fuzzed as a malicious back-end ----
+
+PLANTED_FRONTEND = f"{sys.executable} {REPO / 'tests' / 'planted_frontend.py'} {{socket}}"
+PLANTED_FRONTEND_BUGS = ("GET_FEATURES reply", "GET_QUEUE_NUM reply")
+
+
+@pytest.fixture(scope="module")
+def planted_frontend_campaign(tmp_path_factory):
+    out = tmp_path_factory.mktemp("planted-frontend")
+    before = open_fds()
+    started = time.monotonic()
+    code = fuzz_main(["--as", "backend", str(SEED), "--target", PLANTED_FRONTEND, "--duration", "25", "--crashes",
+                      "2", "--timeout", "2", "--seed", "1", "--out", str(out), "-q"])
+    return out, code, time.monotonic() - started, before, open_fds()
+
+
+def test_fuzzing_as_a_back_end_finds_both_bugs_planted_in_a_front_end(planted_frontend_campaign):
+    out, code, elapsed, before, after = planted_frontend_campaign
+    summary = json.loads((out / "summary.json").read_text())
+    reports = [crash["report"] for crash in summary["crashes"]]
+    assert code == 1 and elapsed < 30, (elapsed, summary["outcomes"])
+    assert all(any(bug in report for report in reports) for bug in PLANTED_FRONTEND_BUGS), reports
+    for crash in summary["crashes"]:
+        assert crash["reason"] == "SIGABRT" and crash["reproduced"]
+        assert Path(crash["reproducer"]).parent == out / "crashes" and crash["reproducer"].endswith(".pcapng")
+    assert summary["role"] == "backend" and summary["outcomes"].get("ok", 0) >= 1
+    assert after == before and not processes_naming(str(out)) and not (out / "target.sock").exists()
+
+
+def test_each_back_end_role_reproducer_replays_to_its_front_end_bug(planted_frontend_campaign, tmp_path):
+    out, _code, _elapsed, _before, _after = planted_frontend_campaign
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["crashes"]
+    for number, crash in enumerate(summary["crashes"]):
+        listen = tmp_path / f"{number}.sock"
+        replay = subprocess.Popen([sys.executable, "-m", "vhusniff.cli.main", "replay", "--as", "backend",
+                                   crash["reproducer"], "--listen", str(listen)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, cwd=REPO)
+        try:
+            deadline = time.monotonic() + 30
+            while not listen.exists() and replay.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)        # polling for the socket to appear, a condition with a deadline
+            assert listen.exists(), replay.communicate(timeout=10)
+            front_end = subprocess.run([sys.executable, str(REPO / "tests" / "planted_frontend.py"), str(listen)],
+                                       capture_output=True, text=True, timeout=30)
+            stdout, stderr = replay.communicate(timeout=30)
+        finally:
+            if replay.poll() is None:
+                replay.kill()
+                replay.wait()
+        assert front_end.returncode == -signal.SIGABRT, (crash["signature"], front_end.stderr, stdout, stderr)
+        assert report_head(front_end.stderr) == report_head(crash["report"]), front_end.stderr
+        assert "Traceback" not in stderr
