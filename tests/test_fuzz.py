@@ -7,6 +7,7 @@ Outside CI a test skips when its program is missing; in CI (CI=true) it fails in
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -33,11 +34,13 @@ from vhusniff.fuzz.mutate import (
     integer_fields,
     load_seed,
 )
+from vhusniff.fuzz.reverse import BackendMutator, ConnectingTarget, load_backend_seed
+from vhusniff.fuzz.reverse import serve as serve_as_backend
 from vhusniff.fuzz.target import EXIT_WAIT, Target, execute
 from vhusniff.fuzz.triage import ddmin, report_head
-from vhusniff.model import FdInfo, RecordKind
+from vhusniff.model import Channel, Direction, FdInfo, Record, RecordKind
 from vhusniff.protocol import catalogue as cat
-from vhusniff.protocol.grammar import HEADER_SIZE, HEADER_STRUCT, decode
+from vhusniff.protocol.grammar import HEADER_SIZE, HEADER_STRUCT, build_message, decode
 from vhusniff.replay.fresh import DEAD_EVENTFD, PAGE, SHORT_MEMFD, FreshFds
 
 REPO = Path(__file__).resolve().parent.parent
@@ -450,3 +453,69 @@ def test_each_back_end_role_reproducer_replays_to_its_front_end_bug(planted_fron
         assert front_end.returncode == -signal.SIGABRT, (crash["signature"], front_end.stderr, stdout, stderr)
         assert report_head(front_end.stderr) == report_head(crash["report"]), front_end.stderr
         assert "Traceback" not in stderr
+
+
+# ---- header lies of the back-end role, on the wire ----
+
+@pytest.fixture(scope="module")
+def backend_seed():
+    return load_backend_seed(str(SEED), load_or_report(str(SEED), "test"))
+
+
+def served_on_the_wire(backend_seed, lie: Mutation, workdir: Path, timeout: float = 60.0):
+    """Answer the planted front-end from the seed with one back-end message changed; it writes down every byte
+    it receives: (the execution, the bytes it received)."""
+    seed, recording = backend_seed
+    received = workdir / "received.bin"
+    changed = dict(zip(map(id, seed.requests), apply_all(seed.requests, [lie]), strict=True))
+    records = [changed.get(id(record), record) for record in recording]
+    target = ConnectingTarget(f"{PLANTED_FRONTEND} {received}", workdir)
+    try:
+        execution = serve_as_backend(records, target, seed.device, timeout)
+    finally:
+        target.stop()
+    return execution, received.read_bytes(), changed[id(seed.requests[lie.index])].data
+
+
+def reply_to(seed, name: str) -> int:
+    return next(index for index, message in enumerate(seed.messages) if message.is_reply and message.name == name)
+
+
+def test_back_end_header_lies_include_both_reply_bit_lies_and_a_size_beyond_the_payload(backend_seed):
+    seed, _recording = backend_seed
+    # The seed's connection has no back-end-channel request: one is added, as a capture of a device using it has.
+    data = build_message(Channel.BACKEND, cat.BackendRequest.CONFIG_CHANGE_MSG)
+    request = Record(0, seed.connection, Channel.BACKEND, Direction.BACKEND_TO_FRONTEND, data)
+    seed = dataclasses.replace(seed, requests=[*seed.requests, request],
+                               messages=[*seed.messages, decode(data, Channel.BACKEND)])
+    mutations = [mutation for mutation in BackendMutator(seed, random.Random(3)).draw(600)
+                 if mutation.family == "header"]
+    flags = [(mutation, seed.messages[mutation.index].is_reply) for mutation in mutations if mutation.offset == 4]
+    assert any(is_reply and not mutation.value & cat.FLAG_REPLY for mutation, is_reply in flags)
+    assert any(not is_reply and mutation.value & cat.FLAG_REPLY for mutation, is_reply in flags)
+    assert any(mutation.value > len(seed.requests[mutation.index].data) - HEADER_SIZE
+               for mutation in mutations if mutation.offset == 8)
+
+
+def test_a_reply_without_the_reply_bit_goes_to_the_front_end_as_it_is(backend_seed, tmp_path):
+    seed, _recording = backend_seed
+    index = reply_to(seed, "GET_PROTOCOL_FEATURES")
+    flags = HEADER_STRUCT.unpack_from(seed.requests[index].data)[1]
+    lie = Mutation("header", index, "no REPLY bit", offset=4, value=flags & ~cat.FLAG_REPLY)
+    execution, received, lied = served_on_the_wire(backend_seed, lie, tmp_path)
+    assert lied in received and not HEADER_STRUCT.unpack_from(lied)[1] & cat.FLAG_REPLY, received.hex()
+    assert execution.outcome == "refused", execution          # the planted front-end refuses a reply without it
+
+
+def test_a_reply_size_no_message_can_supply_ends_at_once_as_stuck(backend_seed, tmp_path):
+    """The GET_FEATURES reply promises 64 bytes more than it carries: the front-end waits for the rest before its
+    next request, so the reply goes as it is, our side closes, and the execution ends long before the timeout."""
+    seed, _recording = backend_seed
+    index = reply_to(seed, "GET_FEATURES")
+    size = len(seed.requests[index].data) - HEADER_SIZE
+    lie = Mutation("header", index, "size", offset=8, value=size + 64)
+    started = time.monotonic()
+    execution, received, lied = served_on_the_wire(backend_seed, lie, tmp_path, timeout=60.0)
+    assert received == lied and HEADER_STRUCT.unpack_from(received)[2] == size + 64, received.hex()
+    assert execution.outcome == "stuck" and execution.death is None, execution
+    assert time.monotonic() - started < 30

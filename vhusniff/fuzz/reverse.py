@@ -30,7 +30,6 @@ from pathlib import Path
 from ..model import Channel, Direction, Record, RecordKind
 from ..protocol import catalogue as cat
 from ..protocol.context import ContextTracker
-from ..protocol.grammar import HEADER_SIZE
 from ..replay.backend import serve_front_end
 from ..replay.driver import Recorder
 from ..replay.recording import load_backend_requests, load_exchanges
@@ -69,7 +68,10 @@ def load_backend_seed(path: str, records: list[Record], connection: int | None =
 
 
 class BackendMutator(Mutator):
-    """Only changes that keep a reply paired with its request: its request number and REPLY bit stay."""
+    """The back-end's messages keep their request numbers (a reply stays paired with its request); header lies
+    include a reply without the REPLY bit, a back-end-channel request with it, and a size beyond the payload
+    (replay's scripted back-end then sends the reply as it is and closes its side: the front-end reads what
+    there is, then the end)."""
 
     FAMILIES = (("field", 10), ("header", 3), ("length", 2))
 
@@ -80,16 +82,14 @@ class BackendMutator(Mutator):
     def _header(self) -> Mutation:
         mutation = super()._header()
         index = mutation.index
-        if mutation.offset == 4:          # flags: the REPLY bit stays as it was (replay pairs a reply by it)
-            reply_bit = cat.FLAG_REPLY if self.seed.messages[index].is_reply else 0
-            value = mutation.value & ~cat.FLAG_REPLY | reply_bit
-            mutation = dataclasses.replace(mutation, value=value, text=f"{self._label(index)}: flags {value:#x}")
-        elif mutation.value > len(self.seed.requests[index].data) - HEADER_SIZE:
-            # Only shorter: the scripted back-end's session would hold a longer one for bytes it never sends.
-            size = len(self.seed.requests[index].data) - HEADER_SIZE
-            value = self.rng.choice([0, max(size - 1, 0), size // 2])
+        if mutation.offset == 4 and self.rng.random() < 0.4:
+            flags = mutation.value
+            if self.seed.messages[index].is_reply:
+                value, what = flags & ~cat.FLAG_REPLY, " (a reply without the REPLY bit)"
+            else:
+                value, what = flags | cat.FLAG_REPLY, " (the REPLY bit on a back-end request)"
             mutation = dataclasses.replace(mutation, value=value,
-                                           text=f"{self._label(index)}: header size {value} (payload {size})")
+                                           text=f"{self._label(index)}: flags {value:#x}{what}")
         return mutation
 
 
@@ -198,6 +198,8 @@ def serve(records: list[Record], target: ConnectingTarget, device: str | None, t
             outcome, death = "hang", None
         elif death.returncode is None or death.returncode < 0:
             outcome = "crash"
+        elif result.stuck:
+            outcome, death = "stuck", None      # our lie left it nothing to read: ours, not the front-end's doing
         else:
             outcome = "ok" if death.returncode == 0 else "refused"
             death = None

@@ -15,7 +15,7 @@ from ..engine.hooks import HookChain
 from ..model import Channel, EventKind, FdInfo
 from ..protocol import catalogue as cat
 from ..protocol.context import ContextTracker
-from ..protocol.grammar import HEADER_SIZE, DecodeContext, Message, decode, request_name
+from ..protocol.grammar import HEADER_SIZE, HEADER_STRUCT, DecodeContext, Message, decode, request_name
 from .driver import CONNECTION, REPLY_TIMEOUT, Driver, Recorder, Timer, close_all, say
 from .fresh import FreshFds
 from .recording import (
@@ -54,6 +54,7 @@ class ServeResult:
     not_recorded: list[str] = field(default_factory=list)
     failed: str = ""                 # why the session was ended by policy (unknown request with --unknown fail)
     ended: str = ""                  # how the front-end's connection ended
+    stuck: str = ""                  # a reply's header promised bytes that nothing we send later can supply
     side: dict[Channel, SideChannelResult] = field(
         default_factory=lambda: {channel: SideChannelResult() for channel in SIDE_CHANNELS})
     recorded: int = 0                # the recorded front-end requests
@@ -325,6 +326,15 @@ class ScriptedBackend:
         if reply is not None:
             self.replies.append(("reply", index))
             self.driver.send(Channel.MAIN, reply, reply_fds)
+            promised = HEADER_STRUCT.unpack_from(reply)[2] if len(reply) >= HEADER_SIZE else 0
+            if promised > len(reply) - HEADER_SIZE:
+                # A front-end reads a reply whole before its next request, so nothing we send later on this
+                # channel can be the rest this header promises: closing our side hands the session's framer's
+                # partial reply to the front-end as it is, then the end, at once rather than at a timeout.
+                self.result.stuck = (f"request #{self.result.requests}: the reply's header promises {promised} "
+                                     f"payload bytes, it carries {len(reply) - HEADER_SIZE}")
+                self.recorder.report(self.result.stuck)
+                self.driver.close_side(Channel.MAIN)
         elif index is not None:
             self._reached((index, 1))
 

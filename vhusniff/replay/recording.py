@@ -66,7 +66,8 @@ def load_exchanges(records: list[Record], connection: int | None) -> tuple[int, 
             exchanges.append(exchange)
             if not flags & cat.FLAG_REPLY:
                 waiting.append(exchange)
-        elif flags & cat.FLAG_REPLY:
+        else:
+            # Likewise the back-end only replies on the main channel: a reply without the REPLY bit is a reply.
             _pair_reply(waiting, record, number)
     if not exchanges:
         raise ValueError(f"connection {connection} holds no front-end request")
@@ -118,7 +119,7 @@ def load_backend_requests(records: list[Record], connection: int, exchanges: lis
         if record.channel != channel:
             continue
         is_reply = is_reply_flag(channel, _request_number(record.data), _flags(record.data))
-        if record.direction == Direction.BACKEND_TO_FRONTEND and not is_reply:
+        if record.direction == Direction.BACKEND_TO_FRONTEND:        # a request, by direction, whatever its flags
             request = BackendExchange(number, record, after=after)
             requests.append(request)
             waiting.append(request)
