@@ -1,8 +1,9 @@
 """`vhusniff fuzz --as backend`: fuzz a front-end (QEMU) as a malicious back-end.
 
 The seed's recorded back-end messages (main-channel replies, back-end-channel requests) are what is mutated,
-with the same grammar-driven families as the front-end role (field edge values, header lies that keep the
-message paired with its request, payloads cut short or grown). A case is the seed recording with those
+with the same grammar-driven families as the front-end role (field edge values, header lies: the size, the
+version bits, the REPLY bit left off a reply or put on a back-end request; payloads cut short or grown); the
+request number stays, so that a reply stays paired with its request. A case is the seed recording with those
 messages changed; replay's scripted back-end (serve_front_end, on the core) answers the front-end from it,
 so `vhusniff replay --as backend CRASH.pcapng --listen SOCKET` plays a reproducer to the same crash.
 
