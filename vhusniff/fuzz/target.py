@@ -40,7 +40,7 @@ from ..protocol.grammar import HEADER_SIZE, DecodeContext, Message, decode
 from ..proxy.routes import listening_in_table
 from ..replay.driver import CONNECTION, Driver, Recorder
 from ..replay.fresh import FreshFds
-from ..replay.frontend import Outgoing, ReplayResult, ScriptedFrontend
+from ..replay.frontend import Outgoing, ReplayResult, ScriptedFrontend, play_frontend
 from ..replay.recording import Exchange, decode_recorded, load_exchanges
 from .mutate import BARRIER
 
@@ -436,13 +436,7 @@ def execute(records: list[Record], target: Target, device: str | None, reply_tim
     driver, fresh = Driver(session, Recorder(None, out), out, device), FreshFds()
     script = FuzzFrontend(driver, exchanges, fresh, result, out, reply_timeout, device, target.decoder.decode,
                           case_timeout=reply_timeout * 4)
-    try:
-        driver.attach(Channel.MAIN, sock)
-        driver.run(script)
-    finally:
-        script.discard()
-        driver.shut()
-        fresh.close()
+    play_frontend(driver, sock, script, fresh)
     sent = result.requests_sent
     last = exchanges[sent - 1].request if sent else None
     last_name = decode_name(last) if last is not None else ""

@@ -397,6 +397,18 @@ def promised_beyond(data: bytes) -> bool:
     return len(data) >= HEADER_SIZE and HEADER_STRUCT.unpack_from(data)[2] > len(data) - HEADER_SIZE
 
 
+def play_frontend(driver: Driver, sock: socket.socket, script: ScriptedFrontend, fresh: FreshFds) -> None:
+    """Run a scripted front-end on a connected back-end socket to its end; whatever happens, its fds and the
+    driver's sockets are closed."""
+    try:
+        driver.attach(Channel.MAIN, sock)
+        driver.run(script)
+    finally:
+        script.discard()
+        driver.shut()
+        fresh.close()
+
+
 def replay_as_frontend(records: list, backend_path: str, connection: int | None = None, writer=None,
                        out=sys.stdout, reply_timeout: float = REPLY_TIMEOUT, hooks=(),
                        on_hook_error: str = "forward", device: str | None = None) -> ReplayResult:
@@ -423,13 +435,7 @@ def replay_as_frontend(records: list, backend_path: str, connection: int | None 
     started = time.monotonic()
     script = ScriptedFrontend(driver, exchanges, fresh, result, out, reply_timeout, device)
     script.gpu_replies = side_channel_replies(records, connection, Channel.GPU)
-    try:
-        driver.attach(Channel.MAIN, sock)
-        driver.run(script)
-    finally:
-        script.discard()
-        driver.shut()
-        fresh.close()
+    play_frontend(driver, sock, script, fresh)
     result.elapsed = time.monotonic() - started
     verdict = ("identical to the recording" if not result.divergences else
                f"{len(result.divergences)} divergences; first divergence: {result.divergences[0]}")
