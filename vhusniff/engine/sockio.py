@@ -8,7 +8,7 @@ import socket
 # Room for far more fds than any peer sends (QEMU's limit is 16), so a flood is seen, not silently cut.
 MAX_FDS_PER_RECV = 253
 RECV_SIZE = 65536
-_ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_RECV * array.array("i").itemsize)
+ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_RECV * array.array("i").itemsize)
 
 
 def send_some(sock: socket.socket, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> int:
@@ -27,7 +27,7 @@ def send_message(sock: socket.socket, data: bytes, fds: list[int] | tuple[int, .
 
 def receive_chunk(sock: socket.socket) -> tuple[bytes, list[int], bool]:
     """(bytes, fds, control truncated?) from one recvmsg; b"" means the peer closed its side."""
-    data, ancillary, flags, _address = sock.recvmsg(RECV_SIZE, _ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC)
+    data, ancillary, flags, _address = sock.recvmsg(RECV_SIZE, ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC)
     return data, received_fds(ancillary), bool(flags & socket.MSG_CTRUNC)
 
 

@@ -70,7 +70,7 @@ from ..engine.core import (
 )
 from ..engine.fds import describe_fd
 from ..engine.hooks import HookChain
-from ..engine.sockio import _ANCILLARY_SPACE, RECV_SIZE, received_fds, send_some
+from ..engine.sockio import ANCILLARY_SPACE, RECV_SIZE, received_fds, send_some
 from ..model import Channel, Direction, EventKind, Record, RecordKind
 from ..protocol.catalogue import FrontendRequest
 from ..protocol.context import DEVICE_HINTS, ContextTracker, infer_device_type
@@ -703,7 +703,7 @@ class Proxy:
             return
         try:
             # sockio.receive_chunk, inlined: this is the hottest line of the proxy.
-            data, ancillary, flags, _address = endpoint.sock.recvmsg(RECV_SIZE, _ANCILLARY_SPACE, _CMSG_CLOEXEC)
+            data, ancillary, flags, _address = endpoint.sock.recvmsg(RECV_SIZE, ANCILLARY_SPACE, _CMSG_CLOEXEC)
         except BlockingIOError:
             return
         except OSError as error:
