@@ -4168,6 +4168,11 @@ local RECORD_FIELDS = {
     ["label"] = "Used index",
     ["type"] = "uint16",
   },
+  ["source_tag"] = {
+    ["doc"] = "the 24-bit tag of the record's source in its pseudo-header (what plain tshark keys connections by); absent when the capture does not tag its source",
+    ["label"] = "Source tag",
+    ["type"] = "uint24",
+  },
   ["unframed"] = {
     ["doc"] = "1 when the bytes are not one well-framed message",
     ["label"] = "Unframed bytes",
@@ -4655,6 +4660,8 @@ local function make_field(name, spec, into)
     field = ProtoField.uint64(abbr, label, base.HEX, nil, nil, doc)
   elseif t == "uint64_dec" then
     field = ProtoField.uint64(abbr, label, base.DEC, nil, nil, doc)
+  elseif t == "uint24" then
+    field = ProtoField.uint24(abbr, label, base.HEX, nil, nil, doc)
   elseif t == "uint32" or t == "uint16" or t == "uint8" then
     field = ProtoField[t](abbr, label, base.DEC, nil, nil, doc)
   elseif t == "string" then
@@ -4833,7 +4840,7 @@ local function reset_state()
     history = {},         -- connection -> {{frame, context, device}, ...}: each change, and the frame that made it
     open = {},            -- connection -> true between its CONNECTED and CLOSED events
     reconnected = {},     -- frame -> true: a CONNECTED event of a connection already open
-    given = {},           -- source -> connection number in the capture -> connection number shown
+    given = {},           -- source (or its tag) -> connection number in the capture -> connection number shown
     holder = {},          -- connection number shown -> its source
     highest = 0,
     pending_frame = {},   -- connection * 8 + channel -> the frame of the request awaiting its reply
@@ -4851,10 +4858,13 @@ local frame_number, frame_visited = 0, false
 
 -- Merged captures (mergecap of captures from several hosts or proxies): each capture's interface description
 -- names its source, and connection numbers restart at 1 in each. Connections are then keyed by source and number
--- and numbered as `vhusniff read` numbers them (capture.pcapng.distinct_connections). Wireshark's Lua sees a
+-- and numbered as `vhusniff read` numbers them (capture.pcapng.distinct_connections). Every record a vhusniff that
+-- tags its captures writes carries its source's tag in the pseudo-header (capture.pcapng.source_tag, 0 in older
+-- captures): plain tshark keys connections by (tag, number), read from the packet itself. Wireshark's Lua sees a
 -- frame's interface only through a field extractor, and any field extractor makes Wireshark build a tree for every
--- packet (about five times the CPU when tshark only lists packets), so this is on in the Wireshark GUI (which
--- builds those trees anyway, for its colouring rules) and in tshark when VHUSNIFF_SOURCES=1 is set.
+-- packet (about five times the CPU when tshark only lists packets), so the interface's source is read only in the
+-- Wireshark GUI (which builds those trees anyway, for its colouring rules) and in tshark when VHUSNIFF_SOURCES=1 is
+-- set: what keeps untagged captures' sources apart.
 local interface_field, description_field
 if gui_enabled() or os.getenv("VHUSNIFF_SOURCES") == "1" then
   interface_field = Field.new("frame.interface_id")
@@ -5252,8 +5262,14 @@ local function dissect_pseudo_header(tvb, raw, tree)
   local kind, channel, direction = byte(raw, 13, 15)
   record.header_length, record.fixed = header_length, fixed
   record.connection, record.kind, record.channel, record.direction = u32(raw, 8), kind, channel, direction
+  local tag = 0
+  if version ~= 1 then
+    local low, middle, high = byte(raw, 22, 24)
+    tag = low + middle * 256 + high * 65536
+  end
+  local source
   if interface_field then
-    local source = frame_source()
+    source = frame_source()
     if source == nil then
       state.sourceless = true      -- the next pass, which has the sources, does this pass's work again
     else
@@ -5264,6 +5280,9 @@ local function dissect_pseudo_header(tvb, raw, tree)
       if state.redone then frame_visited = false end
       record.connection = distinct_connection(source, record.connection)
     end
+  else
+    -- keyed by the source's tag (0, one key, for untagged records: their numbers stay as they are)
+    record.connection = distinct_connection(tag, record.connection)
   end
   record.flags, record.fd_count, record.note_length = byte(raw, 16), u16(raw, 16), u16(raw, 18)
   record.event, record.device, record.note = nil, nil, nil
@@ -5277,6 +5296,10 @@ local function dissect_pseudo_header(tvb, raw, tree)
     header_tree:add(pf["direction"], tvb(14, 1), DIRECTION_NAMES[direction])
     header_tree:add(pf["unframed"], tvb(15, 1), band(record.flags, C.PSEUDO_FLAG_UNFRAMED))
     header_tree:add_le(pf["fds"], tvb(16, 2))
+    if tag ~= 0 then      -- 0: the capture does not tag its source (no field, as `vhusniff read` has none)
+      local tag_item = header_tree:add_le(pf["source_tag"], tvb(21, 3))
+      if source and source ~= "" then tag_item:append_text(" (" .. source .. ")") end
+    end
   end
   if version ~= 1 and kind ~= 0 then
     record.event = byte(raw, 21)

@@ -31,7 +31,8 @@ TSHARK = shutil.which("tshark")
 needs_tshark = pytest.mark.skipif(TSHARK is None and os.environ.get("CI", "").lower() != "true",
                                   reason="tshark is not installed")
 # Fields the dissector adds beside the grammar's; they are compared too where vhusniff has the same notion.
-COMPARED_RECORD_FIELDS = ("name", "kind", "problem", "connection", "channel", "direction", "fds", "fd.kind")
+COMPARED_RECORD_FIELDS = ("name", "kind", "problem", "connection", "source_tag", "channel", "direction", "fds",
+                          "fd.kind")
 
 
 def test_checked_in_dissector_is_the_generator_output():
@@ -215,7 +216,7 @@ def vhusniff_fields(record: Record, message) -> list[tuple[str, object]]:
             fields.append((name, item))
     fields += [("name", message.name)] + ([("kind", message.kind)] if message.kind else [])
     fields += [("problem", p.code) for p in message.problems]
-    for name in ("connection", "channel", "direction", "fds", "fd.kind"):
+    for name in ("connection", "source_tag", "channel", "direction", "fds", "fd.kind"):
         fields += [(name, v) for v in RECORD_FIELDS[name].value(message, record, 0)]
     return fields
 
@@ -586,12 +587,15 @@ def test_the_tree_shows_human_labels_and_filters_keep_the_dotted_names():
     assert "guest_phys_addr" not in result.stdout
 
 
-def merged_capture(tmp_path) -> str:
-    """mergecap of two hosts' captures, each with connections 1 and 2, interleaved in time."""
+def merged_capture(tmp_path, tagged: bool = True) -> str:
+    """mergecap of two hosts' captures, each with connections 1 and 2, interleaved in time. Untagged: as an older
+    vhusniff wrote them, the source in the interface description only (every pseudo-header's tag 0)."""
     paths = []
     for index, host in enumerate(("host-a", "host-b")):
         path = str(tmp_path / f"{host}.pcapng")
         with CaptureWriter(path, source=f"host={host} pid=7 start=2026-01-01T00:00:00Z") as writer:
+            if not tagged:
+                writer.tag = 0
             for connection in (1, 2):
                 start = 1_000_000 + 500 * index + 10_000 * connection
                 writer.write(Record(start, connection, kind=RecordKind.EVENT, event=EventKind.CONNECTED,
@@ -606,10 +610,12 @@ def merged_capture(tmp_path) -> str:
 
 
 @needs_tshark
-def test_a_merged_capture_reads_in_tshark_as_the_connections_read_shows(tmp_path):
+@pytest.mark.parametrize("tagged", [True, False], ids=["tagged", "untagged"])
+def test_a_merged_capture_reads_in_tshark_as_the_connections_read_shows(tmp_path, tagged):
     """Told about capture sources (as the Wireshark GUI always is), the dissector keys connections by source and
-    number and numbers them as `vhusniff read` does: host-a's 1, host-b's 1 (shown 2), host-a's 2 (3), ..."""
-    merged = merged_capture(tmp_path)
+    number and numbers them as `vhusniff read` does: host-a's 1, host-b's 1 (shown 2), host-a's 2 (3), ...
+    Tagged or not, the interface's source decides."""
+    merged = merged_capture(tmp_path, tagged)
     expected = read_lines(merged)
     assert sorted({line.split()[0] for line in expected.values()}) == ["c1", "c2", "c3", "c4"]
     assert tshark_info(merged, tree=False, sources=True) == expected
@@ -626,7 +632,46 @@ def test_a_merged_capture_reads_in_tshark_as_the_connections_read_shows(tmp_path
 
 
 @needs_tshark
-def test_tshark_not_told_about_sources_warns_when_a_connection_connects_while_open(tmp_path):
-    info = tshark_info(merged_capture(tmp_path), tree=False)
+def test_tshark_not_told_about_sources_warns_when_an_untagged_connection_connects_while_open(tmp_path):
+    info = tshark_info(merged_capture(tmp_path, tagged=False), tree=False)
     warned = [number for number, line in info.items() if "connects while open: a merged capture?" in line]
     assert warned == [2, 8], info       # host-b's connections 1 and 2, while host-a's are open
+    assert {line.split()[0] for line in info.values()} == {"c1", "c2"}     # conflated, as before the tag
+
+
+@needs_tshark
+def test_plain_tshark_keys_a_tagged_merged_capture_by_source_tag_as_read_numbers_it(tmp_path):
+    """No VHUSNIFF_SOURCES, no field extractor: the tag in every pseudo-header keeps the sources apart, in the
+    packet list and in the tree, with replies linked within their own connection, and every field agrees."""
+    merged = merged_capture(tmp_path)
+    expected = read_lines(merged)
+    assert sorted({line.split()[0] for line in expected.values()}) == ["c1", "c2", "c3", "c4"]
+    assert tshark_info(merged, tree=False) == expected
+    assert tshark_info(merged, tree=True) == expected
+    assert not any("connects while open" in line for line in expected.values())
+    assert compare_capture(merged) == 8
+    result = subprocess.run([TSHARK, "-X", f"lua_script:{DISSECTOR_PATH}", "-r", merged, "-2", "-T", "fields",
+                             "-e", "vhost_user.connection", "-e", "vhost_user.response_to"],
+                            capture_output=True, text=True, timeout=60, env=dict(os.environ, VHUSNIFF_SOURCES=""))
+    rows = [line.split("\t") for line in result.stdout.splitlines()]
+    assert [int(connection) for connection, _request in rows] == [int(expected[number].split()[0][1:])
+                                                                  for number in sorted(expected)]
+    linked = {number: int(request) for number, (_connection, request) in enumerate(rows, start=1) if request}
+    assert linked == {number: number - 2 for number, line in expected.items() if " reply " in line}
+
+
+@needs_tshark
+def test_the_source_tag_is_a_labelled_filter_field_of_the_pseudo_header(tmp_path):
+    from vhusniff.capture.pcapng import source_tag
+    merged = merged_capture(tmp_path)
+    tag = source_tag("host=host-b pid=7 start=2026-01-01T00:00:00Z")
+    result = subprocess.run([TSHARK, "-X", f"lua_script:{DISSECTOR_PATH}", "-r", merged, "-V",
+                             "-Y", f"vhost_user.source_tag == {tag:#x} && vhost_user.name == \"GET_FEATURES\""],
+                            capture_output=True, text=True, timeout=60, env=dict(os.environ, VHUSNIFF_SOURCES="1"))
+    assert result.returncode == 0, result.stderr
+    # host-b's two GET_FEATURES and their replies; the tree names the source when tshark is told it
+    assert result.stdout.count(f"Source tag: {tag:#08x} (host=host-b pid=7 ") == 4, result.stdout
+    untagged = os.path.join(ROOT, "captures", "qemu-blk-boot.pcapng")
+    result = subprocess.run([TSHARK, "-X", f"lua_script:{DISSECTOR_PATH}", "-r", untagged,
+                             "-Y", "vhost_user.source_tag"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout == "", result.stderr     # a shipped capture: untagged

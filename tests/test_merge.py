@@ -9,9 +9,16 @@ import subprocess
 import pytest
 
 from peers import kit, require  # noqa: F401  (kit is a fixture)
-from vhusniff.capture.pcapng import CaptureWriter, capture_source, distinct_connections, read_capture, read_captures
+from vhusniff.capture.pcapng import (
+    CaptureWriter,
+    capture_source,
+    distinct_connections,
+    read_capture,
+    read_captures,
+    source_tag,
+)
 from vhusniff.cli.main import main
-from vhusniff.model import Channel, Direction, EventKind, Record, RecordKind
+from vhusniff.model import Channel, Direction, EventKind, FdInfo, Record, RecordKind
 from vhusniff.protocol.grammar import build_message
 
 
@@ -24,6 +31,9 @@ def _session(writer: CaptureWriter, start_ns: int, connections=(1,)) -> None:
         writer.write(Record(start_ns + 2000, connection, direction=Direction.BACKEND_TO_FRONTEND,
                             data=build_message(Channel.MAIN, 1, dict(features=1 << 32), reply=True)))
         writer.write(Record(start_ns + 3000, connection, kind=RecordKind.EVENT, event=EventKind.CLOSED, note="closed"))
+
+
+SOURCE_A = "host=host-a pid=7 start=2026-01-01T00:00:00Z"
 
 
 def _two_hosts(tmp_path, named: bool = True):
@@ -167,7 +177,8 @@ def test_a_mergecap_of_two_real_lab_captures_reads_as_their_connections(two_lab_
     assert _run(["read", *map(str, two_lab_captures)], capsys) == from_merged and " c2 " in from_merged
 
 
-@pytest.mark.parametrize("text", ['source contains "host-a"', '!(source contains "host-a")', "source && size == 8"])
+@pytest.mark.parametrize("text", ['source contains "host-a"', '!(source contains "host-a")', "source && size == 8",
+                                  f"source_tag == {source_tag(SOURCE_A):#x}", "source_tag != 5"])
 def test_a_single_source_capture_reads_its_source_alike_on_the_fast_and_the_general_path(tmp_path, text):
     import io
 
@@ -185,3 +196,126 @@ def test_a_single_source_capture_reads_its_source_alike_on_the_fast_and_the_gene
                       if display_filter.matches(message, record, number))
     assert fast.getvalue() == general
     assert ("  source: host=host-a" in general) == (not text.startswith("!"))
+
+
+# --- the source tag: every pseudo-header says its capture's source, for readers that see no interface ------------
+
+def _packets(path) -> list[bytes]:
+    """Each EPB's packet data, as a reader that sees only packets has it."""
+    from scapy.utils import RawPcapNgReader
+    return [packet for packet, _metadata in RawPcapNgReader(str(path))]
+
+
+def test_the_source_tag_is_stable_never_0_and_0_without_a_source():
+    assert source_tag(SOURCE_A) == 0xE845B0      # the same bytes in every vhusniff, every process
+    assert source_tag("") == 0
+    assert all(0 < source_tag(f"host=h{index}") < 1 << 24 for index in range(2000))
+
+
+def test_every_record_a_writer_writes_carries_its_source_tag(tmp_path):
+    path = tmp_path / "tagged.pcapng"
+    with CaptureWriter(path, source=SOURCE_A) as writer:
+        _session(writer, 1000)
+        writer.write(Record(9000, 1, data=build_message(Channel.MAIN, 13, dict(index=0, flags=0, reserved=0)),
+                            fds=[FdInfo("eventfd", 9, 0, "eventfd-id:3")], note="with an fd and a note"))
+        writer.stream_writer(1, Channel.MAIN, Direction.FRONTEND_TO_BACKEND)(9500, build_message(Channel.MAIN, 1))
+    tag = source_tag(SOURCE_A).to_bytes(3, "little")
+    packets = _packets(path)
+    assert len(packets) == 6 and all(packet[21:24] == tag for packet in packets)
+    assert packets[0][20] == EventKind.CONNECTED         # the event kind keeps its byte
+    records = list(read_capture(path))
+    assert [record.source_tag for record in records] == [source_tag(SOURCE_A)] * 6
+    assert [record.event for record in records][:4:3] == [EventKind.CONNECTED, EventKind.CLOSED]
+    unnamed = tmp_path / "unnamed.pcapng"
+    with CaptureWriter(unnamed) as writer:
+        _session(writer, 1000)
+    assert all(packet[21:24] == bytes(3) for packet in _packets(unnamed))
+    assert {record.source_tag for record in read_capture(unnamed)} == {0}
+
+
+def test_a_shipped_capture_is_untagged_and_reads_as_before():
+    import glob
+    import os
+    for path in glob.glob(os.path.join(os.path.dirname(os.path.dirname(__file__)), "captures", "*.pcapng")):
+        assert {record.source_tag for record in read_capture(path)} == {0}, path
+
+
+def test_read_shows_the_source_tag_in_the_tree_json_and_filters(tmp_path, capsys):
+    merged = _mergecap(tmp_path, _two_hosts(tmp_path))
+    tag_a, tag_b = source_tag(SOURCE_A), source_tag(SOURCE_A.replace("host-a", "host-b"))
+    assert main(["read", str(merged), "-V", "-Y", "request == GET_FEATURES"]) == 0
+    tree = capsys.readouterr().out
+    assert tree.count(f"  source_tag: {tag_a:#08x}\n") == tree.count(f"  source_tag: {tag_b:#08x}\n") == 4
+    assert main(["read", str(merged), "-T", "json"]) == 0
+    entries = json.loads(capsys.readouterr().out)
+    assert {(entry["source"].split()[0], entry["source_tag"]) for entry in entries} == \
+        {("host=host-a", tag_a), ("host=host-b", tag_b)}
+    assert main(["read", str(merged), "-Y", f"source_tag == {tag_b:#x}", "-T", "fields", "-e", "connection",
+                 "-e", "source_tag"]) == 0
+    assert sorted(set(capsys.readouterr().out.split("\n"))) == ["", f"2\t{tag_b}", f"4\t{tag_b}"]
+
+
+def test_a_tag_that_is_not_its_interfaces_source_reads_as_data(tmp_path, capsys):
+    """A record whose tag is not its interface's (moved between captures by another tool, or damaged): read on,
+    and -V says so on the fast path and the general path alike."""
+    path = tmp_path / "moved.pcapng"
+    with CaptureWriter(path, source=SOURCE_A) as writer:
+        _session(writer, 1000)
+    data = bytearray(path.read_bytes())
+    tag = source_tag(SOURCE_A).to_bytes(3, "little")
+    first_message = data.index(b"VHUS" + bytes([2, 0, 24, 0]))       # the first plain message's pseudo-header
+    data[first_message + 21:first_message + 24] = b"\x01\x02\x03"
+    assert data.count(tag) == 3
+    path.write_bytes(bytes(data))
+    assert [record.source_tag for record in read_capture(path)][:3] == [source_tag(SOURCE_A), 0x030201,
+                                                                        source_tag(SOURCE_A)]
+    wording = f"  source_tag: 0x030201 (not its interface's source, whose tag is {source_tag(SOURCE_A):#08x})\n"
+    for options in (["-V"], ["-V", "--expert"], ["-T", "json"]):
+        assert main(["read", str(path), *options]) == 0
+        out = capsys.readouterr().out
+        assert (out.count(wording) == 1) == (options[0] == "-V"), (options, out)
+    assert main(["read", str(path), "-Y", "source_tag == 0x030201"]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == ["2"]
+
+
+def test_scapy_alone_keys_a_merged_capture_by_source_tag_and_number(tmp_path):
+    from scapy.utils import rdpcap
+
+    from vhusniff.layers.packets import VhusniffRecord
+    merged = _mergecap(tmp_path, _two_hosts(tmp_path))
+    keys = [(packet[VhusniffRecord].source_tag, packet[VhusniffRecord].connection) for packet in rdpcap(str(merged))]
+    numbers = [record.connection for record in read_capture(merged)]
+    assert len(set(keys)) == 4
+    assert len(set(zip(keys, numbers, strict=True))) == 4      # one key, one number `vhusniff read` shows
+    rebuilt = VhusniffRecord(bytes(rdpcap(str(merged))[0][VhusniffRecord]))
+    assert rebuilt.source_tag == source_tag(SOURCE_A)
+
+
+def _tshark_lines(path, sources: bool = False) -> dict[int, str]:
+    """Frame number -> plain tshark's Info column with the dissector (no tree, no field extractor)."""
+    import os
+    dissector = os.path.join(os.path.dirname(os.path.dirname(__file__)), "dissectors", "vhost_user.lua")
+    result = subprocess.run(["tshark", "-X", f"lua_script:{dissector}", "-r", str(path),
+                             "-o", 'gui.column.format:"No.","%m","Info","%i"'], capture_output=True, text=True,
+                            errors="replace", timeout=120,
+                            env=dict(os.environ, VHUSNIFF_SOURCES="1" if sources else ""))
+    assert result.returncode == 0 and "Lua Error" not in result.stdout, result.stderr
+    return {int(line.split()[0]): " ".join(line.split()[1:]) for line in result.stdout.splitlines() if line.strip()}
+
+
+def test_plain_tshark_reads_a_mergecap_of_two_real_lab_captures_as_read_does(two_lab_captures, tmp_path, capsys):
+    """Two real blk boots through two proxies, merged: plain `tshark -r` keeps their connections 1 apart by the
+    tag, numbered as `vhusniff read` numbers them, and finds no clash; each capture alone keeps its number."""
+    require("tshark")
+    merged = _mergecap(tmp_path, two_lab_captures)
+    read_lines = {int(line.split()[0]): " ".join(line.split()[2:])
+                  for line in _run(["read", str(merged)], capsys).splitlines()}
+    shown = _tshark_lines(merged)
+    assert shown == read_lines
+    assert {line.split()[0].split("/")[0] for line in shown.values()} == {"c1", "c2"}     # main and back-end channel
+    assert not any("connects while open" in line for line in shown.values())
+    assert _tshark_lines(merged, sources=True) == shown      # as the Wireshark GUI keys them, by the interface
+    tags = {record.connection: record.source_tag for record in read_capture(merged)}
+    assert tags[1] != tags[2] and {source_tag(record.source) for record in read_capture(merged)} == set(tags.values())
+    for path in two_lab_captures:
+        assert {line.split()[0].split("/")[0] for line in _tshark_lines(path).values()} == {"c1"}

@@ -90,3 +90,5 @@ class Record:
                                  # with a DEVICE event instead
     source: str = ""             # where it was captured (host, proxy instance, route): its interface's description
                                  # (capture.pcapng.capture_source); a reader keys connections by source and number
+    source_tag: int = 0          # the 24-bit tag of its source its pseudo-header carries (capture.pcapng.source_tag),
+                                 # 0 when not told: what a reader that sees no interface keys connections by

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import heapq
 import io
 import os
@@ -44,8 +45,13 @@ EPB_FLAGS_BY_DIRECTION = {Direction.FRONTEND_TO_BACKEND: 2, Direction.BACKEND_TO
 DIRECTION_BY_EPB_FLAGS = {2: Direction.FRONTEND_TO_BACKEND, 1: Direction.BACKEND_TO_FRONTEND}
 
 # Pseudo-header v2: magic, version, header_length, connection, kind, channel, direction, flags, fd_count,
-# note_length (all as in v1), then event (the EventKind of an event record, 0 for a message) and 3 reserved bytes.
-PSEUDO_HEADER = struct.Struct("<4sHHIBBBBHHB3x")
+# note_length (all as in v1), then event (the EventKind of an event record, 0 for a message) and the source tag:
+# 3 bytes, little-endian, source_tag() of the capture's source, the same in every record of a capture. A reader
+# that sees packets but not their interface (Wireshark's Lua without a field extractor, scapy) keeps a merged
+# capture's sources apart by it. 0 means "not told": every capture written before the tag (these bytes were
+# reserved and zero; older readers ignore them, so the version stays 2), and one that names no source. Event and
+# tag are unpacked as one little-endian u32: event | tag << 8.
+PSEUDO_HEADER = struct.Struct("<4sHHIBBBBHHI")
 PSEUDO_HEADER_V1 = struct.Struct("<4sHHIBBBBHH")
 # One fd description: kind, name_length, seals, reserved, inode, size.
 FD_DESCRIPTION = struct.Struct("<BBHIQq")
@@ -113,6 +119,27 @@ def capture_source(route: str = "") -> str:
     return f"{text} route={route}" if route else text
 
 
+def source_tag(source: str) -> int:
+    """The 24-bit tag every record of a capture from `source` carries in its pseudo-header: the first three bytes
+    of the source's BLAKE2b digest, little-endian, never 0 (0 means a record that names no source)."""
+    if not source:
+        return 0
+    digest = hashlib.blake2b(source.encode("utf-8", "replace"), digest_size=3).digest()
+    return int.from_bytes(digest, "little") or 1
+
+
+def source_tag_text(tag: int, source: str) -> str:
+    """A record's tag as -V shows it, with what is wrong when it is not the tag of the source its interface names
+    (a record moved between captures by another tool, or a damaged one): said as data, never raised."""
+    text = f"{tag:#08x}"
+    expected = source_tag(source)
+    if tag == expected:
+        return text
+    if not source:
+        return f"{text} (its interface names no source)"
+    return f"{text} (not its interface's source, whose tag is {expected:#08x})"
+
+
 def file_header(application: str = "vhusniff", source: str = "") -> bytes:
     """The Section Header Block and the one Interface Description Block every capture starts with; `source`
     (capture_source) goes into the interface's description and the section's hardware option."""
@@ -140,8 +167,8 @@ def _fd_description(fd: FdInfo) -> bytes:
                                fd.inode & 0xFFFFFFFFFFFFFFFF, fd.size) + name
 
 
-def pseudo_header(record: Record) -> bytes:
-    """The versioned pseudo-header that precedes a record's exact bytes."""
+def pseudo_header(record: Record, tag: int = 0) -> bytes:
+    """The versioned pseudo-header that precedes a record's exact bytes; `tag` is the writer's source_tag."""
     parts = [_fd_description(fd) for fd in record.fds]
     note = record.note.encode("utf-8", "replace")[:0xFFFF]
     parts.append(note)
@@ -150,7 +177,7 @@ def pseudo_header(record: Record) -> bytes:
     event = record.event if record.kind == RecordKind.EVENT else EventKind.NOTE
     return PSEUDO_HEADER.pack(PSEUDO_MAGIC, PSEUDO_VERSION, PSEUDO_HEADER.size + len(tail), record.connection,
                               record.kind, record.channel, record.direction, flags, len(record.fds),
-                              len(note), event) + tail
+                              len(note), event | tag << 8) + tail
 
 
 # epb_flags and the end of options, per record kind and direction: every EPB ends with one of these.
@@ -159,18 +186,20 @@ _OPTIONS_TAIL = {(kind, direction): _option(2, struct.pack(
     for kind in RecordKind for direction in Direction}
 
 
-def enhanced_packet_block(record: Record) -> bytes:
+def enhanced_packet_block(record: Record, tag: int = 0) -> bytes:
+    """A record as an Enhanced Packet Block; `tag` is the writer's source_tag (0: the writer names no source)."""
     if not record.fds and not record.note and not record.unframed and record.event == EventKind.NOTE:
-        pseudo = _plain_pseudo_header(record.connection, record.kind, record.channel, record.direction)
+        pseudo = _plain_pseudo_header(record.connection, record.kind, record.channel, record.direction, tag)
     else:
-        pseudo = pseudo_header(record)
+        pseudo = pseudo_header(record, tag)
     return _assemble_epb(record.timestamp_ns, pseudo, record.data, _OPTIONS_TAIL[record.kind, record.direction])
 
 
-def _plain_pseudo_header(connection: int, kind: RecordKind, channel: Channel, direction: Direction) -> bytes:
+def _plain_pseudo_header(connection: int, kind: RecordKind, channel: Channel, direction: Direction,
+                         tag: int = 0) -> bytes:
     """The pseudo-header of a record without fds or note: the same for every such record of a stream."""
     return PSEUDO_HEADER.pack(PSEUDO_MAGIC, PSEUDO_VERSION, PSEUDO_HEADER.size, connection, kind, channel,
-                              direction, 0, 0, 0, EventKind.NOTE)
+                              direction, 0, 0, 0, EventKind.NOTE | tag << 8)
 
 
 @functools.lru_cache(maxsize=512)     # control messages come in few sizes: one struct per size
@@ -211,16 +240,17 @@ class CaptureWriter:
         self._flush_buffer = flush_each and not isinstance(self._file, io.RawIOBase)
         self.records = 0
         self.source = source
+        self.tag = source_tag(source)          # in every record's pseudo-header: computed once
         self._file.write(file_header(source=self.source))
         self._file.flush()
 
     def write(self, record: Record) -> None:
-        self._write_block(enhanced_packet_block(record))
+        self._write_block(enhanced_packet_block(record, self.tag))
 
     def stream_writer(self, connection: int, channel: Channel, direction: Direction):
         """`write_message(timestamp_ns, data)` for the common record of one stream: a message without fds or
         note. The same bytes as write(Record(...)) at about half the cost: the proxy calls it per message."""
-        pseudo = _plain_pseudo_header(connection, RecordKind.MESSAGE, channel, direction)
+        pseudo = _plain_pseudo_header(connection, RecordKind.MESSAGE, channel, direction, self.tag)
         tail = _OPTIONS_TAIL[RecordKind.MESSAGE, direction]
         write_block = self._write_block
 
@@ -272,12 +302,12 @@ def parse_pseudo_header(packet: bytes, timestamp_ns: int, epb_flags: int) -> Rec
     """A Record from one EPB's packet data. Raises ValueError (with the reason) for a bad pseudo-header."""
     if len(packet) >= _PLAIN_SIZE:
         # Most records are messages without fds or a note: their header alone makes the record.
-        magic, version, length, connection, kind, channel, direction, flags, fds, note, _event = _plain(packet)
+        magic, version, length, connection, kind, channel, direction, flags, fds, note, event_tag = _plain(packet)
         channel_value, direction_value = _CHANNELS.get(channel), _DIRECTIONS.get(direction)
         if length == _PLAIN_SIZE and version == 2 and not (kind or fds or note) and magic == PSEUDO_MAGIC \
                 and channel_value is not None and direction_value is not None:
             return Record(timestamp_ns, connection, channel_value, direction_value, packet[_PLAIN_SIZE:], [],
-                          _MESSAGE, "", _NOTE, bool(flags & PSEUDO_FLAG_UNFRAMED))
+                          _MESSAGE, "", _NOTE, bool(flags & PSEUDO_FLAG_UNFRAMED), "", "", event_tag >> 8)
     if len(packet) < 8 or packet[:4] != PSEUDO_MAGIC:
         raise ValueError("packet does not start with the vhusniff pseudo-header (magic VHUS)")
     version, header_length = struct.unpack_from("<HH", packet, 4)
@@ -314,7 +344,7 @@ def _parse_fields(packet: bytes, header_length: int, timestamp_ns: int, layout: 
     if header_length < layout.size:
         raise ValueError(f"pseudo-header length {header_length} is shorter than its fixed part ({layout.size} bytes)")
     (_magic, _version, _length, connection, kind, channel, direction, flags, fd_count,
-     note_length, *event) = layout.unpack_from(packet)
+     note_length, *event_tag) = layout.unpack_from(packet)
     position = layout.size
     fds = []
     for _ in range(fd_count):
@@ -337,10 +367,11 @@ def _parse_fields(packet: bytes, header_length: int, timestamp_ns: int, layout: 
     except ValueError as error:
         raise ValueError(f"bad pseudo-header field: {error}") from None
     # A kind this reader does not know (a later writer's) reads as a plain NOTE: its note still says it.
-    event_value = _EVENT_KINDS.get(event[0], EventKind.NOTE) if event and kind_value == RecordKind.EVENT \
-        else EventKind.NOTE
+    event_value = _EVENT_KINDS.get(event_tag[0] & 0xFF, EventKind.NOTE) \
+        if event_tag and kind_value == RecordKind.EVENT else EventKind.NOTE
     return Record(timestamp_ns, connection, channel_value, direction_value, packet[header_length:], fds,
-                  kind_value, note, event_value, bool(flags & PSEUDO_FLAG_UNFRAMED))
+                  kind_value, note, event_value, bool(flags & PSEUDO_FLAG_UNFRAMED), "", "",
+                  event_tag[0] >> 8 if event_tag else 0)
 
 
 _EVENT_KINDS = {int(kind): kind for kind in EventKind}
@@ -638,5 +669,5 @@ def _ts_resolution(body: bytes, start: int, end: int, endian: str) -> tuple[int,
 
 
 __all__ = ["CaptureError", "CaptureWriter", "ReadOutcome", "read_capture", "read_captures", "reading", "write_capture",
-           "file_header", "capture_source", "distinct_connections", "interface_source",
+           "file_header", "capture_source", "source_tag", "source_tag_text", "distinct_connections", "interface_source",
            "enhanced_packet_block", "parse_pseudo_header", "LINKTYPE_USER0", "FD_KINDS", "PSEUDO_VERSION"]

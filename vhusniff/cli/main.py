@@ -43,6 +43,7 @@ def message_fields(number: int, relative: float, record, message) -> dict[str, l
     fields: dict[str, list] = {
         "frame.number": [number], "frame.time_relative": [round(relative, 9)],
         "connection": [record.connection], "source": [record.source] if record.source else [],
+        "source_tag": [record.source_tag] if record.source_tag else [],
         "channel": [record.channel.name.lower()],
         "direction": [record.direction.arrow], "name": [message.name],
         "fds": [len(record.fds)], "fd.kind": [fd.kind for fd in record.fds],
@@ -132,7 +133,8 @@ class _Output:
             self.out.write("\t".join(",".join(str(v) for v in fields.get(name, ())) for name in self.args.e) + "\n")
             return
         entry: dict[str, object] = {"number": number, "time": relative, "connection": record.connection,
-                                    "source": record.source, "channel": record.channel.name.lower(),
+                                    "source": record.source, "source_tag": record.source_tag,
+                                    "channel": record.channel.name.lower(),
                                     "direction": record.direction.arrow, "request": request}
         if event is not None:
             entry["event"] = event

@@ -29,6 +29,7 @@ from scapy.fields import (
     StrField,
     StrFixedLenField,
     StrLenField,
+    XLE3BytesField,
 )
 from scapy.packet import Packet, Raw
 
@@ -368,10 +369,12 @@ class VhusniffRecord(Packet):
         ByteField("flags", 0),
         FieldLenField("fd_count", None, count_of="fds", fmt="<H"),
         FieldLenField("note_length", None, length_of="note", fmt="<H"),
-        # Version 2 adds the event kind (version 1 said it only in the note).
+        # Version 2 adds the event kind (version 1 said it only in the note), then the capture's source tag
+        # (capture.pcapng.source_tag; 0 in captures that do not tag their source): with `connection`, what keys a
+        # merged capture's connections when the interface's source is not at hand (scapy's rdpcap keeps none).
         ConditionalField(ByteEnumField("event", 0, {int(k): k.name for k in EventKind}),
                          lambda pkt: pkt.version >= 2),
-        ConditionalField(StrFixedLenField("reserved", b"\0\0\0", 3), lambda pkt: pkt.version >= 2),
+        ConditionalField(XLE3BytesField("source_tag", 0), lambda pkt: pkt.version >= 2),
         PacketListField("fds", [], VhusniffFd, count_from=lambda pkt: pkt.fd_count),
         StrLenField("note", b"", length_from=lambda pkt: pkt.note_length),
     ]

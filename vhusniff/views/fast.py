@@ -12,7 +12,7 @@ import struct
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ..capture.pcapng import parse_pseudo_header, read_capture, read_captures
+from ..capture.pcapng import parse_pseudo_header, read_capture, read_captures, source_tag_text
 from ..capture.scan import Source, Unusual, scan
 from ..model import Channel, Direction, RecordKind
 from ..protocol import catalogue as cat
@@ -219,6 +219,7 @@ class _Shapes:
         self.with_fields = with_fields         # a display filter reads the shapes' fields
         self.with_tree = with_tree             # -V shows their field trees
         self.sources: list[str] = []           # the capture's one source, once its interface is read
+        self.source_lines: dict[int, str] = {}     # a pseudo-header's source tag -> what -V says of the source
         self.display_filter: DisplayFilter | None = None
         self.context_ids: dict[tuple, int] = {}     # what of a DecodeContext decoding reads -> id
         self.contexts: list = []               # id -> DecodeContext
@@ -231,9 +232,16 @@ class _Shapes:
     def source(self) -> str:
         return self.sources[0] if self.sources else ""
 
-    def source_line(self) -> str:
-        """What -V says of a message's source (as present.record_detail says it)."""
-        return f"  source: {self.sources[0]}\n" if self.sources and self.sources[0] else ""
+    def source_line(self, packet: bytes) -> str:
+        """What -V says of a message's source and the tag its pseudo-header carries (as present.record_detail)."""
+        tag = int.from_bytes(packet[21:24], "little")
+        line = self.source_lines.get(tag)
+        if line is None:
+            line = f"  source: {self.sources[0]}\n" if self.sources and self.sources[0] else ""
+            if tag:
+                line += f"  source_tag: {source_tag_text(tag, self.source())}\n"
+            self.source_lines[tag] = line
+        return line
 
     def context_id(self, context) -> int:
         identity = (context.device_type, context.features, context.protocol_features, id(context.profile))
@@ -356,7 +364,7 @@ def fast_lines(path: str, tracker, out, colour: bool = False, follow: int | None
                                      f"{shape[0]}{summary}\n")
                         if detail:
                             if verbose:
-                                lines.append(shape[3][0] + tree + shapes.source_line())
+                                lines.append(shape[3][0] + tree + shapes.source_line(packet))
                             if hex_dump:
                                 lines.append("\n".join(hexdump(packet[_PLAIN_SIZE - 12:])) + "\n\n")
                         shown += 1
@@ -551,6 +559,9 @@ class _ShapeFields:
                 return [connection]
             if name == "frame.number":
                 return [number]
+            if name == "source_tag":
+                tag = int.from_bytes(packet[21:24], "little")
+                return [tag] if tag else []
             if name is DEVICE_TYPE_FIELD:
                 return self.context.device_type
             found = header.get(name)
@@ -570,7 +581,7 @@ class _ShapeFields:
         return get
 
 
-_PER_RECORD = frozenset({"connection", "frame.number"})
+_PER_RECORD = frozenset({"connection", "frame.number", "source_tag"})
 _HEADER_FIELDS = ("request", "flags", *(f"flags.{bit}" for bit in cat.BITFIELDS["flags"]), "size")
 
 

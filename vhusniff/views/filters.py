@@ -74,6 +74,9 @@ RECORD_FIELDS = {
     # Not in the dissector yet (lua_type None): it reads the source from the interface's description.
     "source": RecordField("where the record was captured: host=NAME pid=N start=TIME [route=...]", None,
                           lambda m, r, n: [r.source] if r.source else []),
+    "source_tag": RecordField("the 24-bit tag of the record's source in its pseudo-header (what plain tshark keys "
+                              "connections by); absent when the capture does not tag its source", "uint24",
+                              lambda m, r, n: [r.source_tag] if r.source_tag else []),
     "channel": RecordField("main, backend, gpu or device_state", "string",
                            lambda m, r, n: [r.channel.name.lower()]),
     "direction": RecordField("F>B (front-end to back-end) or B>F", "string", lambda m, r, n: [r.direction.arrow]),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 
+from ..capture.pcapng import source_tag_text
 from ..model import Channel, RecordKind
 from ..protocol import config as config_space
 from ..protocol.grammar import (
@@ -55,6 +56,8 @@ def record_detail(record, message: Message | None, verbose: bool, hex_dump: bool
         rest += "".join(f"  fd[{index}]: {fd.summary()}\n" for index, fd in enumerate(record.fds))
         if record.source:
             rest += f"  source: {record.source}\n"
+        if record.source_tag:
+            rest += f"  source_tag: {source_tag_text(record.source_tag, record.source)}\n"
     if hex_dump:
         rest += "\n".join(hexdump(record.data)) + "\n\n"
     return rest
