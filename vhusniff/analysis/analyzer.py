@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from ..model import Channel, Direction, Record, RecordKind
 from ..protocol import catalogue as cat
 from ..protocol.context import ContextTracker
-from ..protocol.grammar import Message, request_name
-from ..protocol.replies import Expect, expectation
-from .expert import CHECKS, Finding, check_message
+from ..protocol.grammar import HEADER_SIZE, Message, encode_payload, request_name
+from ..protocol.replies import Expect, ReplyExpectation, expectation
+from .expert import CHECKS, Finding, check_problems, check_request, request_checks
 from .rings import STUCK_SECONDS, RingChecks
 from .state import ConnectionState, classify_event
 
@@ -154,10 +154,8 @@ class Analyzer:
         self.finished = False
         self.ring_checks = RingChecks(stuck_seconds)    # stuck-ring and friends, from the ring samples
         self._raised: list[Finding] = []                # the findings of the record being fed
-        self._names: dict[tuple[Channel, int, int], str] = {}
         self.checks = True              # False: the state alone (`vhusniff state`), no matching, no findings
-        # (channel, request, flags, acked protocol features, postcopy listening) -> what a request waits for
-        self._expectations: dict[tuple, str] = {}
+        self._headers: dict[tuple[Channel, int, int], _Header] = {}      # (channel, request, flags) -> _Header
 
     # --- the API ------------------------------------------------------------------------------------------------
     def state(self, connection: int) -> ConnectionState:
@@ -235,7 +233,7 @@ class Analyzer:
         self.records += 1
         if not self.keep and record.connection in self.forgotten:
             return []
-        self._feed(record, message, number)
+        self._feed(record, message, self.records if number is None else number)
         return self._retain() if self._raised else []
 
     def _retain(self) -> list[Finding]:
@@ -255,12 +253,12 @@ class Analyzer:
                 conn.not_kept[finding.check] = conn.not_kept.get(finding.check, 0) + 1
         return new
 
-    def _feed(self, record: Record, message: Message | None, number: int | None) -> None:
-        number = self.records if number is None else number
+    def _feed(self, record: Record, message: Message | None, number: int) -> None:
         timestamp = record.timestamp_ns
         if self.first_ns is None:
             self.first_ns = timestamp
-        if self.last_ns is None or timestamp > self.last_ns:
+        last_ns = self.last_ns
+        if last_ns is None or timestamp > last_ns:
             self.last_ns = timestamp
         conn = self.connections.get(record.connection) or self._connection(record.connection)
         state = conn.state
@@ -274,12 +272,21 @@ class Analyzer:
             return
         if message is None:
             message = self.tracker.decode_message(record)
-        if state.ended:
+        if state.ended_number is not None:
             self._add("traffic-after-disconnect", record.connection, (number, state.ended_number),
                       f"{message.name} after the connection ended at #{state.ended_number} ({state.ended_note})")
         if self.checks:
-            self._raised.extend(check_message(state, number, record, message))
-            self._match(conn, number, record, message)
+            if message.problems:
+                check_problems(number, record, message, self._raised)
+            if message.request >= 0:
+                header = self._headers.get((message.channel, message.request, message.flags))
+                if header is None or header.name_profile is not message.context.profile:
+                    header = self._header(message)
+                if message.is_reply:
+                    self._match_reply(conn, header, number, record, message)
+                else:
+                    check_request(header.checks, state, number, record, message, self._raised)
+                    self._match_request(conn, header, number, record, message)
         state.feed(number, record, message)
 
     def finish(self) -> list[Finding]:
@@ -317,67 +324,67 @@ class Analyzer:
             conn = self.connections[connection] = ConnectionAnalysis(ConnectionState(connection, self.profile))
         return conn
 
-    def _name(self, message: Message) -> str:
-        """message.name, looked up once per request (and profile) rather than once per message."""
-        key = (message.channel, message.request, id(message.context.profile))
-        name = self._names.get(key)
-        if name is None:
-            name = self._names[key] = message.name
-        return name
+    def _header(self, message: Message) -> _Header:
+        """What matching and the checks do with the header of `message`, settled once per analyzer (one not
+        named by the analyzer's profile is settled for itself, not kept)."""
+        header = _Header(message, self.profile)
+        if message.context.profile is self.profile:
+            if len(self._headers) >= KINDS_KEPT:
+                self._headers.clear()
+            self._headers[(message.channel, message.request, message.flags)] = header
+        return header
 
     def _add(self, check: str, connection: int, numbers: tuple[int | None, ...], text: str) -> None:
         assert check in CHECKS, check
         self._raised.append(Finding(check, connection, tuple(n for n in numbers if n is not None), text))
 
-    def _match(self, conn: ConnectionAnalysis, number: int, record: Record, message: Message) -> None:
-        if message.request < 0:
-            return
-        queue = conn.waiting.get(record.channel)
+    def _match_request(self, conn: ConnectionAnalysis, header: _Header, number: int, record: Record,
+                       message: Message) -> None:
+        channel = message.channel
+        queue = conn.waiting.get(channel)
         if queue is None:
-            queue = conn.waiting[record.channel] = []
-        if not message.is_reply:
+            queue = conn.waiting[channel] = []
+        elif queue:
             # One request at a time per channel: a new request means the peer gave up on the old one's reply.
-            if queue:
-                self._drop_waiting(conn, queue, number, "missing-reply")
+            self._drop_waiting(conn, queue, number, "missing-reply")
+        expect = header.expect
+        if expect is None:
             state = conn.state
-            acked = state.protocol_features_acked or 0
-            rules = (message.channel, message.request, message.flags, acked, state.postcopy_listening)
-            expect = self._expectations.get(rules)      # the reply rules read nothing else of a message
-            if expect is None:
-                if len(self._expectations) >= KINDS_KEPT:
-                    self._expectations.clear()
-                expect = self._expectations[rules] = expectation(message, acked, state.profile,
-                                                               state.postcopy_listening)
-            name = self._names.get((message.channel, message.request, id(message.context.profile))) or \
-                self._name(message)
-            summary = None
-            if not self.keep:
-                key = (record.channel, name)
+            expect = header.reply(state.protocol_features_acked or 0, state.postcopy_listening)
+        summary = None
+        if not self.keep:
+            summary = header.summary
+            if summary is None:
+                key = (channel, header.name)
                 summary = self.summary.get(key)
                 if summary is None:
                     summary = self.summary[key] = ResponseSummary()
-                summary.count += 1
-                if expect == Expect.NOTHING:
-                    return              # streaming: nothing waits, nothing is kept
-            transaction = Transaction(record.connection, record.channel, message.request, name, number,
-                                      record.timestamp_ns, expect, message.size, summary=summary)
-            if self.keep:
-                self.transactions.append(transaction)
-            if expect != Expect.NOTHING:
-                queue.append(transaction)
-                response_key = (record.channel, message.request, name)
-                times = conn.responses.get(response_key)
-                if times is None:
-                    times = conn.responses[response_key] = ResponseTimes()
-                transaction.times = times
-            else:
-                transaction.outcome = "no reply expected"
-            return
-        rule = _HEADER_RULES.get(record.channel)
-        if rule is not None and message.flags != rule.reply_flags:
-            self._add("reply-flags", record.connection, (number,), f"{message.name} reply flags {message.flags:#x}")
+                header.summary = summary
+            summary.count += 1
+            if expect == _NOTHING:
+                return              # streaming: nothing waits, nothing is kept
+        transaction = Transaction(record.connection, record.channel, message.request, header.name, number,
+                                  record.timestamp_ns, expect, message.size, summary=summary)
+        if self.keep:
+            self.transactions.append(transaction)
+        if expect != _NOTHING:
+            queue.append(transaction)
+            times = conn.responses.get(header.response_key)
+            if times is None:
+                times = conn.responses[header.response_key] = ResponseTimes()
+            transaction.times = times
+        else:
+            transaction.outcome = "no reply expected"
+
+    def _match_reply(self, conn: ConnectionAnalysis, header: _Header, number: int, record: Record,
+                     message: Message) -> None:
+        if header.reply_flags_wrong:
+            self._add("reply-flags", record.connection, (number,), f"{header.name} reply flags {message.flags:#x}")
+        queue = conn.waiting.get(message.channel)
+        if queue is None:
+            queue = conn.waiting[message.channel] = []      # the order channels are first seen in is kept
         if not queue:
-            self._add("unexpected-reply", record.connection, (number,), f"{message.name} reply, nothing asked")
+            self._add("unexpected-reply", record.connection, (number,), f"{header.name} reply, nothing asked")
             return
         transaction = queue.pop(0)
         reply_ns = record.timestamp_ns
@@ -387,22 +394,22 @@ class Analyzer:
         times = transaction.times
         assert times is not None            # every transaction that waits has its entry
         times.add_response(waited)
-        if waited >= self.reply_ns and transaction.expect != Expect.MAYBE:
+        if waited >= self.reply_ns and transaction.expect != _MAYBE:
             self._add("reply-overdue", record.connection, (number, transaction.request_number),
-                      f"{message.name} reply came {_seconds(waited)} after its request "
+                      f"{header.name} reply came {_seconds(waited)} after its request "
                       f"(#{transaction.request_number})")
         if transaction.summary is not None:         # streaming
             transaction.summary.add_response(waited / 1e9)      # Transaction.response_seconds
         if transaction.request != message.request:
             self._add("reply-mismatch", record.connection, (number, transaction.request_number),
-                      f"{message.name} reply while {transaction.name} (#{transaction.request_number}) waited")
+                      f"{header.name} reply while {transaction.name} (#{transaction.request_number}) waited")
             return
-        if message.kind == "ack" and transaction.expect in (Expect.ACK, Expect.MAYBE) and \
-                message.payload.ack != 0:
+        # An ack's payload is read only when its bytes are not those of a zero ack.
+        if message.kind == "ack" and (transaction.expect == _ACK or transaction.expect == _MAYBE) and \
+                message.raw[HEADER_SIZE:] != _ZERO_ACK and message.payload.ack != 0:
             self._add("ack-nonzero", record.connection, (number, transaction.request_number),
-                      f"{message.name} failed: ack {message.payload.ack:#x}")
-        if message.request == _GET_CONFIG and message.channel == Channel.MAIN and \
-                message.size != transaction.request_size:
+                      f"{header.name} failed: ack {message.payload.ack:#x}")
+        if header.get_config and message.size != transaction.request_size:
             self._add("config-reply-error", record.connection, (number, transaction.request_number),
                       f"GET_CONFIG reply size {message.size}, request size {transaction.request_size}")
 
@@ -463,9 +470,32 @@ class Analyzer:
         return "the back-end" if transaction.channel in cat.BACKEND_REQUEST_CHANNELS else "the front-end"
 
 
-_HEADER_RULES = dict(cat.HEADER_RULES)         # a plain dict: looked up for every reply
 _GET_CONFIG = int(cat.FrontendRequest.GET_CONFIG)
 _EVENT = RecordKind.EVENT
+_NOTHING, _ACK, _MAYBE = Expect.NOTHING, Expect.ACK, Expect.MAYBE
+_ZERO_ACK = encode_payload("ack", {"ack": 0})     # a REPLY_ACK payload saying success
+
+
+class _Header:
+    """What matching and the checks do with one request header (channel, request, flags), settled once: the
+    request's name, the checks of a request, what it waits for (`expect`, or `reply` when the negotiation
+    decides), its entry in the response-time tables; of a reply, whether its flags are wrong."""
+
+    __slots__ = ("name_profile", "name", "checks", "reply", "expect", "summary", "response_key", "reply_flags_wrong",
+                 "get_config")
+
+    def __init__(self, message: Message, profile: cat.Profile) -> None:
+        channel, request = message.channel, message.request
+        self.name_profile = message.context.profile
+        self.checks = request_checks(channel, request, message.flags, profile, self.name_profile)
+        self.name = self.checks.name
+        self.reply = ReplyExpectation(message.spec, channel, request, message.need_reply, profile)
+        self.expect = self.reply.fixed
+        self.summary: ResponseSummary | None = None       # streaming: the summary of (channel, name), once found
+        self.response_key: ResponseKey = (channel, request, self.name)
+        rule = cat.HEADER_RULES.get(channel)
+        self.reply_flags_wrong = rule is not None and message.flags != rule.reply_flags
+        self.get_config = request == _GET_CONFIG and channel == Channel.MAIN
 
 
 def _seconds(ns: int) -> str:

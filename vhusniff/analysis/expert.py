@@ -8,13 +8,14 @@ ids from the same table. Every check is calibrated against real QEMU 7.2 session
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import MappingProxyType
 
 from ..model import Channel, Direction, Record
 from ..protocol import catalogue as cat
-from ..protocol.grammar import Message, request_table
-from .state import ConnectionState, F
+from ..protocol.grammar import Message, request_name, request_table
+from .state import ACCESS_PLATFORM_BIT, ConnectionState, F
 
 # Compared for every message: looked up once (an enum member's lookup costs several times a global's).
 _MAIN, _BACKEND, _GPU, _BACKEND_SENDS = Channel.MAIN, Channel.BACKEND, Channel.GPU, Direction.BACKEND_TO_FRONTEND
@@ -148,60 +149,143 @@ class Finding:
 def check_message(state: ConnectionState, number: int, record: Record, message: Message) -> list[Finding]:
     """Findings for one message, judged against the state before the message is applied."""
     found: list[Finding] = []
-
-    def add(check: str, text: str, *others: int) -> None:
-        found.append(Finding(check, record.connection, (number, *others), text))
-
-    for problem in message.problems:
-        add(PROBLEM_CHECKS.get(problem.code, "payload-layout"), f"{message.name}: {problem.text}")
+    if message.problems:
+        check_problems(number, record, message, found)
     if message.is_reply or message.request < 0:
         return found
-    spec = request_table(message.channel).get(message.request)
-    if spec is not None:
-        if record.fds or spec.request_fds != _NO_FDS or message.request == F.ADD_MEM_REG:
-            _check_fds(add, spec, record, message)      # (no fd where none belongs is right, and common)
-        if spec.gate and not state.gate_open(spec.gate):
-            add("gate-not-negotiated", f"{message.name} needs {spec.gate}, not negotiated yet")
-    if message.need_reply and not state.protocol_feature("REPLY_ACK") and (spec is None or
-                                                                          spec.reply_rule != _ALWAYS):
-        add("need-reply-without-reply-ack", f"{message.name} asks for an ack, REPLY_ACK not negotiated")
-    if message.channel == _BACKEND and record.direction == _BACKEND_SENDS:
-        if state.backend_channel is None:
-            add("backend-channel-unset", f"{message.name} on a back-end channel never set up")
-        if state.suspended:
-            add("backend-message-while-suspended", f"{message.name} while every ring is stopped")
-    if message.channel == _MAIN and message.kind is not None:
-        _check_main_request(add, state, number, message)
-    elif message.channel == _GPU and message.kind is not None:
-        _check_gpu_request(add, message)
+    checks = request_checks(message.channel, message.request, message.flags, state.profile, message.context.profile)
+    check_request(checks, state, number, record, message, found)
     return found
 
 
-def _check_gpu_request(add, message: Message) -> None:
+def check_problems(number: int, record: Record, message: Message, found: list[Finding]) -> None:
+    """The decoder's problems with a message, as findings appended to `found`."""
+    for problem in message.problems:
+        found.append(Finding(PROBLEM_CHECKS.get(problem.code, "payload-layout"), record.connection, (number,),
+                             f"{message.name}: {problem.text}"))
+
+
+class RequestChecks:
+    """What check_request looks at for one request header (channel, request number, flags), settled once: the
+    catalogue's spec, the gate, whether the fds need counting, whether NEED_REPLY asks for what REPLY_ACK gives,
+    and the request's own checks. `profile` numbers the protocol features (the state's), `name_profile` names the
+    request (the message's)."""
+
+    __slots__ = ("profile", "name_profile", "name", "spec", "count_fds", "gate_closed", "need_reply_check",
+                 "reply_ack_bit", "backend", "main", "gpu", "main_check")
+
+    def __init__(self, channel: Channel, request: int, flags: int, profile: cat.Profile,
+                 name_profile: cat.Profile) -> None:
+        self.profile, self.name_profile = profile, name_profile
+        self.name = request_name(channel, request, name_profile)
+        self.spec = spec = request_table(channel).get(request)
+        # No fd where none belongs is right, and common: the fds are counted when some came or some belong.
+        self.count_fds = spec is not None and (spec.request_fds != _NO_FDS or request == F.ADD_MEM_REG)
+        self.gate_closed = _gate_test(spec.gate, profile) if spec is not None and spec.gate else None
+        rule = cat.HEADER_RULES.get(channel)
+        need_reply = bool(rule and flags & rule.need_reply)
+        self.need_reply_check = need_reply and (spec is None or spec.reply_rule != _ALWAYS)
+        bit = profile.protocol_feature_bit("REPLY_ACK")
+        self.reply_ack_bit = -1 if bit is None else bit
+        self.backend = channel == _BACKEND
+        self.main = channel == _MAIN
+        self.gpu = channel == _GPU
+        self.main_check = _MAIN_REQUEST_CHECKS.get(request) if self.main else None
+
+
+# Request headers seen, by (channel, request, flags, profiles); forgotten all at once beyond this (a fuzzed
+# capture's every request number keeps it bounded).
+REQUEST_CHECKS_KEPT = 4096
+_request_checks: dict[tuple, RequestChecks] = {}
+
+
+def request_checks(channel: Channel, request: int, flags: int, profile: cat.Profile,
+                   name_profile: cat.Profile) -> RequestChecks:
+    """The RequestChecks of a request header, made once per header and pair of profiles."""
+    key = (channel, request, flags, id(profile), id(name_profile))
+    checks = _request_checks.get(key)
+    if checks is None or checks.profile is not profile or checks.name_profile is not name_profile:
+        if len(_request_checks) >= REQUEST_CHECKS_KEPT:
+            _request_checks.clear()
+        checks = _request_checks[key] = RequestChecks(channel, request, flags, profile, name_profile)
+    return checks
+
+
+def check_request(checks: RequestChecks, state: ConnectionState, number: int, record: Record, message: Message,
+                  found: list[Finding]) -> None:
+    """The findings of one request (not a reply; request number >= 0) appended to `found`, judged against the
+    state before the request is applied. `checks`: request_checks() of its header."""
+    if checks.count_fds or record.fds and checks.spec is not None:
+        _check_fds(found, checks, number, record, message)
+    if checks.gate_closed is not None and checks.gate_closed(state):
+        found.append(Finding("gate-not-negotiated", record.connection, (number,),
+                             f"{checks.name} needs {checks.spec.gate}, not negotiated yet"))
+    if checks.need_reply_check and not (checks.reply_ack_bit >= 0 and
+                                        (state.protocol_features_acked or 0) >> checks.reply_ack_bit & 1):
+        found.append(Finding("need-reply-without-reply-ack", record.connection, (number,),
+                             f"{checks.name} asks for an ack, REPLY_ACK not negotiated"))
+    if checks.backend and record.direction == _BACKEND_SENDS:
+        if state.backend_channel is None:
+            found.append(Finding("backend-channel-unset", record.connection, (number,),
+                                 f"{checks.name} on a back-end channel never set up"))
+        if state.suspended:
+            found.append(Finding("backend-message-while-suspended", record.connection, (number,),
+                                 f"{checks.name} while every ring is stopped"))
+    if checks.main:
+        kind = message.kind
+        if kind is None:
+            return
+        if checks.main_check is not None:
+            checks.main_check(found, state, number, record, message)
+        if kind in _VRING_KINDS:
+            _check_vring(found, checks, state, number, record, message)
+    elif checks.gpu and message.kind is not None:
+        _check_gpu_request(found, number, record, message)
+
+
+def _gate_test(gate: str, profile: cat.Profile) -> Callable[[ConnectionState], bool]:
+    """A test of whether a state has not negotiated `gate` yet (ConnectionState.gate_open's rules, with the
+    profile's bit looked up once)."""
+    if gate == "PROTOCOL_FEATURES":
+        return lambda state: not state.protocol_features_available
+    if gate == "IOMMU":
+        return lambda state: not (state.features_acked or 0) >> ACCESS_PLATFORM_BIT & 1
+    bit = profile.protocol_feature_bit(gate)
+    if bit is None:
+        return lambda state: True
+    return lambda state: not (state.protocol_features_acked or 0) >> bit & 1
+
+
+def _check_gpu_request(found: list[Finding], number: int, record: Record, message: Message) -> None:
     payload = message.payload
     if "scanout_id" in payload and payload.scanout_id >= GPU_MAX_SCANOUTS:
-        add("gpu-scanout-out-of-range", f"{message.name} scanout {payload.scanout_id}")
+        found.append(Finding("gpu-scanout-out-of-range", record.connection, (number,),
+                             f"{message.name} scanout {payload.scanout_id}"))
     if message.request == cat.GpuRequest.UPDATE and message.kind == "gpu_update":
         expected = payload.width * payload.height * GPU_BYTES_PER_PIXEL
         if len(payload.data) != expected:
-            add("gpu-update-size", f"{payload.width}x{payload.height} needs {expected} pixel bytes, "
-                                   f"{len(payload.data)} sent")
+            found.append(Finding("gpu-update-size", record.connection, (number,),
+                                 f"{payload.width}x{payload.height} needs {expected} pixel bytes, "
+                                 f"{len(payload.data)} sent"))
 
 
 _FD_COUNTS: MappingProxyType[cat.FdRule, tuple[int, ...]] = MappingProxyType({
     cat.FdRule.NONE: (0,), cat.FdRule.ONE: (1,), cat.FdRule.OPTIONAL: (0, 1)})     # fds a fixed fd rule allows
 
 
-def _check_fds(add, spec: cat.RequestSpec, record: Record, message: Message) -> None:
+def _check_fds(found: list[Finding], checks: RequestChecks, number: int, record: Record, message: Message) -> None:
+    spec = checks.spec
+    assert spec is not None             # check_request counts fds only for a request the catalogue knows
     count, rule = len(record.fds), spec.request_fds
-    if message.request == F.ADD_MEM_REG and message.channel == Channel.MAIN:
+    if message.request == F.ADD_MEM_REG and message.channel == _MAIN:
         if count != 1:
-            add("add-mem-reg-fds", f"ADD_MEM_REG with {count} fds")
+            found.append(Finding("add-mem-reg-fds", record.connection, (number,), f"ADD_MEM_REG with {count} fds"))
         return
     if rule == cat.FdRule.UNLESS_NOFD and message.kind == "vring_fd":
         nofd = bool(message.payload.flags & 1)
         if count == 0 and not nofd:
-            add("vring-fd-missing", f"{message.name} idx={message.payload.index} has no fd and no NOFD bit")
+            found.append(Finding("vring-fd-missing", record.connection, (number,),
+                                 f"{checks.name} idx={message.payload.index} has no fd and no NOFD bit"))
             return
         expected: tuple[int, ...] | None = (0,) if nofd else (1,)
     elif rule == cat.FdRule.PER_REGION and message.kind and message.kind.startswith("mem_table"):
@@ -209,86 +293,138 @@ def _check_fds(add, spec: cat.RequestSpec, record: Record, message: Message) -> 
     else:
         expected = _FD_COUNTS.get(rule)
     if expected is not None and count not in expected:
-        add("fd-count", f"{message.name} with {count} fd(s), expected {' or '.join(map(str, expected))}")
+        found.append(Finding("fd-count", record.connection, (number,),
+                             f"{checks.name} with {count} fd(s), expected {' or '.join(map(str, expected))}"))
 
 
-def _check_main_request(add, state: ConnectionState, number: int, message: Message) -> None:
-    request, kind = message.request, message.kind     # the payload is read only where a check needs it
-    assert kind is not None         # check_message calls this only for a decoded payload
-    if request == F.SET_FEATURES and state.features_offered is not None:
-        extra = message.payload.features & ~state.features_offered
-        transport = extra & FRONTEND_TRANSPORT_MASK
-        if extra & ~transport:
-            add("features-not-offered",
-                f"bits {cat.bit_names(extra & ~transport, cat.feature_names(state.device_type))} acked, not offered")
-        if transport:
-            add("transport-feature-not-offered",
-                f"bits {cat.bit_names(transport, cat.TRANSPORT_FEATURES)} acked, not offered: QEMU's transport offers "
-                f"them to the guest itself")
-    elif request == F.SET_PROTOCOL_FEATURES:
-        acked = message.payload.protocol_features
-        if state.protocol_features_offered is not None and acked & ~state.protocol_features_offered:
-            extra = acked & ~state.protocol_features_offered
-            add("protocol-features-not-offered", f"bits {cat.bit_names(extra, state.profile.protocol_features)} "
-                                                 f"acked, not offered")
-        bit = state.profile.protocol_feature_bit
-        if acked >> bit("INBAND_NOTIFICATIONS") & 1 and \
-                not (acked >> bit("BACKEND_REQ") & 1 and acked >> bit("REPLY_ACK") & 1):
-            add("inband-without-prerequisites", "INBAND_NOTIFICATIONS needs BACKEND_REQ and REPLY_ACK")
-    elif request == F.SET_STATUS and message.payload.status & FAILED_STATUS_MASK:
-        add("device-status-failed", f"status {cat.bit_names(message.payload.status, cat.DEVICE_STATUS)}")
-    elif request == F.SET_MEM_TABLE and kind.startswith("mem_table"):
-        if message.payload.nregions > MAX_MEM_TABLE_REGIONS:
-            add("mem-table-too-many-regions", f"{message.payload.nregions} regions")
-        regions = list(message.payload.region)
-        for i, a in enumerate(regions):
-            for b in regions[i + 1:]:
-                if _overlap(a.guest_phys_addr, a.memory_size, b.guest_phys_addr, b.memory_size):
-                    add("memory-regions-overlap", f"gpa {a.guest_phys_addr:#x}+{a.memory_size:#x} overlaps "
-                                                  f"{b.guest_phys_addr:#x}+{b.memory_size:#x}")
-    elif request == F.ADD_MEM_REG and kind.startswith("mem_region"):
-        r = message.payload.region
-        others = [old for old in state.regions if not old.same_region(r)]
-        for old in others:
-            if _overlap(r.guest_phys_addr, r.memory_size, old.guest_phys_addr, old.memory_size):
-                add("memory-regions-overlap", f"gpa {r.guest_phys_addr:#x}+{r.memory_size:#x} overlaps the "
-                                              f"region added in #{old.number}", old.number)
-        if state.max_mem_slots is not None and len(others) + 1 > state.max_mem_slots:
-            add("mem-slots-exceeded", f"{len(others) + 1} slots in use, the back-end allows {state.max_mem_slots}")
-    elif request == F.REM_MEM_REG and kind.startswith("mem_region"):
-        r = message.payload.region
-        if not any(old.same_region(r) for old in state.regions):
-            add("rem-mem-reg-unknown", f"no region gpa={r.guest_phys_addr:#x} size={r.memory_size:#x}")
-    index = _vring_index(message)
-    if index is None:
+# The checks of one front-end request on the main channel with a decoded payload, by request (each reads the
+# payload only where it needs it; its kind, message.kind, is tested where the payload has more than one layout).
+def _check_set_features(found: list[Finding], state: ConnectionState, number: int, record: Record,
+                        message: Message) -> None:
+    if state.features_offered is None:
         return
+    extra = message.payload.features & ~state.features_offered
+    transport = extra & FRONTEND_TRANSPORT_MASK
+    if extra & ~transport:
+        found.append(Finding("features-not-offered", record.connection, (number,),
+                             f"bits {cat.bit_names(extra & ~transport, cat.feature_names(state.device_type))} "
+                             f"acked, not offered"))
+    if transport:
+        found.append(Finding("transport-feature-not-offered", record.connection, (number,),
+                             f"bits {cat.bit_names(transport, cat.TRANSPORT_FEATURES)} acked, not offered: QEMU's "
+                             f"transport offers them to the guest itself"))
+
+
+def _check_set_protocol_features(found: list[Finding], state: ConnectionState, number: int, record: Record,
+                                 message: Message) -> None:
+    acked = message.payload.protocol_features
+    if state.protocol_features_offered is not None and acked & ~state.protocol_features_offered:
+        extra = acked & ~state.protocol_features_offered
+        found.append(Finding("protocol-features-not-offered", record.connection, (number,),
+                             f"bits {cat.bit_names(extra, state.profile.protocol_features)} acked, not offered"))
+    bit = state.profile.protocol_feature_bit
+    if acked >> bit("INBAND_NOTIFICATIONS") & 1 and \
+            not (acked >> bit("BACKEND_REQ") & 1 and acked >> bit("REPLY_ACK") & 1):
+        found.append(Finding("inband-without-prerequisites", record.connection, (number,),
+                             "INBAND_NOTIFICATIONS needs BACKEND_REQ and REPLY_ACK"))
+
+
+def _check_set_status(found: list[Finding], state: ConnectionState, number: int, record: Record,
+                      message: Message) -> None:
+    if message.payload.status & FAILED_STATUS_MASK:
+        found.append(Finding("device-status-failed", record.connection, (number,),
+                             f"status {cat.bit_names(message.payload.status, cat.DEVICE_STATUS)}"))
+
+
+def _check_set_mem_table(found: list[Finding], state: ConnectionState, number: int, record: Record,
+                         message: Message) -> None:
+    if not (message.kind or "").startswith("mem_table"):
+        return
+    if message.payload.nregions > MAX_MEM_TABLE_REGIONS:
+        found.append(Finding("mem-table-too-many-regions", record.connection, (number,),
+                             f"{message.payload.nregions} regions"))
+    regions = list(message.payload.region)
+    for i, a in enumerate(regions):
+        for b in regions[i + 1:]:
+            if _overlap(a.guest_phys_addr, a.memory_size, b.guest_phys_addr, b.memory_size):
+                found.append(Finding("memory-regions-overlap", record.connection, (number,),
+                                     f"gpa {a.guest_phys_addr:#x}+{a.memory_size:#x} overlaps "
+                                     f"{b.guest_phys_addr:#x}+{b.memory_size:#x}"))
+
+
+def _check_add_mem_reg(found: list[Finding], state: ConnectionState, number: int, record: Record,
+                       message: Message) -> None:
+    if not (message.kind or "").startswith("mem_region"):
+        return
+    r = message.payload.region
+    others = [old for old in state.regions if not old.same_region(r)]
+    for old in others:
+        if _overlap(r.guest_phys_addr, r.memory_size, old.guest_phys_addr, old.memory_size):
+            found.append(Finding("memory-regions-overlap", record.connection, (number, old.number),
+                                 f"gpa {r.guest_phys_addr:#x}+{r.memory_size:#x} overlaps the region added in "
+                                 f"#{old.number}"))
+    if state.max_mem_slots is not None and len(others) + 1 > state.max_mem_slots:
+        found.append(Finding("mem-slots-exceeded", record.connection, (number,),
+                             f"{len(others) + 1} slots in use, the back-end allows {state.max_mem_slots}"))
+
+
+def _check_rem_mem_reg(found: list[Finding], state: ConnectionState, number: int, record: Record,
+                       message: Message) -> None:
+    if not (message.kind or "").startswith("mem_region"):
+        return
+    r = message.payload.region
+    if not any(old.same_region(r) for old in state.regions):
+        found.append(Finding("rem-mem-reg-unknown", record.connection, (number,),
+                             f"no region gpa={r.guest_phys_addr:#x} size={r.memory_size:#x}"))
+
+
+_MAIN_REQUEST_CHECKS: dict[int, Callable[[list[Finding], ConnectionState, int, Record, Message], None]] = {
+    F.SET_FEATURES: _check_set_features,
+    F.SET_PROTOCOL_FEATURES: _check_set_protocol_features,
+    F.SET_STATUS: _check_set_status,
+    F.SET_MEM_TABLE: _check_set_mem_table,
+    F.ADD_MEM_REG: _check_add_mem_reg,
+    F.REM_MEM_REG: _check_rem_mem_reg,
+}
+# Payload kinds that name a vring (their `index`).
+_VRING_KINDS = frozenset({"vring_state", "vring_base", "vring_base_packed", "vring_addr", "vring_fd"})
+# Address fields and their alignments, split and packed, as tuples to walk.
+_SPLIT_ALIGNMENT = tuple(SPLIT_ALIGNMENT.items())
+_PACKED_ALIGNMENT = tuple(PACKED_ALIGNMENT.items())
+
+
+def _check_vring(found: list[Finding], checks: RequestChecks, state: ConnectionState, number: int, record: Record,
+                 message: Message) -> None:
+    """The checks of a main-channel request that names a vring (a payload kind in _VRING_KINDS)."""
+    request = message.request
+    payload = message.payload
+    index = payload.index
     limit = _ring_limit(state)
     if limit is not None and index >= limit:
-        add("vring-index-out-of-range", f"{message.name} idx={index}, the back-end has {limit} ring(s)")
-    vring = state.vrings.get(index)
+        found.append(Finding("vring-index-out-of-range", record.connection, (number,),
+                             f"{checks.name} idx={index}, the back-end has {limit} ring(s)"))
     if request == F.SET_VRING_ADDR:
-        alignment = PACKED_ALIGNMENT if state.packed_ring else SPLIT_ALIGNMENT
-        payload = message.payload
-        wrong = [f"{part}={payload[part]:#x}" for part, align in alignment.items() if payload[part] % align]
+        alignment = _PACKED_ALIGNMENT if state.packed_ring else _SPLIT_ALIGNMENT
+        wrong = [f"{part}={payload[part]:#x}" for part, align in alignment if payload[part] % align]
         if wrong:
-            add("vring-addr-misaligned", f"idx={index} " + " ".join(wrong))
+            found.append(Finding("vring-addr-misaligned", record.connection, (number,),
+                                 f"idx={index} " + " ".join(wrong)))
     elif request == F.SET_VRING_NUM:
-        num = message.payload.num
+        num = payload.num
         if num == 0 or num > MAX_RING_SIZE or (not state.packed_ring and num & (num - 1)):
-            add("vring-num-invalid", f"idx={index} num={num}")
-    elif request == F.SET_VRING_BASE and not state.packed_ring and message.payload.num >> 16:
-        add("vring-base-high-bits", f"idx={index} num={message.payload.num:#x}")
+            found.append(Finding("vring-num-invalid", record.connection, (number,), f"idx={index} num={num}"))
+    elif request == F.SET_VRING_BASE:
+        if not state.packed_ring and payload.num >> 16:
+            found.append(Finding("vring-base-high-bits", record.connection, (number,),
+                                 f"idx={index} num={payload.num:#x}"))
     # SET_VRING_ENABLE before the ring is set up is no finding: the spec makes enabling independent of
     # starting (a ring runs once it is enabled AND started), and QEMU net enables its rings whenever the guest
     # driver sets the queue pairs, before the device starts, on every multiqueue boot.
-    elif request == F.GET_VRING_BASE and (vring is None or not vring.ever_started):
-        add("get-vring-base-not-started", f"idx={index} was never started (no SET_VRING_KICK)")
-
-
-def _vring_index(message: Message) -> int | None:
-    if message.kind in ("vring_state", "vring_base", "vring_base_packed", "vring_addr", "vring_fd"):
-        return message.payload.index
-    return None
+    elif request == F.GET_VRING_BASE:
+        vring = state.vrings.get(index)
+        if vring is None or not vring.ever_started:
+            found.append(Finding("get-vring-base-not-started", record.connection, (number,),
+                                 f"idx={index} was never started (no SET_VRING_KICK)"))
 
 
 def _ring_limit(state: ConnectionState) -> int | None:

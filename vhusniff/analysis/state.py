@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -195,18 +196,33 @@ class ConnectionState:
         self.recent.append((self.messages, number))
         if message is None:
             return
-        reply = message.is_reply
-        if not reply and message.channel != _DEVICE_STATE:
-            self.last_request_message = (number, message)       # a migration-stream chunk is not a request
-        if message.kind is None or message.channel != _MAIN:
+        channel = message.channel
+        if message.is_reply:
+            kind = message.kind
+            if kind is None or channel != _MAIN:
+                return
+            self._device_type(message)
+            handler = _REPLY_HANDLERS.get(kind)
+            if handler is not None:
+                handler(self, message)
             return
-        if message.context.device_type:
-            self.device_type = message.context.device_type
-            self.device_source = message.context.device_source
-        if reply:
-            self._reply(number, message)
-        elif record.direction == _FRONTEND_SENDS:
-            self._request(number, record, message)
+        if channel == _MAIN:
+            self.last_request_message = (number, message)
+            if message.kind is None:
+                return
+            self._device_type(message)
+            if record.direction == _FRONTEND_SENDS:
+                request_handler = _REQUEST_HANDLERS.get(message.request)
+                if request_handler is not None:
+                    request_handler(self, number, record, message)
+        elif channel != _DEVICE_STATE:
+            self.last_request_message = (number, message)       # a migration-stream chunk is not a request
+
+    def _device_type(self, message: Message) -> None:
+        context = message.context
+        if context.device_type:
+            self.device_type = context.device_type
+            self.device_source = context.device_source
 
     def in_record_numbers(self, text: str) -> str:
         """A note of the proxy's with its "message #N" (the connection's N-th message) as the record number that
@@ -231,95 +247,129 @@ class ConnectionState:
             self.ended_number, self.ended_note = number, note
             self._milestone((number, f"connection ended: {note}"))
 
-    def _reply(self, number: int, message: Message) -> None:
-        request = message.request
-        if message.kind == "features" and request == F.GET_FEATURES:
+    # Replies, by payload kind (each applies only to the request that asks for it).
+    def _features_reply(self, message: Message) -> None:
+        if message.request == F.GET_FEATURES:
             self.features_offered = message.payload.features
-        elif message.kind == "protocol_features" and request == F.GET_PROTOCOL_FEATURES:
+
+    def _protocol_features_reply(self, message: Message) -> None:
+        if message.request == F.GET_PROTOCOL_FEATURES:
             self.protocol_features_offered = message.payload.protocol_features
-        elif message.kind == "queue_num":
-            self.queue_num = message.payload.queue_num
-        elif message.kind == "mem_slots":
-            self.max_mem_slots = message.payload.mem_slots
-        elif message.kind in ("vring_base", "vring_base_packed") and request == F.GET_VRING_BASE:
+
+    def _queue_num_reply(self, message: Message) -> None:
+        self.queue_num = message.payload.queue_num
+
+    def _mem_slots_reply(self, message: Message) -> None:
+        self.max_mem_slots = message.payload.mem_slots
+
+    def _vring_base_reply(self, message: Message) -> None:
+        if message.request == F.GET_VRING_BASE:
             self.vring(message.payload.index).base = message.payload.num
-        elif message.kind == "status" and request == F.GET_STATUS:
+
+    def _status_reply(self, message: Message) -> None:
+        if message.request == F.GET_STATUS:
             self.status = message.payload.status
 
-    def _request(self, number: int, record: Record, message: Message) -> None:
-        request, kind = message.request, message.kind     # the payload is read only where a request needs it
-        assert kind is not None         # feed calls this only for a decoded payload
-        fd = record.fds[0] if record.fds else None
-        if request == F.SET_FEATURES:
-            if message.payload.features != self.features_acked:
-                self._milestone((number, f"features acked {message.payload.features:#x}"))
-            self.features_acked = message.payload.features
-        elif request == F.SET_PROTOCOL_FEATURES:
-            self.protocol_features_acked = message.payload.protocol_features
-        elif request == F.SET_OWNER:
-            self.owner_set = True
-        elif request == F.RESET_OWNER:
-            self.owner_set = False
-        elif request == F.SET_MEM_TABLE and kind.startswith("mem_table"):
-            if message.payload.nregions == 0 and self.postcopy_listening:
-                return          # QEMU's empty table acknowledging the back-end's postcopy bases
-            self.memory_mode = "table"
-            self.regions = [MemoryRegion(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset,
-                                         record.fds[i] if i < len(record.fds) else None, number)
-                            for i, r in enumerate(message.payload.region)]
-            self._milestone((number, f"memory table: {len(self.regions)} region(s)"))
-        elif request == F.ADD_MEM_REG and kind.startswith("mem_region"):
-            r = message.payload.region
-            region = MemoryRegion(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset, fd, number)
-            self.memory_mode = "slots"
-            self.regions = [old for old in self.regions if not old.same_region(region)] + [region]
-            self._milestone((number, f"memory region added gpa={region.guest_phys_addr:#x} "
-                                         f"size={region.memory_size:#x}"))
-        elif request == F.REM_MEM_REG and kind.startswith("mem_region"):
-            r = message.payload.region
-            gone = MemoryRegion(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset, None, number)
-            self.regions = [old for old in self.regions if not old.same_region(gone)]
-            self._milestone((number, f"memory region removed gpa={gone.guest_phys_addr:#x}"))
-        elif request == F.SET_LOG_FD:
-            self.log_fd = fd
-        elif request == F.SET_VRING_NUM:
-            self.vring(message.payload.index).num = message.payload.num
-        elif request == F.SET_VRING_ADDR:
-            payload = message.payload
-            vring = self.vring(payload.index)
-            vring.desc, vring.used, vring.avail, vring.log = payload.desc, payload.used, payload.avail, payload.log
-            vring.addr_flags = payload.flags
-        elif request == F.SET_VRING_BASE:
-            self.vring(message.payload.index).base = message.payload.num
-        elif request in (F.SET_VRING_KICK, F.SET_VRING_CALL, F.SET_VRING_ERR):
-            vring = self.vring(message.payload.index)
-            slot = NOFD if message.payload.flags & 1 else fd
-            slot_names: dict[int, str] = {F.SET_VRING_KICK: "kick", F.SET_VRING_CALL: "call", F.SET_VRING_ERR: "err"}
-            slot_name = slot_names[request]
-            setattr(vring, slot_name, slot)
-            if request == F.SET_VRING_KICK:
-                self._start(number, vring, "SET_VRING_KICK")
-        elif request == F.VRING_KICK:
-            self._start(number, self.vring(message.payload.index), "VRING_KICK")
-        elif request == F.GET_VRING_BASE:
-            vring = self.vring(message.payload.index)
-            if vring.started:
-                vring.started = False
-                self._milestone((number, f"ring {vring.index} stopped (GET_VRING_BASE)"
-                                             + (", device suspended" if self.suspended else "")))
-        elif request == F.SET_VRING_ENABLE:
-            index, enabled = message.payload.index, message.payload.num
-            self.vring(index).enabled = bool(enabled)
-            self._milestone((number, f"ring {index} {'enabled' if enabled else 'disabled'}"))
-        elif request == F.SET_BACKEND_REQ_FD:
-            self.backend_channel, self.backend_channel_number = fd, number
-        elif request == F.SET_STATUS:
-            self.status = message.payload.status
-            self._milestone((number, f"status {cat.bit_names(message.payload.status, cat.DEVICE_STATUS)}"))
-        elif request == F.POSTCOPY_LISTEN:
-            self.postcopy_listening = True
-        elif request == F.POSTCOPY_END:
-            self.postcopy_listening = False
+    # Front-end requests, by request (the payload is read only where a request needs it).
+    def _set_features(self, number: int, record: Record, message: Message) -> None:
+        features = message.payload.features
+        if features != self.features_acked:
+            self._milestone((number, f"features acked {features:#x}"))
+        self.features_acked = features
+
+    def _set_protocol_features(self, number: int, record: Record, message: Message) -> None:
+        self.protocol_features_acked = message.payload.protocol_features
+
+    def _set_owner(self, number: int, record: Record, message: Message) -> None:
+        self.owner_set = True
+
+    def _reset_owner(self, number: int, record: Record, message: Message) -> None:
+        self.owner_set = False
+
+    def _set_mem_table(self, number: int, record: Record, message: Message) -> None:
+        if not (message.kind or "").startswith("mem_table"):
+            return
+        if message.payload.nregions == 0 and self.postcopy_listening:
+            return          # QEMU's empty table acknowledging the back-end's postcopy bases
+        self.memory_mode = "table"
+        self.regions = [MemoryRegion(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset,
+                                     record.fds[i] if i < len(record.fds) else None, number)
+                        for i, r in enumerate(message.payload.region)]
+        self._milestone((number, f"memory table: {len(self.regions)} region(s)"))
+
+    def _add_mem_reg(self, number: int, record: Record, message: Message) -> None:
+        if not (message.kind or "").startswith("mem_region"):
+            return
+        r = message.payload.region
+        region = MemoryRegion(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset,
+                              record.fds[0] if record.fds else None, number)
+        self.memory_mode = "slots"
+        self.regions = [old for old in self.regions if not old.same_region(region)] + [region]
+        self._milestone((number, f"memory region added gpa={region.guest_phys_addr:#x} "
+                                 f"size={region.memory_size:#x}"))
+
+    def _rem_mem_reg(self, number: int, record: Record, message: Message) -> None:
+        if not (message.kind or "").startswith("mem_region"):
+            return
+        r = message.payload.region
+        gone = MemoryRegion(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset, None, number)
+        self.regions = [old for old in self.regions if not old.same_region(gone)]
+        self._milestone((number, f"memory region removed gpa={gone.guest_phys_addr:#x}"))
+
+    def _set_log_fd(self, number: int, record: Record, message: Message) -> None:
+        self.log_fd = record.fds[0] if record.fds else None
+
+    def _set_vring_num(self, number: int, record: Record, message: Message) -> None:
+        payload = message.payload
+        self.vring(payload.index).num = payload.num
+
+    def _set_vring_addr(self, number: int, record: Record, message: Message) -> None:
+        payload = message.payload
+        vring = self.vrings.get(payload.index) or self.vring(payload.index)
+        vring.desc, vring.used, vring.avail, vring.log = payload.desc, payload.used, payload.avail, payload.log
+        vring.addr_flags = payload.flags
+
+    def _set_vring_base(self, number: int, record: Record, message: Message) -> None:
+        payload = message.payload
+        self.vring(payload.index).base = payload.num
+
+    def _set_vring_fd(self, number: int, record: Record, message: Message) -> None:
+        payload = message.payload
+        vring = self.vring(payload.index)
+        slot = NOFD if payload.flags & 1 else record.fds[0] if record.fds else None
+        request = message.request
+        setattr(vring, _VRING_FD_SLOTS[request], slot)
+        if request == F.SET_VRING_KICK:
+            self._start(number, vring, "SET_VRING_KICK")
+
+    def _vring_kick(self, number: int, record: Record, message: Message) -> None:
+        self._start(number, self.vring(message.payload.index), "VRING_KICK")
+
+    def _get_vring_base(self, number: int, record: Record, message: Message) -> None:
+        vring = self.vring(message.payload.index)
+        if vring.started:
+            vring.started = False
+            self._milestone((number, f"ring {vring.index} stopped (GET_VRING_BASE)"
+                                     + (", device suspended" if self.suspended else "")))
+
+    def _set_vring_enable(self, number: int, record: Record, message: Message) -> None:
+        index, enabled = message.payload.index, message.payload.num
+        self.vring(index).enabled = bool(enabled)
+        self._milestone((number, f"ring {index} {'enabled' if enabled else 'disabled'}"))
+
+    def _set_backend_req_fd(self, number: int, record: Record, message: Message) -> None:
+        self.backend_channel, self.backend_channel_number = record.fds[0] if record.fds else None, number
+
+    def _set_status(self, number: int, record: Record, message: Message) -> None:
+        status = message.payload.status
+        self.status = status
+        self._milestone((number, f"status {cat.bit_names(status, cat.DEVICE_STATUS)}"))
+
+    def _postcopy_listen(self, number: int, record: Record, message: Message) -> None:
+        self.postcopy_listening = True
+
+    def _postcopy_end(self, number: int, record: Record, message: Message) -> None:
+        self.postcopy_listening = False
 
     def _start(self, number: int, vring: VringState, how: str) -> None:
         if not vring.started:
@@ -381,6 +431,42 @@ class ConnectionState:
     def protocol_feature_negotiated(self) -> bool:
         return bool((self.features_acked or 0) >> PROTOCOL_FEATURES_BIT & 1)
 
+
+
+# What a front-end request or a reply (by payload kind) changes in the state: one lookup per message.
+_REQUEST_HANDLERS: dict[int, Callable[[ConnectionState, int, Record, Message], None]] = {
+    F.SET_FEATURES: ConnectionState._set_features,
+    F.SET_PROTOCOL_FEATURES: ConnectionState._set_protocol_features,
+    F.SET_OWNER: ConnectionState._set_owner,
+    F.RESET_OWNER: ConnectionState._reset_owner,
+    F.SET_MEM_TABLE: ConnectionState._set_mem_table,
+    F.ADD_MEM_REG: ConnectionState._add_mem_reg,
+    F.REM_MEM_REG: ConnectionState._rem_mem_reg,
+    F.SET_LOG_FD: ConnectionState._set_log_fd,
+    F.SET_VRING_NUM: ConnectionState._set_vring_num,
+    F.SET_VRING_ADDR: ConnectionState._set_vring_addr,
+    F.SET_VRING_BASE: ConnectionState._set_vring_base,
+    F.SET_VRING_KICK: ConnectionState._set_vring_fd,
+    F.SET_VRING_CALL: ConnectionState._set_vring_fd,
+    F.SET_VRING_ERR: ConnectionState._set_vring_fd,
+    F.VRING_KICK: ConnectionState._vring_kick,
+    F.GET_VRING_BASE: ConnectionState._get_vring_base,
+    F.SET_VRING_ENABLE: ConnectionState._set_vring_enable,
+    F.SET_BACKEND_REQ_FD: ConnectionState._set_backend_req_fd,
+    F.SET_STATUS: ConnectionState._set_status,
+    F.POSTCOPY_LISTEN: ConnectionState._postcopy_listen,
+    F.POSTCOPY_END: ConnectionState._postcopy_end,
+}
+_VRING_FD_SLOTS = {F.SET_VRING_KICK: "kick", F.SET_VRING_CALL: "call", F.SET_VRING_ERR: "err"}
+_REPLY_HANDLERS: dict[str, Callable[[ConnectionState, Message], None]] = {
+    "features": ConnectionState._features_reply,
+    "protocol_features": ConnectionState._protocol_features_reply,
+    "queue_num": ConnectionState._queue_num_reply,
+    "mem_slots": ConnectionState._mem_slots_reply,
+    "vring_base": ConnectionState._vring_base_reply,
+    "vring_base_packed": ConnectionState._vring_base_reply,
+    "status": ConnectionState._status_reply,
+}
 
 def _maybe(value) -> str:
     return "?" if value is None else str(value)

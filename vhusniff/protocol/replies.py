@@ -25,24 +25,56 @@ def expectation(message: Message, protocol_features: int, profile: cat.Profile =
                 postcopy_listening: bool = False) -> str:
     """What a request waits for (an Expect), given the acked protocol features and whether postcopy listens.
 
-    The one statement of the reply rules: the analyzer matches replies with it, replay decides with it whether
-    to wait for (or send) a reply. NEED_REPLY under REPLY_ACK asks for an ack of any request, one the
-    catalogue does not know included."""
-    spec = message.spec
+    The one statement of the reply rules (ReplyExpectation): the analyzer matches replies with it, replay decides
+    with it whether to wait for (or send) a reply. NEED_REPLY under REPLY_ACK asks for an ack of any request, one
+    the catalogue does not know included."""
+    rules = ReplyExpectation(message.spec, message.channel, message.request, message.need_reply, profile)
+    return rules(protocol_features, postcopy_listening)
 
-    def negotiated(name: str) -> bool:
-        return protocol_feature_set(profile, protocol_features, name)
 
-    if spec is not None and spec.reply_rule == cat.ReplyRule.ALWAYS:
-        return Expect.REPLY
-    if spec is not None and spec.reply_rule == cat.ReplyRule.IF_LOG_SHMFD and negotiated("LOG_SHMFD"):
-        return Expect.REPLY
-    if postcopy_listening and message.channel == Channel.MAIN and \
-            message.request in (cat.FrontendRequest.SET_MEM_TABLE, cat.FrontendRequest.ADD_MEM_REG):
-        return Expect.REPLY    # postcopy: the back-end answers with its mapping bases, without NEED_REPLY
-    if message.need_reply:
-        return Expect.ACK if negotiated("REPLY_ACK") else Expect.MAYBE
-    return Expect.NOTHING
+class ReplyExpectation:
+    """The reply rules settled for one request header (its spec, channel, request number and NEED_REPLY bit)
+    under one profile: calling it with the acked protocol features and whether postcopy listens says what the
+    request waits for. `fixed` is that answer when nothing negotiated changes it (None otherwise), so that the
+    analyzer asks it once per kind of request rather than once per message."""
+
+    __slots__ = ("fixed", "log_shmfd_bit", "postcopy_reply", "need_reply", "reply_ack_bit")
+
+    def __init__(self, spec: cat.RequestSpec | None, channel: Channel, request: int, need_reply: bool,
+                 profile: cat.Profile = cat.SPEC_PROFILE) -> None:
+        always = spec is not None and spec.reply_rule == cat.ReplyRule.ALWAYS
+        # -1: the profile does not number the feature, so it is never negotiated
+        self.log_shmfd_bit = _bit(profile, "LOG_SHMFD") if spec is not None and \
+            spec.reply_rule == cat.ReplyRule.IF_LOG_SHMFD else None
+        # postcopy: the back-end answers with its mapping bases, without NEED_REPLY
+        self.postcopy_reply = channel == Channel.MAIN and \
+            request in (cat.FrontendRequest.SET_MEM_TABLE, cat.FrontendRequest.ADD_MEM_REG)
+        self.need_reply = need_reply
+        self.reply_ack_bit = _bit(profile, "REPLY_ACK")
+        self.fixed: str | None = None
+        if always:
+            self.fixed = Expect.REPLY
+        elif self.log_shmfd_bit is None and not self.postcopy_reply:
+            self.fixed = None if need_reply and self.reply_ack_bit >= 0 else \
+                Expect.MAYBE if need_reply else Expect.NOTHING
+
+    def __call__(self, protocol_features: int, postcopy_listening: bool = False) -> str:
+        if self.fixed is not None:
+            return self.fixed
+        if self.log_shmfd_bit is not None and self.log_shmfd_bit >= 0 and protocol_features >> self.log_shmfd_bit & 1:
+            return Expect.REPLY
+        if postcopy_listening and self.postcopy_reply:
+            return Expect.REPLY
+        if self.need_reply:
+            return Expect.ACK if self.reply_ack_bit >= 0 and protocol_features >> self.reply_ack_bit & 1 \
+                else Expect.MAYBE
+        return Expect.NOTHING
+
+
+def _bit(profile: cat.Profile, name: str) -> int:
+    """The profile's bit for a protocol feature, -1 when it numbers none."""
+    bit = profile.protocol_feature_bit(name)
+    return -1 if bit is None else bit
 
 
 def reply_required(message: Message, ctx: DecodeContext) -> bool:
