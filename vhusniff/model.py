@@ -73,7 +73,7 @@ class FdInfo(NamedTuple):
         return f"{text} ino={self.inode}"
 
 
-@dataclass
+@dataclass(slots=True)
 class Record:
     """One captured thing: a message with its exact bytes and fds, or a lifecycle event."""
     timestamp_ns: int

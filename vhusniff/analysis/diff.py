@@ -17,7 +17,7 @@ from ..capture.scan import scan_records
 from ..model import Channel, Record, RecordKind
 from ..protocol import catalogue as cat
 from ..protocol.context import ContextTracker
-from ..protocol.grammar import Message, iter_fields
+from ..protocol.grammar import DecodeContext, Message, iter_fields
 from ..protocol.shapes import ShapeDecoder
 
 
@@ -89,25 +89,34 @@ def _by_name(message: Message) -> dict[str, list]:
     return fields
 
 
-Numbered = tuple[int, Record, Message]
+# (record number, record, its message, or the context to decode it in when it is needed: see _messages)
+Numbered = tuple[int, Record, "Message | DecodeContext"]
 
 
 def _messages(records: Iterable[Record]) -> Iterator[Numbered]:
-    """(record number, record, message) of every message, decoded in its connection's context."""
+    """(record number, record, message) of every message, decoded in its connection's context; a message that
+    tells its connection's context nothing comes with that context instead, and is decoded only if its bytes
+    differ from its partner's (most of two similar sessions is the same bytes)."""
     tracker = ContextTracker()
     tracker.decoder = ShapeDecoder().decode
+    decode_message, unobserved_context = tracker.decode_message, tracker.unobserved_context
+    message_kind = RecordKind.MESSAGE
     for number, record in enumerate(records, 1):
-        if record.kind == RecordKind.MESSAGE:
-            yield number, record, tracker.decode_message(record)
+        if record.kind is message_kind:
+            context = unobserved_context(record)
+            yield number, record, decode_message(record) if context is None else context
         else:
             tracker.decode(record)          # an event still counts: a DEVICE event names the device type
 
 
-def _pair_lines(channel: Channel, a: Numbered, b: Numbered, ignore: frozenset[str]) -> list[str]:
+def _context(message: Message | DecodeContext) -> DecodeContext:
+    return message if isinstance(message, DecodeContext) else message.context
+
+
+def _pair_lines(channel: Channel, a: tuple[int, Record, Message], b: tuple[int, Record, Message],
+                ignore: frozenset[str]) -> list[str]:
+    """The differences of two paired messages (DiffStream._same has found them not alike)."""
     (na, ra, ma), (nb, rb, mb) = a, b
-    if ra.data == rb.data and ra.direction == rb.direction and ma.context == mb.context and \
-            [fd.kind for fd in ra.fds] == [fd.kind for fd in rb.fds]:
-        return []           # the same bytes read in the same context: every field alike, nothing to compare
     where = f"{channel.name.lower()} A#{na} B#{nb}"
     if ra.direction != rb.direction or ma.request != mb.request or ma.is_reply != mb.is_reply:
         return [f"{where}: A {ra.direction.arrow} {ma.summary()}  |  B {rb.direction.arrow} {mb.summary()}"]
@@ -132,20 +141,24 @@ class DiffStream:
         self.spools: dict[Channel, tempfile.SpooledTemporaryFile] = {}
         self.differences = 0
         self.waiting = [0, 0]                               # messages of A and B waiting for a partner
+        self._decode = ShapeDecoder().decode                # a message _messages left undecoded, when it is needed
+        self._alike: tuple[DecodeContext, DecodeContext] | None = None     # the last two contexts found equal
 
     def run(self) -> DiffStream:
         done = [False, False]
+        sides, counts, waiting, pending = self.sides, self.counts, self.waiting, self.pending
         while not all(done):
             # Read from the side with fewer messages waiting for a partner (either, while neither waits).
-            waiting = self.waiting
             side = 0 if (waiting[0] <= waiting[1] and not done[0]) or done[1] else 1
-            item = next(self.sides[side], None)
+            item = next(sides[side], None)
             if item is None:
                 done[side] = True
                 continue
-            self.counts[side] += 1
+            counts[side] += 1
             channel = item[1].channel
-            queues = self.pending.setdefault(channel, (deque(), deque()))
+            queues = pending.get(channel)
+            if queues is None:
+                queues = pending[channel] = (deque(), deque())
             other = queues[1 - side]
             if not other:
                 queues[side].append(item)
@@ -154,15 +167,40 @@ class DiffStream:
             partner = other.popleft()
             waiting[1 - side] -= 1
             a, b = (item, partner) if side == 0 else (partner, item)
-            self._write(channel, _pair_lines(channel, a, b, self.ignore))
+            if not self._same(a, b):
+                self._write(channel, _pair_lines(channel, self._decoded(a), self._decoded(b), self.ignore))
         for channel, (only_a, only_b) in self.pending.items():
             self._write(channel, [f"{channel.name.lower()} A#{number}: only in A: {record.direction.arrow} "
-                                  f"{message.summary()}" for number, record, message in only_a])
+                                  f"{self._decoded((number, record, message))[2].summary()}"
+                                  for number, record, message in only_a])
             self._write(channel, [f"{channel.name.lower()} B#{number}: only in B: {record.direction.arrow} "
-                                  f"{message.summary()}" for number, record, message in only_b])
+                                  f"{self._decoded((number, record, message))[2].summary()}"
+                                  for number, record, message in only_b])
             only_a.clear()
             only_b.clear()
         return self
+
+    def _same(self, a: Numbered, b: Numbered) -> bool:
+        """The same bytes, direction and fd kinds, read in the same context: every field alike."""
+        ra, rb = a[1], b[1]
+        if ra.data != rb.data or ra.direction is not rb.direction:
+            return False
+        if (ra.fds or rb.fds) and [fd.kind for fd in ra.fds] != [fd.kind for fd in rb.fds]:
+            return False
+        context_a, context_b = _context(a[2]), _context(b[2])
+        alike = self._alike
+        if context_a is context_b or alike is not None and alike[0] is context_a and alike[1] is context_b:
+            return True
+        if context_a != context_b:
+            return False
+        self._alike = (context_a, context_b)    # held: a session's context changes a few times, its messages many
+        return True
+
+    def _decoded(self, item: Numbered) -> tuple[int, Record, Message]:
+        number, record, message = item
+        if isinstance(message, DecodeContext):
+            message = self._decode(record.data, record.channel, message)
+        return number, record, message
 
     def _write(self, channel: Channel, lines: list[str]) -> None:
         if not lines:

@@ -11,7 +11,7 @@ import struct
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
-from ..model import Record
+from ..model import Channel, Direction, EventKind, Record, RecordKind
 from .pcapng import (
     BLOCK_EPB,
     BLOCK_IDB,
@@ -20,6 +20,9 @@ from .pcapng import (
     LINKTYPE_USER0,
     MIN_BLOCK_LENGTH,
     OPTION_IF_DESCRIPTION,
+    PSEUDO_FLAG_UNFRAMED,
+    PSEUDO_HEADER,
+    PSEUDO_MAGIC,
     READ_CHUNK,
     _option_value,
     _ts_resolution,
@@ -41,6 +44,18 @@ _NANOSECONDS = (10 ** 9, 10 ** 9)    # capture._ts_resolution's (multiplier, div
 _LITTLE_ENDIAN_MAGIC = struct.pack("<I", BYTE_ORDER_MAGIC)
 _SHORTEST_EPB = MIN_BLOCK_LENGTH[BLOCK_EPB]
 
+# An EPB's head and the pseudo-header (v2) after it, as words: magic, version and header length, connection,
+# (kind, channel, direction, flags), (fd count, note length), (event, source tag). A message without fds or a note
+# whose words read as below is made into its Record here; any other packet goes to pcapng.parse_pseudo_header.
+_PLAIN_PACKET = struct.Struct("<7I6I")
+_PLAIN_HEAD = _PACKET_BLOCK.size + PSEUDO_HEADER.size
+_PLAIN_MAGIC = _LENGTH.unpack(PSEUDO_MAGIC)[0]
+_PLAIN_VERSION = 2 | PSEUDO_HEADER.size << 16
+# (kind, channel, direction, flags) word of a message -> its channel, direction and unframed flag
+_PLAIN_FIELDS = {int(RecordKind.MESSAGE) | channel << 8 | direction << 16 | flags << 24:
+                 (channel, direction, bool(flags & PSEUDO_FLAG_UNFRAMED))
+                 for channel in Channel for direction in Direction for flags in range(256)}
+
 Source = Callable[[], "str | BinaryIO"]     # where to read the capture from, from its start (capture.progress)
 
 
@@ -48,21 +63,84 @@ class Unusual(Exception):
     """The fast scanner met something only the full reader handles."""
 
 
+class _Blocks:
+    """What the scanner knows of the section it reads: which interfaces carry vhost-user packets, its source."""
+
+    __slots__ = ("user0", "interfaces", "any_user0", "in_section", "sections", "sources")
+
+    def __init__(self, sources: list[str]) -> None:
+        self.user0: dict[int, bool] = {}
+        self.interfaces = 0
+        self.any_user0 = self.in_section = False
+        self.sections = 0
+        self.sources = sources
+
+    def other(self, buffer: bytes, position: int, block_type: int, total: int) -> None:
+        """Check a block that is not a fast-path EPB (whole in `buffer`); raise Unusual where it is not plain."""
+        if total % 4 or total < _SHORTEST_EPB and total < MIN_BLOCK_LENGTH.get(block_type, 12) \
+                or (not self.user0 and block_type not in (BLOCK_SHB, BLOCK_IDB)) \
+                or _LENGTH.unpack_from(buffer, position + total - 4)[0] != total:
+            raise Unusual
+        if block_type == BLOCK_SHB:
+            if buffer[position + 8:position + 12] != _LITTLE_ENDIAN_MAGIC \
+                    or section_version_problem(struct.unpack_from("<H", buffer, position + 12)[0]):
+                raise Unusual
+            self.user0, self.interfaces, self.in_section = {}, 0, True
+            self.sections += 1
+        elif block_type == BLOCK_IDB:
+            if not self.in_section:
+                raise Unusual
+            link_type = struct.unpack_from("<H", buffer, position + 8)[0]
+            if _ts_resolution(buffer, position + 16, position + total - 4, "<") != _NANOSECONDS:
+                raise Unusual
+            sources = self.sources
+            if link_type == LINKTYPE_USER0:
+                described = _option_value(buffer, position + 16, position + total - 4, "<", OPTION_IF_DESCRIPTION)
+                named = interface_source(described) if described is not None else ""
+                if sources and sources[0] != named or not named and (self.interfaces or self.sections > 1):
+                    raise Unusual
+                sources[:] = [named]
+            self.user0[self.interfaces] = link_type == LINKTYPE_USER0
+            self.any_user0 = self.any_user0 or link_type == LINKTYPE_USER0
+            self.interfaces += 1
+
+    def packet(self, buffer: bytes, position: int, total: int) -> tuple[int, bytes]:
+        """(timestamp ns, packet bytes) of an EPB whole in `buffer`, checked as `other` checks a block."""
+        interface, high, low, captured, _original = _EPB.unpack_from(buffer, position + 8)
+        if not self.user0.get(interface) or captured > total - 32:
+            raise Unusual
+        return (high << 32) | low, buffer[position + 28:position + 28 + captured]
+
+
+def _refill(stream: BinaryIO, buffer: bytes, position: int, blocks: _Blocks) -> bytes | None:
+    """The buffer from `position` on with at least the next whole block in it; None at the end of a plain file."""
+    have = len(buffer) - position
+    needed = _BLOCK.unpack_from(buffer, position)[1] if have >= 8 else 8
+    if needed > _CHUNK:
+        raise Unusual
+    more = stream.read(max(_READ, needed - have))
+    if not more:
+        if have or not blocks.any_user0:
+            raise Unusual
+        return None
+    return buffer[position:] + more
+
+
+def _whole(buffer: bytes, position: int) -> bool:
+    """Whether the next block is whole in the buffer."""
+    return len(buffer) - position >= 8 and len(buffer) - position >= _BLOCK.unpack_from(buffer, position)[1]
+
+
 def scan(source: str | BinaryIO, sources: list[str] | None = None) -> Iterator[tuple[int, bytes]]:
     """(timestamp ns, packet bytes) of each vhost-user EPB, for files as vhusniff writes them: of one source,
     which is put in `sources` (a capture of several goes to the full reader, which numbers their connections)."""
-    sources = [] if sources is None else sources
+    blocks = _Blocks([] if sources is None else sources)
+    user0 = blocks.user0
     opened = open(source, "rb") if isinstance(source, str) else contextlib.nullcontext(source)
     with opened as stream:
         buffer = b""
-        position = 0
-        user0: dict[int, bool] = {}
-        interfaces = 0
-        any_user0 = in_section = False
-        sections = 0
-        unpack_block, unpack_epb, unpack_length = _BLOCK.unpack_from, _EPB.unpack_from, _LENGTH.unpack_from
-        unpack_packet_block = _PACKET_BLOCK.unpack_from
-        end = 0
+        position = end = 0
+        unpack_length, unpack_packet_block = _LENGTH.unpack_from, _PACKET_BLOCK.unpack_from
         while True:
             if end - position >= 28:      # the common block, checked and yielded in one step
                 block_type, total, interface, high, low, captured, _original = unpack_packet_block(buffer, position)
@@ -73,50 +151,17 @@ def scan(source: str | BinaryIO, sources: list[str] | None = None) -> Iterator[t
                     yield (high << 32) | low, buffer[position + 28:position + 28 + captured]
                     position += total
                     continue
-            if len(buffer) - position < 8 or len(buffer) - position < unpack_block(buffer, position)[1]:
-                needed = unpack_block(buffer, position)[1] if len(buffer) - position >= 8 else 8
-                if needed > _CHUNK:
-                    raise Unusual
-                more = stream.read(max(_READ, needed - (len(buffer) - position)))
-                if not more:
-                    if position != len(buffer) or not any_user0:
-                        raise Unusual
+            if not _whole(buffer, position):
+                refilled = _refill(stream, buffer, position, blocks)
+                if refilled is None:
                     return
-                buffer = buffer[position:] + more
-                position = 0
-                end = len(buffer)
+                buffer, position, end = refilled, 0, len(refilled)
                 continue
-            block_type, total = unpack_block(buffer, position)
-            if total % 4 or total < _SHORTEST_EPB and total < MIN_BLOCK_LENGTH.get(block_type, 12) \
-                    or (not user0 and block_type not in (BLOCK_SHB, BLOCK_IDB)) \
-                    or unpack_length(buffer, position + total - 4)[0] != total:
-                raise Unusual
+            block_type, total = _BLOCK.unpack_from(buffer, position)
+            blocks.other(buffer, position, block_type, total)
             if block_type == BLOCK_EPB:
-                interface, high, low, captured, _original = unpack_epb(buffer, position + 8)
-                if not user0.get(interface) or captured > total - 32:
-                    raise Unusual
-                yield (high << 32) | low, buffer[position + 28:position + 28 + captured]
-            elif block_type == BLOCK_SHB:
-                if buffer[position + 8:position + 12] != _LITTLE_ENDIAN_MAGIC \
-                        or section_version_problem(struct.unpack_from("<H", buffer, position + 12)[0]):
-                    raise Unusual
-                user0, interfaces, in_section = {}, 0, True
-                sections += 1
-            elif block_type == BLOCK_IDB:
-                if not in_section:
-                    raise Unusual
-                link_type = struct.unpack_from("<H", buffer, position + 8)[0]
-                if _ts_resolution(buffer, position + 16, position + total - 4, "<") != _NANOSECONDS:
-                    raise Unusual
-                if link_type == LINKTYPE_USER0:
-                    described = _option_value(buffer, position + 16, position + total - 4, "<", OPTION_IF_DESCRIPTION)
-                    named = interface_source(described) if described is not None else ""
-                    if sources and sources[0] != named or not named and (interfaces or sections > 1):
-                        raise Unusual
-                    sources[:] = [named]
-                user0[interfaces] = link_type == LINKTYPE_USER0
-                any_user0 = any_user0 or link_type == LINKTYPE_USER0
-                interfaces += 1
+                yield blocks.packet(buffer, position, total)
+            user0 = blocks.user0
             position += total
 
 
@@ -124,22 +169,79 @@ def scan_records(source: Source) -> Iterator[Record]:
     """The records of a capture, as read_capture yields them: scanned fast while the file is as vhusniff writes
     it, then (from the record where the scanner stopped) read_capture's, which reads what is unusual or raises
     CaptureError where the damage is. `source` gives what to read, each time from its start."""
-    sources: list[str] = []
-    done = 0
+    done = [0]
     try:
-        for timestamp, packet in scan(source(), sources):
-            try:
-                record = parse_pseudo_header(packet, timestamp, 0)
-            except ValueError:
-                raise Unusual from None
-            if sources and sources[0]:
-                record.source = sources[0]
-            done += 1
-            yield record
+        yield from _scan_records(source(), done)
     except Unusual:
         for number, record in enumerate(read_capture(source()), 1):
-            if number > done:
+            if number > done[0]:
                 yield record
+
+
+def _scan_records(source: str | BinaryIO, done: list[int]) -> Iterator[Record]:
+    """scan's loop, making the Records too: a message without fds or a note is made from one unpack of its
+    block's head and pseudo-header; any other packet by pcapng.parse_pseudo_header. `done[0]`: records yielded."""
+    blocks = _Blocks([])
+    user0 = blocks.user0
+    source_name = ""
+    count = 0
+    message, note = RecordKind.MESSAGE, EventKind.NOTE
+    plain_fields = _PLAIN_FIELDS.get
+    opened = open(source, "rb") if isinstance(source, str) else contextlib.nullcontext(source)
+    with opened as stream:
+        buffer = b""
+        position = end = 0
+        unpack_length, unpack_plain = _LENGTH.unpack_from, _PLAIN_PACKET.unpack_from
+        try:
+            while True:
+                if end - position >= _PLAIN_HEAD:      # the common block, checked and made in one step
+                    block_type, total, interface, high, low, captured, _original, magic, version, connection, \
+                        fields, fds_note, event_tag = unpack_plain(buffer, position)
+                    if block_type == BLOCK_EPB and position + total <= end:
+                        if total % 4 or total < _SHORTEST_EPB or captured > total - 32 \
+                                or not user0.get(interface) or unpack_length(buffer, position + total - 4)[0] != total:
+                            raise Unusual
+                        plain = plain_fields(fields)
+                        if plain is not None and magic == _PLAIN_MAGIC and version == _PLAIN_VERSION \
+                                and not fds_note and not event_tag & 0xFF and captured >= PSEUDO_HEADER.size:
+                            channel, direction, unframed = plain
+                            record = Record((high << 32) | low, connection, channel, direction,
+                                            buffer[position + _PLAIN_HEAD:position + 28 + captured], [], message,
+                                            "", note, unframed, "", source_name, event_tag >> 8)
+                        else:
+                            record = _record(buffer[position + 28:position + 28 + captured], (high << 32) | low,
+                                             source_name)
+                        position += total
+                        count += 1
+                        yield record
+                        continue
+                if not _whole(buffer, position):
+                    refilled = _refill(stream, buffer, position, blocks)
+                    if refilled is None:
+                        return
+                    buffer, position, end = refilled, 0, len(refilled)
+                    continue
+                block_type, total = _BLOCK.unpack_from(buffer, position)
+                blocks.other(buffer, position, block_type, total)
+                position += total
+                if block_type == BLOCK_EPB:
+                    timestamp, packet = blocks.packet(buffer, position - total, total)
+                    count += 1
+                    yield _record(packet, timestamp, source_name)
+                user0 = blocks.user0
+                source_name = blocks.sources[0] if blocks.sources else ""
+        finally:
+            done[0] = count
+
+
+def _record(packet: bytes, timestamp: int, source_name: str) -> Record:
+    try:
+        record = parse_pseudo_header(packet, timestamp, 0)
+    except ValueError:
+        raise Unusual from None
+    if source_name:
+        record.source = source_name
+    return record
 
 
 __all__ = ["Source", "Unusual", "scan", "scan_records"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
+from itertools import islice
 
 from ..analysis.analyzer import IDLE_SECONDS, REPLY_SECONDS, Analyzer, connection_report, end_summary
 from ..analysis.expert import CHECKS, Severity
@@ -67,22 +68,24 @@ def load(path: str, device: str | None = None, profile: str = "qemu-spec", at: i
     with reading(path) as outcome, capture_progress(path, progress) as bar:
         loaded = Loaded(analyzer, outcome)
         counts, sources = loaded.counts, loaded.sources
-        for number, record in enumerate(scan_records(bar.source), 1):
-            if at is not None and number > at:
-                break
+        records = enumerate(scan_records(bar.source), 1)
+        for number, record in records if at is None else islice(records, max(at, 0)):
             if record.source and record.connection not in sources:
                 sources[record.connection] = record.source
-            message = None
-            if record.kind == message_kind:
-                decoded = message = decode(record)
-                key = (record.connection, record.channel, record.direction, decoded.request, decoded.is_reply)
+            if record.kind is message_kind:
+                message = decode(record)
+                key = (record.connection, record.channel, record.direction, message.request, message.is_reply)
                 counter = counts.get(key)
                 if counter is None:
                     counter = counts[key] = Counter()
                 counter.count += 1
                 counter.bytes += len(record.data)
-                counter.fds += len(record.fds)
-            found = feed(record, message, number)
+                if record.fds:
+                    counter.fds += len(record.fds)
+                found = feed(record, message, number)
+            else:
+                message = None
+                found = feed(record, None, number)
             if keep:
                 loaded.seen.append((number, record, message))
             if timeline is not None and not timeline.add(number, record, message, found) and analyzer.keep:

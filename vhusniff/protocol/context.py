@@ -16,6 +16,7 @@ _DEVICE_REQUESTS = {int(request): (rule.value, cat.FrontendRequest(request).name
                     if rule.context_field == "device_type" and rule.value}
 _CONFIG_WINDOW = struct.Struct("<II")          # a config payload's offset and size
 _FEATURES = struct.Struct("<Q")
+_REQUEST = struct.Struct("<I")
 # The replies that may tell it (infer_device_type), while it is still unknown.
 DEVICE_TELLING_REPLIES = frozenset({int(cat.FrontendRequest.GET_CONFIG), int(cat.FrontendRequest.GET_FEATURES)})
 # The low bytes of the requests that can tell it: a proxy tests a message's first byte against these before it
@@ -73,6 +74,11 @@ def infer_device_type(channel: Channel, data: bytes) -> tuple[str, str] | None:
     return device_from_config_window(offset, window, size - 12)
 
 
+# The requests `observe` follows (a context rule's, or a reply that may tell the device type): for any other message
+# it does nothing, and decode_message skips it.
+_OBSERVED_REQUESTS = frozenset({*(int(request) for request in cat.CONTEXT_RULES), *DEVICE_TELLING_REPLIES})
+
+
 class ContextTracker:
     """Decodes records in order, keeping each connection's DecodeContext up to date."""
 
@@ -97,13 +103,24 @@ class ContextTracker:
 
     def decode_message(self, record: Record) -> Message:
         """A message record's message, decoded in its connection's context (for a caller that knows the kind)."""
-        ctx = self.context_for(record.connection)
+        connection = record.connection
+        ctx = self.contexts.get(connection, self.base)
         message = self.decoder(record.data, record.channel, ctx)
-        self.observe(record.connection, message, ctx)
-        if self.context_for(record.connection).device_type != ctx.device_type:
-            # the message that told the device type reads as that device's (a GET_CONFIG window: its config)
-            message = self.decoder(record.data, record.channel, self.context_for(record.connection))
+        if message.request in _OBSERVED_REQUESTS:        # only these can change the context (observe)
+            self.observe(connection, message, ctx)
+            now = self.contexts.get(connection, self.base)
+            if now is not ctx and now.device_type != ctx.device_type:
+                # the message that told the device type reads as that device's (a GET_CONFIG window: its config)
+                message = self.decoder(record.data, record.channel, now)
         return message
+
+    def unobserved_context(self, record: Record) -> DecodeContext | None:
+        """The context a message record decodes in, when decoding it would tell this tracker nothing (a caller
+        may then decode it later, or never); None when it must go through decode_message now."""
+        data = record.data
+        if len(data) < HEADER_SIZE or _REQUEST.unpack_from(data)[0] in _OBSERVED_REQUESTS:
+            return None
+        return self.contexts.get(record.connection, self.base)
 
     def _observe_event(self, record: Record) -> None:
         # The proxy (a route that knows its device) and replay say the device type with a DEVICE event; a

@@ -137,20 +137,49 @@ class LazyMessage(Message):
     payload = property(_payload, _set_payload)     # Message's slot, read lazily
 
 
-_GENERAL = None         # a shape grammar.decode decodes
-
-
 class _Shape:
-    __slots__ = ("context", "kind", "parse", "problems", "is_reply", "config")
+    """What the header settles for the messages of one shape: a Message subclass (make) whose header fields, kind,
+    problems and context are class attributes, so that a message of the shape is made with its bytes alone."""
+
+    __slots__ = ("context", "kind", "parse", "problems", "is_reply", "config", "length", "make")
 
     def __init__(self, context: DecodeContext, message: Message, config: bool) -> None:
-        self.context = context              # held, so that its id (in the key) is not reused
+        self.context = context              # held, so that the context's tables stay its own
         assert message.kind is not None         # _settle makes shapes of decoded payloads only
         self.kind: str = message.kind
         self.parse: Callable[[bytes], Any] = _FAST_PARSERS[message.kind]
         self.problems = message.problems
         self.is_reply = message.is_reply
         self.config = config                # a config window: settled per message by its size field
+        self.length = HEADER_SIZE + message.size        # a message of another length is not of this shape
+        self.make: Callable[[bytes], LazyMessage] = _message_class(message, self)
+
+
+def _message_class(message: Message, shape: _Shape) -> type[LazyMessage]:
+    """A LazyMessage of one shape: what the shape settles is held by the class, the bytes by each message."""
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+
+    return type("LazyMessage", (LazyMessage,), {
+        "__slots__": (), "__init__": __init__, "__module__": __name__, "channel": message.channel,
+        "request": message.request, "flags": message.flags, "size": message.size, "kind": shape.kind,
+        "_parse": staticmethod(shape.parse), "problems": shape.problems, "context": shape.context,
+        "is_reply": shape.is_reply})
+
+
+class _General:
+    """A shape grammar.decode decodes: no message is of its length."""
+    __slots__ = ()
+    length = -1
+    config = False
+
+    @staticmethod
+    def make(raw: bytes) -> LazyMessage:
+        raise AssertionError("no message is of a general shape's length")
+
+
+_GENERAL = _General()
 
 
 class ShapeDecoder:
@@ -159,32 +188,49 @@ class ShapeDecoder:
     SHAPES_KEPT = 1 << 14          # distinct shapes remembered; forgotten all at once when full (memory stays flat)
 
     def __init__(self) -> None:
-        self.shapes: dict[tuple, _Shape | None] = {}
+        # context id -> (the context, held so that its id is not reused; per channel: header bytes -> shape)
+        self.contexts: dict[int, tuple[DecodeContext, list[dict[bytes, _Shape | _General]]]] = {}
+        self.kept = 0
+        self._context: DecodeContext | None = None     # the context of the last message, and its tables
+        self._tables: list[dict[bytes, _Shape | _General]] = []
 
     def decode(self, raw: bytes, channel: Channel, context: DecodeContext) -> Message:
-        if len(raw) < HEADER_SIZE:
-            return decode(raw, channel, context)
-        request, flags, size = _HEADER.unpack_from(raw)
-        if len(raw) - HEADER_SIZE != size:
-            return decode(raw, channel, context)
-        key = (channel, request, flags, size, id(context))
-        shape = self.shapes.get(key)
-        if shape is None or shape.context is not context:
-            if shape is None and key in self.shapes:
-                return decode(raw, channel, context)
-            message = decode(raw, channel, context)
-            if len(self.shapes) >= self.SHAPES_KEPT:
-                self.shapes.clear()
-            self.shapes[key] = self._settle(raw, channel, context, message)
-            return message
-        if shape.config and _CONFIG_HEAD + _CONFIG_SIZE.unpack_from(raw, HEADER_SIZE + 4)[0] != size:
+        if context is not self._context:
+            self._use(context)
+        table = self._tables[channel]
+        shape = table.get(raw[:HEADER_SIZE])
+        if shape is None:
+            return self._first(raw, channel, context, table)
+        if len(raw) != shape.length:
+            return decode(raw, channel, context)        # a shape grammar.decode decodes, or not a whole message
+        if shape.config and _CONFIG_HEAD + _CONFIG_SIZE.unpack_from(raw, HEADER_SIZE + 4)[0] != len(raw) - HEADER_SIZE:
             return decode(raw, channel, context)        # not a whole window: the grammar words what it is
-        return LazyMessage(raw, channel, request, flags, size, shape.kind, shape.parse, shape.problems, context,
-                           shape.is_reply)
+        return shape.make(raw)
+
+    def _use(self, context: DecodeContext) -> None:
+        entry = self.contexts.get(id(context))
+        if entry is None or entry[0] is not context:
+            entry = self.contexts[id(context)] = (context, [{} for _channel in Channel])
+        self._context, self._tables = context, entry[1]
+
+    def _first(self, raw: bytes, channel: Channel, context: DecodeContext,
+               table: dict[bytes, _Shape | _General]) -> Message:
+        """The first message of its shape: decoded by the grammar, and its shape settled when it is whole."""
+        message = decode(raw, channel, context)
+        if len(raw) < HEADER_SIZE or len(raw) - HEADER_SIZE != _HEADER.unpack_from(raw)[2]:
+            return message
+        if self.kept >= self.SHAPES_KEPT:
+            self.contexts.clear()
+            self.kept = 0
+            self._use(context)
+            table = self._tables[channel]
+        table[raw[:HEADER_SIZE]] = self._settle(raw, channel, context, message)
+        self.kept += 1
+        return message
 
     @staticmethod
-    def _settle(raw: bytes, channel: Channel, context: DecodeContext, message: Message) -> _Shape | None:
-        """The shape of a message grammar.decode decoded, or None when its header does not settle its kind."""
+    def _settle(raw: bytes, channel: Channel, context: DecodeContext, message: Message) -> _Shape | _General:
+        """The shape of a message grammar.decode decoded, or _GENERAL when its header does not settle its kind."""
         kind = message.kind
         if kind is None or channel == Channel.DEVICE_STATE:
             return _GENERAL
@@ -205,8 +251,7 @@ class ShapeDecoder:
                 if FIXED_SIZE[before] is None or FIXED_SIZE[before] == message.size:
                     return _GENERAL     # a variable layout (or another of this size) might fit other bytes
         shape = _Shape(context, message, config)
-        again = LazyMessage(raw, channel, message.request, message.flags, message.size, kind, shape.parse,
-                            shape.problems, context, shape.is_reply)
+        again = shape.make(raw)
         if again.payload != message.payload or again.is_reply != message.is_reply:
             return _GENERAL
         return shape

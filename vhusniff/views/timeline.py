@@ -40,6 +40,7 @@ COLOURS = {Channel.MAIN: "#1f6fb2", Channel.BACKEND: "#b26b1f", Channel.GPU: "#5
            Channel.DEVICE_STATE: "#7b4fa8"}
 PROBLEM = "#d62728"
 RING_LANE = 110         # height of a connection's ring lane
+_MESSAGE = RecordKind.MESSAGE
 RING_COLOURS = ("#2a9d8f", "#e76f51", "#264653", "#e9c46a", "#8d5fd3", "#6a994e")
 
 
@@ -292,7 +293,7 @@ class Timeline:
         """One record (and the findings feeding it raised); False once the timeline buckets by time."""
         if self.only is not None and record.connection != self.only:
             return self.seen is not None
-        if record.kind == RecordKind.MESSAGE:
+        if record.kind is _MESSAGE:
             self.messages += 1
         if self.seen is not None:
             self.seen.append((number, record, message))
@@ -302,7 +303,26 @@ class Timeline:
                 return True
             self._to_buckets()
             return False
-        self._count(record, message, len(found))
+        if record.kind is not _MESSAGE:
+            self._count(record, message, len(found))
+            return False
+        # _count for a message, the common case, with its steps inline
+        timestamp = record.timestamp_ns
+        index = (timestamp - self.origin_ns) // self.width_ns
+        if not 0 <= index < self.columns:
+            index = self._bucket(timestamp)
+        if timestamp > self.last_ns:
+            self.last_ns = timestamp
+        key = (record.connection, record.channel, record.direction)
+        lane = self.lanes.get(key)
+        if lane is None:
+            lane = self.lanes[key] = {}
+        entry = lane.get(index)
+        if entry is None:
+            entry = lane[index] = [0, 0]
+        entry[0] += 1
+        if found or message is not None and message.problems:
+            entry[1] += len(found) + bool(message is not None and message.problems)
         return False
 
     def _to_buckets(self) -> None:
