@@ -8,7 +8,9 @@ sessions, every message different), then times whole tshark processes reading it
   - floor:     tshark with the dissector loaded but the protocol disabled (`--disable-protocol vhost_user`): the
                same start-up, frames read and listed, nothing dissected;
   - dissector: `tshark -X lua_script:dissectors/vhost_user.lua -r FILE` (the packet list: columns, no tree);
-  - tree:      the same with -V (every field in the tree, printed).
+  - tagged:    the same on the same records written as two tagged captures (two sources, each numbering its
+               connections from 1) merged by mergecap: connections keyed by the pseudo-header's source tag;
+  - tree:      the same as dissector with -V (every field in the tree, printed).
 Each line gives messages per second of wall time and of CPU time (user + system of the tshark process: on a busy
 machine the wall clock also counts other processes' turns), and the ratio to the floor.
 Target (issue #16): the dissector at least 30,000 messages/s.
@@ -31,10 +33,12 @@ DISSECTOR = os.path.join(ROOT, "dissectors", "vhost_user.lua")
 BOOT_CAPTURE = os.path.join(ROOT, "captures", "qemu-blk-boot.pcapng")
 TARGET = 30_000
 
+# variant -> (which capture, tshark options)
 VARIANTS = {
-    "floor": ["--disable-protocol", "vhost_user"],
-    "dissector": [],
-    "tree": ["-V"],
+    "floor": ("plain", ["--disable-protocol", "vhost_user"]),
+    "dissector": ("plain", []),
+    "tagged": ("tagged", []),
+    "tree": ("plain", ["-V"]),
 }
 
 
@@ -52,6 +56,23 @@ def run_tshark(dissector: str, path: str, extra: list[str]) -> tuple[float, floa
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
+def tagged_merge(path: str, scratch: str) -> str:
+    """The capture's records as two hosts would write them (alternate connections, each host numbering its own
+    from 1, every record tagged with its host's source), merged by mergecap."""
+    from vhusniff.capture.pcapng import CaptureWriter, read_capture
+    halves = [os.path.join(scratch, f"host-{name}.pcapng") for name in "ab"]
+    writers = [CaptureWriter(half, source=f"host=host-{name} pid=1 start=2026-01-01T00:00:00Z")
+               for half, name in zip(halves, "ab", strict=True)]
+    with writers[0], writers[1]:
+        for record in read_capture(path):
+            writer = writers[(record.connection - 1) % 2]
+            record.connection = (record.connection - 1) // 2 + 1
+            writer.write(record)
+    merged = os.path.join(scratch, "tagged.pcapng")
+    subprocess.run(["mergecap", "-w", merged, *halves], check=True)
+    return merged
+
+
 def frames_in(path: str) -> int:
     from vhusniff.capture.pcapng import read_capture
     return sum(1 for _record in read_capture(path))
@@ -63,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--capture", help="an existing capture to read instead of building one")
     args = parser.parse_args(argv)
-    if shutil.which("tshark") is None:
-        sys.exit("tshark is not installed")
+    if shutil.which("tshark") is None or shutil.which("mergecap") is None:
+        sys.exit("tshark and mergecap must be installed")
     with tempfile.TemporaryDirectory() as scratch:
         # a copy, so that regenerating the checked-in dissector meanwhile cannot change what is measured
         dissector = shutil.copy(DISSECTOR, os.path.join(scratch, "vhost_user.lua"))
@@ -78,10 +99,13 @@ def main(argv: list[str] | None = None) -> int:
             path = os.path.join(scratch, "distinct.pcapng")
             print("capture:", build_distinct_capture(path, args.messages))
         frames = frames_in(path)
+        captures = {"plain": path, "tagged": tagged_merge(path, scratch)}
+        if frames_in(captures["tagged"]) != frames:
+            sys.exit("the tagged capture does not hold the same records")
         best: dict[str, tuple[float, float]] = {}
         for _round in range(args.rounds):
-            for name, extra in VARIANTS.items():
-                wall, cpu = run_tshark(dissector, path, extra)
+            for name, (capture, extra) in VARIANTS.items():
+                wall, cpu = run_tshark(dissector, captures[capture], extra)
                 old_wall, old_cpu = best.get(name, (wall, cpu))
                 best[name] = (min(wall, old_wall), min(cpu, old_cpu))
     floor_wall, floor_cpu = best["floor"]
