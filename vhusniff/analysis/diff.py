@@ -115,8 +115,11 @@ def _context(message: Message | DecodeContext) -> DecodeContext:
 
 def _pair_lines(channel: Channel, a: tuple[int, Record, Message], b: tuple[int, Record, Message],
                 ignore: frozenset[str]) -> list[str]:
-    """The differences of two paired messages (DiffStream._same has found them not alike)."""
+    """The differences of two paired messages (none for the same bytes read in the same context)."""
     (na, ra, ma), (nb, rb, mb) = a, b
+    if ra.data == rb.data and ra.direction == rb.direction and ma.context == mb.context and \
+            [fd.kind for fd in ra.fds] == [fd.kind for fd in rb.fds]:
+        return []           # every field alike, nothing to compare
     where = f"{channel.name.lower()} A#{na} B#{nb}"
     if ra.direction != rb.direction or ma.request != mb.request or ma.is_reply != mb.is_reply:
         return [f"{where}: A {ra.direction.arrow} {ma.summary()}  |  B {rb.direction.arrow} {mb.summary()}"]
