@@ -76,8 +76,10 @@ class ResponseSummary:
     def add_response(self, seconds: float) -> None:
         self.answered += 1
         self.total_seconds += seconds
-        self.max_seconds = max(self.max_seconds, seconds)
-        self.min_seconds = seconds if self.min_seconds is None else min(self.min_seconds, seconds)
+        if seconds > self.max_seconds:
+            self.max_seconds = seconds
+        if self.min_seconds is None or seconds < self.min_seconds:
+            self.min_seconds = seconds
 
     @property
     def mean_seconds(self) -> float | None:
@@ -95,8 +97,10 @@ class ResponseTimes:
     unanswered: int = 0          # required replies that never came (missing, at disconnect, at the end)
 
     def add_response(self, ns: int) -> None:
-        self.min_ns = ns if not self.replies else min(self.min_ns, ns)
-        self.max_ns = max(self.max_ns, ns)
+        if not self.replies or ns < self.min_ns:
+            self.min_ns = ns
+        if ns > self.max_ns:
+            self.max_ns = ns
         self.replies += 1
         self.total_ns += ns
 
@@ -233,7 +237,38 @@ class Analyzer:
         self.records += 1
         if not self.keep and record.connection in self.forgotten:
             return []
-        self._feed(record, message, self.records if number is None else number)
+        if number is None:
+            number = self.records
+        timestamp = record.timestamp_ns
+        if self.first_ns is None:
+            self.first_ns = timestamp
+        last_ns = self.last_ns
+        if last_ns is None or timestamp > last_ns:
+            self.last_ns = timestamp
+        conn = self.connections.get(record.connection) or self._connection(record.connection)
+        state = conn.state
+        if record.kind == _EVENT:
+            self._event(conn, number, record)
+        else:
+            if message is None:
+                message = self.tracker.decode_message(record)
+            if state.ended_number is not None:
+                self._add("traffic-after-disconnect", record.connection, (number, state.ended_number),
+                          f"{message.name} after the connection ended at #{state.ended_number} "
+                          f"({state.ended_note})")
+            if self.checks:
+                if message.problems:
+                    check_problems(number, record, message, self._raised)
+                if message.request >= 0:
+                    header = self._headers.get((message.channel, message.request, message.flags))
+                    if header is None or header.name_profile is not message.context.profile:
+                        header = self._header(message)
+                    if message.is_reply:
+                        self._match_reply(conn, header, number, record, message)
+                    else:
+                        check_request(header.checks, state, number, record, message, self._raised)
+                        self._match_request(conn, header, number, record, message)
+            state.feed(number, record, message)
         return self._retain() if self._raised else []
 
     def _retain(self) -> list[Finding]:
@@ -253,41 +288,14 @@ class Analyzer:
                 conn.not_kept[finding.check] = conn.not_kept.get(finding.check, 0) + 1
         return new
 
-    def _feed(self, record: Record, message: Message | None, number: int) -> None:
-        timestamp = record.timestamp_ns
-        if self.first_ns is None:
-            self.first_ns = timestamp
-        last_ns = self.last_ns
-        if last_ns is None or timestamp > last_ns:
-            self.last_ns = timestamp
-        conn = self.connections.get(record.connection) or self._connection(record.connection)
+    def _event(self, conn: ConnectionAnalysis, number: int, record: Record) -> None:
         state = conn.state
-        if record.kind == _EVENT:
-            self.tracker.decode(record)         # an event can set the context too (a DEVICE event)
-            ending = classify_event(record) == "end" and not state.ended
-            state.feed(number, record, None)
-            if ending:
-                self._connection_ended(conn, number, record)
-            self._raised.extend(self.ring_checks.feed(record, number))
-            return
-        if message is None:
-            message = self.tracker.decode_message(record)
-        if state.ended_number is not None:
-            self._add("traffic-after-disconnect", record.connection, (number, state.ended_number),
-                      f"{message.name} after the connection ended at #{state.ended_number} ({state.ended_note})")
-        if self.checks:
-            if message.problems:
-                check_problems(number, record, message, self._raised)
-            if message.request >= 0:
-                header = self._headers.get((message.channel, message.request, message.flags))
-                if header is None or header.name_profile is not message.context.profile:
-                    header = self._header(message)
-                if message.is_reply:
-                    self._match_reply(conn, header, number, record, message)
-                else:
-                    check_request(header.checks, state, number, record, message, self._raised)
-                    self._match_request(conn, header, number, record, message)
-        state.feed(number, record, message)
+        self.tracker.decode(record)         # an event can set the context too (a DEVICE event)
+        ending = classify_event(record) == "end" and not state.ended
+        state.feed(number, record, None)
+        if ending:
+            self._connection_ended(conn, number, record)
+        self._raised.extend(self.ring_checks.feed(record, number))
 
     def finish(self) -> list[Finding]:
         """End of the capture: requests still waiting become findings, and so do connections idle from their

@@ -18,7 +18,8 @@ from ..protocol.grammar import Message
 from ..protocol.replies import protocol_feature_set
 
 # The front-end requests as plain ints: compared for every message, and an enum member's lookup costs several
-# times a plain attribute's.
+# times a plain attribute's. For the same reason a payload's fields are read by key (payload["index"]): a construct
+# Container's attribute read costs some twenty times its key read.
 F = SimpleNamespace(**{request.name: int(request) for request in cat.FrontendRequest})
 _EVENT, _MAIN, _DEVICE_STATE = RecordKind.EVENT, Channel.MAIN, Channel.DEVICE_STATE
 _FRONTEND_SENDS = Direction.FRONTEND_TO_BACKEND
@@ -158,7 +159,12 @@ class ConnectionState:
     @property
     def suspended(self) -> bool:
         """All rings stopped (spec: the back-end then sends nothing on its channel), once any ring ever ran."""
-        return any(v.ever_started for v in self.vrings.values()) and not any(v.started for v in self.vrings.values())
+        ever_started = False
+        for vring in self.vrings.values():      # a plain loop: asked for every back-end request
+            if vring.started:
+                return False
+            ever_started = ever_started or vring.ever_started
+        return ever_started
 
     @property
     def last_request(self) -> tuple[int, str] | None:
@@ -201,7 +207,9 @@ class ConnectionState:
             kind = message.kind
             if kind is None or channel != _MAIN:
                 return
-            self._device_type(message)
+            context = message.context
+            if context.device_type:
+                self.device_type, self.device_source = context.device_type, context.device_source
             handler = _REPLY_HANDLERS.get(kind)
             if handler is not None:
                 handler(self, message)
@@ -210,19 +218,15 @@ class ConnectionState:
             self.last_request_message = (number, message)
             if message.kind is None:
                 return
-            self._device_type(message)
+            context = message.context
+            if context.device_type:
+                self.device_type, self.device_source = context.device_type, context.device_source
             if record.direction == _FRONTEND_SENDS:
                 request_handler = _REQUEST_HANDLERS.get(message.request)
                 if request_handler is not None:
                     request_handler(self, number, record, message)
         elif channel != _DEVICE_STATE:
             self.last_request_message = (number, message)       # a migration-stream chunk is not a request
-
-    def _device_type(self, message: Message) -> None:
-        context = message.context
-        if context.device_type:
-            self.device_type = context.device_type
-            self.device_source = context.device_source
 
     def in_record_numbers(self, text: str) -> str:
         """A note of the proxy's with its "message #N" (the connection's N-th message) as the record number that
@@ -250,35 +254,35 @@ class ConnectionState:
     # Replies, by payload kind (each applies only to the request that asks for it).
     def _features_reply(self, message: Message) -> None:
         if message.request == F.GET_FEATURES:
-            self.features_offered = message.payload.features
+            self.features_offered = message.payload["features"]
 
     def _protocol_features_reply(self, message: Message) -> None:
         if message.request == F.GET_PROTOCOL_FEATURES:
-            self.protocol_features_offered = message.payload.protocol_features
+            self.protocol_features_offered = message.payload["protocol_features"]
 
     def _queue_num_reply(self, message: Message) -> None:
-        self.queue_num = message.payload.queue_num
+        self.queue_num = message.payload["queue_num"]
 
     def _mem_slots_reply(self, message: Message) -> None:
-        self.max_mem_slots = message.payload.mem_slots
+        self.max_mem_slots = message.payload["mem_slots"]
 
     def _vring_base_reply(self, message: Message) -> None:
         if message.request == F.GET_VRING_BASE:
-            self.vring(message.payload.index).base = message.payload.num
+            self.vring(message.payload["index"]).base = message.payload["num"]
 
     def _status_reply(self, message: Message) -> None:
         if message.request == F.GET_STATUS:
-            self.status = message.payload.status
+            self.status = message.payload["status"]
 
     # Front-end requests, by request (the payload is read only where a request needs it).
     def _set_features(self, number: int, record: Record, message: Message) -> None:
-        features = message.payload.features
+        features = message.payload["features"]
         if features != self.features_acked:
             self._milestone((number, f"features acked {features:#x}"))
         self.features_acked = features
 
     def _set_protocol_features(self, number: int, record: Record, message: Message) -> None:
-        self.protocol_features_acked = message.payload.protocol_features
+        self.protocol_features_acked = message.payload["protocol_features"]
 
     def _set_owner(self, number: int, record: Record, message: Message) -> None:
         self.owner_set = True
@@ -289,18 +293,18 @@ class ConnectionState:
     def _set_mem_table(self, number: int, record: Record, message: Message) -> None:
         if not (message.kind or "").startswith("mem_table"):
             return
-        if message.payload.nregions == 0 and self.postcopy_listening:
+        if message.payload["nregions"] == 0 and self.postcopy_listening:
             return          # QEMU's empty table acknowledging the back-end's postcopy bases
         self.memory_mode = "table"
         self.regions = [MemoryRegion(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset,
                                      record.fds[i] if i < len(record.fds) else None, number)
-                        for i, r in enumerate(message.payload.region)]
+                        for i, r in enumerate(message.payload["region"])]
         self._milestone((number, f"memory table: {len(self.regions)} region(s)"))
 
     def _add_mem_reg(self, number: int, record: Record, message: Message) -> None:
         if not (message.kind or "").startswith("mem_region"):
             return
-        r = message.payload.region
+        r = message.payload["region"]
         region = MemoryRegion(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset,
                               record.fds[0] if record.fds else None, number)
         self.memory_mode = "slots"
@@ -311,7 +315,7 @@ class ConnectionState:
     def _rem_mem_reg(self, number: int, record: Record, message: Message) -> None:
         if not (message.kind or "").startswith("mem_region"):
             return
-        r = message.payload.region
+        r = message.payload["region"]
         gone = MemoryRegion(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset, None, number)
         self.regions = [old for old in self.regions if not old.same_region(gone)]
         self._milestone((number, f"memory region removed gpa={gone.guest_phys_addr:#x}"))
@@ -321,39 +325,39 @@ class ConnectionState:
 
     def _set_vring_num(self, number: int, record: Record, message: Message) -> None:
         payload = message.payload
-        self.vring(payload.index).num = payload.num
+        self.vring(payload["index"]).num = payload["num"]
 
     def _set_vring_addr(self, number: int, record: Record, message: Message) -> None:
         payload = message.payload
-        vring = self.vrings.get(payload.index) or self.vring(payload.index)
-        vring.desc, vring.used, vring.avail, vring.log = payload.desc, payload.used, payload.avail, payload.log
-        vring.addr_flags = payload.flags
+        vring = self.vrings.get(payload["index"]) or self.vring(payload["index"])
+        vring.desc, vring.used, vring.avail = payload["desc"], payload["used"], payload["avail"]
+        vring.log, vring.addr_flags = payload["log"], payload["flags"]
 
     def _set_vring_base(self, number: int, record: Record, message: Message) -> None:
         payload = message.payload
-        self.vring(payload.index).base = payload.num
+        self.vring(payload["index"]).base = payload["num"]
 
     def _set_vring_fd(self, number: int, record: Record, message: Message) -> None:
         payload = message.payload
-        vring = self.vring(payload.index)
-        slot = NOFD if payload.flags & 1 else record.fds[0] if record.fds else None
+        vring = self.vring(payload["index"])
+        slot = NOFD if payload["flags"] & 1 else record.fds[0] if record.fds else None
         request = message.request
         setattr(vring, _VRING_FD_SLOTS[request], slot)
         if request == F.SET_VRING_KICK:
             self._start(number, vring, "SET_VRING_KICK")
 
     def _vring_kick(self, number: int, record: Record, message: Message) -> None:
-        self._start(number, self.vring(message.payload.index), "VRING_KICK")
+        self._start(number, self.vring(message.payload["index"]), "VRING_KICK")
 
     def _get_vring_base(self, number: int, record: Record, message: Message) -> None:
-        vring = self.vring(message.payload.index)
+        vring = self.vring(message.payload["index"])
         if vring.started:
             vring.started = False
             self._milestone((number, f"ring {vring.index} stopped (GET_VRING_BASE)"
                                      + (", device suspended" if self.suspended else "")))
 
     def _set_vring_enable(self, number: int, record: Record, message: Message) -> None:
-        index, enabled = message.payload.index, message.payload.num
+        index, enabled = message.payload["index"], message.payload["num"]
         self.vring(index).enabled = bool(enabled)
         self._milestone((number, f"ring {index} {'enabled' if enabled else 'disabled'}"))
 
@@ -361,7 +365,7 @@ class ConnectionState:
         self.backend_channel, self.backend_channel_number = record.fds[0] if record.fds else None, number
 
     def _set_status(self, number: int, record: Record, message: Message) -> None:
-        status = message.payload.status
+        status = message.payload["status"]
         self.status = status
         self._milestone((number, f"status {cat.bit_names(status, cat.DEVICE_STATUS)}"))
 
