@@ -44,14 +44,15 @@ _NANOSECONDS = (10 ** 9, 10 ** 9)    # capture._ts_resolution's (multiplier, div
 _LITTLE_ENDIAN_MAGIC = struct.pack("<I", BYTE_ORDER_MAGIC)
 _SHORTEST_EPB = MIN_BLOCK_LENGTH[BLOCK_EPB]
 
-# An EPB's head and the pseudo-header (v2) after it, as words: magic, version and header length, connection,
-# (kind, channel, direction, flags), (fd count, note length), (event, source tag). A message without fds or a note
-# whose words read as below is made into its Record here; any other packet goes to pcapng.parse_pseudo_header.
-_PLAIN_PACKET = struct.Struct("<7I6I")
+# An EPB's head and the pseudo-header (v2) after it: magic with version and header length (as one u64),
+# connection, (kind, channel, direction, flags) with (fd count, note length) (as one u64), (event, source tag). A
+# message without fds or a note whose words read as below is made into its Record here; any other packet goes to
+# pcapng.parse_pseudo_header.
+_PLAIN_PACKET = struct.Struct("<7IQIQI")
 _PLAIN_HEAD = _PACKET_BLOCK.size + PSEUDO_HEADER.size
-_PLAIN_MAGIC = _LENGTH.unpack(PSEUDO_MAGIC)[0]
-_PLAIN_VERSION = 2 | PSEUDO_HEADER.size << 16
-# (kind, channel, direction, flags) word of a message -> its channel, direction and unframed flag
+_PLAIN_MAGIC_VERSION = struct.unpack("<Q", PSEUDO_MAGIC + struct.pack("<HH", 2, PSEUDO_HEADER.size))[0]
+# (kind, channel, direction, flags, fd count, note length) of a message without fds or a note -> its channel,
+# direction and unframed flag
 _PLAIN_FIELDS = {int(RecordKind.MESSAGE) | channel << 8 | direction << 16 | flags << 24:
                  (channel, direction, bool(flags & PSEUDO_FLAG_UNFRAMED))
                  for channel in Channel for direction in Direction for flags in range(256)}
@@ -187,6 +188,7 @@ def _scan_records(source: str | BinaryIO, done: list[int]) -> Iterator[Record]:
     count = 0
     message, note = RecordKind.MESSAGE, EventKind.NOTE
     plain_fields = _PLAIN_FIELDS.get
+    head, magic_version, shortest, pseudo_size = _PLAIN_HEAD, _PLAIN_MAGIC_VERSION, _SHORTEST_EPB, PSEUDO_HEADER.size
     opened = open(source, "rb") if isinstance(source, str) else contextlib.nullcontext(source)
     with opened as stream:
         buffer = b""
@@ -194,19 +196,19 @@ def _scan_records(source: str | BinaryIO, done: list[int]) -> Iterator[Record]:
         unpack_length, unpack_plain = _LENGTH.unpack_from, _PLAIN_PACKET.unpack_from
         try:
             while True:
-                if end - position >= _PLAIN_HEAD:      # the common block, checked and made in one step
-                    block_type, total, interface, high, low, captured, _original, magic, version, connection, \
-                        fields, fds_note, event_tag = unpack_plain(buffer, position)
+                if end - position >= head:      # the common block, checked and made in one step
+                    block_type, total, interface, high, low, captured, _original, magic, connection, fields, \
+                        event_tag = unpack_plain(buffer, position)
                     if block_type == BLOCK_EPB and position + total <= end:
-                        if total % 4 or total < _SHORTEST_EPB or captured > total - 32 \
+                        if total % 4 or total < shortest or captured > total - 32 \
                                 or not user0.get(interface) or unpack_length(buffer, position + total - 4)[0] != total:
                             raise Unusual
                         plain = plain_fields(fields)
-                        if plain is not None and magic == _PLAIN_MAGIC and version == _PLAIN_VERSION \
-                                and not fds_note and not event_tag & 0xFF and captured >= PSEUDO_HEADER.size:
+                        if plain is not None and magic == magic_version and not event_tag & 0xFF \
+                                and captured >= pseudo_size:
                             channel, direction, unframed = plain
                             record = Record((high << 32) | low, connection, channel, direction,
-                                            buffer[position + _PLAIN_HEAD:position + 28 + captured], [], message,
+                                            buffer[position + head:position + 28 + captured], [], message,
                                             "", note, unframed, "", source_name, event_tag >> 8)
                         else:
                             record = _record(buffer[position + 28:position + 28 + captured], (high << 32) | low,

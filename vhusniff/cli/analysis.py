@@ -18,7 +18,7 @@ from ..capture.scan import scan_records
 from ..model import Channel, Direction, Record, RecordKind
 from ..protocol import catalogue as cat
 from ..protocol.grammar import Message, request_name
-from ..protocol.shapes import ShapeDecoder
+from ..protocol.shapes import LazyMessage, ShapeDecoder
 from ..views.timeline import Timeline, render_html
 
 EXIT_BAD_INPUT = 2
@@ -68,19 +68,24 @@ def load(path: str, device: str | None = None, profile: str = "qemu-spec", at: i
     with reading(path) as outcome, capture_progress(path, progress) as bar:
         loaded = Loaded(analyzer, outcome)
         counts, sources = loaded.counts, loaded.sources
+        shaped: dict[tuple[int, Direction, type[LazyMessage]], int] = {}     # counts of messages of a shape
         records = enumerate(scan_records(bar.source), 1)
         for number, record in records if at is None else islice(records, max(at, 0)):
             if record.source and record.connection not in sources:
                 sources[record.connection] = record.source
             if record.kind is message_kind:
                 message = decode(record)
-                key = (record.connection, record.channel, record.direction, message.request, message.is_reply)
-                counter = counts.get(key)
-                if counter is None:
-                    counter = counts[key] = Counter()
-                counter.count += 1
-                counter.bytes += len(record.data)
-                if record.fds:
+                if isinstance(message, LazyMessage) and not record.fds:
+                    # a message of a shape: its class says its channel, request, reply bit and length
+                    shaped_key = (record.connection, record.direction, message.__class__)
+                    shaped[shaped_key] = shaped.get(shaped_key, 0) + 1
+                else:
+                    key = (record.connection, record.channel, record.direction, message.request, message.is_reply)
+                    counter = counts.get(key)
+                    if counter is None:
+                        counter = counts[key] = Counter()
+                    counter.count += 1
+                    counter.bytes += len(record.data)
                     counter.fds += len(record.fds)
                 found = feed(record, message, number)
             else:
@@ -90,9 +95,24 @@ def load(path: str, device: str | None = None, profile: str = "qemu-spec", at: i
                 loaded.seen.append((number, record, message))
             if timeline is not None and not timeline.add(number, record, message, found) and analyzer.keep:
                 analyzer.stream()           # too long to draw message by message: from now on, aggregates
+        _count_shaped(shaped, counts)
     if at is None:
         analyzer.finish()
     return loaded
+
+
+def _count_shaped(shaped: dict[tuple[int, Direction, type[LazyMessage]], int],
+                  counts: dict[MessageKey, Counter]) -> None:
+    """Add the counts of messages of a shape (protocol.shapes) to `counts`: each was as long as its shape says."""
+    for (connection, direction, message_class), count in shaped.items():
+        assert message_class.shape is not None          # load counts here the messages of a shape only
+        channel, request, is_reply, length = message_class.shape
+        key = (connection, channel, direction, request, is_reply)
+        counter = counts.get(key)
+        if counter is None:
+            counter = counts[key] = Counter()
+        counter.count += count
+        counter.bytes += count * length
 
 
 def _parser(name: str, text: str) -> argparse.ArgumentParser:

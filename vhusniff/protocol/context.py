@@ -16,7 +16,7 @@ _DEVICE_REQUESTS = {int(request): (rule.value, cat.FrontendRequest(request).name
                     if rule.context_field == "device_type" and rule.value}
 _CONFIG_WINDOW = struct.Struct("<II")          # a config payload's offset and size
 _FEATURES = struct.Struct("<Q")
-_REQUEST = struct.Struct("<I")
+_REQUEST_FLAGS = struct.Struct("<II")
 # The replies that may tell it (infer_device_type), while it is still unknown.
 DEVICE_TELLING_REPLIES = frozenset({int(cat.FrontendRequest.GET_CONFIG), int(cat.FrontendRequest.GET_FEATURES)})
 # The low bytes of the requests that can tell it: a proxy tests a message's first byte against these before it
@@ -74,9 +74,9 @@ def infer_device_type(channel: Channel, data: bytes) -> tuple[str, str] | None:
     return device_from_config_window(offset, window, size - 12)
 
 
-# The requests `observe` follows (a context rule's, or a reply that may tell the device type): for any other message
-# it does nothing, and decode_message skips it.
-_OBSERVED_REQUESTS = frozenset({*(int(request) for request in cat.CONTEXT_RULES), *DEVICE_TELLING_REPLIES})
+# The requests whose context rule `observe` follows (a reply that may tell the device type is the other case).
+_RULE_REQUESTS = frozenset(int(request) for request in cat.CONTEXT_RULES)
+_MAIN = Channel.MAIN
 
 
 class ContextTracker:
@@ -106,7 +106,9 @@ class ContextTracker:
         connection = record.connection
         ctx = self.contexts.get(connection, self.base)
         message = self.decoder(record.data, record.channel, ctx)
-        if message.request in _OBSERVED_REQUESTS:        # only these can change the context (observe)
+        # observe's own tests, first, so that a message that tells nothing costs no call
+        if record.channel is _MAIN and (ctx.device_type is None and message.request in DEVICE_TELLING_REPLIES
+                                        if message.is_reply else message.request in _RULE_REQUESTS):
             self.observe(connection, message, ctx)
             now = self.contexts.get(connection, self.base)
             if now is not ctx and now.device_type != ctx.device_type:
@@ -117,10 +119,17 @@ class ContextTracker:
     def unobserved_context(self, record: Record) -> DecodeContext | None:
         """The context a message record decodes in, when decoding it would tell this tracker nothing (a caller
         may then decode it later, or never); None when it must go through decode_message now."""
+        ctx = self.contexts.get(record.connection, self.base)
+        if record.channel is not _MAIN:
+            return ctx
         data = record.data
-        if len(data) < HEADER_SIZE or _REQUEST.unpack_from(data)[0] in _OBSERVED_REQUESTS:
+        if len(data) < HEADER_SIZE:
             return None
-        return self.contexts.get(record.connection, self.base)
+        request, flags = _REQUEST_FLAGS.unpack_from(data)
+        if (ctx.device_type is None and request in DEVICE_TELLING_REPLIES if flags & cat.FLAG_REPLY
+                else request in _RULE_REQUESTS):
+            return None
+        return ctx
 
     def _observe_event(self, record: Record) -> None:
         # The proxy (a route that knows its device) and replay say the device type with a DEVICE event; a

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 from construct import BytesInteger, Container, FormatField, Renamed, Struct
 
@@ -109,6 +109,9 @@ class LazyMessage(Message):
     """A Message whose payload is parsed when first read (by the same parser grammar.decode uses)."""
 
     __slots__ = ("_parse",)
+    # In the class of one shape (ShapeDecoder makes one per shape): the channel, request, reply bit and length of
+    # every message of the class.
+    shape: ClassVar[tuple[Channel, int, bool, int] | None] = None
 
     def __init__(self, raw: bytes, channel: Channel, request: int, flags: int, size: int, kind: str,
                  parse: Callable[[bytes], Any], problems: tuple, context: DecodeContext, is_reply: bool) -> None:
@@ -165,7 +168,7 @@ def _message_class(message: Message, shape: _Shape) -> type[LazyMessage]:
         "__slots__": (), "__init__": __init__, "__module__": __name__, "channel": message.channel,
         "request": message.request, "flags": message.flags, "size": message.size, "kind": shape.kind,
         "_parse": staticmethod(shape.parse), "problems": shape.problems, "context": shape.context,
-        "is_reply": shape.is_reply})
+        "is_reply": shape.is_reply, "shape": (message.channel, message.request, shape.is_reply, shape.length)})
 
 
 class _General:

@@ -266,6 +266,9 @@ class Timeline:
     per-lane time buckets (messages and findings per bucket, events per connection) whose number stays bounded:
     when a record falls beyond the last column, the bucket width doubles and neighbouring buckets merge."""
 
+    __slots__ = ("only", "detail_limit", "columns", "seen", "messages", "origin_ns", "width_ns", "last_ns", "lanes",
+                 "events", "raised", "rings", "_ring_counts", "_index", "_start_ns", "_end_ns")
+
     def __init__(self, only: int | None = None, detail_limit: int = DETAIL_LIMIT, columns: int = COLUMNS):
         self.only = only
         self.detail_limit = detail_limit
@@ -284,6 +287,8 @@ class Timeline:
         # calls]; and the unwrapping's state: (connection, ring) -> [last used_idx, last avail_idx, used, avail]
         self.rings: dict[tuple[int, int], dict[int, list]] = {}
         self._ring_counts: dict[tuple[int, int], list[int]] = {}
+        # add's last bucket: its index, and the times it holds (none until add meets a message bucketed)
+        self._index = self._start_ns = self._end_ns = 0
 
     @property
     def detailed(self) -> bool:
@@ -308,9 +313,13 @@ class Timeline:
             return False
         # _count for a message, the common case, with its steps inline
         timestamp = record.timestamp_ns
-        index = (timestamp - self.origin_ns) // self.width_ns
-        if not 0 <= index < self.columns:
-            index = self._bucket(timestamp)
+        if self._start_ns <= timestamp < self._end_ns:     # in the bucket of the message before, most often
+            index = self._index
+        else:
+            index = self._index = self._bucket(timestamp)
+            if timestamp >= self.origin_ns:
+                self._start_ns = self.origin_ns + index * self.width_ns
+                self._end_ns = self._start_ns + self.width_ns
         if timestamp > self.last_ns:
             self.last_ns = timestamp
         key = (record.connection, record.channel, record.direction)
@@ -337,6 +346,7 @@ class Timeline:
     def _bucket(self, timestamp_ns: int) -> int:
         index = max(0, timestamp_ns - self.origin_ns) // self.width_ns
         while index >= self.columns:
+            self._start_ns = self._end_ns = 0        # add's bucket of the message before is no longer one
             self.width_ns *= 2
             index //= 2
             for buckets in (*self.lanes.values(), *self.events.values()):
