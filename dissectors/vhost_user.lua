@@ -5587,7 +5587,8 @@ function vhost_user.dissector(tvb, pinfo, tree)
     if record.note then emit(record.note) end
     local connection = record.connection
     if not frame_visited and not interface_field then
-      -- Connected while open: numbers restarting in a merged capture, which tshark reads apart when told to.
+      -- Connected while open: numbers restarting in a merged capture of untagged captures, which tshark reads
+      -- apart when told to (a tagged capture's connections are keyed by tag and number above: none clash).
       if record.event == C.EVENT_CONNECTED then
         if state.open[connection] then state.reconnected[frame_number] = true end
         state.open[connection] = true
