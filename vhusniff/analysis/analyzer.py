@@ -372,7 +372,8 @@ class Analyzer:
             if expect == _NOTHING:
                 return              # streaming: nothing waits, nothing is kept
         transaction = Transaction(record.connection, record.channel, message.request, header.name, number,
-                                  record.timestamp_ns, expect, message.size, summary=summary)
+                                  record.timestamp_ns, expect, message.size)
+        transaction.summary = summary       # (set apart: a keyword argument costs more than the store)
         if self.keep:
             self.transactions.append(transaction)
         if expect != _NOTHING:
