@@ -17,9 +17,10 @@ from vhusniff.analysis.expert import REQUEST_CHECKS_KEPT, check_message
 from vhusniff.analysis.state import ConnectionState, VringState
 from vhusniff.model import Channel, Direction, FdInfo, Record, RecordKind
 from vhusniff.protocol import catalogue as cat
+from vhusniff.protocol import replies
 from vhusniff.protocol.context import ContextTracker
 from vhusniff.protocol.grammar import HEADER_STRUCT, DecodeContext, Message, build_message, decode, request_table
-from vhusniff.protocol.replies import Expect, ReplyExpectation, expectation
+from vhusniff.protocol.replies import REPLY_RULES_KEPT, Expect, ReplyExpectation, expectation, reply_rules
 
 REPLY_ACK_BIT = cat.SPEC_PROFILE.protocol_feature_bit("REPLY_ACK")
 LOG_SHMFD_BIT = cat.SPEC_PROFILE.protocol_feature_bit("LOG_SHMFD")
@@ -185,3 +186,13 @@ def test_gates_follow_the_negotiation_message_by_message():
     s.reply(F.GET_STATUS, {"status": 0})
     found = [(f.check, f.number) for f in Analyzer().run(s.records).findings]
     assert found == [("gate-not-negotiated", before)]
+
+
+def test_reply_rules_are_made_once_per_header_and_profile_and_stay_bounded():
+    rust = cat.PROFILES["rust-vmm-0.16"]
+    first = reply_rules(Channel.MAIN, F.SET_OWNER, True)
+    assert reply_rules(Channel.MAIN, F.SET_OWNER, True) is first
+    assert reply_rules(Channel.MAIN, F.SET_OWNER, True, rust) is not first
+    for request in range(2000, 2000 + REPLY_RULES_KEPT + 10):
+        assert reply_rules(Channel.MAIN, request, False).fixed == Expect.NOTHING
+    assert len(replies._reply_rules) <= REPLY_RULES_KEPT

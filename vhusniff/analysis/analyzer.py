@@ -21,7 +21,7 @@ from ..model import Channel, Direction, Record, RecordKind
 from ..protocol import catalogue as cat
 from ..protocol.context import ContextTracker
 from ..protocol.grammar import HEADER_SIZE, Message, encode_payload, request_name
-from ..protocol.replies import Expect, ReplyExpectation, expectation
+from ..protocol.replies import Expect, expectation, reply_rules
 from .expert import CHECKS, Finding, check_problems, check_request, request_checks
 from .rings import STUCK_SECONDS, RingChecks
 from .state import ConnectionState, classify_event
@@ -498,7 +498,7 @@ class _Header:
         self.name_profile = message.context.profile
         self.checks = request_checks(channel, request, message.flags, profile, self.name_profile)
         self.name = self.checks.name
-        self.reply = ReplyExpectation(message.spec, channel, request, message.need_reply, profile)
+        self.reply = reply_rules(channel, request, message.need_reply, profile)
         self.expect = self.reply.fixed
         self.summary: ResponseSummary | None = None       # streaming: the summary of (channel, name), once found
         self.response_key: ResponseKey = (channel, request, self.name)
