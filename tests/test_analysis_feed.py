@@ -196,3 +196,14 @@ def test_reply_rules_are_made_once_per_header_and_profile_and_stay_bounded():
     for request in range(2000, 2000 + REPLY_RULES_KEPT + 10):
         assert reply_rules(Channel.MAIN, request, False).fixed == Expect.NOTHING
     assert len(replies._reply_rules) <= REPLY_RULES_KEPT
+
+
+def test_gate_open_reads_each_gate_from_its_own_word():
+    state = ConnectionState(1)
+    assert state.gate_open("") and not state.gate_open("PROTOCOL_FEATURES") and not state.gate_open("IOMMU")
+    state.features_offered = 1 << 30            # offered is enough for protocol features (spec)
+    state.protocol_features_acked = 1 << cat.SPEC_PROFILE.protocol_feature_bit("STATUS")
+    assert state.gate_open("PROTOCOL_FEATURES") and state.gate_open("STATUS")
+    assert not state.gate_open("IOMMU") and not state.gate_open("CONFIG") and not state.gate_open("NO_SUCH_FEATURE")
+    state.features_acked = 1 << 33
+    assert state.gate_open("IOMMU")

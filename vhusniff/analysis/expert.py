@@ -15,7 +15,7 @@ from types import MappingProxyType
 from ..model import Channel, Direction, Record
 from ..protocol import catalogue as cat
 from ..protocol.grammar import Message, request_name, request_table
-from .state import ACCESS_PLATFORM_BIT, ConnectionState, F
+from .state import ConnectionState, F, gate_closed_test
 
 # Compared for every message: looked up once (an enum member's lookup costs several times a global's). Payload
 # fields are read by key (payload["index"]): a construct Container's attribute read costs some twenty times as much.
@@ -182,7 +182,7 @@ class RequestChecks:
         self.spec = spec = request_table(channel).get(request)
         # No fd where none belongs is right, and common: the fds are counted when some came or some belong.
         self.count_fds = spec is not None and (spec.request_fds != _NO_FDS or request == F.ADD_MEM_REG)
-        self.gate_closed = _gate_test(spec.gate, profile) if spec is not None and spec.gate else None
+        self.gate_closed = gate_closed_test(spec.gate, profile) if spec is not None and spec.gate else None
         rule = cat.HEADER_RULES.get(channel)
         need_reply = bool(rule and flags & rule.need_reply)
         self.need_reply_check = need_reply and (spec is None or spec.reply_rule != _ALWAYS)
@@ -216,7 +216,7 @@ def check_request(checks: RequestChecks, state: ConnectionState, number: int, re
                   found: list[Finding]) -> None:
     """The findings of one request (not a reply; request number >= 0) appended to `found`, judged against the
     state before the request is applied. `checks`: request_checks() of its header."""
-    if checks.count_fds or record.fds and checks.spec is not None:
+    if checks.count_fds or (record.fds and checks.spec is not None):
         _check_fds(found, checks, number, record, message)
     if checks.gate_closed is not None and checks.gate_closed(state):
         found.append(Finding("gate-not-negotiated", record.connection, (number,),
@@ -242,19 +242,6 @@ def check_request(checks: RequestChecks, state: ConnectionState, number: int, re
             _check_vring(found, checks, state, number, record, message)
     elif checks.gpu and message.kind is not None:
         _check_gpu_request(found, number, record, message)
-
-
-def _gate_test(gate: str, profile: cat.Profile) -> Callable[[ConnectionState], bool]:
-    """A test of whether a state has not negotiated `gate` yet (ConnectionState.gate_open's rules, with the
-    profile's bit looked up once)."""
-    if gate == "PROTOCOL_FEATURES":
-        return lambda state: not state.protocol_features_available
-    if gate == "IOMMU":
-        return lambda state: not (state.features_acked or 0) >> ACCESS_PLATFORM_BIT & 1
-    bit = profile.protocol_feature_bit(gate)
-    if bit is None:
-        return lambda state: True
-    return lambda state: not (state.protocol_features_acked or 0) >> bit & 1
 
 
 def _check_gpu_request(found: list[Finding], number: int, record: Record, message: Message) -> None:

@@ -51,6 +51,20 @@ def classify_event(record: Record) -> str:
     return _EVENT_ROLES.get(record.event, "other")
 
 
+def gate_closed_test(gate: str, profile: cat.Profile) -> Callable[[ConnectionState], bool]:
+    """The test of whether a connection has not negotiated a request's gate yet, with the profile's bit looked up
+    once: "PROTOCOL_FEATURES" (bit 30 offered or acked), "IOMMU" (ACCESS_PLATFORM acked) or a protocol feature's
+    name (acked; never, when the profile numbers no such feature)."""
+    if gate == "PROTOCOL_FEATURES":
+        return lambda state: not state.protocol_features_available
+    if gate == "IOMMU":
+        return lambda state: not (state.features_acked or 0) >> ACCESS_PLATFORM_BIT & 1
+    bit = profile.protocol_feature_bit(gate)
+    if bit is None:
+        return lambda state: True
+    return lambda state: not (state.protocol_features_acked or 0) >> bit & 1
+
+
 @dataclass
 class VringState:
     index: int
@@ -144,13 +158,7 @@ class ConnectionState:
         return bool(word >> PROTOCOL_FEATURES_BIT & 1)
 
     def gate_open(self, gate: str) -> bool:
-        if not gate:
-            return True
-        if gate == "PROTOCOL_FEATURES":
-            return self.protocol_features_available
-        if gate == "IOMMU":
-            return bool((self.features_acked or 0) >> ACCESS_PLATFORM_BIT & 1)
-        return self.protocol_feature(gate)
+        return not gate or not gate_closed_test(gate, self.profile)(self)
 
     @property
     def packed_ring(self) -> bool:
