@@ -184,8 +184,8 @@ def test_timeline_counts_a_message_inline_as_its_general_count_does():
             general.add(number, record, message, findings)      # type: ignore[list-item]
         else:
             general._count(record, message, len(findings))
-            general.messages += record.kind == RecordKind.MESSAGE
-    assert not inline.detailed and inline.messages == general.messages
+    assert not inline.detailed
+    assert inline.messages == general.messages == sum(r.kind == RecordKind.MESSAGE for r in records)
     assert (inline.lanes, inline.events, inline.width_ns, inline.last_ns) == \
         (general.lanes, general.events, general.width_ns, general.last_ns)
     assert sum(entry[1] for lane in inline.lanes.values() for entry in lane.values()) > 0

@@ -140,11 +140,15 @@ class LazyMessage(Message):
     payload = property(_payload, _set_payload)     # Message's slot, read lazily
 
 
-class _Shape:
-    """What the header settles for the messages of one shape: a Message subclass (make) whose header fields, kind,
-    problems and context are class attributes, so that a message of the shape is made with its bytes alone."""
+_new: Callable[[type[LazyMessage]], LazyMessage] = object.__new__
 
-    __slots__ = ("context", "kind", "parse", "problems", "is_reply", "config", "length", "make")
+
+class _Shape:
+    """What the header settles for the messages of one shape: a Message subclass (message_class) whose header
+    fields, kind, problems and context are class attributes, so that a message of the shape is made with its bytes
+    alone."""
+
+    __slots__ = ("context", "kind", "parse", "problems", "is_reply", "config", "length", "message_class")
 
     def __init__(self, context: DecodeContext, message: Message, config: bool) -> None:
         self.context = context              # held, so that the context's tables stay its own
@@ -155,17 +159,14 @@ class _Shape:
         self.is_reply = message.is_reply
         self.config = config                # a config window: settled per message by its size field
         self.length = HEADER_SIZE + message.size        # a message of another length is not of this shape
-        self.make: Callable[[bytes], LazyMessage] = _message_class(message, self)
+        self.message_class: type[LazyMessage] = _message_class(message, self)
 
 
 def _message_class(message: Message, shape: _Shape) -> type[LazyMessage]:
-    """A LazyMessage of one shape: what the shape settles is held by the class, the bytes by each message."""
-
-    def __init__(self, raw: bytes) -> None:
-        self.raw = raw
-
+    """A LazyMessage of one shape: what the shape settles is held by the class, the bytes by each message (made
+    with object.__new__ and its `raw` set: no __init__ runs)."""
     return type("LazyMessage", (LazyMessage,), {
-        "__slots__": (), "__init__": __init__, "__module__": __name__, "channel": message.channel,
+        "__slots__": (), "__module__": __name__, "channel": message.channel,
         "request": message.request, "flags": message.flags, "size": message.size, "kind": shape.kind,
         "_parse": staticmethod(shape.parse), "problems": shape.problems, "context": shape.context,
         "is_reply": shape.is_reply, "shape": (message.channel, message.request, shape.is_reply, shape.length)})
@@ -177,9 +178,7 @@ class _General:
     length = -1
     config = False
 
-    @staticmethod
-    def make(raw: bytes) -> LazyMessage:
-        raise AssertionError("no message is of a general shape's length")
+    message_class = LazyMessage         # never made: no message is of its length
 
 
 _GENERAL = _General()
@@ -208,7 +207,9 @@ class ShapeDecoder:
             return decode(raw, channel, context)        # a shape grammar.decode decodes, or not a whole message
         if shape.config and _CONFIG_HEAD + _CONFIG_SIZE.unpack_from(raw, HEADER_SIZE + 4)[0] != len(raw) - HEADER_SIZE:
             return decode(raw, channel, context)        # not a whole window: the grammar words what it is
-        return shape.make(raw)
+        message = _new(shape.message_class)
+        message.raw = raw
+        return message
 
     def _use(self, context: DecodeContext) -> None:
         entry = self.contexts.get(id(context))
@@ -254,7 +255,8 @@ class ShapeDecoder:
                 if FIXED_SIZE[before] is None or FIXED_SIZE[before] == message.size:
                     return _GENERAL     # a variable layout (or another of this size) might fit other bytes
         shape = _Shape(context, message, config)
-        again = shape.make(raw)
+        again = _new(shape.message_class)
+        again.raw = raw
         if again.payload != message.payload or again.is_reply != message.is_reply:
             return _GENERAL
         return shape

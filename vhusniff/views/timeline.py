@@ -266,7 +266,7 @@ class Timeline:
     per-lane time buckets (messages and findings per bucket, events per connection) whose number stays bounded:
     when a record falls beyond the last column, the bucket width doubles and neighbouring buckets merge."""
 
-    __slots__ = ("only", "detail_limit", "columns", "seen", "messages", "origin_ns", "width_ns", "last_ns", "lanes",
+    __slots__ = ("only", "detail_limit", "columns", "seen", "origin_ns", "width_ns", "last_ns", "lanes",
                  "events", "raised", "rings", "_ring_counts", "_index", "_start_ns", "_end_ns")
 
     def __init__(self, only: int | None = None, detail_limit: int = DETAIL_LIMIT, columns: int = COLUMNS):
@@ -274,7 +274,6 @@ class Timeline:
         self.detail_limit = detail_limit
         self.columns = columns
         self.seen: list[tuple[int, Record, Message | None]] | None = []
-        self.messages = 0
         self.origin_ns = 0
         self.width_ns = 1
         self.last_ns = 0
@@ -294,12 +293,40 @@ class Timeline:
     def detailed(self) -> bool:
         return self.seen is not None
 
+    @property
+    def messages(self) -> int:
+        """The messages added (of the connection shown): those kept, or those counted in the lanes' buckets."""
+        if self.seen is not None:
+            return sum(record.kind is _MESSAGE for _number, record, _message in self.seen)
+        return sum(entry[0] for lane in self.lanes.values() for entry in lane.values())
+
     def add(self, number: int, record: Record, message: Message | None, found: list[Finding]) -> bool:
         """One record (and the findings feeding it raised); False once the timeline buckets by time."""
+        if self.seen is None and record.kind is _MESSAGE and (self.only is None or record.connection == self.only):
+            # bucketed, a message: _count's steps inline (the common case)
+            timestamp = record.timestamp_ns
+            if self._start_ns <= timestamp < self._end_ns:     # in the bucket of the message before, most often
+                index = self._index
+            else:
+                index = self._index = self._bucket(timestamp)
+                if timestamp >= self.origin_ns:
+                    self._start_ns = self.origin_ns + index * self.width_ns
+                    self._end_ns = self._start_ns + self.width_ns
+            if timestamp > self.last_ns:
+                self.last_ns = timestamp
+            key = (record.connection, record.channel, record.direction)
+            lane = self.lanes.get(key)
+            if lane is None:
+                lane = self.lanes[key] = {}
+            entry = lane.get(index)
+            if entry is None:
+                entry = lane[index] = [0, 0]
+            entry[0] += 1
+            if found or message is not None and message.problems:
+                entry[1] += len(found) + bool(message is not None and message.problems)
+            return False
         if self.only is not None and record.connection != self.only:
             return self.seen is not None
-        if record.kind is _MESSAGE:
-            self.messages += 1
         if self.seen is not None:
             self.seen.append((number, record, message))
             if found:
@@ -308,30 +335,7 @@ class Timeline:
                 return True
             self._to_buckets()
             return False
-        if record.kind is not _MESSAGE:
-            self._count(record, message, len(found))
-            return False
-        # _count for a message, the common case, with its steps inline
-        timestamp = record.timestamp_ns
-        if self._start_ns <= timestamp < self._end_ns:     # in the bucket of the message before, most often
-            index = self._index
-        else:
-            index = self._index = self._bucket(timestamp)
-            if timestamp >= self.origin_ns:
-                self._start_ns = self.origin_ns + index * self.width_ns
-                self._end_ns = self._start_ns + self.width_ns
-        if timestamp > self.last_ns:
-            self.last_ns = timestamp
-        key = (record.connection, record.channel, record.direction)
-        lane = self.lanes.get(key)
-        if lane is None:
-            lane = self.lanes[key] = {}
-        entry = lane.get(index)
-        if entry is None:
-            entry = lane[index] = [0, 0]
-        entry[0] += 1
-        if found or message is not None and message.problems:
-            entry[1] += len(found) + bool(message is not None and message.problems)
+        self._count(record, message, len(found))
         return False
 
     def _to_buckets(self) -> None:
