@@ -5,7 +5,9 @@ candidate before it has another fixed size, and its layout is plain struct field
 size), the kind and the problems are the shape's, and the payload is parsed only when something reads it. A
 config window (GET_CONFIG, SET_CONFIG) is settled by its own size field: 12 + size bytes read and build back
 exactly. Every other message is decoded by grammar.decode. The first message of each shape is decoded both ways
-and a shape whose messages differ keeps grammar.decode.
+and a shape whose messages differ keeps grammar.decode. A settled shape makes its messages of a class of its own
+(its header fields are the class's), made when its second message comes: a shape seen once, as in a fuzzed
+session, costs no class.
 
     decoder = ShapeDecoder()
     message = decoder.decode(raw, channel, context)      # as grammar.decode(raw, channel, context)
@@ -144,32 +146,34 @@ _new: Callable[[type[LazyMessage]], LazyMessage] = object.__new__
 
 
 class _Shape:
-    """What the header settles for the messages of one shape: a Message subclass (message_class) whose header
-    fields, kind, problems and context are class attributes, so that a message of the shape is made with its bytes
-    alone."""
+    """What the header settles for the messages of one shape; its messages are of a Message subclass of its own
+    (message_class, made when the second comes) whose header fields, kind, problems and context are class
+    attributes, so that a message of the shape is made with its bytes alone."""
 
-    __slots__ = ("context", "kind", "parse", "problems", "is_reply", "config", "length", "message_class")
+    __slots__ = ("context", "channel", "request", "flags", "size", "kind", "parse", "problems", "is_reply", "config",
+                 "length", "message_class")
 
     def __init__(self, context: DecodeContext, message: Message, config: bool) -> None:
         self.context = context              # held, so that the context's tables stay its own
         assert message.kind is not None         # _settle makes shapes of decoded payloads only
+        self.channel, self.request, self.flags, self.size = message.channel, message.request, message.flags, \
+            message.size
         self.kind: str = message.kind
         self.parse: Callable[[bytes], Any] = _FAST_PARSERS[message.kind]
         self.problems = message.problems
         self.is_reply = message.is_reply
         self.config = config                # a config window: settled per message by its size field
         self.length = HEADER_SIZE + message.size        # a message of another length is not of this shape
-        self.message_class: type[LazyMessage] = _message_class(message, self)
+        self.message_class: type[LazyMessage] | None = None
 
-
-def _message_class(message: Message, shape: _Shape) -> type[LazyMessage]:
-    """A LazyMessage of one shape: what the shape settles is held by the class, the bytes by each message (made
-    with object.__new__ and its `raw` set: no __init__ runs)."""
-    return type("LazyMessage", (LazyMessage,), {
-        "__slots__": (), "__module__": __name__, "channel": message.channel,
-        "request": message.request, "flags": message.flags, "size": message.size, "kind": shape.kind,
-        "_parse": staticmethod(shape.parse), "problems": shape.problems, "context": shape.context,
-        "is_reply": shape.is_reply, "shape": (message.channel, message.request, shape.is_reply, shape.length)})
+    def made_class(self) -> type[LazyMessage]:
+        """The class of this shape's messages (made with object.__new__ and their `raw` set: no __init__ runs)."""
+        self.message_class = type("LazyMessage", (LazyMessage,), {
+            "__slots__": (), "__module__": __name__, "channel": self.channel, "request": self.request,
+            "flags": self.flags, "size": self.size, "kind": self.kind, "_parse": staticmethod(self.parse),
+            "problems": self.problems, "context": self.context, "is_reply": self.is_reply,
+            "shape": (self.channel, self.request, self.is_reply, self.length)})
+        return self.message_class
 
 
 class _General:
@@ -180,6 +184,9 @@ class _General:
 
     message_class = LazyMessage         # never made: no message is of its length
 
+    def made_class(self) -> type[LazyMessage]:
+        raise AssertionError("no message is of a general shape's length")
+
 
 _GENERAL = _General()
 
@@ -187,7 +194,9 @@ _GENERAL = _General()
 class ShapeDecoder:
     """grammar.decode, settled once per shape where the header settles it (see the module's words)."""
 
-    SHAPES_KEPT = 1 << 14          # distinct shapes remembered; forgotten all at once when full (memory stays flat)
+    # Distinct shapes remembered (a settled one holds a class, ~2 KB); forgotten all at once when full, so that
+    # memory stays flat.
+    SHAPES_KEPT = 1 << 12
 
     def __init__(self) -> None:
         # context id -> (the context, held so that its id is not reused; per channel: header bytes -> shape)
@@ -207,7 +216,7 @@ class ShapeDecoder:
             return decode(raw, channel, context)        # a shape grammar.decode decodes, or not a whole message
         if shape.config and _CONFIG_HEAD + _CONFIG_SIZE.unpack_from(raw, HEADER_SIZE + 4)[0] != len(raw) - HEADER_SIZE:
             return decode(raw, channel, context)        # not a whole window: the grammar words what it is
-        message = _new(shape.message_class)
+        message = _new(shape.message_class or shape.made_class())
         message.raw = raw
         return message
 
@@ -255,8 +264,8 @@ class ShapeDecoder:
                 if FIXED_SIZE[before] is None or FIXED_SIZE[before] == message.size:
                     return _GENERAL     # a variable layout (or another of this size) might fit other bytes
         shape = _Shape(context, message, config)
-        again = _new(shape.message_class)
-        again.raw = raw
+        again = LazyMessage(raw, channel, message.request, message.flags, message.size, kind, shape.parse,
+                            shape.problems, context, shape.is_reply)
         if again.payload != message.payload or again.is_reply != message.is_reply:
             return _GENERAL
         return shape
