@@ -235,15 +235,15 @@ class Analyzer:
 
         Returns the findings this record raised."""
         self.records += 1
-        if not self.keep and record.connection in self.forgotten:
+        if self.forgotten and not self.keep and record.connection in self.forgotten:
             return []
         if number is None:
             number = self.records
         timestamp = record.timestamp_ns
-        if self.first_ns is None:
-            self.first_ns = timestamp
         last_ns = self.last_ns
-        if last_ns is None or timestamp > last_ns:
+        if last_ns is None:
+            self.first_ns = self.last_ns = timestamp
+        elif timestamp > last_ns:
             self.last_ns = timestamp
         conn = self.connections.get(record.connection) or self._connection(record.connection)
         state = conn.state
@@ -259,8 +259,9 @@ class Analyzer:
             if self.checks:
                 if message.problems:
                     check_problems(number, record, message, self._raised)
-                if message.request >= 0:
-                    header = self._headers.get((message.channel, message.request, message.flags))
+                request = message.request
+                if request >= 0:
+                    header = self._headers.get((message.channel, request, message.flags))
                     if header is None or header.name_profile is not message.context.profile:
                         header = self._header(message)
                     if message.is_reply:
@@ -348,7 +349,7 @@ class Analyzer:
 
     def _match_request(self, conn: ConnectionAnalysis, header: _Header, number: int, record: Record,
                        message: Message) -> None:
-        channel = message.channel
+        channel = record.channel
         queue = conn.waiting.get(channel)
         if queue is None:
             queue = conn.waiting[channel] = []
@@ -371,7 +372,7 @@ class Analyzer:
             summary.count += 1
             if expect == _NOTHING:
                 return              # streaming: nothing waits, nothing is kept
-        transaction = Transaction(record.connection, record.channel, message.request, header.name, number,
+        transaction = Transaction(record.connection, channel, header.request, header.name, number,
                                   record.timestamp_ns, expect, message.size)
         transaction.summary = summary       # (set apart: a keyword argument costs more than the store)
         if self.keep:
@@ -389,9 +390,9 @@ class Analyzer:
                      message: Message) -> None:
         if header.reply_flags_wrong:
             self._add("reply-flags", record.connection, (number,), f"{header.name} reply flags {message.flags:#x}")
-        queue = conn.waiting.get(message.channel)
+        queue = conn.waiting.get(record.channel)
         if queue is None:
-            queue = conn.waiting[message.channel] = []      # the order channels are first seen in is kept
+            queue = conn.waiting[record.channel] = []       # the order channels are first seen in is kept
         if not queue:
             self._add("unexpected-reply", record.connection, (number,), f"{header.name} reply, nothing asked")
             return
@@ -409,7 +410,7 @@ class Analyzer:
                       f"(#{transaction.request_number})")
         if transaction.summary is not None:         # streaming
             transaction.summary.add_response(waited / 1e9)      # Transaction.response_seconds
-        if transaction.request != message.request:
+        if transaction.request != header.request:
             self._add("reply-mismatch", record.connection, (number, transaction.request_number),
                       f"{header.name} reply while {transaction.name} (#{transaction.request_number}) waited")
             return
@@ -490,11 +491,12 @@ class _Header:
     request's name, the checks of a request, what it waits for (`expect`, or `reply` when the negotiation
     decides), its entry in the response-time tables; of a reply, whether its flags are wrong."""
 
-    __slots__ = ("name_profile", "name", "checks", "reply", "expect", "summary", "response_key", "reply_flags_wrong",
-                 "get_config")
+    __slots__ = ("request", "name_profile", "name", "checks", "reply", "expect", "summary", "response_key",
+                 "reply_flags_wrong", "get_config")
 
     def __init__(self, message: Message, profile: cat.Profile) -> None:
         channel, request = message.channel, message.request
+        self.request = request
         self.name_profile = message.context.profile
         self.checks = request_checks(channel, request, message.flags, profile, self.name_profile)
         self.name = self.checks.name
