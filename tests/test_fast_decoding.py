@@ -47,16 +47,23 @@ def _written(tmp_path, records: list[Record], source: str) -> str:
     return path
 
 
-def test_scanner_makes_every_kind_of_record_as_read_capture_does(tmp_path):
+def _no_hand_over(monkeypatch) -> None:
+    def handed_over(_source):
+        raise AssertionError("the scanner handed over to read_capture")
+    monkeypatch.setattr(scan, "read_capture", handed_over)
+
+
+def test_scanner_makes_every_kind_of_record_as_read_capture_does(tmp_path, monkeypatch):
     """Made from one unpack (a plain message) or by parse_pseudo_header (anything else), in one pass with no
     hand-over to read_capture: the same records, sources and tags, with and without a source named."""
     records = _every_kind_of_record()
     for source in ("", "host=h1 pid=7 start=2026-01-01T00:00:00Z route=/a->/b"):
         path = _written(tmp_path, records, source)
-        done = [0]
-        scanned = list(scan._scan_records(path, done))       # raises Unusual where it would hand over
-        assert done[0] == len(records) == len(scanned)
-        assert scanned == list(read_capture(path)) == list(scan.scan_records(lambda: path))   # noqa: B023
+        expected = list(read_capture(path))
+        with monkeypatch.context() as patch:
+            _no_hand_over(patch)
+            scanned = list(scan.scan_records(lambda: path))     # noqa: B023
+        assert scanned == expected and len(scanned) == len(records)
         assert {record.source for record in scanned} == {source}
         assert len({record.source_tag for record in scanned}) == 1
         assert [(r.connection, r.channel, r.direction, r.data, r.fds, r.kind, r.note, r.event, r.unframed)
@@ -191,7 +198,7 @@ def test_timeline_counts_a_message_inline_as_its_general_count_does():
     assert sum(entry[1] for lane in inline.lanes.values() for entry in lane.values()) > 0
 
 
-def test_an_fd_passing_record_is_not_made_plain():
+def test_an_fd_passing_record_is_not_made_plain(monkeypatch):
     """A message with fds is made by parse_pseudo_header: its fd descriptions are kept."""
     fds = [FdInfo("memfd", 12, 4096, "guest-ram", 3), FdInfo("eventfd", 13, -1, "eventfd-id:4")]
     record = Record(5, 1, Channel.MAIN, Direction.FRONTEND_TO_BACKEND, HEADER.pack(12, 1, 8) + bytes(8), fds)
@@ -200,4 +207,5 @@ def test_an_fd_passing_record_is_not_made_plain():
     writer = CaptureWriter(stream)
     writer.write(record)
     stream.seek(0)
-    assert list(scan._scan_records(stream, [0])) == [record]
+    _no_hand_over(monkeypatch)
+    assert list(scan.scan_records(lambda: stream)) == [record]

@@ -169,52 +169,46 @@ def scan(source: str | BinaryIO, sources: list[str] | None = None) -> Iterator[t
 def scan_records(source: Source) -> Iterator[Record]:
     """The records of a capture, as read_capture yields them: scanned fast while the file is as vhusniff writes
     it, then (from the record where the scanner stopped) read_capture's, which reads what is unusual or raises
-    CaptureError where the damage is. `source` gives what to read, each time from its start."""
-    done = [0]
+    CaptureError where the damage is. `source` gives what to read, each time from its start.
+
+    scan's loop, making the Records too: a message without fds or a note is made from one unpack of its block's
+    head and pseudo-header; any other packet by pcapng.parse_pseudo_header."""
+    done = 0            # records yielded
     try:
-        yield from _scan_records(source(), done)
-    except Unusual:
-        for number, record in enumerate(read_capture(source()), 1):
-            if number > done[0]:
-                yield record
-
-
-def _scan_records(source: str | BinaryIO, done: list[int]) -> Iterator[Record]:
-    """scan's loop, making the Records too: a message without fds or a note is made from one unpack of its
-    block's head and pseudo-header; any other packet by pcapng.parse_pseudo_header. `done[0]`: records yielded."""
-    blocks = _Blocks([])
-    user0 = blocks.user0
-    source_name = ""
-    count = 0
-    message, note = RecordKind.MESSAGE, EventKind.NOTE
-    plain_fields = _PLAIN_FIELDS.get
-    head, magic_version, shortest, pseudo_size = _PLAIN_HEAD, _PLAIN_MAGIC_VERSION, _SHORTEST_EPB, PSEUDO_HEADER.size
-    opened = open(source, "rb") if isinstance(source, str) else contextlib.nullcontext(source)
-    with opened as stream:
-        buffer = b""
-        position = end = 0
+        blocks = _Blocks([])
+        user0 = blocks.user0
+        source_name = ""
+        message, note = RecordKind.MESSAGE, EventKind.NOTE
+        plain_fields = _PLAIN_FIELDS.get
+        head, magic_version, pseudo_size, epb = _PLAIN_HEAD, _PLAIN_MAGIC_VERSION, PSEUDO_HEADER.size, BLOCK_EPB
         unpack_length, unpack_plain = _LENGTH.unpack_from, _PLAIN_PACKET.unpack_from
-        try:
+        opened = source()
+        with open(opened, "rb") if isinstance(opened, str) else contextlib.nullcontext(opened) as stream:
+            buffer = b""
+            position = end = 0
             while True:
                 if end - position >= head:      # the common block, checked and made in one step
                     block_type, total, interface, high, low, captured, _original, magic, connection, fields, \
                         event_tag = unpack_plain(buffer, position)
-                    if block_type == BLOCK_EPB and position + total <= end:
-                        if total % 4 or total < shortest or captured > total - 32 \
-                                or not user0.get(interface) or unpack_length(buffer, position + total - 4)[0] != total:
-                            raise Unusual
+                    if block_type == epb and position + total <= end:
                         plain = plain_fields(fields)
+                        # a plain message in a sound block (the checks of the else branch, as they then stand)
                         if plain is not None and magic == magic_version and not event_tag & 0xFF \
-                                and captured >= pseudo_size:
+                                and pseudo_size <= captured <= total - 32 and not total & 3 and user0.get(interface) \
+                                and unpack_length(buffer, position + total - 4)[0] == total:
                             channel, direction, unframed = plain
                             record = Record((high << 32) | low, connection, channel, direction,
                                             buffer[position + head:position + 28 + captured], [], message,
                                             "", note, unframed, "", source_name, event_tag >> 8)
                         else:
+                            if total % 4 or total < _SHORTEST_EPB or captured > total - 32 \
+                                    or not user0.get(interface) \
+                                    or unpack_length(buffer, position + total - 4)[0] != total:
+                                raise Unusual
                             record = _record(buffer[position + 28:position + 28 + captured], (high << 32) | low,
                                              source_name)
                         position += total
-                        count += 1
+                        done += 1
                         yield record
                         continue
                 if not _whole(buffer, position):
@@ -226,14 +220,17 @@ def _scan_records(source: str | BinaryIO, done: list[int]) -> Iterator[Record]:
                 block_type, total = _BLOCK.unpack_from(buffer, position)
                 blocks.other(buffer, position, block_type, total)
                 position += total
-                if block_type == BLOCK_EPB:
+                if block_type == epb:
                     timestamp, packet = blocks.packet(buffer, position - total, total)
-                    count += 1
-                    yield _record(packet, timestamp, source_name)
+                    record = _record(packet, timestamp, source_name)
+                    done += 1
+                    yield record
                 user0 = blocks.user0
                 source_name = blocks.sources[0] if blocks.sources else ""
-        finally:
-            done[0] = count
+    except Unusual:
+        for number, record in enumerate(read_capture(source()), 1):
+            if number > done:
+                yield record
 
 
 def _record(packet: bytes, timestamp: int, source_name: str) -> Record:
