@@ -209,3 +209,18 @@ def test_an_fd_passing_record_is_not_made_plain(monkeypatch):
     stream.seek(0)
     _no_hand_over(monkeypatch)
     assert list(scan.scan_records(lambda: stream)) == [record]
+
+
+def test_decode_message_follows_every_context_change_observe_follows():
+    """decode_message calls observe only for the messages that can tell something: the contexts it keeps are
+    those of observing every message."""
+    gated, every = ContextTracker(), ContextTracker()
+    records = grammar_records()
+    changes = 0
+    for record in records + records:
+        gated.decode_message(record)
+        context = every.context_for(record.connection)
+        every.observe(record.connection, decode(record.data, record.channel, context), context)
+        changes += every.contexts.get(record.connection) is not context
+        assert gated.contexts == every.contexts
+    assert changes >= 3
