@@ -267,7 +267,8 @@ class Timeline:
     when a record falls beyond the last column, the bucket width doubles and neighbouring buckets merge."""
 
     __slots__ = ("only", "detail_limit", "columns", "seen", "origin_ns", "width_ns", "last_ns", "lanes",
-                 "events", "raised", "rings", "_ring_counts", "_index", "_start_ns", "_end_ns")
+                 "events", "raised", "rings", "_ring_counts", "_index", "_start_ns", "_end_ns",
+                 "_entries")
 
     def __init__(self, only: int | None = None, detail_limit: int = DETAIL_LIMIT, columns: int = COLUMNS):
         self.only = only
@@ -288,6 +289,7 @@ class Timeline:
         self._ring_counts: dict[tuple[int, int], list[int]] = {}
         # add's last bucket: its index, and the times it holds (none until add meets a message bucketed)
         self._index = self._start_ns = self._end_ns = 0
+        self._entries: dict[tuple[int, Channel, Direction], list] = {}     # lane -> [messages, findings] of that bucket
 
     @property
     def detailed(self) -> bool:
@@ -305,22 +307,24 @@ class Timeline:
         if self.seen is None and record.kind is _MESSAGE and (self.only is None or record.connection == self.only):
             # bucketed, a message: _count's steps inline (the common case)
             timestamp = record.timestamp_ns
-            if self._start_ns <= timestamp < self._end_ns:     # in the bucket of the message before, most often
-                index = self._index
-            else:
-                index = self._index = self._bucket(timestamp)
+            if not self._start_ns <= timestamp < self._end_ns:     # not in the bucket of the message before
+                self._index = self._bucket(timestamp)
+                self._entries = {}
                 if timestamp >= self.origin_ns:
-                    self._start_ns = self.origin_ns + index * self.width_ns
+                    self._start_ns = self.origin_ns + self._index * self.width_ns
                     self._end_ns = self._start_ns + self.width_ns
             if timestamp > self.last_ns:
                 self.last_ns = timestamp
             key = (record.connection, record.channel, record.direction)
-            lane = self.lanes.get(key)
-            if lane is None:
-                lane = self.lanes[key] = {}
-            entry = lane.get(index)
+            entry = self._entries.get(key)
             if entry is None:
-                entry = lane[index] = [0, 0]
+                lane = self.lanes.get(key)
+                if lane is None:
+                    lane = self.lanes[key] = {}
+                entry = lane.get(self._index)
+                if entry is None:
+                    entry = lane[self._index] = [0, 0]
+                self._entries[key] = entry
             entry[0] += 1
             if found or message is not None and message.problems:
                 entry[1] += len(found) + bool(message is not None and message.problems)
