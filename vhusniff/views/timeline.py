@@ -266,7 +266,7 @@ class Timeline:
     per-lane time buckets (messages and findings per bucket, events per connection) whose number stays bounded:
     when a record falls beyond the last column, the bucket width doubles and neighbouring buckets merge."""
 
-    __slots__ = ("only", "detail_limit", "columns", "seen", "origin_ns", "width_ns", "last_ns", "lanes",
+    __slots__ = ("only", "detail_limit", "columns", "seen", "origin_ns", "width_ns", "lanes",
                  "events", "raised", "rings", "_ring_counts", "_index", "_start_ns", "_end_ns",
                  "_entries")
 
@@ -277,7 +277,6 @@ class Timeline:
         self.seen: list[tuple[int, Record, Message | None]] | None = []
         self.origin_ns = 0
         self.width_ns = 1
-        self.last_ns = 0
         # (connection, channel, direction) -> bucket -> [messages, findings raised]
         self.lanes: dict[tuple[int, Channel, Direction], dict[int, list]] = {}
         # connection -> bucket -> [events, first note]
@@ -313,8 +312,6 @@ class Timeline:
                 if timestamp >= self.origin_ns:
                     self._start_ns = self.origin_ns + self._index * self.width_ns
                     self._end_ns = self._start_ns + self.width_ns
-            if timestamp > self.last_ns:
-                self.last_ns = timestamp
             key = (record.connection, record.channel, record.direction)
             entry = self._entries.get(key)
             if entry is None:
@@ -382,7 +379,6 @@ class Timeline:
 
     def _count(self, record: Record, message: Message | None, findings: int) -> None:
         index = self._bucket(record.timestamp_ns)
-        self.last_ns = max(self.last_ns, record.timestamp_ns)
         if record.kind != RecordKind.MESSAGE:
             if record.event == EventKind.RING:       # samples are not event lines (the ring lane draws them)
                 self._count_ring(record, index, findings)
