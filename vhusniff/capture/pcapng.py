@@ -516,8 +516,8 @@ class _Section:
         link_type = struct.unpack_from(self.endian + "H", body)[0]
         interface = len(self.link_types)
         self.link_types[interface] = link_type
-        self.resolution[interface] = _ts_resolution(body, 8, total - 12, self.endian)
-        described = _option_value(body, 8, total - 12, self.endian, OPTION_IF_DESCRIPTION)
+        self.resolution[interface] = ts_resolution(body, 8, total - 12, self.endian)
+        described = option_value(body, 8, total - 12, self.endian, OPTION_IF_DESCRIPTION)
         source = interface_source(described) if described is not None else ""
         if not source and (self.number or interface):
             # several unnamed interfaces (mergecap -I none, concatenated files): told apart by position
@@ -643,7 +643,7 @@ def _options(body: bytes, start: int, end: int, endian: str):
         position += 4 + length + _pad4(length)
 
 
-def _option_value(body: bytes, start: int, end: int, endian: str, wanted: int) -> bytes | None:
+def option_value(body: bytes, start: int, end: int, endian: str, wanted: int) -> bytes | None:
     for code, value in _options(body, start, end, endian):
         if code == wanted:
             return value
@@ -657,7 +657,7 @@ def _epb_flags(body: bytes, start: int, end: int, endian: str) -> int:
     return 0
 
 
-def _ts_resolution(body: bytes, start: int, end: int, endian: str) -> tuple[int, int]:
+def ts_resolution(body: bytes, start: int, end: int, endian: str) -> tuple[int, int]:
     """(multiplier, divisor) that turn the interface's timestamp units into nanoseconds."""
     for code, value in _options(body, start, end, endian):
         if code == 9 and value:

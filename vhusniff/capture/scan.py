@@ -24,12 +24,12 @@ from .pcapng import (
     PSEUDO_HEADER,
     PSEUDO_MAGIC,
     READ_CHUNK,
-    _option_value,
-    _ts_resolution,
     interface_source,
+    option_value,
     parse_pseudo_header,
     read_capture,
     section_version_problem,
+    ts_resolution,
 )
 
 _CHUNK = READ_CHUNK                  # a block longer than this (or a damaged length) goes to the full reader
@@ -40,7 +40,7 @@ _BLOCK = struct.Struct("<II")
 _EPB = struct.Struct("<IIIII")
 _PACKET_BLOCK = struct.Struct("<7I")     # an EPB's head: type, length, interface, time high and low, lengths
 _LENGTH = struct.Struct("<I")
-_NANOSECONDS = (10 ** 9, 10 ** 9)    # capture._ts_resolution's (multiplier, divisor) for if_tsresol 9
+_NANOSECONDS = (10 ** 9, 10 ** 9)    # capture.ts_resolution's (multiplier, divisor) for if_tsresol 9
 _LITTLE_ENDIAN_MAGIC = struct.pack("<I", BYTE_ORDER_MAGIC)
 _SHORTEST_EPB = MIN_BLOCK_LENGTH[BLOCK_EPB]
 
@@ -92,11 +92,11 @@ class _Blocks:
             if not self.in_section:
                 raise Unusual
             link_type = struct.unpack_from("<H", buffer, position + 8)[0]
-            if _ts_resolution(buffer, position + 16, position + total - 4, "<") != _NANOSECONDS:
+            if ts_resolution(buffer, position + 16, position + total - 4, "<") != _NANOSECONDS:
                 raise Unusual
             sources = self.sources
             if link_type == LINKTYPE_USER0:
-                described = _option_value(buffer, position + 16, position + total - 4, "<", OPTION_IF_DESCRIPTION)
+                described = option_value(buffer, position + 16, position + total - 4, "<", OPTION_IF_DESCRIPTION)
                 named = interface_source(described) if described is not None else ""
                 if sources and sources[0] != named or not named and (self.interfaces or self.sections > 1):
                     raise Unusual

@@ -278,7 +278,7 @@ def _compile_all() -> dict:
     return parsers
 
 
-_PARSERS = _compile_all()
+PARSERS = _compile_all()
 
 
 @dataclass(frozen=True, slots=True)
@@ -435,10 +435,10 @@ class Message:
 # ---- one-line summaries: how a message reads to a person (scapy's mysummary) ----
 
 # Fields never worth a place in a one-line summary.
-_QUIET_FIELDS = frozenset({"padding", "reserved"})
+QUIET_FIELDS = frozenset({"padding", "reserved"})
 # Short names for the summary line, as people write them in bug reports.
-_SHORT = {"index": "idx", "guest_phys_addr": "gpa", "memory_size": "size", "userspace_addr": "uaddr",
-          "mmap_offset": "off"}
+SHORT_NAMES = {"index": "idx", "guest_phys_addr": "gpa", "memory_size": "size", "userspace_addr": "uaddr",
+               "mmap_offset": "off"}
 
 
 def flag_text(flags: int) -> str:
@@ -494,7 +494,7 @@ def payload_summary(message: Message) -> str:
     parts = []
     for sub in structure.subcons:
         name = sub.name
-        if name is None or name in _QUIET_FIELDS:
+        if name is None or name in QUIET_FIELDS:
             continue
         value = payload[name]
         if name == "region":
@@ -518,7 +518,7 @@ def payload_summary(message: Message) -> str:
             if device:
                 parts.append(device)
             continue
-        parts.append(f"{_SHORT.get(name, name)}={value_text(message, name, value)}")
+        parts.append(f"{SHORT_NAMES.get(name, name)}={value_text(message, name, value)}")
     return " ".join(parts)
 
 
@@ -606,7 +606,7 @@ def decode(raw: bytes, channel: Channel = Channel.MAIN, ctx: DecodeContext = DEF
         if size == 0 and fixed == 0:
             return Message(raw, channel, request, flags, size, kind, Container(), tuple(problems), ctx)
         try:
-            payload = _PARSERS[kind](body)
+            payload = PARSERS[kind](body)
             # A variable layout must account for every byte, no more, no less (compiled construct reads short
             # fields without complaint, and ignores trailing bytes).
             if fixed is None and PAYLOADS[kind][0].build(payload) != body:

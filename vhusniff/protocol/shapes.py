@@ -21,8 +21,16 @@ from typing import Any, ClassVar
 from construct import BytesInteger, Container, FormatField, Renamed, Struct
 
 from ..model import Channel
-from .grammar import _PARSERS as PARSERS  # the parsers grammar.decode itself uses, so payloads are the same objects
-from .grammar import FIXED_SIZE, HEADER_SIZE, PAYLOADS, DecodeContext, Message, decode, payload_candidates
+from .grammar import (
+    FIXED_SIZE,
+    HEADER_SIZE,
+    PARSERS,  # the parsers grammar.decode itself uses, so payloads are the same objects
+    PAYLOADS,
+    DecodeContext,
+    Message,
+    decode,
+    payload_candidates,
+)
 
 _HEADER = struct.Struct("<III")
 _CONFIG_SIZE = struct.Struct("<I")          # a config window's size field, after its offset

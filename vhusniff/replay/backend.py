@@ -21,13 +21,13 @@ from .fresh import FreshFds
 from .recording import (
     BackendExchange,
     Exchange,
-    _request_number,
     answer,
     device_type,
     find_recorded,
     load_backend_requests,
     load_exchanges,
     reply_differences,
+    request_number,
 )
 
 F = cat.FrontendRequest
@@ -243,7 +243,7 @@ class BackendRequests:
 
 def _request_summary(exchange: Exchange) -> str:
     """A recorded request named as `read` names it (its request name), for what replay says of it."""
-    return request_name(Channel.MAIN, _request_number(exchange.request.data))
+    return request_name(Channel.MAIN, request_number(exchange.request.data))
 
 
 def _origin(recorded: BackendExchange | None) -> str:

@@ -34,7 +34,7 @@ def decode_recorded(tracker: ContextTracker, record: Record) -> Message:
     return message
 
 
-def _request_number(data: bytes) -> int:
+def request_number(data: bytes) -> int:
     return struct.unpack_from("<I", data)[0] if len(data) >= 4 else -1
 
 
@@ -77,9 +77,9 @@ def load_exchanges(records: list[Record], connection: int | None) -> tuple[int, 
 def _pair_reply(waiting: list, record: Record, number: int) -> None:
     """One request is outstanding per channel, so a reply answers the oldest unanswered request with its
     number; requests before that one got no reply."""
-    request = _request_number(record.data)
+    request = request_number(record.data)
     for index, candidate in enumerate(waiting):
-        if _request_number(candidate.request.data) == request:
+        if request_number(candidate.request.data) == request:
             candidate.reply, candidate.reply_number = record, number
             del waiting[:index + 1]
             return
@@ -118,7 +118,7 @@ def load_backend_requests(records: list[Record], connection: int, exchanges: lis
             continue
         if record.channel != channel:
             continue
-        is_reply = is_reply_flag(channel, _request_number(record.data), _flags(record.data))
+        is_reply = is_reply_flag(channel, request_number(record.data), _flags(record.data))
         if record.direction == Direction.BACKEND_TO_FRONTEND:        # a request, by direction, whatever its flags
             request = BackendExchange(number, record, after=after)
             requests.append(request)
@@ -135,8 +135,8 @@ def side_channel_replies(records: list[Record], connection: int, channel: Channe
     for record in records:
         if record.kind == RecordKind.MESSAGE and record.connection == connection and record.channel == channel \
                 and record.direction == Direction.FRONTEND_TO_BACKEND \
-                and is_reply_flag(channel, _request_number(record.data), _flags(record.data)):
-            replies.setdefault(_request_number(record.data), deque()).append(record)
+                and is_reply_flag(channel, request_number(record.data), _flags(record.data)):
+            replies.setdefault(request_number(record.data), deque()).append(record)
     return replies
 
 
@@ -194,11 +194,11 @@ def reply_differences(recorded: Message, replayed: Message, recorded_fds: list[F
 def find_recorded(exchanges: list[Exchange], cursor: int, request: bytes) -> tuple[Exchange | None, int]:
     """The next recorded exchange for a live request, searching forward: the same bytes first (a GET_CONFIG or a
     GET_VRING_BASE of the same ring), else the same request number. The cursor moves past the match."""
-    number = _request_number(request)
+    number = request_number(request)
     fallback = None
     for index in range(cursor, len(exchanges)):
         recorded = exchanges[index].request.data
-        if _request_number(recorded) != number:
+        if request_number(recorded) != number:
             continue
         if recorded[HEADER_SIZE:] == request[HEADER_SIZE:]:
             return exchanges[index], index + 1

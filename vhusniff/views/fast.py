@@ -22,7 +22,9 @@ from ..protocol.grammar import (
     FIXED_SIZE,
     MAX_PAYLOAD_SIZE,
     PAYLOADS,
+    QUIET_FIELDS,
     REGION_XEN,
+    SHORT_NAMES,
     decode,
     flag_text,
     payload_candidates,
@@ -66,9 +68,6 @@ COMPILED_KINDS = frozenset({
     "vring_state", "vring_base", "vring_base_packed", "vring_addr", "vring_fd", "mem_region", "mem_region_xen", "log",
     "iotlb", "inflight", "object", "device_state", "device_state_result", "mmap", "rarp",
 })
-_QUIET = frozenset({"padding", "reserved"})             # grammar's fields never shown in a summary
-_SHORT = {"index": "idx", "guest_phys_addr": "gpa", "memory_size": "size", "userspace_addr": "uaddr",
-          "mmap_offset": "off"}
 _WORDS = frozenset({"features", "protocol_features", "gpu_protocol_features", "status"})   # named bits
 _PLAIN = struct.Struct("<4sHHIBBBBHHB3xIII")          # pseudo-header v2 without fds or note, then the header
 _PLAIN_SIZE = _PLAIN.size
@@ -95,7 +94,7 @@ def _leaves(structure, names: list[str], layout: list[str]) -> bool:
             continue
         if isinstance(inner, FormatField) and inner.fmtstr[0] == "<":
             layout.append(inner.fmtstr[1:])
-        elif isinstance(inner, BytesInteger) and isinstance(inner.length, int) and sub.name in _QUIET:
+        elif isinstance(inner, BytesInteger) and isinstance(inner.length, int) and sub.name in QUIET_FIELDS:
             layout.append(f"{inner.length}s")       # never shown: its bytes are skipped
         elif type(inner).__name__ == "Bytes" and isinstance(getattr(inner, "length", None), int):
             layout.append(f"{inner.length}s")
@@ -125,7 +124,7 @@ def compile_payload_summary(kind: str, context) -> Callable[[bytes, int], str] |
                      "_shown": _Shown(context), "_from_bytes": int.from_bytes}
     for sub in structure.subcons:
         name = sub.name
-        if name is None or name in _QUIET:
+        if name is None or name in QUIET_FIELDS:
             continue
         if name == "region":
             first = position["guest_phys_addr"]
@@ -138,14 +137,14 @@ def compile_payload_summary(kind: str, context) -> Callable[[bytes, int], str] |
                 conditional = variable
                 break
             return None
-        short = _SHORT.get(name, name)
+        short = SHORT_NAMES.get(name, name)
         if layout[position[name]].endswith("s"):
             parts.append(f"{short}={{_text(_shown, {name!r}, {variable})}}")
         elif name in _WORDS:
             parts.append(f"{short}={{_text(_shown, {name!r}, {variable})}}")
         else:
             parts.append(f"{short}={{hex({variable}) if {variable} > 65535 else {variable}}}")
-    if conditional and len(parts) != sum(1 for sub in structure.subcons if sub.name not in (None, *_QUIET)) - 1:
+    if conditional and len(parts) != sum(1 for sub in structure.subcons if sub.name not in (None, *QUIET_FIELDS)) - 1:
         return None                  # fields after the NOFD flag: keep the general rule's order
     text = 'f"' + " ".join(parts) + '"'
     if conditional:

@@ -35,14 +35,14 @@ from ..model import Channel, Direction, EventKind, RecordKind
 from ..protocol import catalogue as cat
 from ..protocol import config as config_space
 from ..protocol.grammar import (
-    _QUIET_FIELDS,
-    _SHORT,
     FIXED_SIZE,
     HEADER_SIZE,
     MAX_PAYLOAD_SIZE,
     PAYLOADS,
+    QUIET_FIELDS,
     REGION,
     REGION_XEN,
+    SHORT_NAMES,
     DecodeContext,
     payload_candidates,
     request_name,
@@ -99,8 +99,8 @@ def _lua_layout(entries: list[dict], kind: str = "") -> list[dict]:
         short = entry["short"]
         if "element" in entry:
             lua_entry["label"] = cat.field_label(entry["name"])
-        if kind and short not in _QUIET_FIELDS:
-            lua_entry["prefix"] = f" {_SHORT.get(short, short)}="
+        if kind and short not in QUIET_FIELDS:
+            lua_entry["prefix"] = f" {SHORT_NAMES.get(short, short)}="
             if short in _BIT_SET_SUMMARIES:
                 lua_entry["style"] = _BIT_SET_SUMMARIES[short]
             elif short == "flags" and kind in ("vring_fd", "vring_area"):
