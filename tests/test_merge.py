@@ -233,11 +233,41 @@ def test_every_record_a_writer_writes_carries_its_source_tag(tmp_path):
     assert {record.source_tag for record in read_capture(unnamed)} == {0}
 
 
-def test_a_shipped_capture_is_untagged_and_reads_as_before():
+SHIPPED_MERGED = "merged-blk-and-net.pcapng"     # two lab runs at once, through two proxies, merged by mergecap
+
+
+def test_each_shipped_capture_carries_the_tags_of_its_sources():
+    """The captures recorded before the tag carry 0 and read as before; the shipped mergecap holds two sources,
+    each record tagged with its own source's tag."""
     import glob
     import os
-    for path in glob.glob(os.path.join(os.path.dirname(os.path.dirname(__file__)), "captures", "*.pcapng")):
-        assert {record.source_tag for record in read_capture(path)} == {0}, path
+    paths = glob.glob(os.path.join(os.path.dirname(os.path.dirname(__file__)), "captures", "*.pcapng"))
+    assert any(path.endswith(SHIPPED_MERGED) for path in paths)
+    for path in paths:
+        records = list(read_capture(path))
+        if path.endswith(SHIPPED_MERGED):
+            assert len({record.source for record in records}) == 2, path
+            assert all(record.source_tag == source_tag(record.source) != 0 for record in records), path
+        else:
+            assert {record.source_tag for record in records} == {0}, path
+
+
+def test_plain_tshark_reads_the_shipped_mergecap_as_read_does(capsys):
+    """A real blk boot (QEMU 7.2) and a real net boot (QEMU 10, dpdk-testpmd) captured at the same time by two
+    proxies and merged: their interleaved connections 1 read as c1 and c2 in plain tshark, as in `vhusniff read`,
+    and neither finds a clash or any other finding."""
+    import os
+    require("tshark")
+    merged = os.path.join(os.path.dirname(os.path.dirname(__file__)), "captures", SHIPPED_MERGED)
+    read_lines = {int(line.split()[0]): " ".join(line.split()[2:])
+                  for line in _run(["read", merged], capsys).splitlines()}
+    shown = _tshark_lines(merged)
+    assert shown == read_lines
+    order = [line.split()[0].split("/")[0] for _number, line in sorted(shown.items())]
+    assert set(order) == {"c1", "c2"}
+    assert sum(a != b for a, b in zip(order, order[1:], strict=False)) > 1, "the two sessions interleave"
+    assert not any("connects while open" in line for line in shown.values())
+    assert _findings(_run(["expert", merged], capsys)) == 0
 
 
 def test_read_shows_the_source_tag_in_the_tree_json_and_filters(tmp_path, capsys):
