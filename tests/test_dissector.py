@@ -609,6 +609,20 @@ def merged_capture(tmp_path, tagged: bool = True) -> str:
     return merged
 
 
+def assert_two_passes_number_and_link_as_read(merged: str, expected: dict[int, str], sources: bool) -> None:
+    """tshark -2 numbers the merged capture's connections as `vhusniff read` (`expected`: its lines) and links each
+    reply to its request two frames before. Its first pass has no fields, so the second one does that pass's work."""
+    result = subprocess.run([TSHARK, "-X", f"lua_script:{DISSECTOR_PATH}", "-r", merged, "-2", "-T", "fields",
+                             "-e", "vhost_user.connection", "-e", "vhost_user.response_to"],
+                            capture_output=True, text=True, timeout=60,
+                            env=dict(os.environ, VHUSNIFF_SOURCES="1" if sources else ""))
+    rows = [line.split("\t") for line in result.stdout.splitlines()]
+    assert [int(connection) for connection, _request in rows] == [int(expected[number].split()[0][1:])
+                                                                  for number in sorted(expected)]
+    linked = {number: int(request) for number, (_connection, request) in enumerate(rows, start=1) if request}
+    assert linked == {number: number - 2 for number, line in expected.items() if " reply " in line}
+
+
 @needs_tshark
 @pytest.mark.parametrize("tagged", [True, False], ids=["tagged", "untagged"])
 def test_a_merged_capture_reads_in_tshark_as_the_connections_read_shows(tmp_path, tagged):
@@ -620,15 +634,7 @@ def test_a_merged_capture_reads_in_tshark_as_the_connections_read_shows(tmp_path
     assert sorted({line.split()[0] for line in expected.values()}) == ["c1", "c2", "c3", "c4"]
     assert tshark_info(merged, tree=False, sources=True) == expected
     assert tshark_info(merged, tree=True, sources=True) == expected
-    result = subprocess.run([TSHARK, "-X", f"lua_script:{DISSECTOR_PATH}", "-r", merged, "-2", "-T", "fields",
-                             "-e", "vhost_user.connection", "-e", "vhost_user.response_to"],
-                            capture_output=True, text=True, timeout=60, env=dict(os.environ, VHUSNIFF_SOURCES="1"))
-    rows = [line.split("\t") for line in result.stdout.splitlines()]
-    assert [int(connection) for connection, _request in rows] == [int(expected[number].split()[0][1:])
-                                                                  for number in sorted(expected)]
-    # tshark -2's first pass has no fields, so the second one does its work and links replies as one pass does
-    linked = {number: int(request) for number, (_connection, request) in enumerate(rows, start=1) if request}
-    assert linked == {number: number - 2 for number, line in expected.items() if " reply " in line}
+    assert_two_passes_number_and_link_as_read(merged, expected, sources=True)
 
 
 @needs_tshark
@@ -650,14 +656,7 @@ def test_plain_tshark_keys_a_tagged_merged_capture_by_source_tag_as_read_numbers
     assert tshark_info(merged, tree=True) == expected
     assert not any("connects while open" in line for line in expected.values())
     assert compare_capture(merged) == 8
-    result = subprocess.run([TSHARK, "-X", f"lua_script:{DISSECTOR_PATH}", "-r", merged, "-2", "-T", "fields",
-                             "-e", "vhost_user.connection", "-e", "vhost_user.response_to"],
-                            capture_output=True, text=True, timeout=60, env=dict(os.environ, VHUSNIFF_SOURCES=""))
-    rows = [line.split("\t") for line in result.stdout.splitlines()]
-    assert [int(connection) for connection, _request in rows] == [int(expected[number].split()[0][1:])
-                                                                  for number in sorted(expected)]
-    linked = {number: int(request) for number, (_connection, request) in enumerate(rows, start=1) if request}
-    assert linked == {number: number - 2 for number, line in expected.items() if " reply " in line}
+    assert_two_passes_number_and_link_as_read(merged, expected, sources=False)
 
 
 @needs_tshark
