@@ -20,7 +20,6 @@ import os
 import socket
 import statistics
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +27,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from proxy_pair import direct_and_through  # noqa: E402
 
 from vhusniff.engine.sockio import send_message  # noqa: E402
 from vhusniff.lab import peers as lab  # noqa: E402
@@ -83,35 +84,8 @@ def notification_trips(path: str, trips: int) -> float:
 
 
 def relay_benchmark(rounds: int, trips: int, cpu: int) -> None:
-    os.sched_setaffinity(0, {cpu})
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    pin = ["taskset", "-c", str(cpu)]
-    with tempfile.TemporaryDirectory(prefix="bench-notify-relay-") as scratch:
-        backend_path, proxy_path = f"{scratch}/backend.sock", f"{scratch}/proxy.sock"
-        backend = subprocess.Popen(pin + [sys.executable, "-c", NOTIFY_BACKEND, backend_path], env=env,
-                                   stdout=subprocess.PIPE, text=True)
-        assert backend.stdout is not None
-        backend.stdout.readline()
-        proxy = subprocess.Popen(pin + [sys.executable, "-m", "vhusniff.cli.main", "proxy", "-q", "--notifications",
-                                        "--listen", proxy_path, "--backend", backend_path,
-                                        "-w", f"{scratch}/bench.pcapng"], env=env,
-                                 stderr=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + 10
-            while not os.path.exists(proxy_path):
-                if time.monotonic() > deadline:
-                    raise SystemExit("the proxy did not start")
-                time.sleep(0.02)
-            direct, through = [], []
-            for _ in range(rounds):
-                direct.append(notification_trips(backend_path, trips))
-                through.append(notification_trips(proxy_path, trips))
-        finally:
-            proxy.terminate()
-            proxy.wait()
-            backend.kill()
-            backend.wait()
-    os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+    direct, through = direct_and_through(NOTIFY_BACKEND, cpu, rounds, lambda path: notification_trips(path, trips),
+                                         ["--notifications"])
     d, p = statistics.median(direct), statistics.median(through)
     print(f"kick+call direct                 {d:7.1f} µs   (rounds: {', '.join(f'{x:.1f}' for x in direct)})")
     print(f"kick+call through --notifications {p:6.1f} µs   (rounds: {', '.join(f'{x:.1f}' for x in through)})")

@@ -12,14 +12,14 @@ import os
 import socket
 import statistics
 import struct
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from proxy_pair import direct_and_through  # noqa: E402
 
 from vhusniff.engine.sockio import receive_chunk, send_message  # noqa: E402
 
@@ -70,34 +70,8 @@ def main() -> int:
     parser.add_argument("--cpu", type=int, default=0)
     parser.add_argument("--no-capture", action="store_true", help="measure the proxy without -w")
     args = parser.parse_args()
-    os.sched_setaffinity(0, {args.cpu})
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    with tempfile.TemporaryDirectory(prefix="bench-proxy-") as scratch:
-        backend_path, proxy_path = f"{scratch}/backend.sock", f"{scratch}/proxy.sock"
-        pin = ["taskset", "-c", str(args.cpu)]
-        backend = subprocess.Popen(pin + [sys.executable, "-c", ECHO_BACKEND, backend_path], env=env,
-                                   stdout=subprocess.PIPE, text=True)
-        backend.stdout.readline()
-        command = pin + [sys.executable, "-m", "vhusniff.cli.main", "proxy", "-q", "--listen", proxy_path,
-                         "--backend", backend_path]
-        if not args.no_capture:
-            command += ["-w", f"{scratch}/bench.pcapng"]
-        proxy = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + 10
-            while not os.path.exists(proxy_path):
-                if time.monotonic() > deadline:
-                    raise SystemExit("the proxy did not start")
-                time.sleep(0.02)
-            direct, through = [], []
-            for _ in range(args.rounds):
-                direct.append(round_trips(backend_path, args.trips))
-                through.append(round_trips(proxy_path, args.trips))
-        finally:
-            proxy.terminate()
-            proxy.wait()
-            backend.kill()
-            backend.wait()
+    direct, through = direct_and_through(ECHO_BACKEND, args.cpu, args.rounds,
+                                         lambda path: round_trips(path, args.trips), capture=not args.no_capture)
     d, p = statistics.median(direct), statistics.median(through)
     print(f"direct            {d:7.1f} µs per round trip   (rounds: {', '.join(f'{x:.1f}' for x in direct)})")
     print(f"through the proxy {p:7.1f} µs per round trip   (rounds: {', '.join(f'{x:.1f}' for x in through)})"
