@@ -307,18 +307,12 @@ class _Shapes:
         return f"{Direction(direction).arrow} {name:<28} {flag_text(flags):<16} "
 
 
-def fast_summary(path: str, tracker, out, colour: bool = False, follow: int | None = None, count: int = 0,
-                 source: Source | None = None) -> int:
-    """Write one summary line per record; returns how many were shown. Raises CaptureError like read_capture.
-    `source` (capture.progress) gives what to read instead of the path, each time from the start."""
-    return fast_lines(path, tracker, out, colour, follow, count, source)[0]
-
-
 def fast_lines(path: str, tracker, out, colour: bool = False, follow: int | None = None, count: int = 0,
                source: Source | None = None, display_filter: DisplayFilter | None = None, verbose: bool = False,
                hex_dump: bool = False) -> tuple[int, int]:
     """One summary line per record the display filter lets through, with its field tree (-V) and hex dump (-x)
-    when asked; returns (records shown, event records the filter hid). Raises CaptureError like read_capture."""
+    when asked; returns (records shown, event records the filter hid). Raises CaptureError like read_capture.
+    `source` (capture.progress) gives what to read instead of the path, each time from the start."""
     detail = verbose or hex_dump
     cache: dict = {}
     # connection -> what of its negotiated context changes decoding; only decoding (on a miss) changes it.
