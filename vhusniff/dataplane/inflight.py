@@ -15,9 +15,9 @@ from typing import NamedTuple
 from .memory import GuestMemory
 
 _DESC = struct.Struct("<QIHH")            # addr (guest-physical), len, flags, next
-_PACKED_DESC = struct.Struct("<QIHH")     # addr (guest-physical), len, buffer id, flags
-_PACKED_AVAIL, _PACKED_USED = 1 << 7, 1 << 15
-_NEXT, _WRITE, _INDIRECT = 1, 2, 4
+PACKED_DESC = struct.Struct("<QIHH")      # addr (guest-physical), len, buffer id, flags
+PACKED_AVAIL, PACKED_USED = 1 << 7, 1 << 15
+NEXT, WRITE, INDIRECT = 1, 2, 4
 _U16 = struct.Struct("<H")
 _BLK_HEADER = struct.Struct("<IIQ")       # type, reserved (ioprio), sector
 _NET_HEADER = struct.Struct("<BBHHHHH")   # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers
@@ -69,11 +69,11 @@ def walk_chain(memory: GuestMemory, desc: int, num: int, head: int):
         seen += 1
         if seen > num + size:
             return segments, "descriptor chain loops"
-        if flags & _INDIRECT:
+        if flags & INDIRECT:
             table, size, index = addr, length // 16, 0
             continue
-        segments.append((addr, length, bool(flags & _WRITE)))
-        if not flags & _NEXT:
+        segments.append((addr, length, bool(flags & WRITE)))
+        if not flags & NEXT:
             return segments, ""
         index = following
 
@@ -128,8 +128,9 @@ def pending_requests(memory: GuestMemory, num: int, desc: int, avail: int, used:
     return pending
 
 
-def _packed_in_flight(flags: int) -> bool:
-    return bool(flags & _PACKED_AVAIL) != bool(flags & _PACKED_USED)
+def packed_in_flight(flags: int) -> bool:
+    """A packed ring's descriptor made available and not yet used (its AVAIL and USED bits differ)."""
+    return bool(flags & PACKED_AVAIL) != bool(flags & PACKED_USED)
 
 
 def pending_packed(memory: GuestMemory, num: int, desc: int, start: int, device: str | None,
@@ -142,32 +143,32 @@ def pending_packed(memory: GuestMemory, num: int, desc: int, start: int, device:
     slot, walked = start % num if num else 0, 0
     span = num if slots is None else min(slots, num)
     while walked < span and (limit is None or len(pending) < limit):
-        entry = memory.unpack(_PACKED_DESC, desc + 16 * slot)
+        entry = memory.unpack(PACKED_DESC, desc + 16 * slot)
         if entry is None:
             break
-        if not _packed_in_flight(entry[3]):
+        if not packed_in_flight(entry[3]):
             slot, walked = (slot + 1) % num, walked + 1
             continue
         segments: list[tuple[int, int, bool]] = []
         problem = ""
         while True:
             addr, length, buffer_id, flags = entry
-            if flags & _INDIRECT:
+            if flags & INDIRECT:
                 for position in range(length // 16):
-                    inner = memory.unpack(_PACKED_DESC, addr + 16 * position, physical=True)
+                    inner = memory.unpack(PACKED_DESC, addr + 16 * position, physical=True)
                     if inner is None:
                         problem = f"indirect descriptor {position} not in mapped memory"
                         break
-                    segments.append((inner[0], inner[1], bool(inner[3] & _WRITE)))
+                    segments.append((inner[0], inner[1], bool(inner[3] & WRITE)))
             else:
-                segments.append((addr, length, bool(flags & _WRITE)))
+                segments.append((addr, length, bool(flags & WRITE)))
             slot, walked = (slot + 1) % num, walked + 1
-            if not flags & _NEXT or flags & _INDIRECT or problem:
+            if not flags & NEXT or flags & INDIRECT or problem:
                 break
             if walked >= num:
                 problem = "descriptor chain runs round the ring"
                 break
-            following = memory.unpack(_PACKED_DESC, desc + 16 * slot)
+            following = memory.unpack(PACKED_DESC, desc + 16 * slot)
             if following is None:
                 problem = f"descriptor {slot} not in mapped memory"
                 break

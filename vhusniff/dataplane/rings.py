@@ -14,19 +14,25 @@ from dataclasses import dataclass
 from ..model import Channel, Direction
 from ..protocol import catalogue as cat
 from ..protocol.grammar import HEADER_STRUCT, DecodeContext, decode
-from .inflight import Pending, pending_packed, pending_requests
+from .inflight import (
+    NEXT,
+    PACKED_AVAIL,
+    PACKED_DESC,
+    PACKED_USED,
+    Pending,
+    packed_in_flight,
+    pending_packed,
+    pending_requests,
+)
 from .memory import GuestMemory, map_region
 from .sample import NO_BASE, PENDING_SHOWN, Layout, Reason, RingSample, SampleFlag
 
 F = cat.FrontendRequest
 _U16 = struct.Struct("<H")
 _RING_HEAD = struct.Struct("<HH")           # a split ring's avail or used area begins flags, idx
-_PACKED_DESC = struct.Struct("<QIHH")       # addr, len, id, flags
-_PACKED_AVAIL, _PACKED_USED = 1 << 7, 1 << 15
 EVENT_IDX_BIT = next(bit for bit, name in cat.TRANSPORT_FEATURES.items() if name == "RING_EVENT_IDX")
 RING_PACKED_BIT = next(bit for bit, name in cat.TRANSPORT_FEATURES.items() if name == "RING_PACKED")
 IN_ORDER_BIT = next(bit for bit, name in cat.TRANSPORT_FEATURES.items() if name == "IN_ORDER")
-_PACKED_NEXT = 1
 # Seconds between two samples of the running rings, unless told.
 SAMPLE_INTERVAL_DEFAULT = 0.2
 # The requests this module follows: anything else passes without being decoded.
@@ -195,20 +201,20 @@ class RingWatch:
         table = self.memory.read(ring.desc, 16 * ring.num)
         if table is None:
             return unread._replace(reason=Reason.UNMAPPED if unread.reason == Reason.PERIODIC else unread.reason)
-        entries = list(_PACKED_DESC.iter_unpack(table))
-        avail_bits = [bool(entry[3] & _PACKED_AVAIL) for entry in entries]
+        entries = list(PACKED_DESC.iter_unpack(table))
+        avail_bits = [bool(entry[3] & PACKED_AVAIL) for entry in entries]
         driver_at = _packed_position(avail_bits)
         device_at = None
         if ring.packed_used is not None:
             device_at = _walk_used(entries, ring.packed_used[0], driver_at, bool(self.features >> IN_ORDER_BIT & 1))
         if device_at is None or (driver_at - device_at) % (2 * ring.num) > ring.num:
             # The first look, or the device went round more than a lap since the last: where the USED bits change.
-            device_at = _packed_position([bool(entry[3] & _PACKED_USED) for entry in entries])
+            device_at = _packed_position([bool(entry[3] & PACKED_USED) for entry in entries])
         ring.packed_avail = _advance(ring.packed_avail, driver_at, ring.num)
         ring.packed_used = _advance(ring.packed_used, device_at, ring.num)
         pending = (driver_at - device_at) % (2 * ring.num)
         if pending > ring.num:      # the two positions disagree (a lap passed between samples): count the bits
-            pending = sum(bool(entry[3] & _PACKED_AVAIL) != bool(entry[3] & _PACKED_USED) for entry in entries)
+            pending = sum(packed_in_flight(entry[3]) for entry in entries)
         flags: SampleFlag = unread.flags
         shown: tuple[str, ...] = ()
         if pending:
@@ -289,7 +295,7 @@ def _walk_used(entries: list[tuple], start: int, driver_at: int, in_order: bool)
 
     def bits(position: int) -> tuple[bool, bool, bool]:
         flags = entries[position % num][3]
-        return bool(flags & _PACKED_AVAIL), bool(flags & _PACKED_USED), position < num
+        return bool(flags & PACKED_AVAIL), bool(flags & PACKED_USED), position < num
 
     last = None
     for offset in range(room):
@@ -306,7 +312,7 @@ def _walk_used(entries: list[tuple], start: int, driver_at: int, in_order: bool)
         if avail != wrap or used == wrap:
             break                   # not a descriptor the driver made available in this lap
         buffer_id, flags = entries[position % num][2], entries[position % num][3]
-        if flags & _PACKED_NEXT:
+        if flags & NEXT:
             continue                # a chain goes on
         if buffer_id == used_id:
             step = offset - last + 1
