@@ -401,8 +401,7 @@ def fast_lines(path: str, tracker, out, colour: bool = False, follow: int | None
                 split = line.index(_PREFIX)
                 entry = (line[:split], line[split + len(_PREFIX):])
                 # Records that change the session's context are decoded every time (the tracker must see them).
-                if record.kind == RecordKind.MESSAGE and key[1] == context_keys[record.connection] \
-                        and display_filter is None:
+                if record.kind == RecordKind.MESSAGE and key[1] == context_keys[record.connection]:
                     if len(cache) >= _CACHE_LIMIT:
                         cache.clear()
                     cache[key] = entry
