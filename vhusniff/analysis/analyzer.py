@@ -124,10 +124,6 @@ class ConnectionAnalysis:
     finding_counts: dict[str, int] = field(default_factory=dict)   # check -> findings raised, kept or not
     not_kept: dict[str, int] = field(default_factory=dict)         # streaming: check -> findings only counted
 
-    @property
-    def findings_not_kept(self) -> int:
-        return sum(self.not_kept.values())
-
     def outstanding(self) -> list[Transaction]:
         return [t for queue in self.waiting.values() for t in queue if t.expect != Expect.MAYBE]
 
