@@ -484,9 +484,10 @@ local function bytes_text(raw, at, length, style)
   return concat(parts) .. (length > 16 and C.ELLIPSIS or "")
 end
 
--- Python's repr() of a tag decoded with errors="replace": quoted, escapes for control bytes, U+FFFD for others.
+-- Python's repr() of bytes (b'XR24', as `read` shows a DRM fourcc), or with `decoded` of a tag decoded with
+-- errors="replace": quoted, escapes for control bytes, and for bytes above 127 \xNN (bytes) or U+FFFD (decoded).
 local REPR_ESCAPES = {[9] = "\\t", [10] = "\\n", [13] = "\\r", [92] = "\\\\"}
-local function python_repr(text)
+local function python_repr(text, decoded)
   local quote = (text:find("'", 1, true) and not text:find('"', 1, true)) and '"' or "'"
   local parts = {byte(text, 1, -1)}
   for index, value in ipairs(parts) do
@@ -494,15 +495,15 @@ local function python_repr(text)
       parts[index] = REPR_ESCAPES[value]
     elseif value == byte(quote) then
       parts[index] = "\\" .. quote
-    elseif value >= 128 then
+    elseif decoded and value >= 128 then
       parts[index] = "\239\191\189"
-    elseif value < 32 or value == 127 then
+    elseif value < 32 or value >= 127 then
       parts[index] = format("\\x%02x", value)
     else
       parts[index] = string.char(value)
     end
   end
-  return quote .. concat(parts) .. quote
+  return (decoded and "" or "b") .. quote .. concat(parts) .. quote
 end
 
 -- Per-capture state, filled on the first pass and read on every pass (Wireshark may revisit in any order).
@@ -672,7 +673,7 @@ local function summarize_config_space(raw, body, device)
       elseif field.name:match("%.mac$") and length == 6 then
         text = bytes_text(raw, at, length, "mac")
       elseif field.name:match("%.tag$") then
-        text = python_repr(raw:sub(at + 1, at + length):gsub("%z+$", ""))
+        text = python_repr((raw:sub(at + 1, at + length):gsub("%z+$", "")), true)
       elseif raw:sub(at + 1, at + length):match("^%z*$") then
         text = "0"
       else
@@ -682,24 +683,6 @@ local function summarize_config_space(raw, body, device)
       emit(text)
     end
   end
-end
-
--- Python's repr() of bytes (b'XR24'), as `read` shows a DRM fourcc.
-local function bytes_repr(text)
-  local quote = (text:find("'", 1, true) and not text:find('"', 1, true)) and '"' or "'"
-  local parts = {byte(text, 1, -1)}
-  for index, value in ipairs(parts) do
-    if REPR_ESCAPES[value] then
-      parts[index] = REPR_ESCAPES[value]
-    elseif value == byte(quote) then
-      parts[index] = "\\" .. quote
-    elseif value < 32 or value >= 127 then
-      parts[index] = format("\\x%02x", value)
-    else
-      parts[index] = string.char(value)
-    end
-  end
-  return "b" .. quote .. concat(parts) .. quote
 end
 
 -- Where each field of a payload kind lies, up to its first field of variable size: kind -> short name -> offset.
@@ -724,8 +707,8 @@ local function gpu_dmabuf(raw, base, at)
   emit(" " .. gpu_rect(raw, base, at))
   local fourcc = base + at.fd_drm_fourcc
   emit(format(" fd=%dx%d stride=%d fourcc=%s flags=0x%x", u32(raw, base + at.fd_width),
-              u32(raw, base + at.fd_height), u32(raw, base + at.fd_stride), bytes_repr(raw:sub(fourcc + 1, fourcc + 4)),
-              u32(raw, base + at.fd_flags)))
+              u32(raw, base + at.fd_height), u32(raw, base + at.fd_stride),
+              python_repr(raw:sub(fourcc + 1, fourcc + 4)), u32(raw, base + at.fd_flags)))
   if at.modifier then emit(" modifier=" .. hex(uint(raw, base + at.modifier, 8))) end
 end
 local GPU_SUMMARIES = {
