@@ -35,7 +35,7 @@ from ..protocol.grammar import (
     decode,
 )
 from ..replay.fresh import DEAD_EVENTFD, PAGE, SHORT_MEMFD
-from ..replay.recording import load_exchanges
+from ..replay.recording import first_connection, load_exchanges
 
 F = cat.FrontendRequest
 # Sent last in every case: it always gets a reply, and a back-end answers in order, so its reply says that every
@@ -165,10 +165,7 @@ class Seed:
 def load_seed(path: str, records: list[Record], connection: int | None = None) -> Seed:
     """The front-end requests of one connection of a capture (the first by default). Raises ValueError, naming
     what is missing, for a capture with no front-end request."""
-    main = [record for record in records if record.kind == RecordKind.MESSAGE and record.channel == Channel.MAIN]
-    if not main:
-        raise ValueError("the capture holds no main-channel message")
-    connection = main[0].connection if connection is None else connection
+    connection = first_connection(records) if connection is None else connection
     tracker = ContextTracker()
     requests: list[Record] = []
     messages: list[Message] = []

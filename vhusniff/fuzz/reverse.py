@@ -33,7 +33,7 @@ from ..protocol import catalogue as cat
 from ..protocol.context import ContextTracker
 from ..replay.backend import serve_front_end
 from ..replay.driver import Recorder
-from ..replay.recording import load_backend_requests, load_exchanges
+from ..replay.recording import first_connection, load_backend_requests, load_exchanges
 from .campaign import Campaign
 from .mutate import Mutation, Mutator, Seed, apply_all
 from .target import EXIT_WAIT, Execution, Target, TargetError
@@ -42,10 +42,7 @@ from .target import EXIT_WAIT, Execution, Target, TargetError
 def load_backend_seed(path: str, records: list[Record], connection: int | None = None) -> tuple[Seed, list[Record]]:
     """The back-end's messages of one connection, to mutate (as a Seed whose `requests` are those messages),
     and the connection's records, which a case is made from."""
-    main = [record for record in records if record.kind == RecordKind.MESSAGE and record.channel == Channel.MAIN]
-    if not main:
-        raise ValueError("the capture holds no main-channel message")
-    connection = main[0].connection if connection is None else connection
+    connection = first_connection(records) if connection is None else connection
     own = [record for record in records if record.connection == connection]
     tracker = ContextTracker()
     mutable, messages = [], []

@@ -42,6 +42,15 @@ def _flags(data: bytes) -> int:
     return struct.unpack_from("<I", data, 4)[0] if len(data) >= 8 else 0
 
 
+def first_connection(records: list[Record]) -> int:
+    """The connection of a capture's first main-channel message: the one replay and the fuzzer take when none is
+    named. Raises ValueError when the capture holds no main-channel message."""
+    for record in records:
+        if record.kind == RecordKind.MESSAGE and record.channel == Channel.MAIN:
+            return record.connection
+    raise ValueError("the capture holds no main-channel message")
+
+
 def load_exchanges(records: list[Record], connection: int | None) -> tuple[int, list[Exchange]]:
     """The main-channel request/reply pairs of one connection (the first one with messages by default).
 
@@ -50,9 +59,7 @@ def load_exchanges(records: list[Record], connection: int | None) -> tuple[int, 
     request, the reply to send or expect."""
     numbered = [(n, r) for n, r in enumerate(records, 1) if r.kind == RecordKind.MESSAGE and r.channel == Channel.MAIN]
     if connection is None:
-        if not numbered:
-            raise ValueError("the capture holds no main-channel message")
-        connection = numbered[0][1].connection
+        connection = first_connection(records)
     exchanges: list[Exchange] = []
     waiting: list[Exchange] = []
     for number, record in numbered:
