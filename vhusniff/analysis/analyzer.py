@@ -304,12 +304,12 @@ class Analyzer:
                 if conn.state.ended:
                     # Requests after the end (traffic-after-disconnect) that still wait were not answered either.
                     for transaction in conn.outstanding():
-                        self._unanswered(conn, transaction)
+                        self._unanswered(transaction)
                     continue
                 self._idle(conn, end_ns, None, "when the capture ended")
                 for transaction in conn.outstanding():
                     transaction.outcome = "outstanding at end"
-                    self._unanswered(conn, transaction)
+                    self._unanswered(transaction)
                     self._add("capture-ended-with-request-outstanding", transaction.connection,
                               (transaction.request_number,), f"{transaction.name} still waits for its "
                                                              f"{transaction.expect}")
@@ -351,7 +351,7 @@ class Analyzer:
             queue = conn.waiting[channel] = []
         elif queue:
             # One request at a time per channel: a new request means the peer gave up on the old one's reply.
-            self._drop_waiting(conn, queue, number, "missing-reply")
+            self._drop_waiting(queue, number, "missing-reply")
         expect = header.expect
         if expect is None:
             state = conn.state
@@ -419,13 +419,13 @@ class Analyzer:
             self._add("config-reply-error", record.connection, (number, transaction.request_number),
                       f"GET_CONFIG reply size {message.size}, request size {transaction.request_size}")
 
-    def _drop_waiting(self, conn: ConnectionAnalysis, queue: list[Transaction], number: int, check: str) -> None:
+    def _drop_waiting(self, queue: list[Transaction], number: int, check: str) -> None:
         for transaction in queue:
             if transaction.expect == Expect.MAYBE:
                 transaction.outcome = "no reply"
                 continue
             transaction.outcome = "missing"
-            self._unanswered(conn, transaction)
+            self._unanswered(transaction)
             self._add(check, transaction.connection, (transaction.request_number, number),
                       f"{transaction.name} got no {transaction.expect}; next request at #{number}")
         queue.clear()
@@ -441,7 +441,7 @@ class Analyzer:
         self._idle(conn, record.timestamp_ns, number, "when it ended")
         for transaction in conn.outstanding():
             transaction.outcome = "outstanding at disconnect"
-            self._unanswered(conn, transaction)
+            self._unanswered(transaction)
             self._add("disconnect-with-request-outstanding", record.connection,
                       (transaction.request_number, number),
                       f"{state.ended_note.split(';')[0]} while {self._waiter(transaction)} waited for the "
@@ -451,9 +451,10 @@ class Analyzer:
             queue.clear()
 
     @staticmethod
-    def _unanswered(conn: ConnectionAnalysis, transaction: Transaction) -> None:
-        """A required reply that never came, for the service response time table."""
-        conn.responses[(transaction.channel, transaction.request, transaction.name)].unanswered += 1
+    def _unanswered(transaction: Transaction) -> None:
+        """A required reply that never came, counted in its entry of the service response time table."""
+        assert transaction.times is not None            # every transaction that waits has its entry
+        transaction.times.unanswered += 1
 
     def _idle(self, conn: ConnectionAnalysis, end_ns: int, end_number: int | None, when: str) -> None:
         """idle-connection: open at least idle_ns, from its first record to `end_ns`, without one message."""
