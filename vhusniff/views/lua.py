@@ -1049,13 +1049,13 @@ local function reply_tells_device(request, kind, raw, body)
   return nil
 end
 
-local function observe(pinfo, request, is_reply, kind, raw, body)
-  -- After the frame: the requests of CONTEXT_RULES change how later frames of the connection decode.
+local function observe(request, is_reply, kind, raw, body, told)
+  -- After the frame: the requests of CONTEXT_RULES change how later frames of the connection decode, and so does
+  -- the device type a reply told (`told`, from reply_tells_device while the connection's type was unknown).
   if frame_visited or record.channel ~= C.CHANNEL_MAIN or kind == nil then return end
   local connection = record.connection
   if is_reply then
-    local device = state.device[connection] == nil and reply_tells_device(request, kind, raw, body) or nil
-    if device then set_context(connection, state.context[connection] or 1, device) end
+    if told then set_context(connection, state.context[connection] or 1, told) end
     return
   end
   local rule = CONTEXT_RULES[request]
@@ -1172,8 +1172,10 @@ local function dissect_message(tvb, raw, pinfo, tree, start)
       end
     end
   end
+  local told = nil
   if is_reply and device == nil and kind ~= nil and channel == C.CHANNEL_MAIN then
-    device = reply_tells_device(request, kind, raw, body)
+    told = reply_tells_device(request, kind, raw, body)
+    device = told
   end
   local feature_names = FEATURE_NAMES[device or ""] or FEATURE_NAMES[""]
   local config_device = kind == "config" and channel == C.CHANNEL_MAIN and device
@@ -1192,7 +1194,7 @@ local function dissect_message(tvb, raw, pinfo, tree, start)
     if size ~= 0 then emit(format(" payload=%dB", body_length)) end
   end
   link(pinfo, tree, request, is_reply)
-  observe(pinfo, request, is_reply, kind, raw, body)
+  observe(request, is_reply, kind, raw, body, told)
 end
 
 -- A RING event's data (`--rings`): the sample's fields under a subtree, the requests in flight one line each.
