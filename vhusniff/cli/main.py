@@ -6,6 +6,7 @@ import collections
 import json
 import os
 import sys
+from collections.abc import Iterator
 from typing import TextIO
 
 from ..analysis.analyzer import Analyzer
@@ -172,14 +173,12 @@ def command_read(args) -> int:
     show_bar = not (args.quiet or out.isatty()) and len(args.file) == 1
     path = args.file[0]
     with reading(path) as outcome, capture_progress(path, show_bar) as progress:
-        if len(args.file) > 1:       # several captures, merged by time: the general path numbers connections
-            records = general_messages(args.file, tracker)
-        else:
-            records = general_messages(path, tracker, source=progress.source)
+        records: Iterator[tuple] = iter(())
         if args.T == "text" and not expert and len(args.file) == 1:      # text without findings: the fast path
             _shown, hidden_events = fast_lines(path, tracker, out, colour, args.follow, args.count,
                                                progress.source, display_filter, args.verbose, args.hex)
-            records = iter(())
+        else:       # several captures are merged by time: the general path numbers connections
+            records = general_messages(args.file, tracker, source=progress.source)
         for number, relative, record, message in records:
             if expert:
                 expert.feed(number, record, message)
