@@ -323,16 +323,14 @@ def request_table(channel: Channel):
     return _REQUEST_TABLES.get(channel, {})
 
 
-_GPU_REPLIED = cat.HEADER_RULES[Channel.GPU].replied or frozenset()
+# channel -> the only requests that can be replies on it (HEADER_RULES' replied); on another channel, any request
+_REPLIED = {channel: rule.replied for channel, rule in cat.HEADER_RULES.items() if rule.replied is not None}
 
 
 def is_reply_flag(channel: Channel, request: int, flags: int) -> bool:
     """Whether a message with these header fields is a reply: its REPLY bit, on a channel where only some requests
     are answered (the GPU socket) only for those."""
-    if not flags & cat.FLAG_REPLY:
-        return False
-    rule = cat.HEADER_RULES.get(channel)
-    return rule is None or rule.replied is None or request in rule.replied
+    return bool(flags & cat.FLAG_REPLY) and (channel not in _REPLIED or request in _REPLIED[channel])
 
 
 # SET_DEVICE_STATE_FD's pipe carries the back-end's opaque migration stream, not vhost-user messages.
@@ -405,8 +403,9 @@ class Message:
         self.payload: Any = payload
         self.problems = problems
         self.context = context
-        # the REPLY bit, except on the GPU socket for a request nothing answers (there it is uninitialised memory)
-        self.is_reply = bool(flags & cat.FLAG_REPLY) and (channel != Channel.GPU or request in _GPU_REPLIED)
+        # the REPLY bit, except on the GPU socket for a request nothing answers (there it is uninitialised memory):
+        # is_reply_flag, inline
+        self.is_reply = bool(flags & cat.FLAG_REPLY) and (channel not in _REPLIED or request in _REPLIED[channel])
 
     @property
     def need_reply(self) -> bool:
