@@ -1262,13 +1262,11 @@ class Proxy:
         timestamp = time.time_ns() if now is None else now
         watch = conn.rings
         for sample in samples:
-            record = Record(timestamp, conn.number, Channel.MAIN, Direction.FRONTEND_TO_BACKEND, sample.pack(), [],
-                            RecordKind.EVENT, sample.note(), EventKind.RING)
-            if self._writer is not None:
-                self._writer.write(record)
             # The live display shows a periodic sample only when the ring moved: an idle ring is one line, not five
             # a second. The capture keeps them all.
-            self._observe(record, show=sample.reason != Reason.PERIODIC or watch is None or watch.news(sample))
+            self._emit(Record(timestamp, conn.number, Channel.MAIN, Direction.FRONTEND_TO_BACKEND, sample.pack(), [],
+                              RecordKind.EVENT, sample.note(), EventKind.RING),
+                       show=sample.reason != Reason.PERIODIC or watch is None or watch.news(sample))
 
     def _ring_tick(self, conn: _Connection) -> None:
         if conn.closed or conn.rings is None or self._stopping:
@@ -1336,10 +1334,10 @@ class Proxy:
 
     # ---- records, events, display ----
 
-    def _emit(self, record: Record) -> None:
+    def _emit(self, record: Record, show: bool = True) -> None:
         if self._writer is not None:
             self._writer.write(record)
-        self._observe(record)
+        self._observe(record, show)
 
     def _observe(self, record: Record, show: bool = True) -> None:
         if self.keep_records:
