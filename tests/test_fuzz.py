@@ -34,7 +34,7 @@ from vhusniff.fuzz.mutate import (
     integer_fields,
     load_seed,
 )
-from vhusniff.fuzz.reverse import BackendMutator, ConnectingTarget, load_backend_seed
+from vhusniff.fuzz.reverse import BackendMutator, ConnectingTarget, load_backend_seed, mutated_recording
 from vhusniff.fuzz.reverse import serve as serve_as_backend
 from vhusniff.fuzz.target import EXIT_WAIT, Target, execute
 from vhusniff.fuzz.triage import ddmin, report_head
@@ -472,14 +472,13 @@ def served_on_the_wire(backend_seed, lie: Mutation, workdir: Path, timeout: floa
     it receives: (the execution, the bytes it received)."""
     seed, recording = backend_seed
     received = workdir / "received.bin"
-    changed = dict(zip(map(id, seed.requests), apply_all(seed.requests, [lie]), strict=True))
-    records = [changed.get(id(record), record) for record in recording]
+    records = mutated_recording(seed, recording, [lie])
     target = ConnectingTarget(f"{PLANTED_FRONTEND} {received}", workdir)
     try:
         execution = serve_as_backend(records, target, seed.device, timeout)
     finally:
         target.stop()
-    return execution, received.read_bytes(), changed[id(seed.requests[lie.index])].data
+    return execution, received.read_bytes(), apply_all(seed.requests, [lie])[lie.index].data
 
 
 def reply_to(seed, name: str) -> int:

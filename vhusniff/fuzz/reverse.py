@@ -65,6 +65,13 @@ def load_backend_seed(path: str, records: list[Record], connection: int | None =
     return seed, own
 
 
+def mutated_recording(seed: Seed, recording: list[Record], mutations: list[Mutation]) -> list[Record]:
+    """The seed's recording with its back-end messages (the seed's `requests`) changed by `mutations`."""
+    mutated = apply_all(seed.requests, mutations)
+    changed = {id(original): new for original, new in zip(seed.requests, mutated, strict=True) if new is not original}
+    return [changed.get(id(record), record) for record in recording]
+
+
 class BackendMutator(Mutator):
     """The back-end's messages keep their request numbers (a reply stays paired with its request); header lies
     include a reply without the REPLY bit, a back-end-channel request with it, and a size beyond the payload
@@ -223,10 +230,8 @@ class BackendCampaign(Campaign):
 
     def records_for(self, mutations: list[Mutation], keep: int) -> list[Record]:
         """The seed recording with its back-end messages changed (`keep` of them changed at most)."""
-        mutated = apply_all(self.seed.requests, [mutation for mutation in mutations if mutation.index < keep])
-        changed = {id(original): new for original, new in zip(self.seed.requests, mutated, strict=True)
-                   if new is not original}
-        return [changed.get(id(record), record) for record in self.recording]
+        changed = [mutation for mutation in mutations if mutation.index < keep]
+        return mutated_recording(self.seed, self.recording, changed)
 
     def last_of(self, mutations: list[Mutation], keep: int) -> str:
         indexes = [mutation.index for mutation in mutations if mutation.index < keep]
