@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import struct
 
+from test_capture import block_offsets_of
 from test_dissector import grammar_records
 
 from vhusniff.analysis.diff import DiffStream
 from vhusniff.capture import scan
-from vhusniff.capture.pcapng import CaptureWriter, read_capture
+from vhusniff.capture.pcapng import BLOCK_EPB, CaptureWriter, read_capture
 from vhusniff.model import Channel, Direction, EventKind, FdInfo, Record, RecordKind
 from vhusniff.protocol import catalogue as cat
 from vhusniff.protocol.context import ContextTracker
@@ -72,32 +73,29 @@ def test_scanner_makes_every_kind_of_record_as_read_capture_does(tmp_path, monke
              for r in records]
 
 
+def _until_error(records) -> tuple[list[Record], Exception | None]:
+    """What a reader yields, and the error that ended it (None when it read to the end)."""
+    got: list[Record] = []
+    try:
+        for record in records:
+            got.append(record)
+    except Exception as caught:      # noqa: BLE001 -- the one read_capture raises, compared by the caller
+        return got, caught
+    return got, None
+
+
 def test_scanner_hands_a_damaged_plain_block_to_read_capture(tmp_path):
     """A plain message block whose trailing length is wrong: the records before it, then read_capture's error."""
     records = grammar_records()[:20]
     path = _written(tmp_path, records, "")
     data = bytearray(open(path, "rb").read())
-    blocks, position = [], 0
-    while position < len(data):
-        block_type, total = struct.unpack_from("<II", data, position)
-        blocks.append((block_type, position, total))
-        position += total
-    _type, start, total = [block for block in blocks if block[0] == 6][10]
+    start = [offset for offset, block_type in block_offsets_of(data) if block_type == BLOCK_EPB][10]
+    total = struct.unpack_from("<I", data, start + 4)[0]
     struct.pack_into("<I", data, start + total - 4, total + 4)
     damaged = tmp_path / "damaged.pcapng"
     damaged.write_bytes(bytes(data))
-    got, error = [], None
-    try:
-        for record in scan.scan_records(lambda: str(damaged)):
-            got.append(record)
-    except Exception as caught:      # noqa: BLE001 -- the one read_capture raises, compared below
-        error = caught
-    expected, expected_error = [], None
-    try:
-        for record in read_capture(str(damaged)):
-            expected.append(record)
-    except Exception as caught:      # noqa: BLE001
-        expected_error = caught
+    got, error = _until_error(scan.scan_records(lambda: str(damaged)))
+    expected, expected_error = _until_error(read_capture(str(damaged)))
     assert got == expected == records[:10]
     assert error is not None and str(error) == str(expected_error)
 
