@@ -2,12 +2,13 @@
 over a stated type; and how it was decided, where a person reads it."""
 from __future__ import annotations
 
-import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,6 +22,7 @@ from vhusniff.protocol.context import ContextTracker, device_from_offered_featur
 from vhusniff.protocol.grammar import build_message
 from vhusniff.proxy import Proxy, Route
 from vhusniff.replay.recording import device_type as replay_device_type
+from vhusniff.replay.recording import request_number
 
 REPO = Path(__file__).resolve().parent.parent
 BLK = REPO / "captures" / "qemu-blk-boot.pcapng"
@@ -50,8 +52,7 @@ def _fed(records: list[Record], device: str | None = None) -> tuple[ContextTrack
 
 
 def test_the_blk_capture_without_its_device_event_infers_blk_from_the_whole_config_window():
-    records = [replace(r, device="") for r in read_capture(BLK) if r.event != EventKind.DEVICE]
-    tracker, state = _fed(records)
+    tracker, state = _fed(_without_device(BLK))
     assert tracker.context_for(1).device_type == "blk"
     assert state.negotiation_lines()[0] == "device: blk (inferred from GET_CONFIG size 57)"
     assert "SEG_MAX" in state.negotiation_lines()[2]        # acked features named as blk's
@@ -133,7 +134,7 @@ def test_real_sessions_whose_offered_bits_two_types_define_infer_nothing_from_th
     C virtiofsd offers no device bit at all: no guess from the features."""
     records = _without_device(REPO / "captures" / name)
     offers = [r for r in records if r.kind == RecordKind.MESSAGE and r.direction == B2F and
-              r.data[:4] == struct.pack("<I", F.GET_FEATURES)]
+              request_number(r.data) == F.GET_FEATURES]
     assert offers
     assert all(infer_device_type(Channel.MAIN, r.data) is None for r in offers)
     tracker, state = _fed(records)
@@ -170,29 +171,51 @@ def test_a_stated_type_is_never_overridden_by_offered_feature_bits():
     assert state.negotiation_lines()[0] == "device: blk (stated by --device)"
 
 
+def _through_a_proxy_without_device(tmp_path: Path, start_backend: Callable[[Path, Path], Any],
+                                    frontend: Callable[[Path], Any], done: Callable[[Proxy], bool]) -> tuple[Path, Any]:
+    """(capture, what `frontend` returned) of a proxy with no --device between a lab back-end, started by
+    start_backend(tmp_path, its socket), and `frontend(the proxy's socket)`, run until `done(proxy)`."""
+    backend_socket, proxy_socket, capture = tmp_path / "backend.sock", tmp_path / "proxy.sock", tmp_path / "c.pcapng"
+    with start_backend(tmp_path, backend_socket):
+        proxy = Proxy([Route.forward(proxy_socket, backend_socket, None)], capture=capture,
+                      report=lambda text: None).start()
+        try:
+            result = frontend(proxy_socket)
+            assert proxy.wait_until(done, 30)
+        finally:
+            proxy.stop()
+    return capture, result
+
+
+def _device_events(records: list[Record]) -> list[int]:
+    """The indexes of the DEVICE events."""
+    return [n for n, r in enumerate(records) if r.kind == RecordKind.EVENT and r.event == EventKind.DEVICE]
+
+
+def _message_number(records: list[Record], index: int) -> int:
+    """The number of the message at `index`, as a proxy counts messages (from 1)."""
+    return sum(r.kind == RecordKind.MESSAGE for r in records[:index + 1])
+
+
 def test_a_proxy_without_device_between_dpdk_virtio_user_and_testpmd_records_net_from_the_feature_bits(tmp_path):
     """No --device: the live proxy decides net from testpmd's GET_FEATURES reply, records how, and the capture
     reads with net's bit names; it is the same decision reading gives without the DEVICE event."""
     require("dpdk-testpmd")
-    backend_socket, proxy_socket, capture = tmp_path / "backend.sock", tmp_path / "proxy.sock", tmp_path / "c.pcapng"
-    with lab.start_testpmd(tmp_path, backend_socket):
-        proxy = Proxy([Route.forward(proxy_socket, backend_socket, None)], capture=capture,
-                      report=lambda text: None).start()
-        try:
-            frontend = lab.start_testpmd_frontend(tmp_path, proxy_socket)
-            assert frontend.stop() == 0, frontend.log_tail()
-            assert proxy.wait_until(lambda p: p.connections_total == 1 and p.active_connections == 0, 30)
-        finally:
-            proxy.stop()
+
+    def frontend(proxy_socket: Path) -> None:
+        run = lab.start_testpmd_frontend(tmp_path, proxy_socket)
+        assert run.stop() == 0, run.log_tail()
+    capture, _ = _through_a_proxy_without_device(tmp_path, lab.start_testpmd, frontend,
+                                                 lambda p: p.connections_total == 1 and p.active_connections == 0)
     records = list(read_capture(capture))
-    devices = [n for n, r in enumerate(records) if r.kind == RecordKind.EVENT and r.event == EventKind.DEVICE]
+    devices = _device_events(records)
     assert [records[n].note for n in devices] == ["net"]
     offer = next(n for n, r in enumerate(records) if r.kind == RecordKind.MESSAGE and r.direction == B2F and
-                 r.data[:4] == struct.pack("<I", F.GET_FEATURES))
-    number = len([r for r in records[:offer + 1] if r.kind == RecordKind.MESSAGE])     # messages from 1
+                 request_number(r.data) == F.GET_FEATURES)
+    number = _message_number(records, offer)
     assert records[devices[0] - 1].note == f"device type net inferred from {NET_BY_BITS} (message #{number})"
-    assert devices[0] > offer and all(not (r.kind == RecordKind.MESSAGE and r.data[:4] == struct.pack(
-        "<I", F.SET_FEATURES)) for r in records[:devices[0]])
+    assert devices[0] > offer and all(not (r.kind == RecordKind.MESSAGE and request_number(r.data) == F.SET_FEATURES)
+                                      for r in records[:devices[0]])
     _, state = _fed(records)
     assert state.negotiation_lines()[0] == "device: net (stated by the capture)"
     assert "MRG_RXBUF" in state.negotiation_lines()[2]
@@ -255,29 +278,25 @@ def test_one_message_inference_agrees_with_the_context_tracker():
 
 def test_a_proxy_without_device_records_the_type_a_real_qemu_boot_tells_and_how(kit, tmp_path):
     require("qemu-storage-daemon")
-    backend_socket, proxy_socket, capture = tmp_path / "backend.sock", tmp_path / "proxy.sock", tmp_path / "c.pcapng"
-    with lab.start_storage_daemon(tmp_path, backend_socket):
-        proxy = Proxy([Route.forward(proxy_socket, backend_socket, None)], capture=capture,
-                      report=lambda text: None).start()
-        try:
-            with lab.start_qemu(tmp_path, kit, proxy_socket, device="blk") as guest:
-                result = guest.wait(180)
-            assert proxy.wait_until(lambda p: p.connections_total > 0 and p.active_connections == 0, 30)
-        finally:
-            proxy.stop()
+
+    def frontend(proxy_socket: Path):
+        with lab.start_qemu(tmp_path, kit, proxy_socket, device="blk") as guest:
+            return guest.wait(180)
+    capture, result = _through_a_proxy_without_device(
+        tmp_path, lab.start_storage_daemon, frontend, lambda p: p.connections_total > 0 and p.active_connections == 0)
     assert result.blk_io_ok, result.console
     records = list(read_capture(capture))
-    devices = [n for n, r in enumerate(records) if r.kind == RecordKind.EVENT and r.event == EventKind.DEVICE]
+    devices = _device_events(records)
     assert [records[n].note for n in devices] == ["blk"]
     how = records[devices[0] - 1].note
     config = [n for n, r in enumerate(records[:devices[0]]) if r.kind == RecordKind.MESSAGE and
-              r.data[:4] == struct.pack("<I", F.GET_CONFIG) and r.direction == B2F]
+              request_number(r.data) == F.GET_CONFIG and r.direction == B2F]
     assert config
-    number = len([r for r in records[:config[-1] + 1] if r.kind == RecordKind.MESSAGE])   # messages from 1
+    number = _message_number(records, config[-1])
     assert how == f"device type blk inferred from GET_CONFIG size 57 (message #{number})"   # QEMU 7.2 reads 57
     # every SET_FEATURES comes after the DEVICE event, and reads with blk's bit names
-    features = [n for n, r in enumerate(records) if r.kind == RecordKind.MESSAGE and r.data[:4] == struct.pack(
-        "<I", F.SET_FEATURES)]
+    features = [n for n, r in enumerate(records) if r.kind == RecordKind.MESSAGE and
+                request_number(r.data) == F.SET_FEATURES]
     assert features and min(features) > devices[0]
     tracker = ContextTracker()
     summaries = [m.summary() for m in map(tracker.decode, records) if m is not None and m.request == F.SET_FEATURES]
