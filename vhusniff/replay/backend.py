@@ -270,7 +270,6 @@ class ScriptedBackend:
         self.to_play = {Channel.BACKEND: deque(backend_requests), Channel.GPU: deque(gpu_requests)}
         self.side_requests = {channel: BackendRequests(driver, self.fresh, self.result, recorder, out, reply_timeout,
                                                        channel) for channel in SIDE_CHANNELS}
-        self.requests = self.side_requests[Channel.BACKEND]
         self.kicks = RingKicks(driver, recorder)
         self.held: list[int] = []            # other sockets the front-end passed: closed at the end
         self.cursor = 0
