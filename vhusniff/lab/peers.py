@@ -972,17 +972,11 @@ def start_testpmd(workdir: Path | str, socket_path: Path | str, client_mode: boo
     instances; a unique one is made up when omitted.
     """
     workdir, socket_path = Path(workdir), Path(socket_path)
-    prefix = prefix or f"vhusniff-{os.getpid()}-{next(_testpmd_instances)}"
-    name = name or f"testpmd-{prefix}"
-    vdev = f"net_vhost0,iface={socket_path},queues={int(queues)}" + (",client=1" if client_mode else "")
-    # Line-buffered: in client mode "Press enter to exit" would otherwise wait in stdio's buffer until it exits.
-    command = ["stdbuf", "-oL", "dpdk-testpmd", "--no-huge", "-m", "1024", "--no-pci", "--file-prefix", prefix,
-               TESTPMD_MESSAGE_LOG, "--vdev", vdev, "--", "--total-num-mbufs=4096",
-               f"--rxq={int(queues)}", f"--txq={int(queues)}"]
     if not client_mode:
         _remove_stale_socket(socket_path)
-    proc, log_path = _spawn(command, workdir, name, cpu, stdin=subprocess.PIPE)
-    testpmd = Testpmd(name, proc, log_path, socket_path, prefix)
+    vdev = f"net_vhost0,iface={socket_path},queues={int(queues)}" + (",client=1" if client_mode else "")
+    testpmd = _spawn_testpmd(workdir, socket_path, vdev, queues, prefix, name, "testpmd", cpu,
+                             eal_args=(TESTPMD_MESSAGE_LOG,))
     if client_mode:
         testpmd.wait_for_log("Press enter to exit", timeout)
     else:
@@ -1000,17 +994,25 @@ def start_testpmd_frontend(workdir: Path | str, socket_path: Path | str, queues:
     `vdev_options`: more virtio-user options (",packed_vq=1" for packed rings); `testpmd_args`: more of testpmd's
     own (a forwarding mode, --tx-first)."""
     workdir, socket_path = Path(workdir), Path(socket_path)
-    prefix = prefix or f"vhusniff-{os.getpid()}-{next(_testpmd_instances)}"
-    name = name or f"testpmd-frontend-{prefix}"
-    # Line-buffered: "Press enter to exit" would otherwise wait in testpmd's stdio buffer until it exits.
-    command = ["stdbuf", "-oL", "dpdk-testpmd", "--no-huge", "-m", "1024", "--no-pci", "--single-file-segments",
-               "--file-prefix", prefix, "--vdev",
-               f"net_virtio_user0,path={socket_path},queues={int(queues)}{vdev_options}",
-               "--", "--total-num-mbufs=4096", f"--rxq={int(queues)}", f"--txq={int(queues)}", *testpmd_args]
-    proc, log_path = _spawn(command, workdir, name, cpu, stdin=subprocess.PIPE)
-    frontend = Testpmd(name, proc, log_path, socket_path, prefix)
+    vdev = f"net_virtio_user0,path={socket_path},queues={int(queues)}{vdev_options}"
+    frontend = _spawn_testpmd(workdir, socket_path, vdev, queues, prefix, name, "testpmd-frontend", cpu,
+                              eal_args=("--single-file-segments",), testpmd_args=testpmd_args)
     frontend.wait_for_log("Press enter to exit", timeout)
     return frontend
+
+
+def _spawn_testpmd(workdir: Path, socket_path: Path, vdev: str, queues: int, prefix: str | None, name: str | None,
+                   stem: str, cpu: Cpus, eal_args: tuple[str, ...] = (), testpmd_args: tuple[str, ...] = ()) -> Testpmd:
+    """dpdk-testpmd with `vdev` and `queues` queue pairs, its input piped; not waited for. Without `prefix` a
+    unique one is made up; without `name` it is `stem`-prefix."""
+    prefix = prefix or f"vhusniff-{os.getpid()}-{next(_testpmd_instances)}"
+    name = name or f"{stem}-{prefix}"
+    # Line-buffered: "Press enter to exit" would otherwise wait in testpmd's stdio buffer until it exits.
+    command = ["stdbuf", "-oL", "dpdk-testpmd", "--no-huge", "-m", "1024", "--no-pci", "--file-prefix", prefix,
+               *eal_args, "--vdev", vdev, "--", "--total-num-mbufs=4096",
+               f"--rxq={int(queues)}", f"--txq={int(queues)}", *testpmd_args]
+    proc, log_path = _spawn(command, workdir, name, cpu, stdin=subprocess.PIPE)
+    return Testpmd(name, proc, log_path, socket_path, prefix)
 
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
