@@ -3,8 +3,10 @@ to `vhusniff read`) reads as the separate connections it holds."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -34,6 +36,7 @@ def _session(writer: CaptureWriter, start_ns: int, connections=(1,)) -> None:
 
 
 SOURCE_A = "host=host-a pid=7 start=2026-01-01T00:00:00Z"
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _two_hosts(tmp_path, named: bool = True):
@@ -239,9 +242,7 @@ SHIPPED_MERGED = "merged-blk-and-net.pcapng"     # two lab runs at once, through
 def test_each_shipped_capture_carries_the_tags_of_its_sources():
     """The captures recorded before the tag carry 0 and read as before; the shipped mergecap holds two sources,
     each record tagged with its own source's tag."""
-    import glob
-    import os
-    paths = glob.glob(os.path.join(os.path.dirname(os.path.dirname(__file__)), "captures", "*.pcapng"))
+    paths = [str(path) for path in (REPO / "captures").glob("*.pcapng")]
     assert any(path.endswith(SHIPPED_MERGED) for path in paths)
     for path in paths:
         records = list(read_capture(path))
@@ -256,13 +257,10 @@ def test_plain_tshark_reads_the_shipped_mergecap_as_read_does(capsys):
     """A real blk boot (QEMU 7.2) and a real net boot (QEMU 10, dpdk-testpmd) captured at the same time by two
     proxies and merged: their interleaved connections 1 read as c1 and c2 in plain tshark, as in `vhusniff read`,
     and neither finds a clash or any other finding."""
-    import os
     require("tshark")
-    merged = os.path.join(os.path.dirname(os.path.dirname(__file__)), "captures", SHIPPED_MERGED)
-    read_lines = {int(line.split()[0]): " ".join(line.split()[2:])
-                  for line in _run(["read", merged], capsys).splitlines()}
+    merged = str(REPO / "captures" / SHIPPED_MERGED)
     shown = _tshark_lines(merged)
-    assert shown == read_lines
+    assert shown == _read_lines(merged, capsys)
     order = [line.split()[0].split("/")[0] for _number, line in sorted(shown.items())]
     assert set(order) == {"c1", "c2"}
     assert sum(a != b for a, b in zip(order, order[1:], strict=False)) > 1, "the two sessions interleave"
@@ -321,10 +319,14 @@ def test_scapy_alone_keys_a_merged_capture_by_source_tag_and_number(tmp_path):
     assert rebuilt.source_tag == source_tag(SOURCE_A)
 
 
+def _read_lines(path, capsys) -> dict[int, str]:
+    """Record number -> `vhusniff read`'s line after its number and time, as _tshark_lines has it."""
+    return {int(line.split()[0]): " ".join(line.split()[2:]) for line in _run(["read", str(path)], capsys).splitlines()}
+
+
 def _tshark_lines(path, sources: bool = False) -> dict[int, str]:
     """Frame number -> plain tshark's Info column with the dissector (no tree, no field extractor)."""
-    import os
-    dissector = os.path.join(os.path.dirname(os.path.dirname(__file__)), "dissectors", "vhost_user.lua")
+    dissector = REPO / "dissectors" / "vhost_user.lua"
     result = subprocess.run(["tshark", "-X", f"lua_script:{dissector}", "-r", str(path),
                              "-o", 'gui.column.format:"No.","%m","Info","%i"'], capture_output=True, text=True,
                             errors="replace", timeout=120,
@@ -338,10 +340,8 @@ def test_plain_tshark_reads_a_mergecap_of_two_real_lab_captures_as_read_does(two
     tag, numbered as `vhusniff read` numbers them, and finds no clash; each capture alone keeps its number."""
     require("tshark")
     merged = _mergecap(tmp_path, two_lab_captures)
-    read_lines = {int(line.split()[0]): " ".join(line.split()[2:])
-                  for line in _run(["read", str(merged)], capsys).splitlines()}
     shown = _tshark_lines(merged)
-    assert shown == read_lines
+    assert shown == _read_lines(merged, capsys)
     assert {line.split()[0].split("/")[0] for line in shown.values()} == {"c1", "c2"}     # main and back-end channel
     assert not any("connects while open" in line for line in shown.values())
     assert _tshark_lines(merged, sources=True) == shown      # as the Wireshark GUI keys them, by the interface
