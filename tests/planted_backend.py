@@ -50,8 +50,8 @@ class Connection:
         self.tracker = ContextTracker("blk")
         self.running: set[int] = set()
 
-    def handle(self, frame: Frame) -> bool:
-        """Answer one message; False ends the connection."""
+    def handle(self, frame: Frame) -> None:
+        """Answer one message."""
         record = Record(0, 1, Channel.MAIN, Direction.FRONTEND_TO_BACKEND, frame.data)
         message = self.tracker.decode_message(record)
         try:
@@ -62,7 +62,6 @@ class Connection:
                 os.close(fd)
         if reply is not None:
             send_message(self.client, reply, [])
-        return True
 
     def check(self, message: Message, fds: list[int]) -> None:
         if message.kind is None:
