@@ -90,6 +90,16 @@ def split_ring():
     ring.close()
 
 
+def packed_watch(ring: SplitRing, device: str | None = None) -> RingWatch:
+    """A watch that has seen RING_PACKED negotiated and `ring`'s memory laid out as a packed ring's set up."""
+    watch = RingWatch(device=device)
+    features = build_message(Channel.MAIN, 2, dict(features=1 << 34 | 1 << 32))        # RING_PACKED, VERSION_1
+    watch.observe(Channel.MAIN, Direction.FRONTEND_TO_BACKEND, features, [])
+    for data, fds in ring.messages():
+        watch.observe(Channel.MAIN, Direction.FRONTEND_TO_BACKEND, data, fds)
+    return watch
+
+
 def test_sample_round_trips_and_bad_data_is_named():
     sample = RingSample(3, Reason.STOPPED, SampleFlag.MAPPED | SampleFlag.STOPPED, 70, 65, num=256, in_flight=5,
                         base=70, kicks=9, calls=8)
@@ -441,11 +451,7 @@ def test_rings_names_a_bad_sample_by_file_and_record_and_shows_the_rest(tmp_path
 
 
 def test_packed_ring_in_flight_is_counted_from_the_descriptor_flags(split_ring):
-    watch = RingWatch()
-    features = build_message(Channel.MAIN, 2, dict(features=1 << 34 | 1 << 32))        # RING_PACKED, VERSION_1
-    watch.observe(Channel.MAIN, Direction.FRONTEND_TO_BACKEND, features, [])
-    for data, fds in split_ring.messages():
-        watch.observe(Channel.MAIN, Direction.FRONTEND_TO_BACKEND, data, fds)
+    watch = packed_watch(split_ring)
     avail, used = 1 << 7, 1 << 15
     # Three made available in the first lap (AVAIL=1, USED=0), one of them used since (AVAIL=USED=1).
     for slot, flags in enumerate((avail | used, avail, avail)):
@@ -573,11 +579,7 @@ def test_tshark_reads_a_real_guests_ring_samples_as_vhusniff_does(blk_rings_capt
 
 
 def test_packed_ring_positions_count_through_the_wrap_counters(split_ring):
-    watch = RingWatch()
-    features = build_message(Channel.MAIN, 2, dict(features=1 << 34 | 1 << 32))        # RING_PACKED, VERSION_1
-    watch.observe(Channel.MAIN, Direction.FRONTEND_TO_BACKEND, features, [])
-    for data, fds in split_ring.messages():
-        watch.observe(Channel.MAIN, Direction.FRONTEND_TO_BACKEND, data, fds)
+    watch = packed_watch(split_ring)
     avail, used = 1 << 7, 1 << 15
 
     def lay(*slots: tuple[int, int]):
@@ -652,11 +654,7 @@ def test_packed_rings_of_dpdk_virtio_user_advance_through_their_wrap_counters(tm
 
 
 def test_packed_ring_requests_in_flight_are_decoded_chains_and_indirect_tables(split_ring):
-    watch = RingWatch(device="blk")
-    features = build_message(Channel.MAIN, 2, dict(features=1 << 34 | 1 << 32))        # RING_PACKED, VERSION_1
-    watch.observe(Channel.MAIN, Direction.FRONTEND_TO_BACKEND, features, [])
-    for data, fds in split_ring.messages():
-        watch.observe(Channel.MAIN, Direction.FRONTEND_TO_BACKEND, data, fds)
+    watch = packed_watch(split_ring, "blk")
     available, next_, write, indirect = 1 << 7, 1, 2, 4
 
     def blk_chain(header_at: int, kind: int, sector: int, length: int) -> list[tuple[int, int, int]]:
