@@ -68,7 +68,8 @@ COMPILED_KINDS = frozenset({
     "vring_state", "vring_base", "vring_base_packed", "vring_addr", "vring_fd", "mem_region", "mem_region_xen", "log",
     "iotlb", "inflight", "object", "device_state", "device_state_result", "mmap", "rarp",
 })
-_WORDS = frozenset({"features", "protocol_features", "gpu_protocol_features", "status"})   # named bits
+# Fields a summary shows as their set bits by name (grammar.value_text); the dissector shows the same ones.
+NAMED_BIT_FIELDS = frozenset({"features", "protocol_features", "gpu_protocol_features", "status"})
 _PLAIN = struct.Struct("<4sHHIBBBBHHB3xIII")          # pseudo-header v2 without fds or note, then the header
 _PLAIN_SIZE = _PLAIN.size
 
@@ -140,7 +141,7 @@ def compile_payload_summary(kind: str, context) -> Callable[[bytes, int], str] |
         short = SHORT_NAMES.get(name, name)
         if layout[position[name]].endswith("s"):
             parts.append(f"{short}={{_text(_shown, {name!r}, {variable})}}")
-        elif name in _WORDS:
+        elif name in NAMED_BIT_FIELDS:
             parts.append(f"{short}={{_text(_shown, {name!r}, {variable})}}")
         else:
             parts.append(f"{short}={{hex({variable}) if {variable} > 65535 else {variable}}}")
@@ -642,7 +643,7 @@ def compile_field_tree(kind: str, context) -> Callable[[bytes, int], str] | None
             body.append(f"    {variable} = _from_bytes({variable}, 'little')")
         short = dotted.rsplit(".", 1)[-1]
         indent = "  " + "  " * dotted.count(".")
-        if layout[index].endswith("s") and not integer_bytes or short in _WORDS:
+        if layout[index].endswith("s") and not integer_bytes or short in NAMED_BIT_FIELDS:
             lines.append(f"{indent}{dotted}: {{_text(_shown, {short!r}, {variable})}}")
         else:
             lines.append(f"{indent}{dotted}: {{hex({variable}) if {variable} > 65535 else {variable}}}")

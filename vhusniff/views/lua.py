@@ -48,6 +48,7 @@ from ..protocol.grammar import (
     request_name,
     request_names,
 )
+from .fast import NAMED_BIT_FIELDS
 from .filters import RECORD_FIELDS, grammar_fields, walk_layout
 
 XEN_MMAP_BIT = cat.bit_number("protocol_features", "XEN_MMAP")
@@ -83,11 +84,6 @@ def expert_items() -> dict[str, tuple[str, str]]:
     return items
 
 
-# Fields whose summary shows the names of their set bits, and which names (FEATURE_NAMES is per device type).
-_BIT_SET_SUMMARIES = {"features": "features", "protocol_features": "protocol_features", "status": "status",
-                      "gpu_protocol_features": "gpu_protocol_features"}
-
-
 def _lua_layout(entries: list[dict], kind: str = "") -> list[dict]:
     """Layout entries as the Lua body walks them (nested element fields live in ELEMENTS, docs in FIELDS).
 
@@ -101,8 +97,8 @@ def _lua_layout(entries: list[dict], kind: str = "") -> list[dict]:
             lua_entry["label"] = cat.field_label(entry["name"])
         if kind and short not in QUIET_FIELDS:
             lua_entry["prefix"] = f" {SHORT_NAMES.get(short, short)}="
-            if short in _BIT_SET_SUMMARIES:
-                lua_entry["style"] = _BIT_SET_SUMMARIES[short]
+            if short in NAMED_BIT_FIELDS:      # its set bits by name (FEATURE_NAMES is per device type)
+                lua_entry["style"] = short
             elif short == "flags" and kind in ("vring_fd", "vring_area"):
                 lua_entry["style"] = "nofd"
             elif short == "memory_sizes":
