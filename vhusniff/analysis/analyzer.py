@@ -192,19 +192,15 @@ class Analyzer:
     def stream(self) -> None:
         """Keep everything no longer (the timeline, once a capture is too long to draw message by message): forget
         the transactions, keep EXAMPLES_KEPT findings of each check per connection and count the rest."""
+        if not self.keep:
+            return
         self.keep = False
         self.transactions = []
-        kept: list[Finding] = []
-        seen: dict[tuple[int, str], int] = {}
-        for finding in self.findings:
-            key = (finding.connection, finding.check)
-            seen[key] = seen.get(key, 0) + 1
-            if seen[key] <= EXAMPLES_KEPT:
-                kept.append(finding)
-            else:
-                conn = self.connections[finding.connection]
-                conn.not_kept[finding.check] = conn.not_kept.get(finding.check, 0) + 1
-        self.findings = kept
+        # The findings raised so far, retained again as streaming retains them (counted anew).
+        for conn in self.connections.values():
+            conn.finding_counts.clear()
+        self._raised, self.findings = self.findings, []
+        self._retain()
 
     def forget(self, connection: int) -> None:
         """Streaming: drop what is known of a connection (its report was printed); its later records are
