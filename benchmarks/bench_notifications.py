@@ -125,11 +125,8 @@ def through_proxy(workdir: Path, seconds: int, options: dict) -> list[float]:
 
 def direct(workdir: Path, seconds: int) -> list[float]:
     clock = RoundClock()
-    kit = lab.prepare()
-    with lab.start_storage_daemon(workdir, workdir / "backend.sock"), \
-            lab.start_qemu(workdir, kit, workdir / "backend.sock", on_console_line=clock.line,
-                           kernel_args=lab.loop_kernel_args(seconds)) as guest:
-        result = guest.wait(seconds + 90)
+    result = lab.run_direct(workdir, timeout=seconds + 90, on_console_line=clock.line,
+                            kernel_args=lab.loop_kernel_args(seconds))
     if not result.clean_exit or " 0 failed" not in result.console:
         raise SystemExit(f"direct guest failed:\n{result.console}")
     return clock.round_seconds()

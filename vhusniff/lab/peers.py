@@ -1402,12 +1402,14 @@ def wait_for_pattern(guest: Guest, workdir: Path | str, timeout: float = 30.0,
 # --------------------------------------------------------------------------------------------
 
 def run_direct(workdir: Path, cpu_backend: Cpus = None, cpu_guest: Cpus = None, timeout: float = 60.0,
-               on_console_line: ConsoleCallback | None = None) -> GuestResult:
-    """Boot a blk guest straight against qemu-storage-daemon (no proxy) and return the result."""
+               on_console_line: ConsoleCallback | None = None, kernel_args: Iterable[str] = ()) -> GuestResult:
+    """Boot a blk guest straight against qemu-storage-daemon (no proxy) and return the result (`kernel_args`:
+    see `start_qemu`)."""
     kit = prepare()
     socket_path = workdir / "backend.sock"
     with start_storage_daemon(workdir, socket_path, cpu=cpu_backend), \
-            start_qemu(workdir, kit, socket_path, cpu=cpu_guest, on_console_line=on_console_line) as guest:
+            start_qemu(workdir, kit, socket_path, cpu=cpu_guest, on_console_line=on_console_line,
+                       kernel_args=kernel_args) as guest:
         return guest.wait(timeout)
 
 
