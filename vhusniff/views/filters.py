@@ -300,8 +300,7 @@ def _request_pairs(word: str) -> set[tuple[int, int]]:
 
 
 # The value `get` returns for this key is the message's device type (what device-specific bit names mean).
-_DEVICE_TYPE = "\0device_type"
-DEVICE_TYPE_FIELD: Final = _DEVICE_TYPE
+DEVICE_TYPE_FIELD: Final = "\0device_type"
 
 
 class _Unresolved(enum.Enum):
@@ -416,7 +415,7 @@ class _Compiler:
             except _NoMeaning:
                 by_device[device] = _never
         self.index, self.device = end, _UNRESOLVED
-        return lambda get: by_device.get(get(_DEVICE_TYPE), _never)(get)
+        return lambda get: by_device.get(get(DEVICE_TYPE_FIELD), _never)(get)
 
     def comparison(self):
         field = self.field_name()
@@ -664,7 +663,7 @@ class DisplayFilter:
                 return spec.value(message, record, number)
             if message is None:              # an event record: only the record's own fields
                 return []
-            if name is _DEVICE_TYPE:
+            if name is DEVICE_TYPE_FIELD:
                 return message.context.device_type
             if grammar is None:
                 grammar = field_values(message)
