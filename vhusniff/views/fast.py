@@ -25,6 +25,7 @@ from ..protocol.grammar import (
     QUIET_FIELDS,
     REGION_XEN,
     SHORT_NAMES,
+    carries_config_space,
     decode,
     flag_text,
     payload_candidates,
@@ -177,11 +178,6 @@ def _config_summary(context, carries_space: bool) -> Callable[[bytes, int], str 
 
 
 _CONFIG_HEAD = struct.Struct("<III")
-
-
-def channel_carries_space(message) -> bool:
-    """Whether a config payload's data is device config space (grammar.carries_config_space)."""
-    return message.channel == Channel.MAIN and config_space.carries_config_space(message.request, message.is_reply)
 
 
 def _config_tree(context, carries_space: bool) -> Callable[[bytes, int], str | None]:
@@ -471,7 +467,7 @@ def _checked(shapes: _Shapes, key: tuple, packet: bytes, timestamp: int) -> tupl
         head = 1 + (1 if message.kind else 0) + len(_HEADER_FIELDS)
         payload_tree: Callable[[bytes, int], str | None] | None
         if message.kind == "config":
-            payload_tree = _config_tree(context, channel_carries_space(message))
+            payload_tree = _config_tree(context, carries_config_space(message))
         else:
             payload_tree = compile_field_tree(message.kind, context) if message.kind else None
         if payload_tree is None:
