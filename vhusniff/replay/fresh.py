@@ -40,7 +40,7 @@ class FreshFds:
         key = (info.kind, info.inode, info.name if info.kind == "eventfd" else "")
         if info.inode and key in self._objects:
             fd = self._objects[key]
-            if info.kind not in NOT_MAPPED and os.fstat(fd).st_size < min_size:
+            if info.kind not in NOT_MAPPED:
                 _grow(fd, min_size)
             return os.dup(fd)
         fd = self._create(info, min_size)
