@@ -172,15 +172,12 @@ class DiffStream:
             a, b = (item, partner) if side == 0 else (partner, item)
             if not self._same(a, b):
                 self._write(channel, _pair_lines(channel, self._decoded(a), self._decoded(b), self.ignore))
-        for channel, (only_a, only_b) in self.pending.items():
-            self._write(channel, [f"{channel.name.lower()} A#{number}: only in A: {record.direction.arrow} "
-                                  f"{self._decoded((number, record, message))[2].summary()}"
-                                  for number, record, message in only_a])
-            self._write(channel, [f"{channel.name.lower()} B#{number}: only in B: {record.direction.arrow} "
-                                  f"{self._decoded((number, record, message))[2].summary()}"
-                                  for number, record, message in only_b])
-            only_a.clear()
-            only_b.clear()
+        for channel, queues in self.pending.items():
+            for side_name, queue in zip("AB", queues, strict=True):
+                self._write(channel, [f"{channel.name.lower()} {side_name}#{number}: only in {side_name}: "
+                                      f"{record.direction.arrow} {message.summary()}"
+                                      for number, record, message in map(self._decoded, queue)])
+                queue.clear()
         return self
 
     def _same(self, a: Numbered, b: Numbered) -> bool:
