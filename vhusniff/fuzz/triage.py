@@ -8,9 +8,8 @@ from pathlib import Path
 
 from ..capture.pcapng import CaptureWriter
 from ..model import EventKind, Record, RecordKind
-from ..protocol.grammar import decode
 from .mutate import Mutation, Seed, apply_all
-from .target import Death
+from .target import Death, decode_name
 
 _NUMBERS = re.compile(r"0x[0-9a-fA-F]+|\d+")
 REPORT_LINES = 3         # how many lines of the target's crash output a signature keeps
@@ -69,7 +68,7 @@ class Crash:
 def last_request(seed: Seed, mutations: list[Mutation], keep: int) -> str:
     """The name of the last request a case plays before its closing GET_FEATURES."""
     requests = apply_all(seed.requests, mutations)[:keep]
-    return decode(requests[-1].data, requests[-1].channel).name if requests else "GET_FEATURES"
+    return decode_name(requests[-1]) if requests else "GET_FEATURES"
 
 
 def ddmin(items: list, test: Callable[[list], bool]) -> list:
