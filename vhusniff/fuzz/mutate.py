@@ -25,6 +25,7 @@ from ..model import Channel, Direction, FdInfo, Record, RecordKind
 from ..protocol import catalogue as cat
 from ..protocol.context import ContextTracker
 from ..protocol.grammar import (
+    FIXED_SIZE,
     HEADER_SIZE,
     HEADER_STRUCT,
     MAX_PAYLOAD_SIZE,
@@ -343,8 +344,8 @@ class Mutator:
             number = self.rng.choice([*cat.FRONTEND_REQUESTS, 0, len(cat.FRONTEND_REQUESTS) + 1, 0x7FFFFFFF])
             spec = cat.FRONTEND_REQUESTS.get(number)
             kind = spec.request_kinds[0] if spec and spec.request_kinds else "empty"
-            size = PAYLOADS[kind][0].sizeof() if kind in PAYLOADS and _fixed(kind) else 8
-            data = build_message(Channel.MAIN, number, bytes(size))
+            size = FIXED_SIZE.get(kind)         # a variable layout (config, memory table): an 8-byte payload
+            data = build_message(Channel.MAIN, number, bytes(8 if size is None else size))
             fds = [FdInfo("eventfd")] if spec is not None and spec.request_fds in (
                 cat.FdRule.ONE, cat.FdRule.UNLESS_NOFD) else []
             record = Record(0, self.seed.connection, Channel.MAIN, Direction.FRONTEND_TO_BACKEND, data, fds)
@@ -375,11 +376,3 @@ class Mutator:
         kind = self.rng.choice(FD_KINDS)
         return Mutation("fd", index, f"{self._label(index)}: an extra {kind}", value=len(fds),
                         fd=FdInfo(kind, 0, PAGE))
-
-
-def _fixed(kind: str) -> bool:
-    try:
-        PAYLOADS[kind][0].sizeof()
-    except Exception:       # a variable layout (config, memory table): an 8-byte payload stands in
-        return False
-    return True
