@@ -154,9 +154,13 @@ def file_header(application: str = "vhusniff", source: str = "") -> bytes:
     return shb + idb
 
 
-def interface_source(description: bytes) -> str:
-    """The source an interface description names ("" when it is not a vhusniff source)."""
-    text = description.decode("utf-8", "replace")
+def interface_source(body: bytes, start: int, end: int, endian: str) -> str:
+    """The source an Interface Description Block's options (body[start:end]) name in its description ("" when it
+    has none, or it is not a vhusniff source)."""
+    described = option_value(body, start, end, endian, OPTION_IF_DESCRIPTION)
+    if described is None:
+        return ""
+    text = described.decode("utf-8", "replace")
     return text[len(SOURCE_PREFIX):] if text.startswith(SOURCE_PREFIX) else ""
 
 
@@ -517,8 +521,7 @@ class _Section:
         interface = len(self.link_types)
         self.link_types[interface] = link_type
         self.resolution[interface] = ts_resolution(body, 8, total - 12, self.endian)
-        described = option_value(body, 8, total - 12, self.endian, OPTION_IF_DESCRIPTION)
-        source = interface_source(described) if described is not None else ""
+        source = interface_source(body, 8, total - 12, self.endian)
         if not source and (self.number or interface):
             # several unnamed interfaces (mergecap -I none, concatenated files): told apart by position
             source = f"section={self.number} interface={interface}"

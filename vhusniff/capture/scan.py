@@ -19,13 +19,11 @@ from .pcapng import (
     BYTE_ORDER_MAGIC,
     LINKTYPE_USER0,
     MIN_BLOCK_LENGTH,
-    OPTION_IF_DESCRIPTION,
     PSEUDO_FLAG_UNFRAMED,
     PSEUDO_HEADER,
     PSEUDO_MAGIC,
     READ_CHUNK,
     interface_source,
-    option_value,
     parse_pseudo_header,
     read_capture,
     section_version_problem,
@@ -96,8 +94,7 @@ class _Blocks:
                 raise Unusual
             sources = self.sources
             if link_type == LINKTYPE_USER0:
-                described = option_value(buffer, position + 16, position + total - 4, "<", OPTION_IF_DESCRIPTION)
-                named = interface_source(described) if described is not None else ""
+                named = interface_source(buffer, position + 16, position + total - 4, "<")
                 if sources and sources[0] != named or not named and (self.interfaces or self.sections > 1):
                     raise Unusual
                 sources[:] = [named]
