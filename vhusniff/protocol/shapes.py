@@ -274,7 +274,7 @@ class ShapeDecoder:
         shape = _Shape(context, message, config)
         again = LazyMessage(raw, channel, message.request, message.flags, message.size, kind, shape.parse,
                             shape.problems, context, shape.is_reply)
-        if again.payload != message.payload or again.is_reply != message.is_reply:
+        if again.payload != message.payload:
             return _GENERAL
         return shape
 
