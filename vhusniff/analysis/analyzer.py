@@ -24,7 +24,7 @@ from ..protocol.grammar import HEADER_SIZE, Message, encode_payload, request_nam
 from ..protocol.replies import Expect, expectation, reply_rules
 from .expert import CHECKS, Finding, check_problems, check_request, request_checks
 from .rings import STUCK_SECONDS, RingChecks
-from .state import ConnectionState, classify_event
+from .state import ConnectionState, F, classify_event
 
 # Streaming (keep=False): findings kept per connection and check (the rest are counted); connections remembered
 # as forgotten.
@@ -473,7 +473,6 @@ class Analyzer:
         return "the back-end" if transaction.channel in cat.BACKEND_REQUEST_CHANNELS else "the front-end"
 
 
-_GET_CONFIG = int(cat.FrontendRequest.GET_CONFIG)
 _EVENT = RecordKind.EVENT
 _NOTHING, _ACK, _MAYBE = Expect.NOTHING, Expect.ACK, Expect.MAYBE
 _ZERO_ACK = encode_payload("ack", {"ack": 0})     # a REPLY_ACK payload saying success
@@ -499,7 +498,7 @@ class _Header:
         self.response_key: ResponseKey = (channel, request, self.name)
         rule = cat.HEADER_RULES.get(channel)
         self.reply_flags_wrong = rule is not None and message.flags != rule.reply_flags
-        self.get_config = request == _GET_CONFIG and channel == Channel.MAIN
+        self.get_config = request == F.GET_CONFIG and channel == Channel.MAIN
 
 
 def _seconds(ns: int) -> str:
