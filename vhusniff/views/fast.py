@@ -582,6 +582,7 @@ class PayloadLayout:
 
     def __init__(self, kind: str, entries: list, layout: list[str]) -> None:
         self.kind = kind
+        self.entries, self.codes = entries, layout     # as _field_leaves gives them (compile_field_tree reads them)
         self.unpack = struct.Struct("<" + "".join(layout)).unpack_from
         # name -> (index in the unpacked tuple, bytes read as a little-endian integer, mask, shift)
         self.places: dict[str, tuple[int, bool, int, int]] = {}
@@ -619,17 +620,14 @@ class PayloadLayout:
 def compile_field_tree(kind: str, context) -> Callable[[bytes, int], str] | None:
     """A function (packet, payload offset) -> the payload's lines of present.field_tree (-V), each ending in a
     newline, for a fixed `kind` read in `context`; None when the kind has no struct layout."""
-    if kind not in COMPILED_KINDS:
+    payload = PayloadLayout.of(kind) if kind in COMPILED_KINDS else None
+    if payload is None:
         return None
-    structure, prefix, _doc = PAYLOADS[kind]
-    entries: list[tuple[str, int, bool, tuple]] = []
-    layout: list[str] = []
-    if not _field_leaves(structure, prefix, kind, entries, layout):
-        return None
+    entries, layout = payload.entries, payload.codes
     if not entries:
         return lambda packet, offset: ""
-    helpers: dict = {"_unpack": struct.Struct("<" + "".join(layout)).unpack_from, "_text": value_text,
-                     "_shown": _Shown(context), "_from_bytes": int.from_bytes}
+    helpers: dict = {"_unpack": payload.unpack, "_text": value_text, "_shown": _Shown(context),
+                     "_from_bytes": int.from_bytes}
     variables = [f"v{index}" for index in range(len(layout))]
     body = [f"    {', '.join(variables)}{',' if len(variables) == 1 else ''} = _unpack(packet, offset)"]
     lines = []
