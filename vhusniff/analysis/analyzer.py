@@ -533,15 +533,15 @@ def connection_report(analyzer: Analyzer, connection: int) -> str:
     if state.connected_note:
         lines.append(f"  Started: {state.connected_note}")
     lines.append(f"  Ended:   {end_summary(analyzer, connection)}")
+    not_kept = analyzer.findings_not_kept(connection)
     counts: dict[str, int] = {}
     for finding in findings:            # severities in the order the report lists them
         counts[str(finding.severity)] = counts.get(str(finding.severity), 0) + 1
-    for _c, check, count in analyzer.findings_not_kept(connection):
+    for _c, check, count in not_kept:
         counts[str(CHECKS[check].severity)] = counts.get(str(CHECKS[check].severity), 0) + count
     lines.append("  Findings: " + (", ".join(f"{n} {severity}" for severity, n in counts.items()) or "none"))
     lines += ["    " + finding.line() for finding in findings]
-    lines += [f"    ... and {count} more {check} finding(s), not kept"
-              for _c, check, count in analyzer.findings_not_kept(connection)]
+    lines += [f"    ... and {count} more {check} finding(s), not kept" for _c, check, count in not_kept]
     lines.append("  Negotiation")
     lines += ["    " + line for line in state.negotiation_lines()]
     lines.append("  Device start and stop")
