@@ -35,6 +35,15 @@ COMPARED_RECORD_FIELDS = ("name", "kind", "problem", "connection", "source_tag",
                           "fd.kind")
 
 
+def run_tshark(path: str, *arguments: str, timeout: int = 120, sources: bool | None = None,
+               errors: str = "strict") -> subprocess.CompletedProcess:
+    """Real tshark reading `path` with the checked-in dissector; `sources`: VHUSNIFF_SOURCES set to 1 or cleared
+    (None: as the environment has it)."""
+    environment = None if sources is None else dict(os.environ, VHUSNIFF_SOURCES="1" if sources else "")
+    return subprocess.run([TSHARK, "-X", f"lua_script:{DISSECTOR_PATH}", "-r", path, *arguments],
+                          capture_output=True, text=True, errors=errors, timeout=timeout, env=environment)
+
+
 def test_checked_in_dissector_is_the_generator_output():
     with open(DISSECTOR_PATH) as checked_in:
         assert checked_in.read() == render(), "stale: run `python3 -m vhusniff.views.lua > dissectors/vhost_user.lua`"
@@ -62,11 +71,9 @@ def test_every_field_has_a_human_label_from_the_catalogue():
 def test_tshark_shows_the_blk_boot_disk_as_vhusniff_does():
     """The lab disk is 64 MiB: 131072 sectors, one queue, in the GET_CONFIG reply of the shipped boot capture."""
     capture = os.path.join(ROOT, "captures", "qemu-blk-boot.pcapng")
-    result = subprocess.run([TSHARK, "-X", f"lua_script:{DISSECTOR_PATH}", "-r", capture,
-                             "-Y", "vhost_user.config.blk.capacity", "-T", "fields",
-                             "-e", "vhost_user.config.blk.capacity",
-                             "-e", "vhost_user.config.blk.num_queues", "-e", "vhost_user.config.blk.blk_size"],
-                            capture_output=True, text=True, timeout=60)
+    result = run_tshark(capture, "-Y", "vhost_user.config.blk.capacity", "-T", "fields",
+                        "-e", "vhost_user.config.blk.capacity",
+                        "-e", "vhost_user.config.blk.num_queues", "-e", "vhost_user.config.blk.blk_size", timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["131072", "1", "512"]
 
@@ -171,8 +178,7 @@ def _pairs_hook(pairs):
 
 def tshark_frames(path: str, two_pass: bool = False) -> list[list[tuple[str, object]]]:
     """Per frame, the vhost_user layer flattened to (name without prefix, value) pairs in tree order."""
-    command = [TSHARK, "-X", f"lua_script:{DISSECTOR_PATH}", "-r", path, "-T", "json"] + (["-2"] if two_pass else [])
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    result = run_tshark(path, "-T", "json", *(["-2"] if two_pass else []))
     assert result.returncode == 0, result.stderr
     assert "Lua: Error" not in result.stderr and "Lua Error" not in result.stdout, result.stderr
     packets = json.loads(result.stdout, object_pairs_hook=_pairs_hook)
@@ -267,8 +273,7 @@ WIRESHARK_SEVERITY = {0x00200000: "chat", 0x00400000: "note", 0x00600000: "warn"
 
 def tshark_expert_items(path: str) -> list[list[tuple[str, str]]]:
     """Per frame, the dissector's expert items as (code, severity), from real tshark."""
-    command = [TSHARK, "-X", f"lua_script:{DISSECTOR_PATH}", "-r", path, "-T", "json"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    result = run_tshark(path, "-T", "json")
     assert result.returncode == 0, result.stderr
 
     def walk(pairs, out):
@@ -374,8 +379,7 @@ def test_an_fd_name_length_past_the_packet_is_an_expert_item_not_a_lua_error(tmp
     frames = tshark_frames(str(path))
     assert ("problem", "capture") in frames[0] and ("name", "GET_FEATURES") in frames[1]
     assert tshark_expert_items(str(path)) == [[("capture", "error")], []]
-    result = subprocess.run([TSHARK, "-X", f"lua_script:{DISSECTOR_PATH}", "-r", str(path), "-V"],
-                            capture_output=True, text=True, timeout=60)
+    result = run_tshark(str(path), "-V", timeout=60)
     reason = f"fd name of {len('mem') + name_length} bytes runs past the pseudo-header"
     assert reason in result.stdout and "Lua Error" not in result.stdout, result.stdout
     with pytest.raises(Exception, match=reason):      # vhusniff's reader says the same of the same record
@@ -409,8 +413,7 @@ def tshark_feature_names(path: str, two_pass: bool = False) -> dict[int, list[tu
     """The same, from the names the dissector appends to each item in real tshark, and whether Wireshark cut the
     item's label short (it keeps 240 characters): then the last name shown may be partial."""
     import xml.etree.ElementTree as ElementTree
-    command = [TSHARK, "-X", f"lua_script:{DISSECTOR_PATH}", "-r", path, "-T", "pdml"] + (["-2"] if two_pass else [])
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    result = run_tshark(path, "-T", "pdml", *(["-2"] if two_pass else []))
     assert result.returncode == 0 and "Lua Error" not in result.stdout, result.stderr
     frames = {}
     for number, packet in enumerate(ElementTree.fromstring(result.stdout).iter("packet"), start=1):
@@ -531,9 +534,7 @@ def tshark_info(path: str, tree: bool, sources: bool = False) -> dict[int, str]:
         command = ["-T", "fields", "-e", "frame.number", "-e", "_ws.col.Info"]
     else:
         command = ["-o", 'gui.column.format:"No.","%m","Info","%i"']
-    environment = dict(os.environ, VHUSNIFF_SOURCES="1" if sources else "")
-    result = subprocess.run([TSHARK, "-X", f"lua_script:{DISSECTOR_PATH}", "-r", path, *command],
-                            capture_output=True, text=True, errors="replace", timeout=120, env=environment)
+    result = run_tshark(path, *command, sources=sources, errors="replace")
     assert result.returncode == 0 and "Lua Error" not in result.stdout, result.stderr
     return {int(line.split()[0]): " ".join(line.split()[1:]) for line in result.stdout.splitlines() if line.strip()}
 
@@ -577,9 +578,9 @@ def test_info_column_names_each_eventfd_by_its_kernel_id(tmp_path):
 @needs_tshark
 def test_the_tree_shows_human_labels_and_filters_keep_the_dotted_names():
     capture = os.path.join(ROOT, "captures", "qemu-blk-boot.pcapng")
-    result = subprocess.run([TSHARK, "-X", f"lua_script:{DISSECTOR_PATH}", "-r", capture, "-V",
-                             "-Y", "vhost_user.mem.region.guest_phys_addr == 0 && vhost_user.name == \"ADD_MEM_REG\""],
-                            capture_output=True, text=True, timeout=60)
+    result = run_tshark(capture, "-V",
+                        "-Y", "vhost_user.mem.region.guest_phys_addr == 0 && vhost_user.name == \"ADD_MEM_REG\"",
+                        timeout=60)
     assert result.returncode == 0, result.stderr
     assert "Guest physical address: 0x0000000000000000" in result.stdout
     assert "Front-end virtual address: 0x00007fa0dffff000" in result.stdout
@@ -612,10 +613,8 @@ def merged_capture(tmp_path, tagged: bool = True) -> str:
 def assert_two_passes_number_and_link_as_read(merged: str, expected: dict[int, str], sources: bool) -> None:
     """tshark -2 numbers the merged capture's connections as `vhusniff read` (`expected`: its lines) and links each
     reply to its request two frames before. Its first pass has no fields, so the second one does that pass's work."""
-    result = subprocess.run([TSHARK, "-X", f"lua_script:{DISSECTOR_PATH}", "-r", merged, "-2", "-T", "fields",
-                             "-e", "vhost_user.connection", "-e", "vhost_user.response_to"],
-                            capture_output=True, text=True, timeout=60,
-                            env=dict(os.environ, VHUSNIFF_SOURCES="1" if sources else ""))
+    result = run_tshark(merged, "-2", "-T", "fields", "-e", "vhost_user.connection", "-e", "vhost_user.response_to",
+                        timeout=60, sources=sources)
     rows = [line.split("\t") for line in result.stdout.splitlines()]
     assert [int(connection) for connection, _request in rows] == [int(expected[number].split()[0][1:])
                                                                   for number in sorted(expected)]
@@ -664,13 +663,11 @@ def test_the_source_tag_is_a_labelled_filter_field_of_the_pseudo_header(tmp_path
     from vhusniff.capture.pcapng import source_tag
     merged = merged_capture(tmp_path)
     tag = source_tag("host=host-b pid=7 start=2026-01-01T00:00:00Z")
-    result = subprocess.run([TSHARK, "-X", f"lua_script:{DISSECTOR_PATH}", "-r", merged, "-V",
-                             "-Y", f"vhost_user.source_tag == {tag:#x} && vhost_user.name == \"GET_FEATURES\""],
-                            capture_output=True, text=True, timeout=60, env=dict(os.environ, VHUSNIFF_SOURCES="1"))
+    result = run_tshark(merged, "-V", "-Y", f"vhost_user.source_tag == {tag:#x} && vhost_user.name == \"GET_FEATURES\"",
+                        timeout=60, sources=True)
     assert result.returncode == 0, result.stderr
     # host-b's two GET_FEATURES and their replies; the tree names the source when tshark is told it
     assert result.stdout.count(f"Source tag: {tag:#08x} (host=host-b pid=7 ") == 4, result.stdout
     untagged = os.path.join(ROOT, "captures", "qemu-blk-boot.pcapng")
-    result = subprocess.run([TSHARK, "-X", f"lua_script:{DISSECTOR_PATH}", "-r", untagged,
-                             "-Y", "vhost_user.source_tag"], capture_output=True, text=True, timeout=60)
+    result = run_tshark(untagged, "-Y", "vhost_user.source_tag", timeout=60)
     assert result.returncode == 0 and result.stdout == "", result.stderr     # a shipped capture: untagged
