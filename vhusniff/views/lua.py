@@ -30,7 +30,7 @@ from ..capture.pcapng import (
     PSEUDO_VERSION,
     SOURCE_PREFIX,
 )
-from ..dataplane.sample import NO_BASE, SAMPLE_VERSION, Layout, Reason, sample_offsets
+from ..dataplane.sample import NO_BASE, RING_SAMPLE, SAMPLE_VERSION, Layout, Reason, sample_offsets
 from ..model import Channel, Direction, EventKind, RecordKind
 from ..protocol import catalogue as cat
 from ..protocol import config as config_space
@@ -180,7 +180,7 @@ def _constants() -> dict[str, object]:
         "STREAM_NAME": request_name(Channel.DEVICE_STATE, 0), "XEN_MMAP_BIT": XEN_MMAP_BIT,
         "RING_PACKED_BIT": RING_PACKED_BIT, "ELLIPSIS": "…", "SOURCE_PREFIX": SOURCE_PREFIX,
         "EVENT_RING": int(EventKind.RING), "RING_SAMPLE_VERSION": SAMPLE_VERSION,
-        "RING_SAMPLE_SIZE": sum(width for _name, _offset, width, _filter in sample_offsets()), "NO_BASE": NO_BASE,
+        "RING_SAMPLE_SIZE": RING_SAMPLE.size, "NO_BASE": NO_BASE,
     }
 
 
