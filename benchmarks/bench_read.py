@@ -2,7 +2,7 @@
 
     python3 benchmarks/bench_read.py [--messages N] [--small N] [--only read,filter,verbose]
 
-The capture (benchmarks/distinct_capture.py) holds reconnecting vIOMMU sessions, every message distinct: no cache
+The capture (benchmarks/distinct_sessions.py) holds reconnecting vIOMMU sessions, every message distinct: no cache
 keyed by bytes helps, so this is the per-message cost. The cycled mix (the same
 session's messages repeated over four connections, what a line cache hits every time) is the second line.
 Each measurement runs in its own process (pinned to one core) so that its peak RSS is its own; rates are per
@@ -36,9 +36,9 @@ TARGETS = {"read": 200_000, "filter": 150_000, "verbose": 50_000}
 
 
 def build_capture(path: str, messages: int, distinct: bool) -> str:
-    """The distinct capture (distinct_capture.py), or the session's messages cycled over four connections."""
+    """The distinct capture (distinct_sessions.py), or the session's messages cycled over four connections."""
     if distinct:
-        from distinct_capture import build_distinct_capture
+        from distinct_sessions import build_distinct_capture
         return build_distinct_capture(path, messages)
     from message_mix import capture_mix
     from vhusniff.capture.pcapng import CaptureWriter

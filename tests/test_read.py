@@ -405,7 +405,7 @@ def test_distinct_messages_read_the_same_through_the_compiled_lines_and_the_gene
     """Every line (and field tree, and hex dump) of a distinct-message capture (vIOMMU traffic, config windows,
     fds, events), both ways."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    from distinct_capture import build_distinct_capture
+    from distinct_sessions import build_distinct_capture
     path = str(tmp_path / "distinct.pcapng")
     build_distinct_capture(path, 3000)
     main(["read", path, *options])
@@ -430,7 +430,7 @@ def test_filtered_lines_of_distinct_messages_match_the_general_path(tmp_path, te
     general path's decode and matching, line for line and in the count of hidden events."""
     import io
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    from distinct_capture import build_distinct_capture
+    from distinct_sessions import build_distinct_capture
     path = str(tmp_path / "distinct.pcapng")
     build_distinct_capture(path, 1500)
     display_filter = compile_filter(text)
